@@ -1,0 +1,1266 @@
+//! `HostDevice`: device memory emulated on the CPU, honestly.
+//!
+//! Physical pages are page-sized offsets in one memfd of the configured
+//! capacity. A virtual range is reserved with `mmap(PROT_NONE)` and pages are
+//! mapped into it with `MAP_FIXED | MAP_SHARED` views of the memfd, so an
+//! allocation is contiguous exactly as with `cuMemMap`, while its pages are
+//! not. Each stream is a worker thread that runs its queue in order; events are
+//! cross-thread signals; an optional link rate throttles copies like a bus.
+//! Freed pages are filled with [`POISON`] so a use after free shows up.
+//!
+//! Every copy and kernel checks, while it runs, that the device memory it
+//! touches is mapped (holding the mapping table's read lock), so a bug above
+//! the trait surfaces as a stream error, not a segmentation fault.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use dashmap::DashMap;
+use rustix::mm::{MapFlags, ProtFlags};
+
+use super::{
+    BackendKind, Device, DeviceInfo, DevicePtr, EventId, HostFn, Kernel, MemoryInfo, PhysPage,
+    PinnedBuffer, StreamId, VirtualRange,
+};
+use crate::error::{Error, Result};
+
+/// The byte written over every freed page of a [`HostDevice`].
+pub const POISON: u8 = 0xA5;
+
+/// Copies are throttled and checked in chunks of this many bytes.
+const COPY_CHUNK: usize = 1 << 20;
+
+/// Configuration of a [`HostDevice`].
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// Emulated device memory in bytes (rounded down to whole pages). Default 4 GiB.
+    pub capacity: usize,
+    /// Page size in bytes: a power of two, at least the OS page size. Default 2 MiB.
+    pub page_size: usize,
+    /// Throttle host↔device copies to this rate in GB/s (10⁹ bytes per second), per direction. Default: unthrottled.
+    pub link_gbps: Option<f64>,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            capacity: 4 << 30,
+            page_size: 2 << 20,
+            link_gbps: None,
+        }
+    }
+}
+
+/// Counters a [`HostDevice`] keeps, for tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostCounters {
+    /// Physical pages allocated now.
+    pub pages_allocated: usize,
+    /// Pages mapped into virtual ranges now.
+    pub pages_mapped: usize,
+    /// Virtual ranges reserved now.
+    pub ranges_reserved: usize,
+    /// Bytes copied host to device since creation.
+    pub bytes_h2d: u64,
+    /// Bytes copied device to host since creation.
+    pub bytes_d2h: u64,
+    /// Map calls since creation.
+    pub map_calls: u64,
+    /// Unmap calls since creation.
+    pub unmap_calls: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PageState {
+    Free,
+    Allocated,
+    Mapped(u64),
+}
+
+struct Pages {
+    free: Vec<u32>,
+    state: Vec<PageState>,
+}
+
+struct Range {
+    len: usize,
+    /// Physical page index mapped at each page slot.
+    slots: Vec<Option<u32>>,
+}
+
+/// A serialised link: copies reserve time on it so their total rate never exceeds it.
+struct Link {
+    bytes_per_sec: f64,
+    next_free: Mutex<Instant>,
+}
+
+impl Link {
+    /// Reserve time for `bytes`; returns when the transfer may be considered done.
+    fn reserve(&self, bytes: usize) -> Instant {
+        let mut next = self.next_free.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let start = if *next > now { *next } else { now };
+        let end = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
+        *next = end;
+        end
+    }
+}
+
+#[derive(Default)]
+struct EventInner {
+    recorded: u64,
+    completed: u64,
+    /// Failure of the stream work the latest completed recording covers, and the stream.
+    failed: Option<(StreamId, String)>,
+}
+
+#[derive(Default)]
+struct EventState {
+    inner: Mutex<EventInner>,
+    cv: Condvar,
+}
+
+impl EventState {
+    fn complete(&self, epoch: u64, failed: Option<(StreamId, String)>) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if epoch > g.completed {
+            g.completed = epoch;
+            g.failed = failed;
+        }
+        drop(g);
+        self.cv.notify_all();
+    }
+
+    fn wait_for(&self, epoch: u64, deadline: Option<Instant>) -> std::result::Result<(), ()> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        while g.completed < epoch {
+            match deadline {
+                None => g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Err(());
+                    }
+                    g = self
+                        .cv
+                        .wait_timeout(g, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut u8);
+// SAFETY: the pointer is only dereferenced by the stream worker under the
+// contract of `copy_h2d_async` / `copy_d2h_async`, which makes the caller
+// keep the memory valid and unshared until the copy has run.
+unsafe impl Send for SendPtr {}
+
+enum Op {
+    H2D { dst: u64, src: SendPtr, len: usize },
+    D2H { dst: SendPtr, src: u64, len: usize },
+    Kernel(Kernel),
+    HostFn(HostFn),
+    Record(Arc<EventState>, u64),
+    Wait(Arc<EventState>, u64),
+    Sync(Arc<(Mutex<Option<Option<String>>>, Condvar)>),
+}
+
+struct StreamHandle {
+    tx: Sender<Op>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// State shared by the device and its stream workers.
+struct Shared {
+    page_size: usize,
+    /// A MAP_SHARED view of the whole memfd: physical page `i` is at `phys + i * page_size`.
+    phys: NonNull<u8>,
+    capacity: usize,
+    pages: Mutex<Pages>,
+    ranges: RwLock<BTreeMap<u64, Range>>,
+    h2d: Option<Link>,
+    d2h: Option<Link>,
+    bytes_h2d: AtomicU64,
+    bytes_d2h: AtomicU64,
+    map_calls: AtomicU64,
+    unmap_calls: AtomicU64,
+}
+
+// SAFETY: `phys` points to a shared mapping that lives as long as `Shared`;
+// writes through it (poisoning) happen only for pages that are allocated to
+// nobody, under the `pages` lock.
+unsafe impl Send for Shared {}
+// SAFETY: as above; all other state is behind locks or atomics.
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// Check that `[addr, addr+len)` lies in one reserved range whose pages are all mapped.
+    fn check_mapped(
+        ranges: &BTreeMap<u64, Range>,
+        page_size: usize,
+        addr: u64,
+        len: usize,
+    ) -> std::result::Result<(), String> {
+        let Some((&base, range)) = ranges.range(..=addr).next_back() else {
+            return Err(format!("address {addr:#x} is not in a reserved range"));
+        };
+        let end = addr
+            .checked_add(len as u64)
+            .ok_or_else(|| format!("address {addr:#x} + {len} overflows"))?;
+        if end > base + range.len as u64 {
+            return Err(format!(
+                "access {addr:#x}+{len} runs past the reserved range {base:#x}+{}",
+                range.len
+            ));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let first = ((addr - base) as usize) / page_size;
+        let last = ((end - 1 - base) as usize) / page_size;
+        for (i, slot) in range.slots[first..=last].iter().enumerate() {
+            if slot.is_none() {
+                return Err(format!(
+                    "page at {:#x} is not mapped (access {addr:#x}+{len})",
+                    base + ((first + i) * page_size) as u64
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn run_copy(
+        &self,
+        h2d: bool,
+        dev: u64,
+        host: SendPtr,
+        len: usize,
+    ) -> std::result::Result<(), String> {
+        let link = if h2d { &self.h2d } else { &self.d2h };
+        let mut done = 0usize;
+        while done < len {
+            let n = COPY_CHUNK.min(len - done);
+            let end_time = link.as_ref().map(|l| l.reserve(n));
+            {
+                let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
+                Self::check_mapped(&ranges, self.page_size, dev + done as u64, n)?;
+                let d = (dev + done as u64) as *mut u8;
+                // SAFETY: the device range is mapped read-write (checked above,
+                // and the read lock keeps it mapped during the copy); the host
+                // side is valid for `len` bytes by the copy's unsafe contract.
+                // Device and host memory never overlap: device addresses come
+                // from our own reservations.
+                unsafe {
+                    if h2d {
+                        std::ptr::copy_nonoverlapping(host.0.add(done), d, n);
+                    } else {
+                        std::ptr::copy_nonoverlapping(d, host.0.add(done), n);
+                    }
+                }
+            }
+            if let Some(end) = end_time {
+                let now = Instant::now();
+                if end > now {
+                    std::thread::sleep(end - now);
+                }
+            }
+            done += n;
+        }
+        let counter = if h2d {
+            &self.bytes_h2d
+        } else {
+            &self.bytes_d2h
+        };
+        counter.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn run_kernel(&self, kernel: &Kernel) -> std::result::Result<(), String> {
+        match *kernel {
+            Kernel::Fill { dst, len, value } => {
+                let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
+                Self::check_mapped(&ranges, self.page_size, dst.0, len)?;
+                // SAFETY: the range is mapped read-write and stays mapped while we hold the read lock.
+                unsafe { std::ptr::write_bytes(dst.0 as *mut u8, value, len) };
+                Ok(())
+            }
+        }
+    }
+}
+
+fn stream_worker(shared: Arc<Shared>, stream: StreamId, rx: Receiver<Op>) {
+    // The first failure since the last synchronisation.
+    let mut error: Option<String> = None;
+    for op in rx {
+        let result = match op {
+            Op::H2D { dst, src, len } => shared.run_copy(true, dst, src, len),
+            Op::D2H { dst, src, len } => shared.run_copy(false, src, dst, len),
+            Op::Kernel(k) => shared
+                .run_kernel(&k)
+                .map_err(|e| format!("kernel {}: {e}", k.name())),
+            Op::HostFn(f) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+                .map_err(|_| "host function panicked".to_string()),
+            Op::Record(ev, epoch) => {
+                ev.complete(epoch, error.clone().map(|e| (stream, e)));
+                Ok(())
+            }
+            Op::Wait(ev, epoch) => {
+                // The recording this waits for is already queued, so it completes.
+                let _ = ev.wait_for(epoch, None);
+                Ok(())
+            }
+            Op::Sync(sig) => {
+                let (lock, cv) = &*sig;
+                *lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.take());
+                cv.notify_all();
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            error.get_or_insert(e);
+        }
+    }
+}
+
+/// Device memory emulated on the CPU; see the module documentation.
+pub struct HostDevice {
+    info: DeviceInfo,
+    config: HostConfig,
+    shared: Arc<Shared>,
+    memfd: OwnedFd,
+    streams: DashMap<u64, StreamHandle>,
+    events: DashMap<u64, Arc<EventState>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for HostDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostDevice")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn os_page_size() -> usize {
+    rustix::param::page_size()
+}
+
+impl HostDevice {
+    /// Create an emulated device.
+    pub fn new(config: HostConfig) -> Result<Self> {
+        let ps = config.page_size;
+        if !ps.is_power_of_two() || ps < os_page_size() {
+            return Err(Error::Config(format!(
+                "host page size {ps} must be a power of two of at least the OS page size {}",
+                os_page_size()
+            )));
+        }
+        let pages = config.capacity / ps;
+        if pages == 0 || pages > u32::MAX as usize {
+            return Err(Error::Config(format!(
+                "host capacity {} bytes holds {pages} pages of {ps} bytes; need 1 to {}",
+                config.capacity,
+                u32::MAX
+            )));
+        }
+        if let Some(r) = config.link_gbps {
+            if !(r.is_finite() && r > 0.0) {
+                return Err(Error::Config(format!(
+                    "link rate {r} GB/s must be positive"
+                )));
+            }
+        }
+        let capacity = pages * ps;
+        let memfd =
+            rustix::fs::memfd_create("offload-host-device", rustix::fs::MemfdFlags::CLOEXEC)
+                .map_err(|e| Error::os("memfd_create", e))?;
+        rustix::fs::ftruncate(&memfd, capacity as u64).map_err(|e| Error::os("ftruncate", e))?;
+        // SAFETY: a fresh shared mapping of our own memfd at an address the
+        // kernel picks; nothing else is affected.
+        let phys = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                capacity,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::NORESERVE,
+                memfd.as_fd(),
+                0,
+            )
+        }
+        .map_err(|e| Error::os("mmap (physical view)", e))?;
+        let phys =
+            NonNull::new(phys.cast::<u8>()).ok_or_else(|| Error::Unsupported("null mmap"))?;
+        let link = |r: Option<f64>| {
+            r.map(|gbps| Link {
+                bytes_per_sec: gbps * 1e9,
+                next_free: Mutex::new(Instant::now()),
+            })
+        };
+        let shared = Arc::new(Shared {
+            page_size: ps,
+            phys,
+            capacity,
+            pages: Mutex::new(Pages {
+                free: (0..pages as u32).rev().collect(),
+                state: vec![PageState::Free; pages],
+            }),
+            ranges: RwLock::new(BTreeMap::new()),
+            h2d: link(config.link_gbps),
+            d2h: link(config.link_gbps),
+            bytes_h2d: AtomicU64::new(0),
+            bytes_d2h: AtomicU64::new(0),
+            map_calls: AtomicU64::new(0),
+            unmap_calls: AtomicU64::new(0),
+        });
+        Ok(HostDevice {
+            info: DeviceInfo {
+                kind: BackendKind::Host,
+                name: "host (emulated device memory)".to_string(),
+                total_memory: capacity,
+                page_size: ps,
+                compute_capability: None,
+            },
+            config,
+            shared,
+            memfd,
+            streams: DashMap::new(),
+            events: DashMap::new(),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// The configuration this device was made with.
+    pub fn config(&self) -> &HostConfig {
+        &self.config
+    }
+
+    /// The device's own counts of pages, ranges and bytes copied.
+    pub fn counters(&self) -> HostCounters {
+        let pages = self.shared.pages.lock().unwrap_or_else(|p| p.into_inner());
+        let pages_allocated = pages.state.len() - pages.free.len();
+        let pages_mapped = pages
+            .state
+            .iter()
+            .filter(|s| matches!(s, PageState::Mapped(_)))
+            .count();
+        drop(pages);
+        let ranges_reserved = self
+            .shared
+            .ranges
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        HostCounters {
+            pages_allocated,
+            pages_mapped,
+            ranges_reserved,
+            bytes_h2d: self.shared.bytes_h2d.load(Ordering::Relaxed),
+            bytes_d2h: self.shared.bytes_d2h.load(Ordering::Relaxed),
+            map_calls: self.shared.map_calls.load(Ordering::Relaxed),
+            unmap_calls: self.shared.unmap_calls.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Read the raw bytes of physical page `page` (poisoned if free), for tests.
+    pub fn read_physical(&self, page: PhysPage, offset: usize, out: &mut [u8]) -> Result<()> {
+        let ps = self.shared.page_size;
+        let idx = page.0 as usize;
+        if idx >= self.shared.capacity / ps || offset.checked_add(out.len()).is_none_or(|e| e > ps)
+        {
+            return Err(Error::BadPage {
+                page,
+                what: "is out of range for this read",
+            });
+        }
+        // SAFETY: in bounds of the physical view (checked above). Concurrent
+        // writes through a mapping may race with this read, which then sees a
+        // mix of old and new bytes of a plain u8 array: no invalid values exist.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.shared.phys.as_ptr().add(idx * ps + offset),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
+        Ok(())
+    }
+
+    fn new_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn stream_tx(&self, stream: StreamId) -> Result<Sender<Op>> {
+        self.streams
+            .get(&stream.0)
+            .map(|s| s.tx.clone())
+            .ok_or(Error::UnknownStream(stream))
+    }
+
+    fn event(&self, event: EventId) -> Result<Arc<EventState>> {
+        self.events
+            .get(&event.0)
+            .map(|e| e.clone())
+            .ok_or(Error::UnknownEvent(event))
+    }
+
+    fn submit(&self, stream: StreamId, op: Op) -> Result<()> {
+        self.stream_tx(stream)?
+            .send(op)
+            .map_err(|_| Error::UnknownStream(stream))
+    }
+
+    fn check_mapped_now(&self, addr: DevicePtr, len: usize) -> Result<()> {
+        let ranges = self.shared.ranges.read().unwrap_or_else(|p| p.into_inner());
+        Shared::check_mapped(&ranges, self.shared.page_size, addr.0, len).map_err(|_| {
+            Error::BadAddress {
+                addr,
+                len,
+                what: "inside one reserved range with every page mapped",
+            }
+        })
+    }
+}
+
+impl Drop for HostDevice {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.streams.iter().map(|s| *s.key()).collect();
+        for id in ids {
+            let _ = self.destroy_stream(StreamId(id));
+        }
+        let ranges = std::mem::take(
+            &mut *self
+                .shared
+                .ranges
+                .write()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (base, r) in ranges {
+            // SAFETY: we reserved this range; no stream runs any more, so nothing uses it.
+            let _ = unsafe { rustix::mm::munmap(base as *mut _, r.len) };
+        }
+        // SAFETY: the physical view was mapped in `new` with this length; all
+        // users (streams) are gone and `Shared` holds only a raw pointer.
+        let _ =
+            unsafe { rustix::mm::munmap(self.shared.phys.as_ptr().cast(), self.shared.capacity) };
+        let _ = &self.memfd;
+    }
+}
+
+impl Device for HostDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn memory(&self) -> Result<MemoryInfo> {
+        let pages = self.shared.pages.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(MemoryInfo {
+            total: self.shared.capacity,
+            free: pages.free.len() * self.shared.page_size,
+        })
+    }
+
+    fn alloc_page(&self) -> Result<PhysPage> {
+        let mut pages = self.shared.pages.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(idx) = pages.free.pop() else {
+            return Err(Error::DeviceOutOfMemory {
+                wanted: self.shared.page_size,
+                available: 0,
+            });
+        };
+        pages.state[idx as usize] = PageState::Allocated;
+        Ok(PhysPage(idx as u64))
+    }
+
+    fn free_page(&self, page: PhysPage) -> Result<()> {
+        let ps = self.shared.page_size;
+        let mut pages = self.shared.pages.lock().unwrap_or_else(|p| p.into_inner());
+        let idx = page.0 as usize;
+        match pages.state.get(idx) {
+            Some(PageState::Allocated) => {}
+            Some(PageState::Mapped(_)) => {
+                return Err(Error::BadPage {
+                    page,
+                    what: "is still mapped",
+                })
+            }
+            _ => {
+                return Err(Error::BadPage {
+                    page,
+                    what: "is not allocated",
+                })
+            }
+        }
+        // SAFETY: the page is allocated and unmapped, so no mapping or stream
+        // can touch it; the write stays inside the physical view.
+        unsafe { std::ptr::write_bytes(self.shared.phys.as_ptr().add(idx * ps), POISON, ps) };
+        pages.state[idx] = PageState::Free;
+        pages.free.push(idx as u32);
+        Ok(())
+    }
+
+    fn reserve(&self, len: usize) -> Result<VirtualRange> {
+        let ps = self.shared.page_size;
+        if len == 0 || len % ps != 0 {
+            return Err(Error::BadAddress {
+                addr: DevicePtr(0),
+                len,
+                what: "a non-zero multiple of the page size",
+            });
+        }
+        // Over-reserve by one page so the base can be aligned to the device page size.
+        let total = len + ps;
+        // SAFETY: a fresh anonymous PROT_NONE mapping at a kernel-chosen address.
+        let raw = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                total,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }
+        .map_err(|e| Error::os("mmap (reserve)", e))? as usize;
+        let base = raw.next_multiple_of(ps);
+        // SAFETY: the head and tail trimmed here lie inside the mapping we just made and are used by nothing.
+        unsafe {
+            if base > raw {
+                rustix::mm::munmap(raw as *mut _, base - raw)
+                    .map_err(|e| Error::os("munmap (trim)", e))?;
+            }
+            let tail = raw + total - (base + len);
+            if tail > 0 {
+                rustix::mm::munmap((base + len) as *mut _, tail)
+                    .map_err(|e| Error::os("munmap (trim)", e))?;
+            }
+        }
+        self.shared
+            .ranges
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                base as u64,
+                Range {
+                    len,
+                    slots: vec![None; len / ps],
+                },
+            );
+        Ok(VirtualRange {
+            base: DevicePtr(base as u64),
+            len,
+        })
+    }
+
+    fn release(&self, range: VirtualRange) -> Result<()> {
+        let mut ranges = self
+            .shared
+            .ranges
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        match ranges.get(&range.base.0) {
+            Some(r) if r.len == range.len => {
+                if r.slots.iter().any(Option::is_some) {
+                    return Err(Error::BadAddress {
+                        addr: range.base,
+                        len: range.len,
+                        what: "fully unmapped before release",
+                    });
+                }
+            }
+            _ => {
+                return Err(Error::BadAddress {
+                    addr: range.base,
+                    len: range.len,
+                    what: "a reserved range",
+                })
+            }
+        }
+        ranges.remove(&range.base.0);
+        // SAFETY: the range was reserved by us, is unmapped, and is now out of the table.
+        unsafe { rustix::mm::munmap(range.base.0 as *mut _, range.len) }
+            .map_err(|e| Error::os("munmap", e))
+    }
+
+    fn map(&self, addr: DevicePtr, page: PhysPage) -> Result<()> {
+        let ps = self.shared.page_size;
+        let mut ranges = self
+            .shared
+            .ranges
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let bad = |what| Error::BadAddress {
+            addr,
+            len: ps,
+            what,
+        };
+        let Some((&base, range)) = ranges.range_mut(..=addr.0).next_back() else {
+            return Err(bad("inside a reserved range"));
+        };
+        if addr.0 >= base + range.len as u64 {
+            return Err(bad("inside a reserved range"));
+        }
+        if (addr.0 - base) as usize % ps != 0 {
+            return Err(bad("page aligned"));
+        }
+        let slot = (addr.0 - base) as usize / ps;
+        if range.slots[slot].is_some() {
+            return Err(bad("unmapped (already mapped)"));
+        }
+        let mut pages = self.shared.pages.lock().unwrap_or_else(|p| p.into_inner());
+        let idx = page.0 as usize;
+        match pages.state.get(idx) {
+            Some(PageState::Allocated) => {}
+            Some(PageState::Mapped(_)) => {
+                return Err(Error::BadPage {
+                    page,
+                    what: "is already mapped elsewhere",
+                })
+            }
+            _ => {
+                return Err(Error::BadPage {
+                    page,
+                    what: "is not allocated",
+                })
+            }
+        }
+        // SAFETY: `addr..addr+ps` is a PROT_NONE page of a range we reserved
+        // and track as unmapped, so replacing it with MAP_FIXED affects no
+        // other mapping; the file offset is a page of our memfd.
+        unsafe {
+            rustix::mm::mmap(
+                addr.0 as *mut _,
+                ps,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::FIXED,
+                self.memfd.as_fd(),
+                (idx * ps) as u64,
+            )
+        }
+        .map_err(|e| Error::os("mmap (map page)", e))?;
+        range.slots[slot] = Some(idx as u32);
+        pages.state[idx] = PageState::Mapped(addr.0);
+        self.shared.map_calls.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn unmap(&self, addr: DevicePtr) -> Result<()> {
+        let ps = self.shared.page_size;
+        let mut ranges = self
+            .shared
+            .ranges
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let bad = |what| Error::BadAddress {
+            addr,
+            len: ps,
+            what,
+        };
+        let Some((&base, range)) = ranges.range_mut(..=addr.0).next_back() else {
+            return Err(bad("inside a reserved range"));
+        };
+        if addr.0 >= base + range.len as u64 || (addr.0 - base) as usize % ps != 0 {
+            return Err(bad("a page-aligned address of a reserved range"));
+        }
+        let slot = (addr.0 - base) as usize / ps;
+        let Some(idx) = range.slots[slot] else {
+            return Err(bad("mapped"));
+        };
+        // SAFETY: the page at `addr` is one we mapped; replacing it with a
+        // PROT_NONE anonymous page restores the reservation. Streams touch
+        // device memory only under the read lock, which we exclude here.
+        unsafe {
+            rustix::mm::mmap_anonymous(
+                addr.0 as *mut _,
+                ps,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
+            )
+        }
+        .map_err(|e| Error::os("mmap (unmap page)", e))?;
+        range.slots[slot] = None;
+        let mut pages = self.shared.pages.lock().unwrap_or_else(|p| p.into_inner());
+        pages.state[idx as usize] = PageState::Allocated;
+        self.shared.unmap_calls.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn alloc_pinned(&self, len: usize) -> Result<PinnedBuffer> {
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        let layout = std::alloc::Layout::from_size_align(len, os_page_size())
+            .map_err(|_| Error::Config(format!("pinned buffer of {len} bytes is too large")))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).ok_or(Error::DeviceOutOfMemory {
+            wanted: len,
+            available: 0,
+        })?;
+        // SAFETY: `ptr` is a fresh allocation of `len` bytes that only this
+        // buffer owns; it is freed with the same layout exactly once.
+        Ok(unsafe {
+            PinnedBuffer::from_raw_parts(
+                ptr,
+                len,
+                Box::new(move |p, _| std::alloc::dealloc(p.as_ptr(), layout)),
+            )
+        })
+    }
+
+    fn create_stream(&self) -> Result<StreamId> {
+        let id = self.new_id();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let shared = self.shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("offload-stream-{id}"))
+            .spawn(move || stream_worker(shared, StreamId(id), rx))
+            .map_err(|e| Error::os("spawn stream thread", e))?;
+        self.streams.insert(
+            id,
+            StreamHandle {
+                tx,
+                thread: Some(thread),
+            },
+        );
+        Ok(StreamId(id))
+    }
+
+    fn destroy_stream(&self, stream: StreamId) -> Result<()> {
+        let (_, mut handle) = self
+            .streams
+            .remove(&stream.0)
+            .ok_or(Error::UnknownStream(stream))?;
+        drop(handle.tx);
+        if let Some(t) = handle.thread.take() {
+            let _ = t.join();
+        }
+        Ok(())
+    }
+
+    fn create_event(&self) -> Result<EventId> {
+        let id = self.new_id();
+        self.events.insert(id, Arc::new(EventState::default()));
+        Ok(EventId(id))
+    }
+
+    fn destroy_event(&self, event: EventId) -> Result<()> {
+        self.events
+            .remove(&event.0)
+            .map(|_| ())
+            .ok_or(Error::UnknownEvent(event))
+    }
+
+    fn record_event(&self, event: EventId, stream: StreamId) -> Result<()> {
+        let ev = self.event(event)?;
+        let tx = self.stream_tx(stream)?;
+        let mut g = ev.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.recorded += 1;
+        let epoch = g.recorded;
+        // Sent under the event's lock so a concurrent waiter never sees an
+        // epoch that is not yet queued.
+        let sent = tx.send(Op::Record(ev.clone(), epoch));
+        if sent.is_err() {
+            g.recorded -= 1;
+            return Err(Error::UnknownStream(stream));
+        }
+        Ok(())
+    }
+
+    fn stream_wait_event(&self, stream: StreamId, event: EventId) -> Result<()> {
+        let ev = self.event(event)?;
+        let epoch = ev.inner.lock().unwrap_or_else(|p| p.into_inner()).recorded;
+        self.submit(stream, Op::Wait(ev, epoch))
+    }
+
+    fn event_query(&self, event: EventId) -> Result<bool> {
+        let ev = self.event(event)?;
+        let g = ev.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if g.completed < g.recorded {
+            return Ok(false);
+        }
+        match &g.failed {
+            Some((stream, msg)) => Err(Error::StreamFailed {
+                stream: *stream,
+                message: msg.clone(),
+            }),
+            None => Ok(true),
+        }
+    }
+
+    fn event_wait(&self, event: EventId, timeout: Option<Duration>) -> Result<()> {
+        let ev = self.event(event)?;
+        let start = Instant::now();
+        let epoch = ev.inner.lock().unwrap_or_else(|p| p.into_inner()).recorded;
+        ev.wait_for(epoch, timeout.map(|t| start + t))
+            .map_err(|()| Error::Timeout {
+                event,
+                waited_ms: start.elapsed().as_millis() as u64,
+            })?;
+        let g = ev.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match &g.failed {
+            Some((stream, msg)) => Err(Error::StreamFailed {
+                stream: *stream,
+                message: msg.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn stream_synchronize(&self, stream: StreamId) -> Result<()> {
+        let sig = Arc::new((Mutex::new(None), Condvar::new()));
+        self.submit(stream, Op::Sync(sig.clone()))?;
+        let (lock, cv) = &*sig;
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(result) = g.take() {
+                return match result {
+                    None => Ok(()),
+                    Some(message) => Err(Error::StreamFailed { stream, message }),
+                };
+            }
+            g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    unsafe fn copy_h2d_async(
+        &self,
+        dst: DevicePtr,
+        src: *const u8,
+        len: usize,
+        stream: StreamId,
+    ) -> Result<()> {
+        self.check_mapped_now(dst, len)?;
+        self.submit(
+            stream,
+            Op::H2D {
+                dst: dst.0,
+                src: SendPtr(src as *mut u8),
+                len,
+            },
+        )
+    }
+
+    unsafe fn copy_d2h_async(
+        &self,
+        dst: *mut u8,
+        src: DevicePtr,
+        len: usize,
+        stream: StreamId,
+    ) -> Result<()> {
+        self.check_mapped_now(src, len)?;
+        self.submit(
+            stream,
+            Op::D2H {
+                dst: SendPtr(dst),
+                src: src.0,
+                len,
+            },
+        )
+    }
+
+    fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<()> {
+        match *kernel {
+            Kernel::Fill { dst, len, .. } => self.check_mapped_now(dst, len)?,
+        }
+        self.submit(stream, Op::Kernel(kernel.clone()))
+    }
+
+    fn launch_host_fn(&self, stream: StreamId, f: HostFn) -> Result<()> {
+        self.submit(stream, Op::HostFn(f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::DeviceExt;
+
+    fn small(link_gbps: Option<f64>) -> HostDevice {
+        HostDevice::new(HostConfig {
+            capacity: 256 << 20,
+            page_size: 64 << 10,
+            link_gbps,
+        })
+        .unwrap()
+    }
+
+    /// Map `n` fresh pages into a fresh range.
+    fn mapped(dev: &HostDevice, n: usize) -> (VirtualRange, Vec<PhysPage>) {
+        let ps = dev.info().page_size;
+        let range = dev.reserve(n * ps).unwrap();
+        let pages: Vec<_> = (0..n).map(|_| dev.alloc_page().unwrap()).collect();
+        for (i, &p) in pages.iter().enumerate() {
+            dev.map(range.base.offset(i * ps), p).unwrap();
+        }
+        (range, pages)
+    }
+
+    #[test]
+    fn enqueued_copy_returns_before_it_is_done() {
+        // 64 MiB over a 1 GB/s link takes at least 67 ms.
+        let dev = small(Some(1.0));
+        let n = (64 << 20) / dev.info().page_size;
+        let (range, _) = mapped(&dev, n);
+        let s = dev.create_stream().unwrap();
+        let ev = dev.create_event().unwrap();
+        let mut src = dev.alloc_pinned(64 << 20).unwrap();
+        for (i, b) in src.as_mut_slice().iter_mut().enumerate() {
+            *b = (i * 7 % 251) as u8;
+        }
+        // SAFETY: `src` lives until after the event wait below.
+        unsafe {
+            dev.copy_h2d_async(range.base, src.as_ptr(), 64 << 20, s)
+                .unwrap()
+        };
+        dev.record_event(ev, s).unwrap();
+        assert!(
+            !dev.event_query(ev).unwrap(),
+            "the copy must still be pending right after the call"
+        );
+        dev.event_wait(ev, Some(Duration::from_secs(30))).unwrap();
+        assert!(dev.event_query(ev).unwrap());
+        let mut back = vec![0u8; 64 << 20];
+        dev.read_blocking(range.base, &mut back, s).unwrap();
+        assert!(back == src.as_slice());
+        assert_eq!(dev.counters().bytes_h2d, 64 << 20);
+        assert_eq!(dev.counters().bytes_d2h, 64 << 20);
+    }
+
+    #[test]
+    fn pages_are_contiguous_in_the_range_and_separate_physically() {
+        let dev = small(None);
+        let ps = dev.info().page_size;
+        let (range, pages) = mapped(&dev, 3);
+        // Physical pages 0,1,2 are handed out in order; map them reversed to prove the page table is used.
+        let range2 = dev.reserve(2 * ps).unwrap();
+        let p3 = dev.alloc_page().unwrap();
+        let p4 = dev.alloc_page().unwrap();
+        dev.map(range2.base, p4).unwrap();
+        dev.map(range2.base.offset(ps), p3).unwrap();
+        let s = dev.create_stream().unwrap();
+        let data: Vec<u8> = (0..2 * ps).map(|i| (i / ps + 1) as u8).collect();
+        dev.write_blocking(range2.base, &data, s).unwrap();
+        let mut page = vec![0u8; ps];
+        dev.read_physical(p4, 0, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 1));
+        dev.read_physical(p3, 0, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 2));
+        // A write spanning the boundary of the first range lands in both pages.
+        dev.write_blocking(range.base.offset(ps - 2), &[9, 9, 9, 9], s)
+            .unwrap();
+        let mut two = [0u8; 2];
+        dev.read_physical(pages[0], ps - 2, &mut two).unwrap();
+        assert_eq!(two, [9, 9]);
+        dev.read_physical(pages[1], 0, &mut two).unwrap();
+        assert_eq!(two, [9, 9]);
+        let c = dev.counters();
+        assert_eq!(
+            (c.pages_allocated, c.pages_mapped, c.ranges_reserved),
+            (5, 5, 2)
+        );
+    }
+
+    #[test]
+    fn freed_pages_are_poisoned_and_handles_checked() {
+        let dev = small(None);
+        let ps = dev.info().page_size;
+        let (range, pages) = mapped(&dev, 1);
+        let s = dev.create_stream().unwrap();
+        dev.write_blocking(range.base, &vec![1u8; ps], s).unwrap();
+        assert!(
+            matches!(dev.free_page(pages[0]), Err(Error::BadPage { .. })),
+            "mapped page freed"
+        );
+        assert!(
+            matches!(dev.release(range), Err(Error::BadAddress { .. })),
+            "release with a mapped page"
+        );
+        dev.unmap(range.base).unwrap();
+        assert!(
+            matches!(dev.unmap(range.base), Err(Error::BadAddress { .. })),
+            "double unmap"
+        );
+        dev.free_page(pages[0]).unwrap();
+        assert!(
+            matches!(dev.free_page(pages[0]), Err(Error::BadPage { .. })),
+            "double free"
+        );
+        assert!(
+            matches!(dev.map(range.base, pages[0]), Err(Error::BadPage { .. })),
+            "map a free page"
+        );
+        let mut page = vec![0u8; ps];
+        dev.read_physical(pages[0], 0, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == POISON));
+        // A copy into the now unmapped range is refused at enqueue time.
+        let r = dev.write_blocking(range.base, &[1, 2, 3], s);
+        assert!(matches!(r, Err(Error::BadAddress { .. })), "{r:?}");
+        dev.release(range).unwrap();
+        assert!(matches!(dev.release(range), Err(Error::BadAddress { .. })));
+        assert_eq!(dev.counters().pages_allocated, 0);
+        assert_eq!(dev.memory().unwrap().free, dev.info().total_memory);
+    }
+
+    #[test]
+    fn map_checks_alignment_and_bounds() {
+        let dev = small(None);
+        let ps = dev.info().page_size;
+        let range = dev.reserve(2 * ps).unwrap();
+        let p = dev.alloc_page().unwrap();
+        assert!(matches!(
+            dev.map(range.base.offset(1), p),
+            Err(Error::BadAddress {
+                what: "page aligned",
+                ..
+            })
+        ));
+        assert!(matches!(
+            dev.map(range.base.offset(2 * ps), p),
+            Err(Error::BadAddress { .. })
+        ));
+        assert!(matches!(
+            dev.map(DevicePtr(4096), p),
+            Err(Error::BadAddress { .. })
+        ));
+        dev.map(range.base, p).unwrap();
+        let q = dev.alloc_page().unwrap();
+        assert!(
+            matches!(dev.map(range.base, q), Err(Error::BadAddress { .. })),
+            "slot taken"
+        );
+        assert!(matches!(dev.reserve(ps + 1), Err(Error::BadAddress { .. })));
+        assert!(matches!(dev.reserve(0), Err(Error::BadAddress { .. })));
+    }
+
+    #[test]
+    fn a_stream_waits_for_an_event_of_another_stream() {
+        use std::sync::atomic::AtomicBool;
+        let dev = small(None);
+        let (a, b) = (dev.create_stream().unwrap(), dev.create_stream().unwrap());
+        let ev = dev.create_event().unwrap();
+        assert!(
+            dev.event_query(ev).unwrap(),
+            "an event never recorded counts as complete"
+        );
+        let flag = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(AtomicBool::new(false));
+        let f = flag.clone();
+        dev.launch_host_fn(
+            a,
+            Box::new(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                f.store(true, Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        dev.record_event(ev, a).unwrap();
+        dev.stream_wait_event(b, ev).unwrap();
+        let (f, s2) = (flag.clone(), seen.clone());
+        dev.launch_host_fn(
+            b,
+            Box::new(move || s2.store(f.load(Ordering::SeqCst), Ordering::SeqCst)),
+        )
+        .unwrap();
+        dev.stream_synchronize(b).unwrap();
+        assert!(
+            seen.load(Ordering::SeqCst),
+            "stream b ran before the event it waited for"
+        );
+    }
+
+    #[test]
+    fn event_wait_times_out_and_failures_reach_events() {
+        let dev = small(None);
+        let s = dev.create_stream().unwrap();
+        let ev = dev.create_event().unwrap();
+        dev.launch_host_fn(
+            s,
+            Box::new(|| std::thread::sleep(Duration::from_millis(300))),
+        )
+        .unwrap();
+        dev.record_event(ev, s).unwrap();
+        let r = dev.event_wait(ev, Some(Duration::from_millis(10)));
+        assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+        dev.stream_synchronize(s).unwrap();
+        dev.launch_host_fn(s, Box::new(|| panic!("injected")))
+            .unwrap();
+        dev.record_event(ev, s).unwrap();
+        let r = dev.event_wait(ev, Some(Duration::from_secs(10)));
+        assert!(
+            matches!(r, Err(Error::StreamFailed { stream, .. }) if stream == s),
+            "{r:?}"
+        );
+        let r = dev.stream_synchronize(s);
+        assert!(matches!(r, Err(Error::StreamFailed { .. })), "{r:?}");
+        dev.stream_synchronize(s).unwrap(); // reported once
+        assert!(matches!(
+            dev.destroy_stream(StreamId(9999)),
+            Err(Error::UnknownStream(_))
+        ));
+        assert!(matches!(
+            dev.event_query(EventId(9999)),
+            Err(Error::UnknownEvent(_))
+        ));
+    }
+
+    #[test]
+    fn fill_kernel_and_bad_config() {
+        let dev = small(None);
+        let (range, _) = mapped(&dev, 2);
+        let s = dev.create_stream().unwrap();
+        dev.launch(
+            &Kernel::Fill {
+                dst: range.base.offset(100),
+                len: 70_000,
+                value: 3,
+            },
+            s,
+        )
+        .unwrap();
+        let mut back = vec![0u8; 70_200];
+        dev.read_blocking(range.base, &mut back, s).unwrap();
+        assert!(back[..100].iter().all(|&b| b == 0));
+        assert!(back[100..70_100].iter().all(|&b| b == 3));
+        assert!(back[70_100..].iter().all(|&b| b == 0));
+        let bad = |c: HostConfig| matches!(HostDevice::new(c), Err(Error::Config(_)));
+        assert!(bad(HostConfig {
+            page_size: 3000,
+            ..HostConfig::default()
+        }));
+        assert!(bad(HostConfig {
+            capacity: 1000,
+            ..HostConfig::default()
+        }));
+        assert!(bad(HostConfig {
+            link_gbps: Some(0.0),
+            ..HostConfig::default()
+        }));
+        assert!(matches!(dev.alloc_pinned(0), Err(Error::ZeroSize)));
+    }
+
+    #[test]
+    fn device_out_of_pages_is_an_error() {
+        let dev = HostDevice::new(HostConfig {
+            capacity: 2 << 16,
+            page_size: 1 << 16,
+            link_gbps: None,
+        })
+        .unwrap();
+        let _a = dev.alloc_page().unwrap();
+        let _b = dev.alloc_page().unwrap();
+        assert!(matches!(
+            dev.alloc_page(),
+            Err(Error::DeviceOutOfMemory { .. })
+        ));
+        assert_eq!(dev.memory().unwrap().free, 0);
+    }
+}

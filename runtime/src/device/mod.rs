@@ -1,0 +1,318 @@
+//! The `Device` trait every backend implements, its handle types, and backend selection.
+//!
+//! A device offers what the arena and the residency engine need and nothing more:
+//! physical pages of a fixed size, virtual address ranges that pages are mapped
+//! into (so an allocation is contiguous although its pages are not), pinned host
+//! buffers, streams that run queued work in order, events that stream work or
+//! the host waits on, asynchronous copies, and a kernel launch hook.
+//!
+//! Two backends implement it: [`HostDevice`] (device memory emulated on the CPU,
+//! always available) and, with the `cuda` feature, [`cuda::CudaDevice`].
+//! [`auto`] picks one at run time.
+
+pub mod host;
+pub mod pinned;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use host::{HostConfig, HostDevice};
+pub use pinned::PinnedBuffer;
+
+use crate::error::Result;
+
+/// An address in a device's address space (a host virtual address on the host backend).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct DevicePtr(pub u64);
+
+impl DevicePtr {
+    /// The address `bytes` past this one.
+    pub fn offset(self, bytes: usize) -> DevicePtr {
+        DevicePtr(self.0 + bytes as u64)
+    }
+}
+
+impl fmt::Debug for DevicePtr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+impl fmt::Display for DevicePtr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+/// A handle to one physical page of device memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PhysPage(pub u64);
+
+/// A reserved, initially unmapped, range of device virtual addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VirtualRange {
+    /// First address of the range (page aligned).
+    pub base: DevicePtr,
+    /// Length in bytes (a multiple of the page size).
+    pub len: usize,
+}
+
+/// A handle to a stream: a queue of work the device runs in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StreamId(pub u64);
+
+/// A handle to an event: a point in a stream's work that others can wait for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EventId(pub u64);
+
+/// Which backend a device is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Device memory emulated on the CPU ([`HostDevice`]).
+    Host,
+    /// An NVIDIA GPU through the CUDA driver.
+    Cuda,
+}
+
+/// What a device is: fixed facts reported once.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    /// Backend kind.
+    pub kind: BackendKind,
+    /// Human-readable name (GPU name, or "host (emulated)").
+    pub name: String,
+    /// Total device memory in bytes.
+    pub total_memory: usize,
+    /// Size of one physical page in bytes (the allocation granularity).
+    pub page_size: usize,
+    /// CUDA compute capability (major, minor), if a GPU.
+    pub compute_capability: Option<(u32, u32)>,
+}
+
+/// Current memory use of a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryInfo {
+    /// Total bytes.
+    pub total: usize,
+    /// Bytes not in use by anyone.
+    pub free: usize,
+}
+
+/// Work a device runs on a stream besides copies.
+///
+/// Kernels are named operations, not code: each backend has its own
+/// implementation of each (CPU code on the host backend, CUDA kernels on a GPU).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Kernel {
+    /// Set `len` bytes starting at `dst` to `value`.
+    Fill {
+        /// First byte.
+        dst: DevicePtr,
+        /// Number of bytes.
+        len: usize,
+        /// The byte value written.
+        value: u8,
+    },
+}
+
+impl Kernel {
+    /// A short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kernel::Fill { .. } => "fill",
+        }
+    }
+}
+
+/// A host function a stream runs in order with its other work.
+pub type HostFn = Box<dyn FnOnce() + Send + 'static>;
+
+/// A backend that owns device memory and runs queued copies and kernels.
+///
+/// All methods take `&self`; implementations are thread safe. Handles
+/// (pages, ranges, streams, events) are plain values: using one after it was
+/// destroyed is an error, never undefined behaviour, except where an `unsafe`
+/// method's contract says otherwise.
+pub trait Device: Send + Sync + fmt::Debug {
+    /// Fixed facts about the device.
+    fn info(&self) -> &DeviceInfo;
+
+    /// Current free and total memory.
+    fn memory(&self) -> Result<MemoryInfo>;
+
+    /// Allocate one physical page of [`DeviceInfo::page_size`] bytes.
+    fn alloc_page(&self) -> Result<PhysPage>;
+
+    /// Return a physical page. It must not be mapped anywhere.
+    fn free_page(&self, page: PhysPage) -> Result<()>;
+
+    /// Reserve `len` bytes (a multiple of the page size) of virtual addresses, mapped to nothing.
+    fn reserve(&self, len: usize) -> Result<VirtualRange>;
+
+    /// Give back a reserved range. Every page in it must have been unmapped.
+    fn release(&self, range: VirtualRange) -> Result<()>;
+
+    /// Map `page` at `addr`, which must be a page-aligned, unmapped address of a reserved range.
+    fn map(&self, addr: DevicePtr, page: PhysPage) -> Result<()>;
+
+    /// Unmap the page at `addr`. Work that uses it must have completed.
+    fn unmap(&self, addr: DevicePtr) -> Result<()>;
+
+    /// Allocate `len` bytes of page-locked host memory that copies can read from asynchronously.
+    fn alloc_pinned(&self, len: usize) -> Result<PinnedBuffer>;
+
+    /// Create a stream.
+    fn create_stream(&self) -> Result<StreamId>;
+
+    /// Destroy a stream after its queued work has run.
+    fn destroy_stream(&self, stream: StreamId) -> Result<()>;
+
+    /// Create an event. An event that was never recorded counts as complete.
+    fn create_event(&self) -> Result<EventId>;
+
+    /// Destroy an event.
+    fn destroy_event(&self, event: EventId) -> Result<()>;
+
+    /// Record `event` at the current end of `stream`'s queue: it completes when the work queued before it has.
+    fn record_event(&self, event: EventId, stream: StreamId) -> Result<()>;
+
+    /// Make `stream` wait, before running work queued after this call, until `event`'s latest recording completes.
+    fn stream_wait_event(&self, stream: StreamId, event: EventId) -> Result<()>;
+
+    /// Whether the latest recording of `event` has completed.
+    fn event_query(&self, event: EventId) -> Result<bool>;
+
+    /// Block the calling thread until `event` completes, or fail with [`crate::Error::Timeout`].
+    fn event_wait(&self, event: EventId, timeout: Option<Duration>) -> Result<()>;
+
+    /// Block until all work queued on `stream` has run; reports a failure of that work.
+    fn stream_synchronize(&self, stream: StreamId) -> Result<()>;
+
+    /// Queue a copy of `len` bytes from host memory at `src` to device memory at `dst`; returns before the copy runs.
+    ///
+    /// # Safety
+    /// `src..src+len` must stay valid and unmodified until the copy has run
+    /// (an event recorded after it completes). For the copy to be truly
+    /// asynchronous on a GPU, `src` should lie in a [`PinnedBuffer`].
+    unsafe fn copy_h2d_async(
+        &self,
+        dst: DevicePtr,
+        src: *const u8,
+        len: usize,
+        stream: StreamId,
+    ) -> Result<()>;
+
+    /// Queue a copy of `len` bytes from device memory at `src` to host memory at `dst`.
+    ///
+    /// # Safety
+    /// `dst..dst+len` must stay valid, and not be read or written by anyone
+    /// else, until the copy has run.
+    unsafe fn copy_d2h_async(
+        &self,
+        dst: *mut u8,
+        src: DevicePtr,
+        len: usize,
+        stream: StreamId,
+    ) -> Result<()>;
+
+    /// Queue a kernel on `stream`.
+    fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<()>;
+
+    /// Queue a host function on `stream`; it runs after the work queued before it.
+    fn launch_host_fn(&self, stream: StreamId, f: HostFn) -> Result<()>;
+}
+
+/// Extension helpers built from the [`Device`] primitives.
+pub trait DeviceExt: Device {
+    /// Copy `data` to device memory at `dst` and wait for it (uses a temporary pinned buffer).
+    fn write_blocking(&self, dst: DevicePtr, data: &[u8], stream: StreamId) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut staging = self.alloc_pinned(data.len())?;
+        staging.as_mut_slice()[..data.len()].copy_from_slice(data);
+        // SAFETY: `staging` outlives the copy: we synchronise the stream before it drops.
+        unsafe { self.copy_h2d_async(dst, staging.as_ptr(), data.len(), stream)? };
+        self.stream_synchronize(stream)
+    }
+
+    /// Copy device memory at `src` into `out` and wait for it.
+    fn read_blocking(&self, src: DevicePtr, out: &mut [u8], stream: StreamId) -> Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let len = out.len();
+        // SAFETY: `out` is exclusively borrowed for this whole call and we
+        // synchronise the stream before returning, so the copy completes
+        // while the borrow is alive.
+        unsafe { self.copy_d2h_async(out.as_mut_ptr(), src, len, stream)? };
+        self.stream_synchronize(stream)
+    }
+}
+
+impl<D: Device + ?Sized> DeviceExt for D {}
+
+/// The device [`auto`] chose and why.
+#[derive(Debug, Clone)]
+pub struct Selected {
+    /// The device.
+    pub device: Arc<dyn Device>,
+    /// One line saying which backend was chosen and why.
+    pub reason: String,
+}
+
+/// Pick the best available device: CUDA when the `cuda` feature is on, the
+/// driver library loads and a GPU answers; otherwise a [`HostDevice`] built
+/// from `host`. Never panics when CUDA is missing.
+pub fn auto(host: &HostConfig) -> Result<Selected> {
+    #[cfg(feature = "cuda")]
+    let why_not_cuda = match cuda::probe() {
+        Ok(probe) => match cuda::CudaDevice::new(probe.ordinal) {
+            Ok(dev) => {
+                let reason = format!(
+                    "using CUDA device {}: {} ({} GiB, compute capability {}.{}, driver {})",
+                    probe.ordinal,
+                    dev.info().name,
+                    dev.info().total_memory >> 30,
+                    probe.compute_capability.0,
+                    probe.compute_capability.1,
+                    probe.driver_version,
+                );
+                return Ok(Selected {
+                    device: Arc::new(dev),
+                    reason,
+                });
+            }
+            Err(e) => format!("a GPU answered but the CUDA backend failed to start: {e}"),
+        },
+        Err(e) => e.to_string(),
+    };
+    #[cfg(not(feature = "cuda"))]
+    let why_not_cuda = "built without the `cuda` feature".to_string();
+    let dev = HostDevice::new(host.clone())?;
+    let reason = format!(
+        "using the host backend ({} MiB emulated device memory, {} KiB pages{}): {why_not_cuda}",
+        dev.info().total_memory >> 20,
+        dev.info().page_size >> 10,
+        match host.link_gbps {
+            Some(r) => format!(", link {r} GB/s"),
+            None => String::new(),
+        }
+    );
+    Ok(Selected {
+        device: Arc::new(dev),
+        reason,
+    })
+}
+
+impl dyn Device {
+    /// Same as [`auto`]: CUDA when available, else the host backend, with the reason.
+    pub fn auto(host: &HostConfig) -> Result<Selected> {
+        auto(host)
+    }
+}

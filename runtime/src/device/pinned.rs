@@ -1,0 +1,89 @@
+//! Page-locked host memory owned by a device backend.
+
+use std::fmt;
+use std::ptr::NonNull;
+
+/// How a backend gives a pinned buffer's memory back.
+pub type PinnedFree = Box<dyn FnOnce(NonNull<u8>, usize) + Send + Sync>;
+
+/// A block of page-locked host memory that asynchronous copies can read from and write to.
+///
+/// Made by [`crate::device::Device::alloc_pinned`]; the memory is returned to
+/// the backend when the buffer drops. The contents start zeroed on the host
+/// backend and unspecified on CUDA.
+pub struct PinnedBuffer {
+    ptr: NonNull<u8>,
+    len: usize,
+    free: Option<PinnedFree>,
+}
+
+// SAFETY: a PinnedBuffer exclusively owns plain bytes; the free function is
+// Send + Sync, and access to the bytes goes through &/&mut borrows.
+unsafe impl Send for PinnedBuffer {}
+// SAFETY: shared references only allow reading the bytes.
+unsafe impl Sync for PinnedBuffer {}
+
+impl PinnedBuffer {
+    /// Wrap memory a backend allocated.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be valid for reads and writes, exclusively owned by
+    /// the returned buffer, and stay so until `free` is called with the same
+    /// pointer and length (which happens exactly once, on drop).
+    pub unsafe fn from_raw_parts(ptr: NonNull<u8>, len: usize, free: PinnedFree) -> Self {
+        PinnedBuffer {
+            ptr,
+            len,
+            free: Some(free),
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Pointer to the first byte, for queuing copies.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Mutable pointer to the first byte, for queuing copies into the buffer.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: from_raw_parts' contract: valid, exclusively owned, `len` bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes this the only borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl fmt::Debug for PinnedBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PinnedBuffer")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        if let Some(free) = self.free.take() {
+            free(self.ptr, self.len);
+        }
+    }
+}

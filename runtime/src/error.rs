@@ -1,0 +1,161 @@
+//! The runtime's error type.
+
+use crate::device::{DevicePtr, EventId, PhysPage, StreamId};
+
+/// Errors raised by devices and the arena.
+///
+/// Arena errors separate a request that can never fit ([`Error::NeverFits`])
+/// from one that does not fit now ([`Error::OutOfMemory`]: evict and retry).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A request for zero bytes.
+    #[error("zero-size allocation requested")]
+    ZeroSize,
+    /// An alignment that is not a power of two, or larger than a page.
+    #[error("alignment {align} is not a power of two no larger than the page size {page_size}")]
+    BadAlignment {
+        /// Requested alignment in bytes.
+        align: usize,
+        /// The arena's page size in bytes.
+        page_size: usize,
+    },
+    /// The request is larger than the arena's whole capacity: evicting cannot help.
+    #[error("request of {requested} bytes ({pages} pages) can never fit: arena capacity is {capacity} bytes")]
+    NeverFits {
+        /// Requested bytes.
+        requested: usize,
+        /// Pages the request needs.
+        pages: usize,
+        /// Total capacity of the arena in bytes.
+        capacity: usize,
+    },
+    /// Not enough free pages now: free or evict something and retry.
+    #[error("out of device memory: requested {requested} bytes ({pages} pages), {free} bytes ({free_pages} pages) free")]
+    OutOfMemory {
+        /// Requested bytes.
+        requested: usize,
+        /// Pages the request needs.
+        pages: usize,
+        /// Free bytes in the arena.
+        free: usize,
+        /// Free pages in the arena.
+        free_pages: usize,
+    },
+    /// An allocation id that is not live (never allocated, or already freed).
+    #[error("allocation {0} is not live (already freed or never allocated)")]
+    UnknownAllocation(u64),
+    /// An access outside an allocation's bounds.
+    #[error("access of {len} bytes at offset {offset} is outside allocation {id} of {size} bytes")]
+    OutOfBounds {
+        /// Allocation id.
+        id: u64,
+        /// Offset of the access.
+        offset: usize,
+        /// Length of the access.
+        len: usize,
+        /// Size of the allocation.
+        size: usize,
+    },
+    /// The device has no more physical memory, though the arena's budget allows more.
+    #[error("device out of physical memory: wanted {wanted} more bytes, device has {available} bytes available")]
+    DeviceOutOfMemory {
+        /// Bytes asked of the device.
+        wanted: usize,
+        /// Bytes the device can still give.
+        available: usize,
+    },
+    /// An address that is not inside a reserved range, or a range that is not mapped.
+    #[error("device address {addr} (+{len} bytes) is not {what}")]
+    BadAddress {
+        /// Device address.
+        addr: DevicePtr,
+        /// Length of the access or mapping.
+        len: usize,
+        /// What the address should have been (e.g. "mapped", "reserved", "page aligned").
+        what: &'static str,
+    },
+    /// A physical page handle that is unknown to the device or still mapped.
+    #[error("physical page {page:?} {what}")]
+    BadPage {
+        /// The page.
+        page: PhysPage,
+        /// What is wrong with it.
+        what: &'static str,
+    },
+    /// A stream handle the device does not know.
+    #[error("unknown stream {0:?}")]
+    UnknownStream(StreamId),
+    /// An event handle the device does not know.
+    #[error("unknown event {0:?}")]
+    UnknownEvent(EventId),
+    /// Waiting for an event took longer than the given timeout.
+    #[error("timed out after {waited_ms} ms waiting for event {event:?}")]
+    Timeout {
+        /// The event waited for.
+        event: EventId,
+        /// How long the wait lasted.
+        waited_ms: u64,
+    },
+    /// Work queued on a stream failed; the stream reports it once, at the next synchronisation.
+    #[error("stream {stream:?} failed: {message}")]
+    StreamFailed {
+        /// The stream.
+        stream: StreamId,
+        /// What failed.
+        message: String,
+    },
+    /// An invalid configuration value.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// An operating-system call failed (host backend).
+    #[error("{call} failed: {source}")]
+    Os {
+        /// The call that failed.
+        call: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A CUDA driver call failed.
+    #[error("CUDA driver call {call} failed with code {code} ({name})")]
+    Cuda {
+        /// The driver function.
+        call: &'static str,
+        /// The raw `CUresult` code.
+        code: i32,
+        /// The symbolic name of the code.
+        name: String,
+    },
+    /// A kernel failed to run (bad arguments or a backend failure).
+    #[error("kernel {kernel} failed: {message}")]
+    Kernel {
+        /// Kernel name.
+        kernel: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+    /// The operation is not supported by this device backend.
+    #[error("{0} is not supported by this device")]
+    Unsupported(&'static str),
+}
+
+/// Result alias for the runtime.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// True when evicting resident data and retrying could make the request succeed.
+    pub fn is_retryable_oom(&self) -> bool {
+        matches!(
+            self,
+            Error::OutOfMemory { .. } | Error::DeviceOutOfMemory { .. }
+        )
+    }
+
+    pub(crate) fn os(call: &'static str, err: impl Into<std::io::Error>) -> Self {
+        Error::Os {
+            call,
+            source: err.into(),
+        }
+    }
+}
