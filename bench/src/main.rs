@@ -1,1 +1,124 @@
-fn main() {}
+//! `offload`: the command line of the Offload runtime.
+//!
+//! With no arguments it runs the main job: it picks the device (a GPU when
+//! one answers, else the host backend), says which and why, and runs the
+//! arena benchmark on the default preset. `offload bench arena` runs the
+//! arena benchmark with its options.
+
+mod arena_bench;
+mod null_device;
+mod rng;
+mod sdxl;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use offload_runtime::device::{self, HostConfig};
+
+/// Offload: run models larger than GPU memory by paging weights.
+#[derive(Parser, Debug)]
+#[command(name = "offload", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a benchmark.
+    #[command(subcommand)]
+    Bench(Bench),
+    /// Print the device that would be used, and why.
+    Device,
+}
+
+#[derive(Subcommand, Debug)]
+enum Bench {
+    /// Our page arena against offset-allocator on a seeded SDXL-sized workload.
+    Arena(ArenaArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct ArenaArgs {
+    /// Arena capacity in MiB.
+    #[arg(long, default_value_t = 4096)]
+    capacity_mib: usize,
+    /// Page size of our arena in KiB.
+    #[arg(long, default_value_t = 2048)]
+    page_kib: usize,
+    /// Target fill, as a fraction of capacity.
+    #[arg(long, default_value_t = 0.84)]
+    fill: f64,
+    /// Allocations plus frees to run.
+    #[arg(long, default_value_t = 2_000_000)]
+    ops: usize,
+    /// Workload seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+impl ArenaArgs {
+    fn config(&self) -> Result<arena_bench::ArenaBenchConfig, String> {
+        if !(self.fill > 0.0 && self.fill < 1.0) {
+            return Err(format!("--fill {} must be between 0 and 1", self.fill));
+        }
+        let capacity = self
+            .capacity_mib
+            .checked_mul(1 << 20)
+            .ok_or_else(|| format!("--capacity-mib {} is too large", self.capacity_mib))?;
+        let page_size = self
+            .page_kib
+            .checked_mul(1 << 10)
+            .ok_or_else(|| format!("--page-kib {} is too large", self.page_kib))?;
+        Ok(arena_bench::ArenaBenchConfig {
+            capacity,
+            page_size,
+            fill: self.fill,
+            ops: self.ops,
+            seed: self.seed,
+        })
+    }
+}
+
+fn bench_arena(args: &ArenaArgs) -> Result<(), String> {
+    let cfg = args.config()?;
+    let host =
+        arena_bench::run_ours_host(&cfg).map_err(|e| format!("offload arena (host): {e}"))?;
+    let null =
+        arena_bench::run_ours_null(&cfg).map_err(|e| format!("offload arena (null): {e}"))?;
+    let theirs =
+        arena_bench::run_offset_allocator(&cfg).map_err(|e| format!("offset-allocator: {e}"))?;
+    arena_bench::print_table(&cfg, &[host, null, theirs]);
+    Ok(())
+}
+
+fn main_job() -> Result<(), String> {
+    let selected = device::auto(&HostConfig::default()).map_err(|e| format!("no device: {e}"))?;
+    println!("device: {}", selected.reason);
+    println!();
+    bench_arena(&ArenaArgs {
+        capacity_mib: 4096,
+        page_kib: 2048,
+        fill: 0.84,
+        ops: 200_000,
+        seed: 1,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        None => main_job(),
+        Some(Command::Device) => device::auto(&HostConfig::default())
+            .map(|s| println!("{}", s.reason))
+            .map_err(|e| e.to_string()),
+        Some(Command::Bench(Bench::Arena(a))) => bench_arena(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("offload: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
