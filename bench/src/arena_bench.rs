@@ -295,7 +295,9 @@ mod tests {
             (null.allocs, null.free_bytes, null.waste)
         );
         assert_eq!(host.largest_fit, host.free_bytes);
-        assert!(host.free_bytes >= (512 << 20) * 16 / 100 - (2 << 20));
+        // An allocation starts below the target, so at most one largest request overshoots it.
+        let target = (cfg.capacity as f64 * cfg.fill) as usize;
+        assert!(host.free_bytes + largest_request() + cfg.page_size >= cfg.capacity - target);
         // The same stream through offset-allocator: it ends fragmented.
         let theirs = run_offset_allocator(&cfg).unwrap();
         assert!(theirs.largest_fit <= theirs.free_bytes);
