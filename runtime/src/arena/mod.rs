@@ -566,6 +566,11 @@ impl<D: Device + ?Sized> Arena<D> {
         }
     }
 
+    /// Pages in use now (page allocations, slab pages, deferred frees); cheaper than [`Arena::stats`].
+    pub fn pages_used(&self) -> usize {
+        self.lock().pool.used()
+    }
+
     /// Pages held from the device (used plus pooled).
     pub fn pages_held(&self) -> usize {
         self.lock().pool.held()

@@ -399,8 +399,7 @@ impl HostDevice {
             )
         }
         .map_err(|e| Error::os("mmap (physical view)", e))?;
-        let phys =
-            NonNull::new(phys.cast::<u8>()).ok_or_else(|| Error::Unsupported("null mmap"))?;
+        let phys = NonNull::new(phys.cast::<u8>()).ok_or(Error::Unsupported("null mmap"))?;
         let link = |r: Option<f64>| {
             r.map(|gbps| Link {
                 bytes_per_sec: gbps * 1e9,

@@ -224,6 +224,10 @@ pub trait Device: Send + Sync + fmt::Debug {
     fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<()>;
 
     /// Queue a host function on `stream`; it runs after the work queued before it.
+    ///
+    /// The function must not call back into the device: CUDA forbids driver
+    /// calls from host functions (the host backend would allow it, so code
+    /// that relies on it would work on the CPU and fail on a GPU).
     fn launch_host_fn(&self, stream: StreamId, f: HostFn) -> Result<()>;
 }
 

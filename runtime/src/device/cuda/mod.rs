@@ -1,0 +1,777 @@
+//! The CUDA backend (feature `cuda`): probing for a driver and a GPU, and `CudaDevice`.
+//!
+//! cudarc is used with dynamic loading, so this module compiles and the
+//! binary starts on machines without CUDA. cudarc panics if its safe layer is
+//! used without a driver library, so [`probe()`] checks for the library and a
+//! device with raw `sys` calls before anything else touches CUDA.
+//!
+//! The device is built on the raw driver API only (`cudarc::driver::sys`),
+//! layered like cudarc itself: `result` holds checked wrappers of the driver
+//! calls returning our [`Error::Cuda`] (with the raw code), `handles` owns
+//! contexts, streams, events and host registrations, `memory` keeps the
+//! page and range bookkeeping, and [`CudaDevice`] puts them together behind
+//! the [`Device`] trait. cudarc's safe `CudaSlice` is not used: it carries
+//! read/write events that would serialise the copy and compute streams.
+//!
+//! Memory comes in one of two modes, chosen when the device is opened:
+//! the virtual memory management API (pages from `cuMemCreate` at the
+//! allocation granularity, ranges from `cuMemAddressReserve`, mapped with
+//! `cuMemMap` + `cuMemSetAccess`), or, where a trial of that API fails (some
+//! GPU machines run under a sandboxing kernel), a fallback in which pages are
+//! slots carved from plain `cuMemAlloc` blocks and [`Device::reserve`] fails
+//! with [`Error::Unsupported`]; [`CudaDevice::vmm_supported`] says which.
+
+mod handles;
+mod memory;
+pub mod probe;
+mod result;
+
+#[cfg(test)]
+mod tests;
+
+pub use handles::HostRegistration;
+pub use probe::{probe, Probe, ProbeError};
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::sys;
+use dashmap::DashMap;
+
+use self::handles::{Context, Event, Stream};
+use self::memory::{Block, MemState, PageState};
+use super::pinned::PinnedFree;
+use super::{
+    BackendKind, Device, DeviceInfo, DevicePtr, EventId, HostFn, Kernel, MemoryInfo, PhysPage,
+    PinnedBuffer, StreamId, VirtualRange,
+};
+use crate::error::{Error, Result};
+
+/// Page size used in fallback mode when the driver reports no allocation granularity.
+const FALLBACK_PAGE_SIZE: usize = 2 << 20;
+
+/// Fallback mode carves pages from `cuMemAlloc` blocks of this many pages.
+const FALLBACK_BLOCK_PAGES: usize = 16;
+
+/// Longest sleep between two polls of an event in [`Device::event_wait`] with a timeout.
+const MAX_POLL_SLEEP: Duration = Duration::from_micros(500);
+
+/// Options for opening a [`CudaDevice`].
+#[derive(Clone, Debug)]
+pub struct CudaConfig {
+    /// Use the virtual memory management API when a trial of it works (default).
+    /// When false, the device runs in fallback mode, as on machines where the
+    /// trial fails: useful to test that mode on any GPU.
+    pub use_vmm: bool,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        CudaConfig { use_vmm: true }
+    }
+}
+
+/// Host-function failures (panics) per stream, reported at the stream's next synchronisation.
+type HostFnFailures = Arc<Mutex<HashMap<u64, String>>>;
+
+/// An NVIDIA GPU driven through the CUDA driver API.
+///
+/// Stream and event handles hold the raw `CUstream` / `CUevent` pointer
+/// values; handles the device does not know (never made, or destroyed) are
+/// rejected with [`Error::UnknownStream`] / [`Error::UnknownEvent`]. Every
+/// method makes the device's primary context current on the calling thread.
+///
+/// Host functions ([`Device::launch_host_fn`]) run on a driver thread and,
+/// as CUDA requires, must not call into CUDA, so not into this device either.
+pub struct CudaDevice {
+    info: DeviceInfo,
+    ordinal: u32,
+    ctx: Arc<Context>,
+    vmm_unavailable: Option<String>,
+    host_register: bool,
+    read_only_register: bool,
+    mem: Mutex<MemState>,
+    streams: DashMap<u64, Arc<Stream>>,
+    events: DashMap<u64, Arc<Event>>,
+    host_fn_failures: HostFnFailures,
+}
+
+impl fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("ordinal", &self.ordinal)
+            .field("info", &self.info)
+            .field("vmm", &self.vmm_supported())
+            .field("host_register", &self.host_register)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn is_oom(e: &Error) -> bool {
+    result::code_of(e) == Some(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY as i32)
+}
+
+impl CudaDevice {
+    /// Open GPU `ordinal` with the default configuration.
+    ///
+    /// Fails, without panicking, when no driver library can be loaded.
+    pub fn new(ordinal: u32) -> Result<Self> {
+        Self::with_config(ordinal, &CudaConfig::default())
+    }
+
+    /// Open GPU `ordinal`: retain its primary context, read its facts, and
+    /// probe whether the virtual memory API and host registration work.
+    pub fn with_config(ordinal: u32, config: &CudaConfig) -> Result<Self> {
+        if !result::driver_present() {
+            return Err(Error::Unsupported(
+                "the CUDA backend without a driver library (libcuda.so could not be loaded)",
+            ));
+        }
+        result::init()?;
+        let dev = result::device_get(ordinal)?;
+        let ctx = Arc::new(Context::retain(dev)?);
+        ctx.bind()?;
+        let name = result::device_name(dev)?;
+        let total_memory = result::device_total_mem(dev)?;
+        let major = result::device_attribute(
+            dev,
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+        )?;
+        let minor = result::device_attribute(
+            dev,
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+        )?;
+        let granularity = result::allocation_granularity(ordinal);
+        let page_size = match granularity {
+            Ok(g) if g.is_power_of_two() => g,
+            _ => FALLBACK_PAGE_SIZE,
+        };
+        let vmm_unavailable = if config.use_vmm {
+            probe_vmm(dev, ordinal, &granularity)
+        } else {
+            Some("disabled by configuration".to_string())
+        };
+        let host_register = probe_host_register(dev);
+        let read_only_register = host_register
+            && result::device_attribute(
+                dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED,
+            )
+            .is_ok_and(|v| v != 0);
+        let vmm = vmm_unavailable.is_none();
+        Ok(CudaDevice {
+            info: DeviceInfo {
+                kind: BackendKind::Cuda,
+                name,
+                total_memory,
+                page_size,
+                compute_capability: Some((major as u32, minor as u32)),
+            },
+            ordinal,
+            ctx,
+            vmm_unavailable,
+            host_register,
+            read_only_register,
+            mem: Mutex::new(MemState::new(page_size, vmm)),
+            streams: DashMap::new(),
+            events: DashMap::new(),
+            host_fn_failures: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// Fixed facts about the device.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// The GPU's ordinal.
+    pub fn ordinal(&self) -> u32 {
+        self.ordinal
+    }
+
+    /// Whether memory goes through the virtual memory API (pages mapped into
+    /// reserved ranges) rather than the fallback of plain allocations.
+    pub fn vmm_supported(&self) -> bool {
+        self.vmm_unavailable.is_none()
+    }
+
+    /// Why the virtual memory API is not used, in fallback mode.
+    pub fn vmm_unavailable_reason(&self) -> Option<&str> {
+        self.vmm_unavailable.as_deref()
+    }
+
+    /// Whether registering existing host memory ([`register_host`](Self::register_host)) works here.
+    pub fn host_register_supported(&self) -> bool {
+        self.host_register
+    }
+
+    /// Whether host memory can be registered read-only (needed for read-only mappings such as a mapped file).
+    pub fn read_only_register_supported(&self) -> bool {
+        self.read_only_register
+    }
+
+    /// The raw primary context, for libraries that need it (cuBLAS, module loading).
+    pub fn raw_context(&self) -> sys::CUcontext {
+        self.ctx.raw()
+    }
+
+    /// Make the device's primary context current on the calling thread.
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind()
+    }
+
+    /// The raw `CUstream` of a live stream, for libraries that queue work on
+    /// it (cuBLAS). It stays valid until the stream is destroyed.
+    pub fn raw_stream(&self, stream: StreamId) -> Result<sys::CUstream> {
+        Ok(self.stream(stream)?.raw)
+    }
+
+    /// Fallback mode: the device address of an allocated page, where it is
+    /// used directly since it cannot be mapped. In VMM mode pages have no
+    /// address of their own: map them into a reserved range.
+    pub fn page_address(&self, page: PhysPage) -> Result<DevicePtr> {
+        if self.vmm_supported() {
+            return Err(Error::Unsupported(
+                "a page address in VMM mode (map the page into a range)",
+            ));
+        }
+        match lock(&self.mem).pages.get(&page.0) {
+            Some(PageState::Allocated) => Ok(DevicePtr(page.0)),
+            _ => Err(Error::BadPage {
+                page,
+                what: "is not allocated",
+            }),
+        }
+    }
+
+    /// Page-lock an existing host buffer with `cuMemHostRegister` (read-only
+    /// when `read_only`: the device only reads it, and read-only mappings can
+    /// be registered), so that asynchronous copies from it run at pinned speed.
+    /// Unregistered when the returned registration drops.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be mapped host memory (and writable unless
+    /// `read_only`) that stays mapped until the registration drops, and no
+    /// copy queued on it may still be running when it drops.
+    pub unsafe fn register_host(
+        &self,
+        ptr: *const u8,
+        len: usize,
+        read_only: bool,
+    ) -> Result<HostRegistration> {
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        if !self.host_register {
+            return Err(Error::Unsupported(
+                "registering host memory (cuMemHostRegister failed its probe)",
+            ));
+        }
+        if read_only && !self.read_only_register {
+            return Err(Error::Unsupported("registering host memory read-only"));
+        }
+        // SAFETY: the caller's contract, passed on unchanged.
+        unsafe { HostRegistration::new(&self.ctx, ptr, len, read_only) }
+    }
+
+    fn stream(&self, stream: StreamId) -> Result<Arc<Stream>> {
+        self.streams
+            .get(&stream.0)
+            .map(|s| s.clone())
+            .ok_or(Error::UnknownStream(stream))
+    }
+
+    fn event(&self, event: EventId) -> Result<Arc<Event>> {
+        self.events
+            .get(&event.0)
+            .map(|e| e.clone())
+            .ok_or(Error::UnknownEvent(event))
+    }
+
+    fn out_of_memory(&self, wanted: usize) -> Error {
+        Error::DeviceOutOfMemory {
+            wanted,
+            available: result::mem_get_info().map(|(f, _)| f).unwrap_or(0),
+        }
+    }
+
+    /// Fallback mode: a free carved page, carving a new block when none is left.
+    fn alloc_carved_page(&self, mem: &mut MemState) -> Result<u64> {
+        if let Some(p) = mem.free_slots.pop() {
+            return Ok(p);
+        }
+        let ps = self.info.page_size;
+        let mut pages = FALLBACK_BLOCK_PAGES;
+        loop {
+            match result::mem_alloc(pages * ps) {
+                Ok(ptr) => {
+                    mem.blocks.push(Block { ptr });
+                    mem.free_slots
+                        .extend((1..pages).rev().map(|i| ptr + (i * ps) as u64));
+                    return Ok(ptr);
+                }
+                Err(e) if is_oom(&e) && pages > 1 => pages = 1,
+                Err(e) if is_oom(&e) => return Err(self.out_of_memory(ps)),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Whether the virtual memory API works on this device: `None` if it does,
+/// else why not. Tries one page: create, reserve, map, set access, undo.
+fn probe_vmm(dev: sys::CUdevice, ordinal: u32, granularity: &Result<usize>) -> Option<String> {
+    match result::device_attribute(
+        dev,
+        sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
+    ) {
+        Ok(0) => return Some("the device reports no virtual memory management support".into()),
+        Err(e) => return Some(format!("querying virtual memory management support: {e}")),
+        Ok(_) => {}
+    }
+    let g = match granularity {
+        Ok(g) if g.is_power_of_two() => *g,
+        Ok(g) => return Some(format!("allocation granularity {g} is not a power of two")),
+        Err(e) => return Some(format!("querying the allocation granularity: {e}")),
+    };
+    let handle = match result::mem_create(g, ordinal) {
+        Ok(h) => h,
+        Err(e) => return Some(format!("a trial cuMemCreate of one page: {e}")),
+    };
+    let trial = (|| -> Result<()> {
+        let va = result::address_reserve(g, g)?;
+        // SAFETY: `va..va+g` is the range just reserved, unmapped; `handle` a
+        // live allocation of `g` bytes. Nothing else knows either, so
+        // unmapping and freeing them here affects no one.
+        let mapped = unsafe {
+            result::mem_map(va, g, handle).and_then(|()| {
+                let access = result::mem_set_access_rw(va, g, ordinal);
+                let unmap = result::mem_unmap(va, g);
+                access.and(unmap)
+            })
+        };
+        // SAFETY: as above; the range is unmapped again (or was never mapped).
+        let freed = unsafe { result::address_free(va, g) };
+        mapped.and(freed)
+    })();
+    // SAFETY: `handle` came from mem_create above and is no longer mapped.
+    let _ = unsafe { result::mem_release(handle) };
+    trial.err().map(|e| format!("a trial map of one page: {e}"))
+}
+
+/// Whether `cuMemHostRegister` works here: the device attribute, then a trial on one OS page.
+fn probe_host_register(dev: sys::CUdevice) -> bool {
+    let supported = result::device_attribute(
+        dev,
+        sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED,
+    );
+    if !supported.is_ok_and(|v| v != 0) {
+        return false;
+    }
+    let ps = rustix::param::page_size();
+    let Ok(layout) = std::alloc::Layout::from_size_align(ps, ps) else {
+        return false;
+    };
+    // SAFETY: the layout has a non-zero size.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    if p.is_null() {
+        return false;
+    }
+    // SAFETY: `p` is a live, page-aligned allocation of one page that stays
+    // allocated until after we unregister it below; no copy uses it.
+    let ok = unsafe {
+        result::mem_host_register(p.cast(), ps, sys::CU_MEMHOSTREGISTER_PORTABLE)
+            .and_then(|()| result::mem_host_unregister(p.cast()))
+            .is_ok()
+    };
+    // SAFETY: allocated above with this layout, unregistered (or never registered).
+    unsafe { std::alloc::dealloc(p, layout) };
+    ok
+}
+
+/// What [`host_fn_trampoline`] receives: the function and where to report a panic.
+struct HostCall {
+    f: HostFn,
+    stream: u64,
+    failures: HostFnFailures,
+}
+
+/// Runs a [`HostFn`] queued by [`Device::launch_host_fn`]; called by the driver.
+///
+/// # Safety
+/// `data` is a `Box<HostCall>` turned into a raw pointer by `launch_host_fn`,
+/// passed here exactly once.
+unsafe extern "C" fn host_fn_trampoline(data: *mut c_void) {
+    // SAFETY: the function's contract: we own the box now.
+    let call = unsafe { Box::from_raw(data.cast::<HostCall>()) };
+    // A panic must not unwind into the driver: catch it, and report it at the
+    // stream's next synchronisation as the host backend does.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let HostCall {
+            f,
+            stream,
+            failures,
+        } = *call;
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+            lock(&failures)
+                .entry(stream)
+                .or_insert_with(|| "host function panicked".to_string());
+        }
+    }));
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind();
+        let ids: Vec<u64> = self.streams.iter().map(|s| *s.key()).collect();
+        for id in ids {
+            if let Some((_, s)) = self.streams.remove(&id) {
+                // SAFETY: `s` keeps the stream alive for this call.
+                let _ = unsafe { result::stream_synchronize(s.raw) };
+            }
+        }
+        self.events.clear();
+        let _ = result::ctx_synchronize();
+        let ps = self.info.page_size;
+        let vmm = self.vmm_unavailable.is_none();
+        let mem = self.mem.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (base, range) in std::mem::take(&mut mem.ranges) {
+            for (i, slot) in range.slots.iter().enumerate() {
+                if slot.is_some() {
+                    // SAFETY: we mapped this page; all work of the context has finished.
+                    let _ = unsafe { result::mem_unmap(base + (i * ps) as u64, ps) };
+                }
+            }
+            // SAFETY: we reserved this range and just unmapped all of it.
+            let _ = unsafe { result::address_free(base, range.len) };
+        }
+        if vmm {
+            for (handle, _) in std::mem::take(&mut mem.pages) {
+                // SAFETY: a live handle from cuMemCreate, unmapped above, released once.
+                let _ = unsafe { result::mem_release(handle) };
+            }
+        } else {
+            mem.pages.clear();
+            mem.free_slots.clear();
+            for block in std::mem::take(&mut mem.blocks) {
+                // SAFETY: a block from cuMemAlloc, freed once; all work has finished.
+                let _ = unsafe { result::mem_free(block.ptr) };
+            }
+        }
+        // `self.ctx` drops after this, releasing the primary context unless
+        // pinned buffers or host registrations still hold it.
+    }
+}
+
+impl Device for CudaDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn memory(&self) -> Result<MemoryInfo> {
+        self.ctx.bind()?;
+        let (free, total) = result::mem_get_info()?;
+        let pooled = lock(&self.mem).pooled_free_bytes();
+        Ok(MemoryInfo {
+            total,
+            free: (free + pooled).min(total),
+        })
+    }
+
+    fn alloc_page(&self) -> Result<PhysPage> {
+        self.ctx.bind()?;
+        if !self.vmm_supported() {
+            let mut mem = lock(&self.mem);
+            let p = self.alloc_carved_page(&mut mem)?;
+            mem.add_page(p);
+            return Ok(PhysPage(p));
+        }
+        let ps = self.info.page_size;
+        let handle = match result::mem_create(ps, self.ordinal) {
+            Ok(h) => h,
+            Err(e) if is_oom(&e) => return Err(self.out_of_memory(ps)),
+            Err(e) => return Err(e),
+        };
+        lock(&self.mem).add_page(handle);
+        Ok(PhysPage(handle))
+    }
+
+    fn free_page(&self, page: PhysPage) -> Result<()> {
+        let mut mem = lock(&self.mem);
+        mem.check_free(page)?;
+        mem.remove_page(page);
+        if !self.vmm_supported() {
+            mem.free_slots.push(page.0);
+            return Ok(());
+        }
+        drop(mem);
+        self.ctx.bind()?;
+        // SAFETY: the page is a live cuMemCreate handle, mapped nowhere (checked),
+        // and out of our table, so it is released once and never used again.
+        unsafe { result::mem_release(page.0) }
+    }
+
+    fn reserve(&self, len: usize) -> Result<VirtualRange> {
+        lock(&self.mem).check_reserve(len)?;
+        self.ctx.bind()?;
+        let base = result::address_reserve(len, self.info.page_size)?;
+        lock(&self.mem).add_range(base, len);
+        Ok(VirtualRange {
+            base: DevicePtr(base),
+            len,
+        })
+    }
+
+    fn release(&self, range: VirtualRange) -> Result<()> {
+        let mut mem = lock(&self.mem);
+        mem.check_release(range)?;
+        self.ctx.bind()?;
+        // SAFETY: the range is exactly one we reserved, fully unmapped (checked
+        // under the lock we hold), so no copy or kernel can use it.
+        unsafe { result::address_free(range.base.0, range.len)? };
+        mem.remove_range(range);
+        Ok(())
+    }
+
+    fn map(&self, addr: DevicePtr, page: PhysPage) -> Result<()> {
+        let ps = self.info.page_size;
+        let mut mem = lock(&self.mem);
+        let (base, slot) = mem.check_map(addr, page)?;
+        self.ctx.bind()?;
+        // SAFETY: `addr..addr+ps` is a page-aligned, unmapped page of a range we
+        // reserved, and `page` a live, unmapped cuMemCreate handle of `ps`
+        // bytes (both checked under the lock we hold).
+        unsafe { result::mem_map(addr.0, ps, page.0)? };
+        // SAFETY: mapped just above.
+        if let Err(e) = unsafe { result::mem_set_access_rw(addr.0, ps, self.ordinal) } {
+            // SAFETY: we mapped it just above and nothing has used it.
+            let _ = unsafe { result::mem_unmap(addr.0, ps) };
+            return Err(e);
+        }
+        mem.set_mapped(base, slot, addr, page);
+        Ok(())
+    }
+
+    fn unmap(&self, addr: DevicePtr) -> Result<()> {
+        let ps = self.info.page_size;
+        let mut mem = lock(&self.mem);
+        let (base, slot, page) = mem.check_unmap(addr)?;
+        self.ctx.bind()?;
+        // SAFETY: the page at `addr` is mapped (checked under the lock); the
+        // trait's contract makes the caller finish work that uses it first.
+        unsafe { result::mem_unmap(addr.0, ps)? };
+        mem.set_unmapped(base, slot, page);
+        Ok(())
+    }
+
+    fn alloc_pinned(&self, len: usize) -> Result<PinnedBuffer> {
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        self.ctx.bind()?;
+        // Portable (usable from every context), not write-combined: the CPU reads staging buffers back.
+        let p = match result::mem_host_alloc(len, sys::CU_MEMHOSTALLOC_PORTABLE) {
+            Ok(p) => p,
+            Err(e) if is_oom(&e) => {
+                return Err(Error::DeviceOutOfMemory {
+                    wanted: len,
+                    available: 0,
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or(Error::DeviceOutOfMemory {
+            wanted: len,
+            available: 0,
+        })?;
+        let ctx = self.ctx.clone();
+        let free: PinnedFree = Box::new(move |p, _| {
+            let _ = ctx.bind();
+            // SAFETY: allocated by cuMemHostAlloc below and freed once, when the
+            // buffer drops; queued copies must have finished by then (the copy
+            // functions' contract).
+            let _ = unsafe { result::mem_free_host(p.as_ptr().cast()) };
+        });
+        // SAFETY: `ptr` is a fresh cuMemHostAlloc block of `len` bytes that only
+        // the buffer owns; `free` gives it back once, with the context kept
+        // alive by the Arc it holds.
+        Ok(unsafe { PinnedBuffer::from_raw_parts(ptr, len, free) })
+    }
+
+    fn create_stream(&self) -> Result<StreamId> {
+        let s = Stream::new(&self.ctx)?;
+        let id = s.raw as u64;
+        self.streams.insert(id, Arc::new(s));
+        Ok(StreamId(id))
+    }
+
+    fn destroy_stream(&self, stream: StreamId) -> Result<()> {
+        let (_, s) = self
+            .streams
+            .remove(&stream.0)
+            .ok_or(Error::UnknownStream(stream))?;
+        self.ctx.bind()?;
+        // Wait for the queued work, as the trait promises; the stream itself is
+        // destroyed when the last user (possibly a call in flight) lets go.
+        // SAFETY: `s` keeps the stream alive for this call.
+        let _ = unsafe { result::stream_synchronize(s.raw) };
+        lock(&self.host_fn_failures).remove(&stream.0);
+        Ok(())
+    }
+
+    fn create_event(&self) -> Result<EventId> {
+        let e = Event::new(&self.ctx)?;
+        let id = e.raw as u64;
+        self.events.insert(id, Arc::new(e));
+        Ok(EventId(id))
+    }
+
+    fn destroy_event(&self, event: EventId) -> Result<()> {
+        self.events
+            .remove(&event.0)
+            .map(|_| ())
+            .ok_or(Error::UnknownEvent(event))
+    }
+
+    fn record_event(&self, event: EventId, stream: StreamId) -> Result<()> {
+        let e = self.event(event)?;
+        let s = self.stream(stream)?;
+        self.ctx.bind()?;
+        // SAFETY: both are live (we hold Arcs) and belong to our context.
+        unsafe { result::event_record(e.raw, s.raw) }
+    }
+
+    fn stream_wait_event(&self, stream: StreamId, event: EventId) -> Result<()> {
+        let s = self.stream(stream)?;
+        let e = self.event(event)?;
+        self.ctx.bind()?;
+        // SAFETY: both are live (we hold Arcs).
+        unsafe { result::stream_wait_event(s.raw, e.raw) }
+    }
+
+    fn event_query(&self, event: EventId) -> Result<bool> {
+        let e = self.event(event)?;
+        self.ctx.bind()?;
+        // SAFETY: live (we hold an Arc).
+        unsafe { result::event_query(e.raw) }
+    }
+
+    fn event_wait(&self, event: EventId, timeout: Option<Duration>) -> Result<()> {
+        let e = self.event(event)?;
+        self.ctx.bind()?;
+        let Some(timeout) = timeout else {
+            // SAFETY: live (we hold an Arc).
+            return unsafe { result::event_synchronize(e.raw) };
+        };
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut pause = Duration::from_micros(10);
+        loop {
+            // SAFETY: live (we hold an Arc).
+            if unsafe { result::event_query(e.raw)? } {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    event,
+                    waited_ms: start.elapsed().as_millis() as u64,
+                });
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(MAX_POLL_SLEEP);
+        }
+    }
+
+    fn stream_synchronize(&self, stream: StreamId) -> Result<()> {
+        let s = self.stream(stream)?;
+        self.ctx.bind()?;
+        // SAFETY: live (we hold an Arc).
+        unsafe { result::stream_synchronize(s.raw)? };
+        match lock(&self.host_fn_failures).remove(&stream.0) {
+            Some(message) => Err(Error::StreamFailed { stream, message }),
+            None => Ok(()),
+        }
+    }
+
+    unsafe fn copy_h2d_async(
+        &self,
+        dst: DevicePtr,
+        src: *const u8,
+        len: usize,
+        stream: StreamId,
+    ) -> Result<()> {
+        lock(&self.mem).check_access(dst, len)?;
+        let s = self.stream(stream)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.ctx.bind()?;
+        // SAFETY: the stream is live (Arc); the device range is mapped now
+        // (checked) and the caller keeps it mapped and `src..src+len` valid
+        // until the copy has run (the trait's contract).
+        unsafe { result::memcpy_htod_async(dst.0, src.cast(), len, s.raw) }
+    }
+
+    unsafe fn copy_d2h_async(
+        &self,
+        dst: *mut u8,
+        src: DevicePtr,
+        len: usize,
+        stream: StreamId,
+    ) -> Result<()> {
+        lock(&self.mem).check_access(src, len)?;
+        let s = self.stream(stream)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.ctx.bind()?;
+        // SAFETY: as in copy_h2d_async, with `dst..dst+len` kept valid and
+        // untouched by the caller until the copy has run.
+        unsafe { result::memcpy_dtoh_async(dst.cast(), src.0, len, s.raw) }
+    }
+
+    fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<()> {
+        match *kernel {
+            Kernel::Fill { dst, len, value } => {
+                lock(&self.mem).check_access(dst, len)?;
+                let s = self.stream(stream)?;
+                if len == 0 {
+                    return Ok(());
+                }
+                self.ctx.bind()?;
+                // SAFETY: the stream is live (Arc) and the device range is
+                // mapped now (checked); the trait makes callers keep it mapped
+                // until queued work that uses it has run.
+                unsafe { result::memset_d8_async(dst.0, value, len, s.raw) }
+            }
+        }
+    }
+
+    fn launch_host_fn(&self, stream: StreamId, f: HostFn) -> Result<()> {
+        let s = self.stream(stream)?;
+        self.ctx.bind()?;
+        let data = Box::into_raw(Box::new(HostCall {
+            f,
+            stream: stream.0,
+            failures: self.host_fn_failures.clone(),
+        }));
+        // SAFETY: the stream is live (Arc); the trampoline takes ownership of
+        // `data` exactly once and catches panics, so none unwinds into the driver.
+        let r = unsafe { result::launch_host_func(s.raw, host_fn_trampoline, data.cast()) };
+        if r.is_err() {
+            // SAFETY: the launch failed, so the driver will not call the
+            // trampoline: the box is still ours, and freed once here.
+            drop(unsafe { Box::from_raw(data) });
+        }
+        r
+    }
+}

@@ -1,0 +1,477 @@
+//! Tests of the CUDA backend.
+//!
+//! The GPU tests construct a [`CudaDevice`] explicitly and fail, never skip,
+//! when it cannot be made; they are ignored by default, so on a machine
+//! without a GPU they show as ignored, not passed. Run them with
+//! `cargo test -p offload-runtime cuda -- --ignored`. The two tests that are
+//! not ignored check that a machine without a driver is handled without a panic.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::device::DeviceExt;
+
+/// Whether libcuda can be loaded here (without touching anything that panics).
+fn culib_present() -> bool {
+    // SAFETY: only tries to dlopen the candidate library names.
+    unsafe { sys::is_culib_present() }
+}
+
+fn gpu() -> CudaDevice {
+    CudaDevice::new(0).expect("this test needs a CUDA GPU and CudaDevice::new(0) failed")
+}
+
+fn vmm_gpu() -> CudaDevice {
+    let d = gpu();
+    assert!(
+        d.vmm_supported(),
+        "the virtual memory API is unavailable here: {:?}",
+        d.vmm_unavailable_reason()
+    );
+    d
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) as u8 ^ seed)
+        .collect()
+}
+
+/// Reserve `pages` pages and map a fresh page at each; returns the range and the pages.
+fn mapped_range(d: &CudaDevice, pages: usize) -> (VirtualRange, Vec<PhysPage>) {
+    let ps = d.info().page_size;
+    let range = d.reserve(pages * ps).unwrap();
+    let phys: Vec<PhysPage> = (0..pages).map(|_| d.alloc_page().unwrap()).collect();
+    for (i, p) in phys.iter().enumerate() {
+        d.map(range.base.offset(i * ps), *p).unwrap();
+    }
+    (range, phys)
+}
+
+fn unmap_all(d: &CudaDevice, range: VirtualRange, pages: Vec<PhysPage>) {
+    let ps = d.info().page_size;
+    for i in 0..pages.len() {
+        d.unmap(range.base.offset(i * ps)).unwrap();
+    }
+    d.release(range).unwrap();
+    for p in pages {
+        d.free_page(p).unwrap();
+    }
+}
+
+#[test]
+fn probe_without_driver_is_an_error_not_a_panic() {
+    let r = probe();
+    if !culib_present() {
+        assert!(matches!(r, Err(ProbeError::NoDriver)), "got {r:?}");
+    }
+}
+
+#[test]
+fn cuda_device_without_driver_is_an_error_not_a_panic() {
+    if !culib_present() {
+        let r = CudaDevice::new(0);
+        assert!(matches!(r, Err(Error::Unsupported(_))), "got {r:?}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_facts_and_handle_checks() {
+    let d = gpu();
+    let info = d.info().clone();
+    assert_eq!(info.kind, BackendKind::Cuda);
+    assert!(info.page_size.is_power_of_two(), "{info:?}");
+    assert!(info.compute_capability.is_some());
+    let m = d.memory().unwrap();
+    assert!(m.total > 0 && m.free <= m.total, "{m:?}");
+    assert!(matches!(
+        d.reserve(0),
+        Err(Error::BadAddress { .. }) | Err(Error::Unsupported(_))
+    ));
+    let s = d.create_stream().unwrap();
+    d.destroy_stream(s).unwrap();
+    assert!(matches!(d.destroy_stream(s), Err(Error::UnknownStream(_))));
+    assert!(matches!(
+        d.stream_synchronize(StreamId(0xdead_0000)),
+        Err(Error::UnknownStream(_))
+    ));
+    let e = d.create_event().unwrap();
+    d.destroy_event(e).unwrap();
+    assert!(matches!(d.event_query(e), Err(Error::UnknownEvent(_))));
+    assert!(matches!(
+        d.destroy_event(EventId(8)),
+        Err(Error::UnknownEvent(_))
+    ));
+    assert!(matches!(d.alloc_pinned(0), Err(Error::ZeroSize)));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_vmm_map_write_read_back() {
+    let d = vmm_gpu();
+    let ps = d.info().page_size;
+    let s = d.create_stream().unwrap();
+    assert!(matches!(d.reserve(ps + 1), Err(Error::BadAddress { .. })));
+    let range = d.reserve(3 * ps).unwrap();
+    assert_eq!(range.base.0 % ps as u64, 0);
+    let a = d.alloc_page().unwrap();
+    let b = d.alloc_page().unwrap();
+    // Pages in the opposite order of allocation: contiguous in the range only.
+    d.map(range.base, b).unwrap();
+    d.map(range.base.offset(ps), a).unwrap();
+    let data = pattern(2 * ps, 0x5a);
+    d.write_blocking(range.base, &data, s).unwrap();
+    let mut back = vec![0u8; 2 * ps];
+    d.read_blocking(range.base, &mut back, s).unwrap();
+    assert!(back == data, "data read back differs");
+    // Across the page boundary.
+    let mut mid = vec![0u8; 4096];
+    d.read_blocking(range.base.offset(ps - 2048), &mut mid, s)
+        .unwrap();
+    assert_eq!(mid, data[ps - 2048..ps + 2048]);
+
+    // The same checks as the host backend.
+    let c = d.alloc_page().unwrap();
+    assert!(matches!(
+        d.map(range.base, c),
+        Err(Error::BadAddress { .. })
+    ));
+    assert!(matches!(
+        d.map(range.base.offset(2 * ps), a),
+        Err(Error::BadPage { .. })
+    ));
+    assert!(matches!(
+        d.map(range.base.offset(2 * ps + 4096), c),
+        Err(Error::BadAddress { .. })
+    ));
+    assert!(matches!(d.free_page(a), Err(Error::BadPage { .. })));
+    assert!(matches!(d.release(range), Err(Error::BadAddress { .. })));
+    assert!(matches!(
+        d.unmap(range.base.offset(2 * ps)),
+        Err(Error::BadAddress { .. })
+    ));
+    // A copy that touches the unmapped third page is refused, not faulted.
+    assert!(matches!(
+        d.write_blocking(range.base.offset(2 * ps - 8), &[1u8; 16], s),
+        Err(Error::BadAddress { .. })
+    ));
+
+    // Unmap, then map page `a` into another range: its bytes survived.
+    d.unmap(range.base).unwrap();
+    d.unmap(range.base.offset(ps)).unwrap();
+    d.release(range).unwrap();
+    let other = d.reserve(ps).unwrap();
+    d.map(other.base, a).unwrap();
+    let mut page = vec![0u8; ps];
+    d.read_blocking(other.base, &mut page, s).unwrap();
+    assert!(page == data[ps..], "page contents changed across remapping");
+    d.unmap(other.base).unwrap();
+    d.release(other).unwrap();
+    for p in [a, b, c] {
+        d.free_page(p).unwrap();
+    }
+    assert!(matches!(d.free_page(a), Err(Error::BadPage { .. })));
+    d.destroy_stream(s).unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_fallback_mode_pages_are_plain_allocations() {
+    let d = CudaDevice::with_config(0, &CudaConfig { use_vmm: false }).expect("a CUDA GPU");
+    assert!(!d.vmm_supported());
+    assert!(matches!(
+        d.reserve(d.info().page_size),
+        Err(Error::Unsupported(_))
+    ));
+    let ps = d.info().page_size;
+    let s = d.create_stream().unwrap();
+    // More pages than one carved block holds.
+    let pages: Vec<PhysPage> = (0..FALLBACK_BLOCK_PAGES + 3)
+        .map(|_| d.alloc_page().unwrap())
+        .collect();
+    for (i, p) in pages.iter().enumerate() {
+        let addr = d.page_address(*p).unwrap();
+        d.write_blocking(addr, &pattern(ps, i as u8), s).unwrap();
+    }
+    for (i, p) in pages.iter().enumerate() {
+        let mut back = vec![0u8; ps];
+        d.read_blocking(d.page_address(*p).unwrap(), &mut back, s)
+            .unwrap();
+        assert!(back == pattern(ps, i as u8), "page {i} differs");
+    }
+    let first = d.page_address(pages[0]).unwrap();
+    assert!(matches!(
+        d.write_blocking(first.offset(ps - 1), &[0u8; 2], s),
+        Err(Error::BadAddress { .. })
+    ));
+    for p in &pages {
+        d.free_page(*p).unwrap();
+    }
+    assert!(matches!(
+        d.page_address(pages[0]),
+        Err(Error::BadPage { .. })
+    ));
+    assert!(matches!(d.free_page(pages[0]), Err(Error::BadPage { .. })));
+    d.destroy_stream(s).unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_events_query_wait_and_cross_stream_wait() {
+    let d = gpu();
+    let a = d.create_stream().unwrap();
+    let b = d.create_stream().unwrap();
+    let e = d.create_event().unwrap();
+    let e2 = d.create_event().unwrap();
+    // Never recorded: complete.
+    assert!(d.event_query(e).unwrap());
+    d.event_wait(e, None).unwrap();
+    // Hold stream `a` in a host function until we let it go.
+    let (tx, rx) = mpsc::channel::<()>();
+    d.launch_host_fn(
+        a,
+        Box::new(move || {
+            let _ = rx.recv_timeout(Duration::from_secs(30));
+        }),
+    )
+    .unwrap();
+    d.record_event(e, a).unwrap();
+    assert!(!d.event_query(e).unwrap());
+    let t = Instant::now();
+    assert!(matches!(
+        d.event_wait(e, Some(Duration::from_millis(30))),
+        Err(Error::Timeout { .. })
+    ));
+    assert!(t.elapsed() >= Duration::from_millis(30));
+    // Stream `b` waits for `e`, so `e2` recorded after that is pending too.
+    d.stream_wait_event(b, e).unwrap();
+    d.record_event(e2, b).unwrap();
+    assert!(!d.event_query(e2).unwrap());
+    tx.send(()).unwrap();
+    d.event_wait(e2, Some(Duration::from_secs(10))).unwrap();
+    assert!(d.event_query(e).unwrap());
+    d.event_wait(e, None).unwrap();
+    for ev in [e, e2] {
+        d.destroy_event(ev).unwrap();
+    }
+    d.destroy_stream(a).unwrap();
+    d.destroy_stream(b).unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_async_copy_returns_before_it_is_done() {
+    let d = vmm_gpu();
+    let ps = d.info().page_size;
+    let len = (256 << 20) / ps * ps;
+    let (range, pages) = mapped_range(&d, len / ps);
+    let mut host = d.alloc_pinned(len).unwrap();
+    host.as_mut_slice()
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i >> 12) as u8);
+    let s = d.create_stream().unwrap();
+    let e = d.create_event().unwrap();
+    let t = Instant::now();
+    // SAFETY: `host` outlives the copy: we wait for the event below before it drops.
+    unsafe { d.copy_h2d_async(range.base, host.as_ptr(), len, s).unwrap() };
+    let queued = t.elapsed();
+    d.record_event(e, s).unwrap();
+    // 256 MiB take milliseconds on any PCIe link; the query comes microseconds after queuing.
+    assert!(
+        !d.event_query(e).unwrap(),
+        "a 256 MiB copy completed while being queued"
+    );
+    d.event_wait(e, None).unwrap();
+    let done = t.elapsed();
+    assert!(queued < done, "queued in {queued:?}, done in {done:?}");
+    for off in [0, len / 2 + 12345, len - 4096] {
+        let mut back = vec![0u8; 4096];
+        d.read_blocking(range.base.offset(off), &mut back, s)
+            .unwrap();
+        assert_eq!(back, host.as_slice()[off..off + 4096], "offset {off}");
+    }
+    eprintln!(
+        "256 MiB pinned H2D: queued in {queued:?}, done in {done:?} ({:.1} GB/s)",
+        len as f64 / done.as_secs_f64() / 1e9
+    );
+    d.destroy_event(e).unwrap();
+    d.destroy_stream(s).unwrap();
+    unmap_all(&d, range, pages);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_fill_kernel() {
+    let d = vmm_gpu();
+    let ps = d.info().page_size;
+    let (range, pages) = mapped_range(&d, 2);
+    let s = d.create_stream().unwrap();
+    let fill = |dst: DevicePtr, len: usize, value: u8| Kernel::Fill { dst, len, value };
+    d.launch(&fill(range.base, 2 * ps, 0), s).unwrap();
+    d.launch(&fill(range.base.offset(ps - 100), 200, 0xab), s)
+        .unwrap();
+    d.launch(&fill(range.base, 0, 0xff), s).unwrap();
+    assert!(matches!(
+        d.launch(&fill(range.base.offset(ps), 2 * ps, 1), s),
+        Err(Error::BadAddress { .. })
+    ));
+    let mut back = vec![1u8; 2 * ps];
+    d.read_blocking(range.base, &mut back, s).unwrap();
+    for (i, &v) in back.iter().enumerate() {
+        let want = if (ps - 100..ps + 100).contains(&i) {
+            0xab
+        } else {
+            0
+        };
+        assert_eq!(v, want, "byte {i}");
+    }
+    d.destroy_stream(s).unwrap();
+    unmap_all(&d, range, pages);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_host_functions_run_in_stream_order() {
+    let d = vmm_gpu();
+    let (range, pages) = mapped_range(&d, 1);
+    let s = d.create_stream().unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut host = d.alloc_pinned(64).unwrap();
+    let host_addr = host.as_mut_ptr() as usize;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    for i in 0..40u32 {
+        let value = i as u8;
+        d.launch(
+            &Kernel::Fill {
+                dst: range.base,
+                len: 64,
+                value,
+            },
+            s,
+        )
+        .unwrap();
+        // SAFETY: `host` lives until after the stream synchronises below, and
+        // only the stream touches it until then.
+        unsafe {
+            d.copy_d2h_async(host_addr as *mut u8, range.base, 64, s)
+                .unwrap()
+        };
+        let (order, seen) = (order.clone(), seen.clone());
+        d.launch_host_fn(
+            s,
+            Box::new(move || {
+                order.lock().unwrap().push(i);
+                // SAFETY: the copy queued before this function has completed
+                // (stream order) and nothing else touches the buffer now.
+                let byte = unsafe { *(host_addr as *const u8) };
+                seen.lock().unwrap().push(byte);
+            }),
+        )
+        .unwrap();
+    }
+    d.stream_synchronize(s).unwrap();
+    assert_eq!(*order.lock().unwrap(), (0..40).collect::<Vec<u32>>());
+    assert_eq!(
+        *seen.lock().unwrap(),
+        (0..40).map(|i| i as u8).collect::<Vec<u8>>()
+    );
+    // A panicking host function is reported once, at the next synchronisation.
+    d.launch_host_fn(
+        s,
+        Box::new(|| panic!("deliberate panic in a host function")),
+    )
+    .unwrap();
+    assert!(matches!(
+        d.stream_synchronize(s),
+        Err(Error::StreamFailed { .. })
+    ));
+    d.stream_synchronize(s).unwrap();
+    drop(host);
+    d.destroy_stream(s).unwrap();
+    unmap_all(&d, range, pages);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_pinned_and_registered_host_memory() {
+    let d = vmm_gpu();
+    let ps = d.info().page_size;
+    let (range, pages) = mapped_range(&d, 1);
+    let s = d.create_stream().unwrap();
+    assert!(
+        d.host_register_supported(),
+        "cuMemHostRegister does not work here"
+    );
+    let os_page = rustix::param::page_size();
+    let layout = std::alloc::Layout::from_size_align(ps, os_page).unwrap();
+    // SAFETY: non-zero size.
+    let buf = unsafe { std::alloc::alloc(layout) };
+    assert!(!buf.is_null());
+    let data = pattern(ps, 3);
+    // SAFETY: `buf` holds `ps` bytes.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf, ps) };
+    for read_only in [false, true] {
+        if read_only && !d.read_only_register_supported() {
+            continue;
+        }
+        // SAFETY: `buf` stays allocated until after the registration drops.
+        let reg = unsafe { d.register_host(buf, ps, read_only).unwrap() };
+        assert_eq!(
+            (reg.as_ptr(), reg.len(), reg.is_read_only()),
+            (buf as *const u8, ps, read_only)
+        );
+        d.launch(
+            &Kernel::Fill {
+                dst: range.base,
+                len: ps,
+                value: 0,
+            },
+            s,
+        )
+        .unwrap();
+        // SAFETY: the registered buffer outlives the copy (synchronised below).
+        unsafe { d.copy_h2d_async(range.base, reg.as_ptr(), ps, s).unwrap() };
+        d.stream_synchronize(s).unwrap();
+        drop(reg);
+        let mut back = vec![0u8; ps];
+        d.read_blocking(range.base, &mut back, s).unwrap();
+        assert!(back == data, "read_only={read_only}: data differs");
+    }
+    // SAFETY: allocated above with this layout; registrations are gone.
+    unsafe { std::alloc::dealloc(buf, layout) };
+    d.destroy_stream(s).unwrap();
+    unmap_all(&d, range, pages);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_drop_with_live_resources_and_pinned_buffer_outliving_device() {
+    let d = gpu();
+    let s = d.create_stream().unwrap();
+    let _e = d.create_event().unwrap();
+    if d.vmm_supported() {
+        let _ = mapped_range(&d, 2);
+        let _spare = d.alloc_page().unwrap();
+        let _empty = d.reserve(d.info().page_size).unwrap();
+    } else {
+        let _ = d.alloc_page().unwrap();
+    }
+    let mut pinned = d.alloc_pinned(1 << 20).unwrap();
+    d.launch_host_fn(
+        s,
+        Box::new(|| std::thread::sleep(Duration::from_millis(20))),
+    )
+    .unwrap();
+    drop(d);
+    // The buffer holds the context: still valid memory after the device is gone.
+    pinned.as_mut_slice().fill(7);
+    assert!(pinned.as_slice().iter().all(|&b| b == 7));
+    drop(pinned);
+    // A fresh device opens fine afterwards.
+    let d = gpu();
+    d.memory().unwrap();
+}
