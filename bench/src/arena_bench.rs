@@ -17,7 +17,7 @@ use offload_runtime::device::{Device, HostConfig, HostDevice};
 
 use crate::null_device::NullDevice;
 use crate::rng::Rng;
-use crate::sdxl::sdxl_unet_weights;
+use crate::sdxl::sdxl_unet_weight_bytes;
 
 /// Parameters of the arena benchmark.
 #[derive(Clone, Debug)]
@@ -76,7 +76,7 @@ struct Outcome {
 /// allocates, at or above it, it frees. A failed allocation is counted, and
 /// a random live tensor is freed instead (evict, as a residency engine would).
 fn replay<A: BenchAlloc>(cfg: &ArenaBenchConfig, a: &mut A) -> offload_runtime::Result<Outcome> {
-    let sizes: Vec<usize> = sdxl_unet_weights().iter().map(|w| w.numel() * 2).collect();
+    let sizes = sdxl_unet_weight_bytes();
     let target = (cfg.capacity as f64 * cfg.fill) as usize;
     let mut rng = Rng::new(cfg.seed);
     let mut live: Vec<(A::Handle, usize)> = Vec::new();
@@ -235,11 +235,7 @@ pub fn run_offset_allocator(cfg: &ArenaBenchConfig) -> offload_runtime::Result<A
 
 /// The largest weight in the workload, in bytes.
 pub fn largest_request() -> usize {
-    sdxl_unet_weights()
-        .iter()
-        .map(|w| w.numel() * 2)
-        .max()
-        .unwrap_or(0)
+    sdxl_unet_weight_bytes().into_iter().max().unwrap_or(0)
 }
 
 /// Print the side-by-side table.
