@@ -8,6 +8,7 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::dtype::Dtype;
+use crate::lora::LoraProblem;
 
 /// Result alias for the loader.
 pub type Result<T, E = LoaderError> = std::result::Result<T, E>;
@@ -335,4 +336,68 @@ pub enum LoaderError {
         /// Underlying I/O error.
         source: io::Error,
     },
+
+    /// A LoRA adapter could not be applied: its key names no tensor of the
+    /// model, its factors do not agree with each other or with the target,
+    /// or it uses a feature that is not supported. Returned in strict mode
+    /// (lenient mode lists it in [`crate::lora::ResolvedLora::skipped`]).
+    #[error("{}: LoRA adapter `{key}`: {problem}{}", .path.display(), more_problems(*.more))]
+    Lora {
+        /// The LoRA file.
+        path: PathBuf,
+        /// The adapter's key (the LoRA tensor names without their suffix).
+        key: String,
+        /// What is wrong, with names and shapes (boxed: keeps the error
+        /// small).
+        problem: Box<LoraProblem>,
+        /// How many other adapters of the file have problems too.
+        more: usize,
+    },
+
+    /// A LoRA file in a convention that is recognised but cannot be applied
+    /// (the cloneofsimo positional format).
+    #[error("{}: {convention} LoRA is not supported: {detail}", .path.display())]
+    LoraUnsupported {
+        /// The LoRA file.
+        path: PathBuf,
+        /// The convention recognised.
+        convention: &'static str,
+        /// Why it cannot be applied, with counts.
+        detail: String,
+    },
+
+    /// A LoRA multiplier that is NaN or infinite.
+    #[error("{}: LoRA multiplier {multiplier} is not a finite number", .path.display())]
+    LoraMultiplier {
+        /// The LoRA file.
+        path: PathBuf,
+        /// The multiplier given.
+        multiplier: f32,
+    },
+
+    /// A peft `adapter_config.json` beside a LoRA file is malformed.
+    #[error("{}: {problem}", .path.display())]
+    LoraConfig {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+
+    /// Tensor bytes were asked of a LoRA described by its header alone.
+    #[error("{}: tensor `{tensor}`: this LoRA was built from header information only and holds no tensor data", .path.display())]
+    LoraNoData {
+        /// The LoRA file.
+        path: PathBuf,
+        /// The tensor asked for.
+        tensor: String,
+    },
+}
+
+fn more_problems(more: usize) -> String {
+    match more {
+        0 => String::new(),
+        1 => " (and 1 more adapter with a problem; lenient mode skips and lists them)".into(),
+        n => format!(" (and {n} more adapters with problems; lenient mode skips and lists them)"),
+    }
 }

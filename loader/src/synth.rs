@@ -1,7 +1,8 @@
 //! Writing synthetic safetensors files: a writer for any list of tensors,
 //! a deterministic content generator, and presets that reproduce the real
 //! tensor names and shapes of SD 1.5, SDXL and FLUX.1 checkpoints, with a
-//! width divisor (`scale`) for small copies of the same structure.
+//! width divisor (`scale`) for small copies of the same structure, and
+//! LoRA files in kohya and peft conventions for them ([`lora_specs`]).
 //!
 //! Tests across the project build their models here.
 
@@ -697,6 +698,184 @@ pub fn preset_specs(preset: Preset, opts: &PresetOptions) -> Vec<TensorSpec> {
         }
     }
     b.out
+}
+
+/// LoRA naming conventions [`lora_specs`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LoraConvention {
+    /// kohya-ss: `lora_unet_<flattened path>.lora_down.weight`,
+    /// `.lora_up.weight`, `.alpha`. SD 1.x paths are diffusers paths (as
+    /// sd-scripts names them), SDXL paths LDM paths, FLUX paths BFL paths.
+    Kohya,
+    /// diffusers/peft: `unet.<diffusers path>.lora_A.weight` /
+    /// `.lora_B.weight` for UNets, `transformer.<diffusers path>...` for
+    /// FLUX (whose `to_q`/`to_k`/`to_v`/`proj_mlp` are row slices of BFL's
+    /// fused weights). No alpha tensors (scale 1).
+    Peft,
+}
+
+impl LoraConvention {
+    /// Parses `kohya` or `peft`.
+    pub fn from_name(name: &str) -> Option<LoraConvention> {
+        match name {
+            "kohya" => Some(LoraConvention::Kohya),
+            "peft" => Some(LoraConvention::Peft),
+            _ => None,
+        }
+    }
+}
+
+/// Options for [`lora_specs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraOptions {
+    /// Naming convention.
+    pub convention: LoraConvention,
+    /// Rank of every adapter.
+    pub rank: u64,
+    /// Dtype of the factors (and alphas).
+    pub dtype: Dtype,
+}
+
+/// Modules of a UNet attention block that LoRA trainers adapt.
+fn unet_lora_module(m: &str) -> bool {
+    let leaf = [
+        ".attn1.to_q",
+        ".attn1.to_k",
+        ".attn1.to_v",
+        ".attn1.to_out.0",
+        ".attn2.to_q",
+        ".attn2.to_k",
+        ".attn2.to_v",
+        ".attn2.to_out.0",
+        ".ff.net.0.proj",
+        ".ff.net.2",
+        ".proj_in",
+        ".proj_out",
+    ];
+    leaf.iter().any(|l| m.ends_with(l))
+        && (m.contains(".transformer_blocks.")
+            || m.ends_with(".proj_in")
+            || m.ends_with(".proj_out"))
+}
+
+/// Modules of a BFL FLUX transformer that LoRA trainers adapt.
+fn flux_lora_module(m: &str) -> bool {
+    let s: Vec<&str> = m.split('.').collect();
+    matches!(
+        s.as_slice(),
+        ["double_blocks", _, "img_attn" | "txt_attn", "qkv" | "proj"]
+            | ["double_blocks", _, "img_mlp" | "txt_mlp", "0" | "2"]
+            | ["double_blocks", _, "img_mod" | "txt_mod", "lin"]
+            | ["single_blocks", _, "linear1" | "linear2"]
+            | ["single_blocks", _, "modulation", "lin"]
+    )
+}
+
+/// Names, dtypes and shapes of a synthetic LoRA over the denoiser of a
+/// model (the specs of a preset, or any LDM UNet / BFL FLUX checkpoint):
+/// every attention and feed-forward projection of a UNet's transformer
+/// blocks and its `proj_in`/`proj_out`, or every linear of FLUX's double
+/// and single blocks. Kohya files get an `.alpha` per module (its value is
+/// [`write_lora`]'s); peft files have none. Empty if the model has no
+/// denoiser of those kinds.
+pub fn lora_specs(model: &[TensorSpec], opts: &LoraOptions) -> Vec<TensorSpec> {
+    use crate::lora::{flux_bfl_to_diffusers, ldm_unet_to_diffusers};
+    let r = opts.rank.max(1);
+    let sdxl = model.iter().any(|s| s.name.contains("label_emb."));
+    let mut out = Vec::new();
+    let mut push = |key: String, rows: u64, shape: &[u64]| {
+        // down [r, in, kh, kw] / up [rows, r, 1, 1] for convs, 2-D otherwise.
+        let (down, up): (Vec<u64>, Vec<u64>) = if shape.len() == 4 {
+            (vec![r, shape[1], shape[2], shape[3]], vec![rows, r, 1, 1])
+        } else {
+            (vec![r, shape[1..].iter().product()], vec![rows, r])
+        };
+        match opts.convention {
+            LoraConvention::Kohya => {
+                out.push(TensorSpec::new(format!("{key}.alpha"), opts.dtype, &[]));
+                out.push(TensorSpec::new(
+                    format!("{key}.lora_down.weight"),
+                    opts.dtype,
+                    &down,
+                ));
+                out.push(TensorSpec::new(
+                    format!("{key}.lora_up.weight"),
+                    opts.dtype,
+                    &up,
+                ));
+            }
+            LoraConvention::Peft => {
+                out.push(TensorSpec::new(
+                    format!("{key}.lora_A.weight"),
+                    opts.dtype,
+                    &down,
+                ));
+                out.push(TensorSpec::new(
+                    format!("{key}.lora_B.weight"),
+                    opts.dtype,
+                    &up,
+                ));
+            }
+        }
+    };
+    for s in model {
+        let Some(m) = s.name.strip_suffix(".weight") else {
+            continue;
+        };
+        if s.shape.len() < 2 {
+            continue;
+        }
+        if let Some(m) = m.strip_prefix("model.diffusion_model.") {
+            if !unet_lora_module(m) {
+                continue;
+            }
+            let Some(d) = ldm_unet_to_diffusers(m) else {
+                continue;
+            };
+            let key = match (opts.convention, sdxl) {
+                (LoraConvention::Kohya, true) => format!("lora_unet_{}", m.replace('.', "_")),
+                (LoraConvention::Kohya, false) => format!("lora_unet_{}", d.replace('.', "_")),
+                (LoraConvention::Peft, _) => format!("unet.{d}"),
+            };
+            push(key, s.shape[0], &s.shape);
+        } else if flux_lora_module(m) {
+            match opts.convention {
+                LoraConvention::Kohya => push(
+                    format!("lora_unet_{}", m.replace('.', "_")),
+                    s.shape[0],
+                    &s.shape,
+                ),
+                LoraConvention::Peft => {
+                    for (d, rows) in flux_bfl_to_diffusers(m, &s.shape) {
+                        let n = rows.map_or(s.shape[0], |r| r.end - r.start);
+                        push(format!("transformer.{d}"), n, &s.shape);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Writes a LoRA file from specs (such as [`lora_specs`]'): every `.alpha`
+/// tensor holds `alpha`, every other tensor deterministic values from
+/// `seed` ([`fill_deterministic`]).
+pub fn write_lora(
+    path: impl AsRef<Path>,
+    specs: &[TensorSpec],
+    alpha: f32,
+    seed: u64,
+) -> Result<()> {
+    write_with(path, specs, &BTreeMap::new(), |s, dst| {
+        if s.name.ends_with(".alpha") && s.dtype.is_float() {
+            let n = dst.len() / s.dtype.size_in_bytes().max(1);
+            if let Ok(bytes) = from_f32_slice(&vec![alpha; n], s.dtype) {
+                dst.copy_from_slice(&bytes);
+            }
+        } else {
+            fill_deterministic(seed, s, dst);
+        }
+    })
 }
 
 #[cfg(test)]
