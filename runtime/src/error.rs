@@ -105,6 +105,59 @@ pub enum Error {
         /// What failed.
         message: String,
     },
+    /// The device memory given to weights cannot hold even the largest layer.
+    #[error("budget of {budget} bytes is below the largest layer ({largest_layer} bytes): raise the high watermark or device memory")]
+    BudgetTooSmall {
+        /// Budget in bytes (page-rounded).
+        budget: usize,
+        /// Largest layer in bytes (page-rounded).
+        largest_layer: usize,
+    },
+    /// A model (or component) does not fit in the device memory its mode needs it in.
+    #[error("{what} needs {needed} bytes of device memory but {mode} mode has {available} bytes")]
+    DoesNotFit {
+        /// What does not fit (model or component name).
+        what: String,
+        /// Bytes needed (page-rounded).
+        needed: usize,
+        /// Bytes available.
+        available: usize,
+        /// The mode.
+        mode: String,
+    },
+    /// A host memory limit would be exceeded.
+    #[error("{what} needs {needed} bytes of host memory, the limit is {limit}")]
+    HostMemory {
+        /// What needs it.
+        what: String,
+        /// Bytes needed.
+        needed: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A layer id that names no layer of a loaded model.
+    #[error("no layer {layer} in component {component} of model {model} ({why})")]
+    UnknownLayer {
+        /// Model id.
+        model: u32,
+        /// Component index.
+        component: usize,
+        /// Layer index.
+        layer: usize,
+        /// Why (unloaded, out of range).
+        why: String,
+    },
+    /// Every place a component could load a layer into holds a layer in use.
+    #[error("component {component}: {in_use} layers in use fill its ring or budget: release a guard before acquiring more")]
+    AllInUse {
+        /// Component name.
+        component: String,
+        /// Layers in use.
+        in_use: usize,
+    },
+    /// Reading weights from their source failed.
+    #[error(transparent)]
+    Source(#[from] crate::model::SourceError),
     /// An invalid configuration value.
     #[error("invalid configuration: {0}")]
     Config(String),

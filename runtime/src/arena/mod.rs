@@ -566,6 +566,21 @@ impl<D: Device + ?Sized> Arena<D> {
         }
     }
 
+    /// Most pages in use at once since the arena was made or [`Arena::reset_peak`] was called.
+    pub fn peak_pages_used(&self) -> usize {
+        self.lock().pool.peak_used()
+    }
+
+    /// Restart the peak measurement from the current use.
+    pub fn reset_peak(&self) {
+        self.lock().pool.reset_peak()
+    }
+
+    /// Free pages now (capacity minus pages in use).
+    pub fn pages_free(&self) -> usize {
+        self.lock().pool.available()
+    }
+
     /// Pages in use now (page allocations, slab pages, deferred frees); cheaper than [`Arena::stats`].
     pub fn pages_used(&self) -> usize {
         self.lock().pool.used()

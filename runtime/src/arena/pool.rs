@@ -14,6 +14,7 @@ pub(crate) struct PagePool {
     free: Vec<PhysPage>,
     held: usize,
     capacity: usize,
+    peak_used: usize,
 }
 
 impl PagePool {
@@ -22,6 +23,7 @@ impl PagePool {
             free: Vec::new(),
             held: 0,
             capacity,
+            peak_used: 0,
         }
     }
 
@@ -38,6 +40,16 @@ impl PagePool {
     /// Pages in use.
     pub(crate) fn used(&self) -> usize {
         self.held - self.free.len()
+    }
+
+    /// Most pages in use at once since creation or the last [`PagePool::reset_peak`].
+    pub(crate) fn peak_used(&self) -> usize {
+        self.peak_used
+    }
+
+    /// Start a new peak measurement from the current use.
+    pub(crate) fn reset_peak(&mut self) {
+        self.peak_used = self.used();
     }
 
     /// Pages held but not in use.
@@ -75,6 +87,7 @@ impl PagePool {
         self.held += fresh.len();
         let mut pages = self.free.split_off(self.free.len() - from_pool);
         pages.extend(fresh);
+        self.peak_used = self.peak_used.max(self.used());
         Ok(pages)
     }
 

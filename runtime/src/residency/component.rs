@@ -1,0 +1,109 @@
+//! One component's residency state and the decisions made under its lock:
+//! what to load, which ring slot or resident allocation it goes to, what to
+//! prefetch, what to evict.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::host::{JobDone, LayerBytes};
+use super::plan::{Order, Plan};
+use crate::arena::AllocId;
+use crate::device::{DevicePtr, EventId};
+use crate::model::Pin;
+
+/// Where a layer's device copy is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Place {
+    /// Only on the host.
+    Host,
+    /// In its own allocation.
+    Alloc(AllocId, DevicePtr),
+    /// In a ring slot.
+    Slot(usize),
+}
+
+/// Where a done event came from: events from one source complete in the
+/// order they were recorded, so only the latest of each needs keeping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DoneSource {
+    /// Recorded on the engine's compute stream (a dropped guard).
+    Compute,
+    /// Recorded on the runtime's fence stream after an engine-given event.
+    Fence,
+}
+
+#[derive(Debug)]
+pub(crate) struct LayerState {
+    pub(crate) place: Place,
+    /// Live guards.
+    pub(crate) users: usize,
+    /// Events that fire when the users so far are done with the device copy.
+    pub(crate) done: Vec<(DoneSource, EventId)>,
+    pub(crate) last_use: u64,
+    /// Staged upload in flight.
+    pub(crate) job: Option<Arc<JobDone>>,
+}
+
+impl LayerState {
+    pub(crate) fn new() -> Self {
+        LayerState {
+            place: Place::Host,
+            users: 0,
+            done: Vec::new(),
+            last_use: 0,
+            job: None,
+        }
+    }
+
+    /// Whether a staged upload of the layer is still being queued.
+    pub(crate) fn job_pending(&self) -> bool {
+        self.job.as_ref().is_some_and(|j| !j.is_finished())
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) alloc: AllocId,
+    pub(crate) ptr: DevicePtr,
+    pub(crate) holds: Option<usize>,
+}
+
+/// Mutable state of a component, behind its own lock.
+#[derive(Debug)]
+pub(crate) struct CompState {
+    pub(crate) started: bool,
+    pub(crate) plan: Option<Plan>,
+    pub(crate) order: Order,
+    pub(crate) layers: Vec<LayerState>,
+    pub(crate) ring: Vec<Slot>,
+    /// Pages of this component's resident allocations and ring slots.
+    pub(crate) pages: usize,
+    /// Most pages the component may hold (LRU policy and model mode).
+    pub(crate) cap_pages: usize,
+    /// Every layer stays resident (mode none or model, or pinned resident).
+    pub(crate) all_resident: bool,
+    pub(crate) clock: u64,
+    pub(crate) last_start: u64,
+}
+
+/// A component of a loaded model.
+pub(crate) struct CompRt {
+    pub(crate) name: String,
+    pub(crate) pin: Pin,
+    pub(crate) layer_names: Vec<String>,
+    pub(crate) layer_bytes: Vec<LayerBytes>,
+    pub(crate) layer_pages: Vec<usize>,
+    pub(crate) ready: Vec<EventId>,
+    /// Pinned host copy of each layer, packed as on the device (pinned policy).
+    pub(crate) host: Vec<Option<crate::device::PinnedBuffer>>,
+    pub(crate) state: Mutex<CompState>,
+}
+
+impl CompRt {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, CompState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn pages_total(&self) -> usize {
+        self.layer_pages.iter().sum()
+    }
+}

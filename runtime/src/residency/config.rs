@@ -1,0 +1,199 @@
+//! How a [`super::Runtime`] places weights: mode, eviction policy, watermarks, host memory.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Offload mode (the semantics SD.Next's users know).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Everything resident; a model that does not fit is an error.
+    None,
+    /// Whole components on demand.
+    Model,
+    /// Each component keeps what fits under the high watermark resident and streams the rest.
+    Balanced,
+    /// Every layer streams, `prefetch_depth` ahead.
+    Sequential,
+}
+
+/// Which resident layer to evict, and what to prefetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Policy {
+    /// Least recently used (the baseline).
+    Lru,
+    /// Plan from the execution order, corrected by the acquire trace: the
+    /// layers that fit stay resident, the rest stream through a fixed ring.
+    Planned,
+}
+
+/// Where the host copy of the weights lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostPolicy {
+    /// Read once into pinned host memory at load; uploads copy from it.
+    Pinned,
+    /// Read from the source on each upload, through a ring of pinned staging buffers.
+    Staged {
+        /// Staging buffers in the ring.
+        buffers: usize,
+        /// Bytes per staging buffer.
+        buffer_bytes: usize,
+        /// Reader threads.
+        threads: usize,
+    },
+}
+
+impl HostPolicy {
+    /// The staged policy with its defaults: 4 × 64 MiB, one reader thread.
+    pub const STAGED_DEFAULT: HostPolicy = HostPolicy::Staged {
+        buffers: 4,
+        buffer_bytes: 64 << 20,
+        threads: 1,
+    };
+}
+
+macro_rules! names {
+    ($t:ty, $what:literal, $($v:path => $s:literal),+) => {
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                #[allow(unreachable_patterns)]
+                let s = match *self { $($v => $s,)+ };
+                f.write_str(s)
+            }
+        }
+        impl FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok($v),)+
+                    _ => Err(format!(concat!("unknown ", $what, " `{}` (expected one of: {})"), s, [$($s),+].join(", "))),
+                }
+            }
+        }
+    };
+}
+
+names!(Mode, "mode", Mode::None => "none", Mode::Model => "model", Mode::Balanced => "balanced", Mode::Sequential => "sequential");
+names!(Policy, "policy", Policy::Lru => "lru", Policy::Planned => "planned");
+
+impl fmt::Display for HostPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPolicy::Pinned => f.write_str("pinned"),
+            HostPolicy::Staged { .. } => f.write_str("staged"),
+        }
+    }
+}
+
+/// Configuration of a [`super::Runtime`]. `Default` gives the documented defaults.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Offload mode; `None`: sequential on devices of 4 GiB or less, balanced above.
+    pub mode: Option<Mode>,
+    /// Eviction policy (default planned).
+    pub policy: Policy,
+    /// Layers uploaded ahead of the one in use (default 2).
+    pub prefetch_depth: usize,
+    /// Device memory the runtime may use for weights; `None`: the device's total.
+    /// The watermarks are fractions of this.
+    pub device_memory: Option<usize>,
+    /// Most device bytes one component's weights may use; `None`: 70% of device memory.
+    pub high_watermark: Option<usize>,
+    /// Other components are offloaded down to this when a component starts;
+    /// `None`: 20% of device memory above 12 GiB, else 0.
+    pub low_watermark: Option<usize>,
+    /// Host memory policy (default pinned).
+    pub host_policy: HostPolicy,
+    /// Longest wait for an event before an operation fails with a timeout.
+    pub wait_timeout: Duration,
+    /// Measure how long the compute stream waits for weights (two host functions per acquire).
+    pub measure_stall: bool,
+    /// Record a per-layer timeline of uploads and waits.
+    pub timeline: bool,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            mode: None,
+            policy: Policy::Planned,
+            prefetch_depth: 2,
+            device_memory: None,
+            high_watermark: None,
+            low_watermark: None,
+            host_policy: HostPolicy::Pinned,
+            wait_timeout: Duration::from_secs(60),
+            measure_stall: true,
+            timeline: false,
+        }
+    }
+}
+
+/// The configuration with every default filled in for a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    /// Mode.
+    pub mode: Mode,
+    /// Device memory for weights in bytes.
+    pub device_memory: usize,
+    /// High watermark in bytes.
+    pub high: usize,
+    /// Low watermark in bytes.
+    pub low: usize,
+}
+
+impl RuntimeConfig {
+    /// Fill in the defaults for a device of `device_total` bytes.
+    pub fn resolve(&self, device_total: usize) -> Resolved {
+        let mem = self.device_memory.unwrap_or(device_total).min(device_total);
+        let mode = self.mode.unwrap_or(if mem <= 4 << 30 {
+            Mode::Sequential
+        } else {
+            Mode::Balanced
+        });
+        let high = self.high_watermark.unwrap_or(mem / 10 * 7).min(mem);
+        let low = self
+            .low_watermark
+            .unwrap_or(if mem > 12 << 30 { mem / 5 } else { 0 })
+            .min(high);
+        Resolved {
+            mode,
+            device_memory: mem,
+            high,
+            low,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_device_size() {
+        let c = RuntimeConfig::default();
+        let small = c.resolve(4 << 30);
+        assert_eq!(small.mode, Mode::Sequential);
+        assert_eq!(small.low, 0);
+        let big = c.resolve(24 << 30);
+        assert_eq!(big.mode, Mode::Balanced);
+        assert_eq!(big.high, (24 << 30) / 10 * 7);
+        assert_eq!(big.low, (24 << 30) / 5);
+        let capped = RuntimeConfig {
+            device_memory: Some(1 << 30),
+            ..RuntimeConfig::default()
+        }
+        .resolve(24 << 30);
+        assert_eq!(capped.device_memory, 1 << 30);
+        assert_eq!(capped.mode, Mode::Sequential);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for m in [Mode::None, Mode::Model, Mode::Balanced, Mode::Sequential] {
+            assert_eq!(m.to_string().parse::<Mode>().unwrap(), m);
+        }
+        assert!("fast".parse::<Mode>().unwrap_err().contains("balanced"));
+        assert_eq!("lru".parse::<Policy>().unwrap(), Policy::Lru);
+    }
+}

@@ -1,0 +1,1306 @@
+//! The residency engine: keeps the right weights on the device, streams the
+//! rest ahead of use, and counts what it moved.
+//!
+//! An engine builds a [`Runtime`] on a device with its compute stream,
+//! [`Runtime::load`]s a model (a [`ModelDesc`] and a [`WeightSource`]), then
+//! for each layer it runs calls [`Runtime::acquire`], which returns a
+//! [`LayerGuard`] with a device pointer per tensor. The runtime has already
+//! made the compute stream wait for the layer's upload; the engine queues
+//! its kernels and drops the guard (or hands it back with
+//! [`Runtime::release`] and its own done event), after which the layer may
+//! be evicted once that work has run.
+//!
+//! Modes ([`Mode`]) and policies ([`Policy`]) decide what stays resident.
+//! With the planned policy each component gets a plan before its first pass
+//! (from the layout's execution order, corrected later by the acquire trace):
+//! the layers that fit stay resident, the rest stream through a ring of
+//! `prefetch_depth + 1` slots that stay mapped, so a steady-state pass moves
+//! only the streamed layers' bytes.
+//!
+//! Locks: each component has its own lock, taken on every acquire; a
+//! scheduler lock is taken only to start a component (plan, ring, making
+//! room by offloading others), never on the hot path. No thread ever holds
+//! two component locks at once.
+
+mod component;
+mod config;
+mod host;
+mod plan;
+mod stats;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use dashmap::DashMap;
+
+pub use config::{HostPolicy, Mode, Policy, Resolved, RuntimeConfig};
+pub use stats::{RuntimeStats, TimelineEntry};
+
+use crate::arena::{pack, Arena, ArenaConfig, Tag};
+use crate::device::{Device, DevicePtr, EventId, StreamId};
+use crate::error::{Error, Result};
+use crate::model::{DType, ModelDesc, Pin, WeightSource};
+use component::{CompRt, CompState, DoneSource, LayerState, Place, Slot};
+use host::{Job, JobDone, LayerBytes, Stager};
+use stats::Counters;
+
+/// A loaded model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModelId(pub u32);
+
+/// A layer of a loaded model: component and layer indices as in its [`ModelDesc`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LayerId {
+    /// The model.
+    pub model: ModelId,
+    /// Component index.
+    pub component: usize,
+    /// Layer index within the component.
+    pub layer: usize,
+}
+
+struct ModelRt {
+    id: ModelId,
+    desc: ModelDesc,
+    source: Arc<dyn WeightSource>,
+    comps: Vec<CompRt>,
+}
+
+/// Why an acquire attempt stopped short.
+enum Attempt {
+    /// The component has no plan and ring yet (or was offloaded).
+    NotStarted,
+    /// Other components must give up this many pages.
+    NeedRoom(usize),
+    /// A real error.
+    Fail(Error),
+}
+
+impl From<Error> for Attempt {
+    fn from(e: Error) -> Self {
+        Attempt::Fail(e)
+    }
+}
+
+struct Shared {
+    device: Arc<dyn Device>,
+    arena: Arena<dyn Device>,
+    page: usize,
+    compute: StreamId,
+    copy: StreamId,
+    fence: StreamId,
+    cfg: RuntimeConfig,
+    res: Resolved,
+    models: DashMap<u32, Arc<ModelRt>>,
+    next_model: AtomicU32,
+    /// Serialises component starts and cross-component eviction; holds the start counter.
+    sched: Mutex<u64>,
+    pool_tx: Sender<EventId>,
+    pool_rx: Receiver<EventId>,
+    created_events: Mutex<Vec<EventId>>,
+    counters: Arc<Counters>,
+    stager: Option<Stager>,
+}
+
+/// The residency engine; see the module documentation.
+pub struct Runtime {
+    sh: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("resolved", &self.sh.res)
+            .field("config", &self.sh.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One tensor of an acquired layer.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorView<'a> {
+    /// Name in the checkpoint.
+    pub name: &'a str,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: &'a [usize],
+    /// Device address of the first byte (a host address on the host backend).
+    pub ptr: DevicePtr,
+    /// Size in bytes.
+    pub bytes: usize,
+}
+
+/// A layer on the device, usable by work queued on the compute stream until
+/// the guard is dropped (which records a done event on the compute stream) or
+/// handed back with [`Runtime::release`].
+pub struct LayerGuard {
+    sh: Arc<Shared>,
+    model: Arc<ModelRt>,
+    id: LayerId,
+    base: DevicePtr,
+    ready: EventId,
+    armed: bool,
+}
+
+impl std::fmt::Debug for LayerGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerGuard")
+            .field("id", &self.id)
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LayerGuard {
+    /// The layer.
+    pub fn id(&self) -> LayerId {
+        self.id
+    }
+
+    /// The layer's name.
+    pub fn name(&self) -> &str {
+        &self.model.desc.components[self.id.component].layers[self.id.layer].name
+    }
+
+    /// The event that fires when the layer's upload has completed (the
+    /// compute stream already waits for it).
+    pub fn ready_event(&self) -> EventId {
+        self.ready
+    }
+
+    /// Device address of the layer's packed block.
+    pub fn base(&self) -> DevicePtr {
+        self.base
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.model.desc.components[self.id.component].layers[self.id.layer]
+            .tensors
+            .len()
+    }
+
+    /// True for a layer without tensors.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tensor `i` (in the order of the model description).
+    pub fn tensor(&self, i: usize) -> Option<TensorView<'_>> {
+        let t = self.model.desc.components[self.id.component].layers[self.id.layer]
+            .tensors
+            .get(i)?;
+        let off = self.model.comps[self.id.component].layer_bytes[self.id.layer].pieces[i].1;
+        Some(TensorView {
+            name: &t.name,
+            dtype: t.dtype,
+            shape: &t.shape,
+            ptr: self.base.offset(off),
+            bytes: t.bytes,
+        })
+    }
+
+    /// All tensors.
+    pub fn tensors(&self) -> impl Iterator<Item = TensorView<'_>> {
+        (0..self.len()).filter_map(|i| self.tensor(i))
+    }
+}
+
+impl Drop for LayerGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let sh = &self.sh;
+        let done = sh
+            .event()
+            .and_then(|e| sh.device.record_event(e, sh.compute).map(|()| e));
+        match done {
+            Ok(e) => sh.finish_release(&self.model, self.id, Some((DoneSource::Compute, e))),
+            Err(_) => {
+                // No event to track the engine's work: wait for it instead.
+                let _ = sh.device.stream_synchronize(sh.compute);
+                sh.finish_release(&self.model, self.id, None);
+            }
+        }
+    }
+}
+
+impl Runtime {
+    /// Make a runtime on `device`; the engine queues its kernels on `compute`.
+    pub fn new(device: Arc<dyn Device>, compute: StreamId, cfg: RuntimeConfig) -> Result<Runtime> {
+        let info = device.info().clone();
+        let res = cfg.resolve(info.total_memory);
+        let page = info.page_size;
+        if res.device_memory < page {
+            return Err(Error::Config(format!(
+                "device memory for weights ({} bytes) is less than one page ({page} bytes)",
+                res.device_memory
+            )));
+        }
+        let arena = Arena::new(
+            device.clone(),
+            ArenaConfig {
+                capacity: Some(res.device_memory),
+            },
+        )?;
+        let copy = device.create_stream()?;
+        let fence = device.create_stream()?;
+        let (pool_tx, pool_rx) = crossbeam_channel::unbounded();
+        let counters = Arc::new(Counters::new(cfg.timeline));
+        let stager = match cfg.host_policy {
+            HostPolicy::Pinned => None,
+            HostPolicy::Staged {
+                buffers,
+                buffer_bytes,
+                threads,
+            } => Some(Stager::new(
+                device.clone(),
+                copy,
+                buffers,
+                buffer_bytes,
+                threads,
+                counters.clone(),
+                cfg.wait_timeout,
+                pool_tx.clone(),
+            )?),
+        };
+        Ok(Runtime {
+            sh: Arc::new(Shared {
+                device,
+                arena,
+                page,
+                compute,
+                copy,
+                fence,
+                cfg,
+                res,
+                models: DashMap::new(),
+                next_model: AtomicU32::new(0),
+                sched: Mutex::new(0),
+                pool_tx,
+                pool_rx,
+                created_events: Mutex::new(Vec::new()),
+                counters,
+                stager,
+            }),
+        })
+    }
+
+    /// The configuration with its defaults resolved for this device.
+    pub fn resolved(&self) -> &Resolved {
+        &self.sh.res
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<dyn Device> {
+        &self.sh.device
+    }
+
+    /// The arena holding the weights (for accounting).
+    pub fn arena(&self) -> &Arena<dyn Device> {
+        &self.sh.arena
+    }
+
+    /// The runtime's copy stream (uploads run on it).
+    pub fn copy_stream(&self) -> StreamId {
+        self.sh.copy
+    }
+
+    /// Load a model: validate it, read the host copy (pinned policy), and in
+    /// mode `none` upload everything. On error nothing stays allocated.
+    pub fn load(&self, desc: ModelDesc, source: Arc<dyn WeightSource>) -> Result<ModelId> {
+        self.load_with_progress(desc, source, &mut |_, _| {})
+    }
+
+    /// [`Runtime::load`], calling `progress(bytes_done, bytes_total)` as the host copy is read.
+    pub fn load_with_progress(
+        &self,
+        desc: ModelDesc,
+        source: Arc<dyn WeightSource>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<ModelId> {
+        let sh = &self.sh;
+        let id = ModelId(sh.next_model.fetch_add(1, Ordering::Relaxed));
+        let mut comps = Vec::with_capacity(desc.components.len());
+        let total_bytes: usize = desc.bytes();
+        let mut done_bytes = 0usize;
+        let capacity_pages = sh.arena.capacity() / sh.page;
+        let mut must_fit = 0usize;
+        for (ci, c) in desc.components.iter().enumerate() {
+            let mut layer_bytes = Vec::with_capacity(c.layers.len());
+            let mut layer_pages = Vec::with_capacity(c.layers.len());
+            for l in &c.layers {
+                for t in &l.tensors {
+                    let numel = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+                    let expect = numel.and_then(|n| n.checked_mul(t.dtype.size()));
+                    if expect != Some(t.bytes) {
+                        return Err(Error::Config(format!(
+                            "model {}: tensor {} of layer {}/{}: shape {:?} × {} is {:?} bytes, the description says {}",
+                            desc.name, t.name, c.name, l.name, t.shape, t.dtype, expect, t.bytes
+                        )));
+                    }
+                }
+                let sizes: Vec<usize> = l.tensors.iter().map(|t| t.bytes).collect();
+                let packed = pack(&sizes).ok_or_else(|| {
+                    Error::Config(format!(
+                        "model {}: layer {}/{} is too large",
+                        desc.name, c.name, l.name
+                    ))
+                })?;
+                let total = packed.total.max(1);
+                layer_pages.push(total.div_ceil(sh.page));
+                layer_bytes.push(LayerBytes {
+                    pieces: (0..sizes.len())
+                        .map(|i| (i, packed.offsets[i], sizes[i]))
+                        .collect(),
+                    total,
+                });
+            }
+            let pages: usize = layer_pages.iter().sum();
+            if sh.res.mode == Mode::None || c.pin == Pin::AlwaysResident {
+                must_fit += pages;
+            }
+            comps.push((ci, layer_bytes, layer_pages));
+        }
+        if must_fit > capacity_pages {
+            return Err(Error::DoesNotFit {
+                what: format!("model {} (everything that must stay resident)", desc.name),
+                needed: must_fit * sh.page,
+                available: capacity_pages * sh.page,
+                mode: sh.res.mode.to_string(),
+            });
+        }
+        let mut built = Vec::with_capacity(comps.len());
+        let mut host_bytes = 0usize;
+        let cleanup_events = |built: &Vec<CompRt>| {
+            for c in built {
+                for &e in &c.ready {
+                    let _ = sh.device.destroy_event(e);
+                }
+            }
+        };
+        for (ci, layer_bytes, layer_pages) in comps {
+            let c = &desc.components[ci];
+            let mut host = Vec::with_capacity(c.layers.len());
+            let mut ready = Vec::with_capacity(c.layers.len());
+            let result = (|| -> Result<()> {
+                for (li, lb) in layer_bytes.iter().enumerate() {
+                    ready.push(sh.device.create_event()?);
+                    if sh.stager.is_none() {
+                        let mut buf = sh.device.alloc_pinned(lb.total)?;
+                        host_bytes += lb.total;
+                        sh.counters.host_alloc(lb.total);
+                        host::read_layer(&*source, ci, li, lb, buf.as_mut_slice())?;
+                        done_bytes += c.layers[li].bytes();
+                        progress(done_bytes, total_bytes);
+                        host.push(Some(buf));
+                    } else {
+                        host.push(None);
+                    }
+                }
+                Ok(())
+            })();
+            let rt = CompRt {
+                name: c.name.clone(),
+                pin: c.pin,
+                layer_names: c
+                    .layers
+                    .iter()
+                    .map(|l| format!("{}/{}", c.name, l.name))
+                    .collect(),
+                layer_bytes,
+                layer_pages,
+                ready,
+                host,
+                state: Mutex::new(CompState {
+                    started: false,
+                    plan: None,
+                    order: plan::Order::new(c.layers.len()),
+                    layers: (0..c.layers.len()).map(|_| LayerState::new()).collect(),
+                    ring: Vec::new(),
+                    pages: 0,
+                    cap_pages: 0,
+                    all_resident: false,
+                    clock: 0,
+                    last_start: 0,
+                }),
+            };
+            built.push(rt);
+            if let Err(e) = result {
+                cleanup_events(&built);
+                sh.counters.host_free(host_bytes);
+                return Err(e);
+            }
+        }
+        let model = Arc::new(ModelRt {
+            id,
+            desc,
+            source,
+            comps: built,
+        });
+        sh.models.insert(id.0, model.clone());
+        // Components that stay resident are uploaded now.
+        for ci in 0..model.comps.len() {
+            if sh.res.mode == Mode::None || model.comps[ci].pin == Pin::AlwaysResident {
+                if let Err(e) = sh.start_component(&model, ci) {
+                    let _ = self.unload(id);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(id)
+    }
+
+    /// Unload a model: every guard on it must have been dropped. Frees its device and host memory.
+    pub fn unload(&self, model: ModelId) -> Result<()> {
+        let sh = &self.sh;
+        let m = sh.model(model)?;
+        for (ci, c) in m.comps.iter().enumerate() {
+            let st = c.lock();
+            if let Some(l) = st.layers.iter().position(|l| l.users > 0) {
+                return Err(Error::UnknownLayer {
+                    model: model.0,
+                    component: ci,
+                    layer: l,
+                    why: "cannot unload: the layer is still acquired".into(),
+                });
+            }
+        }
+        sh.models.remove(&model.0);
+        for c in &m.comps {
+            let mut st = c.lock();
+            // Staged uploads may still be queued for it.
+            for l in &st.layers {
+                if let Some(j) = &l.job {
+                    let _ = j.wait(sh.cfg.wait_timeout);
+                }
+            }
+            sh.offload_locked(c, &mut st, true)?;
+        }
+        // Queued copies from the host copy must finish before it is freed.
+        sh.device.stream_synchronize(sh.copy)?;
+        for c in &m.comps {
+            for &e in &c.ready {
+                let _ = sh.device.destroy_event(e);
+            }
+            let bytes: usize = c.host.iter().flatten().map(|b| b.len()).sum();
+            sh.counters.host_free(bytes);
+        }
+        Ok(())
+    }
+
+    /// Acquire a layer: upload it if needed (evicting by policy), prefetch
+    /// what follows, make the compute stream wait for it, and return its pointers.
+    pub fn acquire(&self, id: LayerId) -> Result<LayerGuard> {
+        let sh = &self.sh;
+        let model = sh.model(id.model)?;
+        let Some(comp) = model.comps.get(id.component) else {
+            return Err(Error::UnknownLayer {
+                model: id.model.0,
+                component: id.component,
+                layer: id.layer,
+                why: format!("the model has {} components", model.comps.len()),
+            });
+        };
+        if id.layer >= comp.layer_pages.len() {
+            return Err(Error::UnknownLayer {
+                model: id.model.0,
+                component: id.component,
+                layer: id.layer,
+                why: format!(
+                    "component {} has {} layers",
+                    comp.name,
+                    comp.layer_pages.len()
+                ),
+            });
+        }
+        Counters::add(&sh.counters.acquires, 1);
+        let mut recorded = false;
+        let mut room_tries = 0;
+        loop {
+            match sh.try_acquire(&model, id, &mut recorded) {
+                Ok(g) => return Ok(g),
+                Err(Attempt::NotStarted) => sh.start_component(&model, id.component)?,
+                Err(Attempt::NeedRoom(pages)) => {
+                    room_tries += 1;
+                    if room_tries > 3 {
+                        let free = sh.arena.pages_free();
+                        return Err(Error::OutOfMemory {
+                            requested: pages * sh.page,
+                            pages,
+                            free: free * sh.page,
+                            free_pages: free,
+                        });
+                    }
+                    sh.make_room(pages, Some((id.model, id.component)))?;
+                }
+                Err(Attempt::Fail(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Hand a guard back: the layer may be evicted once `done` (an event the
+    /// engine recorded after its last use of the layer) has fired.
+    pub fn release(&self, mut guard: LayerGuard, done: EventId) -> Result<()> {
+        guard.armed = false;
+        let sh = &self.sh;
+        let fenced = (|| -> Result<EventId> {
+            sh.device.stream_wait_event(sh.fence, done)?;
+            let e = sh.event()?;
+            sh.device.record_event(e, sh.fence)?;
+            Ok(e)
+        })();
+        match fenced {
+            Ok(e) => {
+                sh.finish_release(&guard.model, guard.id, Some((DoneSource::Fence, e)));
+                Ok(())
+            }
+            Err(err) => {
+                // Without a fence, wait for the engine's event here.
+                let r = sh.device.event_wait(done, Some(sh.cfg.wait_timeout));
+                sh.finish_release(&guard.model, guard.id, None);
+                r.and(Err(err))
+            }
+        }
+    }
+
+    /// Wait until every upload queued so far (staged reads included) has completed.
+    pub fn synchronize(&self) -> Result<()> {
+        let sh = &self.sh;
+        let models: Vec<Arc<ModelRt>> = sh.models.iter().map(|m| m.clone()).collect();
+        for m in models {
+            for c in &m.comps {
+                let jobs: Vec<Arc<JobDone>> = c
+                    .lock()
+                    .layers
+                    .iter()
+                    .filter_map(|l| l.job.clone())
+                    .collect();
+                for j in jobs {
+                    // A failed upload is reported to the acquire that needs it, not here.
+                    if let Err(e @ Error::Timeout { .. }) = j.wait(sh.cfg.wait_timeout) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        sh.device.stream_synchronize(sh.copy)
+    }
+
+    /// A snapshot of the counters and memory use.
+    pub fn stats(&self) -> RuntimeStats {
+        let sh = &self.sh;
+        let a = sh.arena.stats();
+        let (host_bytes, peak_host_bytes) = sh.counters.host_bytes();
+        let c = &sh.counters;
+        RuntimeStats {
+            bytes_h2d: c.bytes_h2d.load(Ordering::Relaxed),
+            uploads: c.uploads.load(Ordering::Relaxed),
+            evictions: c.evictions.load(Ordering::Relaxed),
+            acquires: c.acquires.load(Ordering::Relaxed),
+            hits: c.hits.load(Ordering::Relaxed),
+            stall_ns: c.stall_ns.load(Ordering::Relaxed),
+            device_bytes: a.pages_used * a.page_size,
+            peak_device_bytes: sh.arena.peak_pages_used() * a.page_size,
+            host_bytes,
+            peak_host_bytes,
+            page_waste_bytes: a.tail_waste,
+        }
+    }
+
+    /// Restart the peak device and host measurements from the current use.
+    pub fn reset_peaks(&self) {
+        self.sh.arena.reset_peak();
+        self.sh.counters.reset_host_peak();
+    }
+
+    /// The per-layer timeline recorded so far (empty unless `timeline` was configured), and clear it.
+    pub fn take_timeline(&self) -> Vec<TimelineEntry> {
+        match &self.sh.counters.timeline {
+            Some(t) => std::mem::take(&mut *t.lock().unwrap_or_else(|p| p.into_inner())),
+            None => Vec::new(),
+        }
+    }
+
+    /// The plan of a component, if it has one: (resident per layer, ring slots, bytes per slot).
+    pub fn plan_of(
+        &self,
+        model: ModelId,
+        component: usize,
+    ) -> Result<Option<(Vec<bool>, usize, usize)>> {
+        let m = self.sh.model(model)?;
+        let c = m.comps.get(component).ok_or_else(|| Error::UnknownLayer {
+            model: model.0,
+            component,
+            layer: 0,
+            why: "no such component".into(),
+        })?;
+        let st = c.lock();
+        Ok(st
+            .plan
+            .as_ref()
+            .map(|p| (p.resident.clone(), p.slots, p.slot_pages * self.sh.page)))
+    }
+}
+
+impl Shared {
+    fn model(&self, id: ModelId) -> Result<Arc<ModelRt>> {
+        self.models
+            .get(&id.0)
+            .map(|m| m.clone())
+            .ok_or_else(|| Error::UnknownLayer {
+                model: id.0,
+                component: 0,
+                layer: 0,
+                why: "the model is not loaded (never loaded, or unloaded)".into(),
+            })
+    }
+
+    fn event(&self) -> Result<EventId> {
+        if let Ok(e) = self.pool_rx.try_recv() {
+            return Ok(e);
+        }
+        let e = self.device.create_event()?;
+        self.created_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(e);
+        Ok(e)
+    }
+
+    fn recycle(&self, e: EventId) {
+        let _ = self.pool_tx.send(e);
+    }
+
+    fn finish_release(&self, model: &ModelRt, id: LayerId, done: Option<(DoneSource, EventId)>) {
+        let comp = &model.comps[id.component];
+        let mut st = comp.lock();
+        let l = &mut st.layers[id.layer];
+        l.users = l.users.saturating_sub(1);
+        if let Some((src, e)) = done {
+            // A later event of the same source covers the earlier one.
+            if let Some(slot) = l.done.iter_mut().find(|(s, _)| *s == src) {
+                let old = std::mem::replace(&mut slot.1, e);
+                drop(st);
+                self.recycle(old);
+            } else {
+                l.done.push((src, e));
+            }
+        }
+    }
+
+    fn try_acquire(
+        self: &Arc<Self>,
+        model: &Arc<ModelRt>,
+        id: LayerId,
+        recorded: &mut bool,
+    ) -> Result<LayerGuard, Attempt> {
+        let comp = &model.comps[id.component];
+        let mut st = comp.lock();
+        if !st.started {
+            return Err(Attempt::NotStarted);
+        }
+        let l = id.layer;
+        if !*recorded {
+            *recorded = true;
+            let change = st.order.record(l);
+            let replan = change == plan::Change::Used
+                && self.cfg.policy == Policy::Planned
+                && st.plan.is_some()
+                && st.layers.iter().all(|x| x.users == 0);
+            if replan {
+                // Other layers are in use now: plan again from the observed order at the next start.
+                self.offload_locked(comp, &mut st, true)?;
+                return Err(Attempt::NotStarted);
+            }
+        }
+        st.clock += 1;
+        let now = st.clock;
+        let depth = self.cfg.prefetch_depth;
+        // Wrap around to the next pass only once the component has been seen to repeat.
+        let wrap = st.order.passes() > 0;
+        let upcoming: Vec<usize> = match &st.plan {
+            Some(p) if self.cfg.policy == Policy::Planned => {
+                let resident = p.resident.clone();
+                st.order.next_after(l, depth, wrap, |x| !resident[x])
+            }
+            _ => {
+                let n = comp.layer_pages.len();
+                (1..n)
+                    .filter(|d| wrap || l + d < n)
+                    .map(|d| (l + d) % n)
+                    .take(depth)
+                    .collect()
+            }
+        };
+        let mut protected = upcoming.clone();
+        protected.push(l);
+        let hit = st.layers[l].place != Place::Host;
+        self.ensure_loaded(model, id.component, &mut st, l, &protected)?;
+        if hit {
+            Counters::add(&self.counters.hits, 1);
+        }
+        st.layers[l].users += 1;
+        st.layers[l].last_use = now;
+        // Prefetch, best effort: the streamed layers that come next, then resident ones not loaded yet.
+        for &u in &upcoming {
+            if self
+                .ensure_loaded(model, id.component, &mut st, u, &protected)
+                .is_err()
+            {
+                break;
+            }
+            st.layers[u].last_use = now;
+        }
+        if let Some(p) = &st.plan {
+            let resident = p.resident.clone();
+            let pending: Vec<usize> = {
+                let layers = &st.layers;
+                st.order.next_after(l, depth, wrap, |x| {
+                    resident[x] && layers[x].place == Place::Host
+                })
+            };
+            for u in pending {
+                if self
+                    .ensure_loaded(model, id.component, &mut st, u, &protected)
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+        let base = match st.layers[l].place {
+            Place::Alloc(_, p) => p,
+            Place::Slot(s) => st.ring[s].ptr,
+            Place::Host => unreachable!("ensure_loaded placed the layer"),
+        };
+        let job = st.layers[l].job.clone();
+        drop(st);
+        if let Some(job) = job {
+            if let Err(e) = job.wait(self.cfg.wait_timeout) {
+                let mut st = comp.lock();
+                st.layers[l].users -= 1;
+                self.drop_device_copy(comp, &mut st, l);
+                return Err(Attempt::Fail(e));
+            }
+        }
+        let ready = comp.ready[l];
+        self.wait_on_compute(ready, &comp.layer_names[l])?;
+        Ok(LayerGuard {
+            sh: self.clone(),
+            model: model.clone(),
+            id,
+            base,
+            ready,
+            armed: true,
+        })
+    }
+
+    /// Make the compute stream wait for `ready`, measuring the wait if configured.
+    fn wait_on_compute(&self, ready: EventId, name: &str) -> Result<()> {
+        let measure = self.cfg.measure_stall && !self.device.event_query(ready).unwrap_or(false);
+        if !measure {
+            return self.device.stream_wait_event(self.compute, ready);
+        }
+        let start: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+        let s2 = start.clone();
+        self.device.launch_host_fn(
+            self.compute,
+            Box::new(move || *s2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now())),
+        )?;
+        self.device.stream_wait_event(self.compute, ready)?;
+        let counters = self.counters.clone();
+        let name = name.to_string();
+        self.device.launch_host_fn(
+            self.compute,
+            Box::new(move || {
+                let end = Instant::now();
+                if let Some(t0) = *start.lock().unwrap_or_else(|p| p.into_inner()) {
+                    let ns = end.saturating_duration_since(t0).as_nanos() as u64;
+                    counters.stall_ns.fetch_add(ns, Ordering::Relaxed);
+                    counters.push_timeline(TimelineEntry {
+                        layer: name,
+                        kind: "wait",
+                        start_s: counters.since_epoch(t0),
+                        end_s: counters.since_epoch(end),
+                        bytes: 0,
+                    });
+                }
+            }),
+        )
+    }
+
+    /// Put layer `l` on the device if it is not: into a ring slot (streamed
+    /// under a plan) or its own allocation, uploading it.
+    fn ensure_loaded(
+        &self,
+        model: &ModelRt,
+        ci: usize,
+        st: &mut CompState,
+        l: usize,
+        protected: &[usize],
+    ) -> Result<(), Attempt> {
+        if st.layers[l].place != Place::Host {
+            return Ok(());
+        }
+        let comp = &model.comps[ci];
+        let streamed = st
+            .plan
+            .as_ref()
+            .is_some_and(|p| !p.resident[l] && p.slots > 0 && comp.layer_pages[l] <= p.slot_pages);
+        if streamed {
+            let s = self.pick_slot(comp, st, l, protected)?;
+            let mut waits = Vec::new();
+            if let Some(o) = st.ring[s].holds.take() {
+                waits = st.layers[o].done.drain(..).map(|(_, e)| e).collect();
+                st.layers[o].place = Place::Host;
+                st.layers[o].job = None;
+            }
+            st.ring[s].holds = Some(l);
+            st.layers[l].place = Place::Slot(s);
+            let dst = st.ring[s].ptr;
+            if let Err(e) = self.upload(model, ci, st, l, dst, waits) {
+                st.ring[s].holds = None;
+                st.layers[l].place = Place::Host;
+                return Err(Attempt::Fail(e));
+            }
+            return Ok(());
+        }
+        let pages = comp.layer_pages[l];
+        loop {
+            let over_cap = st.cap_pages > 0 && st.pages + pages > st.cap_pages;
+            let attempt = if over_cap {
+                None
+            } else {
+                match self.arena.alloc(comp.layer_bytes[l].total, Tag(model.id.0)) {
+                    Ok(a) => Some(a),
+                    Err(e) if e.is_retryable_oom() => None,
+                    Err(e) => return Err(Attempt::Fail(e)),
+                }
+            };
+            if let Some(a) = attempt {
+                let ptr = self.arena.ptr(a)?;
+                st.pages += pages;
+                st.layers[l].place = Place::Alloc(a, ptr);
+                if let Err(e) = self.upload(model, ci, st, l, ptr, Vec::new()) {
+                    self.drop_device_copy(comp, st, l);
+                    return Err(Attempt::Fail(e));
+                }
+                return Ok(());
+            }
+            // No room: evict this component's least recently used idle layer.
+            let victim = (0..st.layers.len())
+                .filter(|&v| {
+                    let s = &st.layers[v];
+                    matches!(s.place, Place::Alloc(..))
+                        && s.users == 0
+                        && !protected.contains(&v)
+                        && !s.job_pending()
+                })
+                .min_by_key(|&v| st.layers[v].last_use);
+            let own_evict = over_cap || (self.cfg.policy == Policy::Lru && !st.all_resident);
+            match victim {
+                Some(v) if own_evict => self.evict(comp, st, v)?,
+                _ if over_cap => {
+                    return Err(Attempt::Fail(Error::AllInUse {
+                        component: comp.name.clone(),
+                        in_use: st.layers.iter().filter(|s| s.users > 0).count(),
+                    }))
+                }
+                _ => return Err(Attempt::NeedRoom(pages)),
+            }
+        }
+    }
+
+    /// A ring slot for streamed layer `l`: an empty one, else the one whose
+    /// layer is needed farthest in the future among those not in use.
+    fn pick_slot(
+        &self,
+        comp: &CompRt,
+        st: &CompState,
+        l: usize,
+        protected: &[usize],
+    ) -> Result<usize, Attempt> {
+        if let Some(s) = st.ring.iter().position(|s| s.holds.is_none()) {
+            return Ok(s);
+        }
+        st.ring
+            .iter()
+            .enumerate()
+            .filter_map(|(s, slot)| slot.holds.map(|o| (s, o)))
+            .filter(|&(_, o)| {
+                !protected.contains(&o) && st.layers[o].users == 0 && !st.layers[o].job_pending()
+            })
+            .max_by_key(|&(_, o)| st.order.distance(l, o))
+            .map(|(s, _)| s)
+            .ok_or_else(|| {
+                Attempt::Fail(Error::AllInUse {
+                    component: comp.name.clone(),
+                    in_use: st.ring.len(),
+                })
+            })
+    }
+
+    /// Queue the upload of layer `l` to `dst` after `waits` (events of the previous contents' users).
+    fn upload(
+        &self,
+        model: &ModelRt,
+        ci: usize,
+        st: &mut CompState,
+        l: usize,
+        dst: DevicePtr,
+        waits: Vec<EventId>,
+    ) -> Result<()> {
+        let comp = &model.comps[ci];
+        let ready = comp.ready[l];
+        let total = comp.layer_bytes[l].total;
+        if std::env::var("OFFLOAD_DEBUG").is_ok() {
+            eprintln!("upload {} ({total} bytes) to {dst}", comp.layer_names[l]);
+        }
+        if let Some(stager) = &self.stager {
+            let done = Arc::new(JobDone::default());
+            st.layers[l].job = Some(done.clone());
+            stager.submit(Job {
+                source: model.source.clone(),
+                component: ci,
+                layer: l,
+                name: comp.layer_names[l].clone(),
+                bytes: comp.layer_bytes[l].clone(),
+                dst,
+                waits,
+                ready,
+                done,
+            });
+            return Ok(());
+        }
+        for e in waits {
+            self.device.stream_wait_event(self.copy, e)?;
+            self.recycle(e);
+        }
+        let host = comp.host[l]
+            .as_ref()
+            .expect("pinned policy keeps a host copy of every layer");
+        let timeline = self.counters.timeline.is_some();
+        let start: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+        if timeline {
+            let s2 = start.clone();
+            self.device.launch_host_fn(
+                self.copy,
+                Box::new(move || {
+                    *s2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now())
+                }),
+            )?;
+        }
+        // SAFETY: the host copy lives in the model, which outlives every
+        // upload from it: unloading and dropping the runtime synchronise the
+        // copy stream before freeing host copies.
+        unsafe {
+            self.device
+                .copy_h2d_async(dst, host.as_ptr(), total, self.copy)?
+        };
+        self.device.record_event(ready, self.copy)?;
+        if timeline {
+            let counters = self.counters.clone();
+            let name = comp.layer_names[l].clone();
+            self.device.launch_host_fn(
+                self.copy,
+                Box::new(move || {
+                    let end = Instant::now();
+                    if let Some(t0) = *start.lock().unwrap_or_else(|p| p.into_inner()) {
+                        counters.push_timeline(TimelineEntry {
+                            layer: name,
+                            kind: "upload",
+                            start_s: counters.since_epoch(t0),
+                            end_s: counters.since_epoch(end),
+                            bytes: total,
+                        });
+                    }
+                }),
+            )?;
+        }
+        Counters::add(&self.counters.bytes_h2d, total as u64);
+        Counters::add(&self.counters.uploads, 1);
+        Ok(())
+    }
+
+    /// Wait for the users of layer `l` (its own allocation) and free it.
+    fn evict(&self, comp: &CompRt, st: &mut CompState, l: usize) -> Result<()> {
+        for (_, e) in std::mem::take(&mut st.layers[l].done) {
+            self.device.event_wait(e, Some(self.cfg.wait_timeout))?;
+            self.recycle(e);
+        }
+        self.drop_device_copy(comp, st, l);
+        Counters::add(&self.counters.evictions, 1);
+        Ok(())
+    }
+
+    /// Forget layer `l`'s device copy (its users must be done).
+    fn drop_device_copy(&self, comp: &CompRt, st: &mut CompState, l: usize) {
+        match st.layers[l].place {
+            Place::Alloc(a, _) => {
+                let _ = self.arena.free(a);
+                st.pages -= comp.layer_pages[l];
+            }
+            Place::Slot(s) => st.ring[s].holds = None,
+            Place::Host => {}
+        }
+        st.layers[l].place = Place::Host;
+        st.layers[l].job = None;
+    }
+
+    /// Give back a component's device memory: idle layers, and the ring if
+    /// no slot is in use. `all` also forgets its plan, so the next acquire re-plans.
+    fn offload_locked(&self, comp: &CompRt, st: &mut CompState, all: bool) -> Result<()> {
+        let busy = |s: &LayerState| s.users > 0 || s.job_pending();
+        for l in 0..st.layers.len() {
+            if matches!(st.layers[l].place, Place::Alloc(..)) && !busy(&st.layers[l]) {
+                self.evict(comp, st, l)?;
+            }
+        }
+        let ring_busy = st
+            .ring
+            .iter()
+            .any(|s| s.holds.is_some_and(|o| busy(&st.layers[o])));
+        if !ring_busy {
+            for s in 0..st.ring.len() {
+                if let Some(o) = st.ring[s].holds.take() {
+                    for (_, e) in std::mem::take(&mut st.layers[o].done) {
+                        self.device.event_wait(e, Some(self.cfg.wait_timeout))?;
+                        self.recycle(e);
+                    }
+                    st.layers[o].place = Place::Host;
+                    st.layers[o].job = None;
+                }
+            }
+            for slot in std::mem::take(&mut st.ring) {
+                let _ = self.arena.free(slot.alloc);
+                st.pages -= st.plan.as_ref().map_or(0, |p| p.slot_pages);
+            }
+        }
+        let anything_left =
+            st.ring.len() + st.layers.iter().filter(|s| s.place != Place::Host).count();
+        if anything_left == 0 && (all || comp.pin != Pin::AlwaysResident) {
+            st.started = false;
+            st.plan = None;
+        }
+        Ok(())
+    }
+
+    /// Offload other components (least recently started first) until `pages` pages are free.
+    fn make_room(&self, pages: usize, except: Option<(ModelId, usize)>) -> Result<()> {
+        let _g = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+        self.make_room_locked(pages, except, None)
+    }
+
+    fn victims(&self, except: Option<(ModelId, usize)>) -> Vec<(u64, Arc<ModelRt>, usize)> {
+        let mut v = Vec::new();
+        for m in self.models.iter() {
+            for (ci, c) in m.comps.iter().enumerate() {
+                if Some((m.id, ci)) == except
+                    || c.pin == Pin::AlwaysResident
+                    || self.res.mode == Mode::None
+                {
+                    continue;
+                }
+                let st = c.lock();
+                if st.pages > 0 {
+                    v.push((st.last_start, m.clone(), ci));
+                }
+            }
+        }
+        v.sort_by_key(|(t, m, ci)| (*t, m.id, *ci));
+        v
+    }
+
+    /// With the scheduler lock held: offload others until `pages` are free
+    /// (or, with `down_to`, until use is at most that many pages).
+    fn make_room_locked(
+        &self,
+        pages: usize,
+        except: Option<(ModelId, usize)>,
+        down_to: Option<usize>,
+    ) -> Result<()> {
+        let done = |s: &Self| match down_to {
+            Some(limit) => s.arena.pages_used() <= limit,
+            None => s.arena.pages_free() >= pages,
+        };
+        if done(self) {
+            return Ok(());
+        }
+        for (_, m, ci) in self.victims(except) {
+            let c = &m.comps[ci];
+            let mut st = c.lock();
+            self.offload_locked(c, &mut st, false)?;
+            drop(st);
+            if done(self) {
+                return Ok(());
+            }
+        }
+        if down_to.is_some() {
+            return Ok(());
+        }
+        let free = self.arena.pages_free();
+        Err(Error::OutOfMemory {
+            requested: pages * self.page,
+            pages,
+            free: free * self.page,
+            free_pages: free,
+        })
+    }
+
+    /// Plan component `ci` and allocate its ring (and, in model mode or when
+    /// pinned resident, upload all of it), making room by offloading others.
+    fn start_component(&self, model: &Arc<ModelRt>, ci: usize) -> Result<()> {
+        let mut clock = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+        let comp = &model.comps[ci];
+        let st = comp.lock();
+        if st.started {
+            return Ok(());
+        }
+        let capacity = self.arena.capacity() / self.page;
+        let all_resident =
+            matches!(self.res.mode, Mode::None | Mode::Model) || comp.pin == Pin::AlwaysResident;
+        let total = comp.pages_total();
+        let (plan, cap) = if all_resident {
+            if total > capacity {
+                return Err(Error::DoesNotFit {
+                    what: format!("component {} of model {}", comp.name, model.desc.name),
+                    needed: total * self.page,
+                    available: capacity * self.page,
+                    mode: self.res.mode.to_string(),
+                });
+            }
+            (None, total)
+        } else {
+            let sequential = self.res.mode == Mode::Sequential || comp.pin == Pin::NeverResident;
+            let budget = if sequential {
+                capacity
+            } else {
+                self.res.high / self.page
+            };
+            let depth = self.cfg.prefetch_depth;
+            match self.cfg.policy {
+                Policy::Planned => {
+                    let p = plan::plan(
+                        &comp.layer_pages,
+                        &st.order.used(),
+                        budget,
+                        depth,
+                        sequential,
+                        self.page,
+                    )?;
+                    (Some(p), 0)
+                }
+                Policy::Lru => {
+                    let largest = comp.layer_pages.iter().copied().max().unwrap_or(0);
+                    if largest > budget {
+                        return Err(Error::BudgetTooSmall {
+                            budget: budget * self.page,
+                            largest_layer: largest * self.page,
+                        });
+                    }
+                    let cap = if sequential {
+                        ((depth + 1) * largest).min(budget)
+                    } else {
+                        budget
+                    };
+                    (None, cap)
+                }
+            }
+        };
+        let ring_pages = plan.as_ref().map_or(0, |p| p.slots * p.slot_pages);
+        let need_now = if all_resident { total } else { ring_pages };
+        drop(st);
+        // Offload others: down to the low watermark (balanced), everything idle (sequential), then what this start needs.
+        let me = Some((model.id, ci));
+        match self.res.mode {
+            Mode::Balanced if self.arena.pages_used() * self.page > self.res.low => {
+                self.make_room_locked(0, me, Some(self.res.low / self.page))?
+            }
+            Mode::Sequential => self.make_room_locked(0, me, Some(0))?,
+            _ => {}
+        }
+        self.make_room_locked(need_now, me, None)?;
+        let mut st = comp.lock();
+        if st.started {
+            return Ok(());
+        }
+        let mut ring = Vec::new();
+        if let Some(p) = &plan {
+            for _ in 0..p.slots {
+                match self.arena.alloc(p.slot_pages * self.page, Tag(model.id.0)) {
+                    Ok(a) => ring.push(Slot {
+                        alloc: a,
+                        ptr: self.arena.ptr(a)?,
+                        holds: None,
+                    }),
+                    Err(e) => {
+                        for s in ring {
+                            let _ = self.arena.free(s.alloc);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        *clock += 1;
+        st.pages += ring_pages;
+        st.ring = ring;
+        st.plan = plan;
+        st.cap_pages = cap;
+        st.all_resident = all_resident;
+        st.last_start = *clock;
+        st.started = true;
+        if all_resident {
+            for l in 0..comp.layer_pages.len() {
+                match self.ensure_loaded(model, ci, &mut st, l, &[]) {
+                    Ok(()) => {}
+                    Err(Attempt::Fail(e)) => return Err(e),
+                    Err(_) => {
+                        let free = self.arena.pages_free();
+                        return Err(Error::OutOfMemory {
+                            requested: comp.layer_pages[l] * self.page,
+                            pages: comp.layer_pages[l],
+                            free: free * self.page,
+                            free_pages: free,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Work queued on our memory must finish before it is freed.
+        let _ = self.device.stream_synchronize(self.compute);
+        let _ = self.device.stream_synchronize(self.fence);
+        let _ = self.device.stream_synchronize(self.copy);
+        self.stager = None;
+        let _ = self.device.stream_synchronize(self.copy);
+        for m in self.models.iter() {
+            for c in &m.comps {
+                for &e in &c.ready {
+                    let _ = self.device.destroy_event(e);
+                }
+            }
+        }
+        self.models.clear();
+        for e in std::mem::take(
+            &mut *self
+                .created_events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        ) {
+            let _ = self.device.destroy_event(e);
+        }
+        let _ = self.device.destroy_stream(self.copy);
+        let _ = self.device.destroy_stream(self.fence);
+    }
+}

@@ -1,0 +1,151 @@
+//! Counters the runtime keeps, and the snapshot it reports.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// One entry of the per-layer timeline: an upload or a compute-side wait.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TimelineEntry {
+    /// `component/layer`.
+    pub layer: String,
+    /// What happened: `"upload"` (host→device copy) or `"wait"` (compute waited for weights).
+    pub kind: &'static str,
+    /// Start, in seconds since the runtime was made.
+    pub start_s: f64,
+    /// End, in seconds since the runtime was made.
+    pub end_s: f64,
+    /// Bytes copied (uploads).
+    pub bytes: usize,
+}
+
+/// A snapshot of what the runtime has done since it was made (counters) and
+/// its memory use (current and peak since the last [`super::Runtime::reset_peaks`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RuntimeStats {
+    /// Bytes copied host → device.
+    pub bytes_h2d: u64,
+    /// Layer uploads.
+    pub uploads: u64,
+    /// Layers evicted from the device (ring slot reuse not counted).
+    pub evictions: u64,
+    /// Acquires.
+    pub acquires: u64,
+    /// Acquires that found the layer already on the device (or its upload already queued).
+    pub hits: u64,
+    /// Nanoseconds the compute stream waited for weights.
+    pub stall_ns: u64,
+    /// Device bytes in use for weights now (whole pages).
+    pub device_bytes: usize,
+    /// Peak device bytes for weights.
+    pub peak_device_bytes: usize,
+    /// Host bytes the runtime holds now (pinned copies, staging buffers).
+    pub host_bytes: usize,
+    /// Peak host bytes.
+    pub peak_host_bytes: usize,
+    /// Bytes past the end of resident layers up to their last page.
+    pub page_waste_bytes: usize,
+}
+
+impl RuntimeStats {
+    /// Counters accumulated between `earlier` and `self` (memory figures are `self`'s).
+    pub fn since(&self, earlier: &RuntimeStats) -> RuntimeStats {
+        RuntimeStats {
+            bytes_h2d: self.bytes_h2d - earlier.bytes_h2d,
+            uploads: self.uploads - earlier.uploads,
+            evictions: self.evictions - earlier.evictions,
+            acquires: self.acquires - earlier.acquires,
+            hits: self.hits - earlier.hits,
+            stall_ns: self.stall_ns - earlier.stall_ns,
+            ..self.clone()
+        }
+    }
+
+    /// The snapshot as a JSON object.
+    pub fn to_json(&self) -> String {
+        format!(
+            concat!(
+                "{{\"bytes_h2d\":{},\"uploads\":{},\"evictions\":{},\"acquires\":{},\"hits\":{},",
+                "\"stall_s\":{},\"device_bytes\":{},\"peak_device_bytes\":{},\"host_bytes\":{},",
+                "\"peak_host_bytes\":{},\"page_waste_bytes\":{}}}"
+            ),
+            self.bytes_h2d,
+            self.uploads,
+            self.evictions,
+            self.acquires,
+            self.hits,
+            self.stall_ns as f64 * 1e-9,
+            self.device_bytes,
+            self.peak_device_bytes,
+            self.host_bytes,
+            self.peak_host_bytes,
+            self.page_waste_bytes
+        )
+    }
+}
+
+/// The live counters.
+pub(crate) struct Counters {
+    pub(crate) bytes_h2d: AtomicU64,
+    pub(crate) uploads: AtomicU64,
+    pub(crate) evictions: AtomicU64,
+    pub(crate) acquires: AtomicU64,
+    pub(crate) hits: AtomicU64,
+    pub(crate) stall_ns: AtomicU64,
+    host_bytes: AtomicUsize,
+    peak_host_bytes: AtomicUsize,
+    pub(crate) epoch: Instant,
+    pub(crate) timeline: Option<Mutex<Vec<TimelineEntry>>>,
+}
+
+impl Counters {
+    pub(crate) fn new(timeline: bool) -> Self {
+        Counters {
+            bytes_h2d: AtomicU64::new(0),
+            uploads: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            acquires: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            stall_ns: AtomicU64::new(0),
+            host_bytes: AtomicUsize::new(0),
+            peak_host_bytes: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            timeline: timeline.then(|| Mutex::new(Vec::new())),
+        }
+    }
+
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn host_alloc(&self, n: usize) {
+        let now = self.host_bytes.fetch_add(n, Ordering::Relaxed) + n;
+        self.peak_host_bytes.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub(crate) fn host_free(&self, n: usize) {
+        self.host_bytes.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn host_bytes(&self) -> (usize, usize) {
+        (
+            self.host_bytes.load(Ordering::Relaxed),
+            self.peak_host_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(crate) fn reset_host_peak(&self) {
+        self.peak_host_bytes
+            .store(self.host_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    pub(crate) fn since_epoch(&self, t: Instant) -> f64 {
+        t.saturating_duration_since(self.epoch).as_secs_f64()
+    }
+
+    pub(crate) fn push_timeline(&self, e: TimelineEntry) {
+        if let Some(t) = &self.timeline {
+            t.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+        }
+    }
+}

@@ -1,0 +1,530 @@
+//! The residency engine on the host backend: exact bytes moved per mode and
+//! policy, contents of every acquired tensor as the compute stream sees
+//! them, budgets, late done events, errors, and no leaked page.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use offload_runtime::device::{Device, DeviceExt, HostConfig, HostDevice, StreamId};
+use offload_runtime::model::{
+    ComponentDesc, DType, LayerDesc, ModelDesc, Pin, SourceError, TensorDesc, WeightSource,
+};
+use offload_runtime::residency::{
+    HostPolicy, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig,
+};
+use offload_runtime::Error;
+
+const PAGE: usize = 4096;
+
+/// Weights held in memory: component → layer → tensor bytes.
+struct MemSource {
+    data: Vec<Vec<Vec<Vec<u8>>>>,
+}
+
+impl WeightSource for MemSource {
+    fn read(
+        &self,
+        c: usize,
+        l: usize,
+        t: usize,
+        offset: usize,
+        dst: &mut [u8],
+    ) -> Result<(), SourceError> {
+        let src = self
+            .data
+            .get(c)
+            .and_then(|c| c.get(l))
+            .and_then(|l| l.get(t))
+            .ok_or_else(|| SourceError {
+                what: format!("tensor {c}/{l}/{t}"),
+                message: "no such tensor".into(),
+            })?;
+        let end = offset + dst.len();
+        if end > src.len() {
+            return Err(SourceError {
+                what: format!("tensor {c}/{l}/{t}"),
+                message: format!("read {offset}..{end} past its {} bytes", src.len()),
+            });
+        }
+        dst.copy_from_slice(&src[offset..end]);
+        Ok(())
+    }
+}
+
+fn bytes_for(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A model from tensor sizes: `comps[c][l]` lists the tensor byte sizes of layer l of component c.
+fn model(comps: &[Vec<Vec<usize>>]) -> (ModelDesc, Arc<MemSource>) {
+    let mut data = Vec::new();
+    let mut components = Vec::new();
+    for (ci, c) in comps.iter().enumerate() {
+        let mut cd = Vec::new();
+        let mut layers = Vec::new();
+        for (li, l) in c.iter().enumerate() {
+            let mut ld = Vec::new();
+            let mut tensors = Vec::new();
+            for (ti, &n) in l.iter().enumerate() {
+                ld.push(bytes_for((ci * 1000 + li * 10 + ti) as u64 + 1, n));
+                tensors.push(TensorDesc {
+                    name: format!("c{ci}.l{li}.t{ti}"),
+                    dtype: DType::U8,
+                    shape: vec![n],
+                    bytes: n,
+                });
+            }
+            cd.push(ld);
+            layers.push(LayerDesc {
+                name: format!("layer{li}"),
+                tensors,
+            });
+        }
+        data.push(cd);
+        components.push(ComponentDesc {
+            name: format!("comp{ci}"),
+            layers,
+            pin: Pin::Auto,
+        });
+    }
+    (
+        ModelDesc {
+            name: "test".into(),
+            components,
+        },
+        Arc::new(MemSource { data }),
+    )
+}
+
+struct Setup {
+    dev: Arc<HostDevice>,
+    compute: StreamId,
+    rt: Runtime,
+}
+
+fn setup(cfg: RuntimeConfig) -> Setup {
+    let dev = Arc::new(
+        HostDevice::new(HostConfig {
+            capacity: 64 << 20,
+            page_size: PAGE,
+            link_gbps: None,
+        })
+        .unwrap(),
+    );
+    let compute = dev.create_stream().unwrap();
+    let rt = Runtime::new(dev.clone(), compute, cfg).unwrap();
+    Setup { dev, compute, rt }
+}
+
+fn cfg(
+    mode: Mode,
+    policy: Policy,
+    depth: usize,
+    device_pages: usize,
+    high_pages: Option<usize>,
+) -> RuntimeConfig {
+    RuntimeConfig {
+        mode: Some(mode),
+        policy,
+        prefetch_depth: depth,
+        device_memory: Some(device_pages * PAGE),
+        high_watermark: high_pages.map(|p| p * PAGE),
+        low_watermark: Some(0),
+        wait_timeout: Duration::from_secs(20),
+        ..RuntimeConfig::default()
+    }
+}
+
+/// Acquire every layer of component `c` in order, check each tensor's bytes
+/// as the compute stream sees them, and return the bytes uploaded meanwhile.
+fn pass(s: &Setup, m: ModelId, src: &MemSource, c: usize) -> u64 {
+    s.rt.synchronize().unwrap();
+    let before = s.rt.stats().bytes_h2d;
+    for l in 0..src.data[c].len() {
+        let g =
+            s.rt.acquire(LayerId {
+                model: m,
+                component: c,
+                layer: l,
+            })
+            .unwrap();
+        for (t, view) in g.tensors().enumerate() {
+            let mut back = vec![0u8; view.bytes];
+            // Read on the compute stream, after the wait the runtime queued.
+            s.dev.read_blocking(view.ptr, &mut back, s.compute).unwrap();
+            assert!(
+                back == src.data[c][l][t],
+                "tensor {} differs when the compute stream reads it",
+                view.name
+            );
+        }
+        drop(g);
+    }
+    s.rt.synchronize().unwrap();
+    let moved = s.rt.stats().bytes_h2d - before;
+    if std::env::var("OFFLOAD_DEBUG").is_ok() {
+        eprintln!("pass over component {c}: {moved} bytes");
+    }
+    moved
+}
+
+fn uniform(layers: usize, bytes: usize) -> Vec<Vec<usize>> {
+    vec![vec![bytes]; layers]
+}
+
+#[test]
+fn sequential_streams_every_layer_and_keeps_what_the_ring_can() {
+    let sizes = [10_000, 30_000, 20_000, 5_000, 25_000];
+    let (desc, src) = model(&[sizes.iter().map(|&n| vec![n]).collect()]);
+    let s = setup(cfg(Mode::Sequential, Policy::Planned, 2, 256, None));
+    let m = s.rt.load(desc, src.clone()).unwrap();
+    // Every pass moves every layer once: the ring holds the layer in use and the next two.
+    assert_eq!(pass(&s, m, &src, 0), 90_000, "pass 1: every layer once");
+    // Pass 2 is the first that prefetches across the pass boundary: layer 2
+    // stayed from pass 1 (−20 000) and layers 0 and 1 of pass 3 come early (+40 000).
+    assert_eq!(pass(&s, m, &src, 0), 110_000);
+    // Steady state: every layer once per pass; the ring holds the layer in use and the next two.
+    for _ in 0..3 {
+        assert_eq!(pass(&s, m, &src, 0), 90_000);
+    }
+    let plan = s.rt.plan_of(m, 0).unwrap();
+    assert_eq!(
+        plan,
+        Some((vec![false; 5], 3, 8 * PAGE)),
+        "three slots of the largest layer's pages"
+    );
+    let st = s.rt.stats();
+    // Peak: the ring, 3 × the largest layer's 8 pages.
+    assert_eq!(st.peak_device_bytes, 3 * 8 * PAGE);
+    assert!(st.peak_device_bytes <= 3 * 30_000 + 5 * PAGE);
+    assert_eq!(
+        st.bytes_h2d,
+        s.dev.counters().bytes_h2d,
+        "runtime and device agree on bytes moved"
+    );
+}
+
+#[test]
+fn balanced_planned_moves_d_minus_b_plus_the_ring_and_lru_moves_everything() {
+    // Denoiser: 8 layers of 4 pages (D = 32 pages); high watermark B = 24 pages; depth 1.
+    let layer = 4 * PAGE;
+    let d = 8 * layer;
+    let b = 24 * PAGE;
+    let (desc, src) = model(&[uniform(8, layer)]);
+
+    let s = setup(cfg(Mode::Balanced, Policy::Planned, 1, 64, Some(24)));
+    let m = s.rt.load(desc.clone(), src.clone()).unwrap();
+    assert_eq!(
+        pass(&s, m, &src, 0),
+        d as u64,
+        "first pass: everything once"
+    );
+    let plan = s.rt.plan_of(m, 0).unwrap().unwrap();
+    // Ring of 2 slots (8 pages) leaves 16 pages: the first 4 layers stay.
+    assert_eq!(
+        plan,
+        (
+            vec![true, true, true, true, false, false, false, false],
+            2,
+            layer
+        )
+    );
+    // Pass 2 also prefetches layer 4 for pass 3, across the pass boundary.
+    assert_eq!(pass(&s, m, &src, 0) as usize, 5 * layer);
+    for _ in 0..3 {
+        let moved = pass(&s, m, &src, 0) as usize;
+        assert_eq!(moved, 4 * layer, "the four streamed layers");
+        assert!(
+            moved <= (d - b) + 2 * layer,
+            "bound (D − B) + (depth + 1) × largest"
+        );
+    }
+    assert!(s.rt.stats().peak_device_bytes <= b);
+
+    let s = setup(cfg(Mode::Balanced, Policy::Lru, 1, 64, Some(24)));
+    let m = s.rt.load(desc, src.clone()).unwrap();
+    assert_eq!(pass(&s, m, &src, 0) as usize, d);
+    assert_eq!(
+        pass(&s, m, &src, 0) as usize,
+        d + layer,
+        "and layer 0 of pass 3, across the boundary"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            pass(&s, m, &src, 0) as usize,
+            d,
+            "LRU over a cyclic pass larger than its budget moves all of D"
+        );
+    }
+    assert!(s.rt.stats().peak_device_bytes <= b);
+}
+
+#[test]
+fn a_denoiser_under_the_high_watermark_moves_nothing_after_the_first_pass() {
+    let (desc, src) = model(&[uniform(6, 3 * PAGE)]);
+    for mode in [Mode::Balanced, Mode::Model] {
+        let s = setup(cfg(mode, Policy::Planned, 2, 64, Some(40)));
+        let m = s.rt.load(desc.clone(), src.clone()).unwrap();
+        assert_eq!(pass(&s, m, &src, 0), 18 * PAGE as u64, "{mode}");
+        for _ in 0..3 {
+            assert_eq!(pass(&s, m, &src, 0), 0, "{mode}");
+        }
+    }
+}
+
+#[test]
+fn model_mode_moves_whole_components_on_demand() {
+    let (desc, src) = model(&[uniform(4, 4 * PAGE), uniform(4, 4 * PAGE)]);
+    // 20 pages hold one 16-page component, not two.
+    let s = setup(cfg(Mode::Model, Policy::Planned, 2, 20, None));
+    let m = s.rt.load(desc, src.clone()).unwrap();
+    let comp = (16 * PAGE) as u64;
+    assert_eq!(pass(&s, m, &src, 0), comp);
+    assert_eq!(pass(&s, m, &src, 0), 0);
+    assert_eq!(pass(&s, m, &src, 1), comp);
+    assert_eq!(pass(&s, m, &src, 0), comp);
+    assert!(s.rt.stats().peak_device_bytes <= 20 * PAGE);
+    assert_eq!(
+        s.rt.stats().evictions,
+        8,
+        "two whole components were offloaded"
+    );
+}
+
+#[test]
+fn mode_none_uploads_at_load_and_refuses_what_does_not_fit() {
+    let (desc, src) = model(&[uniform(3, 2 * PAGE), uniform(2, 5 * PAGE)]);
+    let s = setup(cfg(Mode::None, Policy::Planned, 2, 64, None));
+    let m = s.rt.load(desc.clone(), src.clone()).unwrap();
+    assert_eq!(s.rt.stats().bytes_h2d, 16 * PAGE as u64);
+    assert_eq!(pass(&s, m, &src, 0) + pass(&s, m, &src, 1), 0);
+
+    let s = setup(cfg(Mode::None, Policy::Planned, 2, 15, None));
+    let e = s.rt.load(desc, src).unwrap_err();
+    match e {
+        Error::DoesNotFit {
+            needed, available, ..
+        } => assert_eq!((needed, available), (16 * PAGE, 15 * PAGE)),
+        other => panic!("{other}"),
+    }
+    assert_eq!(s.dev.counters().pages_mapped, 0, "nothing stays allocated");
+    assert_eq!(s.rt.stats().host_bytes, 0, "nor on the host");
+}
+
+#[test]
+fn a_slot_is_not_reused_before_its_done_event_fires() {
+    // Depth 0: one ring slot, so the next layer must overwrite this one's slot.
+    let (desc, src) = model(&[uniform(2, 2 * PAGE)]);
+    let s = setup(cfg(Mode::Sequential, Policy::Planned, 0, 64, None));
+    let m = s.rt.load(desc, src.clone()).unwrap();
+    let user = s.dev.create_stream().unwrap();
+    let done = s.dev.create_event().unwrap();
+    let g =
+        s.rt.acquire(LayerId {
+            model: m,
+            component: 0,
+            layer: 0,
+        })
+        .unwrap();
+    let view = g.tensor(0).unwrap();
+    let (ptr, len) = (view.ptr.0 as usize, view.bytes);
+    let expect = src.data[0][0][0].clone();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<bool>();
+    // The engine's "kernel": runs late, reads the layer through its pointer.
+    s.dev.stream_wait_event(user, g.ready_event()).unwrap();
+    s.dev
+        .launch_host_fn(
+            user,
+            Box::new(move || {
+                let _ = go_rx.recv_timeout(Duration::from_secs(20));
+                // SAFETY: on the host backend a device pointer is a host address;
+                // the runtime keeps the slot mapped and unchanged until `done` fires.
+                let now = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+                let _ = seen_tx.send(now == expect.as_slice());
+            }),
+        )
+        .unwrap();
+    s.dev.record_event(done, user).unwrap();
+    s.rt.release(g, done).unwrap();
+    // Layer 1 goes into the same slot; its upload must wait for `done`.
+    let g1 =
+        s.rt.acquire(LayerId {
+            model: m,
+            component: 0,
+            layer: 1,
+        })
+        .unwrap();
+    assert_eq!(g1.tensor(0).unwrap().ptr.0 as usize, ptr, "the same slot");
+    std::thread::sleep(Duration::from_millis(50));
+    go_tx.send(()).unwrap();
+    assert!(
+        seen_rx.recv_timeout(Duration::from_secs(20)).unwrap(),
+        "the slot changed under a live user"
+    );
+    let mut back = vec![0u8; len];
+    s.dev
+        .read_blocking(g1.tensor(0).unwrap().ptr, &mut back, s.compute)
+        .unwrap();
+    assert!(back == src.data[0][1][0]);
+}
+
+#[test]
+fn bad_requests_are_typed_errors() {
+    let (desc, src) = model(&[uniform(2, 6 * PAGE)]);
+    // A high watermark below the largest layer.
+    let s = setup(cfg(Mode::Balanced, Policy::Planned, 2, 64, Some(5)));
+    let m = s.rt.load(desc.clone(), src.clone()).unwrap();
+    match s
+        .rt
+        .acquire(LayerId {
+            model: m,
+            component: 0,
+            layer: 0,
+        })
+        .unwrap_err()
+    {
+        Error::BudgetTooSmall {
+            budget,
+            largest_layer,
+        } => assert_eq!((budget, largest_layer), (5 * PAGE, 6 * PAGE)),
+        other => panic!("{other}"),
+    }
+    let s = setup(cfg(Mode::Balanced, Policy::Planned, 2, 64, None));
+    let m = s.rt.load(desc, src).unwrap();
+    for (c, l) in [(1, 0), (0, 2)] {
+        let e =
+            s.rt.acquire(LayerId {
+                model: m,
+                component: c,
+                layer: l,
+            })
+            .unwrap_err();
+        assert!(matches!(e, Error::UnknownLayer { .. }), "{e}");
+    }
+    let g =
+        s.rt.acquire(LayerId {
+            model: m,
+            component: 0,
+            layer: 0,
+        })
+        .unwrap();
+    assert!(
+        matches!(s.rt.unload(m), Err(Error::UnknownLayer { .. })),
+        "unloading under a live guard"
+    );
+    drop(g);
+    s.rt.unload(m).unwrap();
+    let e =
+        s.rt.acquire(LayerId {
+            model: m,
+            component: 0,
+            layer: 0,
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("not loaded"), "{e}");
+    assert_eq!(s.dev.counters().pages_mapped, 0);
+    assert_eq!(s.rt.stats().host_bytes, 0);
+}
+
+#[test]
+fn staged_uploads_read_through_the_staging_ring() {
+    let (desc, src) = model(&[vec![
+        vec![3 * PAGE, 100],
+        vec![9 * PAGE + 5],
+        vec![PAGE],
+        vec![2 * PAGE],
+    ]]);
+    let mut c = cfg(Mode::Sequential, Policy::Planned, 1, 64, None);
+    c.host_policy = HostPolicy::Staged {
+        buffers: 2,
+        buffer_bytes: 2 * PAGE,
+        threads: 2,
+    };
+    let s = setup(c);
+    let m = s.rt.load(desc, src.clone()).unwrap();
+    assert_eq!(
+        s.rt.stats().host_bytes,
+        4 * PAGE,
+        "only the staging ring is held on the host"
+    );
+    // Staged uploads copy the tensors' bytes (not the alignment padding between them).
+    let total: u64 = (3 * PAGE + 100 + 9 * PAGE + 5 + PAGE + 2 * PAGE) as u64;
+    assert_eq!(pass(&s, m, &src, 0), total);
+    // Pass 2 also prefetches layer 0 (its two tensors) for pass 3.
+    assert_eq!(pass(&s, m, &src, 0), total + 3 * PAGE as u64 + 100);
+    for _ in 0..2 {
+        assert_eq!(pass(&s, m, &src, 0), total);
+    }
+    assert_eq!(s.rt.stats().bytes_h2d, s.dev.counters().bytes_h2d);
+}
+
+#[test]
+fn a_failing_source_is_an_error_and_the_layer_stays_unloaded() {
+    let (desc, src) = model(&[uniform(3, 2 * PAGE)]);
+    // The description says layer 1 is bigger than the source holds.
+    let mut desc = desc;
+    desc.components[0].layers[1].tensors[0].shape = vec![3 * PAGE];
+    desc.components[0].layers[1].tensors[0].bytes = 3 * PAGE;
+    let mut c = cfg(Mode::Sequential, Policy::Planned, 1, 64, None);
+    c.host_policy = HostPolicy::STAGED_DEFAULT;
+    let s = setup(c);
+    let m = s.rt.load(desc.clone(), src.clone()).unwrap();
+    drop(
+        s.rt.acquire(LayerId {
+            model: m,
+            component: 0,
+            layer: 0,
+        })
+        .unwrap(),
+    );
+    let e =
+        s.rt.acquire(LayerId {
+            model: m,
+            component: 0,
+            layer: 1,
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("past its"), "{e}");
+    // Layer 2 still works.
+    drop(
+        s.rt.acquire(LayerId {
+            model: m,
+            component: 0,
+            layer: 2,
+        })
+        .unwrap(),
+    );
+    // With the pinned policy the same fault stops the load, and nothing is left allocated.
+    let s = setup(cfg(Mode::Sequential, Policy::Planned, 1, 64, None));
+    let e = s.rt.load(desc, src).unwrap_err();
+    assert!(e.to_string().contains("past its"), "{e}");
+    assert_eq!(s.rt.stats().host_bytes, 0);
+}
+
+#[test]
+fn dropping_the_runtime_returns_every_page() {
+    let (desc, src) = model(&[uniform(5, 3 * PAGE), uniform(3, PAGE)]);
+    let dev;
+    {
+        let s = setup(cfg(Mode::Balanced, Policy::Planned, 2, 64, Some(20)));
+        dev = s.dev.clone();
+        let m = s.rt.load(desc, src.clone()).unwrap();
+        pass(&s, m, &src, 0);
+        pass(&s, m, &src, 1);
+        assert!(dev.counters().pages_mapped > 0);
+    }
+    let c = dev.counters();
+    assert_eq!(
+        (c.pages_allocated, c.pages_mapped, c.ranges_reserved),
+        (0, 0, 0)
+    );
+}
