@@ -6,103 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use offload_runtime::device::{Device, DeviceExt, HostConfig, HostDevice, StreamId};
-use offload_runtime::model::{
-    ComponentDesc, DType, LayerDesc, ModelDesc, Pin, SourceError, TensorDesc, WeightSource,
-};
 use offload_runtime::residency::{
     HostPolicy, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig,
 };
 use offload_runtime::Error;
 
-const PAGE: usize = 4096;
+mod common;
 
-/// Weights held in memory: component → layer → tensor bytes.
-struct MemSource {
-    data: Vec<Vec<Vec<Vec<u8>>>>,
-}
-
-impl WeightSource for MemSource {
-    fn read(
-        &self,
-        c: usize,
-        l: usize,
-        t: usize,
-        offset: usize,
-        dst: &mut [u8],
-    ) -> Result<(), SourceError> {
-        let src = self
-            .data
-            .get(c)
-            .and_then(|c| c.get(l))
-            .and_then(|l| l.get(t))
-            .ok_or_else(|| SourceError {
-                what: format!("tensor {c}/{l}/{t}"),
-                message: "no such tensor".into(),
-            })?;
-        let end = offset + dst.len();
-        if end > src.len() {
-            return Err(SourceError {
-                what: format!("tensor {c}/{l}/{t}"),
-                message: format!("read {offset}..{end} past its {} bytes", src.len()),
-            });
-        }
-        dst.copy_from_slice(&src[offset..end]);
-        Ok(())
-    }
-}
-
-fn bytes_for(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// A model from tensor sizes: `comps[c][l]` lists the tensor byte sizes of layer l of component c.
-fn model(comps: &[Vec<Vec<usize>>]) -> (ModelDesc, Arc<MemSource>) {
-    let mut data = Vec::new();
-    let mut components = Vec::new();
-    for (ci, c) in comps.iter().enumerate() {
-        let mut cd = Vec::new();
-        let mut layers = Vec::new();
-        for (li, l) in c.iter().enumerate() {
-            let mut ld = Vec::new();
-            let mut tensors = Vec::new();
-            for (ti, &n) in l.iter().enumerate() {
-                ld.push(bytes_for((ci * 1000 + li * 10 + ti) as u64 + 1, n));
-                tensors.push(TensorDesc {
-                    name: format!("c{ci}.l{li}.t{ti}"),
-                    dtype: DType::U8,
-                    shape: vec![n],
-                    bytes: n,
-                });
-            }
-            cd.push(ld);
-            layers.push(LayerDesc {
-                name: format!("layer{li}"),
-                tensors,
-            });
-        }
-        data.push(cd);
-        components.push(ComponentDesc {
-            name: format!("comp{ci}"),
-            layers,
-            pin: Pin::Auto,
-        });
-    }
-    (
-        ModelDesc {
-            name: "test".into(),
-            components,
-        },
-        Arc::new(MemSource { data }),
-    )
-}
+use common::{model, uniform, MemSource, PAGE};
 
 struct Setup {
     dev: Arc<HostDevice>,
@@ -169,15 +80,7 @@ fn pass(s: &Setup, m: ModelId, src: &MemSource, c: usize) -> u64 {
         drop(g);
     }
     s.rt.synchronize().unwrap();
-    let moved = s.rt.stats().bytes_h2d - before;
-    if std::env::var("OFFLOAD_DEBUG").is_ok() {
-        eprintln!("pass over component {c}: {moved} bytes");
-    }
-    moved
-}
-
-fn uniform(layers: usize, bytes: usize) -> Vec<Vec<usize>> {
-    vec![vec![bytes]; layers]
+    s.rt.stats().bytes_h2d - before
 }
 
 #[test]

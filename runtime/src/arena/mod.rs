@@ -369,7 +369,9 @@ impl<D: Device + ?Sized> Arena<D> {
 
     /// Make `pages` pages available, reclaiming deferred frees whose events have fired; else OutOfMemory.
     fn ensure_available(&self, inner: &mut Inner, pages: usize, size: usize) -> Result<()> {
-        if inner.pool.available() < pages && !inner.deferred.is_empty() {
+        // Deferred frees whose events fired go back first, so the pages in
+        // use (and their peak) never count memory that is free.
+        if !inner.deferred.is_empty() {
             self.reclaim_locked(inner)?;
         }
         let free_pages = inner.pool.available();
@@ -427,11 +429,8 @@ impl<D: Device + ?Sized> Arena<D> {
         let mut released = 0;
         let mut i = 0;
         while i < inner.deferred.len() {
-            if self
-                .device
-                .event_query(inner.deferred[i].1)
-                .unwrap_or(false)
-            {
+            // An event whose work failed (or that is gone) will not fire later: release too.
+            if self.device.event_query(inner.deferred[i].1).unwrap_or(true) {
                 let (live, _) = inner.deferred.swap_remove(i);
                 inner.deferred_pages -= live.pages_held();
                 self.release_live(inner, live)?;
@@ -576,9 +575,19 @@ impl<D: Device + ?Sized> Arena<D> {
         self.lock().pool.reset_peak()
     }
 
-    /// Free pages now (capacity minus pages in use).
+    /// Pages of freed allocations still waiting for their event.
+    pub fn pages_deferred(&self) -> usize {
+        self.lock().deferred_pages
+    }
+
+    /// Free pages now (capacity minus pages in use), after releasing deferred
+    /// frees whose events have fired.
     pub fn pages_free(&self) -> usize {
-        self.lock().pool.available()
+        let mut inner = self.lock();
+        if !inner.deferred.is_empty() {
+            let _ = self.reclaim_locked(&mut inner);
+        }
+        inner.pool.available()
     }
 
     /// Pages in use now (page allocations, slab pages, deferred frees); cheaper than [`Arena::stats`].

@@ -112,12 +112,28 @@ impl Link {
     }
 }
 
+/// Recordings of one event. Each `record_event` is a new epoch; recordings
+/// on different streams may complete out of order, so completion is kept per
+/// epoch (all epochs up to `low` are complete, plus those in `done`), and a
+/// wait for epoch `e` waits for that recording only, as with CUDA, where a
+/// wait refers to the recording captured when it was queued.
 #[derive(Default)]
 struct EventInner {
     recorded: u64,
-    completed: u64,
-    /// Failure of the stream work the latest completed recording covers, and the stream.
-    failed: Option<(StreamId, String)>,
+    low: u64,
+    done: std::collections::BTreeSet<u64>,
+    /// Failures of the stream work that recent recordings covered, by epoch.
+    failed: BTreeMap<u64, (StreamId, String)>,
+}
+
+impl EventInner {
+    fn is_complete(&self, epoch: u64) -> bool {
+        epoch <= self.low || self.done.contains(&epoch)
+    }
+
+    fn failure(&self, epoch: u64) -> Option<&(StreamId, String)> {
+        self.failed.get(&epoch)
+    }
 }
 
 #[derive(Default)]
@@ -129,17 +145,29 @@ struct EventState {
 impl EventState {
     fn complete(&self, epoch: u64, failed: Option<(StreamId, String)>) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if epoch > g.completed {
-            g.completed = epoch;
-            g.failed = failed;
+        if epoch > g.low {
+            g.done.insert(epoch);
+            loop {
+                let next = g.low + 1;
+                if !g.done.remove(&next) {
+                    break;
+                }
+                g.low = next;
+            }
         }
+        if let Some(f) = failed {
+            g.failed.insert(epoch, f);
+        }
+        // Only recent recordings can still be asked about.
+        let keep_from = g.recorded.saturating_sub(64);
+        g.failed.retain(|&e, _| e >= keep_from);
         drop(g);
         self.cv.notify_all();
     }
 
     fn wait_for(&self, epoch: u64, deadline: Option<Instant>) -> std::result::Result<(), ()> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        while g.completed < epoch {
+        while !g.is_complete(epoch) {
             match deadline {
                 None => g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner()),
                 Some(d) => {
@@ -868,7 +896,9 @@ impl Device for HostDevice {
         // epoch that is not yet queued.
         let sent = tx.send(Op::Record(ev.clone(), epoch));
         if sent.is_err() {
-            g.recorded -= 1;
+            // The epoch will never complete: mark it done so waits on it end.
+            drop(g);
+            ev.complete(epoch, Some((stream, "stream destroyed".into())));
             return Err(Error::UnknownStream(stream));
         }
         Ok(())
@@ -883,10 +913,10 @@ impl Device for HostDevice {
     fn event_query(&self, event: EventId) -> Result<bool> {
         let ev = self.event(event)?;
         let g = ev.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if g.completed < g.recorded {
+        if !g.is_complete(g.recorded) {
             return Ok(false);
         }
-        match &g.failed {
+        match g.failure(g.recorded) {
             Some((stream, msg)) => Err(Error::StreamFailed {
                 stream: *stream,
                 message: msg.clone(),
@@ -905,7 +935,7 @@ impl Device for HostDevice {
                 waited_ms: start.elapsed().as_millis() as u64,
             })?;
         let g = ev.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match &g.failed {
+        match g.failure(epoch) {
             Some((stream, msg)) => Err(Error::StreamFailed {
                 stream: *stream,
                 message: msg.clone(),
@@ -1174,6 +1204,53 @@ mod tests {
             seen.load(Ordering::SeqCst),
             "stream b ran before the event it waited for"
         );
+    }
+
+    #[test]
+    fn a_wait_refers_to_the_recording_it_captured() {
+        use std::sync::atomic::AtomicBool;
+        // E recorded on a blocked stream A; C waits on it; E re-recorded on an
+        // idle stream B completes first. C must still wait for A's recording.
+        let dev = small(None);
+        let (a, b, c) = (
+            dev.create_stream().unwrap(),
+            dev.create_stream().unwrap(),
+            dev.create_stream().unwrap(),
+        );
+        let e = dev.create_event().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let a_done = Arc::new(AtomicBool::new(false));
+        let flag = a_done.clone();
+        dev.launch_host_fn(
+            a,
+            Box::new(move || {
+                let _ = rx.recv_timeout(Duration::from_secs(20));
+                flag.store(true, Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        dev.record_event(e, a).unwrap();
+        dev.stream_wait_event(c, e).unwrap();
+        dev.record_event(e, b).unwrap();
+        dev.stream_synchronize(b).unwrap();
+        let seen = Arc::new(AtomicBool::new(false));
+        let (flag, s2) = (a_done.clone(), seen.clone());
+        dev.launch_host_fn(
+            c,
+            Box::new(move || s2.store(flag.load(Ordering::SeqCst), Ordering::SeqCst)),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        // As with CUDA, a query asks about the latest recording (B's): complete.
+        assert!(dev.event_query(e).unwrap());
+        assert!(!seen.load(Ordering::SeqCst));
+        tx.send(()).unwrap();
+        dev.stream_synchronize(c).unwrap();
+        assert!(
+            seen.load(Ordering::SeqCst),
+            "C ran before the recording it waited for"
+        );
+        assert!(dev.event_query(e).unwrap());
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub(crate) struct Slot {
     pub(crate) alloc: AllocId,
     pub(crate) ptr: DevicePtr,
     pub(crate) holds: Option<usize>,
+    /// The layer uploaded into the slot last (its ready event covers every copy into it).
+    pub(crate) last: Option<usize>,
 }
 
 /// Mutable state of a component, behind its own lock.

@@ -483,6 +483,7 @@ impl Runtime {
         }
         // Queued copies from the host copy must finish before it is freed.
         sh.device.stream_synchronize(sh.copy)?;
+        sh.arena.reclaim_all(Some(sh.cfg.wait_timeout))?;
         for c in &m.comps {
             for &e in &c.ready {
                 let _ = sh.device.destroy_event(e);
@@ -521,8 +522,10 @@ impl Runtime {
         Counters::add(&sh.counters.acquires, 1);
         let mut recorded = false;
         let mut room_tries = 0;
+        // Once other components cannot make room, this one's own idle layers may go.
+        let mut squeeze = false;
         loop {
-            match sh.try_acquire(&model, id, &mut recorded) {
+            match sh.try_acquire(&model, id, &mut recorded, squeeze) {
                 Ok(g) => return Ok(g),
                 Err(Attempt::NotStarted) => sh.start_component(&model, id.component)?,
                 Err(Attempt::NeedRoom(pages)) => {
@@ -536,7 +539,11 @@ impl Runtime {
                             free_pages: free,
                         });
                     }
-                    sh.make_room(pages, Some((id.model, id.component)))?;
+                    match sh.make_room(pages, Some((id.model, id.component))) {
+                        Ok(()) => {}
+                        Err(e) if e.is_retryable_oom() && !squeeze => squeeze = true,
+                        Err(e) => return Err(e),
+                    }
                 }
                 Err(Attempt::Fail(e)) => return Err(e),
             }
@@ -698,6 +705,7 @@ impl Shared {
         model: &Arc<ModelRt>,
         id: LayerId,
         recorded: &mut bool,
+        squeeze: bool,
     ) -> Result<LayerGuard, Attempt> {
         let comp = &model.comps[id.component];
         let mut st = comp.lock();
@@ -739,8 +747,19 @@ impl Shared {
         };
         let mut protected = upcoming.clone();
         protected.push(l);
+        // A layer the plan left out (it was skipped when the plan was made)
+        // and that fits neither the resident set nor a ring slot: plan again with it.
+        let unplanned = st.plan.as_ref().is_some_and(|p| {
+            !p.resident[l] && (p.slots == 0 || comp.layer_pages[l] > p.slot_pages)
+        });
+        if unplanned && st.layers[l].place == Place::Host && st.layers.iter().all(|x| x.users == 0)
+        {
+            st.order.include(l);
+            self.offload_locked(comp, &mut st, true)?;
+            return Err(Attempt::NotStarted);
+        }
         let hit = st.layers[l].place != Place::Host;
-        self.ensure_loaded(model, id.component, &mut st, l, &protected)?;
+        self.ensure_loaded(model, id.component, &mut st, l, &protected, squeeze)?;
         if hit {
             Counters::add(&self.counters.hits, 1);
         }
@@ -749,7 +768,7 @@ impl Shared {
         // Prefetch, best effort: the streamed layers that come next, then resident ones not loaded yet.
         for &u in &upcoming {
             if self
-                .ensure_loaded(model, id.component, &mut st, u, &protected)
+                .ensure_loaded(model, id.component, &mut st, u, &protected, false)
                 .is_err()
             {
                 break;
@@ -766,7 +785,7 @@ impl Shared {
             };
             for u in pending {
                 if self
-                    .ensure_loaded(model, id.component, &mut st, u, &protected)
+                    .ensure_loaded(model, id.component, &mut st, u, &protected, false)
                     .is_err()
                 {
                     break;
@@ -843,6 +862,7 @@ impl Shared {
         st: &mut CompState,
         l: usize,
         protected: &[usize],
+        squeeze: bool,
     ) -> Result<(), Attempt> {
         if st.layers[l].place != Place::Host {
             return Ok(());
@@ -855,12 +875,17 @@ impl Shared {
         if streamed {
             let s = self.pick_slot(comp, st, l, protected)?;
             let mut waits = Vec::new();
+            if let Some(job) = st.ring[s].holds.and_then(|o| st.layers[o].job.clone()) {
+                // Our own upload into the slot must be queued before the next one.
+                let _ = job.wait(self.cfg.wait_timeout);
+            }
             if let Some(o) = st.ring[s].holds.take() {
                 waits = st.layers[o].done.drain(..).map(|(_, e)| e).collect();
                 st.layers[o].place = Place::Host;
                 st.layers[o].job = None;
             }
             st.ring[s].holds = Some(l);
+            st.ring[s].last = Some(l);
             st.layers[l].place = Place::Slot(s);
             let dst = st.ring[s].ptr;
             if let Err(e) = self.upload(model, ci, st, l, dst, waits) {
@@ -892,17 +917,26 @@ impl Shared {
                 }
                 return Ok(());
             }
-            // No room: evict this component's least recently used idle layer.
-            let victim = (0..st.layers.len())
-                .filter(|&v| {
-                    let s = &st.layers[v];
-                    matches!(s.place, Place::Alloc(..))
-                        && s.users == 0
-                        && !protected.contains(&v)
-                        && !s.job_pending()
-                })
-                .min_by_key(|&v| st.layers[v].last_use);
-            let own_evict = over_cap || (self.cfg.policy == Policy::Lru && !st.all_resident);
+            // No room: evict this component's least recently used idle layer;
+            // for the layer being acquired, a prefetched one if nothing else.
+            let current = protected.last() == Some(&l);
+            let unused = |v: usize| {
+                let s = &st.layers[v];
+                v != l && matches!(s.place, Place::Alloc(..)) && s.users == 0
+            };
+            let idle = |v: usize| unused(v) && !st.layers[v].job_pending();
+            let lru = |f: &dyn Fn(usize) -> bool| {
+                (0..st.layers.len())
+                    .filter(|&v| f(v))
+                    .min_by_key(|&v| st.layers[v].last_use)
+            };
+            // Then, for the layer being acquired: a prefetched layer, and last
+            // a layer whose staged upload is still being queued (evict waits for it).
+            let victim = lru(&|v| idle(v) && !protected.contains(&v))
+                .or_else(|| if current { lru(&idle) } else { None })
+                .or_else(|| if current { lru(&unused) } else { None });
+            let own_evict =
+                over_cap || squeeze || (self.cfg.policy == Policy::Lru && !st.all_resident);
             match victim {
                 Some(v) if own_evict => self.evict(comp, st, v)?,
                 _ if over_cap => {
@@ -917,7 +951,9 @@ impl Shared {
     }
 
     /// A ring slot for streamed layer `l`: an empty one, else the one whose
-    /// layer is needed farthest in the future among those not in use.
+    /// layer is needed farthest in the future among those not in use and not
+    /// about to be used. For the layer being acquired (not a prefetch), a
+    /// prefetched layer that is not in use may be displaced as a last resort.
     fn pick_slot(
         &self,
         comp: &CompRt,
@@ -928,19 +964,39 @@ impl Shared {
         if let Some(s) = st.ring.iter().position(|s| s.holds.is_none()) {
             return Ok(s);
         }
-        st.ring
-            .iter()
-            .enumerate()
-            .filter_map(|(s, slot)| slot.holds.map(|o| (s, o)))
-            .filter(|&(_, o)| {
-                !protected.contains(&o) && st.layers[o].users == 0 && !st.layers[o].job_pending()
-            })
-            .max_by_key(|&(_, o)| st.order.distance(l, o))
-            .map(|(s, _)| s)
+        let idle = |o: usize| st.layers[o].users == 0 && !st.layers[o].job_pending();
+        let farthest = |allow_protected: bool| {
+            st.ring
+                .iter()
+                .enumerate()
+                .filter_map(|(s, slot)| slot.holds.map(|o| (s, o)))
+                .filter(|&(_, o)| o != l && idle(o) && (allow_protected || !protected.contains(&o)))
+                .max_by_key(|&(_, o)| st.order.distance(l, o))
+                .map(|(s, _)| s)
+        };
+        let current = protected.last() == Some(&l);
+        // Last resort for the layer being acquired: a slot whose staged upload
+        // is still being queued (the caller waits for it).
+        let queued = || {
+            st.ring
+                .iter()
+                .enumerate()
+                .filter_map(|(s, slot)| slot.holds.map(|o| (s, o)))
+                .filter(|&(_, o)| o != l && st.layers[o].users == 0)
+                .max_by_key(|&(_, o)| st.order.distance(l, o))
+                .map(|(s, _)| s)
+        };
+        farthest(false)
+            .or_else(|| if current { farthest(true) } else { None })
+            .or_else(|| if current { queued() } else { None })
             .ok_or_else(|| {
                 Attempt::Fail(Error::AllInUse {
                     component: comp.name.clone(),
-                    in_use: st.ring.len(),
+                    in_use: st
+                        .ring
+                        .iter()
+                        .filter(|s| s.holds.is_some_and(|o| !idle(o)))
+                        .count(),
                 })
             })
     }
@@ -958,9 +1014,6 @@ impl Shared {
         let comp = &model.comps[ci];
         let ready = comp.ready[l];
         let total = comp.layer_bytes[l].total;
-        if std::env::var("OFFLOAD_DEBUG").is_ok() {
-            eprintln!("upload {} ({total} bytes) to {dst}", comp.layer_names[l]);
-        }
         if let Some(stager) = &self.stager {
             let done = Arc::new(JobDone::default());
             st.layers[l].job = Some(done.clone());
@@ -1029,6 +1082,11 @@ impl Shared {
 
     /// Wait for the users of layer `l` (its own allocation) and free it.
     fn evict(&self, comp: &CompRt, st: &mut CompState, l: usize) -> Result<()> {
+        // A staged upload still being queued must be queued before the pages
+        // are freed behind its ready event.
+        if let Some(j) = st.layers[l].job.clone() {
+            let _ = j.wait(self.cfg.wait_timeout);
+        }
         for (_, e) in std::mem::take(&mut st.layers[l].done) {
             self.device.event_wait(e, Some(self.cfg.wait_timeout))?;
             self.recycle(e);
@@ -1038,11 +1096,20 @@ impl Shared {
         Ok(())
     }
 
-    /// Forget layer `l`'s device copy (its users must be done).
+    /// Forget layer `l`'s device copy (its users must be done; a queued upload may still run).
     fn drop_device_copy(&self, comp: &CompRt, st: &mut CompState, l: usize) {
         match st.layers[l].place {
             Place::Alloc(a, _) => {
-                let _ = self.arena.free(a);
+                // Its upload may still be queued: the pages are reused only
+                // after the ready event (recorded after the copy) fires. Later
+                // recordings of that event are on the same copy stream, so
+                // they fire after this one.
+                if self.arena.free_after(a, comp.ready[l]).is_err() {
+                    let _ = self
+                        .device
+                        .event_wait(comp.ready[l], Some(self.cfg.wait_timeout));
+                    let _ = self.arena.free(a);
+                }
                 st.pages -= comp.layer_pages[l];
             }
             Place::Slot(s) => st.ring[s].holds = None,
@@ -1055,6 +1122,14 @@ impl Shared {
     /// Give back a component's device memory: idle layers, and the ring if
     /// no slot is in use. `all` also forgets its plan, so the next acquire re-plans.
     fn offload_locked(&self, comp: &CompRt, st: &mut CompState, all: bool) -> Result<()> {
+        // Staged uploads still being queued are ours, not users': let them finish.
+        for l in 0..st.layers.len() {
+            if let Some(j) = st.layers[l].job.clone() {
+                if j.wait(self.cfg.wait_timeout).is_err() {
+                    self.drop_device_copy(comp, st, l);
+                }
+            }
+        }
         let busy = |s: &LayerState| s.users > 0 || s.job_pending();
         for l in 0..st.layers.len() {
             if matches!(st.layers[l].place, Place::Alloc(..)) && !busy(&st.layers[l]) {
@@ -1077,7 +1152,15 @@ impl Shared {
                 }
             }
             for slot in std::mem::take(&mut st.ring) {
-                let _ = self.arena.free(slot.alloc);
+                // The last upload into the slot may still be queued: free after its ready event.
+                let freed = match slot.last {
+                    Some(o) => self.arena.free_after(slot.alloc, comp.ready[o]),
+                    None => self.arena.free(slot.alloc),
+                };
+                if freed.is_err() {
+                    let _ = self.device.stream_synchronize(self.copy);
+                    let _ = self.arena.free(slot.alloc);
+                }
                 st.pages -= st.plan.as_ref().map_or(0, |p| p.slot_pages);
             }
         }
@@ -1139,9 +1222,23 @@ impl Shared {
             if done(self) {
                 return Ok(());
             }
+            // Pages whose uploads are still queued come back when those finish.
+            if self.arena.pages_deferred() > 0 {
+                self.arena.reclaim_all(Some(self.cfg.wait_timeout))?;
+                if done(self) {
+                    return Ok(());
+                }
+            }
         }
         if down_to.is_some() {
             return Ok(());
+        }
+        // Pages freed behind uploads still in flight come back when those finish.
+        if self.arena.pages_deferred() > 0 {
+            self.arena.reclaim_all(Some(self.cfg.wait_timeout))?;
+            if done(self) {
+                return Ok(());
+            }
         }
         let free = self.arena.pages_free();
         Err(Error::OutOfMemory {
@@ -1237,6 +1334,7 @@ impl Shared {
                         alloc: a,
                         ptr: self.arena.ptr(a)?,
                         holds: None,
+                        last: None,
                     }),
                     Err(e) => {
                         for s in ring {
@@ -1257,7 +1355,7 @@ impl Shared {
         st.started = true;
         if all_resident {
             for l in 0..comp.layer_pages.len() {
-                match self.ensure_loaded(model, ci, &mut st, l, &[]) {
+                match self.ensure_loaded(model, ci, &mut st, l, &[], false) {
                     Ok(()) => {}
                     Err(Attempt::Fail(e)) => return Err(e),
                     Err(_) => {

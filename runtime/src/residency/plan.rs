@@ -166,6 +166,16 @@ impl Order {
         }
     }
 
+    /// Add `layer` to the prediction (at the end) if it is not in it; true if it was added.
+    pub(crate) fn include(&mut self, layer: usize) -> bool {
+        if self.pos[layer].is_some() {
+            return false;
+        }
+        self.pos[layer] = Some(self.seq.len());
+        self.seq.push(layer);
+        true
+    }
+
     /// Passes completed (a layer was acquired again).
     pub(crate) fn passes(&self) -> usize {
         self.passes

@@ -1,0 +1,104 @@
+//! Helpers shared by the residency tests: an in-memory weight source and a
+//! model built from tensor sizes.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use offload_runtime::model::{
+    ComponentDesc, DType, LayerDesc, ModelDesc, Pin, SourceError, TensorDesc, WeightSource,
+};
+
+pub const PAGE: usize = 4096;
+
+/// Weights held in memory: component → layer → tensor bytes.
+pub struct MemSource {
+    pub data: Vec<Vec<Vec<Vec<u8>>>>,
+}
+
+impl WeightSource for MemSource {
+    fn read(
+        &self,
+        c: usize,
+        l: usize,
+        t: usize,
+        offset: usize,
+        dst: &mut [u8],
+    ) -> Result<(), SourceError> {
+        let src = self
+            .data
+            .get(c)
+            .and_then(|c| c.get(l))
+            .and_then(|l| l.get(t))
+            .ok_or_else(|| SourceError {
+                what: format!("tensor {c}/{l}/{t}"),
+                message: "no such tensor".into(),
+            })?;
+        let end = offset + dst.len();
+        if end > src.len() {
+            return Err(SourceError {
+                what: format!("tensor {c}/{l}/{t}"),
+                message: format!("read {offset}..{end} past its {} bytes", src.len()),
+            });
+        }
+        dst.copy_from_slice(&src[offset..end]);
+        Ok(())
+    }
+}
+
+pub fn bytes_for(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A model from tensor sizes: `comps[c][l]` lists the tensor byte sizes of layer l of component c.
+pub fn model(comps: &[Vec<Vec<usize>>]) -> (ModelDesc, Arc<MemSource>) {
+    let mut data = Vec::new();
+    let mut components = Vec::new();
+    for (ci, c) in comps.iter().enumerate() {
+        let mut cd = Vec::new();
+        let mut layers = Vec::new();
+        for (li, l) in c.iter().enumerate() {
+            let mut ld = Vec::new();
+            let mut tensors = Vec::new();
+            for (ti, &n) in l.iter().enumerate() {
+                ld.push(bytes_for((ci * 1000 + li * 10 + ti) as u64 + 1, n));
+                tensors.push(TensorDesc {
+                    name: format!("c{ci}.l{li}.t{ti}"),
+                    dtype: DType::U8,
+                    shape: vec![n],
+                    bytes: n,
+                });
+            }
+            cd.push(ld);
+            layers.push(LayerDesc {
+                name: format!("layer{li}"),
+                tensors,
+            });
+        }
+        data.push(cd);
+        components.push(ComponentDesc {
+            name: format!("comp{ci}"),
+            layers,
+            pin: Pin::Auto,
+        });
+    }
+    (
+        ModelDesc {
+            name: "test".into(),
+            components,
+        },
+        Arc::new(MemSource { data }),
+    )
+}
+
+/// Layers of one tensor of `bytes` bytes each.
+pub fn uniform(layers: usize, bytes: usize) -> Vec<Vec<usize>> {
+    vec![vec![bytes]; layers]
+}
