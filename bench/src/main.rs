@@ -6,6 +6,8 @@
 //! arena benchmark with its options.
 
 mod arena_bench;
+mod cmd_inspect;
+mod cmd_synth;
 mod null_device;
 mod rng;
 mod sdxl;
@@ -30,6 +32,10 @@ enum Command {
     Bench(Bench),
     /// Print the device that would be used, and why.
     Device,
+    /// Print the layout of model files and what LoRA files are and match.
+    Inspect(cmd_inspect::InspectArgs),
+    /// Write a synthetic checkpoint (and optionally a LoRA) for benchmarks.
+    Synth(cmd_synth::SynthArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -113,6 +119,8 @@ fn main() -> ExitCode {
             .map(|s| println!("{}", s.reason))
             .map_err(|e| e.to_string()),
         Some(Command::Bench(Bench::Arena(a))) => bench_arena(a),
+        Some(Command::Inspect(a)) => cmd_inspect::run(a),
+        Some(Command::Synth(a)) => cmd_synth::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
