@@ -2,7 +2,8 @@
 
 use crate::dtype::Dtype;
 
-/// Everything that can go wrong when describing or running a merge.
+/// Everything that can go wrong when describing or running a merge or a
+/// matrix product ([`matmul_xwt`](crate::matmul_xwt)).
 ///
 /// Every variant names the numbers involved and, for adapter factors, the
 /// index of the adapter in the list passed to
@@ -144,6 +145,23 @@ pub enum KernelError {
     Unsupported {
         /// What is not supported, with the numbers.
         what: String,
+    },
+
+    /// An f32 operand of a matrix product (the activations `x` or the
+    /// output `y` of [`matmul_xwt`](crate::matmul_xwt)) has the wrong
+    /// length.
+    #[error("{what} holds {actual} f32 values, but as a {rows}x{cols} matrix it needs {expected}")]
+    MatrixLength {
+        /// `"activations x"` or `"output y"`.
+        what: &'static str,
+        /// Rows the matrix should have.
+        rows: usize,
+        /// Columns the matrix should have.
+        cols: usize,
+        /// Values the shape needs.
+        expected: usize,
+        /// Values given.
+        actual: usize,
     },
 
     /// A size computation overflowed `usize`.

@@ -13,6 +13,10 @@
 //!   backend's kernel).
 //! - `cuda` (feature `cuda`) holds the CUDA C source for NVRTC and the
 //!   layout of its launch parameters.
+//!
+//! [`matmul_xwt`] is the host backend's layer compute: `Y = X · Wᵀ` for an
+//! f32 activation batch and an f32/f16/bf16 weight as stored, blocked and
+//! multi-threaded ([`gemm`] documents it).
 #![warn(missing_docs)]
 
 pub mod cpu;
@@ -20,9 +24,11 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod gemm;
 pub mod merge;
 
 pub use cpu::{default_threads, merge_cpu};
 pub use dtype::Dtype;
 pub use error::{KernelError, Result};
+pub use gemm::{matmul_flops, matmul_xwt, weight_matrix_dims};
 pub use merge::{Adapter, Delta, Factor, KronFactor, MergeSpec};

@@ -74,9 +74,10 @@ pub fn merge_cpu(
     merge_with(w, spec, threads, Isa::detect())
 }
 
-/// Instruction sets the inner loops are compiled for.
+/// Instruction sets the inner loops are compiled for (shared with
+/// [`crate::gemm`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
+pub(crate) enum Isa {
     /// Baseline code, separate multiply and add.
     Portable,
     /// AVX2, FMA and F16C; holds the proof that the CPU has them.
@@ -86,7 +87,7 @@ enum Isa {
 
 impl Isa {
     /// The best instruction set this CPU supports.
-    fn detect() -> Isa {
+    pub(crate) fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         if let Some(token) = x86::Avx2Fma::detect() {
             return Isa::Avx2Fma(token);
@@ -96,7 +97,7 @@ impl Isa {
 
     /// Every instruction set this CPU supports (for tests).
     #[cfg(test)]
-    fn available() -> Vec<Isa> {
+    pub(crate) fn available() -> Vec<Isa> {
         let mut all = vec![Isa::Portable];
         if Isa::detect() != Isa::Portable {
             all.push(Isa::detect());
@@ -106,7 +107,7 @@ impl Isa {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::{
         __m128i, __m256, _mm256_cvtph_ps, _mm256_cvtps_ph, _MM_FROUND_TO_NEAREST_INT,
     };
@@ -114,10 +115,10 @@ mod x86 {
     /// Proof that the CPU supports AVX2, FMA and F16C: only
     /// [`Avx2Fma::detect`] makes one, after asking the CPU.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub(super) struct Avx2Fma(());
+    pub(crate) struct Avx2Fma(());
 
     impl Avx2Fma {
-        pub(super) fn detect() -> Option<Avx2Fma> {
+        pub(crate) fn detect() -> Option<Avx2Fma> {
             (std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
                 && std::arch::is_x86_feature_detected!("f16c"))
@@ -126,7 +127,7 @@ mod x86 {
 
         /// Eight little-endian f16 values to f32, exactly (`vcvtph2ps`).
         #[inline(always)]
-        pub(super) fn f16x8_to_f32(self, bytes: [u8; 16]) -> [f32; 8] {
+        pub(crate) fn f16x8_to_f32(self, bytes: [u8; 16]) -> [f32; 8] {
             let h: __m128i = bytemuck::cast(bytes);
             // SAFETY: `self` proves that the CPU supports F16C, the only
             // requirement of this intrinsic; it takes and returns values.
@@ -137,7 +138,7 @@ mod x86 {
         /// Eight f32 values to little-endian f16, rounded to nearest, ties
         /// to even (`vcvtps2ph` with immediate 0).
         #[inline(always)]
-        pub(super) fn f32x8_to_f16(self, values: [f32; 8]) -> [u8; 16] {
+        pub(crate) fn f32x8_to_f16(self, values: [f32; 8]) -> [u8; 16] {
             let f: __m256 = bytemuck::cast(values);
             // SAFETY: as in `f16x8_to_f32`.
             let h: __m128i = unsafe { _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(f) };
@@ -211,7 +212,7 @@ fn merge_with(
 
 /// The instruction-set-specific pieces of the inner loops. A value of the
 /// type proves the CPU can run them.
-trait Simd: Copy {
+pub(crate) trait Simd: Copy {
     /// `a · b + c`.
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
 
@@ -234,7 +235,7 @@ trait Simd: Copy {
 
 /// The baseline: separate multiply and add, software f16 conversions.
 #[derive(Clone, Copy)]
-struct Plain;
+pub(crate) struct Plain;
 
 impl Simd for Plain {
     #[inline(always)]
@@ -435,7 +436,7 @@ fn kron_row<M: Simd>(acc: &mut [f32], c0: usize, w1row: &[f32], w2row: &[f32]) {
 /// Decodes little-endian `dtype` elements from `bytes` into `out`
 /// (`bytes.len() == out.len() · size`).
 #[inline(always)]
-fn decode<M: Simd>(simd: M, dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+pub(crate) fn decode<M: Simd>(simd: M, dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
     match dtype {
         Dtype::F32 => {
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
