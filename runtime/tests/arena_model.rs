@@ -345,7 +345,8 @@ fn freed_pages_are_poisoned_so_stale_reads_show() {
     arena.free(id).unwrap();
     arena.trim();
     let mut raw = vec![0u8; PAGE];
-    dev.read_physical(page, 0, &mut raw).unwrap();
+    // SAFETY: every stream is idle (the copies above were synchronised).
+    unsafe { dev.read_physical(page, 0, &mut raw).unwrap() };
     assert!(raw
         .iter()
         .all(|&b| b == offload_runtime::device::host::POISON));

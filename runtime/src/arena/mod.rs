@@ -66,32 +66,37 @@ use slab::Slab;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Tag(pub u32);
 
-/// A handle to a live allocation. Using it after it was freed is an
-/// [`Error::UnknownAllocation`], never a use of someone else's memory.
+/// A handle to a live allocation of one arena. Using it after it was freed,
+/// or with another arena, is an [`Error::UnknownAllocation`], never a use of
+/// someone else's memory.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AllocId(u64);
+pub struct AllocId {
+    arena: u32,
+    index: u32,
+    generation: u64,
+}
 
 impl AllocId {
-    fn new(index: u32, generation: u32) -> Self {
-        AllocId(((generation as u64) << 32) | index as u64)
-    }
     fn index(self) -> usize {
-        (self.0 & 0xffff_ffff) as usize
+        self.index as usize
     }
-    fn generation(self) -> u32 {
-        (self.0 >> 32) as u32
-    }
-    /// The raw value, for logs.
+    /// A number for logs and errors (index and generation; not unique across arenas).
     pub fn raw(self) -> u64 {
-        self.0
+        (self.generation << 32) ^ self.index as u64
     }
 }
 
 impl fmt::Debug for AllocId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AllocId({}#{})", self.index(), self.generation())
+        write!(
+            f,
+            "AllocId({}:{}#{})",
+            self.arena, self.index, self.generation
+        )
     }
 }
+
+static NEXT_ARENA: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 /// Configuration of an [`Arena`].
 #[derive(Clone, Debug, Default)]
@@ -174,11 +179,13 @@ struct Live {
 }
 
 struct Entry {
-    generation: u32,
+    generation: u64,
     live: Option<Live>,
 }
 
 struct Inner {
+    /// This arena's number, carried by its ids.
+    serial: u32,
     pool: PagePool,
     slab: Slab,
     entries: Vec<Entry>,
@@ -214,7 +221,10 @@ impl<D: Device + ?Sized> Arena<D> {
     pub fn new(device: Arc<D>, config: ArenaConfig) -> Result<Self> {
         let info = device.info();
         let page_size = info.page_size;
-        let bytes = config.capacity.unwrap_or(info.total_memory);
+        let bytes = config
+            .capacity
+            .unwrap_or(info.total_memory)
+            .min(info.total_memory);
         let capacity_pages = bytes / page_size;
         if capacity_pages == 0 {
             return Err(Error::Config(format!(
@@ -226,6 +236,7 @@ impl<D: Device + ?Sized> Arena<D> {
             page_size,
             stream,
             inner: Mutex::new(Inner {
+                serial: NEXT_ARENA.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 pool: PagePool::new(capacity_pages),
                 slab: Slab::new(page_size),
                 entries: Vec::new(),
@@ -315,11 +326,11 @@ impl<D: Device + ?Sized> Arena<D> {
             Some(class) => self.alloc_slot(&mut inner, size, class, tag)?,
             None => {
                 self.ensure_available(&mut inner, pages_needed, size)?;
-                let pages = inner.pool.take(&*self.device, pages_needed)?;
+                let (pages, fresh) = inner.pool.take(&*self.device, pages_needed)?;
                 let range = match map_pages(&*self.device, &pages) {
                     Ok(r) => r,
                     Err(e) => {
-                        inner.pool.give(pages);
+                        inner.pool.untake(&*self.device, pages, fresh);
                         return Err(e);
                     }
                 };
@@ -339,11 +350,11 @@ impl<D: Device + ?Sized> Arena<D> {
             Some(s) => s,
             None => {
                 self.ensure_available(inner, 1, size)?;
-                let pages = inner.pool.take(&*self.device, 1)?;
+                let (pages, fresh) = inner.pool.take(&*self.device, 1)?;
                 let range = match map_pages(&*self.device, &pages) {
                     Ok(r) => r,
                     Err(e) => {
-                        inner.pool.give(pages);
+                        inner.pool.untake(&*self.device, pages, fresh);
                         return Err(e);
                     }
                 };
@@ -394,7 +405,9 @@ impl<D: Device + ?Sized> Arena<D> {
     }
 
     /// Free an allocation once `event` has completed: the id is invalid at
-    /// once, its pages are reused only after the event fires.
+    /// once, its pages are reused only after the event fires. The event must
+    /// not be destroyed before then (a destroyed or failed event counts as fired),
+    /// and may be recorded again only on a stream whose work follows the work it covers.
     pub fn free_after(&self, id: AllocId, event: EventId) -> Result<()> {
         let mut inner = self.lock();
         // Check the event is valid before invalidating the id.
@@ -415,7 +428,8 @@ impl<D: Device + ?Sized> Arena<D> {
     pub fn reclaim_all(&self, timeout: Option<Duration>) -> Result<()> {
         let mut inner = self.lock();
         while let Some((live, event)) = inner.deferred.pop() {
-            if let Err(e) = self.device.event_wait(event, timeout) {
+            // As in `reclaim`: an event whose work failed has fired too.
+            if let Err(e @ Error::Timeout { .. }) = self.device.event_wait(event, timeout) {
                 inner.deferred.push((live, event));
                 return Err(e);
             }
@@ -444,9 +458,13 @@ impl<D: Device + ?Sized> Arena<D> {
 
     fn release_live(&self, inner: &mut Inner, live: Live) -> Result<()> {
         match live.kind {
+            // A page whose unmap failed may still be mapped: it never goes
+            // back to the pool and stays counted as used.
             Kind::Pages { range, pages } => {
                 let r = unmap_pages(&*self.device, range);
-                inner.pool.give(pages);
+                if r.is_ok() {
+                    inner.pool.give(pages);
+                }
                 r
             }
             Kind::Slot {
@@ -454,7 +472,9 @@ impl<D: Device + ?Sized> Arena<D> {
             } => {
                 if let Some(page) = inner.slab.free_slot(slab_page, slot) {
                     let r = unmap_pages(&*self.device, page.range);
-                    inner.pool.give([page.page]);
+                    if r.is_ok() {
+                        inner.pool.give([page.page]);
+                    }
                     r
                 } else {
                     Ok(())
@@ -662,14 +682,22 @@ impl Inner {
             Some(i) => {
                 let e = &mut self.entries[i as usize];
                 e.live = Some(live);
-                AllocId::new(i, e.generation)
+                AllocId {
+                    arena: self.serial,
+                    index: i,
+                    generation: e.generation,
+                }
             }
             None => {
                 self.entries.push(Entry {
                     generation: 0,
                     live: Some(live),
                 });
-                AllocId::new((self.entries.len() - 1) as u32, 0)
+                AllocId {
+                    arena: self.serial,
+                    index: (self.entries.len() - 1) as u32,
+                    generation: 0,
+                }
             }
         }
     }
@@ -677,7 +705,7 @@ impl Inner {
     fn get(&self, id: AllocId) -> Result<&Live> {
         self.entries
             .get(id.index())
-            .filter(|e| e.generation == id.generation())
+            .filter(|e| id.arena == self.serial && e.generation == id.generation)
             .and_then(|e| e.live.as_ref())
             .ok_or(Error::UnknownAllocation(id.raw()))
     }
@@ -686,7 +714,7 @@ impl Inner {
         self.get(id)?;
         let e = &mut self.entries[id.index()];
         let live = e.live.take().expect("checked live");
-        e.generation = e.generation.wrapping_add(1);
+        e.generation += 1;
         self.vacant.push(id.index() as u32);
         self.live -= 1;
         self.bytes_live -= live.size;

@@ -62,13 +62,14 @@ impl PagePool {
         self.capacity - self.used()
     }
 
-    /// Take `n` pages, allocating from the device what the free list lacks.
+    /// Take `n` pages, allocating from the device what the free list lacks;
+    /// returns them and how many (at the end) came fresh from the device.
     /// On failure nothing changes.
     pub(crate) fn take(
         &mut self,
         device: &(impl Device + ?Sized),
         n: usize,
-    ) -> Result<Vec<PhysPage>> {
+    ) -> Result<(Vec<PhysPage>, usize)> {
         debug_assert!(n <= self.available());
         let from_pool = n.min(self.free.len());
         let mut fresh = Vec::with_capacity(n - from_pool);
@@ -85,10 +86,29 @@ impl PagePool {
             }
         }
         self.held += fresh.len();
+        let fresh_count = fresh.len();
         let mut pages = self.free.split_off(self.free.len() - from_pool);
         pages.extend(fresh);
         self.peak_used = self.peak_used.max(self.used());
-        Ok(pages)
+        Ok((pages, fresh_count))
+    }
+
+    /// Undo a [`PagePool::take`] whose pages were never mapped: pooled pages
+    /// go back to the free list, fresh ones back to the device.
+    pub(crate) fn untake(
+        &mut self,
+        device: &(impl Device + ?Sized),
+        mut pages: Vec<PhysPage>,
+        fresh: usize,
+    ) {
+        for p in pages.split_off(pages.len() - fresh) {
+            if device.free_page(p).is_ok() {
+                self.held -= 1;
+            } else {
+                self.free.push(p);
+            }
+        }
+        self.free.extend(pages);
     }
 
     /// Return pages to the free list.

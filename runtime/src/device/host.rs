@@ -288,7 +288,10 @@ impl Shared {
                 // and the read lock keeps it mapped during the copy); the host
                 // side is valid for `len` bytes by the copy's unsafe contract.
                 // Device and host memory never overlap: device addresses come
-                // from our own reservations.
+                // from our own reservations. Device memory is shared memory,
+                // as on a GPU: the Device contract makes callers order work of
+                // different streams on the same bytes with events, so no other
+                // stream writes these bytes during the copy.
                 unsafe {
                     if h2d {
                         std::ptr::copy_nonoverlapping(host.0.add(done), d, n);
@@ -319,7 +322,9 @@ impl Shared {
             Kernel::Fill { dst, len, value } => {
                 let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
                 Self::check_mapped(&ranges, self.page_size, dst.0, len)?;
-                // SAFETY: the range is mapped read-write and stays mapped while we hold the read lock.
+                // SAFETY: the range is mapped read-write and stays mapped while
+                // we hold the read lock; by the Device contract no other stream
+                // touches these bytes unordered with this kernel.
                 unsafe { std::ptr::write_bytes(dst.0 as *mut u8, value, len) };
                 Ok(())
             }
@@ -370,6 +375,7 @@ pub struct HostDevice {
     streams: DashMap<u64, StreamHandle>,
     events: DashMap<u64, Arc<EventState>>,
     next_id: AtomicU64,
+    poison: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for HostDevice {
@@ -406,6 +412,17 @@ impl HostDevice {
             if !(r.is_finite() && r > 0.0) {
                 return Err(Error::Config(format!(
                     "link rate {r} GB/s must be positive"
+                )));
+            }
+        }
+        // Every mapped page may become its own kernel mapping: stay well under the limit.
+        if let Some(limit) = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|t| t.trim().parse::<usize>().ok())
+        {
+            if pages > limit / 2 {
+                return Err(Error::Config(format!(
+                    "{pages} pages of {ps} bytes exceed half the kernel's mapping limit (vm.max_map_count = {limit}): use larger pages or less capacity"
                 )));
             }
         }
@@ -464,7 +481,15 @@ impl HostDevice {
             streams: DashMap::new(),
             events: DashMap::new(),
             next_id: AtomicU64::new(1),
+            poison: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Whether freed pages are filled with [`POISON`] (on by default). Poisoning
+    /// touches every freed page, so a benchmark of a large emulated device may
+    /// turn it off to keep its host memory small.
+    pub fn set_poison(&self, on: bool) {
+        self.poison.store(on, Ordering::Relaxed);
     }
 
     /// The configuration this device was made with.
@@ -500,7 +525,16 @@ impl HostDevice {
     }
 
     /// Read the raw bytes of physical page `page` (poisoned if free), for tests.
-    pub fn read_physical(&self, page: PhysPage, offset: usize, out: &mut [u8]) -> Result<()> {
+    ///
+    /// # Safety
+    /// No stream or host code may write the page while it is read (device
+    /// memory is shared memory without synchronisation, as on a GPU).
+    pub unsafe fn read_physical(
+        &self,
+        page: PhysPage,
+        offset: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
         let ps = self.shared.page_size;
         let idx = page.0 as usize;
         if idx >= self.shared.capacity / ps || offset.checked_add(out.len()).is_none_or(|e| e > ps)
@@ -510,9 +544,8 @@ impl HostDevice {
                 what: "is out of range for this read",
             });
         }
-        // SAFETY: in bounds of the physical view (checked above). Concurrent
-        // writes through a mapping may race with this read, which then sees a
-        // mix of old and new bytes of a plain u8 array: no invalid values exist.
+        // SAFETY: in bounds of the physical view (checked above); the caller
+        // guarantees that nothing writes the page meanwhile.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 self.shared.phys.as_ptr().add(idx * ps + offset),
@@ -628,9 +661,11 @@ impl Device for HostDevice {
                 })
             }
         }
-        // SAFETY: the page is allocated and unmapped, so no mapping or stream
-        // can touch it; the write stays inside the physical view.
-        unsafe { std::ptr::write_bytes(self.shared.phys.as_ptr().add(idx * ps), POISON, ps) };
+        if self.poison.load(Ordering::Relaxed) {
+            // SAFETY: the page is allocated and unmapped, so no mapping or stream
+            // can touch it; the write stays inside the physical view.
+            unsafe { std::ptr::write_bytes(self.shared.phys.as_ptr().add(idx * ps), POISON, ps) };
+        }
         pages.state[idx] = PageState::Free;
         pages.free.push(idx as u32);
         Ok(())
@@ -643,6 +678,13 @@ impl Device for HostDevice {
                 addr: DevicePtr(0),
                 len,
                 what: "a non-zero multiple of the page size",
+            });
+        }
+        if len > self.shared.capacity {
+            return Err(Error::BadAddress {
+                addr: DevicePtr(0),
+                len,
+                what: "at most the device's capacity",
             });
         }
         // Over-reserve by one page so the base can be aligned to the device page size.
@@ -929,7 +971,7 @@ impl Device for HostDevice {
         let ev = self.event(event)?;
         let start = Instant::now();
         let epoch = ev.inner.lock().unwrap_or_else(|p| p.into_inner()).recorded;
-        ev.wait_for(epoch, timeout.map(|t| start + t))
+        ev.wait_for(epoch, timeout.and_then(|t| start.checked_add(t)))
             .map_err(|()| Error::Timeout {
                 event,
                 waited_ms: start.elapsed().as_millis() as u64,
@@ -1079,17 +1121,21 @@ mod tests {
         let data: Vec<u8> = (0..2 * ps).map(|i| (i / ps + 1) as u8).collect();
         dev.write_blocking(range2.base, &data, s).unwrap();
         let mut page = vec![0u8; ps];
-        dev.read_physical(p4, 0, &mut page).unwrap();
+        // SAFETY: every stream is idle (the copies above were synchronised).
+        unsafe { dev.read_physical(p4, 0, &mut page).unwrap() };
         assert!(page.iter().all(|&b| b == 1));
-        dev.read_physical(p3, 0, &mut page).unwrap();
+        // SAFETY: every stream is idle (the copies above were synchronised).
+        unsafe { dev.read_physical(p3, 0, &mut page).unwrap() };
         assert!(page.iter().all(|&b| b == 2));
         // A write spanning the boundary of the first range lands in both pages.
         dev.write_blocking(range.base.offset(ps - 2), &[9, 9, 9, 9], s)
             .unwrap();
         let mut two = [0u8; 2];
-        dev.read_physical(pages[0], ps - 2, &mut two).unwrap();
+        // SAFETY: every stream is idle (the copies above were synchronised).
+        unsafe { dev.read_physical(pages[0], ps - 2, &mut two).unwrap() };
         assert_eq!(two, [9, 9]);
-        dev.read_physical(pages[1], 0, &mut two).unwrap();
+        // SAFETY: every stream is idle (the copies above were synchronised).
+        unsafe { dev.read_physical(pages[1], 0, &mut two).unwrap() };
         assert_eq!(two, [9, 9]);
         let c = dev.counters();
         assert_eq!(
@@ -1128,7 +1174,8 @@ mod tests {
             "map a free page"
         );
         let mut page = vec![0u8; ps];
-        dev.read_physical(pages[0], 0, &mut page).unwrap();
+        // SAFETY: every stream is idle (the copies above were synchronised).
+        unsafe { dev.read_physical(pages[0], 0, &mut page).unwrap() };
         assert!(page.iter().all(|&b| b == POISON));
         // A copy into the now unmapped range is refused at enqueue time.
         let r = dev.write_blocking(range.base, &[1, 2, 3], s);

@@ -30,9 +30,10 @@ use crate::error::Result;
 pub struct DevicePtr(pub u64);
 
 impl DevicePtr {
-    /// The address `bytes` past this one.
+    /// The address `bytes` past this one (saturating: an address past the end
+    /// of the address space is no valid address and fails any check).
     pub fn offset(self, bytes: usize) -> DevicePtr {
-        DevicePtr(self.0 + bytes as u64)
+        DevicePtr(self.0.saturating_add(bytes as u64))
     }
 }
 
@@ -134,7 +135,10 @@ pub type HostFn = Box<dyn FnOnce() + Send + 'static>;
 
 /// A backend that owns device memory and runs queued copies and kernels.
 ///
-/// All methods take `&self`; implementations are thread safe. Handles
+/// Device memory is shared memory, as on a GPU: work on different streams
+/// that touches the same bytes, one of them writing, must be ordered with
+/// events (or a synchronisation); unordered, it races. All methods take
+/// `&self`; implementations are thread safe. Handles
 /// (pages, ranges, streams, events) are plain values: using one after it was
 /// destroyed is an error, never undefined behaviour, except where an `unsafe`
 /// method's contract says otherwise.

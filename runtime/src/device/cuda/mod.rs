@@ -672,7 +672,10 @@ impl Device for CudaDevice {
             return unsafe { result::event_synchronize(e.raw) };
         };
         let start = Instant::now();
-        let deadline = start + timeout;
+        let Some(deadline) = start.checked_add(timeout) else {
+            // SAFETY: live (we hold an Arc).
+            return unsafe { result::event_synchronize(e.raw) };
+        };
         let mut pause = Duration::from_micros(10);
         loop {
             // SAFETY: live (we hold an Arc).
