@@ -1,16 +1,17 @@
 //! `offload`: the command line of the Offload runtime.
 //!
-//! With no arguments it runs the main job: it picks the device (a GPU when
-//! one answers, else the host backend), says which and why, and runs the
-//! arena benchmark on the default preset. `offload bench arena` runs the
-//! arena benchmark with its options.
+//! With no arguments it runs the main job, `offload bench e2e` on the
+//! default preset: it picks the device (a GPU when one answers, else the
+//! host backend), says which and why, and prints the offload table.
 
 mod arena_bench;
 mod cmd_inspect;
 mod cmd_synth;
+mod e2e;
 mod null_device;
 mod rng;
 mod sdxl;
+mod source;
 
 use std::process::ExitCode;
 
@@ -29,7 +30,7 @@ struct Cli {
 enum Command {
     /// Run a benchmark.
     #[command(subcommand)]
-    Bench(Bench),
+    Bench(Box<Bench>),
     /// Print the device that would be used, and why.
     Device,
     /// Print the layout of model files and what LoRA files are and match.
@@ -42,6 +43,8 @@ enum Command {
 enum Bench {
     /// Our page arena against offset-allocator on a seeded SDXL-sized workload.
     Arena(ArenaArgs),
+    /// One generation per offload mode with real compute per layer: the offload table.
+    E2e(Box<e2e::E2eArgs>),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -99,16 +102,7 @@ fn bench_arena(args: &ArenaArgs) -> Result<(), String> {
 }
 
 fn main_job() -> Result<(), String> {
-    let selected = device::auto(&HostConfig::default()).map_err(|e| format!("no device: {e}"))?;
-    println!("device: {}", selected.reason);
-    println!();
-    bench_arena(&ArenaArgs {
-        capacity_mib: 4096,
-        page_kib: 2048,
-        fill: 0.84,
-        ops: 200_000,
-        seed: 1,
-    })
+    e2e::run(&e2e::E2eArgs::default())
 }
 
 fn main() -> ExitCode {
@@ -118,7 +112,10 @@ fn main() -> ExitCode {
         Some(Command::Device) => device::auto(&HostConfig::default())
             .map(|s| println!("{}", s.reason))
             .map_err(|e| e.to_string()),
-        Some(Command::Bench(Bench::Arena(a))) => bench_arena(a),
+        Some(Command::Bench(b)) => match b.as_ref() {
+            Bench::Arena(a) => bench_arena(a),
+            Bench::E2e(a) => e2e::run(a),
+        },
         Some(Command::Inspect(a)) => cmd_inspect::run(a),
         Some(Command::Synth(a)) => cmd_synth::run(a),
     };

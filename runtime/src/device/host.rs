@@ -328,6 +328,44 @@ impl Shared {
                 unsafe { std::ptr::write_bytes(dst.0 as *mut u8, value, len) };
                 Ok(())
             }
+            Kernel::Matmul {
+                x,
+                tokens,
+                w,
+                w_dtype,
+                n,
+                k,
+                y,
+            } => {
+                let regions = kernel.regions().map_err(|e| e.to_string())?;
+                let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
+                for &(addr, len) in &regions {
+                    Self::check_mapped(&ranges, self.page_size, addr.0, len)?;
+                }
+                let (xl, wl, yl) = (regions[0].1, regions[1].1, regions[2].1);
+                if x.0 % 4 != 0 || y.0 % 4 != 0 {
+                    return Err("activations must be 4-byte aligned".into());
+                }
+                let overlap =
+                    |a: u64, al: usize, b: u64, bl: usize| a < b + bl as u64 && b < a + al as u64;
+                if overlap(y.0, yl, x.0, xl) || overlap(y.0, yl, w.0, wl) {
+                    return Err("the output overlaps an input".into());
+                }
+                // SAFETY: all three ranges are mapped read-write (checked above)
+                // and stay mapped while we hold the read lock; X and Y are
+                // 4-byte aligned f32 arrays and Y overlaps neither input, so the
+                // shared and exclusive slices do not alias; by the Device
+                // contract no other stream writes these bytes meanwhile.
+                let (xs, ws, ys) = unsafe {
+                    (
+                        std::slice::from_raw_parts(x.0 as *const f32, xl / 4),
+                        std::slice::from_raw_parts(w.0 as *const u8, wl),
+                        std::slice::from_raw_parts_mut(y.0 as *mut f32, yl / 4),
+                    )
+                };
+                offload_kernels::matmul_xwt(xs, tokens, ws, w_dtype, n, k, ys, None)
+                    .map_err(|e| e.to_string())
+            }
         }
     }
 }
@@ -522,6 +560,22 @@ impl HostDevice {
             map_calls: self.shared.map_calls.load(Ordering::Relaxed),
             unmap_calls: self.shared.unmap_calls.load(Ordering::Relaxed),
         }
+    }
+
+    /// Every page mapped now: the address it is mapped at and the physical
+    /// page, in physical page order. For tests that cross-check an
+    /// allocator's page tables against the device.
+    pub fn mapped_pages(&self) -> Vec<(DevicePtr, PhysPage)> {
+        let pages = self.shared.pages.lock().unwrap_or_else(|p| p.into_inner());
+        pages
+            .state
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match *s {
+                PageState::Mapped(addr) => Some((DevicePtr(addr), PhysPage(i as u64))),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Read the raw bytes of physical page `page` (poisoned if free), for tests.
@@ -1039,8 +1093,8 @@ impl Device for HostDevice {
     }
 
     fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<()> {
-        match *kernel {
-            Kernel::Fill { dst, len, .. } => self.check_mapped_now(dst, len)?,
+        for (addr, len) in kernel.regions()? {
+            self.check_mapped_now(addr, len)?;
         }
         self.submit(stream, Op::Kernel(kernel.clone()))
     }
@@ -1368,6 +1422,55 @@ mod tests {
             ..HostConfig::default()
         }));
         assert!(matches!(dev.alloc_pinned(0), Err(Error::ZeroSize)));
+    }
+
+    #[test]
+    fn matmul_kernel_computes_x_times_w_transposed() {
+        let dev = small(None);
+        let (range, _) = mapped(&dev, 1);
+        let s = dev.create_stream().unwrap();
+        // X [2, 3], W [2, 3] in f16, Y [2, 2].
+        let x: [f32; 6] = [1.0, 2.0, 3.0, -1.0, 0.5, 0.25];
+        let w: [f32; 6] = [1.0, 0.0, -1.0, 2.0, 2.0, 2.0];
+        let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let wb: Vec<u8> = w
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let (xp, wp, yp) = (range.base, range.base.offset(256), range.base.offset(512));
+        dev.write_blocking(xp, &xb, s).unwrap();
+        dev.write_blocking(wp, &wb, s).unwrap();
+        let mm = |y| Kernel::Matmul {
+            x: xp,
+            tokens: 2,
+            w: wp,
+            w_dtype: offload_kernels::Dtype::F16,
+            n: 2,
+            k: 3,
+            y,
+        };
+        dev.launch(&mm(yp), s).unwrap();
+        let mut yb = [0u8; 16];
+        dev.read_blocking(yp, &mut yb, s).unwrap();
+        let y: Vec<f32> = yb
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(
+            y,
+            vec![1.0 - 3.0, 2.0 + 4.0 + 6.0, -1.0 - 0.25, -2.0 + 1.0 + 0.5]
+        );
+        // An output overlapping an input is a stream error, not undefined behaviour.
+        dev.launch(&mm(xp.offset(4)), s).unwrap();
+        assert!(matches!(
+            dev.stream_synchronize(s),
+            Err(Error::StreamFailed { .. })
+        ));
+        // Operands outside mapped memory are refused at launch.
+        assert!(matches!(
+            dev.launch(&mm(range.base.offset(dev.info().page_size - 8)), s),
+            Err(Error::BadAddress { .. })
+        ));
     }
 
     #[test]

@@ -119,6 +119,26 @@ pub enum Kernel {
         /// The byte value written.
         value: u8,
     },
+    /// `Y = X · Wᵀ`: X is f32 `[tokens, k]`, W is `[n, k]` in `w_dtype`
+    /// (a conv weight viewed as `[out, in·kh·kw]`), Y is f32 `[tokens, n]`,
+    /// overwritten. X and Y are 4-byte aligned and do not overlap. The
+    /// benchmark's layer compute.
+    Matmul {
+        /// Activations.
+        x: DevicePtr,
+        /// Rows of X and Y.
+        tokens: usize,
+        /// Weight.
+        w: DevicePtr,
+        /// Element type of W.
+        w_dtype: offload_kernels::Dtype,
+        /// Rows of W (columns of Y).
+        n: usize,
+        /// Columns of X and W.
+        k: usize,
+        /// Output.
+        y: DevicePtr,
+    },
 }
 
 impl Kernel {
@@ -126,7 +146,42 @@ impl Kernel {
     pub fn name(&self) -> &'static str {
         match self {
             Kernel::Fill { .. } => "fill",
+            Kernel::Matmul { .. } => "matmul",
         }
+    }
+
+    /// The device byte ranges the kernel touches: (address, length), or an error for sizes that overflow.
+    pub fn regions(&self) -> crate::Result<Vec<(DevicePtr, usize)>> {
+        let overflow = || crate::Error::Kernel {
+            kernel: self.name(),
+            message: "operand size overflows".into(),
+        };
+        Ok(match *self {
+            Kernel::Fill { dst, len, .. } => vec![(dst, len)],
+            Kernel::Matmul {
+                x,
+                tokens,
+                w,
+                w_dtype,
+                n,
+                k,
+                y,
+            } => {
+                let xs = tokens
+                    .checked_mul(k)
+                    .and_then(|v| v.checked_mul(4))
+                    .ok_or_else(overflow)?;
+                let ws = n
+                    .checked_mul(k)
+                    .and_then(|v| v.checked_mul(w_dtype.size_in_bytes()))
+                    .ok_or_else(overflow)?;
+                let ys = tokens
+                    .checked_mul(n)
+                    .and_then(|v| v.checked_mul(4))
+                    .ok_or_else(overflow)?;
+                vec![(x, xs), (w, ws), (y, ys)]
+            }
+        })
     }
 }
 

@@ -1230,10 +1230,13 @@ impl Shared {
                 }
             }
         }
+        // Pages freed behind uploads still in flight come back when those finish.
         if down_to.is_some() {
+            if self.arena.pages_deferred() > 0 {
+                self.arena.reclaim_all(Some(self.cfg.wait_timeout))?;
+            }
             return Ok(());
         }
-        // Pages freed behind uploads still in flight come back when those finish.
         if self.arena.pages_deferred() > 0 {
             self.arena.reclaim_all(Some(self.cfg.wait_timeout))?;
             if done(self) {
