@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use offload_runtime::device::{Device, DeviceExt, HostConfig, HostDevice, StreamId};
+use offload_runtime::model::Pin;
 use offload_runtime::residency::{
     HostPolicy, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig,
 };
@@ -429,5 +430,54 @@ fn dropping_the_runtime_returns_every_page() {
     assert_eq!(
         (c.pages_allocated, c.pages_mapped, c.ranges_reserved),
         (0, 0, 0)
+    );
+}
+
+#[test]
+fn the_ring_stays_mapped_across_passes() {
+    for mode in [Mode::Sequential, Mode::Balanced] {
+        let (desc, src) = model(&[uniform(8, 4 * PAGE)]);
+        let s = setup(cfg(mode, Policy::Planned, 1, 64, Some(24)));
+        let m = s.rt.load(desc, src.clone()).unwrap();
+        pass(&s, m, &src, 0);
+        pass(&s, m, &src, 0);
+        let maps = s.dev.counters().map_calls;
+        let moved: u64 = (0..4).map(|_| pass(&s, m, &src, 0)).sum();
+        assert!(moved > 0, "{mode}: layers stream");
+        assert_eq!(
+            s.dev.counters().map_calls,
+            maps,
+            "{mode}: streaming remapped pages"
+        );
+    }
+}
+
+#[test]
+fn pinned_components_stay_or_stream_whatever_the_mode() {
+    let (mut desc, src) = model(&[uniform(3, 2 * PAGE), uniform(6, 4 * PAGE)]);
+    desc.components[0].pin = Pin::AlwaysResident;
+    desc.components[1].pin = Pin::NeverResident;
+    // Balanced with room for everything: the never-resident denoiser still streams.
+    let s = setup(cfg(Mode::Balanced, Policy::Planned, 1, 64, Some(60)));
+    let m = s.rt.load(desc, src.clone()).unwrap();
+    assert_eq!(
+        s.rt.stats().bytes_h2d,
+        6 * PAGE as u64,
+        "the always-resident component is uploaded at load"
+    );
+    for _ in 0..3 {
+        assert_eq!(pass(&s, m, &src, 0), 0, "and never moves again");
+    }
+    pass(&s, m, &src, 1);
+    pass(&s, m, &src, 1);
+    assert_eq!(
+        pass(&s, m, &src, 1),
+        6 * 4 * PAGE as u64,
+        "never-resident: every layer, every pass"
+    );
+    assert_eq!(
+        pass(&s, m, &src, 0),
+        0,
+        "the pinned component survived the other's passes"
     );
 }

@@ -264,6 +264,13 @@ fn run(c: Case) {
             "runtime and device disagree on bytes moved"
         );
         assert!(st.peak_device_bytes <= c.device_pages * PAGE);
+        // Deferred frees whose uploads have run are released at the next look.
+        rt.arena().pages_free();
+        assert_eq!(
+            rt.stats().device_bytes,
+            dev.counters().pages_mapped * PAGE,
+            "runtime and device disagree on pages in use"
+        );
     }
     assert_eq!(
         bad_kernels.load(Ordering::SeqCst),
