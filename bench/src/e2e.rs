@@ -172,6 +172,8 @@ struct Measured {
     page_waste: usize,
     stall_fraction: f64,
     compute_s_per_pass: f64,
+    /// Wall time of a denoiser pass on the compute stream.
+    pass_s: f64,
     rss: usize,
 }
 
@@ -414,6 +416,7 @@ impl Bench {
             page_waste: denoiser_waste,
             stall_fraction: st.stall_ns as f64 * 1e-9 / generation_s,
             compute_s_per_pass: ((denoise_s - stall_in_denoiser as f64 * 1e-9) / steps).max(0.0),
+            pass_s: denoise_s / steps,
             rss: rss_bytes(),
         })
     }
@@ -778,6 +781,7 @@ fn run_on(
     bench.bar.finish_and_clear();
     let _ = &bench.scratch;
     print_table(&results);
+    print_overlap(&results, link);
     if let Some(path) = &args.json {
         let reference = results
             .first()
@@ -847,6 +851,45 @@ fn measure_link(dev: &Arc<dyn Device>, scratch: &Arena<dyn Device>) -> Result<f6
     scratch.free(a)?;
     scratch.trim();
     Ok(bytes as f64 / best.max(1e-9) / 1e9)
+}
+
+/// A pass's time against the ideal overlap bound: max(compute, bytes moved / link rate),
+/// with compute taken from the reference row (no transfers at all).
+fn overlap(r: &Row, reference_pass_s: f64, link_gbps: f64) -> Option<(f64, f64, f64)> {
+    let m = r.outcome.as_ref().ok()?;
+    if r.reference || link_gbps <= 0.0 {
+        return None;
+    }
+    let transfer = m.per_pass as f64 / (link_gbps * 1e9);
+    let bound = reference_pass_s.max(transfer);
+    Some((m.pass_s, bound, m.pass_s / bound))
+}
+
+fn print_overlap(rows: &[Row], link_gbps: f64) {
+    let Some(reference) = rows
+        .first()
+        .and_then(|r| r.outcome.as_ref().ok())
+        .map(|m| m.pass_s)
+    else {
+        return;
+    };
+    println!(
+        "overlap (a pass against max(compute of a pass without transfers, its bytes / link rate)):"
+    );
+    for r in rows {
+        if let Some((pass, bound, ratio)) = overlap(r, reference, link_gbps) {
+            println!(
+                "  {:<10} {:<7}: pass {:.3} s, bound {:.3} s (compute {:.3} s, transfer {:.3} s): {:.2}x",
+                r.mode.to_string(),
+                r.policy.to_string(),
+                pass,
+                bound,
+                reference,
+                r.outcome.as_ref().map(|m| m.per_pass as f64 / (link_gbps * 1e9)).unwrap_or(0.0),
+                ratio
+            );
+        }
+    }
 }
 
 fn print_table(rows: &[Row]) {
@@ -943,6 +986,7 @@ fn json_row(
                 "rss_bytes": m.rss,
                 "stall_fraction": m.stall_fraction,
                 "compute_s_per_pass": m.compute_s_per_pass,
+                "pass_s": m.pass_s,
             });
             if let (Some(a), Some(b)) = (o.as_object_mut(), extra.as_object()) {
                 a.extend(b.clone());
