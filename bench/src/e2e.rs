@@ -243,11 +243,25 @@ impl Bench {
                 layer: l,
             })?;
             let start: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
-            if compute_log.is_some() {
-                let s2 = start.clone();
+            if let Some(log) = compute_log {
+                // Device memory in use for weights as of this acquire, drawn at
+                // the time the compute stream reaches the layer.
+                let bytes = rt.arena().pages_used() * rt.arena().page_size();
+                let (s2, log) = (start.clone(), log.clone());
                 self.dev.launch_host_fn(
                     self.compute,
-                    Box::new(move || *s2.lock().unwrap() = Some(Instant::now())),
+                    Box::new(move || {
+                        let now = Instant::now();
+                        *s2.lock().unwrap() = Some(now);
+                        let t = now.saturating_duration_since(epoch).as_secs_f64();
+                        log.lock().unwrap().push(TimelineEntry {
+                            layer: "device memory".into(),
+                            kind: "mem",
+                            start_s: t,
+                            end_s: t,
+                            bytes,
+                        });
+                    }),
                 )?;
             }
             if self.compute_ok {
@@ -402,8 +416,17 @@ impl Bench {
         if let (Some(path), Some(log)) = (&self.args.timeline, &compute_log) {
             let mut entries = rt.take_timeline();
             entries.extend(log.lock().unwrap().drain(..));
-            write_timeline(path, &entries)
-                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            let r = rt.resolved();
+            write_timeline(
+                path,
+                &entries,
+                &[
+                    ("device memory", r.device_memory),
+                    ("high", r.high),
+                    ("low", r.low),
+                ],
+            )
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         }
         Ok(Measured {
             it_per_s: self.args.steps as f64 / generation_s,
@@ -422,8 +445,13 @@ impl Bench {
     }
 }
 
-/// Write a timeline as SVG: one lane per kind of work, time left to right.
-fn write_timeline(path: &Path, entries: &[TimelineEntry]) -> std::io::Result<()> {
+/// Write a timeline as SVG: one lane per kind of work, time left to right,
+/// and below them the device memory in use with the watermarks.
+fn write_timeline(
+    path: &Path,
+    entries: &[TimelineEntry],
+    marks: &[(&str, usize)],
+) -> std::io::Result<()> {
     let end = entries
         .iter()
         .map(|e| e.end_s)
@@ -434,22 +462,24 @@ fn write_timeline(path: &Path, entries: &[TimelineEntry]) -> std::io::Result<()>
         .map(|e| e.start_s)
         .fold(f64::INFINITY, f64::min)
         .min(end);
-    let (w, lane_h, left) = (1600.0, 40.0, 90.0);
+    let span = (end - start).max(1e-9);
+    let (w, lane_h, left, mem_h) = (1600.0, 40.0, 110.0, 160.0);
     let lanes = [
         ("upload", "#3b78c4"),
         ("stage", "#7b5cc4"),
         ("compute", "#3a9a4a"),
         ("wait", "#c43b3b"),
     ];
+    let x_of = |t: f64| left + (t - start) / span * w;
+    let mem_top = 30.0 + lanes.len() as f64 * lane_h + 20.0;
     let mut out = String::new();
     out.push_str(&format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n",
         w + left + 20.0,
-        lanes.len() as f64 * lane_h + 60.0
+        mem_top + mem_h + 30.0
     ));
     out.push_str(&format!(
-        "<text x=\"{left}\" y=\"16\">offload timeline: {:.3} s, {} entries</text>\n",
-        end - start,
+        "<text x=\"{left}\" y=\"16\">offload timeline: {span:.3} s, {} entries (hover for layer names)</text>\n",
         entries.len()
     ));
     for (i, (kind, color)) in lanes.iter().enumerate() {
@@ -459,10 +489,9 @@ fn write_timeline(path: &Path, entries: &[TimelineEntry]) -> std::io::Result<()>
             y + lane_h / 2.0
         ));
         for e in entries.iter().filter(|e| e.kind == *kind) {
-            let x0 = left + (e.start_s - start) / (end - start) * w;
-            let x1 = left + (e.end_s - start) / (end - start) * w;
+            let (x0, x1) = (x_of(e.start_s), x_of(e.end_s));
             out.push_str(&format!(
-                "<rect x=\"{x0:.2}\" y=\"{y:.1}\" width=\"{:.2}\" height=\"{:.1}\" fill=\"{color}\"><title>{} {:.3}–{:.3} s {} bytes</title></rect>\n",
+                "<rect x=\"{x0:.2}\" y=\"{y:.1}\" width=\"{:.2}\" height=\"{:.1}\" fill=\"{color}\"><title>{} {:.4}–{:.4} s {} bytes</title></rect>\n",
                 (x1 - x0).max(0.3),
                 lane_h - 8.0,
                 e.layer.replace('&', "&amp;").replace('<', "&lt;"),
@@ -471,6 +500,44 @@ fn write_timeline(path: &Path, entries: &[TimelineEntry]) -> std::io::Result<()>
                 e.bytes
             ));
         }
+    }
+    let top = marks
+        .iter()
+        .map(|m| m.1)
+        .chain(entries.iter().filter(|e| e.kind == "mem").map(|e| e.bytes))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let y_of = |b: f64| mem_top + mem_h - b / top * mem_h;
+    out.push_str(&format!(
+        "<text x=\"4\" y=\"{}\">device MiB</text>\n",
+        mem_top + mem_h / 2.0
+    ));
+    for (name, bytes) in marks {
+        let y = y_of(*bytes as f64);
+        out.push_str(&format!(
+            "<line x1=\"{left}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#888\" stroke-dasharray=\"4 3\"/><text x=\"{}\" y=\"{:.1}\" fill=\"#555\">{name} {:.1} MiB</text>\n",
+            left + w,
+            left + 4.0,
+            y - 2.0,
+            *bytes as f64 / (1u64 << 20) as f64
+        ));
+    }
+    let mut samples: Vec<&TimelineEntry> = entries.iter().filter(|e| e.kind == "mem").collect();
+    samples.sort_by(|a, b| a.start_s.total_cmp(&b.start_s));
+    // A step curve: each value holds until the next sample.
+    let mut points: Vec<String> = Vec::new();
+    for (i, e) in samples.iter().enumerate() {
+        let y = y_of(e.bytes as f64);
+        points.push(format!("{:.2},{:.2}", x_of(e.start_s), y));
+        let next = samples.get(i + 1).map_or(end, |n| n.start_s);
+        points.push(format!("{:.2},{:.2}", x_of(next), y));
+    }
+    if !points.is_empty() {
+        out.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"#d08020\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+            points.join(" ")
+        ));
     }
     out.push_str("</svg>\n");
     std::fs::write(path, out)
