@@ -9,7 +9,7 @@ use offload_loader::synth::{
     deterministic_bytes, preset_specs, write_deterministic, Preset, PresetOptions,
 };
 use offload_loader::{Dtype, Model};
-use offload_runtime::arena::{AllocId, Arena, ArenaConfig, Tag};
+use offload_runtime::arena::{pack, AllocId, Arena, ArenaConfig, Tag, TagUsage};
 use offload_runtime::device::{Device, HostConfig, HostDevice};
 use offload_tests::{shared_data, Scratch};
 
@@ -116,13 +116,53 @@ fn a_synthetic_sdxl_checkpoint_is_placed_and_reads_back_exactly() {
     }
     assert_eq!(checked as u64, model.layout.bytes());
 
-    // Page-tail waste is at most one page per layer; accounting matches the device's.
-    let stats = arena.stats();
+    // The arena's accounting, exactly as the layout implies: each layer is
+    // one allocation of its packed size; at a quarter page or more it takes
+    // whole pages (the tail of its last page is waste), below that it gets a
+    // slab slot of the next power of two, at least 256 bytes.
+    let mut by_tag: BTreeMap<Tag, TagUsage> = BTreeMap::new();
+    let mut slots_per_class: BTreeMap<usize, usize> = BTreeMap::new();
+    let (mut tail_waste, mut slot_bytes, mut page_layers, mut page_pages) = (0, 0, 0, 0);
+    for (ci, comp) in model.layout.components.iter().enumerate() {
+        for layer in &comp.layers {
+            let sizes: Vec<usize> = layer.tensors.iter().map(|t| t.len as usize).collect();
+            let total = pack(&sizes).unwrap().total;
+            let usage = by_tag.entry(Tag(ci as u32)).or_default();
+            usage.allocations += 1;
+            usage.bytes += total;
+            if total >= PAGE / 4 {
+                let pages = total.div_ceil(PAGE);
+                usage.pages += pages;
+                tail_waste += pages * PAGE - total;
+                page_layers += 1;
+                page_pages += pages;
+            } else {
+                let class = total.next_power_of_two().max(256);
+                usage.slab_bytes += class;
+                slot_bytes += total;
+                *slots_per_class.entry(class).or_default() += 1;
+            }
+        }
+    }
+    // Placed one after another with no frees, each slot size fills its slab pages in turn.
+    let slab_pages: usize = slots_per_class
+        .iter()
+        .map(|(&class, &n)| n.div_ceil(PAGE / class))
+        .sum();
     assert!(
-        stats.tail_waste < layers * PAGE,
-        "{} bytes of tail waste for {layers} layers",
-        stats.tail_waste
+        page_layers > 0 && page_layers < layers,
+        "the model exercises both page allocations and the slab"
     );
+    let stats = arena.stats();
+    assert_eq!(stats.tail_waste, tail_waste, "page-tail waste");
+    assert!(
+        tail_waste < page_layers * PAGE,
+        "at most one page per layer"
+    );
+    assert_eq!(stats.slab_pages, slab_pages);
+    assert_eq!(stats.slab_waste, slab_pages * PAGE - slot_bytes);
+    assert_eq!(stats.by_tag, by_tag);
+    assert_eq!(stats.pages_used, page_pages + slab_pages);
     assert_eq!(
         stats.bytes_live as u64,
         placed
