@@ -149,3 +149,34 @@ impl Counters {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_and_differences() {
+        let a = RuntimeStats {
+            bytes_h2d: 100,
+            uploads: 2,
+            stall_ns: 1_500_000_000,
+            device_bytes: 4096,
+            ..RuntimeStats::default()
+        };
+        let b = RuntimeStats {
+            bytes_h2d: 350,
+            uploads: 5,
+            stall_ns: 2_000_000_000,
+            peak_device_bytes: 8192,
+            ..a.clone()
+        };
+        let d = b.since(&a);
+        assert_eq!((d.bytes_h2d, d.uploads, d.stall_ns, d.peak_device_bytes), (250, 3, 500_000_000, 8192));
+        assert_eq!(
+            d.to_json(),
+            "{\"bytes_h2d\":250,\"uploads\":3,\"evictions\":0,\"acquires\":0,\"hits\":0,\"stall_s\":0.5,\
+             \"device_bytes\":4096,\"peak_device_bytes\":8192,\"host_bytes\":0,\"peak_host_bytes\":0,\
+             \"page_waste_bytes\":0}"
+        );
+    }
+}
