@@ -6,18 +6,20 @@
 //! the `#[repr(C)]` parameter block the kernels take by value, so the runtime
 //! can compile, launch and check them.
 //!
-//! **Status: not yet run on a GPU.** The source was written to compile with
-//! NVRTC (it includes only `cuda_fp16.h` and `cuda_bf16.h`), but it was
-//! developed on a machine without a GPU or CUDA toolkit, so it has never
-//! been compiled by NVRTC nor run on a device. What has been checked: g++
-//! compiles it against stand-in headers and runs it on the CPU (one OS
-//! thread per CUDA thread, a barrier for `__syncthreads()`), and every
-//! element matches the f64 reference within the CPU tests' tolerance
-//! (`tests/cuda_emulation.rs`, ignored by default). The runtime's CUDA check
-//! must still compare it with the reference on a GPU before it is trusted.
-//! NVRTC finds both headers among its bundled built-in headers on recent
-//! toolkits; otherwise pass the toolkit's `include` directory as an include
-//! path.
+//! **Status: compiled by NVRTC, not yet run on a GPU.** The source includes
+//! only `cuda_fp16.h` and `cuda_bf16.h`, and uses only their types and
+//! scalar conversions. NVRTC 13.0 does not bundle those headers, so the
+//! runtime gives NVRTC its own minimal versions of both
+//! (`offload_runtime::device::cuda::nvrtc::HEADERS`); with them the source
+//! compiles to cubins for sm_80, sm_90 and sm_121 with NVRTC 13.0.88 (the
+//! runtime's `nvrtc_compiles_the_kernel_sources` test, which needs libnvrtc
+//! but no GPU). What has been checked besides: g++ compiles it against
+//! stand-in headers and runs it on the CPU (one OS thread per CUDA thread,
+//! a barrier for `__syncthreads()`), and every element matches the f64
+//! reference within the CPU tests' tolerance (`tests/cuda_emulation.rs`,
+//! ignored by default). The runtime's GPU test
+//! `gpu_merge_lowrank_matches_cpu_merge` must still compare it with the
+//! reference on a GPU before it is trusted.
 //!
 //! What it covers: the low-rank merge (`Δ = up · down`: kohya, peft, LoCon)
 //! for up to [`MAX_ADAPTERS`] stacked adapters in one pass, any rank (tiles

@@ -20,16 +20,30 @@
 //! GPU machines run under a sandboxing kernel), a fallback in which pages are
 //! slots carved from plain `cuMemAlloc` blocks and [`Device::reserve`] fails
 //! with [`Error::Unsupported`]; [`CudaDevice::vmm_supported`] says which.
+//!
+//! Kernels: [`Kernel::Fill`] is a driver memset; [`Kernel::Matmul`] goes
+//! through cuBLAS ([`cublas`]); the LoRA merge kernels of
+//! `offload_kernels::cuda` are compiled by NVRTC ([`nvrtc`]) for the
+//! device's compute capability at first use and launched with
+//! [`CudaDevice::merge_lowrank`].
 
+pub mod cublas;
 mod handles;
 mod memory;
+mod merge;
+pub mod nvrtc;
 pub mod probe;
 mod result;
 
 #[cfg(test)]
+mod kernel_tests;
+#[cfg(test)]
 mod tests;
 
+pub use cublas::BlasInfo;
 pub use handles::HostRegistration;
+pub use merge::MergeKernelsInfo;
+pub use nvrtc::NvrtcError;
 pub use probe::{probe, Probe, ProbeError};
 
 use std::collections::HashMap;
@@ -98,6 +112,11 @@ pub struct CudaDevice {
     streams: DashMap<u64, Arc<Stream>>,
     events: DashMap<u64, Arc<Event>>,
     host_fn_failures: HostFnFailures,
+    /// The merge kernels, loaded at the first merge.
+    merge: Mutex<Option<Arc<merge::MergeKernels>>>,
+    /// cuBLAS, created at the first product; the lock serialises
+    /// `cublasSetStream` + the product.
+    blas: Mutex<Option<cublas::Blas>>,
 }
 
 impl fmt::Debug for CudaDevice {
@@ -184,6 +203,8 @@ impl CudaDevice {
             streams: DashMap::new(),
             events: DashMap::new(),
             host_fn_failures: Arc::new(Mutex::new(HashMap::new())),
+            merge: Mutex::new(None),
+            blas: Mutex::new(None),
         })
     }
 
@@ -440,6 +461,9 @@ impl Drop for CudaDevice {
         }
         self.events.clear();
         let _ = result::ctx_synchronize();
+        // Nothing is queued any more: unload the kernels, free cuBLAS and its scratch.
+        lock(&self.merge).take();
+        lock(&self.blas).take();
         let ps = self.info.page_size;
         let vmm = self.vmm_unavailable.is_none();
         let mem = self.mem.get_mut().unwrap_or_else(|p| p.into_inner());
@@ -619,6 +643,8 @@ impl Device for CudaDevice {
             .remove(&stream.0)
             .ok_or(Error::UnknownStream(stream))?;
         self.ctx.bind()?;
+        // The stream's matmul scratch (if any): taken out, and freed after a synchronisation.
+        self.release_stream_scratch(s.raw, stream.0);
         // Wait for the queued work, as the trait promises; the stream itself is
         // destroyed when the last user (possibly a call in flight) lets go.
         // SAFETY: `s` keeps the stream alive for this call.
@@ -756,10 +782,7 @@ impl Device for CudaDevice {
                 // until queued work that uses it has run.
                 unsafe { result::memset_d8_async(dst.0, value, len, s.raw) }
             }
-            // The benchmark's compute on a GPU goes through cuBLAS (the CUDA issue).
-            Kernel::Matmul { .. } => Err(Error::Unsupported(
-                "the matmul kernel on CUDA (not built yet)",
-            )),
+            Kernel::Matmul { .. } => self.launch_matmul(kernel, stream),
         }
     }
 

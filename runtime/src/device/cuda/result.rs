@@ -516,3 +516,73 @@ pub unsafe fn launch_host_func(
         sys::cuLaunchHostFunc(s, Some(f), data)
     })
 }
+
+/// `cuModuleLoadData`: load a cubin or a NUL-terminated PTX image into the current context.
+///
+/// # Safety
+/// `image` points to a complete cubin, fatbin or NUL-terminated PTX text
+/// that stays valid for the call.
+pub unsafe fn module_load_data(image: *const c_void) -> Result<sys::CUmodule> {
+    let mut m: sys::CUmodule = ptr::null_mut();
+    // SAFETY: out-pointer to a local; the image is the caller's contract.
+    check("cuModuleLoadData", unsafe {
+        sys::cuModuleLoadData(&mut m, image)
+    })?;
+    Ok(m)
+}
+
+/// `cuModuleGetFunction`.
+///
+/// # Safety
+/// `m` is a live module.
+pub unsafe fn module_get_function(m: sys::CUmodule, name: &CStr) -> Result<sys::CUfunction> {
+    let mut f: sys::CUfunction = ptr::null_mut();
+    // SAFETY: out-pointer to a local, a NUL-terminated name; `m` is the caller's contract.
+    check("cuModuleGetFunction", unsafe {
+        sys::cuModuleGetFunction(&mut f, m, name.as_ptr())
+    })?;
+    Ok(f)
+}
+
+/// `cuModuleUnload`.
+///
+/// # Safety
+/// `m` is a live module, unloaded once; no queued or running kernel of it
+/// remains and none of its functions is used afterwards.
+pub unsafe fn module_unload(m: sys::CUmodule) -> Result<()> {
+    // SAFETY: the caller's contract.
+    check("cuModuleUnload", unsafe { sys::cuModuleUnload(m) })
+}
+
+/// `cuLaunchKernel` with no dynamic shared memory and no `extra` options.
+///
+/// # Safety
+/// `f` is a live function of a loaded module and `s` a live stream of the
+/// same context; `params` holds one pointer per kernel parameter, each
+/// pointing to a value of exactly the parameter's type and layout (read
+/// during the call); every address the kernel will touch stays valid until
+/// it has run.
+pub unsafe fn launch_kernel(
+    f: sys::CUfunction,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    s: sys::CUstream,
+    params: &mut [*mut c_void],
+) -> Result<()> {
+    // SAFETY: the caller's contract; `params` is a live array of the kernel's arity.
+    check("cuLaunchKernel", unsafe {
+        sys::cuLaunchKernel(
+            f,
+            grid.0,
+            grid.1,
+            grid.2,
+            block.0,
+            block.1,
+            block.2,
+            0,
+            s,
+            params.as_mut_ptr(),
+            ptr::null_mut(),
+        )
+    })
+}

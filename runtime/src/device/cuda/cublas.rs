@@ -1,0 +1,620 @@
+//! [`Kernel::Matmul`] on CUDA: `Y = X · Wᵀ` through cuBLAS.
+//!
+//! One `cublasGemmEx` per product, f32 accumulation (`CUBLAS_COMPUTE_32F`),
+//! f32 output. The handle is the device's, created at the first product
+//! (with the library loaded dynamically by cudarc, after checking that it
+//! loads: cudarc panics otherwise) and pointed at the caller's stream before
+//! every call, under a lock held from `cublasSetStream` until the product
+//! is queued.
+//!
+//! cuBLAS multiplies A and B of one type only, so an f16 or bf16 weight is
+//! multiplied with the activations rounded to its type (to nearest, ties
+//! to even) by a small NVRTC kernel into a per-stream scratch buffer; the
+//! products are exact in f32 and summed in f32. Compared with the CPU's
+//! all-f32 [`offload_kernels::matmul_xwt`], each output then carries an
+//! extra error of at most one rounding of X to the weight's type:
+//! `2⁻¹¹ · Σ|x·w|` for f16 (plus `2⁻²⁴ · Σ|w|` for activations in f16's
+//! subnormal range), `2⁻⁸ · Σ|x·w|` for bf16. An f32 weight is multiplied
+//! as is, in full f32. Activations beyond f16's range (65504) become
+//! infinite with an f16 weight.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use cudarc::cublas::sys as cb;
+use cudarc::driver::sys;
+use offload_kernels::Dtype;
+
+use super::handles::Context;
+use super::nvrtc::{self, Module};
+use super::{lock, result, CudaDevice};
+use crate::device::{DevicePtr, Kernel, StreamId};
+use crate::error::{Error, Result};
+
+/// CUDA C source of the f32 → f16/bf16 conversion kernels.
+pub const CONVERT_SRC: &str = include_str!("convert.cu");
+const CONVERT_F16: &str = "offload_f32_to_f16";
+const CONVERT_BF16: &str = "offload_f32_to_bf16";
+const CONVERT_THREADS: u32 = 256;
+const CONVERT_MAX_BLOCKS: u64 = 4096;
+/// Smallest scratch buffer allocated (bytes).
+const MIN_SCRATCH: usize = 64 << 10;
+
+static CUBLAS_PRESENT: OnceLock<bool> = OnceLock::new();
+
+/// Whether a cuBLAS library can be loaded; asked once per process.
+pub fn cublas_present() -> bool {
+    // SAFETY: is_culib_present only tries to dlopen the candidate library names.
+    *CUBLAS_PRESENT.get_or_init(|| unsafe { cb::is_culib_present() })
+}
+
+/// The library names cudarc tries for cuBLAS, in order (`libcublas.so.13`
+/// is the CUDA 13 toolkit's).
+pub fn library_candidates() -> Vec<String> {
+    cudarc::get_lib_name_candidates("cublas")
+}
+
+/// The arguments of the one `cublasGemmEx` call that computes the row-major
+/// `Y[tokens, n] = X[tokens, k] · W[n, k]ᵀ`, with A = W, B = X, C = Y.
+///
+/// cuBLAS is column-major: a row-major `[r, c]` matrix with row stride `c`
+/// is, read column-major, the `c × r` matrix with leading dimension `c`,
+/// its transpose. So the row-major Y is the column-major `n × tokens`
+/// matrix `Yᵀ = (X · Wᵀ)ᵀ = W · Xᵀ`, and cuBLAS sees
+/// - W's buffer as the `k × n` matrix `Wᵀ` (lda = k): `op(A) = Aᵀ = W`, so `transa = T`;
+/// - X's buffer as the `k × tokens` matrix `Xᵀ` (ldb = k): `op(B) = B`, so `transb = N`;
+/// - Y's buffer as the `n × tokens` matrix C (ldc = n);
+///
+/// and computes C (`m × n'` = `n × tokens`) as `op(A) · op(B)` over an inner
+/// dimension of `k`. "TN" is also the layout cuBLAS's tensor-core kernels prefer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmArgs {
+    /// `op(A)` is `Aᵀ` (true) or `A`.
+    pub transa: bool,
+    /// `op(B)` is `Bᵀ` (true) or `B`.
+    pub transb: bool,
+    /// Rows of `op(A)` and C: `n`.
+    pub m: i32,
+    /// Columns of `op(B)` and C: `tokens`.
+    pub n: i32,
+    /// Inner dimension: `k`.
+    pub k: i32,
+    /// Leading dimension of A (W): `k`.
+    pub lda: i32,
+    /// Leading dimension of B (X): `k`.
+    pub ldb: i32,
+    /// Leading dimension of C (Y): `n`.
+    pub ldc: i32,
+}
+
+/// [`GemmArgs`] for `Y = X · Wᵀ`; every dimension must be non-zero and fit
+/// cuBLAS's 32-bit `int`.
+pub fn gemm_args(tokens: usize, n: usize, k: usize) -> Result<GemmArgs> {
+    let int = |v: usize, what: &str| {
+        i32::try_from(v)
+            .ok()
+            .filter(|&v| v > 0)
+            .ok_or_else(|| Error::Kernel {
+                kernel: "matmul",
+                message: format!("{what} = {v} must be in 1..=2^31-1 for cuBLAS"),
+            })
+    };
+    let (t, n, k) = (int(tokens, "tokens")?, int(n, "n")?, int(k, "k")?);
+    Ok(GemmArgs {
+        transa: true,
+        transb: false,
+        m: n,
+        n: t,
+        k,
+        lda: k,
+        ldb: k,
+        ldc: n,
+    })
+}
+
+fn cuda_type(d: Dtype) -> cb::cudaDataType {
+    match d {
+        Dtype::F32 => cb::cudaDataType::CUDA_R_32F,
+        Dtype::F16 => cb::cudaDataType::CUDA_R_16F,
+        Dtype::BF16 => cb::cudaDataType::CUDA_R_16BF,
+    }
+}
+
+fn op(t: bool) -> cb::cublasOperation_t {
+    if t {
+        cb::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cb::cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
+fn kernel_error(message: String) -> Error {
+    Error::Kernel {
+        kernel: "matmul",
+        message,
+    }
+}
+
+/// `Ok` for `CUBLAS_STATUS_SUCCESS`, else an error naming the call and status.
+fn check(call: &'static str, st: cb::cublasStatus_t) -> Result<()> {
+    if st == cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        return Ok(());
+    }
+    // SAFETY: only reached after the library was found present and a call
+    // into it returned; cublasGetStatusName returns a static string or null.
+    let p = unsafe { cb::cublasGetStatusName(st) };
+    let name = if p.is_null() {
+        "unknown status".to_string()
+    } else {
+        // SAFETY: non-null, static and NUL-terminated.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    };
+    Err(kernel_error(format!(
+        "{call} failed with {name} ({})",
+        st as i32
+    )))
+}
+
+/// The conversion kernels, loaded into the device's context.
+struct Convert {
+    _module: Module,
+    to_f16: sys::CUfunction,
+    to_bf16: sys::CUfunction,
+}
+
+/// A stream's scratch buffer for converted activations.
+#[derive(Default)]
+struct Scratch {
+    ptr: u64,
+    len: usize,
+    /// Smaller buffers it replaced, possibly still read by queued work on
+    /// the stream: freed with the stream.
+    retired: Vec<u64>,
+}
+
+impl Scratch {
+    fn buffers(&self) -> impl Iterator<Item = u64> + '_ {
+        self.retired
+            .iter()
+            .copied()
+            .chain((self.ptr != 0).then_some(self.ptr))
+    }
+}
+
+/// A device's cuBLAS state: the handle, the conversion kernels, the scratch buffers.
+pub(super) struct Blas {
+    handle: cb::cublasHandle_t,
+    ctx: Arc<Context>,
+    /// The conversion kernels, or why NVRTC could not build them (f16 and
+    /// bf16 weights then fail; f32 ones still work).
+    convert: std::result::Result<Convert, String>,
+    scratch: HashMap<u64, Scratch>,
+    library: Option<PathBuf>,
+}
+
+// SAFETY: the handle, functions and buffers are driver/cuBLAS handles usable
+// from any thread with the context bound; the device keeps `Blas` behind a
+// mutex, so one thread at a time uses them.
+unsafe impl Send for Blas {}
+
+impl Blas {
+    /// Create the handle in `ctx` and build the conversion kernels for `cc`.
+    pub(super) fn new(ctx: &Arc<Context>, cc: (u32, u32)) -> Result<Self> {
+        if !cublas_present() {
+            return Err(Error::Unsupported(
+                "the matmul kernel on CUDA without the cuBLAS library (libcublas.so.13 could not be loaded)",
+            ));
+        }
+        ctx.bind()?;
+        let created = std::panic::catch_unwind(|| {
+            let mut h: cb::cublasHandle_t = std::ptr::null_mut();
+            // SAFETY: the library is present (checked above); out-pointer to
+            // a local; the device's context is current (bound above).
+            let st = unsafe { cb::cublasCreate_v2(&mut h) };
+            (st, h)
+        });
+        let handle = match created {
+            Ok((st, h)) => {
+                check("cublasCreate", st)?;
+                h
+            }
+            Err(p) => {
+                return Err(kernel_error(format!(
+                    "loading cuBLAS panicked: {}",
+                    nvrtc::panic_message(p.as_ref())
+                )))
+            }
+        };
+        let convert = nvrtc::compile("offload_convert.cu", CONVERT_SRC, cc)
+            .map_err(|e| e.to_string())
+            .and_then(|image| {
+                let load = || -> Result<Convert> {
+                    let module = Module::load(ctx, &image)?;
+                    Ok(Convert {
+                        to_f16: module.function(CONVERT_F16)?,
+                        to_bf16: module.function(CONVERT_BF16)?,
+                        _module: module,
+                    })
+                };
+                load().map_err(|e| e.to_string())
+            });
+        Ok(Blas {
+            handle,
+            ctx: ctx.clone(),
+            convert,
+            scratch: HashMap::new(),
+            library: nvrtc::loaded_library("libcublas.so"),
+        })
+    }
+
+    /// The loaded cuBLAS library's path, if it could be read.
+    pub(super) fn library(&self) -> Option<&PathBuf> {
+        self.library.as_ref()
+    }
+
+    /// Why f16/bf16 weights cannot be multiplied, if they cannot.
+    pub(super) fn convert_error(&self) -> Option<&str> {
+        self.convert.as_ref().err().map(String::as_str)
+    }
+
+    /// A scratch buffer of at least `len` bytes for `stream`; the caller
+    /// queues its use on that stream before letting go of the lock.
+    fn scratch(&mut self, stream: u64, len: usize) -> Result<u64> {
+        let s = self.scratch.entry(stream).or_default();
+        if s.len < len {
+            let want = len.next_power_of_two().max(MIN_SCRATCH);
+            let p = result::mem_alloc(want)?;
+            if s.ptr != 0 {
+                s.retired.push(s.ptr);
+            }
+            s.ptr = p;
+            s.len = want;
+        }
+        Ok(s.ptr)
+    }
+
+    /// Take the scratch buffers of a stream being destroyed; the caller frees
+    /// them with [`free_buffers`] once the stream has synchronised.
+    pub(super) fn take_stream(&mut self, stream: u64) -> Vec<u64> {
+        self.scratch
+            .remove(&stream)
+            .map(|s| s.buffers().collect())
+            .unwrap_or_default()
+    }
+
+    /// Queue the rounding of `count` f32 values at `src` into `dtype` at `dst`.
+    ///
+    /// # Safety
+    /// `s` is a live stream of the context; `src` holds `count` f32 and
+    /// `dst` `count` elements of `dtype`, both valid until the kernel has run.
+    unsafe fn convert(
+        &self,
+        src: u64,
+        dst: u64,
+        count: usize,
+        dtype: Dtype,
+        s: sys::CUstream,
+    ) -> Result<()> {
+        let c = self.convert.as_ref().map_err(|e| {
+            kernel_error(format!(
+                "an {dtype} weight needs the activation conversion kernel, which NVRTC could not build: {e}"
+            ))
+        })?;
+        let f = match dtype {
+            Dtype::F16 => c.to_f16,
+            Dtype::BF16 => c.to_bf16,
+            Dtype::F32 => return Err(kernel_error("no conversion to f32".into())),
+        };
+        let mut x = src;
+        let mut y = dst;
+        let mut n = count as u64;
+        let blocks = n
+            .div_ceil(u64::from(CONVERT_THREADS))
+            .clamp(1, CONVERT_MAX_BLOCKS) as u32;
+        let mut params: [*mut c_void; 3] = [
+            (&mut x as *mut u64).cast(),
+            (&mut y as *mut u64).cast(),
+            (&mut n as *mut u64).cast(),
+        ];
+        // SAFETY: `f` belongs to a module loaded in this context; the three
+        // parameters are (const float*, half/bf16*, unsigned long long), each
+        // passed as a pointer to a local u64 of the same size and layout;
+        // the buffers are the caller's contract.
+        unsafe { result::launch_kernel(f, (blocks, 1, 1), (CONVERT_THREADS, 1, 1), s, &mut params) }
+    }
+
+    /// Queue `C = op(A) · op(B)` (see [`GemmArgs`]) with f32 accumulation
+    /// and an f32 C.
+    ///
+    /// # Safety
+    /// `s` is a live stream of the context; `a`, `b`, `c` hold the matrices
+    /// `args` describes, of types `ab_type` (A and B) and f32 (C), valid
+    /// until the product has run; C overlaps neither input.
+    unsafe fn gemm(
+        &self,
+        args: GemmArgs,
+        a: u64,
+        b: u64,
+        ab_type: Dtype,
+        c: u64,
+        s: sys::CUstream,
+    ) -> Result<()> {
+        let alpha = 1.0f32;
+        let beta = 0.0f32;
+        let t = cuda_type(ab_type);
+        // SAFETY: the handle is live and ours (we hold the device's lock);
+        // the stream is live and of the handle's context (the caller).
+        check("cublasSetStream", unsafe {
+            cb::cublasSetStream_v2(self.handle, s as cb::cudaStream_t)
+        })?;
+        // SAFETY: alpha and beta are f32 host values (pointer mode host,
+        // scale type f32 for CUBLAS_COMPUTE_32F) living for the call; the
+        // matrices are the caller's contract; with beta = 0, C is not read.
+        check("cublasGemmEx", unsafe {
+            cb::cublasGemmEx(
+                self.handle,
+                op(args.transa),
+                op(args.transb),
+                args.m,
+                args.n,
+                args.k,
+                (&alpha as *const f32).cast(),
+                a as *const c_void,
+                t,
+                args.lda,
+                b as *const c_void,
+                t,
+                args.ldb,
+                (&beta as *const f32).cast(),
+                c as *mut c_void,
+                cb::cudaDataType::CUDA_R_32F,
+                args.ldc,
+                cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cb::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            )
+        })
+    }
+}
+
+/// Free scratch buffers taken with [`Blas::take_stream`].
+///
+/// # Safety
+/// The buffers came from `cuMemAlloc` in the current context, are freed once,
+/// and no queued work uses them.
+pub(super) unsafe fn free_buffers(buffers: Vec<u64>) {
+    for p in buffers {
+        // SAFETY: the caller's contract.
+        let _ = unsafe { result::mem_free(p) };
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind();
+        // SAFETY: the device drops its Blas only after synchronising the
+        // context, so no product or conversion is queued; the handle is
+        // destroyed once and the buffers freed once.
+        unsafe {
+            let _ = cb::cublasDestroy_v2(self.handle);
+            let buffers: Vec<u64> = self
+                .scratch
+                .drain()
+                .flat_map(|(_, s)| s.buffers().collect::<Vec<_>>())
+                .collect();
+            free_buffers(buffers);
+        }
+    }
+}
+
+/// Facts about the device's cuBLAS state, for reports.
+#[derive(Clone, Debug)]
+pub struct BlasInfo {
+    /// The cuBLAS library loaded, as mapped in the process.
+    pub library: Option<PathBuf>,
+    /// Why f16/bf16 weights cannot be multiplied (NVRTC could not build the
+    /// activation conversion), if they cannot.
+    pub convert_error: Option<String>,
+}
+
+impl CudaDevice {
+    /// Create the cuBLAS handle (and build the activation conversion kernels)
+    /// now rather than at the first product, and say what was loaded.
+    pub fn prepare_matmul(&self) -> Result<BlasInfo> {
+        let mut guard = lock(&self.blas);
+        let blas = self.blas_in(&mut guard)?;
+        Ok(BlasInfo {
+            library: blas.library().cloned(),
+            convert_error: blas.convert_error().map(str::to_string),
+        })
+    }
+
+    fn blas_in<'a>(&self, slot: &'a mut Option<Blas>) -> Result<&'a mut Blas> {
+        if slot.is_none() {
+            let cc = self.info.compute_capability.unwrap_or((0, 0));
+            *slot = Some(Blas::new(&self.ctx, cc)?);
+        }
+        Ok(slot.as_mut().expect("set just above"))
+    }
+
+    /// [`Kernel::Matmul`] on this device (see the module documentation).
+    pub(super) fn launch_matmul(&self, kernel: &Kernel, stream: StreamId) -> Result<()> {
+        let Kernel::Matmul {
+            x,
+            tokens,
+            w,
+            w_dtype,
+            n,
+            k,
+            y,
+        } = *kernel
+        else {
+            return Err(kernel_error(format!(
+                "launch_matmul got the {} kernel",
+                kernel.name()
+            )));
+        };
+        let regions = kernel.regions()?;
+        {
+            let mem = lock(&self.mem);
+            for &(addr, len) in &regions {
+                mem.check_access(addr, len)?;
+            }
+        }
+        let size = w_dtype.size_in_bytes() as u64;
+        if x.0 % 4 != 0 || y.0 % 4 != 0 || w.0 % size != 0 {
+            return Err(kernel_error(format!(
+                "misaligned operand: X at {x} and Y at {y} must be 4-byte aligned, W at {w} {size}-byte aligned"
+            )));
+        }
+        let (xl, wl, yl) = (regions[0].1, regions[1].1, regions[2].1);
+        if overlaps(y, yl, x, xl) || overlaps(y, yl, w, wl) {
+            return Err(kernel_error("the output overlaps an input".into()));
+        }
+        let s = self.stream(stream)?;
+        if tokens == 0 || n == 0 {
+            return Ok(());
+        }
+        self.ctx.bind()?;
+        if k == 0 {
+            // An empty sum: Y = 0, as on the host backend.
+            // SAFETY: the stream is live (Arc) and Y is mapped (checked above).
+            return unsafe { result::memset_d8_async(y.0, 0, yl, s.raw) };
+        }
+        let args = gemm_args(tokens, n, k)?;
+        let mut guard = lock(&self.blas);
+        let blas = self.blas_in(&mut guard)?;
+        // `destroy_stream` takes the stream out of the table before it takes
+        // this lock to collect the stream's scratch: a stream still in the
+        // table here has its scratch freed only after this work is queued.
+        if !self.streams.contains_key(&stream.0) {
+            return Err(Error::UnknownStream(stream));
+        }
+        let b = match w_dtype {
+            Dtype::F32 => x.0,
+            Dtype::F16 | Dtype::BF16 => {
+                let count = tokens * k;
+                let scratch = blas.scratch(stream.0, count * 2)?;
+                // SAFETY: the stream is live; X holds `count` f32 (checked
+                // mapped above); the scratch holds at least `count` 2-byte
+                // elements and is used by this stream alone, in order.
+                unsafe { blas.convert(x.0, scratch, count, w_dtype, s.raw)? };
+                scratch
+            }
+        };
+        // SAFETY: the stream is live; W, X (or its conversion) and Y are
+        // mapped with the sizes `args` implies (checked above); Y overlaps
+        // neither input (checked); the trait makes callers keep them mapped
+        // until the queued product has run.
+        unsafe { blas.gemm(args, w.0, b, w_dtype, y.0, s.raw) }
+    }
+
+    /// Collect and free the scratch buffers of a stream being destroyed:
+    /// takes them under the cuBLAS lock, then synchronises the stream, then frees.
+    pub(super) fn release_stream_scratch(&self, raw: sys::CUstream, stream: u64) {
+        let buffers = match lock(&self.blas).as_mut() {
+            Some(b) => b.take_stream(stream),
+            None => return,
+        };
+        if buffers.is_empty() {
+            return;
+        }
+        // SAFETY: the stream is kept alive by the caller for this call.
+        let _ = unsafe { result::stream_synchronize(raw) };
+        // SAFETY: the stream's queued work has run and no new work can use
+        // the buffers (taken out of the table under the lock); freed once.
+        unsafe { free_buffers(buffers) };
+    }
+}
+
+fn overlaps(a: DevicePtr, al: usize, b: DevicePtr, bl: usize) -> bool {
+    al > 0 && bl > 0 && a.0 < b.0.saturating_add(bl as u64) && b.0 < a.0.saturating_add(al as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Column-major `C = op(A) · op(B)` exactly as BLAS defines it.
+    fn gemm_colmajor(g: GemmArgs, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
+        let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
+        for j in 0..n {
+            for i in 0..m {
+                let mut acc = 0f64;
+                for l in 0..k {
+                    let av = if g.transa {
+                        a[l + i * lda]
+                    } else {
+                        a[i + l * lda]
+                    };
+                    let bv = if g.transb {
+                        b[j + l * ldb]
+                    } else {
+                        b[l + j * ldb]
+                    };
+                    acc += f64::from(av) * f64::from(bv);
+                }
+                c[i + j * ldc] = acc as f32;
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_arguments_compute_x_times_w_transposed() {
+        let (tokens, n, k) = (5, 7, 11);
+        let x: Vec<f32> = (0..tokens * k).map(|i| (i % 13) as f32 - 6.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.5 - 1.5).collect();
+        let wb: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut want = vec![0f32; tokens * n];
+        offload_kernels::matmul_xwt(&x, tokens, &wb, Dtype::F32, n, k, &mut want, None).unwrap();
+        let g = gemm_args(tokens, n, k).unwrap();
+        assert_eq!(
+            g,
+            GemmArgs {
+                transa: true,
+                transb: false,
+                m: 7,
+                n: 5,
+                k: 11,
+                lda: 11,
+                ldb: 11,
+                ldc: 7
+            }
+        );
+        // A = W's buffer, B = X's buffer, C = Y's buffer, as launch_matmul passes them.
+        let mut got = vec![f32::NAN; tokens * n];
+        gemm_colmajor(g, &w, &x, &mut got);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn gemm_arguments_reject_what_cublas_cannot_take() {
+        assert!(gemm_args(0, 1, 1).is_err());
+        assert!(gemm_args(1, 1 << 31, 1).is_err());
+        assert!(gemm_args(1, 1, 0).is_err());
+        assert!(gemm_args(i32::MAX as usize, 1, 1).is_ok());
+    }
+
+    #[test]
+    fn overlap_rule() {
+        let p = |a| DevicePtr(a);
+        assert!(overlaps(p(100), 10, p(105), 10));
+        assert!(!overlaps(p(100), 10, p(110), 10));
+        assert!(!overlaps(p(100), 0, p(100), 10));
+    }
+
+    #[test]
+    fn candidates_include_the_cuda_13_soname() {
+        let c = library_candidates();
+        eprintln!("{c:?}");
+        assert!(c.iter().any(|n| n == "libcublas.so.13"), "{c:?}");
+    }
+
+    #[test]
+    fn without_cublas_presence_is_false_not_a_panic() {
+        // Here only that the probe returns; on a machine with the library it is true.
+        let _ = cublas_present();
+    }
+}

@@ -1,0 +1,737 @@
+//! GPU tests of the CUDA backend's kernels: NVRTC, the LoRA merge, the cuBLAS product.
+//!
+//! Like the other GPU tests they construct a [`CudaDevice`] explicitly and
+//! fail, never skip, when it cannot be made, and they are ignored by
+//! default. Run them with `cargo test -p offload-runtime gpu_ -- --ignored`
+//! (or through `scripts/gpu-check`). They print what was loaded and how
+//! fast it ran (`--nocapture` shows it).
+
+use std::num::NonZeroUsize;
+use std::time::Instant;
+
+use half::{bf16, f16};
+use offload_kernels::{Adapter, Delta, Dtype, Factor, MergeSpec};
+
+use super::nvrtc::{self, NvrtcError, Target};
+use super::*;
+use crate::device::DeviceExt;
+
+fn gpu() -> CudaDevice {
+    CudaDevice::new(0).expect("this test needs a CUDA GPU and CudaDevice::new(0) failed")
+}
+
+/// Device buffers for a test: one mapped range per buffer in VMM mode, one
+/// page per buffer in fallback mode. Everything is given back on drop.
+struct Bufs<'a> {
+    d: &'a CudaDevice,
+    ranges: Vec<(VirtualRange, Vec<PhysPage>)>,
+    pages: Vec<PhysPage>,
+}
+
+impl<'a> Bufs<'a> {
+    fn new(d: &'a CudaDevice) -> Self {
+        Bufs {
+            d,
+            ranges: Vec::new(),
+            pages: Vec::new(),
+        }
+    }
+
+    fn alloc(&mut self, len: usize) -> DevicePtr {
+        let ps = self.d.info().page_size;
+        if !self.d.vmm_supported() {
+            assert!(
+                len <= ps,
+                "fallback mode: a {len}-byte buffer does not fit one page"
+            );
+            let p = self.d.alloc_page().unwrap();
+            self.pages.push(p);
+            return self.d.page_address(p).unwrap();
+        }
+        let n = len.div_ceil(ps).max(1);
+        let range = self.d.reserve(n * ps).unwrap();
+        let pages: Vec<PhysPage> = (0..n).map(|_| self.d.alloc_page().unwrap()).collect();
+        for (i, p) in pages.iter().enumerate() {
+            self.d.map(range.base.offset(i * ps), *p).unwrap();
+        }
+        self.ranges.push((range, pages));
+        range.base
+    }
+
+    fn upload(&mut self, data: &[u8], s: StreamId) -> DevicePtr {
+        let p = self.alloc(data.len());
+        self.d.write_blocking(p, data, s).unwrap();
+        p
+    }
+}
+
+impl Drop for Bufs<'_> {
+    fn drop(&mut self) {
+        let _ = self.d.bind().and_then(|()| result::ctx_synchronize());
+        let ps = self.d.info().page_size;
+        for (range, pages) in self.ranges.drain(..) {
+            for i in 0..pages.len() {
+                let _ = self.d.unmap(range.base.offset(i * ps));
+            }
+            let _ = self.d.release(range);
+            for p in pages {
+                let _ = self.d.free_page(p);
+            }
+        }
+        for p in self.pages.drain(..) {
+            let _ = self.d.free_page(p);
+        }
+    }
+}
+
+/// xorshift64*: uniform values in [-1, 1).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+        (v as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn values(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
+    }
+}
+
+fn encode(dtype: Dtype, v: &[f32]) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Dtype::F16 => v
+            .iter()
+            .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => v
+            .iter()
+            .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+    }
+}
+
+fn decode(dtype: Dtype, b: &[u8]) -> Vec<f64> {
+    match dtype {
+        Dtype::F32 => b
+            .chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap())))
+            .collect(),
+        Dtype::F16 => b
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        Dtype::BF16 => b
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+    }
+}
+
+/// The kernels' tests' relative tolerance of the f32 accumulation.
+const TOL: f64 = 1e-5;
+
+/// One unit in the last place of `dtype` at the magnitude of `x` (zero for
+/// f32), as in offload-kernels' tests.
+fn ulp(dtype: Dtype, x: f64) -> f64 {
+    let (mantissa_bits, min_exp) = match dtype {
+        Dtype::F32 => return 0.0,
+        Dtype::F16 => (10, -14),
+        Dtype::BF16 => (7, -126),
+    };
+    let exp = if x == 0.0 || !x.is_finite() {
+        min_exp
+    } else {
+        (((x.to_bits() >> 52) & 0x7ff) as i32 - 1023).max(min_exp)
+    };
+    2f64.powi(exp - mantissa_bits)
+}
+
+/// A low-rank adapter's host data: (scale, up bytes, up dtype, down bytes, down dtype, rank).
+struct HostAdapter {
+    scale: f32,
+    up: Vec<u8>,
+    up_dtype: Dtype,
+    down: Vec<u8>,
+    down_dtype: Dtype,
+    rank: usize,
+}
+
+/// One merge case: W's dtype and shape, the row slice, and (rank, up dtype, down dtype, scale) per adapter.
+struct MergeCase {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    rows: Option<std::ops::Range<usize>>,
+    adapters: Vec<(usize, Dtype, Dtype, f32)>,
+}
+
+/// Runs one merge on the GPU and on the CPU and checks both against the f64
+/// reference with the kernels' tolerance; returns (elements of the row
+/// slice, how many of them are bit-identical to the CPU's).
+fn check_merge(d: &CudaDevice, s: StreamId, case: &MergeCase, seed: u64) -> (usize, usize) {
+    let mut rng = Rng(seed | 1);
+    let out = case.shape[0];
+    let cols: usize = case.shape[1..].iter().product();
+    let rows = case.rows.clone().unwrap_or(0..out);
+    let n = rows.len();
+    let w_vals = rng.values(out * cols);
+    let w_bytes = encode(case.dtype, &w_vals);
+    let host: Vec<HostAdapter> = case
+        .adapters
+        .iter()
+        .map(|&(rank, up_dtype, down_dtype, scale)| HostAdapter {
+            scale,
+            up: encode(up_dtype, &rng.values(n * rank)),
+            up_dtype,
+            down: encode(down_dtype, &rng.values(rank * cols)),
+            down_dtype,
+            rank,
+        })
+        .collect();
+    let adapters: Vec<Adapter<'_>> = host
+        .iter()
+        .map(|a| Adapter {
+            scale: a.scale,
+            delta: Delta::LowRank {
+                up: Factor::new(&a.up, a.up_dtype, n, a.rank),
+                down: Factor::new(&a.down, a.down_dtype, a.rank, cols),
+            },
+        })
+        .collect();
+    let spec = MergeSpec::new(case.dtype, &case.shape, case.rows.clone(), &adapters).unwrap();
+
+    // The GPU.
+    let mut bufs = Bufs::new(d);
+    let w = bufs.upload(&w_bytes, s);
+    let factors: Vec<(DevicePtr, DevicePtr)> = host
+        .iter()
+        .map(|a| (bufs.upload(&a.up, s), bufs.upload(&a.down, s)))
+        .collect();
+    d.merge_lowrank(&spec, w, &factors, s).unwrap();
+    let mut gpu = vec![0u8; w_bytes.len()];
+    d.read_blocking(w, &mut gpu, s).unwrap();
+
+    // The CPU.
+    let mut cpu = w_bytes.clone();
+    offload_kernels::merge_cpu(&mut cpu, &spec, NonZeroUsize::new(2)).unwrap();
+
+    // The f64 reference.
+    let mut exact = decode(case.dtype, &w_bytes);
+    let mut bound: Vec<f64> = exact.iter().map(|v| v.abs()).collect();
+    for a in &host {
+        let up = decode(a.up_dtype, &a.up);
+        let down = decode(a.down_dtype, &a.down);
+        let sc = f64::from(a.scale);
+        for i in 0..n {
+            for j in 0..cols {
+                let (mut sum, mut mag) = (0f64, 0f64);
+                for k in 0..a.rank {
+                    let p = up[i * a.rank + k] * down[k * cols + j];
+                    sum += p;
+                    mag += p.abs();
+                }
+                let at = (rows.start + i) * cols + j;
+                exact[at] += sc * sum;
+                bound[at] += sc.abs() * mag;
+            }
+        }
+    }
+    let size = case.dtype.size_in_bytes();
+    let (g, c) = (decode(case.dtype, &gpu), decode(case.dtype, &cpu));
+    let mut same = 0;
+    for at in 0..out * cols {
+        let i = at / cols;
+        let span = at * size..(at + 1) * size;
+        if !rows.contains(&i) {
+            assert_eq!(
+                gpu[span.clone()],
+                w_bytes[span],
+                "[{i}, {}] outside the row slice changed",
+                at % cols
+            );
+            continue;
+        }
+        let allowed = ulp(case.dtype, exact[at]) + TOL * bound[at];
+        let err = (g[at] - exact[at]).abs();
+        assert!(
+            !g[at].is_nan() && err <= allowed,
+            "{} [{i}, {}]: GPU {:e}, exact {:e}, error {err:e} > allowed {allowed:e}",
+            case.dtype,
+            at % cols,
+            g[at],
+            exact[at]
+        );
+        let cpu_err = (g[at] - c[at]).abs();
+        assert!(
+            cpu_err <= 2.0 * allowed,
+            "{} [{i}, {}]: GPU {:e}, CPU {:e}: apart by {cpu_err:e} > {:e}",
+            case.dtype,
+            at % cols,
+            g[at],
+            c[at],
+            2.0 * allowed
+        );
+        if gpu[span.clone()] == cpu[span] {
+            same += 1;
+        }
+    }
+    (n * cols, same)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_nvrtc_builds_the_merge_kernels_for_the_device() {
+    let d = gpu();
+    let cc = d.info().compute_capability.unwrap();
+    eprintln!(
+        "NVRTC library names tried: {:?}",
+        nvrtc::library_candidates()
+    );
+    eprintln!(
+        "NVRTC version {:?}, supported archs {:?}",
+        nvrtc::version(),
+        nvrtc::supported_archs()
+    );
+    let t = Instant::now();
+    let info = d.prepare_merge().expect("building the merge kernels");
+    eprintln!(
+        "merge kernels for {} ({cc:?}): {} with NVRTC {:?} in {:?} (first call {:?}), options {:?}, library {:?}, log {:?}",
+        d.info().name,
+        info.target,
+        info.nvrtc_version,
+        info.compile_time,
+        t.elapsed(),
+        info.options,
+        info.library,
+        info.log
+    );
+    assert!(
+        info.library.is_some(),
+        "no libnvrtc mapped in the process after compiling"
+    );
+    let arch = cc.0 * 10 + cc.1;
+    assert!(
+        info.target == Target::Cubin(arch) || matches!(info.target, Target::Ptx(a) if a < arch),
+        "{:?}",
+        info.target
+    );
+    // Cached for the process: the same image again, at no cost.
+    let a = nvrtc::compile(
+        "lowrank_merge.cu",
+        offload_kernels::cuda::LOWRANK_MERGE_SRC,
+        cc,
+    )
+    .unwrap();
+    let b = nvrtc::compile(
+        "lowrank_merge.cu",
+        offload_kernels::cuda::LOWRANK_MERGE_SRC,
+        cc,
+    )
+    .unwrap();
+    assert!(Arc::ptr_eq(&a, &b));
+    // A second device of the same GPU loads the cached image into its context.
+    let d2 = gpu();
+    let t = Instant::now();
+    d2.prepare_merge().unwrap();
+    eprintln!("second device: loaded in {:?}", t.elapsed());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_nvrtc_compile_error_carries_the_log() {
+    let d = gpu();
+    let cc = d.info().compute_capability.unwrap();
+    let src = "extern \"C\" __global__ void k(float* p) { p[0] = offload_no_such_function(1); }\n";
+    let r = nvrtc::compile("broken.cu", src, cc);
+    let Err(NvrtcError::Compile { log, target, .. }) = &r else {
+        panic!("expected a compile error, got {r:?}");
+    };
+    eprintln!("compile error for {target}:\n{log}");
+    assert!(log.contains("offload_no_such_function"), "{log}");
+    let e: Error = r.unwrap_err().into();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("offload_no_such_function") && msg.contains("broken.cu"),
+        "{msg}"
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_merge_lowrank_matches_cpu_merge() {
+    let d = gpu();
+    let s = d.create_stream().unwrap();
+    let mut cases = Vec::new();
+    for dtype in Dtype::ALL {
+        // A row slice whose length and width are not multiples of the 64 x 64
+        // tile; two adapters of mixed factor dtypes, one of rank > 32 (two chunks).
+        cases.push(MergeCase {
+            dtype,
+            shape: vec![150, 200],
+            rows: Some(7..137),
+            adapters: vec![
+                (5, Dtype::F16, Dtype::BF16, 0.7),
+                (40, Dtype::F32, Dtype::F32, -1.3),
+            ],
+        });
+        // A 3x3 conv weight, whole, one bf16 adapter.
+        cases.push(MergeCase {
+            dtype,
+            shape: vec![64, 16, 3, 3],
+            rows: None,
+            adapters: vec![(8, Dtype::BF16, Dtype::BF16, 0.25)],
+        });
+        // The most adapters one launch takes, one row.
+        cases.push(MergeCase {
+            dtype,
+            shape: vec![3, 1000],
+            rows: Some(1..2),
+            adapters: (0..MAX_ADAPTERS_FOR_TEST)
+                .map(|i| (1 + i, Dtype::F16, Dtype::F32, 0.1 * i as f32 - 0.3))
+                .collect(),
+        });
+    }
+    for (i, case) in cases.iter().enumerate() {
+        let (elements, same) = check_merge(&d, s, case, 0x5eed + i as u64);
+        eprintln!(
+            "merge {} {:?} rows {:?}, {} adapters: {elements} elements, {same} bit-identical to the CPU",
+            case.dtype,
+            case.shape,
+            case.rows,
+            case.adapters.len()
+        );
+    }
+    // Throughput of a realistic merge (informative): an SDXL-sized
+    // 1280 x 1280 f16 weight, one rank-32 f16 adapter.
+    let mut bufs = Bufs::new(&d);
+    let (rows, cols, rank) = (1280usize, 1280usize, 32usize);
+    let zeros = vec![0u8; rows * cols * 2];
+    let w = bufs.upload(&zeros, s);
+    let up_b = vec![0u8; rows * rank * 2];
+    let down_b = vec![0u8; rank * cols * 2];
+    let (up, down) = (bufs.upload(&up_b, s), bufs.upload(&down_b, s));
+    let adapters = [Adapter {
+        scale: 1.0,
+        delta: Delta::LowRank {
+            up: Factor::new(&up_b, Dtype::F16, rows, rank),
+            down: Factor::new(&down_b, Dtype::F16, rank, cols),
+        },
+    }];
+    let spec = MergeSpec::new(Dtype::F16, &[rows, cols], None, &adapters).unwrap();
+    d.merge_lowrank(&spec, w, &[(up, down)], s).unwrap();
+    d.stream_synchronize(s).unwrap();
+    let reps = 50;
+    let t = Instant::now();
+    for _ in 0..reps {
+        d.merge_lowrank(&spec, w, &[(up, down)], s).unwrap();
+    }
+    d.stream_synchronize(s).unwrap();
+    let per = t.elapsed() / reps;
+    eprintln!(
+        "merge 1280x1280 f16, rank 32: {per:?} per launch, {:.0} GB/s of W read and written",
+        (2 * rows * cols * 2) as f64 / per.as_secs_f64() / 1e9
+    );
+    drop(bufs);
+    d.destroy_stream(s).unwrap();
+}
+
+const MAX_ADAPTERS_FOR_TEST: usize = offload_kernels::cuda::MAX_ADAPTERS;
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_merge_lowrank_rejects_bad_operands() {
+    let d = gpu();
+    let s = d.create_stream().unwrap();
+    let mut bufs = Bufs::new(&d);
+    let (rows, cols, rank) = (32usize, 48usize, 4usize);
+    let w = bufs.alloc(rows * cols * 4);
+    let up = bufs.alloc(rows * rank * 4);
+    let down = bufs.alloc(rank * cols * 4);
+    let (ub, db) = (vec![0u8; rows * rank * 4], vec![0u8; rank * cols * 4]);
+    let adapters = [Adapter {
+        scale: 1.0,
+        delta: Delta::LowRank {
+            up: Factor::new(&ub, Dtype::F32, rows, rank),
+            down: Factor::new(&db, Dtype::F32, rank, cols),
+        },
+    }];
+    let spec = MergeSpec::new(Dtype::F32, &[rows, cols], None, &adapters).unwrap();
+    d.merge_lowrank(&spec, w, &[(up, down)], s).unwrap();
+    // Wrong factor count, unmapped, misaligned, overlapping W.
+    assert!(matches!(
+        d.merge_lowrank(&spec, w, &[], s),
+        Err(Error::Kernel { .. })
+    ));
+    assert!(matches!(
+        d.merge_lowrank(&spec, w, &[(up, DevicePtr(0x10))], s),
+        Err(Error::BadAddress { .. })
+    ));
+    assert!(matches!(
+        d.merge_lowrank(&spec, w, &[(up.offset(2), down)], s),
+        Err(Error::Kernel { .. })
+    ));
+    assert!(matches!(
+        d.merge_lowrank(&spec, w, &[(w, down)], s),
+        Err(Error::Kernel { .. })
+    ));
+    assert!(matches!(
+        d.merge_lowrank(&spec, w, &[(up, down)], StreamId(0xdead_0000)),
+        Err(Error::UnknownStream(_))
+    ));
+    // LoHa is not a low-rank delta.
+    let loha = [Adapter {
+        scale: 1.0,
+        delta: Delta::LoHa {
+            w1a: Factor::new(&ub, Dtype::F32, rows, rank),
+            w1b: Factor::new(&db, Dtype::F32, rank, cols),
+            w2a: Factor::new(&ub, Dtype::F32, rows, rank),
+            w2b: Factor::new(&db, Dtype::F32, rank, cols),
+        },
+    }];
+    let spec = MergeSpec::new(Dtype::F32, &[rows, cols], None, &loha).unwrap();
+    assert!(matches!(
+        d.merge_lowrank(&spec, w, &[(up, down)], s),
+        Err(Error::Kernel { .. })
+    ));
+    d.stream_synchronize(s).unwrap();
+    drop(bufs);
+    d.destroy_stream(s).unwrap();
+}
+
+/// Runs `Y = X · Wᵀ` on the GPU and on the CPU and compares, with the
+/// CPU tests' tolerance plus one rounding of X to W's type (see
+/// [`super::cublas`]). Returns the largest error relative to `Σ|x·w|`.
+fn check_matmul(
+    d: &CudaDevice,
+    s: StreamId,
+    dtype: Dtype,
+    tokens: usize,
+    n: usize,
+    k: usize,
+    seed: u64,
+) -> f64 {
+    let mut rng = Rng(seed | 1);
+    let x = rng.values(tokens * k);
+    let w_bytes = encode(dtype, &rng.values(n * k));
+    let mut bufs = Bufs::new(d);
+    let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let xp = bufs.upload(&xb, s);
+    let wp = bufs.upload(&w_bytes, s);
+    let yp = bufs.alloc(tokens * n * 4);
+    d.launch(
+        &Kernel::Fill {
+            dst: yp,
+            len: tokens * n * 4,
+            value: 0xff,
+        },
+        s,
+    )
+    .unwrap();
+    d.launch(
+        &Kernel::Matmul {
+            x: xp,
+            tokens,
+            w: wp,
+            w_dtype: dtype,
+            n,
+            k,
+            y: yp,
+        },
+        s,
+    )
+    .unwrap();
+    let mut yb = vec![0u8; tokens * n * 4];
+    d.read_blocking(yp, &mut yb, s).unwrap();
+    let got = decode(Dtype::F32, &yb);
+    let mut cpu = vec![0f32; tokens * n];
+    offload_kernels::matmul_xwt(&x, tokens, &w_bytes, dtype, n, k, &mut cpu, None).unwrap();
+    let wv = decode(dtype, &w_bytes);
+    // Unit roundoff of X rounded to W's type; f16's subnormal spacing for tiny activations.
+    let (u, sub) = match dtype {
+        Dtype::F32 => (0.0, 0.0),
+        Dtype::F16 => (2f64.powi(-11), 2f64.powi(-25)),
+        Dtype::BF16 => (2f64.powi(-8), 0.0),
+    };
+    let mut worst = 0f64;
+    for t in 0..tokens {
+        for j in 0..n {
+            let (mut mag, mut wsum) = (0f64, 0f64);
+            for c in 0..k {
+                mag += (f64::from(x[t * k + c]) * wv[j * k + c]).abs();
+                wsum += wv[j * k + c].abs();
+            }
+            let (g, c) = (got[t * n + j], f64::from(cpu[t * n + j]));
+            let err = (g - c).abs();
+            let tol = (u + 2.0 * TOL) * mag + sub * wsum + 1e-30;
+            assert!(
+                !g.is_nan() && err <= tol,
+                "{dtype} tokens {tokens} n {n} k {k}: y[{t}, {j}] GPU {g:e}, CPU {c:e}, error {err:e} > {tol:e}"
+            );
+            worst = worst.max(err / (mag + 1e-30));
+        }
+    }
+    worst
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_matmul_cublas_matches_cpu() {
+    let d = gpu();
+    let info = d.prepare_matmul().expect("creating cuBLAS");
+    eprintln!(
+        "cuBLAS library names tried: {:?}; loaded {:?}; activation conversion: {}",
+        cublas::library_candidates(),
+        info.library,
+        info.convert_error.as_deref().unwrap_or("built")
+    );
+    assert!(info.convert_error.is_none(), "{:?}", info.convert_error);
+    let s = d.create_stream().unwrap();
+    let shapes = [(1, 300, 520), (16, 257, 1030), (33, 64, 7), (4, 1, 1)];
+    for dtype in Dtype::ALL {
+        for (i, &(tokens, n, k)) in shapes.iter().enumerate() {
+            let worst = check_matmul(&d, s, dtype, tokens, n, k, 77 + i as u64);
+            eprintln!(
+                "matmul {dtype} tokens {tokens} n {n} k {k}: largest error / Σ|x·w| = {worst:.2e}"
+            );
+        }
+    }
+    // A second stream gets its own scratch; destroying it frees that.
+    let s2 = d.create_stream().unwrap();
+    check_matmul(&d, s2, Dtype::BF16, 8, 100, 300, 5);
+    check_matmul(&d, s, Dtype::F16, 8, 100, 300, 6);
+    d.destroy_stream(s2).unwrap();
+    check_matmul(&d, s, Dtype::BF16, 8, 100, 300, 7);
+    d.destroy_stream(s).unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_matmul_edge_cases_and_checks() {
+    let d = gpu();
+    let s = d.create_stream().unwrap();
+    let mut bufs = Bufs::new(&d);
+    let a = bufs.alloc(1 << 16);
+    let y = bufs.alloc(1 << 16);
+    d.write_blocking(a, &1.5f32.to_le_bytes().repeat(1 << 14), s)
+        .unwrap();
+    let mm = |x: DevicePtr, w: DevicePtr, w_dtype, tokens, n, k, y: DevicePtr| Kernel::Matmul {
+        x,
+        tokens,
+        w,
+        w_dtype,
+        n,
+        k,
+        y,
+    };
+    // As the benchmark probes it: X doubles as W (inputs may overlap).
+    d.launch(&mm(a, a, Dtype::F32, 1, 1, 1, y), s).unwrap();
+    let mut out = [0u8; 4];
+    d.read_blocking(y, &mut out, s).unwrap();
+    assert_eq!(f32::from_le_bytes(out), 2.25);
+    // k = 0: Y is zeroed.
+    d.launch(
+        &Kernel::Fill {
+            dst: y,
+            len: 64,
+            value: 0xff,
+        },
+        s,
+    )
+    .unwrap();
+    d.launch(&mm(a, a, Dtype::F16, 4, 4, 0, y), s).unwrap();
+    let mut out = [1u8; 64];
+    d.read_blocking(y, &mut out, s).unwrap();
+    assert_eq!(out, [0u8; 64]);
+    // No tokens: nothing to do.
+    d.launch(&mm(a, a, Dtype::F16, 0, 4, 4, y), s).unwrap();
+    // Checks: unmapped, misaligned, overlapping output, unknown stream.
+    assert!(matches!(
+        d.launch(&mm(DevicePtr(0x40), a, Dtype::F32, 1, 1, 1, y), s),
+        Err(Error::BadAddress { .. })
+    ));
+    assert!(matches!(
+        d.launch(&mm(a.offset(2), a, Dtype::F32, 1, 1, 1, y), s),
+        Err(Error::Kernel { .. })
+    ));
+    assert!(matches!(
+        d.launch(&mm(a, a.offset(1), Dtype::F16, 1, 1, 1, y), s),
+        Err(Error::Kernel { .. })
+    ));
+    assert!(matches!(
+        d.launch(&mm(a, a, Dtype::F32, 2, 2, 2, a.offset(8)), s),
+        Err(Error::Kernel { .. })
+    ));
+    assert!(matches!(
+        d.launch(&mm(a, a, Dtype::F32, 1, 1, 1, y), StreamId(0xdead_0000)),
+        Err(Error::UnknownStream(_))
+    ));
+    d.stream_synchronize(s).unwrap();
+    drop(bufs);
+    d.destroy_stream(s).unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_matmul_throughput() {
+    // Informative: the benchmark's layer shape at full SDXL width, 16 tokens.
+    let d = gpu();
+    assert!(
+        d.vmm_supported() || d.info().page_size >= 32 << 20,
+        "fallback mode: a 32 MiB weight does not fit one page"
+    );
+    let s = d.create_stream().unwrap();
+    let (tokens, n, k) = (16usize, 4096usize, 4096usize);
+    let mut bufs = Bufs::new(&d);
+    let x = bufs.alloc(tokens * k * 4);
+    let w = bufs.alloc(n * k * 4);
+    let y = bufs.alloc(tokens * n * 4);
+    d.launch(
+        &Kernel::Fill {
+            dst: x,
+            len: tokens * k * 4,
+            value: 0,
+        },
+        s,
+    )
+    .unwrap();
+    d.launch(
+        &Kernel::Fill {
+            dst: w,
+            len: n * k * 4,
+            value: 0,
+        },
+        s,
+    )
+    .unwrap();
+    for dtype in Dtype::ALL {
+        let mm = Kernel::Matmul {
+            x,
+            tokens,
+            w,
+            w_dtype: dtype,
+            n,
+            k,
+            y,
+        };
+        d.launch(&mm, s).unwrap();
+        d.stream_synchronize(s).unwrap();
+        let reps = 100;
+        let t = Instant::now();
+        for _ in 0..reps {
+            d.launch(&mm, s).unwrap();
+        }
+        d.stream_synchronize(s).unwrap();
+        let per = t.elapsed() / reps;
+        eprintln!(
+            "matmul {dtype} {tokens}x{k} · ({n}x{k})ᵀ: {per:?} per product, {:.0} GFLOP/s, W read at {:.0} GB/s",
+            offload_kernels::matmul_flops(tokens, n, k) as f64 / per.as_secs_f64() / 1e9,
+            (n * k * dtype.size_in_bytes()) as f64 / per.as_secs_f64() / 1e9
+        );
+    }
+    drop(bufs);
+    d.destroy_stream(s).unwrap();
+}
