@@ -336,14 +336,23 @@ impl Bench {
         if let Some(l) = &self.args.low {
             cfg.low_watermark = parse_size(l, resolved.device_memory).ok();
         }
+        // (Both were validated in `run`; a bad value never gets here.)
         let high = cfg.resolve(info_total).high;
         let outcome = self.generation(cfg, timeline).map_err(|e| match e {
             Error::DoesNotFit {
                 needed, available, ..
             } => format!(
-                "does not fit: needs {:.0} MiB, has {:.0} MiB",
+                "does not fit: needs {:.1} MiB, has {:.1} MiB",
                 mib(needed as f64),
                 mib(available as f64)
+            ),
+            Error::BudgetTooSmall {
+                budget,
+                largest_layer,
+            } => format!(
+                "does not fit: a {:.1} MiB layer, a {:.1} MiB budget (high watermark)",
+                mib(largest_layer as f64),
+                mib(budget as f64)
             ),
             other => other.to_string(),
         });
@@ -363,14 +372,16 @@ impl Bench {
         rt.synchronize()?;
         self.dev.stream_synchronize(self.compute)?;
         rt.reset_peaks();
-        let epoch = Instant::now();
+        let epoch = rt.epoch();
         let compute_log = timeline.then(|| Arc::new(Mutex::new(Vec::new())));
-        let passes: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
-        let mark = |p: &Arc<Mutex<Vec<Instant>>>| -> Result<(), Error> {
-            let p = p.clone();
+        // Pass boundaries in compute-stream order: the time and the stall so far.
+        let passes: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::new(Mutex::new(Vec::new()));
+        let stall = rt.stall_counter();
+        let mark = |p: &Arc<Mutex<Vec<(Instant, u64)>>>| -> Result<(), Error> {
+            let (p, stall) = (p.clone(), stall.clone());
             self.dev.launch_host_fn(
                 self.compute,
-                Box::new(move || p.lock().unwrap().push(Instant::now())),
+                Box::new(move || p.lock().unwrap().push((Instant::now(), stall.ns()))),
             )
         };
         let s0 = rt.stats();
@@ -379,7 +390,6 @@ impl Bench {
             self.run_component(&rt, m, c, compute_log.as_ref(), epoch)?;
         }
         let mut pass_bytes = Vec::with_capacity(self.args.steps);
-        let mut stall_in_denoiser = 0u64;
         for _ in 0..self.args.steps {
             let before = rt.stats();
             mark(&passes)?;
@@ -388,7 +398,6 @@ impl Bench {
             }
             let after = rt.stats();
             pass_bytes.push(after.bytes_h2d - before.bytes_h2d);
-            stall_in_denoiser += after.stall_ns - before.stall_ns;
             self.bar.inc(1);
         }
         mark(&passes)?;
@@ -402,9 +411,9 @@ impl Bench {
         let generation_s = t0.elapsed().as_secs_f64();
         let st = rt.stats().since(&s0);
         let marks = passes.lock().unwrap().clone();
-        let denoise_s = match (marks.first(), marks.last()) {
-            (Some(a), Some(b)) => b.saturating_duration_since(*a).as_secs_f64(),
-            _ => 0.0,
+        let (denoise_s, stall_in_denoiser) = match (marks.first(), marks.last()) {
+            (Some(a), Some(b)) => (b.0.saturating_duration_since(a.0).as_secs_f64(), b.1 - a.1),
+            _ => (0.0, 0),
         };
         let steps = self.args.steps.max(1) as f64;
         let rest: Vec<u64> = pass_bytes.iter().skip(1).copied().collect();
@@ -610,7 +619,13 @@ pub fn run(args: &E2eArgs) -> Result<(), String> {
         .flat_map(|c| c.layers.iter().map(|l| l.bytes()))
         .max()
         .unwrap_or(0);
-    let device_mem = parse_size(&args.device_mem, model_bytes)?;
+    let device_mem =
+        parse_size(&args.device_mem, model_bytes).map_err(|e| format!("--device-mem: {e}"))?;
+    for (flag, v) in [("--high", &args.high), ("--low", &args.low)] {
+        if let Some(v) = v {
+            parse_size(v, device_mem).map_err(|e| format!("{flag}: {e}"))?;
+        }
+    }
 
     // Activation scratch: X [tokens, max k], Y [tokens, max n].
     let (mut max_n, mut max_k) = (1usize, 1usize);
@@ -1063,6 +1078,23 @@ fn json_row(
             if let Some(a) = o.as_object_mut() {
                 a.insert("fits".into(), serde_json::Value::Bool(false));
                 a.insert("error".into(), serde_json::Value::String(msg.clone()));
+                for k in [
+                    "it_per_s",
+                    "relative_to_none",
+                    "generation_s",
+                    "page_waste_bytes",
+                    "bytes_h2d_per_pass",
+                    "bytes_h2d_first_pass",
+                    "bytes_h2d_per_generation",
+                    "peak_device_bytes",
+                    "peak_host_bytes",
+                    "rss_bytes",
+                    "stall_fraction",
+                    "compute_s_per_pass",
+                    "pass_s",
+                ] {
+                    a.insert(k.into(), serde_json::Value::Null);
+                }
             }
         }
     }

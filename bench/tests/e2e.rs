@@ -166,6 +166,8 @@ fn bad_flags_are_clear_errors() {
         vec!["--device-mem", "lots"],
         vec!["--preset", "sd9"],
         vec!["--tokens", "0"],
+        vec!["--high", "foo"],
+        vec!["--low", "lots"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_offload"))
             .args(["bench", "e2e", "--scale", "32", "--steps", "1"])

@@ -481,3 +481,39 @@ fn pinned_components_stay_or_stream_whatever_the_mode() {
         "the pinned component survived the other's passes"
     );
 }
+
+#[test]
+fn a_component_offloaded_while_one_of_its_layers_is_held_streams_again() {
+    // comp0: 8 layers of 4 pages, above its 24-page high watermark, so it has a ring.
+    let (desc, src) = model(&[uniform(8, 4 * PAGE), uniform(4, 4 * PAGE)]);
+    let s = setup(cfg(Mode::Balanced, Policy::Planned, 1, 36, Some(24)));
+    let m = s.rt.load(desc, src.clone()).unwrap();
+    pass(&s, m, &src, 0);
+    // Hold a resident layer of comp0 while comp1 starts and offloads comp0's idle memory.
+    let held =
+        s.rt.acquire(LayerId {
+            model: m,
+            component: 0,
+            layer: 0,
+        })
+        .unwrap();
+    pass(&s, m, &src, 1);
+    drop(held);
+    // comp0's streamed layers need a ring again.
+    pass(&s, m, &src, 0);
+    pass(&s, m, &src, 0);
+}
+
+#[test]
+fn a_runtime_on_an_unknown_compute_stream_is_refused() {
+    let dev = Arc::new(
+        HostDevice::new(HostConfig {
+            capacity: 1 << 20,
+            page_size: PAGE,
+            link_gbps: None,
+        })
+        .unwrap(),
+    );
+    let e = Runtime::new(dev, StreamId(987_654), RuntimeConfig::default()).unwrap_err();
+    assert!(matches!(e, Error::UnknownStream(_)), "{e}");
+}

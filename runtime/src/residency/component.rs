@@ -83,6 +83,8 @@ pub(crate) struct CompState {
     pub(crate) cap_pages: usize,
     /// Every layer stays resident (mode none or model, or pinned resident).
     pub(crate) all_resident: bool,
+    /// The model is being unloaded: acquires are refused.
+    pub(crate) unloading: bool,
     pub(crate) clock: u64,
     pub(crate) last_start: u64,
 }

@@ -104,6 +104,10 @@ pub struct RuntimeConfig {
     pub low_watermark: Option<usize>,
     /// Host memory policy (default pinned).
     pub host_policy: HostPolicy,
+    /// Most host bytes the runtime may hold (pinned host copies and the
+    /// staging ring); a model that would exceed it is refused at load,
+    /// before anything is allocated. `None`: no limit.
+    pub host_memory_limit: Option<usize>,
     /// Longest wait for an event before an operation fails with a timeout.
     pub wait_timeout: Duration,
     /// Measure how long the compute stream waits for weights (two host functions per acquire).
@@ -122,6 +126,7 @@ impl Default for RuntimeConfig {
             high_watermark: None,
             low_watermark: None,
             host_policy: HostPolicy::Pinned,
+            host_memory_limit: None,
             wait_timeout: Duration::from_secs(60),
             measure_stall: true,
             timeline: false,

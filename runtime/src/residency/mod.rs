@@ -118,6 +118,23 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
+/// Reads the nanoseconds the compute stream has waited for weights so far.
+#[derive(Clone)]
+pub struct StallCounter(Arc<Counters>);
+
+impl StallCounter {
+    /// Nanoseconds waited so far.
+    pub fn ns(&self) -> u64 {
+        self.0.stall_ns.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for StallCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StallCounter({} ns)", self.ns())
+    }
+}
+
 /// One tensor of an acquired layer.
 #[derive(Clone, Copy, Debug)]
 pub struct TensorView<'a> {
@@ -247,6 +264,11 @@ impl Runtime {
                 capacity: Some(res.device_memory),
             },
         )?;
+        // The compute stream must exist: the runtime records events on it.
+        let probe = device.create_event()?;
+        let recorded = device.record_event(probe, compute);
+        let _ = device.destroy_event(probe);
+        recorded?;
         let copy = device.create_stream()?;
         let fence = device.create_stream()?;
         let (pool_tx, pool_rx) = crossbeam_channel::unbounded();
@@ -366,6 +388,24 @@ impl Runtime {
             }
             comps.push((ci, layer_bytes, layer_pages));
         }
+        if let Some(limit) = sh.cfg.host_memory_limit {
+            // Pinned: the packed host copy of every layer; staged: the staging ring (already held).
+            let model_host: usize = match sh.stager {
+                None => comps.iter().flat_map(|c| &c.1).map(|lb| lb.total).sum(),
+                Some(_) => 0,
+            };
+            let needed = sh.counters.host_bytes().0.saturating_add(model_host);
+            if needed > limit {
+                return Err(Error::HostMemory {
+                    what: format!(
+                        "model {} ({} host policy, with what the runtime already holds)",
+                        desc.name, sh.cfg.host_policy
+                    ),
+                    needed,
+                    limit,
+                });
+            }
+        }
         if must_fit > capacity_pages {
             return Err(Error::DoesNotFit {
                 what: format!("model {} (everything that must stay resident)", desc.name),
@@ -425,6 +465,7 @@ impl Runtime {
                     pages: 0,
                     cap_pages: 0,
                     all_resident: false,
+                    unloading: false,
                     clock: 0,
                     last_start: 0,
                 }),
@@ -459,9 +500,18 @@ impl Runtime {
     pub fn unload(&self, model: ModelId) -> Result<()> {
         let sh = &self.sh;
         let m = sh.model(model)?;
+        // Mark every component under its lock, so no acquire gets through once
+        // its component is checked; undo the marks if a layer is in use.
+        let unmark = |upto: usize| {
+            for c in &m.comps[..upto] {
+                c.lock().unloading = false;
+            }
+        };
         for (ci, c) in m.comps.iter().enumerate() {
-            let st = c.lock();
+            let mut st = c.lock();
             if let Some(l) = st.layers.iter().position(|l| l.users > 0) {
+                drop(st);
+                unmark(ci);
                 return Err(Error::UnknownLayer {
                     model: model.0,
                     component: ci,
@@ -469,21 +519,24 @@ impl Runtime {
                     why: "cannot unload: the layer is still acquired".into(),
                 });
             }
+            st.unloading = true;
         }
-        sh.models.remove(&model.0);
+        let mut offloaded = Ok(());
         for c in &m.comps {
             let mut st = c.lock();
-            // Staged uploads may still be queued for it.
-            for l in &st.layers {
-                if let Some(j) = &l.job {
-                    let _ = j.wait(sh.cfg.wait_timeout);
-                }
+            if let Err(e) = sh.offload_locked(c, &mut st, true) {
+                offloaded = Err(e);
+                break;
             }
-            sh.offload_locked(c, &mut st, true)?;
         }
-        // Queued copies from the host copy must finish before it is freed.
-        sh.device.stream_synchronize(sh.copy)?;
+        // Queued copies from the host copy must finish before it can be freed.
+        let synced = sh.device.stream_synchronize(sh.copy);
+        if let Err(e) = offloaded.and(synced) {
+            unmark(m.comps.len());
+            return Err(e);
+        }
         sh.arena.reclaim_all(Some(sh.cfg.wait_timeout))?;
+        sh.models.remove(&model.0);
         for c in &m.comps {
             for &e in &c.ready {
                 let _ = sh.device.destroy_event(e);
@@ -619,6 +672,17 @@ impl Runtime {
         }
     }
 
+    /// The instant the timeline's times count from.
+    pub fn epoch(&self) -> Instant {
+        self.sh.counters.epoch
+    }
+
+    /// A handle that reads the stall counter from anywhere (a host function
+    /// on the compute stream, to read it in stream order).
+    pub fn stall_counter(&self) -> StallCounter {
+        StallCounter(self.sh.counters.clone())
+    }
+
     /// Restart the peak device and host measurements from the current use.
     pub fn reset_peaks(&self) {
         self.sh.arena.reset_peak();
@@ -709,6 +773,14 @@ impl Shared {
     ) -> Result<LayerGuard, Attempt> {
         let comp = &model.comps[id.component];
         let mut st = comp.lock();
+        if st.unloading {
+            return Err(Attempt::Fail(Error::UnknownLayer {
+                model: id.model.0,
+                component: id.component,
+                layer: id.layer,
+                why: "the model is being unloaded".into(),
+            }));
+        }
         if !st.started {
             return Err(Attempt::NotStarted);
         }
@@ -803,12 +875,24 @@ impl Shared {
             if let Err(e) = job.wait(self.cfg.wait_timeout) {
                 let mut st = comp.lock();
                 st.layers[l].users -= 1;
-                self.drop_device_copy(comp, &mut st, l);
+                // A job that failed is over: forget its partial copy, once, if nobody
+                // else holds the layer. A job that timed out may still be writing:
+                // leave the layer where it is (later waits wait for it again).
+                let current = st.layers[l]
+                    .job
+                    .as_ref()
+                    .is_some_and(|j| Arc::ptr_eq(j, &job));
+                if job.is_finished() && current && st.layers[l].users == 0 {
+                    self.drop_device_copy(comp, &mut st, l);
+                }
                 return Err(Attempt::Fail(e));
             }
         }
         let ready = comp.ready[l];
-        self.wait_on_compute(ready, &comp.layer_names[l])?;
+        if let Err(e) = self.wait_on_compute(ready, &comp.layer_names[l]) {
+            comp.lock().layers[l].users -= 1;
+            return Err(Attempt::Fail(e));
+        }
         Ok(LayerGuard {
             sh: self.clone(),
             model: model.clone(),
@@ -876,8 +960,15 @@ impl Shared {
             let s = self.pick_slot(comp, st, l, protected)?;
             let mut waits = Vec::new();
             if let Some(job) = st.ring[s].holds.and_then(|o| st.layers[o].job.clone()) {
-                // Our own upload into the slot must be queued before the next one.
+                // Our own upload into the slot must be queued before the next one;
+                // if it is still running the slot cannot be reused.
                 let _ = job.wait(self.cfg.wait_timeout);
+                if !job.is_finished() {
+                    return Err(Attempt::Fail(Error::Timeout {
+                        event: comp.ready[st.ring[s].holds.unwrap_or(l)],
+                        waited_ms: self.cfg.wait_timeout.as_millis() as u64,
+                    }));
+                }
             }
             if let Some(o) = st.ring[s].holds.take() {
                 waits = st.layers[o].done.drain(..).map(|(_, e)| e).collect();
@@ -885,14 +976,20 @@ impl Shared {
                 st.layers[o].job = None;
             }
             st.ring[s].holds = Some(l);
-            st.ring[s].last = Some(l);
             st.layers[l].place = Place::Slot(s);
             let dst = st.ring[s].ptr;
-            if let Err(e) = self.upload(model, ci, st, l, dst, waits) {
+            if let Err(e) = self.upload(model, ci, st, l, dst, &waits) {
                 st.ring[s].holds = None;
                 st.layers[l].place = Place::Host;
+                // The previous occupant's users may still read the slot: wait for
+                // them here, since no queued copy carries their events any more.
+                for w in waits {
+                    let _ = self.device.event_wait(w, Some(self.cfg.wait_timeout));
+                    self.recycle(w);
+                }
                 return Err(Attempt::Fail(e));
             }
+            st.ring[s].last = Some(l);
             return Ok(());
         }
         let pages = comp.layer_pages[l];
@@ -911,7 +1008,7 @@ impl Shared {
                 let ptr = self.arena.ptr(a)?;
                 st.pages += pages;
                 st.layers[l].place = Place::Alloc(a, ptr);
-                if let Err(e) = self.upload(model, ci, st, l, ptr, Vec::new()) {
+                if let Err(e) = self.upload(model, ci, st, l, ptr, &[]) {
                     self.drop_device_copy(comp, st, l);
                     return Err(Attempt::Fail(e));
                 }
@@ -1009,7 +1106,7 @@ impl Shared {
         st: &mut CompState,
         l: usize,
         dst: DevicePtr,
-        waits: Vec<EventId>,
+        waits: &[EventId],
     ) -> Result<()> {
         let comp = &model.comps[ci];
         let ready = comp.ready[l];
@@ -1024,14 +1121,17 @@ impl Shared {
                 name: comp.layer_names[l].clone(),
                 bytes: comp.layer_bytes[l].clone(),
                 dst,
-                waits,
+                waits: waits.to_vec(),
                 ready,
                 done,
             });
             return Ok(());
         }
-        for e in waits {
+        for &e in waits {
             self.device.stream_wait_event(self.copy, e)?;
+        }
+        // Queued: the waits captured the recordings, so the events may be reused.
+        for &e in waits {
             self.recycle(e);
         }
         let host = comp.host[l]
@@ -1086,6 +1186,12 @@ impl Shared {
         // are freed behind its ready event.
         if let Some(j) = st.layers[l].job.clone() {
             let _ = j.wait(self.cfg.wait_timeout);
+            if !j.is_finished() {
+                return Err(Error::Timeout {
+                    event: comp.ready[l],
+                    waited_ms: self.cfg.wait_timeout.as_millis() as u64,
+                });
+            }
         }
         for (_, e) in std::mem::take(&mut st.layers[l].done) {
             self.device.event_wait(e, Some(self.cfg.wait_timeout))?;
@@ -1125,7 +1231,9 @@ impl Shared {
         // Staged uploads still being queued are ours, not users': let them finish.
         for l in 0..st.layers.len() {
             if let Some(j) = st.layers[l].job.clone() {
-                if j.wait(self.cfg.wait_timeout).is_err() {
+                let failed = j.wait(self.cfg.wait_timeout).is_err();
+                // A failed job is over and its copy useless; one still running stays busy.
+                if failed && j.is_finished() && st.layers[l].users == 0 {
                     self.drop_device_copy(comp, st, l);
                 }
             }
@@ -1166,7 +1274,10 @@ impl Shared {
         }
         let anything_left =
             st.ring.len() + st.layers.iter().filter(|s| s.place != Place::Host).count();
-        if anything_left == 0 && (all || comp.pin != Pin::AlwaysResident) {
+        let ring_gone = st.plan.as_ref().is_some_and(|p| p.slots > 0) && st.ring.is_empty();
+        if (anything_left == 0 && (all || comp.pin != Pin::AlwaysResident)) || ring_gone {
+            // The next acquire plans again and allocates a new ring; layers
+            // still resident stay (and count in `pages`).
             st.started = false;
             st.plan = None;
         }
@@ -1293,7 +1404,9 @@ impl Shared {
                         sequential,
                         self.page,
                     )?;
-                    (Some(p), 0)
+                    // Layers outside the plan (a changed order) get their own
+                    // allocations within the same budget.
+                    (Some(p), budget)
                 }
                 Policy::Lru => {
                     let largest = comp.layer_pages.iter().copied().max().unwrap_or(0);

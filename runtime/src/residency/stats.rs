@@ -171,7 +171,10 @@ mod tests {
             ..a.clone()
         };
         let d = b.since(&a);
-        assert_eq!((d.bytes_h2d, d.uploads, d.stall_ns, d.peak_device_bytes), (250, 3, 500_000_000, 8192));
+        assert_eq!(
+            (d.bytes_h2d, d.uploads, d.stall_ns, d.peak_device_bytes),
+            (250, 3, 500_000_000, 8192)
+        );
         assert_eq!(
             d.to_json(),
             "{\"bytes_h2d\":250,\"uploads\":3,\"evictions\":0,\"acquires\":0,\"hits\":0,\"stall_s\":0.5,\
