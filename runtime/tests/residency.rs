@@ -517,3 +517,26 @@ fn a_runtime_on_an_unknown_compute_stream_is_refused() {
     let e = Runtime::new(dev, StreamId(987_654), RuntimeConfig::default()).unwrap_err();
     assert!(matches!(e, Error::UnknownStream(_)), "{e}");
 }
+
+#[test]
+fn never_resident_streams_even_in_mode_none() {
+    let (mut desc, src) = model(&[uniform(2, 2 * PAGE), uniform(4, 4 * PAGE)]);
+    desc.components[1].pin = Pin::NeverResident;
+    // The device holds the resident component and a ring, not the whole model.
+    let s = setup(cfg(Mode::None, Policy::Planned, 1, 16, None));
+    let m = s.rt.load(desc, src.clone()).unwrap();
+    assert_eq!(
+        s.rt.stats().bytes_h2d,
+        4 * PAGE as u64,
+        "only component 0 at load"
+    );
+    assert_eq!(pass(&s, m, &src, 0), 0);
+    pass(&s, m, &src, 1);
+    pass(&s, m, &src, 1);
+    assert_eq!(
+        pass(&s, m, &src, 1),
+        16 * PAGE as u64,
+        "the never-resident component streams every pass"
+    );
+    assert_eq!(pass(&s, m, &src, 0), 0);
+}

@@ -383,7 +383,9 @@ impl Runtime {
                 });
             }
             let pages: usize = layer_pages.iter().sum();
-            if sh.res.mode == Mode::None || c.pin == Pin::AlwaysResident {
+            if (sh.res.mode == Mode::None && c.pin != Pin::NeverResident)
+                || c.pin == Pin::AlwaysResident
+            {
                 must_fit += pages;
             }
             comps.push((ci, layer_bytes, layer_pages));
@@ -486,7 +488,10 @@ impl Runtime {
         sh.models.insert(id.0, model.clone());
         // Components that stay resident are uploaded now.
         for ci in 0..model.comps.len() {
-            if sh.res.mode == Mode::None || model.comps[ci].pin == Pin::AlwaysResident {
+            let pin = model.comps[ci].pin;
+            if (sh.res.mode == Mode::None && pin != Pin::NeverResident)
+                || pin == Pin::AlwaysResident
+            {
                 if let Err(e) = sh.start_component(&model, ci) {
                     let _ = self.unload(id);
                     return Err(e);
@@ -1373,8 +1378,10 @@ impl Shared {
             return Ok(());
         }
         let capacity = self.arena.capacity() / self.page;
-        let all_resident =
-            matches!(self.res.mode, Mode::None | Mode::Model) || comp.pin == Pin::AlwaysResident;
+        // A never-resident component streams in every mode, an always-resident one never does.
+        let all_resident = (matches!(self.res.mode, Mode::None | Mode::Model)
+            && comp.pin != Pin::NeverResident)
+            || comp.pin == Pin::AlwaysResident;
         let total = comp.pages_total();
         let (plan, cap) = if all_resident {
             if total > capacity {
