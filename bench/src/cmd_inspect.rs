@@ -13,7 +13,16 @@
 //! `.alpha`, ...; see `LoraFile::summary`); otherwise it is a model. The
 //! majority rule keeps a model with a few stray `.alpha` or `.up.weight`
 //! tensors a model, and a LoRA that bundles a few embeddings a LoRA. A
-//! folder with a single LoRA file (a peft adapter folder) is that LoRA.
+//! folder with a single LoRA file (a peft adapter folder, as
+//! `offload synth --lora-convention peft` writes) is that LoRA.
+//!
+//! A folder may hold several top-level models (a FLUX repository's
+//! `flux1-dev.safetensors` and `ae.safetensors`): only shard sets
+//! (`NAME-NNNNN-of-NNNNN`, or the files a `*.safetensors.index.json` names)
+//! are merged into one model, and when the models' component names
+//! collide each component is named `MODEL/COMPONENT`. Where a folder holds
+//! variants of the weights (`model.fp16.safetensors`), `--variant TAG`
+//! picks one (default: the files without a tag, or the only variant).
 //!
 //! # Output
 //!
@@ -24,7 +33,7 @@
 //! |---|---|
 //! | `path` | the PATH as given |
 //! | `kind` | `"model"` |
-//! | `files` | `[{"path", "bytes"}]`, each file of the checkpoint |
+//! | `files` | `[{"path", "bytes", "model"}]`, each file of the checkpoint; `model` names the model a file belongs to when a folder holds several, else `null` |
 //! | `tensors`, `bytes`, `layers` | totals over all components |
 //! | `dtypes` | `{"F16": {"tensors", "bytes"}, ...}` |
 //! | `largest_layer` | `{"component", "name", "bytes"}` or `null` |
@@ -74,6 +83,7 @@ use offload_loader::lora::{
     Algorithm, LoraFile, LoraSummary, Naming, ProblemKind, ResolveOptions, ResolvedLora,
     TargetIndex,
 };
+use offload_loader::safetensors::OpenOptions;
 use offload_loader::synth::{preset_specs, PresetOptions};
 use offload_loader::{Checkpoint, ComponentKind, Dtype, LoaderError};
 use serde_json::{json, Value};
@@ -96,6 +106,13 @@ pub struct InspectArgs {
     /// includes CLIP-L and T5-XXL.
     #[arg(long, value_enum, value_name = "PRESET")]
     pub model_preset: Option<PresetArg>,
+    /// Which variant of the weights to open where a folder holds several
+    /// (`fp16` for `diffusion_pytorch_model.fp16.safetensors`; also `bf16`,
+    /// `fp32`, `fp8`, `ema`, `non_ema`, ...). Default: the files without a
+    /// variant tag, or the only variant present (also where a folder lacks
+    /// TAG). Applies to --model too.
+    #[arg(long, value_name = "TAG")]
+    pub variant: Option<String>,
     /// Print one JSON object per PATH per line instead of text.
     #[arg(long)]
     pub json: bool,
@@ -107,8 +124,11 @@ pub struct InspectArgs {
 
 /// Run `offload inspect`.
 pub fn run(args: &InspectArgs) -> Result<(), String> {
+    let open = OpenOptions {
+        variant: args.variant.clone(),
+    };
     let target = match (&args.model, args.model_preset) {
-        (Some(p), _) => Some(ModelTarget::open(p)?),
+        (Some(p), _) => Some(ModelTarget::open(p, &open)?),
         (None, Some(p)) => Some(ModelTarget::preset(p)),
         (None, None) => None,
     };
@@ -116,8 +136,8 @@ pub fn run(args: &InspectArgs) -> Result<(), String> {
     let mut stdout = std::io::stdout().lock();
     for path in &args.paths {
         let res = match args.bench {
-            Some(n) => bench(path, n).map(|b| b.render(path, args.json)),
-            None => inspect(path, target.as_ref()).map(|r| r.render(path, args.json)),
+            Some(n) => bench(path, n, &open).map(|b| b.render(path, args.json)),
+            None => inspect(path, target.as_ref(), &open).map(|r| r.render(path, args.json)),
         };
         let text = match res {
             Ok(text) => text,
@@ -172,8 +192,8 @@ struct ModelTarget {
 }
 
 impl ModelTarget {
-    fn open(path: &Path) -> Result<ModelTarget, String> {
-        let ckpt = Checkpoint::open(path).map_err(|e| format!("--model: {e}"))?;
+    fn open(path: &Path, open: &OpenOptions) -> Result<ModelTarget, String> {
+        let ckpt = Checkpoint::open_with(path, open).map_err(|e| format!("--model: {e}"))?;
         if lora_file_of(&ckpt).is_some() {
             return Err(format!(
                 "--model: {}: this is a LoRA file, not a model",
@@ -219,8 +239,12 @@ enum Report {
     Lora(Box<LoraReport>),
 }
 
-fn inspect(path: &Path, target: Option<&ModelTarget>) -> Result<Report, String> {
-    let ckpt = Checkpoint::open(path).map_err(|e| e.to_string())?;
+fn inspect(
+    path: &Path,
+    target: Option<&ModelTarget>,
+    open: &OpenOptions,
+) -> Result<Report, String> {
+    let ckpt = Checkpoint::open_with(path, open).map_err(|e| e.to_string())?;
     if let Some(file) = lora_file_of(&ckpt) {
         let lora = LoraFile::open(file).map_err(|e| e.to_string())?;
         let bytes = ckpt.files()[0].file_len();
@@ -350,6 +374,7 @@ impl ModelReport {
             "files": self.files.iter().map(|f| json!({
                 "path": f.path.display().to_string(),
                 "bytes": f.len,
+                "model": f.unit,
             })).collect::<Vec<_>>(),
             "tensors": self.tensors,
             "bytes": self.bytes,
@@ -421,7 +446,16 @@ impl ModelReport {
         }
         if self.files.len() > 1 {
             for f in &self.files {
-                s += &format!("  file {} ({})\n", f.path.display(), human_bytes(f.len));
+                match &f.unit {
+                    Some(u) => {
+                        s += &format!(
+                            "  file {} ({}), model {u}\n",
+                            f.path.display(),
+                            human_bytes(f.len)
+                        )
+                    }
+                    None => s += &format!("  file {} ({})\n", f.path.display(), human_bytes(f.len)),
+                }
             }
         }
         s
@@ -726,7 +760,7 @@ struct Bench {
     best_layout: Duration,
 }
 
-fn bench(path: &Path, runs: u32) -> Result<Bench, String> {
+fn bench(path: &Path, runs: u32, open: &OpenOptions) -> Result<Bench, String> {
     let mut b = Bench {
         runs,
         tensors: 0,
@@ -737,7 +771,7 @@ fn bench(path: &Path, runs: u32) -> Result<Bench, String> {
     };
     for _ in 0..runs {
         let t0 = Instant::now();
-        let ckpt = Checkpoint::open(path).map_err(|e| e.to_string())?;
+        let ckpt = Checkpoint::open_with(path, open).map_err(|e| e.to_string())?;
         let t1 = Instant::now();
         let layout = ModelLayout::from_checkpoint(&ckpt);
         let t2 = Instant::now();

@@ -3,12 +3,15 @@
 //! `offload synth PRESET -o DIR` writes `DIR/PRESET.safetensors`, a
 //! single-file checkpoint with the real tensor names and shapes of the
 //! preset (widths divided by `--scale`) and deterministic values from
-//! `--seed`. With `--lora-rank R` it also writes
-//! `DIR/PRESET-lora-CONVENTION-rR.safetensors`, a LoRA over every
-//! attention and feed-forward projection of the denoiser; for a peft LoRA
-//! with `--lora-alpha` it writes `DIR/adapter_config.json` (peft LoRA
-//! files carry no alpha tensors). Existing files of those names are
-//! replaced.
+//! `--seed`. With `--lora-rank R` it also writes a LoRA over every
+//! attention and feed-forward projection of the denoiser: a kohya LoRA as
+//! `DIR/PRESET-lora-kohya-rR.safetensors` (alpha in its `.alpha` tensors),
+//! a peft LoRA as a peft adapter folder `DIR/PRESET-lora-peft-rR/` holding
+//! `adapter_model.safetensors` and `adapter_config.json` (peft LoRA files
+//! carry no alpha tensors; the config gives `r` and `lora_alpha`, so each
+//! LoRA has its own config and several can share `DIR`). `offload inspect`
+//! takes either the folder or the file in it. Existing files of those
+//! names are replaced.
 //!
 //! The checkpoint's `__metadata__` records how it was made
 //! (`offload.synth.preset`, `.scale`, `.dtype`, `.seed`, and for a LoRA
@@ -144,12 +147,13 @@ pub struct SynthArgs {
     #[arg(long, value_enum, value_name = "CONVENTION", requires = "lora_rank")]
     pub lora_convention: Option<ConventionArg>,
     /// LoRA alpha (default: the rank, so the scale is 1). kohya: the value
-    /// of every `.alpha` tensor; peft: `lora_alpha` in an
-    /// `adapter_config.json` written beside the LoRA.
+    /// of every `.alpha` tensor; peft: `lora_alpha` in the
+    /// `adapter_config.json` of the LoRA's adapter folder.
     #[arg(long, value_name = "A", requires = "lora_rank")]
     pub lora_alpha: Option<f32>,
     /// Output folder (created if missing): gets `PRESET.safetensors` and,
-    /// with `--lora-rank`, `PRESET-lora-CONVENTION-rR.safetensors`.
+    /// with `--lora-rank`, `PRESET-lora-kohya-rR.safetensors` or the peft
+    /// adapter folder `PRESET-lora-peft-rR/`.
     #[arg(short = 'o', long = "out", value_name = "DIR")]
     pub out: PathBuf,
 }
@@ -224,11 +228,18 @@ pub fn run(args: &SynthArgs) -> Result<(), String> {
             args.preset.name()
         ));
     }
-    let lora_path = args.out.join(format!(
-        "{}-lora-{}-r{rank}.safetensors",
-        args.preset.name(),
-        conv.name()
-    ));
+    let stem = format!("{}-lora-{}-r{rank}", args.preset.name(), conv.name());
+    let lora_path = match conv {
+        ConventionArg::Kohya => args.out.join(format!("{stem}.safetensors")),
+        ConventionArg::Peft => {
+            // peft's layout: one folder per adapter, the weights beside
+            // the config that gives their alpha.
+            let dir = args.out.join(&stem);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("{}: cannot create the adapter folder: {e}", dir.display()))?;
+            dir.join("adapter_model.safetensors")
+        }
+    };
     meta.insert(
         "offload.synth.lora_convention".to_owned(),
         conv.name().to_owned(),
@@ -265,9 +276,14 @@ pub fn run(args: &SynthArgs) -> Result<(), String> {
         lspecs.len(),
         file_size(&lora_path)?,
     );
-    if conv == ConventionArg::Peft && args.lora_alpha.is_some() {
-        let cfg_path = args.out.join("adapter_config.json");
-        let cfg = serde_json::json!({ "r": rank, "lora_alpha": alpha, "use_rslora": false });
+    if conv == ConventionArg::Peft {
+        let cfg_path = lora_path.with_file_name("adapter_config.json");
+        let cfg = serde_json::json!({
+            "peft_type": "LORA",
+            "r": rank,
+            "lora_alpha": alpha,
+            "use_rslora": false,
+        });
         std::fs::write(&cfg_path, format!("{cfg:#}\n"))
             .map_err(|e| format!("{}: cannot write: {e}", cfg_path.display()))?;
         println!(

@@ -267,7 +267,22 @@ fn synth_flux_peft_with_alpha() {
         "-o",
         dir.s(),
     ]);
-    assert!(out.contains("adapter_config.json"), "{out}");
+    // A peft adapter folder: the weights beside their own config.
+    let adapter = dir.join("flux-lora-peft-r8");
+    let weights = adapter.join("adapter_model.safetensors");
+    let cfg_path = adapter.join("adapter_config.json");
+    assert!(
+        out.contains(&format!("wrote {}", weights.display())),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("wrote {}", cfg_path.display())),
+        "{out}"
+    );
+    assert!(!dir.join("adapter_config.json").exists());
+    let cfg: Value = serde_json::from_str(&fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["lora_alpha"], 4.0);
     let m = dir.join("flux.safetensors");
     let m = m.to_str().unwrap();
     let v = json_one(&["inspect", "--json", m]);
@@ -283,13 +298,40 @@ fn synth_flux_peft_with_alpha() {
     let t = &v["components"][2];
     assert!(t["layers"].as_u64().unwrap() >= 57, "{t}");
 
-    let l = dir.join("flux-lora-peft-r8.safetensors");
-    let v = json_one(&["inspect", "--json", l.to_str().unwrap(), "--model", m]);
-    assert_eq!(v["convention"], "diffusers");
-    assert_eq!(v["peft_alpha"], 4.0);
-    assert_eq!(v["alphas"], serde_json::json!([]));
-    assert_eq!(v["ranks"], serde_json::json!([8]));
-    assert_eq!(v["match"]["matched"], v["modules"]);
+    // The adapter folder and the file in it are the same LoRA, alpha from
+    // its config.
+    for l in [&adapter, &weights] {
+        let v = json_one(&["inspect", "--json", l.to_str().unwrap(), "--model", m]);
+        assert_eq!(v["kind"], "lora", "{v}");
+        assert_eq!(v["convention"], "diffusers");
+        assert_eq!(v["peft_alpha"], 4.0);
+        assert_eq!(v["alphas"], serde_json::json!([]));
+        assert_eq!(v["ranks"], serde_json::json!([8]));
+        assert_eq!(v["match"]["matched"], v["modules"]);
+    }
+    // The output folder itself: the model alone (the adapter is in its own
+    // folder).
+    let v = json_one(&["inspect", "--json", dir.s()]);
+    assert_eq!(v["kind"], "model");
+    assert_eq!(v["files"].as_array().unwrap().len(), 1);
+
+    // Without --lora-alpha the config says alpha = rank.
+    let dir3 = TempDir::new("flux-peft-default-alpha");
+    ok(&[
+        "synth",
+        "flux",
+        "--scale",
+        "64",
+        "--lora-rank",
+        "4",
+        "--lora-convention",
+        "peft",
+        "-o",
+        dir3.s(),
+    ]);
+    let a = dir3.join("flux-lora-peft-r4");
+    let v = json_one(&["inspect", "--json", a.to_str().unwrap()]);
+    assert_eq!(v["peft_alpha"], 4.0, "{v}");
 
     // Without --text-encoders: the transformer alone.
     let dir2 = TempDir::new("flux-bare");
@@ -301,6 +343,132 @@ fn synth_flux_peft_with_alpha() {
     ]);
     assert_eq!(v["components"].as_array().unwrap().len(), 1);
     assert_eq!(v["components"][0]["name"], "transformer");
+}
+
+/// `offload inspect` of a LoRA whose zero-element factor has dimensions
+/// that multiply past 2^64 used to panic; it is an error naming the file,
+/// the tensor and the shape.
+#[test]
+fn inspect_zero_element_overflowing_lora_is_an_error() {
+    let dir = TempDir::new("zero-lora");
+    let json = r#"{"m.lora_down.weight":{"dtype":"F16","shape":[0,1,1099511627776,1099511627776],"data_offsets":[0,0]},"m.lora_up.weight":{"dtype":"F16","shape":[4,0],"data_offsets":[0,0]}}"#;
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(json.as_bytes());
+    let path = dir.join("zero_lora.safetensors");
+    fs::write(&path, &bytes).unwrap();
+    let p = path.to_str().unwrap();
+    for args in [
+        vec!["inspect", p],
+        vec!["inspect", "--json", p, "--model-preset", "sd15"],
+    ] {
+        let err = fails(&args);
+        for want in [
+            p,
+            "m.lora_down.weight",
+            "[0, 1, 1099511627776, 1099511627776]",
+            "overflows",
+        ] {
+            assert!(err.contains(want), "{want}: {err}");
+        }
+    }
+}
+
+/// A FLUX repository's root: the transformer and a VAE side by side are
+/// two components, not one; dotted names are no variants; `--variant`
+/// picks a variant.
+#[test]
+fn inspect_folder_of_several_models_and_variants() {
+    let dir = TempDir::new("flux-root");
+    ok(&["synth", "flux", "--scale", "64", "-o", dir.s()]);
+    fs::rename(
+        dir.join("flux.safetensors"),
+        dir.join("flux1-dev.safetensors"),
+    )
+    .unwrap();
+    fs::copy(
+        data_file("model", "taef1_decoder.safetensors"),
+        dir.join("taef1_decoder.safetensors"),
+    )
+    .unwrap();
+    let v = json_one(&["inspect", "--json", dir.s()]);
+    let comps: Vec<(&str, &str)> = v["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        comps,
+        [("transformer", "denoiser"), ("taef1_decoder", "vae")]
+    );
+    let models: Vec<&str> = v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["model"].as_str().unwrap())
+        .collect();
+    assert_eq!(models, ["flux1-dev", "taef1_decoder"]);
+    let t = ok(&["inspect", dir.s()]);
+    assert!(
+        t.contains("2 files") && t.contains("model flux1-dev"),
+        "{t}"
+    );
+
+    // Two SDXL-style names with dots and a variant pair of another model.
+    let dir = TempDir::new("variants");
+    let taesd = data_file("model", "taesd_decoder.safetensors");
+    fs::copy(&taesd, dir.join("sd_xl_base_1.0.safetensors")).unwrap();
+    fs::copy(&taesd, dir.join("sd_xl_refiner_1.0.safetensors")).unwrap();
+    let v = json_one(&["inspect", "--json", dir.s()]);
+    let names: Vec<&str> = v["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["sd_xl_base_1.0", "sd_xl_refiner_1.0"]);
+
+    let dir = TempDir::new("fp16");
+    ok(&[
+        "synth",
+        "sd15",
+        "--scale",
+        "64",
+        "--dtype",
+        "f32",
+        "-o",
+        dir.s(),
+    ]);
+    fs::rename(dir.join("sd15.safetensors"), dir.join("model.safetensors")).unwrap();
+    let d16 = TempDir::new("fp16-src");
+    ok(&[
+        "synth",
+        "sd15",
+        "--scale",
+        "64",
+        "--dtype",
+        "f16",
+        "-o",
+        d16.s(),
+    ]);
+    fs::rename(
+        d16.join("sd15.safetensors"),
+        dir.join("model.fp16.safetensors"),
+    )
+    .unwrap();
+    let v = json_one(&["inspect", "--json", dir.s()]);
+    assert!(v["dtypes"]["F32"].is_object(), "{v}");
+    assert_eq!(v["files"].as_array().unwrap().len(), 1);
+    let v = json_one(&["inspect", "--json", "--variant", "fp16", dir.s()]);
+    assert!(
+        v["dtypes"]["F16"].is_object() && v["dtypes"]["F32"].is_null(),
+        "{v}"
+    );
+    assert!(v["files"][0]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("model.fp16.safetensors"));
+    assert_eq!(v["components"].as_array().unwrap().len(), 3);
 }
 
 #[test]

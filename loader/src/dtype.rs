@@ -112,6 +112,8 @@ pub fn to_f32_vec(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
     let size = dtype.size_in_bytes();
     if !dtype.is_float() {
         return Err(LoaderError::Decode {
+            path: None,
+            tensor: None,
             dtype,
             len: bytes.len(),
             problem: "only F64, F32, F16 and BF16 decode to f32",
@@ -119,6 +121,8 @@ pub fn to_f32_vec(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
     }
     if bytes.len() % size != 0 {
         return Err(LoaderError::Decode {
+            path: None,
+            tensor: None,
             dtype,
             len: bytes.len(),
             problem: "length is not a multiple of the element size",
@@ -147,6 +151,41 @@ pub fn to_f32_vec(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// Decodes one element of a float or integer dtype (F64, F32, F16, BF16,
+/// I64, I32, I16, I8, U8) from little-endian `bytes`, which must hold
+/// exactly one element. Integers convert to the nearest `f64`. Works on
+/// unaligned slices.
+pub fn scalar_to_f64(bytes: &[u8], dtype: Dtype) -> Result<f64> {
+    let err = |problem| LoaderError::Decode {
+        path: None,
+        tensor: None,
+        dtype,
+        len: bytes.len(),
+        problem,
+    };
+    if bytes.len() != dtype.size_in_bytes() {
+        return Err(err("expected exactly one element"));
+    }
+    let mut a = [0u8; 8];
+    a[..bytes.len()].copy_from_slice(bytes);
+    Ok(match dtype {
+        Dtype::F64 => f64::from_le_bytes(a),
+        Dtype::F32 => f64::from(f32::from_le_bytes([a[0], a[1], a[2], a[3]])),
+        Dtype::F16 => f64::from(f16::from_le_bytes([a[0], a[1]]).to_f32()),
+        Dtype::BF16 => f64::from(bf16::from_le_bytes([a[0], a[1]]).to_f32()),
+        Dtype::I64 => i64::from_le_bytes(a) as f64,
+        Dtype::I32 => f64::from(i32::from_le_bytes([a[0], a[1], a[2], a[3]])),
+        Dtype::I16 => f64::from(i16::from_le_bytes([a[0], a[1]])),
+        Dtype::I8 => f64::from(a[0] as i8),
+        Dtype::U8 => f64::from(a[0]),
+        Dtype::Bool | Dtype::F8E4M3 | Dtype::F8E5M2 => {
+            return Err(err(
+                "only F64, F32, F16, BF16, I64, I32, I16, I8 and U8 scalars are numbers",
+            ))
+        }
+    })
+}
+
 /// Encodes `values` as little-endian bytes of a float dtype (F64, F32, F16,
 /// BF16; rounding to nearest for the 16-bit types).
 ///
@@ -168,6 +207,8 @@ pub fn from_f32_slice(values: &[f32], dtype: Dtype) -> Result<Vec<u8>> {
             .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
         _ => {
             return Err(LoaderError::Decode {
+                path: None,
+                tensor: None,
                 dtype,
                 len: values.len(),
                 problem: "only F64, F32, F16 and BF16 can be encoded from f32",
@@ -226,5 +267,32 @@ mod tests {
             })
         ));
         assert!(from_f32_slice(&[1.0], Dtype::U8).is_err());
+        let e = to_f32_vec(&[0u8; 3], Dtype::F16)
+            .unwrap_err()
+            .in_tensor(std::path::Path::new("l.safetensors"), "m.alpha");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("l.safetensors: tensor `m.alpha`: cannot decode 3 bytes as F16"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn integer_and_float_scalars() {
+        assert_eq!(
+            scalar_to_f64(&16i64.to_le_bytes(), Dtype::I64).unwrap(),
+            16.0
+        );
+        assert_eq!(
+            scalar_to_f64(&(-3i32).to_le_bytes(), Dtype::I32).unwrap(),
+            -3.0
+        );
+        assert_eq!(scalar_to_f64(&8i16.to_le_bytes(), Dtype::I16).unwrap(), 8.0);
+        assert_eq!(scalar_to_f64(&[0xff], Dtype::I8).unwrap(), -1.0);
+        assert_eq!(scalar_to_f64(&[200], Dtype::U8).unwrap(), 200.0);
+        let h = from_f32_slice(&[4.0], Dtype::BF16).unwrap();
+        assert_eq!(scalar_to_f64(&h, Dtype::BF16).unwrap(), 4.0);
+        assert!(scalar_to_f64(&[1], Dtype::Bool).is_err());
+        assert!(scalar_to_f64(&[0u8; 4], Dtype::I64).is_err());
     }
 }

@@ -307,14 +307,41 @@ pub enum LoaderError {
     },
 
     /// Bytes could not be decoded as the given dtype.
-    #[error("cannot decode {len} bytes as {dtype}: {problem}")]
+    #[error("{}cannot decode {len} bytes as {dtype}: {problem}", decode_context(.path.as_deref(), .tensor.as_deref()))]
     Decode {
+        /// The file the bytes came from, where known.
+        path: Option<PathBuf>,
+        /// The tensor the bytes belong to, where known.
+        tensor: Option<String>,
         /// The dtype.
         dtype: Dtype,
         /// Byte length offered.
         len: usize,
         /// What is wrong.
         problem: &'static str,
+    },
+
+    /// A JSON object of a header names the same key twice (a JSON parser
+    /// would silently keep one of them).
+    #[error("{}: header: key `{key}` appears twice in {within}", .path.display())]
+    DuplicateKey {
+        /// The file.
+        path: PathBuf,
+        /// The repeated key.
+        key: String,
+        /// Which object: `the top-level object`, `tensor `name``,
+        /// `__metadata__`.
+        within: String,
+    },
+
+    /// A `*.safetensors.index.json` weight map is malformed or names a file
+    /// that is not there.
+    #[error("{}: {problem}", .path.display())]
+    ShardIndex {
+        /// The index file.
+        path: PathBuf,
+        /// What is wrong, naming the key or file.
+        problem: String,
     },
 
     /// A tensor handed to the writer is inconsistent.
@@ -392,6 +419,38 @@ pub enum LoaderError {
         /// The tensor asked for.
         tensor: String,
     },
+}
+
+fn decode_context(path: Option<&std::path::Path>, tensor: Option<&str>) -> String {
+    match (path, tensor) {
+        (Some(p), Some(t)) => format!("{}: tensor `{t}`: ", p.display()),
+        (Some(p), None) => format!("{}: ", p.display()),
+        (None, Some(t)) => format!("tensor `{t}`: "),
+        (None, None) => String::new(),
+    }
+}
+
+impl LoaderError {
+    /// Adds the file and tensor to a [`LoaderError::Decode`] that lacks
+    /// them; other errors are returned unchanged.
+    pub fn in_tensor(self, file: &std::path::Path, name: &str) -> LoaderError {
+        match self {
+            LoaderError::Decode {
+                path,
+                tensor,
+                dtype,
+                len,
+                problem,
+            } => LoaderError::Decode {
+                path: path.or_else(|| Some(file.to_owned())),
+                tensor: tensor.or_else(|| Some(name.to_owned())),
+                dtype,
+                len,
+                problem,
+            },
+            e => e,
+        }
+    }
 }
 
 fn more_problems(more: usize) -> String {

@@ -20,6 +20,13 @@
 //! nameless `nn.Sequential` files (TAESD) are named after the file. Tensors
 //! without a known prefix in a file that has prefixed ones go to `other`.
 //!
+//! A folder may hold several top-level models ([`LayoutFile::unit`]: a
+//! FLUX repository's `flux1-dev.safetensors` beside `ae.safetensors`):
+//! each model's components are found as above, on its own files. When two
+//! models would have components of the same name (an SDXL base beside its
+//! refiner), every component is named `MODEL/COMPONENT`
+//! (`sd_xl_base_1.0/unet`).
+//!
 //! # Layers
 //!
 //! A layer is the finest unit that runs as one piece: each resnet, each
@@ -75,6 +82,11 @@ pub struct LayoutFile {
     /// Diffusers subfolder the file came from (`None` for a single file or
     /// top-level shards); it names the file's component.
     pub group: Option<String>,
+    /// For a folder that holds several top-level models (a FLUX
+    /// repository's `flux1-dev.safetensors` beside `ae.safetensors`), the
+    /// model this file belongs to ([`Checkpoint::file_units`]); `None`
+    /// otherwise. Each model's files get components of their own.
+    pub unit: Option<String>,
     /// File length when the layout was made.
     pub len: u64,
 }
@@ -92,7 +104,9 @@ pub struct Layer {
 impl Layer {
     /// Total bytes of the layer's tensors.
     pub fn bytes(&self) -> u64 {
-        self.tensors.iter().map(|t| t.len).sum()
+        self.tensors
+            .iter()
+            .fold(0u64, |a, t| a.saturating_add(t.len))
     }
 }
 
@@ -113,7 +127,9 @@ pub struct Component {
 impl Component {
     /// Total bytes of the component's tensors.
     pub fn bytes(&self) -> u64 {
-        self.layers.iter().map(Layer::bytes).sum()
+        self.layers
+            .iter()
+            .fold(0u64, |a, l| a.saturating_add(l.bytes()))
     }
 
     /// Number of tensors.
@@ -190,7 +206,7 @@ fn prefixed_component(name: &str) -> Option<(String, String, ComponentKind)> {
         let comp = if idx == 0 {
             "text_encoder".to_owned()
         } else {
-            format!("text_encoder_{}", idx + 1)
+            format!("text_encoder_{}", u128::from(idx) + 1)
         };
         let inner = ["transformer.", "model."]
             .into_iter()
@@ -487,7 +503,7 @@ fn layer_key(name: &str) -> Vec<Key> {
             }
             // The LDM VAE decoder runs up.N from the highest N down.
             ("up", Some(n)) if segs[..i].contains(&"decoder") => {
-                key.extend([name_key(s), Key::Num(u64::MAX - 1 - n)]);
+                key.extend([name_key(s), Key::Num((u64::MAX - 1).saturating_sub(n))]);
                 i += 2;
             }
             _ => {
@@ -572,79 +588,120 @@ fn build_component(
     }
 }
 
+/// Components by name: (kind, prefix, tensors).
+type Comps = BTreeMap<String, (ComponentKind, String, Vec<TensorRef>)>;
+
+/// The components of one model's tensors (no diffusers subfolder): by
+/// single-file prefix, the rest classified by its names.
+fn unit_components(files: &[LayoutFile], tensors: Vec<TensorRef>) -> Comps {
+    let mut comps: Comps = BTreeMap::new();
+    let mut plain = Vec::new();
+    for t in tensors {
+        if let Some((prefix, name, kind)) = prefixed_component(&t.name) {
+            let name = if name.is_empty() {
+                // The denoiser: named after what it holds, decided below.
+                "\0denoiser".to_owned()
+            } else {
+                name
+            };
+            comps
+                .entry(name)
+                .or_insert_with(|| (kind, prefix.clone(), Vec::new()))
+                .2
+                .push(t);
+        } else {
+            plain.push(t);
+        }
+    }
+    if let Some(d) = comps.remove("\0denoiser") {
+        let is_unet = d.2.iter().any(|t| {
+            let rel = t.name.strip_prefix(d.1.as_str()).unwrap_or(&t.name);
+            rel.starts_with("input_blocks.") || rel.starts_with("down_blocks.")
+        });
+        let name = if is_unet { "unet" } else { "transformer" };
+        comps.insert(name.to_owned(), d);
+    }
+    if !plain.is_empty() {
+        let stem = plain
+            .first()
+            .and_then(|t| files.get(t.file))
+            .and_then(|f| f.path.file_stem())
+            .and_then(|s| s.to_str())
+            .unwrap_or("");
+        let (name, kind, recognised) =
+            classify_unprefixed(plain.iter().map(|t| t.name.as_str()), stem);
+        // Unrecognised leftovers beside prefixed components (schedule
+        // buffers in SD checkpoints) are `other`.
+        let name = if recognised || comps.is_empty() {
+            name
+        } else {
+            "other".to_owned()
+        };
+        let kind = if name == "other" {
+            ComponentKind::Other
+        } else {
+            kind
+        };
+        match comps.get_mut(&name) {
+            Some(c) => c.2.extend(plain),
+            None => {
+                comps.insert(name, (kind, String::new(), plain));
+            }
+        }
+    }
+    comps
+}
+
 impl ModelLayout {
     /// Builds the layout from header information alone. `tensors[i].file`
     /// must index `files`; a file's [`LayoutFile::group`] names the
     /// component of its tensors (diffusers subfolders), else components are
     /// found by name prefix.
     pub fn from_tensors(files: Vec<LayoutFile>, tensors: Vec<TensorRef>) -> ModelLayout {
-        // (component name) -> (kind, prefix, tensors)
-        let mut comps: BTreeMap<String, (ComponentKind, String, Vec<TensorRef>)> = BTreeMap::new();
-        let mut plain = Vec::new();
+        // (component name) -> (kind, prefix, tensors), per model of the
+        // folder (`None`: the only one, or diffusers subfolders).
+        let mut grouped: Comps = BTreeMap::new();
+        let mut by_unit: BTreeMap<Option<String>, Vec<TensorRef>> = BTreeMap::new();
         for t in tensors {
-            let group = files.get(t.file).and_then(|f| f.group.clone());
-            if let Some(g) = group {
-                comps
+            let f = files.get(t.file);
+            if let Some(g) = f.and_then(|f| f.group.clone()) {
+                grouped
                     .entry(g.clone())
                     .or_insert_with(|| (kind_of_group(&g), String::new(), Vec::new()))
                     .2
                     .push(t);
-            } else if let Some((prefix, name, kind)) = prefixed_component(&t.name) {
-                let name = if name.is_empty() {
-                    // The denoiser: named after what it holds, decided below.
-                    "\0denoiser".to_owned()
-                } else {
-                    name
-                };
-                comps
-                    .entry(name)
-                    .or_insert_with(|| (kind, prefix.clone(), Vec::new()))
-                    .2
+            } else {
+                by_unit
+                    .entry(f.and_then(|f| f.unit.clone()))
+                    .or_default()
                     .push(t);
-            } else {
-                plain.push(t);
             }
         }
-        if let Some(d) = comps.remove("\0denoiser") {
-            let is_unet = d.2.iter().any(|t| {
-                let rel = t.name.strip_prefix(d.1.as_str()).unwrap_or(&t.name);
-                rel.starts_with("input_blocks.") || rel.starts_with("down_blocks.")
-            });
-            let name = if is_unet { "unet" } else { "transformer" };
-            comps.insert(name.to_owned(), d);
+        let mut units: Vec<(Option<String>, Comps)> = Vec::new();
+        if !grouped.is_empty() {
+            units.push((None, grouped));
         }
-        if !plain.is_empty() {
-            let stem = plain
-                .first()
-                .and_then(|t| files.get(t.file))
-                .and_then(|f| f.path.file_stem())
-                .and_then(|s| s.to_str())
-                .unwrap_or("");
-            let (name, kind, recognised) =
-                classify_unprefixed(plain.iter().map(|t| t.name.as_str()), stem);
-            // Unrecognised leftovers beside prefixed components (schedule
-            // buffers in SD checkpoints) are `other`.
-            let name = if recognised || comps.is_empty() {
-                name
-            } else {
-                "other".to_owned()
-            };
-            let kind = if name == "other" {
-                ComponentKind::Other
-            } else {
-                kind
-            };
-            match comps.get_mut(&name) {
-                Some(c) => c.2.extend(plain),
-                None => {
-                    comps.insert(name, (kind, String::new(), plain));
-                }
+        for (unit, ts) in by_unit {
+            units.push((unit, unit_components(&files, ts)));
+        }
+        // Several models whose component names collide: every component
+        // is named after its model (`sd_xl_base_1.0/unet`).
+        let mut seen = HashSet::new();
+        let collide = units.len() > 1
+            && units
+                .iter()
+                .flat_map(|(_, c)| c.keys())
+                .any(|n| !seen.insert(n.clone()));
+        let mut components: Vec<Component> = Vec::new();
+        for (unit, comps) in units {
+            for (name, (kind, prefix, ts)) in comps {
+                let name = match (&unit, collide) {
+                    (Some(u), true) => format!("{u}/{name}"),
+                    _ => name,
+                };
+                components.push(build_component(name, kind, prefix, ts));
             }
         }
-        let mut components: Vec<Component> = comps
-            .into_iter()
-            .map(|(name, (kind, prefix, ts))| build_component(name, kind, prefix, ts))
-            .collect();
         components.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
         ModelLayout { files, components }
     }
@@ -655,9 +712,11 @@ impl ModelLayout {
             .files()
             .iter()
             .zip(ckpt.file_groups())
-            .map(|(f, g)| LayoutFile {
+            .zip(ckpt.file_units())
+            .map(|((f, g), u)| LayoutFile {
                 path: f.path().to_owned(),
                 group: g.clone(),
+                unit: u.clone(),
                 len: f.file_len(),
             })
             .collect();
@@ -689,6 +748,7 @@ impl ModelLayout {
         let files = vec![LayoutFile {
             path: path.to_owned(),
             group: None,
+            unit: None,
             len: offset,
         }];
         ModelLayout::from_tensors(files, tensors)
@@ -701,7 +761,9 @@ impl ModelLayout {
 
     /// Total bytes of all tensors.
     pub fn bytes(&self) -> u64 {
-        self.components.iter().map(Component::bytes).sum()
+        self.components
+            .iter()
+            .fold(0u64, |a, c| a.saturating_add(c.bytes()))
     }
 
     /// Number of tensors.

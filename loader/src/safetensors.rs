@@ -8,16 +8,25 @@
 //!
 //! [`parse_header`] validates everything before any tensor is handed out:
 //! the header length lies within the file (and under [`MAX_HEADER_LEN`]),
-//! the JSON is well-formed, every dtype is known, every range lies inside
-//! the data section, no two ranges overlap, shape × dtype size equals the
-//! range length, and no arithmetic overflows. Every error names the file,
-//! the tensor and the offending numbers.
+//! the JSON is well-formed with no key repeated in an object (a parser
+//! would silently keep one of the two values), every dtype is known, every
+//! range lies inside the data section, no two ranges overlap, shape × dtype
+//! size equals the range length, and no arithmetic overflows: not even the
+//! product of the non-zero dimensions of a tensor with no elements. Every
+//! error names the file, the tensor and the offending numbers.
+//!
+//! [`Checkpoint`] opens a file or a folder: shard sets (named
+//! `-NNNNN-of-NNNNN` or listed by a `*.safetensors.index.json`) are one
+//! model, other top-level files models of their own, subfolders diffusers
+//! components; [`variant_of`] knows the variant tags (`fp16`, `bf16`, ...)
+//! of file names.
 //!
 //! The header is read with plain reads (no mmap), and tensor bytes with
 //! `read_exact_at` into the caller's buffer, so a file truncated after it
 //! was opened gives [`LoaderError::Truncated`], never a SIGBUS.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::ErrorKind;
 use std::ops::Range;
@@ -55,14 +64,22 @@ pub struct TensorInfo {
 
 impl TensorInfo {
     /// Number of elements (the product of the shape; 1 for a scalar).
-    /// Cannot overflow: validated against the byte length when parsed.
+    /// Cannot overflow for a parsed tensor (validated against the byte
+    /// length); for a description built by hand it saturates at
+    /// `u64::MAX`.
     pub fn numel(&self) -> u64 {
-        self.shape.iter().product()
+        if self.shape.contains(&0) {
+            return 0;
+        }
+        self.shape
+            .iter()
+            .try_fold(1u64, |a, d| a.checked_mul(*d))
+            .unwrap_or(u64::MAX)
     }
 
     /// Absolute byte range in the file.
     pub fn byte_range(&self) -> Range<u64> {
-        self.data_offset..self.data_offset + self.len
+        self.data_offset..self.data_offset.saturating_add(self.len)
     }
 }
 
@@ -169,6 +186,194 @@ fn u64_array(path: &Path, tensor: &str, field: &str, v: Option<&Value>) -> Resul
         .collect()
 }
 
+/// The first key that appears twice in one object of a well-formed JSON
+/// text, with a description of that object (`the top-level object`,
+/// `tensor `name``, `__metadata__`, `object `key``). JSON parsers keep one
+/// of the two values silently; a safetensors header with a repeated tensor
+/// name is ambiguous, so it is refused. Never panics, whatever the input.
+pub fn duplicate_key(json: &[u8]) -> Option<(String, String)> {
+    /// An object being walked: its keys so far (a short list, then a set),
+    /// the key it is the value of, and its depth.
+    struct Obj<'a> {
+        small: Vec<Cow<'a, [u8]>>,
+        big: HashSet<Cow<'a, [u8]>>,
+        parent: Option<Cow<'a, [u8]>>,
+        depth: usize,
+        expect_key: bool,
+    }
+    impl<'a> Obj<'a> {
+        /// Adds a key; `false` if the object already has it.
+        fn add(&mut self, k: Cow<'a, [u8]>) -> bool {
+            if !self.big.is_empty() {
+                return self.big.insert(k);
+            }
+            if self.small.contains(&k) {
+                return false;
+            }
+            self.small.push(k);
+            if self.small.len() > 16 {
+                self.big.extend(self.small.drain(..));
+            }
+            true
+        }
+
+        fn describe(&self) -> String {
+            let parent = self.parent.as_ref().map(|p| String::from_utf8_lossy(p));
+            match (self.depth, parent) {
+                (0, _) => "the top-level object".to_owned(),
+                (1, Some(k)) if k == "__metadata__" => "`__metadata__`".to_owned(),
+                (1, Some(k)) => format!("tensor `{k}`"),
+                (_, Some(k)) => format!("object `{k}`"),
+                (_, None) => "a nested object".to_owned(),
+            }
+        }
+    }
+    // `None`: an array.
+    let mut stack: Vec<Option<Obj<'_>>> = Vec::new();
+    // The key whose value comes next (names a nested object).
+    let mut last_key: Option<Cow<'_, [u8]>> = None;
+    let mut i = 0;
+    while let Some(&b) = json.get(i) {
+        match b {
+            b'"' => {
+                let start = i;
+                let mut escaped = false;
+                i += 1;
+                loop {
+                    match json[i.min(json.len())..]
+                        .iter()
+                        .position(|&c| c == b'"' || c == b'\\')
+                    {
+                        Some(p) if json[i + p] == b'\\' => {
+                            escaped = true;
+                            i += p + 2;
+                        }
+                        Some(p) => {
+                            i += p;
+                            break;
+                        }
+                        None => {
+                            i = json.len();
+                            break;
+                        }
+                    }
+                }
+                let end = (i + 1).min(json.len());
+                if let Some(Some(obj)) = stack.last_mut() {
+                    if obj.expect_key {
+                        let raw = &json[start.min(end)..end];
+                        let key: Cow<'_, [u8]> = if escaped {
+                            Cow::Owned(
+                                serde_json::from_slice::<String>(raw)
+                                    .map_or_else(|_| raw.to_vec(), String::into_bytes),
+                            )
+                        } else {
+                            Cow::Borrowed(raw.get(1..raw.len().saturating_sub(1)).unwrap_or(&[]))
+                        };
+                        if !obj.add(key.clone()) {
+                            return Some((
+                                String::from_utf8_lossy(&key).into_owned(),
+                                obj.describe(),
+                            ));
+                        }
+                        obj.expect_key = false;
+                        last_key = Some(key);
+                    }
+                }
+                i += 1;
+            }
+            b'{' => {
+                stack.push(Some(Obj {
+                    small: Vec::new(),
+                    big: HashSet::new(),
+                    parent: last_key.take(),
+                    depth: stack.len(),
+                    expect_key: true,
+                }));
+                i += 1;
+            }
+            b'[' => {
+                last_key = None;
+                stack.push(None);
+                i += 1;
+            }
+            b'}' | b']' => {
+                last_key = None;
+                stack.pop();
+                i += 1;
+            }
+            b',' => {
+                if let Some(Some(obj)) = stack.last_mut() {
+                    obj.expect_key = true;
+                }
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Keys of every object of a JSON text, counted in one pass without
+/// decoding them (repeats included). Never panics, whatever the input.
+fn raw_key_count(json: &[u8]) -> usize {
+    // Per open container: whether it is an object expecting a key.
+    let mut stack: Vec<bool> = Vec::new();
+    let mut count = 0;
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            b'"' => {
+                if let Some(expect) = stack.last_mut() {
+                    if *expect {
+                        count += 1;
+                        *expect = false;
+                    }
+                }
+                i += 1;
+                while i < json.len() {
+                    match json[i] {
+                        b'\\' => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+                i += 1;
+            }
+            b'{' => {
+                stack.push(true);
+                i += 1;
+            }
+            b'[' => {
+                stack.push(false);
+                i += 1;
+            }
+            b'}' | b']' => {
+                stack.pop();
+                i += 1;
+            }
+            b',' => {
+                // Objects expect a key after a comma; arrays never do.
+                if let Some(expect) = stack.last_mut() {
+                    *expect = true;
+                }
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    count
+}
+
+/// Keys of every object of a parsed JSON value.
+fn value_key_count(v: &Value) -> usize {
+    match v {
+        Value::Object(m) => m.len() + m.values().map(value_key_count).sum::<usize>(),
+        Value::Array(a) => a.iter().map(value_key_count).sum(),
+        _ => 0,
+    }
+}
+
 /// Validates the JSON header of a file of `file_len` bytes. `json` is the
 /// header text (without the 8-byte length); `file_index` goes into every
 /// [`TensorInfo::file`].
@@ -189,6 +394,17 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64, file_index: usize) 
         header_len,
         message: e.to_string(),
     })?;
+    // The parser kept one value of a repeated key: a key count that differs
+    // from the raw text's means a repeat; find and name it.
+    if raw_key_count(json) != value_key_count(&value) {
+        if let Some((key, within)) = duplicate_key(json) {
+            return Err(LoaderError::DuplicateKey {
+                path: path.to_owned(),
+                key,
+                within,
+            });
+        }
+    }
     let Value::Object(map) = value else {
         return Err(LoaderError::HeaderNotObject {
             path: path.to_owned(),
@@ -268,8 +484,13 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64, file_index: usize) 
                 data_len,
             });
         }
-        let expected = shape
+        // The product of the non-zero dimensions (times the element size)
+        // must fit in 64 bits even when another dimension is 0: code that
+        // views a tensor as a matrix multiplies some dimensions and not
+        // others, and must never overflow on a tensor this accepted.
+        let nonzero = shape
             .iter()
+            .filter(|d| **d != 0)
             .try_fold(1u64, |acc, d| acc.checked_mul(*d))
             .and_then(|n| n.checked_mul(dtype.size_in_bytes() as u64))
             .ok_or_else(|| LoaderError::ShapeOverflow {
@@ -278,6 +499,7 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64, file_index: usize) 
                 shape: shape.clone(),
                 dtype,
             })?;
+        let expected = if shape.contains(&0) { 0 } else { nonzero };
         let actual = end - begin;
         if expected != actual {
             return Err(LoaderError::SizeMismatch {
@@ -539,12 +761,13 @@ impl SafetensorsFile {
     }
 }
 
-/// A group of files opened together: one file, a folder of shards, or a
-/// diffusers-style folder whose subfolders (`unet/`, `vae/`, ...) each hold
-/// a group of shards.
+/// A group of files opened together: one file, a folder of shards, a
+/// folder of several models, or a diffusers-style folder whose subfolders
+/// (`unet/`, `vae/`, ...) each hold a group of shards.
 ///
-/// Tensor names are unique within a group; the same name may appear in two
-/// groups (e.g. `text_encoder/` and `text_encoder_2/`).
+/// Tensor names are unique within a group (a subfolder, or one model of a
+/// folder that holds several); the same name may appear in two groups
+/// (e.g. `text_encoder/` and `text_encoder_2/`).
 #[derive(Debug)]
 pub struct Checkpoint {
     root: PathBuf,
@@ -552,6 +775,9 @@ pub struct Checkpoint {
     /// Group name of each file: `None` for top-level files, else the
     /// subfolder name.
     file_groups: Vec<Option<String>>,
+    /// Model of each top-level file when the folder holds several models
+    /// (see [`Checkpoint::open`]); `None` otherwise.
+    file_units: Vec<Option<String>>,
     index: HashMap<(Option<String>, String), (usize, usize)>,
 }
 
@@ -559,25 +785,67 @@ pub struct Checkpoint {
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     /// Which variant to take when a folder holds several
-    /// (`diffusion_pytorch_model.fp16.safetensors` has variant `fp16`).
-    /// `None`: the files without a variant, or the only variant present.
+    /// (`diffusion_pytorch_model.fp16.safetensors` has variant `fp16`; see
+    /// [`VARIANT_TAGS`]). `None`, or a variant a folder does not have: the
+    /// files without a variant, or the only variant present.
     pub variant: Option<String>,
+}
+
+/// Variant tags recognised in file names (`model.fp16.safetensors`), as
+/// diffusers and transformers write them. Any other dotted suffix is part
+/// of the model's name (`sd_xl_base_1.0.safetensors` is no variant `0`).
+pub const VARIANT_TAGS: &[&str] = &[
+    "fp16", "bf16", "fp32", "fp8", "ema", "non_ema", "non-ema", "noema",
+];
+
+fn known_tag(tag: &str) -> bool {
+    VARIANT_TAGS.iter().any(|t| t.eq_ignore_ascii_case(tag))
+}
+
+/// `-NNNNN-of-NNNNN` at the end of `stem`: (stem before it, total).
+fn split_shard_suffix(stem: &str) -> Option<(&str, u64)> {
+    let (head, total) = stem.rsplit_once("-of-")?;
+    let (base, part) = head.rsplit_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(part) || !digits(total) || base.is_empty() {
+        return None;
+    }
+    Some((base, total.parse().ok()?))
 }
 
 /// The variant tag of a safetensors file name: `model.fp16.safetensors` →
 /// `Some("fp16")`, `model.fp16-00001-of-00002.safetensors` → `Some("fp16")`,
-/// `model-00001-of-00002.safetensors` → `None`.
+/// `model-00001-of-00002.fp16.safetensors` → `Some("fp16")`,
+/// `model-00001-of-00002.safetensors` → `None`. Only the tags of
+/// [`VARIANT_TAGS`] are variants: `sd_xl_base_1.0.safetensors` → `None`.
 pub fn variant_of(file_name: &str) -> Option<String> {
     let stem = file_name.strip_suffix(".safetensors")?;
     let (_, last) = stem.rsplit_once('.')?;
-    let tag = match last.find("-0") {
-        Some(i) if last[i..].contains("-of-") => &last[..i],
-        _ => last,
+    let tag = match split_shard_suffix(last) {
+        Some((t, _)) => t,
+        None => last,
     };
-    Some(tag.to_owned())
+    known_tag(tag).then(|| tag.to_owned())
 }
 
-fn list_safetensors(dir: &Path) -> Result<Vec<PathBuf>> {
+/// How a top-level file belongs to a shard set: `model-00001-of-00002`
+/// (also with a variant, `model.fp16-00001-of-00002` or
+/// `model-00001-of-00002.fp16`) → (`model` with the variant, total).
+fn shard_set_of(file_name: &str) -> Option<(String, u64)> {
+    let stem = file_name.strip_suffix(".safetensors")?;
+    if let Some((base, total)) = split_shard_suffix(stem) {
+        return Some((base.to_owned(), total));
+    }
+    // `model-00001-of-00002.fp16`: the variant after the shard suffix.
+    let (head, tag) = stem.rsplit_once('.')?;
+    if !known_tag(tag) {
+        return None;
+    }
+    let (base, total) = split_shard_suffix(head)?;
+    Some((format!("{base}.{tag}"), total))
+}
+
+fn list_dir(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>> {
     let rd = std::fs::read_dir(dir).map_err(|source| LoaderError::Open {
         path: dir.to_owned(),
         source,
@@ -589,11 +857,11 @@ fn list_safetensors(dir: &Path) -> Result<Vec<PathBuf>> {
             source,
         })?;
         let p = entry.path();
-        let is_st = p
+        let keep = p
             .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.ends_with(".safetensors") && !n.starts_with('.'));
-        if is_st && p.is_file() {
+            .is_some_and(|n| !n.starts_with('.') && keep(n));
+        if keep && p.is_file() {
             out.push(p);
         }
     }
@@ -601,7 +869,82 @@ fn list_safetensors(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn choose_variant(dir: &Path, files: Vec<PathBuf>, want: Option<&str>) -> Result<Vec<PathBuf>> {
+fn list_safetensors(dir: &Path) -> Result<Vec<PathBuf>> {
+    list_dir(dir, |n| n.ends_with(".safetensors"))
+}
+
+/// `X.safetensors.index.json` → (`X`, `None`); `X.safetensors.index.TAG.json`
+/// → (`X`, `Some(TAG)`) for a known variant tag.
+fn index_name(file_name: &str) -> Option<(&str, Option<String>)> {
+    let (base, rest) = file_name.split_once(".safetensors.index.")?;
+    if base.is_empty() {
+        return None;
+    }
+    if rest == "json" {
+        return Some((base, None));
+    }
+    let tag = rest.strip_suffix(".json")?;
+    known_tag(tag).then(|| (base, Some(tag.to_owned())))
+}
+
+/// The files a `*.safetensors.index.json` weight map names, in name order.
+/// Each must be a plain file name in the index's folder that exists.
+pub fn index_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let err = |problem: String| LoaderError::ShardIndex {
+        path: index.to_owned(),
+        problem,
+    };
+    let text = std::fs::read(index).map_err(|source| LoaderError::Open {
+        path: index.to_owned(),
+        source,
+    })?;
+    let v: Value =
+        serde_json::from_slice(&text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| err("no `weight_map` object (tensor name → file name)".into()))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut names = std::collections::BTreeSet::new();
+    for (tensor, f) in map {
+        let f = f.as_str().ok_or_else(|| {
+            err(format!(
+                "`weight_map` entry `{tensor}` is {}, expected a file name",
+                json_kind(f)
+            ))
+        })?;
+        names.insert(f.to_owned());
+    }
+    if names.is_empty() {
+        return Err(err("`weight_map` is empty".into()));
+    }
+    let mut out = Vec::with_capacity(names.len());
+    for n in names {
+        if n.is_empty() || n.contains('/') || n.contains('\\') || n == "." || n == ".." {
+            return Err(err(format!(
+                "`weight_map` names `{n}`, expected a file name in {}",
+                dir.display()
+            )));
+        }
+        let p = dir.join(&n);
+        if !p.is_file() {
+            return Err(err(format!(
+                "`weight_map` names `{n}`, which is not a file in {}",
+                dir.display()
+            )));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// The files of one variant: the one asked for, else the only one, else
+/// the files without a variant. Returns the variant chosen and its files.
+fn choose_variant(
+    dir: &Path,
+    files: Vec<PathBuf>,
+    want: Option<&str>,
+) -> Result<(Option<String>, Vec<PathBuf>)> {
     let mut groups: BTreeMap<Option<String>, Vec<PathBuf>> = BTreeMap::new();
     for f in files {
         let v = f.file_name().and_then(|n| n.to_str()).and_then(variant_of);
@@ -609,14 +952,14 @@ fn choose_variant(dir: &Path, files: Vec<PathBuf>, want: Option<&str>) -> Result
     }
     if let Some(want) = want {
         if let Some(g) = groups.remove(&Some(want.to_owned())) {
-            return Ok(g);
+            return Ok((Some(want.to_owned()), g));
         }
     }
     if groups.len() <= 1 {
-        return Ok(groups.into_values().next().unwrap_or_default());
+        return Ok(groups.into_iter().next().unwrap_or_default());
     }
     if let Some(g) = groups.remove(&None) {
-        return Ok(g);
+        return Ok((None, g));
     }
     Err(LoaderError::AmbiguousVariant {
         path: dir.to_owned(),
@@ -628,10 +971,83 @@ fn choose_variant(dir: &Path, files: Vec<PathBuf>, want: Option<&str>) -> Result
     })
 }
 
+/// The models of one folder's safetensors files (of the chosen variant):
+/// each shard set named by an index's weight map, each other shard set
+/// (`-NNNNN-of-NNNNN`), each other file on its own. `(name, files)` in name
+/// order, with whether an index named them; empty if the folder has no
+/// safetensors files.
+fn folder_models(dir: &Path, want: Option<&str>) -> Result<Vec<(String, Vec<PathBuf>, bool)>> {
+    let files = list_safetensors(dir)?;
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (variant, mut rest) = choose_variant(dir, files, want)?;
+    let mut models: Vec<(String, Vec<PathBuf>, bool)> = Vec::new();
+    let indexes = list_dir(dir, |n| index_name(n).is_some_and(|(_, v)| v == variant))?;
+    for idx in indexes {
+        let base = idx
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(index_name)
+            .map_or_else(String::new, |(b, _)| b.to_owned());
+        let named = index_files(&idx)?;
+        rest.retain(|p| !named.contains(p));
+        models.push((base, named, true));
+    }
+    let mut shard_sets: BTreeMap<(String, u64), Vec<PathBuf>> = BTreeMap::new();
+    for p in rest {
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        match shard_set_of(&name) {
+            Some(key) => shard_sets.entry(key).or_default().push(p),
+            None => {
+                let stem = name
+                    .strip_suffix(".safetensors")
+                    .unwrap_or(&name)
+                    .to_owned();
+                models.push((stem, vec![p], false));
+            }
+        }
+    }
+    models.extend(
+        shard_sets
+            .into_iter()
+            .map(|((base, _), files)| (base, files, false)),
+    );
+    models.sort();
+    // Unique names (a `model.safetensors` beside `model-0000N-of-...`).
+    let mut seen = HashSet::new();
+    for (name, _, _) in &mut models {
+        let mut k = 2;
+        let base = name.clone();
+        while !seen.insert(name.clone()) {
+            *name = format!("{base}~{k}");
+            k += 1;
+        }
+    }
+    Ok(models)
+}
+
+/// One set of files opened as a unit: its subfolder (component group), its
+/// model name among several top-level models, and its files.
+type Unit = (Option<String>, Option<String>, Vec<PathBuf>);
+
 impl Checkpoint {
-    /// Opens a file, a folder of shards (every `*.safetensors` in it, in
-    /// name order), or a diffusers folder (no safetensors at the top, one
-    /// group per subfolder that holds some), with default options.
+    /// Opens a file, a folder, or a diffusers folder, with default options.
+    ///
+    /// A folder with safetensors files at the top holds one or more models:
+    /// the files a `*.safetensors.index.json` weight map names (only those)
+    /// are the shards of one model, files named `NAME-NNNNN-of-NNNNN` are
+    /// the shards of model `NAME`, and every other file is a model of its
+    /// own (a FLUX repository's `flux1-dev.safetensors` and `ae.safetensors`
+    /// are a transformer and a VAE, not one model). A folder without
+    /// safetensors at the top is a diffusers folder: one group per
+    /// subfolder that holds some (all its files, or those its index names).
+    /// Where files come in variants (`model.fp16.safetensors`), one variant
+    /// is taken (see [`OpenOptions::variant`]).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         Self::open_with(path, &OpenOptions::default())
     }
@@ -644,13 +1060,17 @@ impl Checkpoint {
             source,
         })?;
         if !meta.is_dir() {
-            return Self::from_groups(path, vec![(None, vec![path.to_owned()])]);
+            return Self::from_units(path, vec![(None, None, vec![path.to_owned()])]);
         }
         let want = opts.variant.as_deref();
-        let top = list_safetensors(path)?;
+        let top = folder_models(path, want)?;
         if !top.is_empty() {
-            let files = choose_variant(path, top, want)?;
-            return Self::from_groups(path, vec![(None, files)]);
+            let several = top.len() > 1;
+            let units = top
+                .into_iter()
+                .map(|(name, files, _)| (None, several.then_some(name), files))
+                .collect();
+            return Self::from_units(path, units);
         }
         let rd = std::fs::read_dir(path).map_err(|source| LoaderError::Open {
             path: path.to_owned(),
@@ -672,33 +1092,50 @@ impl Checkpoint {
             }
         }
         subdirs.sort();
-        let mut groups = Vec::new();
+        let mut units = Vec::new();
         for (name, dir) in subdirs {
-            let files = list_safetensors(&dir)?;
+            // A component's folder is one model: the files its index
+            // names if it has one, else all of them.
+            let models = folder_models(&dir, want)?;
+            let indexed = models.iter().any(|m| m.2);
+            let files: Vec<PathBuf> = models
+                .into_iter()
+                .filter(|m| m.2 || !indexed)
+                .flat_map(|m| m.1)
+                .collect();
             if !files.is_empty() {
-                groups.push((Some(name), choose_variant(&dir, files, want)?));
+                units.push((Some(name), None, files));
             }
         }
-        if groups.is_empty() {
+        if units.is_empty() {
             return Err(LoaderError::NoFiles {
                 path: path.to_owned(),
             });
         }
-        Self::from_groups(path, groups)
+        Self::from_units(path, units)
     }
 
     /// Opens the given files as groups: `(group name, files)`. File indices
     /// follow the order given.
     pub fn from_groups(root: &Path, groups: Vec<(Option<String>, Vec<PathBuf>)>) -> Result<Self> {
+        Self::from_units(
+            root,
+            groups.into_iter().map(|(g, f)| (g, None, f)).collect(),
+        )
+    }
+
+    fn from_units(root: &Path, units: Vec<Unit>) -> Result<Self> {
         let mut files = Vec::new();
         let mut file_groups = Vec::new();
+        let mut file_units = Vec::new();
         let mut index: HashMap<(Option<String>, String), (usize, usize)> = HashMap::new();
-        for (group, paths) in groups {
+        for (group, unit, paths) in units {
+            let key_group = group.clone().or_else(|| unit.clone());
             for p in paths {
                 let fi = files.len();
                 let f = SafetensorsFile::open_indexed(&p, fi)?;
                 for (ti, t) in f.tensors().iter().enumerate() {
-                    let key = (group.clone(), t.name.clone());
+                    let key = (key_group.clone(), t.name.clone());
                     if let Some(&(other, _)) = index.get(&key) {
                         let other_path: &SafetensorsFile = &files[other];
                         return Err(LoaderError::DuplicateTensor {
@@ -711,6 +1148,7 @@ impl Checkpoint {
                 }
                 files.push(f);
                 file_groups.push(group.clone());
+                file_units.push(unit.clone());
             }
         }
         if files.is_empty() {
@@ -722,6 +1160,7 @@ impl Checkpoint {
             root: root.to_owned(),
             files,
             file_groups,
+            file_units,
             index,
         })
     }
@@ -741,6 +1180,13 @@ impl Checkpoint {
         &self.file_groups
     }
 
+    /// Model of each top-level file when the folder holds several (the
+    /// file stem of a lone file, `NAME` of a `NAME-NNNNN-of-NNNNN` shard
+    /// set or of a `NAME.safetensors.index.json`); `None` otherwise.
+    pub fn file_units(&self) -> &[Option<String>] {
+        &self.file_units
+    }
+
     /// Every tensor of every file, file by file, in data-offset order.
     pub fn tensors(&self) -> impl Iterator<Item = &TensorInfo> {
         self.files.iter().flat_map(|f| f.tensors())
@@ -751,7 +1197,10 @@ impl Checkpoint {
         self.files.iter().map(|f| f.tensors().len()).sum()
     }
 
-    /// The tensor `name` in group `group` (`None`: top-level files).
+    /// The tensor `name` in group `group`: a subfolder name, or the model
+    /// name of a folder that holds several top-level models (see
+    /// [`Checkpoint::file_units`]); `None`: the top-level files of a
+    /// single model.
     pub fn get_in(&self, group: Option<&str>, name: &str) -> Option<&TensorInfo> {
         self.index
             .get(&(group.map(str::to_owned), name.to_owned()))
@@ -1003,6 +1452,147 @@ mod tests {
             variant_of("diffusion_pytorch_model.fp16-00001-of-00002.safetensors").as_deref(),
             Some("fp16")
         );
+        assert_eq!(
+            variant_of("model-00001-of-00002.bf16.safetensors").as_deref(),
+            Some("bf16")
+        );
+        for tag in ["fp32", "fp8", "ema", "non_ema", "non-ema", "noema"] {
+            assert_eq!(
+                variant_of(&format!("unet.{tag}.safetensors")).as_deref(),
+                Some(tag)
+            );
+        }
         assert_eq!(variant_of("model.bin"), None);
+        // A dot in a model's name is no variant.
+        assert_eq!(variant_of("sd_xl_base_1.0.safetensors"), None);
+        assert_eq!(variant_of("sd_xl_refiner_1.0.safetensors"), None);
+        assert_eq!(variant_of("sd_xl_base_1.0_0.9vae.safetensors"), None);
+        assert_eq!(variant_of("flux1-dev.safetensors"), None);
+    }
+
+    #[test]
+    fn shard_names() {
+        assert_eq!(
+            shard_set_of("model-00001-of-00002.safetensors"),
+            Some(("model".into(), 2))
+        );
+        assert_eq!(
+            shard_set_of("diffusion_pytorch_model.fp16-00002-of-00003.safetensors"),
+            Some(("diffusion_pytorch_model.fp16".into(), 3))
+        );
+        assert_eq!(
+            shard_set_of("model-00001-of-00002.fp16.safetensors"),
+            Some(("model.fp16".into(), 2))
+        );
+        assert_eq!(shard_set_of("flux1-dev.safetensors"), None);
+        assert_eq!(shard_set_of("model-extra.safetensors"), None);
+        assert_eq!(shard_set_of("-00001-of-00002.safetensors"), None);
+        assert_eq!(shard_set_of("a-1-of-.safetensors"), None);
+        assert_eq!(
+            index_name("model.safetensors.index.json"),
+            Some(("model", None))
+        );
+        assert_eq!(
+            index_name("diffusion_pytorch_model.safetensors.index.fp16.json"),
+            Some(("diffusion_pytorch_model", Some("fp16".into())))
+        );
+        assert_eq!(index_name("model_index.json"), None);
+        assert_eq!(index_name("x.safetensors.index.v2.json"), None);
+    }
+
+    /// A zero-element tensor may have any other dimensions, but their
+    /// product must still fit in 64 bits: code that views a tensor as a
+    /// matrix multiplies some of its dimensions.
+    #[test]
+    fn zero_element_shapes_whose_other_dimensions_overflow() {
+        for shape in [
+            "[0,1,1099511627776,1099511627776]",
+            "[1099511627776,1099511627776,0]",
+        ] {
+            let h = format!(
+                r#"{{"z.lora_down.weight":{{"dtype":"F16","shape":{shape},"data_offsets":[0,0]}}}}"#
+            );
+            match parse(&h, 0) {
+                Err(LoaderError::ShapeOverflow {
+                    path,
+                    tensor,
+                    shape,
+                    ..
+                }) => {
+                    assert_eq!(path, Path::new("x.safetensors"));
+                    assert_eq!(tensor, "z.lora_down.weight");
+                    assert_eq!(shape.iter().filter(|d| **d == 1 << 40).count(), 2);
+                }
+                other => panic!("{shape}: {other:?}"),
+            }
+        }
+        // Within 64 bits (times the element size) is fine.
+        let h = parse(
+            r#"{"z":{"dtype":"F16","shape":[0,4294967296,1073741823],"data_offsets":[0,0]}}"#,
+            0,
+        )
+        .unwrap();
+        assert_eq!((h.tensors[0].len, h.tensors[0].numel()), (0, 0));
+        // Times 2 bytes it does not fit.
+        assert!(matches!(
+            parse(
+                r#"{"z":{"dtype":"F16","shape":[0,4294967296,4294967295],"data_offsets":[0,0]}}"#,
+                0
+            ),
+            Err(LoaderError::ShapeOverflow { .. })
+        ));
+    }
+
+    #[test]
+    fn duplicate_keys_are_errors() {
+        let t = r#"{"dtype":"U8","shape":[1],"data_offsets":[0,1]}"#;
+        let u = r#"{"dtype":"U8","shape":[1],"data_offsets":[1,2]}"#;
+        for (hdr, key, within) in [
+            (
+                format!(r#"{{"a":{t},"a":{u}}}"#),
+                "a",
+                "the top-level object",
+            ),
+            // The same key, escaped differently.
+            (
+                format!(r#"{{"ab":{t},"a\u0062":{u}}}"#),
+                "ab",
+                "the top-level object",
+            ),
+            (
+                r#"{"a":{"dtype":"U8","dtype":"F16","shape":[1],"data_offsets":[0,1]}}"#.into(),
+                "dtype",
+                "tensor `a`",
+            ),
+            (
+                format!(r#"{{"__metadata__":{{"k":"1","k":"2"}},"a":{t}}}"#),
+                "k",
+                "`__metadata__`",
+            ),
+        ] {
+            match parse(&hdr, 2) {
+                Err(LoaderError::DuplicateKey {
+                    key: k, within: w, ..
+                }) => assert_eq!((k.as_str(), w.as_str()), (key, within), "{hdr}"),
+                other => panic!("{hdr}: {other:?}"),
+            }
+        }
+        let msg = parse(&format!(r#"{{"a":{t},"a":{u}}}"#), 2)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "x.safetensors: header: key `a` appears twice in the top-level object"
+        );
+        // The same field names in different objects, keys inside strings
+        // and arrays: no false alarm.
+        let ok = format!(
+            r#"{{"__metadata__":{{"a":"\"a\":{{,","b":"[a]"}},"a":{t},"b":{u},"c\"d":{{"dtype":"U8","shape":[0],"data_offsets":[2,2]}}}}"#
+        );
+        assert_eq!(parse(&ok, 2).unwrap().tensors.len(), 3);
+        // Garbage never panics.
+        for junk in [&b"\\"[..], b"{\"", b"{\"a\\", b"}}]]", b"{,,\"a\":{\"a\""] {
+            let _ = duplicate_key(junk);
+        }
     }
 }

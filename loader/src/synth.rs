@@ -111,13 +111,45 @@ pub fn fill_deterministic(seed: u64, spec: &TensorSpec, dst: &mut [u8]) {
 }
 
 /// The deterministic contents of one tensor as a new buffer (see
-/// [`fill_deterministic`]). Panics only if the spec's size overflows
-/// `usize`, which a test's spec never does.
-pub fn deterministic_bytes(seed: u64, spec: &TensorSpec) -> Vec<u8> {
-    let len = spec.byte_len().and_then(|n| usize::try_from(n).ok());
-    let mut buf = vec![0u8; len.expect("tensor size fits in memory")];
+/// [`fill_deterministic`]), or [`LoaderError::Write`] if the spec's size
+/// overflows 64 bits or `usize`, or exceeds `limit` bytes (a guard against
+/// allocating what a crafted shape asks for).
+pub fn try_deterministic_bytes(seed: u64, spec: &TensorSpec, limit: u64) -> Result<Vec<u8>> {
+    let err = |problem: String| LoaderError::Write {
+        path: "(memory)".into(),
+        tensor: spec.name.clone(),
+        problem,
+    };
+    let len = spec.byte_len().ok_or_else(|| {
+        err(format!(
+            "shape {:?} of {} overflows",
+            spec.shape, spec.dtype
+        ))
+    })?;
+    if len > limit {
+        return Err(err(format!(
+            "shape {:?} of {} is {len} bytes, over the limit of {limit}",
+            spec.shape, spec.dtype
+        )));
+    }
+    let len = usize::try_from(len).map_err(|_| err(format!("{len} bytes do not fit in memory")))?;
+    let mut buf = vec![0u8; len];
     fill_deterministic(seed, spec, &mut buf);
-    buf
+    Ok(buf)
+}
+
+/// [`try_deterministic_bytes`] without a size limit, for specs a test
+/// built.
+///
+/// # Panics
+///
+/// If the spec's size overflows `usize` (use [`try_deterministic_bytes`]
+/// for specs that come from outside).
+pub fn deterministic_bytes(seed: u64, spec: &TensorSpec) -> Vec<u8> {
+    match try_deterministic_bytes(seed, spec, u64::MAX) {
+        Ok(b) => b,
+        Err(e) => panic!("{e}"),
+    }
 }
 
 /// Builds the header JSON (without the 8-byte length) for tensors laid out
@@ -788,7 +820,11 @@ pub fn lora_specs(model: &[TensorSpec], opts: &LoraOptions) -> Vec<TensorSpec> {
         let (down, up): (Vec<u64>, Vec<u64>) = if shape.len() == 4 {
             (vec![r, shape[1], shape[2], shape[3]], vec![rows, r, 1, 1])
         } else {
-            (vec![r, shape[1..].iter().product()], vec![rows, r])
+            let cols = shape[1..]
+                .iter()
+                .try_fold(1u64, |a, d| a.checked_mul(*d))
+                .unwrap_or(u64::MAX);
+            (vec![r, cols], vec![rows, r])
         };
         match opts.convention {
             LoraConvention::Kohya => {

@@ -376,6 +376,34 @@ fn write_small(path: &Path, names: &[&str], seed: u64) {
     write_deterministic(path, &specs, &BTreeMap::new(), seed).unwrap();
 }
 
+fn weight_map(path: &Path, map: &[(&str, &str)]) {
+    let m: serde_json::Map<String, serde_json::Value> = map
+        .iter()
+        .map(|(t, f)| ((*t).to_owned(), serde_json::Value::String((*f).to_owned())))
+        .collect();
+    let v = serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": m });
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+fn file_names(l: &ModelLayout) -> Vec<(String, Option<String>)> {
+    l.files
+        .iter()
+        .map(|f| {
+            (
+                f.path.file_name().unwrap().to_string_lossy().into_owned(),
+                f.unit.clone(),
+            )
+        })
+        .collect()
+}
+
+fn components(l: &ModelLayout) -> Vec<(&str, ComponentKind)> {
+    l.components
+        .iter()
+        .map(|c| (c.name.as_str(), c.kind))
+        .collect()
+}
+
 #[test]
 fn shard_folder_and_duplicates() {
     let dir = common::tmpdir("shards");
@@ -389,19 +417,12 @@ fn shard_folder_and_duplicates() {
         &["model.embed_tokens.weight", "model.layers.0.w"],
         1,
     );
-    std::fs::write(dir.join("model.safetensors.index.json"), "{}").unwrap();
     let m = Model::open(&dir).unwrap();
-    let files: Vec<String> = m
-        .layout
-        .files
-        .iter()
-        .map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
     assert_eq!(
-        files,
+        file_names(&m.layout),
         [
-            "model-00001-of-00002.safetensors",
-            "model-00002-of-00002.safetensors"
+            ("model-00001-of-00002.safetensors".into(), None),
+            ("model-00002-of-00002.safetensors".into(), None)
         ]
     );
     assert_eq!(
@@ -416,15 +437,259 @@ fn shard_folder_and_duplicates() {
     let l1 = &m.layout.component("model").unwrap().layers[2].tensors[0];
     assert_eq!(l1.file, 1);
 
+    // A file that is not a shard of the set is a model of its own, not
+    // merged into the shards (and its names may repeat theirs).
     write_small(
         &dir.join("model-extra.safetensors"),
         &["model.norm.weight"],
         3,
     );
+    let m = Model::open(&dir).unwrap();
+    assert_eq!(
+        file_names(&m.layout),
+        [
+            (
+                "model-00001-of-00002.safetensors".into(),
+                Some("model".into())
+            ),
+            (
+                "model-00002-of-00002.safetensors".into(),
+                Some("model".into())
+            ),
+            ("model-extra.safetensors".into(), Some("model-extra".into())),
+        ]
+    );
+    assert_eq!(
+        components(&m.layout),
+        [
+            ("model", ComponentKind::Other),
+            ("model-extra", ComponentKind::Other)
+        ]
+    );
+    assert_eq!(m.layout.component("model").unwrap().tensor_count(), 4);
+    assert!(m
+        .checkpoint
+        .get_in(Some("model-extra"), "model.norm.weight")
+        .is_some());
+    std::fs::remove_file(dir.join("model-extra.safetensors")).unwrap();
+
+    // Two shards of one set naming the same tensor.
+    write_small(
+        &dir.join("model-00001-of-00002.safetensors"),
+        &["model.embed_tokens.weight", "model.norm.weight"],
+        1,
+    );
     match Checkpoint::open(&dir) {
         Err(LoaderError::DuplicateTensor { tensor, .. }) => assert_eq!(tensor, "model.norm.weight"),
         other => panic!("expected DuplicateTensor, got {other:?}"),
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A `*.safetensors.index.json` decides which files are the shards of its
+/// model (whatever their names), and only those.
+#[test]
+fn shard_index_names_the_shards() {
+    let dir = common::tmpdir("shard-index");
+    write_small(&dir.join("part-a.safetensors"), &["layers.0.w"], 1);
+    write_small(
+        &dir.join("part-b.safetensors"),
+        &["layers.1.w", "norm.w"],
+        2,
+    );
+    write_small(
+        &dir.join("stray.safetensors"),
+        &["decoder.conv_in.weight"],
+        3,
+    );
+    weight_map(
+        &dir.join("model.safetensors.index.json"),
+        &[
+            ("layers.0.w", "part-a.safetensors"),
+            ("layers.1.w", "part-b.safetensors"),
+            ("norm.w", "part-b.safetensors"),
+        ],
+    );
+    let m = Model::open(&dir).unwrap();
+    assert_eq!(
+        file_names(&m.layout),
+        [
+            ("part-a.safetensors".into(), Some("model".into())),
+            ("part-b.safetensors".into(), Some("model".into())),
+            ("stray.safetensors".into(), Some("stray".into())),
+        ]
+    );
+    assert_eq!(
+        components(&m.layout),
+        [("vae", ComponentKind::Vae), ("model", ComponentKind::Other)]
+    );
+    assert_eq!(
+        layer_names(&m.layout, "model"),
+        ["layers.0", "layers.1", "norm"]
+    );
+
+    // In a diffusers component folder, only the files the index names.
+    let diff = common::tmpdir("shard-index-diffusers");
+    std::fs::create_dir_all(diff.join("transformer")).unwrap();
+    let t = diff.join("transformer");
+    write_small(
+        &t.join("diffusion_pytorch_model-00001-of-00002.safetensors"),
+        &["transformer_blocks.0.attn.to_q.weight"],
+        1,
+    );
+    write_small(
+        &t.join("diffusion_pytorch_model-00002-of-00002.safetensors"),
+        &["proj_out.weight"],
+        2,
+    );
+    write_small(&t.join("leftover.safetensors"), &["proj_out.weight"], 3);
+    weight_map(
+        &t.join("diffusion_pytorch_model.safetensors.index.json"),
+        &[
+            (
+                "transformer_blocks.0.attn.to_q.weight",
+                "diffusion_pytorch_model-00001-of-00002.safetensors",
+            ),
+            (
+                "proj_out.weight",
+                "diffusion_pytorch_model-00002-of-00002.safetensors",
+            ),
+        ],
+    );
+    let m = Model::open(&diff).unwrap();
+    assert_eq!(m.layout.files.len(), 2);
+    assert_eq!(
+        components(&m.layout),
+        [("transformer", ComponentKind::Denoiser)]
+    );
+
+    // A broken index is an error naming it.
+    std::fs::write(dir.join("model.safetensors.index.json"), "{}").unwrap();
+    match Checkpoint::open(&dir) {
+        Err(e @ LoaderError::ShardIndex { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("model.safetensors.index.json") && msg.contains("weight_map"),
+                "{msg}"
+            )
+        }
+        other => panic!("expected ShardIndex, got {other:?}"),
+    }
+    weight_map(
+        &dir.join("model.safetensors.index.json"),
+        &[("layers.0.w", "part-c.safetensors")],
+    );
+    let msg = Checkpoint::open(&dir).unwrap_err().to_string();
+    assert!(msg.contains("`part-c.safetensors`"), "{msg}");
+    weight_map(
+        &dir.join("model.safetensors.index.json"),
+        &[("layers.0.w", "../part-a.safetensors")],
+    );
+    assert!(matches!(
+        Checkpoint::open(&dir),
+        Err(LoaderError::ShardIndex { .. })
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&diff).unwrap();
+}
+
+/// A FLUX repository's root: the transformer and the autoencoder are two
+/// models, not one component.
+#[test]
+fn top_level_files_of_different_models_stay_apart() {
+    let dir = common::tmpdir("flux-root");
+    write_small(
+        &dir.join("flux1-dev.safetensors"),
+        &[
+            "double_blocks.0.img_attn.qkv.weight",
+            "single_blocks.0.linear1.weight",
+            "img_in.weight",
+            "final_layer.linear.weight",
+        ],
+        1,
+    );
+    write_small(
+        &dir.join("ae.safetensors"),
+        &[
+            "decoder.conv_in.weight",
+            "decoder.up.0.block.0.conv1.weight",
+            "encoder.down.0.block.0.conv1.weight",
+        ],
+        2,
+    );
+    let m = Model::open(&dir).unwrap();
+    assert_eq!(
+        components(&m.layout),
+        [
+            ("transformer", ComponentKind::Denoiser),
+            ("vae", ComponentKind::Vae)
+        ]
+    );
+    assert_eq!(m.layout.component("transformer").unwrap().tensor_count(), 4);
+    assert_eq!(m.layout.component("vae").unwrap().tensor_count(), 3);
+    assert_eq!(
+        file_names(&m.layout),
+        [
+            ("ae.safetensors".into(), Some("ae".into())),
+            ("flux1-dev.safetensors".into(), Some("flux1-dev".into()))
+        ]
+    );
+    let t = m
+        .checkpoint
+        .get_in(Some("ae"), "decoder.conv_in.weight")
+        .unwrap();
+    assert_eq!(t.file, 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// SDXL base and refiner side by side: dotted names are no variants, each
+/// file is its own model, and colliding component names get the model's
+/// name; `model.fp16.safetensors` is still a variant of `model`.
+#[test]
+fn dotted_model_names_and_variants() {
+    let dir = common::tmpdir("sdxl-pair");
+    let names = [
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "first_stage_model.decoder.conv_in.weight",
+        "conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight",
+    ];
+    write_small(&dir.join("sd_xl_base_1.0.safetensors"), &names, 1);
+    write_small(&dir.join("sd_xl_refiner_1.0.safetensors"), &names, 2);
+    let m = Model::open(&dir).unwrap();
+    assert_eq!(
+        components(&m.layout),
+        [
+            ("sd_xl_base_1.0/text_encoder", ComponentKind::TextEncoder),
+            ("sd_xl_refiner_1.0/text_encoder", ComponentKind::TextEncoder),
+            ("sd_xl_base_1.0/unet", ComponentKind::Denoiser),
+            ("sd_xl_refiner_1.0/unet", ComponentKind::Denoiser),
+            ("sd_xl_base_1.0/vae", ComponentKind::Vae),
+            ("sd_xl_refiner_1.0/vae", ComponentKind::Vae),
+        ]
+    );
+    // Each component reads its own file's bytes.
+    let spec = TensorSpec::new(names[0], Dtype::F16, &[4]);
+    for (c, seed) in [("sd_xl_base_1.0/unet", 1), ("sd_xl_refiner_1.0/unet", 2)] {
+        let t = &m.layout.component(c).unwrap().layers[0].tensors[0];
+        let mut buf = vec![0u8; 8];
+        m.read_tensor_into(t, &mut buf).unwrap();
+        assert_eq!(buf, deterministic_bytes(seed, &spec), "{c}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let dir = common::tmpdir("variant-pair");
+    write_small(&dir.join("model.safetensors"), &["layers.0.w"], 1);
+    write_small(&dir.join("model.fp16.safetensors"), &["layers.0.w"], 2);
+    let m = Model::open(&dir).unwrap();
+    assert_eq!(file_names(&m.layout), [("model.safetensors".into(), None)]);
+    let opts = OpenOptions {
+        variant: Some("fp16".into()),
+    };
+    let m = Model::open_with(&dir, &opts).unwrap();
+    assert_eq!(
+        file_names(&m.layout),
+        [("model.fp16.safetensors".into(), None)]
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

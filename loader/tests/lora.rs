@@ -7,15 +7,19 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
+use offload_loader::dtype::from_f32_slice;
 use offload_loader::layout::{LayoutFile, ModelLayout};
 use offload_loader::lora::{
-    ldm_unet_to_diffusers, Algorithm, Alpha, Delta, KronFactor, LoraFile, LoraProblem, Naming,
-    ProblemKind, ResolveOptions, ResolvedLora, TargetIndex,
+    flux_bfl_to_diffusers, ldm_unet_to_diffusers, Algorithm, Alpha, Delta, KronFactor, LoraFile,
+    LoraProblem, Naming, ProblemKind, ResolveOptions, ResolvedLora, TargetIndex,
 };
 use offload_loader::safetensors::SafetensorsFile;
-use offload_loader::synth::{preset_specs, Preset, PresetOptions, TensorSpec};
+use offload_loader::synth::{
+    header_bytes, preset_specs, write_lora, Preset, PresetOptions, TensorSpec,
+};
 use offload_loader::{Dtype, LoaderError, TensorRef};
 use proptest::prelude::*;
 use serde_json::Value;
@@ -44,11 +48,13 @@ fn sd15_diffusers() -> ModelLayout {
         LayoutFile {
             path: "sd15/unet/diffusion_pytorch_model.safetensors".into(),
             group: Some("unet".into()),
+            unit: None,
             len: 0,
         },
         LayoutFile {
             path: "sd15/text_encoder/model.safetensors".into(),
             group: Some("text_encoder".into()),
+            unit: None,
             len: 0,
         },
     ];
@@ -346,6 +352,78 @@ fn key_list(name: &str) -> Vec<TensorSpec> {
         .collect()
 }
 
+/// Lists whose F16 factors exceed this many bytes are written sparse.
+const FULL_WRITE_LIMIT: u64 = 100_000_000;
+
+/// The value of every `.alpha` tensor of the key-list files.
+const LIST_ALPHA: f32 = 8.0;
+
+/// A key list written as a real LoRA file in its own temporary folder,
+/// removed on drop.
+struct ListFile {
+    dir: PathBuf,
+    path: PathBuf,
+    /// Whether the factors were written (else the data section is a hole
+    /// of zeros, see [`ListFile::write`]).
+    full: bool,
+}
+
+impl ListFile {
+    /// Writes `lora-keys/NAME.json` as `NAME.safetensors`: F16 factors with
+    /// the list's names and shapes, every `.alpha` = [`LIST_ALPHA`]. Lists
+    /// up to [`FULL_WRITE_LIMIT`] bytes (all but four) are written by the
+    /// synth writer with deterministic values. The four bigger ones (control
+    /// LoRA 1.24 GB, diffusers 344 MB, kohya 153 MB, ai-toolkit 112 MB in
+    /// F16) get the writer's exact header, their alpha values written in
+    /// place, and a data section left as a hole of the right length (a
+    /// sparse file: no test needs their factor values, and writing 1.8 GB
+    /// per test run would be slow and fill small CI disks). Either way the
+    /// loader opens a real file of the right size.
+    fn write(name: &str) -> ListFile {
+        let specs = key_list(name);
+        let dir = std::env::temp_dir().join(format!(
+            "offload-loader-keylist-{}-{name}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.safetensors"));
+        let bytes: u64 = specs.iter().map(|s| s.byte_len().unwrap()).sum();
+        let full = bytes <= FULL_WRITE_LIMIT;
+        if full {
+            write_lora(&path, &specs, LIST_ALPHA, 1).unwrap();
+        } else {
+            let header = header_bytes(&path, &specs, &BTreeMap::new()).unwrap();
+            let f = std::fs::File::create(&path).unwrap();
+            f.write_all_at(&(header.len() as u64).to_le_bytes(), 0)
+                .unwrap();
+            f.write_all_at(&header, 8).unwrap();
+            let start = 8 + header.len() as u64;
+            f.set_len(start + bytes).unwrap();
+            let mut offset = start;
+            for s in &specs {
+                if s.name.ends_with(".alpha") {
+                    let v = from_f32_slice(&[LIST_ALPHA], s.dtype).unwrap();
+                    f.write_all_at(&v, offset).unwrap();
+                }
+                offset += s.byte_len().unwrap();
+            }
+        }
+        ListFile { dir, path, full }
+    }
+
+    fn open(&self) -> LoraFile {
+        LoraFile::open(&self.path).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl Drop for ListFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 struct Expect {
     name: &'static str,
     naming: Naming,
@@ -456,8 +534,23 @@ fn flux_key_lists_map_onto_full_flux() {
     for e in EXPECT {
         let specs = key_list(e.name);
         let bytes: u64 = specs.iter().map(|s| s.byte_len().unwrap()).sum();
-        let lora = LoraFile::from_specs(format!("{}.safetensors", e.name), &specs);
+        let file = ListFile::write(e.name);
+        let lora = file.open();
+        assert_eq!(lora.tensors().len(), specs.len(), "{}", e.name);
+        assert_eq!(
+            std::fs::metadata(&file.path).unwrap().len(),
+            8 + lora_header_len(&file.path) + bytes,
+            "{}",
+            e.name
+        );
         let s = lora.summary();
+        let alphas = specs.iter().any(|s| s.name.ends_with(".alpha"));
+        assert_eq!(
+            s.alphas,
+            if alphas { vec![LIST_ALPHA] } else { vec![] },
+            "{}",
+            e.name
+        );
         assert_eq!(s.naming, e.naming, "{}", e.name);
         assert_eq!(
             s.algorithms,
@@ -488,9 +581,16 @@ fn flux_key_lists_map_onto_full_flux() {
                     e.name,
                     a.key
                 );
-                // Header only: alphas are unknown, the scale assumes alpha = rank.
-                assert!(matches!(a.alpha, Alpha::Unread | Alpha::Absent));
-                assert_eq!(a.scale, 1.0);
+                // Read from the file: alpha / rank, or 1 without alpha.
+                match a.alpha {
+                    Alpha::Tensor(v) => {
+                        assert_eq!(v, LIST_ALPHA);
+                        let r = a.rank.unwrap() as f64;
+                        assert_eq!(a.scale, (f64::from(LIST_ALPHA) / r) as f32, "{}", a.key);
+                    }
+                    Alpha::Absent => assert_eq!(a.scale, 1.0),
+                    other => panic!("{}: {other:?}", a.key),
+                }
             }
             // Strict mode refuses exactly when something was skipped.
             let strict_result = lora.resolve(index, &strict());
@@ -499,14 +599,15 @@ fn flux_key_lists_map_onto_full_flux() {
                 assert!(matches!(err, LoaderError::Lora { .. }), "{err}");
                 let msg = err.to_string();
                 assert!(
-                    msg.starts_with(&format!("{}.safetensors: LoRA adapter `", e.name)),
+                    msg.starts_with(&format!("{}: LoRA adapter `", file.path.display())),
                     "{msg}"
                 );
             }
             println!(
-                "{} ({} MB in F16; text encoders: {}): {}",
+                "{} ({} MB in F16{}; text encoders: {}): {}",
                 e.name,
                 bytes / 1_000_000,
+                if file.full { "" } else { ", written sparse" },
                 k == 1,
                 r.report()
             );
@@ -514,9 +615,17 @@ fn flux_key_lists_map_onto_full_flux() {
     }
 }
 
+fn lora_header_len(path: &Path) -> u64 {
+    SafetensorsFile::open(path).unwrap().header().header_len
+}
+
+/// A key list written as a real file, opened and resolved against the
+/// full-size FLUX layout.
 fn resolve_list(name: &str, with_te: bool) -> ResolvedLora {
-    let lora = LoraFile::from_specs(format!("{name}.safetensors"), &key_list(name));
-    lora.resolve_layout(&flux(with_te), &lenient()).unwrap()
+    let file = ListFile::write(name);
+    file.open()
+        .resolve_layout(&flux(with_te), &lenient())
+        .unwrap()
 }
 
 #[test]
@@ -620,6 +729,86 @@ fn diffusers_flux_targets_row_slices_of_fused_weights() {
         .unwrap();
     assert_eq!(a.target.name, "double_blocks.10.txt_attn.qkv.weight");
     assert_eq!(a.alpha, Alpha::Absent);
+}
+
+/// The full-size FLUX transformer as a diffusers `transformer/` folder:
+/// BFL's fused `qkv` and `linear1` split into diffusers' separate weights.
+fn flux_diffusers() -> ModelLayout {
+    let files = vec![LayoutFile {
+        path: "FLUX.1-dev/transformer/diffusion_pytorch_model.safetensors".into(),
+        group: Some("transformer".into()),
+        unit: None,
+        len: 0,
+    }];
+    let mut tensors = Vec::new();
+    for s in preset_specs(
+        Preset::Flux,
+        &PresetOptions {
+            text_encoders: false,
+            ..PresetOptions::default()
+        },
+    ) {
+        let Some(m) = s.name.strip_suffix(".weight") else {
+            continue;
+        };
+        for (d, rows) in flux_bfl_to_diffusers(m, &s.shape) {
+            let mut shape = s.shape.clone();
+            if let Some(r) = rows {
+                shape[0] = r.end - r.start;
+            }
+            let spec = TensorSpec::new(format!("{d}.weight"), s.dtype, &shape);
+            tensors.push(TensorRef {
+                name: spec.name.clone(),
+                dtype: spec.dtype,
+                len: spec.byte_len().unwrap(),
+                shape,
+                data_offset: 0,
+                file: 0,
+            });
+        }
+    }
+    ModelLayout::from_tensors(files, tensors)
+}
+
+/// BFL-named FLUX LoRAs (the real kohya and ai-toolkit key lists) on a
+/// diffusers-layout FLUX: every whole weight maps; each LoRA on a fused
+/// `qkv` or `linear1` is reported, per key, as unsupported with the reason.
+#[test]
+fn bfl_named_key_lists_on_a_diffusers_flux() {
+    let index = TargetIndex::new(&flux_diffusers());
+    for (name, adapters, fused) in [
+        ("flux_lora_kohya_format", 19 * 8 + 38 * 2, 19 * 2 + 38),
+        ("flux_lora_aitoolkit_format", 228 - 19 * 2 - 38, 19 * 2 + 38),
+    ] {
+        let file = ListFile::write(name);
+        let r = file.open().resolve(&index, &lenient()).unwrap();
+        assert_eq!(r.adapters.len(), adapters, "{name}: {}", r.report());
+        assert_eq!(r.skipped.len(), fused, "{name}: {}", r.report());
+        for s in &r.skipped {
+            let msg = s.problem.to_string();
+            assert!(
+                matches!(s.problem, LoraProblem::Unsupported { .. })
+                    && msg.contains("separate weights")
+                    && msg.contains("splitting the LoRA's up factor"),
+                "{name}: {}: {msg}",
+                s.key
+            );
+        }
+        for a in &r.adapters {
+            assert_eq!(a.rows, None);
+            assert!(!a.target.name.contains("to_q"), "{}", a.key);
+        }
+    }
+    let r = ListFile::write("flux_lora_kohya_format")
+        .open()
+        .resolve(&index, &lenient())
+        .unwrap();
+    let a = r
+        .adapters
+        .iter()
+        .find(|a| a.key == "lora_unet_double_blocks_7_txt_attn_proj")
+        .unwrap();
+    assert_eq!(a.target.name, "transformer_blocks.7.attn.to_add_out.weight");
 }
 
 #[test]

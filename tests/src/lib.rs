@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod source;
+
 /// Path of a file in the shared real-data folder (`../shared/data` beside the repo).
 ///
 /// Panics with a pointer to the data README when the file is missing, so a

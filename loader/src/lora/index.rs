@@ -13,6 +13,14 @@
 //!   diffusers paths ([`flux_bfl_to_diffusers`]), where the separate
 //!   `to_q`/`to_k`/`to_v` (and `proj_mlp`) of diffusers are row slices of
 //!   BFL's fused `qkv` and `linear1`;
+//! - a diffusers FLUX transformer (`single_transformer_blocks.N`) under its
+//!   BFL paths ([`flux_diffusers_to_bfl`]) for whole weights; BFL's fused
+//!   `qkv`/`linear1` are names of several diffusers weights at once, so a
+//!   LoRA on them is reported as unsupported, with the reason;
+//! - an SD3 (MMDiT) transformer (`joint_blocks.N`) under its diffusers paths
+//!   ([`mmdit_to_diffusers`]): `to_q`/`to_k`/`to_v` and
+//!   `add_q_proj`/`add_k_proj`/`add_v_proj` are row slices of the x and
+//!   context blocks' fused `qkv`;
 //! - an OpenCLIP text tower (`transformer.resblocks.N`, SD 2.x and SDXL's
 //!   second encoder) under the Hugging Face CLIP paths kohya uses
 //!   (`text_model.encoder.layers.N.self_attn.q_proj` = rows of
@@ -108,6 +116,8 @@ pub struct TargetIndex {
 /// and `clip_l` are 1, `text_encoder_N` is N, `clip_g` is 2, `t5xxl` is 2
 /// beside CLIP-L alone (FLUX) and 3 beside CLIP-G (SD3).
 fn te_number(name: &str, has_clip_g: bool) -> Option<u32> {
+    // A model of a folder that holds several: `sd_xl_base_1.0/text_encoder`.
+    let name = name.rsplit('/').next().unwrap_or(name);
     match name {
         "text_encoder" | "clip_l" => Some(1),
         "clip_g" => Some(2),
@@ -120,7 +130,10 @@ impl TargetIndex {
     /// Indexes every weight of `layout` under all the names LoRA files use
     /// for it (see the module documentation).
     pub fn new(layout: &ModelLayout) -> TargetIndex {
-        let has_clip_g = layout.components.iter().any(|c| c.name == "clip_g");
+        let has_clip_g = layout
+            .components
+            .iter()
+            .any(|c| c.name == "clip_g" || c.name.ends_with("/clip_g"));
         let mut tensors = Vec::new();
         let mut comps = Vec::new();
         let mut full = HashMap::new();
@@ -156,6 +169,11 @@ impl TargetIndex {
             let is_bfl = native
                 .iter()
                 .any(|(m, _)| m.starts_with("double_blocks.") || m.starts_with("single_blocks."));
+            let is_mmdit = native.iter().any(|(m, _)| m.starts_with("joint_blocks."));
+            let is_diffusers_flux = role == Role::Denoiser
+                && native
+                    .iter()
+                    .any(|(m, _)| m.starts_with("single_transformer_blocks."));
             let up_attn: Vec<u64> = native
                 .iter()
                 .filter_map(|(m, _)| {
@@ -191,6 +209,16 @@ impl TargetIndex {
                                  with its shift and scale halves swapped",
                             ),
                         );
+                    }
+                }
+                if is_mmdit {
+                    for (d, alias) in mmdit_to_diffusers(m, shape) {
+                        ci.insert(d, alias.entry(*idx));
+                    }
+                }
+                if is_diffusers_flux {
+                    if let Some((b, alias)) = flux_diffusers_to_bfl(m) {
+                        ci.insert(b, alias.entry(*idx));
                     }
                 }
                 for (d, rows) in open_clip_to_hf(m, shape) {
@@ -358,6 +386,12 @@ fn resnet_to_ldm(rest: &[&str]) -> Option<(&'static str, usize)> {
     })
 }
 
+/// `3i + j`, the LDM block number of diffusers level `i`, position `j`;
+/// `None` when it does not fit in 64 bits (a crafted name).
+fn level(i: u64, j: u64) -> Option<u64> {
+    i.checked_mul(3)?.checked_add(j)
+}
+
 fn num(s: &str) -> Option<u64> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -447,12 +481,14 @@ pub fn diffusers_unet_to_ldm(path: &str, up_has_attention: impl Fn(u64) -> bool)
         ["down_blocks", i, kind, j, rest @ ..] => {
             let (i, j) = (num(i)?, num(j)?);
             match *kind {
-                "resnets" if j < 2 => resnet(format!("input_blocks.{}.0", 3 * i + j + 1), rest),
+                "resnets" if j < 2 => resnet(format!("input_blocks.{}.0", level(i, j + 1)?), rest),
                 "attentions" if j < 2 => {
-                    Some(join(format!("input_blocks.{}.1", 3 * i + j + 1), rest))
+                    Some(join(format!("input_blocks.{}.1", level(i, j + 1)?), rest))
                 }
                 "downsamplers" if j == 0 => match rest {
-                    ["conv", r @ ..] => Some(join(format!("input_blocks.{}.0.op", 3 * (i + 1)), r)),
+                    ["conv", r @ ..] => {
+                        Some(join(format!("input_blocks.{}.0.op", level(i, 3)?), r))
+                    }
                     _ => None,
                 },
                 _ => None,
@@ -464,12 +500,14 @@ pub fn diffusers_unet_to_ldm(path: &str, up_has_attention: impl Fn(u64) -> bool)
         ["up_blocks", i, kind, j, rest @ ..] => {
             let (i, j) = (num(i)?, num(j)?);
             match *kind {
-                "resnets" if j < 3 => resnet(format!("output_blocks.{}.0", 3 * i + j), rest),
-                "attentions" if j < 3 => Some(join(format!("output_blocks.{}.1", 3 * i + j), rest)),
+                "resnets" if j < 3 => resnet(format!("output_blocks.{}.0", level(i, j)?), rest),
+                "attentions" if j < 3 => {
+                    Some(join(format!("output_blocks.{}.1", level(i, j)?), rest))
+                }
                 "upsamplers" if j == 0 => match rest {
                     ["conv", r @ ..] => {
                         let m = if up_has_attention(i) { 2 } else { 1 };
-                        Some(join(format!("output_blocks.{}.{m}.conv", 3 * i + 2), r))
+                        Some(join(format!("output_blocks.{}.{m}.conv", level(i, 2)?), r))
                     }
                     _ => None,
                 },
@@ -547,7 +585,7 @@ pub fn flux_bfl_to_diffusers(path: &str, shape: &[u64]) -> Vec<(String, Option<R
             let b = format!("single_transformer_blocks.{n}");
             match module {
                 ["linear1"] => match shape {
-                    [rows, h] if *h > 0 && *rows > 3 * h => {
+                    [rows, h] if *h > 0 && h.checked_mul(3).is_some_and(|t| *rows > t) => {
                         let mut v = Vec::new();
                         for (k, name) in ["to_q", "to_k", "to_v"].iter().enumerate() {
                             let k = k as u64;
@@ -580,6 +618,219 @@ pub fn flux_bfl_to_diffusers(path: &str, shape: &[u64]) -> Vec<(String, Option<R
             whole(format!("time_text_embed.{e}.{l}"))
         }
         _ => Vec::new(),
+    }
+}
+
+/// What another convention's name for a model weight stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Alias {
+    /// The weight, or the given rows of it.
+    Rows(Option<Range<u64>>),
+    /// A name of the same weight that cannot be targeted, and why.
+    Unsupported(&'static str),
+}
+
+impl Alias {
+    fn entry(self, idx: usize) -> Entry {
+        match self {
+            Alias::Rows(r) => Entry::Tensor(idx, r),
+            Alias::Unsupported(why) => Entry::Unsupported(why),
+        }
+    }
+}
+
+const SD3_SWAPPED_CONTEXT: &str = "diffusers' norm1_context.linear of the last SD3 joint block is \
+     context_block.adaLN_modulation.1 with its shift and scale halves swapped";
+const SD3_SWAPPED_OUT: &str = "diffusers' norm_out.linear is SD3's final_layer.adaLN_modulation.1 \
+     with its shift and scale halves swapped";
+
+/// `[3h, _]` rows of `head.{names}` as thirds of a fused weight.
+fn thirds(head: &str, names: [&str; 3], shape: &[u64]) -> Vec<(String, Alias)> {
+    match shape {
+        [rows, _] if rows % 3 == 0 && *rows > 0 => {
+            let h = rows / 3;
+            names
+                .iter()
+                .enumerate()
+                .map(|(k, n)| {
+                    let k = k as u64;
+                    (format!("{head}.{n}"), Alias::Rows(Some(k * h..(k + 1) * h)))
+                })
+                .collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The diffusers module paths of an SD3 (MMDiT) single-file module path,
+/// as ComfyUI's MMDiT key map gives them. `shape` is the SD3 weight's.
+///
+/// `joint_blocks.N` is `transformer_blocks.N`: `x_block.attn.qkv` rows
+/// `[0,h)`, `[h,2h)`, `[2h,3h)` are `attn.to_q`/`to_k`/`to_v`;
+/// `context_block.attn.qkv` rows are `attn.add_q_proj`/`add_k_proj`/
+/// `add_v_proj`; `x_block.attn2.qkv` (SD3.5 Medium) rows are
+/// `attn2.to_q`/`to_k`/`to_v`; `x_block.attn.proj` is `attn.to_out.0`,
+/// `x_block.attn2.proj` `attn2.to_out.0`, `context_block.attn.proj`
+/// `attn.to_add_out`; `x_block.mlp.fc1/fc2` are `ff.net.0.proj` /
+/// `ff.net.2`, `context_block.mlp.fc1/fc2` `ff_context.net.0.proj` /
+/// `ff_context.net.2`; `x_block.adaLN_modulation.1` is `norm1.linear` and
+/// `context_block.adaLN_modulation.1` `norm1_context.linear` (except in the
+/// last block, whose context block only modulates its input `[2h, h]`:
+/// there diffusers swaps the shift and scale halves, so it cannot be
+/// targeted). At the top: `x_embedder.proj` = `pos_embed.proj`,
+/// `t_embedder.mlp.0/2` = `time_text_embed.timestep_embedder.linear_1/2`,
+/// `y_embedder.mlp.0/2` = `time_text_embed.text_embedder.linear_1/2`,
+/// `final_layer.linear` = `proj_out`; `norm_out.linear` is
+/// `final_layer.adaLN_modulation.1` with swapped halves (not targeted).
+pub fn mmdit_to_diffusers(path: &str, shape: &[u64]) -> Vec<(String, Alias)> {
+    let s: Vec<&str> = path.split('.').collect();
+    let whole = |p: String| vec![(p, Alias::Rows(None))];
+    match s.as_slice() {
+        ["joint_blocks", n, block, module @ ..] => {
+            let b = format!("transformer_blocks.{n}");
+            match (*block, module) {
+                ("x_block", ["attn", "qkv"]) => {
+                    thirds(&format!("{b}.attn"), ["to_q", "to_k", "to_v"], shape)
+                }
+                ("x_block", ["attn2", "qkv"]) => {
+                    thirds(&format!("{b}.attn2"), ["to_q", "to_k", "to_v"], shape)
+                }
+                ("context_block", ["attn", "qkv"]) => thirds(
+                    &format!("{b}.attn"),
+                    ["add_q_proj", "add_k_proj", "add_v_proj"],
+                    shape,
+                ),
+                ("x_block", ["attn", "proj"]) => whole(format!("{b}.attn.to_out.0")),
+                ("x_block", ["attn2", "proj"]) => whole(format!("{b}.attn2.to_out.0")),
+                ("context_block", ["attn", "proj"]) => whole(format!("{b}.attn.to_add_out")),
+                ("x_block", ["mlp", "fc1"]) => whole(format!("{b}.ff.net.0.proj")),
+                ("x_block", ["mlp", "fc2"]) => whole(format!("{b}.ff.net.2")),
+                ("context_block", ["mlp", "fc1"]) => whole(format!("{b}.ff_context.net.0.proj")),
+                ("context_block", ["mlp", "fc2"]) => whole(format!("{b}.ff_context.net.2")),
+                ("x_block", ["adaLN_modulation", "1"]) => whole(format!("{b}.norm1.linear")),
+                ("context_block", ["adaLN_modulation", "1"]) => {
+                    let pre_only =
+                        matches!(shape, [rows, cols] if cols.checked_mul(2) == Some(*rows));
+                    let alias = if pre_only {
+                        Alias::Unsupported(SD3_SWAPPED_CONTEXT)
+                    } else {
+                        Alias::Rows(None)
+                    };
+                    vec![(format!("{b}.norm1_context.linear"), alias)]
+                }
+                _ => Vec::new(),
+            }
+        }
+        ["x_embedder", "proj"] => whole("pos_embed.proj".into()),
+        [emb @ ("t_embedder" | "y_embedder"), "mlp", layer @ ("0" | "2")] => {
+            let e = if *emb == "t_embedder" {
+                "timestep_embedder"
+            } else {
+                "text_embedder"
+            };
+            let l = if *layer == "0" {
+                "linear_1"
+            } else {
+                "linear_2"
+            };
+            whole(format!("time_text_embed.{e}.{l}"))
+        }
+        ["final_layer", "linear"] => whole("proj_out".into()),
+        ["final_layer", "adaLN_modulation", "1"] => {
+            vec![(
+                "norm_out.linear".into(),
+                Alias::Unsupported(SD3_SWAPPED_OUT),
+            )]
+        }
+        _ => Vec::new(),
+    }
+}
+
+const FUSED_IMG_QKV: &str = "a LoRA on BFL's fused img_attn.qkv cannot be applied to this \
+     diffusers-layout model, which stores attn.to_q, attn.to_k and attn.to_v as separate weights: \
+     it would need splitting the LoRA's up factor into three row blocks, one per weight";
+const FUSED_TXT_QKV: &str = "a LoRA on BFL's fused txt_attn.qkv cannot be applied to this \
+     diffusers-layout model, which stores attn.add_q_proj, add_k_proj and add_v_proj as separate \
+     weights: it would need splitting the LoRA's up factor into three row blocks, one per weight";
+const FUSED_LINEAR1: &str = "a LoRA on BFL's fused single-block linear1 cannot be applied to this \
+     diffusers-layout model, which stores attn.to_q, attn.to_k, attn.to_v and proj_mlp as separate \
+     weights: it would need splitting the LoRA's up factor into four row blocks, one per weight";
+const FLUX_SWAPPED_OUT: &str = "BFL's final_layer.adaLN_modulation.1 is diffusers' \
+     norm_out.linear with its shift and scale halves swapped";
+
+/// The BFL module path of a diffusers FLUX transformer module path (the
+/// inverse of [`flux_bfl_to_diffusers`], for BFL-named LoRAs on a
+/// diffusers-layout model), or `None`. Whole weights map one to one
+/// (`transformer_blocks.N.attn.to_out.0` → `double_blocks.N.img_attn.proj`,
+/// `attn.to_add_out` → `txt_attn.proj`, `ff.net.0.proj`/`ff.net.2` →
+/// `img_mlp.0`/`img_mlp.2`, `ff_context` → `txt_mlp`, `norm1.linear` →
+/// `img_mod.lin`, `norm1_context.linear` → `txt_mod.lin`;
+/// `single_transformer_blocks.N.proj_out` → `single_blocks.N.linear2`,
+/// `norm.linear` → `modulation.lin`; `x_embedder` → `img_in`,
+/// `context_embedder` → `txt_in`, `proj_out` → `final_layer.linear`, the
+/// `time_text_embed` embedders → `time_in`/`guidance_in`/`vector_in`).
+/// BFL's fused `qkv` and `linear1`, whose parts are separate diffusers
+/// weights, and `final_layer.adaLN_modulation.1` (halves swapped) are
+/// [`Alias::Unsupported`], with the reason.
+pub fn flux_diffusers_to_bfl(path: &str) -> Option<(String, Alias)> {
+    let s: Vec<&str> = path.split('.').collect();
+    let whole = |p: String| Some((p, Alias::Rows(None)));
+    match s.as_slice() {
+        ["transformer_blocks", n, module @ ..] => {
+            let b = format!("double_blocks.{n}");
+            match module {
+                ["attn", "to_out", "0"] => whole(format!("{b}.img_attn.proj")),
+                ["attn", "to_add_out"] => whole(format!("{b}.txt_attn.proj")),
+                ["ff", "net", "0", "proj"] => whole(format!("{b}.img_mlp.0")),
+                ["ff", "net", "2"] => whole(format!("{b}.img_mlp.2")),
+                ["ff_context", "net", "0", "proj"] => whole(format!("{b}.txt_mlp.0")),
+                ["ff_context", "net", "2"] => whole(format!("{b}.txt_mlp.2")),
+                ["norm1", "linear"] => whole(format!("{b}.img_mod.lin")),
+                ["norm1_context", "linear"] => whole(format!("{b}.txt_mod.lin")),
+                ["attn", "to_q" | "to_k" | "to_v"] => Some((
+                    format!("{b}.img_attn.qkv"),
+                    Alias::Unsupported(FUSED_IMG_QKV),
+                )),
+                ["attn", "add_q_proj" | "add_k_proj" | "add_v_proj"] => Some((
+                    format!("{b}.txt_attn.qkv"),
+                    Alias::Unsupported(FUSED_TXT_QKV),
+                )),
+                _ => None,
+            }
+        }
+        ["single_transformer_blocks", n, module @ ..] => {
+            let b = format!("single_blocks.{n}");
+            match module {
+                ["proj_out"] => whole(format!("{b}.linear2")),
+                ["norm", "linear"] => whole(format!("{b}.modulation.lin")),
+                ["attn", "to_q" | "to_k" | "to_v"] | ["proj_mlp"] => {
+                    Some((format!("{b}.linear1"), Alias::Unsupported(FUSED_LINEAR1)))
+                }
+                _ => None,
+            }
+        }
+        ["x_embedder"] => whole("img_in".into()),
+        ["context_embedder"] => whole("txt_in".into()),
+        ["proj_out"] => whole("final_layer.linear".into()),
+        ["norm_out", "linear"] => Some((
+            "final_layer.adaLN_modulation.1".into(),
+            Alias::Unsupported(FLUX_SWAPPED_OUT),
+        )),
+        ["time_text_embed", emb, layer @ ("linear_1" | "linear_2")] => {
+            let e = match *emb {
+                "timestep_embedder" => "time_in",
+                "guidance_embedder" => "guidance_in",
+                "text_embedder" => "vector_in",
+                _ => return None,
+            };
+            let l = if *layer == "linear_1" {
+                "in_layer"
+            } else {
+                "out_layer"
+            };
+            whole(format!("{e}.{l}"))
+        }
+        _ => None,
     }
 }
 

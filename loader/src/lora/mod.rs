@@ -47,8 +47,13 @@
 //! See [`Naming`] for the conventions recognised and
 //! [`TargetIndex`] for how module names map onto model tensors (kohya
 //! flattened names resolved against the model's actual names, diffusers
-//! UNet names onto LDM checkpoints and back, diffusers FLUX names onto row
-//! slices of BFL's fused `qkv` and `linear1`, HF CLIP names onto OpenCLIP).
+//! UNet names onto LDM checkpoints and back, diffusers FLUX and SD3 names
+//! onto row slices of BFL's and MMDiT's fused `qkv` (and FLUX's `linear1`),
+//! BFL FLUX names onto a diffusers-layout FLUX transformer, HF CLIP names
+//! onto OpenCLIP).
+//!
+//! An `.alpha` tensor is one number of any float or integer dtype (ComfyUI
+//! reads it with `.item()`).
 //!
 //! # Recognised, not applied
 //!
@@ -65,7 +70,8 @@ mod index;
 mod keys;
 
 pub use index::{
-    diffusers_unet_to_ldm, flux_bfl_to_diffusers, ldm_unet_to_diffusers, Target, TargetIndex,
+    diffusers_unet_to_ldm, flux_bfl_to_diffusers, flux_diffusers_to_bfl, ldm_unet_to_diffusers,
+    mmdit_to_diffusers, Alias, Target, TargetIndex,
 };
 pub use keys::Naming;
 
@@ -76,7 +82,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::dtype::{to_f32_vec, Dtype};
+use crate::dtype::{scalar_to_f64, Dtype};
 use crate::error::{LoaderError, Result};
 use crate::layout::{ModelLayout, TensorRef};
 use crate::safetensors::{parse_file_bytes, Header, SafetensorsFile, TensorInfo};
@@ -153,10 +159,15 @@ pub enum KronFactor {
 
 impl KronFactor {
     /// `[rows, cols]` of the matrix this side stands for.
+    /// (Products that overflow saturate at `u64::MAX`; a resolved
+    /// adapter's factors never overflow.)
     pub fn shape(&self) -> [u64; 2] {
         match self {
-            KronFactor::Full(t) => matrix(&t.shape),
-            KronFactor::LowRank { a, b } => [matrix(&a.shape)[0], matrix(&b.shape)[1]],
+            KronFactor::Full(t) => matrix_saturating(&t.shape),
+            KronFactor::LowRank { a, b } => [
+                matrix_saturating(&a.shape)[0],
+                matrix_saturating(&b.shape)[1],
+            ],
         }
     }
 
@@ -164,7 +175,7 @@ impl KronFactor {
     pub fn rank(&self) -> Option<u64> {
         match self {
             KronFactor::Full(_) => None,
-            KronFactor::LowRank { b, .. } => Some(matrix(&b.shape)[0]),
+            KronFactor::LowRank { b, .. } => Some(matrix_saturating(&b.shape)[0]),
         }
     }
 
@@ -281,7 +292,10 @@ impl Adapter {
 
     /// Total bytes of the factor tensors.
     pub fn factor_bytes(&self) -> u64 {
-        self.delta.factors().iter().map(|t| t.len).sum()
+        self.delta
+            .factors()
+            .iter()
+            .fold(0u64, |a, t| a.saturating_add(t.len))
     }
 }
 
@@ -715,12 +729,23 @@ struct Module<'a> {
     duplicates: Vec<&'a str>,
 }
 
-/// Whether a tensor can hold an alpha: one float element.
+/// Whether a dtype can hold an alpha: a float or an integer (ComfyUI reads
+/// alpha with `.item()`, so an integer scalar is as good as a float one).
+fn alpha_dtype(d: Dtype) -> bool {
+    d.is_float()
+        || matches!(
+            d,
+            Dtype::I64 | Dtype::I32 | Dtype::I16 | Dtype::I8 | Dtype::U8
+        )
+}
+
+/// Whether a tensor can hold an alpha: one number.
 fn alpha_candidate(t: &TensorInfo) -> bool {
-    t.name.ends_with(".alpha") && t.numel() == 1 && t.dtype.is_float()
+    t.name.ends_with(".alpha") && t.numel() == 1 && alpha_dtype(t.dtype)
 }
 
 fn read_scalars(
+    path: &Path,
     tensors: &[TensorInfo],
     mut read: impl FnMut(&TensorInfo, &mut [u8]) -> Result<()>,
 ) -> Result<HashMap<String, f32>> {
@@ -728,17 +753,34 @@ fn read_scalars(
     for t in tensors.iter().filter(|t| alpha_candidate(t)) {
         let mut buf = vec![0u8; t.len as usize];
         read(t, &mut buf)?;
-        if let Some(v) = to_f32_vec(&buf, t.dtype)?.first() {
-            out.insert(t.name.clone(), *v);
-        }
+        let v = scalar_to_f64(&buf, t.dtype).map_err(|e| e.in_tensor(path, &t.name))?;
+        out.insert(t.name.clone(), v as f32);
     }
     Ok(out)
 }
 
-/// `[shape[0], product of the rest]` (a scalar is `[1, 1]`).
-fn matrix(shape: &[u64]) -> [u64; 2] {
+/// The product of `dims`: 0 if any is 0 (whatever the others are), `None`
+/// if it overflows 64 bits.
+pub(crate) fn dims_product(dims: &[u64]) -> Option<u64> {
+    if dims.contains(&0) {
+        return Some(0);
+    }
+    dims.iter().try_fold(1u64, |a, d| a.checked_mul(*d))
+}
+
+/// `[shape[0], product of the rest]` (a scalar is `[1, 1]`); `None` if the
+/// product overflows.
+fn matrix(shape: &[u64]) -> Option<[u64; 2]> {
     match shape.split_first() {
-        Some((r, rest)) => [*r, rest.iter().product()],
+        Some((r, rest)) => Some([*r, dims_product(rest)?]),
+        None => Some([1, 1]),
+    }
+}
+
+/// [`matrix`], saturating at `u64::MAX` instead of overflowing.
+fn matrix_saturating(shape: &[u64]) -> [u64; 2] {
+    match shape.split_first() {
+        Some((r, rest)) => [*r, dims_product(rest).unwrap_or(u64::MAX)],
         None => [1, 1],
     }
 }
@@ -750,7 +792,9 @@ impl LoraFile {
     pub fn open(path: impl AsRef<Path>) -> Result<LoraFile> {
         let path = path.as_ref();
         let f = SafetensorsFile::open(path)?;
-        let scalars = read_scalars(f.tensors(), |t, buf| f.read_info_range_into(t, 0, buf))?;
+        let scalars = read_scalars(path, f.tensors(), |t, buf| {
+            f.read_info_range_into(t, 0, buf)
+        })?;
         Ok(LoraFile {
             path: path.to_owned(),
             metadata: f.metadata().clone(),
@@ -765,7 +809,7 @@ impl LoraFile {
     pub fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<LoraFile> {
         let path = path.as_ref();
         let header = parse_file_bytes(path, &bytes, 0)?;
-        let scalars = read_scalars(&header.tensors, |t, buf| {
+        let scalars = read_scalars(path, &header.tensors, |t, buf| {
             // In range: validated by parse_file_bytes.
             let start = t.data_offset as usize;
             buf.copy_from_slice(&bytes[start..start + buf.len()]);
@@ -1200,11 +1244,12 @@ impl LoraFile {
         let alpha = match alpha_t {
             None => None,
             Some(t) => {
-                if t.numel() != 1 || !t.dtype.is_float() {
+                if t.numel() != 1 || !alpha_dtype(t.dtype) {
                     return Err(LoraProblem::BadAlpha {
                         tensor: t.name.clone(),
                         detail: format!(
-                            "shape {:?} of {}; expected one float (shape [] or [1])",
+                            "shape {:?} of {}; expected one number (shape [] or [1], a float \
+                             or integer dtype)",
                             t.shape, t.dtype
                         ),
                     });
@@ -1234,8 +1279,16 @@ impl LoraFile {
             Err(detail) => return Err(LoraProblem::NoTarget { detail }),
         };
         let target = index.tensor_at(tensor_i);
-        let [out, cols] = matrix(&target.shape);
-        let n = rows.as_ref().map_or(out, |r| r.end - r.start);
+        let Some([out, cols]) = matrix(&target.shape) else {
+            return Err(unsupported(
+                algorithm,
+                format!(
+                    "the target's shape {:?} overflows 64-bit arithmetic",
+                    target.shape
+                ),
+            ));
+        };
+        let n = rows.as_ref().map_or(out, |r| r.end.saturating_sub(r.start));
         if delta_shape != [n, cols] || target.shape.is_empty() {
             return Err(LoraProblem::ShapeMismatch(Box::new(ShapeMismatch {
                 target: target.name.clone(),
@@ -1337,10 +1390,9 @@ fn module_algorithms(m: &Module<'_>) -> Vec<Algorithm> {
     let mut v = Vec::new();
     let has = |p: Part| m.parts.contains_key(&p);
     if has(Part::Down) || has(Part::Up) {
-        let conv = m
-            .parts
-            .get(&Part::Down)
-            .is_some_and(|t| t.shape.len() == 4 && t.shape[2..].iter().product::<u64>() > 1);
+        let conv = m.parts.get(&Part::Down).is_some_and(|t| {
+            t.shape.len() == 4 && dims_product(&t.shape[2..]).is_none_or(|k| k > 1)
+        });
         v.push(if conv {
             Algorithm::LoCon
         } else {
@@ -1429,7 +1481,12 @@ fn structure(m: &Module<'_>, factors: &[(String, Vec<u64>)]) -> Result<Structure
                 t.shape
             )));
         }
-        Ok(matrix(&t.shape))
+        matrix(&t.shape).ok_or_else(|| {
+            bad(format!(
+                "{what} `{}` {:?}: the product of its dimensions overflows 64 bits",
+                t.name, t.shape
+            ))
+        })
     };
     let zero = |t: &TensorInfo| LoraProblem::ZeroRank {
         tensor: t.name.clone(),
@@ -1451,11 +1508,7 @@ fn structure(m: &Module<'_>, factors: &[(String, Vec<u64>)]) -> Result<Structure
                 up.shape
             )));
         }
-        let (n, ur, kernel) = (
-            up.shape[0],
-            up.shape[1],
-            up.shape[2..].iter().product::<u64>(),
-        );
+        let (n, ur, kernel) = (up.shape[0], up.shape[1], dims_product(&up.shape[2..]));
         if ur == 0 {
             return Err(zero(&up));
         }
@@ -1464,13 +1517,13 @@ fn structure(m: &Module<'_>, factors: &[(String, Vec<u64>)]) -> Result<Structure
                 "up has rank {ur} (dimension 1), down has rank {r} (dimension 0)"
             )));
         }
-        if kernel != 1 {
+        if kernel != Some(1) {
             return Err(bad(format!(
                 "up `{}` {:?} has a kernel larger than 1x1; LoCon up factors are 1x1",
                 up.name, up.shape
             )));
         }
-        let conv = down.shape.len() == 4 && down.shape[2..].iter().product::<u64>() > 1;
+        let conv = down.shape.len() == 4 && dims_product(&down.shape[2..]).is_none_or(|k| k > 1);
         let algorithm = if conv {
             Algorithm::LoCon
         } else {

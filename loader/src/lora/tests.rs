@@ -200,6 +200,7 @@ fn kohya_ldm_names_on_a_diffusers_folder() {
     let files = vec![LayoutFile {
         path: "sdxl/unet/diffusion_pytorch_model.safetensors".into(),
         group: Some("unet".into()),
+        unit: None,
         len: 0,
     }];
     let tensors: Vec<TensorRef> = model
@@ -247,7 +248,15 @@ fn kohya_ldm_names_on_a_diffusers_folder() {
         "lora_unet_middle_block_2_in_layers_2",
         "middle_block.2.in_layers.2",
     );
-    let lora = LoraFile::from_specs("sdxl_lora.safetensors", &specs);
+    // A real file (alpha = rank), read back through LoraFile::open.
+    let dir = tmpdir("sdxl-locon");
+    let path = dir.join("sdxl_lora.safetensors");
+    write_lora(&path, &specs, r as f32, 5).unwrap();
+    let lora = LoraFile::open(&path).unwrap();
+    assert_eq!(
+        lora.summary().algorithms,
+        BTreeMap::from([(Algorithm::Lora, n_linear + 1), (Algorithm::LoCon, 4)])
+    );
     for (l, prefix) in [(layout(&model), "model.diffusion_model."), (diffusers, "")] {
         let res = lora.resolve_layout(&l, &strict()).unwrap();
         assert_eq!(res.adapters.len(), n_linear + 5);
@@ -275,7 +284,41 @@ fn kohya_ldm_names_on_a_diffusers_folder() {
             a.target.name.ends_with("middle_block.2.in_layers.2.weight")
                 || a.target.name == "mid_block.resnets.1.conv1.weight"
         );
+        // The linear modules carry alpha = rank; the LoCons none.
+        let with_alpha: Vec<&Adapter> = res
+            .adapters
+            .iter()
+            .filter(|a| a.alpha != Alpha::Absent)
+            .collect();
+        assert_eq!(with_alpha.len(), n_linear);
+        assert!(with_alpha
+            .iter()
+            .all(|a| (a.alpha, a.scale) == (Alpha::Tensor(r as f32), 1.0)));
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Writes `specs` as a real LoRA file (factors with deterministic values
+/// from seed 11; each `.alpha` the value `alphas` gives it, else 0) and
+/// opens it with [`LoraFile::open`].
+fn write_and_open(path: &Path, specs: &[TensorSpec], alphas: &[(String, f32)]) -> LoraFile {
+    let tensors: Vec<(TensorSpec, Vec<u8>)> = specs
+        .iter()
+        .map(|s| {
+            let bytes = if s.name.ends_with(".alpha") {
+                let v = alphas
+                    .iter()
+                    .find(|(n, _)| *n == s.name)
+                    .map_or(0.0, |a| a.1);
+                crate::dtype::from_f32_slice(&[v], s.dtype).unwrap()
+            } else {
+                deterministic_bytes(11, s)
+            };
+            (s.clone(), bytes)
+        })
+        .collect();
+    crate::synth::write_tensors(path, &tensors, &BTreeMap::new()).unwrap();
+    LoraFile::open(path).unwrap()
 }
 
 /// kohya `lora_te2_` names are Hugging Face CLIP names; SDXL stores its
@@ -386,11 +429,18 @@ fn loha_and_lokr_factorisations_and_scales() {
     let conv4 = "lora_unet_down_blocks_1_resnets_1_conv2"; // [80, 80, 3, 3]
     specs.push(spec(&format!("{conv4}.lokr_w1"), &[8, 8]));
     specs.push(spec(&format!("{conv4}.lokr_w2"), &[10, 10, 3, 3]));
-    let mut lora = LoraFile::from_specs("lycoris.safetensors", &specs);
-    lora.set_alpha(&format!("{lin}.alpha"), 6.0);
-    lora.set_alpha(&format!("{full_full}.alpha"), 123.0);
-    lora.set_alpha(&format!("{full_low}.alpha"), 10.0);
-    lora.set_alpha(&format!("{low_full}.alpha"), 0.0);
+    // A real file, read back through LoraFile::open.
+    let dir = tmpdir("lycoris");
+    let lora = write_and_open(
+        &dir.join("lycoris.safetensors"),
+        &specs,
+        &[
+            (format!("{lin}.alpha"), 6.0),
+            (format!("{full_full}.alpha"), 123.0),
+            (format!("{full_low}.alpha"), 10.0),
+            (format!("{low_full}.alpha"), 0.0),
+        ],
+    );
     let s = lora.summary();
     assert_eq!(
         s.algorithms,
@@ -425,6 +475,14 @@ fn loha_and_lokr_factorisations_and_scales() {
         panic!()
     };
     assert_eq!((w1.shape(), w2.shape()), ([8, 8], [10, 90]));
+    // The factor bytes read back from the file.
+    let a = adapter(&r, conv);
+    for f in a.delta.factors() {
+        let mut buf = vec![0u8; f.len as usize];
+        lora.read_factor_into(f, &mut buf).unwrap();
+        assert_eq!(buf, deterministic_bytes(11, &spec_of(f)));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Every kind of malformed module is a typed problem naming the key (and,
@@ -702,4 +760,468 @@ fn flux_names_that_cannot_be_targeted() {
     let a = adapter(&r, "lora_transformer_transformer_blocks_0_attn_to_k");
     assert_eq!(a.target.name, "double_blocks.0.img_attn.qkv.weight");
     assert_eq!(a.rows, Some(384..768));
+}
+
+/// A model whose names flatten alike for kohya (`proj_in` and `proj.in`):
+/// a kohya key is reported ambiguous, naming both, and never guessed.
+#[test]
+fn kohya_names_that_flatten_alike_are_ambiguous() {
+    let model = vec![
+        spec("transformer_blocks.0.proj_in.weight", &[8, 8]),
+        spec("transformer_blocks.0.proj.in.weight", &[8, 8]),
+    ];
+    let index = TargetIndex::new(&layout(&model));
+    let key = "lora_unet_transformer_blocks_0_proj_in";
+    let specs = vec![
+        spec(&format!("{key}.lora_down.weight"), &[2, 8]),
+        spec(&format!("{key}.lora_up.weight"), &[8, 2]),
+        // Dotted names are not ambiguous.
+        spec(
+            "transformer.transformer_blocks.0.proj.in.lora_A.weight",
+            &[2, 8],
+        ),
+        spec(
+            "transformer.transformer_blocks.0.proj.in.lora_B.weight",
+            &[8, 2],
+        ),
+    ];
+    let lora = LoraFile::from_specs("amb.safetensors", &specs);
+    let r = lora.resolve(&index, &lenient()).unwrap();
+    let p = skipped(&r, key);
+    assert_eq!(p.kind(), ProblemKind::Unmatched);
+    let msg = p.to_string();
+    for want in [
+        "ambiguous",
+        "`transformer_blocks_0_proj_in`",
+        "`transformer_blocks.0.proj_in`",
+        "`transformer_blocks.0.proj.in`",
+    ] {
+        assert!(msg.contains(want), "{want}: {msg}");
+    }
+    let a = adapter(&r, "transformer.transformer_blocks.0.proj.in");
+    assert_eq!(a.target.name, "transformer_blocks.0.proj.in.weight");
+    let e = lora.resolve(&index, &strict()).unwrap_err().to_string();
+    assert!(e.contains(key) && e.contains("ambiguous"), "{e}");
+}
+
+/// ComfyUI reads alpha with `.item()`: an integer scalar is an alpha too.
+#[test]
+fn integer_alpha_tensors() {
+    let model = small(Preset::Sd15);
+    let key = |i: u32| format!("lora_te_text_model_encoder_layers_{i}_mlp_fc1"); // [384, 96]
+    let mut tensors = Vec::new();
+    for (i, (dtype, bytes)) in [
+        (Dtype::I64, 8i64.to_le_bytes().to_vec()),
+        (Dtype::I32, 2i32.to_le_bytes().to_vec()),
+        (Dtype::U8, vec![12u8]),
+        (Dtype::Bool, vec![1u8]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let k = key(i as u32);
+        let down = spec(&format!("{k}.lora_down.weight"), &[4, 96]);
+        let up = spec(&format!("{k}.lora_up.weight"), &[384, 4]);
+        tensors.push((TensorSpec::new(format!("{k}.alpha"), dtype, &[]), bytes));
+        tensors.push((down.clone(), deterministic_bytes(1, &down)));
+        tensors.push((up.clone(), deterministic_bytes(1, &up)));
+    }
+    let dir = tmpdir("int-alpha");
+    let path = dir.join("int_alpha.safetensors");
+    crate::synth::write_tensors(&path, &tensors, &BTreeMap::new()).unwrap();
+    let lora = LoraFile::open(&path).unwrap();
+    assert_eq!(lora.summary().alphas, vec![2.0, 8.0, 12.0]);
+    let r = lora.resolve_layout(&layout(&model), &lenient()).unwrap();
+    for (i, alpha, scale) in [(0, 8.0, 2.0), (1, 2.0, 0.5), (2, 12.0, 3.0)] {
+        let a = adapter(&r, &key(i));
+        assert_eq!(
+            (a.alpha, a.scale),
+            (Alpha::Tensor(alpha), scale),
+            "{}",
+            a.key
+        );
+    }
+    let p = skipped(&r, &key(3));
+    assert!(
+        matches!(p, LoraProblem::BadAlpha { detail, .. } if detail.contains("BOOL")),
+        "{p}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A small SD3 (MMDiT) single-file transformer: `depth` joint blocks of
+/// width `h`, the last one's context block pre-only (it modulates its
+/// input, `[2h, h]`, and has no output projection or MLP), named as in
+/// `sd3_medium.safetensors`.
+fn sd3_specs(h: u64, depth: u64) -> Vec<TensorSpec> {
+    let p = "model.diffusion_model.";
+    let mut v = vec![
+        spec(&format!("{p}pos_embed"), &[1, 16, h]),
+        spec(&format!("{p}x_embedder.proj.weight"), &[h, 16, 2, 2]),
+        spec(&format!("{p}context_embedder.weight"), &[h, 64]),
+        spec(&format!("{p}t_embedder.mlp.0.weight"), &[h, 32]),
+        spec(&format!("{p}t_embedder.mlp.2.weight"), &[h, h]),
+        spec(&format!("{p}y_embedder.mlp.0.weight"), &[h, 48]),
+        spec(&format!("{p}y_embedder.mlp.2.weight"), &[h, h]),
+        spec(&format!("{p}final_layer.linear.weight"), &[64, h]),
+        spec(
+            &format!("{p}final_layer.adaLN_modulation.1.weight"),
+            &[2 * h, h],
+        ),
+    ];
+    for i in 0..depth {
+        let b = format!("{p}joint_blocks.{i}");
+        let last = i + 1 == depth;
+        for (m, shape) in [
+            ("x_block.attn.qkv", [3 * h, h]),
+            ("x_block.attn.proj", [h, h]),
+            ("x_block.mlp.fc1", [4 * h, h]),
+            ("x_block.mlp.fc2", [h, 4 * h]),
+            ("x_block.adaLN_modulation.1", [6 * h, h]),
+            ("context_block.attn.qkv", [3 * h, h]),
+            (
+                "context_block.adaLN_modulation.1",
+                [if last { 2 } else { 6 } * h, h],
+            ),
+        ] {
+            v.push(spec(&format!("{b}.{m}.weight"), &shape));
+        }
+        if !last {
+            for (m, shape) in [
+                ("context_block.attn.proj", [h, h]),
+                ("context_block.mlp.fc1", [4 * h, h]),
+                ("context_block.mlp.fc2", [h, 4 * h]),
+            ] {
+                v.push(spec(&format!("{b}.{m}.weight"), &shape));
+            }
+        }
+    }
+    v
+}
+
+/// A diffusers-format SD3 LoRA (`transformer.transformer_blocks.N.attn.to_q`
+/// ...) on an SD3 single-file checkpoint: q/k/v are row slices of the fused
+/// `qkv`, the rest whole weights, as ComfyUI's MMDiT key map has it.
+#[test]
+fn diffusers_sd3_lora_on_single_file_mmdit() {
+    let (h, depth, r) = (32u64, 3u64, 2u64);
+    let model = sd3_specs(h, depth);
+    let index = TargetIndex::new(&layout(&model));
+    let mut specs = Vec::new();
+    let mut lo = |key: String, rows: u64, cols: u64| {
+        specs.push(spec(&format!("{key}.lora_A.weight"), &[r, cols]));
+        specs.push(spec(&format!("{key}.lora_B.weight"), &[rows, r]));
+    };
+    for i in 0..depth {
+        let b = format!("transformer.transformer_blocks.{i}");
+        let last = i + 1 == depth;
+        for m in [
+            "attn.to_q",
+            "attn.to_k",
+            "attn.to_v",
+            "attn.add_q_proj",
+            "attn.add_k_proj",
+            "attn.add_v_proj",
+            "attn.to_out.0",
+        ] {
+            lo(format!("{b}.{m}"), h, h);
+        }
+        lo(format!("{b}.ff.net.0.proj"), 4 * h, h);
+        lo(format!("{b}.ff.net.2"), h, 4 * h);
+        lo(format!("{b}.norm1.linear"), 6 * h, h);
+        lo(
+            format!("{b}.norm1_context.linear"),
+            if last { 2 } else { 6 } * h,
+            h,
+        );
+        if !last {
+            lo(format!("{b}.attn.to_add_out"), h, h);
+            lo(format!("{b}.ff_context.net.0.proj"), 4 * h, h);
+            lo(format!("{b}.ff_context.net.2"), h, 4 * h);
+        }
+    }
+    lo("transformer.context_embedder".into(), h, 64);
+    lo(
+        "transformer.time_text_embed.timestep_embedder.linear_1".into(),
+        h,
+        32,
+    );
+    lo(
+        "transformer.time_text_embed.text_embedder.linear_2".into(),
+        h,
+        h,
+    );
+    lo("transformer.proj_out".into(), 64, h);
+    lo("transformer.norm_out.linear".into(), 2 * h, h);
+    // The patch embedding is a 2x2 conv: a LoCon.
+    specs.push(spec(
+        "transformer.pos_embed.proj.lora_A.weight",
+        &[r, 16, 2, 2],
+    ));
+    specs.push(spec(
+        "transformer.pos_embed.proj.lora_B.weight",
+        &[h, r, 1, 1],
+    ));
+    // kohya names of diffusers paths resolve too.
+    let k = "lora_transformer_transformer_blocks_1_attn_add_v_proj";
+    specs.push(spec(&format!("{k}.lora_down.weight"), &[r, h]));
+    specs.push(spec(&format!("{k}.lora_up.weight"), &[h, r]));
+
+    let lora = LoraFile::from_specs("sd3_lora.safetensors", &specs);
+    assert_eq!(lora.summary().naming, Naming::Diffusers);
+    let res = lora.resolve(&index, &lenient()).unwrap();
+    let p = "model.diffusion_model.";
+    for (key, target, rows) in [
+        (
+            "transformer.transformer_blocks.0.attn.to_q",
+            "joint_blocks.0.x_block.attn.qkv",
+            Some(0..h),
+        ),
+        (
+            "transformer.transformer_blocks.2.attn.to_v",
+            "joint_blocks.2.x_block.attn.qkv",
+            Some(2 * h..3 * h),
+        ),
+        (
+            "transformer.transformer_blocks.1.attn.add_k_proj",
+            "joint_blocks.1.context_block.attn.qkv",
+            Some(h..2 * h),
+        ),
+        (
+            "transformer.transformer_blocks.2.attn.add_q_proj",
+            "joint_blocks.2.context_block.attn.qkv",
+            Some(0..h),
+        ),
+        (
+            k,
+            "joint_blocks.1.context_block.attn.qkv",
+            Some(2 * h..3 * h),
+        ),
+        (
+            "transformer.transformer_blocks.0.attn.to_out.0",
+            "joint_blocks.0.x_block.attn.proj",
+            None,
+        ),
+        (
+            "transformer.transformer_blocks.0.attn.to_add_out",
+            "joint_blocks.0.context_block.attn.proj",
+            None,
+        ),
+        (
+            "transformer.transformer_blocks.1.ff.net.0.proj",
+            "joint_blocks.1.x_block.mlp.fc1",
+            None,
+        ),
+        (
+            "transformer.transformer_blocks.1.ff.net.2",
+            "joint_blocks.1.x_block.mlp.fc2",
+            None,
+        ),
+        (
+            "transformer.transformer_blocks.0.ff_context.net.0.proj",
+            "joint_blocks.0.context_block.mlp.fc1",
+            None,
+        ),
+        (
+            "transformer.transformer_blocks.1.ff_context.net.2",
+            "joint_blocks.1.context_block.mlp.fc2",
+            None,
+        ),
+        (
+            "transformer.transformer_blocks.2.norm1.linear",
+            "joint_blocks.2.x_block.adaLN_modulation.1",
+            None,
+        ),
+        (
+            "transformer.transformer_blocks.1.norm1_context.linear",
+            "joint_blocks.1.context_block.adaLN_modulation.1",
+            None,
+        ),
+        ("transformer.context_embedder", "context_embedder", None),
+        (
+            "transformer.time_text_embed.timestep_embedder.linear_1",
+            "t_embedder.mlp.0",
+            None,
+        ),
+        (
+            "transformer.time_text_embed.text_embedder.linear_2",
+            "y_embedder.mlp.2",
+            None,
+        ),
+        ("transformer.proj_out", "final_layer.linear", None),
+        ("transformer.pos_embed.proj", "x_embedder.proj", None),
+    ] {
+        let a = adapter(&res, key);
+        assert_eq!(
+            (a.target.name.as_str(), a.rows.clone()),
+            (format!("{p}{target}.weight").as_str(), rows),
+            "{key}"
+        );
+    }
+    assert_eq!(
+        adapter(&res, "transformer.pos_embed.proj").algorithm,
+        Algorithm::LoCon
+    );
+    // The halves diffusers swaps cannot be targeted: reported per key.
+    for key in [
+        "transformer.transformer_blocks.2.norm1_context.linear",
+        "transformer.norm_out.linear",
+    ] {
+        let p = skipped(&res, key);
+        assert!(
+            matches!(p, LoraProblem::Unsupported { .. }) && p.to_string().contains("swapped"),
+            "{key}: {p}"
+        );
+    }
+    assert_eq!(res.skipped.len(), 2, "{:?}", res.skipped);
+    // 2 blocks × 14 modules, the last block's 10 (its context block has
+    // no output projection or MLP, and norm1_context is skipped), 4
+    // top-level modules, the patch embedding, the kohya key.
+    assert_eq!(res.adapters.len(), 2 * 14 + 10 + 4 + 1 + 1);
+}
+
+/// The FLUX preset (BFL names) as a diffusers `transformer/` folder: the
+/// fused BFL weights split into diffusers' separate ones.
+fn flux_diffusers_layout(model: &[TensorSpec]) -> ModelLayout {
+    let files = vec![LayoutFile {
+        path: "flux/transformer/diffusion_pytorch_model.safetensors".into(),
+        group: Some("transformer".into()),
+        unit: None,
+        len: 0,
+    }];
+    let mut tensors = Vec::new();
+    for s in model {
+        let Some(m) = s.name.strip_suffix(".weight") else {
+            continue;
+        };
+        let mut names = crate::lora::flux_bfl_to_diffusers(m, &s.shape);
+        if m == "final_layer.adaLN_modulation.1" {
+            names.push(("norm_out.linear".into(), None));
+        }
+        for (d, rows) in names {
+            let mut shape = s.shape.clone();
+            if let Some(r) = rows {
+                shape[0] = r.end - r.start;
+            }
+            let t = TensorSpec::new(format!("{d}.weight"), s.dtype, &shape);
+            tensors.push(TensorRef {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                len: t.byte_len().unwrap(),
+                shape,
+                data_offset: 0,
+                file: 0,
+            });
+        }
+    }
+    ModelLayout::from_tensors(files, tensors)
+}
+
+/// BFL-named FLUX LoRAs (kohya `lora_unet_double_blocks_…`, ai-toolkit
+/// `diffusion_model.…`, XLabs) on a diffusers-layout FLUX folder: whole
+/// weights map one to one; a LoRA on BFL's fused qkv or linear1 is reported
+/// per key, with the reason.
+#[test]
+fn bfl_flux_lora_on_a_diffusers_folder() {
+    let model = small(Preset::Flux);
+    let diffusers = flux_diffusers_layout(&model);
+    assert!(diffusers.component("transformer").is_some_and(|c| c
+        .relative_tensors()
+        .any(|(n, _)| n == "transformer_blocks.0.attn.to_q.weight")));
+    let index = TargetIndex::new(&diffusers);
+    let h = 3072 / 8;
+    let mut specs = lora_specs(
+        &model,
+        &LoraOptions {
+            convention: LoraConvention::Kohya,
+            rank: 2,
+            dtype: Dtype::F16,
+        },
+    );
+    for (key, rows, cols) in [
+        ("diffusion_model.double_blocks.0.img_mlp.0", 4 * h, h),
+        ("double_blocks.1.processor.proj_lora2", h, h),
+        ("final_layer.linear", 64, h),
+        ("diffusion_model.time_in.in_layer", h, 256),
+    ] {
+        specs.push(spec(&format!("{key}.lora_down.weight"), &[2, cols]));
+        specs.push(spec(&format!("{key}.lora_up.weight"), &[rows, 2]));
+    }
+    let lora = LoraFile::from_specs("bfl.safetensors", &specs);
+    let r = lora.resolve(&index, &lenient()).unwrap();
+    for (key, target) in [
+        (
+            "lora_unet_double_blocks_0_img_attn_proj",
+            "transformer_blocks.0.attn.to_out.0",
+        ),
+        (
+            "lora_unet_double_blocks_3_txt_attn_proj",
+            "transformer_blocks.3.attn.to_add_out",
+        ),
+        (
+            "lora_unet_double_blocks_4_img_mlp_2",
+            "transformer_blocks.4.ff.net.2",
+        ),
+        (
+            "lora_unet_double_blocks_5_txt_mlp_0",
+            "transformer_blocks.5.ff_context.net.0.proj",
+        ),
+        (
+            "lora_unet_double_blocks_2_img_mod_lin",
+            "transformer_blocks.2.norm1.linear",
+        ),
+        (
+            "lora_unet_double_blocks_2_txt_mod_lin",
+            "transformer_blocks.2.norm1_context.linear",
+        ),
+        (
+            "lora_unet_single_blocks_3_linear2",
+            "single_transformer_blocks.3.proj_out",
+        ),
+        (
+            "lora_unet_single_blocks_37_modulation_lin",
+            "single_transformer_blocks.37.norm.linear",
+        ),
+        (
+            "diffusion_model.double_blocks.0.img_mlp.0",
+            "transformer_blocks.0.ff.net.0.proj",
+        ),
+        (
+            "double_blocks.1.processor.proj_lora2",
+            "transformer_blocks.1.attn.to_add_out",
+        ),
+        ("final_layer.linear", "proj_out"),
+        (
+            "diffusion_model.time_in.in_layer",
+            "time_text_embed.timestep_embedder.linear_1",
+        ),
+    ] {
+        let a = adapter(&r, key);
+        assert_eq!(
+            (a.target.name.as_str(), a.rows.clone()),
+            (format!("{target}.weight").as_str(), None),
+            "{key}"
+        );
+    }
+    // Whole weights: 19 × 8 double-block and 38 × 2 single-block modules,
+    // and the four above.
+    assert_eq!(r.adapters.len(), 19 * 8 + 38 * 2 + 4);
+    // Fused weights: one report per key, naming why.
+    assert_eq!(r.skipped.len(), 19 * 2 + 38, "{:?}", r.skipped);
+    for s in &r.skipped {
+        let msg = s.problem.to_string();
+        assert!(
+            matches!(s.problem, LoraProblem::Unsupported { .. })
+                && msg.contains("splitting the LoRA's up factor"),
+            "{}: {msg}",
+            s.key
+        );
+    }
+    let msg = skipped(&r, "lora_unet_single_blocks_0_linear1").to_string();
+    assert!(
+        msg.contains("proj_mlp") && msg.contains("four row blocks"),
+        "{msg}"
+    );
+    let msg = skipped(&r, "lora_unet_double_blocks_0_txt_attn_qkv").to_string();
+    assert!(msg.contains("add_q_proj"), "{msg}");
 }

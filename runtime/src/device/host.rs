@@ -387,9 +387,20 @@ fn stream_worker(shared: Arc<Shared>, stream: StreamId, rx: Receiver<Op>) {
                 Ok(())
             }
             Op::Wait(ev, epoch) => {
-                // The recording this waits for is already queued, so it completes.
+                // The recording this waits for is already queued, so it completes;
+                // a failure of the work it covers fails this stream too, as a
+                // device error would on a GPU.
                 let _ = ev.wait_for(epoch, None);
-                Ok(())
+                let failed = ev
+                    .inner
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .failure(epoch)
+                    .cloned();
+                match failed {
+                    Some((s, msg)) => Err(format!("waited for stream {s:?}, which failed: {msg}")),
+                    None => Ok(()),
+                }
             }
             Op::Sync(sig) => {
                 let (lock, cv) = &*sig;

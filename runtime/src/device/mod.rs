@@ -10,6 +10,7 @@
 //! always available) and, with the `cuda` feature, [`cuda::CudaDevice`].
 //! [`auto`] picks one at run time.
 
+pub mod fault;
 pub mod host;
 pub mod pinned;
 

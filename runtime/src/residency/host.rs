@@ -230,9 +230,13 @@ fn take_buffer(
     loop {
         if let Some((buf, ev)) = free.pop() {
             drop(free);
-            // The buffer's last copy must have run before we overwrite it.
+            // The buffer's last copy must have run before we overwrite it. A
+            // copy that failed has run too; only a timeout keeps the buffer busy.
             if let Some(e) = ev {
-                device.event_wait(e, Some(timeout))?;
+                if let Err(err @ Error::Timeout { .. }) = device.event_wait(e, Some(timeout)) {
+                    put_buffer(staging, buf, ev);
+                    return Err(err);
+                }
             }
             return Ok((buf, ev));
         }

@@ -534,8 +534,12 @@ impl Runtime {
                 break;
             }
         }
-        // Queued copies from the host copy must finish before it can be freed.
-        let synced = sh.device.stream_synchronize(sh.copy);
+        // Queued copies from the host copy must finish before it can be freed;
+        // a copy that failed earlier has finished too.
+        let synced = match sh.device.stream_synchronize(sh.copy) {
+            Err(Error::StreamFailed { .. }) => Ok(()),
+            other => other,
+        };
         if let Err(e) = offloaded.and(synced) {
             unmark(m.comps.len());
             return Err(e);
@@ -834,6 +838,19 @@ impl Shared {
             st.order.include(l);
             self.offload_locked(comp, &mut st, true)?;
             return Err(Attempt::NotStarted);
+        }
+        // A device copy whose upload failed on the copy stream is never handed
+        // out: clear the stream's failure, forget the copy, upload again.
+        if st.layers[l].place != Place::Host
+            && !st.layers[l].job_pending()
+            && st.layers[l].users == 0
+            && matches!(
+                self.device.event_query(comp.ready[l]),
+                Err(Error::StreamFailed { .. })
+            )
+        {
+            let _ = self.device.stream_synchronize(self.copy);
+            self.drop_device_copy(comp, &mut st, l);
         }
         let hit = st.layers[l].place != Place::Host;
         self.ensure_loaded(model, id.component, &mut st, l, &protected, squeeze)?;
@@ -1209,6 +1226,12 @@ impl Shared {
 
     /// Forget layer `l`'s device copy (its users must be done; a queued upload may still run).
     fn drop_device_copy(&self, comp: &CompRt, st: &mut CompState, l: usize) {
+        // Users that may still read the copy are waited for: nothing else would
+        // carry their events to whatever goes there next.
+        for (_, e) in std::mem::take(&mut st.layers[l].done) {
+            let _ = self.device.event_wait(e, Some(self.cfg.wait_timeout));
+            self.recycle(e);
+        }
         match st.layers[l].place {
             Place::Alloc(a, _) => {
                 // Its upload may still be queued: the pages are reused only
