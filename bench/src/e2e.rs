@@ -869,9 +869,13 @@ fn run_on(
             .first()
             .and_then(|r| r.outcome.as_ref().ok())
             .map(|m| m.it_per_s);
+        let reference_pass = results
+            .first()
+            .and_then(|r| r.outcome.as_ref().ok())
+            .map(|m| m.pass_s);
         let mut f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
         for r in &results {
-            let line = json_row(
+            let mut line = json_row(
                 r,
                 args,
                 model_bytes,
@@ -881,6 +885,17 @@ fn run_on(
                 dev.info(),
                 reference,
             );
+            // The overlap figures: this pass against max(compute of a pass
+            // without transfers, its bytes / link rate).
+            if let Some((_, bound, ratio)) = reference_pass.and_then(|rp| overlap(r, rp, link)) {
+                if let Ok(serde_json::Value::Object(mut o)) =
+                    serde_json::from_str::<serde_json::Value>(&line)
+                {
+                    o.insert("overlap_bound_s".into(), bound.into());
+                    o.insert("pass_over_bound".into(), ratio.into());
+                    line = serde_json::Value::Object(o).to_string();
+                }
+            }
             writeln!(f, "{line}").map_err(|e| format!("{}: {e}", path.display()))?;
         }
     }
