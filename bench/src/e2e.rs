@@ -27,7 +27,7 @@ use offload_runtime::residency::{
 };
 use offload_runtime::Error;
 
-use crate::source::{describe, roles, ModelSource};
+use offload_bench::source::{describe, roles, ModelSource};
 
 /// Arguments of `offload bench e2e` (and of the main job).
 #[derive(Args, Debug, Clone)]

@@ -11,7 +11,6 @@ mod e2e;
 mod null_device;
 mod rng;
 mod sdxl;
-mod source;
 
 use std::process::ExitCode;
 

@@ -2,7 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-pub mod source;
+/// The runtime's view of a loader model (shared with the `offload` command line).
+pub mod source {
+    pub use offload_bench::source::{describe, dtype, ModelSource as LoaderSource};
+}
 
 /// Path of a file in the shared real-data folder (`../shared/data` beside the repo).
 ///
