@@ -306,6 +306,20 @@ pub enum LoaderError {
         file_len_now: u64,
     },
 
+    /// The file was rewritten after it was opened (its length or
+    /// modification time changed): the bytes read may not be the model's.
+    #[error("{}: {what}: the file changed after it was opened (now {file_len_now} bytes, was {file_len_at_open}, or rewritten in place)", .path.display())]
+    Changed {
+        /// The file.
+        path: PathBuf,
+        /// What was being read.
+        what: String,
+        /// File length when it was opened.
+        file_len_at_open: u64,
+        /// File length now.
+        file_len_now: u64,
+    },
+
     /// Bytes could not be decoded as the given dtype.
     #[error("{}cannot decode {len} bytes as {dtype}: {problem}", decode_context(.path.as_deref(), .tensor.as_deref()))]
     Decode {

@@ -567,6 +567,8 @@ pub struct SafetensorsFile {
     path: PathBuf,
     file: File,
     file_len: u64,
+    /// Modification time at open, to notice a file rewritten in place.
+    modified: Option<std::time::SystemTime>,
     header: Header,
     by_name: HashMap<String, usize>,
 }
@@ -585,13 +587,12 @@ impl SafetensorsFile {
             path: path.clone(),
             source,
         })?;
-        let file_len = file
-            .metadata()
-            .map_err(|source| LoaderError::Open {
-                path: path.clone(),
-                source,
-            })?
-            .len();
+        let meta = file.metadata().map_err(|source| LoaderError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let file_len = meta.len();
+        let modified = meta.modified().ok();
         let mut first8 = [0u8; 8];
         if file_len < 8 {
             return Err(LoaderError::FileTooShort { path, file_len });
@@ -600,6 +601,7 @@ impl SafetensorsFile {
             path,
             file,
             file_len,
+            modified,
             header: Header {
                 header_len: 0,
                 data_start: 8,
@@ -665,7 +667,19 @@ impl SafetensorsFile {
 
     fn read_at(&self, what: &str, offset: u64, dst: &mut [u8]) -> Result<()> {
         match self.file.read_exact_at(dst, offset) {
-            Ok(()) => Ok(()),
+            // The bytes are the model's only if the file is still the one
+            // opened: a rewrite in place changes its length or its time.
+            Ok(()) => match self.file.metadata() {
+                Ok(m) if m.len() != self.file_len || m.modified().ok() != self.modified => {
+                    Err(LoaderError::Changed {
+                        path: self.path.clone(),
+                        what: what.to_owned(),
+                        file_len_at_open: self.file_len,
+                        file_len_now: m.len(),
+                    })
+                }
+                _ => Ok(()),
+            },
             Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(LoaderError::Truncated {
                 path: self.path.clone(),
                 what: what.to_owned(),

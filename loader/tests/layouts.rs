@@ -343,7 +343,15 @@ fn truncated_after_open_is_an_error() {
         .set_len(full_len - 100)
         .unwrap();
     let mut buf = vec![0u8; 1024];
-    f.read_tensor_into("a", &mut buf).unwrap();
+    // `a` is still all there, but the file is not the one opened any more.
+    match f.read_tensor_into("a", &mut buf) {
+        Err(LoaderError::Changed {
+            file_len_at_open,
+            file_len_now,
+            ..
+        }) => assert_eq!((file_len_at_open, file_len_now), (full_len, full_len - 100)),
+        other => panic!("expected Changed, got {other:?}"),
+    }
     match f.read_tensor_into("b", &mut buf) {
         Err(LoaderError::Truncated {
             what,

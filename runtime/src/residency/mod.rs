@@ -1447,7 +1447,7 @@ impl Shared {
                         });
                     }
                     let cap = if sequential {
-                        ((depth + 1) * largest).min(budget)
+                        depth.saturating_add(1).saturating_mul(largest).min(budget)
                     } else {
                         budget
                     };

@@ -48,15 +48,17 @@ pub struct RuntimeStats {
 }
 
 impl RuntimeStats {
-    /// Counters accumulated between `earlier` and `self` (memory figures are `self`'s).
+    /// Counters accumulated between `earlier` and `self` (memory figures are
+    /// `self`'s; a counter that went down, from snapshots given in the wrong
+    /// order, reads 0).
     pub fn since(&self, earlier: &RuntimeStats) -> RuntimeStats {
         RuntimeStats {
-            bytes_h2d: self.bytes_h2d - earlier.bytes_h2d,
-            uploads: self.uploads - earlier.uploads,
-            evictions: self.evictions - earlier.evictions,
-            acquires: self.acquires - earlier.acquires,
-            hits: self.hits - earlier.hits,
-            stall_ns: self.stall_ns - earlier.stall_ns,
+            bytes_h2d: self.bytes_h2d.saturating_sub(earlier.bytes_h2d),
+            uploads: self.uploads.saturating_sub(earlier.uploads),
+            evictions: self.evictions.saturating_sub(earlier.evictions),
+            acquires: self.acquires.saturating_sub(earlier.acquires),
+            hits: self.hits.saturating_sub(earlier.hits),
+            stall_ns: self.stall_ns.saturating_sub(earlier.stall_ns),
             ..self.clone()
         }
     }
