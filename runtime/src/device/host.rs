@@ -88,6 +88,25 @@ struct Pages {
     state: Vec<PageState>,
 }
 
+impl Pages {
+    /// The index of `page` if it is allocated and not mapped; else `BadPage`
+    /// saying `if_mapped`, or that it is not allocated.
+    fn allocated_unmapped(&self, page: PhysPage, if_mapped: &'static str) -> Result<usize> {
+        let idx = page.0 as usize;
+        match self.state.get(idx) {
+            Some(PageState::Allocated) => Ok(idx),
+            Some(PageState::Mapped(_)) => Err(Error::BadPage {
+                page,
+                what: if_mapped,
+            }),
+            _ => Err(Error::BadPage {
+                page,
+                what: "is not allocated",
+            }),
+        }
+    }
+}
+
 struct Range {
     len: usize,
     /// Physical page index mapped at each page slot.
@@ -710,22 +729,7 @@ impl Device for HostDevice {
     fn free_page(&self, page: PhysPage) -> Result<()> {
         let ps = self.shared.page_size;
         let mut pages = self.shared.pages.lock().unwrap_or_else(|p| p.into_inner());
-        let idx = page.0 as usize;
-        match pages.state.get(idx) {
-            Some(PageState::Allocated) => {}
-            Some(PageState::Mapped(_)) => {
-                return Err(Error::BadPage {
-                    page,
-                    what: "is still mapped",
-                })
-            }
-            _ => {
-                return Err(Error::BadPage {
-                    page,
-                    what: "is not allocated",
-                })
-            }
-        }
+        let idx = pages.allocated_unmapped(page, "is still mapped")?;
         if self.poison.load(Ordering::Relaxed) {
             // SAFETY: the page is allocated and unmapped, so no mapping or stream
             // can touch it; the write stays inside the physical view.
@@ -850,22 +854,7 @@ impl Device for HostDevice {
             return Err(bad("unmapped (already mapped)"));
         }
         let mut pages = self.shared.pages.lock().unwrap_or_else(|p| p.into_inner());
-        let idx = page.0 as usize;
-        match pages.state.get(idx) {
-            Some(PageState::Allocated) => {}
-            Some(PageState::Mapped(_)) => {
-                return Err(Error::BadPage {
-                    page,
-                    what: "is already mapped elsewhere",
-                })
-            }
-            _ => {
-                return Err(Error::BadPage {
-                    page,
-                    what: "is not allocated",
-                })
-            }
-        }
+        let idx = pages.allocated_unmapped(page, "is already mapped elsewhere")?;
         // SAFETY: `addr..addr+ps` is a PROT_NONE page of a range we reserved
         // and track as unmapped, so replacing it with MAP_FIXED affects no
         // other mapping; the file offset is a page of our memfd.

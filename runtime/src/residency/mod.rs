@@ -812,10 +812,10 @@ impl Shared {
         let depth = self.cfg.prefetch_depth;
         // Wrap around to the next pass only once the component has been seen to repeat.
         let wrap = st.order.passes() > 0;
-        let upcoming: Vec<usize> = match &st.plan {
+        let st_ref = &*st;
+        let upcoming: Vec<usize> = match &st_ref.plan {
             Some(p) if self.cfg.policy == Policy::Planned => {
-                let resident = p.resident.clone();
-                st.order.next_after(l, depth, wrap, |x| !resident[x])
+                st_ref.order.next_after(l, depth, wrap, |x| !p.resident[x])
             }
             _ => {
                 let n = comp.layer_pages.len();
@@ -869,14 +869,11 @@ impl Shared {
             }
             st.layers[u].last_use = now;
         }
-        if let Some(p) = &st.plan {
-            let resident = p.resident.clone();
-            let pending: Vec<usize> = {
-                let layers = &st.layers;
-                st.order.next_after(l, depth, wrap, |x| {
-                    resident[x] && layers[x].place == Place::Host
-                })
-            };
+        let st_ref = &*st;
+        if let Some(p) = &st_ref.plan {
+            let pending: Vec<usize> = st_ref.order.next_after(l, depth, wrap, |x| {
+                p.resident[x] && st_ref.layers[x].place == Place::Host
+            });
             for u in pending {
                 if self
                     .ensure_loaded(model, id.component, &mut st, u, &protected, false)
