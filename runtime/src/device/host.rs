@@ -385,6 +385,40 @@ impl Shared {
                 offload_kernels::matmul_xwt(xs, tokens, ws, w_dtype, n, k, ys, None)
                     .map_err(|e| e.to_string())
             }
+            Kernel::Merge { w, ref op } => {
+                let regions = kernel.regions().map_err(|e| e.to_string())?;
+                let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
+                for &(addr, len) in &regions {
+                    Self::check_mapped(&ranges, self.page_size, addr.0, len)?;
+                }
+                let wl = regions[0].1;
+                let overlap =
+                    |a: u64, al: usize, b: u64, bl: usize| a < b + bl as u64 && b < a + al as u64;
+                if regions[1..]
+                    .iter()
+                    .any(|&(f, fl)| overlap(w.0, wl, f.0, fl))
+                {
+                    return Err("a factor overlaps the weight".into());
+                }
+                let adapters = op.adapters_with(&mut |f| {
+                    // SAFETY: every factor's range is mapped (checked above)
+                    // and stays mapped while we hold the read lock, which
+                    // outlives these slices (they die with `adapters` at the
+                    // end of this arm); none overlaps the weight, the only
+                    // bytes written, and by the Device contract no other
+                    // stream writes them meanwhile.
+                    unsafe { std::slice::from_raw_parts(f.ptr.0 as *const u8, f.bytes()) }
+                });
+                let spec =
+                    offload_kernels::MergeSpec::new(op.dtype, &op.shape, op.rows.clone(), &adapters)
+                        .map_err(|e| e.to_string())?;
+                // SAFETY: the weight's range is mapped read-write (checked
+                // above) and stays mapped while we hold the read lock; no
+                // factor slice overlaps it, and by the Device contract no
+                // other stream touches it meanwhile.
+                let ws = unsafe { std::slice::from_raw_parts_mut(w.0 as *mut u8, wl) };
+                offload_kernels::merge_cpu(ws, &spec, None).map_err(|e| e.to_string())
+            }
         }
     }
 }

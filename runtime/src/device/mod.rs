@@ -12,6 +12,7 @@
 
 pub mod fault;
 pub mod host;
+pub mod merge;
 pub mod pinned;
 
 #[cfg(feature = "cuda")]
@@ -22,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use host::{HostConfig, HostDevice};
+pub use merge::{MergeAdapter, MergeDelta, MergeFactor, MergeKron, MergeOp};
 pub use pinned::PinnedBuffer;
 
 use crate::error::Result;
@@ -140,6 +142,15 @@ pub enum Kernel {
         /// Output.
         y: DevicePtr,
     },
+    /// The LoRA merge `W ← W + Σᵢ sᵢ · Δᵢ` into the weight at `w` (its
+    /// first element), with the factors at the device addresses in `op`.
+    /// The factors must not overlap the weight.
+    Merge {
+        /// The weight.
+        w: DevicePtr,
+        /// What to merge.
+        op: Arc<MergeOp>,
+    },
 }
 
 impl Kernel {
@@ -148,6 +159,7 @@ impl Kernel {
         match self {
             Kernel::Fill { .. } => "fill",
             Kernel::Matmul { .. } => "matmul",
+            Kernel::Merge { .. } => "merge",
         }
     }
 
@@ -159,6 +171,15 @@ impl Kernel {
         };
         Ok(match *self {
             Kernel::Fill { dst, len, .. } => vec![(dst, len)],
+            Kernel::Merge { w, ref op } => {
+                let wb = op.weight_bytes();
+                if wb == usize::MAX {
+                    return Err(overflow());
+                }
+                let mut v = vec![(w, wb)];
+                v.extend(op.factors().map(|f| (f.ptr, f.bytes())));
+                v
+            }
             Kernel::Matmul {
                 x,
                 tokens,

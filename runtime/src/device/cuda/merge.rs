@@ -168,6 +168,41 @@ impl CudaDevice {
     /// size, and the factors must not overlap W's row slice. At most
     /// [`MAX_ADAPTERS`] adapters, all low-rank.
     ///
+    /// [`Kernel::Merge`](crate::device::Kernel::Merge) on this device: the
+    /// low-rank kernel, in chunks of [`MAX_ADAPTERS`] adapters when more are
+    /// stacked (each chunk rounds once). LoHa and LoKr deltas are refused
+    /// with an error naming the adapter.
+    pub(super) fn launch_merge(
+        &self,
+        w: DevicePtr,
+        op: &crate::device::MergeOp,
+        stream: StreamId,
+    ) -> Result<()> {
+        let adapters = op.adapters_with(&mut |f| &f.host);
+        let spec = MergeSpec::new(op.dtype, &op.shape, op.rows.clone(), &adapters)
+            .map_err(|e| merge_error(e.to_string()))?;
+        let mut factors = Vec::with_capacity(op.adapters.len());
+        for (i, a) in op.adapters.iter().enumerate() {
+            match &a.delta {
+                crate::device::MergeDelta::LowRank { up, down } => factors.push((up.ptr, down.ptr)),
+                _ => {
+                    return Err(merge_error(format!(
+                        "adapter {i} is LoHa or LoKr: the CUDA merge takes low-rank deltas only"
+                    )))
+                }
+            }
+        }
+        for (chunk, addrs) in adapters
+            .chunks(MAX_ADAPTERS)
+            .zip(factors.chunks(MAX_ADAPTERS))
+        {
+            let spec = MergeSpec::new(op.dtype, &op.shape, Some(spec.row_range()), chunk)
+                .map_err(|e| merge_error(e.to_string()))?;
+            self.merge_lowrank(&spec, w, addrs, stream)?;
+        }
+        Ok(())
+    }
+
     /// The kernels are compiled at the first call (see [`Self::prepare_merge`]).
     pub fn merge_lowrank(
         &self,

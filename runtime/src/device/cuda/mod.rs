@@ -783,6 +783,7 @@ impl Device for CudaDevice {
                 unsafe { result::memset_d8_async(dst.0, value, len, s.raw) }
             }
             Kernel::Matmul { .. } => self.launch_matmul(kernel, stream),
+            Kernel::Merge { w, ref op } => self.launch_merge(w, op, stream),
         }
     }
 
