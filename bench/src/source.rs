@@ -1,8 +1,14 @@
-//! The runtime's view of a loader model: a [`ModelDesc`] and a [`WeightSource`].
+//! The runtime's view of a loader model: a [`ModelDesc`] and a
+//! [`WeightSource`]; and of a resolved LoRA: a [`LoraBinding`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use offload_loader::{ComponentKind, Dtype, Model, ModelLayout};
+use offload_loader::lora::{Delta, KronFactor, LoraFile, ResolvedLora};
+use offload_loader::{ComponentKind, Dtype, Model, ModelLayout, TensorInfo};
+use offload_runtime::lora::{
+    FactorDesc, LoraBinding, LoraDesc, LoraSource, Patch, PatchDelta, PatchKron,
+};
 use offload_runtime::model::{
     ComponentDesc, DType, LayerDesc, ModelDesc, Pin, SourceError, TensorDesc, WeightSource,
 };
@@ -115,4 +121,112 @@ pub fn roles(layout: &ModelLayout) -> (Vec<usize>, Vec<usize>, Vec<usize>, Vec<u
         pick(ComponentKind::Vae),
         pick(ComponentKind::Other),
     )
+}
+
+/// Reads the factor tensors of a LoRA file for the runtime.
+pub struct LoraFileSource {
+    file: Arc<LoraFile>,
+    tensors: Vec<TensorInfo>,
+}
+
+impl LoraSource for LoraFileSource {
+    fn read(&self, factor: usize, dst: &mut [u8]) -> Result<(), SourceError> {
+        let t = self.tensors.get(factor).ok_or_else(|| SourceError {
+            what: format!("factor {factor} of {}", self.file.path().display()),
+            message: "no such factor".into(),
+        })?;
+        self.file.read_factor_into(t, dst).map_err(|e| SourceError {
+            what: format!("{} in {}", t.name, self.file.path().display()),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// The runtime's view of a LoRA resolved against `layout` (with tensor
+/// indices as [`describe`] numbers them) and the source of its factors.
+/// `resolved` must have been resolved with multiplier 1: the runtime
+/// applies `multiplier` itself.
+pub fn lora_binding(
+    layout: &ModelLayout,
+    file: Arc<LoraFile>,
+    resolved: &ResolvedLora,
+    multiplier: f32,
+) -> Result<LoraBinding, String> {
+    let mut index: HashMap<(usize, &str, u64), (usize, usize, usize)> = HashMap::new();
+    for (ci, c) in layout.components.iter().enumerate() {
+        for (li, l) in c.layers.iter().enumerate() {
+            for (ti, t) in l.tensors.iter().enumerate() {
+                index.insert((t.file, t.name.as_str(), t.data_offset), (ci, li, ti));
+            }
+        }
+    }
+    let mut factors: Vec<FactorDesc> = Vec::new();
+    let mut tensors: Vec<TensorInfo> = Vec::new();
+    let mut by_name: HashMap<String, usize> = HashMap::new();
+    let mut factor = |t: &TensorInfo| -> usize {
+        *by_name.entry(t.name.clone()).or_insert_with(|| {
+            factors.push(FactorDesc {
+                name: t.name.clone(),
+                dtype: dtype(t.dtype),
+                shape: t.shape.iter().map(|&d| d as usize).collect(),
+            });
+            tensors.push(t.clone());
+            factors.len() - 1
+        })
+    };
+    let mut patches = Vec::with_capacity(resolved.adapters.len());
+    for a in &resolved.adapters {
+        let t = &a.target;
+        let &(component, layer, tensor) = index
+            .get(&(t.file, t.name.as_str(), t.data_offset))
+            .ok_or_else(|| {
+                format!(
+                    "{}: module {} targets {}, which is not in the model's layout",
+                    file.path().display(),
+                    a.key,
+                    t.name
+                )
+            })?;
+        let mut kron = |k: &KronFactor| match k {
+            KronFactor::Full(m) => PatchKron::Full(factor(m)),
+            KronFactor::LowRank { a, b } => PatchKron::LowRank {
+                a: factor(a),
+                b: factor(b),
+            },
+        };
+        let delta = match &a.delta {
+            Delta::LowRank { up, down } => PatchDelta::LowRank {
+                up: factor(up),
+                down: factor(down),
+            },
+            Delta::LoHa { w1a, w1b, w2a, w2b } => PatchDelta::LoHa {
+                w1a: factor(w1a),
+                w1b: factor(w1b),
+                w2a: factor(w2a),
+                w2b: factor(w2b),
+            },
+            Delta::LoKr { w1, w2 } => PatchDelta::LoKr {
+                w1: kron(w1),
+                w2: kron(w2),
+            },
+        };
+        patches.push(Patch {
+            key: a.key.clone(),
+            component,
+            layer,
+            tensor,
+            rows: a.rows.as_ref().map(|r| r.start as usize..r.end as usize),
+            scale: a.scale,
+            delta,
+        });
+    }
+    Ok(LoraBinding {
+        desc: Arc::new(LoraDesc {
+            name: file.path().display().to_string(),
+            factors,
+            patches,
+        }),
+        source: Arc::new(LoraFileSource { file, tensors }),
+        multiplier,
+    })
 }

@@ -191,6 +191,16 @@ pub enum Error {
     /// The operation is not supported by this device backend.
     #[error("{0} is not supported by this device")]
     Unsupported(&'static str),
+    /// A LoRA cannot be applied as given: a multiplier that is not finite,
+    /// an adapter that does not fit its target, a mode the runtime's host
+    /// policy cannot serve. Nothing was changed.
+    #[error("LoRA {lora}: {message}")]
+    Lora {
+        /// The LoRA's name (its file).
+        lora: String,
+        /// What is wrong, with the module key, tensor and numbers.
+        message: String,
+    },
 }
 
 /// Result alias for the runtime.

@@ -200,6 +200,16 @@ impl MergeOp {
             .unwrap_or(usize::MAX)
     }
 
+    /// Bytes of the weight the merge reads and writes (the row slice).
+    pub fn touched_bytes(&self) -> usize {
+        match (&self.rows, self.shape.first()) {
+            (Some(r), Some(&out)) if out > 0 => {
+                self.weight_bytes() / out * (r.end.saturating_sub(r.start))
+            }
+            _ => self.weight_bytes(),
+        }
+    }
+
     /// Every factor of every adapter.
     pub fn factors(&self) -> impl Iterator<Item = &MergeFactor> {
         self.adapters.iter().flat_map(|a| a.delta.factors())
@@ -250,7 +260,10 @@ mod tests {
             down: factor(2, 5),
         };
         let e = op.validate().unwrap_err().to_string();
-        assert!(e.contains("merge") && e.contains('5') && e.contains('6'), "{e}");
+        assert!(
+            e.contains("merge") && e.contains('5') && e.contains('6'),
+            "{e}"
+        );
         op.adapters[0].delta = MergeDelta::LowRank {
             up: factor(8, 2),
             down: factor(2, 6),

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::host::{JobDone, LayerBytes};
 use super::plan::{Order, Plan};
 use crate::arena::AllocId;
-use crate::device::{DevicePtr, EventId};
+use crate::device::{DevicePtr, EventId, MergeOp};
 use crate::model::Pin;
 
 /// Where a layer's device copy is.
@@ -87,6 +87,14 @@ pub(crate) struct CompState {
     pub(crate) unloading: bool,
     pub(crate) clock: u64,
     pub(crate) last_start: u64,
+    /// Pinned host copy of each layer, packed as on the device (pinned
+    /// policy); fused with the LoRA set in the backup and fuse modes.
+    pub(crate) host: Vec<Option<crate::device::PinnedBuffer>>,
+    /// Per layer, the LoRA merges each upload runs (fuse-on-upload):
+    /// (offset of the tensor in the layer, merge).
+    pub(crate) merges: Vec<Vec<(usize, Arc<MergeOp>)>>,
+    /// Per layer, the LoRA factors handed to the engine (unfused): (tensor index, merge).
+    pub(crate) unfused: Vec<Vec<(usize, Arc<MergeOp>)>>,
 }
 
 /// A component of a loaded model.
@@ -97,8 +105,6 @@ pub(crate) struct CompRt {
     pub(crate) layer_bytes: Vec<LayerBytes>,
     pub(crate) layer_pages: Vec<usize>,
     pub(crate) ready: Vec<EventId>,
-    /// Pinned host copy of each layer, packed as on the device (pinned policy).
-    pub(crate) host: Vec<Option<crate::device::PinnedBuffer>>,
     pub(crate) state: Mutex<CompState>,
 }
 

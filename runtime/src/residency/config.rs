@@ -114,6 +114,9 @@ pub struct RuntimeConfig {
     pub measure_stall: bool,
     /// Record a per-layer timeline of uploads and waits.
     pub timeline: bool,
+    /// How LoRA sets are applied (default fuse-on-upload); backup and fuse
+    /// need the pinned host policy.
+    pub lora_mode: crate::lora::LoraMode,
 }
 
 impl Default for RuntimeConfig {
@@ -130,6 +133,7 @@ impl Default for RuntimeConfig {
             wait_timeout: Duration::from_secs(60),
             measure_stall: true,
             timeline: false,
+            lora_mode: crate::lora::LoraMode::FuseOnUpload,
         }
     }
 }

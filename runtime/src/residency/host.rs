@@ -104,6 +104,9 @@ pub(crate) struct Job {
     pub(crate) dst: DevicePtr,
     /// Events the copy stream waits for before the first copy (users of the previous contents).
     pub(crate) waits: Vec<EventId>,
+    /// LoRA merges queued after the copies, before the ready event:
+    /// (offset of the tensor in the layer, merge).
+    pub(crate) merges: Vec<(usize, Arc<crate::device::MergeOp>)>,
     /// Recorded on the copy stream after the last copy.
     pub(crate) ready: EventId,
     pub(crate) done: Arc<JobDone>,
@@ -307,6 +310,17 @@ fn run_job(
             Counters::add(&counters.bytes_h2d, n as u64);
             done += n;
         }
+    }
+    for (off, op) in &job.merges {
+        device.launch(
+            &crate::device::Kernel::Merge {
+                w: job.dst.offset(*off),
+                op: op.clone(),
+            },
+            copy,
+        )?;
+        Counters::add(&counters.merges, 1);
+        Counters::add(&counters.merged_bytes, op.touched_bytes() as u64);
     }
     device.record_event(job.ready, copy)?;
     Counters::add(&counters.uploads, 1);

@@ -25,10 +25,11 @@
 mod component;
 mod config;
 mod host;
+mod lora;
 mod plan;
 mod stats;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -39,8 +40,10 @@ pub use config::{HostPolicy, Mode, Policy, Resolved, RuntimeConfig};
 pub use stats::{RuntimeStats, TimelineEntry};
 
 use crate::arena::{pack, Arena, ArenaConfig, Tag};
+use crate::device::MergeOp;
 use crate::device::{Device, DevicePtr, EventId, StreamId};
 use crate::error::{Error, Result};
+use crate::lora::{LoraBinding, LoraMode, LoraReport};
 use crate::model::{DType, ModelDesc, Pin, WeightSource};
 use component::{CompRt, CompState, DoneSource, LayerState, Place, Slot};
 use host::{Job, JobDone, LayerBytes, Stager};
@@ -66,6 +69,8 @@ struct ModelRt {
     desc: ModelDesc,
     source: Arc<dyn WeightSource>,
     comps: Vec<CompRt>,
+    /// The LoRA set applied to the model; taken before any component lock.
+    lora: Mutex<lora::LoraState>,
 }
 
 /// Why an acquire attempt stopped short.
@@ -102,6 +107,10 @@ struct Shared {
     created_events: Mutex<Vec<EventId>>,
     counters: Arc<Counters>,
     stager: Option<Stager>,
+    /// How LoRAs are applied (changed by `set_lora_mode`).
+    lora_mode: Mutex<LoraMode>,
+    /// Pages of LoRA factors on the device, all models together.
+    lora_pages: AtomicUsize,
 }
 
 /// The residency engine; see the module documentation.
@@ -160,6 +169,8 @@ pub struct LayerGuard {
     base: DevicePtr,
     ready: EventId,
     armed: bool,
+    /// Unfused LoRA mode: (tensor index, its adapters' factors on the device).
+    lora: Vec<(usize, Arc<MergeOp>)>,
 }
 
 impl std::fmt::Debug for LayerGuard {
@@ -224,6 +235,18 @@ impl LayerGuard {
     pub fn tensors(&self) -> impl Iterator<Item = TensorView<'_>> {
         (0..self.len()).filter_map(|i| self.tensor(i))
     }
+
+    /// In the unfused LoRA mode, the adapters of tensor `i` that the engine
+    /// must add itself: each [`MergeOp`] gives a row slice and, per adapter,
+    /// its scale and its factors' device addresses (resident, ready before
+    /// the layer's ready event). Empty in the other modes and for tensors
+    /// without adapters.
+    pub fn lora(&self, i: usize) -> impl Iterator<Item = &MergeOp> {
+        self.lora
+            .iter()
+            .filter(move |(t, _)| *t == i)
+            .map(|(_, op)| &**op)
+    }
 }
 
 impl Drop for LayerGuard {
@@ -251,6 +274,13 @@ impl Runtime {
     pub fn new(device: Arc<dyn Device>, compute: StreamId, cfg: RuntimeConfig) -> Result<Runtime> {
         let info = device.info().clone();
         let res = cfg.resolve(info.total_memory);
+        let cfg_lora_mode = cfg.lora_mode;
+        if cfg_lora_mode.fuses_host_copy() && cfg.host_policy != HostPolicy::Pinned {
+            return Err(Error::Config(format!(
+                "LoRA mode {cfg_lora_mode} keeps a fused host copy and needs the pinned host policy, not {}",
+                cfg.host_policy
+            )));
+        }
         let page = info.page_size;
         if res.device_memory < page {
             return Err(Error::Config(format!(
@@ -308,6 +338,8 @@ impl Runtime {
                 created_events: Mutex::new(Vec::new()),
                 counters,
                 stager,
+                lora_mode: Mutex::new(cfg_lora_mode),
+                lora_pages: AtomicUsize::new(0),
             }),
         })
     }
@@ -457,7 +489,6 @@ impl Runtime {
                 layer_bytes,
                 layer_pages,
                 ready,
-                host,
                 state: Mutex::new(CompState {
                     started: false,
                     plan: None,
@@ -470,6 +501,9 @@ impl Runtime {
                     unloading: false,
                     clock: 0,
                     last_start: 0,
+                    merges: vec![Vec::new(); c.layers.len()],
+                    unfused: vec![Vec::new(); c.layers.len()],
+                    host,
                 }),
             };
             built.push(rt);
@@ -484,6 +518,7 @@ impl Runtime {
             desc,
             source,
             comps: built,
+            lora: Mutex::new(lora::LoraState::default()),
         });
         sh.models.insert(id.0, model.clone());
         // Components that stay resident are uploaded now.
@@ -544,13 +579,14 @@ impl Runtime {
             unmark(m.comps.len());
             return Err(e);
         }
+        sh.drop_loras(&m);
         sh.arena.reclaim_all(Some(sh.cfg.wait_timeout))?;
         sh.models.remove(&model.0);
         for c in &m.comps {
             for &e in &c.ready {
                 let _ = sh.device.destroy_event(e);
             }
-            let bytes: usize = c.host.iter().flatten().map(|b| b.len()).sum();
+            let bytes: usize = c.lock().host.iter().flatten().map(|b| b.len()).sum();
             sh.counters.host_free(bytes);
         }
         Ok(())
@@ -660,6 +696,74 @@ impl Runtime {
         sh.device.stream_synchronize(sh.copy)
     }
 
+    /// Apply a LoRA set to `model`, replacing its current set, in the
+    /// runtime's [`LoraMode`]; call it between passes (no layer of the model
+    /// may be acquired). The whole set is checked before anything changes
+    /// (multipliers, targets, factor shapes, the host policy, the device
+    /// budget for the factors) and a bad set is an [`Error::Lora`] or
+    /// [`Error::DoesNotFit`] that leaves the current set in place. Only the
+    /// tensors whose adapters or multipliers change are re-derived, always
+    /// from their pristine bytes; an empty set restores every weight
+    /// bit for bit. Blocks until the device copies it changed are ready.
+    pub fn set_loras(&self, model: ModelId, loras: &[LoraBinding]) -> Result<LoraReport> {
+        let m = self.sh.model(model)?;
+        let mode = self.lora_mode();
+        self.sh.set_loras(&m, loras, mode)
+    }
+
+    /// The LoRA set applied to `model`.
+    pub fn loras(&self, model: ModelId) -> Result<Vec<LoraBinding>> {
+        let m = self.sh.model(model)?;
+        let st = m.lora.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(st.bindings.clone())
+    }
+
+    /// How LoRA sets are applied now.
+    pub fn lora_mode(&self) -> LoraMode {
+        *self.sh.lora_mode.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Change how LoRA sets are applied (between passes): each model's set
+    /// is taken off in the old mode and applied again in the new one. The
+    /// backup and fuse modes need the pinned host policy; unfused takes
+    /// low-rank adapters only. Checked for every model before anything changes.
+    pub fn set_lora_mode(&self, mode: LoraMode) -> Result<()> {
+        let sh = &self.sh;
+        let mut current = sh.lora_mode.lock().unwrap_or_else(|p| p.into_inner());
+        if *current == mode {
+            return Ok(());
+        }
+        if mode.fuses_host_copy() && sh.stager.is_some() {
+            return Err(Error::Config(format!(
+                "LoRA mode {mode} keeps a fused host copy and needs the pinned host policy, not {}",
+                sh.cfg.host_policy
+            )));
+        }
+        let models: Vec<Arc<ModelRt>> = sh.models.iter().map(|m| m.value().clone()).collect();
+        let sets: Vec<Vec<LoraBinding>> = models
+            .iter()
+            .map(|m| {
+                m.lora
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .bindings
+                    .clone()
+            })
+            .collect();
+        for (m, set) in models.iter().zip(&sets) {
+            sh.check_lora_set(m, set, mode)?;
+        }
+        let old = *current;
+        for m in &models {
+            sh.set_loras(m, &[], old)?;
+        }
+        *current = mode;
+        for (m, set) in models.iter().zip(&sets) {
+            sh.set_loras(m, set, mode)?;
+        }
+        Ok(())
+    }
+
     /// A snapshot of the counters and memory use.
     pub fn stats(&self) -> RuntimeStats {
         let sh = &self.sh;
@@ -678,6 +782,9 @@ impl Runtime {
             host_bytes,
             peak_host_bytes,
             page_waste_bytes: a.tail_waste,
+            merges: c.merges.load(Ordering::Relaxed),
+            merged_bytes: c.merged_bytes.load(Ordering::Relaxed),
+            lora_device_bytes: sh.lora_pages.load(Ordering::Relaxed) * sh.page,
         }
     }
 
@@ -912,6 +1019,7 @@ impl Shared {
             comp.lock().layers[l].users -= 1;
             return Err(Attempt::Fail(e));
         }
+        let lora = comp.lock().unfused[l].clone();
         Ok(LayerGuard {
             sh: self.clone(),
             model: model.clone(),
@@ -919,6 +1027,7 @@ impl Shared {
             base,
             ready,
             armed: true,
+            lora,
         })
     }
 
@@ -1141,6 +1250,7 @@ impl Shared {
                 bytes: comp.layer_bytes[l].clone(),
                 dst,
                 waits: waits.to_vec(),
+                merges: st.merges[l].clone(),
                 ready,
                 done,
             });
@@ -1153,7 +1263,7 @@ impl Shared {
         for &e in waits {
             self.recycle(e);
         }
-        let host = comp.host[l]
+        let host = st.host[l]
             .as_ref()
             .expect("pinned policy keeps a host copy of every layer");
         let timeline = self.counters.timeline.is_some();
@@ -1174,6 +1284,7 @@ impl Shared {
             self.device
                 .copy_h2d_async(dst, host.as_ptr(), total, self.copy)?
         };
+        self.launch_merges(&st.merges[l], dst)?;
         self.device.record_event(ready, self.copy)?;
         if timeline {
             let counters = self.counters.clone();
@@ -1397,7 +1508,9 @@ impl Shared {
         if st.started {
             return Ok(());
         }
-        let capacity = self.arena.capacity() / self.page;
+        // LoRA factors on the device come out of every component's budget.
+        let lora_pages = self.lora_pages.load(Ordering::Relaxed);
+        let capacity = (self.arena.capacity() / self.page).saturating_sub(lora_pages);
         // A never-resident component streams in every mode, an always-resident one never does.
         let all_resident = (matches!(self.res.mode, Mode::None | Mode::Model)
             && comp.pin != Pin::NeverResident)
@@ -1418,7 +1531,7 @@ impl Shared {
             let budget = if sequential {
                 capacity
             } else {
-                self.res.high / self.page
+                (self.res.high / self.page).min(capacity)
             };
             let depth = self.cfg.prefetch_depth;
             match self.cfg.policy {

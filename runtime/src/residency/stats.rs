@@ -45,6 +45,12 @@ pub struct RuntimeStats {
     pub peak_host_bytes: usize,
     /// Bytes past the end of resident layers up to their last page.
     pub page_waste_bytes: usize,
+    /// LoRA merges run on the device (one per patched tensor and row slice per upload).
+    pub merges: u64,
+    /// Weight bytes those merges read and wrote (each byte once).
+    pub merged_bytes: u64,
+    /// Device bytes holding LoRA factors now.
+    pub lora_device_bytes: usize,
 }
 
 impl RuntimeStats {
@@ -59,6 +65,8 @@ impl RuntimeStats {
             acquires: self.acquires.saturating_sub(earlier.acquires),
             hits: self.hits.saturating_sub(earlier.hits),
             stall_ns: self.stall_ns.saturating_sub(earlier.stall_ns),
+            merges: self.merges.saturating_sub(earlier.merges),
+            merged_bytes: self.merged_bytes.saturating_sub(earlier.merged_bytes),
             ..self.clone()
         }
     }
@@ -69,7 +77,8 @@ impl RuntimeStats {
             concat!(
                 "{{\"bytes_h2d\":{},\"uploads\":{},\"evictions\":{},\"acquires\":{},\"hits\":{},",
                 "\"stall_s\":{},\"device_bytes\":{},\"peak_device_bytes\":{},\"host_bytes\":{},",
-                "\"peak_host_bytes\":{},\"page_waste_bytes\":{}}}"
+                "\"peak_host_bytes\":{},\"page_waste_bytes\":{},\"merges\":{},",
+                "\"merged_bytes\":{},\"lora_device_bytes\":{}}}"
             ),
             self.bytes_h2d,
             self.uploads,
@@ -81,7 +90,10 @@ impl RuntimeStats {
             self.peak_device_bytes,
             self.host_bytes,
             self.peak_host_bytes,
-            self.page_waste_bytes
+            self.page_waste_bytes,
+            self.merges,
+            self.merged_bytes,
+            self.lora_device_bytes
         )
     }
 }
@@ -94,6 +106,8 @@ pub(crate) struct Counters {
     pub(crate) acquires: AtomicU64,
     pub(crate) hits: AtomicU64,
     pub(crate) stall_ns: AtomicU64,
+    pub(crate) merges: AtomicU64,
+    pub(crate) merged_bytes: AtomicU64,
     host_bytes: AtomicUsize,
     peak_host_bytes: AtomicUsize,
     pub(crate) epoch: Instant,
@@ -109,6 +123,8 @@ impl Counters {
             acquires: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             stall_ns: AtomicU64::new(0),
+            merges: AtomicU64::new(0),
+            merged_bytes: AtomicU64::new(0),
             host_bytes: AtomicUsize::new(0),
             peak_host_bytes: AtomicUsize::new(0),
             epoch: Instant::now(),
@@ -181,7 +197,7 @@ mod tests {
             d.to_json(),
             "{\"bytes_h2d\":250,\"uploads\":3,\"evictions\":0,\"acquires\":0,\"hits\":0,\"stall_s\":0.5,\
              \"device_bytes\":4096,\"peak_device_bytes\":8192,\"host_bytes\":0,\"peak_host_bytes\":0,\
-             \"page_waste_bytes\":0}"
+             \"page_waste_bytes\":0,\"merges\":0,\"merged_bytes\":0,\"lora_device_bytes\":0}"
         );
     }
 }

@@ -1,0 +1,787 @@
+//! LoRA sets on the host backend, in every LoRA mode and offload mode: the
+//! bytes the compute stream sees against a plain f64 reference merge (and,
+//! exactly, against the CPU merge of the pristine bytes), hot swaps that
+//! re-derive only what changed, restores that are bit-identical to the
+//! file, host memory per mode, and bad sets that change nothing.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use half::f16;
+use offload_runtime::device::{Device, DeviceExt, HostConfig, HostDevice, StreamId};
+use offload_runtime::lora::{
+    FactorDesc, LoraBinding, LoraDesc, LoraMode, LoraSource, Patch, PatchDelta, PatchKron,
+};
+use offload_runtime::model::{
+    ComponentDesc, DType, LayerDesc, ModelDesc, Pin, SourceError, TensorDesc, WeightSource,
+};
+use offload_runtime::residency::{
+    HostPolicy, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig,
+};
+use offload_runtime::Error;
+
+const PAGE: usize = 4096;
+/// Tensors per layer: a patched weight [64, 48], a second weight [32, 48], a bias.
+const SHAPES: [&[usize]; 3] = [&[64, 48], &[32, 48], &[64]];
+const LAYERS: usize = 6;
+
+fn rng(seed: u64) -> impl FnMut() -> f32 {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+fn f16_bytes(seed: u64, n: usize, amp: f32) -> Vec<u8> {
+    let mut r = rng(seed);
+    (0..n)
+        .flat_map(|_| f16::from_f32(r() * amp).to_le_bytes())
+        .collect()
+}
+
+fn decode(b: &[u8]) -> Vec<f64> {
+    b.chunks_exact(2)
+        .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
+        .collect()
+}
+
+/// The model's weights in memory; reads can be made to fail.
+struct Weights {
+    data: Vec<Vec<Vec<u8>>>,
+}
+
+impl WeightSource for Weights {
+    fn read(
+        &self,
+        c: usize,
+        l: usize,
+        t: usize,
+        off: usize,
+        dst: &mut [u8],
+    ) -> Result<(), SourceError> {
+        assert_eq!(c, 0);
+        dst.copy_from_slice(&self.data[l][t][off..off + dst.len()]);
+        Ok(())
+    }
+}
+
+fn model() -> (ModelDesc, Arc<Weights>) {
+    let mut data = Vec::new();
+    let mut layers = Vec::new();
+    for l in 0..LAYERS {
+        let mut ld = Vec::new();
+        let mut tensors = Vec::new();
+        for (t, shape) in SHAPES.iter().enumerate() {
+            let n: usize = shape.iter().product();
+            ld.push(f16_bytes((l * 10 + t) as u64 + 1, n, 1.0));
+            tensors.push(TensorDesc {
+                name: format!("l{l}.t{t}"),
+                dtype: DType::F16,
+                shape: shape.to_vec(),
+                bytes: n * 2,
+            });
+        }
+        data.push(ld);
+        layers.push(LayerDesc {
+            name: format!("layer{l}"),
+            tensors,
+        });
+    }
+    (
+        ModelDesc {
+            name: "lora-test".into(),
+            components: vec![ComponentDesc {
+                name: "unet".into(),
+                layers,
+                pin: Pin::Auto,
+            }],
+        },
+        Arc::new(Weights { data }),
+    )
+}
+
+/// A LoRA in memory; `fail` makes every read fail.
+struct Factors {
+    data: Vec<Vec<u8>>,
+    fail: AtomicBool,
+}
+
+impl LoraSource for Factors {
+    fn read(&self, factor: usize, dst: &mut [u8]) -> Result<(), SourceError> {
+        if self.fail.load(Ordering::Relaxed) {
+            return Err(SourceError {
+                what: format!("factor {factor}"),
+                message: "the file changed".into(),
+            });
+        }
+        dst.copy_from_slice(&self.data[factor]);
+        Ok(())
+    }
+}
+
+/// Adapter kinds for [`lora`].
+#[derive(Clone, Copy)]
+enum Kind {
+    LowRank(usize),
+    /// Low-rank over rows 16..48 only (a slice of a fused weight).
+    Slice(usize),
+    LoHa(usize),
+    LoKr,
+}
+
+/// A LoRA over tensor `t` of each layer in `layers`.
+fn lora(seed: u64, layers: &[usize], t: usize, kind: Kind) -> (Arc<LoraDesc>, Arc<Factors>) {
+    let [rows, cols] = [SHAPES[t][0], SHAPES[t][1]];
+    let mut factors = Vec::new();
+    let mut data = Vec::new();
+    let mut patches = Vec::new();
+    let add = |shape: [usize; 2], factors: &mut Vec<FactorDesc>, data: &mut Vec<Vec<u8>>| {
+        let i = factors.len();
+        factors.push(FactorDesc {
+            name: format!("f{i}"),
+            dtype: DType::F16,
+            shape: shape.to_vec(),
+        });
+        data.push(f16_bytes(seed * 1000 + i as u64, shape[0] * shape[1], 0.25));
+        i
+    };
+    for &l in layers {
+        let (r, delta, slice) = match kind {
+            Kind::LowRank(r) => (
+                r,
+                PatchDelta::LowRank {
+                    up: add([rows, r], &mut factors, &mut data),
+                    down: add([r, cols], &mut factors, &mut data),
+                },
+                None,
+            ),
+            Kind::Slice(r) => (
+                r,
+                PatchDelta::LowRank {
+                    up: add([32, r], &mut factors, &mut data),
+                    down: add([r, cols], &mut factors, &mut data),
+                },
+                Some(16..48),
+            ),
+            Kind::LoHa(r) => (
+                r,
+                PatchDelta::LoHa {
+                    w1a: add([rows, r], &mut factors, &mut data),
+                    w1b: add([r, cols], &mut factors, &mut data),
+                    w2a: add([rows, r], &mut factors, &mut data),
+                    w2b: add([r, cols], &mut factors, &mut data),
+                },
+                None,
+            ),
+            Kind::LoKr => (
+                1,
+                PatchDelta::LoKr {
+                    w1: PatchKron::Full(add([4, 6], &mut factors, &mut data)),
+                    w2: PatchKron::LowRank {
+                        a: add([rows / 4, 2], &mut factors, &mut data),
+                        b: add([2, cols / 6], &mut factors, &mut data),
+                    },
+                },
+                None,
+            ),
+        };
+        patches.push(Patch {
+            key: format!("lora_l{l}_t{t}"),
+            component: 0,
+            layer: l,
+            tensor: t,
+            rows: slice,
+            scale: 1.0 / r as f32,
+            delta,
+        });
+    }
+    (
+        Arc::new(LoraDesc {
+            name: format!("lora{seed}.safetensors"),
+            factors,
+            patches,
+        }),
+        Arc::new(Factors {
+            data,
+            fail: AtomicBool::new(false),
+        }),
+    )
+}
+
+type Lora = (Arc<LoraDesc>, Arc<Factors>);
+
+/// A set as the tests keep it: each LoRA with its multiplier.
+type Set = Vec<(Lora, f32)>;
+
+fn bindings(set: &Set) -> Vec<LoraBinding> {
+    set.iter()
+        .map(|((desc, src), m)| LoraBinding {
+            desc: desc.clone(),
+            source: src.clone(),
+            multiplier: *m,
+        })
+        .collect()
+}
+
+/// The f64 reference: W + Σ s·Δ for tensor (l, t), and the error bound per element.
+fn reference(w: &Weights, set: &Set, l: usize, t: usize) -> (Vec<f64>, Vec<f64>) {
+    let cols = SHAPES[t].get(1).copied().unwrap_or(1);
+    let mut exact = decode(&w.data[l][t]);
+    let mut bound: Vec<f64> = exact.iter().map(|x| x.abs()).collect();
+    for ((desc, src), mult) in set {
+        let f = |i: usize| (decode(&src.data[i]), desc.factors[i].shape.clone());
+        for p in desc
+            .patches
+            .iter()
+            .filter(|p| p.layer == l && p.tensor == t)
+        {
+            let s = f64::from(p.scale * mult);
+            let r0 = p.rows.as_ref().map_or(0, |r| r.start);
+            let n = p.rows.as_ref().map_or(SHAPES[t][0], |r| r.end - r.start);
+            let prod =
+                |a: &(Vec<f64>, Vec<usize>), bb: &(Vec<f64>, Vec<usize>), i: usize, j: usize| {
+                    let k = a.1[1];
+                    let mut v = 0.0;
+                    let mut m = 0.0;
+                    for q in 0..k {
+                        v += a.0[i * k + q] * bb.0[q * bb.1[1] + j];
+                        m += (a.0[i * k + q] * bb.0[q * bb.1[1] + j]).abs();
+                    }
+                    (v, m)
+                };
+            for i in 0..n {
+                for j in 0..cols {
+                    let (d, m) = match p.delta {
+                        PatchDelta::LowRank { up, down } => prod(&f(up), &f(down), i, j),
+                        PatchDelta::LoHa { w1a, w1b, w2a, w2b } => {
+                            let (x, mx) = prod(&f(w1a), &f(w1b), i, j);
+                            let (y, my) = prod(&f(w2a), &f(w2b), i, j);
+                            (x * y, mx * my)
+                        }
+                        PatchDelta::LoKr { w1, w2 } => {
+                            let side = |k: PatchKron, i: usize, j: usize| match k {
+                                PatchKron::Full(m) => {
+                                    let (v, s) = f(m);
+                                    let x = v[i * s[1] + j];
+                                    (x, x.abs())
+                                }
+                                PatchKron::LowRank { a, b } => prod(&f(a), &f(b), i, j),
+                            };
+                            let s2 = |k: PatchKron| match k {
+                                PatchKron::Full(m) => f(m).1,
+                                PatchKron::LowRank { a, b } => vec![f(a).1[0], f(b).1[1]],
+                            };
+                            let [c, d] = [s2(w2)[0], s2(w2)[1]];
+                            let (x, mx) = side(w1, i / c, j / d);
+                            let (y, my) = side(w2, i % c, j % d);
+                            (x * y, mx * my)
+                        }
+                    };
+                    exact[(r0 + i) * cols + j] += s * d;
+                    bound[(r0 + i) * cols + j] += s.abs() * m;
+                }
+            }
+        }
+    }
+    (exact, bound)
+}
+
+struct Setup {
+    dev: Arc<HostDevice>,
+    compute: StreamId,
+    rt: Runtime,
+    w: Arc<Weights>,
+    m: ModelId,
+}
+
+fn setup(mode: Mode, pages: usize, policy: HostPolicy, lora_mode: LoraMode) -> Setup {
+    let dev = Arc::new(
+        HostDevice::new(HostConfig {
+            capacity: 16 << 20,
+            page_size: PAGE,
+            link_gbps: None,
+        })
+        .unwrap(),
+    );
+    let compute = dev.create_stream().unwrap();
+    let rt = Runtime::new(
+        dev.clone(),
+        compute,
+        RuntimeConfig {
+            mode: Some(mode),
+            policy: Policy::Planned,
+            prefetch_depth: 1,
+            device_memory: Some(pages * PAGE),
+            high_watermark: Some(pages * PAGE / 2),
+            low_watermark: Some(0),
+            host_policy: policy,
+            wait_timeout: Duration::from_secs(20),
+            lora_mode,
+            ..RuntimeConfig::default()
+        },
+    )
+    .unwrap();
+    let (desc, w) = model();
+    let m = rt.load(desc, w.clone()).unwrap();
+    Setup {
+        dev,
+        compute,
+        rt,
+        w,
+        m,
+    }
+}
+
+fn staged() -> HostPolicy {
+    HostPolicy::Staged {
+        buffers: 3,
+        buffer_bytes: 8192,
+        threads: 2,
+    }
+}
+
+/// One pass over every layer: each tensor as the compute stream sees it
+/// must be the file's bytes where `set` patches nothing, else within the
+/// tolerance of the f64 reference, element by element: |got − ref| ≤
+/// 2⁻¹⁰·(|W| + Σ|s|·|B|·|A|) (one f16 unit in the last place), never NaN.
+fn pass(s: &Setup, set: &Set) {
+    for l in 0..LAYERS {
+        let g =
+            s.rt.acquire(LayerId {
+                model: s.m,
+                component: 0,
+                layer: l,
+            })
+            .unwrap();
+        for (t, view) in g.tensors().enumerate() {
+            let mut back = vec![0u8; view.bytes];
+            s.dev.read_blocking(view.ptr, &mut back, s.compute).unwrap();
+            let patched = set
+                .iter()
+                .any(|((d, _), _)| d.patches.iter().any(|p| p.layer == l && p.tensor == t));
+            if !patched {
+                assert!(
+                    back == s.w.data[l][t],
+                    "{} is not the file's bytes",
+                    view.name
+                );
+                continue;
+            }
+            let (exact, bound) = reference(&s.w, set, l, t);
+            let got = decode(&back);
+            for (i, ((&g, &e), &b)) in got.iter().zip(&exact).zip(&bound).enumerate() {
+                assert!(
+                    !g.is_nan() && (g - e).abs() <= b * 2f64.powi(-10),
+                    "{} element {i}: {g} vs reference {e} (bound {b})",
+                    view.name
+                );
+            }
+        }
+        drop(g);
+    }
+    s.rt.synchronize().unwrap();
+}
+
+/// The device copy of every resident tensor of layer l, as it is now.
+fn resident(s: &Setup, l: usize) -> Vec<Vec<u8>> {
+    let g =
+        s.rt.acquire(LayerId {
+            model: s.m,
+            component: 0,
+            layer: l,
+        })
+        .unwrap();
+    let v = g
+        .tensors()
+        .map(|view| {
+            let mut back = vec![0u8; view.bytes];
+            s.dev.read_blocking(view.ptr, &mut back, s.compute).unwrap();
+            back
+        })
+        .collect();
+    drop(g);
+    v
+}
+
+#[test]
+fn fuse_on_upload_matches_the_reference_in_every_offload_mode() {
+    let a = lora(1, &[0, 2, 3, 5], 0, Kind::LowRank(8));
+    let b = lora(2, &[1, 2, 5], 0, Kind::LoHa(4));
+    let c = lora(3, &[0, 4], 1, Kind::LoKr);
+    let d = lora(4, &[3, 5], 0, Kind::Slice(4));
+    let set: Set = vec![(a, 0.8), (b, -0.5), (c, 1.5), (d, 1.0)];
+    for (mode, pages) in [
+        (Mode::None, 64),
+        (Mode::Balanced, 24),
+        (Mode::Sequential, 16),
+    ] {
+        for policy in [HostPolicy::Pinned, staged()] {
+            let is_staged = policy != HostPolicy::Pinned;
+            let s = setup(mode, pages, policy, LoraMode::FuseOnUpload);
+            pass(&s, &vec![]);
+            let r = s.rt.set_loras(s.m, &bindings(&set)).unwrap();
+            // Distinct patched tensors: t0 of layers 0, 1, 2, 3, 5 and t1 of layers 0, 4.
+            assert_eq!(r.tensors_changed, 7);
+            assert_eq!(r.tensors_patched, 7);
+            let before = s.rt.stats();
+            for _ in 0..3 {
+                pass(&s, &set);
+            }
+            let st = s.rt.stats().since(&before);
+            if mode == Mode::None && !is_staged {
+                assert_eq!(
+                    st.merges, 0,
+                    "resident weights are merged once, at set_loras"
+                );
+                assert_eq!(r.tensors_rederived, 7);
+                assert_eq!(st.bytes_h2d, 0);
+            } else if mode == Mode::None {
+                // No host copy to re-derive from: the patched layers (all six)
+                // were dropped and are merged once, at their next upload.
+                assert_eq!(r.layers_dropped, 6);
+                assert_eq!(
+                    st.merges, 9,
+                    "7 tensors, two of them with a full and a sliced group"
+                );
+            } else {
+                assert!(
+                    st.merges > 0,
+                    "{mode:?}: streamed layers are merged on upload"
+                );
+            }
+            // Removing the set gives the file's bytes back, bit for bit.
+            s.rt.set_loras(s.m, &[]).unwrap();
+            pass(&s, &vec![]);
+            assert_eq!(s.rt.stats().lora_device_bytes, 0);
+            s.rt.unload(s.m).unwrap();
+            assert_eq!(
+                s.rt.arena().pages_used(),
+                0,
+                "{mode:?}: every page returned"
+            );
+            let staging = if is_staged { 3 * 8192 } else { 0 };
+            assert_eq!(
+                s.rt.stats().host_bytes,
+                staging,
+                "only the staging ring is left"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_hot_swap_moves_only_the_tensors_it_changes_and_an_empty_set_restores_the_file() {
+    let s = setup(Mode::None, 64, HostPolicy::Pinned, LoraMode::FuseOnUpload);
+    let a = lora(11, &[0, 1, 2], 0, Kind::LowRank(8));
+    let b = lora(12, &[2, 3], 1, Kind::LowRank(16));
+    let c = lora(13, &[4], 0, Kind::LoKr);
+    let t_bytes = |t: usize| SHAPES[t].iter().product::<usize>() * 2;
+    let factor_bytes = |l: &Lora| l.1.data.iter().map(Vec::len).sum::<usize>();
+
+    let set1: Set = vec![(a.clone(), 1.0), (b.clone(), 0.5)];
+    let h0 = s.rt.stats().bytes_h2d;
+    let r = s.rt.set_loras(s.m, &bindings(&set1)).unwrap();
+    // The factors once, and the five patched tensors re-derived in place.
+    assert_eq!(
+        s.rt.stats().bytes_h2d - h0,
+        (factor_bytes(&a) + factor_bytes(&b) + 3 * t_bytes(0) + 2 * t_bytes(1)) as u64
+    );
+    assert_eq!((r.tensors_changed, r.tensors_rederived), (5, 5));
+    pass(&s, &set1);
+    let untouched = resident(&s, 5);
+
+    // Same files, a new multiplier for `a`, `b` gone, `c` added: a's three
+    // tensors and b's two change, c's one is new; a's factors stay on the device.
+    let set2: Set = vec![(a.clone(), -0.75), (c.clone(), 2.0)];
+    let h1 = s.rt.stats().bytes_h2d;
+    let r = s.rt.set_loras(s.m, &bindings(&set2)).unwrap();
+    assert_eq!(
+        s.rt.stats().bytes_h2d - h1,
+        (factor_bytes(&c) + 4 * t_bytes(0) + 2 * t_bytes(1)) as u64,
+        "only c's factors and the six changed tensors move"
+    );
+    assert_eq!((r.tensors_changed, r.tensors_rederived), (6, 6));
+    pass(&s, &set2);
+    assert_eq!(
+        resident(&s, 5),
+        untouched,
+        "a layer no LoRA touches is never re-derived"
+    );
+
+    // The same set again moves nothing.
+    let h2 = s.rt.stats().bytes_h2d;
+    let r = s.rt.set_loras(s.m, &bindings(&set2)).unwrap();
+    assert_eq!((r.tensors_changed, s.rt.stats().bytes_h2d - h2), (0, 0));
+
+    // Removing everything re-derives the four patched tensors from the host
+    // copy: every weight is the file's, bit for bit (never a subtracted delta).
+    let h3 = s.rt.stats().bytes_h2d;
+    s.rt.set_loras(s.m, &[]).unwrap();
+    assert_eq!(s.rt.stats().bytes_h2d - h3, 4 * t_bytes(0) as u64);
+    pass(&s, &vec![]);
+    assert!(s.rt.loras(s.m).unwrap().is_empty());
+    assert_eq!(s.rt.stats().lora_device_bytes, 0);
+    assert_eq!(
+        s.rt.stats().merges,
+        5 + 4,
+        "merged at set_loras only: set1's five tensors, set2's four patched ones"
+    );
+}
+
+#[test]
+fn unfused_hands_the_factors_and_keeps_the_weights_pristine() {
+    let s = setup(Mode::Balanced, 24, HostPolicy::Pinned, LoraMode::Unfused);
+    let a = lora(21, &[0, 3, 5], 0, Kind::LowRank(8));
+    let d = lora(22, &[3], 0, Kind::Slice(4));
+    let set: Set = vec![(a.clone(), 0.7), (d.clone(), 1.0)];
+    let r = s.rt.set_loras(s.m, &bindings(&set)).unwrap();
+    assert_eq!(r.tensors_rederived, 0, "weights stay as they are");
+    for _ in 0..2 {
+        pass(&s, &vec![]);
+    }
+    for l in 0..LAYERS {
+        let g =
+            s.rt.acquire(LayerId {
+                model: s.m,
+                component: 0,
+                layer: l,
+            })
+            .unwrap();
+        let ops: Vec<_> = g.lora(0).collect();
+        let want = [0, 3, 5].contains(&l) as usize + (l == 3) as usize;
+        assert_eq!(ops.len(), want, "layer {l}: one op per row slice");
+        for op in ops {
+            let scale = if op.rows.is_some() { 0.25 } else { 0.7 / 8.0 };
+            assert!((op.adapters[0].scale - scale).abs() < 1e-7);
+            for f in op.factors() {
+                let mut back = vec![0u8; f.bytes()];
+                s.dev.read_blocking(f.ptr, &mut back, s.compute).unwrap();
+                assert!(
+                    back[..] == f.host[..],
+                    "the factor on the device is the file's"
+                );
+            }
+        }
+        assert_eq!(g.lora(1).count(), 0);
+        drop(g);
+    }
+    assert_eq!(s.rt.stats().merges, 0);
+    // LoHa and LoKr have no low-rank path for the engine.
+    let e =
+        s.rt.set_loras(
+            s.m,
+            &bindings(&vec![(lora(23, &[1], 0, Kind::LoHa(2)), 1.0)]),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Lora { .. }) && e.to_string().contains("unfused"),
+        "{e}"
+    );
+    assert_eq!(s.rt.loras(s.m).unwrap().len(), 2, "the old set stays");
+}
+
+#[test]
+fn backup_and_fuse_fuse_the_host_copy_and_differ_in_host_memory() {
+    let a = lora(31, &[0, 1, 2, 3], 0, Kind::LowRank(8));
+    let c = lora(32, &[4], 1, Kind::LoKr);
+    let set: Set = vec![(a.clone(), 0.9), (c.clone(), -1.25)];
+    let factors: usize = [&a, &c]
+        .iter()
+        .map(|l| l.1.data.iter().map(Vec::len).sum::<usize>())
+        .sum();
+    let mut peaks = Vec::new();
+    for lora_mode in [LoraMode::Backup, LoraMode::Fuse] {
+        let s = setup(Mode::Balanced, 24, HostPolicy::Pinned, lora_mode);
+        pass(&s, &vec![]);
+        let host0 = s.rt.stats().host_bytes;
+        s.rt.reset_peaks();
+        let r = s.rt.set_loras(s.m, &bindings(&set)).unwrap();
+        assert_eq!(r.host_layers_changed, 5);
+        assert_eq!(r.factor_bytes, 0, "no factor goes to the device");
+        let before = s.rt.stats();
+        for _ in 0..3 {
+            pass(&s, &set);
+        }
+        let st = s.rt.stats().since(&before);
+        assert_eq!(
+            st.merges, 0,
+            "{lora_mode}: streamed layers carry the fused host copy"
+        );
+        assert!(st.bytes_h2d > 0, "layers stream");
+        let grown = s.rt.stats().peak_host_bytes - host0;
+        peaks.push(grown);
+        // Backup keeps the five changed layers' originals; fuse only the factors.
+        let layer_bytes = s.rt.stats().host_bytes - host0 - factors;
+        if lora_mode == LoraMode::Backup {
+            assert!(
+                layer_bytes >= 5 * (t_total()),
+                "backup holds five layers: {layer_bytes}"
+            );
+        } else {
+            assert_eq!(layer_bytes, 0, "fuse holds nothing but the factors");
+        }
+        s.rt.set_loras(s.m, &[]).unwrap();
+        pass(&s, &vec![]);
+        assert_eq!(
+            s.rt.stats().host_bytes,
+            host0,
+            "{lora_mode}: everything given back"
+        );
+    }
+    assert!(
+        peaks[0] > peaks[1],
+        "backup needs more host memory than fuse: {peaks:?}"
+    );
+}
+
+/// Bytes of one layer's tensors.
+fn t_total() -> usize {
+    SHAPES.iter().map(|s| s.iter().product::<usize>() * 2).sum()
+}
+
+#[test]
+fn backup_and_fuse_need_the_pinned_policy() {
+    let dev = Arc::new(HostDevice::new(HostConfig::default()).unwrap());
+    let compute = dev.create_stream().unwrap();
+    let cfg = RuntimeConfig {
+        host_policy: staged(),
+        lora_mode: LoraMode::Backup,
+        ..RuntimeConfig::default()
+    };
+    let e = Runtime::new(dev.clone(), compute, cfg).unwrap_err();
+    assert!(
+        matches!(e, Error::Config(_)) && e.to_string().contains("pinned"),
+        "{e}"
+    );
+    let s = setup(Mode::Balanced, 24, staged(), LoraMode::FuseOnUpload);
+    let e = s.rt.set_lora_mode(LoraMode::Fuse).unwrap_err();
+    assert!(e.to_string().contains("pinned"), "{e}");
+    assert_eq!(s.rt.lora_mode(), LoraMode::FuseOnUpload);
+}
+
+#[test]
+fn the_mode_changes_between_passes() {
+    let s = setup(
+        Mode::Balanced,
+        24,
+        HostPolicy::Pinned,
+        LoraMode::FuseOnUpload,
+    );
+    let set: Set = vec![(lora(41, &[0, 2, 4, 5], 0, Kind::LowRank(4)), 1.0)];
+    s.rt.set_loras(s.m, &bindings(&set)).unwrap();
+    pass(&s, &set);
+    for mode in [
+        LoraMode::Backup,
+        LoraMode::Unfused,
+        LoraMode::Fuse,
+        LoraMode::FuseOnUpload,
+    ] {
+        s.rt.set_lora_mode(mode).unwrap();
+        assert_eq!(s.rt.lora_mode(), mode);
+        assert_eq!(s.rt.loras(s.m).unwrap().len(), 1);
+        if mode == LoraMode::Unfused {
+            pass(&s, &vec![]);
+        } else {
+            pass(&s, &set);
+            pass(&s, &set);
+        }
+    }
+    s.rt.set_loras(s.m, &[]).unwrap();
+    pass(&s, &vec![]);
+}
+
+#[test]
+fn a_bad_set_is_an_error_that_changes_nothing() {
+    let s = setup(
+        Mode::Balanced,
+        24,
+        HostPolicy::Pinned,
+        LoraMode::FuseOnUpload,
+    );
+    let good: Set = vec![(lora(51, &[0, 1, 4], 0, Kind::LowRank(8)), 1.0)];
+    s.rt.set_loras(s.m, &bindings(&good)).unwrap();
+    pass(&s, &good);
+    let check = |e: Error, words: &[&str]| {
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Lora { .. }), "{msg}");
+        for w in words {
+            assert!(msg.contains(w), "{msg:?} lacks {w:?}");
+        }
+        assert_eq!(s.rt.loras(s.m).unwrap().len(), 1);
+        pass(&s, &good);
+    };
+    let other = lora(52, &[2], 0, Kind::LowRank(4));
+    for bad in [f32::NAN, f32::INFINITY] {
+        let e =
+            s.rt.set_loras(s.m, &bindings(&vec![(other.clone(), bad)]))
+                .unwrap_err();
+        check(e, &["lora52.safetensors", "multiplier"]);
+    }
+    // A factor of the wrong shape for its target.
+    let mut desc = (*other.0).clone();
+    desc.factors[1].shape = vec![4, 40];
+    let srcs = Arc::new(Factors {
+        data: vec![other.1.data[0].clone(), vec![0u8; 4 * 40 * 2]],
+        fail: AtomicBool::new(false),
+    });
+    let e =
+        s.rt.set_loras(s.m, &bindings(&vec![((Arc::new(desc), srcs), 1.0)]))
+            .unwrap_err();
+    check(e, &["lora_l2_t0", "l2.t0", "40", "48"]);
+    // A target the model does not have.
+    let mut desc = (*other.0).clone();
+    desc.patches[0].layer = 99;
+    let e =
+        s.rt.set_loras(
+            s.m,
+            &bindings(&vec![((Arc::new(desc), other.1.clone()), 1.0)]),
+        )
+        .unwrap_err();
+    check(e, &["lora_l2_t0", "0/99/0"]);
+    // A file that cannot be read any more.
+    other.1.fail.store(true, Ordering::Relaxed);
+    let e =
+        s.rt.set_loras(s.m, &bindings(&vec![(other.clone(), 1.0)]))
+            .unwrap_err();
+    check(e, &["lora52.safetensors", "changed"]);
+    // A layer in use.
+    let g =
+        s.rt.acquire(LayerId {
+            model: s.m,
+            component: 0,
+            layer: 0,
+        })
+        .unwrap();
+    let e = s.rt.set_loras(s.m, &[]).unwrap_err();
+    assert!(matches!(e, Error::AllInUse { .. }), "{e}");
+    drop(g);
+}
+
+#[test]
+fn factors_that_cannot_fit_beside_the_ring_fail_at_set_loras() {
+    // Sequential, 8 pages: the largest layer needs 3; 6+ pages of factors cannot fit beside it.
+    let s = setup(
+        Mode::Sequential,
+        8,
+        HostPolicy::Pinned,
+        LoraMode::FuseOnUpload,
+    );
+    pass(&s, &vec![]);
+    let big: Set = vec![(lora(61, &[0, 1, 2, 3, 4, 5], 0, Kind::LowRank(32)), 1.0)];
+    let e = s.rt.set_loras(s.m, &bindings(&big)).unwrap_err();
+    assert!(matches!(e, Error::DoesNotFit { .. }), "{e}");
+    assert!(e.to_string().contains("LoRA set"), "{e}");
+    assert!(s.rt.loras(s.m).unwrap().is_empty());
+    pass(&s, &vec![]);
+    // A small set fits, and the plan shrinks to make room for it.
+    let small: Set = vec![(lora(62, &[1, 4], 0, Kind::LowRank(2)), 1.0)];
+    s.rt.set_loras(s.m, &bindings(&small)).unwrap();
+    for _ in 0..2 {
+        pass(&s, &small);
+    }
+    assert!(s.rt.stats().peak_device_bytes <= 8 * PAGE);
+}
