@@ -587,6 +587,10 @@ impl Shared {
         let (keep, gone): (Vec<LoadedLora>, Vec<LoadedLora>) = std::mem::take(&mut state.loaded)
             .into_iter()
             .partition(|l| kept(l));
+        // A failure left on the copy stream by an earlier upload belongs to
+        // that upload's ready event (an acquire or `apply` handles it), not
+        // to this call: clear it before queueing ours.
+        let _ = self.device.stream_synchronize(self.copy);
         let mut loaded_new: Vec<LoadedLora> = Vec::new();
         let mut upload_err = None;
         for l in fresh.into_iter().flatten() {
@@ -687,6 +691,9 @@ impl Shared {
             }
         }
         report.tensors_changed = changed.len();
+        // A failure left on the copy stream by an earlier upload belongs to
+        // that upload's ready event (handled per layer below), not to this call.
+        let _ = self.device.stream_synchronize(self.copy);
         let mut first_err: Option<Error> = None;
         for (ci, comp) in model.comps.iter().enumerate() {
             let mut st = comp.lock();
@@ -782,9 +789,16 @@ impl Shared {
         report: &mut LoraReport,
     ) -> Result<()> {
         let comp = &model.comps[ci];
-        // A staged upload still being queued finishes first.
+        // A staged upload still being queued finishes first (a failed one
+        // is over: its copy is dropped below).
         if let Some(j) = st.layers[l].job.clone() {
-            j.wait(self.cfg.wait_timeout)?;
+            let _ = j.wait(self.cfg.wait_timeout);
+            if !j.is_finished() {
+                return Err(Error::Timeout {
+                    event: comp.ready[l],
+                    waited_ms: self.cfg.wait_timeout.as_millis() as u64,
+                });
+            }
         }
         if mode.fuses_host_copy() || host_was_fused {
             // Queued copies read the host copy: let them finish before it changes.
@@ -810,11 +824,23 @@ impl Shared {
             Place::Slot(s) => st.ring[s].ptr,
             Place::Host => return Ok(()),
         };
-        let Some(host) = st.host[l].as_ref() else {
-            // Staged: no host copy to re-derive from; the next upload derives it.
-            self.drop_device_copy(comp, st, l);
-            report.layers_dropped += 1;
-            return Ok(());
+        // A copy whose upload failed holds garbage in its other tensors
+        // too; a staged one has no host copy to re-derive from. Either way
+        // the next upload derives it whole.
+        let failed = matches!(
+            self.device.event_query(comp.ready[l]),
+            Err(Error::StreamFailed { .. })
+        ) || st.layers[l]
+            .job
+            .as_ref()
+            .is_some_and(|j| j.wait(std::time::Duration::ZERO).is_err());
+        let host = match st.host[l].as_ref() {
+            Some(h) if !failed => h,
+            _ => {
+                self.drop_device_copy(comp, st, l);
+                report.layers_dropped += 1;
+                return Ok(());
+            }
         };
         // After the engine's last use of the old bytes.
         for &(_, e) in &st.layers[l].done {
