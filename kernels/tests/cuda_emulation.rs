@@ -54,5 +54,9 @@ fn cuda_source_matches_reference_in_cpu_emulation() {
     let _ = std::fs::remove_file(&exe);
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "emulation failed:\n{stdout}");
-    assert!(stdout.contains("20 cases, 0 failures"), "{stdout}");
+    eprintln!("{stdout}");
+    for group in ["lowrank: 20 cases", "mma: 20 cases", "general: 40 cases"] {
+        assert!(stdout.contains(group), "{group}:\n{stdout}");
+    }
+    assert!(stdout.contains("all: 80 cases, 0 failures"), "{stdout}");
 }

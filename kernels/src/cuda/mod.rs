@@ -2,39 +2,65 @@
 //! runtime, and the layout of their launch parameters.
 //!
 //! This module does not talk to CUDA (it does not depend on cudarc): it
-//! holds the source text, the entry-point names, and [`LowRankMergeParams`],
-//! the `#[repr(C)]` parameter block the kernels take by value, so the runtime
-//! can compile, launch and check them.
+//! holds the source text, the entry-point names, and the `#[repr(C)]`
+//! parameter blocks the kernels take by value ([`LowRankMergeParams`],
+//! [`MergeParams`]), so the runtime can compile, launch and check them.
+//!
+//! Three kernels, each with an entry point per weight dtype (the source's
+//! header comment describes them in detail):
+//!
+//! - **low-rank, fp32 FMA** ([`lowrank_merge_entry`], [`LowRankMergeParams`]):
+//!   `Δ = up · down` (kohya, peft, LoCon) for up to [`MAX_ADAPTERS`] stacked
+//!   adapters, any rank (chunks of 32 ranks in shared memory), any factor
+//!   dtypes. Meant to be bound by memory bandwidth for rank ≤ 32.
+//! - **low-rank, tensor cores** ([`lowrank_merge_mma_entry`], the same
+//!   parameters): `mma.sync.m16n8k16` with fp32 accumulation, for adapters
+//!   whose two factors are both f16 or both bf16 (their products are exact
+//!   in fp32), on compute capability ≥ [`MMA_MIN_COMPUTE_CAPABILITY`]. Each
+//!   adapter's product is scaled in fp32 after the product
+//!   ([`LowRankMergeParams::tensor_cores`] says when to take it).
+//! - **general** ([`merge_entry`], [`MergeParams`]): every delta the CPU
+//!   merges — low-rank, LoHa, LoKr with each side whole or low-rank — mixed,
+//!   up to [`MERGE_MAX_ADAPTERS`] in one launch. Each delta is one matrix
+//!   (a "term") or the element-wise product of two, read at mapped indices
+//!   ([`MergeTermParams`]).
+//!
+//! All three have the semantics of [`crate::merge`]: one pass, fp32
+//! accumulation of every adapter of the launch, one rounding to W's dtype,
+//! rows outside the slice untouched.
 //!
 //! **Status: compiled by NVRTC, not yet run on a GPU.** The source includes
 //! only `cuda_fp16.h` and `cuda_bf16.h`, and uses only their types and
-//! scalar conversions. NVRTC 13.0 does not bundle those headers, so the
-//! runtime gives NVRTC its own minimal versions of both
-//! (`offload_runtime::device::cuda::nvrtc::HEADERS`); with them the source
-//! compiles to cubins for sm_80, sm_90 and sm_121 with NVRTC 13.0.88 (the
-//! runtime's `nvrtc_compiles_the_kernel_sources` test, which needs libnvrtc
-//! but no GPU). What has been checked besides: g++ compiles it against
-//! stand-in headers and runs it on the CPU (one OS thread per CUDA thread,
-//! a barrier for `__syncthreads()`), and every element matches the f64
-//! reference within the CPU tests' tolerance (`tests/cuda_emulation.rs`,
-//! ignored by default). The runtime's GPU test
-//! `gpu_merge_lowrank_matches_cpu_merge` must still compare it with the
-//! reference on a GPU before it is trusted.
+//! scalar conversions (the tensor-core instruction is inline PTX). NVRTC
+//! 13.0 does not bundle those headers, so the runtime gives NVRTC its own
+//! minimal versions of both (`offload_runtime::device::cuda::nvrtc::HEADERS`);
+//! with them the source compiles to cubins for sm_80, sm_90 and sm_121 with
+//! NVRTC 13.0.88 in 2 to 3 seconds (the runtime's
+//! `nvrtc_compiles_the_kernel_sources` test needs libnvrtc but no GPU), and
+//! for sm_75 too (where the tensor-core kernel is a trap the runtime never
+//! launches); `--ptxas-options=-v` reports no register spills in any kernel
+//! for those four architectures.
 //!
-//! What it covers: the low-rank merge (`Δ = up · down`: kohya, peft, LoCon)
-//! for up to [`MAX_ADAPTERS`] stacked adapters in one pass, any rank (tiles
-//! of 32 ranks; it is meant to be memory-bound for rank ≤ 32), W in
-//! f32/f16/bf16 and each factor in f32/f16/bf16, with a row slice. LoHa and
-//! LoKr deltas and the tensor-core path for large ranks are not here yet.
+//! What has been checked besides: g++ compiles the source against stand-in
+//! headers and runs it on the CPU (one OS thread per CUDA thread, a barrier
+//! for `__syncthreads()`, the warp-wide `mma` emulated from the PTX ISA's
+//! fragment layout), and every element of random low-rank, LoHa and LoKr
+//! merges from all three kernels matches the f64 reference within the CPU
+//! tests' tolerance (`tests/cuda_emulation.rs`, ignored by default). That
+//! emulation checks the kernels against our reading of the fragment layout,
+//! not against the hardware: the runtime's GPU tests (`gpu_merge_*`) must
+//! still compare the kernels with the CPU merge on a GPU before they are
+//! trusted, and report the tensor cores' TFLOP/s.
 
 use std::mem::{offset_of, size_of};
 
 use crate::dtype::Dtype;
 use crate::error::KernelError;
-use crate::merge::{Delta, MergeSpec};
+use crate::merge::{Delta, Factor, KronFactor, MergeSpec};
 
-/// CUDA C source of the low-rank merge kernels (one translation unit, three
-/// `extern "C"` entry points; see [`lowrank_merge_entry`]).
+/// CUDA C source of the merge kernels (one translation unit, nine
+/// `extern "C"` entry points; see [`lowrank_merge_entry`],
+/// [`lowrank_merge_mma_entry`] and [`merge_entry`]).
 pub const LOWRANK_MERGE_SRC: &str = include_str!("lowrank_merge.cu");
 
 /// Entry point for f32 weights.
@@ -53,14 +79,60 @@ pub const fn lowrank_merge_entry(dtype: Dtype) -> &'static str {
     }
 }
 
-/// Most adapters one launch merges (`OFFLOAD_MAX_ADAPTERS` in the source).
+/// Tensor-core entry point for f32 weights.
+pub const LOWRANK_MERGE_MMA_F32: &str = "offload_lowrank_merge_mma_f32";
+/// Tensor-core entry point for f16 weights.
+pub const LOWRANK_MERGE_MMA_F16: &str = "offload_lowrank_merge_mma_f16";
+/// Tensor-core entry point for bf16 weights.
+pub const LOWRANK_MERGE_MMA_BF16: &str = "offload_lowrank_merge_mma_bf16";
+
+/// The tensor-core entry point that merges into a weight of `dtype` (same
+/// parameters as [`lowrank_merge_entry`], block [`MMA_BLOCK_DIM`]).
+pub const fn lowrank_merge_mma_entry(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => LOWRANK_MERGE_MMA_F32,
+        Dtype::F16 => LOWRANK_MERGE_MMA_F16,
+        Dtype::BF16 => LOWRANK_MERGE_MMA_BF16,
+    }
+}
+
+/// General entry point (every delta kind) for f32 weights.
+pub const MERGE_F32: &str = "offload_merge_f32";
+/// General entry point for f16 weights.
+pub const MERGE_F16: &str = "offload_merge_f16";
+/// General entry point for bf16 weights.
+pub const MERGE_BF16: &str = "offload_merge_bf16";
+
+/// The general entry point that merges into a weight of `dtype`
+/// ([`MergeParams`], block [`BLOCK_DIM`]).
+pub const fn merge_entry(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => MERGE_F32,
+        Dtype::F16 => MERGE_F16,
+        Dtype::BF16 => MERGE_BF16,
+    }
+}
+
+/// Most adapters one low-rank launch merges (`OFFLOAD_MAX_ADAPTERS` in the
+/// source).
 pub const MAX_ADAPTERS: usize = 8;
+/// Most adapters one launch of the general kernel merges
+/// (`OFFLOAD_MERGE_MAX_ADAPTERS`; its parameter block, 3352 bytes, stays
+/// under the 4 KiB every driver takes).
+pub const MERGE_MAX_ADAPTERS: usize = 32;
+/// Ranks up to this are meant to be bound by memory bandwidth in fp32 FMA;
+/// above it the tensor cores are used where the factors allow.
+pub const FMA_MAX_RANK: u32 = 32;
+/// The oldest GPUs with `mma.sync.m16n8k16` for f16 and bf16 (Ampere).
+pub const MMA_MIN_COMPUTE_CAPABILITY: (u32, u32) = (8, 0);
 /// Rows of W one thread block covers.
 pub const TILE_ROWS: u32 = 64;
 /// Columns of W one thread block covers.
 pub const TILE_COLS: u32 = 64;
-/// Threads per block, `(x, y, z)`.
+/// Threads per block of the fp32 FMA and general kernels, `(x, y, z)`.
 pub const BLOCK_DIM: (u32, u32, u32) = (16, 16, 1);
+/// Threads per block of the tensor-core kernel, `(x, y, z)`: four warps.
+pub const MMA_BLOCK_DIM: (u32, u32, u32) = (128, 1, 1);
 
 /// The code of a dtype in the parameter block (`OFFLOAD_DTYPE_*`).
 pub const fn dtype_code(dtype: Dtype) -> u32 {
@@ -195,42 +267,309 @@ impl LowRankMergeParams {
         Ok(params)
     }
 
+    /// Grid and block dimensions for a launch of the fp32 FMA kernel
+    /// ([`lowrank_merge_entry`]) with these parameters.
+    pub fn launch_dims(&self) -> LaunchDims {
+        (grid(self.rows, self.cols), BLOCK_DIM)
+    }
+
+    /// Grid and block dimensions for a launch of the tensor-core kernel
+    /// ([`lowrank_merge_mma_entry`]) with these parameters.
+    pub fn mma_launch_dims(&self) -> LaunchDims {
+        (grid(self.rows, self.cols), MMA_BLOCK_DIM)
+    }
+
+    /// Whether these adapters should go to the tensor-core kernel: every
+    /// adapter's two factors are both f16 or both bf16 (the instruction takes
+    /// one 16-bit type for both operands, and their products are exact in
+    /// fp32), and some rank is above [`FMA_MAX_RANK`] (below it the fp32 FMA
+    /// kernel is bound by memory bandwidth anyway). The caller also checks
+    /// the device's compute capability against
+    /// [`MMA_MIN_COMPUTE_CAPABILITY`].
+    pub fn tensor_cores(&self) -> bool {
+        let used = &self.adapters[..(self.num_adapters as usize).min(MAX_ADAPTERS)];
+        !used.is_empty()
+            && used
+                .iter()
+                .all(|a| a.up_dtype == a.down_dtype && a.up_dtype != dtype_code(Dtype::F32))
+            && used.iter().any(|a| a.rank > FMA_MAX_RANK)
+    }
+}
+
+/// The grid for a slice of `rows` × `cols`: one block per 64 × 64 tile.
+fn grid(rows: u32, cols: u32) -> (u32, u32, u32) {
+    (cols.div_ceil(TILE_COLS), rows.div_ceil(TILE_ROWS), 1)
+}
+
+/// The factors of a delta in the order the kernels' callers give their
+/// device addresses: `up, down` (low-rank); `w1a, w1b, w2a, w2b` (LoHa);
+/// for LoKr `w1` (or `w1a, w1b`) then `w2` (or `w2a, w2b`).
+pub fn delta_factors<'a>(delta: &Delta<'a>) -> Vec<Factor<'a>> {
+    let side = |k: &KronFactor<'a>| match *k {
+        KronFactor::Full(m) => vec![m],
+        KronFactor::LowRank { a, b } => vec![a, b],
+    };
+    match *delta {
+        Delta::LowRank { up, down } => vec![up, down],
+        Delta::LoHa { w1a, w1b, w2a, w2b } => vec![w1a, w1b, w2a, w2b],
+        Delta::LoKr { ref w1, ref w2 } => {
+            let mut v = side(w1);
+            v.extend(side(w2));
+            v
+        }
+    }
+}
+
+/// One matrix `T` of a delta in [`MergeAdapterParams`]; mirrors
+/// `OffloadMergeTerm`. The delta's element `[i, j]` (relative to the row
+/// slice) reads `T[(i / row_div) % row_mod, (j / col_div) % col_mod]`; `T`
+/// is stored whole (`rank` 0, at `left`) or as the product `L · R` of
+/// `L = left` (`[T's rows, rank]`) and `R = right` (`[rank, cols]`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct MergeTermParams {
+    /// Device address of `T` (rank 0) or of `L`.
+    pub left: u64,
+    /// Device address of `R` (unused, 0, when rank is 0).
+    pub right: u64,
+    /// The rank of `L · R`; 0 when `T` is stored whole.
+    pub rank: u32,
+    /// [`dtype_code`] of `T` or `L`.
+    pub left_dtype: u32,
+    /// [`dtype_code`] of `R` (0 when rank is 0).
+    pub right_dtype: u32,
+    /// Columns of `T` (the row stride of `T`, or of `R`).
+    pub cols: u32,
+    /// Row map: divisor.
+    pub row_div: u32,
+    /// Row map: modulus (`T`'s rows).
+    pub row_mod: u32,
+    /// Column map: divisor.
+    pub col_div: u32,
+    /// Column map: modulus (`T`'s columns).
+    pub col_mod: u32,
+}
+
+/// One adapter in [`MergeParams`]; mirrors `OffloadMergeAdapter`.
+/// `Δ = terms[0]` (one term) or `terms[0] ⊙ terms[1]` (two).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct MergeAdapterParams {
+    /// The delta's terms; the second is unused with one term.
+    pub terms: [MergeTermParams; 2],
+    /// 1 or 2.
+    pub num_terms: u32,
+    /// The adapter's scale.
+    pub scale: f32,
+}
+
+/// The general kernel's only argument, passed by value; mirrors
+/// `OffloadMergeParams` (the source checks the size with `static_assert`,
+/// this crate checks sizes and offsets at compile time).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct MergeParams {
+    /// Device address of W's first element (row 0 of the whole weight).
+    pub w: u64,
+    /// Rows of the delta (the row slice's length).
+    pub rows: u32,
+    /// Columns of W viewed as a matrix.
+    pub cols: u32,
+    /// First row of W the delta applies to.
+    pub row0: u32,
+    /// Adapters in use, at most [`MERGE_MAX_ADAPTERS`].
+    pub num_adapters: u32,
+    /// The adapters; entries past `num_adapters` are ignored.
+    pub adapters: [MergeAdapterParams; MERGE_MAX_ADAPTERS],
+}
+
+const _: () = {
+    assert!(size_of::<MergeTermParams>() == 48);
+    assert!(offset_of!(MergeTermParams, left) == 0);
+    assert!(offset_of!(MergeTermParams, right) == 8);
+    assert!(offset_of!(MergeTermParams, rank) == 16);
+    assert!(offset_of!(MergeTermParams, left_dtype) == 20);
+    assert!(offset_of!(MergeTermParams, right_dtype) == 24);
+    assert!(offset_of!(MergeTermParams, cols) == 28);
+    assert!(offset_of!(MergeTermParams, row_div) == 32);
+    assert!(offset_of!(MergeTermParams, row_mod) == 36);
+    assert!(offset_of!(MergeTermParams, col_div) == 40);
+    assert!(offset_of!(MergeTermParams, col_mod) == 44);
+    assert!(size_of::<MergeAdapterParams>() == 104);
+    assert!(offset_of!(MergeAdapterParams, terms) == 0);
+    assert!(offset_of!(MergeAdapterParams, num_terms) == 96);
+    assert!(offset_of!(MergeAdapterParams, scale) == 100);
+    assert!(size_of::<MergeParams>() == 24 + 104 * MERGE_MAX_ADAPTERS);
+    assert!(offset_of!(MergeParams, w) == 0);
+    assert!(offset_of!(MergeParams, rows) == 8);
+    assert!(offset_of!(MergeParams, cols) == 12);
+    assert!(offset_of!(MergeParams, row0) == 16);
+    assert!(offset_of!(MergeParams, num_adapters) == 20);
+    assert!(offset_of!(MergeParams, adapters) == 24);
+    // Kernel parameters are limited to 4 KiB on every driver.
+    assert!(size_of::<MergeParams>() <= 4096);
+};
+
+impl MergeParams {
+    /// The parameter block for `spec` (any delta kinds, mixed), with W at
+    /// device address `w` and adapter `i`'s factors at the device addresses
+    /// `factors[i]`, in the order of [`delta_factors`].
+    ///
+    /// Errors: [`KernelError::Unsupported`] if there are more than
+    /// [`MERGE_MAX_ADAPTERS`] adapters, if `factors` does not have one entry
+    /// per adapter and one address per factor, or if a dimension does not fit
+    /// the kernel's 32-bit indices or its grid.
+    pub fn new(
+        spec: &MergeSpec<'_>,
+        w: u64,
+        factors: &[Vec<u64>],
+    ) -> Result<MergeParams, KernelError> {
+        let unsupported = |what: String| KernelError::Unsupported {
+            what: format!("CUDA merge: {what}"),
+        };
+        let adapters = spec.adapters();
+        if adapters.len() > MERGE_MAX_ADAPTERS {
+            return Err(unsupported(format!(
+                "{} adapters in one launch (at most {MERGE_MAX_ADAPTERS})",
+                adapters.len()
+            )));
+        }
+        if factors.len() != adapters.len() {
+            return Err(unsupported(format!(
+                "{} factor address lists for {} adapters",
+                factors.len(),
+                adapters.len()
+            )));
+        }
+        let to_u32 = |v: usize, what: &str| {
+            u32::try_from(v).map_err(|_| unsupported(format!("{what} {v} does not fit in u32")))
+        };
+        let rows = to_u32(spec.delta_rows(), "rows")?;
+        if rows.div_ceil(TILE_ROWS) > 65_535 {
+            return Err(unsupported(format!(
+                "{rows} rows (grid y is at most 65535)"
+            )));
+        }
+        let cols = to_u32(spec.cols(), "columns")?;
+        let mut params = MergeParams {
+            w,
+            rows,
+            cols,
+            row0: to_u32(spec.row_range().start, "first row")?,
+            num_adapters: to_u32(adapters.len(), "adapters")?,
+            adapters: [MergeAdapterParams::default(); MERGE_MAX_ADAPTERS],
+        };
+        for (index, (adapter, addrs)) in adapters.iter().zip(factors).enumerate() {
+            let expected = delta_factors(&adapter.delta).len();
+            if addrs.len() != expected {
+                return Err(unsupported(format!(
+                    "adapter {index}: {} factor addresses for {expected} factors",
+                    addrs.len()
+                )));
+            }
+            // A term from a factor stored whole or a product of two, read
+            // through the maps `(div, mod)` of rows and columns.
+            let term = |l: (&Factor<'_>, u64),
+                        r: Option<(&Factor<'_>, u64)>,
+                        (row_div, row_mod): (usize, usize),
+                        (col_div, col_mod): (usize, usize)|
+             -> Result<MergeTermParams, KernelError> {
+                let (cols_of_t, right, rank, right_dtype) = match r {
+                    Some((rf, ra)) => (rf.cols, ra, l.0.cols, dtype_code(rf.dtype)),
+                    None => (l.0.cols, 0, 0, 0),
+                };
+                Ok(MergeTermParams {
+                    left: l.1,
+                    right,
+                    rank: to_u32(rank, "rank")?,
+                    left_dtype: dtype_code(l.0.dtype),
+                    right_dtype,
+                    cols: to_u32(cols_of_t, "factor columns")?,
+                    row_div: to_u32(row_div, "row divisor")?,
+                    row_mod: to_u32(row_mod, "factor rows")?,
+                    col_div: to_u32(col_div, "column divisor")?,
+                    col_mod: to_u32(col_mod, "factor columns")?,
+                })
+            };
+            let (n, c) = (spec.delta_rows(), spec.cols());
+            let p = &mut params.adapters[index];
+            p.scale = adapter.scale;
+            match &adapter.delta {
+                Delta::LowRank { up, down } => {
+                    p.num_terms = 1;
+                    p.terms[0] = term((up, addrs[0]), Some((down, addrs[1])), (1, n), (1, c))?;
+                }
+                Delta::LoHa { w1a, w1b, w2a, w2b } => {
+                    p.num_terms = 2;
+                    p.terms[0] = term((w1a, addrs[0]), Some((w1b, addrs[1])), (1, n), (1, c))?;
+                    p.terms[1] = term((w2a, addrs[2]), Some((w2b, addrs[3])), (1, n), (1, c))?;
+                }
+                Delta::LoKr { w1, w2 } => {
+                    // Δ[i, j] = w1[i / c2, j / d2] · w2[i % c2, j % d2].
+                    let ([a1, b1], [c2, d2]) = (w1.shape(), w2.shape());
+                    let mut next = addrs.iter().copied();
+                    let mut side = |k: &KronFactor<'_>, rows, cols| match k {
+                        KronFactor::Full(m) => {
+                            term((m, next.next().unwrap_or(0)), None, rows, cols)
+                        }
+                        KronFactor::LowRank { a, b } => {
+                            let (la, lb) = (next.next().unwrap_or(0), next.next().unwrap_or(0));
+                            term((a, la), Some((b, lb)), rows, cols)
+                        }
+                    };
+                    p.num_terms = 2;
+                    p.terms[0] = side(w1, (c2, a1), (d2, b1))?;
+                    p.terms[1] = side(w2, (1, c2), (1, d2))?;
+                }
+            }
+        }
+        Ok(params)
+    }
+
     /// Grid and block dimensions for a launch with these parameters.
     pub fn launch_dims(&self) -> LaunchDims {
-        (
-            (
-                self.cols.div_ceil(TILE_COLS),
-                self.rows.div_ceil(TILE_ROWS),
-                1,
-            ),
-            BLOCK_DIM,
-        )
+        (grid(self.rows, self.cols), BLOCK_DIM)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::merge::{Adapter, Factor};
+    use crate::merge::Adapter;
 
     #[test]
     fn source_declares_every_entry_point_and_the_layout() {
         for dtype in Dtype::ALL {
-            let entry = lowrank_merge_entry(dtype);
+            for (entry, threads) in [
+                (lowrank_merge_entry(dtype), "OFFLOAD_THREADS"),
+                (lowrank_merge_mma_entry(dtype), "OFFLOAD_MMA_THREADS"),
+                (merge_entry(dtype), "OFFLOAD_THREADS, 2"),
+            ] {
+                assert!(
+                    LOWRANK_MERGE_SRC.contains(&format!(
+                        "extern \"C\" __global__ void __launch_bounds__({threads})\n{entry}("
+                    )),
+                    "{entry}"
+                );
+            }
+        }
+        let defines = [
+            ("OFFLOAD_MAX_ADAPTERS", MAX_ADAPTERS as u32),
+            ("OFFLOAD_MERGE_MAX_ADAPTERS", MERGE_MAX_ADAPTERS as u32),
+            ("OFFLOAD_TILE_ROWS", TILE_ROWS),
+            ("OFFLOAD_TILE_COLS", TILE_COLS),
+            ("OFFLOAD_TILE_K", FMA_MAX_RANK),
+            ("OFFLOAD_BLOCK_X", BLOCK_DIM.0),
+            ("OFFLOAD_BLOCK_Y", BLOCK_DIM.1),
+            ("OFFLOAD_MMA_THREADS", MMA_BLOCK_DIM.0),
+        ];
+        for (name, value) in defines {
             assert!(
-                LOWRANK_MERGE_SRC.contains(&format!(
-                    "extern \"C\" __global__ void __launch_bounds__(OFFLOAD_THREADS)\n{entry}("
-                )),
-                "{entry}"
+                LOWRANK_MERGE_SRC.contains(&format!("#define {name} {value}\n")),
+                "{name}"
             );
         }
-        assert!(
-            LOWRANK_MERGE_SRC.contains(&format!("#define OFFLOAD_MAX_ADAPTERS {MAX_ADAPTERS}\n"))
-        );
-        assert!(LOWRANK_MERGE_SRC.contains(&format!("#define OFFLOAD_TILE_ROWS {TILE_ROWS}\n")));
-        assert!(LOWRANK_MERGE_SRC.contains(&format!("#define OFFLOAD_TILE_COLS {TILE_COLS}\n")));
-        assert!(LOWRANK_MERGE_SRC.contains(&format!("#define OFFLOAD_BLOCK_X {}\n", BLOCK_DIM.0)));
-        assert!(LOWRANK_MERGE_SRC.contains(&format!("#define OFFLOAD_BLOCK_Y {}\n", BLOCK_DIM.1)));
+        assert_eq!((BLOCK_DIM.2, MMA_BLOCK_DIM.1, MMA_BLOCK_DIM.2), (1, 1, 1));
         for dtype in Dtype::ALL {
             assert!(LOWRANK_MERGE_SRC.contains(&format!(
                 "#define OFFLOAD_DTYPE_{} {}u\n",
@@ -238,7 +577,7 @@ mod tests {
                 dtype_code(dtype)
             )));
         }
-        // Only the two headers NVRTC bundles.
+        // Only the two headers NVRTC is given.
         let includes: Vec<&str> = LOWRANK_MERGE_SRC
             .lines()
             .filter(|l| l.starts_with("#include"))
@@ -247,6 +586,13 @@ mod tests {
             includes,
             ["#include <cuda_fp16.h>", "#include <cuda_bf16.h>"]
         );
+        // The tensor-core instruction, for both 16-bit types, only where it exists.
+        for t in ["f16", "bf16"] {
+            assert!(LOWRANK_MERGE_SRC.contains(&format!(
+                "mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 "
+            )));
+        }
+        assert!(LOWRANK_MERGE_SRC.contains("#if __CUDA_ARCH__ >= 800\n"));
     }
 
     #[test]
@@ -278,6 +624,208 @@ mod tests {
         assert_eq!(bytemuck::bytes_of(&p).len(), 280);
         assert!(matches!(
             LowRankMergeParams::new(&spec, 0x1000, &[]),
+            Err(KernelError::Unsupported { .. })
+        ));
+        assert_eq!(p.mma_launch_dims(), ((2, 3, 1), (128, 1, 1)));
+        // Mixed factor dtypes and rank 4: not for the tensor cores.
+        assert!(!p.tensor_cores());
+    }
+
+    fn lowrank_params(adapters: &[(usize, Dtype, Dtype)]) -> LowRankMergeParams {
+        let bytes: Vec<(Vec<u8>, Vec<u8>)> = adapters
+            .iter()
+            .map(|&(r, u, d)| {
+                (
+                    vec![0u8; 8 * r * u.size_in_bytes()],
+                    vec![0u8; r * 8 * d.size_in_bytes()],
+                )
+            })
+            .collect();
+        let list: Vec<Adapter<'_>> = adapters
+            .iter()
+            .zip(&bytes)
+            .map(|(&(r, u, d), (ub, db))| Adapter {
+                scale: 1.0,
+                delta: Delta::LowRank {
+                    up: Factor::new(ub, u, 8, r),
+                    down: Factor::new(db, d, r, 8),
+                },
+            })
+            .collect();
+        let spec = MergeSpec::new(Dtype::F32, &[8, 8], None, &list).unwrap();
+        let addrs = vec![(0x100, 0x200); list.len()];
+        LowRankMergeParams::new(&spec, 0x10, &addrs).unwrap()
+    }
+
+    #[test]
+    fn tensor_cores_for_large_ranks_of_16_bit_factors() {
+        use Dtype::{BF16, F16, F32};
+        assert!(lowrank_params(&[(64, F16, F16)]).tensor_cores());
+        assert!(lowrank_params(&[(33, BF16, BF16), (4, F16, F16)]).tensor_cores());
+        // Rank 32 and below: fp32 FMA, bound by memory bandwidth.
+        assert!(!lowrank_params(&[(32, F16, F16), (8, BF16, BF16)]).tensor_cores());
+        // One operand type per instruction; no f32 operands.
+        assert!(!lowrank_params(&[(64, F16, BF16)]).tensor_cores());
+        assert!(!lowrank_params(&[(64, F32, F32)]).tensor_cores());
+        assert!(!lowrank_params(&[(64, F16, F16), (64, F32, F16)]).tensor_cores());
+        assert!(!lowrank_params(&[]).tensor_cores());
+    }
+
+    #[test]
+    fn general_params_map_every_delta_kind() {
+        // W [40, 30], rows 4..28 (n = 24), cols 30.
+        let (n, cols) = (24usize, 30usize);
+        let b = |rows: usize, c: usize, dt: Dtype| vec![0u8; rows * c * dt.size_in_bytes()];
+        let (up, down) = (b(n, 3, Dtype::F16), b(3, cols, Dtype::BF16));
+        let (w1a, w1b) = (b(n, 2, Dtype::F32), b(2, cols, Dtype::F16));
+        let (w2a, w2b) = (b(n, 5, Dtype::BF16), b(5, cols, Dtype::F32));
+        // LoKr: w1 [4, 3] whole, w2 [6, 10] = a [6, 2] · b [2, 10].
+        let k1 = b(4, 3, Dtype::BF16);
+        let (k2a, k2b) = (b(6, 2, Dtype::F16), b(2, 10, Dtype::F32));
+        // LoKr: w1 [2, 5] = a [2, 1] · b [1, 5], w2 [12, 6] whole.
+        let (k3a, k3b) = (b(2, 1, Dtype::F32), b(1, 5, Dtype::F32));
+        let k4 = b(12, 6, Dtype::F16);
+        let adapters = [
+            Adapter {
+                scale: 0.5,
+                delta: Delta::LowRank {
+                    up: Factor::new(&up, Dtype::F16, n, 3),
+                    down: Factor::new(&down, Dtype::BF16, 3, cols),
+                },
+            },
+            Adapter {
+                scale: -1.0,
+                delta: Delta::LoHa {
+                    w1a: Factor::new(&w1a, Dtype::F32, n, 2),
+                    w1b: Factor::new(&w1b, Dtype::F16, 2, cols),
+                    w2a: Factor::new(&w2a, Dtype::BF16, n, 5),
+                    w2b: Factor::new(&w2b, Dtype::F32, 5, cols),
+                },
+            },
+            Adapter {
+                scale: 2.0,
+                delta: Delta::LoKr {
+                    w1: KronFactor::Full(Factor::new(&k1, Dtype::BF16, 4, 3)),
+                    w2: KronFactor::LowRank {
+                        a: Factor::new(&k2a, Dtype::F16, 6, 2),
+                        b: Factor::new(&k2b, Dtype::F32, 2, 10),
+                    },
+                },
+            },
+            Adapter {
+                scale: 0.25,
+                delta: Delta::LoKr {
+                    w1: KronFactor::LowRank {
+                        a: Factor::new(&k3a, Dtype::F32, 2, 1),
+                        b: Factor::new(&k3b, Dtype::F32, 1, 5),
+                    },
+                    w2: KronFactor::Full(Factor::new(&k4, Dtype::F16, 12, 6)),
+                },
+            },
+        ];
+        let spec = MergeSpec::new(Dtype::BF16, &[40, 30], Some(4..28), &adapters).unwrap();
+        let addrs = vec![
+            vec![0x10, 0x20],
+            vec![0x30, 0x40, 0x50, 0x60],
+            vec![0x70, 0x80, 0x90],
+            vec![0xa0, 0xb0, 0xc0],
+        ];
+        for (a, list) in adapters.iter().zip(&addrs) {
+            assert_eq!(delta_factors(&a.delta).len(), list.len());
+        }
+        let p = MergeParams::new(&spec, 0x1000, &addrs).unwrap();
+        assert_eq!(
+            (p.w, p.rows, p.cols, p.row0, p.num_adapters),
+            (0x1000, 24, 30, 4, 4)
+        );
+        assert_eq!(p.launch_dims(), ((1, 1, 1), (16, 16, 1)));
+        assert_eq!(bytemuck::bytes_of(&p).len(), 3352);
+        let t = |left, right, rank, ld: Dtype, rd: u32, cols, row: (u32, u32), col: (u32, u32)| {
+            MergeTermParams {
+                left,
+                right,
+                rank,
+                left_dtype: dtype_code(ld),
+                right_dtype: rd,
+                cols,
+                row_div: row.0,
+                row_mod: row.1,
+                col_div: col.0,
+                col_mod: col.1,
+            }
+        };
+        let (f32c, f16c, bf16c) = (0, 1, 2);
+        let id = ((1, 24), (1, 30));
+        let a0 = p.adapters[0];
+        assert_eq!((a0.num_terms, a0.scale), (1, 0.5));
+        assert_eq!(
+            a0.terms[0],
+            t(0x10, 0x20, 3, Dtype::F16, bf16c, 30, id.0, id.1)
+        );
+        let a1 = p.adapters[1];
+        assert_eq!((a1.num_terms, a1.scale), (2, -1.0));
+        assert_eq!(
+            a1.terms[0],
+            t(0x30, 0x40, 2, Dtype::F32, f16c, 30, id.0, id.1)
+        );
+        assert_eq!(
+            a1.terms[1],
+            t(0x50, 0x60, 5, Dtype::BF16, f32c, 30, id.0, id.1)
+        );
+        // kron([4, 3], [6, 10]): w1[i / 6, j / 10] · w2[i % 6, j % 10].
+        let a2 = p.adapters[2];
+        assert_eq!((a2.num_terms, a2.scale), (2, 2.0));
+        assert_eq!(
+            a2.terms[0],
+            t(0x70, 0, 0, Dtype::BF16, 0, 3, (6, 4), (10, 3))
+        );
+        assert_eq!(
+            a2.terms[1],
+            t(0x80, 0x90, 2, Dtype::F16, f32c, 10, (1, 6), (1, 10))
+        );
+        // kron([2, 5], [12, 6]).
+        let a3 = p.adapters[3];
+        assert_eq!(
+            a3.terms[0],
+            t(0xa0, 0xb0, 1, Dtype::F32, f32c, 5, (12, 2), (6, 5))
+        );
+        assert_eq!(
+            a3.terms[1],
+            t(0xc0, 0, 0, Dtype::F16, 0, 6, (1, 12), (1, 6))
+        );
+        assert_eq!(p.adapters[4], MergeAdapterParams::default());
+
+        // Wrong address counts.
+        assert!(matches!(
+            MergeParams::new(&spec, 0x1000, &addrs[..3]),
+            Err(KernelError::Unsupported { .. })
+        ));
+        let mut short = addrs.clone();
+        short[2].pop();
+        assert!(matches!(
+            MergeParams::new(&spec, 0x1000, &short),
+            Err(KernelError::Unsupported { .. })
+        ));
+    }
+
+    #[test]
+    fn general_params_take_up_to_the_launch_limit() {
+        let (up, down) = (vec![0u8; 4 * 2 * 4], vec![0u8; 2 * 6 * 4]);
+        let one = Adapter {
+            scale: 1.0,
+            delta: Delta::LowRank {
+                up: Factor::new(&up, Dtype::F32, 4, 2),
+                down: Factor::new(&down, Dtype::F32, 2, 6),
+            },
+        };
+        let many = vec![one; MERGE_MAX_ADAPTERS + 1];
+        let addrs = vec![vec![0x10u64, 0x20]; MERGE_MAX_ADAPTERS + 1];
+        let spec = MergeSpec::new(Dtype::F32, &[4, 6], None, &many[..MERGE_MAX_ADAPTERS]).unwrap();
+        let p = MergeParams::new(&spec, 0, &addrs[..MERGE_MAX_ADAPTERS]).unwrap();
+        assert_eq!(p.num_adapters as usize, MERGE_MAX_ADAPTERS);
+        let spec = MergeSpec::new(Dtype::F32, &[4, 6], None, &many).unwrap();
+        assert!(matches!(
+            MergeParams::new(&spec, 0, &addrs),
             Err(KernelError::Unsupported { .. })
         ));
     }

@@ -1,15 +1,32 @@
-// Runs the CUDA low-rank merge kernel (src/cuda/lowrank_merge.cu) on the CPU
-// and checks it element by element against an f64 reference, with the same
-// tolerance as the Rust tests: |result - exact| <= ulp(exact) + 1e-5 * bound
-// (ulp 0 for f32), bound = |W| + sum |s| (|B| |A|); rows outside the slice
-// unchanged. Random shapes, row slices, 1 to 4 adapters, ranks 1 to 70
-// (several rank chunks), every dtype for W and each factor. Exit status 0
-// when every element passes.
+// Runs the CUDA merge kernels (src/cuda/lowrank_merge.cu) on the CPU and
+// checks them element by element against an f64 reference written from the
+// definitions of the deltas (independently of the kernels' terms and maps),
+// with the same tolerance as the Rust tests:
+//   |result - exact| <= ulp(exact) + 1e-5 * bound   (ulp 0 for f32 W),
+//   bound = |W| + sum |s| |Delta| (each product of factors taken in absolute
+//   values), never NaN; rows outside the slice bit-identical.
+//
+// Three groups of random cases (usage: emulate [cases], default 20):
+//   lowrank: the fp32 FMA low-rank kernel; 1 to 4 adapters, ranks 1 to 70,
+//            every dtype for W and each factor.
+//   mma:     the tensor-core low-rank kernel; both factors of an adapter f16
+//            or both bf16, ranks 1 to 150, 1 to 8 adapters. The warp-wide
+//            mma.m16n8k16 is emulated from PTX's fragment layout (below).
+//   general: the kernel for every delta kind: low-rank, LoHa and LoKr (each
+//            side stored whole or as a low-rank product), mixed in one
+//            launch, 1 to 6 adapters (one case with the most a launch takes),
+//            random factor dtypes, LoKr shapes from random divisors of the
+//            slice's rows and columns. Twice as many cases as the others.
+// Every group uses random row slices (and the whole weight every third case).
+// Exit status 0 when every element of every case passes; the last line is
+// "all: N cases, F failures".
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <memory>
 #include <random>
 #include <thread>
 #include <vector>
@@ -18,29 +35,99 @@ thread_local dim3 threadIdx;
 thread_local dim3 blockIdx;
 std::barrier<>* emu_barrier;
 
+// ---------------------------------------------------------------------------
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32, one warp.
+// Each lane publishes its fragments, the warp waits, each lane rebuilds A
+// (16 x 16) and B (16 x 8) from all 32 lanes' fragments with the layout of
+// the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point type"),
+// computes its four elements of D = A B + C (fp32 FMA, in k order), and the
+// warp waits again before the exchange can be reused.
+
+constexpr unsigned kMaxWarps = 8;
+thread_local unsigned emu_warp, emu_lane;
+struct WarpExchange {
+    unsigned a[32][4];
+    unsigned b[32][2];
+};
+static WarpExchange emu_exchange[kMaxWarps];
+static std::barrier<>* emu_warp_barrier[kMaxWarps];
+static long emu_mma_count[kMaxWarps];
+
+static float decode16(unsigned bits, bool bf16) {
+    if (bf16) {
+        __nv_bfloat16 h;
+        h.x = (uint16_t)bits;
+        return __bfloat162float(h);
+    }
+    __half h;
+    h.x = (uint16_t)bits;
+    return __half2float(h);
+}
+
+static void emu_mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], bool bf16) {
+    WarpExchange& x = emu_exchange[emu_warp];
+    std::memcpy(x.a[emu_lane], a, sizeof a);
+    std::memcpy(x.b[emu_lane], b, sizeof b);
+    emu_warp_barrier[emu_warp]->arrive_and_wait();
+    float A[16][16], B[16][8];
+    for (unsigned lane = 0; lane < 32; ++lane) {
+        const unsigned g = lane / 4, t = lane % 4;
+        for (unsigned i = 0; i < 8; ++i) {
+            const unsigned row = g + 8 * ((i / 2) % 2);
+            const unsigned col = 2 * t + (i % 2) + 8 * (i / 4);
+            A[row][col] = decode16((x.a[lane][i / 2] >> (16 * (i % 2))) & 0xffffu, bf16);
+        }
+        for (unsigned i = 0; i < 4; ++i) {
+            const unsigned row = 2 * t + (i % 2) + 8 * (i / 2);
+            B[row][g] = decode16((x.b[lane][i / 2] >> (16 * (i % 2))) & 0xffffu, bf16);
+        }
+    }
+    if (emu_lane == 0) emu_mma_count[emu_warp]++;
+    emu_warp_barrier[emu_warp]->arrive_and_wait();
+    const unsigned g = emu_lane / 4, t = emu_lane % 4;
+    for (unsigned i = 0; i < 4; ++i) {
+        const unsigned row = g + 8 * (i / 2), col = 2 * t + (i % 2);
+        float acc = d[i];
+        for (unsigned k = 0; k < 16; ++k) acc = std::fma(A[row][k], B[k][col], acc);
+        d[i] = acc;
+    }
+}
+
+static void offload_mma_f16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    emu_mma(d, a, b, false);
+}
+static void offload_mma_bf16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    emu_mma(d, a, b, true);
+}
+
 #include "lowrank_merge.cu"
 
-typedef void (*Kernel)(const OffloadLowRankMergeParams);
-
-// Grid and block as documented in the source: block (16, 16), grid
-// (ceil(cols / 64), ceil(rows / 64)); blocks run one after another.
-static void launch(Kernel kernel, const OffloadLowRankMergeParams& p) {
+// Grid (ceil(cols / 64), ceil(rows / 64)) and the given block, as documented
+// in the source; blocks run one after another, each CUDA thread an OS thread.
+template <typename P>
+static void launch(void (*kernel)(const P), const P& p, unsigned bdx, unsigned bdy) {
     const unsigned gx = (p.cols + 63) / 64, gy = (p.rows + 63) / 64;
+    const unsigned threads = bdx * bdy;
     for (unsigned by = 0; by < gy; ++by) {
         for (unsigned bx = 0; bx < gx; ++bx) {
-            std::barrier<> bar(256);
+            std::barrier<> bar(threads);
             emu_barrier = &bar;
-            std::vector<std::thread> threads;
-            for (unsigned ty = 0; ty < 16; ++ty) {
-                for (unsigned tx = 0; tx < 16; ++tx) {
-                    threads.emplace_back([=] {
-                        threadIdx = {tx, ty, 0};
-                        blockIdx = {bx, by, 0};
-                        kernel(p);
-                    });
-                }
+            std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+            for (unsigned w = 0; w < threads / 32; ++w) {
+                warp_bars.push_back(std::make_unique<std::barrier<>>(32));
+                emu_warp_barrier[w] = warp_bars.back().get();
             }
-            for (auto& t : threads) t.join();
+            std::vector<std::thread> pool;
+            for (unsigned tid = 0; tid < threads; ++tid) {
+                pool.emplace_back([=, &p] {
+                    threadIdx = {tid % bdx, tid / bdx, 0};
+                    blockIdx = {bx, by, 0};
+                    emu_warp = tid / 32;
+                    emu_lane = tid % 32;
+                    kernel(p);
+                });
+            }
+            for (auto& t : pool) t.join();
         }
     }
 }
@@ -57,6 +144,8 @@ static void encode(unsigned dt, void* base, size_t i, float v) {
     else ((float*)base)[i] = v;
 }
 
+static size_t dsize(unsigned dt) { return dt == OFFLOAD_DTYPE_F32 ? 4 : 2; }
+
 static double ulp(unsigned dt, double x) {
     if (dt == OFFLOAD_DTYPE_F32) return 0;
     const int mant = dt == OFFLOAD_DTYPE_F16 ? 10 : 7;
@@ -65,84 +154,313 @@ static double ulp(unsigned dt, double x) {
     return std::ldexp(1.0, e - mant);
 }
 
-int main(int argc, char** argv) {
-    const int cases = argc > 1 ? std::atoi(argv[1]) : 20;
-    std::mt19937_64 rng(42);
-    std::uniform_real_distribution<float> uniform(-1, 1);
+static std::mt19937_64 rng(42);
+static std::uniform_real_distribution<float> uniform(-1, 1);
+
+// A random row-major factor on the host: its bytes (the "device" memory of
+// the emulation) and its values as f64.
+struct Mat {
+    unsigned dt = 0, rows = 0, cols = 0;
+    std::vector<unsigned char> bytes;
+    std::vector<double> v;
+    unsigned long long addr() const { return (unsigned long long)bytes.data(); }
+    double at(unsigned i, unsigned j) const { return v[(size_t)i * cols + j]; }
+};
+
+static Mat rand_mat(unsigned rows, unsigned cols, unsigned dt) {
+    Mat m;
+    m.dt = dt;
+    m.rows = rows;
+    m.cols = cols;
+    m.bytes.resize((size_t)rows * cols * dsize(dt));
+    m.v.resize((size_t)rows * cols);
+    for (size_t i = 0; i < m.v.size(); ++i) {
+        encode(dt, m.bytes.data(), i, uniform(rng));
+        m.v[i] = decode(dt, m.bytes.data(), i);
+    }
+    return m;
+}
+
+// The textbook product, and the product of the absolute values.
+static void matmul(const Mat& a, const Mat& b, std::vector<double>& p, std::vector<double>& pa) {
+    p.assign((size_t)a.rows * b.cols, 0);
+    pa.assign((size_t)a.rows * b.cols, 0);
+    for (unsigned i = 0; i < a.rows; ++i)
+        for (unsigned j = 0; j < b.cols; ++j) {
+            double s = 0, sa = 0;
+            for (unsigned k = 0; k < a.cols; ++k) {
+                s += a.at(i, k) * b.at(k, j);
+                sa += std::fabs(a.at(i, k)) * std::fabs(b.at(k, j));
+            }
+            p[(size_t)i * b.cols + j] = s;
+            pa[(size_t)i * b.cols + j] = sa;
+        }
+}
+
+// One case's weight: the whole matrix, the slice, and the f64 expectation.
+struct Weight {
+    unsigned dt, out, cols, r0, n;
+    std::vector<unsigned char> w, w0;
+    std::vector<double> exact, bound;  // over the slice, n x cols
+};
+
+static Weight rand_weight(unsigned out, unsigned cols, unsigned r0, unsigned n) {
+    Weight W;
+    W.dt = rng() % 3;
+    W.out = out;
+    W.cols = cols;
+    W.r0 = r0;
+    W.n = n;
+    W.w.resize((size_t)out * cols * dsize(W.dt));
+    for (size_t i = 0; i < (size_t)out * cols; ++i) encode(W.dt, W.w.data(), i, 2 * uniform(rng));
+    W.w0 = W.w;
+    W.exact.resize((size_t)n * cols);
+    W.bound.resize((size_t)n * cols);
+    for (unsigned i = 0; i < n; ++i)
+        for (unsigned j = 0; j < cols; ++j) {
+            const double x = decode(W.dt, W.w0.data(), (size_t)(r0 + i) * cols + j);
+            W.exact[(size_t)i * cols + j] = x;
+            W.bound[(size_t)i * cols + j] = std::fabs(x);
+        }
+    return W;
+}
+
+// Adds s * delta (and |s| * its bound) to the expectation.
+static void add_delta(Weight& W, float s, const std::vector<double>& d, const std::vector<double>& da) {
+    for (size_t i = 0; i < W.exact.size(); ++i) {
+        W.exact[i] += (double)s * d[i];
+        W.bound[i] += std::fabs((double)s) * da[i];
+    }
+}
+
+// A random slice of a random weight; the whole weight every third case.
+static void rand_slice(int c, unsigned max_out, unsigned& out, unsigned& r0, unsigned& n) {
+    out = 1 + rng() % max_out;
+    r0 = rng() % out;
+    n = 1 + rng() % (out - r0);
+    if (c % 3 == 0) {
+        r0 = 0;
+        n = out;
+    }
+}
+
+static long check(const char* group, int c, const Weight& W) {
     long failures = 0;
-    for (int c = 0; c < cases; ++c) {
-        const unsigned out = 1 + rng() % 150, cols = 1 + rng() % 150;
-        unsigned r0 = rng() % out, n = 1 + rng() % (out - r0);
-        if (c % 3 == 0) {
-            r0 = 0;
-            n = out;
-        }
-        const unsigned wdt = rng() % 3;
-        const size_t wsz = wdt == OFFLOAD_DTYPE_F32 ? 4 : 2;
-        std::vector<unsigned char> w((size_t)out * cols * wsz);
-        for (size_t i = 0; i < (size_t)out * cols; ++i) encode(wdt, w.data(), i, 2 * uniform(rng));
-        const std::vector<unsigned char> w0 = w;
-
-        OffloadLowRankMergeParams p{};
-        p.w = (unsigned long long)w.data();
-        p.rows = n;
-        p.cols = cols;
-        p.row0 = r0;
-        p.num_adapters = 1 + rng() % 4;
-        std::vector<std::vector<unsigned char>> store;
-        for (unsigned a = 0; a < p.num_adapters; ++a) {
-            OffloadLowRankAdapter& ad = p.adapters[a];
-            ad.rank = 1 + rng() % 70;
-            ad.up_dtype = rng() % 3;
-            ad.down_dtype = rng() % 3;
-            ad.scale = 2 * uniform(rng);
-            store.emplace_back((size_t)n * ad.rank * 4);
-            for (size_t i = 0; i < (size_t)n * ad.rank; ++i)
-                encode(ad.up_dtype, store.back().data(), i, uniform(rng));
-            ad.up = (unsigned long long)store.back().data();
-            store.emplace_back((size_t)ad.rank * cols * 4);
-            for (size_t i = 0; i < (size_t)ad.rank * cols; ++i)
-                encode(ad.down_dtype, store.back().data(), i, uniform(rng));
-            ad.down = (unsigned long long)store.back().data();
-        }
-        const Kernel kernel = wdt == OFFLOAD_DTYPE_F32   ? offload_lowrank_merge_f32
-                              : wdt == OFFLOAD_DTYPE_F16 ? offload_lowrank_merge_f16
-                                                         : offload_lowrank_merge_bf16;
-        launch(kernel, p);
-
-        for (unsigned i = 0; i < out; ++i) {
-            for (unsigned j = 0; j < cols; ++j) {
-                const size_t at = (size_t)i * cols + j;
-                if (i < r0 || i >= r0 + n) {
-                    if (std::memcmp(&w[at * wsz], &w0[at * wsz], wsz) != 0) {
-                        if (failures++ < 5) std::printf("case %d: [%u, %u] outside the slice changed\n", c, i, j);
-                    }
-                    continue;
-                }
-                const double x0 = decode(wdt, w0.data(), at);
-                double exact = x0, bound = std::fabs(x0);
-                for (unsigned a = 0; a < p.num_adapters; ++a) {
-                    const OffloadLowRankAdapter& ad = p.adapters[a];
-                    double d = 0, da = 0;
-                    for (unsigned k = 0; k < ad.rank; ++k) {
-                        const double b = decode(ad.up_dtype, (const void*)ad.up, (size_t)(i - r0) * ad.rank + k);
-                        const double av = decode(ad.down_dtype, (const void*)ad.down, (size_t)k * cols + j);
-                        d += b * av;
-                        da += std::fabs(b) * std::fabs(av);
-                    }
-                    exact += (double)ad.scale * d;
-                    bound += std::fabs((double)ad.scale) * da;
-                }
-                const double got = decode(wdt, w.data(), at);
-                const double allowed = ulp(wdt, exact) + 1e-5 * bound;
-                if (!(std::fabs(got - exact) <= allowed)) {
+    const size_t sz = dsize(W.dt);
+    for (unsigned i = 0; i < W.out; ++i) {
+        for (unsigned j = 0; j < W.cols; ++j) {
+            const size_t at = (size_t)i * W.cols + j;
+            if (i < W.r0 || i >= W.r0 + W.n) {
+                if (std::memcmp(&W.w[at * sz], &W.w0[at * sz], sz) != 0) {
                     if (failures++ < 5)
-                        std::printf("case %d: [%u, %u] dtype %u: got %g, exact %g, allowed %g\n", c, i, j, wdt, got,
-                                    exact, allowed);
+                        std::printf("%s case %d: [%u, %u] outside the slice changed\n", group, c, i, j);
                 }
+                continue;
+            }
+            const size_t e = (size_t)(i - W.r0) * W.cols + j;
+            const double got = decode(W.dt, W.w.data(), at);
+            const double allowed = ulp(W.dt, W.exact[e]) + 1e-5 * W.bound[e];
+            if (std::isnan(got) || !(std::fabs(got - W.exact[e]) <= allowed)) {
+                if (failures++ < 5)
+                    std::printf("%s case %d: [%u, %u] W dtype %u: got %.9g, exact %.9g, allowed %g\n", group, c, i,
+                                j, W.dt, got, W.exact[e], allowed);
             }
         }
     }
-    std::printf("%d cases, %ld failures\n", cases, failures);
+    return failures;
+}
+
+template <typename T>
+static T pick(unsigned dt, T f32, T f16, T bf16) {
+    return dt == OFFLOAD_DTYPE_F32 ? f32 : dt == OFFLOAD_DTYPE_F16 ? f16 : bf16;
+}
+
+// Low-rank cases for kernel 1 (mma false: any factor dtypes) or kernel 2
+// (mma true: both factors f16 or both bf16).
+static long lowrank_cases(int cases, bool mma) {
+    const char* group = mma ? "mma" : "lowrank";
+    long failures = 0, elements = 0;
+    for (int c = 0; c < cases; ++c) {
+        unsigned out, r0, n, cols = 1 + rng() % 150;
+        rand_slice(c, 150, out, r0, n);
+        if (c == 1) {  // whole tiles, whole rank chunks
+            out = n = 128;
+            r0 = 0;
+            cols = 64;
+        }
+        Weight W = rand_weight(out, cols, r0, n);
+        OffloadLowRankMergeParams p{};
+        p.w = (unsigned long long)W.w.data();
+        p.rows = n;
+        p.cols = cols;
+        p.row0 = r0;
+        p.num_adapters = mma ? 1 + rng() % OFFLOAD_MAX_ADAPTERS : 1 + rng() % 4;
+        if (mma && c % 4 == 2) p.num_adapters = 1;
+        std::vector<Mat> store;
+        store.reserve(2 * p.num_adapters);
+        for (unsigned a = 0; a < p.num_adapters; ++a) {
+            unsigned rank = mma ? 1 + rng() % 150 : 1 + rng() % 70;
+            if (c == 1) rank = 64;
+            const unsigned udt = mma ? 1 + rng() % 2 : rng() % 3;
+            const unsigned ddt = mma ? udt : rng() % 3;
+            store.push_back(rand_mat(n, rank, udt));
+            const Mat& up = store.back();
+            store.push_back(rand_mat(rank, cols, ddt));
+            const Mat& down = store.back();
+            const float scale = 2 * uniform(rng);
+            p.adapters[a] = {up.addr(), down.addr(), rank, udt, ddt, scale};
+            std::vector<double> d, da;
+            matmul(up, down, d, da);
+            add_delta(W, scale, d, da);
+        }
+        if (mma) {
+            launch(pick(W.dt, offload_lowrank_merge_mma_f32, offload_lowrank_merge_mma_f16,
+                        offload_lowrank_merge_mma_bf16),
+                   p, OFFLOAD_MMA_THREADS, 1);
+        } else {
+            launch(pick(W.dt, offload_lowrank_merge_f32, offload_lowrank_merge_f16, offload_lowrank_merge_bf16), p,
+                   OFFLOAD_BLOCK_X, OFFLOAD_BLOCK_Y);
+        }
+        failures += check(group, c, W);
+        elements += (long)n * cols;
+    }
+    std::printf("%s: %d cases, %ld elements, %ld failures\n", group, cases, elements, failures);
+    return failures;
+}
+
+static unsigned rand_divisor(unsigned x) {
+    std::vector<unsigned> ds;
+    for (unsigned d = 1; d <= x; ++d)
+        if (x % d == 0) ds.push_back(d);
+    return ds[rng() % ds.size()];
+}
+
+static OffloadMergeTerm product_term(const Mat& l, const Mat& r, unsigned row_div, unsigned row_mod,
+                                     unsigned col_div, unsigned col_mod) {
+    return {l.addr(), r.addr(), l.cols, l.dt, r.dt, r.cols, row_div, row_mod, col_div, col_mod};
+}
+
+static OffloadMergeTerm full_term(const Mat& m, unsigned row_div, unsigned row_mod, unsigned col_div,
+                                  unsigned col_mod) {
+    return {m.addr(), 0, 0, m.dt, 0, m.cols, row_div, row_mod, col_div, col_mod};
+}
+
+static long general_cases(int cases) {
+    long failures = 0, elements = 0;
+    long kinds[3] = {0, 0, 0}, lokr_sides[2] = {0, 0};
+    for (int c = 0; c < cases; ++c) {
+        unsigned out, r0, n, cols;
+        if (c % 2 == 0) {
+            // Rows and columns with many divisors, for LoKr.
+            n = (1 + rng() % 6) * (1 + rng() % 24);
+            cols = (1 + rng() % 6) * (1 + rng() % 24);
+            out = n + (c % 3 == 0 ? 0 : rng() % 40);
+            r0 = rng() % (out - n + 1);
+        } else {
+            rand_slice(c, 150, out, r0, n);
+            cols = 1 + rng() % 150;
+        }
+        Weight W = rand_weight(out, cols, r0, n);
+        OffloadMergeParams p{};
+        p.w = (unsigned long long)W.w.data();
+        p.rows = n;
+        p.cols = cols;
+        p.row0 = r0;
+        p.num_adapters = c == 3 ? OFFLOAD_MERGE_MAX_ADAPTERS : 1 + rng() % 6;
+        std::vector<Mat> store;
+        store.reserve(4 * p.num_adapters);
+        auto mat = [&](unsigned rows, unsigned cs) -> const Mat& {
+            store.push_back(rand_mat(rows, cs, rng() % 3));
+            return store.back();
+        };
+        for (unsigned a = 0; a < p.num_adapters; ++a) {
+            OffloadMergeAdapter& ad = p.adapters[a];
+            ad.scale = 2 * uniform(rng);
+            const unsigned kind = (c + a) % 3;  // every kind in most cases
+            kinds[kind]++;
+            std::vector<double> d, da;
+            if (kind == 0) {
+                const unsigned rank = 1 + rng() % 70;
+                const Mat& up = mat(n, rank);
+                const Mat& down = mat(rank, cols);
+                ad.num_terms = 1;
+                ad.terms[0] = product_term(up, down, 1, n, 1, cols);
+                matmul(up, down, d, da);
+            } else if (kind == 1) {
+                const unsigned r1 = 1 + rng() % 40, r2 = 1 + rng() % 40;
+                const Mat& w1a = mat(n, r1);
+                const Mat& w1b = mat(r1, cols);
+                const Mat& w2a = mat(n, r2);
+                const Mat& w2b = mat(r2, cols);
+                ad.num_terms = 2;
+                ad.terms[0] = product_term(w1a, w1b, 1, n, 1, cols);
+                ad.terms[1] = product_term(w2a, w2b, 1, n, 1, cols);
+                std::vector<double> h1, h1a, h2, h2a;
+                matmul(w1a, w1b, h1, h1a);
+                matmul(w2a, w2b, h2, h2a);
+                d.resize(h1.size());
+                da.resize(h1.size());
+                for (size_t i = 0; i < h1.size(); ++i) {
+                    d[i] = h1[i] * h2[i];
+                    da[i] = h1a[i] * h2a[i];
+                }
+            } else {
+                // kron(w1, w2): w1 [a1, b1], w2 [c2, d2], a1 c2 = n, b1 d2 = cols.
+                const unsigned c2 = rand_divisor(n), d2 = rand_divisor(cols);
+                const unsigned a1 = n / c2, b1 = cols / d2;
+                std::vector<double> m[2], ma[2];
+                const unsigned shape[2][2] = {{a1, b1}, {c2, d2}};
+                const unsigned maps[2][4] = {{c2, a1, d2, b1}, {1, c2, 1, d2}};
+                for (int s = 0; s < 2; ++s) {
+                    const unsigned sr = shape[s][0], scol = shape[s][1];
+                    const bool full = rng() % 2 == 0;
+                    lokr_sides[full ? 0 : 1]++;
+                    if (full) {
+                        const Mat& f = mat(sr, scol);
+                        ad.terms[s] = full_term(f, maps[s][0], maps[s][1], maps[s][2], maps[s][3]);
+                        m[s] = f.v;
+                        ma[s].resize(f.v.size());
+                        for (size_t i = 0; i < f.v.size(); ++i) ma[s][i] = std::fabs(f.v[i]);
+                    } else {
+                        const unsigned r = 1 + rng() % 40;
+                        const Mat& la = mat(sr, r);
+                        const Mat& lb = mat(r, scol);
+                        ad.terms[s] = product_term(la, lb, maps[s][0], maps[s][1], maps[s][2], maps[s][3]);
+                        matmul(la, lb, m[s], ma[s]);
+                    }
+                }
+                ad.num_terms = 2;
+                d.resize((size_t)n * cols);
+                da.resize((size_t)n * cols);
+                for (unsigned i = 0; i < n; ++i)
+                    for (unsigned j = 0; j < cols; ++j) {
+                        const size_t e1 = (size_t)(i / c2) * b1 + j / d2, e2 = (size_t)(i % c2) * d2 + j % d2;
+                        d[(size_t)i * cols + j] = m[0][e1] * m[1][e2];
+                        da[(size_t)i * cols + j] = ma[0][e1] * ma[1][e2];
+                    }
+            }
+            add_delta(W, ad.scale, d, da);
+        }
+        launch(pick(W.dt, offload_merge_f32, offload_merge_f16, offload_merge_bf16), p, OFFLOAD_BLOCK_X,
+               OFFLOAD_BLOCK_Y);
+        failures += check("general", c, W);
+        elements += (long)n * cols;
+    }
+    std::printf("general: %d cases, %ld elements, %ld failures (adapters: %ld low-rank, %ld LoHa, %ld LoKr; "
+                "LoKr sides: %ld whole, %ld low-rank)\n",
+                cases, elements, failures, kinds[0], kinds[1], kinds[2], lokr_sides[0], lokr_sides[1]);
+    return failures;
+}
+
+int main(int argc, char** argv) {
+    const int cases = argc > 1 ? std::atoi(argv[1]) : 20;
+    long failures = 0;
+    failures += lowrank_cases(cases, false);
+    failures += lowrank_cases(cases, true);
+    long mmas = 0;
+    for (long m : emu_mma_count) mmas += m;
+    std::printf("mma: %ld warp-wide mma.m16n8k16 emulated\n", mmas);
+    failures += general_cases(2 * cases);
+    std::printf("all: %d cases, %ld failures\n", 4 * cases, failures);
     return failures == 0 ? 0 : 1;
 }

@@ -409,9 +409,13 @@ impl Shared {
                     // stream writes them meanwhile.
                     unsafe { std::slice::from_raw_parts(f.ptr.0 as *const u8, f.bytes()) }
                 });
-                let spec =
-                    offload_kernels::MergeSpec::new(op.dtype, &op.shape, op.rows.clone(), &adapters)
-                        .map_err(|e| e.to_string())?;
+                let spec = offload_kernels::MergeSpec::new(
+                    op.dtype,
+                    &op.shape,
+                    op.rows.clone(),
+                    &adapters,
+                )
+                .map_err(|e| e.to_string())?;
                 // SAFETY: the weight's range is mapped read-write (checked
                 // above) and stays mapped while we hold the read lock; no
                 // factor slice overlaps it, and by the Device contract no

@@ -1,5 +1,5 @@
-// Stand-in for cuda_fp16.h, and for the CUDA built-ins the merge kernel
-// uses, so that g++ can compile the kernel source and run it on the CPU
+// Stand-in for cuda_fp16.h, and for the CUDA built-ins the merge kernels
+// use, so that g++ can compile the kernel sources and run them on the CPU
 // (see ../../cuda_emulation.rs). Not CUDA: one OS thread per CUDA thread,
 // one block at a time, __syncthreads() a std::barrier, __shared__ a static.
 #pragma once
@@ -35,5 +35,5 @@ static inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b,
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__ static

@@ -10,11 +10,11 @@ use std::num::NonZeroUsize;
 use std::time::Instant;
 
 use half::{bf16, f16};
-use offload_kernels::{Adapter, Delta, Dtype, Factor, MergeSpec};
+use offload_kernels::{Adapter, Delta, Dtype, Factor, KronFactor, MergeSpec};
 
 use super::nvrtc::{self, NvrtcError, Target};
 use super::*;
-use crate::device::DeviceExt;
+use crate::device::{DeviceExt, MergeAdapter, MergeDelta, MergeFactor, MergeKron, MergeOp};
 
 fn gpu() -> CudaDevice {
     CudaDevice::new(0).expect("this test needs a CUDA GPU and CudaDevice::new(0) failed")
@@ -171,8 +171,9 @@ struct MergeCase {
 
 /// Runs one merge on the GPU and on the CPU and checks both against the f64
 /// reference with the kernels' tolerance; returns (elements of the row
-/// slice, how many of them are bit-identical to the CPU's).
-fn check_merge(d: &CudaDevice, s: StreamId, case: &MergeCase, seed: u64) -> (usize, usize) {
+/// slice, how many of them are bit-identical to the CPU's, whether the GPU
+/// ran it on the tensor cores).
+fn check_merge(d: &CudaDevice, s: StreamId, case: &MergeCase, seed: u64) -> (usize, usize, bool) {
     let mut rng = Rng(seed | 1);
     let out = case.shape[0];
     let cols: usize = case.shape[1..].iter().product();
@@ -211,6 +212,7 @@ fn check_merge(d: &CudaDevice, s: StreamId, case: &MergeCase, seed: u64) -> (usi
         .iter()
         .map(|a| (bufs.upload(&a.up, s), bufs.upload(&a.down, s)))
         .collect();
+    let mma = d.merge_uses_tensor_cores(&spec);
     d.merge_lowrank(&spec, w, &factors, s).unwrap();
     let mut gpu = vec![0u8; w_bytes.len()];
     d.read_blocking(w, &mut gpu, s).unwrap();
@@ -279,7 +281,7 @@ fn check_merge(d: &CudaDevice, s: StreamId, case: &MergeCase, seed: u64) -> (usi
             same += 1;
         }
     }
-    (n * cols, same)
+    (n * cols, same, mma)
 }
 
 #[test]
@@ -396,7 +398,11 @@ fn gpu_merge_lowrank_matches_cpu_merge() {
         });
     }
     for (i, case) in cases.iter().enumerate() {
-        let (elements, same) = check_merge(&d, s, case, 0x5eed + i as u64);
+        let (elements, same, mma) = check_merge(&d, s, case, 0x5eed + i as u64);
+        assert!(
+            !mma,
+            "mixed factor dtypes or ranks up to 32 take the fp32 FMA kernel"
+        );
         eprintln!(
             "merge {} {:?} rows {:?}, {} adapters: {elements} elements, {same} bit-identical to the CPU",
             case.dtype,
@@ -495,6 +501,519 @@ fn gpu_merge_lowrank_rejects_bad_operands() {
     let spec = MergeSpec::new(Dtype::F32, &[rows, cols], None, &loha).unwrap();
     assert!(matches!(
         d.merge_lowrank(&spec, w, &[(up, down)], s),
+        Err(Error::Kernel { .. })
+    ));
+    d.stream_synchronize(s).unwrap();
+    drop(bufs);
+    d.destroy_stream(s).unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_merge_lowrank_tensor_cores_match_cpu_merge_and_report_tflops() {
+    let d = gpu();
+    let cc = d.info().compute_capability.unwrap();
+    let tensor_cores = cc >= offload_kernels::cuda::MMA_MIN_COMPUTE_CAPABILITY;
+    let s = d.create_stream().unwrap();
+    let mut cases = Vec::new();
+    for dtype in Dtype::ALL {
+        // Ranks above 32 (not multiples of 16 either), both 16-bit types
+        // (one per adapter), a row slice that is not a multiple of the tile.
+        cases.push(MergeCase {
+            dtype,
+            shape: vec![150, 200],
+            rows: Some(7..137),
+            adapters: vec![
+                (64, Dtype::F16, Dtype::F16, 0.7),
+                (100, Dtype::BF16, Dtype::BF16, -1.2),
+                (5, Dtype::F16, Dtype::F16, 0.3),
+            ],
+        });
+        // A 3x3 conv, one rank-256 adapter.
+        cases.push(MergeCase {
+            dtype,
+            shape: vec![64, 32, 3, 3],
+            rows: None,
+            adapters: vec![(256, Dtype::BF16, Dtype::BF16, 0.05)],
+        });
+        // The most adapters a low-rank launch takes.
+        cases.push(MergeCase {
+            dtype,
+            shape: vec![70, 130],
+            rows: Some(3..70),
+            adapters: (0..MAX_ADAPTERS_FOR_TEST)
+                .map(|i| (33 + 7 * i, Dtype::F16, Dtype::F16, 0.1 * i as f32 - 0.3))
+                .collect(),
+        });
+    }
+    for (i, case) in cases.iter().enumerate() {
+        let (elements, same, mma) = check_merge(&d, s, case, 0x7e45 + i as u64);
+        assert_eq!(mma, tensor_cores, "compute capability {cc:?}");
+        eprintln!(
+            "merge {} {:?} rows {:?}, {} adapters (tensor cores: {mma}): {elements} elements, {same} bit-identical to the CPU",
+            case.dtype,
+            case.shape,
+            case.rows,
+            case.adapters.len()
+        );
+    }
+
+    // Throughput (informative): a 4096 x 4096 f16 weight and one adapter,
+    // f16 x f16 factors (tensor cores above rank 32) against f16 x bf16
+    // factors of the same size (always the fp32 FMA kernel).
+    assert!(
+        d.vmm_supported() || d.info().page_size >= 32 << 20,
+        "fallback mode: a 32 MiB weight does not fit one page"
+    );
+    let (rows, cols) = (4096usize, 4096usize);
+    let mut bufs = Bufs::new(&d);
+    let w = bufs.alloc(rows * cols * 2);
+    d.launch(
+        &Kernel::Fill {
+            dst: w,
+            len: rows * cols * 2,
+            value: 0,
+        },
+        s,
+    )
+    .unwrap();
+    for rank in [16usize, 32, 64, 128, 256] {
+        let up_b = vec![0u8; rows * rank * 2];
+        let down_b = vec![0u8; rank * cols * 2];
+        let (up, down) = (bufs.upload(&up_b, s), bufs.upload(&down_b, s));
+        for down_dtype in [Dtype::F16, Dtype::BF16] {
+            let adapters = [Adapter {
+                scale: 1.0,
+                delta: Delta::LowRank {
+                    up: Factor::new(&up_b, Dtype::F16, rows, rank),
+                    down: Factor::new(&down_b, down_dtype, rank, cols),
+                },
+            }];
+            let spec = MergeSpec::new(Dtype::F16, &[rows, cols], None, &adapters).unwrap();
+            let mma = d.merge_uses_tensor_cores(&spec);
+            d.merge_lowrank(&spec, w, &[(up, down)], s).unwrap();
+            d.stream_synchronize(s).unwrap();
+            let reps = 20;
+            let t = Instant::now();
+            for _ in 0..reps {
+                d.merge_lowrank(&spec, w, &[(up, down)], s).unwrap();
+            }
+            d.stream_synchronize(s).unwrap();
+            let per = t.elapsed() / reps;
+            let secs = per.as_secs_f64();
+            eprintln!(
+                "merge {rows}x{cols} f16, rank {rank}, factors F16 x {down_dtype} ({}): {per:?} per launch, \
+                 {:.1} TFLOP/s, {:.0} GB/s of W read and written",
+                if mma { "tensor cores" } else { "fp32 FMA" },
+                (2 * rows * cols * rank) as f64 / secs / 1e12,
+                (2 * rows * cols * 2) as f64 / secs / 1e9
+            );
+        }
+    }
+    drop(bufs);
+    d.destroy_stream(s).unwrap();
+}
+
+/// A random factor, on the host and uploaded.
+fn merge_factor(
+    bufs: &mut Bufs<'_>,
+    s: StreamId,
+    rng: &mut Rng,
+    dtype: Dtype,
+    rows: usize,
+    cols: usize,
+) -> MergeFactor {
+    let host = encode(dtype, &rng.values(rows * cols));
+    let ptr = bufs.upload(&host, s);
+    MergeFactor {
+        ptr,
+        host: host.into(),
+        dtype,
+        rows,
+        cols,
+    }
+}
+
+/// A dense f64 matrix for the reference.
+struct RefMat {
+    rows: usize,
+    cols: usize,
+    v: Vec<f64>,
+}
+
+impl RefMat {
+    /// The factor's values, or their absolute values.
+    fn of(f: &Factor<'_>, abs: bool) -> RefMat {
+        let mut v = decode(f.dtype, f.data);
+        if abs {
+            v.iter_mut().for_each(|x| *x = x.abs());
+        }
+        RefMat {
+            rows: f.rows,
+            cols: f.cols,
+            v,
+        }
+    }
+
+    fn at(&self, i: usize, j: usize) -> f64 {
+        self.v[i * self.cols + j]
+    }
+
+    fn mul(&self, o: &RefMat) -> RefMat {
+        let mut v = vec![0.0; self.rows * o.cols];
+        for i in 0..self.rows {
+            for j in 0..o.cols {
+                v[i * o.cols + j] = (0..self.cols).map(|k| self.at(i, k) * o.at(k, j)).sum();
+            }
+        }
+        RefMat {
+            rows: self.rows,
+            cols: o.cols,
+            v,
+        }
+    }
+}
+
+/// An adapter's delta in f64 from the definitions (`abs`: the same with
+/// every factor in absolute value, the tolerance's bound).
+fn reference_delta(delta: &Delta<'_>, abs: bool) -> RefMat {
+    let m = |f: &Factor<'_>| RefMat::of(f, abs);
+    let side = |k: &KronFactor<'_>| match k {
+        KronFactor::Full(f) => m(f),
+        KronFactor::LowRank { a, b } => m(a).mul(&m(b)),
+    };
+    match delta {
+        Delta::LowRank { up, down } => m(up).mul(&m(down)),
+        Delta::LoHa { w1a, w1b, w2a, w2b } => {
+            let (mut p, q) = (m(w1a).mul(&m(w1b)), m(w2a).mul(&m(w2b)));
+            p.v.iter_mut().zip(&q.v).for_each(|(x, y)| *x *= y);
+            p
+        }
+        Delta::LoKr { w1, w2 } => {
+            let (a, b) = (side(w1), side(w2));
+            let (rows, cols) = (a.rows * b.rows, a.cols * b.cols);
+            let mut v = vec![0.0; rows * cols];
+            for i in 0..rows {
+                for j in 0..cols {
+                    v[i * cols + j] = a.at(i / b.rows, j / b.cols) * b.at(i % b.rows, j % b.cols);
+                }
+            }
+            RefMat { rows, cols, v }
+        }
+    }
+}
+
+/// Runs `op` as `Kernel::Merge` on the GPU and with `merge_cpu` on the same
+/// host bytes, and checks the GPU against the f64 reference with the
+/// kernels' tolerance and against the CPU; returns (elements of the row
+/// slice, how many are bit-identical to the CPU's).
+fn check_merge_op(
+    d: &CudaDevice,
+    s: StreamId,
+    bufs: &mut Bufs<'_>,
+    op: MergeOp,
+    seed: u64,
+) -> (usize, usize) {
+    op.validate().unwrap();
+    let mut rng = Rng(seed | 1);
+    let out = op.shape[0];
+    let cols: usize = op.shape[1..].iter().product();
+    let rows = op.rows.clone().unwrap_or(0..out);
+    let w_bytes = encode(op.dtype, &rng.values(out * cols));
+    let w = bufs.upload(&w_bytes, s);
+    let op = Arc::new(op);
+    d.launch(&Kernel::Merge { w, op: op.clone() }, s).unwrap();
+    let mut gpu = vec![0u8; w_bytes.len()];
+    d.read_blocking(w, &mut gpu, s).unwrap();
+
+    let adapters = op.adapters_with(&mut |f| &f.host);
+    let spec = MergeSpec::new(op.dtype, &op.shape, op.rows.clone(), &adapters).unwrap();
+    let mut cpu = w_bytes.clone();
+    offload_kernels::merge_cpu(&mut cpu, &spec, NonZeroUsize::new(2)).unwrap();
+
+    let mut exact = decode(op.dtype, &w_bytes);
+    let mut bound: Vec<f64> = exact.iter().map(|v| v.abs()).collect();
+    for a in &adapters {
+        let (dl, da) = (
+            reference_delta(&a.delta, false),
+            reference_delta(&a.delta, true),
+        );
+        assert_eq!((dl.rows, dl.cols), (rows.len(), cols));
+        let sc = f64::from(a.scale);
+        for i in 0..dl.rows {
+            for j in 0..cols {
+                let at = (rows.start + i) * cols + j;
+                exact[at] += sc * dl.at(i, j);
+                bound[at] += sc.abs() * da.at(i, j);
+            }
+        }
+    }
+    let size = op.dtype.size_in_bytes();
+    let (g, c) = (decode(op.dtype, &gpu), decode(op.dtype, &cpu));
+    let mut same = 0;
+    for at in 0..out * cols {
+        let i = at / cols;
+        let span = at * size..(at + 1) * size;
+        if !rows.contains(&i) {
+            assert_eq!(
+                gpu[span.clone()],
+                w_bytes[span],
+                "[{i}, {}] outside the row slice changed",
+                at % cols
+            );
+            continue;
+        }
+        let allowed = ulp(op.dtype, exact[at]) + TOL * bound[at];
+        let err = (g[at] - exact[at]).abs();
+        assert!(
+            !g[at].is_nan() && err <= allowed,
+            "{} [{i}, {}]: GPU {:e}, exact {:e}, error {err:e} > allowed {allowed:e}",
+            op.dtype,
+            at % cols,
+            g[at],
+            exact[at]
+        );
+        let cpu_err = (g[at] - c[at]).abs();
+        assert!(
+            cpu_err <= 2.0 * allowed,
+            "{} [{i}, {}]: GPU {:e}, CPU {:e}: apart by {cpu_err:e} > {:e}",
+            op.dtype,
+            at % cols,
+            g[at],
+            c[at],
+            2.0 * allowed
+        );
+        if gpu[span.clone()] == cpu[span] {
+            same += 1;
+        }
+    }
+    (rows.len() * cols, same)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_merge_loha_lokr_match_cpu_merge() {
+    use Dtype::{BF16, F16, F32};
+    let d = gpu();
+    let s = d.create_stream().unwrap();
+    let mut bufs = Bufs::new(&d);
+    let mut rng = Rng(0x10ca);
+    let mut f = |dt, r, c| merge_factor(&mut bufs, s, &mut rng, dt, r, c);
+    let lowrank = |up, down| MergeDelta::LowRank { up, down };
+    let mut ops = Vec::new();
+    for dtype in Dtype::ALL {
+        // W [150, 200], rows 15..135: n = 120 = 8 · 15 = 4 · 30, cols 200 = 10 · 20 = 5 · 40.
+        let (n, cols) = (120, 200);
+        let adapters = vec![
+            MergeAdapter {
+                scale: 0.6,
+                delta: MergeDelta::LoHa {
+                    w1a: f(F16, n, 6),
+                    w1b: f(BF16, 6, cols),
+                    w2a: f(F32, n, 40),
+                    w2b: f(F16, 40, cols),
+                },
+            },
+            MergeAdapter {
+                scale: -0.8,
+                delta: MergeDelta::LoKr {
+                    w1: MergeKron::Full(f(BF16, 8, 10)),
+                    w2: MergeKron::Full(f(F16, 15, 20)),
+                },
+            },
+            MergeAdapter {
+                scale: 1.1,
+                delta: MergeDelta::LoKr {
+                    w1: MergeKron::LowRank {
+                        a: f(F32, 8, 2),
+                        b: f(F16, 2, 10),
+                    },
+                    w2: MergeKron::Full(f(BF16, 15, 20)),
+                },
+            },
+            MergeAdapter {
+                scale: 0.3,
+                delta: MergeDelta::LoKr {
+                    w1: MergeKron::Full(f(F16, 4, 5)),
+                    w2: MergeKron::LowRank {
+                        a: f(BF16, 30, 8),
+                        b: f(BF16, 8, 40),
+                    },
+                },
+            },
+            MergeAdapter {
+                scale: -0.5,
+                delta: lowrank(f(F16, n, 16), f(F32, 16, cols)),
+            },
+        ];
+        ops.push(MergeOp {
+            dtype,
+            shape: vec![150, 200],
+            rows: Some(15..135),
+            adapters,
+        });
+        // A 3x3 conv weight [64, 16, 3, 3], whole: cols 144 = 9 · 16.
+        ops.push(MergeOp {
+            dtype,
+            shape: vec![64, 16, 3, 3],
+            rows: None,
+            adapters: vec![
+                MergeAdapter {
+                    scale: 1.0,
+                    delta: MergeDelta::LoKr {
+                        w1: MergeKron::Full(f(F32, 4, 9)),
+                        w2: MergeKron::LowRank {
+                            a: f(BF16, 16, 4),
+                            b: f(BF16, 4, 16),
+                        },
+                    },
+                },
+                MergeAdapter {
+                    scale: 0.5,
+                    delta: MergeDelta::LoHa {
+                        w1a: f(BF16, 64, 4),
+                        w1b: f(BF16, 4, 144),
+                        w2a: f(BF16, 64, 4),
+                        w2b: f(BF16, 4, 144),
+                    },
+                },
+            ],
+        });
+        // A scalar left side (kron of [1, 1] and the whole delta), one row.
+        ops.push(MergeOp {
+            dtype,
+            shape: vec![3, 70],
+            rows: Some(2..3),
+            adapters: vec![MergeAdapter {
+                scale: 2.0,
+                delta: MergeDelta::LoKr {
+                    w1: MergeKron::Full(f(F32, 1, 1)),
+                    w2: MergeKron::LowRank {
+                        a: f(F16, 1, 3),
+                        b: f(F32, 3, 70),
+                    },
+                },
+            }],
+        });
+        // More low-rank adapters than a low-rank launch takes: the general
+        // kernel merges them in one launch (one rounding).
+        ops.push(MergeOp {
+            dtype,
+            shape: vec![40, 90],
+            rows: None,
+            adapters: (0..MAX_ADAPTERS_FOR_TEST + 2)
+                .map(|i| MergeAdapter {
+                    scale: 0.2 * i as f32 - 0.9,
+                    delta: lowrank(f(BF16, 40, 1 + 5 * i), f(F16, 1 + 5 * i, 90)),
+                })
+                .collect(),
+        });
+    }
+    for (i, op) in ops.into_iter().enumerate() {
+        let what = format!(
+            "merge {} {:?} rows {:?}, {} adapters",
+            op.dtype,
+            op.shape,
+            op.rows,
+            op.adapters.len()
+        );
+        let (elements, same) = check_merge_op(&d, s, &mut bufs, op, 0xab + i as u64);
+        eprintln!("{what}: {elements} elements, {same} bit-identical to the CPU");
+    }
+
+    // Throughput of realistic LyCORIS merges (informative): 1280 x 1280 f16,
+    // LoHa of ranks 32 and 32, and LoKr w1 [16, 16] whole, w2 [80, 80] of rank 16.
+    let (rows, cols) = (1280usize, 1280usize);
+    let mut rng = Rng(0xbe4c);
+    let mut f = |dt, r, c| merge_factor(&mut bufs, s, &mut rng, dt, r, c);
+    let loha = MergeDelta::LoHa {
+        w1a: f(F16, rows, 32),
+        w1b: f(F16, 32, cols),
+        w2a: f(F16, rows, 32),
+        w2b: f(F16, 32, cols),
+    };
+    let lokr = MergeDelta::LoKr {
+        w1: MergeKron::Full(f(F16, 16, 16)),
+        w2: MergeKron::LowRank {
+            a: f(F16, 80, 16),
+            b: f(F16, 16, 80),
+        },
+    };
+    let zeros = vec![0u8; rows * cols * 2];
+    let w = bufs.upload(&zeros, s);
+    for (name, delta) in [("LoHa 32/32", loha), ("LoKr 16x16 (x) 80x80 r16", lokr)] {
+        let kernel = Kernel::Merge {
+            w,
+            op: Arc::new(MergeOp {
+                dtype: F16,
+                shape: vec![rows, cols],
+                rows: None,
+                adapters: vec![MergeAdapter { scale: 1.0, delta }],
+            }),
+        };
+        d.launch(&kernel, s).unwrap();
+        d.stream_synchronize(s).unwrap();
+        let reps = 50;
+        let t = Instant::now();
+        for _ in 0..reps {
+            d.launch(&kernel, s).unwrap();
+        }
+        d.stream_synchronize(s).unwrap();
+        let per = t.elapsed() / reps;
+        eprintln!(
+            "merge {rows}x{cols} f16, {name}: {per:?} per launch, {:.0} GB/s of W read and written",
+            (2 * rows * cols * 2) as f64 / per.as_secs_f64() / 1e9
+        );
+    }
+    drop(bufs);
+    d.destroy_stream(s).unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_merge_general_rejects_bad_operands() {
+    let d = gpu();
+    let s = d.create_stream().unwrap();
+    let mut bufs = Bufs::new(&d);
+    // W [8, 6] f32; LoKr w1 [2, 3] whole, w2 [4, 2] whole.
+    let w = bufs.alloc(8 * 6 * 4);
+    let (w1b, w2b) = (vec![0u8; 2 * 3 * 4], vec![0u8; 4 * 2 * 4]);
+    let (w1, w2) = (bufs.upload(&w1b, s), bufs.upload(&w2b, s));
+    let adapters = [Adapter {
+        scale: 1.0,
+        delta: Delta::LoKr {
+            w1: KronFactor::Full(Factor::new(&w1b, Dtype::F32, 2, 3)),
+            w2: KronFactor::Full(Factor::new(&w2b, Dtype::F32, 4, 2)),
+        },
+    }];
+    let spec = MergeSpec::new(Dtype::F32, &[8, 6], None, &adapters).unwrap();
+    d.merge(&spec, w, &[vec![w1, w2]], s).unwrap();
+    // Wrong counts, unmapped, misaligned, overlapping W, unknown stream.
+    for bad in [vec![], vec![vec![w1]], vec![vec![w1, w2, w2]]] {
+        assert!(matches!(
+            d.merge(&spec, w, &bad, s),
+            Err(Error::Kernel { .. })
+        ));
+    }
+    assert!(matches!(
+        d.merge(&spec, w, &[vec![w1, DevicePtr(0x10)]], s),
+        Err(Error::BadAddress { .. })
+    ));
+    assert!(matches!(
+        d.merge(&spec, w, &[vec![w1.offset(2), w2]], s),
+        Err(Error::Kernel { .. })
+    ));
+    assert!(matches!(
+        d.merge(&spec, w, &[vec![w1, w.offset(8)]], s),
+        Err(Error::Kernel { .. })
+    ));
+    assert!(matches!(
+        d.merge(&spec, w, &[vec![w1, w2]], StreamId(0xdead_0000)),
+        Err(Error::UnknownStream(_))
+    ));
+    // merge_lowrank refuses it; Kernel::Merge takes it.
+    assert!(matches!(
+        d.merge_lowrank(&spec, w, &[(w1, w2)], s),
         Err(Error::Kernel { .. })
     ));
     d.stream_synchronize(s).unwrap();

@@ -1,6 +1,15 @@
-//! The LoRA low-rank merge on CUDA: the kernels of `offload_kernels::cuda`,
-//! compiled by NVRTC for the device at first use ([`super::nvrtc`]) and
-//! launched on a stream of the device.
+//! The LoRA merge on CUDA: the kernels of `offload_kernels::cuda`, compiled
+//! by NVRTC for the device at first use ([`super::nvrtc`]) and launched on a
+//! stream of the device.
+//!
+//! Three kernels (see `offload_kernels::cuda`): the low-rank merge in fp32
+//! FMA, the same on the tensor cores (taken by [`CudaDevice::merge_lowrank`]
+//! when every adapter's factors are both f16 or both bf16, some rank is
+//! above 32 and the device has compute capability 8.0 or newer), and the
+//! general merge of any mix of low-rank, LoHa and LoKr deltas
+//! ([`CudaDevice::merge`]). [`Kernel::Merge`](crate::device::Kernel::Merge)
+//! takes the first two for plain low-rank merges and the general one
+//! otherwise.
 
 use std::ffi::c_void;
 use std::path::PathBuf;
@@ -9,7 +18,9 @@ use std::time::Duration;
 
 use cudarc::driver::sys;
 use offload_kernels::cuda::{
-    lowrank_merge_entry, LowRankMergeParams, LOWRANK_MERGE_SRC, MAX_ADAPTERS,
+    delta_factors, dtype_code, lowrank_merge_entry, lowrank_merge_mma_entry, merge_entry,
+    LowRankMergeParams, MergeParams, LOWRANK_MERGE_SRC, MAX_ADAPTERS, MERGE_MAX_ADAPTERS,
+    MMA_MIN_COMPUTE_CAPABILITY,
 };
 use offload_kernels::{Delta, Dtype, MergeSpec};
 
@@ -18,12 +29,13 @@ use super::{lock, result, CudaDevice};
 use crate::device::{DevicePtr, StreamId};
 use crate::error::{Error, Result};
 
-/// The merge kernels loaded into a device's context.
+/// The merge kernels loaded into a device's context, each indexed by
+/// [`dtype_code`] of W.
 pub(super) struct MergeKernels {
     _module: Module,
-    f32: sys::CUfunction,
-    f16: sys::CUfunction,
-    bf16: sys::CUfunction,
+    lowrank: [sys::CUfunction; 3],
+    lowrank_mma: [sys::CUfunction; 3],
+    general: [sys::CUfunction; 3],
     image: Arc<Image>,
 }
 
@@ -32,16 +44,6 @@ pub(super) struct MergeKernels {
 unsafe impl Send for MergeKernels {}
 // SAFETY: as above; shared use only reads the handles.
 unsafe impl Sync for MergeKernels {}
-
-impl MergeKernels {
-    fn function(&self, dtype: Dtype) -> sys::CUfunction {
-        match dtype {
-            Dtype::F32 => self.f32,
-            Dtype::F16 => self.f16,
-            Dtype::BF16 => self.bf16,
-        }
-    }
-}
 
 /// How the merge kernels were built for a device, for reports.
 #[derive(Clone, Debug)]
@@ -62,7 +64,7 @@ pub struct MergeKernelsInfo {
 
 fn merge_error(message: String) -> Error {
     Error::Kernel {
-        kernel: "lowrank_merge",
+        kernel: "merge",
         message,
     }
 }
@@ -77,17 +79,18 @@ pub(super) struct Region {
 }
 
 /// The regions a merge of `spec` into W at `w` with the factors at
-/// `factors` touches: W's row slice first, then each adapter's up and down
-/// factors. Errors if a factor count is wrong or an adapter is not low-rank.
+/// `factors` touches: W's row slice first, then every factor of every
+/// adapter, `factors[i]` holding adapter `i`'s addresses in the order of
+/// [`delta_factors`]. Errors if a count is wrong.
 pub(super) fn merge_regions(
     spec: &MergeSpec<'_>,
     w: DevicePtr,
-    factors: &[(DevicePtr, DevicePtr)],
+    factors: &[Vec<DevicePtr>],
 ) -> Result<Vec<Region>> {
     let adapters = spec.adapters();
     if factors.len() != adapters.len() {
         return Err(merge_error(format!(
-            "{} factor address pairs for {} adapters",
+            "{} factor address lists for {} adapters",
             factors.len(),
             adapters.len()
         )));
@@ -99,14 +102,17 @@ pub(super) fn merge_regions(
         len: spec.delta_rows() * row_bytes,
         align: size,
     }];
-    for (i, (adapter, &(up_addr, down_addr))) in adapters.iter().zip(factors).enumerate() {
-        let Delta::LowRank { up, down } = &adapter.delta else {
+    for (i, (adapter, addrs)) in adapters.iter().zip(factors).enumerate() {
+        let fs = delta_factors(&adapter.delta);
+        if fs.len() != addrs.len() {
             return Err(merge_error(format!(
-                "adapter {i} is LoHa or LoKr: the CUDA merge takes low-rank deltas only"
+                "adapter {i}: {} factor addresses for {} factors",
+                addrs.len(),
+                fs.len()
             )));
-        };
+        }
         // MergeSpec::new checked that each factor's bytes match its shape.
-        for (addr, f) in [(up_addr, up), (down_addr, down)] {
+        for (f, &addr) in fs.iter().zip(addrs) {
             regions.push(Region {
                 addr,
                 len: f.data.len(),
@@ -126,10 +132,17 @@ impl CudaDevice {
         let cc = self.info.compute_capability.unwrap_or((0, 0));
         let image = nvrtc::compile("lowrank_merge.cu", LOWRANK_MERGE_SRC, cc)?;
         let module = Module::load(&self.ctx, &image)?;
+        let functions = |entry: fn(Dtype) -> &'static str| -> Result<[sys::CUfunction; 3]> {
+            let mut f = [std::ptr::null_mut(); 3];
+            for dtype in Dtype::ALL {
+                f[dtype_code(dtype) as usize] = module.function(entry(dtype))?;
+            }
+            Ok(f)
+        };
         let k = Arc::new(MergeKernels {
-            f32: module.function(lowrank_merge_entry(Dtype::F32))?,
-            f16: module.function(lowrank_merge_entry(Dtype::F16))?,
-            bf16: module.function(lowrank_merge_entry(Dtype::BF16))?,
+            lowrank: functions(lowrank_merge_entry)?,
+            lowrank_mma: functions(lowrank_merge_mma_entry)?,
+            general: functions(merge_entry)?,
             _module: module,
             image,
         });
@@ -154,24 +167,30 @@ impl CudaDevice {
         })
     }
 
-    /// Queue the low-rank LoRA merge `W[rows] += Σₐ sₐ · upₐ · downₐ` on
-    /// `stream` (semantics of [`offload_kernels::merge`]: one pass, f32
-    /// accumulation, one rounding to W's dtype; rows outside the spec's row
-    /// slice untouched).
+    /// Whether [`Self::merge_lowrank`] runs `spec` on the tensor cores on
+    /// this device (every adapter's factors both f16 or both bf16, some rank
+    /// above 32, compute capability 8.0 or newer).
+    pub fn merge_uses_tensor_cores(&self, spec: &MergeSpec<'_>) -> bool {
+        let addrs = vec![(0, 0); spec.adapters().len()];
+        self.info
+            .compute_capability
+            .is_some_and(|cc| cc >= MMA_MIN_COMPUTE_CAPABILITY)
+            && LowRankMergeParams::new(spec, 0, &addrs).is_ok_and(|p| p.tensor_cores())
+    }
+
+    /// Queue `W[rows] += Σₐ sₐ · Δₐ` for `op` on `stream` (semantics of
+    /// [`offload_kernels::merge`]: one pass, f32 accumulation, one rounding
+    /// to W's dtype; rows outside the op's row slice untouched).
     ///
-    /// `spec` gives W's dtype and shape, the row slice and the adapters
-    /// (scales, factor shapes and dtypes; the factors' host bytes are not
-    /// read). `w` is the device address of W's first element (row 0 of the
-    /// whole weight); `factors[i]` the device addresses of adapter `i`'s
-    /// `(up, down)` factors, row-major as in the spec. Every region the
-    /// kernel touches must be mapped, each address aligned to its element
-    /// size, and the factors must not overlap W's row slice. At most
-    /// [`MAX_ADAPTERS`] adapters, all low-rank.
-    ///
-    /// [`Kernel::Merge`](crate::device::Kernel::Merge) on this device: the
-    /// low-rank kernel, in chunks of [`MAX_ADAPTERS`] adapters when more are
-    /// stacked (each chunk rounds once). LoHa and LoKr deltas are refused
-    /// with an error naming the adapter.
+    /// [`Kernel::Merge`](crate::device::Kernel::Merge) on this device: up to
+    /// [`MAX_ADAPTERS`] adapters that are all low-rank go to
+    /// [`Self::merge_lowrank`] (fp32 FMA or tensor cores); anything else —
+    /// LoHa, LoKr, a mix, or more low-rank adapters — to the general kernel
+    /// ([`Self::merge`]), in launches of [`MERGE_MAX_ADAPTERS`] adapters
+    /// (each launch rounds once, so a merge rounds once unless more than
+    /// that many adapters are stacked). Every factor's device address comes
+    /// from the op, in the order of
+    /// [`MergeDelta::factors`](crate::device::MergeDelta::factors).
     pub(super) fn launch_merge(
         &self,
         w: DevicePtr,
@@ -181,50 +200,38 @@ impl CudaDevice {
         let adapters = op.adapters_with(&mut |f| &f.host);
         let spec = MergeSpec::new(op.dtype, &op.shape, op.rows.clone(), &adapters)
             .map_err(|e| merge_error(e.to_string()))?;
-        let mut factors = Vec::with_capacity(op.adapters.len());
-        for (i, a) in op.adapters.iter().enumerate() {
-            match &a.delta {
-                crate::device::MergeDelta::LowRank { up, down } => factors.push((up.ptr, down.ptr)),
-                _ => {
-                    return Err(merge_error(format!(
-                        "adapter {i} is LoHa or LoKr: the CUDA merge takes low-rank deltas only"
-                    )))
-                }
-            }
+        // MergeDelta::factors and delta_factors list the factors in the same order.
+        let factors: Vec<Vec<DevicePtr>> = op
+            .adapters
+            .iter()
+            .map(|a| a.delta.factors().iter().map(|f| f.ptr).collect())
+            .collect();
+        if adapters.len() <= MAX_ADAPTERS && op.adapters.iter().all(|a| a.delta.is_low_rank()) {
+            let pairs: Vec<(DevicePtr, DevicePtr)> = factors.iter().map(|f| (f[0], f[1])).collect();
+            return self.merge_lowrank(&spec, w, &pairs, stream);
         }
         for (chunk, addrs) in adapters
-            .chunks(MAX_ADAPTERS)
-            .zip(factors.chunks(MAX_ADAPTERS))
+            .chunks(MERGE_MAX_ADAPTERS)
+            .zip(factors.chunks(MERGE_MAX_ADAPTERS))
         {
             let spec = MergeSpec::new(op.dtype, &op.shape, Some(spec.row_range()), chunk)
                 .map_err(|e| merge_error(e.to_string()))?;
-            self.merge_lowrank(&spec, w, addrs, stream)?;
+            self.merge(&spec, w, addrs, stream)?;
         }
         Ok(())
     }
 
-    /// The kernels are compiled at the first call (see [`Self::prepare_merge`]).
-    pub fn merge_lowrank(
-        &self,
-        spec: &MergeSpec<'_>,
-        w: DevicePtr,
-        factors: &[(DevicePtr, DevicePtr)],
-        stream: StreamId,
-    ) -> Result<()> {
-        if spec.adapters().len() > MAX_ADAPTERS {
-            return Err(merge_error(format!(
-                "{} adapters in one merge (at most {MAX_ADAPTERS})",
-                spec.adapters().len()
-            )));
-        }
-        let regions = merge_regions(spec, w, factors)?;
+    /// Checks the regions of a merge before a launch: every one mapped,
+    /// aligned to its element size, and no factor overlapping W's row slice
+    /// (the first region).
+    fn check_merge_regions(&self, regions: &[Region]) -> Result<()> {
         {
             let mem = lock(&self.mem);
-            for r in &regions {
+            for r in regions {
                 mem.check_access(r.addr, r.len)?;
             }
         }
-        for r in &regions {
+        for r in regions {
             if r.addr.0 % r.align as u64 != 0 {
                 return Err(merge_error(format!(
                     "operand at {} is not aligned to its {}-byte elements",
@@ -243,6 +250,48 @@ impl CudaDevice {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Queue the low-rank LoRA merge `W[rows] += Σₐ sₐ · upₐ · downₐ` on
+    /// `stream` (semantics of [`offload_kernels::merge`]).
+    ///
+    /// `spec` gives W's dtype and shape, the row slice and the adapters
+    /// (scales, factor shapes and dtypes; the factors' host bytes are not
+    /// read). `w` is the device address of W's first element (row 0 of the
+    /// whole weight); `factors[i]` the device addresses of adapter `i`'s
+    /// `(up, down)` factors, row-major as in the spec. Every region the
+    /// kernel touches must be mapped, each address aligned to its element
+    /// size, and the factors must not overlap W's row slice. At most
+    /// [`MAX_ADAPTERS`] adapters, all low-rank.
+    ///
+    /// Runs on the tensor cores when [`Self::merge_uses_tensor_cores`] says
+    /// so, in fp32 FMA otherwise. The kernels are compiled at the first call
+    /// (see [`Self::prepare_merge`]).
+    pub fn merge_lowrank(
+        &self,
+        spec: &MergeSpec<'_>,
+        w: DevicePtr,
+        factors: &[(DevicePtr, DevicePtr)],
+        stream: StreamId,
+    ) -> Result<()> {
+        if spec.adapters().len() > MAX_ADAPTERS {
+            return Err(merge_error(format!(
+                "{} adapters in one low-rank merge (at most {MAX_ADAPTERS})",
+                spec.adapters().len()
+            )));
+        }
+        for (i, a) in spec.adapters().iter().enumerate() {
+            if !matches!(a.delta, Delta::LowRank { .. }) {
+                return Err(merge_error(format!(
+                    "adapter {i} is LoHa or LoKr: merge_lowrank takes low-rank deltas only \
+                     (CudaDevice::merge takes every kind)"
+                )));
+            }
+        }
+        let lists: Vec<Vec<DevicePtr>> = factors.iter().map(|&(u, d)| vec![u, d]).collect();
+        let regions = merge_regions(spec, w, &lists)?;
+        self.check_merge_regions(&regions)?;
         let addrs: Vec<(u64, u64)> = factors.iter().map(|(u, d)| (u.0, d.0)).collect();
         let mut params =
             LowRankMergeParams::new(spec, w.0, &addrs).map_err(|e| merge_error(e.to_string()))?;
@@ -251,18 +300,82 @@ impl CudaDevice {
             return Ok(());
         }
         let kernels = self.merge_kernels()?;
-        let (grid, block) = params.launch_dims();
+        let code = dtype_code(spec.dtype()) as usize;
+        let mma = self
+            .info
+            .compute_capability
+            .is_some_and(|cc| cc >= MMA_MIN_COMPUTE_CAPABILITY)
+            && params.tensor_cores();
+        let (function, (grid, block)) = if mma {
+            (kernels.lowrank_mma[code], params.mma_launch_dims())
+        } else {
+            (kernels.lowrank[code], params.launch_dims())
+        };
         self.ctx.bind()?;
         let mut args: [*mut c_void; 1] = [(&mut params as *mut LowRankMergeParams).cast()];
-        // SAFETY: the function belongs to a module loaded in this context and
-        // takes one parameter, OffloadLowRankMergeParams by value, whose
-        // layout LowRankMergeParams mirrors (checked in offload-kernels);
+        // SAFETY: the function (either low-rank entry point for W's dtype)
+        // belongs to a module loaded in this context and takes one parameter,
+        // OffloadLowRankMergeParams by value, whose layout LowRankMergeParams
+        // mirrors (checked in offload-kernels); the block is the one that
+        // entry point is written for, and the tensor-core one is only chosen
+        // on compute capability 8.0 or newer, where its instruction exists;
         // every region the kernel touches is mapped and aligned (checked
-        // above) and the trait makes callers keep it mapped until the
-        // queued kernel has run; the stream is live (Arc).
+        // above) and the trait makes callers keep it mapped until the queued
+        // kernel has run; the stream is live (Arc).
+        unsafe { result::launch_kernel(function, grid, block, s.raw, &mut args) }
+    }
+
+    /// Queue the LoRA merge `W[rows] += Σₐ sₐ · Δₐ` of any mix of low-rank,
+    /// LoHa and LoKr deltas on `stream`, in one launch of the general kernel
+    /// (semantics of [`offload_kernels::merge`]: one pass, f32 accumulation,
+    /// one rounding to W's dtype).
+    ///
+    /// `spec` as for [`Self::merge_lowrank`]; `factors[i]` holds the device
+    /// addresses of adapter `i`'s factors in the order of
+    /// [`offload_kernels::cuda::delta_factors`] (`up, down`; `w1a, w1b, w2a,
+    /// w2b`; LoKr `w1` or `w1a, w1b`, then `w2` or `w2a, w2b`). Every region
+    /// must be mapped, each address aligned to its element size, and no
+    /// factor may overlap W's row slice. At most [`MERGE_MAX_ADAPTERS`]
+    /// adapters.
+    pub fn merge(
+        &self,
+        spec: &MergeSpec<'_>,
+        w: DevicePtr,
+        factors: &[Vec<DevicePtr>],
+        stream: StreamId,
+    ) -> Result<()> {
+        if spec.adapters().len() > MERGE_MAX_ADAPTERS {
+            return Err(merge_error(format!(
+                "{} adapters in one merge (at most {MERGE_MAX_ADAPTERS})",
+                spec.adapters().len()
+            )));
+        }
+        let regions = merge_regions(spec, w, factors)?;
+        self.check_merge_regions(&regions)?;
+        let addrs: Vec<Vec<u64>> = factors
+            .iter()
+            .map(|f| f.iter().map(|p| p.0).collect())
+            .collect();
+        let mut params =
+            MergeParams::new(spec, w.0, &addrs).map_err(|e| merge_error(e.to_string()))?;
+        let s = self.stream(stream)?;
+        if spec.adapters().is_empty() {
+            return Ok(());
+        }
+        let kernels = self.merge_kernels()?;
+        let (grid, block) = params.launch_dims();
+        self.ctx.bind()?;
+        let mut args: [*mut c_void; 1] = [(&mut params as *mut MergeParams).cast()];
+        // SAFETY: the function (the general entry point for W's dtype)
+        // belongs to a module loaded in this context and takes one parameter,
+        // OffloadMergeParams by value (3352 bytes, under the 4 KiB parameter
+        // limit), whose layout MergeParams mirrors (checked in
+        // offload-kernels); every region the kernel touches is mapped and
+        // aligned (checked above) and the trait makes callers keep it mapped
+        // until the queued kernel has run; the stream is live (Arc).
         unsafe {
             result::launch_kernel(
-                kernels.function(spec.dtype()),
+                kernels.general[dtype_code(spec.dtype()) as usize],
                 grid,
                 block,
                 s.raw,
@@ -275,7 +388,7 @@ impl CudaDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use offload_kernels::{Adapter, Factor};
+    use offload_kernels::{Adapter, Factor, KronFactor};
 
     #[test]
     fn regions_cover_the_row_slice_and_every_factor() {
@@ -292,7 +405,7 @@ mod tests {
         let r = merge_regions(
             &spec,
             DevicePtr(0x10000),
-            &[(DevicePtr(0x20000), DevicePtr(0x30000))],
+            &[vec![DevicePtr(0x20000), DevicePtr(0x30000)]],
         )
         .unwrap();
         assert_eq!(
@@ -316,5 +429,131 @@ mod tests {
             ]
         );
         assert!(merge_regions(&spec, DevicePtr(0), &[]).is_err());
+        assert!(merge_regions(&spec, DevicePtr(0), &[vec![DevicePtr(0x20000)]]).is_err());
+    }
+
+    #[test]
+    fn merge_op_factors_and_kernel_factors_share_their_order() {
+        use crate::device::{MergeAdapter, MergeDelta, MergeFactor, MergeKron, MergeOp};
+        // Distinct shapes, so a different order shows.
+        let f = |rows: usize, cols: usize, dtype: Dtype| MergeFactor {
+            ptr: DevicePtr(0x1000 * (rows * 100 + cols) as u64),
+            host: vec![0u8; rows * cols * dtype.size_in_bytes()].into(),
+            dtype,
+            rows,
+            cols,
+        };
+        let adapter = |delta| MergeAdapter { scale: 1.0, delta };
+        let op = MergeOp {
+            dtype: Dtype::F16,
+            shape: vec![12, 10],
+            rows: None,
+            adapters: vec![
+                adapter(MergeDelta::LowRank {
+                    up: f(12, 3, Dtype::F16),
+                    down: f(3, 10, Dtype::F32),
+                }),
+                adapter(MergeDelta::LoHa {
+                    w1a: f(12, 2, Dtype::BF16),
+                    w1b: f(2, 10, Dtype::F16),
+                    w2a: f(12, 4, Dtype::F32),
+                    w2b: f(4, 10, Dtype::BF16),
+                }),
+                adapter(MergeDelta::LoKr {
+                    w1: MergeKron::Full(f(3, 2, Dtype::F32)),
+                    w2: MergeKron::LowRank {
+                        a: f(4, 1, Dtype::F16),
+                        b: f(1, 5, Dtype::BF16),
+                    },
+                }),
+                adapter(MergeDelta::LoKr {
+                    w1: MergeKron::LowRank {
+                        a: f(6, 2, Dtype::BF16),
+                        b: f(2, 5, Dtype::F32),
+                    },
+                    w2: MergeKron::Full(f(2, 2, Dtype::F16)),
+                }),
+            ],
+        };
+        op.validate().unwrap();
+        let views = op.adapters_with(&mut |f| &f.host);
+        for (a, view) in op.adapters.iter().zip(&views) {
+            let ours: Vec<(usize, usize, Dtype)> = a
+                .delta
+                .factors()
+                .iter()
+                .map(|f| (f.rows, f.cols, f.dtype))
+                .collect();
+            let kernels: Vec<(usize, usize, Dtype)> = delta_factors(&view.delta)
+                .iter()
+                .map(|f| (f.rows, f.cols, f.dtype))
+                .collect();
+            assert_eq!(ours, kernels);
+        }
+    }
+
+    #[test]
+    fn regions_of_loha_and_lokr_follow_the_factor_order() {
+        // W [12, 10] f32, whole; LoKr w1 [3, 2] whole (bf16), w2 [4, 5] = a [4, 1] · b [1, 5].
+        let w1 = vec![0u8; 3 * 2 * 2];
+        let (a, b) = (vec![0u8; 4 * 4], vec![0u8; 5 * 2]);
+        let h = vec![0u8; 12 * 2 * 2];
+        let hb = vec![0u8; 2 * 10 * 4];
+        let adapters = [
+            Adapter {
+                scale: 1.0,
+                delta: Delta::LoKr {
+                    w1: KronFactor::Full(Factor::new(&w1, Dtype::BF16, 3, 2)),
+                    w2: KronFactor::LowRank {
+                        a: Factor::new(&a, Dtype::F32, 4, 1),
+                        b: Factor::new(&b, Dtype::F16, 1, 5),
+                    },
+                },
+            },
+            Adapter {
+                scale: 1.0,
+                delta: Delta::LoHa {
+                    w1a: Factor::new(&h, Dtype::F16, 12, 2),
+                    w1b: Factor::new(&hb, Dtype::F32, 2, 10),
+                    w2a: Factor::new(&h, Dtype::BF16, 12, 2),
+                    w2b: Factor::new(&hb, Dtype::F32, 2, 10),
+                },
+            },
+        ];
+        let spec = MergeSpec::new(Dtype::F32, &[12, 10], None, &adapters).unwrap();
+        let p = |a: u64| DevicePtr(a);
+        let r = merge_regions(
+            &spec,
+            p(0x1000),
+            &[
+                vec![p(0x2000), p(0x3000), p(0x4000)],
+                vec![p(0x5000), p(0x6000), p(0x7000), p(0x8000)],
+            ],
+        )
+        .unwrap();
+        let got: Vec<(u64, usize, usize)> = r.iter().map(|r| (r.addr.0, r.len, r.align)).collect();
+        assert_eq!(
+            got,
+            [
+                (0x1000, 12 * 10 * 4, 4),
+                (0x2000, 12, 2),
+                (0x3000, 16, 4),
+                (0x4000, 10, 2),
+                (0x5000, 48, 2),
+                (0x6000, 80, 4),
+                (0x7000, 48, 2),
+                (0x8000, 80, 4),
+            ]
+        );
+        // A LoKr with a low-rank side takes three addresses, not two.
+        assert!(merge_regions(
+            &spec,
+            p(0x1000),
+            &[
+                vec![p(0x2000), p(0x3000)],
+                vec![p(0x5000), p(0x6000), p(0x7000), p(0x8000)],
+            ],
+        )
+        .is_err());
     }
 }
