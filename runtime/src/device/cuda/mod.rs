@@ -24,8 +24,11 @@
 //! Kernels: [`Kernel::Fill`] is a driver memset; [`Kernel::Matmul`] goes
 //! through cuBLAS ([`cublas`]); the LoRA merge kernels of
 //! `offload_kernels::cuda` are compiled by NVRTC ([`nvrtc`]) for the
-//! device's compute capability at first use and launched with
-//! [`CudaDevice::merge_lowrank`].
+//! device's compute capability at first use; [`Kernel::Merge`] runs the
+//! low-rank kernel (fp32 FMA, or tensor cores for ranks above 32 with
+//! f16/bf16 factors on sm_80+) when every adapter is low-rank, else the
+//! general kernel that takes low-rank, LoHa and LoKr adapters in one launch
+//! ([`CudaDevice::merge_lowrank`], `merge.rs`).
 
 pub mod cublas;
 mod handles;
