@@ -6,8 +6,10 @@
 
 mod arena_bench;
 mod cmd_inspect;
+mod cmd_merge;
 mod cmd_synth;
 mod e2e;
+mod merge_bench;
 mod null_device;
 mod rng;
 mod sdxl;
@@ -34,6 +36,8 @@ enum Command {
     Device,
     /// Print the layout of model files and what LoRA files are and match.
     Inspect(cmd_inspect::InspectArgs),
+    /// Bake LoRAs into a new checkpoint.
+    Merge(cmd_merge::MergeArgs),
     /// Write a synthetic checkpoint (and optionally a LoRA) for benchmarks.
     Synth(cmd_synth::SynthArgs),
 }
@@ -44,6 +48,8 @@ enum Bench {
     Arena(ArenaArgs),
     /// One generation per offload mode with real compute per layer: the offload table.
     E2e(Box<e2e::E2eArgs>),
+    /// Merge throughput: our stacked LoRA merge against a plain copy and a per-adapter gemm.
+    Merge(merge_bench::MergeBenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -114,8 +120,10 @@ fn main() -> ExitCode {
         Some(Command::Bench(b)) => match b.as_ref() {
             Bench::Arena(a) => bench_arena(a),
             Bench::E2e(a) => e2e::run(a),
+            Bench::Merge(a) => merge_bench::run(a),
         },
         Some(Command::Inspect(a)) => cmd_inspect::run(a),
+        Some(Command::Merge(a)) => cmd_merge::run(a),
         Some(Command::Synth(a)) => cmd_synth::run(a),
     };
     match result {

@@ -1,4 +1,7 @@
-//! [`Kernel::Matmul`] on CUDA: `Y = X · Wᵀ` through cuBLAS.
+//! [`Kernel::Matmul`] on CUDA: `Y = X · Wᵀ` through cuBLAS; and
+//! [`CudaDevice::gemm_accumulate`], `W += s · B · A` with one cuBLAS call
+//! (the per-adapter baseline `offload bench merge` compares the stacked
+//! merge kernel with).
 //!
 //! One `cublasGemmEx` per product, f32 accumulation (`CUBLAS_COMPUTE_32F`),
 //! f32 output. The handle is the device's, created at the first product
@@ -69,6 +72,9 @@ pub fn library_candidates() -> Vec<String> {
 ///
 /// and computes C (`m × n'` = `n × tokens`) as `op(A) · op(B)` over an inner
 /// dimension of `k`. "TN" is also the layout cuBLAS's tensor-core kernels prefer.
+///
+/// The field documentation gives the values for `Y = X · Wᵀ` ([`gemm_args`]);
+/// [`accumulate_args`] fills the same fields for `W += s · B · A`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmArgs {
     /// `op(A)` is `Aᵀ` (true) or `A`.
@@ -89,18 +95,51 @@ pub struct GemmArgs {
     pub ldc: i32,
 }
 
+/// `v` as a cuBLAS `int` in `1..=2³¹-1`, or an error naming `what` and `kernel`.
+fn cublas_int(kernel: &'static str, v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v)
+        .ok()
+        .filter(|&v| v > 0)
+        .ok_or_else(|| Error::Kernel {
+            kernel,
+            message: format!("{what} = {v} must be in 1..=2^31-1 for cuBLAS"),
+        })
+}
+
+/// The arguments of the one `cublasGemmEx` call that computes, in place, the
+/// row-major `W[rows, cols] += s · B[rows, rank] · A[rank, cols]`, with
+/// A = A's buffer (the LoRA "down" factor), B = B's buffer (the "up"
+/// factor), C = W.
+///
+/// Read column-major (see [`GemmArgs`]), W's buffer is the `cols × rows`
+/// matrix `Wᵀ` (ldc = cols), and `Wᵀ += s · (B · A)ᵀ = s · Aᵀ · Bᵀ`, where
+/// A's buffer read column-major is `Aᵀ` (`cols × rank`, lda = cols) and B's
+/// is `Bᵀ` (`rank × rows`, ldb = rank). So neither operand is transposed
+/// ("NN"), `m = cols`, `n = rows`, `k = rank`. Every dimension must be
+/// non-zero and fit cuBLAS's 32-bit `int`.
+pub fn accumulate_args(rows: usize, cols: usize, rank: usize) -> Result<GemmArgs> {
+    let k = "gemm_accumulate";
+    let (rows, cols, rank) = (
+        cublas_int(k, rows, "rows")?,
+        cublas_int(k, cols, "cols")?,
+        cublas_int(k, rank, "rank")?,
+    );
+    Ok(GemmArgs {
+        transa: false,
+        transb: false,
+        m: cols,
+        n: rows,
+        k: rank,
+        lda: cols,
+        ldb: rank,
+        ldc: cols,
+    })
+}
+
 /// [`GemmArgs`] for `Y = X · Wᵀ`; every dimension must be non-zero and fit
 /// cuBLAS's 32-bit `int`.
 pub fn gemm_args(tokens: usize, n: usize, k: usize) -> Result<GemmArgs> {
-    let int = |v: usize, what: &str| {
-        i32::try_from(v)
-            .ok()
-            .filter(|&v| v > 0)
-            .ok_or_else(|| Error::Kernel {
-                kernel: "matmul",
-                message: format!("{what} = {v} must be in 1..=2^31-1 for cuBLAS"),
-            })
-    };
+    let int = |v: usize, what: &str| cublas_int("matmul", v, what);
     let (t, n, k) = (int(tokens, "tokens")?, int(n, "n")?, int(k, "k")?);
     Ok(GemmArgs {
         transa: true,
@@ -341,8 +380,41 @@ impl Blas {
         c: u64,
         s: sys::CUstream,
     ) -> Result<()> {
-        let alpha = 1.0f32;
-        let beta = 0.0f32;
+        let mats = GemmMatrices {
+            a,
+            b,
+            ab_type,
+            c,
+            c_type: Dtype::F32,
+        };
+        // SAFETY: the caller's contract; with beta = 0, C is only written.
+        unsafe { self.gemm_ex(args, mats, 1.0, 0.0, s) }
+    }
+
+    /// Queue `C = alpha · op(A) · op(B) + beta · C` (see [`GemmArgs`]) with
+    /// f32 accumulation (`CUBLAS_COMPUTE_32F`), rounded once to C's type.
+    ///
+    /// # Safety
+    /// `s` is a live stream of the context; the matrices of `m` are those
+    /// `args` describes, of the types `m` names (a combination cuBLAS
+    /// accepts for `CUBLAS_COMPUTE_32F`, see [`accumulate_types_supported`]),
+    /// valid until the product has run; C overlaps neither input, and C is
+    /// initialised unless `beta` is 0.
+    unsafe fn gemm_ex(
+        &self,
+        args: GemmArgs,
+        m: GemmMatrices,
+        alpha: f32,
+        beta: f32,
+        s: sys::CUstream,
+    ) -> Result<()> {
+        let GemmMatrices {
+            a,
+            b,
+            ab_type,
+            c,
+            c_type,
+        } = m;
         let t = cuda_type(ab_type);
         // SAFETY: the handle is live and ours (we hold the device's lock);
         // the stream is live and of the handle's context (the caller).
@@ -351,7 +423,8 @@ impl Blas {
         })?;
         // SAFETY: alpha and beta are f32 host values (pointer mode host,
         // scale type f32 for CUBLAS_COMPUTE_32F) living for the call; the
-        // matrices are the caller's contract; with beta = 0, C is not read.
+        // matrices, their types and C's contents are the caller's contract
+        // (with beta = 0, C is not read).
         check("cublasGemmEx", unsafe {
             cb::cublasGemmEx(
                 self.handle,
@@ -369,13 +442,32 @@ impl Blas {
                 args.ldb,
                 (&beta as *const f32).cast(),
                 c as *mut c_void,
-                cb::cudaDataType::CUDA_R_32F,
+                cuda_type(c_type),
                 args.ldc,
                 cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cb::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
             )
         })
     }
+}
+
+/// The device addresses and types of one product's operands.
+#[derive(Clone, Copy, Debug)]
+struct GemmMatrices {
+    a: u64,
+    b: u64,
+    /// Type of A and B.
+    ab_type: Dtype,
+    c: u64,
+    c_type: Dtype,
+}
+
+/// Whether cuBLAS multiplies factors of `factor_dtype` into a weight of
+/// `w_dtype` with `CUBLAS_COMPUTE_32F`: A and B of one type, and C of that
+/// type or f32 (f16 · f16 → f16 or f32, bf16 · bf16 → bf16 or f32,
+/// f32 · f32 → f32). f32 factors into a 16-bit weight are not accepted.
+pub fn accumulate_types_supported(w_dtype: Dtype, factor_dtype: Dtype) -> bool {
+    w_dtype == factor_dtype || w_dtype == Dtype::F32
 }
 
 /// Free scratch buffers taken with [`Blas::take_stream`].
@@ -405,6 +497,60 @@ impl Drop for Blas {
                 .collect();
             free_buffers(buffers);
         }
+    }
+}
+
+/// `W[rows, cols] += scale · up[rows, rank] · down[rank, cols]` in place,
+/// all row-major and dense: the operands of
+/// [`CudaDevice::gemm_accumulate`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemmAccumulate {
+    /// Device address of W's first element.
+    pub w: DevicePtr,
+    /// W's element type.
+    pub w_dtype: Dtype,
+    /// Rows of W and of `up`.
+    pub rows: usize,
+    /// Columns of W and of `down`.
+    pub cols: usize,
+    /// Device address of `up` (B, `[rows, rank]`).
+    pub up: DevicePtr,
+    /// Device address of `down` (A, `[rank, cols]`).
+    pub down: DevicePtr,
+    /// Element type of both factors (see [`accumulate_types_supported`]).
+    pub factor_dtype: Dtype,
+    /// Inner dimension.
+    pub rank: usize,
+    /// The scale `s` (cuBLAS's alpha); must be finite.
+    pub scale: f32,
+}
+
+impl GemmAccumulate {
+    /// The device regions the product touches, as (address, length,
+    /// alignment): W, then `up`, then `down`. Errors on overflow.
+    fn regions(&self) -> Result<[(DevicePtr, usize, usize); 3]> {
+        let overflow = || Error::Kernel {
+            kernel: "gemm_accumulate",
+            message: "operand size overflows".into(),
+        };
+        let bytes = |a: usize, b: usize, d: Dtype| {
+            a.checked_mul(b)
+                .and_then(|e| e.checked_mul(d.size_in_bytes()))
+                .ok_or_else(overflow)
+        };
+        let (ws, fs) = (
+            self.w_dtype.size_in_bytes(),
+            self.factor_dtype.size_in_bytes(),
+        );
+        Ok([
+            (self.w, bytes(self.rows, self.cols, self.w_dtype)?, ws),
+            (self.up, bytes(self.rows, self.rank, self.factor_dtype)?, fs),
+            (
+                self.down,
+                bytes(self.rank, self.cols, self.factor_dtype)?,
+                fs,
+            ),
+        ])
     }
 }
 
@@ -510,6 +656,83 @@ impl CudaDevice {
         unsafe { blas.gemm(args, w.0, b, w_dtype, y.0, s.raw) }
     }
 
+    /// Queue `W += scale · up · down` ([`GemmAccumulate`]) on `stream` as
+    /// one `cublasGemmEx` with alpha = `scale` and beta = 1 (arguments from
+    /// [`accumulate_args`]), accumulating in f32 (`CUBLAS_COMPUTE_32F`) and
+    /// rounding once to W's dtype, like the merge kernel does for one
+    /// adapter.
+    ///
+    /// This is what a user without a merge kernel runs, one call per
+    /// adapter: `offload bench merge` measures it against the stacked merge
+    /// ([`CudaDevice::merge_lowrank`]). Rows and columns are whole (no row
+    /// slice), and cuBLAS may pick a different summation order than the
+    /// merge kernel, so results agree to a rounding, not bit for bit.
+    ///
+    /// Checks, before queueing anything, that the type pair is one cuBLAS
+    /// takes ([`accumulate_types_supported`]), that every dimension fits
+    /// cuBLAS's `int`, that the scale is finite, that each operand lies in
+    /// mapped memory of this device and is aligned to its element size, and
+    /// that W overlaps neither factor. As with [`Device::launch`], the
+    /// caller keeps the operands mapped until the queued product has run.
+    /// The cuBLAS handle is created at the first product (see
+    /// [`Self::prepare_matmul`]).
+    ///
+    /// [`Device::launch`]: crate::device::Device::launch
+    pub fn gemm_accumulate(&self, op: &GemmAccumulate, stream: StreamId) -> Result<()> {
+        let err = |message: String| Error::Kernel {
+            kernel: "gemm_accumulate",
+            message,
+        };
+        if !accumulate_types_supported(op.w_dtype, op.factor_dtype) {
+            return Err(err(format!(
+                "cuBLAS does not multiply {} factors into an {} weight",
+                op.factor_dtype, op.w_dtype
+            )));
+        }
+        if !op.scale.is_finite() {
+            return Err(err(format!("the scale {} is not finite", op.scale)));
+        }
+        let args = accumulate_args(op.rows, op.cols, op.rank)?;
+        let regions = op.regions()?;
+        {
+            let mem = lock(&self.mem);
+            for &(addr, len, _) in &regions {
+                mem.check_access(addr, len)?;
+            }
+        }
+        for &(addr, _, align) in &regions {
+            if addr.0 % align as u64 != 0 {
+                return Err(err(format!(
+                    "operand at {addr} is not aligned to its {align}-byte elements"
+                )));
+            }
+        }
+        let (w, wl, _) = regions[0];
+        for &(f, fl, _) in &regions[1..] {
+            if overlaps(w, wl, f, fl) {
+                return Err(err(format!("a factor at {f} (+{fl} bytes) overlaps W")));
+            }
+        }
+        let s = self.stream(stream)?;
+        self.ctx.bind()?;
+        let mut guard = lock(&self.blas);
+        let blas = self.blas_in(&mut guard)?;
+        let mats = GemmMatrices {
+            a: op.down.0,
+            b: op.up.0,
+            ab_type: op.factor_dtype,
+            c: op.w.0,
+            c_type: op.w_dtype,
+        };
+        // SAFETY: the stream is live (Arc held); W, up and down are mapped
+        // with the sizes `args` implies and aligned (checked above), their
+        // types are a pair cuBLAS accepts for CUBLAS_COMPUTE_32F (checked),
+        // W overlaps neither factor (checked), and W, read because beta = 1,
+        // is initialised memory of the caller's; callers keep the operands
+        // mapped until the queued product has run (as for `launch`).
+        unsafe { blas.gemm_ex(args, mats, op.scale, 1.0, s.raw) }
+    }
+
     /// Collect and free the scratch buffers of a stream being destroyed:
     /// takes them under the cuBLAS lock, then synchronises the stream, then frees.
     pub(super) fn release_stream_scratch(&self, raw: sys::CUstream, stream: u64) {
@@ -587,6 +810,67 @@ mod tests {
         let mut got = vec![f32::NAN; tokens * n];
         gemm_colmajor(g, &w, &x, &mut got);
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn accumulate_arguments_add_up_times_down_to_w() {
+        let (rows, cols, rank) = (6, 9, 4);
+        let up: Vec<f32> = (0..rows * rank).map(|i| (i % 5) as f32 - 2.0).collect();
+        let down: Vec<f32> = (0..rank * cols).map(|i| (i % 7) as f32 * 0.25).collect();
+        let w0: Vec<f32> = (0..rows * cols).map(|i| (i % 3) as f32).collect();
+        let scale = 0.5f32;
+        let g = accumulate_args(rows, cols, rank).unwrap();
+        assert_eq!(
+            g,
+            GemmArgs {
+                transa: false,
+                transb: false,
+                m: 9,
+                n: 6,
+                k: 4,
+                lda: 9,
+                ldb: 4,
+                ldc: 9
+            }
+        );
+        // A = down's buffer, B = up's buffer, C = W's buffer, as
+        // gemm_accumulate passes them; C = alpha · op(A) · op(B) + 1 · C.
+        let mut prod = vec![0f32; rows * cols];
+        gemm_colmajor(g, &down, &up, &mut prod);
+        let got: Vec<f32> = w0.iter().zip(&prod).map(|(w, p)| w + scale * p).collect();
+        for i in 0..rows {
+            for j in 0..cols {
+                let d: f32 = (0..rank)
+                    .map(|l| up[i * rank + l] * down[l * cols + j])
+                    .sum();
+                assert_eq!(
+                    got[i * cols + j],
+                    w0[i * cols + j] + scale * d,
+                    "({i}, {j})"
+                );
+            }
+        }
+        assert!(accumulate_args(0, 1, 1).is_err());
+        assert!(accumulate_args(1, 1, 0).is_err());
+        assert!(accumulate_args(1, 1 << 31, 1).is_err());
+    }
+
+    #[test]
+    fn accumulate_type_pairs_are_those_cublas_takes() {
+        use Dtype::*;
+        for (w, f, ok) in [
+            (F16, F16, true),
+            (BF16, BF16, true),
+            (F32, F32, true),
+            (F32, F16, true),
+            (F32, BF16, true),
+            (F16, BF16, false),
+            (BF16, F16, false),
+            (F16, F32, false),
+            (BF16, F32, false),
+        ] {
+            assert_eq!(accumulate_types_supported(w, f), ok, "{w} += {f} · {f}");
+        }
     }
 
     #[test]
