@@ -78,7 +78,7 @@ enum Attempt {
     /// The component has no plan and ring yet (or was offloaded).
     NotStarted,
     /// Other components must give up this many pages.
-    NeedRoom(usize),
+    NeedRoom(usize, Option<Error>),
     /// A real error.
     Fail(Error),
 }
@@ -626,9 +626,13 @@ impl Runtime {
             match sh.try_acquire(&model, id, &mut recorded, squeeze) {
                 Ok(g) => return Ok(g),
                 Err(Attempt::NotStarted) => sh.start_component(&model, id.component)?,
-                Err(Attempt::NeedRoom(pages)) => {
+                Err(Attempt::NeedRoom(pages, cause)) => {
                     room_tries += 1;
                     if room_tries > 3 {
+                        // The device's own refusal, if that is what stopped us.
+                        if let Some(e @ Error::DeviceOutOfMemory { .. }) = cause {
+                            return Err(e);
+                        }
                         let free = sh.arena.pages_free();
                         return Err(Error::OutOfMemory {
                             requested: pages * sh.page,
@@ -1121,6 +1125,7 @@ impl Shared {
             return Ok(());
         }
         let pages = comp.layer_pages[l];
+        let mut cause = None;
         loop {
             let over_cap = st.cap_pages > 0 && st.pages + pages > st.cap_pages;
             let attempt = if over_cap {
@@ -1128,7 +1133,10 @@ impl Shared {
             } else {
                 match self.arena.alloc(comp.layer_bytes[l].total, Tag(model.id.0)) {
                     Ok(a) => Some(a),
-                    Err(e) if e.is_retryable_oom() => None,
+                    Err(e) if e.is_retryable_oom() => {
+                        cause = Some(e);
+                        None
+                    }
                     Err(e) => return Err(Attempt::Fail(e)),
                 }
             };
@@ -1170,7 +1178,7 @@ impl Shared {
                         in_use: st.layers.iter().filter(|s| s.users > 0).count(),
                     }))
                 }
-                _ => return Err(Attempt::NeedRoom(pages)),
+                _ => return Err(Attempt::NeedRoom(pages, cause)),
             }
         }
     }
@@ -1614,6 +1622,9 @@ impl Shared {
                 match self.ensure_loaded(model, ci, &mut st, l, &[], false) {
                     Ok(()) => {}
                     Err(Attempt::Fail(e)) => return Err(e),
+                    Err(Attempt::NeedRoom(_, Some(e @ Error::DeviceOutOfMemory { .. }))) => {
+                        return Err(e)
+                    }
                     Err(_) => {
                         let free = self.arena.pages_free();
                         return Err(Error::OutOfMemory {
