@@ -1,7 +1,7 @@
 //! Host copies of the weights: pinned layer buffers read once at load, or a
 //! ring of pinned staging buffers filled from the source on each upload.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -134,6 +134,7 @@ impl Stager {
         counters: Arc<Counters>,
         wait_timeout: Duration,
         release_events: Sender<EventId>,
+        gate: Arc<RwLock<()>>,
     ) -> Result<Stager> {
         if buffers == 0 || buffer_bytes == 0 || threads == 0 {
             return Err(Error::Config(format!(
@@ -162,9 +163,19 @@ impl Stager {
                 counters.clone(),
             );
             let release = release_events.clone();
+            let gate = gate.clone();
             let h = std::thread::Builder::new()
                 .name(format!("offload-stager-{i}"))
-                .spawn(move || reader(device, copy, rx, staging, counters, wait_timeout, release))
+                .spawn(move || {
+                    reader(
+                        device,
+                        copy,
+                        rx,
+                        staging,
+                        counters,
+                        (wait_timeout, release, gate),
+                    )
+                })
                 .map_err(|e| Error::os("spawn stager thread", e))?;
             handles.push(h);
         }
@@ -200,12 +211,16 @@ fn reader(
     rx: Receiver<Job>,
     staging: Arc<Staging>,
     counters: Arc<Counters>,
-    wait_timeout: Duration,
-    release_events: Sender<EventId>,
+    (wait_timeout, release_events, gate): (Duration, Sender<EventId>, Arc<RwLock<()>>),
 ) {
     for job in rx {
         let start = Instant::now();
-        let r = run_job(&*device, copy, &job, &staging, &counters, wait_timeout);
+        // A failure of one of the job's chunks must reach its ready event:
+        // no synchronisation (which clears the failure) may come between.
+        let r = {
+            let _queueing = gate.read().unwrap_or_else(|p| p.into_inner());
+            run_job(&*device, copy, &job, &staging, &counters, wait_timeout)
+        };
         // The waits are queued (or the job failed before using them): the events may be reused.
         for e in &job.waits {
             let _ = release_events.send(*e);

@@ -416,7 +416,7 @@ impl Shared {
                     )
                 };
                 if let Err(e) = r {
-                    let _ = self.device.stream_synchronize(self.copy);
+                    let _ = self.sync_copy();
                     let _ = self.arena.free(a);
                     return Err(e);
                 }
@@ -433,7 +433,7 @@ impl Shared {
     /// work queued so far) and its host bytes.
     fn drop_loaded(&self, l: LoadedLora) {
         if let Some((a, _, _)) = l.dev {
-            let _ = self.device.stream_synchronize(self.copy);
+            let _ = self.sync_copy();
             let freed = self
                 .event()
                 .and_then(|e| {
@@ -590,7 +590,7 @@ impl Shared {
         // A failure left on the copy stream by an earlier upload belongs to
         // that upload's ready event (an acquire or `apply` handles it), not
         // to this call: clear it before queueing ours.
-        let _ = self.device.stream_synchronize(self.copy);
+        let _ = self.sync_copy();
         let mut loaded_new: Vec<LoadedLora> = Vec::new();
         let mut upload_err = None;
         for l in fresh.into_iter().flatten() {
@@ -605,7 +605,7 @@ impl Shared {
             }
             loaded_new.push(l);
         }
-        if let Some(e) = upload_err.or_else(|| self.device.stream_synchronize(self.copy).err()) {
+        if let Some(e) = upload_err.or_else(|| self.sync_copy().err()) {
             for l in loaded_new {
                 self.drop_loaded(l);
             }
@@ -693,7 +693,7 @@ impl Shared {
         report.tensors_changed = changed.len();
         // A failure left on the copy stream by an earlier upload belongs to
         // that upload's ready event (handled per layer below), not to this call.
-        let _ = self.device.stream_synchronize(self.copy);
+        let _ = self.sync_copy();
         let mut first_err: Option<Error> = None;
         for (ci, comp) in model.comps.iter().enumerate() {
             let mut st = comp.lock();
@@ -748,7 +748,7 @@ impl Shared {
                 }
             }
         }
-        if let Err(e) = self.device.stream_synchronize(self.copy) {
+        if let Err(e) = self.sync_copy() {
             // A re-derivation failed on the stream: drop every changed copy.
             for (ci, comp) in model.comps.iter().enumerate() {
                 let mut st = comp.lock();
@@ -802,7 +802,7 @@ impl Shared {
         }
         if mode.fuses_host_copy() || host_was_fused {
             // Queued copies read the host copy: let them finish before it changes.
-            self.device.stream_synchronize(self.copy)?;
+            self.sync_copy()?;
             for &t in tensors {
                 self.fuse_host_tensor(model, ci, st, l, t, state, prep, ops, mode, host_was_fused)?;
             }

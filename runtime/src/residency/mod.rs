@@ -30,7 +30,7 @@ mod plan;
 mod stats;
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -111,6 +111,11 @@ struct Shared {
     lora_mode: Mutex<LoraMode>,
     /// Pages of LoRA factors on the device, all models together.
     lora_pages: AtomicUsize,
+    /// Staged jobs queue their copies under the read side; a
+    /// synchronisation of the copy stream (which clears a failure on it)
+    /// takes the write side, so it never falls between a staged layer's
+    /// failed chunk and its ready event.
+    copy_gate: Arc<RwLock<()>>,
 }
 
 /// The residency engine; see the module documentation.
@@ -303,6 +308,7 @@ impl Runtime {
         let fence = device.create_stream()?;
         let (pool_tx, pool_rx) = crossbeam_channel::unbounded();
         let counters = Arc::new(Counters::new(cfg.timeline));
+        let copy_gate = Arc::new(RwLock::new(()));
         let stager = match cfg.host_policy {
             HostPolicy::Pinned => None,
             HostPolicy::Staged {
@@ -318,6 +324,7 @@ impl Runtime {
                 counters.clone(),
                 cfg.wait_timeout,
                 pool_tx.clone(),
+                copy_gate.clone(),
             )?),
         };
         Ok(Runtime {
@@ -340,6 +347,7 @@ impl Runtime {
                 stager,
                 lora_mode: Mutex::new(cfg_lora_mode),
                 lora_pages: AtomicUsize::new(0),
+                copy_gate,
             }),
         })
     }
@@ -571,7 +579,7 @@ impl Runtime {
         }
         // Queued copies from the host copy must finish before it can be freed;
         // a copy that failed earlier has finished too.
-        let synced = match sh.device.stream_synchronize(sh.copy) {
+        let synced = match sh.sync_copy() {
             Err(Error::StreamFailed { .. }) => Ok(()),
             other => other,
         };
@@ -697,7 +705,7 @@ impl Runtime {
                 }
             }
         }
-        sh.device.stream_synchronize(sh.copy)
+        sh.sync_copy()
     }
 
     /// Apply a LoRA set to `model`, replacing its current set, in the
@@ -839,6 +847,13 @@ impl Runtime {
 }
 
 impl Shared {
+    /// Synchronise the copy stream, reporting (and clearing) a failure of
+    /// work queued on it; never while a staged job is queueing its copies.
+    fn sync_copy(&self) -> Result<()> {
+        let _gate = self.copy_gate.write().unwrap_or_else(|p| p.into_inner());
+        self.device.stream_synchronize(self.copy)
+    }
+
     fn model(&self, id: ModelId) -> Result<Arc<ModelRt>> {
         self.models
             .get(&id.0)
@@ -960,7 +975,7 @@ impl Shared {
                 Err(Error::StreamFailed { .. })
             )
         {
-            let _ = self.device.stream_synchronize(self.copy);
+            let _ = self.sync_copy();
             self.drop_device_copy(comp, &mut st, l);
         }
         let hit = st.layers[l].place != Place::Host;
@@ -1410,7 +1425,7 @@ impl Shared {
                     None => self.arena.free(slot.alloc),
                 };
                 if freed.is_err() {
-                    let _ = self.device.stream_synchronize(self.copy);
+                    let _ = self.sync_copy();
                     let _ = self.arena.free(slot.alloc);
                 }
                 st.pages -= st.plan.as_ref().map_or(0, |p| p.slot_pages);
@@ -1646,9 +1661,9 @@ impl Drop for Shared {
         // Work queued on our memory must finish before it is freed.
         let _ = self.device.stream_synchronize(self.compute);
         let _ = self.device.stream_synchronize(self.fence);
-        let _ = self.device.stream_synchronize(self.copy);
+        let _ = self.sync_copy();
         self.stager = None;
-        let _ = self.device.stream_synchronize(self.copy);
+        let _ = self.sync_copy();
         for m in self.models.iter() {
             for c in &m.comps {
                 for &e in &c.ready {
