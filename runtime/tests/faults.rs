@@ -14,22 +14,48 @@
 //! runtime returns every page, mapping and range to the device; and every
 //! fault kind the scenario claims was injected at least once.
 //!
+//! The `lora_*` scenarios do the same with LoRA sets (LoRA, LoHa, LoKr and a
+//! row slice stacked on shared tensors of an f16 model): fuse-on-upload in
+//! every offload mode, pinned and staged, and backup, fuse and unfused in
+//! some. Before each pass the set is switched, under faults; merges are
+//! refused at launch ([`FaultKind::Launch`]) and, through [`ExtraFaults`],
+//! fail on the stream. Every tensor handed out must be exactly the bytes of
+//! the set in force (a fault-free run's, checked against the f64 reference
+//! merge). A `set_loras` that fails returns a typed error; with faults off,
+//! a pass then shows every tensor on the old or the new set (on the set
+//! `loras()` reports, in the modes that merge on the device), and one more
+//! `set_loras` of the reported set makes every tensor that set's. After the
+//! faults clear, every set and then none is applied and checked (none: the
+//! file's bytes, bit for bit); unload leaves no page used and no factor on
+//! the device. Single-fault tests pin down what a failed `set_loras` or
+//! upload leaves behind, and resource limits with two models.
+//!
 //! `OFFLOAD_FAULT_ROUNDS` (default 4) sets the faulted rounds per scenario,
 //! and `OFFLOAD_FAULT_SEED` the seed, for longer runs (see docs/reliability.md).
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::lora::{
+    bindings, check as lora_check, decode, f16_model, lora, reference, same_set, Kind, Set,
+};
 use common::{model, MemSource, PAGE};
 use offload_runtime::arena::{Arena, ArenaConfig, Tag};
 use offload_runtime::device::fault::{
     silence_injected_panics, FaultConfig, FaultCounts, FaultDevice, FaultKind, FaultRates,
+    InjectedFault, GARBAGE,
 };
-use offload_runtime::device::{Device, DeviceExt, HostConfig, HostDevice, Kernel, StreamId};
+use offload_runtime::device::{
+    Device, DeviceExt, DeviceInfo, DevicePtr, EventId, HostConfig, HostDevice, HostFn, Kernel,
+    MemoryInfo, MergeDelta, MergeFactor, MergeOp, PhysPage, PinnedBuffer, StreamId, VirtualRange,
+};
+use offload_runtime::lora::{LoraBinding, LoraMode};
+use offload_runtime::model::ModelDesc;
 use offload_runtime::residency::{
     HostPolicy, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig,
 };
@@ -467,11 +493,12 @@ fn copy_stream_failures_in_every_mode() {
 /// The same with staged uploads. A staged upload copies in chunks, each
 /// followed by its staging buffer's event; the host backend attaches a
 /// stream failure to the events recorded after it until the stream is
-/// synchronised, and the runtime's recovery synchronises the copy stream, so
-/// a failure can be cleared before the ready event of the layer it hit is
-/// recorded, and that layer is then handed out with the garbage.
+/// synchronised. The runtime synchronises the copy stream (to clear a
+/// failure) only under the write side of a gate whose read side a staged job
+/// holds while it queues its chunks and ready event, so a chunk's failure
+/// always reaches the ready event of the layer it hit. Without the gate this
+/// test failed 3 runs in 10.
 #[test]
-#[ignore = "known gap: a failed staged copy can escape the ready event (see the comment)"]
 fn copy_stream_failures_in_every_mode_staged() {
     copy_stream_failures(&[true]);
 }
@@ -673,12 +700,10 @@ fn a_failed_staging_copy_does_not_shrink_the_staging_ring() {
     }
 }
 
-/// Engine bug (reporting): when the device refuses a page while a
-/// component that must be whole-resident is uploaded, the caller gets
-/// `OutOfMemory` with the arena's free count, which is larger than the
-/// request, instead of the device's `DeviceOutOfMemory`.
+/// When the device refuses a page while a component that must be
+/// whole-resident is uploaded, the caller gets the device's refusal, not an
+/// `OutOfMemory` with the arena's (larger) free count.
 #[test]
-#[ignore = "engine bug: residency/mod.rs start_component maps Attempt::NeedRoom to Error::OutOfMemory with the arena's free pages, hiding the device's DeviceOutOfMemory"]
 fn a_device_refusal_is_reported_as_such() {
     let (desc, src) = model(&[vec![vec![2 * PAGE]; 3]]);
     let s = small(small_cfg(
@@ -746,4 +771,1427 @@ fn device_out_of_memory_is_met_by_evicting_and_retrying() {
             (0, 0, 0)
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// LoRA sets under faults.
+
+/// A merge kernel that fails on the stream: [`FaultKind`] has a kind for a
+/// launch that is refused ([`FaultKind::Launch`], which covers
+/// [`Kernel::Merge`] too) but none for a kernel that was queued and then
+/// failed, so this wrapper of the host device adds one. A merge it fails
+/// leaves its weight filled with [`GARBAGE`] and fails the stream (a host
+/// function that panics with an [`InjectedFault`] payload), as a copy that
+/// fails on the stream does. It sits under the [`FaultDevice`], so it sees
+/// the merges that the fault device let through.
+#[derive(Debug)]
+struct ExtraFaults {
+    inner: Arc<HostDevice>,
+    seed: u64,
+    /// Rate as f64 bits.
+    rate: AtomicU64,
+    enabled: AtomicBool,
+    calls: AtomicU64,
+    injected: AtomicU64,
+    /// Deterministic knobs for the single-fault tests: a sleep (µs) queued
+    /// before every copy, so that queued copies are still pending when the
+    /// call that queued them returns; the index of a copy to refuse (as
+    /// [`FaultKind::CopySubmit`] does); the index of a copy to fail on the
+    /// stream (as [`FaultKind::CopyStream`] does); and whether every merge
+    /// launch is refused (as [`FaultKind::Launch`] does).
+    copy_sleep_us: AtomicU64,
+    copies: AtomicU64,
+    refuse_copy: AtomicU64,
+    fail_copy: AtomicU64,
+    refuse_merges: AtomicBool,
+}
+
+impl ExtraFaults {
+    fn new(inner: Arc<HostDevice>, seed: u64, rate: f64) -> Self {
+        ExtraFaults {
+            inner,
+            seed,
+            rate: AtomicU64::new(rate.to_bits()),
+            enabled: AtomicBool::new(true),
+            calls: AtomicU64::new(0),
+            injected: AtomicU64::new(0),
+            copy_sleep_us: AtomicU64::new(0),
+            copies: AtomicU64::new(0),
+            refuse_copy: AtomicU64::new(u64::MAX),
+            fail_copy: AtomicU64::new(u64::MAX),
+            refuse_merges: AtomicBool::new(false),
+        }
+    }
+
+    /// Fail the `n`-th copy from now on the stream (0: the next one).
+    fn fail_copy_in(&self, n: u64) {
+        let now = self.copies.load(Ordering::SeqCst);
+        self.fail_copy.store(now + n, Ordering::SeqCst);
+    }
+
+    /// Sleep `d` on the stream before every copy from now on.
+    fn slow_copies(&self, d: Duration) {
+        self.copy_sleep_us
+            .store(d.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// Refuse the `n`-th copy from now (0: the next one).
+    fn refuse_copy_in(&self, n: u64) {
+        let now = self.copies.load(Ordering::SeqCst);
+        self.refuse_copy.store(now + n, Ordering::SeqCst);
+    }
+
+    /// Back to no deterministic fault.
+    fn clear_knobs(&self) {
+        self.copy_sleep_us.store(0, Ordering::SeqCst);
+        self.refuse_copy.store(u64::MAX, Ordering::SeqCst);
+        self.fail_copy.store(u64::MAX, Ordering::SeqCst);
+        self.refuse_merges.store(false, Ordering::SeqCst);
+    }
+
+    fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::SeqCst);
+    }
+
+    fn injected(&self) -> u64 {
+        self.injected.load(Ordering::SeqCst)
+    }
+
+    fn roll(&self) -> bool {
+        let rate = f64::from_bits(self.rate.load(Ordering::SeqCst));
+        if !self.enabled.load(Ordering::SeqCst) || rate <= 0.0 {
+            return false;
+        }
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut x = self.seed ^ 0x6d65_7267_6500_0000 ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^= x >> 31;
+        ((x >> 11) as f64 / (1u64 << 53) as f64) < rate
+    }
+}
+
+impl Device for ExtraFaults {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+    fn memory(&self) -> Result<MemoryInfo, Error> {
+        self.inner.memory()
+    }
+    fn alloc_page(&self) -> Result<PhysPage, Error> {
+        self.inner.alloc_page()
+    }
+    fn free_page(&self, page: PhysPage) -> Result<(), Error> {
+        self.inner.free_page(page)
+    }
+    fn reserve(&self, len: usize) -> Result<VirtualRange, Error> {
+        self.inner.reserve(len)
+    }
+    fn release(&self, range: VirtualRange) -> Result<(), Error> {
+        self.inner.release(range)
+    }
+    fn map(&self, addr: DevicePtr, page: PhysPage) -> Result<(), Error> {
+        self.inner.map(addr, page)
+    }
+    fn unmap(&self, addr: DevicePtr) -> Result<(), Error> {
+        self.inner.unmap(addr)
+    }
+    fn alloc_pinned(&self, len: usize) -> Result<PinnedBuffer, Error> {
+        self.inner.alloc_pinned(len)
+    }
+    fn create_stream(&self) -> Result<StreamId, Error> {
+        self.inner.create_stream()
+    }
+    fn destroy_stream(&self, stream: StreamId) -> Result<(), Error> {
+        self.inner.destroy_stream(stream)
+    }
+    fn create_event(&self) -> Result<EventId, Error> {
+        self.inner.create_event()
+    }
+    fn destroy_event(&self, event: EventId) -> Result<(), Error> {
+        self.inner.destroy_event(event)
+    }
+    fn record_event(&self, event: EventId, stream: StreamId) -> Result<(), Error> {
+        self.inner.record_event(event, stream)
+    }
+    fn stream_wait_event(&self, stream: StreamId, event: EventId) -> Result<(), Error> {
+        self.inner.stream_wait_event(stream, event)
+    }
+    fn event_query(&self, event: EventId) -> Result<bool, Error> {
+        self.inner.event_query(event)
+    }
+    fn event_wait(&self, event: EventId, timeout: Option<Duration>) -> Result<(), Error> {
+        self.inner.event_wait(event, timeout)
+    }
+    fn stream_synchronize(&self, stream: StreamId) -> Result<(), Error> {
+        self.inner.stream_synchronize(stream)
+    }
+    unsafe fn copy_h2d_async(
+        &self,
+        dst: DevicePtr,
+        src: *const u8,
+        len: usize,
+        stream: StreamId,
+    ) -> Result<(), Error> {
+        let n = self.copies.fetch_add(1, Ordering::SeqCst);
+        if n == self.refuse_copy.load(Ordering::SeqCst) {
+            return Err(Error::StreamFailed {
+                stream,
+                message: format!("injected fault: copy of {len} bytes to {dst} refused"),
+            });
+        }
+        let us = self.copy_sleep_us.load(Ordering::SeqCst);
+        if us > 0 {
+            self.inner.launch_host_fn(
+                stream,
+                Box::new(move || std::thread::sleep(Duration::from_micros(us))),
+            )?;
+        }
+        if n == self.fail_copy.load(Ordering::SeqCst) {
+            self.inner.launch(
+                &Kernel::Fill {
+                    dst,
+                    len,
+                    value: GARBAGE,
+                },
+                stream,
+            )?;
+            return self.inner.launch_host_fn(
+                stream,
+                Box::new(|| std::panic::panic_any(InjectedFault(FaultKind::CopyStream))),
+            );
+        }
+        // SAFETY: forwarded unchanged; our caller upholds the contract.
+        unsafe { self.inner.copy_h2d_async(dst, src, len, stream) }
+    }
+    unsafe fn copy_d2h_async(
+        &self,
+        dst: *mut u8,
+        src: DevicePtr,
+        len: usize,
+        stream: StreamId,
+    ) -> Result<(), Error> {
+        // SAFETY: forwarded unchanged; our caller upholds the contract.
+        unsafe { self.inner.copy_d2h_async(dst, src, len, stream) }
+    }
+    fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<(), Error> {
+        if matches!(kernel, Kernel::Merge { .. }) && self.refuse_merges.load(Ordering::SeqCst) {
+            return Err(Error::Kernel {
+                kernel: kernel.name(),
+                message: "injected fault: launch failed".into(),
+            });
+        }
+        if matches!(kernel, Kernel::Merge { .. }) && self.roll() {
+            let (w, len) = kernel.regions()?[0];
+            self.inner.launch(
+                &Kernel::Fill {
+                    dst: w,
+                    len,
+                    value: GARBAGE,
+                },
+                stream,
+            )?;
+            self.inner.launch_host_fn(
+                stream,
+                Box::new(|| std::panic::panic_any(InjectedFault(FaultKind::Launch))),
+            )?;
+            self.injected.fetch_add(1, Ordering::SeqCst);
+            return Ok(());
+        }
+        self.inner.launch(kernel, stream)
+    }
+    fn launch_host_fn(&self, stream: StreamId, f: HostFn) -> Result<(), Error> {
+        self.inner.launch_host_fn(stream, f)
+    }
+}
+
+/// Tensor shapes (f16) of the LoRA scenarios' model: a text encoder of 3
+/// layers and a denoiser of 6, 2 to 3 pages each, ~23 pages in all (the
+/// budgets of [`Scenario::budget`] fit it, with room for the factors).
+fn lora_shapes() -> Vec<Vec<Vec<Vec<usize>>>> {
+    vec![
+        vec![
+            vec![vec![64, 40], vec![32]],
+            vec![vec![64, 64]],
+            vec![vec![48, 32], vec![32, 32]],
+        ],
+        vec![
+            vec![vec![96, 56], vec![64]],
+            vec![vec![80, 48]],
+            vec![vec![64, 64], vec![64, 32]],
+            vec![vec![128, 40]],
+            vec![vec![64, 96]],
+            vec![vec![32, 64], vec![64]],
+        ],
+    ]
+}
+
+/// The model, the LoRA sets the scenarios switch between, and the bytes
+/// each tensor must have under each set.
+struct Menu {
+    desc: ModelDesc,
+    src: Arc<MemSource>,
+    /// Set 0 is empty.
+    sets: Vec<Set>,
+    /// `golden[set][c][l][t]`: the merged bytes, from a fault-free
+    /// fuse-on-upload run (checked against the f64 reference). Every mode
+    /// merges with the same CPU kernel, so these are exact for all of them.
+    golden: Vec<Vec<Vec<Vec<Vec<u8>>>>>,
+}
+
+/// Sets for a LoRA mode: LoRA, LoHa, LoKr and a row slice stacked on
+/// shared tensors; low-rank only for unfused (the engine gets `up · down`).
+fn menu(lora_mode: LoraMode) -> Menu {
+    let (desc, src) = f16_model("fault-lora", 7, &lora_shapes());
+    let sets: Vec<Set> = if lora_mode == LoraMode::Unfused {
+        let a = lora(
+            101,
+            &desc,
+            &[(1, 0, 0), (1, 2, 0), (1, 4, 0), (0, 1, 0)],
+            Kind::LowRank(4),
+        );
+        let d = lora(104, &desc, &[(1, 0, 0), (1, 3, 0)], Kind::Slice(4));
+        let e = lora(
+            105,
+            &desc,
+            &[(0, 0, 0), (1, 5, 0), (1, 2, 0)],
+            Kind::LowRank(2),
+        );
+        vec![
+            vec![],
+            vec![(a.clone(), 0.8), (e.clone(), 1.0)],
+            vec![(a, -0.5), (d.clone(), 1.0)],
+            vec![(e, 0.7), (d, -1.0)],
+        ]
+    } else {
+        let a = lora(
+            101,
+            &desc,
+            &[(1, 0, 0), (1, 2, 0), (1, 4, 0), (0, 1, 0)],
+            Kind::LowRank(4),
+        );
+        let b = lora(102, &desc, &[(1, 1, 0), (1, 2, 0)], Kind::LoHa(2));
+        let c = lora(103, &desc, &[(1, 2, 1), (0, 2, 0)], Kind::LoKr);
+        let d = lora(104, &desc, &[(1, 0, 0), (1, 3, 0)], Kind::Slice(4));
+        vec![
+            vec![],
+            vec![(a.clone(), 0.8), (c.clone(), 1.5)],
+            vec![(a, -0.5), (b.clone(), 1.0), (d, 1.0)],
+            vec![(b, 0.7), (c, -1.0)],
+        ]
+    };
+    let golden = sets.iter().map(|set| golden(&desc, &src, set)).collect();
+    Menu {
+        desc,
+        src,
+        sets,
+        golden,
+    }
+}
+
+/// Every tensor's bytes under `set`, from a fault-free run with everything
+/// resident, each checked against the f64 reference.
+fn golden(desc: &ModelDesc, src: &Arc<MemSource>, set: &Set) -> Vec<Vec<Vec<Vec<u8>>>> {
+    let dev = Arc::new(
+        HostDevice::new(HostConfig {
+            capacity: 16 << 20,
+            page_size: PAGE,
+            link_gbps: None,
+        })
+        .unwrap(),
+    );
+    let compute = dev.create_stream().unwrap();
+    let rt = Runtime::new(
+        dev.clone(),
+        compute,
+        RuntimeConfig {
+            mode: Some(Mode::None),
+            device_memory: Some(64 * PAGE),
+            lora_mode: LoraMode::FuseOnUpload,
+            ..RuntimeConfig::default()
+        },
+    )
+    .unwrap();
+    let m = rt.load(desc.clone(), src.clone()).unwrap();
+    rt.set_loras(m, &bindings(set)).unwrap();
+    let mut out = Vec::new();
+    for (c, comp) in desc.components.iter().enumerate() {
+        let mut cv = Vec::new();
+        for l in 0..comp.layers.len() {
+            let g = rt
+                .acquire(LayerId {
+                    model: m,
+                    component: c,
+                    layer: l,
+                })
+                .unwrap();
+            let mut lv = Vec::new();
+            for (t, v) in g.tensors().enumerate() {
+                let mut back = vec![0u8; v.bytes];
+                dev.read_blocking(v.ptr, &mut back, compute).unwrap();
+                lora_check(desc, src, set, (c, l, t), &back)
+                    .unwrap_or_else(|e| panic!("reference run, {}: {e}", v.name));
+                lv.push(back);
+            }
+            cv.push(lv);
+        }
+        out.push(cv);
+    }
+    rt.unload(m).unwrap();
+    out
+}
+
+/// Unfused: the merges a guard hands out for tensor `k`, with their factors
+/// read back from the device, must make the f64 reference of `set`
+/// (pristine weight + Σ s·up·down).
+fn unfused_matches(
+    host: &HostDevice,
+    compute: StreamId,
+    menu: &Menu,
+    set: &Set,
+    k: (usize, usize, usize),
+    ops: &[&MergeOp],
+) -> Result<(), String> {
+    let (c, l, t) = k;
+    let patches: usize = set
+        .iter()
+        .map(|((d, _), _)| {
+            d.patches
+                .iter()
+                .filter(|p| (p.component, p.layer, p.tensor) == k)
+                .count()
+        })
+        .sum();
+    let adapters: usize = ops.iter().map(|o| o.adapters.len()).sum();
+    if patches != adapters {
+        return Err(format!(
+            "{adapters} adapters handed out, the set has {patches}"
+        ));
+    }
+    if patches == 0 {
+        return Ok(());
+    }
+    let cols = menu.desc.components[c].layers[l].tensors[t].shape[1];
+    let mut got = decode(&menu.src.data[c][l][t]);
+    let read = |f: &MergeFactor| -> Result<Vec<f64>, String> {
+        let mut back = vec![0u8; f.bytes()];
+        host.read_blocking(f.ptr, &mut back, compute)
+            .map_err(|e| e.to_string())?;
+        if back[..] != f.host[..] {
+            return Err("a factor on the device is not the file's".into());
+        }
+        Ok(decode(&back))
+    };
+    for op in ops {
+        let r0 = op.rows.as_ref().map_or(0, |r| r.start);
+        for a in &op.adapters {
+            let MergeDelta::LowRank { up, down } = &a.delta else {
+                return Err("a delta that is not low-rank".into());
+            };
+            let (u, d) = (read(up)?, read(down)?);
+            let r = up.cols;
+            for i in 0..up.rows {
+                for j in 0..cols {
+                    let v: f64 = (0..r).map(|q| u[i * r + q] * d[q * cols + j]).sum();
+                    got[(r0 + i) * cols + j] += f64::from(a.scale) * v;
+                }
+            }
+        }
+    }
+    let (exact, bound) = reference(&menu.desc, &menu.src, set, k);
+    for (i, ((&g, &e), &b)) in got.iter().zip(&exact).zip(&bound).enumerate() {
+        if (g - e).abs() > b * 1e-9 {
+            return Err(format!("element {i}: {g} vs reference {e}"));
+        }
+    }
+    Ok(())
+}
+
+/// The LoRA scenario's world: the host device under the merge wrapper
+/// under the fault device, the compute stream and the engine's scratch.
+struct LoraWorld {
+    host: Arc<HostDevice>,
+    merges: Arc<ExtraFaults>,
+    dev: Arc<FaultDevice<ExtraFaults>>,
+    compute: StreamId,
+    _scratch_arena: Arena<HostDevice>,
+    scratch: DevicePtr,
+    /// Engine kernel launches the fault device refused (the rest of its
+    /// launch faults hit the runtime's merges).
+    fill_faults: u64,
+}
+
+impl LoraWorld {
+    fn faults(&self, on: bool) {
+        self.dev.set_enabled(on);
+        self.merges.set_enabled(on);
+    }
+}
+
+/// One pass over every layer: each tensor as the compute stream sees it
+/// must be exactly its bytes under one of the `allowed` sets (fused
+/// modes), or the file's bytes with merges that make the set (unfused).
+#[allow(clippy::too_many_arguments)]
+fn lora_pass(
+    w: &mut LoraWorld,
+    rt: &Runtime,
+    m: ModelId,
+    menu: &Menu,
+    allowed: &[usize],
+    unfused: bool,
+    verified: &mut u64,
+) -> Result<(), Error> {
+    for c in 0..menu.desc.components.len() {
+        for l in 0..menu.desc.components[c].layers.len() {
+            let g = rt.acquire(LayerId {
+                model: m,
+                component: c,
+                layer: l,
+            })?;
+            for (t, v) in g.tensors().enumerate() {
+                let mut back = vec![0u8; v.bytes];
+                w.host.read_blocking(v.ptr, &mut back, w.compute)?;
+                if unfused {
+                    assert!(
+                        back == menu.src.data[c][l][t],
+                        "unfused: {} is not the file's bytes",
+                        v.name
+                    );
+                    let ops: Vec<&MergeOp> = g.lora(t).collect();
+                    let why: Vec<String> = allowed
+                        .iter()
+                        .filter_map(|&s| {
+                            unfused_matches(
+                                &w.host,
+                                w.compute,
+                                menu,
+                                &menu.sets[s],
+                                (c, l, t),
+                                &ops,
+                            )
+                            .err()
+                            .map(|e| format!("set {s}: {e}"))
+                        })
+                        .collect();
+                    assert!(
+                        why.len() < allowed.len(),
+                        "unfused: {} is handed out with merges of none of the sets {allowed:?}: {why:?}",
+                        v.name
+                    );
+                } else if !allowed.iter().any(|&s| back == menu.golden[s][c][l][t]) {
+                    let why: Vec<String> = allowed
+                        .iter()
+                        .map(|&s| {
+                            let r =
+                                lora_check(&menu.desc, &menu.src, &menu.sets[s], (c, l, t), &back);
+                            format!(
+                                "set {s}: {}",
+                                r.err()
+                                    .unwrap_or_else(|| "within the tolerance, not exact".into())
+                            )
+                        })
+                        .collect();
+                    panic!(
+                        "{} handed out with bytes of none of the sets {allowed:?}: {why:?}",
+                        v.name
+                    );
+                }
+                *verified += v.bytes as u64;
+            }
+            if let Err(e) = w.dev.launch(
+                &Kernel::Fill {
+                    dst: w.scratch,
+                    len: 256,
+                    value: l as u8,
+                },
+                w.compute,
+            ) {
+                w.fill_faults += 1;
+                return Err(e);
+            }
+            drop(g);
+        }
+    }
+    Ok(())
+}
+
+/// What one LoRA scenario did, beyond [`Outcome`].
+#[derive(Debug, Default)]
+struct LoraOutcome {
+    base: Outcome,
+    /// `set_loras` calls under faults that succeeded / failed.
+    sets_ok: usize,
+    sets_failed: usize,
+    /// Failed calls after which `loras()` reported the new set (the device
+    /// part failed after validation) / the old one.
+    failed_reporting_new: usize,
+    failed_reporting_old: usize,
+    /// `set_loras` errors by variant.
+    set_errors: BTreeMap<String, usize>,
+    /// Merge launches the fault device refused.
+    merge_launch_faults: u64,
+    /// Merges failed on the stream by [`ExtraFaults`].
+    merge_stream_faults: u64,
+}
+
+/// Whether an error is the host backend refusing a queued copy into device
+/// memory that is no longer mapped (memory freed under queued work).
+fn writes_freed_memory(e: &Error) -> bool {
+    e.to_string().contains("reserved range")
+}
+
+/// A pass with faults off: it must go through. (Errors of faults injected
+/// before — a failed staged prefetch, a copy a failed call left queued into
+/// memory it freed, a stream failure a failed call left on the copy stream —
+/// were counted and tolerated here until the runtime fixed them; see
+/// `a_failed_prefetch_is_not_reported_after_the_fault_cleared` and the
+/// other regression tests below.)
+fn clean_pass(
+    w: &mut LoraWorld,
+    rt: &Runtime,
+    m: ModelId,
+    menu: &Menu,
+    allowed: &[usize],
+    unfused: bool,
+    out: &mut LoraOutcome,
+) -> Result<(), Error> {
+    lora_pass(
+        w,
+        rt,
+        m,
+        menu,
+        allowed,
+        unfused,
+        &mut out.base.bytes_verified,
+    )
+}
+
+#[derive(Clone, Copy, Debug)]
+struct LoraScenario {
+    base: Scenario,
+    lora_mode: LoraMode,
+}
+
+/// The rates of the LoRA scenarios ([`RATES`] and copies failing on the
+/// stream), and the rate of merges failing on the stream ([`ExtraFaults`]).
+fn lora_rates() -> (FaultRates, f64) {
+    let r = FaultRates {
+        copy_stream: 0.03,
+        ..RATES
+    };
+    (r, 0.05)
+}
+
+/// The engine's side of a LoRA scenario: rounds of load → (swap the set,
+/// pass) × 3 → unload with faults on; after each failed swap, faults off: a
+/// pass shows every tensor on the old or the new set (the set `loras()`
+/// reports, in the modes that change device copies only), and one more
+/// `set_loras` of the reported set makes every tensor that set's.
+fn drive_lora(
+    s: LoraScenario,
+    seed: u64,
+    rounds: usize,
+    beat: mpsc::Sender<String>,
+) -> (LoraOutcome, Arc<HostDevice>) {
+    silence_injected_panics();
+    let menu = menu(s.lora_mode);
+    let unfused = s.lora_mode == LoraMode::Unfused;
+    let host = Arc::new(
+        HostDevice::new(HostConfig {
+            capacity: 16 << 20,
+            page_size: PAGE,
+            link_gbps: None,
+        })
+        .unwrap(),
+    );
+    let (rates, merge_rate) = lora_rates();
+    let merges = Arc::new(ExtraFaults::new(host.clone(), seed, merge_rate));
+    let dev = Arc::new(FaultDevice::new(
+        merges.clone(),
+        FaultConfig {
+            seed,
+            rates,
+            max_delay: Duration::from_millis(1),
+        },
+    ));
+    let compute = host.create_stream().unwrap();
+    let scratch_arena = Arena::new(host.clone(), ArenaConfig::default()).unwrap();
+    let scratch_id = scratch_arena.alloc(256, Tag(0)).unwrap();
+    let scratch = scratch_arena.ptr(scratch_id).unwrap();
+    let mut w = LoraWorld {
+        host: host.clone(),
+        merges: merges.clone(),
+        dev: dev.clone(),
+        compute,
+        _scratch_arena: scratch_arena,
+        scratch,
+        fill_faults: 0,
+    };
+    w.faults(false);
+    let mut cfg = s.base.config();
+    cfg.lora_mode = s.lora_mode;
+    let budget = cfg.device_memory.unwrap();
+    let mut out = LoraOutcome::default();
+    out.base.budget_bytes = budget;
+    let within_budget = |rt: &Runtime| {
+        let st = rt.stats();
+        assert!(
+            st.peak_device_bytes <= budget,
+            "{s:?}: peak {} bytes over the budget of {budget}",
+            st.peak_device_bytes
+        );
+    };
+    let note = |out: &mut LoraOutcome, in_set_loras: bool, e: &Error| {
+        assert!(
+            !matches!(e, Error::Timeout { .. }),
+            "{s:?}: a wait timed out under faults: {e}"
+        );
+        let errors = if in_set_loras {
+            &mut out.set_errors
+        } else {
+            &mut out.base.errors
+        };
+        *errors.entry(variant(e)).or_default() += 1;
+        assert!(
+            !writes_freed_memory(e),
+            "{s:?}: a queued copy met device memory freed under it: {e}"
+        );
+    };
+    let index_of = |set: &[LoraBinding]| {
+        (0..menu.sets.len())
+            .find(|&i| same_set(set, &bindings(&menu.sets[i])))
+            .unwrap_or_else(|| panic!("{s:?}: loras() reports a set that was never applied"))
+    };
+    let kinds = FaultKind::ALL;
+    let mut pick = seed | 1;
+    let mut next_set = |cur: usize| {
+        pick ^= pick << 13;
+        pick ^= pick >> 7;
+        pick ^= pick << 17;
+        (cur + 1 + (pick % (menu.sets.len() as u64 - 1)) as usize) % menu.sets.len()
+    };
+    {
+        let rt = Runtime::new(dev.clone(), compute, cfg).unwrap();
+        let mut round = 0;
+        let on_device = s.lora_mode == LoraMode::FuseOnUpload;
+        let missing = |out: &LoraOutcome, w: &LoraWorld| {
+            kinds.iter().any(|&k| dev.counts().get(k) == 0)
+                || (on_device && dev.counts().launch <= w.fill_faults)
+                || (on_device && w.merges.injected() == 0)
+                || out.sets_failed == 0
+                || (!s.base.staged && out.failed_reporting_new == 0)
+        };
+        w.faults(true);
+        while round < rounds || missing(&out, &w) {
+            assert!(
+                round < 50 * rounds.max(1),
+                "{s:?}: some fault was never injected or no swap ever failed: {}, \
+                 merge stream {}, engine fills {}; {out:?}",
+                dev.counts(),
+                w.merges.injected(),
+                w.fill_faults
+            );
+            round += 1;
+            let _ = beat.send(format!("round {round}: load"));
+            let m = match rt.load(menu.desc.clone(), menu.src.clone()) {
+                Ok(m) => m,
+                Err(e) => {
+                    note(&mut out, false, &e);
+                    out.base.passes_failed += 1;
+                    continue;
+                }
+            };
+            let mut cur = 0;
+            for p in 0..3 {
+                let _ = beat.send(format!("round {round} swap {p}"));
+                rt.arena().trim();
+                let next = next_set(cur);
+                match rt.set_loras(m, &bindings(&menu.sets[next])) {
+                    Ok(_) => {
+                        out.sets_ok += 1;
+                        cur = next;
+                    }
+                    Err(e) => {
+                        out.sets_failed += 1;
+                        note(&mut out, true, &e);
+                        assert!(
+                            matches!(
+                                e,
+                                Error::StreamFailed { .. }
+                                    | Error::Kernel { .. }
+                                    | Error::DeviceOutOfMemory { .. }
+                                    | Error::OutOfMemory { .. }
+                            ),
+                            "{s:?}: a device fault in set_loras came back as {e:?}"
+                        );
+                        // Faults off: the state the failed call left.
+                        w.faults(false);
+                        let reported = index_of(&rt.loras(m).unwrap());
+                        assert!(
+                            reported == cur || reported == next,
+                            "{s:?}: loras() reports set {reported} after a failed switch from {cur} to {next}"
+                        );
+                        if reported == next {
+                            out.failed_reporting_new += 1;
+                        } else {
+                            out.failed_reporting_old += 1;
+                        }
+                        // Modes that fuse the host copy stop at the first failed layer:
+                        // each tensor carries the old or the new set. The others carry
+                        // the set loras() reports.
+                        let allowed = if s.lora_mode.fuses_host_copy() {
+                            vec![cur, next]
+                        } else {
+                            vec![reported]
+                        };
+                        let _ = beat.send(format!("round {round} swap {p}: check"));
+                        clean_pass(&mut w, &rt, m, &menu, &allowed, unfused, &mut out)
+                            .unwrap_or_else(|e| {
+                                panic!("{s:?}: pass after a failed set_loras, faults off: {e}")
+                            });
+                        out.base.recovery_passes += 1;
+                        // One more call with the reported set finishes the job.
+                        rt.set_loras(m, &bindings(&menu.sets[reported]))
+                            .unwrap_or_else(|e| {
+                                panic!("{s:?}: set_loras again after a failed one, faults off: {e}")
+                            });
+                        cur = reported;
+                        clean_pass(&mut w, &rt, m, &menu, &[cur], unfused, &mut out)
+                            .unwrap_or_else(|e| {
+                                panic!("{s:?}: pass after set_loras finished the job: {e}")
+                            });
+                        out.base.recovery_passes += 1;
+                        w.faults(true);
+                    }
+                }
+                within_budget(&rt);
+                let _ = beat.send(format!("round {round} pass {p}"));
+                rt.arena().trim();
+                match lora_pass(
+                    &mut w,
+                    &rt,
+                    m,
+                    &menu,
+                    &[cur],
+                    unfused,
+                    &mut out.base.bytes_verified,
+                ) {
+                    Ok(()) => out.base.passes_ok += 1,
+                    Err(e) => {
+                        note(&mut out, false, &e);
+                        out.base.passes_failed += 1;
+                    }
+                }
+                within_budget(&rt);
+            }
+            let mut tries = 0;
+            while let Err(e) = rt.unload(m) {
+                note(&mut out, false, &e);
+                tries += 1;
+                assert!(tries < 5, "{s:?}: unload keeps failing: {e}");
+            }
+        }
+        out.base.rounds = round;
+        // Faults off: everything must work again, on every set and back to the file.
+        w.faults(false);
+        out.base.faults = dev.counts();
+        out.merge_stream_faults = merges.injected();
+        out.merge_launch_faults = dev.counts().launch - w.fill_faults;
+        let _ = beat.send("recovery".into());
+        let m = rt
+            .load(menu.desc.clone(), menu.src.clone())
+            .unwrap_or_else(|e| panic!("{s:?}: load after the faults cleared: {e}"));
+        for set in (1..menu.sets.len()).chain([0]) {
+            rt.set_loras(m, &bindings(&menu.sets[set]))
+                .unwrap_or_else(|e| {
+                    panic!("{s:?}: set_loras({set}) after the faults cleared: {e}")
+                });
+            for p in 0..2 {
+                let _ = beat.send(format!("recovery set {set} pass {p}"));
+                rt.arena().trim();
+                lora_pass(
+                    &mut w,
+                    &rt,
+                    m,
+                    &menu,
+                    &[set],
+                    unfused,
+                    &mut out.base.bytes_verified,
+                )
+                .unwrap_or_else(|e| panic!("{s:?}: recovery set {set} pass {p}: {e}"));
+                out.base.recovery_passes += 1;
+                within_budget(&rt);
+            }
+        }
+        rt.synchronize()
+            .unwrap_or_else(|e| panic!("{s:?}: synchronize after recovery: {e}"));
+        out.base.peak_device_bytes = rt.stats().peak_device_bytes;
+        rt.unload(m)
+            .unwrap_or_else(|e| panic!("{s:?}: unload after recovery: {e}"));
+        let st = rt.stats();
+        assert_eq!(st.lora_device_bytes, 0, "{s:?}: factors left on the device");
+        assert_eq!(
+            rt.arena().pages_used(),
+            0,
+            "{s:?}: pages in use after unload"
+        );
+        assert_eq!(
+            st.host_bytes,
+            host_bytes_idle(&s.base),
+            "{s:?}: host bytes after unload"
+        );
+    }
+    drop(w);
+    (out, host)
+}
+
+/// Run a LoRA scenario under a watchdog and check what it promised.
+fn run_lora(s: LoraScenario) {
+    let seed = env_or("OFFLOAD_FAULT_SEED", 0x00ff_10ad)
+        ^ 0x4c_0000_0000
+        ^ ((s.base.mode as u64) << 8)
+        ^ ((s.base.policy as u64) << 16)
+        ^ ((s.base.staged as u64) << 24)
+        ^ ((s.lora_mode as u64) << 28);
+    let rounds = env_or("OFFLOAD_FAULT_ROUNDS", 4) as usize;
+    let (beat_tx, beat_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    let worker = std::thread::Builder::new()
+        .name(format!("lora-faults-{s:?}"))
+        .spawn(move || {
+            let r = drive_lora(s, seed, rounds, beat_tx);
+            let _ = done_tx.send(r);
+        })
+        .unwrap();
+    let start = Instant::now();
+    let mut last = String::from("start");
+    loop {
+        match beat_rx.recv_timeout(PASS_LIMIT) {
+            Ok(b) => last = b,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("{s:?}: no progress for {PASS_LIMIT:?} after `{last}`: the engine hung")
+            }
+        }
+    }
+    let (out, host) = match done_rx.recv_timeout(PASS_LIMIT) {
+        Ok(r) => r,
+        Err(_) => match worker.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => panic!("{s:?}: the worker ended without a result"),
+        },
+    };
+    worker.join().unwrap();
+    let b = &out.base;
+    eprintln!(
+        "{s:?} seed {seed:#x}: {} rounds, passes ok {} failed {} recovery {}; set_loras ok {} \
+         failed {} (then reporting new {}, old {}), errors {:?}; pass errors {:?}; faults {}, \
+         merge launch {}, merge stream {}; {} bytes verified; peak {} of {} bytes; {:.2} s",
+        b.rounds,
+        b.passes_ok,
+        b.passes_failed,
+        b.recovery_passes,
+        out.sets_ok,
+        out.sets_failed,
+        out.failed_reporting_new,
+        out.failed_reporting_old,
+        out.set_errors,
+        b.errors,
+        b.faults,
+        out.merge_launch_faults,
+        out.merge_stream_faults,
+        b.bytes_verified,
+        b.peak_device_bytes,
+        b.budget_bytes,
+        start.elapsed().as_secs_f64()
+    );
+    for k in FaultKind::ALL {
+        assert!(b.faults.get(k) > 0, "{s:?}: no {k} fault was injected");
+    }
+    // Merges run on the device in fuse-on-upload mode only (backup and fuse
+    // merge into the host copy on the CPU; unfused leaves it to the engine).
+    let on_device = s.lora_mode == LoraMode::FuseOnUpload;
+    if on_device {
+        assert!(
+            out.merge_launch_faults > 0,
+            "{s:?}: no merge launch was refused"
+        );
+    }
+    if on_device {
+        assert!(
+            out.merge_stream_faults > 0,
+            "{s:?}: no merge failed on the stream"
+        );
+    }
+    // With a host copy, set_loras re-derives resident tensors on the device,
+    // and some of that fails after validation. (Staged, it drops them and
+    // the next upload derives them: little device work happens in the call.)
+    if !s.base.staged {
+        assert!(
+            out.failed_reporting_new > 0,
+            "{s:?}: no set_loras failed after validation"
+        );
+    }
+    assert!(out.sets_ok > 0 && out.sets_failed > 0, "{out:?}");
+    assert!(b.passes_failed > 0, "{s:?}: no pass saw an error: {out:?}");
+    assert!(b.recovery_passes >= 8);
+    let c = host.counters();
+    assert_eq!(
+        (c.pages_allocated, c.pages_mapped, c.ranges_reserved),
+        (0, 0, 0),
+        "{s:?}: pages, mappings or ranges leaked after dropping the runtime"
+    );
+}
+
+macro_rules! lora_scenarios {
+    ($($name:ident: $mode:expr, $policy:expr, $staged:expr, $lora:expr;)+) => {$(
+        #[test]
+        fn $name() {
+            run_lora(LoraScenario {
+                base: Scenario { mode: $mode, policy: $policy, staged: $staged },
+                lora_mode: $lora,
+            });
+        }
+    )+};
+}
+
+lora_scenarios! {
+    lora_fuse_on_upload_none_pinned: Mode::None, Policy::Planned, false, LoraMode::FuseOnUpload;
+    lora_fuse_on_upload_none_staged: Mode::None, Policy::Lru, true, LoraMode::FuseOnUpload;
+    lora_fuse_on_upload_model_pinned: Mode::Model, Policy::Lru, false, LoraMode::FuseOnUpload;
+    lora_fuse_on_upload_model_staged: Mode::Model, Policy::Planned, true, LoraMode::FuseOnUpload;
+    lora_fuse_on_upload_balanced_pinned: Mode::Balanced, Policy::Planned, false, LoraMode::FuseOnUpload;
+    lora_fuse_on_upload_balanced_staged: Mode::Balanced, Policy::Lru, true, LoraMode::FuseOnUpload;
+    lora_fuse_on_upload_sequential_pinned: Mode::Sequential, Policy::Lru, false, LoraMode::FuseOnUpload;
+    lora_fuse_on_upload_sequential_staged: Mode::Sequential, Policy::Planned, true, LoraMode::FuseOnUpload;
+    lora_backup_balanced_pinned: Mode::Balanced, Policy::Planned, false, LoraMode::Backup;
+    lora_fuse_sequential_pinned: Mode::Sequential, Policy::Planned, false, LoraMode::Fuse;
+    lora_fuse_none_pinned: Mode::None, Policy::Lru, false, LoraMode::Fuse;
+    lora_unfused_balanced_pinned: Mode::Balanced, Policy::Lru, false, LoraMode::Unfused;
+    lora_unfused_sequential_staged: Mode::Sequential, Policy::Planned, true, LoraMode::Unfused;
+}
+
+/// A runtime on the host device under [`ExtraFaults`], with nothing
+/// injected until a test turns a knob.
+struct Knobbed {
+    host: Arc<HostDevice>,
+    extra: Arc<ExtraFaults>,
+    compute: StreamId,
+    rt: Runtime,
+}
+
+fn knobbed(cfg: RuntimeConfig) -> Knobbed {
+    silence_injected_panics();
+    let host = Arc::new(
+        HostDevice::new(HostConfig {
+            capacity: 16 << 20,
+            page_size: PAGE,
+            link_gbps: None,
+        })
+        .unwrap(),
+    );
+    let extra = Arc::new(ExtraFaults::new(host.clone(), 0, 0.0));
+    let compute = host.create_stream().unwrap();
+    let rt = Runtime::new(extra.clone(), compute, cfg).unwrap();
+    Knobbed {
+        host,
+        extra,
+        compute,
+        rt,
+    }
+}
+
+fn knobbed_cfg(
+    mode: Mode,
+    device_pages: usize,
+    host_policy: HostPolicy,
+    lora_mode: LoraMode,
+) -> RuntimeConfig {
+    RuntimeConfig {
+        mode: Some(mode),
+        policy: Policy::Planned,
+        prefetch_depth: 1,
+        device_memory: Some(device_pages * PAGE),
+        low_watermark: Some(0),
+        host_policy,
+        wait_timeout: Duration::from_secs(5),
+        lora_mode,
+        ..RuntimeConfig::default()
+    }
+}
+
+/// Acquire every layer and check every tensor against `set` (f64 reference).
+fn check_all(
+    k: &Knobbed,
+    m: ModelId,
+    desc: &ModelDesc,
+    src: &MemSource,
+    set: &Set,
+) -> Result<(), String> {
+    for (c, comp) in desc.components.iter().enumerate() {
+        for l in 0..comp.layers.len() {
+            let g =
+                k.rt.acquire(LayerId {
+                    model: m,
+                    component: c,
+                    layer: l,
+                })
+                .map_err(|e| format!("acquire {c}/{l}: {e}"))?;
+            for (t, v) in g.tensors().enumerate() {
+                let mut back = vec![0u8; v.bytes];
+                k.host
+                    .read_blocking(v.ptr, &mut back, k.compute)
+                    .map_err(|e| e.to_string())?;
+                lora_check(desc, src, set, (c, l, t), &back)
+                    .map_err(|e| format!("{}: {e}", v.name))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A merge refused at launch while `set_loras` re-derives resident tensors:
+/// a typed error after validation; `loras()` reports the new set, and every
+/// tensor carries it at the next pass (the layers whose merge failed were
+/// dropped and are derived again at their next upload).
+#[test]
+fn a_merge_refused_in_set_loras_leaves_every_tensor_on_the_reported_set() {
+    let (desc, src) = f16_model("refused", 5, &[vec![vec![vec![64, 64], vec![64, 32]]; 3]]);
+    let k = knobbed(knobbed_cfg(
+        Mode::None,
+        32,
+        HostPolicy::Pinned,
+        LoraMode::FuseOnUpload,
+    ));
+    let m = k.rt.load(desc.clone(), src.clone()).unwrap();
+    let old: Set = vec![(
+        lora(8, &desc, &[(0, 0, 0), (0, 2, 1)], Kind::LowRank(4)),
+        1.0,
+    )];
+    k.rt.set_loras(m, &bindings(&old)).unwrap();
+    check_all(&k, m, &desc, &src, &old).unwrap();
+    let new: Set = vec![(
+        lora(9, &desc, &[(0, 0, 0), (0, 1, 0), (0, 1, 1)], Kind::LoHa(2)),
+        -0.5,
+    )];
+    k.extra.refuse_merges.store(true, Ordering::SeqCst);
+    let e = k.rt.set_loras(m, &bindings(&new)).unwrap_err();
+    k.extra.clear_knobs();
+    assert!(matches!(e, Error::Kernel { .. }), "{e}");
+    assert!(same_set(&k.rt.loras(m).unwrap(), &bindings(&new)));
+    check_all(&k, m, &desc, &src, &new).unwrap();
+    // Back to the old set, then to none: each tensor follows.
+    k.rt.set_loras(m, &bindings(&old)).unwrap();
+    check_all(&k, m, &desc, &src, &old).unwrap();
+    k.rt.set_loras(m, &[]).unwrap();
+    check_all(&k, m, &desc, &src, &vec![]).unwrap();
+    k.rt.unload(m).unwrap();
+    assert_eq!(k.rt.arena().pages_used(), 0);
+}
+
+/// Regression (fixed: `apply` now synchronises the copy stream before it
+/// drops a half-derived copy). Was (runtime/src/residency/lora.rs, `Shared::apply`, the
+/// `if let Err(e) = r` branch after `change_layer`): when re-deriving a
+/// resident layer fails after some of its copies (or merges) were queued
+/// on the copy stream, `apply` drops the layer's device copy with
+/// `drop_device_copy`, which frees the allocation after the layer's ready
+/// event, whose latest recording is from before those copies (`change_layer`
+/// records it again only at its end). In backup and fuse modes `apply` then
+/// returns at once, without synchronising the copy stream, so the pages are
+/// unmapped at the next reclaim while the queued copy still has to write
+/// them: on the host backend the copy stream fails ("access ... is not
+/// mapped" / "runs past the reserved range") and a later, unrelated wait
+/// reports it; on a GPU it is an illegal address. (Device modes synchronise
+/// the copy stream before returning, which hides it.) Found by
+/// `lora_fuse_none_pinned` with `OFFLOAD_FAULT_SEED=2 OFFLOAD_FAULT_ROUNDS=60`.
+#[test]
+fn a_failed_set_loras_leaves_no_copy_queued_into_freed_memory() {
+    for lora_mode in [LoraMode::Fuse, LoraMode::Backup] {
+        let (desc, src) = f16_model(
+            "half-queued",
+            3,
+            &[vec![vec![vec![64, 64], vec![64, 64]], vec![vec![64, 64]]]],
+        );
+        let k = knobbed(knobbed_cfg(Mode::None, 32, HostPolicy::Pinned, lora_mode));
+        let m = k.rt.load(desc.clone(), src.clone()).unwrap();
+        check_all(&k, m, &desc, &src, &vec![]).unwrap();
+        let set: Set = vec![(
+            lora(7, &desc, &[(0, 0, 0), (0, 0, 1)], Kind::LowRank(4)),
+            1.0,
+        )];
+        // Layer 0's two tensors are copied again: the first copy is queued
+        // (and runs late), the second is refused.
+        k.extra.slow_copies(Duration::from_millis(300));
+        k.extra.refuse_copy_in(1);
+        let e = k.rt.set_loras(m, &bindings(&set)).unwrap_err();
+        k.extra.clear_knobs();
+        assert!(matches!(e, Error::StreamFailed { .. }), "{e}");
+        // Whatever the failed call freed goes back to the device now...
+        k.rt.arena().reclaim().unwrap();
+        k.rt.arena().trim();
+        // ...and the copy it left queued must not write it.
+        let r = k.host.stream_synchronize(k.rt.copy_stream());
+        assert!(
+            r.is_ok(),
+            "{lora_mode}: a copy queued by the failed set_loras wrote device memory that was freed: {r:?}"
+        );
+        k.rt.set_loras(m, &bindings(&set)).unwrap();
+        check_all(&k, m, &desc, &src, &set).unwrap();
+    }
+}
+
+/// Regression (fixed: the ready event is recorded after the copy even when
+/// a merge launch is refused). Was (runtime/src/residency/mod.rs `Shared::upload`, and the
+/// staged path in residency/host.rs `run_job`): an upload queues the copy,
+/// then the layer's merges, then records the ready event. When a merge
+/// launch is refused, the copy is queued but the ready event is not
+/// recorded after it; `ensure_loaded` then frees the layer's allocation with
+/// `drop_device_copy` behind the stale ready event, so its pages are
+/// unmapped at the next reclaim while the queued copy still has to write
+/// them. Before LoRA nothing could fail between the copy and the record.
+#[test]
+fn a_refused_merge_launch_leaves_no_copy_queued_into_freed_memory() {
+    // Model mode, room for one component: the second one is uploaded whole
+    // at its first acquire.
+    let (desc, src) = f16_model(
+        "upload-refused",
+        4,
+        &[vec![vec![vec![64, 64]]; 2], vec![vec![vec![64, 64]]; 2]],
+    );
+    let k = knobbed(knobbed_cfg(
+        Mode::Model,
+        6,
+        HostPolicy::Pinned,
+        LoraMode::FuseOnUpload,
+    ));
+    let m = k.rt.load(desc.clone(), src.clone()).unwrap();
+    let set: Set = vec![(lora(6, &desc, &[(1, 0, 0)], Kind::LowRank(4)), 1.0)];
+    k.rt.set_loras(m, &bindings(&set)).unwrap();
+    let id = |c, l| LayerId {
+        model: m,
+        component: c,
+        layer: l,
+    };
+    drop(k.rt.acquire(id(0, 0)).unwrap());
+    k.extra.slow_copies(Duration::from_millis(300));
+    k.extra.refuse_merges.store(true, Ordering::SeqCst);
+    let e = k.rt.acquire(id(1, 0)).unwrap_err();
+    k.extra.clear_knobs();
+    assert!(matches!(e, Error::Kernel { .. }), "{e}");
+    k.rt.arena().reclaim().unwrap();
+    k.rt.arena().trim();
+    let r = k.host.stream_synchronize(k.rt.copy_stream());
+    assert!(
+        r.is_ok(),
+        "a copy queued before the refused merge wrote device memory that was freed: {r:?}"
+    );
+    check_all(&k, m, &desc, &src, &set).unwrap();
+}
+
+/// A layer whose staged upload failed (its job finished with an error)
+/// when `set_loras` reaches it: the call drops it (its next upload derives
+/// it whole) and records what its tensors carry, so that a later call back
+/// to the old set (or to none) re-derives them too. (`change_layer` used to
+/// return at the failed job before recording the new adapters, and a later
+/// call skipped those tensors: they kept the new set's delta.)
+#[test]
+fn a_failed_staged_upload_during_set_loras_does_not_pin_the_new_set() {
+    let (desc, src) = f16_model("staged-applied", 6, &[vec![vec![vec![64, 64]]; 2]]);
+    let k = knobbed(knobbed_cfg(
+        Mode::None,
+        32,
+        HostPolicy::Staged {
+            buffers: 2,
+            buffer_bytes: 2 * PAGE,
+            threads: 1,
+        },
+        LoraMode::FuseOnUpload,
+    ));
+    // Mode none uploads at load: the first staged copy is refused, so one
+    // layer's upload job fails (reported to whoever waits for it next).
+    k.extra.refuse_copy_in(0);
+    let m = k.rt.load(desc.clone(), src.clone()).unwrap();
+    k.rt.synchronize().unwrap();
+    k.extra.clear_knobs();
+    let set: Set = vec![(
+        lora(5, &desc, &[(0, 0, 0), (0, 1, 0)], Kind::LowRank(4)),
+        1.0,
+    )];
+    // set_loras meets the failed job (an error or not, loras() reports the set).
+    let _ = k.rt.set_loras(m, &bindings(&set));
+    assert!(same_set(&k.rt.loras(m).unwrap(), &bindings(&set)));
+    check_all(&k, m, &desc, &src, &set).unwrap();
+    // Back to no LoRA: every tensor must be the file's again.
+    k.rt.set_loras(m, &[]).unwrap();
+    check_all(&k, m, &desc, &src, &vec![]).unwrap();
+}
+
+/// Resource limits with two models on one device (sequential mode): a LoRA
+/// set whose factors cannot fit beside the other model's factors and a
+/// ring slot is refused at `set_loras` with `DoesNotFit` and changes
+/// nothing; the passes of both models that follow never run out of memory
+/// half-way and hand out the right bytes; once the other model's set is
+/// gone, the same set fits.
+#[test]
+fn factors_of_two_models_that_cannot_fit_fail_at_set_loras() {
+    let pages = 12;
+    let k = knobbed(knobbed_cfg(
+        Mode::Sequential,
+        pages,
+        HostPolicy::Pinned,
+        LoraMode::FuseOnUpload,
+    ));
+    // Layers of one [64, 96] f16 tensor: 3 pages each.
+    let (da, sa) = f16_model("limits-a", 11, &[vec![vec![vec![64, 96]]; 4]]);
+    let (db, sb) = f16_model("limits-b", 12, &[vec![vec![vec![64, 96]]; 4]]);
+    let a = k.rt.load(da.clone(), sa.clone()).unwrap();
+    let b = k.rt.load(db.clone(), sb.clone()).unwrap();
+    let pass_both = |set_a: &Set, set_b: &Set| {
+        for _ in 0..2 {
+            check_all(&k, a, &da, &sa, set_a).unwrap();
+            check_all(&k, b, &db, &sb, set_b).unwrap();
+        }
+    };
+    pass_both(&vec![], &vec![]);
+    // Rank 16 over three tensors: (64 + 96) × 16 × 2 bytes each, 4 pages in all.
+    let set_a: Set = vec![(
+        lora(
+            21,
+            &da,
+            &[(0, 0, 0), (0, 1, 0), (0, 2, 0)],
+            Kind::LowRank(16),
+        ),
+        1.0,
+    )];
+    let r = k.rt.set_loras(a, &bindings(&set_a)).unwrap();
+    assert_eq!(r.factor_pages, 4);
+    pass_both(&set_a, &vec![]);
+    // 6 pages of factors for B: 6 + A's 4 + one 3-page slot > 12.
+    let big: Set = vec![(
+        lora(
+            22,
+            &db,
+            &[(0, 0, 0), (0, 1, 0), (0, 2, 0), (0, 3, 0)],
+            Kind::LowRank(18),
+        ),
+        1.0,
+    )];
+    let e = k.rt.set_loras(b, &bindings(&big)).unwrap_err();
+    assert!(matches!(e, Error::DoesNotFit { .. }), "{e}");
+    assert!(e.to_string().contains("LoRA set"), "{e}");
+    assert!(
+        k.rt.loras(b).unwrap().is_empty(),
+        "a refused set changes nothing"
+    );
+    assert_eq!(k.rt.stats().lora_device_bytes, 4 * PAGE);
+    pass_both(&set_a, &vec![]);
+    // A smaller set fits beside A's.
+    let small: Set = vec![(
+        lora(23, &db, &[(0, 1, 0), (0, 3, 0)], Kind::LowRank(8)),
+        -0.5,
+    )];
+    let r = k.rt.set_loras(b, &bindings(&small)).unwrap();
+    assert!(r.factor_pages <= pages - 4 - 3, "{r:?}");
+    pass_both(&set_a, &small);
+    // A's set gone: B's big one fits now.
+    k.rt.set_loras(a, &[]).unwrap();
+    let r = k.rt.set_loras(b, &bindings(&big)).unwrap();
+    assert_eq!(r.factor_pages, 6);
+    pass_both(&vec![], &big);
+    assert!(k.rt.stats().peak_device_bytes <= pages * PAGE);
+    k.rt.unload(a).unwrap();
+    k.rt.unload(b).unwrap();
+    assert_eq!(k.rt.arena().pages_used(), 0);
+    assert_eq!(k.rt.stats().lora_device_bytes, 0);
+}
+
+/// Regression (fixed with the first one: the synchronisation reports and
+/// clears the failure). Was (runtime/src/residency/lora.rs, `Shared::apply`, the same
+/// branch as `a_failed_set_loras_leaves_no_copy_queued_into_freed_memory`):
+/// in backup and fuse modes, when re-deriving a layer fails after one of its
+/// copies was queued and then failed on the copy stream, `apply` returns at
+/// once without synchronising the copy stream. The failure stays on the
+/// stream, unreported, and is attached to the next event recorded there:
+/// the ready event of the next, unrelated upload, whose acquire then fails
+/// ("waited for stream .., which failed: host function panicked") although
+/// nothing failed any more. Found by `lora_fuse_none_pinned` with
+/// `OFFLOAD_FAULT_ROUNDS=200`.
+#[test]
+fn a_failed_set_loras_leaves_no_stream_failure_for_the_next_upload() {
+    for lora_mode in [LoraMode::Fuse, LoraMode::Backup] {
+        let (desc, src) = f16_model(
+            "stream-left",
+            8,
+            &[vec![vec![vec![64, 64], vec![64, 64]], vec![vec![64, 64]]]],
+        );
+        let k = knobbed(knobbed_cfg(Mode::None, 32, HostPolicy::Pinned, lora_mode));
+        let m = k.rt.load(desc.clone(), src.clone()).unwrap();
+        check_all(&k, m, &desc, &src, &vec![]).unwrap();
+        let set: Set = vec![(
+            lora(7, &desc, &[(0, 0, 0), (0, 0, 1)], Kind::LowRank(4)),
+            1.0,
+        )];
+        // Layer 0's two tensors are copied again: the first copy fails on
+        // the stream, the second is refused.
+        k.extra.fail_copy_in(0);
+        k.extra.refuse_copy_in(1);
+        let e = k.rt.set_loras(m, &bindings(&set)).unwrap_err();
+        k.extra.clear_knobs();
+        assert!(matches!(e, Error::StreamFailed { .. }), "{e}");
+        // Let the copy stream run what was queued (while the memory is still
+        // mapped: see the test above for what happens otherwise).
+        std::thread::sleep(Duration::from_millis(100));
+        // Nothing fails any more: the next pass (which uploads layer 0 again) goes through.
+        let reported = k.rt.loras(m).unwrap();
+        let now: Set = if reported.is_empty() {
+            vec![]
+        } else {
+            set.clone()
+        };
+        check_all(&k, m, &desc, &src, &now)
+            .unwrap_or_else(|e| panic!("{lora_mode}: the pass after a failed set_loras: {e}"));
+    }
+}
+
+/// Regression (fixed: an acquire drops a layer whose staged upload failed
+/// earlier and uploads it again). Was (runtime/src/residency/mod.rs, `try_acquire`: "A job that
+/// failed is over: forget its partial copy ... return Err"): a staged
+/// prefetch that failed while the device was failing is reported to the
+/// next acquire of its layer, even when that acquire comes after the fault
+/// has cleared, so the first pass after recovery fails once per such layer
+/// (the LoRA fault scenarios counted these and now fail on them). A pinned
+/// upload that failed is uploaded again silently instead (see
+/// `a_copy_that_fails_on_the_stream_is_never_handed_out`); the issue asks
+/// that the next pass after the fault clears succeed.
+#[test]
+fn a_failed_prefetch_is_not_reported_after_the_fault_cleared() {
+    let (desc, src) = f16_model("stale-prefetch", 9, &[vec![vec![vec![64, 64]]; 4]]);
+    let k = knobbed(knobbed_cfg(
+        Mode::Sequential,
+        16,
+        HostPolicy::Staged {
+            buffers: 2,
+            buffer_bytes: 2 * PAGE,
+            threads: 1,
+        },
+        LoraMode::FuseOnUpload,
+    ));
+    let m = k.rt.load(desc.clone(), src.clone()).unwrap();
+    let id = |l| LayerId {
+        model: m,
+        component: 0,
+        layer: l,
+    };
+    // Layer 0's upload is copy 0; the prefetch of layer 1 is copy 1: refused.
+    k.extra.refuse_copy_in(1);
+    drop(k.rt.acquire(id(0)).unwrap());
+    k.rt.synchronize().unwrap();
+    k.extra.clear_knobs();
+    // The fault has cleared: layer 1 must come, right.
+    let r = k.rt.acquire(id(1)).map(drop);
+    assert!(
+        r.is_ok(),
+        "the first acquire after the fault cleared: {r:?}"
+    );
+    check_all(&k, m, &desc, &src, &vec![]).unwrap();
 }

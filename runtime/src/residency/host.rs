@@ -282,7 +282,26 @@ fn put_buffer(staging: &Staging, buf: PinnedBuffer, ev: Option<EventId>) {
     staging.cv.notify_one();
 }
 
+/// Queue a job's copies and merges, then its ready event, which is
+/// recorded even when queueing failed half-way: whoever drops the layer
+/// frees its pages behind that event, so it must follow every queued copy.
 fn run_job(
+    device: &dyn Device,
+    copy: StreamId,
+    job: &Job,
+    staging: &Staging,
+    counters: &Counters,
+    timeout: Duration,
+) -> Result<()> {
+    let queued = queue_job(device, copy, job, staging, counters, timeout);
+    let ready = device.record_event(job.ready, copy);
+    queued?;
+    ready?;
+    Counters::add(&counters.uploads, 1);
+    Ok(())
+}
+
+fn queue_job(
     device: &dyn Device,
     copy: StreamId,
     job: &Job,
@@ -337,7 +356,5 @@ fn run_job(
         Counters::add(&counters.merges, 1);
         Counters::add(&counters.merged_bytes, op.touched_bytes() as u64);
     }
-    device.record_event(job.ready, copy)?;
-    Counters::add(&counters.uploads, 1);
     Ok(())
 }

@@ -735,7 +735,11 @@ impl Shared {
                 );
                 if let Err(e) = r {
                     // The layer's device copy may be half-derived: drop it, so the
-                    // next upload derives it from the host copy.
+                    // next upload derives it from the host copy. What was queued
+                    // for it must have run first (its pages are freed behind a
+                    // ready event recorded before those copies), and a failure it
+                    // left on the copy stream is this call's, not the next upload's.
+                    let _ = self.sync_copy();
                     if st.layers[l].place != Place::Host {
                         self.drop_device_copy(comp, &mut st, l);
                         report.layers_dropped += 1;

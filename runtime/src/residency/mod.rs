@@ -967,13 +967,19 @@ impl Shared {
         }
         // A device copy whose upload failed on the copy stream is never handed
         // out: clear the stream's failure, forget the copy, upload again.
+        // The same for a staged upload (a prefetch) that failed before.
+        let job_failed = st.layers[l]
+            .job
+            .as_ref()
+            .is_some_and(|j| j.is_finished() && j.wait(std::time::Duration::ZERO).is_err());
         if st.layers[l].place != Place::Host
             && !st.layers[l].job_pending()
             && st.layers[l].users == 0
-            && matches!(
-                self.device.event_query(comp.ready[l]),
-                Err(Error::StreamFailed { .. })
-            )
+            && (job_failed
+                || matches!(
+                    self.device.event_query(comp.ready[l]),
+                    Err(Error::StreamFailed { .. })
+                ))
         {
             let _ = self.sync_copy();
             self.drop_device_copy(comp, &mut st, l);
@@ -1307,8 +1313,11 @@ impl Shared {
             self.device
                 .copy_h2d_async(dst, host.as_ptr(), total, self.copy)?
         };
-        self.launch_merges(&st.merges[l], dst)?;
+        // The ready event must follow the copy even when a merge launch is
+        // refused: the caller frees the pages behind it.
+        let merged = self.launch_merges(&st.merges[l], dst);
         self.device.record_event(ready, self.copy)?;
+        merged?;
         if timeline {
             let counters = self.counters.clone();
             let name = comp.layer_names[l].clone();

@@ -2,6 +2,8 @@
 //! model built from tensor sizes.
 #![allow(dead_code)]
 
+pub mod lora;
+
 use std::sync::Arc;
 
 use offload_runtime::model::{
