@@ -386,13 +386,17 @@ impl Shared {
             return Ok(());
         }
         let tag = Tag(0x8000_0000 | model.id.0);
-        let a = match self.arena.alloc(total, tag) {
-            Ok(a) => a,
-            Err(e) if e.is_retryable_oom() => {
-                self.make_room(total.div_ceil(self.page), None)?;
-                self.arena.alloc(total, tag)?
+        // Make room and retry: other threads may take what was freed.
+        let mut tries = 0;
+        let a = loop {
+            match self.arena.alloc(total, tag) {
+                Ok(a) => break a,
+                Err(e) if e.is_retryable_oom() && tries < 3 => {
+                    tries += 1;
+                    self.make_room(total.div_ceil(self.page), None)?;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         };
         let base = match self.arena.ptr(a) {
             Ok(p) => p,
