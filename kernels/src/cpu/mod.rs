@@ -2,21 +2,38 @@
 //!
 //! # How it works
 //!
-//! 1. Once per call, every factor is decoded to f32 (whatever its dtype and
-//!    alignment) and packed for the inner loop, with the adapter's scale
-//!    folded into its left factor. All low-rank adapters are stacked into one
-//!    product of rank `Σ rankᵢ`: `Σ sᵢ·Bᵢ·Aᵢ = [s₁B₁ … sₖBₖ] · [A₁; …; Aₖ]`.
-//! 2. The target rows are split into contiguous blocks, one per thread
-//!    (`std::thread::scope`); each thread owns its rows of `W` exclusively.
-//! 3. A thread walks its rows in tiles of 6 rows × 256 columns: the tile of
-//!    `W` is decoded to f32 once, every adapter's contribution is
+//! The low-rank and LoHa products are computed like a BLIS-style GEMM
+//! `W ← W + L · R` whose `C` is `W` decoded to f32:
+//!
+//! 1. All low-rank adapters are stacked into one product of rank
+//!    `K = Σ rankᵢ`: `Σ sᵢ·Bᵢ·Aᵢ = [s₁B₁ … sₙBₙ] · [A₁; …; Aₙ]`, so one pass
+//!    of the micro-kernel handles every adapter (each LoHa adapter is two
+//!    such products, its scale in the first).
+//! 2. Once per call, the right factors (`Aᵢ`, `[K, cols]`) are decoded to f32
+//!    and packed as `[cols / NR][K][NR]`, so that the micro-kernel reads them
+//!    contiguously; the threads pack a range of columns each.
+//! 3. The target rows are handed out to the threads (`std::thread::scope`)
+//!    in blocks of at most `mc` rows (whole 6-row tiles, smaller towards the
+//!    end so that the threads finish together); a thread owns its block's
+//!    rows of `W` exclusively. For a block, the thread decodes, scales
+//!    (`sᵢ·Bᵢ` in f32) and packs the left factors as `[mc / MR][K][MR]`
+//!    (they stay in L2), then walks the columns in blocks of `nc`: that
+//!    block of `W` is decoded to f32 once, every adapter's contribution is
 //!    accumulated into it in f32, and it is rounded back to `W`'s dtype
-//!    (nearest, ties to even) and stored once. The low-rank and LoHa products
-//!    run a register-blocked 6 × 16 micro-kernel over the rank (12 AVX
-//!    accumulators; both factors packed so the inner loop reads them
-//!    contiguously: the tile's slice of the left factor stays in L1, the right
-//!    factor streams from L2/L3); LoKr forms the two rows `w1[i / c, :]` and
-//!    `w2[i % c, :]` once per row and adds their Kronecker product.
+//!    (nearest, ties to even) and stored once.
+//! 4. Inside a block, the rank is walked in steps of `kc`; for each 16-column
+//!    chunk, its `kc × NR` panel of the right factor stays in L1 while the
+//!    register-blocked 6 × 16 micro-kernel (12 AVX accumulators, broadcasting
+//!    the left factor's values and loading the right one's rows) runs over
+//!    every tile of the block. Meanwhile the next panel and the next block
+//!    of `W` are prefetched a little at a time. Each element of `W` still
+//!    gets the products' terms added in rank order, whatever the blocking.
+//! 5. LoKr forms the two rows `w1[i / c, :]` and `w2[i % c, :]` once per row
+//!    and adds their Kronecker product.
+//!
+//! The packed factors and blocks are kept in a pool (at most 64 MiB) for
+//! the next call: fresh memory costs a page fault per 4 KiB, which for a
+//! large merge cost as much as a tenth of its time.
 //!
 //! On x86-64 CPUs with AVX2, FMA and F16C (detected at run time) the same
 //! code is compiled a second time with those features, fused multiply-adds
@@ -24,9 +41,10 @@
 //! multiply and add, branch-free software conversions) runs. The two differ
 //! only in the f32 rounding of the accumulation, both well inside the
 //! tolerance the tests check; f16/bf16 rounding is identical. For a given
-//! CPU, results do not depend on the thread count.
+//! CPU, results depend neither on the thread count nor on the blocking.
 
 use std::num::NonZeroUsize;
+use std::sync::{Mutex, PoisonError};
 
 use crate::dtype::Dtype;
 use crate::error::KernelError;
@@ -40,11 +58,12 @@ mod tests;
 const MR: usize = 6;
 /// Columns of the micro-kernel (two AVX registers of f32).
 const NR: usize = 16;
-/// Columns of a tile; a multiple of [`NR`].
-const CB: usize = 256;
 /// With the default thread count, each thread gets at least this many
 /// elements of `W`, so small merges do not pay for spawning threads.
 const MIN_ELEMENTS_PER_THREAD: usize = 1 << 16;
+/// Right factors are packed on several threads only when each gets at least
+/// this many elements.
+const MIN_PACKED_PER_THREAD: usize = 1 << 15;
 
 /// The default thread count: the machine's available parallelism (1 if it
 /// cannot be determined).
@@ -147,12 +166,55 @@ pub(crate) mod x86 {
     }
 }
 
+/// Cache blocking of the products (any positive values give the same
+/// result; tests use odd ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Blocking {
+    /// Rows of a block of `W`: a multiple of [`MR`]. The block's packed
+    /// left factors (`mc · K` f32) stay in L2 while the columns are walked.
+    mc: usize,
+    /// Columns of a block of `W`: a multiple of [`NR`].
+    nc: usize,
+    /// Rank steps per pass over a block: `kc · NR` f32 of the right factor
+    /// stay in L1 while the block's tiles stream past.
+    kc: usize,
+    /// Right factors are packed on several threads only when each gets at
+    /// least this many elements.
+    pack_grain: usize,
+}
+
+impl Blocking {
+    /// The blocking for products of rank at most `k`.
+    fn choose(k: usize) -> Blocking {
+        // The block's packed left factors take at most about 192 KiB.
+        let mc = ((192 << 10) / (4 * k.max(1)) / MR * MR).clamp(4 * MR, 16 * MR);
+        Blocking {
+            mc,
+            nc: 256,
+            kc: 256,
+            pack_grain: MIN_PACKED_PER_THREAD,
+        }
+    }
+}
+
 /// The merge with an explicit instruction set (tests run every one).
 fn merge_with(
     w: &mut [u8],
     spec: &MergeSpec<'_>,
     threads: Option<NonZeroUsize>,
     isa: Isa,
+) -> Result<(), KernelError> {
+    let k = Prepared::max_rank(spec);
+    merge_blocked(w, spec, threads, isa, Blocking::choose(k))
+}
+
+/// The merge with an explicit instruction set and blocking.
+fn merge_blocked(
+    w: &mut [u8],
+    spec: &MergeSpec<'_>,
+    threads: Option<NonZeroUsize>,
+    isa: Isa,
+    blocking: Blocking,
 ) -> Result<(), KernelError> {
     if w.len() != spec.weight_bytes() {
         return Err(KernelError::WeightLength {
@@ -165,7 +227,6 @@ fn merge_with(
     if spec.adapters().is_empty() {
         return Ok(());
     }
-    let prep = Prepared::new(spec);
     let cols = spec.cols();
     let row_bytes = cols * spec.dtype().size_in_bytes();
     let range = spec.row_range();
@@ -179,35 +240,124 @@ fn merge_with(
             .min((n.saturating_mul(cols) / MIN_ELEMENTS_PER_THREAD).max(1)),
     };
     let threads = wanted.clamp(1, tiles);
+
+    let mut prep = Prepared::new(spec);
+    prep.pack_right(isa, threads, blocking.pack_grain);
+
     let ctx = Ctx {
         prep: &prep,
         dtype: spec.dtype(),
         cols,
-        isa,
+        blocking,
+    };
+    let blocks = Blocks::new(target, n, row_bytes, threads, blocking.mc);
+    let worker = Worker {
+        ctx,
+        blocks: &blocks,
     };
     if threads == 1 {
-        ctx.run(target, 0, n);
-        return Ok(());
-    }
-    // Blocks are whole tiles, so a tile never straddles two threads and each
-    // element is computed exactly as it would be by one thread.
-    let rows_per_thread = tiles.div_ceil(threads) * MR;
-    std::thread::scope(|scope| {
-        let mut rest = target;
-        let mut first = 0;
-        while first < n {
-            let rows = rows_per_thread.min(n - first);
-            let (block, tail) = std::mem::take(&mut rest).split_at_mut(rows * row_bytes);
-            rest = tail;
-            if first + rows < n {
-                scope.spawn(move || ctx.run(block, first, rows));
-            } else {
-                ctx.run(block, first, rows);
+        dispatch(isa, worker);
+    } else {
+        std::thread::scope(|scope| {
+            for _ in 1..threads {
+                scope.spawn(move || dispatch(isa, worker));
             }
-            first += rows;
-        }
-    });
+            dispatch(isa, worker);
+        });
+    }
+    prep.release();
     Ok(())
+}
+
+/// The target's rows, handed out to the worker threads in blocks of whole
+/// tiles as they ask: each block goes to one thread, which owns its rows of
+/// `W` exclusively. Blocks shrink towards the end (each is about a
+/// `1 / (2 · threads)` share of the tiles left, at most `mc` rows), so the
+/// threads finish together even when the machine is busy. The result does
+/// not depend on which thread computes which block.
+struct Blocks<'w> {
+    /// The rows not handed out yet, and the index of the first.
+    rest: Mutex<(&'w mut [u8], usize)>,
+    n: usize,
+    row_bytes: usize,
+    threads: usize,
+    /// Tiles in a block at most.
+    max_tiles: usize,
+}
+
+/// Blocks get at least this many tiles (fewer only at the end), so that the
+/// packed right panels each block streams stay worth fetching.
+const MIN_BLOCK_TILES: usize = 4;
+
+impl<'w> Blocks<'w> {
+    fn new(w: &'w mut [u8], n: usize, row_bytes: usize, threads: usize, mc: usize) -> Self {
+        Blocks {
+            rest: Mutex::new((w, 0)),
+            n,
+            row_bytes,
+            threads,
+            max_tiles: (mc / MR).max(1),
+        }
+    }
+
+    /// The next block: its rows of `W`, the index of its first row
+    /// (relative to the row slice), and its row count; `None` when every
+    /// row has been handed out.
+    fn next(&self) -> Option<(&'w mut [u8], usize, usize)> {
+        let mut rest = self.rest.lock().unwrap_or_else(PoisonError::into_inner);
+        let (w, first) = &mut *rest;
+        let left = self.n - *first;
+        if left == 0 {
+            return None;
+        }
+        let tiles = left
+            .div_ceil(MR)
+            .div_ceil(2 * self.threads)
+            .clamp(MIN_BLOCK_TILES.min(self.max_tiles), self.max_tiles);
+        let rows = (tiles * MR).min(left);
+        let (block, tail) = std::mem::take(w).split_at_mut(rows * self.row_bytes);
+        *w = tail;
+        let at = *first;
+        *first += rows;
+        Some((block, at, rows))
+    }
+}
+
+/// Work compiled for each instruction set: [`dispatch`] runs it with the
+/// best one the caller chose.
+trait Job {
+    /// What the work returns.
+    type Output;
+
+    /// Runs the work with `simd`'s inner loops.
+    fn run<M: Simd>(self, simd: M) -> Self::Output;
+}
+
+/// Runs `job` with the instruction set `isa`.
+fn dispatch<J: Job>(isa: Isa, job: J) -> J::Output {
+    match isa {
+        Isa::Portable => job.run(Plain),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma(token) => {
+            // SAFETY: `token` is an `x86::Avx2Fma`, which is only made after
+            // the CPU reported AVX2, FMA and F16C; supporting the enabled
+            // target features is the only precondition of calling
+            // `run_avx2_fma`.
+            unsafe { run_avx2_fma(token, job) }
+        }
+    }
+}
+
+/// `job.run(token)` compiled with AVX2, FMA and F16C (every job inlines its
+/// inner loops, so they are compiled with them too).
+///
+/// # Safety
+///
+/// The CPU must support AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_avx2_fma<J: Job>(token: x86::Avx2Fma, job: J) -> J::Output {
+    job.run(token)
 }
 
 /// The instruction-set-specific pieces of the inner loops. A value of the
@@ -215,6 +365,11 @@ fn merge_with(
 pub(crate) trait Simd: Copy {
     /// `a · b + c`.
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
+
+    /// Hints that `_line`'s cache line will be read soon (no effect on
+    /// results; a no-op by default).
+    #[inline(always)]
+    fn prefetch<T>(_line: &T) {}
 
     /// Decodes little-endian f16 `bytes` into `out` (same element count).
     #[inline(always)]
@@ -245,12 +400,21 @@ impl Simd for Plain {
 }
 
 /// Fused multiply-add and F16C conversions; only run inside
-/// [`run_rows_avx2_fma`], so the compiler uses AVX2 registers for both.
+/// [`run_avx2_fma`], so the compiler uses AVX2 registers for both.
 #[cfg(target_arch = "x86_64")]
 impl Simd for x86::Avx2Fma {
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
+    }
+
+    #[inline(always)]
+    fn prefetch<T>(line: &T) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: `prefetch` only hints the cache; it never faults nor
+        // changes memory, and SSE (which it needs) is part of x86-64. The
+        // pointer comes from a reference anyway.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(line).cast::<i8>()) }
     }
 
     #[inline(always)]
@@ -280,84 +444,145 @@ impl Simd for x86::Avx2Fma {
 
 /// Everything a worker thread needs; shared by reference.
 #[derive(Clone, Copy)]
-struct Ctx<'p> {
-    prep: &'p Prepared,
+struct Ctx<'p, 'a> {
+    prep: &'p Prepared<'a>,
     dtype: Dtype,
     cols: usize,
-    isa: Isa,
+    blocking: Blocking,
 }
 
-impl Ctx<'_> {
-    /// Merges `rows` rows starting at row `first` of the target (relative to
-    /// the row slice; a multiple of [`MR`]); `w` holds exactly those rows.
-    fn run(self, w: &mut [u8], first: usize, rows: usize) {
-        match self.isa {
-            Isa::Portable => run_rows(Plain, self, w, first, rows),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma(token) => {
-                // SAFETY: `token` is an `x86::Avx2Fma`, which is only made
-                // after the CPU reported AVX2, FMA and F16C; supporting the
-                // enabled target features is the only precondition of
-                // calling `run_rows_avx2_fma`.
-                unsafe { run_rows_avx2_fma(token, self, w, first, rows) }
-            }
-        }
+/// [`NR`] f32 values on one cache line: a row of a packed right factor, and
+/// the unit of the f32 blocks of `W` (so their rows start on cache lines).
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(64))]
+struct Lane([f32; NR]);
+
+impl Lane {
+    const ZERO: Lane = Lane([0.0; NR]);
+}
+
+/// Buffers of lanes kept from one call to the next, so that a large merge
+/// does not page-fault its packed factors and blocks in anew each time
+/// (a page fault per 4 KiB: about a tenth of a large merge). At most
+/// [`POOL_BYTES`].
+static POOL: Mutex<Vec<Vec<Lane>>> = Mutex::new(Vec::new());
+/// The most bytes [`POOL`] keeps.
+const POOL_BYTES: usize = 64 << 20;
+
+/// A buffer of `len` lanes: one from [`POOL`] when one is large enough
+/// (holding whatever it held), else a new, zeroed one.
+fn take_lanes(len: usize) -> Vec<Lane> {
+    if len == 0 {
+        return Vec::new();
     }
+    let found = {
+        let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+        let best = (0..pool.len())
+            .filter(|&i| pool[i].capacity() >= len)
+            .min_by_key(|&i| pool[i].capacity());
+        best.map(|i| pool.swap_remove(i))
+    };
+    let mut v = found.unwrap_or_default();
+    v.resize(len, Lane::ZERO);
+    v
 }
 
-/// [`run_rows`] compiled with AVX2, FMA and F16C.
-///
-/// # Safety
-///
-/// The CPU must support AVX2, FMA and F16C.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn run_rows_avx2_fma(
-    token: x86::Avx2Fma,
-    ctx: Ctx<'_>,
-    w: &mut [u8],
-    first: usize,
-    rows: usize,
-) {
-    run_rows(token, ctx, w, first, rows)
+/// Returns `bufs` to [`POOL`], which keeps the largest buffers that fit in
+/// [`POOL_BYTES`] together.
+fn give_lanes(bufs: impl IntoIterator<Item = Vec<Lane>>) {
+    let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+    pool.extend(bufs.into_iter().filter(|v| v.capacity() > 0));
+    pool.sort_unstable_by_key(|v| std::cmp::Reverse(v.capacity()));
+    let mut bytes = 0;
+    pool.retain(|v| {
+        let size = v.capacity() * std::mem::size_of::<Lane>();
+        let keep = bytes + size <= POOL_BYTES;
+        if keep {
+            bytes += size;
+        }
+        keep
+    });
 }
 
-/// A tile of f32 values: [`MR`] rows of [`CB`] columns.
-type Tile = Vec<[f32; CB]>;
+/// `lanes` viewed as `len` f32 values.
+fn f32s(lanes: &mut [Lane], len: usize) -> &mut [f32] {
+    &mut bytemuck::cast_slice_mut(lanes)[..len]
+}
 
-fn zero_tile() -> Tile {
-    vec![[0.0; CB]; MR]
+/// A worker thread: merges blocks of rows until none is left.
+#[derive(Clone, Copy)]
+struct Worker<'b, 'w, 'p, 'a> {
+    ctx: Ctx<'p, 'a>,
+    blocks: &'b Blocks<'w>,
+}
+
+impl Job for Worker<'_, '_, '_, '_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<M: Simd>(self, simd: M) {
+        run_blocks(simd, self.ctx, self.blocks)
+    }
 }
 
 /// The worker loop; see the module documentation.
 #[inline(always)]
-fn run_rows<M: Simd>(simd: M, ctx: Ctx<'_>, w: &mut [u8], first: usize, rows: usize) {
+fn run_blocks<M: Simd>(simd: M, ctx: Ctx<'_, '_>, blocks: &Blocks<'_>) {
     let Ctx {
-        prep, dtype, cols, ..
+        prep,
+        dtype,
+        cols,
+        blocking: Blocking { nc, kc, .. },
     } = ctx;
     let esz = dtype.size_in_bytes();
     let row_bytes = cols * esz;
-    let mut acc = zero_tile();
-    let (mut h1, mut h2) = if prep.loha.is_empty() {
-        (Vec::new(), Vec::new())
-    } else {
-        (zero_tile(), zero_tile())
-    };
-    // Per LoKr adapter: the rows of w1 and w2 that the current tile's rows use.
+    // The f32 blocks: `mc` rows (whole tiles), `stride` columns apart.
+    let stride = nc.min(cols.next_multiple_of(NR));
+    let block_rows = (blocks.max_tiles * MR).min(blocks.n.next_multiple_of(MR));
+    let block_len = block_rows * stride;
+    let loha = !prep.loha.is_empty();
+    let mut acc_buf = take_lanes(block_len.div_ceil(NR));
+    let mut h1_buf = take_lanes(if loha { block_len.div_ceil(NR) } else { 0 });
+    let mut h2_buf = take_lanes(if loha { block_len.div_ceil(NR) } else { 0 });
+    let acc = f32s(&mut acc_buf, block_len);
+    let h1 = f32s(&mut h1_buf, if loha { block_len } else { 0 });
+    let h2 = f32s(&mut h2_buf, if loha { block_len } else { 0 });
+    // The packed left factors of the current block of rows: the low-rank
+    // product's, then each LoHa adapter's two.
+    let products: Vec<&Product<'_>> = prep.products().collect();
+    let mut left_bufs: Vec<Vec<Lane>> = products
+        .iter()
+        .map(|p| take_lanes((block_rows * p.k).div_ceil(NR)))
+        .collect();
+    let mut row_buf = Vec::new();
+    // Per LoKr adapter: the rows of w1 and w2 that the block's rows use.
     let mut kron_rows: Vec<(Vec<f32>, Vec<f32>)> = prep
         .lokr
         .iter()
-        .map(|k| (vec![0.0; MR * k.w1.cols()], vec![0.0; MR * k.w2.cols()]))
+        .map(|k| {
+            (
+                vec![0.0; block_rows * k.w1.cols()],
+                vec![0.0; block_rows * k.w2.cols()],
+            )
+        })
         .collect();
 
-    let mut start = 0;
-    while start < rows {
-        let tr = MR.min(rows - start);
-        let row0 = first + start;
-        let tile = row0 / MR;
+    while let Some((w, row0, m)) = blocks.next() {
+        let tiles = m.div_ceil(MR);
+        let mut lefts: Vec<&[[f32; MR]]> = Vec::with_capacity(products.len());
+        for (p, buf) in products.iter().zip(left_bufs.iter_mut()) {
+            let left = bytemuck::cast_slice_mut(f32s(buf, tiles * MR * p.k));
+            p.pack_left(simd, row0, m, left, &mut row_buf);
+            lefts.push(left);
+        }
+        let (left_lowrank, left_loha) = if prep.lowrank.is_some() {
+            (lefts[0], &lefts[1..])
+        } else {
+            (&[][..], &lefts[..])
+        };
         for (k, (r1, r2)) in prep.lokr.iter().zip(kron_rows.iter_mut()) {
             let (b, d) = (k.w1.cols(), k.w2.cols());
-            for r in 0..tr {
+            for r in 0..m {
                 let i = row0 + r;
                 k.w1.row_into::<M>(i / k.c, &mut r1[r * b..(r + 1) * b]);
                 k.w2.row_into::<M>(i % k.c, &mut r2[r * d..(r + 1) * d]);
@@ -366,52 +591,165 @@ fn run_rows<M: Simd>(simd: M, ctx: Ctx<'_>, w: &mut [u8], first: usize, rows: us
 
         let mut c0 = 0;
         while c0 < cols {
-            let cb = CB.min(cols - c0);
+            let cb = nc.min(cols - c0);
             let width = cb.next_multiple_of(NR);
             let (chunk0, chunks) = (c0 / NR, width / NR);
-            for (r, row) in acc.iter_mut().enumerate() {
-                let row = &mut row[..width];
-                if r < tr {
-                    let off = (start + r) * row_bytes + c0 * esz;
+            let block = Block {
+                stride,
+                tiles,
+                chunk0,
+                chunks,
+                kc,
+            };
+            for r in 0..tiles * MR {
+                let row = &mut acc[r * stride..r * stride + width];
+                if r < m {
+                    let off = r * row_bytes + c0 * esz;
                     decode(simd, dtype, &w[off..off + cb * esz], &mut row[..cb]);
                     row[cb..].fill(0.0);
                 } else {
                     row.fill(0.0);
                 }
             }
+            // The next block of `W` (along the row) is fetched while this
+            // one is computed, by the first product.
+            let next_c0 = c0 + cb;
+            let mut next = Some(Lines::new(
+                w,
+                row_bytes,
+                m,
+                next_c0 * esz,
+                nc.min(cols - next_c0.min(cols)) * esz,
+            ));
             if let Some(p) = &prep.lowrank {
-                p.apply::<M>(&mut acc, tile, chunk0, chunks);
+                p.apply::<M>(acc, left_lowrank, block, next.take());
             }
-            for (p1, p2) in &prep.loha {
-                for row in h1.iter_mut().chain(h2.iter_mut()) {
-                    row[..width].fill(0.0);
+            for ((p1, p2), l) in prep.loha.iter().zip(left_loha.chunks_exact(2)) {
+                let (l1, l2) = (l[0], l[1]);
+                for r in 0..tiles * MR {
+                    h1[r * stride..r * stride + width].fill(0.0);
+                    h2[r * stride..r * stride + width].fill(0.0);
                 }
-                p1.apply::<M>(&mut h1, tile, chunk0, chunks);
-                p2.apply::<M>(&mut h2, tile, chunk0, chunks);
-                for ((a, x), y) in acc.iter_mut().zip(&h1).zip(&h2).take(tr) {
-                    for ((a, x), y) in a[..cb].iter_mut().zip(&x[..cb]).zip(&y[..cb]) {
+                p1.apply::<M>(h1, l1, block, next.take());
+                p2.apply::<M>(h2, l2, block, None);
+                for r in 0..m {
+                    let row = r * stride..r * stride + cb;
+                    for ((a, x), y) in acc[row.clone()]
+                        .iter_mut()
+                        .zip(&h1[row.clone()])
+                        .zip(&h2[row])
+                    {
                         *a = M::mul_add(*x, *y, *a);
                     }
                 }
             }
             for (k, (r1, r2)) in prep.lokr.iter().zip(&kron_rows) {
                 let (b, d) = (k.w1.cols(), k.w2.cols());
-                for (r, a) in acc.iter_mut().enumerate().take(tr) {
+                for r in 0..m {
                     kron_row::<M>(
-                        &mut a[..cb],
+                        &mut acc[r * stride..r * stride + cb],
                         c0,
                         &r1[r * b..(r + 1) * b],
                         &r2[r * d..(r + 1) * d],
                     );
                 }
             }
-            for (r, row) in acc.iter().enumerate().take(tr) {
-                let off = (start + r) * row_bytes + c0 * esz;
-                encode(simd, dtype, &row[..cb], &mut w[off..off + cb * esz]);
+            for r in 0..m {
+                let off = r * row_bytes + c0 * esz;
+                encode(
+                    simd,
+                    dtype,
+                    &acc[r * stride..r * stride + cb],
+                    &mut w[off..off + cb * esz],
+                );
             }
             c0 += cb;
         }
-        start += tr;
+    }
+    give_lanes([acc_buf, h1_buf, h2_buf].into_iter().chain(left_bufs));
+}
+
+/// Where a product goes in a block of `W` (f32, `tiles · MR` rows `stride`
+/// apart, `chunks · NR` columns): column 0 of the block is column
+/// `chunk0 · NR` of the product.
+#[derive(Clone, Copy)]
+struct Block {
+    stride: usize,
+    tiles: usize,
+    chunk0: usize,
+    chunks: usize,
+    kc: usize,
+}
+
+/// Cache lines to prefetch: `len` bytes from byte `start` of each of `rows`
+/// rows `row_bytes` apart in `bytes`, a few at a time.
+struct Lines<'x> {
+    bytes: &'x [u8],
+    row_bytes: usize,
+    rows: usize,
+    start: usize,
+    len: usize,
+    /// The next line: its row, and its offset from `start`.
+    row: usize,
+    at: usize,
+    /// Lines per [`Lines::step`].
+    per_step: usize,
+}
+
+impl<'x> Lines<'x> {
+    fn new(bytes: &'x [u8], row_bytes: usize, rows: usize, start: usize, len: usize) -> Self {
+        Lines {
+            bytes,
+            row_bytes,
+            rows: if len == 0 { 0 } else { rows },
+            start,
+            len,
+            row: 0,
+            at: 0,
+            per_step: 0,
+        }
+    }
+
+    /// Spreads the lines over `steps` calls of [`Lines::step`].
+    fn spread(&mut self, steps: usize) {
+        self.per_step = (self.rows * self.len.div_ceil(64)).div_ceil(steps.max(1));
+    }
+
+    /// Prefetches the next few lines.
+    #[inline(always)]
+    fn step<M: Simd>(&mut self) {
+        for _ in 0..self.per_step {
+            if self.row >= self.rows {
+                return;
+            }
+            M::prefetch(&self.bytes[self.row * self.row_bytes + self.start + self.at]);
+            self.at += 64;
+            if self.at >= self.len {
+                self.at = 0;
+                self.row += 1;
+            }
+        }
+    }
+}
+
+/// The micro-kernel: adds `Σₖ left[k][i] · right[k][j]` to the `MR × NR`
+/// tile of `acc` whose top-left element is `acc[0]` (rows `stride` apart),
+/// one `k` after the other.
+#[inline(always)]
+fn micro<M: Simd>(acc: &mut [f32], stride: usize, left: &[[f32; MR]], right: &[Lane]) {
+    let mut c = [[0.0f32; NR]; MR];
+    for (r, c) in c.iter_mut().enumerate() {
+        c.copy_from_slice(&acc[r * stride..r * stride + NR]);
+    }
+    for (l, r) in left.iter().zip(right) {
+        for (c, &l) in c.iter_mut().zip(l) {
+            for (c, &r) in c.iter_mut().zip(&r.0) {
+                *c = M::mul_add(l, r, *c);
+            }
+        }
+    }
+    for (r, c) in c.iter().enumerate() {
+        acc[r * stride..r * stride + NR].copy_from_slice(c);
     }
 }
 
@@ -479,119 +817,337 @@ fn decode_factor(f: &Factor<'_>) -> Vec<f32> {
 }
 
 /// Factors decoded, scaled and packed for the inner loops.
-struct Prepared {
+struct Prepared<'a> {
     /// All low-rank adapters, stacked into one product.
-    lowrank: Option<Packed>,
+    lowrank: Option<Product<'a>>,
     /// Per LoHa adapter: its two products (the scale is in the first).
-    loha: Vec<(Packed, Packed)>,
+    loha: Vec<(Product<'a>, Product<'a>)>,
     /// Per LoKr adapter (the scale is in `w1`).
     lokr: Vec<KronPrep>,
 }
 
-impl Prepared {
-    fn new(spec: &MergeSpec<'_>) -> Prepared {
-        let (n, cols) = (spec.delta_rows(), spec.cols());
-        let rank: usize = spec
-            .adapters()
-            .iter()
-            .map(|a| match &a.delta {
-                Delta::LowRank { up, .. } => up.cols,
-                _ => 0,
-            })
-            .sum();
-        let mut lowrank = (rank > 0).then(|| Packed::zeroed(n, cols, rank));
-        let mut k0 = 0;
+impl<'a> Prepared<'a> {
+    /// The largest rank of the products `spec` makes.
+    fn max_rank(spec: &MergeSpec<'_>) -> usize {
+        let mut lowrank = 0;
+        let mut most = 0;
+        for adapter in spec.adapters() {
+            match &adapter.delta {
+                Delta::LowRank { up, .. } => lowrank += up.cols,
+                Delta::LoHa { w1a, w2a, .. } => most = most.max(w1a.cols).max(w2a.cols),
+                Delta::LoKr { .. } => {}
+            }
+        }
+        most.max(lowrank)
+    }
+
+    /// Collects the products (right factors not packed yet) and decodes the
+    /// LoKr factors.
+    fn new(spec: &MergeSpec<'a>) -> Prepared<'a> {
+        let cols = spec.cols();
+        let mut lowrank = Product::new(cols);
         let mut loha = Vec::new();
         let mut lokr = Vec::new();
         for adapter in spec.adapters() {
-            match &adapter.delta {
-                Delta::LowRank { up, down } => {
-                    if let Some(p) = lowrank.as_mut() {
-                        p.put(k0, up, adapter.scale, down);
-                    }
-                    k0 += up.cols;
-                }
+            match adapter.delta {
+                Delta::LowRank { up, down } => lowrank.push(up, adapter.scale, down),
                 Delta::LoHa { w1a, w1b, w2a, w2b } => {
-                    let mut p1 = Packed::zeroed(n, cols, w1a.cols);
-                    p1.put(0, w1a, adapter.scale, w1b);
-                    let mut p2 = Packed::zeroed(n, cols, w2a.cols);
-                    p2.put(0, w2a, 1.0, w2b);
+                    let mut p1 = Product::new(cols);
+                    p1.push(w1a, adapter.scale, w1b);
+                    let mut p2 = Product::new(cols);
+                    p2.push(w2a, 1.0, w2b);
                     loha.push((p1, p2));
                 }
                 Delta::LoKr { w1, w2 } => lokr.push(KronPrep {
-                    w1: KronMat::new(w1, adapter.scale),
-                    w2: KronMat::new(w2, 1.0),
+                    w1: KronMat::new(&w1, adapter.scale),
+                    w2: KronMat::new(&w2, 1.0),
                     c: w2.shape()[0],
                 }),
             }
         }
         Prepared {
-            lowrank,
+            lowrank: (lowrank.k > 0).then_some(lowrank),
             loha,
             lokr,
         }
     }
-}
 
-/// A product `L · R` (`L` `[n, k]`, `R` `[k, cols]`) packed for the
-/// micro-kernel: `L` as `[n / MR][k][MR]`, `R` as `[cols / NR][k][NR]`, both
-/// zero-padded, so the micro-kernel reads both contiguously.
-struct Packed {
-    k: usize,
-    left: Vec<[f32; MR]>,
-    right: Vec<[f32; NR]>,
-}
-
-impl Packed {
-    fn zeroed(n: usize, cols: usize, k: usize) -> Packed {
-        Packed {
-            k,
-            left: vec![[0.0; MR]; n.div_ceil(MR) * k],
-            right: vec![[0.0; NR]; cols.div_ceil(NR) * k],
-        }
+    /// The products: the low-rank one, then each LoHa adapter's two.
+    fn products(&self) -> impl Iterator<Item = &Product<'a>> {
+        self.lowrank
+            .iter()
+            .chain(self.loha.iter().flat_map(|(p1, p2)| [p1, p2]))
     }
 
-    /// Packs `scale · left` (`[n, r]`) and `right` (`[r, cols]`) at rank
-    /// offset `k0`.
-    fn put(&mut self, k0: usize, left: &Factor<'_>, scale: f32, right: &Factor<'_>) {
-        let k = self.k;
-        let r = left.cols;
-        for (idx, v) in decode_factor(left).into_iter().enumerate() {
-            let (i, kk) = (idx / r, idx % r);
-            self.left[(i / MR) * k + k0 + kk][i % MR] = scale * v;
-        }
-        let cols = right.cols;
-        for (idx, v) in decode_factor(right).into_iter().enumerate() {
-            let (kk, j) = (idx / cols, idx % cols);
-            self.right[(j / NR) * k + k0 + kk][j % NR] = v;
-        }
+    /// Returns the packed right factors to the pool.
+    fn release(self) {
+        give_lanes(
+            self.lowrank
+                .into_iter()
+                .chain(self.loha.into_iter().flat_map(|(p1, p2)| [p1, p2]))
+                .flat_map(|p| p.right),
+        );
     }
 
-    /// Adds the product's rows of tile `tile`, column chunks
-    /// `chunk0 .. chunk0 + chunks`, to `acc` (column 0 of `acc` is column
-    /// `chunk0 · NR` of the product).
-    #[inline(always)]
-    fn apply<M: Simd>(&self, acc: &mut Tile, tile: usize, chunk0: usize, chunks: usize) {
-        let k = self.k;
-        let left = &self.left[tile * k..(tile + 1) * k];
-        for ch in 0..chunks {
-            let right = &self.right[(chunk0 + ch) * k..(chunk0 + ch + 1) * k];
-            let cols = ch * NR..(ch + 1) * NR;
-            let mut c = [[0.0f32; NR]; MR];
-            for (c, a) in c.iter_mut().zip(acc.iter()) {
-                c.copy_from_slice(&a[cols.clone()]);
+    /// Decodes and packs every product's right factors, on up to `threads`
+    /// threads, each with at least `grain` elements (each packs a range of
+    /// column chunks of every product).
+    fn pack_right(&mut self, isa: Isa, threads: usize, grain: usize) {
+        let mut products: Vec<&mut Product<'a>> = self
+            .lowrank
+            .iter_mut()
+            .chain(self.loha.iter_mut().flat_map(|(p1, p2)| [p1, p2]))
+            .collect();
+        let Some(first) = products.first() else {
+            return;
+        };
+        let (cols, chunks) = (first.cols, first.cols.div_ceil(NR));
+        let elements: usize = products.iter().map(|p| p.k * cols).sum();
+        let threads = threads.min(elements / grain.max(1)).clamp(1, chunks);
+        let per = chunks.div_ceil(threads);
+        let jobs = |i: usize| -> Vec<PackRight<'_, 'a>> {
+            let chunk0 = i * per;
+            products
+                .iter()
+                .map(|p| PackRight {
+                    parts: &p.parts,
+                    k: p.k,
+                    cols,
+                    chunk0,
+                    chunks: per.min(chunks - chunk0),
+                })
+                .collect()
+        };
+        let run = |jobs: Vec<PackRight<'_, 'a>>| -> Vec<Vec<Lane>> {
+            jobs.into_iter().map(|job| dispatch(isa, job)).collect()
+        };
+        // `pieces[i][j]`: thread `i`'s chunks of product `j`.
+        let pieces: Vec<Vec<Vec<Lane>>> = if threads == 1 {
+            vec![run(jobs(0))]
+        } else {
+            std::thread::scope(|scope| {
+                let theirs: Vec<_> = (1..threads.min(chunks.div_ceil(per)))
+                    .map(|i| {
+                        let jobs = jobs(i);
+                        scope.spawn(move || run(jobs))
+                    })
+                    .collect();
+                let mine = run(jobs(0));
+                std::iter::once(mine)
+                    .chain(theirs.into_iter().map(|h| match h.join() {
+                        Ok(v) => v,
+                        Err(e) => std::panic::resume_unwind(e),
+                    }))
+                    .collect()
+            })
+        };
+        for piece in pieces {
+            for (p, lanes) in products.iter_mut().zip(piece) {
+                p.right.push(lanes);
             }
-            for (l, r) in left.iter().zip(right) {
-                for (c, &l) in c.iter_mut().zip(l) {
-                    for (c, &r) in c.iter_mut().zip(r) {
-                        *c = M::mul_add(l, r, *c);
+        }
+        for p in products {
+            p.per = per;
+        }
+    }
+}
+
+/// One part of a product: `scale · left` (`[n, r]`) times `right`
+/// (`[r, cols]`), at rank offset `k0` of the product.
+struct Part<'a> {
+    k0: usize,
+    left: Factor<'a>,
+    scale: f32,
+    right: Factor<'a>,
+}
+
+/// A product `L · R` (`L` `[n, k]`, `R` `[k, cols]`), the concatenation of
+/// its parts along the rank. `R` is packed for the micro-kernel as
+/// `[cols / NR][k][NR]` (zero-padded), in pieces of `per` chunks (one per
+/// packing thread); `L` is packed per block of rows by
+/// [`Product::pack_left`] as `[rows / MR][k][MR]` (zero-padded), with each
+/// part's scale folded in.
+struct Product<'a> {
+    k: usize,
+    cols: usize,
+    parts: Vec<Part<'a>>,
+    right: Vec<Vec<Lane>>,
+    per: usize,
+}
+
+impl<'a> Product<'a> {
+    fn new(cols: usize) -> Product<'a> {
+        Product {
+            k: 0,
+            cols,
+            parts: Vec::new(),
+            right: Vec::new(),
+            per: 1,
+        }
+    }
+
+    /// Appends `scale · left · right` along the rank.
+    fn push(&mut self, left: Factor<'a>, scale: f32, right: Factor<'a>) {
+        self.parts.push(Part {
+            k0: self.k,
+            left,
+            scale,
+            right,
+        });
+        self.k += left.cols;
+    }
+
+    /// Packs rows `row0 .. row0 + m` of the scaled left factor into `out`
+    /// (`[m / MR][k]`, rounded up; `row_buf` is scratch).
+    #[inline(always)]
+    fn pack_left<M: Simd>(
+        &self,
+        simd: M,
+        row0: usize,
+        m: usize,
+        out: &mut [[f32; MR]],
+        row_buf: &mut Vec<f32>,
+    ) {
+        let k = self.k;
+        // The rows past `m` of the last tile are zero.
+        if m % MR != 0 {
+            for p in &mut out[(m / MR) * k..] {
+                p[m % MR..].fill(0.0);
+            }
+        }
+        for part in &self.parts {
+            let (f, r) = (&part.left, part.left.cols);
+            let esz = f.dtype.size_in_bytes();
+            row_buf.resize(r, 0.0);
+            for i in 0..m {
+                let off = (row0 + i) * r * esz;
+                decode(
+                    simd,
+                    f.dtype,
+                    &f.data[off..off + r * esz],
+                    &mut row_buf[..r],
+                );
+                let packed = &mut out[(i / MR) * k + part.k0..][..r];
+                for (p, &v) in packed.iter_mut().zip(row_buf.iter()) {
+                    p[i % MR] = part.scale * v;
+                }
+            }
+        }
+    }
+
+    /// Adds the product's block `block` (its rows' left factor packed in
+    /// `left`) to `acc`, prefetching `next` on the way.
+    #[inline(always)]
+    fn apply<M: Simd>(
+        &self,
+        acc: &mut [f32],
+        left: &[[f32; MR]],
+        block: Block,
+        next: Option<Lines<'_>>,
+    ) {
+        let Block {
+            stride,
+            tiles,
+            chunk0,
+            chunks,
+            kc,
+        } = block;
+        let k = self.k;
+        let total = self.cols.div_ceil(NR);
+        let mut w_next = next;
+        if let Some(w) = &mut w_next {
+            w.spread(chunks * tiles);
+        }
+        let panel = |chunk: usize, k0: usize, len: usize| {
+            let (piece, at) = (chunk / self.per, chunk % self.per);
+            &self.right[piece][at * k + k0..][..len]
+        };
+        let mut k0 = 0;
+        while k0 < k {
+            let len = kc.min(k - k0);
+            for ch in 0..chunks {
+                let right = panel(chunk0 + ch, k0, len);
+                // The panel after this one, fetched into L1 a slice per tile
+                // while this one is in use (it comes from L3 otherwise).
+                let next = if ch + 1 < chunks {
+                    panel(chunk0 + ch + 1, k0, len)
+                } else if k0 + len < k {
+                    panel(chunk0, k0 + len, kc.min(k - k0 - len))
+                } else if chunk0 + chunks < total {
+                    panel(chunk0 + chunks, 0, kc.min(k))
+                } else {
+                    &[]
+                };
+                let per_tile = next.len().div_ceil(tiles);
+                for t in 0..tiles {
+                    let lo = (t * per_tile).min(next.len());
+                    for lane in &next[lo..(lo + per_tile).min(next.len())] {
+                        M::prefetch(lane);
+                    }
+                    if let (0, Some(w)) = (k0, &mut w_next) {
+                        w.step::<M>();
+                    }
+                    let left = &left[t * k + k0..][..len];
+                    let tile = &mut acc[t * MR * stride + ch * NR..];
+                    micro::<M>(tile, stride, left, right);
+                }
+            }
+            k0 += len;
+        }
+    }
+}
+
+/// Packs column chunks `chunk0 .. chunk0 + chunks` of a product's right
+/// factors (`[chunks][k]` lanes).
+struct PackRight<'p, 'a> {
+    parts: &'p [Part<'a>],
+    k: usize,
+    cols: usize,
+    chunk0: usize,
+    chunks: usize,
+}
+
+impl Job for PackRight<'_, '_> {
+    type Output = Vec<Lane>;
+
+    #[inline(always)]
+    fn run<M: Simd>(self, simd: M) -> Vec<Lane> {
+        let PackRight {
+            parts,
+            k,
+            cols,
+            chunk0,
+            chunks,
+        } = self;
+        let mut out = take_lanes(chunks * k);
+        // Groups of `G` chunks: one pass over the rows per group writes `G`
+        // sequential streams.
+        const G: usize = 8;
+        let mut row = [0.0f32; G * NR];
+        for g0 in (0..chunks).step_by(G) {
+            let g = G.min(chunks - g0);
+            let c0 = (chunk0 + g0) * NR;
+            let len = ((chunk0 + g0 + g) * NR).min(cols) - c0;
+            // Columns past `cols` are zero.
+            row[len..].fill(0.0);
+            for part in parts {
+                let f = &part.right;
+                let esz = f.dtype.size_in_bytes();
+                for kk in 0..f.rows {
+                    let off = (kk * cols + c0) * esz;
+                    decode(
+                        simd,
+                        f.dtype,
+                        &f.data[off..off + len * esz],
+                        &mut row[..len],
+                    );
+                    for (j, v) in row.chunks_exact(NR).take(g).enumerate() {
+                        out[(g0 + j) * k + part.k0 + kk].0.copy_from_slice(v);
                     }
                 }
             }
-            for (c, a) in c.iter().zip(acc.iter_mut()) {
-                a[cols.clone()].copy_from_slice(c);
-            }
         }
+        out
     }
 }
 

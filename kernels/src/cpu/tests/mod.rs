@@ -8,7 +8,7 @@ use std::ops::Range;
 use half::{bf16, f16};
 use proptest::prelude::*;
 
-use super::{merge_with, Isa};
+use super::{merge_blocked, merge_with, Blocking, Isa, MR, NR};
 use crate::{merge_cpu, Adapter, Delta, Dtype, Factor, KernelError, KronFactor, MergeSpec};
 use reference::Expected;
 
@@ -222,6 +222,26 @@ impl Case {
         let spec = MergeSpec::new(self.w_dtype, &self.shape, self.row_slice.clone(), &views)?;
         let mut w = self.w.clone();
         merge_with(w.get_mut(), &spec, threads.and_then(NonZeroUsize::new), isa)?;
+        Ok(w.get().to_vec())
+    }
+
+    /// [`Case::run`] with an explicit blocking.
+    fn run_blocked(
+        &self,
+        isa: Isa,
+        threads: usize,
+        blocking: Blocking,
+    ) -> Result<Vec<u8>, KernelError> {
+        let views = self.views();
+        let spec = MergeSpec::new(self.w_dtype, &self.shape, self.row_slice.clone(), &views)?;
+        let mut w = self.w.clone();
+        merge_blocked(
+            w.get_mut(),
+            &spec,
+            NonZeroUsize::new(threads),
+            isa,
+            blocking,
+        )?;
         Ok(w.get().to_vec())
     }
 
@@ -443,6 +463,36 @@ proptest! {
             if let Err(e) = case.check(&expected, &got) {
                 return Err(TestCaseError::fail(format!("{isa:?}: {e}\n{}", case.describe())));
             }
+        }
+    }
+
+    /// The same cases with arbitrary cache blockings (blocks of 1 to 8
+    /// tiles, 1 to 5 column chunks, rank steps of 1 to 40, right factors
+    /// packed on several threads from 1 element each): every boundary the
+    /// default blocking only meets on large weights. The result is the
+    /// reference's, and bit for bit the default blocking's.
+    #[test]
+    fn any_blocking_gives_the_same_result(
+        p in case_strategy(),
+        tiles in 1..=8usize,
+        chunks in 1..=5usize,
+        kc in 1..=40usize,
+        pack_grain in 1..=4096usize,
+    ) {
+        let case = build_case(&p);
+        let expected = case.expected();
+        let blocking = Blocking { mc: tiles * MR, nc: chunks * NR, kc, pack_grain };
+        for isa in Isa::available() {
+            let fail = |e: KernelError| TestCaseError::fail(e.to_string());
+            let got = case.run_blocked(isa, p.threads, blocking).map_err(fail)?;
+            if let Err(e) = case.check(&expected, &got) {
+                return Err(TestCaseError::fail(format!(
+                    "{isa:?} {blocking:?}: {e}\n{}",
+                    case.describe()
+                )));
+            }
+            let default = case.run(isa, Some(1)).map_err(fail)?;
+            prop_assert!(got == default, "{:?} {:?}: differs from the default blocking", isa, blocking);
         }
     }
 
@@ -732,6 +782,59 @@ fn thread_count_does_not_change_result() {
                 case.run(isa, threads).unwrap() == one,
                 "{isa:?} {threads:?}"
             );
+        }
+    }
+}
+
+/// Stacked ranks past the rank step (256), rows past a block, columns past
+/// a column block and not a whole number of chunks, with the default
+/// blocking: within the reference's tolerance, the same on any thread
+/// count, and the same again when the merge reuses its pooled buffers.
+#[test]
+fn large_stacked_ranks() {
+    let low = |r1, up, down| AdapterParams {
+        kind: 0,
+        r1,
+        r2: 1,
+        dtypes: [up, down, Dtype::F32, Dtype::F32],
+        scale: 0.3,
+        sel: 0,
+    };
+    for w_dtype in [Dtype::F16, Dtype::F32] {
+        let p = CaseParams {
+            w_dtype,
+            out: 230,
+            conv: None,
+            inn: 600,
+            // Rows 7..229 of 230.
+            slice_sel: Some((221 << 32) | 161),
+            adapters: vec![
+                low(150, Dtype::F16, Dtype::F16),
+                AdapterParams {
+                    kind: 1,
+                    r1: 20,
+                    r2: 9,
+                    dtypes: [Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::F16],
+                    scale: -0.4,
+                    sel: 0,
+                },
+                low(130, Dtype::BF16, Dtype::F32),
+            ],
+            threads: 1,
+            seed: 5,
+        };
+        let case = build_case(&p);
+        assert_eq!(case.rows(), 7..229);
+        let expected = case.expected();
+        for isa in Isa::available() {
+            let one = case.run(isa, Some(1)).unwrap();
+            case.check(&expected, &one).unwrap();
+            for threads in [Some(2), Some(3), None, Some(1)] {
+                assert!(
+                    case.run(isa, threads).unwrap() == one,
+                    "{w_dtype} {isa:?} {threads:?}"
+                );
+            }
         }
     }
 }
