@@ -640,6 +640,16 @@ impl Shared {
             self.drop_loaded(l);
         }
         state.loaded = all;
+        if mode.fuses_host_copy() && result.is_ok() {
+            // The factors live on in the fused host copy: their own bytes
+            // are not kept (a later change reads them again), so host
+            // memory is the model's (plus backups in backup mode).
+            for l in &mut state.loaded {
+                self.counters.host_free(l.host_bytes);
+                l.host_bytes = 0;
+                l.host.iter_mut().for_each(|h| *h = None);
+            }
+        }
         state.bindings = bindings.to_vec();
         state.mode = mode;
         self.replan_squeezed();
