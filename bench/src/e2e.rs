@@ -7,27 +7,52 @@
 //! 2-D and 4-D weights with an activation batch of `--tokens` rows on the
 //! engine's compute stream (`Kernel::Matmul`), so `--tokens` sets compute per
 //! byte moved. it/s is denoiser steps per second over the whole generation.
+//!
+//! After each offload mode's plain row come its LoRA rows, one per LoRA mode
+//! (`--lora-modes`): a fresh runtime in that mode loads the model, applies
+//! the LoRA set with `Runtime::set_loras` (timed), and runs a generation of
+//! `--lora-steps` denoiser steps. The LoRA set is `--lora FILE:MULT`, or by
+//! default two synthetic LoRAs over the model's denoiser (kohya rank 32
+//! × 0.8 and peft rank 64 × 0.6, f16; `--lora-ranks`). The overhead columns
+//! compare pass times with the plain row of the same offload mode: first
+//! pass = (set_loras + first pass) − first plain pass; later passes = mean
+//! later pass − mean later plain pass (noise can make it negative). In the
+//! unfused mode the engine adds the low-rank path itself, as an engine
+//! would: two more products per adapter (see `Bench::run_component`).
+//! Every LoRA row reads patched weights back from the device and compares
+//! them with a merge computed here on the host from the file bytes; a
+//! mismatch fails the benchmark (after the table is printed).
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use offload_loader::synth::{preset_specs, write_deterministic, Preset, PresetOptions};
-use offload_loader::{Dtype, Model};
-use offload_runtime::arena::{Arena, ArenaConfig, Tag};
-use offload_runtime::device::{
-    self, BackendKind, Device, DevicePtr, HostConfig, HostDevice, Kernel, StreamId,
+use offload_kernels::{Adapter, Delta, Factor, KronFactor, MergeSpec};
+use offload_loader::lora::{LoraFile, ResolveOptions};
+use offload_loader::synth::{
+    lora_specs, preset_specs, write_deterministic, write_lora, LoraConvention, LoraOptions, Preset,
+    PresetOptions, TensorSpec,
 };
-use offload_runtime::model::{DType, ModelDesc};
+use offload_loader::{Dtype, Model};
+use offload_runtime::arena::{pack, Arena, ArenaConfig, Tag};
+use offload_runtime::device::{
+    self, BackendKind, Device, DeviceExt, DevicePtr, HostConfig, HostDevice, Kernel, MergeDelta,
+    StreamId,
+};
+use offload_runtime::lora::{LoraBinding, LoraMode, PatchDelta, PatchKron};
+use offload_runtime::model::{DType, ModelDesc, WeightSource};
 use offload_runtime::residency::{
-    HostPolicy, LayerId, Mode, Policy, Runtime, RuntimeConfig, TimelineEntry,
+    HostPolicy, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig, TimelineEntry,
 };
 use offload_runtime::Error;
 
-use offload_bench::source::{describe, roles, ModelSource};
+use offload_bench::source::{describe, lora_binding, roles, ModelSource};
 
 /// Arguments of `offload bench e2e` (and of the main job).
 #[derive(Args, Debug, Clone)]
@@ -84,6 +109,27 @@ pub struct E2eArgs {
     /// Seed of the synthetic weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A LoRA for the LoRA rows, as FILE:MULTIPLIER (repeatable; without
+    /// `:MULTIPLIER` the multiplier is 1). Without any, the rows apply the
+    /// synthetic default set (see --lora-ranks).
+    #[arg(long = "lora", value_name = "FILE:MULT")]
+    pub lora: Vec<String>,
+    /// LoRA modes of the rows after each offload mode's plain row,
+    /// comma-separated: none, fuse-on-upload, backup, fuse, unfused. The
+    /// plain (none) row always runs: it is the baseline of the overhead columns.
+    #[arg(long, default_value = "none,fuse-on-upload,backup,fuse,unfused")]
+    pub lora_modes: String,
+    /// Only the plain rows, no LoRA rows.
+    #[arg(long)]
+    pub no_lora: bool,
+    /// Ranks of the synthetic default LoRAs (written next to the synthetic
+    /// model, f16): kohya × 0.8 and peft × 0.6, alternating.
+    #[arg(long, default_value = "32,64")]
+    pub lora_ranks: String,
+    /// Denoiser steps of the LoRA rows (at most --steps): fewer than the
+    /// plain rows keep the main job short; the overhead columns are per pass.
+    #[arg(long, default_value_t = 5)]
+    pub lora_steps: usize,
 }
 
 impl Default for E2eArgs {
@@ -106,6 +152,11 @@ impl Default for E2eArgs {
             timeline: None,
             link_gbps: None,
             seed: 0,
+            lora: Vec::new(),
+            lora_modes: "none,fuse-on-upload,backup,fuse,unfused".into(),
+            no_lora: false,
+            lora_ranks: "32,64".into(),
+            lora_steps: 5,
         }
     }
 }
@@ -153,10 +204,14 @@ pub fn parse_size(s: &str, whole: usize) -> Result<usize, String> {
 pub struct Row {
     mode: Mode,
     policy: Policy,
+    /// The LoRA mode of the row; `None`: the plain row (no LoRA).
+    lora: Option<LoraMode>,
     reference: bool,
     outcome: Result<Measured, String>,
     device_mem: usize,
     high: usize,
+    /// Denoiser steps of the row's generation.
+    steps: usize,
 }
 
 /// What one generation measured.
@@ -175,6 +230,170 @@ struct Measured {
     /// Wall time of a denoiser pass on the compute stream.
     pass_s: f64,
     rss: usize,
+    /// Wall time of each denoiser pass on the compute stream.
+    passes: Vec<f64>,
+    /// The generation's time outside the denoiser passes (text encoders, VAE).
+    other_s: f64,
+    /// Merges the runtime queued: in the first pass, and per later pass (mean).
+    merges_first: u64,
+    merges_per_pass: f64,
+    /// Weight bytes those merges read and wrote, per later pass (mean).
+    merged_bytes_per_pass: f64,
+    /// Flops of the unfused low-rank path the engine queued, per later pass (mean).
+    lora_path_flops_per_pass: f64,
+    /// What the LoRA rows add.
+    lora: Option<LoraMeasured>,
+}
+
+/// What a LoRA row measured besides the generation.
+#[derive(Clone, Debug)]
+struct LoraMeasured {
+    /// Wall time of `set_loras`.
+    set_s: f64,
+    /// Tensors `set_loras` changed and re-derived on the device.
+    tensors_changed: usize,
+    tensors_rederived: usize,
+    /// Bytes of LoRA factors on the device.
+    factor_device_bytes: usize,
+    /// The read-back check: what was checked, or what differed.
+    check: Result<String, String>,
+}
+
+impl Measured {
+    /// Mean of the passes after the first (the first when there is only one).
+    fn later_pass_s(&self) -> Option<f64> {
+        match self.passes.len() {
+            0 => None,
+            1 => Some(self.passes[0]),
+            n => Some(self.passes[1..].iter().sum::<f64>() / (n - 1) as f64),
+        }
+    }
+
+    /// it/s of the same generation cut to its first `steps` passes.
+    fn it_per_s_at(&self, steps: usize) -> f64 {
+        if steps >= self.passes.len() || steps == 0 {
+            return self.it_per_s;
+        }
+        steps as f64 / (self.other_s + self.passes[..steps].iter().sum::<f64>()).max(1e-9)
+    }
+}
+
+/// What one denoiser pass queued.
+struct PassCount {
+    /// Bytes uploaded.
+    bytes: u64,
+    /// LoRA merges, and the weight bytes they read and wrote.
+    merges: u64,
+    merged_bytes: u64,
+    /// Flops of the unfused low-rank path.
+    lora_flops: u64,
+}
+
+/// (component, layer, tensor) of a model tensor.
+type TensorKey = (usize, usize, usize);
+
+/// The adapters of one merge: its row slice and its adapters as (binding, patch).
+type Group = (Option<Range<usize>>, Vec<(usize, usize)>);
+
+/// The LoRA set the LoRA rows apply, and what the benchmark knows about it.
+struct LoraSet {
+    bindings: Vec<LoraBinding>,
+    /// One line per LoRA for the header.
+    descriptions: Vec<String>,
+    /// Bytes of the LoRA files.
+    file_bytes: u64,
+    /// Bytes of the factors the model uses (what the runtime reads).
+    factor_bytes: usize,
+    /// Per LoRA: bytes of its factors packed as the runtime packs them on the device.
+    packed: Vec<usize>,
+    /// Largest rank and largest `up` row count of a low-rank adapter (unfused scratch).
+    max_rank: usize,
+    max_rows: usize,
+    /// Per patched tensor: its adapters as (binding, patch), in the runtime's order.
+    patched: BTreeMap<TensorKey, Vec<(usize, usize)>>,
+    /// Multiply-adds of merging every patched tensor once, and the weight bytes it touches.
+    macs: u64,
+    touched_bytes: u64,
+    /// Tensors read back after the passes.
+    checks: Vec<TensorKey>,
+    /// The LoRA modes of the rows.
+    modes: Vec<LoraMode>,
+    /// Denoiser steps of a LoRA row.
+    steps: usize,
+}
+
+impl LoraSet {
+    /// The adapters of a tensor grouped as the runtime groups them into
+    /// merges: one group per distinct row slice, in first-use order.
+    fn groups(&self, key: TensorKey) -> Vec<Group> {
+        let mut groups: Vec<Group> = Vec::new();
+        for &(bi, pi) in self.patched.get(&key).map_or(&[][..], |v| v) {
+            let rows = self.bindings[bi].desc.patches[pi].rows.clone();
+            match groups.iter_mut().find(|g| g.0 == rows) {
+                Some(g) => g.1.push((bi, pi)),
+                None => groups.push((rows, vec![(bi, pi)])),
+            }
+        }
+        groups
+    }
+
+    /// The kernels' view of a group's adapters, each factor's bytes from `data(binding, factor)`.
+    fn adapters<'a>(
+        &'a self,
+        group: &[(usize, usize)],
+        data: &mut dyn FnMut(usize, usize) -> &'a [u8],
+    ) -> Vec<Adapter<'a>> {
+        group
+            .iter()
+            .map(|&(bi, pi)| {
+                let b = &self.bindings[bi];
+                let p = &b.desc.patches[pi];
+                let mut f = |i: usize| -> Factor<'a> {
+                    let fd = &b.desc.factors[i];
+                    let (rows, cols) = fd.matrix().unwrap_or((0, 0));
+                    let dtype = kernel_dtype(fd.dtype).unwrap_or(offload_kernels::Dtype::F32);
+                    Factor::new(data(bi, i), dtype, rows, cols)
+                };
+                let kron = |k: PatchKron, f: &mut dyn FnMut(usize) -> Factor<'a>| match k {
+                    PatchKron::Full(m) => KronFactor::Full(f(m)),
+                    PatchKron::LowRank { a, b } => KronFactor::LowRank { a: f(a), b: f(b) },
+                };
+                let delta = match p.delta {
+                    PatchDelta::LowRank { up, down } => Delta::LowRank {
+                        up: f(up),
+                        down: f(down),
+                    },
+                    PatchDelta::LoHa { w1a, w1b, w2a, w2b } => Delta::LoHa {
+                        w1a: f(w1a),
+                        w1b: f(w1b),
+                        w2a: f(w2a),
+                        w2b: f(w2b),
+                    },
+                    PatchDelta::LoKr { w1, w2 } => Delta::LoKr {
+                        w1: kron(w1, &mut f),
+                        w2: kron(w2, &mut f),
+                    },
+                };
+                Adapter {
+                    // As the runtime scales it: the file's scale × the multiplier, in f32.
+                    scale: p.scale * b.multiplier,
+                    delta,
+                }
+            })
+            .collect()
+    }
+
+    /// Multiply-adds per weight byte merged: what turns the runtime's
+    /// `merged_bytes` counter into flops. Exact when every patched tensor
+    /// has the same total rank per element (the default set: both LoRAs
+    /// adapt the same modules); otherwise a bytes-weighted mean.
+    fn macs_per_byte(&self) -> f64 {
+        if self.touched_bytes == 0 {
+            0.0
+        } else {
+            self.macs as f64 / self.touched_bytes as f64
+        }
+    }
 }
 
 struct Bench {
@@ -191,6 +410,15 @@ struct Bench {
     vae: Vec<usize>,
     args: E2eArgs,
     bar: ProgressBar,
+    /// The LoRA set of the LoRA rows (`None` with `--no-lora`).
+    lora: Option<LoraSet>,
+    /// Unfused mode: scratch for `x · downᵀ` (`[tokens, max rank]`) and for
+    /// its product with `upᵀ` (`[tokens, max up rows]`).
+    lora_scratch: Option<(DevicePtr, DevicePtr)>,
+    /// Columns of X (the largest k of a weight).
+    max_k: usize,
+    /// Flops of the unfused low-rank path queued so far.
+    lora_flops: AtomicU64,
 }
 
 fn mib(b: f64) -> f64 {
@@ -225,12 +453,61 @@ fn matmul_dims(shape: &[usize], dtype: DType) -> Option<(usize, usize, offload_k
     (n > 0 && k > 0).then_some((n, k, d))
 }
 
+/// Element `i` of little-endian `dtype` bytes, as f32.
+fn element(bytes: &[u8], dtype: offload_kernels::Dtype, i: usize) -> f32 {
+    match dtype {
+        offload_kernels::Dtype::F32 => {
+            f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap_or([0; 4]))
+        }
+        offload_kernels::Dtype::F16 => {
+            half::f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32()
+        }
+        offload_kernels::Dtype::BF16 => {
+            half::bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32()
+        }
+    }
+}
+
+/// Whether a device value and the host's differ by more than the backends
+/// may: nothing on the host backend (the same CPU kernel), one unit in the
+/// last place of a 16-bit weight elsewhere (an fp32 sum in another order
+/// may round the other way).
+fn differs(got: f32, want: f32, dtype: offload_kernels::Dtype, exact: bool) -> bool {
+    if got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()) {
+        return false;
+    }
+    if exact || !(got.is_finite() && want.is_finite()) {
+        return true;
+    }
+    let ulp = match dtype {
+        offload_kernels::Dtype::F16 => {
+            let h = half::f16::from_f32(want.abs());
+            half::f16::from_bits(h.to_bits() + 1).to_f32() - h.to_f32()
+        }
+        offload_kernels::Dtype::BF16 => {
+            let h = half::bf16::from_f32(want.abs());
+            half::bf16::from_bits(h.to_bits() + 1).to_f32() - h.to_f32()
+        }
+        offload_kernels::Dtype::F32 => 1e-5 * (1.0 + want.abs()),
+    };
+    let d = (got - want).abs();
+    d.is_nan() || d > ulp
+}
+
 impl Bench {
     /// Run `component` once: acquire each layer, queue its products, drop the guard.
+    ///
+    /// In the unfused LoRA mode the guard hands out each patched tensor's
+    /// adapters, and the engine computes their low-rank path beside the
+    /// weight's product: per adapter `t = x · downᵀ` (`[tokens, rank]`),
+    /// then `t · upᵀ` (`[tokens, n]`). The scaled add of that into the
+    /// weight's output is left out: it is `tokens · n` multiply-adds, noise
+    /// beside the two products, and the timing does not need its result
+    /// (the outputs go to scratch buffers).
     fn run_component(
         &self,
         rt: &Runtime,
-        m: offload_runtime::residency::ModelId,
+        m: ModelId,
         c: usize,
         compute_log: Option<&Arc<Mutex<Vec<TimelineEntry>>>>,
         epoch: Instant,
@@ -265,7 +542,8 @@ impl Bench {
                 )?;
             }
             if self.compute_ok {
-                for t in g.tensors() {
+                for i in 0..g.len() {
+                    let Some(t) = g.tensor(i) else { continue };
                     if let Some((n, k, w_dtype)) = matmul_dims(t.shape, t.dtype) {
                         self.dev.launch(
                             &Kernel::Matmul {
@@ -280,6 +558,7 @@ impl Bench {
                             self.compute,
                         )?;
                     }
+                    self.low_rank_path(&g, i)?;
                 }
             }
             if let Some(log) = compute_log {
@@ -305,6 +584,63 @@ impl Bench {
         Ok(())
     }
 
+    /// The unfused mode's low-rank path of tensor `i` (nothing in the other modes).
+    fn low_rank_path(
+        &self,
+        g: &offload_runtime::residency::LayerGuard,
+        i: usize,
+    ) -> Result<(), Error> {
+        let Some((t, out)) = self.lora_scratch else {
+            return Ok(());
+        };
+        let set = self.lora.as_ref();
+        let (max_rank, max_rows) = set.map_or((0, 0), |s| (s.max_rank, s.max_rows));
+        let tokens = self.args.tokens;
+        for op in g.lora(i) {
+            for a in &op.adapters {
+                let MergeDelta::LowRank { up, down } = &a.delta else {
+                    continue;
+                };
+                // down: [rank, k], up: [n, rank] (n: the row slice's length).
+                if down.rows > max_rank || down.cols > self.max_k || up.rows > max_rows {
+                    return Err(Error::Config(format!(
+                        "an unfused adapter of {} × {} / {} × {} is larger than the scratch the benchmark sized",
+                        up.rows, up.cols, down.rows, down.cols
+                    )));
+                }
+                self.dev.launch(
+                    &Kernel::Matmul {
+                        x: self.x,
+                        tokens,
+                        w: down.ptr,
+                        w_dtype: down.dtype,
+                        n: down.rows,
+                        k: down.cols,
+                        y: t,
+                    },
+                    self.compute,
+                )?;
+                self.dev.launch(
+                    &Kernel::Matmul {
+                        x: t,
+                        tokens,
+                        w: up.ptr,
+                        w_dtype: up.dtype,
+                        n: up.rows,
+                        k: up.cols,
+                        y: out,
+                    },
+                    self.compute,
+                )?;
+                let flops = offload_kernels::matmul_flops(tokens, down.rows, down.cols)
+                    + offload_kernels::matmul_flops(tokens, up.rows, up.cols);
+                self.lora_flops.fetch_add(flops, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn row(
         &self,
         mode: Mode,
@@ -312,6 +648,7 @@ impl Bench {
         device_mem: usize,
         reference: bool,
         timeline: bool,
+        lora: Option<LoraMode>,
     ) -> Row {
         let info_total = self.dev.info().total_memory;
         let cfg = RuntimeConfig {
@@ -326,6 +663,7 @@ impl Bench {
                 _ => HostPolicy::Pinned,
             },
             timeline,
+            lora_mode: lora.unwrap_or_default(),
             ..RuntimeConfig::default()
         };
         let mut cfg = cfg;
@@ -338,40 +676,61 @@ impl Bench {
         }
         // (Both were validated in `run`; a bad value never gets here.)
         let high = cfg.resolve(info_total).high;
-        let outcome = self.generation(cfg, timeline).map_err(|e| match e {
-            Error::DoesNotFit {
-                needed, available, ..
-            } => format!(
-                "does not fit: needs {:.1} MiB, has {:.1} MiB",
-                mib(needed as f64),
-                mib(available as f64)
-            ),
-            Error::BudgetTooSmall {
-                budget,
-                largest_layer,
-            } => format!(
-                "does not fit: a {:.1} MiB layer, a {:.1} MiB budget (high watermark)",
-                mib(largest_layer as f64),
-                mib(budget as f64)
-            ),
-            other => other.to_string(),
-        });
+        let steps = match (lora, &self.lora) {
+            (Some(_), Some(set)) => set.steps,
+            _ => self.args.steps,
+        };
+        let outcome = self
+            .generation(cfg, timeline, lora, steps)
+            .map_err(|e| match e {
+                Error::DoesNotFit {
+                    needed, available, ..
+                } => format!(
+                    "does not fit: needs {:.1} MiB, has {:.1} MiB",
+                    mib(needed as f64),
+                    mib(available as f64)
+                ),
+                Error::BudgetTooSmall {
+                    budget,
+                    largest_layer,
+                } => format!(
+                    "does not fit: a {:.1} MiB layer, a {:.1} MiB budget (high watermark)",
+                    mib(largest_layer as f64),
+                    mib(budget as f64)
+                ),
+                other => other.to_string(),
+            });
         Row {
             mode,
             policy,
+            lora,
             reference,
             outcome,
             device_mem,
             high,
+            steps,
         }
     }
 
-    fn generation(&self, cfg: RuntimeConfig, timeline: bool) -> Result<Measured, Error> {
+    fn generation(
+        &self,
+        cfg: RuntimeConfig,
+        timeline: bool,
+        lora: Option<LoraMode>,
+        steps: usize,
+    ) -> Result<Measured, Error> {
         let rt = Runtime::new(self.dev.clone(), self.compute, cfg)?;
         let m = rt.load(self.desc.clone(), self.source.clone())?;
         rt.synchronize()?;
         self.dev.stream_synchronize(self.compute)?;
+        // Peaks from here: they include what applying the LoRA set holds.
         rt.reset_peaks();
+        let mut lora_done = None;
+        if let (Some(_), Some(set)) = (lora, &self.lora) {
+            let t = Instant::now();
+            let report = rt.set_loras(m, &set.bindings)?;
+            lora_done = Some((t.elapsed().as_secs_f64(), report));
+        }
         let epoch = rt.epoch();
         let compute_log = timeline.then(|| Arc::new(Mutex::new(Vec::new())));
         // Pass boundaries in compute-stream order: the time and the stall so far.
@@ -389,15 +748,22 @@ impl Bench {
         for &c in &self.te {
             self.run_component(&rt, m, c, compute_log.as_ref(), epoch)?;
         }
-        let mut pass_bytes = Vec::with_capacity(self.args.steps);
-        for _ in 0..self.args.steps {
+        // Per pass, as queued: bytes uploaded, merges and merged bytes, low-rank flops.
+        let mut pass_counts: Vec<PassCount> = Vec::with_capacity(steps);
+        for _ in 0..steps {
             let before = rt.stats();
+            let f0 = self.lora_flops.load(Ordering::Relaxed);
             mark(&passes)?;
             for &c in &self.denoiser {
                 self.run_component(&rt, m, c, compute_log.as_ref(), epoch)?;
             }
             let after = rt.stats();
-            pass_bytes.push(after.bytes_h2d - before.bytes_h2d);
+            pass_counts.push(PassCount {
+                bytes: after.bytes_h2d - before.bytes_h2d,
+                merges: after.merges - before.merges,
+                merged_bytes: after.merged_bytes - before.merged_bytes,
+                lora_flops: self.lora_flops.load(Ordering::Relaxed) - f0,
+            });
             self.bar.inc(1);
         }
         mark(&passes)?;
@@ -415,13 +781,25 @@ impl Bench {
             (Some(a), Some(b)) => (b.0.saturating_duration_since(a.0).as_secs_f64(), b.1 - a.1),
             _ => (0.0, 0),
         };
-        let steps = self.args.steps.max(1) as f64;
-        let rest: Vec<u64> = pass_bytes.iter().skip(1).copied().collect();
-        let per_pass = if rest.is_empty() {
-            pass_bytes.first().copied().unwrap_or(0)
-        } else {
-            rest.iter().sum::<u64>() / rest.len() as u64
+        let pass_times: Vec<f64> = marks
+            .windows(2)
+            .map(|w| w[1].0.saturating_duration_since(w[0].0).as_secs_f64())
+            .collect();
+        let n_steps = steps.max(1) as f64;
+        // Later passes: the mean after the first (the first alone if there is one).
+        let later = |f: fn(&PassCount) -> u64| -> f64 {
+            let rest = if pass_counts.len() > 1 {
+                &pass_counts[1..]
+            } else {
+                &pass_counts[..]
+            };
+            if rest.is_empty() {
+                0.0
+            } else {
+                rest.iter().map(f).sum::<u64>() as f64 / rest.len() as f64
+            }
         };
+        let per_pass = later(|c| c.bytes) as u64;
         if let (Some(path), Some(log)) = (&self.args.timeline, &compute_log) {
             let mut entries = rt.take_timeline();
             entries.extend(log.lock().unwrap().drain(..));
@@ -437,20 +815,161 @@ impl Bench {
             )
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         }
+        let lora_measured = match (lora, &self.lora, lora_done) {
+            (Some(mode), Some(set), Some((set_s, report))) => Some(LoraMeasured {
+                set_s,
+                tensors_changed: report.tensors_changed,
+                tensors_rederived: report.tensors_rederived,
+                factor_device_bytes: report.factor_bytes,
+                check: self.check_lora(&rt, m, mode, set),
+            }),
+            _ => None,
+        };
         Ok(Measured {
-            it_per_s: self.args.steps as f64 / generation_s,
+            it_per_s: steps as f64 / generation_s,
             generation_s,
-            first_pass: pass_bytes.first().copied().unwrap_or(0),
+            first_pass: pass_counts.first().map_or(0, |c| c.bytes),
             per_pass,
             per_generation: st.bytes_h2d,
             peak_device: st.peak_device_bytes,
             peak_host: st.peak_host_bytes,
             page_waste: denoiser_waste,
             stall_fraction: st.stall_ns as f64 * 1e-9 / generation_s,
-            compute_s_per_pass: ((denoise_s - stall_in_denoiser as f64 * 1e-9) / steps).max(0.0),
-            pass_s: denoise_s / steps,
+            compute_s_per_pass: ((denoise_s - stall_in_denoiser as f64 * 1e-9) / n_steps).max(0.0),
+            pass_s: denoise_s / n_steps,
             rss: rss_bytes(),
+            other_s: (generation_s - denoise_s).max(0.0),
+            passes: pass_times,
+            merges_first: pass_counts.first().map_or(0, |c| c.merges),
+            merges_per_pass: later(|c| c.merges),
+            merged_bytes_per_pass: later(|c| c.merged_bytes),
+            lora_path_flops_per_pass: later(|c| c.lora_flops),
+            lora: lora_measured,
         })
+    }
+
+    /// Read the patched tensors of `set.checks` back from the device (each
+    /// acquired as the engine would, so a streamed one is uploaded and
+    /// merged again) and compare them with what they must hold: in the
+    /// fusing modes the pristine file bytes merged here on the CPU with
+    /// `merge_cpu` and the file's factor bytes (bit for bit on the host
+    /// backend, which runs the same kernel; within one unit in the last
+    /// place elsewhere), in the unfused mode the pristine bytes themselves,
+    /// with the adapters handed out in the guard.
+    fn check_lora(
+        &self,
+        rt: &Runtime,
+        m: ModelId,
+        mode: LoraMode,
+        set: &LoraSet,
+    ) -> Result<String, String> {
+        let exact = self.dev.info().kind == BackendKind::Host;
+        let mut checked = Vec::new();
+        for &key in &set.checks {
+            let (c, l, t) = key;
+            let td = &self.desc.components[c].layers[l].tensors[t];
+            let dtype = kernel_dtype(td.dtype)
+                .ok_or_else(|| format!("{}: a LoRA on a {} weight", td.name, td.dtype))?;
+            let mut want = vec![0u8; td.bytes];
+            self.source
+                .read(c, l, t, 0, &mut want)
+                .map_err(|e| format!("reading {} from the file: {e}", td.name))?;
+            let groups = set.groups(key);
+            let adapters_total: usize = groups.iter().map(|g| g.1.len()).sum();
+            if mode != LoraMode::Unfused {
+                // Every factor these adapters use, read from the LoRA files.
+                let mut bytes: BTreeMap<(usize, usize), Vec<u8>> = BTreeMap::new();
+                for (_, group) in &groups {
+                    for &(bi, pi) in group {
+                        let b = &set.bindings[bi];
+                        for f in b.desc.patches[pi].delta.factors() {
+                            if let std::collections::btree_map::Entry::Vacant(e) =
+                                bytes.entry((bi, f))
+                            {
+                                let mut buf = vec![0u8; b.desc.factors[f].bytes().unwrap_or(0)];
+                                b.source.read(f, &mut buf).map_err(|e| e.to_string())?;
+                                e.insert(buf);
+                            }
+                        }
+                    }
+                }
+                for (rows, group) in &groups {
+                    let adapters = set.adapters(group, &mut |bi, f| {
+                        bytes.get(&(bi, f)).map_or(&[][..], |v| v)
+                    });
+                    let spec = MergeSpec::new(dtype, &td.shape, rows.clone(), &adapters)
+                        .map_err(|e| format!("{}: {e}", td.name))?;
+                    offload_kernels::merge_cpu(&mut want, &spec, None)
+                        .map_err(|e| format!("{}: {e}", td.name))?;
+                }
+            }
+            let g = rt
+                .acquire(LayerId {
+                    model: m,
+                    component: c,
+                    layer: l,
+                })
+                .map_err(|e| format!("acquiring {}: {e}", td.name))?;
+            let view = g
+                .tensor(t)
+                .ok_or_else(|| format!("{}: not in its layer", td.name))?;
+            let mut got = vec![0u8; td.bytes];
+            let read = self.dev.read_blocking(view.ptr, &mut got, self.compute);
+            let handed: usize = g.lora(t).map(|op| op.adapters.len()).sum();
+            drop(g);
+            read.map_err(|e| format!("reading {} back: {e}", td.name))?;
+            let handed_want = if mode == LoraMode::Unfused {
+                adapters_total
+            } else {
+                0
+            };
+            if handed != handed_want {
+                return Err(format!(
+                    "{mode}: the guard of {} hands out {handed} adapters, expected {handed_want}",
+                    td.name
+                ));
+            }
+            if got != want {
+                let n = td.bytes / dtype.size_in_bytes();
+                let bad: Vec<usize> = (0..n)
+                    .filter(|&i| {
+                        differs(
+                            element(&got, dtype, i),
+                            element(&want, dtype, i),
+                            dtype,
+                            exact,
+                        )
+                    })
+                    .collect();
+                if let Some(&i) = bad.first() {
+                    return Err(format!(
+                        "{mode}: {} on the device differs from {} in {} of {n} elements; element {i} is {} on the device, {} expected",
+                        td.name,
+                        if mode == LoraMode::Unfused {
+                            "its file bytes"
+                        } else {
+                            "the host merge of its file bytes"
+                        },
+                        bad.len(),
+                        element(&got, dtype, i),
+                        element(&want, dtype, i)
+                    ));
+                }
+            }
+            checked.push(format!("{} ({adapters_total} adapters)", td.name));
+        }
+        Ok(format!(
+            "{} {}: {}",
+            if mode == LoraMode::Unfused {
+                "pristine on the device, adapters handed out"
+            } else if exact {
+                "equal to the host merge, bit for bit"
+            } else {
+                "equal to the host merge within 1 ulp"
+            },
+            if exact { "(host backend)" } else { "(GPU)" },
+            checked.join(", ")
+        ))
     }
 }
 
@@ -561,10 +1080,21 @@ impl Drop for TempDir {
     }
 }
 
-fn open_model(args: &E2eArgs) -> Result<(Model, String, Option<TempDir>), String> {
+/// The model, its name, the folder it was written to (a synthetic model),
+/// and the tensor specs synthetic LoRAs are written from.
+type Opened = (Model, String, Option<TempDir>, Vec<TensorSpec>);
+
+fn open_model(args: &E2eArgs) -> Result<Opened, String> {
     if let Some(p) = &args.model {
         let m = Model::open(p).map_err(|e| e.to_string())?;
-        return Ok((m, p.display().to_string(), None));
+        let specs = m
+            .layout
+            .components
+            .iter()
+            .flat_map(|c| c.layers.iter().flat_map(|l| l.tensors.iter()))
+            .map(|t| TensorSpec::new(t.name.clone(), t.dtype, &t.shape))
+            .collect();
+        return Ok((m, p.display().to_string(), None, specs));
     }
     let preset = Preset::from_name(&args.preset)
         .ok_or_else(|| format!("unknown preset `{}` (sd15, sdxl, flux)", args.preset))?;
@@ -589,7 +1119,256 @@ fn open_model(args: &E2eArgs) -> Result<(Model, String, Option<TempDir>), String
         m,
         format!("synthetic {} at scale {}", args.preset, args.scale),
         Some(tmp),
+        specs,
     ))
+}
+
+/// The LoRA options, checked before anything runs: (modes, ranks, files with multipliers).
+type LoraOpts = (Vec<LoraMode>, Vec<u64>, Vec<(PathBuf, f32)>);
+
+fn parse_lora_options(args: &E2eArgs) -> Result<LoraOpts, String> {
+    let mut modes = Vec::new();
+    for s in args
+        .lora_modes
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        if s == "none" {
+            continue;
+        }
+        let m: LoraMode = s
+            .parse()
+            .map_err(|e: String| format!("--lora-modes: {e} (or none)"))?;
+        if !modes.contains(&m) {
+            modes.push(m);
+        }
+    }
+    let mut ranks = Vec::new();
+    for s in args
+        .lora_ranks
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let r: u64 = s
+            .parse()
+            .ok()
+            .filter(|&r| r >= 1)
+            .ok_or_else(|| format!("--lora-ranks: `{s}` is not a rank (a whole number ≥ 1)"))?;
+        ranks.push(r);
+    }
+    let mut files = Vec::new();
+    for s in &args.lora {
+        let (file, mult) = match s.rsplit_once(':') {
+            Some((f, m)) if !f.is_empty() => match m.trim().parse::<f32>() {
+                Ok(v) => (f, v),
+                Err(_) => return Err(format!("--lora {s}: `{m}` is not a multiplier (FILE:MULT)")),
+            },
+            _ => (s.as_str(), 1.0),
+        };
+        if !mult.is_finite() {
+            return Err(format!("--lora {s}: the multiplier must be finite"));
+        }
+        files.push((PathBuf::from(file), mult));
+    }
+    if !args.no_lora && args.lora.is_empty() && ranks.is_empty() {
+        return Err("--lora-ranks: give at least one rank (or --no-lora)".into());
+    }
+    if !args.no_lora && args.lora_steps == 0 {
+        return Err("--lora-steps must be at least 1".into());
+    }
+    Ok((modes, ranks, files))
+}
+
+/// The LoRA set of the LoRA rows: the user's files, or synthetic LoRAs
+/// written into `dir` from the model's specs.
+fn prepare_loras(
+    args: &E2eArgs,
+    opts: LoraOpts,
+    model: &Model,
+    specs: &[TensorSpec],
+    dir: &Path,
+) -> Result<LoraSet, String> {
+    let (modes, ranks, files) = opts;
+    // (path, multiplier, strict, description)
+    let mut list: Vec<(PathBuf, f32, bool, String)> = Vec::new();
+    if files.is_empty() {
+        for (i, &rank) in ranks.iter().enumerate() {
+            let (convention, name, mult) = if i % 2 == 0 {
+                (LoraConvention::Kohya, "kohya", 0.8)
+            } else {
+                (LoraConvention::Peft, "peft", 0.6)
+            };
+            let lspecs = lora_specs(
+                specs,
+                &LoraOptions {
+                    convention,
+                    rank,
+                    dtype: Dtype::F16,
+                },
+            );
+            if lspecs.is_empty() {
+                return Err(
+                    "the model's denoiser has no module a synthetic LoRA adapts: pass --lora FILE:MULT or --no-lora"
+                        .into(),
+                );
+            }
+            let stem = match &args.model {
+                Some(_) => "model".to_string(),
+                None => format!("{}-s{}", args.preset, args.scale),
+            };
+            let path = dir.join(format!("{stem}-lora-{name}-r{rank}.safetensors"));
+            // kohya: alpha = rank / 2 (scale 0.5, a common choice); peft files carry no alpha (scale 1).
+            write_lora(&path, &lspecs, rank as f32 / 2.0, args.seed + 1 + i as u64)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let modules = lspecs
+                .iter()
+                .filter(|s| {
+                    s.name.ends_with(".lora_down.weight") || s.name.ends_with(".lora_A.weight")
+                })
+                .count();
+            list.push((
+                path,
+                mult,
+                true,
+                format!("synthetic {name} rank {rank} f16 × {mult} ({modules} modules)"),
+            ));
+        }
+    } else {
+        for (path, mult) in files {
+            let d = format!("{} × {mult}", path.display());
+            list.push((path, mult, false, d));
+        }
+    }
+    let mut bindings = Vec::new();
+    let mut descriptions = Vec::new();
+    let mut file_bytes = 0u64;
+    for (path, mult, strict, description) in list {
+        let file = Arc::new(LoraFile::open(&path).map_err(|e| e.to_string())?);
+        file_bytes += lora_file_bytes(&path);
+        let resolved = file
+            .resolve_layout(
+                &model.layout,
+                &ResolveOptions {
+                    // The runtime applies the multiplier.
+                    multiplier: 1.0,
+                    strict,
+                },
+            )
+            .map_err(|e| e.to_string())?;
+        if let Some(w) = resolved.warning() {
+            eprintln!("{w}");
+        }
+        if resolved.adapters.is_empty() {
+            return Err(format!(
+                "{}: no module of this LoRA applies to the model",
+                path.display()
+            ));
+        }
+        descriptions.push(format!(
+            "{description}: {} adapters",
+            resolved.adapters.len()
+        ));
+        bindings.push(lora_binding(&model.layout, file, &resolved, mult)?);
+    }
+    let mut patched: BTreeMap<TensorKey, Vec<(usize, usize)>> = BTreeMap::new();
+    let (mut max_rank, mut max_rows, mut factor_bytes) = (1usize, 1usize, 0usize);
+    let mut packed = Vec::new();
+    for (bi, b) in bindings.iter().enumerate() {
+        let mut used = vec![false; b.desc.factors.len()];
+        for (pi, p) in b.desc.patches.iter().enumerate() {
+            patched
+                .entry((p.component, p.layer, p.tensor))
+                .or_default()
+                .push((bi, pi));
+            for f in p.delta.factors() {
+                if let Some(u) = used.get_mut(f) {
+                    *u = true;
+                }
+            }
+            if let PatchDelta::LowRank { up, down } = p.delta {
+                let up = b.desc.factors.get(up).and_then(|f| f.matrix());
+                let down = b.desc.factors.get(down).and_then(|f| f.matrix());
+                if let (Some(u), Some(d)) = (up, down) {
+                    max_rows = max_rows.max(u.0);
+                    max_rank = max_rank.max(d.0);
+                }
+            }
+        }
+        // As the runtime lays a LoRA's factors out on the device.
+        let sizes: Vec<usize> = b
+            .desc
+            .factors
+            .iter()
+            .zip(&used)
+            .map(|(f, &u)| if u { f.bytes().unwrap_or(0) } else { 0 })
+            .collect();
+        factor_bytes += sizes.iter().sum::<usize>();
+        packed.push(pack(&sizes).map_or(0, |p| p.total));
+    }
+    let mut set = LoraSet {
+        bindings,
+        descriptions,
+        file_bytes,
+        factor_bytes,
+        packed,
+        max_rank,
+        max_rows,
+        patched,
+        macs: 0,
+        touched_bytes: 0,
+        checks: Vec::new(),
+        modes,
+        steps: args.lora_steps.min(args.steps),
+    };
+    // Multiply-adds of one merge of every patched tensor, as the kernels
+    // count them (the shapes are what matters: zero bytes stand in for the factors).
+    let largest = set
+        .bindings
+        .iter()
+        .flat_map(|b| b.desc.factors.iter().filter_map(|f| f.bytes()))
+        .max()
+        .unwrap_or(0);
+    let zeros = vec![0u8; largest];
+    let desc = describe("", &model.layout);
+    let (mut macs, mut touched) = (0u64, 0u64);
+    for &key in set.patched.keys() {
+        let td = &desc.components[key.0].layers[key.1].tensors[key.2];
+        let Some(dtype) = kernel_dtype(td.dtype) else {
+            continue;
+        };
+        for (rows, group) in set.groups(key) {
+            let adapters = set.adapters(&group, &mut |bi, f| {
+                let n = set.bindings[bi].desc.factors[f].bytes().unwrap_or(0);
+                &zeros[..n.min(zeros.len())]
+            });
+            let spec = MergeSpec::new(dtype, &td.shape, rows.clone(), &adapters)
+                .map_err(|e| format!("{}: {e}", td.name))?;
+            macs += spec.multiply_adds();
+            touched += spec.touched_bytes() as u64;
+        }
+    }
+    set.macs = macs;
+    set.touched_bytes = touched;
+    // Read back the first and the last patched tensor.
+    let keys: Vec<TensorKey> = set.patched.keys().copied().collect();
+    set.checks = match (keys.first(), keys.last()) {
+        (Some(&a), Some(&b)) if a != b => vec![a, b],
+        (Some(&a), _) => vec![a],
+        _ => Vec::new(),
+    };
+    Ok(set)
+}
+
+/// Bytes of a LoRA on disk (a peft adapter folder: its weights file).
+fn lora_file_bytes(path: &Path) -> u64 {
+    let p = if path.is_dir() {
+        path.join("adapter_model.safetensors")
+    } else {
+        path.to_path_buf()
+    };
+    std::fs::metadata(p).map_or(0, |m| m.len())
 }
 
 /// Run the benchmark and print the table.
@@ -603,7 +1382,8 @@ pub fn run(args: &E2eArgs) -> Result<(), String> {
             "unknown host policy `{host_policy}` (pinned, staged)"
         ));
     }
-    let (model, model_name, _tmp) = open_model(args)?;
+    let lora_opts = parse_lora_options(args)?;
+    let (model, model_name, tmp, specs) = open_model(args)?;
     let desc = describe(&model_name, &model.layout);
     let (te, denoiser, vae, _other) = roles(&model.layout);
     if denoiser.is_empty() {
@@ -626,6 +1406,25 @@ pub fn run(args: &E2eArgs) -> Result<(), String> {
             parse_size(v, device_mem).map_err(|e| format!("{flag}: {e}"))?;
         }
     }
+    // Synthetic LoRAs go next to the synthetic model (and go with it).
+    let mut lora_tmp = None;
+    // `--lora-modes none` asks for the plain rows only, as `--no-lora` does.
+    let lora = if args.no_lora || lora_opts.0.is_empty() {
+        None
+    } else {
+        let dir = match &tmp {
+            Some(t) => t.0.clone(),
+            None => {
+                let d =
+                    std::env::temp_dir().join(format!("offload-e2e-lora-{}", std::process::id()));
+                std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+                lora_tmp = Some(TempDir(d.clone()));
+                d
+            }
+        };
+        Some(prepare_loras(args, lora_opts, &model, &specs, &dir)?)
+    };
+    drop(specs);
 
     // Activation scratch: X [tokens, max k], Y [tokens, max n].
     let (mut max_n, mut max_k) = (1usize, 1usize);
@@ -641,6 +1440,10 @@ pub fn run(args: &E2eArgs) -> Result<(), String> {
     }
     let x_bytes = args.tokens * max_k * 4;
     let y_bytes = args.tokens * max_n * 4;
+    // Unfused scratch: [tokens, max rank] and [tokens, max up rows].
+    let (t_bytes, ly_bytes) = lora.as_ref().map_or((0, 0), |s| {
+        (args.tokens * s.max_rank * 4, args.tokens * s.max_rows * 4)
+    });
     // GPU pages are 2 MiB. A synthetic model scaled down by `s` in width has
     // layers s² times smaller, so the host backend scales its pages the same
     // way (64 KiB at least) to keep page-tail waste as large, relatively, as
@@ -658,8 +1461,31 @@ pub fn run(args: &E2eArgs) -> Result<(), String> {
     // The whole model in layers of whole pages, generously: each layer may waste a page.
     let layers: usize = desc.components.iter().map(|c| c.layers.len()).sum();
     let model_pages = pages(model_bytes) + layers;
+    // The LoRA factors beside it on the device (the none row's LoRA rows hold both).
+    let lora_pages: usize = lora
+        .as_ref()
+        .map_or(0, |s| s.packed.iter().map(|&b| pages(b)).sum());
+    let scratch_pages = pages(x_bytes)
+        + pages(y_bytes)
+        + if lora.is_some() {
+            pages(t_bytes) + pages(ly_bytes)
+        } else {
+            0
+        };
     let host_capacity =
-        (model_pages.max(pages(device_mem)) + pages(x_bytes) + pages(y_bytes) + 8) * page;
+        ((model_pages + lora_pages).max(pages(device_mem)) + scratch_pages + 8) * page;
+    let sizes = Sizes {
+        model_bytes,
+        denoiser_bytes,
+        largest_layer,
+        device_mem,
+        x_bytes,
+        y_bytes,
+        t_bytes,
+        ly_bytes,
+        max_k,
+        lora_pages,
+    };
 
     let selected = device::auto(&HostConfig {
         capacity: host_capacity,
@@ -668,7 +1494,7 @@ pub fn run(args: &E2eArgs) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     let dev = selected.device.clone();
-    if dev.info().kind == BackendKind::Host {
+    let result = if dev.info().kind == BackendKind::Host {
         // A fresh host device we can configure: no poisoning for a benchmark.
         let host = Arc::new(
             HostDevice::new(HostConfig {
@@ -679,45 +1505,45 @@ pub fn run(args: &E2eArgs) -> Result<(), String> {
             .map_err(|e| e.to_string())?,
         );
         host.set_poison(false);
-        return run_on(
+        run_on(
             args,
             host,
             selected.reason,
             model,
             model_name,
-            desc,
-            te,
-            denoiser,
-            vae,
-            (
-                model_bytes,
-                denoiser_bytes,
-                largest_layer,
-                device_mem,
-                x_bytes,
-                y_bytes,
-            ),
-        );
-    }
-    run_on(
-        args,
-        dev,
-        selected.reason,
-        model,
-        model_name,
-        desc,
-        te,
-        denoiser,
-        vae,
-        (
-            model_bytes,
-            denoiser_bytes,
-            largest_layer,
-            device_mem,
-            x_bytes,
-            y_bytes,
-        ),
-    )
+            (desc, te, denoiser, vae),
+            lora,
+            sizes,
+        )
+    } else {
+        run_on(
+            args,
+            dev,
+            selected.reason,
+            model,
+            model_name,
+            (desc, te, denoiser, vae),
+            lora,
+            sizes,
+        )
+    };
+    drop(lora_tmp);
+    result
+}
+
+/// Sizes `run` worked out for `run_on`.
+struct Sizes {
+    model_bytes: usize,
+    denoiser_bytes: usize,
+    largest_layer: usize,
+    device_mem: usize,
+    x_bytes: usize,
+    y_bytes: usize,
+    t_bytes: usize,
+    ly_bytes: usize,
+    max_k: usize,
+    /// Device pages the LoRA set's factors take.
+    lora_pages: usize,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -727,19 +1553,36 @@ fn run_on(
     reason: String,
     model: Model,
     model_name: String,
-    desc: ModelDesc,
-    te: Vec<usize>,
-    denoiser: Vec<usize>,
-    vae: Vec<usize>,
-    sizes: (usize, usize, usize, usize, usize, usize),
+    (desc, te, denoiser, vae): (ModelDesc, Vec<usize>, Vec<usize>, Vec<usize>),
+    lora: Option<LoraSet>,
+    sizes: Sizes,
 ) -> Result<(), String> {
-    let (model_bytes, denoiser_bytes, largest_layer, device_mem, x_bytes, y_bytes) = sizes;
+    let Sizes {
+        model_bytes,
+        denoiser_bytes,
+        largest_layer,
+        device_mem,
+        x_bytes,
+        y_bytes,
+        t_bytes,
+        ly_bytes,
+        max_k,
+        lora_pages,
+    } = sizes;
     let e = |e: Error| e.to_string();
     let compute = dev.create_stream().map_err(e)?;
     let scratch = Arena::new(dev.clone(), ArenaConfig::default()).map_err(e)?;
     let xa = scratch.alloc(x_bytes, Tag(0)).map_err(e)?;
     let ya = scratch.alloc(y_bytes, Tag(0)).map_err(e)?;
     let (x, y) = (scratch.ptr(xa).map_err(e)?, scratch.ptr(ya).map_err(e)?);
+    let lora_scratch = match &lora {
+        Some(_) => {
+            let ta = scratch.alloc(t_bytes, Tag(0)).map_err(e)?;
+            let la = scratch.alloc(ly_bytes, Tag(0)).map_err(e)?;
+            Some((scratch.ptr(ta).map_err(e)?, scratch.ptr(la).map_err(e)?))
+        }
+        None => None,
+    };
     let xs: Vec<u8> = (0..x_bytes / 4)
         .flat_map(|i| (((i % 97) as f32 - 48.0) * 1e-3).to_le_bytes())
         .collect();
@@ -783,12 +1626,15 @@ fn run_on(
             rows.push((Mode::Sequential, Policy::Planned));
         }
     }
-    let total_steps = (rows.len() + 1) as u64 * args.steps as u64;
+    let lora_modes: Vec<LoraMode> = lora.as_ref().map_or(Vec::new(), |s| s.modes.clone());
+    let lora_steps = lora.as_ref().map_or(0, |s| s.steps);
+    let total_steps =
+        (rows.len() + 1) as u64 * (args.steps as u64 + lora_modes.len() as u64 * lora_steps as u64);
     let bar = if std::io::stderr().is_terminal() {
         let b = ProgressBar::new(total_steps);
         b.set_style(
             ProgressStyle::with_template(
-                "{spinner} {msg:28} [{bar:30}] {pos}/{len} steps {elapsed}",
+                "{spinner} {msg:36} [{bar:30}] {pos}/{len} steps {elapsed}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
@@ -796,6 +1642,17 @@ fn run_on(
     } else {
         ProgressBar::hidden()
     };
+    let matmul_flops_per_pass: u64 = denoiser
+        .iter()
+        .flat_map(|&c| {
+            desc.components[c]
+                .layers
+                .iter()
+                .flat_map(|l| l.tensors.iter())
+        })
+        .filter_map(|t| matmul_dims(&t.shape, t.dtype))
+        .map(|(n, k, _)| offload_kernels::matmul_flops(args.tokens, n, k))
+        .sum();
     let bench = Bench {
         dev: dev.clone(),
         compute,
@@ -810,6 +1667,10 @@ fn run_on(
         vae,
         args: args.clone(),
         bar,
+        lora,
+        lora_scratch,
+        max_k,
+        lora_flops: AtomicU64::new(0),
     };
     println!("device: {reason}");
     if !compute_ok {
@@ -830,7 +1691,21 @@ fn run_on(
         mib(device_mem as f64),
         device_mem as f64 / model_bytes as f64
     );
-    let full = bench.dev.info().total_memory.min(
+    if let Some(set) = &bench.lora {
+        println!("LoRA set: {}", set.descriptions.join("; "));
+        println!(
+            "  {:.1} MiB of factors ({:.1} MiB of files) on {} tensors; merging them all once: {:.2} GFLOP ({:.1} MiB of weights); a denoiser pass's products: {:.2} GFLOP",
+            mib(set.factor_bytes as f64),
+            mib(set.file_bytes as f64),
+            set.patched.len(),
+            2.0 * set.macs as f64 / 1e9,
+            mib(set.touched_bytes as f64),
+            matmul_flops_per_pass as f64 / 1e9
+        );
+    }
+    let info_total = bench.dev.info().total_memory;
+    let page = bench.dev.info().page_size;
+    let full = info_total.min(
         // the whole model in whole pages per layer, and a little room
         model_bytes
             + bench
@@ -839,31 +1714,43 @@ fn run_on(
                 .iter()
                 .map(|c| c.layers.len())
                 .sum::<usize>()
-                * bench.dev.info().page_size,
+                * page,
     );
-    bench.bar.set_message("none (reference)");
+    // The none row's LoRA rows hold the factors beside the whole model.
+    let full_lora = info_total.min(full + lora_pages * page);
     let n_rows = rows.len();
-    let mut results = vec![bench.row(
-        Mode::None,
-        Policy::Planned,
-        full,
-        true,
-        args.timeline.is_some() && n_rows == 0,
-    )];
-    for (i, (m, p)) in rows.into_iter().enumerate() {
-        bench.bar.set_message(format!("{m} {p}"));
+    let mut offload_rows = vec![(Mode::None, Policy::Planned)];
+    offload_rows.extend(rows);
+    let mut results = Vec::new();
+    for (i, (m, p)) in offload_rows.into_iter().enumerate() {
+        let reference = i == 0;
+        let mem = if reference { full } else { device_mem };
+        bench.bar.set_message(if reference {
+            "none (reference)".to_string()
+        } else {
+            format!("{m} {p}")
+        });
         results.push(bench.row(
             m,
             p,
-            device_mem,
-            false,
-            args.timeline.is_some() && i + 1 == n_rows,
+            mem,
+            reference,
+            args.timeline.is_some() && i == n_rows,
+            None,
         ));
+        for &lm in &lora_modes {
+            bench.bar.set_message(format!("{m} {p}, LoRA {lm}"));
+            let mem = if reference { full_lora } else { device_mem };
+            results.push(bench.row(m, p, mem, false, false, Some(lm)));
+        }
     }
     bench.bar.finish_and_clear();
     let _ = &bench.scratch;
-    print_table(&results);
+    print_table(&results, args.steps, lora_steps);
     print_overlap(&results, link);
+    if let Some(set) = &bench.lora {
+        print_lora_work(&results, set, matmul_flops_per_pass);
+    }
     if let Some(path) = &args.json {
         let reference = results
             .first()
@@ -875,16 +1762,19 @@ fn run_on(
             .map(|m| m.pass_s);
         let mut f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
         for r in &results {
-            let mut line = json_row(
-                r,
+            let ctx = JsonCtx {
                 args,
                 model_bytes,
                 denoiser_bytes,
                 largest_layer,
                 link,
-                dev.info(),
+                info: dev.info(),
                 reference,
-            );
+                rows: &results,
+                lora: bench.lora.as_ref(),
+                matmul_flops_per_pass,
+            };
+            let mut line = json_row(r, &ctx);
             // The overlap figures: this pass against max(compute of a pass
             // without transfers, its bytes / link rate).
             if let Some((_, bound, ratio)) = reference_pass.and_then(|rp| overlap(r, rp, link)) {
@@ -898,6 +1788,23 @@ fn run_on(
             }
             writeln!(f, "{line}").map_err(|e| format!("{}: {e}", path.display()))?;
         }
+    }
+    // A LoRA path that computes wrong weights fails the benchmark.
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| {
+            let lm = r.outcome.as_ref().ok()?.lora.as_ref()?;
+            lm.check
+                .as_ref()
+                .err()
+                .map(|msg| format!("{} {}: {msg}", r.mode, r.policy))
+        })
+        .collect();
+    if !failed.is_empty() {
+        return Err(format!(
+            "LoRA read-back check failed:\n  {}",
+            failed.join("\n  ")
+        ));
     }
     Ok(())
 }
@@ -951,10 +1858,10 @@ fn measure_link(dev: &Arc<dyn Device>, scratch: &Arena<dyn Device>) -> Result<f6
 }
 
 /// A pass's time against the ideal overlap bound: max(compute, bytes moved / link rate),
-/// with compute taken from the reference row (no transfers at all).
+/// with compute taken from the reference row (no transfers at all). Plain rows only.
 fn overlap(r: &Row, reference_pass_s: f64, link_gbps: f64) -> Option<(f64, f64, f64)> {
     let m = r.outcome.as_ref().ok()?;
-    if r.reference || link_gbps <= 0.0 {
+    if r.reference || r.lora.is_some() || link_gbps <= 0.0 {
         return None;
     }
     let transfer = m.per_pass as f64 / (link_gbps * 1e9);
@@ -989,14 +1896,55 @@ fn print_overlap(rows: &[Row], link_gbps: f64) {
     }
 }
 
-fn print_table(rows: &[Row]) {
-    let reference = rows
-        .first()
+/// The plain row of `r`'s offload mode (`r` itself for a plain row).
+fn plain_of<'a>(rows: &'a [Row], r: &Row) -> Option<&'a Measured> {
+    rows.iter()
+        .find(|p| p.lora.is_none() && p.mode == r.mode && p.policy == r.policy)
+        .and_then(|p| p.outcome.as_ref().ok())
+}
+
+/// The LoRA overheads of a row against its plain row: (first pass incl.
+/// `set_loras`, per later pass, per later pass as a fraction of the plain one).
+fn overheads(rows: &[Row], r: &Row) -> Option<(f64, Option<f64>, Option<f64>)> {
+    let m = r.outcome.as_ref().ok()?;
+    let Some(lm) = &m.lora else {
+        return Some((0.0, Some(0.0), Some(0.0)));
+    };
+    let p = plain_of(rows, r)?;
+    let first = lm.set_s + m.passes.first()? - p.passes.first()?;
+    let later = if m.passes.len() > 1 && p.passes.len() > 1 {
+        Some(m.later_pass_s()? - p.later_pass_s()?)
+    } else {
+        None
+    };
+    let fraction = later.and_then(|l| p.later_pass_s().map(|b| l / b.max(1e-12)));
+    Some((first, later, fraction))
+}
+
+/// it/s of the none reference at `steps` steps (its generation cut short when a LoRA row runs fewer).
+fn reference_at(rows: &[Row], steps: usize) -> Option<f64> {
+    rows.first()
         .and_then(|r| r.outcome.as_ref().ok())
-        .map(|m| m.it_per_s);
+        .map(|m| m.it_per_s_at(steps))
+}
+
+fn print_table(rows: &[Row], steps: usize, lora_steps: usize) {
     println!();
+    if rows.iter().any(|r| r.lora.is_some()) {
+        println!(
+            "LoRA rows: {lora_steps} denoiser steps each (--lora-steps{}); set_loras is timed apart and counted in \"LoRA +1st s\"; \"vs none\" compares with the none* row's first {lora_steps} steps",
+            if lora_steps < steps {
+                format!("; the plain rows run {steps}, so a LoRA row's it/s and MB/gen are over a shorter generation")
+            } else {
+                String::new()
+            }
+        );
+        println!(
+            "LoRA +1st s = (set_loras + first pass) - first plain pass; LoRA +s/pass = mean later pass - mean later plain pass (+% of it; noise can make it negative)"
+        );
+    }
     println!(
-        "{:<12} {:<8} {:<5} {:>7} {:>8} {:>10} {:>10} {:>13} {:>14} {:>7}",
+        "{:<12} {:<8} {:<14} {:>7} {:>8} {:>10} {:>10} {:>13} {:>14} {:>7} {:>11} {:>12} {:>7} {:>11}",
         "mode",
         "policy",
         "lora",
@@ -1006,7 +1954,11 @@ fn print_table(rows: &[Row]) {
         "MB/gen",
         "peak dev MiB",
         "peak host MiB",
-        "stall %"
+        "stall %",
+        "LoRA +1st s",
+        "LoRA +s/pass",
+        "+%",
+        "merges/pass"
     );
     for r in rows {
         let name = if r.reference {
@@ -1014,65 +1966,166 @@ fn print_table(rows: &[Row]) {
         } else {
             r.mode.to_string()
         };
+        let lora = r.lora.map_or("none", |m| m.name());
         match &r.outcome {
-            Ok(m) => println!(
-                "{:<12} {:<8} {:<5} {:>7.2} {:>8} {:>10.1} {:>10.1} {:>13.1} {:>14.1} {:>7.1}",
-                name,
-                r.policy.to_string(),
-                "none",
-                m.it_per_s,
-                reference.map_or("-".into(), |x| format!("{:.2}x", m.it_per_s / x)),
-                m.per_pass as f64 / 1e6,
-                m.per_generation as f64 / 1e6,
-                mib(m.peak_device as f64),
-                mib(m.peak_host as f64),
-                m.stall_fraction * 100.0
-            ),
+            Ok(m) => {
+                let reference = reference_at(rows, r.steps);
+                let (first, later, frac) = overheads(rows, r).unwrap_or((f64::NAN, None, None));
+                let opt =
+                    |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:+.*}", p));
+                println!(
+                    "{:<12} {:<8} {:<14} {:>7.2} {:>8} {:>10.1} {:>10.1} {:>13.1} {:>14.1} {:>7.1} {:>11} {:>12} {:>7} {:>11.0}",
+                    name,
+                    r.policy.to_string(),
+                    lora,
+                    m.it_per_s,
+                    reference.map_or("-".into(), |x| format!("{:.2}x", m.it_per_s / x)),
+                    m.per_pass as f64 / 1e6,
+                    m.per_generation as f64 / 1e6,
+                    mib(m.peak_device as f64),
+                    mib(m.peak_host as f64),
+                    m.stall_fraction * 100.0,
+                    if r.lora.is_some() { format!("{first:+.3}") } else { "-".into() },
+                    if r.lora.is_some() { opt(later, 3) } else { "-".into() },
+                    if r.lora.is_some() { opt(frac.map(|f| f * 100.0), 0) } else { "-".into() },
+                    m.merges_per_pass
+                )
+            }
             Err(msg) => println!(
-                "{:<12} {:<8} {:<5} {msg}",
+                "{:<12} {:<8} {:<14} {msg}",
                 name,
                 r.policy.to_string(),
-                "none"
+                lora
             ),
         }
     }
     println!("* reference: runs on a device that holds the whole model");
 }
 
-#[allow(clippy::too_many_arguments)]
-fn json_row(
-    r: &Row,
-    args: &E2eArgs,
+/// What the LoRA rows' passes computed besides the plain ones: the merges
+/// (fuse-on-upload) and the low-rank products (unfused), in flops beside
+/// the pass's own products, and the read-back checks.
+fn print_lora_work(rows: &[Row], set: &LoraSet, matmul_flops_per_pass: u64) {
+    println!(
+        "LoRA work per later pass (products of a plain pass: {:.2} GFLOP):",
+        matmul_flops_per_pass as f64 / 1e9
+    );
+    for r in rows {
+        let (Some(lm), Ok(m)) = (r.lora, &r.outcome) else {
+            continue;
+        };
+        let merge_flops = 2.0 * m.merged_bytes_per_pass * set.macs_per_byte();
+        let later = overheads(rows, r).and_then(|o| o.1);
+        let work = if m.merges_per_pass > 0.0 {
+            format!(
+                "{:.0} merges of {:.1} MiB of weights, {:.2} GFLOP ({:.1}x the products)",
+                m.merges_per_pass,
+                mib(m.merged_bytes_per_pass),
+                merge_flops / 1e9,
+                merge_flops / (matmul_flops_per_pass as f64).max(1.0)
+            )
+        } else if m.lora_path_flops_per_pass > 0.0 {
+            format!(
+                "low-rank path {:.3} GFLOP ({:.2}x the products)",
+                m.lora_path_flops_per_pass / 1e9,
+                m.lora_path_flops_per_pass / (matmul_flops_per_pass as f64).max(1.0)
+            )
+        } else {
+            "no LoRA work".into()
+        };
+        let rate = match later {
+            Some(l) if l > 0.0 && merge_flops > 0.0 => {
+                format!(
+                    "; +{l:.3} s/pass = {:.1} GFLOP/s of merging",
+                    merge_flops / l / 1e9
+                )
+            }
+            _ => String::new(),
+        };
+        println!(
+            "  {:<10} {:<7} {:<14}: {work}{rate}",
+            r.mode.to_string(),
+            r.policy.to_string(),
+            lm.name()
+        );
+    }
+    let checks: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            let l = r.outcome.as_ref().ok()?.lora.as_ref()?;
+            Some(match &l.check {
+                Ok(_) => format!(
+                    "{} {} {}: ok",
+                    r.mode,
+                    r.policy,
+                    r.lora.map_or("", |m| m.name())
+                ),
+                Err(e) => format!("{} {}: FAILED: {e}", r.mode, r.policy),
+            })
+        })
+        .collect();
+    if let Some(first) = rows
+        .iter()
+        .filter_map(|r| r.outcome.as_ref().ok()?.lora.as_ref()?.check.as_ref().ok())
+        .next()
+    {
+        println!("LoRA read-back check (per LoRA row; e.g. {first}):");
+        println!("  {}", checks.join("; "));
+    }
+}
+
+/// What every JSON row shares.
+struct JsonCtx<'a> {
+    args: &'a E2eArgs,
     model_bytes: usize,
     denoiser_bytes: usize,
     largest_layer: usize,
     link: f64,
-    info: &offload_runtime::device::DeviceInfo,
+    info: &'a offload_runtime::device::DeviceInfo,
     reference: Option<f64>,
-) -> String {
+    rows: &'a [Row],
+    lora: Option<&'a LoraSet>,
+    matmul_flops_per_pass: u64,
+}
+
+fn json_row(r: &Row, ctx: &JsonCtx<'_>) -> String {
+    let args = ctx.args;
     let mut o = serde_json::json!({
         "mode": r.mode.to_string(),
-        "lora_mode": "none",
+        "lora_mode": r.lora.map_or("none", |m| m.name()),
         "policy": r.policy.to_string(),
         "prefetch_depth": args.prefetch_depth,
         "host_policy": args.host_policy,
         "reference": r.reference,
-        "model_bytes": model_bytes,
-        "denoiser_bytes": denoiser_bytes,
+        "model_bytes": ctx.model_bytes,
+        "denoiser_bytes": ctx.denoiser_bytes,
         "device_mem_bytes": r.device_mem,
         "high_watermark_bytes": r.high,
-        "largest_layer_bytes": largest_layer,
-        "link_gbps": link,
-        "device": format!("{:?}: {}", info.kind, info.name),
+        "largest_layer_bytes": ctx.largest_layer,
+        "link_gbps": ctx.link,
+        "device": format!("{:?}: {}", ctx.info.kind, ctx.info.name),
         "tokens": args.tokens,
-        "steps": args.steps,
+        "steps": r.steps,
+        "matmul_flops_per_pass": ctx.matmul_flops_per_pass,
+        "lora_file_bytes": ctx.lora.map(|s| s.file_bytes),
+        "lora_factor_bytes": ctx.lora.map(|s| s.factor_bytes),
+        "lora_count": ctx.lora.map(|s| s.bindings.len()),
     });
     match &r.outcome {
         Ok(m) => {
+            let (first, later, frac) = overheads(ctx.rows, r).unwrap_or((0.0, None, None));
+            // Merge flops: the merged weight bytes of a pass (the runtime's
+            // counter) × the set's multiply-adds per merged byte × 2.
+            let macs_per_byte = ctx.lora.map_or(0.0, |s| s.macs_per_byte());
+            let relative = if r.lora.is_some() {
+                reference_at(ctx.rows, r.steps)
+            } else {
+                ctx.reference
+            };
             let extra = serde_json::json!({
                 "fits": true,
                 "it_per_s": m.it_per_s,
-                "relative_to_none": reference.map(|x| m.it_per_s / x),
+                "relative_to_none": relative.map(|x| m.it_per_s / x),
                 "generation_s": m.generation_s,
                 "page_waste_bytes": m.page_waste,
                 "bytes_h2d_per_pass": m.per_pass,
@@ -1084,6 +2137,24 @@ fn json_row(
                 "stall_fraction": m.stall_fraction,
                 "compute_s_per_pass": m.compute_s_per_pass,
                 "pass_s": m.pass_s,
+                "first_pass_s": m.passes.first(),
+                "later_pass_s": m.later_pass_s(),
+                "lora_overhead_first_s": first,
+                "lora_overhead_later_s": later,
+                "lora_overhead_later_fraction": frac,
+                "lora_set_s": m.lora.as_ref().map(|l| l.set_s),
+                "lora_tensors_changed": m.lora.as_ref().map(|l| l.tensors_changed),
+                "lora_tensors_rederived": m.lora.as_ref().map(|l| l.tensors_rederived),
+                "lora_factor_device_bytes": m.lora.as_ref().map(|l| l.factor_device_bytes),
+                "merges_first_pass": m.merges_first,
+                "merges_per_pass": m.merges_per_pass,
+                "merged_bytes_per_pass": m.merged_bytes_per_pass,
+                "merge_flops_per_pass": 2.0 * m.merged_bytes_per_pass * macs_per_byte,
+                "lora_path_flops_per_pass": m.lora_path_flops_per_pass,
+                "lora_check": m.lora.as_ref().map(|l| match &l.check {
+                    Ok(s) => serde_json::json!({ "passed": true, "what": s }),
+                    Err(e) => serde_json::json!({ "passed": false, "what": e }),
+                }),
             });
             if let (Some(a), Some(b)) = (o.as_object_mut(), extra.as_object()) {
                 a.extend(b.clone());
@@ -1107,6 +2178,21 @@ fn json_row(
                     "stall_fraction",
                     "compute_s_per_pass",
                     "pass_s",
+                    "first_pass_s",
+                    "later_pass_s",
+                    "lora_overhead_first_s",
+                    "lora_overhead_later_s",
+                    "lora_overhead_later_fraction",
+                    "lora_set_s",
+                    "lora_tensors_changed",
+                    "lora_tensors_rederived",
+                    "lora_factor_device_bytes",
+                    "merges_first_pass",
+                    "merges_per_pass",
+                    "merged_bytes_per_pass",
+                    "merge_flops_per_pass",
+                    "lora_path_flops_per_pass",
+                    "lora_check",
                 ] {
                     a.insert(k.into(), serde_json::Value::Null);
                 }

@@ -54,7 +54,8 @@ fn row<'a>(rows: &'a [Value], mode: &str, policy: &str) -> &'a Value {
 
 #[test]
 fn the_table_keeps_the_bounds_of_each_mode() {
-    let rows = run_e2e(&[]);
+    // The plain rows only: the LoRA rows have their own tests (e2e_lora.rs).
+    let rows = run_e2e(&["--no-lora"]);
     assert_eq!(
         rows.len(),
         5,
@@ -146,7 +147,13 @@ fn the_table_keeps_the_bounds_of_each_mode() {
 
 #[test]
 fn staged_host_memory_is_the_staging_ring() {
-    let rows = run_e2e(&["--mode", "sequential", "--host-policy", "staged"]);
+    let rows = run_e2e(&[
+        "--mode",
+        "sequential",
+        "--host-policy",
+        "staged",
+        "--no-lora",
+    ]);
     assert_eq!(rows.len(), 2);
     let seq = row(&rows, "sequential", "planned");
     assert_eq!(
