@@ -8,293 +8,42 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use half::f16;
 use offload_runtime::device::{Device, DeviceExt, HostConfig, HostDevice, StreamId};
-use offload_runtime::lora::{
-    FactorDesc, LoraBinding, LoraDesc, LoraMode, LoraSource, Patch, PatchDelta, PatchKron,
-};
-use offload_runtime::model::{
-    ComponentDesc, DType, LayerDesc, ModelDesc, Pin, SourceError, TensorDesc, WeightSource,
-};
+use offload_runtime::lora::LoraMode;
+use offload_runtime::model::ModelDesc;
 use offload_runtime::residency::{
     HostPolicy, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig,
 };
 use offload_runtime::Error;
+
+mod common;
+
+use common::lora::{bindings, check, f16_model, Factors, Kind, Lora, Set};
+use common::MemSource;
 
 const PAGE: usize = 4096;
 /// Tensors per layer: a patched weight [64, 48], a second weight [32, 48], a bias.
 const SHAPES: [&[usize]; 3] = [&[64, 48], &[32, 48], &[64]];
 const LAYERS: usize = 6;
 
-fn rng(seed: u64) -> impl FnMut() -> f32 {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+/// The test model: one component of `LAYERS` layers of `SHAPES` f16 tensors.
+fn model() -> (ModelDesc, Arc<MemSource>) {
+    let layer: Vec<Vec<usize>> = SHAPES.iter().map(|s| s.to_vec()).collect();
+    f16_model("lora-test", 1, &[vec![layer; LAYERS]])
 }
 
-fn f16_bytes(seed: u64, n: usize, amp: f32) -> Vec<u8> {
-    let mut r = rng(seed);
-    (0..n)
-        .flat_map(|_| f16::from_f32(r() * amp).to_le_bytes())
-        .collect()
-}
-
-fn decode(b: &[u8]) -> Vec<f64> {
-    b.chunks_exact(2)
-        .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
-        .collect()
-}
-
-/// The model's weights in memory; reads can be made to fail.
-struct Weights {
-    data: Vec<Vec<Vec<u8>>>,
-}
-
-impl WeightSource for Weights {
-    fn read(
-        &self,
-        c: usize,
-        l: usize,
-        t: usize,
-        off: usize,
-        dst: &mut [u8],
-    ) -> Result<(), SourceError> {
-        assert_eq!(c, 0);
-        dst.copy_from_slice(&self.data[l][t][off..off + dst.len()]);
-        Ok(())
-    }
-}
-
-fn model() -> (ModelDesc, Arc<Weights>) {
-    let mut data = Vec::new();
-    let mut layers = Vec::new();
-    for l in 0..LAYERS {
-        let mut ld = Vec::new();
-        let mut tensors = Vec::new();
-        for (t, shape) in SHAPES.iter().enumerate() {
-            let n: usize = shape.iter().product();
-            ld.push(f16_bytes((l * 10 + t) as u64 + 1, n, 1.0));
-            tensors.push(TensorDesc {
-                name: format!("l{l}.t{t}"),
-                dtype: DType::F16,
-                shape: shape.to_vec(),
-                bytes: n * 2,
-            });
-        }
-        data.push(ld);
-        layers.push(LayerDesc {
-            name: format!("layer{l}"),
-            tensors,
-        });
-    }
-    (
-        ModelDesc {
-            name: "lora-test".into(),
-            components: vec![ComponentDesc {
-                name: "unet".into(),
-                layers,
-                pin: Pin::Auto,
-            }],
-        },
-        Arc::new(Weights { data }),
-    )
-}
-
-/// A LoRA in memory; `fail` makes every read fail.
-struct Factors {
-    data: Vec<Vec<u8>>,
-    fail: AtomicBool,
-}
-
-impl LoraSource for Factors {
-    fn read(&self, factor: usize, dst: &mut [u8]) -> Result<(), SourceError> {
-        if self.fail.load(Ordering::Relaxed) {
-            return Err(SourceError {
-                what: format!("factor {factor}"),
-                message: "the file changed".into(),
-            });
-        }
-        dst.copy_from_slice(&self.data[factor]);
-        Ok(())
-    }
-}
-
-/// Adapter kinds for [`lora`].
-#[derive(Clone, Copy)]
-enum Kind {
-    LowRank(usize),
-    /// Low-rank over rows 16..48 only (a slice of a fused weight).
-    Slice(usize),
-    LoHa(usize),
-    LoKr,
-}
-
-/// A LoRA over tensor `t` of each layer in `layers`.
-fn lora(seed: u64, layers: &[usize], t: usize, kind: Kind) -> (Arc<LoraDesc>, Arc<Factors>) {
-    let [rows, cols] = [SHAPES[t][0], SHAPES[t][1]];
-    let mut factors = Vec::new();
-    let mut data = Vec::new();
-    let mut patches = Vec::new();
-    let add = |shape: [usize; 2], factors: &mut Vec<FactorDesc>, data: &mut Vec<Vec<u8>>| {
-        let i = factors.len();
-        factors.push(FactorDesc {
-            name: format!("f{i}"),
-            dtype: DType::F16,
-            shape: shape.to_vec(),
-        });
-        data.push(f16_bytes(seed * 1000 + i as u64, shape[0] * shape[1], 0.25));
-        i
-    };
-    for &l in layers {
-        let (r, delta, slice) = match kind {
-            Kind::LowRank(r) => (
-                r,
-                PatchDelta::LowRank {
-                    up: add([rows, r], &mut factors, &mut data),
-                    down: add([r, cols], &mut factors, &mut data),
-                },
-                None,
-            ),
-            Kind::Slice(r) => (
-                r,
-                PatchDelta::LowRank {
-                    up: add([32, r], &mut factors, &mut data),
-                    down: add([r, cols], &mut factors, &mut data),
-                },
-                Some(16..48),
-            ),
-            Kind::LoHa(r) => (
-                r,
-                PatchDelta::LoHa {
-                    w1a: add([rows, r], &mut factors, &mut data),
-                    w1b: add([r, cols], &mut factors, &mut data),
-                    w2a: add([rows, r], &mut factors, &mut data),
-                    w2b: add([r, cols], &mut factors, &mut data),
-                },
-                None,
-            ),
-            Kind::LoKr => (
-                1,
-                PatchDelta::LoKr {
-                    w1: PatchKron::Full(add([4, 6], &mut factors, &mut data)),
-                    w2: PatchKron::LowRank {
-                        a: add([rows / 4, 2], &mut factors, &mut data),
-                        b: add([2, cols / 6], &mut factors, &mut data),
-                    },
-                },
-                None,
-            ),
-        };
-        patches.push(Patch {
-            key: format!("lora_l{l}_t{t}"),
-            component: 0,
-            layer: l,
-            tensor: t,
-            rows: slice,
-            scale: 1.0 / r as f32,
-            delta,
-        });
-    }
-    (
-        Arc::new(LoraDesc {
-            name: format!("lora{seed}.safetensors"),
-            factors,
-            patches,
-        }),
-        Arc::new(Factors {
-            data,
-            fail: AtomicBool::new(false),
-        }),
-    )
-}
-
-type Lora = (Arc<LoraDesc>, Arc<Factors>);
-
-/// A set as the tests keep it: each LoRA with its multiplier.
-type Set = Vec<(Lora, f32)>;
-
-fn bindings(set: &Set) -> Vec<LoraBinding> {
-    set.iter()
-        .map(|((desc, src), m)| LoraBinding {
-            desc: desc.clone(),
-            source: src.clone(),
-            multiplier: *m,
-        })
-        .collect()
-}
-
-/// The f64 reference: W + Σ s·Δ for tensor (l, t), and the error bound per element.
-fn reference(w: &Weights, set: &Set, l: usize, t: usize) -> (Vec<f64>, Vec<f64>) {
-    let cols = SHAPES[t].get(1).copied().unwrap_or(1);
-    let mut exact = decode(&w.data[l][t]);
-    let mut bound: Vec<f64> = exact.iter().map(|x| x.abs()).collect();
-    for ((desc, src), mult) in set {
-        let f = |i: usize| (decode(&src.data[i]), desc.factors[i].shape.clone());
-        for p in desc
-            .patches
-            .iter()
-            .filter(|p| p.layer == l && p.tensor == t)
-        {
-            let s = f64::from(p.scale * mult);
-            let r0 = p.rows.as_ref().map_or(0, |r| r.start);
-            let n = p.rows.as_ref().map_or(SHAPES[t][0], |r| r.end - r.start);
-            let prod =
-                |a: &(Vec<f64>, Vec<usize>), bb: &(Vec<f64>, Vec<usize>), i: usize, j: usize| {
-                    let k = a.1[1];
-                    let mut v = 0.0;
-                    let mut m = 0.0;
-                    for q in 0..k {
-                        v += a.0[i * k + q] * bb.0[q * bb.1[1] + j];
-                        m += (a.0[i * k + q] * bb.0[q * bb.1[1] + j]).abs();
-                    }
-                    (v, m)
-                };
-            for i in 0..n {
-                for j in 0..cols {
-                    let (d, m) = match p.delta {
-                        PatchDelta::LowRank { up, down } => prod(&f(up), &f(down), i, j),
-                        PatchDelta::LoHa { w1a, w1b, w2a, w2b } => {
-                            let (x, mx) = prod(&f(w1a), &f(w1b), i, j);
-                            let (y, my) = prod(&f(w2a), &f(w2b), i, j);
-                            (x * y, mx * my)
-                        }
-                        PatchDelta::LoKr { w1, w2 } => {
-                            let side = |k: PatchKron, i: usize, j: usize| match k {
-                                PatchKron::Full(m) => {
-                                    let (v, s) = f(m);
-                                    let x = v[i * s[1] + j];
-                                    (x, x.abs())
-                                }
-                                PatchKron::LowRank { a, b } => prod(&f(a), &f(b), i, j),
-                            };
-                            let s2 = |k: PatchKron| match k {
-                                PatchKron::Full(m) => f(m).1,
-                                PatchKron::LowRank { a, b } => vec![f(a).1[0], f(b).1[1]],
-                            };
-                            let [c, d] = [s2(w2)[0], s2(w2)[1]];
-                            let (x, mx) = side(w1, i / c, j / d);
-                            let (y, my) = side(w2, i % c, j % d);
-                            (x * y, mx * my)
-                        }
-                    };
-                    exact[(r0 + i) * cols + j] += s * d;
-                    bound[(r0 + i) * cols + j] += s.abs() * m;
-                }
-            }
-        }
-    }
-    (exact, bound)
+/// A LoRA named `lora{seed}` over tensor `t` of each layer in `layers`.
+fn lora(seed: u64, layers: &[usize], t: usize, kind: Kind) -> Lora {
+    let targets: Vec<_> = layers.iter().map(|&l| (0, l, t)).collect();
+    common::lora::lora(seed, &model().0, &targets, kind)
 }
 
 struct Setup {
     dev: Arc<HostDevice>,
     compute: StreamId,
     rt: Runtime,
-    w: Arc<Weights>,
+    desc: ModelDesc,
+    w: Arc<MemSource>,
     m: ModelId,
 }
 
@@ -326,11 +75,12 @@ fn setup(mode: Mode, pages: usize, policy: HostPolicy, lora_mode: LoraMode) -> S
     )
     .unwrap();
     let (desc, w) = model();
-    let m = rt.load(desc, w.clone()).unwrap();
+    let m = rt.load(desc.clone(), w.clone()).unwrap();
     Setup {
         dev,
         compute,
         rt,
+        desc,
         w,
         m,
     }
@@ -360,25 +110,8 @@ fn pass(s: &Setup, set: &Set) {
         for (t, view) in g.tensors().enumerate() {
             let mut back = vec![0u8; view.bytes];
             s.dev.read_blocking(view.ptr, &mut back, s.compute).unwrap();
-            let patched = set
-                .iter()
-                .any(|((d, _), _)| d.patches.iter().any(|p| p.layer == l && p.tensor == t));
-            if !patched {
-                assert!(
-                    back == s.w.data[l][t],
-                    "{} is not the file's bytes",
-                    view.name
-                );
-                continue;
-            }
-            let (exact, bound) = reference(&s.w, set, l, t);
-            let got = decode(&back);
-            for (i, ((&g, &e), &b)) in got.iter().zip(&exact).zip(&bound).enumerate() {
-                assert!(
-                    !g.is_nan() && (g - e).abs() <= b * 2f64.powi(-10),
-                    "{} element {i}: {g} vs reference {e} (bound {b})",
-                    view.name
-                );
+            if let Err(e) = check(&s.desc, &s.w, set, (0, l, t), &back) {
+                panic!("{}: {e}", view.name);
             }
         }
         drop(g);
@@ -734,7 +467,7 @@ fn a_bad_set_is_an_error_that_changes_nothing() {
     let e =
         s.rt.set_loras(s.m, &bindings(&vec![((Arc::new(desc), srcs), 1.0)]))
             .unwrap_err();
-    check(e, &["lora_l2_t0", "l2.t0", "40", "48"]);
+    check(e, &["lora52_c0_l2_t0", "c0.l2.t0", "40", "48"]);
     // A target the model does not have.
     let mut desc = (*other.0).clone();
     desc.patches[0].layer = 99;
@@ -744,7 +477,7 @@ fn a_bad_set_is_an_error_that_changes_nothing() {
             &bindings(&vec![((Arc::new(desc), other.1.clone()), 1.0)]),
         )
         .unwrap_err();
-    check(e, &["lora_l2_t0", "0/99/0"]);
+    check(e, &["lora52_c0_l2_t0", "0/99/0"]);
     // A file that cannot be read any more.
     other.1.fail.store(true, Ordering::Relaxed);
     let e =
