@@ -85,6 +85,8 @@ pub(crate) struct CompState {
     pub(crate) all_resident: bool,
     /// The model is being unloaded: acquires are refused.
     pub(crate) unloading: bool,
+    /// The model's LoRA set is being changed: acquires wait.
+    pub(crate) swapping: bool,
     pub(crate) clock: u64,
     pub(crate) last_start: u64,
     /// Pinned host copy of each layer, packed as on the device (pinned

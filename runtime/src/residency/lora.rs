@@ -46,8 +46,28 @@ use crate::model::DType;
 /// (component, layer, tensor).
 type TensorKey = (usize, usize, usize);
 
-/// What a tensor carries: (LoRA identity, multiplier bits, patch index) per adapter.
-type Sig = Vec<(usize, u32, usize)>;
+/// One adapter a tensor carries: which LoRA (its description and source,
+/// held so that their addresses cannot be reused while recorded), the
+/// multiplier's bits and the patch index.
+#[derive(Clone)]
+struct SigItem {
+    desc: Arc<LoraDesc>,
+    source: Arc<dyn LoraSource>,
+    multiplier: u32,
+    patch: usize,
+}
+
+impl PartialEq for SigItem {
+    fn eq(&self, o: &Self) -> bool {
+        Arc::ptr_eq(&self.desc, &o.desc)
+            && std::ptr::addr_eq(Arc::as_ptr(&self.source), Arc::as_ptr(&o.source))
+            && self.multiplier == o.multiplier
+            && self.patch == o.patch
+    }
+}
+
+/// What a tensor carries: its adapters in order.
+type Sig = Vec<SigItem>;
 
 /// A LoRA file's factors, read once and (in the device modes) uploaded once.
 pub(crate) struct LoadedLora {
@@ -131,6 +151,35 @@ fn kernel_dtype(d: DType) -> Option<offload_kernels::Dtype> {
         DType::F16 => Some(offload_kernels::Dtype::F16),
         DType::BF16 => Some(offload_kernels::Dtype::BF16),
         _ => None,
+    }
+}
+
+/// Components of a model marked as having their LoRA set changed; unmarked on drop.
+struct Swapping<'a>(&'a ModelRt);
+
+impl<'a> Swapping<'a> {
+    fn mark(model: &'a ModelRt) -> Result<Self> {
+        let marked = Swapping(model);
+        for c in &model.comps {
+            let mut st = c.lock();
+            let in_use = st.layers.iter().filter(|l| l.users > 0).count();
+            if in_use > 0 {
+                return Err(Error::AllInUse {
+                    component: c.name.clone(),
+                    in_use,
+                });
+            }
+            st.swapping = true;
+        }
+        Ok(marked)
+    }
+}
+
+impl Drop for Swapping<'_> {
+    fn drop(&mut self) {
+        for c in &self.0.comps {
+            c.lock().swapping = false;
+        }
     }
 }
 
@@ -275,11 +324,12 @@ impl Shared {
                 }
                 used[bi].extend(factors);
                 let e = tensors.entry((p.component, p.layer, p.tensor)).or_default();
-                e.0.push((
-                    Arc::as_ptr(&b.desc) as *const u8 as usize,
-                    b.multiplier.to_bits(),
-                    pi,
-                ));
+                e.0.push(SigItem {
+                    desc: b.desc.clone(),
+                    source: b.source.clone(),
+                    multiplier: b.multiplier.to_bits(),
+                    patch: pi,
+                });
                 e.1.push((bi, pi));
             }
         }
@@ -520,17 +570,10 @@ impl Shared {
             state = model.lora.lock().unwrap_or_else(|p| p.into_inner());
         }
         let device_mode = matches!(mode, LoraMode::FuseOnUpload | LoraMode::Unfused);
-        // Nobody may hold a layer of the model while its weights change.
-        for c in &model.comps {
-            let st = c.lock();
-            let in_use = st.layers.iter().filter(|l| l.users > 0).count();
-            if in_use > 0 {
-                return Err(Error::AllInUse {
-                    component: c.name.clone(),
-                    in_use,
-                });
-            }
-        }
+        // Nobody may hold a layer of the model while its weights change:
+        // check, and mark every component so that acquires wait until the
+        // call ends (the mark goes on every return path).
+        let _swap = Swapping::mark(model)?;
         // Factors: reuse what is loaded, read the rest (nothing changes yet).
         let mut fresh: Vec<Option<LoadedLora>> = Vec::with_capacity(bindings.len());
         let mut reused = vec![false; bindings.len()];
@@ -617,23 +660,40 @@ impl Shared {
             state.loaded.extend(gone);
             return Err(e);
         }
+        // The new merges of every patched tensor (validated above already;
+        // should it fail now, only the new factors are given back).
+        let built = {
+            let loaded: Vec<&LoadedLora> = bindings
+                .iter()
+                .map(|b| {
+                    keep.iter()
+                        .chain(&loaded_new)
+                        .find(|l| l.same(b))
+                        .expect("every binding is loaded")
+                })
+                .collect();
+            prep.tensors
+                .iter()
+                .map(|(&key, (_, adapters))| {
+                    Self::tensor_ops(model, key, adapters, bindings, &loaded).map(|v| (key, v))
+                })
+                .collect::<Result<BTreeMap<TensorKey, Vec<Arc<MergeOp>>>>>()
+        };
+        let ops = match built {
+            Ok(ops) => ops,
+            Err(e) => {
+                for l in loaded_new {
+                    self.drop_loaded(l);
+                }
+                state.loaded = keep;
+                state.loaded.extend(gone);
+                return Err(e);
+            }
+        };
         let mut all: Vec<LoadedLora> = keep;
         all.extend(loaded_new);
-        let loaded: Vec<&LoadedLora> = bindings
-            .iter()
-            .map(|b| all.iter().find(|l| l.same(b)).expect("loaded"))
-            .collect();
-        // The new merges of every patched tensor.
-        let mut ops: BTreeMap<TensorKey, Vec<Arc<MergeOp>>> = BTreeMap::new();
-        for (&key, (_, adapters)) in &prep.tensors {
-            ops.insert(
-                key,
-                Self::tensor_ops(model, key, adapters, bindings, &loaded)?,
-            );
-        }
         let mut report = LoraReport::default();
         let result = self.apply(model, &mut state, &prep, &ops, mode, &mut report);
-        drop(loaded);
         // Factors of LoRAs that left the set: nothing uses them any more
         // (their merges were replaced under each component's lock).
         for l in gone {
@@ -835,6 +895,11 @@ impl Shared {
             }
         }
         if st.layers[l].place == Place::Host {
+            return Ok(());
+        }
+        if mode == LoraMode::Unfused && !host_was_fused {
+            // The device copy is pristine already (a set merged on the
+            // device was taken off in its own mode first).
             return Ok(());
         }
         let dst = match st.layers[l].place {

@@ -77,6 +77,8 @@ struct ModelRt {
 enum Attempt {
     /// The component has no plan and ring yet (or was offloaded).
     NotStarted,
+    /// The model's LoRA set is being changed: try again shortly.
+    Swapping,
     /// Other components must give up this many pages.
     NeedRoom(usize, Option<Error>),
     /// A real error.
@@ -507,6 +509,7 @@ impl Runtime {
                     cap_pages: 0,
                     all_resident: false,
                     unloading: false,
+                    swapping: false,
                     clock: 0,
                     last_start: 0,
                     merges: vec![Vec::new(); c.layers.len()],
@@ -630,9 +633,21 @@ impl Runtime {
         let mut room_tries = 0;
         // Once other components cannot make room, this one's own idle layers may go.
         let mut squeeze = false;
+        let mut swap_wait: Option<Instant> = None;
         loop {
             match sh.try_acquire(&model, id, &mut recorded, squeeze) {
                 Ok(g) => return Ok(g),
+                Err(Attempt::Swapping) => {
+                    // `set_loras` is changing the model's weights: wait for it.
+                    let since = *swap_wait.get_or_insert_with(Instant::now);
+                    if since.elapsed() > sh.cfg.wait_timeout {
+                        return Err(Error::Timeout {
+                            event: sh.model(id.model)?.comps[id.component].ready[id.layer],
+                            waited_ms: sh.cfg.wait_timeout.as_millis() as u64,
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
                 Err(Attempt::NotStarted) => sh.start_component(&model, id.component)?,
                 Err(Attempt::NeedRoom(pages, cause)) => {
                     room_tries += 1;
@@ -716,11 +731,22 @@ impl Runtime {
     /// [`Error::DoesNotFit`] that leaves the current set in place. Only the
     /// tensors whose adapters or multipliers change are re-derived, always
     /// from their pristine bytes; an empty set restores every weight
-    /// bit for bit. Blocks until the device copies it changed are ready.
+    /// bit for bit. Blocks until the device copies it changed are ready;
+    /// acquires of the model's layers from other threads wait meanwhile.
+    ///
+    /// A failure after the checks (a device copy or kernel that fails, a
+    /// checkpoint that changed on disk while the fuse mode re-reads it)
+    /// returns the error with every tensor whole: on the device, the
+    /// layers it touched are dropped and derived again at their next
+    /// upload; in the backup and fuse modes, the tensors it reached carry
+    /// the new set and the rest the old one (each tensor's state is
+    /// recorded), and [`Runtime::loras`] reports the new set, so calling
+    /// again with it finishes the job.
     pub fn set_loras(&self, model: ModelId, loras: &[LoraBinding]) -> Result<LoraReport> {
         let m = self.sh.model(model)?;
-        let mode = self.lora_mode();
-        self.sh.set_loras(&m, loras, mode)
+        // Held for the call: the mode cannot change under it.
+        let mode = self.sh.lora_mode.lock().unwrap_or_else(|p| p.into_inner());
+        self.sh.set_loras(&m, loras, *mode)
     }
 
     /// The LoRA set applied to `model`.
@@ -738,7 +764,10 @@ impl Runtime {
     /// Change how LoRA sets are applied (between passes): each model's set
     /// is taken off in the old mode and applied again in the new one. The
     /// backup and fuse modes need the pinned host policy; unfused takes
-    /// low-rank adapters only. Checked for every model before anything changes.
+    /// low-rank adapters only. Checked for every model before anything
+    /// changes; should applying a set in the new mode still fail (factors
+    /// that do not fit the device budget), the old mode and sets are put
+    /// back and the error returned.
     pub fn set_lora_mode(&self, mode: LoraMode) -> Result<()> {
         let sh = &self.sh;
         let mut current = sh.lora_mode.lock().unwrap_or_else(|p| p.into_inner());
@@ -766,12 +795,26 @@ impl Runtime {
             sh.check_lora_set(m, set, mode)?;
         }
         let old = *current;
-        for m in &models {
-            sh.set_loras(m, &[], old)?;
-        }
-        *current = mode;
-        for (m, set) in models.iter().zip(&sets) {
-            sh.set_loras(m, set, mode)?;
+        let switched = (|| -> Result<()> {
+            for m in &models {
+                sh.set_loras(m, &[], old)?;
+            }
+            *current = mode;
+            for (m, set) in models.iter().zip(&sets) {
+                sh.set_loras(m, set, mode)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = switched {
+            // Back to the old mode and the old sets, as far as they go.
+            for m in &models {
+                let _ = sh.set_loras(m, &[], *current);
+            }
+            *current = old;
+            for (m, set) in models.iter().zip(&sets) {
+                let _ = sh.set_loras(m, set, old);
+            }
+            return Err(e);
         }
         Ok(())
     }
@@ -915,6 +958,9 @@ impl Shared {
                 layer: id.layer,
                 why: "the model is being unloaded".into(),
             }));
+        }
+        if st.swapping {
+            return Err(Attempt::Swapping);
         }
         if !st.started {
             return Err(Attempt::NotStarted);
