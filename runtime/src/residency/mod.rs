@@ -1412,6 +1412,11 @@ impl Shared {
 
     /// Forget layer `l`'s device copy (its users must be done; a queued upload may still run).
     fn drop_device_copy(&self, comp: &CompRt, st: &mut CompState, l: usize) {
+        debug_assert_eq!(
+            st.layers[l].users, 0,
+            "{}: a held layer's device copy is never dropped",
+            comp.layer_names[l]
+        );
         // Users that may still read the copy are waited for: nothing else would
         // carry their events to whatever goes there next.
         for (_, e) in std::mem::take(&mut st.layers[l].done) {
