@@ -46,3 +46,49 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A sequential, planned runtime on a 64 MiB host device with pages of
+/// `page` bytes and 16 MiB for weights, streaming uploads from the source
+/// through `buffers` staging buffers of `buffer_bytes` on `threads` readers
+/// (so every read of the file is checked as it happens).
+pub fn streaming_runtime(
+    page: usize,
+    buffers: usize,
+    buffer_bytes: usize,
+    threads: usize,
+) -> (
+    std::sync::Arc<offload_runtime::device::HostDevice>,
+    offload_runtime::device::StreamId,
+    offload_runtime::residency::Runtime,
+) {
+    use offload_runtime::device::{Device, HostConfig, HostDevice};
+    use offload_runtime::residency::{HostPolicy, Mode, Policy, Runtime, RuntimeConfig};
+    let dev = std::sync::Arc::new(
+        HostDevice::new(HostConfig {
+            capacity: 64 << 20,
+            page_size: page,
+            link_gbps: None,
+        })
+        .expect("host device"),
+    );
+    let compute = dev.create_stream().expect("compute stream");
+    let rt = Runtime::new(
+        dev.clone(),
+        compute,
+        RuntimeConfig {
+            mode: Some(Mode::Sequential),
+            policy: Policy::Planned,
+            prefetch_depth: 1,
+            device_memory: Some(16 << 20),
+            host_policy: HostPolicy::Staged {
+                buffers,
+                buffer_bytes,
+                threads,
+            },
+            wait_timeout: std::time::Duration::from_secs(20),
+            ..RuntimeConfig::default()
+        },
+    )
+    .expect("runtime");
+    (dev, compute, rt)
+}

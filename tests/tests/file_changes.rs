@@ -11,10 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use offload_loader::Model;
-use offload_runtime::device::{Device, DeviceExt, HostConfig, HostDevice, StreamId};
-use offload_runtime::residency::{
-    HostPolicy, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig,
-};
+use offload_runtime::device::{DeviceExt, HostDevice, StreamId};
+use offload_runtime::residency::{LayerId, ModelId, Runtime};
 use offload_runtime::Error;
 use offload_tests::source::{describe, LoaderSource};
 use offload_tests::{shared_data, Scratch};
@@ -54,33 +52,7 @@ fn start(path: &Path) -> Run {
                 .collect()
         })
         .collect();
-    let dev = Arc::new(
-        HostDevice::new(HostConfig {
-            capacity: 64 << 20,
-            page_size: PAGE,
-            link_gbps: None,
-        })
-        .unwrap(),
-    );
-    let compute = dev.create_stream().unwrap();
-    let rt = Runtime::new(
-        dev.clone(),
-        compute,
-        RuntimeConfig {
-            mode: Some(Mode::Sequential),
-            policy: Policy::Planned,
-            prefetch_depth: 1,
-            device_memory: Some(16 << 20),
-            host_policy: HostPolicy::Staged {
-                buffers: 2,
-                buffer_bytes: PAGE,
-                threads: 1,
-            },
-            wait_timeout: Duration::from_secs(20),
-            ..RuntimeConfig::default()
-        },
-    )
-    .unwrap();
+    let (dev, compute, rt) = offload_tests::streaming_runtime(PAGE, 2, PAGE, 1);
     let m = rt.load(desc, Arc::new(LoaderSource::new(model))).unwrap();
     Run {
         dev,

@@ -22,11 +22,9 @@ use offload_loader::synth::{
     PresetOptions,
 };
 use offload_loader::{Adapter, Dtype, Model, ModelLayout};
-use offload_runtime::device::{Device, DeviceExt, HostConfig, HostDevice, StreamId};
+use offload_runtime::device::{DeviceExt, HostDevice, StreamId};
 use offload_runtime::lora::LoraBinding;
-use offload_runtime::residency::{
-    HostPolicy, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig,
-};
+use offload_runtime::residency::{LayerId, ModelId, Runtime};
 use offload_runtime::Error;
 use offload_tests::source::{describe, LoaderSource};
 use offload_tests::Scratch;
@@ -100,33 +98,7 @@ fn start(scratch: &Scratch) -> Run {
                 .collect()
         })
         .collect();
-    let dev = Arc::new(
-        HostDevice::new(HostConfig {
-            capacity: 64 << 20,
-            page_size: PAGE,
-            link_gbps: None,
-        })
-        .unwrap(),
-    );
-    let compute = dev.create_stream().unwrap();
-    let rt = Runtime::new(
-        dev.clone(),
-        compute,
-        RuntimeConfig {
-            mode: Some(Mode::Sequential),
-            policy: Policy::Planned,
-            prefetch_depth: 1,
-            device_memory: Some(16 << 20),
-            host_policy: HostPolicy::Staged {
-                buffers: 2,
-                buffer_bytes: 2 * PAGE,
-                threads: 2,
-            },
-            wait_timeout: Duration::from_secs(20),
-            ..RuntimeConfig::default()
-        },
-    )
-    .unwrap();
+    let (dev, compute, rt) = offload_tests::streaming_runtime(PAGE, 2, 2 * PAGE, 2);
     let m = rt
         .load(
             describe("sd15-small", &layout),

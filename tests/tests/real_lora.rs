@@ -16,7 +16,6 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use half::f16;
 use offload_bench::source::lora_binding;
@@ -24,11 +23,9 @@ use offload_loader::layout::ModelLayout;
 use offload_loader::lora::{Delta, KronFactor, LoraFile, ProblemKind, ResolveOptions};
 use offload_loader::synth::{preset_specs, write_deterministic, Preset, PresetOptions};
 use offload_loader::{Adapter, Dtype, Model, TensorInfo};
-use offload_runtime::device::{Device, DeviceExt, HostConfig, HostDevice, StreamId};
+use offload_runtime::device::{DeviceExt, HostDevice, StreamId};
 use offload_runtime::lora::LoraBinding;
-use offload_runtime::residency::{
-    HostPolicy, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig,
-};
+use offload_runtime::residency::{LayerId, ModelId, Runtime};
 use offload_tests::source::{describe, LoaderSource};
 use offload_tests::{shared_data, Scratch};
 
@@ -354,33 +351,7 @@ fn real_lokr_files_merge_on_upload_to_the_f64_reference_and_come_off_bit_exact()
     assert_eq!(conv.target.shape, vec![320, 320, 3, 3]);
     assert_eq!(conv.delta_shape, [320, 2880], "stored flattened");
 
-    let dev = Arc::new(
-        HostDevice::new(HostConfig {
-            capacity: 64 << 20,
-            page_size: PAGE,
-            link_gbps: None,
-        })
-        .unwrap(),
-    );
-    let compute = dev.create_stream().unwrap();
-    let rt = Runtime::new(
-        dev.clone(),
-        compute,
-        RuntimeConfig {
-            mode: Some(Mode::Sequential),
-            policy: Policy::Planned,
-            prefetch_depth: 1,
-            device_memory: Some(16 << 20),
-            host_policy: HostPolicy::Staged {
-                buffers: 2,
-                buffer_bytes: 4 * PAGE,
-                threads: 2,
-            },
-            wait_timeout: Duration::from_secs(20),
-            ..RuntimeConfig::default()
-        },
-    )
-    .unwrap();
+    let (dev, compute, rt) = offload_tests::streaming_runtime(PAGE, 2, 4 * PAGE, 2);
     let m = rt
         .load(
             describe("sd15-lokr-targets", &layout),
