@@ -521,3 +521,85 @@ fn factors_that_cannot_fit_beside_the_ring_fail_at_set_loras() {
     }
     assert!(s.rt.stats().peak_device_bytes <= 8 * PAGE);
 }
+
+/// Factors that make the reader wait at a barrier until the test lets it
+/// go, so another thread can act while `set_loras` is under way.
+struct Gated {
+    inner: Arc<Factors>,
+    reached: std::sync::Barrier,
+    release: std::sync::Barrier,
+    first: AtomicBool,
+}
+
+impl offload_runtime::lora::LoraSource for Gated {
+    fn read(
+        &self,
+        factor: usize,
+        dst: &mut [u8],
+    ) -> Result<(), offload_runtime::model::SourceError> {
+        if self.first.swap(false, Ordering::SeqCst) {
+            self.reached.wait();
+            self.release.wait();
+        }
+        self.inner.read(factor, dst)
+    }
+}
+
+#[test]
+fn an_acquire_during_set_loras_waits_and_sees_the_new_set() {
+    use offload_runtime::lora::LoraBinding;
+    let s = Arc::new(setup(
+        Mode::None,
+        64,
+        HostPolicy::Pinned,
+        LoraMode::FuseOnUpload,
+    ));
+    pass(&s, &vec![]);
+    let a = lora(71, &[0, 1, 2], 0, Kind::LowRank(8));
+    let gated = Arc::new(Gated {
+        inner: a.1.clone(),
+        reached: std::sync::Barrier::new(2),
+        release: std::sync::Barrier::new(2),
+        first: AtomicBool::new(true),
+    });
+    let binding = LoraBinding {
+        desc: a.0.clone(),
+        source: gated.clone(),
+        multiplier: 1.0,
+    };
+    let setter = {
+        let s = s.clone();
+        std::thread::spawn(move || s.rt.set_loras(s.m, &[binding]).map(|_| ()))
+    };
+    // set_loras is reading the factors now, with the model marked.
+    gated.reached.wait();
+    let reader = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            let g =
+                s.rt.acquire(LayerId {
+                    model: s.m,
+                    component: 0,
+                    layer: 0,
+                })
+                .unwrap();
+            let v = g.tensor(0).unwrap();
+            let mut back = vec![0u8; v.bytes];
+            s.dev.read_blocking(v.ptr, &mut back, s.compute).unwrap();
+            drop(g);
+            back
+        })
+    };
+    // The acquire cannot get through while set_loras holds the model.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !reader.is_finished(),
+        "an acquire got a layer whose weights are being changed"
+    );
+    gated.release.wait();
+    setter.join().unwrap().unwrap();
+    let back = reader.join().unwrap();
+    // What it saw is the new set's weight, never the old one mid-change.
+    let set: Set = vec![(a, 1.0)];
+    check(&s.desc, &s.w, &set, (0, 0, 0), &back).unwrap();
+}
