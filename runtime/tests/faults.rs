@@ -223,6 +223,44 @@ fn pass(
 }
 
 /// The engine's side of a scenario; `beat` is told when each pass starts.
+/// Run `work` on a thread named `name` under a watchdog: every pass must
+/// report progress on the channel it is given within [`PASS_LIMIT`] of the
+/// previous one, else the test fails naming `what` and the last step.
+fn watched<T: Send + 'static>(
+    name: String,
+    what: &str,
+    work: impl FnOnce(mpsc::Sender<String>) -> T + Send + 'static,
+) -> T {
+    let (beat_tx, beat_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    let worker = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let r = work(beat_tx);
+            let _ = done_tx.send(r);
+        })
+        .unwrap();
+    let mut last = String::from("start");
+    loop {
+        match beat_rx.recv_timeout(PASS_LIMIT) {
+            Ok(b) => last = b,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("{what}: no progress for {PASS_LIMIT:?} after `{last}`: the engine hung")
+            }
+        }
+    }
+    let r = match done_rx.recv_timeout(PASS_LIMIT) {
+        Ok(r) => r,
+        Err(_) => match worker.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => panic!("{what}: the worker ended without a result"),
+        },
+    };
+    worker.join().unwrap();
+    r
+}
+
 fn drive(
     s: Scenario,
     seed: u64,
@@ -392,35 +430,12 @@ fn run_with(s: Scenario, rates: FaultRates, kinds: &'static [FaultKind]) {
         ^ ((s.policy as u64) << 16)
         ^ ((s.staged as u64) << 24);
     let rounds = env_or("OFFLOAD_FAULT_ROUNDS", 4) as usize;
-    let (beat_tx, beat_rx) = mpsc::channel();
-    let (done_tx, done_rx) = mpsc::channel();
-    let worker = std::thread::Builder::new()
-        .name(format!("faults-{:?}-{:?}-{}", s.mode, s.policy, s.staged))
-        .spawn(move || {
-            let r = drive(s, seed, rounds, rates, kinds, beat_tx);
-            let _ = done_tx.send(r);
-        })
-        .unwrap();
-    // The watchdog: every pass must start within PASS_LIMIT of the previous one.
     let start = Instant::now();
-    let mut last = String::from("start");
-    loop {
-        match beat_rx.recv_timeout(PASS_LIMIT) {
-            Ok(b) => last = b,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                panic!("{s:?}: no progress for {PASS_LIMIT:?} after `{last}`: the engine hung")
-            }
-        }
-    }
-    let (out, host) = match done_rx.recv_timeout(PASS_LIMIT) {
-        Ok(r) => r,
-        Err(_) => match worker.join() {
-            Err(p) => std::panic::resume_unwind(p),
-            Ok(()) => panic!("{s:?}: the worker ended without a result"),
-        },
-    };
-    worker.join().unwrap();
+    let (out, host) = watched(
+        format!("faults-{:?}-{:?}-{}", s.mode, s.policy, s.staged),
+        &format!("{s:?}"),
+        move |beat| drive(s, seed, rounds, rates, kinds, beat),
+    );
     eprintln!(
         "{s:?} seed {seed:#x}: {} rounds, passes ok {} failed {} recovery {}; errors {:?}; \
          faults {}; {} bytes verified; peak {} of {} bytes; {:.2} s",
@@ -1662,34 +1677,12 @@ fn run_lora(s: LoraScenario) {
         ^ ((s.base.staged as u64) << 24)
         ^ ((s.lora_mode as u64) << 28);
     let rounds = env_or("OFFLOAD_FAULT_ROUNDS", 4) as usize;
-    let (beat_tx, beat_rx) = mpsc::channel();
-    let (done_tx, done_rx) = mpsc::channel();
-    let worker = std::thread::Builder::new()
-        .name(format!("lora-faults-{s:?}"))
-        .spawn(move || {
-            let r = drive_lora(s, seed, rounds, beat_tx);
-            let _ = done_tx.send(r);
-        })
-        .unwrap();
     let start = Instant::now();
-    let mut last = String::from("start");
-    loop {
-        match beat_rx.recv_timeout(PASS_LIMIT) {
-            Ok(b) => last = b,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                panic!("{s:?}: no progress for {PASS_LIMIT:?} after `{last}`: the engine hung")
-            }
-        }
-    }
-    let (out, host) = match done_rx.recv_timeout(PASS_LIMIT) {
-        Ok(r) => r,
-        Err(_) => match worker.join() {
-            Err(p) => std::panic::resume_unwind(p),
-            Ok(()) => panic!("{s:?}: the worker ended without a result"),
-        },
-    };
-    worker.join().unwrap();
+    let (out, host) = watched(
+        format!("lora-faults-{s:?}"),
+        &format!("{s:?}"),
+        move |beat| drive_lora(s, seed, rounds, beat),
+    );
     let b = &out.base;
     eprintln!(
         "{s:?} seed {seed:#x}: {} rounds, passes ok {} failed {} recovery {}; set_loras ok {} \

@@ -20,9 +20,28 @@ use offload_runtime::device::{Device, DeviceExt, HostConfig, HostDevice};
 use offload_runtime::lora::LoraMode;
 use offload_runtime::model::ModelDesc;
 use offload_runtime::residency::{
-    HostPolicy, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig,
+    HostPolicy, LayerGuard, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig,
 };
 use offload_runtime::Error;
+
+/// Acquire `id`, retrying for up to 10 s while other threads hold every
+/// slot or the memory another component needs (counted in `busy`).
+fn acquire_retrying(rt: &Runtime, id: LayerId, busy: &mut usize) -> Result<LayerGuard, Error> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match rt.acquire(id) {
+            Ok(g) => return Ok(g),
+            Err(e)
+                if (matches!(e, Error::AllInUse { .. }) || e.is_retryable_oom())
+                    && Instant::now() < deadline =>
+            {
+                *busy += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 fn stress(mode: Mode, policy: Policy, host_policy: HostPolicy) {
     let dev = Arc::new(
@@ -73,23 +92,8 @@ fn stress(mode: Mode, policy: Policy, host_policy: HostPolicy) {
                         component: c,
                         layer: l,
                     };
-                    let deadline = Instant::now() + Duration::from_secs(10);
-                    let g = loop {
-                        match rt.acquire(id) {
-                            Ok(g) => break g,
-                            // Other threads hold every slot, or the memory another component
-                            // needs, for a moment: try again.
-                            Err(e)
-                                if (matches!(e, Error::AllInUse { .. })
-                                    || e.is_retryable_oom())
-                                    && Instant::now() < deadline =>
-                            {
-                                busy += 1;
-                                std::thread::sleep(Duration::from_micros(200));
-                            }
-                            Err(e) => panic!("thread {t} pass {pass} layer {l}: {e}"),
-                        }
-                    };
+                    let g = acquire_retrying(&rt, id, &mut busy)
+                        .unwrap_or_else(|e| panic!("thread {t} pass {pass} layer {l}: {e}"));
                     dev.stream_wait_event(mine, g.ready_event()).unwrap();
                     for (i, v) in g.tensors().enumerate() {
                         let mut back = vec![0u8; v.bytes];
@@ -377,21 +381,8 @@ fn lora_stress(mode: Mode, policy: Policy, host_policy: HostPolicy) {
                         component: c,
                         layer: l,
                     };
-                    let deadline = Instant::now() + Duration::from_secs(10);
-                    let g = loop {
-                        match rt.acquire(id) {
-                            Ok(g) => break g,
-                            Err(e)
-                                if (matches!(e, Error::AllInUse { .. })
-                                    || e.is_retryable_oom())
-                                    && Instant::now() < deadline =>
-                            {
-                                busy += 1;
-                                std::thread::sleep(Duration::from_micros(200));
-                            }
-                            Err(e) => panic!("thread {t} pass {pass} layer {l}: {e}"),
-                        }
-                    };
+                    let g = acquire_retrying(&rt, id, &mut busy)
+                        .unwrap_or_else(|e| panic!("thread {t} pass {pass} layer {l}: {e}"));
                     dev.stream_wait_event(mine, g.ready_event()).unwrap();
                     for (i, v) in g.tensors().enumerate() {
                         let mut back = vec![0u8; v.bytes];

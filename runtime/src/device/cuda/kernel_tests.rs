@@ -135,6 +135,60 @@ fn decode(dtype: Dtype, b: &[u8]) -> Vec<f64> {
 /// The kernels' tests' relative tolerance of the f32 accumulation.
 const TOL: f64 = 1e-5;
 
+/// Check a merged weight element by element: rows outside `rows`
+/// unchanged from `w_bytes`; inside, the GPU's value within one ulp plus
+/// `TOL` × bound of the f64 `exact` value, never NaN, and within twice that
+/// of the CPU merge. Returns how many elements equal the CPU's bit for bit.
+fn check_merged(
+    dtype: Dtype,
+    (out, cols): (usize, usize),
+    rows: &std::ops::Range<usize>,
+    w_bytes: &[u8],
+    (gpu, cpu): (&[u8], &[u8]),
+    (exact, bound): (&[f64], &[f64]),
+) -> usize {
+    let size = dtype.size_in_bytes();
+    let (g, c) = (decode(dtype, gpu), decode(dtype, cpu));
+    let mut same = 0;
+    for at in 0..out * cols {
+        let i = at / cols;
+        let span = at * size..(at + 1) * size;
+        if !rows.contains(&i) {
+            assert_eq!(
+                gpu[span.clone()],
+                w_bytes[span],
+                "[{i}, {}] outside the row slice changed",
+                at % cols
+            );
+            continue;
+        }
+        let allowed = ulp(dtype, exact[at]) + TOL * bound[at];
+        let err = (g[at] - exact[at]).abs();
+        assert!(
+            !g[at].is_nan() && err <= allowed,
+            "{} [{i}, {}]: GPU {:e}, exact {:e}, error {err:e} > allowed {allowed:e}",
+            dtype,
+            at % cols,
+            g[at],
+            exact[at]
+        );
+        let cpu_err = (g[at] - c[at]).abs();
+        assert!(
+            cpu_err <= 2.0 * allowed,
+            "{} [{i}, {}]: GPU {:e}, CPU {:e}: apart by {cpu_err:e} > {:e}",
+            dtype,
+            at % cols,
+            g[at],
+            c[at],
+            2.0 * allowed
+        );
+        if gpu[span.clone()] == cpu[span] {
+            same += 1;
+        }
+    }
+    same
+}
+
 /// One unit in the last place of `dtype` at the magnitude of `x` (zero for
 /// f32), as in offload-kernels' tests.
 fn ulp(dtype: Dtype, x: f64) -> f64 {
@@ -242,45 +296,14 @@ fn check_merge(d: &CudaDevice, s: StreamId, case: &MergeCase, seed: u64) -> (usi
             }
         }
     }
-    let size = case.dtype.size_in_bytes();
-    let (g, c) = (decode(case.dtype, &gpu), decode(case.dtype, &cpu));
-    let mut same = 0;
-    for at in 0..out * cols {
-        let i = at / cols;
-        let span = at * size..(at + 1) * size;
-        if !rows.contains(&i) {
-            assert_eq!(
-                gpu[span.clone()],
-                w_bytes[span],
-                "[{i}, {}] outside the row slice changed",
-                at % cols
-            );
-            continue;
-        }
-        let allowed = ulp(case.dtype, exact[at]) + TOL * bound[at];
-        let err = (g[at] - exact[at]).abs();
-        assert!(
-            !g[at].is_nan() && err <= allowed,
-            "{} [{i}, {}]: GPU {:e}, exact {:e}, error {err:e} > allowed {allowed:e}",
-            case.dtype,
-            at % cols,
-            g[at],
-            exact[at]
-        );
-        let cpu_err = (g[at] - c[at]).abs();
-        assert!(
-            cpu_err <= 2.0 * allowed,
-            "{} [{i}, {}]: GPU {:e}, CPU {:e}: apart by {cpu_err:e} > {:e}",
-            case.dtype,
-            at % cols,
-            g[at],
-            c[at],
-            2.0 * allowed
-        );
-        if gpu[span.clone()] == cpu[span] {
-            same += 1;
-        }
-    }
+    let same = check_merged(
+        case.dtype,
+        (out, cols),
+        &rows,
+        &w_bytes,
+        (&gpu, &cpu),
+        (&exact, &bound),
+    );
     (n * cols, same, mma)
 }
 
@@ -748,45 +771,14 @@ fn check_merge_op(
             }
         }
     }
-    let size = op.dtype.size_in_bytes();
-    let (g, c) = (decode(op.dtype, &gpu), decode(op.dtype, &cpu));
-    let mut same = 0;
-    for at in 0..out * cols {
-        let i = at / cols;
-        let span = at * size..(at + 1) * size;
-        if !rows.contains(&i) {
-            assert_eq!(
-                gpu[span.clone()],
-                w_bytes[span],
-                "[{i}, {}] outside the row slice changed",
-                at % cols
-            );
-            continue;
-        }
-        let allowed = ulp(op.dtype, exact[at]) + TOL * bound[at];
-        let err = (g[at] - exact[at]).abs();
-        assert!(
-            !g[at].is_nan() && err <= allowed,
-            "{} [{i}, {}]: GPU {:e}, exact {:e}, error {err:e} > allowed {allowed:e}",
-            op.dtype,
-            at % cols,
-            g[at],
-            exact[at]
-        );
-        let cpu_err = (g[at] - c[at]).abs();
-        assert!(
-            cpu_err <= 2.0 * allowed,
-            "{} [{i}, {}]: GPU {:e}, CPU {:e}: apart by {cpu_err:e} > {:e}",
-            op.dtype,
-            at % cols,
-            g[at],
-            c[at],
-            2.0 * allowed
-        );
-        if gpu[span.clone()] == cpu[span] {
-            same += 1;
-        }
-    }
+    let same = check_merged(
+        op.dtype,
+        (out, cols),
+        &rows,
+        &w_bytes,
+        (&gpu, &cpu),
+        (&exact, &bound),
+    );
     (rows.len() * cols, same)
 }
 
