@@ -92,3 +92,25 @@ pub fn streaming_runtime(
     .expect("runtime");
     (dev, compute, rt)
 }
+
+/// The bytes of every tensor of `layout`, by component, layer and tensor,
+/// cut from `raw`, the whole single checkpoint file as read from disk.
+pub fn tensor_bytes(layout: &offload_loader::ModelLayout, raw: &[u8]) -> Vec<Vec<Vec<Vec<u8>>>> {
+    layout
+        .components
+        .iter()
+        .map(|c| {
+            c.layers
+                .iter()
+                .map(|l| {
+                    l.tensors
+                        .iter()
+                        .map(|t| {
+                            raw[t.data_offset as usize..(t.data_offset + t.len) as usize].to_vec()
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
+}

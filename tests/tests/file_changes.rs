@@ -33,25 +33,7 @@ fn start(path: &Path) -> Run {
     let original = std::fs::read(path).unwrap();
     let model = Arc::new(Model::open(path).unwrap());
     let desc = describe("taesd_decoder", &model.layout);
-    let expect = model
-        .layout
-        .components
-        .iter()
-        .map(|c| {
-            c.layers
-                .iter()
-                .map(|l| {
-                    l.tensors
-                        .iter()
-                        .map(|t| {
-                            let s = t.data_offset as usize;
-                            original[s..s + t.len as usize].to_vec()
-                        })
-                        .collect()
-                })
-                .collect()
-        })
-        .collect();
+    let expect = offload_tests::tensor_bytes(&model.layout, &original);
     let (dev, compute, rt) = offload_tests::streaming_runtime(PAGE, 2, PAGE, 1);
     let m = rt.load(desc, Arc::new(LoaderSource::new(model))).unwrap();
     Run {

@@ -81,23 +81,7 @@ fn start(scratch: &Scratch) -> Run {
     let raw = std::fs::read(&path).unwrap();
     let model = Arc::new(Model::open(&path).unwrap());
     let layout = model.layout.clone();
-    let file_bytes = layout
-        .components
-        .iter()
-        .map(|c| {
-            c.layers
-                .iter()
-                .map(|l| {
-                    l.tensors
-                        .iter()
-                        .map(|t| {
-                            raw[t.data_offset as usize..(t.data_offset + t.len) as usize].to_vec()
-                        })
-                        .collect()
-                })
-                .collect()
-        })
-        .collect();
+    let file_bytes = offload_tests::tensor_bytes(&layout, &raw);
     let (dev, compute, rt) = offload_tests::streaming_runtime(PAGE, 2, 2 * PAGE, 2);
     let m = rt
         .load(

@@ -273,23 +273,7 @@ fn real_lokr_files_merge_on_upload_to_the_f64_reference_and_come_off_bit_exact()
     let model = Arc::new(Model::open(&ckpt).unwrap());
     let layout = model.layout.clone();
     let raw = std::fs::read(&ckpt).unwrap();
-    let file_bytes = layout
-        .components
-        .iter()
-        .map(|c| {
-            c.layers
-                .iter()
-                .map(|l| {
-                    l.tensors
-                        .iter()
-                        .map(|t| {
-                            raw[t.data_offset as usize..(t.data_offset + t.len) as usize].to_vec()
-                        })
-                        .collect()
-                })
-                .collect()
-        })
-        .collect();
+    let file_bytes = offload_tests::tensor_bytes(&layout, &raw);
     // Resolve each file against the checkpoint: the modules above apply,
     // every other one (the rest of the UNet, the text encoder) is skipped
     // and named in the warning.
