@@ -1067,6 +1067,7 @@ impl Shared {
             Place::Host => unreachable!("ensure_loaded placed the layer"),
         };
         let job = st.layers[l].job.clone();
+        let lora = st.unfused[l].clone();
         drop(st);
         if let Some(job) = job {
             if let Err(e) = job.wait(self.cfg.wait_timeout) {
@@ -1090,7 +1091,6 @@ impl Shared {
             comp.lock().layers[l].users -= 1;
             return Err(Attempt::Fail(e));
         }
-        let lora = comp.lock().unfused[l].clone();
         Ok(LayerGuard {
             sh: self.clone(),
             model: model.clone(),
