@@ -351,7 +351,7 @@ impl LoraSet {
                 let mut f = |i: usize| -> Factor<'a> {
                     let fd = &b.desc.factors[i];
                     let (rows, cols) = fd.matrix().unwrap_or((0, 0));
-                    let dtype = kernel_dtype(fd.dtype).unwrap_or(offload_kernels::Dtype::F32);
+                    let dtype = fd.dtype.kernel().unwrap_or(offload_kernels::Dtype::F32);
                     Factor::new(data(bi, i), dtype, rows, cols)
                 };
                 let kron = |k: PatchKron, f: &mut dyn FnMut(usize) -> Factor<'a>| match k {
@@ -437,18 +437,9 @@ fn rss_bytes() -> usize {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn kernel_dtype(d: DType) -> Option<offload_kernels::Dtype> {
-    match d {
-        DType::F32 => Some(offload_kernels::Dtype::F32),
-        DType::F16 => Some(offload_kernels::Dtype::F16),
-        DType::BF16 => Some(offload_kernels::Dtype::BF16),
-        _ => None,
-    }
-}
-
 /// The (n, k) of a weight that gets a matrix product, if any.
 fn matmul_dims(shape: &[usize], dtype: DType) -> Option<(usize, usize, offload_kernels::Dtype)> {
-    let d = kernel_dtype(dtype)?;
+    let d = dtype.kernel()?;
     let (n, k) = offload_kernels::weight_matrix_dims(shape).ok()?;
     (n > 0 && k > 0).then_some((n, k, d))
 }
@@ -868,7 +859,9 @@ impl Bench {
         for &key in &set.checks {
             let (c, l, t) = key;
             let td = &self.desc.components[c].layers[l].tensors[t];
-            let dtype = kernel_dtype(td.dtype)
+            let dtype = td
+                .dtype
+                .kernel()
                 .ok_or_else(|| format!("{}: a LoRA on a {} weight", td.name, td.dtype))?;
             let mut want = vec![0u8; td.bytes];
             self.source
@@ -1335,7 +1328,7 @@ fn prepare_loras(
     let (mut macs, mut touched) = (0u64, 0u64);
     for &key in set.patched.keys() {
         let td = &desc.components[key.0].layers[key.1].tensors[key.2];
-        let Some(dtype) = kernel_dtype(td.dtype) else {
+        let Some(dtype) = td.dtype.kernel() else {
             continue;
         };
         for (rows, group) in set.groups(key) {

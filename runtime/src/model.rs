@@ -26,6 +26,17 @@ pub enum DType {
 }
 
 impl DType {
+    /// The kernels' element type, for the types a merge or a matrix product
+    /// takes (f32, f16, bf16); `None` for the others.
+    pub fn kernel(self) -> Option<offload_kernels::Dtype> {
+        match self {
+            DType::F32 => Some(offload_kernels::Dtype::F32),
+            DType::F16 => Some(offload_kernels::Dtype::F16),
+            DType::BF16 => Some(offload_kernels::Dtype::BF16),
+            _ => None,
+        }
+    }
+
     /// Bytes per element.
     pub const fn size(self) -> usize {
         match self {

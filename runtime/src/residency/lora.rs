@@ -41,7 +41,6 @@ use crate::device::{
 };
 use crate::error::{Error, Result};
 use crate::lora::{LoraBinding, LoraDesc, LoraMode, LoraReport, LoraSource, PatchDelta, PatchKron};
-use crate::model::DType;
 
 /// (component, layer, tensor).
 type TensorKey = (usize, usize, usize);
@@ -97,7 +96,7 @@ impl LoadedLora {
         MergeFactor {
             ptr,
             host,
-            dtype: kernel_dtype(f.dtype).unwrap_or(offload_kernels::Dtype::F32),
+            dtype: f.dtype.kernel().unwrap_or(offload_kernels::Dtype::F32),
             rows,
             cols,
         }
@@ -142,16 +141,6 @@ pub(crate) struct LoraState {
     backup: BTreeMap<(usize, usize), PinnedBuffer>,
     /// The mode `applied` was made in.
     mode: LoraMode,
-}
-
-/// The kernels' dtype of a weight or factor, for the types a merge takes.
-fn kernel_dtype(d: DType) -> Option<offload_kernels::Dtype> {
-    match d {
-        DType::F32 => Some(offload_kernels::Dtype::F32),
-        DType::F16 => Some(offload_kernels::Dtype::F16),
-        DType::BF16 => Some(offload_kernels::Dtype::BF16),
-        _ => None,
-    }
 }
 
 /// Components of a model marked as having their LoRA set changed; unmarked on drop.
@@ -257,7 +246,7 @@ impl Shared {
                 return Err(err(b, "is in the set twice; give it one multiplier".into()));
             }
             for (fi, f) in b.desc.factors.iter().enumerate() {
-                if kernel_dtype(f.dtype).is_none() || f.bytes().is_none() {
+                if f.dtype.kernel().is_none() || f.bytes().is_none() {
                     return Err(err(
                         b,
                         format!(
@@ -284,7 +273,7 @@ impl Shared {
                         ),
                     ));
                 };
-                if kernel_dtype(t.dtype).is_none() {
+                if t.dtype.kernel().is_none() {
                     return Err(err(
                         b,
                         format!(
@@ -345,7 +334,7 @@ impl Shared {
         loaded: &[&LoadedLora],
     ) -> Result<Vec<Arc<MergeOp>>> {
         let t = &model.desc.components[key.0].layers[key.1].tensors[key.2];
-        let dtype = kernel_dtype(t.dtype).unwrap_or(offload_kernels::Dtype::F32);
+        let dtype = t.dtype.kernel().unwrap_or(offload_kernels::Dtype::F32);
         let mut groups: Vec<MergeOp> = Vec::new();
         for &(bi, pi) in adapters {
             let b = &bindings[bi];
