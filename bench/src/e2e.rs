@@ -1597,7 +1597,13 @@ fn run_on(
         .is_ok();
     dev.stream_synchronize(compute).map_err(e)?;
     let link = measure_link(&dev, &scratch).map_err(e)?;
-    warm_up(&dev, &scratch).map_err(e)?;
+    // Warm up as much as the largest row holds: the whole model in whole
+    // pages per layer with the LoRA factors, or the offload rows' budget (a
+    // GPU's whole memory is far more, and not all of it can be had).
+    let dev_page = dev.info().page_size;
+    let layer_count: usize = desc.components.iter().map(|c| c.layers.len()).sum();
+    let most_held = (model_bytes + (layer_count + lora_pages) * dev_page).max(device_mem);
+    warm_up(&dev, &scratch, most_held).map_err(e)?;
 
     let mut rows: Vec<(Mode, Policy)> = Vec::new();
     let chosen = if args.lowvram {
@@ -1802,10 +1808,11 @@ fn run_on(
     Ok(())
 }
 
-/// Touch all free device memory once, so that no row pays the first-touch
-/// cost of the host backend's memory (or of a GPU's fresh pages) for the others.
-fn warm_up(dev: &Arc<dyn Device>, scratch: &Arena<dyn Device>) -> Result<(), Error> {
-    let free = scratch.pages_free();
+/// Touch up to `most` bytes of free device memory once, so that no row pays
+/// the first-touch cost of the host backend's memory (or of a GPU's fresh
+/// pages) for the others.
+fn warm_up(dev: &Arc<dyn Device>, scratch: &Arena<dyn Device>, most: usize) -> Result<(), Error> {
+    let free = scratch.pages_free().min(most.div_ceil(scratch.page_size()));
     if free == 0 {
         return Ok(());
     }

@@ -8,10 +8,16 @@ use std::process::Command;
 
 use serde_json::Value;
 
+/// The `offload` binary: `OFFLOAD_BIN` where set (scripts/gpu-check runs
+/// these tests from a staged folder on another machine), else cargo's build.
+fn offload_bin() -> std::ffi::OsString {
+    std::env::var_os("OFFLOAD_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_offload").into())
+}
+
 /// Runs `offload bench merge ARGS --json` and returns the parsed document;
 /// fails the test (with both streams) unless it succeeds.
 fn bench_json(args: &[&str]) -> Value {
-    let o = Command::new(env!("CARGO_BIN_EXE_offload"))
+    let o = Command::new(offload_bin())
         .args(["bench", "merge", "--json"])
         .args(args)
         .output()
@@ -150,7 +156,7 @@ fn bad_arguments_fail_without_a_panic() {
         &["--adapters", "9"],
         &["--rows", "0"],
     ] {
-        let o = Command::new(env!("CARGO_BIN_EXE_offload"))
+        let o = Command::new(offload_bin())
             .args(["bench", "merge", "--backend", "host"])
             .args(args)
             .output()
