@@ -14,32 +14,42 @@
 // pointers must be aligned to their element size.
 //
 // Three kernels, each with one entry point per W type (f32, f16, bf16), each
-// taking its parameter block by value, no dynamic shared memory, and a grid of
-// (ceil(cols / 64), ceil(rows / 64), 1) blocks, one 64 x 64 tile of the slice
-// per block:
+// taking its parameter block by value and no dynamic shared memory.
 //
-// 1. offload_lowrank_merge_*: low-rank deltas only (Delta = B A, up factor B
-//    [rows, rank], down factor A [rank, cols]), in fp32 FMA. Block (16, 16, 1);
-//    each thread owns 4 x 4 elements of the tile (rows ty + 16 i, columns
-//    tx + 16 j, so a warp's accesses to W are contiguous). For every adapter
-//    and every chunk of 32 ranks, the block stages the chunk's 32 x 64 tile of
-//    A and 64 x 32 tile of s * B in shared memory as fp32, then each thread
-//    accumulates its 16 sums from registers. Any rank works; meant to be
-//    bound by memory bandwidth for ranks up to 32.
+// The two low-rank kernels (Delta = B A, up factor B [rows, rank], down factor
+// A [rank, cols]) are written to stream W: the slice is cut into 32 x 128
+// tiles, a block of (256, 1, 1) threads walks the tiles of one column strip
+// (a grid of whole blocks per strip, sized by the runtime to fill the GPU),
+// and lane l of warp w owns rows 4 w .. 4 w + 3 and columns 4 l .. 4 l + 3
+// of a tile, so each warp instruction reads or writes 128 contiguous
+// elements of one row (one 8- or 16-byte vector per thread where W's rows are
+// aligned to it, element by element otherwise). Before a block merges a tile
+// it loads its elements of the next one into registers, so W's reads stay in
+// flight while the factors are staged and multiplied.
+//
+// 1. offload_lowrank_merge_*: in fp32 FMA, any factor dtypes. The ranks of all
+//    adapters form one rank dimension, staged 32 at a time in shared memory
+//    as fp32 (A's chunk [32][128], s * B's chunk transposed [32][32], the
+//    scale folded into B in fp32), so four rank-8 adapters cost one chunk;
+//    when the ranks add up to at most 32, A's chunk is staged once per block.
+//    Per rank a thread reads 4 values of A and 4 of s B (two 16-byte shared
+//    loads) for 16 FMAs. Three blocks per SM.
 //
 // 2. offload_lowrank_merge_mma_*: the same merge on the tensor cores, for
 //    adapters whose two factors are both f16 or both bf16 (sm_80 and newer;
-//    the runtime takes it when some rank is above 32). Block (128, 1, 1):
-//    four warps, each owning a 32 x 32 quarter of the tile as 2 x 4
-//    mma.sync.m16n8k16 products with fp32 accumulation (the products of f16
+//    the runtime takes it when some rank is 32 or more or the ranks add up to
+//    more than 32). Eight warps, each owning a 16 x 32 part of the tile as
+//    4 mma.sync.m16n8k16 products with fp32 accumulation (the products of f16
 //    or bf16 values are exact in fp32). Chunks of 32 ranks of B and A are
 //    staged in shared memory as they are stored (pairs of 16-bit values along
 //    the rank), zero-padded. Each adapter's product is accumulated on its own
 //    and then scaled in fp32 (s is never folded into a 16-bit factor, which
-//    would round it); the scaled sums go through shared memory so that W is
-//    read and written row by row.
+//    would round it); the scaled sums go through shared memory (reusing the
+//    staging space) to the threads that own W's elements. Two blocks per SM.
 //
-// 3. offload_merge_*: every delta the CPU merges, mixed in one launch. Each
+// 3. offload_merge_*: every delta the CPU merges, mixed in one launch, on a
+//    grid of (ceil(cols / 64), ceil(rows / 64), 1) blocks of (16, 16, 1)
+//    threads, one 64 x 64 tile per block. Each
 //    adapter's delta is one matrix ("term") or the element-wise product of two,
 //    each term read at mapped indices: T[(i / row_div) % row_mod,
 //    (j / col_div) % col_mod], and each term stored whole or as a product
@@ -48,8 +58,10 @@
 //      LoHa:     (w1a w1b) .* (w2a w2b)         (two terms, identity maps)
 //      LoKr:     kron(w1, w2), w1 [a, b], w2 [c, d]:
 //                w1[i / c, j / d] .* w2[i % c, j % d]   (each side whole or a b)
-//    Block (16, 16, 1), the same tiling and shared-memory product as kernel 1
-//    (rows of L and columns of R gathered through the maps); each term is
+//    Each thread owns 4 x 4 elements (rows ty + 16 i, columns tx + 16 j);
+//    for every chunk of 32 ranks of a product the block stages the chunk's
+//    32 x 64 tile of R and 64 x 32 tile of L in shared memory as fp32 (rows
+//    of L and columns of R gathered through the maps); each term is
 //    formed in fp32 registers, the two terms multiplied, scaled and added in
 //    fp32, and W rounded once at the end. Up to 32 adapters per launch
 //    (3352 bytes of parameters). Launch bounds of two blocks per SM: with
@@ -74,7 +86,14 @@
 #define OFFLOAD_THREADS (OFFLOAD_BLOCK_X * OFFLOAD_BLOCK_Y)
 #define OFFLOAD_PER_THREAD_ROWS (OFFLOAD_TILE_ROWS / OFFLOAD_BLOCK_Y)
 #define OFFLOAD_PER_THREAD_COLS (OFFLOAD_TILE_COLS / OFFLOAD_BLOCK_X)
-#define OFFLOAD_MMA_THREADS 128
+// The two low-rank kernels: 32 x 128 tiles, 256 threads, each thread 4 rows
+// of 4 elements, ranks staged 32 at a time.
+#define OFFLOAD_LR_TILE_ROWS 32
+#define OFFLOAD_LR_TILE_COLS 128
+#define OFFLOAD_LR_THREADS 256
+#define OFFLOAD_LR_ROWS_PER_THREAD 4
+#define OFFLOAD_LR_COLS_PER_THREAD 4
+#define OFFLOAD_LR_K 32
 // 32-bit words per row of the tensor-core kernel's staged factors: 16 words
 // hold 32 ranks (two 16-bit values each), 4 more keep the fragment loads free
 // of bank conflicts.
@@ -89,9 +108,13 @@ static_assert(OFFLOAD_THREADS % OFFLOAD_TILE_COLS == 0 && OFFLOAD_THREADS % OFFL
 static_assert((OFFLOAD_TILE_K * OFFLOAD_TILE_COLS) % OFFLOAD_THREADS == 0 &&
                   (OFFLOAD_TILE_ROWS * OFFLOAD_TILE_K) % OFFLOAD_THREADS == 0,
               "whole staging steps");
-static_assert(OFFLOAD_TILE_ROWS == 64 && OFFLOAD_TILE_COLS == 64 && OFFLOAD_TILE_K == 32 &&
-                  OFFLOAD_MMA_THREADS == 128,
-              "the tensor-core kernel's warp layout assumes these");
+static_assert(OFFLOAD_LR_TILE_ROWS == OFFLOAD_LR_ROWS_PER_THREAD * (OFFLOAD_LR_THREADS / 32) &&
+                  OFFLOAD_LR_TILE_COLS == OFFLOAD_LR_COLS_PER_THREAD * 32 &&
+                  OFFLOAD_LR_COLS_PER_THREAD == 4 && OFFLOAD_LR_ROWS_PER_THREAD == 4,
+              "one warp per 8 rows of the tile, each lane 4 columns of them");
+static_assert(OFFLOAD_LR_TILE_ROWS == 32 && OFFLOAD_LR_TILE_COLS == 128 && OFFLOAD_LR_K == 32 &&
+                  OFFLOAD_LR_THREADS == 256,
+              "the tensor-core kernel's warp layout (2 x 4 warps of 16 x 32) assumes these");
 
 // Must match offload_kernels::cuda::LowRankAdapterParams field for field.
 struct OffloadLowRankAdapter {
@@ -245,83 +268,479 @@ __device__ __forceinline__ void offload_store_tile(
 }
 
 // ---------------------------------------------------------------------------
+// The two low-rank kernels share one layout, made for streaming W at memory
+// bandwidth: a block of 256 threads merges 32 x 128 tiles of the slice, and
+// thread (tx = tid % 32, ty = tid / 32) owns rows 4 ty .. 4 ty + 3 and
+// columns 4 tx .. 4 tx + 3 of a tile, so a warp reads and writes 4 x 32
+// contiguous elements of one row at a time (8 or 16 bytes per thread). A
+// block walks down one column strip (offload_lr_walk): it loads the next
+// tile's elements of W into registers before it merges the current one, so
+// W's reads stay in flight while the factors are staged and multiplied.
+
+// Raw storage of a thread's elements of W: 4 rows of 4 elements, as 32-bit
+// words (two 16-bit elements per word, the lower index in the lower half).
+template <typename T> struct OffloadWFrag {
+    static constexpr int kWords = (int)sizeof(T);  // 4 elements of sizeof(T) bytes
+    unsigned int w[OFFLOAD_LR_ROWS_PER_THREAD][kWords];
+};
+
+struct alignas(8) OffloadU32x2 {
+    unsigned int x, y;
+};
+struct alignas(16) OffloadU32x4 {
+    unsigned int x, y, z, w;
+};
+struct alignas(16) OffloadF32x4 {
+    float x, y, z, w;
+};
+
+// Raw bits of W's element type <-> fp32 (to T rounded to nearest, ties to even).
+template <typename T> struct OffloadBits;
+template <> struct OffloadBits<float> {
+    static __device__ __forceinline__ float get(unsigned int b) {
+        union {
+            unsigned int u;
+            float f;
+        } x;
+        x.u = b;
+        return x.f;
+    }
+    static __device__ __forceinline__ unsigned int put(float v) {
+        union {
+            unsigned int u;
+            float f;
+        } x;
+        x.f = v;
+        return x.u;
+    }
+};
+template <> struct OffloadBits<__half> {
+    static __device__ __forceinline__ float get(unsigned int b) {
+        union {
+            unsigned short u;
+            __half h;
+        } x;
+        x.u = (unsigned short)b;
+        return __half2float(x.h);
+    }
+    static __device__ __forceinline__ unsigned int put(float v) {
+        union {
+            unsigned short u;
+            __half h;
+        } x;
+        x.h = __float2half_rn(v);
+        return x.u;
+    }
+};
+template <> struct OffloadBits<__nv_bfloat16> {
+    static __device__ __forceinline__ float get(unsigned int b) {
+        union {
+            unsigned short u;
+            __nv_bfloat16 h;
+        } x;
+        x.u = (unsigned short)b;
+        return __bfloat162float(x.h);
+    }
+    static __device__ __forceinline__ unsigned int put(float v) {
+        union {
+            unsigned short u;
+            __nv_bfloat16 h;
+        } x;
+        x.h = __float2bfloat16_rn(v);
+        return x.u;
+    }
+};
+
+// Element j (0..3) of row i of a fragment, as fp32.
+template <typename T>
+__device__ __forceinline__ float offload_frag_get(const OffloadWFrag<T>& f, int i, int j) {
+    if constexpr (sizeof(T) == 2) {
+        return OffloadBits<T>::get((f.w[i][j / 2] >> (16 * (j % 2))) & 0xffffu);
+    } else {
+        return OffloadBits<T>::get(f.w[i][j]);
+    }
+}
+
+// Sets element j of row i to v, rounded to T (to nearest, ties to even).
+template <typename T>
+__device__ __forceinline__ void offload_frag_set(OffloadWFrag<T>& f, int i, int j, float v) {
+    if constexpr (sizeof(T) == 2) {
+        const unsigned int shift = 16 * (j % 2);
+        f.w[i][j / 2] = (f.w[i][j / 2] & ~(0xffffu << shift)) | (OffloadBits<T>::put(v) << shift);
+    } else {
+        f.w[i][j] = OffloadBits<T>::put(v);
+    }
+}
+
+// Where a thread's elements of W are, and whether whole rows of 4 can move as
+// one vector (W's row slice and every row start aligned to the vector).
+struct OffloadWPlace {
+    unsigned long long base;  // byte address of W[row0 + tile_row + 8 ty, tile_col + 4 tx]
+    unsigned long long row_bytes;
+    unsigned int rows_here;   // rows of the 8 inside the slice
+    unsigned int cols_here;   // columns of the 4 inside the slice
+    bool vec;                 // all 4 columns inside and aligned: one vector per row
+};
+
+template <typename T>
+__device__ __forceinline__ OffloadWPlace offload_w_place(unsigned long long w, unsigned int rows,
+                                                         unsigned int cols, unsigned int row0,
+                                                         unsigned int tile_row,
+                                                         unsigned int tile_col, unsigned int tx,
+                                                         unsigned int ty) {
+    OffloadWPlace pl;
+    const unsigned int r = tile_row + OFFLOAD_LR_ROWS_PER_THREAD * ty;
+    const unsigned int c = tile_col + OFFLOAD_LR_COLS_PER_THREAD * tx;
+    pl.row_bytes = (unsigned long long)cols * sizeof(T);
+    pl.base = w + ((unsigned long long)(row0 + r) * cols + c) * sizeof(T);
+    pl.rows_here = r >= rows ? 0u
+                             : (rows - r < OFFLOAD_LR_ROWS_PER_THREAD ? rows - r
+                                                                      : OFFLOAD_LR_ROWS_PER_THREAD);
+    pl.cols_here = c >= cols ? 0u
+                             : (cols - c < OFFLOAD_LR_COLS_PER_THREAD ? cols - c
+                                                                      : OFFLOAD_LR_COLS_PER_THREAD);
+    const unsigned long long vec_bytes = 4 * sizeof(T);
+    pl.vec = pl.cols_here == OFFLOAD_LR_COLS_PER_THREAD && pl.base % vec_bytes == 0 &&
+             pl.row_bytes % vec_bytes == 0;
+    return pl;
+}
+
+// A place with no element of W: the thread loads and stores nothing.
+__device__ __forceinline__ OffloadWPlace offload_w_nowhere() {
+    OffloadWPlace pl;
+    pl.base = 0;
+    pl.row_bytes = 0;
+    pl.rows_here = 0;
+    pl.cols_here = 0;
+    pl.vec = false;
+    return pl;
+}
+
+// The tiles of the slice one block of a low-rank kernel merges: the column
+// strip blockIdx.x % tiles_x, and in it the row tiles y, y + step, ... from
+// y = blockIdx.x / tiles_x, with step = gridDim.x / tiles_x. The launcher
+// makes gridDim.x a multiple of tiles_x, at most tiles_x * tiles_y; blocks
+// past the last whole multiple get no tile (so no tile is merged twice).
+struct OffloadLrWalk {
+    unsigned int tile_col;
+    unsigned int y;
+    unsigned int step;
+    unsigned int tiles_y;
+};
+
+__device__ __forceinline__ OffloadLrWalk offload_lr_walk(unsigned int rows, unsigned int cols) {
+    const unsigned int tiles_x = (cols + OFFLOAD_LR_TILE_COLS - 1) / OFFLOAD_LR_TILE_COLS;
+    OffloadLrWalk w;
+    w.tiles_y = (rows + OFFLOAD_LR_TILE_ROWS - 1) / OFFLOAD_LR_TILE_ROWS;
+    w.tile_col = (blockIdx.x % tiles_x) * OFFLOAD_LR_TILE_COLS;
+    w.y = blockIdx.x / tiles_x;
+    w.step = gridDim.x / tiles_x;
+    if (w.step == 0 || blockIdx.x >= tiles_x * w.step) {
+        w.step = 1;
+        w.y = w.tiles_y;
+    }
+    return w;
+}
+
+// Loads the thread's elements of W (zeros outside the slice).
+template <typename T>
+__device__ __forceinline__ void offload_load_w(OffloadWFrag<T>& f, const OffloadWPlace& pl) {
+#pragma unroll
+    for (int i = 0; i < OFFLOAD_LR_ROWS_PER_THREAD; ++i) {
+#pragma unroll
+        for (int q = 0; q < OffloadWFrag<T>::kWords; ++q) {
+            f.w[i][q] = 0u;
+        }
+        if ((unsigned int)i >= pl.rows_here) {
+            continue;
+        }
+        const unsigned long long at = pl.base + i * pl.row_bytes;
+        if (pl.vec) {
+            if constexpr (sizeof(T) == 2) {
+                const OffloadU32x2 v = *reinterpret_cast<const OffloadU32x2*>(at);
+                f.w[i][0] = v.x;
+                f.w[i][1] = v.y;
+            } else {
+                const OffloadU32x4 v = *reinterpret_cast<const OffloadU32x4*>(at);
+                f.w[i][0] = v.x;
+                f.w[i][1] = v.y;
+                f.w[i][2] = v.z;
+                f.w[i][3] = v.w;
+            }
+        } else {
+            for (unsigned int j = 0; j < pl.cols_here; ++j) {
+                if constexpr (sizeof(T) == 2) {
+                    const unsigned int bits = reinterpret_cast<const unsigned short*>(at)[j];
+                    f.w[i][j / 2] |= bits << (16 * (j % 2));
+                } else {
+                    f.w[i][j] = reinterpret_cast<const unsigned int*>(at)[j];
+                }
+            }
+        }
+    }
+}
+
+// Stores the thread's elements of W back (only those inside the slice).
+template <typename T>
+__device__ __forceinline__ void offload_store_w(const OffloadWFrag<T>& f, const OffloadWPlace& pl) {
+#pragma unroll
+    for (int i = 0; i < OFFLOAD_LR_ROWS_PER_THREAD; ++i) {
+        if ((unsigned int)i >= pl.rows_here) {
+            continue;
+        }
+        const unsigned long long at = pl.base + i * pl.row_bytes;
+        if (pl.vec) {
+            if constexpr (sizeof(T) == 2) {
+                OffloadU32x2 v;
+                v.x = f.w[i][0];
+                v.y = f.w[i][1];
+                *reinterpret_cast<OffloadU32x2*>(at) = v;
+            } else {
+                OffloadU32x4 v;
+                v.x = f.w[i][0];
+                v.y = f.w[i][1];
+                v.z = f.w[i][2];
+                v.w = f.w[i][3];
+                *reinterpret_cast<OffloadU32x4*>(at) = v;
+            }
+        } else {
+            for (unsigned int j = 0; j < pl.cols_here; ++j) {
+                if constexpr (sizeof(T) == 2) {
+                    reinterpret_cast<unsigned short*>(at)[j] =
+                        (unsigned short)(f.w[i][j / 2] >> (16 * (j % 2)));
+                } else {
+                    reinterpret_cast<unsigned int*>(at)[j] = f.w[i][j];
+                }
+            }
+        }
+    }
+}
+
+// W += acc for the thread's elements: one fp32 add, one rounding to T.
+template <typename T>
+__device__ __forceinline__ void offload_add_w(
+    OffloadWFrag<T>& f,
+    const float (&acc)[OFFLOAD_LR_ROWS_PER_THREAD][OFFLOAD_LR_COLS_PER_THREAD]) {
+#pragma unroll
+    for (int i = 0; i < OFFLOAD_LR_ROWS_PER_THREAD; ++i) {
+#pragma unroll
+        for (int j = 0; j < OFFLOAD_LR_COLS_PER_THREAD; ++j) {
+            offload_frag_set<T>(f, i, j, offload_frag_get<T>(f, i, j) + acc[i][j]);
+        }
+    }
+}
+
+// acc[i][j] += sum over k < kn of b_s[k][4 ty + i] * a_s[k][4 tx + j]: one
+// staged chunk, in fp32 FMA, in rank order.
+__device__ __forceinline__ void offload_lr_chunk_fma(
+    float (&acc)[OFFLOAD_LR_ROWS_PER_THREAD][OFFLOAD_LR_COLS_PER_THREAD],
+    const float (*a_s)[OFFLOAD_LR_TILE_COLS], const float (*b_s)[OFFLOAD_LR_TILE_ROWS],
+    unsigned int kn, unsigned int tx, unsigned int ty) {
+#pragma unroll 4
+    for (unsigned int k = 0; k < kn; ++k) {
+        const OffloadF32x4 av =
+            *reinterpret_cast<const OffloadF32x4*>(&a_s[k][OFFLOAD_LR_COLS_PER_THREAD * tx]);
+        const OffloadF32x4 bv =
+            *reinterpret_cast<const OffloadF32x4*>(&b_s[k][OFFLOAD_LR_ROWS_PER_THREAD * ty]);
+        const float a[4] = {av.x, av.y, av.z, av.w};
+        const float b[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+        for (int i = 0; i < OFFLOAD_LR_ROWS_PER_THREAD; ++i) {
+#pragma unroll
+            for (int j = 0; j < OFFLOAD_LR_COLS_PER_THREAD; ++j) {
+                acc[i][j] = __fmaf_rn(b[i], a[j], acc[i][j]);
+            }
+        }
+    }
+}
+
+// Stages `take` (at most 32) ranks of one factor into a shared chunk
+// dst[k][x] (x < N: the tile's columns of A, or its rows of B), as fp32 times
+// `scale`, zero outside the slice. Element (k, x) is read at
+// base + first + k * k_stride + x * x_stride (x counted from the tile's
+// start, `origin`, and inside the slice while origin + x < limit). Thread
+// `tid` takes elements tid + 256 q (q < Q), x fastest, in batches of four
+// whose loads are all issued before the batch's shared stores (so a batch
+// costs one round trip, and few registers).
+template <int Q, int N>
+__device__ __forceinline__ void offload_stage_chunk(float* dst, unsigned long long base,
+                                                    unsigned int dtype, float scale,
+                                                    unsigned int take, unsigned int tid,
+                                                    unsigned int origin, unsigned int limit,
+                                                    unsigned long long first,
+                                                    unsigned long long k_stride,
+                                                    unsigned long long x_stride) {
+    constexpr int B = Q < 4 ? Q : 4;
+    static_assert(Q % B == 0, "whole batches");
+    const bool f32 = dtype == OFFLOAD_DTYPE_F32;
+    const bool bf16 = dtype == OFFLOAD_DTYPE_BF16;
+#pragma unroll 1
+    for (int q0 = 0; q0 < Q; q0 += B) {
+        if ((tid + q0 * OFFLOAD_LR_THREADS) / N >= take) {
+            break;  // this thread's later elements are past the chunk too
+        }
+        float v[B];
+        if (f32) {
+            const float* f = reinterpret_cast<const float*>(base);
+#pragma unroll
+            for (int q = 0; q < B; ++q) {
+                const unsigned int idx = tid + (q0 + q) * OFFLOAD_LR_THREADS;
+                const unsigned int k = idx / N;
+                const unsigned int x = idx % N;
+                v[q] = (k < take && origin + x < limit) ? f[first + k * k_stride + x * x_stride]
+                                                        : 0.0f;
+            }
+        } else {
+            const unsigned short* h = reinterpret_cast<const unsigned short*>(base);
+            unsigned int bits[B];
+#pragma unroll
+            for (int q = 0; q < B; ++q) {
+                const unsigned int idx = tid + (q0 + q) * OFFLOAD_LR_THREADS;
+                const unsigned int k = idx / N;
+                const unsigned int x = idx % N;
+                bits[q] = (k < take && origin + x < limit) ? h[first + k * k_stride + x * x_stride]
+                                                           : 0u;
+            }
+#pragma unroll
+            for (int q = 0; q < B; ++q) {
+                v[q] = bf16 ? OffloadBits<__nv_bfloat16>::get(bits[q])
+                            : OffloadBits<__half>::get(bits[q]);
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < B; ++q) {
+            const unsigned int idx = tid + (q0 + q) * OFFLOAD_LR_THREADS;
+            const unsigned int k = idx / N;
+            if (k < take) {
+                dst[k * N + idx % N] = scale * v[q];
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Kernel 1: low-rank deltas in fp32 FMA.
+//
+// The ranks of all adapters are taken as one concatenated rank dimension and
+// staged in chunks of 32: a_s[k][c] = A[k, tile_col + c] and b_s[k][r] =
+// s * B[tile_row + r, k] (s folded in fp32), so four rank-8 adapters cost
+// one chunk, not four padded ones. Each thread then accumulates its 4 x 4
+// sums with one 16-byte shared load of A (its 4 columns) and one of s B (its
+// 4 rows) per rank. When the ranks add up to at most 32, A's chunk depends
+// only on the column strip, so it is staged once per block and kept.
+
+// The fp32 kernel's shared memory: a chunk of A and of s B (transposed).
+struct alignas(16) OffloadLrTiles {
+    float a[OFFLOAD_LR_K][OFFLOAD_LR_TILE_COLS];
+    float b[OFFLOAD_LR_K][OFFLOAD_LR_TILE_ROWS];
+};
 
 template <typename T>
 __device__ __forceinline__ void offload_lowrank_merge(const OffloadLowRankMergeParams& p) {
-    // A[k0 + k, tile_col + c].
-    __shared__ float a_tile[OFFLOAD_TILE_K][OFFLOAD_TILE_COLS];
-    // s * B[tile_row + r, k0 + k], stored transposed; the padding column keeps
-    // the transposing stores free of bank conflicts.
-    __shared__ float b_tile[OFFLOAD_TILE_K][OFFLOAD_TILE_ROWS + 1];
+    __shared__ OffloadLrTiles sh;
+    float (*a_s)[OFFLOAD_LR_TILE_COLS] = sh.a;
+    float (*b_s)[OFFLOAD_LR_TILE_ROWS] = sh.b;
 
-    const unsigned int tx = threadIdx.x;
-    const unsigned int ty = threadIdx.y;
-    const unsigned int tid = ty * OFFLOAD_BLOCK_X + tx;
-    const unsigned int tile_row = blockIdx.y * OFFLOAD_TILE_ROWS;
-    const unsigned int tile_col = blockIdx.x * OFFLOAD_TILE_COLS;
-
-    float acc[OFFLOAD_PER_THREAD_ROWS][OFFLOAD_PER_THREAD_COLS];
-#pragma unroll
-    for (int i = 0; i < OFFLOAD_PER_THREAD_ROWS; ++i) {
-#pragma unroll
-        for (int j = 0; j < OFFLOAD_PER_THREAD_COLS; ++j) {
-            acc[i][j] = 0.0f;
-        }
+    const unsigned int tid = threadIdx.x;
+    const unsigned int tx = tid % 32;
+    const unsigned int ty = tid / 32;
+    const OffloadLrWalk walk = offload_lr_walk(p.rows, p.cols);
+    if (walk.y >= walk.tiles_y) {
+        return;  // the whole block: no tile for it (the launcher avoids this)
     }
-
     const unsigned int num_adapters =
         p.num_adapters < OFFLOAD_MAX_ADAPTERS ? p.num_adapters : OFFLOAD_MAX_ADAPTERS;
-    // Every bound below is the same for all threads of the block, so every
-    // thread reaches every __syncthreads().
+    unsigned int total_rank = 0;
     for (unsigned int a = 0; a < num_adapters; ++a) {
-        const OffloadLowRankAdapter ad = p.adapters[a];
-        for (unsigned int k0 = 0; k0 < ad.rank; k0 += OFFLOAD_TILE_K) {
-            // The previous chunk's tiles are no longer read by anyone.
-            __syncthreads();
-            for (unsigned int idx = tid; idx < OFFLOAD_TILE_K * OFFLOAD_TILE_COLS;
-                 idx += OFFLOAD_THREADS) {
-                const unsigned int k = idx / OFFLOAD_TILE_COLS;
-                const unsigned int c = idx % OFFLOAD_TILE_COLS;
-                const unsigned int gk = k0 + k;
-                const unsigned int gc = tile_col + c;
-                a_tile[k][c] = (gk < ad.rank && gc < p.cols)
-                    ? offload_load_factor(ad.down, ad.down_dtype,
-                                          (unsigned long long)gk * p.cols + gc)
-                    : 0.0f;
-            }
-            for (unsigned int idx = tid; idx < OFFLOAD_TILE_ROWS * OFFLOAD_TILE_K;
-                 idx += OFFLOAD_THREADS) {
-                const unsigned int r = idx / OFFLOAD_TILE_K;
-                const unsigned int k = idx % OFFLOAD_TILE_K;
-                const unsigned int gr = tile_row + r;
-                const unsigned int gk = k0 + k;
-                b_tile[k][r] = (gr < p.rows && gk < ad.rank)
-                    ? ad.scale * offload_load_factor(ad.up, ad.up_dtype,
-                                                     (unsigned long long)gr * ad.rank + gk)
-                    : 0.0f;
-            }
-            __syncthreads();
-            const unsigned int left = ad.rank - k0;
-            const unsigned int kn = left < OFFLOAD_TILE_K ? left : OFFLOAD_TILE_K;
-            offload_chunk_fma(acc, a_tile, b_tile, kn, tx, ty);
-        }
+        total_rank += p.adapters[a].rank;
     }
+    const bool keep_a = total_rank <= OFFLOAD_LR_K;
+    bool a_staged = false;
 
-    offload_store_tile<T>(p.w, p.rows, p.cols, p.row0, tile_row, tile_col, tx, ty, acc);
+    OffloadWPlace pl = offload_w_place<T>(p.w, p.rows, p.cols, p.row0,
+                                          walk.y * OFFLOAD_LR_TILE_ROWS, walk.tile_col, tx, ty);
+    OffloadWFrag<T> wf;
+    offload_load_w<T>(wf, pl);
+
+    // Every bound below is the same for all threads of the block, so every
+    // thread reaches every barrier.
+    for (unsigned int y = walk.y; y < walk.tiles_y; y += walk.step) {
+        const unsigned int tile_row = y * OFFLOAD_LR_TILE_ROWS;
+        // The next tile's W is read while this one is merged.
+        const unsigned int ny = y + walk.step;
+        const OffloadWPlace pn = ny < walk.tiles_y
+            ? offload_w_place<T>(p.w, p.rows, p.cols, p.row0, ny * OFFLOAD_LR_TILE_ROWS,
+                                 walk.tile_col, tx, ty)
+            : offload_w_nowhere();
+        OffloadWFrag<T> wn;
+        offload_load_w<T>(wn, pn);
+
+        float acc[OFFLOAD_LR_ROWS_PER_THREAD][OFFLOAD_LR_COLS_PER_THREAD];
+#pragma unroll
+        for (int i = 0; i < OFFLOAD_LR_ROWS_PER_THREAD; ++i) {
+#pragma unroll
+            for (int j = 0; j < OFFLOAD_LR_COLS_PER_THREAD; ++j) {
+                acc[i][j] = 0.0f;
+            }
+        }
+        // Ranks staged in the current chunk.
+        unsigned int fill = 0;
+        for (unsigned int a = 0; a < num_adapters; ++a) {
+            const OffloadLowRankAdapter ad = p.adapters[a];
+            unsigned int k0 = 0;
+            while (k0 < ad.rank) {
+                const unsigned int room = OFFLOAD_LR_K - fill;
+                const unsigned int take = ad.rank - k0 < room ? ad.rank - k0 : room;
+                if (fill == 0) {
+                    // The previous chunk (or tile) is no longer read by anyone.
+                    __syncthreads();
+                }
+                if (!(keep_a && a_staged)) {
+                    offload_stage_chunk<OFFLOAD_LR_K * OFFLOAD_LR_TILE_COLS / OFFLOAD_LR_THREADS,
+                                        OFFLOAD_LR_TILE_COLS>(
+                        a_s[fill], ad.down, ad.down_dtype, 1.0f, take, tid, walk.tile_col,
+                        p.cols, (unsigned long long)k0 * p.cols + walk.tile_col, p.cols, 1);
+                }
+                // Rows fastest: the transposing stores hit 32 different banks.
+                offload_stage_chunk<OFFLOAD_LR_K * OFFLOAD_LR_TILE_ROWS / OFFLOAD_LR_THREADS,
+                                    OFFLOAD_LR_TILE_ROWS>(
+                    b_s[fill], ad.up, ad.up_dtype, ad.scale, take, tid, tile_row, p.rows,
+                    (unsigned long long)tile_row * ad.rank + k0, 1, ad.rank);
+                fill += take;
+                k0 += take;
+                if (fill == OFFLOAD_LR_K) {
+                    __syncthreads();
+                    offload_lr_chunk_fma(acc, a_s, b_s, fill, tx, ty);
+                    fill = 0;
+                }
+            }
+        }
+        if (fill > 0) {
+            __syncthreads();
+            offload_lr_chunk_fma(acc, a_s, b_s, fill, tx, ty);
+        }
+        a_staged = true;
+
+        offload_add_w<T>(wf, acc);
+        offload_store_w<T>(wf, pl);
+        wf = wn;
+        pl = pn;
+    }
 }
 
-extern "C" __global__ void __launch_bounds__(OFFLOAD_THREADS)
+// Three blocks per SM (at most 80 registers; ptxas for sm_80 and sm_90
+// spills 12 bytes for 16-bit W, 44 for f32): more of W's reads in flight.
+extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 3)
 offload_lowrank_merge_f32(const OffloadLowRankMergeParams p) {
     offload_lowrank_merge<float>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(OFFLOAD_THREADS)
+extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 3)
 offload_lowrank_merge_f16(const OffloadLowRankMergeParams p) {
     offload_lowrank_merge<__half>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(OFFLOAD_THREADS)
+extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 3)
 offload_lowrank_merge_bf16(const OffloadLowRankMergeParams p) {
     offload_lowrank_merge<__nv_bfloat16>(p);
 }
@@ -371,176 +790,207 @@ __device__ __forceinline__ unsigned int offload_load_bits(unsigned long long bas
     return reinterpret_cast<const unsigned short*>(base)[i];
 }
 
+// The tensor-core kernel's shared memory: the staged factors while the warps
+// multiply, then (reused) the tile's scaled sums on their way to the owners
+// of W's elements.
+union alignas(16) OffloadMmaShared {
+    struct {
+        // B[tile_row + r, k0 + 2 w .. k0 + 2 w + 1] in word w of row r.
+        unsigned int b[OFFLOAD_LR_TILE_ROWS][OFFLOAD_MMA_LD];
+        // A[k0 + 2 w .. k0 + 2 w + 1, tile_col + c] in word w of row c (A transposed).
+        unsigned int a[OFFLOAD_LR_TILE_COLS][OFFLOAD_MMA_LD];
+    } f;
+    float out[OFFLOAD_LR_TILE_ROWS][OFFLOAD_LR_TILE_COLS + 4];
+};
+
 template <typename T>
 __device__ __forceinline__ void offload_lowrank_merge_mma(const OffloadLowRankMergeParams& p) {
-    // B[tile_row + r, k0 + 2 w .. k0 + 2 w + 1] in word w of row r.
-    __shared__ unsigned int b_tile[OFFLOAD_TILE_ROWS][OFFLOAD_MMA_LD];
-    // A[k0 + 2 w .. k0 + 2 w + 1, tile_col + c] in word w of row c (A transposed).
-    __shared__ unsigned int a_tile[OFFLOAD_TILE_COLS][OFFLOAD_MMA_LD];
-    // The tile's scaled sums, for the row-by-row update of W.
-    __shared__ float out_tile[OFFLOAD_TILE_ROWS][OFFLOAD_TILE_COLS + 1];
+    __shared__ OffloadMmaShared sh;
 
     const unsigned int tid = threadIdx.x;
     const unsigned int lane = tid % 32;
     const unsigned int warp = tid / 32;
     const unsigned int g = lane / 4;
     const unsigned int t = lane % 4;
-    // The warp's 32 x 32 quarter of the tile.
-    const unsigned int wr = (warp / 2) * 32;
-    const unsigned int wc = (warp % 2) * 32;
-    const unsigned int tile_row = blockIdx.y * OFFLOAD_TILE_ROWS;
-    const unsigned int tile_col = blockIdx.x * OFFLOAD_TILE_COLS;
+    // The warp's 16 x 32 part of the tile: 2 warps down, 4 across.
+    const unsigned int wr = (warp / 4) * 16;
+    const unsigned int wc = (warp % 4) * 32;
+    const OffloadLrWalk walk = offload_lr_walk(p.rows, p.cols);
+    if (walk.y >= walk.tiles_y) {
+        return;  // the whole block: no tile for it (the launcher avoids this)
+    }
+    const unsigned int tile_col = walk.tile_col;
+    const unsigned int num_adapters =
+        p.num_adapters < OFFLOAD_MAX_ADAPTERS ? p.num_adapters : OFFLOAD_MAX_ADAPTERS;
 
-    // [m16 block][n8 block][fragment element]
-    float total[2][4][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
+    // The thread's elements of W (the layout above), read first.
+    OffloadWPlace pl = offload_w_place<T>(p.w, p.rows, p.cols, p.row0,
+                                          walk.y * OFFLOAD_LR_TILE_ROWS, tile_col, lane, warp);
+    OffloadWFrag<T> wf;
+    offload_load_w<T>(wf, pl);
+
+    // Every bound below is the same for all threads of the block, so every
+    // thread reaches every __syncthreads() and every warp-wide mma.
+    for (unsigned int y = walk.y; y < walk.tiles_y; y += walk.step) {
+        const unsigned int tile_row = y * OFFLOAD_LR_TILE_ROWS;
+        // The next tile's W is read while this one is merged.
+        const unsigned int ny = y + walk.step;
+        const OffloadWPlace pn = ny < walk.tiles_y
+            ? offload_w_place<T>(p.w, p.rows, p.cols, p.row0, ny * OFFLOAD_LR_TILE_ROWS,
+                                 tile_col, lane, warp)
+            : offload_w_nowhere();
+        OffloadWFrag<T> wn;
+        offload_load_w<T>(wn, pn);
+
+        // [n8 block][fragment element]
+        float total[4][4];
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                total[mi][ni][e] = 0.0f;
+                total[ni][e] = 0.0f;
             }
         }
-    }
-
-    const unsigned int num_adapters =
-        p.num_adapters < OFFLOAD_MAX_ADAPTERS ? p.num_adapters : OFFLOAD_MAX_ADAPTERS;
-    // Every bound below is the same for all threads of the block, so every
-    // thread reaches every __syncthreads() and every warp-wide mma.
-    for (unsigned int a = 0; a < num_adapters; ++a) {
-        const OffloadLowRankAdapter ad = p.adapters[a];
-        const bool bf16 = ad.up_dtype == OFFLOAD_DTYPE_BF16;
-        float prod[2][4][4];
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
+        for (unsigned int a = 0; a < num_adapters; ++a) {
+            const OffloadLowRankAdapter ad = p.adapters[a];
+            const bool bf16 = ad.up_dtype == OFFLOAD_DTYPE_BF16;
+            // B's rows as 32-bit pairs along the rank, when they are aligned.
+            const bool b_words = ad.rank % 2 == 0 && ad.up % 4 == 0;
+            float prod[4][4];
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    prod[mi][ni][e] = 0.0f;
+                    prod[ni][e] = 0.0f;
                 }
             }
-        }
-        for (unsigned int k0 = 0; k0 < ad.rank; k0 += OFFLOAD_TILE_K) {
-            // The previous chunk's tiles are no longer read by anyone.
-            __syncthreads();
-            for (unsigned int idx = tid; idx < OFFLOAD_TILE_ROWS * (OFFLOAD_TILE_K / 2);
-                 idx += OFFLOAD_MMA_THREADS) {
-                const unsigned int r = idx / (OFFLOAD_TILE_K / 2);
-                const unsigned int wd = idx % (OFFLOAD_TILE_K / 2);
-                const unsigned int gr = tile_row + r;
-                const unsigned int gk = k0 + 2 * wd;
-                const unsigned long long at = (unsigned long long)gr * ad.rank + gk;
-                const bool row_ok = gr < p.rows;
-                const unsigned int lo = (row_ok && gk < ad.rank) ? offload_load_bits(ad.up, at) : 0u;
-                const unsigned int hi =
-                    (row_ok && gk + 1 < ad.rank) ? offload_load_bits(ad.up, at + 1) : 0u;
-                b_tile[r][wd] = lo | (hi << 16);
-            }
-            for (unsigned int idx = tid; idx < (OFFLOAD_TILE_K / 2) * OFFLOAD_TILE_COLS;
-                 idx += OFFLOAD_MMA_THREADS) {
-                const unsigned int wd = idx / OFFLOAD_TILE_COLS;
-                const unsigned int c = idx % OFFLOAD_TILE_COLS;
-                const unsigned int gc = tile_col + c;
-                const unsigned int gk = k0 + 2 * wd;
-                const unsigned long long at = (unsigned long long)gk * p.cols + gc;
-                const bool col_ok = gc < p.cols;
-                const unsigned int lo =
-                    (col_ok && gk < ad.rank) ? offload_load_bits(ad.down, at) : 0u;
-                const unsigned int hi = (col_ok && gk + 1 < ad.rank)
-                    ? offload_load_bits(ad.down, at + p.cols)
-                    : 0u;
-                a_tile[c][wd] = lo | (hi << 16);
-            }
-            __syncthreads();
+            for (unsigned int k0 = 0; k0 < ad.rank; k0 += OFFLOAD_LR_K) {
+                // The previous chunk's tiles (or the previous tile's sums)
+                // are no longer read by anyone.
+                __syncthreads();
+                // Fixed trip counts, unrolled: every load is issued before
+                // the first shared store (global and shared memory do not
+                // alias).
 #pragma unroll
-            for (unsigned int ks = 0; ks < OFFLOAD_TILE_K / 16; ++ks) {
-                if (k0 + 16 * ks >= ad.rank) {
-                    break;  // only zero padding left in this chunk
-                }
-                const unsigned int kw = 8 * ks + t;
-                unsigned int af[2][4];
-                unsigned int bfr[4][2];
-#pragma unroll
-                for (int mi = 0; mi < 2; ++mi) {
-                    const unsigned int r = wr + 16 * mi + g;
-                    af[mi][0] = b_tile[r][kw];
-                    af[mi][1] = b_tile[r + 8][kw];
-                    af[mi][2] = b_tile[r][kw + 4];
-                    af[mi][3] = b_tile[r + 8][kw + 4];
+                for (unsigned int q = 0;
+                     q < OFFLOAD_LR_TILE_ROWS * (OFFLOAD_LR_K / 2) / OFFLOAD_LR_THREADS; ++q) {
+                    const unsigned int idx = tid + q * OFFLOAD_LR_THREADS;
+                    const unsigned int r = idx / (OFFLOAD_LR_K / 2);
+                    const unsigned int wd = idx % (OFFLOAD_LR_K / 2);
+                    const unsigned int gr = tile_row + r;
+                    const unsigned int gk = k0 + 2 * wd;
+                    const unsigned long long at = (unsigned long long)gr * ad.rank + gk;
+                    unsigned int v = 0u;
+                    if (gr < p.rows && gk < ad.rank) {
+                        if (b_words) {
+                            v = reinterpret_cast<const unsigned int*>(ad.up)[at / 2];
+                        } else {
+                            v = offload_load_bits(ad.up, at);
+                            if (gk + 1 < ad.rank) {
+                                v |= offload_load_bits(ad.up, at + 1) << 16;
+                            }
+                        }
+                    }
+                    sh.f.b[r][wd] = v;
                 }
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni) {
-                    const unsigned int c = wc + 8 * ni + g;
-                    bfr[ni][0] = a_tile[c][kw];
-                    bfr[ni][1] = a_tile[c][kw + 4];
+                for (unsigned int q = 0;
+                     q < (OFFLOAD_LR_K / 2) * OFFLOAD_LR_TILE_COLS / OFFLOAD_LR_THREADS; ++q) {
+                    const unsigned int idx = tid + q * OFFLOAD_LR_THREADS;
+                    const unsigned int wd = idx / OFFLOAD_LR_TILE_COLS;
+                    const unsigned int c = idx % OFFLOAD_LR_TILE_COLS;
+                    const unsigned int gc = tile_col + c;
+                    const unsigned int gk = k0 + 2 * wd;
+                    const unsigned long long at = (unsigned long long)gk * p.cols + gc;
+                    const bool col_ok = gc < p.cols;
+                    const unsigned int lo =
+                        (col_ok && gk < ad.rank) ? offload_load_bits(ad.down, at) : 0u;
+                    const unsigned int hi = (col_ok && gk + 1 < ad.rank)
+                        ? offload_load_bits(ad.down, at + p.cols)
+                        : 0u;
+                    sh.f.a[c][wd] = lo | (hi << 16);
                 }
+                __syncthreads();
 #pragma unroll
-                for (int mi = 0; mi < 2; ++mi) {
+                for (unsigned int ks = 0; ks < OFFLOAD_LR_K / 16; ++ks) {
+                    if (k0 + 16 * ks >= ad.rank) {
+                        break;  // only zero padding left in this chunk
+                    }
+                    const unsigned int kw = 8 * ks + t;
+                    unsigned int af[4];
+                    unsigned int bfr[4][2];
+                    af[0] = sh.f.b[wr + g][kw];
+                    af[1] = sh.f.b[wr + g + 8][kw];
+                    af[2] = sh.f.b[wr + g][kw + 4];
+                    af[3] = sh.f.b[wr + g + 8][kw + 4];
+#pragma unroll
+                    for (int ni = 0; ni < 4; ++ni) {
+                        const unsigned int c = wc + 8 * ni + g;
+                        bfr[ni][0] = sh.f.a[c][kw];
+                        bfr[ni][1] = sh.f.a[c][kw + 4];
+                    }
 #pragma unroll
                     for (int ni = 0; ni < 4; ++ni) {
                         if (bf16) {
-                            offload_mma_bf16(prod[mi][ni], af[mi], bfr[ni]);
+                            offload_mma_bf16(prod[ni], af, bfr[ni]);
                         } else {
-                            offload_mma_f16(prod[mi][ni], af[mi], bfr[ni]);
+                            offload_mma_f16(prod[ni], af, bfr[ni]);
                         }
                     }
                 }
             }
-        }
-        // The scale, in fp32, after the exact-product accumulation.
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
+            // The scale, in fp32, after the exact-product accumulation.
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    total[mi][ni][e] = __fmaf_rn(ad.scale, prod[mi][ni][e], total[mi][ni][e]);
+                    total[ni][e] = __fmaf_rn(ad.scale, prod[ni][e], total[ni][e]);
                 }
             }
         }
-    }
 
-    // out_tile is only used here, so no barrier is needed before writing it.
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
+        // The staged factors are no longer read by anyone: reuse their memory.
+        __syncthreads();
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const unsigned int r = wr + 16 * mi + g + 8 * (e / 2);
+                const unsigned int r = wr + g + 8 * (e / 2);
                 const unsigned int c = wc + 8 * ni + 2 * t + (e % 2);
-                out_tile[r][c] = total[mi][ni][e];
+                sh.out[r][c] = total[ni][e];
             }
         }
-    }
-    __syncthreads();
-    T* w = reinterpret_cast<T*>(p.w);
-    for (unsigned int idx = tid; idx < OFFLOAD_TILE_ROWS * OFFLOAD_TILE_COLS;
-         idx += OFFLOAD_MMA_THREADS) {
-        const unsigned int r = idx / OFFLOAD_TILE_COLS;
-        const unsigned int c = idx % OFFLOAD_TILE_COLS;
-        const unsigned int gr = tile_row + r;
-        const unsigned int gc = tile_col + c;
-        if (gr < p.rows && gc < p.cols) {
-            T* e = w + (unsigned long long)(p.row0 + gr) * p.cols + gc;
-            OffloadElem<T>::store(e, OffloadElem<T>::load(e) + out_tile[r][c]);
+        __syncthreads();
+        float acc[OFFLOAD_LR_ROWS_PER_THREAD][OFFLOAD_LR_COLS_PER_THREAD];
+#pragma unroll
+        for (int i = 0; i < OFFLOAD_LR_ROWS_PER_THREAD; ++i) {
+            const OffloadF32x4 v = *reinterpret_cast<const OffloadF32x4*>(
+                &sh.out[OFFLOAD_LR_ROWS_PER_THREAD * warp + i][OFFLOAD_LR_COLS_PER_THREAD * lane]);
+            acc[i][0] = v.x;
+            acc[i][1] = v.y;
+            acc[i][2] = v.z;
+            acc[i][3] = v.w;
         }
+        offload_add_w<T>(wf, acc);
+        offload_store_w<T>(wf, pl);
+        wf = wn;
+        pl = pn;
     }
 }
 
-extern "C" __global__ void __launch_bounds__(OFFLOAD_MMA_THREADS)
+// Two blocks per SM (at most 128 registers, no spills; with three, ptxas
+// spills 64 to 400 bytes).
+extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 2)
 offload_lowrank_merge_mma_f32(const OffloadLowRankMergeParams p) {
     offload_lowrank_merge_mma<float>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(OFFLOAD_MMA_THREADS)
+extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 2)
 offload_lowrank_merge_mma_f16(const OffloadLowRankMergeParams p) {
     offload_lowrank_merge_mma<__half>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(OFFLOAD_MMA_THREADS)
+extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 2)
 offload_lowrank_merge_mma_bf16(const OffloadLowRankMergeParams p) {
     offload_lowrank_merge_mma<__nv_bfloat16>(p);
 }

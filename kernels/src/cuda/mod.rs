@@ -29,28 +29,31 @@
 //! accumulation of every adapter of the launch, one rounding to W's dtype,
 //! rows outside the slice untouched.
 //!
-//! **Status: compiled by NVRTC, not yet run on a GPU.** The source includes
-//! only `cuda_fp16.h` and `cuda_bf16.h`, and uses only their types and
-//! scalar conversions (the tensor-core instruction is inline PTX). NVRTC
-//! 13.0 does not bundle those headers, so the runtime gives NVRTC its own
-//! minimal versions of both (`offload_runtime::device::cuda::nvrtc::HEADERS`);
-//! with them the source compiles to cubins for sm_80, sm_90 and sm_121 with
-//! NVRTC 13.0.88 in 2 to 3 seconds (the runtime's
-//! `nvrtc_compiles_the_kernel_sources` test needs libnvrtc but no GPU), and
-//! for sm_75 too (where the tensor-core kernel is a trap the runtime never
-//! launches); `--ptxas-options=-v` reports no register spills in any kernel
-//! for those four architectures.
+//! **Status: run on an NVIDIA H200 (2026-11-27)**, where every kernel
+//! matched the CPU merge and an f64 reference (the runtime's `gpu_merge_*`
+//! tests); figures in docs/benchmarks.md. The source includes only
+//! `cuda_fp16.h` and `cuda_bf16.h`, and uses only their types and scalar
+//! conversions (the tensor-core instruction is inline PTX). NVRTC 13.0 does
+//! not bundle those headers, so the runtime gives NVRTC its own minimal
+//! versions of both (`offload_runtime::device::cuda::nvrtc::HEADERS`); with
+//! them the source compiles to cubins for sm_80, sm_90 and sm_121 with NVRTC
+//! 13.0.88 in 2 to 4 seconds (the runtime's `nvrtc_compiles_the_kernel_sources`
+//! test needs libnvrtc but no GPU). `--ptxas-options=-v` for sm_80 and sm_90:
+//! no spills in the tensor-core and general kernels; the fp32 FMA low-rank
+//! kernel, held to 80 registers for three blocks per SM, spills 12 bytes
+//! (16-bit W) or 44 bytes (f32 W).
 //!
 //! What has been checked besides: g++ compiles the source against stand-in
 //! headers and runs it on the CPU (one OS thread per CUDA thread, a barrier
 //! for `__syncthreads()`, the warp-wide `mma` emulated from the PTX ISA's
 //! fragment layout), and every element of random low-rank, LoHa and LoKr
 //! merges from all three kernels matches the f64 reference within the CPU
-//! tests' tolerance (`tests/cuda_emulation.rs`, ignored by default). That
-//! emulation checks the kernels against our reading of the fragment layout,
-//! not against the hardware: the runtime's GPU tests (`gpu_merge_*`) must
-//! still compare the kernels with the CPU merge on a GPU before they are
-//! trusted, and report the tensor cores' TFLOP/s.
+//! tests' tolerance (`tests/cuda_emulation.rs`, ignored by default; grids of
+//! one to many blocks per column strip, and blocks that must merge nothing).
+//! That emulation checks the kernels against our reading of the fragment
+//! layout, not against the hardware: the runtime's GPU tests (`gpu_merge_*`)
+//! do that on a GPU (`scripts/gpu-check`), and report the tensor cores'
+//! TFLOP/s.
 
 use std::mem::{offset_of, size_of};
 
@@ -120,19 +123,32 @@ pub const MAX_ADAPTERS: usize = 8;
 /// (`OFFLOAD_MERGE_MAX_ADAPTERS`; its parameter block, 3352 bytes, stays
 /// under the 4 KiB every driver takes).
 pub const MERGE_MAX_ADAPTERS: usize = 32;
-/// Ranks up to this are meant to be bound by memory bandwidth in fp32 FMA;
-/// above it the tensor cores are used where the factors allow.
+/// The fp32 FMA kernel takes stacks whose ranks are all below this and add
+/// up to at most this; others go to the tensor cores where the factors allow
+/// ([`LowRankMergeParams::tensor_cores`]).
 pub const FMA_MAX_RANK: u32 = 32;
 /// The oldest GPUs with `mma.sync.m16n8k16` for f16 and bf16 (Ampere).
 pub const MMA_MIN_COMPUTE_CAPABILITY: (u32, u32) = (8, 0);
-/// Rows of W one thread block covers.
+/// Rows of W one thread block of the general kernel covers.
 pub const TILE_ROWS: u32 = 64;
-/// Columns of W one thread block covers.
+/// Columns of W one thread block of the general kernel covers.
 pub const TILE_COLS: u32 = 64;
-/// Threads per block of the fp32 FMA and general kernels, `(x, y, z)`.
+/// Threads per block of the general kernel, `(x, y, z)`.
 pub const BLOCK_DIM: (u32, u32, u32) = (16, 16, 1);
-/// Threads per block of the tensor-core kernel, `(x, y, z)`: four warps.
-pub const MMA_BLOCK_DIM: (u32, u32, u32) = (128, 1, 1);
+/// Rows of one tile of either low-rank kernel (a block merges several).
+pub const LOWRANK_TILE_ROWS: u32 = 32;
+/// Columns of one tile of either low-rank kernel.
+pub const LOWRANK_TILE_COLS: u32 = 128;
+/// Resident blocks per SM of the fp32 FMA low-rank kernel (its launch bounds).
+pub const LOWRANK_BLOCKS_PER_SM: u32 = 3;
+/// Resident blocks per SM of the tensor-core kernel (its launch bounds).
+pub const MMA_BLOCKS_PER_SM: u32 = 2;
+/// Threads per block of the fp32 FMA low-rank kernel, `(x, y, z)`: eight
+/// warps, each lane 4 rows × 4 columns of a tile.
+pub const LOWRANK_BLOCK_DIM: (u32, u32, u32) = (256, 1, 1);
+/// Threads per block of the tensor-core kernel, `(x, y, z)`: eight warps,
+/// the same layout of W as [`LOWRANK_BLOCK_DIM`].
+pub const MMA_BLOCK_DIM: (u32, u32, u32) = (256, 1, 1);
 
 /// The code of a dtype in the parameter block (`OFFLOAD_DTYPE_*`).
 pub const fn dtype_code(dtype: Dtype) -> u32 {
@@ -268,37 +284,68 @@ impl LowRankMergeParams {
     }
 
     /// Grid and block dimensions for a launch of the fp32 FMA kernel
-    /// ([`lowrank_merge_entry`]) with these parameters.
-    pub fn launch_dims(&self) -> LaunchDims {
-        (grid(self.rows, self.cols), BLOCK_DIM)
+    /// ([`lowrank_merge_entry`]) with these parameters on a GPU of
+    /// `multiprocessors` SMs.
+    pub fn launch_dims(&self, multiprocessors: u32) -> LaunchDims {
+        (
+            lowrank_grid(self.rows, self.cols, multiprocessors, LOWRANK_BLOCKS_PER_SM),
+            LOWRANK_BLOCK_DIM,
+        )
     }
 
     /// Grid and block dimensions for a launch of the tensor-core kernel
-    /// ([`lowrank_merge_mma_entry`]) with these parameters.
-    pub fn mma_launch_dims(&self) -> LaunchDims {
-        (grid(self.rows, self.cols), MMA_BLOCK_DIM)
+    /// ([`lowrank_merge_mma_entry`]) with these parameters on a GPU of
+    /// `multiprocessors` SMs.
+    pub fn mma_launch_dims(&self, multiprocessors: u32) -> LaunchDims {
+        (
+            lowrank_grid(self.rows, self.cols, multiprocessors, MMA_BLOCKS_PER_SM),
+            MMA_BLOCK_DIM,
+        )
     }
 
-    /// Whether these adapters should go to the tensor-core kernel: every
-    /// adapter's two factors are both f16 or both bf16 (the instruction takes
-    /// one 16-bit type for both operands, and their products are exact in
-    /// fp32), and some rank is above [`FMA_MAX_RANK`] (below it the fp32 FMA
-    /// kernel is bound by memory bandwidth anyway). The caller also checks
-    /// the device's compute capability against
-    /// [`MMA_MIN_COMPUTE_CAPABILITY`].
-    pub fn tensor_cores(&self) -> bool {
+    /// Whether the tensor-core kernel can take these adapters: at least one,
+    /// and every adapter's two factors both f16 or both bf16 (the instruction
+    /// takes one 16-bit type for both operands, and their products are exact
+    /// in fp32).
+    pub fn tensor_core_operands(&self) -> bool {
         let used = &self.adapters[..(self.num_adapters as usize).min(MAX_ADAPTERS)];
         !used.is_empty()
             && used
                 .iter()
                 .all(|a| a.up_dtype == a.down_dtype && a.up_dtype != dtype_code(Dtype::F32))
-            && used.iter().any(|a| a.rank > FMA_MAX_RANK)
+    }
+
+    /// Whether these adapters should go to the tensor-core kernel: its
+    /// operands fit ([`Self::tensor_core_operands`]), and some adapter has
+    /// rank [`FMA_MAX_RANK`] or more, or the ranks add up to more than it.
+    /// Measured on an H200 (docs/benchmarks.md): one rank-32 adapter merges
+    /// faster on the tensor cores (1257 against 988 GB/s), four rank-8
+    /// adapters faster in fp32 FMA (869 against 605 GB/s: the tensor-core
+    /// kernel pads each adapter's rank to 16 and stages each on its own).
+    /// The caller also checks the device's compute capability against
+    /// [`MMA_MIN_COMPUTE_CAPABILITY`].
+    pub fn tensor_cores(&self) -> bool {
+        let used = &self.adapters[..(self.num_adapters as usize).min(MAX_ADAPTERS)];
+        self.tensor_core_operands()
+            && (used.iter().any(|a| a.rank >= FMA_MAX_RANK)
+                || used.iter().map(|a| a.rank).sum::<u32>() > FMA_MAX_RANK)
     }
 }
 
 /// The grid for a slice of `rows` × `cols`: one block per 64 × 64 tile.
 fn grid(rows: u32, cols: u32) -> (u32, u32, u32) {
     (cols.div_ceil(TILE_COLS), rows.div_ceil(TILE_ROWS), 1)
+}
+
+/// The low-rank kernels' grid for a slice of `rows` × `cols`: a block walks
+/// the 32 × 128 tiles of one column strip (`offload_lr_walk` in the source),
+/// so the grid is a whole number of blocks per strip, as many as fill the
+/// GPU's SMs `per_sm` deep and at most one per tile.
+fn lowrank_grid(rows: u32, cols: u32, multiprocessors: u32, per_sm: u32) -> (u32, u32, u32) {
+    let tiles_x = cols.div_ceil(LOWRANK_TILE_COLS).max(1);
+    let tiles_y = rows.div_ceil(LOWRANK_TILE_ROWS).max(1);
+    let per_strip = (multiprocessors.max(1).saturating_mul(per_sm) / tiles_x).clamp(1, tiles_y);
+    (tiles_x.saturating_mul(per_strip), 1, 1)
 }
 
 /// The factors of a delta in the order the kernels' callers give their
@@ -541,9 +588,15 @@ mod tests {
     fn source_declares_every_entry_point_and_the_layout() {
         for dtype in Dtype::ALL {
             for (entry, threads) in [
-                (lowrank_merge_entry(dtype), "OFFLOAD_THREADS"),
-                (lowrank_merge_mma_entry(dtype), "OFFLOAD_MMA_THREADS"),
-                (merge_entry(dtype), "OFFLOAD_THREADS, 2"),
+                (
+                    lowrank_merge_entry(dtype),
+                    format!("OFFLOAD_LR_THREADS, {LOWRANK_BLOCKS_PER_SM}"),
+                ),
+                (
+                    lowrank_merge_mma_entry(dtype),
+                    format!("OFFLOAD_LR_THREADS, {MMA_BLOCKS_PER_SM}"),
+                ),
+                (merge_entry(dtype), "OFFLOAD_THREADS, 2".to_string()),
             ] {
                 assert!(
                     LOWRANK_MERGE_SRC.contains(&format!(
@@ -561,7 +614,10 @@ mod tests {
             ("OFFLOAD_TILE_K", FMA_MAX_RANK),
             ("OFFLOAD_BLOCK_X", BLOCK_DIM.0),
             ("OFFLOAD_BLOCK_Y", BLOCK_DIM.1),
-            ("OFFLOAD_MMA_THREADS", MMA_BLOCK_DIM.0),
+            ("OFFLOAD_LR_TILE_ROWS", LOWRANK_TILE_ROWS),
+            ("OFFLOAD_LR_TILE_COLS", LOWRANK_TILE_COLS),
+            ("OFFLOAD_LR_THREADS", LOWRANK_BLOCK_DIM.0),
+            ("OFFLOAD_LR_K", FMA_MAX_RANK),
         ];
         for (name, value) in defines {
             assert!(
@@ -570,6 +626,7 @@ mod tests {
             );
         }
         assert_eq!((BLOCK_DIM.2, MMA_BLOCK_DIM.1, MMA_BLOCK_DIM.2), (1, 1, 1));
+        assert_eq!(LOWRANK_BLOCK_DIM, MMA_BLOCK_DIM);
         for dtype in Dtype::ALL {
             assert!(LOWRANK_MERGE_SRC.contains(&format!(
                 "#define OFFLOAD_DTYPE_{} {}u\n",
@@ -620,13 +677,20 @@ mod tests {
                 scale: 0.5
             }
         );
-        assert_eq!(p.launch_dims(), ((2, 3, 1), (16, 16, 1)));
+        // 130 rows x 70 columns: one column strip of five 32 x 128 tiles;
+        // as many blocks as fill the GPU, at most one per tile.
+        assert_eq!(p.launch_dims(132), ((5, 1, 1), (256, 1, 1)));
+        assert_eq!(p.launch_dims(1), ((3, 1, 1), (256, 1, 1)));
+        assert_eq!(p.mma_launch_dims(1), ((2, 1, 1), (256, 1, 1)));
+        // A wide weight: whole strips only (40 strips of 5120 columns).
+        assert_eq!(lowrank_grid(1280, 5120, 132, 3), (360, 1, 1));
+        assert_eq!(lowrank_grid(1280, 5120, 10, 3), (40, 1, 1));
+        assert_eq!(lowrank_grid(1, 1, 0, 3), (1, 1, 1));
         assert_eq!(bytemuck::bytes_of(&p).len(), 280);
         assert!(matches!(
             LowRankMergeParams::new(&spec, 0x1000, &[]),
             Err(KernelError::Unsupported { .. })
         ));
-        assert_eq!(p.mma_launch_dims(), ((2, 3, 1), (128, 1, 1)));
         // Mixed factor dtypes and rank 4: not for the tensor cores.
         assert!(!p.tensor_cores());
     }
@@ -662,8 +726,18 @@ mod tests {
         use Dtype::{BF16, F16, F32};
         assert!(lowrank_params(&[(64, F16, F16)]).tensor_cores());
         assert!(lowrank_params(&[(33, BF16, BF16), (4, F16, F16)]).tensor_cores());
-        // Rank 32 and below: fp32 FMA, bound by memory bandwidth.
-        assert!(!lowrank_params(&[(32, F16, F16), (8, BF16, BF16)]).tensor_cores());
+        // Small ranks adding up to 32 or less: fp32 FMA.
+        assert!(!lowrank_params(&[(24, F16, F16), (8, BF16, BF16)]).tensor_cores());
+        assert!(!lowrank_params(&[(8, F16, F16); 4]).tensor_cores());
+        assert!(!lowrank_params(&[(31, F16, F16)]).tensor_cores());
+        // One adapter of rank 32: the tensor cores.
+        assert!(lowrank_params(&[(32, F16, F16)]).tensor_cores());
+        // The stack counts: four rank-16 adapters are a rank-64 product.
+        assert!(lowrank_params(&[(16, F16, F16); 4]).tensor_cores());
+        assert!(lowrank_params(&[(32, F16, F16), (8, BF16, BF16)]).tensor_cores());
+        // The operands alone.
+        assert!(lowrank_params(&[(8, BF16, BF16)]).tensor_core_operands());
+        assert!(!lowrank_params(&[(8, BF16, F16)]).tensor_core_operands());
         // One operand type per instruction; no f32 operands.
         assert!(!lowrank_params(&[(64, F16, BF16)]).tensor_cores());
         assert!(!lowrank_params(&[(64, F32, F32)]).tensor_cores());

@@ -33,6 +33,7 @@
 
 thread_local dim3 threadIdx;
 thread_local dim3 blockIdx;
+thread_local dim3 gridDim;
 std::barrier<>* emu_barrier;
 
 // ---------------------------------------------------------------------------
@@ -102,11 +103,11 @@ static void offload_mma_bf16(float (&d)[4], const unsigned (&a)[4], const unsign
 
 #include "lowrank_merge.cu"
 
-// Grid (ceil(cols / 64), ceil(rows / 64)) and the given block, as documented
-// in the source; blocks run one after another, each CUDA thread an OS thread.
+// Runs `kernel` on a grid of (gx, gy) blocks of (bdx, bdy) threads; blocks
+// run one after another, each CUDA thread an OS thread.
 template <typename P>
-static void launch(void (*kernel)(const P), const P& p, unsigned bdx, unsigned bdy) {
-    const unsigned gx = (p.cols + 63) / 64, gy = (p.rows + 63) / 64;
+static void launch_grid(void (*kernel)(const P), const P& p, unsigned bdx, unsigned bdy, unsigned gx,
+                        unsigned gy) {
     const unsigned threads = bdx * bdy;
     for (unsigned by = 0; by < gy; ++by) {
         for (unsigned bx = 0; bx < gx; ++bx) {
@@ -122,6 +123,7 @@ static void launch(void (*kernel)(const P), const P& p, unsigned bdx, unsigned b
                 pool.emplace_back([=, &p] {
                     threadIdx = {tid % bdx, tid / bdx, 0};
                     blockIdx = {bx, by, 0};
+                    gridDim = {gx, gy, 1};
                     emu_warp = tid / 32;
                     emu_lane = tid % 32;
                     kernel(p);
@@ -130,6 +132,24 @@ static void launch(void (*kernel)(const P), const P& p, unsigned bdx, unsigned b
             for (auto& t : pool) t.join();
         }
     }
+}
+
+// The general kernel: one block per 64 x 64 tile, as documented in the source.
+template <typename P>
+static void launch(void (*kernel)(const P), const P& p, unsigned bdx, unsigned bdy) {
+    launch_grid(kernel, p, bdx, bdy, (p.cols + OFFLOAD_TILE_COLS - 1) / OFFLOAD_TILE_COLS,
+                (p.rows + OFFLOAD_TILE_ROWS - 1) / OFFLOAD_TILE_ROWS);
+}
+
+// The low-rank kernels: a block per column strip and `per_strip` blocks down
+// each (at most the strip's tiles), as offload_kernels::cuda computes it from
+// the GPU's size; `extra` blocks past the whole multiple must merge nothing.
+template <typename P>
+static void launch_lowrank(void (*kernel)(const P), const P& p, unsigned per_strip, unsigned extra) {
+    const unsigned tiles_x = (p.cols + OFFLOAD_LR_TILE_COLS - 1) / OFFLOAD_LR_TILE_COLS;
+    const unsigned tiles_y = (p.rows + OFFLOAD_LR_TILE_ROWS - 1) / OFFLOAD_LR_TILE_ROWS;
+    per_strip = std::max(1u, std::min(per_strip, tiles_y));
+    launch_grid(kernel, p, OFFLOAD_LR_THREADS, 1, tiles_x * per_strip + extra, 1);
 }
 
 static double decode(unsigned dt, const void* base, size_t i) {
@@ -313,13 +333,19 @@ static long lowrank_cases(int cases, bool mma) {
             matmul(up, down, d, da);
             add_delta(W, scale, d, da);
         }
+        // Blocks per column strip: one (each walks every tile of its strip),
+        // a few, or one per tile; and sometimes blocks past the whole
+        // multiple, which must merge nothing.
+        const unsigned per_strip = c % 3 == 0 ? 1 : (c % 3 == 1 ? 1 + rng() % 3 : 1000);
+        const unsigned extra = c % 4 == 3 ? 1 + rng() % 3 : 0;
         if (mma) {
-            launch(pick(W.dt, offload_lowrank_merge_mma_f32, offload_lowrank_merge_mma_f16,
-                        offload_lowrank_merge_mma_bf16),
-                   p, OFFLOAD_MMA_THREADS, 1);
+            launch_lowrank(pick(W.dt, offload_lowrank_merge_mma_f32, offload_lowrank_merge_mma_f16,
+                                offload_lowrank_merge_mma_bf16),
+                           p, per_strip, extra);
         } else {
-            launch(pick(W.dt, offload_lowrank_merge_f32, offload_lowrank_merge_f16, offload_lowrank_merge_bf16), p,
-                   OFFLOAD_BLOCK_X, OFFLOAD_BLOCK_Y);
+            launch_lowrank(
+                pick(W.dt, offload_lowrank_merge_f32, offload_lowrank_merge_f16, offload_lowrank_merge_bf16), p,
+                per_strip, extra);
         }
         failures += check(group, c, W);
         elements += (long)n * cols;

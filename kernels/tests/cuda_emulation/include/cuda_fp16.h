@@ -28,6 +28,7 @@ struct dim3 {
 };
 extern thread_local dim3 threadIdx;
 extern thread_local dim3 blockIdx;
+extern thread_local dim3 gridDim;
 extern std::barrier<>* emu_barrier;
 static inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
 static inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }

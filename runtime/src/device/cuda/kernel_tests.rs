@@ -392,8 +392,9 @@ fn gpu_merge_lowrank_matches_cpu_merge() {
     let s = d.create_stream().unwrap();
     let mut cases = Vec::new();
     for dtype in Dtype::ALL {
-        // A row slice whose length and width are not multiples of the 64 x 64
-        // tile; two adapters of mixed factor dtypes, one of rank > 32 (two chunks).
+        // A row slice whose length and width are not multiples of the 32 x 128
+        // tile; two adapters of mixed factor dtypes whose ranks (5 + 40) take
+        // two chunks, the second adapter split across them.
         cases.push(MergeCase {
             dtype,
             shape: vec![150, 200],
@@ -581,56 +582,82 @@ fn gpu_merge_lowrank_tensor_cores_match_cpu_merge_and_report_tflops() {
         );
     }
 
-    // Throughput (informative): a 4096 x 4096 f16 weight and one adapter,
-    // f16 x f16 factors (tensor cores above rank 32) against f16 x bf16
-    // factors of the same size (always the fp32 FMA kernel).
+    // Throughput (informative; `offload bench merge` is the measurement): a
+    // 4096 x 4096 f16 weight, one or four adapters with f16 factors, on each
+    // kernel, rotating through four copies of W (128 MiB, more than the L2).
     assert!(
         d.vmm_supported() || d.info().page_size >= 32 << 20,
         "fallback mode: a 32 MiB weight does not fit one page"
     );
     let (rows, cols) = (4096usize, 4096usize);
     let mut bufs = Bufs::new(&d);
-    let w = bufs.alloc(rows * cols * 2);
-    d.launch(
-        &Kernel::Fill {
-            dst: w,
-            len: rows * cols * 2,
-            value: 0,
-        },
-        s,
-    )
-    .unwrap();
-    for rank in [16usize, 32, 64, 128, 256] {
+    let ws: Vec<DevicePtr> = (0..4)
+        .map(|_| {
+            let w = bufs.alloc(rows * cols * 2);
+            d.launch(
+                &Kernel::Fill {
+                    dst: w,
+                    len: rows * cols * 2,
+                    value: 0,
+                },
+                s,
+            )
+            .unwrap();
+            w
+        })
+        .collect();
+    for rank in [8usize, 16, 32, 64, 128, 256] {
         let up_b = vec![0u8; rows * rank * 2];
         let down_b = vec![0u8; rank * cols * 2];
         let (up, down) = (bufs.upload(&up_b, s), bufs.upload(&down_b, s));
-        for down_dtype in [Dtype::F16, Dtype::BF16] {
-            let adapters = [Adapter {
-                scale: 1.0,
-                delta: Delta::LowRank {
-                    up: Factor::new(&up_b, Dtype::F16, rows, rank),
-                    down: Factor::new(&down_b, down_dtype, rank, cols),
-                },
-            }];
+        for count in [1usize, 4] {
+            let adapters: Vec<Adapter> = (0..count)
+                .map(|_| Adapter {
+                    scale: 1.0,
+                    delta: Delta::LowRank {
+                        up: Factor::new(&up_b, Dtype::F16, rows, rank),
+                        down: Factor::new(&down_b, Dtype::F16, rank, cols),
+                    },
+                })
+                .collect();
+            let factors = vec![(up, down); count];
             let spec = MergeSpec::new(Dtype::F16, &[rows, cols], None, &adapters).unwrap();
-            let mma = d.merge_uses_tensor_cores(&spec);
-            d.merge_lowrank(&spec, w, &[(up, down)], s).unwrap();
-            d.stream_synchronize(s).unwrap();
-            let reps = 20;
-            let t = Instant::now();
-            for _ in 0..reps {
-                d.merge_lowrank(&spec, w, &[(up, down)], s).unwrap();
+            let auto_mma = d.merge_uses_tensor_cores(&spec);
+            let mut line = format!("merge {rows}x{cols} f16, {count} x rank {rank} f16 factors:");
+            for kernel in [LowRankKernel::Fma, LowRankKernel::TensorCores] {
+                if kernel == LowRankKernel::TensorCores && !tensor_cores {
+                    continue;
+                }
+                for &w in &ws {
+                    d.merge_lowrank_with(&spec, w, &factors, s, kernel).unwrap();
+                }
+                d.stream_synchronize(s).unwrap();
+                let reps = 24;
+                let t = Instant::now();
+                for i in 0..reps {
+                    d.merge_lowrank_with(&spec, ws[i % ws.len()], &factors, s, kernel)
+                        .unwrap();
+                }
+                d.stream_synchronize(s).unwrap();
+                let per = t.elapsed() / reps as u32;
+                let secs = per.as_secs_f64();
+                line += &format!(
+                    " {}{} {per:?}, {:.1} TFLOP/s, {:.0} GB/s;",
+                    if kernel == LowRankKernel::Fma {
+                        "fp32 FMA"
+                    } else {
+                        "tensor cores"
+                    },
+                    if (kernel == LowRankKernel::TensorCores) == auto_mma {
+                        " (auto)"
+                    } else {
+                        ""
+                    },
+                    (2 * rows * cols * rank * count) as f64 / secs / 1e12,
+                    (2 * rows * cols * 2) as f64 / secs / 1e9
+                );
             }
-            d.stream_synchronize(s).unwrap();
-            let per = t.elapsed() / reps;
-            let secs = per.as_secs_f64();
-            eprintln!(
-                "merge {rows}x{cols} f16, rank {rank}, factors F16 x {down_dtype} ({}): {per:?} per launch, \
-                 {:.1} TFLOP/s, {:.0} GB/s of W read and written",
-                if mma { "tensor cores" } else { "fp32 FMA" },
-                (2 * rows * cols * rank) as f64 / secs / 1e12,
-                (2 * rows * cols * 2) as f64 / secs / 1e9
-            );
+            eprintln!("{line}");
         }
     }
     drop(bufs);

@@ -4,8 +4,9 @@
 //!
 //! Three kernels (see `offload_kernels::cuda`): the low-rank merge in fp32
 //! FMA, the same on the tensor cores (taken by [`CudaDevice::merge_lowrank`]
-//! when every adapter's factors are both f16 or both bf16, some rank is
-//! above 32 and the device has compute capability 8.0 or newer), and the
+//! when every adapter's factors are both f16 or both bf16, some rank is 32
+//! or more or the ranks add up to more than 32, and the device has compute
+//! capability 8.0 or newer), and the
 //! general merge of any mix of low-rank, LoHa and LoKr deltas
 //! ([`CudaDevice::merge`]). [`Kernel::Merge`](crate::device::Kernel::Merge)
 //! takes the first two for plain low-rank merges and the general one
@@ -123,6 +124,18 @@ pub(super) fn merge_regions(
     Ok(regions)
 }
 
+/// The kernel a low-rank merge runs on ([`CudaDevice::merge_lowrank_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LowRankKernel {
+    /// Tensor cores where the factors allow and the stacked ranks add up to
+    /// more than 32 on a device that has them, fp32 FMA otherwise.
+    Auto,
+    /// The fp32 FMA kernel.
+    Fma,
+    /// The tensor-core kernel.
+    TensorCores,
+}
+
 impl CudaDevice {
     fn merge_kernels(&self) -> Result<Arc<MergeKernels>> {
         let mut slot = lock(&self.merge);
@@ -169,7 +182,8 @@ impl CudaDevice {
 
     /// Whether [`Self::merge_lowrank`] runs `spec` on the tensor cores on
     /// this device (every adapter's factors both f16 or both bf16, some rank
-    /// above 32, compute capability 8.0 or newer).
+    /// 32 or more or the ranks adding up to more than 32, compute capability
+    /// 8.0 or newer: [`offload_kernels::cuda::LowRankMergeParams::tensor_cores`]).
     pub fn merge_uses_tensor_cores(&self, spec: &MergeSpec<'_>) -> bool {
         let addrs = vec![(0, 0); spec.adapters().len()];
         self.info
@@ -275,6 +289,22 @@ impl CudaDevice {
         factors: &[(DevicePtr, DevicePtr)],
         stream: StreamId,
     ) -> Result<()> {
+        self.merge_lowrank_with(spec, w, factors, stream, LowRankKernel::Auto)
+    }
+
+    /// [`Self::merge_lowrank`] on the kernel `kernel` names (for benchmarks
+    /// and tests that compare the two on the same merge). Asking for
+    /// [`LowRankKernel::TensorCores`] where the device (compute capability
+    /// below 8.0) or the factors (not both f16 or both bf16 per adapter)
+    /// rule it out is an [`Error::Kernel`].
+    pub fn merge_lowrank_with(
+        &self,
+        spec: &MergeSpec<'_>,
+        w: DevicePtr,
+        factors: &[(DevicePtr, DevicePtr)],
+        stream: StreamId,
+        kernel: LowRankKernel,
+    ) -> Result<()> {
         if spec.adapters().len() > MAX_ADAPTERS {
             return Err(merge_error(format!(
                 "{} adapters in one low-rank merge (at most {MAX_ADAPTERS})",
@@ -301,15 +331,41 @@ impl CudaDevice {
         }
         let kernels = self.merge_kernels()?;
         let code = dtype_code(spec.dtype()) as usize;
-        let mma = self
+        let device_has_mma = self
             .info
             .compute_capability
-            .is_some_and(|cc| cc >= MMA_MIN_COMPUTE_CAPABILITY)
-            && params.tensor_cores();
+            .is_some_and(|cc| cc >= MMA_MIN_COMPUTE_CAPABILITY);
+        let mma = match kernel {
+            LowRankKernel::Auto => device_has_mma && params.tensor_cores(),
+            LowRankKernel::Fma => false,
+            LowRankKernel::TensorCores => {
+                if !device_has_mma {
+                    return Err(merge_error(format!(
+                        "the tensor-core merge needs compute capability {}.{} or newer (this device: {:?})",
+                        MMA_MIN_COMPUTE_CAPABILITY.0,
+                        MMA_MIN_COMPUTE_CAPABILITY.1,
+                        self.info.compute_capability
+                    )));
+                }
+                if !params.tensor_core_operands() {
+                    return Err(merge_error(
+                        "the tensor-core merge needs both factors of every adapter in f16, or both in bf16"
+                            .to_string(),
+                    ));
+                }
+                true
+            }
+        };
         let (function, (grid, block)) = if mma {
-            (kernels.lowrank_mma[code], params.mma_launch_dims())
+            (
+                kernels.lowrank_mma[code],
+                params.mma_launch_dims(self.multiprocessors),
+            )
         } else {
-            (kernels.lowrank[code], params.launch_dims())
+            (
+                kernels.lowrank[code],
+                params.launch_dims(self.multiprocessors),
+            )
         };
         self.ctx.bind()?;
         let mut args: [*mut c_void; 1] = [(&mut params as *mut LowRankMergeParams).cast()];

@@ -45,7 +45,7 @@ mod tests;
 
 pub use cublas::BlasInfo;
 pub use handles::HostRegistration;
-pub use merge::MergeKernelsInfo;
+pub use merge::{LowRankKernel, MergeKernelsInfo};
 pub use nvrtc::NvrtcError;
 pub use probe::{probe, Probe, ProbeError};
 
@@ -111,6 +111,8 @@ pub struct CudaDevice {
     vmm_unavailable: Option<String>,
     host_register: bool,
     read_only_register: bool,
+    /// Streaming multiprocessors (the merge kernels size their grids by it).
+    multiprocessors: u32,
     mem: Mutex<MemState>,
     streams: DashMap<u64, Arc<Stream>>,
     events: DashMap<u64, Arc<Event>>,
@@ -171,6 +173,11 @@ impl CudaDevice {
             dev,
             sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
         )?;
+        let multiprocessors = result::device_attribute(
+            dev,
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .map_or(1, |v| v.max(1) as u32);
         let granularity = result::allocation_granularity(ordinal);
         let page_size = match granularity {
             Ok(g) if g.is_power_of_two() => g,
@@ -202,6 +209,7 @@ impl CudaDevice {
             vmm_unavailable,
             host_register,
             read_only_register,
+            multiprocessors,
             mem: Mutex::new(MemState::new(page_size, vmm)),
             streams: DashMap::new(),
             events: DashMap::new(),
@@ -219,6 +227,11 @@ impl CudaDevice {
     /// The GPU's ordinal.
     pub fn ordinal(&self) -> u32 {
         self.ordinal
+    }
+
+    /// The GPU's streaming multiprocessors.
+    pub fn multiprocessors(&self) -> u32 {
+        self.multiprocessors
     }
 
     /// Whether memory goes through the virtual memory API (pages mapped into
