@@ -87,9 +87,25 @@ pub struct MergeBenchArgs {
     /// Seed of W's and the factors' values.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// The GPU kernel for low-rank merges: `auto` (tensor cores where the
+    /// factors are 16-bit and the stacked ranks add up to more than 32),
+    /// `fma` (fp32 FMA) or `tensor-cores`.
+    #[arg(long, value_enum, default_value_t = KernelArg::Auto)]
+    pub kernel: KernelArg,
     /// Print one JSON object with every result instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--kernel`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KernelArg {
+    /// The runtime's own choice.
+    Auto,
+    /// The fp32 FMA kernel.
+    Fma,
+    /// The tensor-core kernel.
+    TensorCores,
 }
 
 /// `--dtype`.
@@ -140,6 +156,8 @@ fn factor_dtype(dtype: Dtype) -> Dtype {
 #[derive(Clone, Debug)]
 struct Row {
     backend: &'static str,
+    /// Which merge kernel ran: "cpu", "fp32 FMA" or "tensor cores".
+    kernel: &'static str,
     dtype: Dtype,
     factor_dtype: Dtype,
     rank: usize,
@@ -213,6 +231,7 @@ impl Row {
     fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "backend": self.backend,
+            "kernel": self.kernel,
             "dtype": self.dtype.name(),
             "factor_dtype": self.factor_dtype.name(),
             "rank": self.rank,
@@ -371,14 +390,15 @@ fn table(args: &MergeBenchArgs, setups: &[Setup], notes: &[String], rows: &[Row]
     );
     let _ = writeln!(
         out,
-        "\n| backend | W | rank | adapters | ours GB/s | ours ÷ copy | copy GB/s | baseline GB/s | speed-up | max abs diff | target |"
+        "\n| backend | kernel | W | rank | adapters | ours GB/s | ours ÷ copy | copy GB/s | baseline GB/s | speed-up | max abs diff | target |"
     );
-    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|");
+    let _ = writeln!(out, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|");
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.2}× | {:.1e} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.2}× | {:.1e} | {} |",
             r.backend,
+            r.kernel,
             r.dtype.name(),
             r.rank,
             r.adapters,
@@ -833,6 +853,7 @@ fn cpu_bench(args: &MergeBenchArgs, threads: NonZeroUsize) -> Result<(Setup, Vec
                 }
                 out.push(Row {
                     backend: "cpu",
+                    kernel: "cpu",
                     dtype,
                     factor_dtype: fdtype,
                     rank,
@@ -896,12 +917,12 @@ mod gpu {
     use cudarc::driver::sys;
     use offload_kernels::MergeSpec;
     use offload_runtime::device::cuda::cublas::GemmAccumulate;
-    use offload_runtime::device::cuda::{probe, CudaDevice};
+    use offload_runtime::device::cuda::{probe, CudaDevice, LowRankKernel};
     use offload_runtime::device::{Device, DeviceExt, DevicePtr, PhysPage, StreamId, VirtualRange};
 
     use super::{
         agreement, decode, encode, factor_dtype, make_adapters, median, merge_adapters,
-        pool_copies, uniform, MergeBenchArgs, Row, Setup,
+        pool_copies, uniform, KernelArg, MergeBenchArgs, Row, Setup,
     };
     use crate::rng::Rng;
 
@@ -1273,9 +1294,18 @@ mod gpu {
                         .map(|b| (0..count).map(|a| (ups[a][b], downs[a])).collect())
                         .collect();
 
+                    let kernel = match args.kernel {
+                        KernelArg::Auto => LowRankKernel::Auto,
+                        KernelArg::Fma => LowRankKernel::Fma,
+                        KernelArg::TensorCores => LowRankKernel::TensorCores,
+                    };
+                    let tensor_cores = match kernel {
+                        LowRankKernel::Auto => d.merge_uses_tensor_cores(&specs[0]),
+                        k => k == LowRankKernel::TensorCores,
+                    };
                     let ours_on = |w: &[DevicePtr]| -> Result<(), String> {
                         for (b, spec) in specs.iter().enumerate() {
-                            d.merge_lowrank(spec, w[b], &factor_ptrs[b], s)
+                            d.merge_lowrank_with(spec, w[b], &factor_ptrs[b], s, kernel)
                                 .map_err(fail("merge_lowrank"))?;
                         }
                         Ok(())
@@ -1348,6 +1378,11 @@ mod gpu {
                     }
                     out.push(Row {
                         backend: "cuda",
+                        kernel: if tensor_cores {
+                            "tensor cores"
+                        } else {
+                            "fp32 FMA"
+                        },
                         dtype,
                         factor_dtype: fdtype,
                         rank,
