@@ -9,6 +9,7 @@ mod cmd_inspect;
 mod cmd_merge;
 mod cmd_synth;
 mod e2e;
+mod h2d_bench;
 mod merge_bench;
 mod null_device;
 mod rng;
@@ -48,6 +49,10 @@ enum Bench {
     Arena(ArenaArgs),
     /// One generation per offload mode with real compute per layer: the offload table.
     E2e(Box<e2e::E2eArgs>),
+    /// Upload rates: pinned, pageable and the runtime's own (pinned and
+    /// staged) host-to-device copies against a plain pinned copy, the
+    /// device-to-device rate, and the cost of mapping pages.
+    H2d(h2d_bench::H2dBenchArgs),
     /// Merge throughput: our stacked LoRA merge against a plain copy and a per-adapter gemm.
     Merge(merge_bench::MergeBenchArgs),
 }
@@ -120,6 +125,7 @@ fn main() -> ExitCode {
         Some(Command::Bench(b)) => match b.as_ref() {
             Bench::Arena(a) => bench_arena(a),
             Bench::E2e(a) => e2e::run(a),
+            Bench::H2d(a) => h2d_bench::run(a),
             Bench::Merge(a) => merge_bench::run(a),
         },
         Some(Command::Inspect(a)) => cmd_inspect::run(a),
