@@ -38,7 +38,8 @@ pub enum HostPolicy {
         buffers: usize,
         /// Bytes per staging buffer.
         buffer_bytes: usize,
-        /// Reader threads.
+        /// Reader threads (each takes one layer at a time), and the threads
+        /// that fill one staging buffer together (parts of at least 4 MiB).
         threads: usize,
     },
 }
