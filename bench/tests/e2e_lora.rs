@@ -19,8 +19,14 @@ fn out_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// The `offload` binary: `OFFLOAD_BIN` where set (scripts/gpu-check runs
+/// these tests from a staged folder on another machine), else cargo's build.
+fn offload_bin() -> std::ffi::OsString {
+    std::env::var_os("OFFLOAD_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_offload").into())
+}
+
 fn offload(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_offload"))
+    Command::new(offload_bin())
         .args(args)
         .output()
         .expect("run offload")
@@ -274,5 +280,38 @@ fn bad_lora_flags_are_clear_errors() {
         assert!(!out.status.success(), "{args:?} should fail");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("offload: error:"), "{args:?}: {err}");
+    }
+}
+
+/// Every offload mode with every LoRA mode for a few passes on the GPU:
+/// each row ran on the CUDA device, the streaming rows moved bytes, and
+/// every LoRA row's patched tensors read back equal to the host merge
+/// (within 1 ulp on a GPU). scripts/gpu-check runs it.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_every_offload_and_lora_mode_runs_on_the_cuda_device() {
+    let (rows, stdout) = run_e2e("gpu", &["--lora-ranks", "4,40"]);
+    assert_eq!(rows.len(), OFFLOAD.len() * LORA_MODES.len(), "{stdout}");
+    for (mode, policy) in OFFLOAD {
+        for lora in LORA_MODES {
+            let r = row(&rows, mode, policy, lora);
+            let device = r["device"].as_str().unwrap_or_default();
+            assert!(
+                device.starts_with("Cuda"),
+                "{mode}/{policy}/{lora} ran on {device}"
+            );
+            if mode == "model" {
+                assert_eq!(r["fits"], false, "{r}");
+                continue;
+            }
+            assert_eq!(r["fits"], true, "{r}");
+            assert!(f(r, "it_per_s") > 0.0, "{r}");
+            if STREAMING.contains(&(mode, policy)) {
+                assert!(u(r, "bytes_h2d_per_pass") > 0, "{r}");
+            }
+            if lora != "none" {
+                assert_eq!(r["lora_check"]["passed"], true, "{r}");
+            }
+        }
     }
 }
