@@ -1477,7 +1477,6 @@ pub fn run(args: &E2eArgs) -> Result<(), String> {
         t_bytes,
         ly_bytes,
         max_k,
-        lora_pages,
     };
 
     let selected = device::auto(&HostConfig {
@@ -1535,8 +1534,6 @@ struct Sizes {
     t_bytes: usize,
     ly_bytes: usize,
     max_k: usize,
-    /// Device pages the LoRA set's factors take.
-    lora_pages: usize,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1560,8 +1557,12 @@ fn run_on(
         t_bytes,
         ly_bytes,
         max_k,
-        lora_pages,
     } = sizes;
+    // The LoRA factors in whole pages of this device (one allocation per file).
+    let dev_page = dev.info().page_size;
+    let lora_bytes: usize = lora.as_ref().map_or(0, |s| {
+        s.packed.iter().map(|&b| b.next_multiple_of(dev_page)).sum()
+    });
     let e = |e: Error| e.to_string();
     let compute = dev.create_stream().map_err(e)?;
     let scratch = Arena::new(dev.clone(), ArenaConfig::default()).map_err(e)?;
@@ -1600,9 +1601,8 @@ fn run_on(
     // Warm up as much as the largest row holds: the whole model in whole
     // pages per layer with the LoRA factors, or the offload rows' budget (a
     // GPU's whole memory is far more, and not all of it can be had).
-    let dev_page = dev.info().page_size;
     let layer_count: usize = desc.components.iter().map(|c| c.layers.len()).sum();
-    let most_held = (model_bytes + (layer_count + lora_pages) * dev_page).max(device_mem);
+    let most_held = (model_bytes + layer_count * dev_page + lora_bytes).max(device_mem);
     warm_up(&dev, &scratch, most_held).map_err(e)?;
 
     let mut rows: Vec<(Mode, Policy)> = Vec::new();
@@ -1716,7 +1716,7 @@ fn run_on(
                 * page,
     );
     // The none row's LoRA rows hold the factors beside the whole model.
-    let full_lora = info_total.min(full + lora_pages * page);
+    let full_lora = info_total.min(full + lora_bytes);
     let n_rows = rows.len();
     let mut offload_rows = vec![(Mode::None, Policy::Planned)];
     offload_rows.extend(rows);

@@ -1386,8 +1386,10 @@ mod gpu {
 
     impl Drop for Timer {
         fn drop(&mut self) {
-            // SAFETY: created in `new`, destroyed once; every use waited
-            // for `end`, which follows `start` on its stream.
+            // SAFETY: both events were created in `new` and are destroyed
+            // once, here. An event may still be pending (a sample that failed
+            // after recording it): cuEventDestroy allows that, releasing the
+            // event once its work completes, and nothing uses it afterwards.
             unsafe {
                 sys::cuEventDestroy_v2(self.start);
                 sys::cuEventDestroy_v2(self.end);

@@ -87,9 +87,10 @@ pub struct MergeBenchArgs {
     /// Seed of W's and the factors' values.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// The GPU kernel for low-rank merges: `auto` (tensor cores where the
-    /// factors are 16-bit and the stacked ranks add up to more than 32),
-    /// `fma` (fp32 FMA) or `tensor-cores`.
+    /// The GPU kernel for low-rank merges: `auto` (the runtime's choice:
+    /// tensor cores where the factors are 16-bit and some rank is 32 or more
+    /// or the ranks add up to more than 32), `fma` (fp32 FMA) or
+    /// `tensor-cores`. Only with `--backend cuda` or `auto`.
     #[arg(long, value_enum, default_value_t = KernelArg::Auto)]
     pub kernel: KernelArg,
     /// Print one JSON object with every result instead of the table.
@@ -344,6 +345,9 @@ fn check_args(args: &MergeBenchArgs) -> Result<(), String> {
     }
     if args.adapters.is_empty() || args.adapters.contains(&0) {
         return Err("--adapters must be positive".into());
+    }
+    if args.kernel != KernelArg::Auto && args.backend == BackendArg::Host {
+        return Err("--kernel chooses a GPU kernel: use it with --backend cuda or auto".into());
     }
     if let Some(&n) = args.adapters.iter().find(|&&n| n > MAX_GPU_ADAPTERS) {
         return Err(format!(

@@ -44,6 +44,13 @@ fn check_results(doc: &Value, backend: &str, dtypes: &[&str], ranks: &[u64], ada
         .collect();
     let mut seen = BTreeSet::new();
     for r in &results {
+        // Which kernel ran: the CPU's, or one of the two GPU kernels.
+        let kernel = r["kernel"].as_str().unwrap_or_default();
+        if backend == "cpu" {
+            assert_eq!(kernel, "cpu", "{r}");
+        } else {
+            assert!(kernel == "fp32 FMA" || kernel == "tensor cores", "{r}");
+        }
         for key in [
             "ours_gbps",
             "copy_gbps",
@@ -155,6 +162,7 @@ fn bad_arguments_fail_without_a_panic() {
         &["--ranks", "0"],
         &["--adapters", "9"],
         &["--rows", "0"],
+        &["--kernel", "tensor-cores"],
     ] {
         let o = Command::new(offload_bin())
             .args(["bench", "merge", "--backend", "host"])

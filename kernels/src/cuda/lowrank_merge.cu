@@ -111,7 +111,7 @@ static_assert((OFFLOAD_TILE_K * OFFLOAD_TILE_COLS) % OFFLOAD_THREADS == 0 &&
 static_assert(OFFLOAD_LR_TILE_ROWS == OFFLOAD_LR_ROWS_PER_THREAD * (OFFLOAD_LR_THREADS / 32) &&
                   OFFLOAD_LR_TILE_COLS == OFFLOAD_LR_COLS_PER_THREAD * 32 &&
                   OFFLOAD_LR_COLS_PER_THREAD == 4 && OFFLOAD_LR_ROWS_PER_THREAD == 4,
-              "one warp per 8 rows of the tile, each lane 4 columns of them");
+              "one warp per 4 rows of the tile, each lane 4 columns of them");
 static_assert(OFFLOAD_LR_TILE_ROWS == 32 && OFFLOAD_LR_TILE_COLS == 128 && OFFLOAD_LR_K == 32 &&
                   OFFLOAD_LR_THREADS == 256,
               "the tensor-core kernel's warp layout (2 x 4 warps of 16 x 32) assumes these");
@@ -375,9 +375,9 @@ __device__ __forceinline__ void offload_frag_set(OffloadWFrag<T>& f, int i, int 
 // Where a thread's elements of W are, and whether whole rows of 4 can move as
 // one vector (W's row slice and every row start aligned to the vector).
 struct OffloadWPlace {
-    unsigned long long base;  // byte address of W[row0 + tile_row + 8 ty, tile_col + 4 tx]
+    unsigned long long base;  // byte address of W[row0 + tile_row + 4 ty, tile_col + 4 tx]
     unsigned long long row_bytes;
-    unsigned int rows_here;   // rows of the 8 inside the slice
+    unsigned int rows_here;   // rows of the 4 inside the slice
     unsigned int cols_here;   // columns of the 4 inside the slice
     bool vec;                 // all 4 columns inside and aligned: one vector per row
 };
@@ -650,7 +650,7 @@ __device__ __forceinline__ void offload_lowrank_merge(const OffloadLowRankMergeP
     }
     const unsigned int num_adapters =
         p.num_adapters < OFFLOAD_MAX_ADAPTERS ? p.num_adapters : OFFLOAD_MAX_ADAPTERS;
-    unsigned int total_rank = 0;
+    unsigned long long total_rank = 0;
     for (unsigned int a = 0; a < num_adapters; ++a) {
         total_rank += p.adapters[a].rank;
     }

@@ -252,9 +252,13 @@ impl LowRankMergeParams {
             u32::try_from(v).map_err(|_| unsupported(format!("{what} {v} does not fit in u32")))
         };
         let rows = to_u32(spec.delta_rows(), "rows")?;
-        if rows.div_ceil(TILE_ROWS) > 65_535 {
+        // The grid is one-dimensional: at most one block per 32 x 128 tile.
+        let tiles = u64::from(rows.div_ceil(LOWRANK_TILE_ROWS))
+            * u64::from(to_u32(spec.cols(), "columns")?.div_ceil(LOWRANK_TILE_COLS));
+        if tiles > i32::MAX as u64 {
             return Err(unsupported(format!(
-                "{rows} rows (grid y is at most 65535)"
+                "{tiles} tiles of 32 x 128 (a grid holds at most {} blocks)",
+                i32::MAX
             )));
         }
         let mut params = LowRankMergeParams {
@@ -328,7 +332,7 @@ impl LowRankMergeParams {
         let used = &self.adapters[..(self.num_adapters as usize).min(MAX_ADAPTERS)];
         self.tensor_core_operands()
             && (used.iter().any(|a| a.rank >= FMA_MAX_RANK)
-                || used.iter().map(|a| a.rank).sum::<u32>() > FMA_MAX_RANK)
+                || used.iter().map(|a| u64::from(a.rank)).sum::<u64>() > u64::from(FMA_MAX_RANK))
     }
 }
 

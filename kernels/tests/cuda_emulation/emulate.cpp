@@ -308,6 +308,19 @@ static long lowrank_cases(int cases, bool mma) {
             r0 = 0;
             cols = 64;
         }
+        // Every fifth case: three to five column strips and five tiles down
+        // (so a block walks several tiles, and a grid that is not a whole
+        // number of blocks per strip leaves blocks with no tile).
+        const bool wide = c % 5 == 4;
+        if (wide) {
+            cols = 257 + rng() % 384;
+            out = 150;
+            r0 = 3;
+            n = 140;
+        }
+        // Every sixth case: small ranks that add up to at most 32 (A staged
+        // once per block and kept while the block walks its strip).
+        const bool small_ranks = c % 6 == 5;
         Weight W = rand_weight(out, cols, r0, n);
         OffloadLowRankMergeParams p{};
         p.w = (unsigned long long)W.w.data();
@@ -316,11 +329,13 @@ static long lowrank_cases(int cases, bool mma) {
         p.row0 = r0;
         p.num_adapters = mma ? 1 + rng() % OFFLOAD_MAX_ADAPTERS : 1 + rng() % 4;
         if (mma && c % 4 == 2) p.num_adapters = 1;
+        if (small_ranks) p.num_adapters = 1 + rng() % 4;
         std::vector<Mat> store;
         store.reserve(2 * p.num_adapters);
         for (unsigned a = 0; a < p.num_adapters; ++a) {
             unsigned rank = mma ? 1 + rng() % 150 : 1 + rng() % 70;
             if (c == 1) rank = 64;
+            if (small_ranks) rank = 1 + rng() % 8;
             const unsigned udt = mma ? 1 + rng() % 2 : rng() % 3;
             const unsigned ddt = mma ? udt : rng() % 3;
             store.push_back(rand_mat(n, rank, udt));
@@ -336,8 +351,12 @@ static long lowrank_cases(int cases, bool mma) {
         // Blocks per column strip: one (each walks every tile of its strip),
         // a few, or one per tile; and sometimes blocks past the whole
         // multiple, which must merge nothing.
-        const unsigned per_strip = c % 3 == 0 ? 1 : (c % 3 == 1 ? 1 + rng() % 3 : 1000);
-        const unsigned extra = c % 4 == 3 ? 1 + rng() % 3 : 0;
+        const unsigned tiles_x = (cols + OFFLOAD_LR_TILE_COLS - 1) / OFFLOAD_LR_TILE_COLS;
+        const unsigned per_strip =
+            small_ranks || c % 3 == 0 ? 1 : (wide || c % 3 == 1 ? 1 + rng() % 3 : 1000);
+        // Fewer extra blocks than strips: they get a row of tiles of their own
+        // unless the walk refuses them.
+        const unsigned extra = tiles_x > 1 && (wide || c % 2 == 0) ? 1 + rng() % (tiles_x - 1) : 0;
         if (mma) {
             launch_lowrank(pick(W.dt, offload_lowrank_merge_mma_f32, offload_lowrank_merge_mma_f16,
                                 offload_lowrank_merge_mma_bf16),

@@ -411,6 +411,20 @@ fn gpu_merge_lowrank_matches_cpu_merge() {
             rows: None,
             adapters: vec![(8, Dtype::BF16, Dtype::BF16, 0.25)],
         });
+        // Tall enough that a block walks several 32 x 128 tiles of its
+        // column strip (the next tile's W prefetched), with ranks that add
+        // up to 32 (A staged once per block).
+        if dtype == Dtype::F16 {
+            cases.push(MergeCase {
+                dtype,
+                shape: vec![4096, 640],
+                rows: Some(5..4093),
+                adapters: vec![
+                    (8, Dtype::BF16, Dtype::F16, 0.5),
+                    (24, Dtype::F16, Dtype::BF16, -0.7),
+                ],
+            });
+        }
         // The most adapters one launch takes, one row.
         cases.push(MergeCase {
             dtype,
@@ -512,6 +526,16 @@ fn gpu_merge_lowrank_rejects_bad_operands() {
         d.merge_lowrank(&spec, w, &[(up, down)], StreamId(0xdead_0000)),
         Err(Error::UnknownStream(_))
     ));
+    // f32 factors: the fp32 FMA kernel takes them, the tensor cores do not.
+    d.merge_lowrank_with(&spec, w, &[(up, down)], s, LowRankKernel::Fma)
+        .unwrap();
+    let e = d
+        .merge_lowrank_with(&spec, w, &[(up, down)], s, LowRankKernel::TensorCores)
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Kernel { .. }) && e.to_string().contains("both in bf16"),
+        "{e}"
+    );
     // LoHa is not a low-rank delta.
     let loha = [Adapter {
         scale: 1.0,
@@ -560,6 +584,15 @@ fn gpu_merge_lowrank_tensor_cores_match_cpu_merge_and_report_tflops() {
             rows: None,
             adapters: vec![(256, Dtype::BF16, Dtype::BF16, 0.05)],
         });
+        // Tall enough that a block walks several tiles of its strip.
+        if dtype == Dtype::BF16 {
+            cases.push(MergeCase {
+                dtype,
+                shape: vec![4096, 640],
+                rows: None,
+                adapters: vec![(40, Dtype::BF16, Dtype::BF16, 0.4)],
+            });
+        }
         // The most adapters a low-rank launch takes.
         cases.push(MergeCase {
             dtype,

@@ -127,8 +127,10 @@ pub(super) fn merge_regions(
 /// The kernel a low-rank merge runs on ([`CudaDevice::merge_lowrank_with`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LowRankKernel {
-    /// Tensor cores where the factors allow and the stacked ranks add up to
-    /// more than 32 on a device that has them, fp32 FMA otherwise.
+    /// Tensor cores on a device that has them where the factors allow and
+    /// some rank is 32 or more or the ranks add up to more than 32
+    /// ([`offload_kernels::cuda::LowRankMergeParams::tensor_cores`]), fp32
+    /// FMA otherwise.
     Auto,
     /// The fp32 FMA kernel.
     Fma,

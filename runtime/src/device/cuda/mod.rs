@@ -176,8 +176,8 @@ impl CudaDevice {
         let multiprocessors = result::device_attribute(
             dev,
             sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-        )
-        .map_or(1, |v| v.max(1) as u32);
+        )?
+        .max(1) as u32;
         let granularity = result::allocation_granularity(ordinal);
         let page_size = match granularity {
             Ok(g) if g.is_power_of_two() => g,
