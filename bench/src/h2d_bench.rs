@@ -878,12 +878,12 @@ fn d2d_row(
         }
         #[cfg(feature = "cuda")]
         D2d::Cuda(d) => {
-            let timer = gpu::Timer::new(d)?;
+            let timer = crate::cuda_timing::Timer::new(d)?;
             let mut secs = Vec::with_capacity(plan.iters);
             for i in 0..=plan.iters {
-                let t = timer.time(d, stream, || {
+                let t = timer.time(d, stream, true, || {
                     for &(src, dst) in &pairs {
-                        gpu::copy_d2d(d, dst, src, size, stream)?;
+                        crate::cuda_timing::copy_d2d(d, dst, src, size, stream)?;
                     }
                     Ok(())
                 })?;
@@ -1257,143 +1257,11 @@ fn json(
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    use std::time::{Duration, Instant};
-
-    use cudarc::driver::sys;
     use offload_runtime::device::cuda::{probe, CudaDevice};
-    use offload_runtime::device::{Device, DevicePtr, StreamId};
 
     /// Opens the GPU `device::auto` picked: the one `probe` finds.
     pub(super) fn open() -> Result<CudaDevice, String> {
         let p = probe().map_err(|e| e.to_string())?;
         CudaDevice::new(p.ordinal).map_err(|e| format!("a GPU answered but did not open: {e}"))
-    }
-
-    fn cuda(call: &str, r: sys::CUresult) -> Result<(), String> {
-        if r == sys::CUresult::CUDA_SUCCESS {
-            Ok(())
-        } else {
-            Err(format!("{call} failed: {r:?}"))
-        }
-    }
-
-    /// Queues a device-to-device copy of `len` bytes.
-    pub(super) fn copy_d2d(
-        d: &CudaDevice,
-        dst: DevicePtr,
-        src: DevicePtr,
-        len: usize,
-        stream: StreamId,
-    ) -> Result<(), String> {
-        let raw = d.raw_stream(stream).map_err(|e| e.to_string())?;
-        d.bind().map_err(|e| e.to_string())?;
-        // SAFETY: both buffers are mapped device ranges of at least `len`
-        // bytes, distinct, that stay mapped until the stream has been
-        // synchronised (the caller's `DevMem`); the stream is live in the
-        // current context.
-        cuda("cuMemcpyDtoDAsync", unsafe {
-            sys::cuMemcpyDtoDAsync_v2(dst.0, src.0, len, raw)
-        })
-    }
-
-    /// How long a gate holds its stream at most.
-    const GATE_LIMIT: Duration = Duration::from_secs(10);
-
-    /// Opens its gate when dropped (also on an error path).
-    struct Gate(Arc<AtomicBool>);
-
-    impl Drop for Gate {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Release);
-        }
-    }
-
-    /// A pair of CUDA events that time work on a stream.
-    pub(super) struct Timer {
-        start: sys::CUevent,
-        end: sys::CUevent,
-    }
-
-    impl Timer {
-        pub(super) fn new(d: &CudaDevice) -> Result<Timer, String> {
-            d.bind().map_err(|e| e.to_string())?;
-            let mut start = std::ptr::null_mut();
-            // SAFETY: out-pointer to a local; the context is current; flags 0
-            // (timing enabled).
-            cuda("cuEventCreate", unsafe {
-                sys::cuEventCreate(&mut start, 0)
-            })?;
-            let mut end = std::ptr::null_mut();
-            // SAFETY: as above.
-            if let Err(e) = cuda("cuEventCreate", unsafe { sys::cuEventCreate(&mut end, 0) }) {
-                // SAFETY: created just above and never recorded.
-                unsafe { sys::cuEventDestroy_v2(start) };
-                return Err(e);
-            }
-            Ok(Timer { start, end })
-        }
-
-        /// Seconds of GPU time for what `queue` puts on `stream`. The
-        /// stream first runs a host function that waits until everything
-        /// is queued, so the GPU never waits for the CPU to queue work.
-        pub(super) fn time(
-            &self,
-            d: &CudaDevice,
-            stream: StreamId,
-            queue: impl FnOnce() -> Result<(), String>,
-        ) -> Result<f64, String> {
-            let raw = d.raw_stream(stream).map_err(|e| e.to_string())?;
-            let open = Gate(Arc::new(AtomicBool::new(false)));
-            let flag = open.0.clone();
-            d.launch_host_fn(
-                stream,
-                Box::new(move || {
-                    let t = Instant::now();
-                    while !flag.load(Ordering::Acquire) && t.elapsed() < GATE_LIMIT {
-                        std::hint::spin_loop();
-                    }
-                }),
-            )
-            .map_err(|e| format!("queueing the gate: {e}"))?;
-            d.bind().map_err(|e| e.to_string())?;
-            // SAFETY: both events and the stream are live and of the
-            // device's context, which is current.
-            cuda("cuEventRecord", unsafe {
-                sys::cuEventRecord(self.start, raw)
-            })?;
-            queue()?;
-            drop(open);
-            d.bind().map_err(|e| e.to_string())?;
-            // SAFETY: as above.
-            cuda("cuEventRecord", unsafe {
-                sys::cuEventRecord(self.end, raw)
-            })?;
-            // SAFETY: a live event, recorded above.
-            cuda("cuEventSynchronize", unsafe {
-                sys::cuEventSynchronize(self.end)
-            })?;
-            let mut ms = 0f32;
-            // SAFETY: both events recorded on one stream and complete;
-            // out-pointer to a local.
-            cuda("cuEventElapsedTime", unsafe {
-                sys::cuEventElapsedTime_v2(&mut ms, self.start, self.end)
-            })?;
-            Ok(f64::from(ms) / 1e3)
-        }
-    }
-
-    impl Drop for Timer {
-        fn drop(&mut self) {
-            // SAFETY: both events were created in `new` and are destroyed
-            // once, here. An event may still be pending (a sample that failed
-            // after recording it): cuEventDestroy allows that, releasing the
-            // event once its work completes, and nothing uses it afterwards.
-            unsafe {
-                sys::cuEventDestroy_v2(self.start);
-                sys::cuEventDestroy_v2(self.end);
-            }
-        }
     }
 }

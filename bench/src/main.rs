@@ -8,6 +8,8 @@ mod arena_bench;
 mod cmd_inspect;
 mod cmd_merge;
 mod cmd_synth;
+#[cfg(feature = "cuda")]
+mod cuda_timing;
 mod e2e;
 mod h2d_bench;
 mod merge_bench;

@@ -913,12 +913,6 @@ mod gpu {
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use std::ffi::c_uint;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    use std::time::{Duration, Instant};
-
-    use cudarc::driver::sys;
     use offload_kernels::MergeSpec;
     use offload_runtime::device::cuda::cublas::GemmAccumulate;
     use offload_runtime::device::cuda::{probe, CudaDevice, LowRankKernel};
@@ -928,20 +922,13 @@ mod gpu {
         agreement, decode, encode, factor_dtype, make_adapters, median, merge_adapters,
         pool_copies, uniform, KernelArg, MergeBenchArgs, Row, Setup,
     };
+    use crate::cuda_timing::{copy_d2d, Timer};
     use crate::rng::Rng;
 
     /// Opens the GPU `device::auto` would pick: the one `probe` finds.
     pub(super) fn open() -> Result<CudaDevice, String> {
         let p = probe().map_err(|e| e.to_string())?;
         CudaDevice::new(p.ordinal).map_err(|e| format!("a GPU answered but did not open: {e}"))
-    }
-
-    fn cuda(call: &str, r: sys::CUresult) -> Result<(), String> {
-        if r == sys::CUresult::CUDA_SUCCESS {
-            Ok(())
-        } else {
-            Err(format!("{call} failed: {r:?}"))
-        }
     }
 
     /// Device buffers: one mapped range per buffer with the virtual memory
@@ -1027,135 +1014,9 @@ mod gpu {
         }
     }
 
-    /// Two CUDA events with timing on, around work queued on one stream.
-    struct Timer {
-        start: sys::CUevent,
-        end: sys::CUevent,
-    }
-
-    impl Timer {
-        /// Creates the events in the device's context (bound by the caller).
-        fn new() -> Result<Self, String> {
-            let flags = sys::CUevent_flags::CU_EVENT_DEFAULT as c_uint;
-            let mut start: sys::CUevent = std::ptr::null_mut();
-            let mut end: sys::CUevent = std::ptr::null_mut();
-            // SAFETY: the device opened, so the driver library is loaded and
-            // initialised and its context is current (the caller bound it);
-            // out-pointers to locals.
-            cuda("cuEventCreate", unsafe {
-                sys::cuEventCreate(&mut start, flags)
-            })?;
-            // SAFETY: as above.
-            let r = unsafe { sys::cuEventCreate(&mut end, flags) };
-            if let Err(e) = cuda("cuEventCreate", r) {
-                // SAFETY: `start` was created above and is destroyed once.
-                unsafe { sys::cuEventDestroy_v2(start) };
-                return Err(e);
-            }
-            Ok(Timer { start, end })
-        }
-
-        /// Seconds the GPU took for what `queue` puts on `stream`: events
-        /// recorded before and after, waited for, `cuEventElapsedTime`.
-        ///
-        /// With `gate`, the stream first runs a host function that waits
-        /// until everything is queued, so that the time is the GPU's alone,
-        /// without the gaps of a GPU waiting for the CPU to queue work. Only
-        /// for a few hundred launches at most: a full launch queue would
-        /// block the CPU behind the gate (the gate gives up after 10 s).
-        fn time(
-            &self,
-            d: &CudaDevice,
-            stream: StreamId,
-            gate: bool,
-            queue: impl FnOnce() -> Result<(), String>,
-        ) -> Result<f64, String> {
-            let raw = d.raw_stream(stream).map_err(|e| e.to_string())?;
-            let open = Gate(Arc::new(AtomicBool::new(!gate)));
-            if gate {
-                let flag = open.0.clone();
-                d.launch_host_fn(
-                    stream,
-                    Box::new(move || {
-                        let t = Instant::now();
-                        while !flag.load(Ordering::Acquire) && t.elapsed() < GATE_LIMIT {
-                            std::hint::spin_loop();
-                        }
-                    }),
-                )
-                .map_err(|e| format!("queueing the gate: {e}"))?;
-            }
-            d.bind().map_err(|e| e.to_string())?;
-            // SAFETY: both events and the stream are live and of the device's
-            // context, which is current.
-            cuda("cuEventRecord", unsafe {
-                sys::cuEventRecord(self.start, raw)
-            })?;
-            queue()?;
-            drop(open);
-            d.bind().map_err(|e| e.to_string())?;
-            // SAFETY: as above.
-            cuda("cuEventRecord", unsafe {
-                sys::cuEventRecord(self.end, raw)
-            })?;
-            // SAFETY: a live event, recorded above.
-            cuda("cuEventSynchronize", unsafe {
-                sys::cuEventSynchronize(self.end)
-            })?;
-            let mut ms = 0f32;
-            // SAFETY: both events recorded on one stream and complete; out-pointer to a local.
-            cuda("cuEventElapsedTime", unsafe {
-                sys::cuEventElapsedTime_v2(&mut ms, self.start, self.end)
-            })?;
-            Ok(f64::from(ms) / 1e3)
-        }
-    }
-
-    impl Drop for Timer {
-        fn drop(&mut self) {
-            // SAFETY: created in `new`, destroyed once; the last use waited
-            // for `end`, which follows `start` on its stream.
-            unsafe {
-                sys::cuEventDestroy_v2(self.start);
-                sys::cuEventDestroy_v2(self.end);
-            }
-        }
-    }
-
-    /// How long a gate holds its stream at most.
-    const GATE_LIMIT: Duration = Duration::from_secs(10);
-
-    /// Opens its gate when dropped (also on an error path).
-    struct Gate(Arc<AtomicBool>);
-
-    impl Drop for Gate {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Release);
-        }
-    }
-
     /// Launches per timed pass up to which the pass is gated (see
     /// [`Timer::time`]); cuBLAS may launch two kernels per product.
     const MAX_GATED_LAUNCHES: usize = 512;
-
-    /// Queues a device-to-device copy of `len` bytes.
-    fn copy_d2d(
-        d: &CudaDevice,
-        dst: DevicePtr,
-        src: DevicePtr,
-        len: usize,
-        stream: StreamId,
-    ) -> Result<(), String> {
-        let raw = d.raw_stream(stream).map_err(|e| e.to_string())?;
-        d.bind().map_err(|e| e.to_string())?;
-        // SAFETY: both buffers are live allocations of this device of at least
-        // `len` bytes (made by `Mem`, freed only after the stream is
-        // synchronised), distinct, and the stream is live in the current
-        // context.
-        cuda("cuMemcpyDtoDAsync", unsafe {
-            sys::cuMemcpyDtoDAsync_v2(dst.0, src.0, len, raw)
-        })
-    }
 
     /// W as row blocks, each its own buffer: one block with the virtual
     /// memory API; in fallback mode, as many rows as fit a page.
@@ -1219,7 +1080,7 @@ mod gpu {
         let mut mem = Mem::new(d, s);
         let timer = {
             d.bind().map_err(fail("binding the context"))?;
-            Timer::new()?
+            Timer::new(d)?
         };
         let mut rng = Rng::new(args.seed);
         let w0 = uniform(&mut rng, rows * cols);
