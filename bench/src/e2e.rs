@@ -988,6 +988,7 @@ fn write_timeline(
     let lanes = [
         ("upload", "#3b78c4"),
         ("stage", "#7b5cc4"),
+        ("merge", "#c48a3b"),
         ("compute", "#3a9a4a"),
         ("wait", "#c43b3b"),
     ];

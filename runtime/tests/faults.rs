@@ -416,6 +416,7 @@ const RATES: FaultRates = FaultRates {
     copy_delay: 0.1,
     event_delay: 0.1,
     launch: 0.04,
+    launch_delay: 0.0,
 };
 
 fn run(s: Scenario) {
@@ -1387,11 +1388,14 @@ struct LoraScenario {
     lora_mode: LoraMode,
 }
 
-/// The rates of the LoRA scenarios ([`RATES`] and copies failing on the
-/// stream), and the rate of merges failing on the stream ([`ExtraFaults`]).
+/// The rates of the LoRA scenarios ([`RATES`], copies failing on the
+/// stream and late kernels), and the rate of merges failing on the stream ([`ExtraFaults`]).
 fn lora_rates() -> (FaultRates, f64) {
     let r = FaultRates {
         copy_stream: 0.03,
+        // Late merges: a layer must not reach the engine before its merges
+        // (they run on their own stream, after the copy).
+        launch_delay: 0.3,
         ..RATES
     };
     (r, 0.05)

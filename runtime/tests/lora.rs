@@ -603,3 +603,159 @@ fn an_acquire_during_set_loras_waits_and_sees_the_new_set() {
     let set: Set = vec![(a, 1.0)];
     check(&s.desc, &s.w, &set, (0, 0, 0), &back).unwrap();
 }
+
+/// Fuse-on-upload merges run on their own stream after each copy. A layer
+/// prefetched into a ring slot and displaced before anyone used it leaves
+/// no done event behind; its merge, made late here (every kernel waits up
+/// to 150 ms), must be over before the next layer's copy lands in the
+/// slot, or it would add its delta to that layer's bytes.
+#[test]
+fn a_late_merge_of_a_displaced_prefetch_never_lands_on_the_next_layer() {
+    use offload_runtime::device::fault::{FaultConfig, FaultDevice, FaultRates};
+    let host = Arc::new(
+        HostDevice::new(HostConfig {
+            capacity: 16 << 20,
+            page_size: PAGE,
+            link_gbps: None,
+        })
+        .unwrap(),
+    );
+    let dev = Arc::new(FaultDevice::new(
+        host.clone(),
+        FaultConfig {
+            seed: 11,
+            rates: FaultRates {
+                launch_delay: 1.0,
+                ..FaultRates::default()
+            },
+            max_delay: Duration::from_millis(150),
+        },
+    ));
+    let compute = host.create_stream().unwrap();
+    for policy in [HostPolicy::Pinned, staged()] {
+        let rt = Runtime::new(
+            dev.clone(),
+            compute,
+            RuntimeConfig {
+                mode: Some(Mode::Sequential),
+                policy: Policy::Planned,
+                prefetch_depth: 1,
+                device_memory: Some(16 * PAGE),
+                host_policy: policy,
+                wait_timeout: Duration::from_secs(20),
+                lora_mode: LoraMode::FuseOnUpload,
+                ..RuntimeConfig::default()
+            },
+        )
+        .unwrap();
+        let (desc, w) = model();
+        let m = rt.load(desc.clone(), w.clone()).unwrap();
+        let all: Vec<usize> = (0..LAYERS).collect();
+        let set: Set = vec![(lora(5, &all, 0, Kind::LowRank(8)), 1.0)];
+        rt.set_loras(m, &bindings(&set)).unwrap();
+        let layer = |l: usize| LayerId {
+            model: m,
+            component: 0,
+            layer: l,
+        };
+        let see = |l: usize| {
+            let g = rt.acquire(layer(l)).unwrap();
+            for (t, view) in g.tensors().enumerate() {
+                let mut back = vec![0u8; view.bytes];
+                host.read_blocking(view.ptr, &mut back, compute).unwrap();
+                if let Err(e) = check(&desc, &w, &set, (0, l, t), &back) {
+                    panic!("{policy:?}: {}: {e}", view.name);
+                }
+            }
+        };
+        let merges = rt.stats().merges;
+        // Layer 0 goes to one slot, layer 1 is prefetched into the other;
+        // then layer 4 displaces layer 1, which nobody used.
+        see(0);
+        let (resident, slots, _) = rt.plan_of(m, 0).unwrap().expect("a streaming plan");
+        assert_eq!(slots, 2, "prefetch depth 1: a ring of two slots");
+        assert!(resident.iter().all(|r| !r), "every layer streams");
+        see(4);
+        // And every layer in order after that.
+        for l in 0..LAYERS {
+            see(l);
+        }
+        rt.synchronize().unwrap();
+        assert!(
+            rt.stats().merges - merges >= 3,
+            "{policy:?}: layers 0, 1 and 4 were merged on upload"
+        );
+        rt.unload(m).unwrap();
+    }
+    assert!(dev.counts().launch_delay > 0);
+}
+
+/// The timeline shows each fuse-on-upload merge as its own entry, on the
+/// merge stream, after its layer's upload started: one per upload of a
+/// patched layer, none for the others.
+#[test]
+fn the_timeline_shows_merges_apart_from_uploads() {
+    let dev = Arc::new(
+        HostDevice::new(HostConfig {
+            capacity: 16 << 20,
+            page_size: PAGE,
+            link_gbps: None,
+        })
+        .unwrap(),
+    );
+    let compute = dev.create_stream().unwrap();
+    let rt = Runtime::new(
+        dev.clone(),
+        compute,
+        RuntimeConfig {
+            mode: Some(Mode::Sequential),
+            policy: Policy::Planned,
+            prefetch_depth: 1,
+            device_memory: Some(16 * PAGE),
+            wait_timeout: Duration::from_secs(20),
+            lora_mode: LoraMode::FuseOnUpload,
+            timeline: true,
+            ..RuntimeConfig::default()
+        },
+    )
+    .unwrap();
+    let (desc, w) = model();
+    let m = rt.load(desc, w).unwrap();
+    let patched = [1usize, 2, 4];
+    let set: Set = vec![(lora(6, &patched, 0, Kind::LowRank(4)), 0.5)];
+    rt.set_loras(m, &bindings(&set)).unwrap();
+    let _ = rt.take_timeline();
+    for l in 0..LAYERS {
+        drop(
+            rt.acquire(LayerId {
+                model: m,
+                component: 0,
+                layer: l,
+            })
+            .unwrap(),
+        );
+    }
+    rt.synchronize().unwrap();
+    let tl = rt.take_timeline();
+    let uploads: Vec<_> = tl.iter().filter(|e| e.kind == "upload").collect();
+    let merges: Vec<_> = tl.iter().filter(|e| e.kind == "merge").collect();
+    let name = |l: usize| format!("/layer{l}");
+    let patched_uploads = uploads
+        .iter()
+        .filter(|u| patched.iter().any(|&l| u.layer.ends_with(&name(l))))
+        .count();
+    assert!(patched_uploads >= patched.len(), "{uploads:?}");
+    assert_eq!(merges.len(), patched_uploads, "{tl:?}");
+    for mg in &merges {
+        assert!(
+            patched.iter().any(|&l| mg.layer.ends_with(&name(l))),
+            "a merge of an unpatched layer: {mg:?}"
+        );
+        let up = uploads
+            .iter()
+            .filter(|u| u.layer == mg.layer && u.start_s <= mg.start_s)
+            .count();
+        assert!(up > 0, "a merge before its layer's upload: {mg:?}");
+        assert!(mg.bytes > 0 && mg.end_s >= mg.start_s);
+    }
+}

@@ -3,7 +3,7 @@
 //! It wraps any backend and, driven by a seed and a rate per kind of fault
 //! ([`FaultRates`]), makes page allocations fail, copies fail (refused when
 //! queued, or failing on the stream with the destination left undefined),
-//! copies and event recordings run late, and kernel launches fail. Every
+//! copies, event recordings and kernels run late, and kernel launches fail. Every
 //! fault injected is counted by kind ([`FaultCounts`]), and injection can be
 //! switched off at any time ([`FaultDevice::set_enabled`]) so that a test can
 //! check that the code above recovers.
@@ -83,17 +83,21 @@ pub enum FaultKind {
     EventDelay,
     /// [`Device::launch`] fails with [`Error::Kernel`] and queues nothing.
     Launch,
+    /// A kernel runs late: a host function that sleeps up to
+    /// [`FaultConfig::max_delay`] is queued before it.
+    LaunchDelay,
 }
 
 impl FaultKind {
     /// Every kind, in declaration order.
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::AllocPage,
         FaultKind::CopySubmit,
         FaultKind::CopyStream,
         FaultKind::CopyDelay,
         FaultKind::EventDelay,
         FaultKind::Launch,
+        FaultKind::LaunchDelay,
     ];
 
     /// A short name for reports (`alloc_page`, `copy_submit`, ...).
@@ -105,6 +109,7 @@ impl FaultKind {
             FaultKind::CopyDelay => "copy_delay",
             FaultKind::EventDelay => "event_delay",
             FaultKind::Launch => "launch",
+            FaultKind::LaunchDelay => "launch_delay",
         }
     }
 
@@ -134,6 +139,8 @@ pub struct FaultRates {
     pub event_delay: f64,
     /// Of [`FaultKind::Launch`], per [`Device::launch`] call.
     pub launch: f64,
+    /// Of [`FaultKind::LaunchDelay`], per [`Device::launch`] call.
+    pub launch_delay: f64,
 }
 
 impl FaultRates {
@@ -146,6 +153,7 @@ impl FaultRates {
             FaultKind::CopyDelay => self.copy_delay,
             FaultKind::EventDelay => self.event_delay,
             FaultKind::Launch => self.launch,
+            FaultKind::LaunchDelay => self.launch_delay,
         }
     }
 
@@ -158,6 +166,7 @@ impl FaultRates {
             FaultKind::CopyDelay => &mut self.copy_delay,
             FaultKind::EventDelay => &mut self.event_delay,
             FaultKind::Launch => &mut self.launch,
+            FaultKind::LaunchDelay => &mut self.launch_delay,
         };
         *r = rate;
     }
@@ -199,6 +208,8 @@ pub struct FaultCounts {
     pub event_delay: u64,
     /// [`FaultKind::Launch`] faults.
     pub launch: u64,
+    /// [`FaultKind::LaunchDelay`] faults.
+    pub launch_delay: u64,
 }
 
 impl FaultCounts {
@@ -211,6 +222,7 @@ impl FaultCounts {
             FaultKind::CopyDelay => self.copy_delay,
             FaultKind::EventDelay => self.event_delay,
             FaultKind::Launch => self.launch,
+            FaultKind::LaunchDelay => self.launch_delay,
         }
     }
 
@@ -228,6 +240,7 @@ impl FaultCounts {
             copy_delay: self.copy_delay + other.copy_delay,
             event_delay: self.event_delay + other.event_delay,
             launch: self.launch + other.launch,
+            launch_delay: self.launch_delay + other.launch_delay,
         }
     }
 }
@@ -271,12 +284,12 @@ pub struct FaultDevice<D: Device + ?Sized> {
     seed: u64,
     max_delay: Duration,
     /// Rates as f64 bits, by [`FaultKind::index`].
-    rates: [AtomicU64; 6],
+    rates: [AtomicU64; 7],
     enabled: AtomicBool,
     /// Calls that could have been faulted, by kind (the decision index).
-    calls: [AtomicU64; 6],
+    calls: [AtomicU64; 7],
     /// Faults injected, by kind.
-    injected: [AtomicU64; 6],
+    injected: [AtomicU64; 7],
 }
 
 impl<D: Device + ?Sized> fmt::Debug for FaultDevice<D> {
@@ -363,6 +376,7 @@ impl<D: Device + ?Sized> FaultDevice<D> {
             copy_delay: n(FaultKind::CopyDelay),
             event_delay: n(FaultKind::EventDelay),
             launch: n(FaultKind::Launch),
+            launch_delay: n(FaultKind::LaunchDelay),
         }
     }
 
@@ -554,11 +568,22 @@ impl<D: Device + ?Sized> Device for FaultDevice<D> {
     }
 
     fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<()> {
-        if self.roll(FaultKind::Launch) {
+        // Both kinds are decided for every launch, as for copies.
+        let fail = self.next(FaultKind::Launch).is_some();
+        let delay = self.next(FaultKind::LaunchDelay).map(|h| {
+            let micros = self.max_delay.as_micros() as u64;
+            Duration::from_micros(mix(h) % (micros + 1))
+        });
+        if fail {
+            self.injected[FaultKind::Launch.index()].fetch_add(1, Ordering::Relaxed);
             return Err(Error::Kernel {
                 kernel: kernel.name(),
                 message: "injected fault: launch failed".into(),
             });
+        }
+        if let Some(d) = delay {
+            self.injected[FaultKind::LaunchDelay.index()].fetch_add(1, Ordering::Relaxed);
+            self.queue_sleep(stream, d)?;
         }
         self.inner.launch(kernel, stream)
     }
@@ -741,5 +766,18 @@ mod tests {
         assert_eq!(back, [9; 64], "the last copy landed last");
         let c = dev.counts();
         assert_eq!((c.copy_delay, c.event_delay), (10, 10));
+        // Late kernels keep their order on the stream too.
+        dev.set_rate(FaultKind::LaunchDelay, 1.0);
+        for i in 0..10u8 {
+            let fill = Kernel::Fill {
+                dst: range.base,
+                len: 64,
+                value: 100 + i,
+            };
+            dev.launch(&fill, s).unwrap();
+        }
+        dev.read_blocking(range.base, &mut back, s).unwrap();
+        assert_eq!(back, [109; 64], "the last kernel ran last");
+        assert_eq!(dev.counts().launch_delay, 10);
     }
 }

@@ -41,6 +41,11 @@ pub(crate) struct LayerState {
     pub(crate) last_use: u64,
     /// Staged upload in flight.
     pub(crate) job: Option<Arc<JobDone>>,
+    /// The last recording of the layer's ready event was queued on the
+    /// merge stream (after fuse-on-upload merges), not on the copy stream:
+    /// the copy stream must wait for it before it writes where that merge
+    /// wrote, or records the event again.
+    pub(crate) ready_on_merge: bool,
 }
 
 impl LayerState {
@@ -51,6 +56,7 @@ impl LayerState {
             done: Vec::new(),
             last_use: 0,
             job: None,
+            ready_on_merge: false,
         }
     }
 

@@ -102,12 +102,17 @@ pub(crate) struct Job {
     pub(crate) name: String,
     pub(crate) bytes: LayerBytes,
     pub(crate) dst: DevicePtr,
-    /// Events the copy stream waits for before the first copy (users of the previous contents).
+    /// Events the copy stream waits for before the first copy (users of the
+    /// previous contents); given back to the runtime's pool once queued.
     pub(crate) waits: Vec<EventId>,
-    /// LoRA merges queued after the copies, before the ready event:
-    /// (offset of the tensor in the layer, merge).
+    /// LoRA merges queued on the merge stream after the copies, before the
+    /// ready event: (offset of the tensor in the layer, merge).
     pub(crate) merges: Vec<(usize, Arc<crate::device::MergeOp>)>,
-    /// Recorded on the copy stream after the last copy.
+    /// With merges: the event that hands the copies over to the merge
+    /// stream; given back to the runtime's pool once queued.
+    pub(crate) handoff: Option<EventId>,
+    /// Recorded after the last copy (on the copy stream), or after the
+    /// merges (on the merge stream).
     pub(crate) ready: EventId,
     pub(crate) done: Arc<JobDone>,
 }
@@ -178,7 +183,7 @@ impl Stager {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         device: Arc<dyn Device>,
-        copy: StreamId,
+        streams: (StreamId, StreamId),
         buffers: usize,
         buffer_bytes: usize,
         threads: usize,
@@ -221,7 +226,7 @@ impl Stager {
                 .spawn(move || {
                     reader(
                         device,
-                        copy,
+                        streams,
                         rx,
                         staging,
                         counters,
@@ -259,7 +264,7 @@ impl Drop for Stager {
 
 fn reader(
     device: Arc<dyn Device>,
-    copy: StreamId,
+    streams: (StreamId, StreamId),
     rx: Receiver<Job>,
     staging: Arc<Staging>,
     counters: Arc<Counters>,
@@ -271,10 +276,10 @@ fn reader(
         // no synchronisation (which clears the failure) may come between.
         let r = {
             let _queueing = gate.read().unwrap_or_else(|p| p.into_inner());
-            run_job(&*device, copy, &job, &staging, &counters, wait_timeout)
+            run_job(&*device, streams, &job, &staging, &counters, wait_timeout)
         };
         // The waits are queued (or the job failed before using them): the events may be reused.
-        for e in &job.waits {
+        for e in job.waits.iter().chain(&job.handoff) {
             let _ = release_events.send(*e);
         }
         if r.is_ok() {
@@ -334,22 +339,56 @@ fn put_buffer(staging: &Staging, buf: PinnedBuffer, ev: Option<EventId>) {
     staging.cv.notify_one();
 }
 
-/// Queue a job's copies and merges, then its ready event, which is
-/// recorded even when queueing failed half-way: whoever drops the layer
-/// frees its pages behind that event, so it must follow every queued copy.
+/// Queue a job's copies on the copy stream and its merges on the merge
+/// stream, then its ready event, which is recorded even when queueing
+/// failed half-way: whoever drops the layer frees its pages behind that
+/// event, so it must follow every queued copy.
 fn run_job(
     device: &dyn Device,
-    copy: StreamId,
+    (copy, merge): (StreamId, StreamId),
     job: &Job,
     staging: &Staging,
     counters: &Counters,
     timeout: Duration,
 ) -> Result<()> {
     let queued = queue_job(device, copy, job, staging, counters, timeout);
-    let ready = device.record_event(job.ready, copy);
+    let (ready_on, merged) = match job.handoff {
+        Some(h) if queued.is_ok() && !job.merges.is_empty() => {
+            let handed = device
+                .record_event(h, copy)
+                .and_then(|()| device.stream_wait_event(merge, h));
+            match handed {
+                Ok(()) => (merge, launch_merges(device, merge, job, counters)),
+                Err(e) => (copy, Err(e)),
+            }
+        }
+        _ => (copy, Ok(())),
+    };
+    let ready = device.record_event(job.ready, ready_on);
     queued?;
+    merged?;
     ready?;
     Counters::add(&counters.uploads, 1);
+    Ok(())
+}
+
+fn launch_merges(
+    device: &dyn Device,
+    stream: StreamId,
+    job: &Job,
+    counters: &Counters,
+) -> Result<()> {
+    for (off, op) in &job.merges {
+        device.launch(
+            &crate::device::Kernel::Merge {
+                w: job.dst.offset(*off),
+                op: op.clone(),
+            },
+            stream,
+        )?;
+        Counters::add(&counters.merges, 1);
+        Counters::add(&counters.merged_bytes, op.touched_bytes() as u64);
+    }
     Ok(())
 }
 
@@ -397,17 +436,6 @@ fn queue_job(
             Counters::add(&counters.bytes_h2d, n as u64);
             done += n;
         }
-    }
-    for (off, op) in &job.merges {
-        device.launch(
-            &crate::device::Kernel::Merge {
-                w: job.dst.offset(*off),
-                op: op.clone(),
-            },
-            copy,
-        )?;
-        Counters::add(&counters.merges, 1);
-        Counters::add(&counters.merged_bytes, op.touched_bytes() as u64);
     }
     Ok(())
 }

@@ -38,6 +38,7 @@ use super::{ModelRt, Shared};
 use crate::arena::{pack, AllocId, Tag};
 use crate::device::{
     DevicePtr, Kernel, MergeAdapter, MergeDelta, MergeFactor, MergeKron, MergeOp, PinnedBuffer,
+    StreamId,
 };
 use crate::error::{Error, Result};
 use crate::lora::{LoraBinding, LoraDesc, LoraMode, LoraReport, LoraSource, PatchDelta, PatchKron};
@@ -181,11 +182,12 @@ struct Prepared {
 }
 
 impl Shared {
-    /// Queue the merges of a layer uploaded to `dst` on the copy stream.
+    /// Queue the merges of a layer uploaded to `dst` on `stream`.
     pub(super) fn launch_merges(
         &self,
         merges: &[(usize, Arc<MergeOp>)],
         dst: DevicePtr,
+        stream: StreamId,
     ) -> Result<()> {
         for (off, op) in merges {
             self.device.launch(
@@ -193,7 +195,7 @@ impl Shared {
                     w: dst.offset(*off),
                     op: op.clone(),
                 },
-                self.copy,
+                stream,
             )?;
             Counters::add(&self.counters.merges, 1);
             Counters::add(&self.counters.merged_bytes, op.touched_bytes() as u64);
@@ -914,9 +916,13 @@ impl Shared {
                 return Ok(());
             }
         };
-        // After the engine's last use of the old bytes.
+        // After the engine's last use of the old bytes, and after the merges
+        // of its last upload if they ran on the merge stream.
         for &(_, e) in &st.layers[l].done {
             self.device.stream_wait_event(self.copy, e)?;
+        }
+        if st.layers[l].ready_on_merge {
+            self.wait_merged(comp.ready[l])?;
         }
         for &t in tensors {
             let (_, off, len) = comp.layer_bytes[l].pieces[t];
@@ -940,11 +946,12 @@ impl Shared {
                     .flatten()
                     .map(|op| (off, op.clone()))
                     .collect();
-                self.launch_merges(&merges, dst)?;
+                self.launch_merges(&merges, dst, self.copy)?;
             }
             report.tensors_rederived += 1;
         }
         self.device.record_event(comp.ready[l], self.copy)?;
+        st.layers[l].ready_on_merge = false;
         Ok(())
     }
 

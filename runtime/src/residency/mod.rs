@@ -97,6 +97,10 @@ struct Shared {
     page: usize,
     compute: StreamId,
     copy: StreamId,
+    /// Fuse-on-upload merges run here, each after its layer's copy (an
+    /// event hands over), so the copy stream moves on to the next upload
+    /// while a layer is merged.
+    merge: StreamId,
     fence: StreamId,
     cfg: RuntimeConfig,
     res: Resolved,
@@ -307,6 +311,7 @@ impl Runtime {
         let _ = device.destroy_event(probe);
         recorded?;
         let copy = device.create_stream()?;
+        let merge = device.create_stream()?;
         let fence = device.create_stream()?;
         let (pool_tx, pool_rx) = crossbeam_channel::unbounded();
         let counters = Arc::new(Counters::new(cfg.timeline));
@@ -319,7 +324,7 @@ impl Runtime {
                 threads,
             } => Some(Stager::new(
                 device.clone(),
-                copy,
+                (copy, merge),
                 buffers,
                 buffer_bytes,
                 threads,
@@ -336,6 +341,7 @@ impl Runtime {
                 page,
                 compute,
                 copy,
+                merge,
                 fence,
                 cfg,
                 res,
@@ -890,11 +896,14 @@ impl Runtime {
 }
 
 impl Shared {
-    /// Synchronise the copy stream, reporting (and clearing) a failure of
-    /// work queued on it; never while a staged job is queueing its copies.
+    /// Synchronise the copy stream and the merge stream, reporting (and
+    /// clearing) a failure of work queued on them; never while a staged job
+    /// is queueing its copies.
     fn sync_copy(&self) -> Result<()> {
         let _gate = self.copy_gate.write().unwrap_or_else(|p| p.into_inner());
-        self.device.stream_synchronize(self.copy)
+        let copy = self.device.stream_synchronize(self.copy);
+        let merge = self.device.stream_synchronize(self.merge);
+        copy.and(merge)
     }
 
     fn model(&self, id: ModelId) -> Result<Arc<ModelRt>> {
@@ -1174,10 +1183,17 @@ impl Shared {
                 st.layers[o].place = Place::Host;
                 st.layers[o].job = None;
             }
+            // A merge into the slot may still be running on the merge stream
+            // (its layer was dropped before any user waited for it).
+            let before: Vec<usize> = st.ring[s]
+                .last
+                .filter(|&o| o != l && st.layers[o].ready_on_merge)
+                .into_iter()
+                .collect();
             st.ring[s].holds = Some(l);
             st.layers[l].place = Place::Slot(s);
             let dst = st.ring[s].ptr;
-            if let Err(e) = self.upload(model, ci, st, l, dst, &waits) {
+            if let Err(e) = self.upload(model, ci, st, l, dst, &waits, &before) {
                 st.ring[s].holds = None;
                 st.layers[l].place = Place::Host;
                 // The previous occupant's users may still read the slot: wait for
@@ -1211,7 +1227,7 @@ impl Shared {
                 let ptr = self.arena.ptr(a)?;
                 st.pages += pages;
                 st.layers[l].place = Place::Alloc(a, ptr);
-                if let Err(e) = self.upload(model, ci, st, l, ptr, &[]) {
+                if let Err(e) = self.upload(model, ci, st, l, ptr, &[], &[]) {
                     self.drop_device_copy(comp, st, l);
                     return Err(Attempt::Fail(e));
                 }
@@ -1301,7 +1317,16 @@ impl Shared {
             })
     }
 
-    /// Queue the upload of layer `l` to `dst` after `waits` (events of the previous contents' users).
+    /// Queue the upload of layer `l` to `dst` after `waits` (events of the
+    /// previous contents' users, recycled here), once the merges behind the
+    /// ready events of layers `before` (earlier occupants of `dst`) are over.
+    ///
+    /// Without merges the ready event is recorded on the copy stream after
+    /// the copy. With fuse-on-upload merges the copy hands over to the merge
+    /// stream through an event, the merges run there and the ready event is
+    /// recorded after them, so the next upload does not wait for this
+    /// layer's merges.
+    #[allow(clippy::too_many_arguments)]
     fn upload(
         &self,
         model: &ModelRt,
@@ -1310,13 +1335,29 @@ impl Shared {
         l: usize,
         dst: DevicePtr,
         waits: &[EventId],
+        before: &[usize],
     ) -> Result<()> {
         let comp = &model.comps[ci];
         let ready = comp.ready[l];
         let total = comp.layer_bytes[l].total;
+        // Each recording of a ready event must follow the previous one (the
+        // arena frees pages behind it), and the copy must not overtake a
+        // merge still writing `dst`. Waited for here, not by the copy
+        // stream: a merge that failed is over too, and a stream that waits
+        // for a failed recording would fail with it.
+        let mut after: Vec<EventId> = before.iter().map(|&o| comp.ready[o]).collect();
+        if st.layers[l].ready_on_merge {
+            after.push(ready);
+        }
+        for e in after {
+            self.wait_merged(e)?;
+        }
+        let merges = !st.merges[l].is_empty();
         if let Some(stager) = &self.stager {
+            let handoff = if merges { Some(self.event()?) } else { None };
             let done = Arc::new(JobDone::default());
             st.layers[l].job = Some(done.clone());
+            st.layers[l].ready_on_merge = merges;
             stager.submit(Job {
                 source: model.source.clone(),
                 component: ci,
@@ -1326,6 +1367,7 @@ impl Shared {
                 dst,
                 waits: waits.to_vec(),
                 merges: st.merges[l].clone(),
+                handoff,
                 ready,
                 done,
             });
@@ -1361,31 +1403,103 @@ impl Shared {
         };
         // The ready event must follow the copy even when a merge launch is
         // refused: the caller frees the pages behind it.
-        let merged = self.launch_merges(&st.merges[l], dst);
-        self.device.record_event(ready, self.copy)?;
-        merged?;
+        st.layers[l].ready_on_merge = merges;
+        let queued = if merges {
+            self.merge_after_copy(&st.merges[l], dst, ready, &comp.layer_names[l])
+        } else {
+            self.device.record_event(ready, self.copy)
+        };
         if timeline {
-            let counters = self.counters.clone();
             let name = comp.layer_names[l].clone();
-            self.device.launch_host_fn(
-                self.copy,
-                Box::new(move || {
-                    let end = Instant::now();
-                    if let Some(t0) = *start.lock().unwrap_or_else(|p| p.into_inner()) {
-                        counters.push_timeline(TimelineEntry {
-                            layer: name,
-                            kind: "upload",
-                            start_s: counters.since_epoch(t0),
-                            end_s: counters.since_epoch(end),
-                            bytes: total,
-                        });
-                    }
-                }),
-            )?;
+            let ended = self.timeline_end(self.copy, start, name, "upload", total);
+            queued.and(ended)?;
+        } else {
+            queued?;
         }
         Counters::add(&self.counters.bytes_h2d, total as u64);
         Counters::add(&self.counters.uploads, 1);
         Ok(())
+    }
+
+    /// Wait on the host until the work behind ready event `e` is over. A
+    /// failed recording counts as over (the failure is the upload's, which
+    /// is handled where it is used); only a timeout is an error.
+    fn wait_merged(&self, e: EventId) -> Result<()> {
+        match self.device.event_wait(e, Some(self.cfg.wait_timeout)) {
+            Ok(()) | Err(Error::StreamFailed { .. }) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Queue a host function on `stream` that adds a timeline entry from the
+    /// time `start` holds (set by an earlier host function) to when it runs.
+    fn timeline_end(
+        &self,
+        stream: StreamId,
+        start: Arc<Mutex<Option<Instant>>>,
+        layer: String,
+        kind: &'static str,
+        bytes: usize,
+    ) -> Result<()> {
+        let counters = self.counters.clone();
+        self.device.launch_host_fn(
+            stream,
+            Box::new(move || {
+                let end = Instant::now();
+                if let Some(t0) = *start.lock().unwrap_or_else(|p| p.into_inner()) {
+                    counters.push_timeline(TimelineEntry {
+                        layer,
+                        kind,
+                        start_s: counters.since_epoch(t0),
+                        end_s: counters.since_epoch(end),
+                        bytes,
+                    });
+                }
+            }),
+        )
+    }
+
+    /// After the copy just queued on the copy stream, run `merges` on `dst`
+    /// on the merge stream and record `ready` there. `ready` is recorded
+    /// after the copy whatever fails (on the copy stream if the hand-over
+    /// could not be queued).
+    fn merge_after_copy(
+        &self,
+        merges: &[(usize, Arc<MergeOp>)],
+        dst: DevicePtr,
+        ready: EventId,
+        layer: &str,
+    ) -> Result<()> {
+        let handed = self.event().and_then(|e| {
+            let r = self
+                .device
+                .record_event(e, self.copy)
+                .and_then(|()| self.device.stream_wait_event(self.merge, e));
+            // Queued (or never recorded): the event may be reused.
+            self.recycle(e);
+            r
+        });
+        if let Err(e) = handed {
+            self.device.record_event(ready, self.copy)?;
+            return Err(e);
+        }
+        // The timeline's host functions are best effort: a failure to queue
+        // one shows in the launch or the recording that follows.
+        let start: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+        let timeline = self.counters.timeline.is_some() && {
+            let s2 = start.clone();
+            let set = move || *s2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            self.device
+                .launch_host_fn(self.merge, Box::new(set))
+                .is_ok()
+        };
+        let merged = self.launch_merges(merges, dst, self.merge);
+        if timeline && merged.is_ok() {
+            let bytes = merges.iter().map(|(_, op)| op.touched_bytes()).sum();
+            let _ = self.timeline_end(self.merge, start, layer.to_string(), "merge", bytes);
+        }
+        self.device.record_event(ready, self.merge)?;
+        merged
     }
 
     /// Wait for the users of layer `l` (its own allocation) and free it.
@@ -1741,6 +1855,7 @@ impl Drop for Shared {
             let _ = self.device.destroy_event(e);
         }
         let _ = self.device.destroy_stream(self.copy);
+        let _ = self.device.destroy_stream(self.merge);
         let _ = self.device.destroy_stream(self.fence);
     }
 }

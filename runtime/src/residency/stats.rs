@@ -9,7 +9,9 @@ use std::time::Instant;
 pub struct TimelineEntry {
     /// `component/layer`.
     pub layer: String,
-    /// What happened: `"upload"` (host→device copy) or `"wait"` (compute waited for weights).
+    /// What happened: `"upload"` (host→device copy), `"stage"` (a staged
+    /// layer read and queued), `"merge"` (fuse-on-upload merges of a layer,
+    /// on the merge stream) or `"wait"` (compute waited for weights).
     pub kind: &'static str,
     /// Start, in seconds since the runtime was made.
     pub start_s: f64,
