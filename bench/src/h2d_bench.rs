@@ -216,6 +216,20 @@ impl Plan {
         self.pass_bytes.div_ceil(size).max(4).max(self.slots + 1)
     }
 
+    /// Host bytes the run holds at once, at most: for one size, the layers'
+    /// own bytes and one pinned copy of them (the ceiling's buffers or the
+    /// runtime's host copy), plus the staging ring; on the host backend
+    /// also its emulated device memory (`device`).
+    fn host_bytes(&self, device: usize) -> usize {
+        let per_size = self.sizes.iter().map(|&s| {
+            self.layers(s)
+                .saturating_mul(s)
+                .saturating_mul(2)
+                .saturating_add(self.staging_buffers * self.staging_buffer_bytes)
+        });
+        per_size.max().unwrap_or(0).saturating_add(device)
+    }
+
     /// Device bytes the host backend must be able to hold at once, in
     /// pages of `page`: the largest of what each measurement maps.
     fn device_bytes(&self, page: usize) -> usize {
@@ -1015,6 +1029,28 @@ fn map_row(dev: &dyn Device, plan: &Plan) -> Result<MapRow, String> {
 pub fn run(args: &H2dBenchArgs) -> Result<(), String> {
     let mut plan = Plan::new(args)?;
     let o = open(&plan)?;
+    let emulated = match o.dev.info().kind {
+        BackendKind::Host => plan.device_bytes(o.dev.info().page_size),
+        BackendKind::Cuda => 0,
+    };
+    let need = plan.host_bytes(emulated);
+    if let Some(available) = host_available_bytes() {
+        if need > available {
+            return Err(format!(
+                "--pass-mib {} with --sizes {:?} MiB and {} staging buffers of {} MiB would hold up to \
+                 {:.1} GiB of host memory at once (the layers, a pinned copy of them, the staging ring{}), \
+                 and the machine has {:.1} GiB available (MemAvailable in /proc/meminfo): lower \
+                 --pass-mib, the sizes or the staging ring",
+                args.pass_mib,
+                args.sizes,
+                plan.staging_buffers,
+                args.staging_buffer_mib,
+                need as f64 / (1u64 << 30) as f64,
+                if emulated > 0 { ", the emulated device" } else { "" },
+                available as f64 / (1u64 << 30) as f64,
+            ));
+        }
+    }
     if args.iters.is_none() && o.dev.info().kind == BackendKind::Host {
         // Fewer samples on the CPU: a sample of the largest default size
         // takes a quarter of a second there.
@@ -1069,6 +1105,15 @@ fn measure(
         None
     };
     Ok((rows, map))
+}
+
+/// Host memory available to a new allocation, where the OS says
+/// (`MemAvailable` in `/proc/meminfo`, Linux); `None` elsewhere.
+fn host_available_bytes() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// A size in MiB or KiB.

@@ -292,6 +292,31 @@ fn bad_arguments_fail_with_a_message_and_no_panic() {
     }
 }
 
+/// A run that needs more host memory than the machine has is refused
+/// before anything is allocated, with the numbers (here a staging ring of
+/// 1024 buffers of 4 GiB).
+#[test]
+fn a_run_beyond_host_memory_is_refused_up_front() {
+    let o = h2d(&[
+        "--sizes",
+        "1",
+        "--staging-buffers",
+        "1024",
+        "--staging-buffer-mib",
+        "4096",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("1024 staging buffers of 4096 MiB")
+            && stderr.contains("GiB of host memory")
+            && stderr.contains("MemAvailable"),
+        "{stderr}"
+    );
+    assert!(o.stdout.is_empty());
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_rows_run_on_the_cuda_device() {
