@@ -392,13 +392,14 @@ pub fn auto(host: &HostConfig) -> Result<Selected> {
         Ok(probe) => match cuda::CudaDevice::new(probe.ordinal) {
             Ok(dev) => {
                 let reason = format!(
-                    "using CUDA device {}: {} ({} GiB, compute capability {}.{}, driver {})",
+                    "using CUDA device {}: {} ({} GiB, compute capability {}.{}, driver {}){}",
                     probe.ordinal,
                     dev.info().name,
                     dev.info().total_memory >> 30,
                     probe.compute_capability.0,
                     probe.compute_capability.1,
                     probe.driver_version,
+                    dev.memory_mode_note(),
                 );
                 return Ok(Selected {
                     device: Arc::new(dev),
