@@ -44,7 +44,10 @@
 //!
 //! Then, once: **map+unmap**: `--map-pages` pages allocated into one
 //! reserved range (untimed), then `map` of every page and `unmap` of every
-//! page, each timed: µs per page.
+//! page, each timed: µs per page. On a device without the virtual memory
+//! API (a GPU where a trial of it fails, or `--no-vmm`) there is nothing to
+//! map: device buffers and the runtime's arena are plain allocations, and
+//! the row says it is not applicable, and why.
 //!
 //! Rates are 10⁹ bytes per second of wall-clock time (device to device on a
 //! GPU: GPU time), best and median over `--iters` samples after a warm-up.
@@ -106,6 +109,11 @@ pub struct H2dBenchArgs {
     /// (ignored on a GPU).
     #[arg(long)]
     pub link_gbps: Option<f64>,
+    /// Open the device without the virtual memory API, as on a GPU where it
+    /// is unavailable: device buffers and the runtime's arena are plain
+    /// allocations (cuMemAlloc on a GPU), and the map+unmap row does not apply.
+    #[arg(long)]
+    pub no_vmm: bool,
     /// Print one JSON document with every result instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -132,6 +140,8 @@ struct Plan {
     staging_buffers: usize,
     staging_buffer_bytes: usize,
     link_gbps: Option<f64>,
+    /// Open the device without the virtual memory API.
+    no_vmm: bool,
     /// CPU threads of the host backend's device-to-device copy.
     cpu_threads: usize,
 }
@@ -205,6 +215,7 @@ impl Plan {
             staging_buffers,
             staging_buffer_bytes: args.staging_buffer_mib << 20,
             link_gbps: args.link_gbps,
+            no_vmm: args.no_vmm,
             cpu_threads: cpus,
         })
     }
@@ -351,6 +362,17 @@ fn verdict(rows: &[Row], r: &Row) -> &'static str {
     }
 }
 
+/// The map+unmap row, or why it does not apply.
+#[derive(Clone, Debug)]
+enum MapOutcome {
+    Measured(MapRow),
+    /// The device maps no pages: why.
+    NotApplicable(String),
+}
+
+/// What the table and the JSON say when the device maps no pages.
+const MAP_NOT_APPLICABLE: &str = "not applicable (no VMM: plain allocations)";
+
 /// The map+unmap row.
 #[derive(Clone, Debug)]
 struct MapRow {
@@ -471,13 +493,15 @@ fn layer_byte(i: usize) -> u8 {
 // ---------------------------------------------------------------------------
 // Device memory
 
-/// Device buffers: each a reserved range with its own pages mapped. On drop
-/// the stream that uses them is synchronised first, then everything is
-/// unmapped, released and freed (also on an error path).
+/// Device buffers: each a reserved range with its own pages mapped, or, on
+/// a device that maps no pages, one plain allocation. On drop the stream
+/// that uses them is synchronised first, then everything is unmapped,
+/// released and freed (also on an error path).
 struct DevMem {
     dev: Arc<dyn Device>,
     stream: StreamId,
     bufs: Vec<(VirtualRange, Vec<PhysPage>)>,
+    blocks: Vec<DevicePtr>,
 }
 
 impl DevMem {
@@ -486,6 +510,7 @@ impl DevMem {
             dev: dev.clone(),
             stream,
             bufs: Vec::new(),
+            blocks: Vec::new(),
         }
     }
 
@@ -495,6 +520,11 @@ impl DevMem {
         let n = len.div_ceil(ps).max(1);
         let fail =
             |e: offload_runtime::Error| format!("allocating {len} bytes of device memory: {e}");
+        if !self.dev.maps_pages() {
+            let p = self.dev.alloc_contiguous(n * ps).map_err(fail)?;
+            self.blocks.push(p);
+            return Ok(p);
+        }
         let range = self.dev.reserve(n * ps).map_err(fail)?;
         let mut pages = Vec::with_capacity(n);
         for i in 0..n {
@@ -529,6 +559,9 @@ impl Drop for DevMem {
             for p in pages {
                 let _ = self.dev.free_page(p);
             }
+        }
+        for p in self.blocks.drain(..) {
+            let _ = self.dev.free_contiguous(p);
         }
     }
 }
@@ -573,6 +606,8 @@ struct Opened {
     d2d: D2d,
     reason: String,
     notes: Vec<String>,
+    /// Why the device maps no pages, if it maps none.
+    no_vmm: Option<String>,
 }
 
 fn open(plan: &Plan) -> Result<Opened, String> {
@@ -586,7 +621,10 @@ fn open(plan: &Plan) -> Result<Opened, String> {
         link_gbps: plan.link_gbps,
     };
     let selected = device::auto(&host_cfg).map_err(|e| format!("opening a device: {e}"))?;
-    let reason = selected.reason;
+    let mut reason = selected.reason;
+    if plan.no_vmm {
+        reason.push_str("; --no-vmm: opened without the virtual memory API (plain allocations)");
+    }
     let kind = selected.device.info().kind;
     let mut notes = Vec::new();
     if kind == BackendKind::Cuda && plan.link_gbps.is_some() {
@@ -597,32 +635,39 @@ fn open(plan: &Plan) -> Result<Opened, String> {
             drop(selected.device);
             // A fresh host device we can configure: no poisoning of freed
             // pages, which would touch every page a measurement frees.
-            let host =
-                HostDevice::new(host_cfg).map_err(|e| format!("opening the host backend: {e}"))?;
+            let host = if plan.no_vmm {
+                HostDevice::without_vmm(host_cfg)
+            } else {
+                HostDevice::new(host_cfg)
+            }
+            .map_err(|e| format!("opening the host backend: {e}"))?;
             host.set_poison(false);
             Ok(Opened {
                 dev: Arc::new(host),
                 d2d: D2d::Host,
                 reason,
                 notes,
+                no_vmm: plan
+                    .no_vmm
+                    .then(|| "the host backend opened with --no-vmm".to_string()),
             })
         }
         BackendKind::Cuda => {
             #[cfg(feature = "cuda")]
             {
                 drop(selected.device);
-                let d = Arc::new(gpu::open()?);
-                if !d.vmm_supported() {
-                    return Err(format!(
-                        "the GPU cannot map pages into reserved ranges ({}): the runtime and this bench need the virtual memory API",
-                        d.vmm_unavailable_reason().unwrap_or("unknown reason")
-                    ));
-                }
+                let d = Arc::new(gpu::open(plan.no_vmm)?);
+                let no_vmm = match d.vmm_unavailable_reason() {
+                    None => None,
+                    Some(_) if plan.no_vmm => Some("the GPU opened with --no-vmm".to_string()),
+                    Some(why) => Some(format!("the CUDA virtual memory API is unavailable: {why}")),
+                };
                 Ok(Opened {
                     dev: d.clone(),
                     d2d: D2d::Cuda(d),
                     reason,
                     notes,
+                    no_vmm,
                 })
             }
             #[cfg(not(feature = "cuda"))]
@@ -969,8 +1014,17 @@ unsafe fn host_copies(threads: usize, pairs: &[(DevicePtr, DevicePtr)], len: usi
     });
 }
 
-/// The map+unmap row: `pages` pages mapped into one range and unmapped, per sample.
-fn map_row(dev: &dyn Device, plan: &Plan) -> Result<MapRow, String> {
+/// The map+unmap row: `pages` pages mapped into one range and unmapped, per
+/// sample; not applicable on a device that maps no pages.
+fn map_row(o: &Opened, plan: &Plan) -> Result<MapOutcome, String> {
+    if let Some(why) = &o.no_vmm {
+        return Ok(MapOutcome::NotApplicable(why.clone()));
+    }
+    measure_map(&*o.dev, plan).map(MapOutcome::Measured)
+}
+
+/// Times `map` and `unmap` of `plan.map_pages` pages.
+fn measure_map(dev: &dyn Device, plan: &Plan) -> Result<MapRow, String> {
     let ps = dev.info().page_size;
     let pages = plan.map_pages;
     let fail =
@@ -1086,7 +1140,7 @@ fn measure(
     plan: &Plan,
     stream: StreamId,
     compute: StreamId,
-) -> Result<(Vec<Row>, Option<MapRow>), String> {
+) -> Result<(Vec<Row>, Option<MapOutcome>), String> {
     let mut rows = Vec::new();
     for &size in &plan.sizes {
         let n = plan.layers(size);
@@ -1100,7 +1154,7 @@ fn measure(
         rows.push(d2d_row(o, plan, stream, size, n)?);
     }
     let map = if plan.map_pages > 0 {
-        Some(map_row(&*o.dev, plan)?)
+        Some(map_row(o, plan)?)
     } else {
         None
     };
@@ -1146,7 +1200,7 @@ fn map_share(rows: &[Row], m: &MapRow) -> Option<f64> {
     Some(per_page / upload_us)
 }
 
-fn table(o: &Opened, plan: &Plan, rows: &[Row], map: Option<&MapRow>, elapsed: f64) -> String {
+fn table(o: &Opened, plan: &Plan, rows: &[Row], map: Option<&MapOutcome>, elapsed: f64) -> String {
     let mut out = String::new();
     let dev = &*o.dev;
     let _ = writeln!(out, "device: {}", o.reason);
@@ -1193,7 +1247,10 @@ fn table(o: &Opened, plan: &Plan, rows: &[Row], map: Option<&MapRow>, elapsed: f
             verdict(rows, r)
         );
     }
-    if let Some(m) = map {
+    if let Some(MapOutcome::NotApplicable(why)) = map {
+        let _ = writeln!(out, "\nmap+unmap: {MAP_NOT_APPLICABLE}: {why}");
+    }
+    if let Some(MapOutcome::Measured(m)) = map {
         let (mb, mm) = m.us_per_page(&m.map);
         let (ub, um) = m.us_per_page(&m.unmap);
         let share = map_share(rows, m).map_or(String::new(), |s| {
@@ -1229,7 +1286,7 @@ fn json(
     o: &Opened,
     plan: &Plan,
     rows: &[Row],
-    map: Option<&MapRow>,
+    map: Option<&MapOutcome>,
     elapsed: f64,
 ) -> serde_json::Value {
     let info = o.dev.info();
@@ -1253,9 +1310,19 @@ fn json(
         })
     };
     let map_json = map.map(|m| {
+        let m = match m {
+            MapOutcome::Measured(m) => m,
+            MapOutcome::NotApplicable(why) => {
+                return serde_json::json!({
+                    "applicable": false,
+                    "reason": format!("{MAP_NOT_APPLICABLE}: {why}"),
+                })
+            }
+        };
         let (mb, mm) = m.us_per_page(&m.map);
         let (ub, um) = m.us_per_page(&m.unmap);
         serde_json::json!({
+            "applicable": true,
             "pages": m.pages,
             "page_size": m.page_size,
             "samples": m.map.len(),
@@ -1276,6 +1343,7 @@ fn json(
             "reason": o.reason,
             "page_size": info.page_size,
             "total_memory": info.total_memory,
+            "maps_pages": o.dev.maps_pages(),
             "link_gbps": if info.kind == BackendKind::Host { plan.link_gbps } else { None },
         },
         "notes": o.notes,
@@ -1289,6 +1357,7 @@ fn json(
             "staging_buffers": plan.staging_buffers,
             "staging_buffer_bytes": plan.staging_buffer_bytes,
             "map_pages": plan.map_pages,
+            "no_vmm": plan.no_vmm,
         },
         "rows": rows.iter().map(row_json).collect::<Vec<_>>(),
         "map_unmap": map_json,
@@ -1302,11 +1371,14 @@ fn json(
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use offload_runtime::device::cuda::{probe, CudaDevice};
+    use offload_runtime::device::cuda::{probe, CudaConfig, CudaDevice};
 
-    /// Opens the GPU `device::auto` picked: the one `probe` finds.
-    pub(super) fn open() -> Result<CudaDevice, String> {
+    /// Opens the GPU `device::auto` picked: the one `probe` finds; without
+    /// the virtual memory API when `no_vmm`.
+    pub(super) fn open(no_vmm: bool) -> Result<CudaDevice, String> {
         let p = probe().map_err(|e| e.to_string())?;
-        CudaDevice::new(p.ordinal).map_err(|e| format!("a GPU answered but did not open: {e}"))
+        let config = CudaConfig { use_vmm: !no_vmm };
+        CudaDevice::with_config(p.ordinal, &config)
+            .map_err(|e| format!("a GPU answered but did not open: {e}"))
     }
 }

@@ -522,7 +522,6 @@ fn bytes_mut(words: &mut [u32], len: usize) -> &mut [u8] {
 fn merge_adapters(
     adapters: &[HostAdapter],
     fdtype: Dtype,
-    r0: usize,
     rows: usize,
     cols: usize,
 ) -> Vec<Adapter<'_>> {
@@ -534,12 +533,7 @@ fn merge_adapters(
             Adapter {
                 scale: a.scale,
                 delta: Delta::LowRank {
-                    up: Factor::new(
-                        &up_all[r0 * a.rank * fs..(r0 + rows) * a.rank * fs],
-                        fdtype,
-                        rows,
-                        a.rank,
-                    ),
+                    up: Factor::new(&up_all[..rows * a.rank * fs], fdtype, rows, a.rank),
                     down: Factor::new(bytes(&a.down, a.rank * cols * fs), fdtype, a.rank, cols),
                 },
             }
@@ -813,7 +807,7 @@ fn cpu_bench(args: &MergeBenchArgs, threads: NonZeroUsize) -> Result<(Setup, Vec
         for &rank in &args.ranks {
             for &count in &args.adapters {
                 let host = make_adapters(&mut rng, fdtype, rows, cols, rank, count);
-                let adapters = merge_adapters(&host, fdtype, 0, rows, cols);
+                let adapters = merge_adapters(&host, fdtype, rows, cols);
                 let spec = MergeSpec::new(dtype, &[rows, cols], None, &adapters)
                     .map_err(|e| format!("merge spec: {e}"))?;
                 let mut base = GemmBaseline::new(dtype, fdtype, rows, cols, t, &host);
@@ -932,13 +926,13 @@ mod gpu {
     }
 
     /// Device buffers: one mapped range per buffer with the virtual memory
-    /// API, one page per buffer in fallback mode. Freed on drop, after the
-    /// stream that uses them has finished (also on an error path).
+    /// API, one contiguous allocation per buffer in fallback mode. Freed on
+    /// drop, after the stream that uses them has finished (also on an error path).
     struct Mem<'a> {
         d: &'a CudaDevice,
         stream: StreamId,
         ranges: Vec<(VirtualRange, Vec<PhysPage>)>,
-        pages: Vec<PhysPage>,
+        blocks: Vec<DevicePtr>,
     }
 
     impl<'a> Mem<'a> {
@@ -947,33 +941,19 @@ mod gpu {
                 d,
                 stream,
                 ranges: Vec::new(),
-                pages: Vec::new(),
-            }
-        }
-
-        /// The largest buffer [`Mem::alloc`] can make.
-        fn max_len(&self) -> usize {
-            if self.d.vmm_supported() {
-                usize::MAX
-            } else {
-                self.d.info().page_size
+                blocks: Vec::new(),
             }
         }
 
         fn alloc(&mut self, len: usize) -> Result<DevicePtr, String> {
             let ps = self.d.info().page_size;
             let e = |e: offload_runtime::Error| format!("allocating {len} bytes on the GPU: {e}");
-            if !self.d.vmm_supported() {
-                if len > ps {
-                    return Err(format!(
-                        "fallback memory mode: a {len}-byte buffer does not fit one {ps}-byte page"
-                    ));
-                }
-                let p = self.d.alloc_page().map_err(e)?;
-                self.pages.push(p);
-                return self.d.page_address(p).map_err(e);
-            }
             let n = len.div_ceil(ps).max(1);
+            if !self.d.maps_pages() {
+                let p = self.d.alloc_contiguous(n * ps).map_err(e)?;
+                self.blocks.push(p);
+                return Ok(p);
+            }
             let range = self.d.reserve(n * ps).map_err(e)?;
             let mut pages = Vec::with_capacity(n);
             for i in 0..n {
@@ -1008,8 +988,8 @@ mod gpu {
                     let _ = self.d.free_page(p);
                 }
             }
-            for p in self.pages.drain(..) {
-                let _ = self.d.free_page(p);
+            for p in self.blocks.drain(..) {
+                let _ = self.d.free_contiguous(p);
             }
         }
     }
@@ -1017,30 +997,6 @@ mod gpu {
     /// Launches per timed pass up to which the pass is gated (see
     /// [`Timer::time`]); cuBLAS may launch two kernels per product.
     const MAX_GATED_LAUNCHES: usize = 512;
-
-    /// W as row blocks, each its own buffer: one block with the virtual
-    /// memory API; in fallback mode, as many rows as fit a page.
-    struct Blocks {
-        /// (first row, rows) of each block.
-        rows: Vec<(usize, usize)>,
-    }
-
-    impl Blocks {
-        fn new(rows: usize, row_bytes: usize, max_len: usize) -> Result<Self, String> {
-            let per = (max_len / row_bytes).min(rows);
-            if per == 0 {
-                return Err(format!(
-                    "fallback memory mode: one {row_bytes}-byte row of W does not fit a page; use fewer --cols"
-                ));
-            }
-            Ok(Blocks {
-                rows: (0..rows)
-                    .step_by(per)
-                    .map(|r| (r, per.min(rows - r)))
-                    .collect(),
-            })
-        }
-    }
 
     pub(super) fn bench(
         d: &CudaDevice,
@@ -1090,74 +1046,47 @@ mod gpu {
             let ws = dtype.size_in_bytes();
             let fs = fdtype.size_in_bytes();
             let w_bytes = rows * cols * ws;
-            let blocks = Blocks::new(rows, cols * ws, mem.max_len())?;
             let w0_enc = encode(dtype, &w0);
             let w0_bytes: &[u8] = &bytemuck::cast_slice(&w0_enc)[..w_bytes];
             let w0_dec = decode(dtype, w0_bytes, rows * cols);
-            let upload_w = |mem: &mut Mem<'_>| -> Result<Vec<DevicePtr>, String> {
-                blocks
-                    .rows
-                    .iter()
-                    .map(|&(r0, n)| {
-                        let p = mem.alloc(n * cols * ws)?;
-                        d.write_blocking(p, &w0_bytes[r0 * cols * ws..(r0 + n) * cols * ws], s)
-                            .map_err(fail("uploading W"))?;
-                        Ok(p)
-                    })
-                    .collect()
+            let upload_w = |mem: &mut Mem<'_>| -> Result<DevicePtr, String> {
+                let p = mem.alloc(w_bytes)?;
+                d.write_blocking(p, w0_bytes, s)
+                    .map_err(fail("uploading W"))?;
+                Ok(p)
             };
             let copies = pool_copies(args.pool_mib, w_bytes);
             let first = upload_w(&mut mem)?;
-            let mut pool = vec![first.clone()];
+            let mut pool = vec![first];
             for _ in 1..copies {
-                let mut c = Vec::new();
-                for (b, &(_, n)) in blocks.rows.iter().enumerate() {
-                    let p = mem.alloc(n * cols * ws)?;
-                    copy_d2d(d, p, first[b], n * cols * ws, s)?;
-                    c.push(p);
-                }
-                pool.push(c);
+                let p = mem.alloc(w_bytes)?;
+                copy_d2d(d, p, first, w_bytes, s)?;
+                pool.push(p);
             }
             d.stream_synchronize(s).map_err(fail("filling the pool"))?;
 
             for &rank in &args.ranks {
                 for &count in &args.adapters {
                     let host = make_adapters(&mut rng, fdtype, rows, cols, rank, count);
-                    // Device factors: each adapter's down whole, its up per block.
+                    // Device factors: each adapter's down and up.
                     let mut downs = Vec::new();
-                    let mut ups: Vec<Vec<DevicePtr>> = Vec::new();
+                    let mut ups = Vec::new();
                     for a in &host {
                         let down = &bytemuck::cast_slice::<u32, u8>(&a.down)[..rank * cols * fs];
                         let p = mem.alloc(down.len())?;
                         d.write_blocking(p, down, s)
                             .map_err(fail("uploading a factor"))?;
                         downs.push(p);
-                        let up_all: &[u8] = bytemuck::cast_slice(&a.up);
-                        let mut per_block = Vec::new();
-                        for &(r0, n) in &blocks.rows {
-                            let up = &up_all[r0 * rank * fs..(r0 + n) * rank * fs];
-                            let p = mem.alloc(up.len())?;
-                            d.write_blocking(p, up, s)
-                                .map_err(fail("uploading a factor"))?;
-                            per_block.push(p);
-                        }
-                        ups.push(per_block);
+                        let up = &bytemuck::cast_slice::<u32, u8>(&a.up)[..rows * rank * fs];
+                        let p = mem.alloc(up.len())?;
+                        d.write_blocking(p, up, s)
+                            .map_err(fail("uploading a factor"))?;
+                        ups.push(p);
                     }
-                    let block_adapters: Vec<_> = blocks
-                        .rows
-                        .iter()
-                        .map(|&(r0, n)| merge_adapters(&host, fdtype, r0, n, cols))
-                        .collect();
-                    let specs = blocks
-                        .rows
-                        .iter()
-                        .zip(&block_adapters)
-                        .map(|(&(_, n), a)| MergeSpec::new(dtype, &[n, cols], None, a))
-                        .collect::<Result<Vec<_>, _>>()
+                    let adapters = merge_adapters(&host, fdtype, rows, cols);
+                    let spec = MergeSpec::new(dtype, &[rows, cols], None, &adapters)
                         .map_err(|e| format!("merge spec: {e}"))?;
-                    let factor_ptrs: Vec<Vec<_>> = (0..blocks.rows.len())
-                        .map(|b| (0..count).map(|a| (ups[a][b], downs[a])).collect())
-                        .collect();
+                    let factor_ptrs: Vec<_> = (0..count).map(|a| (ups[a], downs[a])).collect();
 
                     let kernel = match args.kernel {
                         KernelArg::Auto => LowRankKernel::Auto,
@@ -1165,32 +1094,27 @@ mod gpu {
                         KernelArg::TensorCores => LowRankKernel::TensorCores,
                     };
                     let tensor_cores = match kernel {
-                        LowRankKernel::Auto => d.merge_uses_tensor_cores(&specs[0]),
+                        LowRankKernel::Auto => d.merge_uses_tensor_cores(&spec),
                         k => k == LowRankKernel::TensorCores,
                     };
-                    let ours_on = |w: &[DevicePtr]| -> Result<(), String> {
-                        for (b, spec) in specs.iter().enumerate() {
-                            d.merge_lowrank_with(spec, w[b], &factor_ptrs[b], s, kernel)
-                                .map_err(fail("merge_lowrank"))?;
-                        }
-                        Ok(())
+                    let ours_on = |w: DevicePtr| -> Result<(), String> {
+                        d.merge_lowrank_with(&spec, w, &factor_ptrs, s, kernel)
+                            .map_err(fail("merge_lowrank"))
                     };
-                    let base_on = |w: &[DevicePtr]| -> Result<(), String> {
-                        for (b, &(_, n)) in blocks.rows.iter().enumerate() {
-                            for (a, ha) in host.iter().enumerate() {
-                                let op = GemmAccumulate {
-                                    w: w[b],
-                                    w_dtype: dtype,
-                                    rows: n,
-                                    cols,
-                                    up: ups[a][b],
-                                    down: downs[a],
-                                    factor_dtype: fdtype,
-                                    rank,
-                                    scale: ha.scale,
-                                };
-                                d.gemm_accumulate(&op, s).map_err(fail("gemm_accumulate"))?;
-                            }
+                    let base_on = |w: DevicePtr| -> Result<(), String> {
+                        for (a, ha) in host.iter().enumerate() {
+                            let op = GemmAccumulate {
+                                w,
+                                w_dtype: dtype,
+                                rows,
+                                cols,
+                                up: ups[a],
+                                down: downs[a],
+                                factor_dtype: fdtype,
+                                rank,
+                                scale: ha.scale,
+                            };
+                            d.gemm_accumulate(&op, s).map_err(fail("gemm_accumulate"))?;
                         }
                         Ok(())
                     };
@@ -1198,40 +1122,31 @@ mod gpu {
                     // Agreement, on fresh copies of W.
                     let check_ours = upload_w(&mut mem)?;
                     let check_base = upload_w(&mut mem)?;
-                    ours_on(&check_ours)?;
-                    base_on(&check_base)?;
-                    let read = |w: &[DevicePtr]| -> Result<Vec<f64>, String> {
+                    ours_on(check_ours)?;
+                    base_on(check_base)?;
+                    let read = |w: DevicePtr| -> Result<Vec<f64>, String> {
                         let mut host_w = vec![0u8; w_bytes];
-                        for (b, &(r0, n)) in blocks.rows.iter().enumerate() {
-                            d.read_blocking(
-                                w[b],
-                                &mut host_w[r0 * cols * ws..(r0 + n) * cols * ws],
-                                s,
-                            )
+                        d.read_blocking(w, &mut host_w, s)
                             .map_err(fail("reading W back"))?;
-                        }
                         Ok(decode(dtype, &host_w, rows * cols))
                     };
                     let (max_diff, tolerance) =
-                        agreement(dtype, &w0_dec, &read(&check_ours)?, &read(&check_base)?);
+                        agreement(dtype, &w0_dec, &read(check_ours)?, &read(check_base)?);
 
                     // One sample: one pass over the pool.
                     let per_w = |t: f64| t / copies as f64;
-                    let gate = copies * blocks.rows.len() * count * 2 <= MAX_GATED_LAUNCHES;
+                    let gate = copies * count * 2 <= MAX_GATED_LAUNCHES;
                     let mut ours = Vec::new();
                     let mut base = Vec::new();
                     let mut copy = Vec::new();
                     for i in 0..=args.iters {
                         let to =
-                            timer.time(d, s, gate, || pool.iter().try_for_each(|w| ours_on(w)))?;
+                            timer.time(d, s, gate, || pool.iter().try_for_each(|&w| ours_on(w)))?;
                         let tb =
-                            timer.time(d, s, gate, || pool.iter().try_for_each(|w| base_on(w)))?;
+                            timer.time(d, s, gate, || pool.iter().try_for_each(|&w| base_on(w)))?;
                         let tc = timer.time(d, s, gate, || {
-                            for (c, w) in pool.iter().enumerate() {
-                                let to = &pool[(c + 1) % copies];
-                                for (b, &(_, n)) in blocks.rows.iter().enumerate() {
-                                    copy_d2d(d, to[b], w[b], n * cols * ws, s)?;
-                                }
+                            for (c, &w) in pool.iter().enumerate() {
+                                copy_d2d(d, pool[(c + 1) % copies], w, w_bytes, s)?;
                             }
                             Ok(())
                         })?;

@@ -151,7 +151,10 @@ fn every_row_of_every_size_with_exact_bytes() {
     assert!(!dev["reason"].as_str().expect("reason").is_empty());
     positive(dev, "page_size");
     check_rows(&doc, &[1, 3], 8, 4, 2);
+    assert_eq!(dev["maps_pages"], true, "{dev}");
+    assert_eq!(doc["config"]["no_vmm"], false);
     let m = &doc["map_unmap"];
+    assert_eq!(m["applicable"], true, "{m}");
     assert_eq!(m["pages"], 16, "{m}");
     assert_eq!(m["samples"], 2, "{m}");
     assert_eq!(m["page_size"], dev["page_size"], "{m}");
@@ -260,6 +263,62 @@ fn the_table_starts_with_the_device() {
         "| 1 MiB | runtime, staged policy | 4 |",
         "| 1 MiB | device to device (r+w) | 4 |",
         "map+unmap: 4 pages of",
+    ] {
+        assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");
+    }
+}
+
+#[test]
+fn without_vmm_every_row_runs_on_plain_allocations_and_map_unmap_does_not_apply() {
+    let doc = bench_json(&[
+        "--sizes",
+        "1,3",
+        "--pass-mib",
+        "8",
+        "--iters",
+        "2",
+        "--map-pages",
+        "16",
+        "--no-vmm",
+    ]);
+    let dev = &doc["device"];
+    assert_eq!(dev["maps_pages"], false, "{dev}");
+    assert_eq!(doc["config"]["no_vmm"], true);
+    let reason = dev["reason"].as_str().expect("reason");
+    assert!(reason.contains("--no-vmm"), "{reason}");
+    // The same rows and exact bytes as with page mapping: the runtime's
+    // arena makes each ring slot one plain allocation.
+    check_rows(&doc, &[1, 3], 8, 4, 2);
+    let m = &doc["map_unmap"];
+    assert_eq!(m["applicable"], false, "{m}");
+    let why = m["reason"].as_str().expect("a reason");
+    assert!(
+        why.starts_with("not applicable (no VMM: plain allocations): "),
+        "{why}"
+    );
+    assert!(m["map_us_per_page_median"].is_null(), "{m}");
+
+    let o = h2d(&[
+        "--sizes",
+        "1",
+        "--pass-mib",
+        "4",
+        "--iters",
+        "1",
+        "--map-pages",
+        "4",
+        "--no-vmm",
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for want in [
+        "| 1 MiB | runtime, pinned policy | 4 |",
+        "| 1 MiB | device to device (r+w) | 4 |",
+        "\nmap+unmap: not applicable (no VMM: plain allocations): ",
     ] {
         assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");
     }

@@ -19,6 +19,13 @@
 //!   the typed error with the requested and free figures; in particular a
 //!   request the free pages cover always succeeds (no external
 //!   fragmentation), and a failed request leaves the arena unchanged.
+//!
+//! Every sequence runs twice: on a host device that maps pages, and on one
+//! without the virtual memory API ([`HostDevice::without_vmm`]), where each
+//! allocation is one contiguous device allocation. There the page-table
+//! checks give way to their counterparts: no page is mapped, the device's
+//! contiguous bytes are the pages the arena holds, no two allocations share
+//! an address, and deferred frees are read back through the device.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc::{channel, Sender};
@@ -26,7 +33,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use offload_runtime::arena::{AllocId, Arena, ArenaConfig, ArenaStats, Extent, Tag, TagUsage};
-use offload_runtime::device::{Device, DevicePtr, EventId, HostConfig, HostDevice, StreamId};
+use offload_runtime::device::{
+    Device, DeviceExt, DevicePtr, EventId, HostConfig, HostDevice, StreamId,
+};
 use offload_runtime::Error;
 use proptest::prelude::*;
 
@@ -123,7 +132,8 @@ struct ModelAlloc {
     tag: Tag,
     data: Vec<u8>,
     ptr: DevicePtr,
-    /// The page table the arena reported when it was made (allocations never move).
+    /// The page table the arena reported when it was made (allocations never
+    /// move); empty on a device that maps no pages.
     extents: Vec<Extent>,
     /// Slab slot size, or `None` for a page allocation.
     class: Option<usize>,
@@ -183,7 +193,8 @@ impl Model {
         let mut pages = BTreeMap::new();
         for a in self.all() {
             if let Some(class) = a.class {
-                let e = pages.entry(a.extents[0].page.0).or_insert((class, 0));
+                // A slab page is one page-aligned page of addresses.
+                let e = pages.entry(a.ptr.0 / PAGE as u64).or_insert((class, 0));
                 assert_eq!(e.0, class, "a slab page holds slots of one size");
                 e.1 += 1;
             }
@@ -267,7 +278,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn check_invariants(arena: &Arena<HostDevice>, dev: &HostDevice, model: &Model) {
+fn check_invariants(arena: &Arena<HostDevice>, dev: &HostDevice, model: &Model, check: StreamId) {
     let stats = arena.stats();
     assert!(stats.pages_used <= stats.capacity_pages);
 
@@ -311,12 +322,73 @@ fn check_invariants(arena: &Arena<HostDevice>, dev: &HostDevice, model: &Model) 
 
     // The arena's accounting agrees with the backend's own page counts.
     let c = dev.counters();
+    assert_eq!(c.pages_allocated, arena.pages_held());
+    assert_eq!(arena.pages_held(), stats.pages_used + stats.pages_pooled);
+    assert!(
+        arena.pages_held() <= CAPACITY_PAGES,
+        "the arena holds past its cap"
+    );
+
+    // No two allocations (live or deferred) share an address: a page
+    // allocation owns its pages, a slot its slot.
+    let mut spans: Vec<(u64, u64)> = model
+        .all()
+        .map(|a| {
+            let len = a.class.unwrap_or(a.pages() * PAGE) as u64;
+            (a.ptr.0, a.ptr.0 + len)
+        })
+        .collect();
+    spans.sort();
+    for w in spans.windows(2) {
+        assert!(w[0].1 <= w[1].0, "allocations {w:?} overlap");
+    }
+    for a in model.all().filter(|a| a.class.is_none()) {
+        assert_eq!(
+            a.ptr.0 % PAGE as u64,
+            0,
+            "a page allocation is page aligned"
+        );
+    }
+
+    if !dev.maps_pages() {
+        assert_eq!(
+            (
+                c.pages_mapped,
+                c.ranges_reserved,
+                c.map_calls,
+                c.unmap_calls
+            ),
+            (0, 0, 0, 0),
+            "a device without VMM maps nothing"
+        );
+        assert_eq!(c.contiguous_bytes, arena.pages_held() * PAGE);
+        // One device allocation per page allocation and slab page, plus the cached ones.
+        let in_use = model.all().filter(|a| a.class.is_none()).count() + slab.len();
+        assert!(c.contiguous_allocations >= in_use);
+        assert!(c.contiguous_allocations - in_use <= stats.pages_pooled);
+        for (&id, a) in &model.live {
+            assert!(matches!(
+                arena.page_table(id),
+                Err(offload_runtime::Error::Unsupported(_))
+            ));
+            assert_eq!(arena.ptr(id).unwrap(), a.ptr);
+        }
+        // The bytes of a deferred free are untouched until it is reclaimed
+        // (its memory is still allocated, so the device can read it).
+        for d in &model.deferred {
+            let mut back = vec![0u8; d.alloc.size];
+            dev.read_blocking(d.alloc.ptr, &mut back, check).unwrap();
+            assert!(
+                back == d.alloc.data,
+                "a deferred free's bytes changed before it was reclaimed"
+            );
+        }
+        return;
+    }
     assert_eq!(
         c.pages_mapped, stats.pages_used,
         "arena used pages vs pages mapped on the device"
     );
-    assert_eq!(c.pages_allocated, arena.pages_held());
-    assert_eq!(arena.pages_held(), stats.pages_used + stats.pages_pooled);
 
     // Page tables: each live one is still what the arena reported at first.
     for (&id, a) in &model.live {
@@ -401,15 +473,17 @@ fn check_invariants(arena: &Arena<HostDevice>, dev: &HostDevice, model: &Model) 
     }
 }
 
-fn run(ops: Vec<Op>) {
-    let dev = Arc::new(
-        HostDevice::new(HostConfig {
-            capacity: 64 * PAGE,
-            page_size: PAGE,
-            link_gbps: None,
-        })
-        .unwrap(),
-    );
+fn run(ops: Vec<Op>, vmm: bool) {
+    let config = HostConfig {
+        capacity: 64 * PAGE,
+        page_size: PAGE,
+        link_gbps: None,
+    };
+    let dev = Arc::new(if vmm {
+        HostDevice::new(config).unwrap()
+    } else {
+        HostDevice::without_vmm(config).unwrap()
+    });
     let arena = Arena::new(
         dev.clone(),
         ArenaConfig {
@@ -422,6 +496,8 @@ fn run(ops: Vec<Op>) {
         .collect();
     // Never recorded, so complete: for `free_after` of stale ids.
     let idle_event = dev.create_event().unwrap();
+    // Where the checks read device memory (never held by a gate).
+    let check = dev.create_stream().unwrap();
     // Declared after the arena so that, if a check fails, the gates open
     // (their senders drop) before the arena waits for its deferred frees.
     let mut model = Model {
@@ -452,8 +528,13 @@ fn run(ops: Vec<Op>) {
                     (Expect::Ok { class }, Ok(id)) => {
                         let ptr = arena.ptr(id).unwrap();
                         assert_eq!(ptr.0 % align as u64, 0, "alignment {align}");
-                        let extents = arena.page_table(id).unwrap();
+                        let extents = if vmm {
+                            arena.page_table(id).unwrap()
+                        } else {
+                            Vec::new()
+                        };
                         match class {
+                            _ if !vmm => {}
                             Some(class) => {
                                 assert_eq!(extents.len(), 1);
                                 assert_eq!(extents[0].offset % class, 0);
@@ -642,7 +723,7 @@ fn run(ops: Vec<Op>) {
                 assert_eq!(arena.stats().pages_pooled, 0);
             }
         }
-        check_invariants(&arena, &dev, &model);
+        check_invariants(&arena, &dev, &model, check);
     }
     // Every allocation still holds its bytes after all the churn.
     for (id, a) in &model.live {
@@ -661,22 +742,24 @@ fn run(ops: Vec<Op>) {
     arena.reclaim_all(WAIT).unwrap();
     model.reclaim();
     assert!(model.deferred.is_empty());
-    check_invariants(&arena, &dev, &model);
+    check_invariants(&arena, &dev, &model, check);
     // Free returns every page.
     for id in model.live.keys().copied().collect::<Vec<_>>() {
         arena.free(id).unwrap();
         model.live.remove(&id);
     }
-    check_invariants(&arena, &dev, &model);
+    check_invariants(&arena, &dev, &model, check);
     assert_eq!(arena.stats().pages_used, 0);
     assert_eq!(dev.counters().pages_mapped, 0);
     assert_eq!(dev.counters().ranges_reserved, 0);
     arena.trim();
     assert_eq!(dev.counters().pages_allocated, 0);
+    assert_eq!(dev.counters().contiguous_allocations, 0);
     for gate in &model.gates {
         dev.destroy_event(gate.event).unwrap();
     }
     dev.destroy_event(idle_event).unwrap();
+    dev.destroy_stream(check).unwrap();
     for s in streams {
         dev.destroy_stream(s).unwrap();
     }
@@ -687,7 +770,14 @@ proptest! {
 
     #[test]
     fn arena_matches_reference_model(ops in proptest::collection::vec(op_strategy(), 1..80)) {
-        run(ops);
+        run(ops, true);
+    }
+
+    #[test]
+    fn arena_matches_reference_model_without_vmm(
+        ops in proptest::collection::vec(op_strategy(), 1..80)
+    ) {
+        run(ops, false);
     }
 }
 

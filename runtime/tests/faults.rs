@@ -12,7 +12,10 @@
 //! are switched off, and the next passes must all succeed with every byte
 //! right. Throughout, peak device use stays within the budget; dropping the
 //! runtime returns every page, mapping and range to the device; and every
-//! fault kind the scenario claims was injected at least once.
+//! fault kind the scenario claims was injected at least once. The `no_vmm_*`
+//! scenarios run on a host device without the virtual memory API, where
+//! every allocation is one plain device allocation and the allocation
+//! faults hit those.
 //!
 //! The `lora_*` scenarios do the same with LoRA sets (LoRA, LoHa, LoKr and a
 //! row slice stacked on shared tensors of an f16 model): fuse-on-upload in
@@ -97,6 +100,9 @@ struct Scenario {
     mode: Mode,
     policy: Policy,
     staged: bool,
+    /// Whether the host device maps pages; without, every allocation is a
+    /// plain device allocation and the allocation faults hit those.
+    vmm: bool,
 }
 
 impl Scenario {
@@ -270,14 +276,16 @@ fn drive(
     beat: mpsc::Sender<String>,
 ) -> (Outcome, Arc<HostDevice>) {
     silence_injected_panics();
-    let host = Arc::new(
-        HostDevice::new(HostConfig {
-            capacity: 16 << 20,
-            page_size: PAGE,
-            link_gbps: None,
-        })
-        .unwrap(),
-    );
+    let config = HostConfig {
+        capacity: 16 << 20,
+        page_size: PAGE,
+        link_gbps: None,
+    };
+    let host = Arc::new(if s.vmm {
+        HostDevice::new(config).unwrap()
+    } else {
+        HostDevice::without_vmm(config).unwrap()
+    });
     let dev = Arc::new(FaultDevice::new(
         host.clone(),
         FaultConfig {
@@ -333,6 +341,10 @@ fn drive(
             );
             round += 1;
             let _ = beat.send(format!("round {round}: load"));
+            // What the last round freed goes back too, so that the load
+            // allocates afresh (mode none allocates nothing after it; without
+            // VMM the arena would reuse its cached allocations at once).
+            rt.arena().trim();
             let m = match rt.load(desc.clone(), src.clone()) {
                 Ok(m) => m,
                 Err(e) => {
@@ -429,7 +441,8 @@ fn run_with(s: Scenario, rates: FaultRates, kinds: &'static [FaultKind]) {
     let seed = env_or("OFFLOAD_FAULT_SEED", 0x00ff_10ad)
         ^ ((s.mode as u64) << 8)
         ^ ((s.policy as u64) << 16)
-        ^ ((s.staged as u64) << 24);
+        ^ ((s.staged as u64) << 24)
+        ^ ((!s.vmm as u64) << 32);
     let rounds = env_or("OFFLOAD_FAULT_ROUNDS", 4) as usize;
     let start = Instant::now();
     let (out, host) = watched(
@@ -466,22 +479,30 @@ fn run_with(s: Scenario, rates: FaultRates, kinds: &'static [FaultKind]) {
     assert!(out.recovery_passes >= 4);
     let c = host.counters();
     assert_eq!(
-        (c.pages_allocated, c.pages_mapped, c.ranges_reserved),
-        (0, 0, 0),
-        "{s:?}: pages, mappings or ranges leaked after dropping the runtime"
+        (
+            c.pages_allocated,
+            c.pages_mapped,
+            c.ranges_reserved,
+            c.contiguous_allocations
+        ),
+        (0, 0, 0, 0),
+        "{s:?}: pages, mappings, ranges or allocations leaked after dropping the runtime"
     );
+    if !s.vmm {
+        assert_eq!(c.map_calls, 0, "{s:?}: a device without VMM mapped pages");
+    }
 }
 
 macro_rules! scenarios {
-    ($($name:ident: $mode:expr, $policy:expr, $staged:expr;)+) => {$(
+    ($vmm:expr; $($name:ident: $mode:expr, $policy:expr, $staged:expr;)+) => {$(
         #[test]
         fn $name() {
-            run(Scenario { mode: $mode, policy: $policy, staged: $staged });
+            run(Scenario { mode: $mode, policy: $policy, staged: $staged, vmm: $vmm });
         }
     )+};
 }
 
-scenarios! {
+scenarios! { true;
     none_planned_pinned: Mode::None, Policy::Planned, false;
     none_planned_staged: Mode::None, Policy::Planned, true;
     none_lru_pinned: Mode::None, Policy::Lru, false;
@@ -498,6 +519,16 @@ scenarios! {
     sequential_planned_staged: Mode::Sequential, Policy::Planned, true;
     sequential_lru_pinned: Mode::Sequential, Policy::Lru, false;
     sequential_lru_staged: Mode::Sequential, Policy::Lru, true;
+}
+
+// On a device without the virtual memory API (the fallback arena): every
+// mode, both policies and both host policies among them.
+scenarios! { false;
+    no_vmm_none_planned_pinned: Mode::None, Policy::Planned, false;
+    no_vmm_model_lru_staged: Mode::Model, Policy::Lru, true;
+    no_vmm_balanced_planned_pinned: Mode::Balanced, Policy::Planned, false;
+    no_vmm_balanced_lru_staged: Mode::Balanced, Policy::Lru, true;
+    no_vmm_sequential_planned_staged: Mode::Sequential, Policy::Planned, true;
 }
 
 /// Copies that fail on the stream, in every mode × policy × host policy.
@@ -528,6 +559,7 @@ fn copy_stream_failures(host_policies: &[bool]) {
                         mode,
                         policy,
                         staged,
+                        vmm: true,
                     },
                     FaultRates {
                         copy_stream: 0.05,
@@ -911,6 +943,15 @@ impl Device for ExtraFaults {
     }
     fn unmap(&self, addr: DevicePtr) -> Result<(), Error> {
         self.inner.unmap(addr)
+    }
+    fn maps_pages(&self) -> bool {
+        self.inner.maps_pages()
+    }
+    fn alloc_contiguous(&self, len: usize) -> Result<DevicePtr, Error> {
+        self.inner.alloc_contiguous(len)
+    }
+    fn free_contiguous(&self, ptr: DevicePtr) -> Result<(), Error> {
+        self.inner.free_contiguous(ptr)
     }
     fn alloc_pinned(&self, len: usize) -> Result<PinnedBuffer, Error> {
         self.inner.alloc_pinned(len)
@@ -1754,7 +1795,7 @@ macro_rules! lora_scenarios {
         #[test]
         fn $name() {
             run_lora(LoraScenario {
-                base: Scenario { mode: $mode, policy: $policy, staged: $staged },
+                base: Scenario { mode: $mode, policy: $policy, staged: $staged, vmm: true },
                 lora_mode: $lora,
             });
         }

@@ -8,6 +8,10 @@
 //! before that event, the kernel sees other bytes and the test fails. After
 //! each case: the runtime's byte count equals the device's, peak device use
 //! is within the budget, and dropping the runtime returns every page.
+//!
+//! Every case also runs on a host device without the virtual memory API
+//! ([`HostDevice::without_vmm`]), where the arena makes each allocation one
+//! plain device allocation: the same promises, and no page ever mapped.
 
 mod common;
 
@@ -124,15 +128,17 @@ fn check(
     }
 }
 
-fn run(c: Case) {
-    let dev = Arc::new(
-        HostDevice::new(HostConfig {
-            capacity: 64 << 20,
-            page_size: PAGE,
-            link_gbps: None,
-        })
-        .unwrap(),
-    );
+fn run(c: Case, vmm: bool) {
+    let config = HostConfig {
+        capacity: 64 << 20,
+        page_size: PAGE,
+        link_gbps: None,
+    };
+    let dev = Arc::new(if vmm {
+        HostDevice::new(config).unwrap()
+    } else {
+        HostDevice::without_vmm(config).unwrap()
+    });
     let compute = dev.create_stream().unwrap();
     let user = dev.create_stream().unwrap();
     let bad_kernels = Arc::new(AtomicUsize::new(0));
@@ -173,6 +179,7 @@ fn run(c: Case) {
                 assert_eq!(needed, all_pages * PAGE);
                 assert!(needed > available);
                 assert_eq!(dev.counters().pages_mapped, 0);
+                assert_eq!(dev.counters().contiguous_allocations, 0);
                 return;
             }
             Err(e) => panic!("load: {e}"),
@@ -266,11 +273,30 @@ fn run(c: Case) {
         assert!(st.peak_device_bytes <= c.device_pages * PAGE);
         // Deferred frees whose uploads have run are released at the next look.
         rt.arena().pages_free();
-        assert_eq!(
-            rt.stats().device_bytes,
-            dev.counters().pages_mapped * PAGE,
-            "runtime and device disagree on pages in use"
-        );
+        let dc = dev.counters();
+        if vmm {
+            assert_eq!(
+                rt.stats().device_bytes,
+                dc.pages_mapped * PAGE,
+                "runtime and device disagree on pages in use"
+            );
+        } else {
+            assert_eq!(
+                (dc.pages_mapped, dc.map_calls),
+                (0, 0),
+                "a device without VMM mapped pages"
+            );
+            assert_eq!(
+                rt.stats().device_bytes,
+                rt.arena().pages_used() * PAGE,
+                "runtime and arena disagree on pages in use"
+            );
+            assert_eq!(
+                dc.contiguous_bytes,
+                rt.arena().pages_held() * PAGE,
+                "arena and device disagree on memory held"
+            );
+        }
     }
     assert_eq!(
         bad_kernels.load(Ordering::SeqCst),
@@ -279,8 +305,13 @@ fn run(c: Case) {
     );
     let c2 = dev.counters();
     assert_eq!(
-        (c2.pages_allocated, c2.pages_mapped, c2.ranges_reserved),
-        (0, 0, 0),
+        (
+            c2.pages_allocated,
+            c2.pages_mapped,
+            c2.ranges_reserved,
+            c2.contiguous_allocations
+        ),
+        (0, 0, 0, 0),
         "leak after drop"
     );
 }
@@ -290,14 +321,19 @@ proptest! {
 
     #[test]
     fn the_engine_keeps_every_promise(c in case()) {
-        run(c);
+        run(c, true);
+    }
+
+    #[test]
+    fn the_engine_keeps_every_promise_without_vmm(c in case()) {
+        run(c, false);
     }
 }
 
 /// Found by the property test: sequential, depth 3, a ring as large as the device, late releases.
 #[test]
 fn regression_late_release_in_a_full_ring() {
-    run(Case {
+    let case = Case {
         layout: vec![vec![
             vec![1],
             vec![4609, 6657, 4609],
@@ -316,13 +352,15 @@ fn regression_late_release_in_a_full_ring() {
             (0, None, false, true),
             (0, None, false, false),
         ],
-    });
+    };
+    run(case.clone(), true);
+    run(case, false);
 }
 
 /// Found by the property test: sequential LRU over two components, staged, a device of 12 pages.
 #[test]
 fn regression_lru_component_switch() {
-    run(Case {
+    let case = Case {
         layout: vec![
             vec![
                 vec![6946, 19149, 12352],
@@ -353,5 +391,7 @@ fn regression_lru_component_switch() {
             (0, Some(1), false, false),
             (0, Some(0), false, false),
         ],
-    });
+    };
+    run(case.clone(), true);
+    run(case, false);
 }

@@ -2,7 +2,12 @@
 //!
 //! An allocation owns a virtual range and a page table. Its pages need not be
 //! physically adjacent, so there is no external fragmentation and no
-//! compaction: any request fits while enough free pages exist. A layer's
+//! compaction: any request fits while enough free pages exist. On a device
+//! that cannot map pages ([`Device::maps_pages`] false: a GPU without the
+//! CUDA virtual memory API) each allocation is instead one contiguous device
+//! allocation of its pages ([`Device::alloc_contiguous`]), still counted in
+//! pages against the same capacity, so budgets and statistics read the
+//! same; freed ones are kept by size for reuse (see [`Arena::trim`]). A layer's
 //! tensors are packed (256-byte aligned, see [`pack`]) into one allocation, so
 //! page-tail waste is at most one page per layer. Requests under a quarter
 //! page are packed into shared pages by a slab. The arena never holds more
@@ -49,6 +54,8 @@
 mod pack;
 mod pool;
 mod slab;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -57,9 +64,9 @@ use std::time::Duration;
 
 pub use pack::{pack, PackedLayout, TENSOR_ALIGN};
 
-use crate::device::{Device, DeviceExt, DevicePtr, EventId, PhysPage, StreamId, VirtualRange};
+use crate::device::{Device, DeviceExt, DevicePtr, EventId, PhysPage, StreamId};
 use crate::error::{Error, Result};
-use pool::{map_pages, unmap_pages, PagePool};
+use pool::{PagePool, Run};
 use slab::Slab;
 
 /// Who an allocation belongs to (a component, a model, ...), for accounting.
@@ -141,7 +148,9 @@ pub struct ArenaStats {
     pub pages_used: usize,
     /// `capacity_pages - pages_used`: pages any request may still get.
     pub pages_free: usize,
-    /// Free pages kept from the device for reuse (part of `pages_free`).
+    /// Free pages kept from the device for reuse (part of `pages_free`): free
+    /// physical pages, or, on a device that does not map pages, the pages of
+    /// freed contiguous allocations kept for reuse.
     pub pages_pooled: usize,
     /// Pages of freed allocations that wait for their event before reuse (part of `pages_used`).
     pub pages_deferred: usize,
@@ -160,10 +169,7 @@ pub struct ArenaStats {
 }
 
 enum Kind {
-    Pages {
-        range: VirtualRange,
-        pages: Vec<PhysPage>,
-    },
+    Pages(Run),
     Slot {
         slab_page: usize,
         slot: usize,
@@ -237,7 +243,7 @@ impl<D: Device + ?Sized> Arena<D> {
             stream,
             inner: Mutex::new(Inner {
                 serial: NEXT_ARENA.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-                pool: PagePool::new(capacity_pages),
+                pool: PagePool::new(capacity_pages, device.maps_pages()),
                 slab: Slab::new(page_size),
                 entries: Vec::new(),
                 vacant: Vec::new(),
@@ -297,7 +303,12 @@ impl<D: Device + ?Sized> Arena<D> {
     ///
     /// Fails with [`Error::NeverFits`] when the request exceeds the capacity,
     /// and with [`Error::OutOfMemory`] when not enough pages are free now; in
-    /// both cases the arena is unchanged.
+    /// both cases the arena is unchanged. When the arena has the pages but the
+    /// device has not the memory, the device's error comes back
+    /// ([`Error::DeviceOutOfMemory`]; [`Error::is_retryable_oom`] is true for
+    /// both out-of-memory errors): nothing in use changes, and on a device
+    /// that does not map pages the cached free allocations have gone back to
+    /// the device first.
     pub fn alloc_aligned(&self, size: usize, align: usize, tag: Tag) -> Result<AllocId> {
         if size == 0 {
             return Err(Error::ZeroSize);
@@ -326,19 +337,12 @@ impl<D: Device + ?Sized> Arena<D> {
             Some(class) => self.alloc_slot(&mut inner, size, class, tag)?,
             None => {
                 self.ensure_available(&mut inner, pages_needed, size)?;
-                let (pages, fresh) = inner.pool.take(&*self.device, pages_needed)?;
-                let range = match map_pages(&*self.device, &pages) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        inner.pool.untake(&*self.device, pages, fresh);
-                        return Err(e);
-                    }
-                };
+                let run = inner.pool.alloc(&*self.device, pages_needed)?;
                 Live {
                     size,
-                    ptr: range.base,
+                    ptr: run.base(),
                     tag,
-                    kind: Kind::Pages { range, pages },
+                    kind: Kind::Pages(run),
                 }
             }
         };
@@ -350,22 +354,15 @@ impl<D: Device + ?Sized> Arena<D> {
             Some(s) => s,
             None => {
                 self.ensure_available(inner, 1, size)?;
-                let (pages, fresh) = inner.pool.take(&*self.device, 1)?;
-                let range = match map_pages(&*self.device, &pages) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        inner.pool.untake(&*self.device, pages, fresh);
-                        return Err(e);
-                    }
-                };
-                inner.slab.add_page(class, range, pages[0]);
+                let run = inner.pool.alloc(&*self.device, 1)?;
+                inner.slab.add_page(class, run, self.page_size);
                 inner
                     .slab
                     .take_slot(class)
                     .expect("a fresh slab page has free slots")
             }
         };
-        let base = inner.slab.page(slab_page).range.base;
+        let base = inner.slab.page(slab_page).run.base();
         Ok(Live {
             size,
             ptr: base.offset(slot * class),
@@ -460,26 +457,13 @@ impl<D: Device + ?Sized> Arena<D> {
         match live.kind {
             // A page whose unmap failed may still be mapped: it never goes
             // back to the pool and stays counted as used.
-            Kind::Pages { range, pages } => {
-                let r = unmap_pages(&*self.device, range);
-                if r.is_ok() {
-                    inner.pool.give(pages);
-                }
-                r
-            }
+            Kind::Pages(run) => inner.pool.free(&*self.device, run),
             Kind::Slot {
                 slab_page, slot, ..
-            } => {
-                if let Some(page) = inner.slab.free_slot(slab_page, slot) {
-                    let r = unmap_pages(&*self.device, page.range);
-                    if r.is_ok() {
-                        inner.pool.give([page.page]);
-                    }
-                    r
-                } else {
-                    Ok(())
-                }
-            }
+            } => match inner.slab.free_slot(slab_page, slot) {
+                Some(page) => inner.pool.free(&*self.device, page.run),
+                None => Ok(()),
+            },
         }
     }
 
@@ -499,12 +483,19 @@ impl<D: Device + ?Sized> Arena<D> {
     }
 
     /// Where an allocation's bytes live physically, in address order.
+    ///
+    /// On a device that does not map pages there are no physical pages to
+    /// name (an allocation is one plain device allocation, laid out by the
+    /// driver): [`Error::Unsupported`].
     pub fn page_table(&self, id: AllocId) -> Result<Vec<Extent>> {
         let inner = self.lock();
         let live = inner.get(id)?;
         let ps = self.page_size;
+        let unsupported = || Error::Unsupported("page tables on a device that does not map pages");
         Ok(match &live.kind {
-            Kind::Pages { pages, .. } => pages
+            Kind::Pages(run) => run
+                .phys()
+                .ok_or_else(unsupported)?
                 .iter()
                 .enumerate()
                 .map(|(i, &page)| Extent {
@@ -518,7 +509,12 @@ impl<D: Device + ?Sized> Arena<D> {
                 slot,
                 class,
             } => vec![Extent {
-                page: inner.slab.page(*slab_page).page,
+                page: inner
+                    .slab
+                    .page(*slab_page)
+                    .run
+                    .phys()
+                    .ok_or_else(unsupported)?[0],
                 offset: slot * class,
                 len: live.size,
             }],
@@ -559,7 +555,8 @@ impl<D: Device + ?Sized> Arena<D> {
         self.device.read_blocking(src, out, self.stream)
     }
 
-    /// Return pooled free pages to the device; returns how many.
+    /// Return pooled free pages to the device (free physical pages, or, on a
+    /// device that does not map pages, the cached contiguous allocations); returns how many pages.
     pub fn trim(&self) -> usize {
         self.lock().pool.trim(&*self.device)
     }
@@ -628,24 +625,21 @@ impl<D: Device + ?Sized> Drop for Arena<D> {
         for (live, event) in std::mem::take(&mut inner.deferred) {
             // Unmapping memory a queued kernel still uses would be a device fault: wait.
             let _ = self.device.event_wait(event, None);
-            if let Kind::Pages { range, pages } = live.kind {
-                let _ = unmap_pages(&*self.device, range);
-                inner.pool.give(pages);
+            if let Kind::Pages(run) = live.kind {
+                let _ = inner.pool.free(&*self.device, run);
             }
         }
         for entry in std::mem::take(&mut inner.entries) {
             if let Some(Live {
-                kind: Kind::Pages { range, pages },
+                kind: Kind::Pages(run),
                 ..
             }) = entry.live
             {
-                let _ = unmap_pages(&*self.device, range);
-                inner.pool.give(pages);
+                let _ = inner.pool.free(&*self.device, run);
             }
         }
         for page in inner.slab.drain() {
-            let _ = unmap_pages(&*self.device, page.range);
-            inner.pool.give([page.page]);
+            let _ = inner.pool.free(&*self.device, page.run);
         }
         inner.pool.trim(&*self.device);
         let _ = self.device.destroy_stream(self.stream);
@@ -655,7 +649,7 @@ impl<D: Device + ?Sized> Drop for Arena<D> {
 impl Live {
     fn pages_held(&self) -> usize {
         match &self.kind {
-            Kind::Pages { pages, .. } => pages.len(),
+            Kind::Pages(run) => run.pages(),
             Kind::Slot { .. } => 0,
         }
     }
@@ -667,9 +661,9 @@ impl Inner {
         usage.allocations += 1;
         usage.bytes += live.size;
         match &live.kind {
-            Kind::Pages { pages, .. } => {
-                usage.pages += pages.len();
-                self.tail_waste += pages.len() * page_size - live.size;
+            Kind::Pages(run) => {
+                usage.pages += run.pages();
+                self.tail_waste += run.pages() * page_size - live.size;
             }
             Kind::Slot { class, .. } => {
                 usage.slab_bytes += class;
@@ -725,9 +719,9 @@ impl Inner {
         usage.allocations -= 1;
         usage.bytes -= live.size;
         match &live.kind {
-            Kind::Pages { pages, .. } => {
-                usage.pages -= pages.len();
-                self.tail_waste -= pages.len() * page_size - live.size;
+            Kind::Pages(run) => {
+                usage.pages -= run.pages();
+                self.tail_waste -= run.pages() * page_size - live.size;
             }
             Kind::Slot { class, .. } => {
                 usage.slab_bytes -= class;

@@ -2,17 +2,18 @@
 //!
 //! A request under a quarter page gets a slot of a power-of-two size class
 //! (256 bytes up to a quarter page). Each slab page holds slots of one class
-//! and is a one-page mapping of its own; it goes back to the page pool as
-//! soon as its last slot is freed.
+//! and is a one-page run of its own (a one-page mapping, or a one-page
+//! contiguous allocation on a device that does not map pages); it goes back
+//! to the page pool as soon as its last slot is freed.
 
-use crate::device::{PhysPage, VirtualRange};
+use super::pool::Run;
 
 /// Smallest slot in bytes.
 pub(crate) const MIN_SLOT: usize = 256;
 
 pub(crate) struct SlabPage {
-    pub(crate) range: VirtualRange,
-    pub(crate) page: PhysPage,
+    /// Its memory: one page.
+    pub(crate) run: Run,
     pub(crate) class: usize,
     bitmap: Vec<u64>,
     slots: usize,
@@ -92,17 +93,16 @@ impl Slab {
         Some((idx, slot))
     }
 
-    /// Add a fresh, empty slab page for `class` and return its index.
-    pub(crate) fn add_page(&mut self, class: usize, range: VirtualRange, page: PhysPage) -> usize {
-        let slots = range.len / class;
+    /// Add a fresh, empty slab page of `page_size` bytes for `class` and return its index.
+    pub(crate) fn add_page(&mut self, class: usize, run: Run, page_size: usize) -> usize {
+        let slots = page_size / class;
         let mut bitmap = vec![0u64; slots.div_ceil(64)];
         // Mark the bits past the last slot as taken so a full page is all ones.
         if slots % 64 != 0 {
             *bitmap.last_mut().expect("at least one word") = !0u64 << (slots % 64);
         }
         let sp = SlabPage {
-            range,
-            page,
+            run,
             class,
             bitmap,
             slots,

@@ -62,8 +62,8 @@ pub const GARBAGE: u8 = 0xEE;
 /// A kind of fault a [`FaultDevice`] injects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FaultKind {
-    /// [`Device::alloc_page`] fails with [`Error::DeviceOutOfMemory`], as when
-    /// another process took the memory.
+    /// [`Device::alloc_page`] or [`Device::alloc_contiguous`] fails with
+    /// [`Error::DeviceOutOfMemory`], as when another process took the memory.
     AllocPage,
     /// [`Device::copy_h2d_async`] refuses the copy: it returns
     /// [`Error::StreamFailed`] and queues nothing.
@@ -127,7 +127,8 @@ impl fmt::Display for FaultKind {
 /// The probability, from 0 to 1, that each call of an operation gets a fault of each kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct FaultRates {
-    /// Of [`FaultKind::AllocPage`], per [`Device::alloc_page`] call.
+    /// Of [`FaultKind::AllocPage`], per [`Device::alloc_page`] or
+    /// [`Device::alloc_contiguous`] call.
     pub alloc_page: f64,
     /// Of [`FaultKind::CopySubmit`], per host-to-device copy.
     pub copy_submit: f64,
@@ -460,6 +461,24 @@ impl<D: Device + ?Sized> Device for FaultDevice<D> {
         self.inner.unmap(addr)
     }
 
+    fn maps_pages(&self) -> bool {
+        self.inner.maps_pages()
+    }
+
+    fn alloc_contiguous(&self, len: usize) -> Result<DevicePtr> {
+        if self.roll(FaultKind::AllocPage) {
+            return Err(Error::DeviceOutOfMemory {
+                wanted: len,
+                available: 0,
+            });
+        }
+        self.inner.alloc_contiguous(len)
+    }
+
+    fn free_contiguous(&self, ptr: DevicePtr) -> Result<()> {
+        self.inner.free_contiguous(ptr)
+    }
+
     fn alloc_pinned(&self, len: usize) -> Result<PinnedBuffer> {
         self.inner.alloc_pinned(len)
     }
@@ -670,6 +689,43 @@ mod tests {
         let p = dev.alloc_page().unwrap();
         dev.free_page(p).unwrap();
         assert_eq!(dev.rates(), FaultRates::default());
+    }
+
+    #[test]
+    fn contiguous_allocations_are_forwarded_and_faulted() {
+        let inner = Arc::new(
+            HostDevice::without_vmm(HostConfig {
+                capacity: 4 << 20,
+                page_size: 64 << 10,
+                link_gbps: None,
+            })
+            .unwrap(),
+        );
+        let dev = FaultDevice::new(inner.clone(), rates(FaultKind::AllocPage, 1.0));
+        assert!(!dev.maps_pages());
+        let ps = dev.info().page_size;
+        let e = dev.alloc_contiguous(2 * ps).unwrap_err();
+        assert!(
+            matches!(e, Error::DeviceOutOfMemory { wanted, available: 0 } if wanted == 2 * ps),
+            "{e}"
+        );
+        assert_eq!(dev.counts().alloc_page, 1);
+        dev.set_enabled(false);
+        let p = dev.alloc_contiguous(2 * ps).unwrap();
+        let s = dev.create_stream().unwrap();
+        // Across the page boundary: one contiguous allocation.
+        dev.write_blocking(p.offset(ps - 1), &[1, 2], s).unwrap();
+        let mut back = [0u8; 2];
+        dev.read_blocking(p.offset(ps - 1), &mut back, s).unwrap();
+        assert_eq!(back, [1, 2]);
+        assert_eq!(inner.counters().contiguous_allocations, 1);
+        dev.free_contiguous(p).unwrap();
+        assert_eq!(inner.counters().contiguous_allocations, 0);
+        assert!(matches!(
+            dev.free_contiguous(p),
+            Err(Error::BadAddress { .. })
+        ));
+        dev.destroy_stream(s).unwrap();
     }
 
     fn one_page(dev: &FaultDevice<HostDevice>) -> VirtualRange {

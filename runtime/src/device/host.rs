@@ -11,6 +11,12 @@
 //! Every copy and kernel checks, while it runs, that the device memory it
 //! touches is mapped (holding the mapping table's read lock), so a bug above
 //! the trait surfaces as a stream error, not a segmentation fault.
+//!
+//! Contiguous allocations ([`Device::alloc_contiguous`]) take pages of the
+//! same memfd, mapped in order into an aligned region of their own, so they
+//! share the device's capacity with pages. [`HostDevice::without_vmm`] makes
+//! a device that offers only those, as a GPU without the CUDA virtual memory
+//! API does: no physical pages, no reserved ranges, no mapping.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -60,12 +66,20 @@ impl Default for HostConfig {
 /// Counters a [`HostDevice`] keeps, for tests and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostCounters {
-    /// Physical pages allocated now.
+    /// Physical pages allocated now, by [`Device::alloc_page`] or behind
+    /// contiguous allocations.
     pub pages_allocated: usize,
-    /// Pages mapped into virtual ranges now.
+    /// Pages mapped into virtual ranges now (by [`Device::map`]; the pages
+    /// behind contiguous allocations are not counted).
     pub pages_mapped: usize,
     /// Virtual ranges reserved now.
     pub ranges_reserved: usize,
+    /// Contiguous allocations ([`Device::alloc_contiguous`]) live now.
+    pub contiguous_allocations: usize,
+    /// Bytes of the contiguous allocations live now.
+    pub contiguous_bytes: usize,
+    /// Contiguous allocations made since creation.
+    pub contiguous_calls: u64,
     /// Bytes copied host to device since creation.
     pub bytes_h2d: u64,
     /// Bytes copied device to host since creation.
@@ -81,6 +95,8 @@ enum PageState {
     Free,
     Allocated,
     Mapped(u64),
+    /// Behind the contiguous allocation at this address.
+    InBlock(u64),
 }
 
 struct Pages {
@@ -99,6 +115,10 @@ impl Pages {
                 page,
                 what: if_mapped,
             }),
+            Some(PageState::InBlock(_)) => Err(Error::BadPage {
+                page,
+                what: "is behind a contiguous allocation",
+            }),
             _ => Err(Error::BadPage {
                 page,
                 what: "is not allocated",
@@ -111,6 +131,9 @@ struct Range {
     len: usize,
     /// Physical page index mapped at each page slot.
     slots: Vec<Option<u32>>,
+    /// A contiguous allocation (every slot mapped, for its whole life),
+    /// not a reserved range: `map`, `unmap` and `release` refuse it.
+    block: bool,
 }
 
 /// A serialised link: copies reserve time on it so their total rate never exceeds it.
@@ -242,6 +265,7 @@ struct Shared {
     bytes_d2h: AtomicU64,
     map_calls: AtomicU64,
     unmap_calls: AtomicU64,
+    contiguous_calls: AtomicU64,
 }
 
 // SAFETY: `phys` points to a shared mapping that lives as long as `Shared`;
@@ -252,7 +276,8 @@ unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 impl Shared {
-    /// Check that `[addr, addr+len)` lies in one reserved range whose pages are all mapped.
+    /// Check that `[addr, addr+len)` lies in one reserved range whose pages
+    /// are all mapped, or in one contiguous allocation.
     fn check_mapped(
         ranges: &BTreeMap<u64, Range>,
         page_size: usize,
@@ -476,6 +501,8 @@ fn stream_worker(shared: Arc<Shared>, stream: StreamId, rx: Receiver<Op>) {
 pub struct HostDevice {
     info: DeviceInfo,
     config: HostConfig,
+    /// Whether pages and ranges are offered (else contiguous allocations only).
+    vmm: bool,
     shared: Arc<Shared>,
     memfd: OwnedFd,
     streams: DashMap<u64, StreamHandle>,
@@ -488,6 +515,7 @@ impl std::fmt::Debug for HostDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostDevice")
             .field("config", &self.config)
+            .field("vmm", &self.vmm)
             .finish_non_exhaustive()
     }
 }
@@ -572,6 +600,7 @@ impl HostDevice {
             bytes_d2h: AtomicU64::new(0),
             map_calls: AtomicU64::new(0),
             unmap_calls: AtomicU64::new(0),
+            contiguous_calls: AtomicU64::new(0),
         });
         Ok(HostDevice {
             info: DeviceInfo {
@@ -582,6 +611,7 @@ impl HostDevice {
                 compute_capability: None,
             },
             config,
+            vmm: true,
             shared,
             memfd,
             streams: DashMap::new(),
@@ -589,6 +619,19 @@ impl HostDevice {
             next_id: AtomicU64::new(1),
             poison: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Create an emulated device without the virtual memory API, as a GPU
+    /// where the CUDA one is unavailable: [`Device::maps_pages`] is false,
+    /// [`Device::alloc_page`], [`Device::reserve`] and [`Device::map`] fail
+    /// with [`Error::Unsupported`], and device memory comes only from
+    /// [`Device::alloc_contiguous`]. Copies and kernels work on it as on
+    /// mapped memory.
+    pub fn without_vmm(config: HostConfig) -> Result<Self> {
+        let mut dev = Self::new(config)?;
+        dev.vmm = false;
+        dev.info.name = "host (emulated device memory, no virtual memory API)".to_string();
+        Ok(dev)
     }
 
     /// Whether freed pages are filled with [`POISON`] (on by default). Poisoning
@@ -613,16 +656,18 @@ impl HostDevice {
             .filter(|s| matches!(s, PageState::Mapped(_)))
             .count();
         drop(pages);
-        let ranges_reserved = self
-            .shared
-            .ranges
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .len();
+        let ranges = self.shared.ranges.read().unwrap_or_else(|p| p.into_inner());
+        let ranges_reserved = ranges.values().filter(|r| !r.block).count();
+        let contiguous_allocations = ranges.values().filter(|r| r.block).count();
+        let contiguous_bytes = ranges.values().filter(|r| r.block).map(|r| r.len).sum();
+        drop(ranges);
         HostCounters {
             pages_allocated,
             pages_mapped,
             ranges_reserved,
+            contiguous_allocations,
+            contiguous_bytes,
+            contiguous_calls: self.shared.contiguous_calls.load(Ordering::Relaxed),
             bytes_h2d: self.shared.bytes_h2d.load(Ordering::Relaxed),
             bytes_d2h: self.shared.bytes_d2h.load(Ordering::Relaxed),
             map_calls: self.shared.map_calls.load(Ordering::Relaxed),
@@ -708,9 +753,66 @@ impl HostDevice {
             Error::BadAddress {
                 addr,
                 len,
-                what: "inside one reserved range with every page mapped",
+                what: if self.vmm {
+                    "inside one reserved range with every page mapped, or one contiguous allocation"
+                } else {
+                    "inside one contiguous allocation (no virtual memory API)"
+                },
             }
         })
+    }
+
+    /// Reserve `len` bytes (a multiple of the page size) of `PROT_NONE`
+    /// address space aligned to the page size; returns its address.
+    fn reserve_aligned(&self, len: usize) -> Result<usize> {
+        let ps = self.shared.page_size;
+        // Over-reserve by one page so the base can be aligned to the device page size.
+        let total = len + ps;
+        // SAFETY: a fresh anonymous PROT_NONE mapping at a kernel-chosen address.
+        let raw = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                total,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }
+        .map_err(|e| Error::os("mmap (reserve)", e))? as usize;
+        let base = raw.next_multiple_of(ps);
+        // SAFETY: the head and tail trimmed here lie inside the mapping we just made and are used by nothing.
+        unsafe {
+            if base > raw {
+                rustix::mm::munmap(raw as *mut _, base - raw)
+                    .map_err(|e| Error::os("munmap (trim)", e))?;
+            }
+            let tail = raw + total - (base + len);
+            if tail > 0 {
+                rustix::mm::munmap((base + len) as *mut _, tail)
+                    .map_err(|e| Error::os("munmap (trim)", e))?;
+            }
+        }
+        Ok(base)
+    }
+
+    /// Check a length for a range or a contiguous allocation: a non-zero
+    /// multiple of the page size, at most the capacity.
+    fn check_len(&self, len: usize) -> Result<()> {
+        let ps = self.shared.page_size;
+        if len == 0 || len % ps != 0 {
+            return Err(Error::BadAddress {
+                addr: DevicePtr(0),
+                len,
+                what: "a non-zero multiple of the page size",
+            });
+        }
+        if len > self.shared.capacity {
+            return Err(Error::BadAddress {
+                addr: DevicePtr(0),
+                len,
+                what: "at most the device's capacity",
+            });
+        }
+        Ok(())
     }
 }
 
@@ -753,6 +855,11 @@ impl Device for HostDevice {
     }
 
     fn alloc_page(&self) -> Result<PhysPage> {
+        if !self.vmm {
+            return Err(Error::Unsupported(
+                "physical pages without the virtual memory API (use alloc_contiguous)",
+            ));
+        }
         let mut pages = self.shared.pages.lock().unwrap_or_else(|p| p.into_inner());
         let Some(idx) = pages.free.pop() else {
             return Err(Error::DeviceOutOfMemory {
@@ -779,46 +886,14 @@ impl Device for HostDevice {
     }
 
     fn reserve(&self, len: usize) -> Result<VirtualRange> {
+        if !self.vmm {
+            return Err(Error::Unsupported(
+                "reserving virtual ranges without the virtual memory API",
+            ));
+        }
         let ps = self.shared.page_size;
-        if len == 0 || len % ps != 0 {
-            return Err(Error::BadAddress {
-                addr: DevicePtr(0),
-                len,
-                what: "a non-zero multiple of the page size",
-            });
-        }
-        if len > self.shared.capacity {
-            return Err(Error::BadAddress {
-                addr: DevicePtr(0),
-                len,
-                what: "at most the device's capacity",
-            });
-        }
-        // Over-reserve by one page so the base can be aligned to the device page size.
-        let total = len + ps;
-        // SAFETY: a fresh anonymous PROT_NONE mapping at a kernel-chosen address.
-        let raw = unsafe {
-            rustix::mm::mmap_anonymous(
-                std::ptr::null_mut(),
-                total,
-                ProtFlags::empty(),
-                MapFlags::PRIVATE | MapFlags::NORESERVE,
-            )
-        }
-        .map_err(|e| Error::os("mmap (reserve)", e))? as usize;
-        let base = raw.next_multiple_of(ps);
-        // SAFETY: the head and tail trimmed here lie inside the mapping we just made and are used by nothing.
-        unsafe {
-            if base > raw {
-                rustix::mm::munmap(raw as *mut _, base - raw)
-                    .map_err(|e| Error::os("munmap (trim)", e))?;
-            }
-            let tail = raw + total - (base + len);
-            if tail > 0 {
-                rustix::mm::munmap((base + len) as *mut _, tail)
-                    .map_err(|e| Error::os("munmap (trim)", e))?;
-            }
-        }
+        self.check_len(len)?;
+        let base = self.reserve_aligned(len)?;
         self.shared
             .ranges
             .write()
@@ -828,6 +903,7 @@ impl Device for HostDevice {
                 Range {
                     len,
                     slots: vec![None; len / ps],
+                    block: false,
                 },
             );
         Ok(VirtualRange {
@@ -843,7 +919,7 @@ impl Device for HostDevice {
             .write()
             .unwrap_or_else(|p| p.into_inner());
         match ranges.get(&range.base.0) {
-            Some(r) if r.len == range.len => {
+            Some(r) if r.len == range.len && !r.block => {
                 if r.slots.iter().any(Option::is_some) {
                     return Err(Error::BadAddress {
                         addr: range.base,
@@ -867,6 +943,11 @@ impl Device for HostDevice {
     }
 
     fn map(&self, addr: DevicePtr, page: PhysPage) -> Result<()> {
+        if !self.vmm {
+            return Err(Error::Unsupported(
+                "mapping pages without the virtual memory API",
+            ));
+        }
         let ps = self.shared.page_size;
         let mut ranges = self
             .shared
@@ -881,7 +962,7 @@ impl Device for HostDevice {
         let Some((&base, range)) = ranges.range_mut(..=addr.0).next_back() else {
             return Err(bad("inside a reserved range"));
         };
-        if addr.0 >= base + range.len as u64 {
+        if addr.0 >= base + range.len as u64 || range.block {
             return Err(bad("inside a reserved range"));
         }
         if (addr.0 - base) as usize % ps != 0 {
@@ -928,7 +1009,7 @@ impl Device for HostDevice {
         let Some((&base, range)) = ranges.range_mut(..=addr.0).next_back() else {
             return Err(bad("inside a reserved range"));
         };
-        if addr.0 >= base + range.len as u64 || (addr.0 - base) as usize % ps != 0 {
+        if addr.0 >= base + range.len as u64 || (addr.0 - base) as usize % ps != 0 || range.block {
             return Err(bad("a page-aligned address of a reserved range"));
         }
         let slot = (addr.0 - base) as usize / ps;
@@ -951,6 +1032,123 @@ impl Device for HostDevice {
         let mut pages = self.shared.pages.lock().unwrap_or_else(|p| p.into_inner());
         pages.state[idx as usize] = PageState::Allocated;
         self.shared.unmap_calls.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn maps_pages(&self) -> bool {
+        self.vmm
+    }
+
+    fn alloc_contiguous(&self, len: usize) -> Result<DevicePtr> {
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        self.check_len(len)?;
+        let ps = self.shared.page_size;
+        let n = len / ps;
+        let base = self.reserve_aligned(len)?;
+        let unreserve = || {
+            // SAFETY: the region reserved just above, known to nobody else.
+            let _ = unsafe { rustix::mm::munmap(base as *mut _, len) };
+        };
+        let mut ranges = self
+            .shared
+            .ranges
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut pages = self.shared.pages.lock().unwrap_or_else(|p| p.into_inner());
+        if pages.free.len() < n {
+            let available = pages.free.len() * ps;
+            drop(pages);
+            unreserve();
+            return Err(Error::DeviceOutOfMemory {
+                wanted: len,
+                available,
+            });
+        }
+        let at = pages.free.len() - n;
+        let mut idx = pages.free.split_off(at);
+        idx.reverse(); // the free list pops from its end: take pages in that order
+                       // Map runs of consecutive pages with one call each (fresh pages come in order).
+        let mut start = 0;
+        while start < n {
+            let mut end = start + 1;
+            while end < n && idx[end] == idx[end - 1] + 1 {
+                end += 1;
+            }
+            // SAFETY: `base + start·ps .. base + end·ps` lies inside the
+            // PROT_NONE region reserved above, which nothing else knows, so
+            // MAP_FIXED replaces nothing of anyone's; the file range is pages
+            // of our memfd that were free and are now taken by this call.
+            let mapped = unsafe {
+                rustix::mm::mmap(
+                    (base + start * ps) as *mut _,
+                    (end - start) * ps,
+                    ProtFlags::READ | ProtFlags::WRITE,
+                    MapFlags::SHARED | MapFlags::FIXED,
+                    self.memfd.as_fd(),
+                    (idx[start] as usize * ps) as u64,
+                )
+            };
+            if let Err(e) = mapped {
+                idx.reverse();
+                pages.free.extend(idx);
+                drop(pages);
+                unreserve();
+                return Err(Error::os("mmap (contiguous allocation)", e));
+            }
+            start = end;
+        }
+        for &i in &idx {
+            pages.state[i as usize] = PageState::InBlock(base as u64);
+        }
+        ranges.insert(
+            base as u64,
+            Range {
+                len,
+                slots: idx.into_iter().map(Some).collect(),
+                block: true,
+            },
+        );
+        self.shared.contiguous_calls.fetch_add(1, Ordering::Relaxed);
+        Ok(DevicePtr(base as u64))
+    }
+
+    fn free_contiguous(&self, ptr: DevicePtr) -> Result<()> {
+        let ps = self.shared.page_size;
+        let mut ranges = self
+            .shared
+            .ranges
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let len = match ranges.get(&ptr.0) {
+            Some(r) if r.block => r.len,
+            _ => {
+                return Err(Error::BadAddress {
+                    addr: ptr,
+                    len: 0,
+                    what: "the address of a live contiguous allocation",
+                })
+            }
+        };
+        // SAFETY: the region is a contiguous allocation of ours (checked);
+        // streams touch device memory only under the read lock, which we
+        // exclude, and the trait's contract makes callers finish work on it first.
+        unsafe { rustix::mm::munmap(ptr.0 as *mut _, len) }
+            .map_err(|e| Error::os("munmap (contiguous allocation)", e))?;
+        let r = ranges.remove(&ptr.0).expect("checked above");
+        let mut pages = self.shared.pages.lock().unwrap_or_else(|p| p.into_inner());
+        for i in r.slots.into_iter().flatten() {
+            let i = i as usize;
+            if self.poison.load(Ordering::Relaxed) {
+                // SAFETY: the page was only behind the region just unmapped, so
+                // no mapping or stream can touch it; the write stays inside
+                // the physical view.
+                unsafe { std::ptr::write_bytes(self.shared.phys.as_ptr().add(i * ps), POISON, ps) };
+            }
+            pages.state[i] = PageState::Free;
+            pages.free.push(i as u32);
+        }
         Ok(())
     }
 
@@ -1526,5 +1724,213 @@ mod tests {
             Err(Error::DeviceOutOfMemory { .. })
         ));
         assert_eq!(dev.memory().unwrap().free, 0);
+    }
+
+    fn no_vmm(pages: usize) -> HostDevice {
+        HostDevice::without_vmm(HostConfig {
+            capacity: pages << 16,
+            page_size: 1 << 16,
+            link_gbps: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn without_vmm_offers_contiguous_memory_only() {
+        let dev = no_vmm(8);
+        let ps = dev.info().page_size;
+        assert!(!dev.maps_pages());
+        assert!(dev.info().name.contains("no virtual memory API"));
+        assert!(matches!(dev.alloc_page(), Err(Error::Unsupported(_))));
+        assert!(matches!(dev.reserve(ps), Err(Error::Unsupported(_))));
+        assert!(matches!(
+            dev.map(DevicePtr(1 << 30), PhysPage(0)),
+            Err(Error::Unsupported(_))
+        ));
+        assert!(matches!(dev.alloc_contiguous(0), Err(Error::ZeroSize)));
+        for len in [ps + 1, 9 * ps] {
+            assert!(matches!(
+                dev.alloc_contiguous(len),
+                Err(Error::BadAddress { len: l, .. }) if l == len
+            ));
+        }
+        let a = dev.alloc_contiguous(3 * ps).unwrap();
+        let b = dev.alloc_contiguous(4 * ps).unwrap();
+        assert_eq!((a.0 % ps as u64, b.0 % ps as u64), (0, 0), "page aligned");
+        let e = dev.alloc_contiguous(2 * ps).unwrap_err();
+        assert!(
+            matches!(e, Error::DeviceOutOfMemory { wanted, available } if (wanted, available) == (2 * ps, ps)),
+            "{e}"
+        );
+        let c = dev.counters();
+        assert_eq!(
+            (
+                c.pages_allocated,
+                c.pages_mapped,
+                c.ranges_reserved,
+                c.map_calls,
+                c.unmap_calls
+            ),
+            (7, 0, 0, 0, 0),
+            "pages behind contiguous allocations, none mapped"
+        );
+        assert_eq!(
+            (
+                c.contiguous_allocations,
+                c.contiguous_bytes,
+                c.contiguous_calls
+            ),
+            (2, 7 * ps, 2)
+        );
+        assert_eq!(dev.memory().unwrap().free, ps);
+        assert!(dev.mapped_pages().is_empty());
+        // Pages and ranges calls refuse contiguous memory.
+        assert!(dev.free_page(PhysPage(0)).is_err());
+        assert!(dev.unmap(a).is_err());
+        assert!(dev
+            .release(VirtualRange {
+                base: a,
+                len: 3 * ps
+            })
+            .is_err());
+        assert!(matches!(
+            dev.free_contiguous(a.offset(ps)),
+            Err(Error::BadAddress { .. })
+        ));
+        dev.free_contiguous(a).unwrap();
+        assert!(matches!(
+            dev.free_contiguous(a),
+            Err(Error::BadAddress { .. })
+        ));
+        dev.free_contiguous(b).unwrap();
+        let c = dev.counters();
+        assert_eq!(
+            (
+                c.pages_allocated,
+                c.contiguous_allocations,
+                c.contiguous_bytes
+            ),
+            (0, 0, 0)
+        );
+        assert_eq!(dev.memory().unwrap().free, 8 * ps);
+        // A device with the virtual memory API offers contiguous memory too.
+        let vmm = small(None);
+        let p = vmm.alloc_contiguous(2 * vmm.info().page_size).unwrap();
+        assert_eq!(vmm.counters().contiguous_allocations, 1);
+        vmm.free_contiguous(p).unwrap();
+    }
+
+    #[test]
+    fn contiguous_memory_holds_copies_and_kernels_and_is_poisoned_when_freed() {
+        let dev = no_vmm(8);
+        let ps = dev.info().page_size;
+        let s = dev.create_stream().unwrap();
+        // Scatter the free list, so the next allocation's pages are not adjacent.
+        let a = dev.alloc_contiguous(ps).unwrap();
+        let b = dev.alloc_contiguous(ps).unwrap();
+        let c = dev.alloc_contiguous(ps).unwrap();
+        dev.free_contiguous(a).unwrap();
+        dev.free_contiguous(c).unwrap();
+        let d = dev.alloc_contiguous(2 * ps).unwrap();
+        // Pages 2 then 0: contiguous at `d` although not physically.
+        let data: Vec<u8> = (0..2 * ps).map(|i| (i * 7 + i / ps) as u8).collect();
+        dev.write_blocking(d, &data, s).unwrap();
+        let mut back = vec![0u8; 2 * ps];
+        dev.read_blocking(d, &mut back, s).unwrap();
+        assert!(back == data);
+        let mut raw = vec![0u8; ps];
+        // SAFETY: the stream is idle (synchronised by read_blocking).
+        unsafe { dev.read_physical(PhysPage(2), 0, &mut raw).unwrap() };
+        assert!(raw[..] == data[..ps], "the first page of `d` is page 2");
+        // SAFETY: as above.
+        unsafe { dev.read_physical(PhysPage(0), 0, &mut raw).unwrap() };
+        assert!(raw[..] == data[ps..], "its second page is page 0");
+        // Fill across the page boundary.
+        dev.launch(
+            &Kernel::Fill {
+                dst: d.offset(ps - 10),
+                len: 20,
+                value: 0xcd,
+            },
+            s,
+        )
+        .unwrap();
+        let mut mid = [0u8; 22];
+        dev.read_blocking(d.offset(ps - 11), &mut mid, s).unwrap();
+        assert_eq!(mid[0], data[ps - 11]);
+        assert!(mid[1..21].iter().all(|&v| v == 0xcd));
+        assert_eq!(mid[21], data[ps + 10]);
+        // Matmul: X [1, 2] · W [2, 2]ᵀ, all f32, W across the page boundary.
+        let f32s = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let (xp, wp, yp) = (b, d.offset(ps - 8), b.offset(256));
+        dev.write_blocking(xp, &f32s(&[1.0, 2.0]), s).unwrap();
+        dev.write_blocking(wp, &f32s(&[3.0, 4.0, -1.0, 0.5]), s)
+            .unwrap();
+        dev.launch(
+            &Kernel::Matmul {
+                x: xp,
+                tokens: 1,
+                w: wp,
+                w_dtype: offload_kernels::Dtype::F32,
+                n: 2,
+                k: 2,
+                y: yp,
+            },
+            s,
+        )
+        .unwrap();
+        let mut yb = [0u8; 8];
+        dev.read_blocking(yp, &mut yb, s).unwrap();
+        assert_eq!(yb.to_vec(), f32s(&[11.0, 0.0]));
+        // Merge: W [2, 2] += up [2, 1] · down [1, 2], in place at `wp`.
+        let factor = |ptr: DevicePtr, v: &[f32], rows, cols| super::super::MergeFactor {
+            ptr,
+            host: f32s(v).into(),
+            dtype: offload_kernels::Dtype::F32,
+            rows,
+            cols,
+        };
+        let (up, down) = (b.offset(512), b.offset(768));
+        dev.write_blocking(up, &f32s(&[1.0, 2.0]), s).unwrap();
+        dev.write_blocking(down, &f32s(&[0.5, -1.0]), s).unwrap();
+        let op = super::super::MergeOp {
+            dtype: offload_kernels::Dtype::F32,
+            shape: vec![2, 2],
+            rows: None,
+            adapters: vec![super::super::MergeAdapter {
+                scale: 2.0,
+                delta: super::super::MergeDelta::LowRank {
+                    up: factor(up, &[1.0, 2.0], 2, 1),
+                    down: factor(down, &[0.5, -1.0], 1, 2),
+                },
+            }],
+        };
+        dev.launch(
+            &Kernel::Merge {
+                w: wp,
+                op: Arc::new(op),
+            },
+            s,
+        )
+        .unwrap();
+        let mut wb = [0u8; 16];
+        dev.read_blocking(wp, &mut wb, s).unwrap();
+        assert_eq!(wb.to_vec(), f32s(&[4.0, 2.0, 1.0, -3.5]));
+        // Past the end of an allocation: refused when queued.
+        assert!(matches!(
+            dev.write_blocking(d.offset(2 * ps - 1), &[0u8; 2], s),
+            Err(Error::BadAddress { .. })
+        ));
+        // Freed: poisoned, and no longer device memory.
+        dev.free_contiguous(d).unwrap();
+        // SAFETY: as above.
+        unsafe { dev.read_physical(PhysPage(2), 0, &mut raw).unwrap() };
+        assert!(raw.iter().all(|&v| v == POISON));
+        assert!(matches!(
+            dev.write_blocking(d, &[1], s),
+            Err(Error::BadAddress { .. })
+        ));
+        dev.free_contiguous(b).unwrap();
+        dev.destroy_stream(s).unwrap();
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! A device offers what the arena and the residency engine need and nothing more:
 //! physical pages of a fixed size, virtual address ranges that pages are mapped
-//! into (so an allocation is contiguous although its pages are not), pinned host
+//! into (so an allocation is contiguous although its pages are not) or, on a
+//! device that cannot map pages, plain contiguous allocations, pinned host
 //! buffers, streams that run queued work in order, events that stream work or
 //! the host waits on, asynchronous copies, and a kernel launch hook.
 //!
@@ -244,6 +245,37 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Unmap the page at `addr`. Work that uses it must have completed.
     fn unmap(&self, addr: DevicePtr) -> Result<()>;
 
+    /// Whether this device maps pages into reserved ranges ([`Device::reserve`],
+    /// [`Device::map`]). A device that cannot (a GPU without the CUDA virtual
+    /// memory API, or a [`HostDevice::without_vmm`]) offers contiguous
+    /// allocations instead ([`Device::alloc_contiguous`]), and the arena makes
+    /// each of its allocations one of those.
+    fn maps_pages(&self) -> bool {
+        true
+    }
+
+    /// Allocate `len` bytes of contiguous device memory: `len` a non-zero
+    /// multiple of the page size, the address page aligned. A plain device
+    /// allocation (`cuMemAlloc` on a GPU), for devices that cannot map pages;
+    /// devices that can may offer it too. A device with too little memory
+    /// left fails with [`crate::Error::DeviceOutOfMemory`]; one without such
+    /// allocations with [`crate::Error::Unsupported`] (the default).
+    fn alloc_contiguous(&self, len: usize) -> Result<DevicePtr> {
+        let _ = len;
+        Err(crate::Error::Unsupported(
+            "contiguous device allocations on this device",
+        ))
+    }
+
+    /// Free an allocation [`Device::alloc_contiguous`] made, by its address.
+    /// Work that uses it must have completed.
+    fn free_contiguous(&self, ptr: DevicePtr) -> Result<()> {
+        let _ = ptr;
+        Err(crate::Error::Unsupported(
+            "contiguous device allocations on this device",
+        ))
+    }
+
     /// Allocate `len` bytes of page-locked host memory that copies can read from asynchronously.
     fn alloc_pinned(&self, len: usize) -> Result<PinnedBuffer>;
 
@@ -360,13 +392,14 @@ pub fn auto(host: &HostConfig) -> Result<Selected> {
         Ok(probe) => match cuda::CudaDevice::new(probe.ordinal) {
             Ok(dev) => {
                 let reason = format!(
-                    "using CUDA device {}: {} ({} GiB, compute capability {}.{}, driver {})",
+                    "using CUDA device {}: {} ({} GiB, compute capability {}.{}, driver {}){}",
                     probe.ordinal,
                     dev.info().name,
                     dev.info().total_memory >> 30,
                     probe.compute_capability.0,
                     probe.compute_capability.1,
                     probe.driver_version,
+                    dev.memory_mode_note(),
                 );
                 return Ok(Selected {
                     device: Arc::new(dev),

@@ -21,11 +21,12 @@ fn gpu() -> CudaDevice {
 }
 
 /// Device buffers for a test: one mapped range per buffer in VMM mode, one
-/// page per buffer in fallback mode. Everything is given back on drop.
+/// contiguous allocation per buffer in fallback mode. Everything is given
+/// back on drop.
 struct Bufs<'a> {
     d: &'a CudaDevice,
     ranges: Vec<(VirtualRange, Vec<PhysPage>)>,
-    pages: Vec<PhysPage>,
+    blocks: Vec<DevicePtr>,
 }
 
 impl<'a> Bufs<'a> {
@@ -33,22 +34,18 @@ impl<'a> Bufs<'a> {
         Bufs {
             d,
             ranges: Vec::new(),
-            pages: Vec::new(),
+            blocks: Vec::new(),
         }
     }
 
     fn alloc(&mut self, len: usize) -> DevicePtr {
         let ps = self.d.info().page_size;
-        if !self.d.vmm_supported() {
-            assert!(
-                len <= ps,
-                "fallback mode: a {len}-byte buffer does not fit one page"
-            );
-            let p = self.d.alloc_page().unwrap();
-            self.pages.push(p);
-            return self.d.page_address(p).unwrap();
-        }
         let n = len.div_ceil(ps).max(1);
+        if !self.d.maps_pages() {
+            let p = self.d.alloc_contiguous(n * ps).unwrap();
+            self.blocks.push(p);
+            return p;
+        }
         let range = self.d.reserve(n * ps).unwrap();
         let pages: Vec<PhysPage> = (0..n).map(|_| self.d.alloc_page().unwrap()).collect();
         for (i, p) in pages.iter().enumerate() {
@@ -78,8 +75,8 @@ impl Drop for Bufs<'_> {
                 let _ = self.d.free_page(p);
             }
         }
-        for p in self.pages.drain(..) {
-            let _ = self.d.free_page(p);
+        for p in self.blocks.drain(..) {
+            let _ = self.d.free_contiguous(p);
         }
     }
 }
@@ -618,10 +615,6 @@ fn gpu_merge_lowrank_tensor_cores_match_cpu_merge_and_report_tflops() {
     // Throughput (informative; `offload bench merge` is the measurement): a
     // 4096 x 4096 f16 weight, one or four adapters with f16 factors, on each
     // kernel, rotating through four copies of W (128 MiB, more than the L2).
-    assert!(
-        d.vmm_supported() || d.info().page_size >= 32 << 20,
-        "fallback mode: a 32 MiB weight does not fit one page"
-    );
     let (rows, cols) = (4096usize, 4096usize);
     let mut bufs = Bufs::new(&d);
     let ws: Vec<DevicePtr> = (0..4)
@@ -1250,10 +1243,6 @@ fn gpu_matmul_edge_cases_and_checks() {
 fn gpu_matmul_throughput() {
     // Informative: the benchmark's layer shape at full SDXL width, 16 tokens.
     let d = gpu();
-    assert!(
-        d.vmm_supported() || d.info().page_size >= 32 << 20,
-        "fallback mode: a 32 MiB weight does not fit one page"
-    );
     let s = d.create_stream().unwrap();
     let (tokens, n, k) = (16usize, 4096usize, 4096usize);
     let mut bufs = Bufs::new(&d);

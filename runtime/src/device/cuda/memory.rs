@@ -9,9 +9,11 @@
 //! Two modes:
 //! - VMM (the virtual memory management API works): a page is a `cuMemCreate`
 //!   handle, ranges come from `cuMemAddressReserve`, pages are mapped into them.
-//! - Fallback (it does not, e.g. under a sandboxing kernel): a page is a
-//!   page-sized slot carved from a plain `cuMemAlloc` block, identified by its
-//!   device address; there are no ranges, and each page is used at its own address.
+//! - Fallback (it does not, e.g. under a sandboxing kernel): there are no
+//!   pages and no ranges.
+//!
+//! In both modes contiguous allocations (`cuMemAlloc`, page aligned) are
+//! kept by their address; in fallback mode they are the only device memory.
 
 use std::collections::BTreeMap;
 
@@ -36,11 +38,14 @@ pub(super) struct Range {
     pub(super) slots: Vec<Option<u64>>,
 }
 
-/// A block from `cuMemAlloc` carved into pages (fallback mode).
+/// A contiguous allocation from `cuMemAlloc`.
 #[derive(Debug)]
 pub(super) struct Block {
-    /// Device address of the block.
-    pub(super) ptr: u64,
+    /// The address `cuMemAlloc` returned (what `cuMemFree` takes); at or
+    /// below the page-aligned address the block is known by.
+    pub(super) raw: u64,
+    /// Usable bytes from the aligned address.
+    pub(super) len: usize,
 }
 
 /// Pages and ranges of one device.
@@ -48,14 +53,12 @@ pub(super) struct Block {
 pub(super) struct MemState {
     page_size: usize,
     vmm: bool,
-    /// Allocated pages by handle (VMM) or device address (fallback).
+    /// Allocated pages by handle (VMM mode only).
     pub(super) pages: BTreeMap<u64, PageState>,
     /// Reserved ranges by base address (VMM mode only).
     pub(super) ranges: BTreeMap<u64, Range>,
-    /// Fallback mode: the blocks pages are carved from.
-    pub(super) blocks: Vec<Block>,
-    /// Fallback mode: addresses of the carved pages nobody holds.
-    pub(super) free_slots: Vec<u64>,
+    /// Contiguous allocations by their page-aligned address.
+    pub(super) blocks: BTreeMap<u64, Block>,
 }
 
 impl MemState {
@@ -66,14 +69,47 @@ impl MemState {
             vmm,
             pages: BTreeMap::new(),
             ranges: BTreeMap::new(),
-            blocks: Vec::new(),
-            free_slots: Vec::new(),
+            blocks: BTreeMap::new(),
         }
     }
 
-    /// Bytes held in carved pages that nobody holds (fallback mode).
-    pub(super) fn pooled_free_bytes(&self) -> usize {
-        self.free_slots.len() * self.page_size
+    /// Check a request for a contiguous allocation of `len` bytes.
+    pub(super) fn check_contiguous(&self, len: usize) -> Result<()> {
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        if len % self.page_size != 0 {
+            return Err(Error::BadAddress {
+                addr: DevicePtr(0),
+                len,
+                what: "a non-zero multiple of the page size",
+            });
+        }
+        Ok(())
+    }
+
+    /// Record a contiguous allocation of `len` bytes at the page-aligned
+    /// `base`, from the `cuMemAlloc` address `raw`.
+    pub(super) fn add_block(&mut self, base: u64, raw: u64, len: usize) {
+        self.blocks.insert(base, Block { raw, len });
+    }
+
+    /// The `cuMemAlloc` address of the contiguous allocation at `ptr`, if
+    /// `ptr` is one's address.
+    pub(super) fn check_free_block(&self, ptr: DevicePtr) -> Result<u64> {
+        match self.blocks.get(&ptr.0) {
+            Some(b) => Ok(b.raw),
+            None => Err(Error::BadAddress {
+                addr: ptr,
+                len: 0,
+                what: "the address of a live contiguous allocation",
+            }),
+        }
+    }
+
+    /// Forget a contiguous allocation that [`check_free_block`](Self::check_free_block) accepted.
+    pub(super) fn remove_block(&mut self, ptr: DevicePtr) {
+        self.blocks.remove(&ptr.0);
     }
 
     /// Record a fresh page.
@@ -238,27 +274,23 @@ impl MemState {
     }
 
     /// Check that `addr..addr+len` is device memory a copy or kernel may touch
-    /// now: inside one reserved range with every page it covers mapped, or, in
-    /// fallback mode, inside one allocated page.
+    /// now: inside one contiguous allocation, or inside one reserved range
+    /// with every page it covers mapped.
     pub(super) fn check_access(&self, addr: DevicePtr, len: usize) -> Result<()> {
         let bad = || Error::BadAddress {
             addr,
             len,
-            what: "inside one reserved range with every page mapped",
+            what: if self.vmm {
+                "inside one contiguous allocation, or one reserved range with every page mapped"
+            } else {
+                "inside one contiguous allocation (fallback mode)"
+            },
         };
         let end = addr.0.checked_add(len as u64).ok_or_else(bad)?;
-        if !self.vmm {
-            let (&page, state) = self.pages.range(..=addr.0).next_back().ok_or_else(bad)?;
-            let ok = *state == PageState::Allocated && end <= page + self.page_size as u64;
-            return if ok {
-                Ok(())
-            } else {
-                Err(Error::BadAddress {
-                    addr,
-                    len,
-                    what: "inside one allocated page (fallback mode)",
-                })
-            };
+        if let Some((&base, block)) = self.blocks.range(..=addr.0).next_back() {
+            if end <= base + block.len as u64 {
+                return Ok(());
+            }
         }
         let (&base, range) = self.ranges.range(..=addr.0).next_back().ok_or_else(bad)?;
         if end > base + range.len as u64 {
@@ -373,17 +405,36 @@ mod tests {
     }
 
     #[test]
-    fn fallback_access_is_per_page() {
-        let mut m = MemState::new(PS, false);
-        let page = 0x7000_0000u64;
-        m.add_page(page);
-        m.add_page(page + PS as u64);
-        m.check_access(DevicePtr(page), PS).unwrap();
-        m.check_access(DevicePtr(page + 10), 100).unwrap();
-        // Spanning two carved pages is refused even if both are held.
-        assert!(m.check_access(DevicePtr(page + 10), PS).is_err());
-        assert!(m.check_access(DevicePtr(page - 1), 1).is_err());
-        m.remove_page(PhysPage(page));
-        assert!(m.check_access(DevicePtr(page), 1).is_err());
+    fn contiguous_allocations_are_checked_and_accessed_whole() {
+        for vmm in [true, false] {
+            let mut m = MemState::new(PS, vmm);
+            assert!(matches!(m.check_contiguous(0), Err(Error::ZeroSize)));
+            assert!(matches!(
+                m.check_contiguous(PS + 1),
+                Err(Error::BadAddress { len, .. }) if len == PS + 1
+            ));
+            m.check_contiguous(3 * PS).unwrap();
+            let base = 0x7000_0000u64;
+            // Aligned above the raw address, as after an over-allocation.
+            m.add_block(base, base - 512, 3 * PS);
+            m.add_block(base + 4 * PS as u64, base + 4 * PS as u64, PS);
+            m.check_access(DevicePtr(base), 3 * PS).unwrap();
+            m.check_access(DevicePtr(base + 10), 2 * PS).unwrap();
+            m.check_access(DevicePtr(base + 3 * PS as u64), 0).unwrap();
+            // Past the end (into the gap), across two blocks, before the first.
+            assert!(m.check_access(DevicePtr(base + 10), 3 * PS).is_err());
+            assert!(m.check_access(DevicePtr(base), 5 * PS).is_err());
+            assert!(m.check_access(DevicePtr(base - 1), 1).is_err());
+            assert!(m.check_access(DevicePtr(u64::MAX), 2).is_err());
+            assert_eq!(m.check_free_block(DevicePtr(base)).unwrap(), base - 512);
+            assert!(matches!(
+                m.check_free_block(DevicePtr(base + PS as u64)),
+                Err(Error::BadAddress { .. })
+            ));
+            m.remove_block(DevicePtr(base));
+            assert!(m.check_access(DevicePtr(base), 1).is_err());
+            assert!(m.check_free_block(DevicePtr(base)).is_err());
+            m.check_access(DevicePtr(base + 4 * PS as u64), PS).unwrap();
+        }
     }
 }

@@ -17,9 +17,13 @@
 //! the virtual memory management API (pages from `cuMemCreate` at the
 //! allocation granularity, ranges from `cuMemAddressReserve`, mapped with
 //! `cuMemMap` + `cuMemSetAccess`), or, where a trial of that API fails (some
-//! GPU machines run under a sandboxing kernel), a fallback in which pages are
-//! slots carved from plain `cuMemAlloc` blocks and [`Device::reserve`] fails
-//! with [`Error::Unsupported`]; [`CudaDevice::vmm_supported`] says which.
+//! GPU machines run under a sandboxing kernel), a fallback without pages or
+//! ranges ([`Device::maps_pages`] is false; [`Device::alloc_page`],
+//! [`Device::reserve`] and [`Device::map`] fail with [`Error::Unsupported`])
+//! in which device memory is plain `cuMemAlloc` allocations
+//! ([`Device::alloc_contiguous`], which works in both modes); the arena then
+//! makes each of its allocations one of those. [`CudaDevice::vmm_supported`]
+//! says which mode is in use and [`CudaDevice::vmm_unavailable_reason`] why.
 //!
 //! Kernels: [`Kernel::Fill`] is a driver memset; [`Kernel::Matmul`] goes
 //! through cuBLAS ([`cublas`]); the LoRA merge kernels of
@@ -60,7 +64,7 @@ use cudarc::driver::sys;
 use dashmap::DashMap;
 
 use self::handles::{Context, Event, Stream};
-use self::memory::{Block, MemState, PageState};
+use self::memory::MemState;
 use super::pinned::PinnedFree;
 use super::{
     BackendKind, Device, DeviceInfo, DevicePtr, EventId, HostFn, Kernel, MemoryInfo, PhysPage,
@@ -70,9 +74,6 @@ use crate::error::{Error, Result};
 
 /// Page size used in fallback mode when the driver reports no allocation granularity.
 const FALLBACK_PAGE_SIZE: usize = 2 << 20;
-
-/// Fallback mode carves pages from `cuMemAlloc` blocks of this many pages.
-const FALLBACK_BLOCK_PAGES: usize = 16;
 
 /// Longest sleep between two polls of an event in [`Device::event_wait`] with a timeout.
 const MAX_POLL_SLEEP: Duration = Duration::from_micros(500);
@@ -271,22 +272,20 @@ impl CudaDevice {
         Ok(self.stream(stream)?.raw)
     }
 
-    /// Fallback mode: the device address of an allocated page, where it is
-    /// used directly since it cannot be mapped. In VMM mode pages have no
-    /// address of their own: map them into a reserved range.
-    pub fn page_address(&self, page: PhysPage) -> Result<DevicePtr> {
-        if self.vmm_supported() {
-            return Err(Error::Unsupported(
-                "a page address in VMM mode (map the page into a range)",
+    /// What [`auto`](crate::device::auto) adds to its line about the
+    /// device: empty when the virtual memory API and host registration work,
+    /// else (starting with "; ") which fallback is in use and why.
+    pub fn memory_mode_note(&self) -> String {
+        let mut note = String::new();
+        if let Some(why) = self.vmm_unavailable_reason() {
+            note.push_str(&format!(
+                "; fallback arena: one plain cuMemAlloc allocation per arena allocation, no page mapping, because the CUDA virtual memory API is unavailable ({why})"
             ));
         }
-        match lock(&self.mem).pages.get(&page.0) {
-            Some(PageState::Allocated) => Ok(DevicePtr(page.0)),
-            _ => Err(Error::BadPage {
-                page,
-                what: "is not allocated",
-            }),
+        if !self.host_register {
+            note.push_str("; cuMemHostRegister does not work here (not needed: the runtime pins host memory with cuMemHostAlloc)");
         }
+        note
     }
 
     /// Page-lock an existing host buffer with `cuMemHostRegister` (read-only
@@ -340,25 +339,12 @@ impl CudaDevice {
         }
     }
 
-    /// Fallback mode: a free carved page, carving a new block when none is left.
-    fn alloc_carved_page(&self, mem: &mut MemState) -> Result<u64> {
-        if let Some(p) = mem.free_slots.pop() {
-            return Ok(p);
-        }
-        let ps = self.info.page_size;
-        let mut pages = FALLBACK_BLOCK_PAGES;
-        loop {
-            match result::mem_alloc(pages * ps) {
-                Ok(ptr) => {
-                    mem.blocks.push(Block { ptr });
-                    mem.free_slots
-                        .extend((1..pages).rev().map(|i| ptr + (i * ps) as u64));
-                    return Ok(ptr);
-                }
-                Err(e) if is_oom(&e) && pages > 1 => pages = 1,
-                Err(e) if is_oom(&e) => return Err(self.out_of_memory(ps)),
-                Err(e) => return Err(e),
-            }
+    /// `cuMemAlloc` of `len` bytes, out of memory as [`Error::DeviceOutOfMemory`].
+    fn mem_alloc(&self, len: usize) -> Result<u64> {
+        match result::mem_alloc(len) {
+            Ok(p) => Ok(p),
+            Err(e) if is_oom(&e) => Err(self.out_of_memory(len)),
+            Err(e) => Err(e),
         }
     }
 }
@@ -498,13 +484,11 @@ impl Drop for CudaDevice {
                 // SAFETY: a live handle from cuMemCreate, unmapped above, released once.
                 let _ = unsafe { result::mem_release(handle) };
             }
-        } else {
-            mem.pages.clear();
-            mem.free_slots.clear();
-            for block in std::mem::take(&mut mem.blocks) {
-                // SAFETY: a block from cuMemAlloc, freed once; all work has finished.
-                let _ = unsafe { result::mem_free(block.ptr) };
-            }
+        }
+        for (_, block) in std::mem::take(&mut mem.blocks) {
+            // SAFETY: `raw` came from cuMemAlloc and is freed once, here (the
+            // table no longer has it); all work of the context has finished.
+            let _ = unsafe { result::mem_free(block.raw) };
         }
         // `self.ctx` drops after this, releasing the primary context unless
         // pinned buffers or host registrations still hold it.
@@ -519,21 +503,16 @@ impl Device for CudaDevice {
     fn memory(&self) -> Result<MemoryInfo> {
         self.ctx.bind()?;
         let (free, total) = result::mem_get_info()?;
-        let pooled = lock(&self.mem).pooled_free_bytes();
-        Ok(MemoryInfo {
-            total,
-            free: (free + pooled).min(total),
-        })
+        Ok(MemoryInfo { total, free })
     }
 
     fn alloc_page(&self) -> Result<PhysPage> {
-        self.ctx.bind()?;
         if !self.vmm_supported() {
-            let mut mem = lock(&self.mem);
-            let p = self.alloc_carved_page(&mut mem)?;
-            mem.add_page(p);
-            return Ok(PhysPage(p));
+            return Err(Error::Unsupported(
+                "physical pages without the CUDA virtual memory API (fallback mode: use alloc_contiguous)",
+            ));
         }
+        self.ctx.bind()?;
         let ps = self.info.page_size;
         let handle = match result::mem_create(ps, self.ordinal) {
             Ok(h) => h,
@@ -548,10 +527,6 @@ impl Device for CudaDevice {
         let mut mem = lock(&self.mem);
         mem.check_free(page)?;
         mem.remove_page(page);
-        if !self.vmm_supported() {
-            mem.free_slots.push(page.0);
-            return Ok(());
-        }
         drop(mem);
         self.ctx.bind()?;
         // SAFETY: the page is a live cuMemCreate handle, mapped nowhere (checked),
@@ -609,6 +584,45 @@ impl Device for CudaDevice {
         // trait's contract makes the caller finish work that uses it first.
         unsafe { result::mem_unmap(addr.0, ps)? };
         mem.set_unmapped(base, slot, page);
+        Ok(())
+    }
+
+    fn maps_pages(&self) -> bool {
+        self.vmm_supported()
+    }
+
+    fn alloc_contiguous(&self, len: usize) -> Result<DevicePtr> {
+        let ps = self.info.page_size;
+        lock(&self.mem).check_contiguous(len)?;
+        self.ctx.bind()?;
+        let mut raw = self.mem_alloc(len)?;
+        let mut base = raw;
+        if raw % ps as u64 != 0 {
+            // cuMemAlloc promises 256-byte alignment only (large blocks are
+            // page aligned in practice): allocate a page more and align inside it.
+            // SAFETY: `raw` came from cuMemAlloc just above; nobody else knows it.
+            unsafe { result::mem_free(raw)? };
+            let padded = len.checked_add(ps).ok_or(Error::DeviceOutOfMemory {
+                wanted: len,
+                available: 0,
+            })?;
+            raw = self.mem_alloc(padded)?;
+            base = raw.next_multiple_of(ps as u64);
+        }
+        lock(&self.mem).add_block(base, raw, len);
+        Ok(DevicePtr(base))
+    }
+
+    fn free_contiguous(&self, ptr: DevicePtr) -> Result<()> {
+        let mut mem = lock(&self.mem);
+        let raw = mem.check_free_block(ptr)?;
+        self.ctx.bind()?;
+        // SAFETY: `raw` is the cuMemAlloc address of a live block of ours
+        // (checked under the lock we hold, and forgotten below under it, so
+        // it is freed once); the trait's contract makes the caller finish
+        // work that uses it first.
+        unsafe { result::mem_free(raw)? };
+        mem.remove_block(ptr);
         Ok(())
     }
 

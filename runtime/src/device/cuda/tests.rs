@@ -185,43 +185,254 @@ fn gpu_vmm_map_write_read_back() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn gpu_fallback_mode_pages_are_plain_allocations() {
+fn gpu_fallback_mode_memory_is_plain_allocations() {
     let d = CudaDevice::with_config(0, &CudaConfig { use_vmm: false }).expect("a CUDA GPU");
     assert!(!d.vmm_supported());
-    assert!(matches!(
-        d.reserve(d.info().page_size),
-        Err(Error::Unsupported(_))
-    ));
+    assert!(!d.maps_pages());
+    assert_eq!(
+        d.vmm_unavailable_reason(),
+        Some("disabled by configuration")
+    );
+    assert!(d.memory_mode_note().contains("disabled by configuration"));
     let ps = d.info().page_size;
-    let s = d.create_stream().unwrap();
-    // More pages than one carved block holds.
-    let pages: Vec<PhysPage> = (0..FALLBACK_BLOCK_PAGES + 3)
-        .map(|_| d.alloc_page().unwrap())
-        .collect();
-    for (i, p) in pages.iter().enumerate() {
-        let addr = d.page_address(*p).unwrap();
-        d.write_blocking(addr, &pattern(ps, i as u8), s).unwrap();
-    }
-    for (i, p) in pages.iter().enumerate() {
-        let mut back = vec![0u8; ps];
-        d.read_blocking(d.page_address(*p).unwrap(), &mut back, s)
-            .unwrap();
-        assert!(back == pattern(ps, i as u8), "page {i} differs");
-    }
-    let first = d.page_address(pages[0]).unwrap();
+    assert!(matches!(d.reserve(ps), Err(Error::Unsupported(_))));
+    assert!(matches!(d.alloc_page(), Err(Error::Unsupported(_))));
+    assert!(matches!(d.alloc_contiguous(0), Err(Error::ZeroSize)));
     assert!(matches!(
-        d.write_blocking(first.offset(ps - 1), &[0u8; 2], s),
+        d.alloc_contiguous(ps + 1),
         Err(Error::BadAddress { .. })
     ));
-    for p in &pages {
-        d.free_page(*p).unwrap();
+    let s = d.create_stream().unwrap();
+    let sizes = [1usize, 3, 17];
+    let blocks: Vec<DevicePtr> = sizes
+        .iter()
+        .map(|&n| d.alloc_contiguous(n * ps).unwrap())
+        .collect();
+    for (&n, &b) in sizes.iter().zip(&blocks) {
+        assert_eq!(b.0 % ps as u64, 0, "page aligned");
+        d.write_blocking(b, &pattern(n * ps, n as u8), s).unwrap();
     }
+    for (&n, &b) in sizes.iter().zip(&blocks) {
+        let mut back = vec![0u8; n * ps];
+        d.read_blocking(b, &mut back, s).unwrap();
+        assert!(
+            back == pattern(n * ps, n as u8),
+            "block of {n} pages differs"
+        );
+    }
+    // Past the end of a block is refused, not faulted.
     assert!(matches!(
-        d.page_address(pages[0]),
-        Err(Error::BadPage { .. })
+        d.write_blocking(blocks[1].offset(3 * ps - 1), &[0u8; 2], s),
+        Err(Error::BadAddress { .. })
     ));
-    assert!(matches!(d.free_page(pages[0]), Err(Error::BadPage { .. })));
+    // A kernel across a page boundary of one block.
+    d.launch(
+        &Kernel::Fill {
+            dst: blocks[1].offset(ps - 100),
+            len: 200,
+            value: 0xab,
+        },
+        s,
+    )
+    .unwrap();
+    let mut back = vec![0u8; 200];
+    d.read_blocking(blocks[1].offset(ps - 100), &mut back, s)
+        .unwrap();
+    assert!(back.iter().all(|&b| b == 0xab));
+    for b in &blocks {
+        d.free_contiguous(*b).unwrap();
+    }
+    assert!(lock(&d.mem).blocks.is_empty());
+    assert!(matches!(
+        d.free_contiguous(blocks[0]),
+        Err(Error::BadAddress { .. })
+    ));
+    assert!(matches!(
+        d.write_blocking(blocks[0], &[1], s),
+        Err(Error::BadAddress { .. })
+    ));
+    // More than the GPU has: the device's typed error, not a panic.
+    let huge = (d.info().total_memory / ps + 1) * ps;
+    assert!(matches!(
+        d.alloc_contiguous(huge),
+        Err(Error::DeviceOutOfMemory { .. })
+    ));
     d.destroy_stream(s).unwrap();
+}
+
+/// One component's layers of one tensor each, in memory, for the runtime tests.
+struct Layers(Vec<Vec<u8>>);
+
+impl crate::model::WeightSource for Layers {
+    fn read(
+        &self,
+        component: usize,
+        layer: usize,
+        tensor: usize,
+        offset: usize,
+        dst: &mut [u8],
+    ) -> std::result::Result<(), crate::model::SourceError> {
+        let fail = |message: &str| crate::model::SourceError {
+            what: format!("tensor {component}/{layer}/{tensor}"),
+            message: message.into(),
+        };
+        let src = self
+            .0
+            .get(layer)
+            .filter(|_| component == 0 && tensor == 0)
+            .ok_or_else(|| fail("no such tensor"))?;
+        let end = offset
+            .checked_add(dst.len())
+            .filter(|&e| e <= src.len())
+            .ok_or_else(|| fail("read past the end"))?;
+        dst.copy_from_slice(&src[offset..end]);
+        Ok(())
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_fallback_arena_and_runtime_keep_every_byte() {
+    use crate::arena::{Arena, ArenaConfig, Tag};
+    use crate::model::{ComponentDesc, DType, LayerDesc, ModelDesc, Pin, TensorDesc};
+    use crate::residency::{LayerId, Mode, Policy, Runtime, RuntimeConfig};
+
+    let d =
+        Arc::new(CudaDevice::with_config(0, &CudaConfig { use_vmm: false }).expect("a CUDA GPU"));
+    assert!(!d.maps_pages());
+    let ps = d.info().page_size;
+
+    // The arena: a multi-page allocation and slab slots, each one plain
+    // allocation, read back byte for byte.
+    {
+        let arena = Arena::new(
+            d.clone(),
+            ArenaConfig {
+                capacity: Some(16 * ps),
+            },
+        )
+        .unwrap();
+        let big_len = 3 * ps + 12_345;
+        let big = arena.alloc(big_len, Tag(0)).unwrap();
+        let small: Vec<_> = (0..5)
+            .map(|i| arena.alloc(1000 + i, Tag(1)).unwrap())
+            .collect();
+        let data = pattern(big_len, 1);
+        arena.write(big, 0, &data).unwrap();
+        for (i, &id) in small.iter().enumerate() {
+            arena.write(id, 0, &pattern(1000 + i, i as u8)).unwrap();
+        }
+        let mut back = vec![0u8; big_len];
+        arena.read(big, 0, &mut back).unwrap();
+        assert!(back == data, "the multi-page allocation differs");
+        for (i, &id) in small.iter().enumerate() {
+            let mut back = vec![0u8; 1000 + i];
+            arena.read(id, 0, &mut back).unwrap();
+            assert!(back == pattern(1000 + i, i as u8), "slot {i} differs");
+        }
+        let st = arena.stats();
+        assert_eq!(
+            (st.pages_used, st.slab_pages, st.live_allocations),
+            (5, 1, 6)
+        );
+        let big_ptr = arena.ptr(big).unwrap();
+        arena.free(big).unwrap();
+        assert_eq!(arena.stats().pages_pooled, 4);
+        // Same page count: the cached allocation comes back.
+        let again = arena.alloc(4 * ps, Tag(0)).unwrap();
+        assert_eq!(arena.ptr(again).unwrap(), big_ptr);
+        assert_eq!(arena.stats().pages_pooled, 0);
+        assert!(matches!(
+            arena.alloc(12 * ps, Tag(0)),
+            Err(Error::OutOfMemory {
+                pages: 12,
+                free_pages: 11,
+                ..
+            })
+        ));
+        for id in small {
+            arena.free(id).unwrap();
+        }
+        arena.free(again).unwrap();
+        assert_eq!(arena.trim(), 5);
+        assert_eq!(arena.pages_held(), 0);
+    }
+    assert!(lock(&d.mem).blocks.is_empty(), "the arena freed everything");
+
+    // The runtime, balanced: 8 layers of 4 pages, 24 pages of high
+    // watermark, prefetch depth 1; the same figures as on the host backend.
+    let layer = 4 * ps;
+    let src = Arc::new(Layers(
+        (0..8).map(|l| pattern(layer, l as u8 + 10)).collect(),
+    ));
+    let desc = ModelDesc {
+        name: "fallback".into(),
+        components: vec![ComponentDesc {
+            name: "denoiser".into(),
+            pin: Pin::Auto,
+            layers: (0..8)
+                .map(|l| LayerDesc {
+                    name: format!("layer{l}"),
+                    tensors: vec![TensorDesc {
+                        name: format!("layer{l}.weight"),
+                        dtype: DType::U8,
+                        shape: vec![layer],
+                        bytes: layer,
+                    }],
+                })
+                .collect(),
+        }],
+    };
+    let compute = d.create_stream().unwrap();
+    let rt = Runtime::new(
+        d.clone(),
+        compute,
+        RuntimeConfig {
+            mode: Some(Mode::Balanced),
+            policy: Policy::Planned,
+            prefetch_depth: 1,
+            device_memory: Some(64 * ps),
+            high_watermark: Some(24 * ps),
+            low_watermark: Some(0),
+            ..RuntimeConfig::default()
+        },
+    )
+    .unwrap();
+    let m = rt.load(desc, src.clone()).unwrap();
+    let pass = || -> u64 {
+        rt.synchronize().unwrap();
+        let before = rt.stats().bytes_h2d;
+        for l in 0..8 {
+            let g = rt
+                .acquire(LayerId {
+                    model: m,
+                    component: 0,
+                    layer: l,
+                })
+                .unwrap();
+            let view = g.tensor(0).unwrap();
+            let mut back = vec![0u8; view.bytes];
+            // On the compute stream, after the wait the runtime queued.
+            d.read_blocking(view.ptr, &mut back, compute).unwrap();
+            assert!(back == src.0[l], "layer {l} differs");
+            drop(g);
+        }
+        rt.synchronize().unwrap();
+        rt.stats().bytes_h2d - before
+    };
+    let layer = layer as u64;
+    assert_eq!(pass(), 8 * layer, "first pass: everything once");
+    assert_eq!(pass(), 5 * layer, "and layer 4 of the next pass");
+    for _ in 0..3 {
+        assert_eq!(pass(), 4 * layer, "the four streamed layers");
+    }
+    assert!(rt.stats().peak_device_bytes <= 24 * ps);
+    drop(rt);
+    d.destroy_stream(compute).unwrap();
+    assert!(
+        lock(&d.mem).blocks.is_empty(),
+        "the runtime freed everything"
+    );
 }
 
 #[test]
@@ -463,9 +674,8 @@ fn gpu_drop_with_live_resources_and_pinned_buffer_outliving_device() {
         let _ = mapped_range(&d, 2);
         let _spare = d.alloc_page().unwrap();
         let _empty = d.reserve(d.info().page_size).unwrap();
-    } else {
-        let _ = d.alloc_page().unwrap();
     }
+    let _block = d.alloc_contiguous(2 * d.info().page_size).unwrap();
     let mut pinned = d.alloc_pinned(1 << 20).unwrap();
     d.launch_host_fn(
         s,
