@@ -48,6 +48,17 @@ struct Setup {
 }
 
 fn setup(mode: Mode, pages: usize, policy: HostPolicy, lora_mode: LoraMode) -> Setup {
+    setup_with(mode, pages, policy, lora_mode, |_| {})
+}
+
+/// [`setup`], with `tweak` applied to the runtime's configuration.
+fn setup_with(
+    mode: Mode,
+    pages: usize,
+    policy: HostPolicy,
+    lora_mode: LoraMode,
+    tweak: impl FnOnce(&mut RuntimeConfig),
+) -> Setup {
     let dev = Arc::new(
         HostDevice::new(HostConfig {
             capacity: 16 << 20,
@@ -57,23 +68,20 @@ fn setup(mode: Mode, pages: usize, policy: HostPolicy, lora_mode: LoraMode) -> S
         .unwrap(),
     );
     let compute = dev.create_stream().unwrap();
-    let rt = Runtime::new(
-        dev.clone(),
-        compute,
-        RuntimeConfig {
-            mode: Some(mode),
-            policy: Policy::Planned,
-            prefetch_depth: 1,
-            device_memory: Some(pages * PAGE),
-            high_watermark: Some(pages * PAGE / 2),
-            low_watermark: Some(0),
-            host_policy: policy,
-            wait_timeout: Duration::from_secs(20),
-            lora_mode,
-            ..RuntimeConfig::default()
-        },
-    )
-    .unwrap();
+    let mut cfg = RuntimeConfig {
+        mode: Some(mode),
+        policy: Policy::Planned,
+        prefetch_depth: 1,
+        device_memory: Some(pages * PAGE),
+        high_watermark: Some(pages * PAGE / 2),
+        low_watermark: Some(0),
+        host_policy: policy,
+        wait_timeout: Duration::from_secs(20),
+        lora_mode,
+        ..RuntimeConfig::default()
+    };
+    tweak(&mut cfg);
+    let rt = Runtime::new(dev.clone(), compute, cfg).unwrap();
     let (desc, w) = model();
     let m = rt.load(desc.clone(), w.clone()).unwrap();
     Setup {
@@ -695,32 +703,14 @@ fn a_late_merge_of_a_displaced_prefetch_never_lands_on_the_next_layer() {
 /// patched layer, none for the others.
 #[test]
 fn the_timeline_shows_merges_apart_from_uploads() {
-    let dev = Arc::new(
-        HostDevice::new(HostConfig {
-            capacity: 16 << 20,
-            page_size: PAGE,
-            link_gbps: None,
-        })
-        .unwrap(),
+    let s = setup_with(
+        Mode::Sequential,
+        16,
+        HostPolicy::Pinned,
+        LoraMode::FuseOnUpload,
+        |c| c.timeline = true,
     );
-    let compute = dev.create_stream().unwrap();
-    let rt = Runtime::new(
-        dev.clone(),
-        compute,
-        RuntimeConfig {
-            mode: Some(Mode::Sequential),
-            policy: Policy::Planned,
-            prefetch_depth: 1,
-            device_memory: Some(16 * PAGE),
-            wait_timeout: Duration::from_secs(20),
-            lora_mode: LoraMode::FuseOnUpload,
-            timeline: true,
-            ..RuntimeConfig::default()
-        },
-    )
-    .unwrap();
-    let (desc, w) = model();
-    let m = rt.load(desc, w).unwrap();
+    let (rt, m) = (&s.rt, s.m);
     let patched = [1usize, 2, 4];
     let set: Set = vec![(lora(6, &patched, 0, Kind::LowRank(4)), 0.5)];
     rt.set_loras(m, &bindings(&set)).unwrap();
