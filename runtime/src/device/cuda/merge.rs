@@ -223,7 +223,7 @@ impl<'d> Batcher<'d> {
         Batcher {
             device,
             stream,
-            groups: (0..6)
+            groups: (0..2 * Dtype::ALL.len())
                 .map(|_| (LowRankBatchParams::default(), Vec::new()))
                 .collect(),
             launches: 0,
