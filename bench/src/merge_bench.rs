@@ -34,6 +34,15 @@
 //! f32) of `max(|W| + |ΔW|)`, or the run fails, so the bench cannot report
 //! the speed of a broken kernel.
 //!
+//! With `--tensors N` (N > 1, GPU only), each GPU configuration is also
+//! merged N copies of W at a time with one `CudaDevice::merge_lowrank_batch`
+//! call (the batched kernels: one launch for up to 16 tensors of up to 4
+//! adapters; more adapters fall back to a launch per tensor), against the
+//! same merges one launch per copy ("ours"), on the same pool; its result
+//! on fresh copies must equal ours bit for bit or the run fails. The gain
+//! shows where launches cost more than the merge itself: small W (e.g.
+//! `--rows 320 --cols 320`).
+//!
 //! Targets (the PASS/FAIL column; never asserted by the tests): on the CPU
 //! ours beats the gemm baseline; on a GPU a stacked merge of more than one
 //! adapter beats one gemm per adapter, and for rank ≤ 32 ours takes at most
@@ -93,6 +102,11 @@ pub struct MergeBenchArgs {
     /// `tensor-cores`. Only with `--backend cuda` or `auto`.
     #[arg(long, value_enum, default_value_t = KernelArg::Auto)]
     pub kernel: KernelArg,
+    /// GPU only: also merge this many copies of W per batched launch
+    /// (`CudaDevice::merge_lowrank_batch`) and compare with one launch per
+    /// copy; 1 (the default) measures no batch.
+    #[arg(long, default_value_t = 1)]
+    pub tensors: usize,
     /// Print one JSON object with every result instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -177,6 +191,17 @@ struct Row {
     max_diff: f64,
     tolerance: f64,
     agree: bool,
+    /// With `--tensors` N > 1 (GPU): N, the median seconds per W of the
+    /// batched merges, and whether their result equalled ours bit for bit.
+    batched: Option<Batched>,
+}
+
+/// The batched measurement of a GPU row (`--tensors`).
+#[derive(Clone, Debug)]
+struct Batched {
+    tensors: usize,
+    seconds: f64,
+    identical: bool,
 }
 
 impl Row {
@@ -251,6 +276,11 @@ impl Row {
             "max_abs_diff": self.max_diff,
             "tolerance": self.tolerance,
             "agree": self.agree,
+            "tensors": self.batched.as_ref().map(|b| b.tensors),
+            "batched_ms": self.batched.as_ref().map(|b| b.seconds * 1e3),
+            "batched_gbps": self.batched.as_ref().map(|b| self.gbps(b.seconds)),
+            "batched_speedup": self.batched.as_ref().map(|b| self.ours / b.seconds),
+            "batched_identical": self.batched.as_ref().map(|b| b.identical),
             "targets": self.targets().iter().map(|(name, ok)| serde_json::json!({"target": name, "met": ok})).collect::<Vec<_>>(),
             "verdict": self.verdict(),
         })
@@ -313,7 +343,7 @@ pub fn run(args: &MergeBenchArgs) -> Result<(), String> {
     } else {
         print!("{}", table(args, &setups, &notes, &rows));
     }
-    let bad: Vec<String> = rows
+    let mut bad: Vec<String> = rows
         .iter()
         .filter(|r| !r.agree)
         .map(|r| {
@@ -323,6 +353,16 @@ pub fn run(args: &MergeBenchArgs) -> Result<(), String> {
             )
         })
         .collect();
+    bad.extend(
+        rows.iter()
+            .filter(|r| r.batched.as_ref().is_some_and(|b| !b.identical))
+            .map(|r| {
+                format!(
+                    "{} {} rank {} x{}: the batched merges differ from one launch per tensor",
+                    r.backend, r.dtype, r.rank, r.adapters
+                )
+            }),
+    );
     if bad.is_empty() {
         Ok(())
     } else {
@@ -348,6 +388,12 @@ fn check_args(args: &MergeBenchArgs) -> Result<(), String> {
     }
     if args.kernel != KernelArg::Auto && args.backend == BackendArg::Host {
         return Err("--kernel chooses a GPU kernel: use it with --backend cuda or auto".into());
+    }
+    if args.tensors == 0 {
+        return Err("--tensors must be positive".into());
+    }
+    if args.tensors > 1 && args.backend == BackendArg::Host {
+        return Err("--tensors batches GPU launches: use it with --backend cuda or auto".into());
     }
     if let Some(&n) = args.adapters.iter().find(|&&n| n > MAX_GPU_ADAPTERS) {
         return Err(format!(
@@ -414,6 +460,32 @@ fn table(args: &MergeBenchArgs, setups: &[Setup], notes: &[String], rows: &[Row]
             r.max_diff,
             r.verdict()
         );
+    }
+    if rows.iter().any(|r| r.batched.is_some()) {
+        let _ = writeln!(
+            out,
+            "\n| backend | kernel | W | rank | adapters | tensors per launch | ours µs per W | batched µs per W | batched GB/s | speed-up | bit-identical |"
+        );
+        let _ = writeln!(out, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|");
+        for r in rows {
+            if let Some(b) = &r.batched {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {} | {:.2}× | {} |",
+                    r.backend,
+                    r.kernel,
+                    r.dtype.name(),
+                    r.rank,
+                    r.adapters,
+                    b.tensors,
+                    r.ours * 1e6,
+                    b.seconds * 1e6,
+                    rate(r.gbps(b.seconds)),
+                    r.ours / b.seconds,
+                    if b.identical { "yes" } else { "NO" }
+                );
+            }
+        }
     }
     let _ = writeln!(
         out,
@@ -869,6 +941,7 @@ fn cpu_bench(args: &MergeBenchArgs, threads: NonZeroUsize) -> Result<(Setup, Vec
                     max_diff,
                     tolerance,
                     agree: max_diff <= tolerance,
+                    batched: None,
                 });
             }
         }
@@ -909,12 +982,12 @@ mod gpu {
 mod gpu {
     use offload_kernels::MergeSpec;
     use offload_runtime::device::cuda::cublas::GemmAccumulate;
-    use offload_runtime::device::cuda::{probe, CudaDevice, LowRankKernel};
+    use offload_runtime::device::cuda::{probe, CudaDevice, LowRankKernel, LowRankMerge};
     use offload_runtime::device::{Device, DeviceExt, DevicePtr, PhysPage, StreamId, VirtualRange};
 
     use super::{
         agreement, decode, encode, factor_dtype, make_adapters, median, merge_adapters,
-        pool_copies, uniform, KernelArg, MergeBenchArgs, Row, Setup,
+        pool_copies, uniform, Batched, KernelArg, MergeBenchArgs, Row, Setup,
     };
     use crate::cuda_timing::{copy_d2d, Timer};
     use crate::rng::Rng;
@@ -1101,6 +1174,21 @@ mod gpu {
                         d.merge_lowrank_with(&spec, w, &factor_ptrs, s, kernel)
                             .map_err(fail("merge_lowrank"))
                     };
+                    // `--tensors`: several copies of W, one tensor each, in
+                    // as few batched launches as they take.
+                    let batched_on = |ws: &[DevicePtr]| -> Result<(), String> {
+                        let merges: Vec<LowRankMerge<'_, '_>> = ws
+                            .iter()
+                            .map(|&w| LowRankMerge {
+                                spec: &spec,
+                                w,
+                                factors: &factor_ptrs,
+                            })
+                            .collect();
+                        d.merge_lowrank_batch(&merges, s, kernel)
+                            .map(|_| ())
+                            .map_err(fail("merge_lowrank_batch"))
+                    };
                     let base_on = |w: DevicePtr| -> Result<(), String> {
                         for (a, ha) in host.iter().enumerate() {
                             let op = GemmAccumulate {
@@ -1124,14 +1212,34 @@ mod gpu {
                     let check_base = upload_w(&mut mem)?;
                     ours_on(check_ours)?;
                     base_on(check_base)?;
-                    let read = |w: DevicePtr| -> Result<Vec<f64>, String> {
+                    let read_raw = |w: DevicePtr| -> Result<Vec<u8>, String> {
                         let mut host_w = vec![0u8; w_bytes];
                         d.read_blocking(w, &mut host_w, s)
                             .map_err(fail("reading W back"))?;
-                        Ok(decode(dtype, &host_w, rows * cols))
+                        Ok(host_w)
+                    };
+                    let read = |w: DevicePtr| -> Result<Vec<f64>, String> {
+                        Ok(decode(dtype, &read_raw(w)?, rows * cols))
                     };
                     let (max_diff, tolerance) =
                         agreement(dtype, &w0_dec, &read(check_ours)?, &read(check_base)?);
+                    // The batched merges: bit for bit ours, on fresh copies
+                    // merged `--tensors` at a time.
+                    let batch = args.tensors.min(copies);
+                    let identical = if args.tensors > 1 {
+                        let fresh = (0..batch)
+                            .map(|_| upload_w(&mut mem))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        batched_on(&fresh)?;
+                        let want = read_raw(check_ours)?;
+                        let mut same = true;
+                        for &w in &fresh {
+                            same &= read_raw(w)? == want;
+                        }
+                        same
+                    } else {
+                        true
+                    };
 
                     // One sample: one pass over the pool.
                     let per_w = |t: f64| t / copies as f64;
@@ -1139,9 +1247,18 @@ mod gpu {
                     let mut ours = Vec::new();
                     let mut base = Vec::new();
                     let mut copy = Vec::new();
+                    let mut batched = Vec::new();
                     for i in 0..=args.iters {
                         let to =
                             timer.time(d, s, gate, || pool.iter().try_for_each(|&w| ours_on(w)))?;
+                        if args.tensors > 1 {
+                            let tt = timer.time(d, s, gate, || {
+                                pool.chunks(batch).try_for_each(&batched_on)
+                            })?;
+                            if i > 0 {
+                                batched.push(per_w(tt));
+                            }
+                        }
                         let tb =
                             timer.time(d, s, gate, || pool.iter().try_for_each(|&w| base_on(w)))?;
                         let tc = timer.time(d, s, gate, || {
@@ -1176,6 +1293,11 @@ mod gpu {
                         max_diff,
                         tolerance,
                         agree: max_diff <= tolerance,
+                        batched: (args.tensors > 1).then(|| Batched {
+                            tensors: batch,
+                            seconds: median(batched),
+                            identical,
+                        }),
                     });
                 }
             }

@@ -163,6 +163,9 @@ fn bad_arguments_fail_without_a_panic() {
         &["--adapters", "9"],
         &["--rows", "0"],
         &["--kernel", "tensor-cores"],
+        // --tensors batches GPU launches: not for the CPU rows, never 0.
+        &["--tensors", "4"],
+        &["--tensors", "0"],
     ] {
         let o = Command::new(offload_bin())
             .args(["bench", "merge", "--backend", "host"])
@@ -191,6 +194,8 @@ fn gpu_rows_cover_every_configuration_and_agree_with_cublas() {
         "2",
         "--pool-mib",
         "1",
+        "--tensors",
+        "3",
     ]);
     check_results(
         &doc,
@@ -204,4 +209,12 @@ fn gpu_rows_cover_every_configuration_and_agree_with_cublas() {
         .unwrap()
         .iter()
         .all(|r| r["backend"] == "cuda"));
+    // --tensors 3: every row also merged three copies of W per batched
+    // launch, bit for bit as one launch per copy.
+    for r in doc["results"].as_array().unwrap() {
+        assert_eq!(r["tensors"], 3, "{r}");
+        assert_eq!(r["batched_identical"], true, "{r}");
+        let ms = r["batched_ms"].as_f64().expect("batched_ms");
+        assert!(ms.is_finite() && ms > 0.0, "{r}");
+    }
 }

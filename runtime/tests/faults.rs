@@ -826,9 +826,10 @@ fn device_out_of_memory_is_met_by_evicting_and_retrying() {
 
 /// A merge kernel that fails on the stream: [`FaultKind`] has a kind for a
 /// launch that is refused ([`FaultKind::Launch`], which covers
-/// [`Kernel::Merge`] too) but none for a kernel that was queued and then
-/// failed, so this wrapper of the host device adds one. A merge it fails
-/// leaves its weight filled with [`GARBAGE`] and fails the stream (a host
+/// [`Kernel::Merge`] and [`Kernel::MergeBatch`] too) but none for a kernel
+/// that was queued and then failed, so this wrapper of the host device adds
+/// one. A merge it fails (a batch: every merge of it) leaves its weights
+/// filled with [`GARBAGE`] and fails the stream (a host
 /// function that panics with an [`InjectedFault`] payload), as a copy that
 /// fails on the stream does. It sits under the [`FaultDevice`], so it sees
 /// the merges that the fault device let through.
@@ -1032,22 +1033,25 @@ impl Device for ExtraFaults {
         unsafe { self.inner.copy_d2h_async(dst, src, len, stream) }
     }
     fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<(), Error> {
-        if matches!(kernel, Kernel::Merge { .. }) && self.refuse_merges.load(Ordering::SeqCst) {
+        // A layer's merges come as one MergeBatch: refused or failed whole.
+        let merge = matches!(kernel, Kernel::Merge { .. } | Kernel::MergeBatch { .. });
+        if merge && self.refuse_merges.load(Ordering::SeqCst) {
             return Err(Error::Kernel {
                 kernel: kernel.name(),
                 message: "injected fault: launch failed".into(),
             });
         }
-        if matches!(kernel, Kernel::Merge { .. }) && self.roll() {
-            let (w, len) = kernel.regions()?[0];
-            self.inner.launch(
-                &Kernel::Fill {
-                    dst: w,
-                    len,
-                    value: GARBAGE,
-                },
-                stream,
-            )?;
+        if merge && self.roll() {
+            for (w, op) in kernel.merges() {
+                self.inner.launch(
+                    &Kernel::Fill {
+                        dst: w,
+                        len: op.weight_bytes(),
+                        value: GARBAGE,
+                    },
+                    stream,
+                )?;
+            }
             self.inner.launch_host_fn(
                 stream,
                 Box::new(|| std::panic::panic_any(InjectedFault(FaultKind::Launch))),

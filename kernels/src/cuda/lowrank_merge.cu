@@ -13,8 +13,9 @@
 // bf16 elements, each factor's type independent of the others. Device
 // pointers must be aligned to their element size.
 //
-// Three kernels, each with one entry point per W type (f32, f16, bf16), each
-// taking its parameter block by value and no dynamic shared memory.
+// Three kernels, each with one entry point per W type (f32, f16, bf16) and
+// the two low-rank ones also batched, each taking its parameter block by
+// value and no dynamic shared memory.
 //
 // The two low-rank kernels (Delta = B A, up factor B [rows, rank], down factor
 // A [rank, cols]) are written to stream W: the slice is cut into 32 x 128
@@ -47,6 +48,19 @@
 //    would round it); the scaled sums go through shared memory (reusing the
 //    staging space) to the threads that own W's elements. Two blocks per SM.
 //
+//    Both low-rank kernels also come batched (offload_lowrank_merge_batch_*,
+//    offload_lowrank_merge_mma_batch_*): one launch merges up to
+//    OFFLOAD_BATCH_MAX_JOBS = 16 tensors of one W type ("jobs", each with up
+//    to OFFLOAD_BATCH_MAX_ADAPTERS = 4 adapters; 2504 bytes of parameters),
+//    so a layer's merges cost one launch instead of one per tensor. Job j
+//    owns a contiguous range of the grid's blocks (a prefix sum in the
+//    parameters; the runtime gives each job the blocks a launch of that
+//    tensor alone would have); a block finds its job by a linear scan of
+//    the prefix sum and runs the same body as the one-tensor kernel, with
+//    its index and count within the job in place of blockIdx.x and
+//    gridDim.x. Each element's arithmetic is the one-tensor kernel's, so a
+//    batched merge is bit-identical to the same merges launched one by one.
+//
 // 3. offload_merge_*: every delta the CPU merges, mixed in one launch, on a
 //    grid of (ceil(cols / 64), ceil(rows / 64), 1) blocks of (16, 16, 1)
 //    threads, one 64 x 64 tile per block. Each
@@ -77,6 +91,10 @@
 #include <cuda_bf16.h>
 
 #define OFFLOAD_MAX_ADAPTERS 8
+// The batched low-rank kernels: at most this many tensors ("jobs") per
+// launch, each with at most this many adapters.
+#define OFFLOAD_BATCH_MAX_JOBS 16
+#define OFFLOAD_BATCH_MAX_ADAPTERS 4
 #define OFFLOAD_MERGE_MAX_ADAPTERS 32
 #define OFFLOAD_TILE_ROWS 64
 #define OFFLOAD_TILE_COLS 64
@@ -136,6 +154,29 @@ struct OffloadLowRankMergeParams {
     OffloadLowRankAdapter adapters[OFFLOAD_MAX_ADAPTERS];
 };
 
+// One tensor of a batched launch: OffloadLowRankMergeParams with fewer
+// adapters, so that OFFLOAD_BATCH_MAX_JOBS of them fit the parameter block.
+// Must match offload_kernels::cuda::LowRankJobParams field for field.
+struct OffloadLowRankJob {
+    unsigned long long w;     // W's first element (row 0 of the whole weight)
+    unsigned int rows;        // rows of the delta: the row slice's length
+    unsigned int cols;        // columns of W viewed as a matrix
+    unsigned int row0;        // first row of W the delta applies to
+    unsigned int num_adapters;
+    OffloadLowRankAdapter adapters[OFFLOAD_BATCH_MAX_ADAPTERS];
+};
+
+// The batched low-rank kernels' parameters: job j owns the blocks
+// first_block[j] .. first_block[j + 1] - 1 of the grid (first_block[0] = 0,
+// non-decreasing); blocks from first_block[num_jobs] on merge nothing. The
+// jobs' row slices must not overlap (their blocks run concurrently). Must
+// match offload_kernels::cuda::LowRankBatchParams field for field.
+struct OffloadLowRankBatchParams {
+    unsigned int num_jobs;
+    unsigned int first_block[OFFLOAD_BATCH_MAX_JOBS + 1];
+    OffloadLowRankJob jobs[OFFLOAD_BATCH_MAX_JOBS];
+};
+
 // One matrix T of a delta, read at T[(i / row_div) % row_mod,
 // (j / col_div) % col_mod] for the delta's element [i, j]. Must match
 // offload_kernels::cuda::MergeTermParams field for field.
@@ -173,6 +214,14 @@ static_assert(sizeof(OffloadLowRankAdapter) == 32,
               "layout must match offload_kernels::cuda::LowRankAdapterParams");
 static_assert(sizeof(OffloadLowRankMergeParams) == 24 + 32 * OFFLOAD_MAX_ADAPTERS,
               "layout must match offload_kernels::cuda::LowRankMergeParams");
+static_assert(sizeof(OffloadLowRankJob) == 24 + 32 * OFFLOAD_BATCH_MAX_ADAPTERS,
+              "layout must match offload_kernels::cuda::LowRankJobParams");
+static_assert(sizeof(OffloadLowRankBatchParams) ==
+                  4 * (OFFLOAD_BATCH_MAX_JOBS + 2) + sizeof(OffloadLowRankJob) * OFFLOAD_BATCH_MAX_JOBS,
+              "layout must match offload_kernels::cuda::LowRankBatchParams");
+static_assert(sizeof(OffloadLowRankBatchParams) <= 4096,
+              "a kernel's parameters must fit the 4 KiB every driver takes");
+static_assert(OFFLOAD_BATCH_MAX_ADAPTERS <= OFFLOAD_MAX_ADAPTERS, "a job is a smaller launch");
 static_assert(sizeof(OffloadMergeTerm) == 48,
               "layout must match offload_kernels::cuda::MergeTermParams");
 static_assert(sizeof(OffloadMergeAdapter) == 104,
@@ -416,11 +465,15 @@ __device__ __forceinline__ OffloadWPlace offload_w_nowhere() {
     return pl;
 }
 
-// The tiles of the slice one block of a low-rank kernel merges: the column
-// strip blockIdx.x % tiles_x, and in it the row tiles y, y + step, ... from
-// y = blockIdx.x / tiles_x, with step = gridDim.x / tiles_x. The launcher
-// makes gridDim.x a multiple of tiles_x, at most tiles_x * tiles_y; blocks
-// past the last whole multiple get no tile (so no tile is merged twice).
+// The tiles of the slice one block of a low-rank kernel merges, for the
+// block `block` of the `blocks` that merge this slice (blockIdx.x and
+// gridDim.x for a launch of one tensor; the block's index and count within
+// its job in a batched launch): the column strip block % tiles_x, and in it
+// the row tiles y, y + step, ... from y = block / tiles_x, with
+// step = blocks / tiles_x. The launcher makes `blocks` a multiple of tiles_x,
+// at most tiles_x * tiles_y; blocks past the last whole multiple get no tile
+// (so no tile is merged twice). cols must be positive (no launch or job has
+// an empty row: a guard for it here costs the fp32 FMA kernel registers).
 struct OffloadLrWalk {
     unsigned int tile_col;
     unsigned int y;
@@ -428,14 +481,16 @@ struct OffloadLrWalk {
     unsigned int tiles_y;
 };
 
-__device__ __forceinline__ OffloadLrWalk offload_lr_walk(unsigned int rows, unsigned int cols) {
+__device__ __forceinline__ OffloadLrWalk offload_lr_walk(unsigned int rows, unsigned int cols,
+                                                         unsigned int block,
+                                                         unsigned int blocks) {
     const unsigned int tiles_x = (cols + OFFLOAD_LR_TILE_COLS - 1) / OFFLOAD_LR_TILE_COLS;
     OffloadLrWalk w;
     w.tiles_y = (rows + OFFLOAD_LR_TILE_ROWS - 1) / OFFLOAD_LR_TILE_ROWS;
-    w.tile_col = (blockIdx.x % tiles_x) * OFFLOAD_LR_TILE_COLS;
-    w.y = blockIdx.x / tiles_x;
-    w.step = gridDim.x / tiles_x;
-    if (w.step == 0 || blockIdx.x >= tiles_x * w.step) {
+    w.tile_col = (block % tiles_x) * OFFLOAD_LR_TILE_COLS;
+    w.y = block / tiles_x;
+    w.step = blocks / tiles_x;
+    if (w.step == 0 || block >= tiles_x * w.step) {
         w.step = 1;
         w.y = w.tiles_y;
     }
@@ -635,8 +690,13 @@ struct alignas(16) OffloadLrTiles {
     float b[OFFLOAD_LR_K][OFFLOAD_LR_TILE_ROWS];
 };
 
-template <typename T>
-__device__ __forceinline__ void offload_lowrank_merge(const OffloadLowRankMergeParams& p) {
+// The merge of one slice (P: OffloadLowRankMergeParams, or one
+// OffloadLowRankJob of a batch) by block `block` of the `blocks` that merge
+// it (offload_lr_walk).
+template <typename T, typename P>
+__device__ __forceinline__ void offload_lowrank_merge(const P& p, unsigned int block,
+                                                      unsigned int blocks) {
+    constexpr unsigned int kMaxAdapters = sizeof(P::adapters) / sizeof(OffloadLowRankAdapter);
     __shared__ OffloadLrTiles sh;
     float (*a_s)[OFFLOAD_LR_TILE_COLS] = sh.a;
     float (*b_s)[OFFLOAD_LR_TILE_ROWS] = sh.b;
@@ -644,12 +704,11 @@ __device__ __forceinline__ void offload_lowrank_merge(const OffloadLowRankMergeP
     const unsigned int tid = threadIdx.x;
     const unsigned int tx = tid % 32;
     const unsigned int ty = tid / 32;
-    const OffloadLrWalk walk = offload_lr_walk(p.rows, p.cols);
+    const OffloadLrWalk walk = offload_lr_walk(p.rows, p.cols, block, blocks);
     if (walk.y >= walk.tiles_y) {
         return;  // the whole block: no tile for it (the launcher avoids this)
     }
-    const unsigned int num_adapters =
-        p.num_adapters < OFFLOAD_MAX_ADAPTERS ? p.num_adapters : OFFLOAD_MAX_ADAPTERS;
+    const unsigned int num_adapters = p.num_adapters < kMaxAdapters ? p.num_adapters : kMaxAdapters;
     unsigned long long total_rank = 0;
     for (unsigned int a = 0; a < num_adapters; ++a) {
         total_rank += p.adapters[a].rank;
@@ -728,21 +787,69 @@ __device__ __forceinline__ void offload_lowrank_merge(const OffloadLowRankMergeP
     }
 }
 
+// The job of a batched launch that block `b` belongs to (the last j with
+// first_block[j] <= b), in `job`; false when b is past every job's blocks.
+// A linear scan of at most OFFLOAD_BATCH_MAX_JOBS - 1 values of the
+// parameter block, the same for every thread of a block.
+__device__ __forceinline__ bool offload_batch_job(const OffloadLowRankBatchParams& p,
+                                                  unsigned int b, unsigned int& job) {
+    const unsigned int n = p.num_jobs < OFFLOAD_BATCH_MAX_JOBS ? p.num_jobs : OFFLOAD_BATCH_MAX_JOBS;
+    if (n == 0 || b >= p.first_block[n]) {
+        return false;
+    }
+    unsigned int j = 0;
+#pragma unroll
+    for (unsigned int k = 1; k < OFFLOAD_BATCH_MAX_JOBS; ++k) {
+        if (k < n && b >= p.first_block[k]) {
+            j = k;
+        }
+    }
+    job = j;
+    return true;
+}
+
 // Three blocks per SM (at most 80 registers; ptxas for sm_80 and sm_90
 // spills 12 bytes for 16-bit W, 44 for f32): more of W's reads in flight.
 extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 3)
 offload_lowrank_merge_f32(const OffloadLowRankMergeParams p) {
-    offload_lowrank_merge<float>(p);
+    offload_lowrank_merge<float>(p, blockIdx.x, gridDim.x);
 }
 
 extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 3)
 offload_lowrank_merge_f16(const OffloadLowRankMergeParams p) {
-    offload_lowrank_merge<__half>(p);
+    offload_lowrank_merge<__half>(p, blockIdx.x, gridDim.x);
 }
 
 extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 3)
 offload_lowrank_merge_bf16(const OffloadLowRankMergeParams p) {
-    offload_lowrank_merge<__nv_bfloat16>(p);
+    offload_lowrank_merge<__nv_bfloat16>(p, blockIdx.x, gridDim.x);
+}
+
+// Batched: each block merges its part of its job, as the one-tensor kernel
+// would with the job's blocks as its grid.
+template <typename T>
+__device__ __forceinline__ void offload_lowrank_merge_batch(const OffloadLowRankBatchParams& p) {
+    unsigned int j;
+    if (!offload_batch_job(p, blockIdx.x, j)) {
+        return;  // past the last job's blocks
+    }
+    offload_lowrank_merge<T>(p.jobs[j], blockIdx.x - p.first_block[j],
+                             p.first_block[j + 1] - p.first_block[j]);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 3)
+offload_lowrank_merge_batch_f32(const OffloadLowRankBatchParams p) {
+    offload_lowrank_merge_batch<float>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 3)
+offload_lowrank_merge_batch_f16(const OffloadLowRankBatchParams p) {
+    offload_lowrank_merge_batch<__half>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 3)
+offload_lowrank_merge_batch_bf16(const OffloadLowRankBatchParams p) {
+    offload_lowrank_merge_batch<__nv_bfloat16>(p);
 }
 
 // ---------------------------------------------------------------------------
@@ -803,8 +910,12 @@ union alignas(16) OffloadMmaShared {
     float out[OFFLOAD_LR_TILE_ROWS][OFFLOAD_LR_TILE_COLS + 4];
 };
 
-template <typename T>
-__device__ __forceinline__ void offload_lowrank_merge_mma(const OffloadLowRankMergeParams& p) {
+// The merge of one slice by block `block` of the `blocks` that merge it, as
+// offload_lowrank_merge.
+template <typename T, typename P>
+__device__ __forceinline__ void offload_lowrank_merge_mma(const P& p, unsigned int block,
+                                                          unsigned int blocks) {
+    constexpr unsigned int kMaxAdapters = sizeof(P::adapters) / sizeof(OffloadLowRankAdapter);
     __shared__ OffloadMmaShared sh;
 
     const unsigned int tid = threadIdx.x;
@@ -815,13 +926,12 @@ __device__ __forceinline__ void offload_lowrank_merge_mma(const OffloadLowRankMe
     // The warp's 16 x 32 part of the tile: 2 warps down, 4 across.
     const unsigned int wr = (warp / 4) * 16;
     const unsigned int wc = (warp % 4) * 32;
-    const OffloadLrWalk walk = offload_lr_walk(p.rows, p.cols);
+    const OffloadLrWalk walk = offload_lr_walk(p.rows, p.cols, block, blocks);
     if (walk.y >= walk.tiles_y) {
         return;  // the whole block: no tile for it (the launcher avoids this)
     }
     const unsigned int tile_col = walk.tile_col;
-    const unsigned int num_adapters =
-        p.num_adapters < OFFLOAD_MAX_ADAPTERS ? p.num_adapters : OFFLOAD_MAX_ADAPTERS;
+    const unsigned int num_adapters = p.num_adapters < kMaxAdapters ? p.num_adapters : kMaxAdapters;
 
     // The thread's elements of W (the layout above), read first.
     OffloadWPlace pl = offload_w_place<T>(p.w, p.rows, p.cols, p.row0,
@@ -982,17 +1092,44 @@ __device__ __forceinline__ void offload_lowrank_merge_mma(const OffloadLowRankMe
 // spills 64 to 400 bytes).
 extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 2)
 offload_lowrank_merge_mma_f32(const OffloadLowRankMergeParams p) {
-    offload_lowrank_merge_mma<float>(p);
+    offload_lowrank_merge_mma<float>(p, blockIdx.x, gridDim.x);
 }
 
 extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 2)
 offload_lowrank_merge_mma_f16(const OffloadLowRankMergeParams p) {
-    offload_lowrank_merge_mma<__half>(p);
+    offload_lowrank_merge_mma<__half>(p, blockIdx.x, gridDim.x);
 }
 
 extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 2)
 offload_lowrank_merge_mma_bf16(const OffloadLowRankMergeParams p) {
-    offload_lowrank_merge_mma<__nv_bfloat16>(p);
+    offload_lowrank_merge_mma<__nv_bfloat16>(p, blockIdx.x, gridDim.x);
+}
+
+// Batched, as offload_lowrank_merge_batch.
+template <typename T>
+__device__ __forceinline__ void offload_lowrank_merge_mma_batch(
+    const OffloadLowRankBatchParams& p) {
+    unsigned int j;
+    if (!offload_batch_job(p, blockIdx.x, j)) {
+        return;  // past the last job's blocks
+    }
+    offload_lowrank_merge_mma<T>(p.jobs[j], blockIdx.x - p.first_block[j],
+                                 p.first_block[j + 1] - p.first_block[j]);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 2)
+offload_lowrank_merge_mma_batch_f32(const OffloadLowRankBatchParams p) {
+    offload_lowrank_merge_mma_batch<float>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 2)
+offload_lowrank_merge_mma_batch_f16(const OffloadLowRankBatchParams p) {
+    offload_lowrank_merge_mma_batch<__half>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 2)
+offload_lowrank_merge_mma_batch_bf16(const OffloadLowRankBatchParams p) {
+    offload_lowrank_merge_mma_batch<__nv_bfloat16>(p);
 }
 
 // ---------------------------------------------------------------------------

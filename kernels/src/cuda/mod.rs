@@ -4,7 +4,8 @@
 //! This module does not talk to CUDA (it does not depend on cudarc): it
 //! holds the source text, the entry-point names, and the `#[repr(C)]`
 //! parameter blocks the kernels take by value ([`LowRankMergeParams`],
-//! [`MergeParams`]), so the runtime can compile, launch and check them.
+//! [`LowRankBatchParams`], [`MergeParams`]), so the runtime can compile,
+//! launch and check them.
 //!
 //! Three kernels, each with an entry point per weight dtype (the source's
 //! header comment describes them in detail):
@@ -19,6 +20,18 @@
 //!   in fp32), on compute capability ≥ [`MMA_MIN_COMPUTE_CAPABILITY`]. Each
 //!   adapter's product is scaled in fp32 after the product
 //!   ([`LowRankMergeParams::tensor_cores`] says when to take it).
+//! - **batched low-rank**, both of the above ([`lowrank_merge_batch_entry`],
+//!   [`lowrank_merge_mma_batch_entry`], [`LowRankBatchParams`]): one launch
+//!   merges up to [`BATCH_MAX_JOBS`] tensors ("jobs") of one W dtype, each
+//!   with up to [`BATCH_MAX_ADAPTERS`] adapters (2504 bytes of parameters).
+//!   Job `j` owns a contiguous range of the grid's blocks (a prefix sum in
+//!   the parameters, [`LowRankBatchParams::push`]); a block finds its job by
+//!   a linear scan and runs the one-tensor kernel's body with its index and
+//!   count within the job, so every element is computed as in a launch of
+//!   that tensor alone, bit for bit. The runtime gives each job the blocks
+//!   that launch would have ([`LowRankMergeParams::launch_dims`]). It
+//!   replaces one small launch per tensor (launch latency, ramp-up and tail
+//!   each time) by one per layer.
 //! - **general** ([`merge_entry`], [`MergeParams`]): every delta the CPU
 //!   merges — low-rank, LoHa, LoKr with each side whole or low-rank — mixed,
 //!   up to [`MERGE_MAX_ADAPTERS`] in one launch. Each delta is one matrix
@@ -31,7 +44,10 @@
 //!
 //! **Status: run on an NVIDIA H200 (2026-11-27)**, where every kernel
 //! matched the CPU merge and an f64 reference (the runtime's `gpu_merge_*`
-//! tests); figures in docs/benchmarks.md. The source includes only
+//! tests); figures in docs/benchmarks.md. **The batched kernels have never
+//! run on a GPU**: they are checked by NVRTC (they compile) and by the CPU
+//! emulation below; the runtime's `gpu_merge_lowrank_batch_*` tests (bit
+//! for bit against one launch per tensor) wait for a GPU. The source includes only
 //! `cuda_fp16.h` and `cuda_bf16.h`, and uses only their types and scalar
 //! conversions (the tensor-core instruction is inline PTX). NVRTC 13.0 does
 //! not bundle those headers, so the runtime gives NVRTC its own minimal
@@ -41,7 +57,10 @@
 //! test needs libnvrtc but no GPU). `--ptxas-options=-v` for sm_80 and sm_90:
 //! no spills in the tensor-core and general kernels; the fp32 FMA low-rank
 //! kernel, held to 80 registers for three blocks per SM, spills 12 bytes
-//! (16-bit W) or 44 bytes (f32 W).
+//! (16-bit W) or 44 bytes (f32 W). The batched kernels (NVRTC 13.0.88, sm_80
+//! and sm_90): fp32 FMA 80 registers, 12 bytes of spills for 16-bit W and 44
+//! for f32; tensor cores 120 registers for 16-bit W and 128 for f32, no
+//! spills.
 //!
 //! What has been checked besides: g++ compiles the source against stand-in
 //! headers and runs it on the CPU (one OS thread per CUDA thread, a barrier
@@ -49,7 +68,12 @@
 //! fragment layout), and every element of random low-rank, LoHa and LoKr
 //! merges from all three kernels matches the f64 reference within the CPU
 //! tests' tolerance (`tests/cuda_emulation.rs`, ignored by default; grids of
-//! one to many blocks per column strip, and blocks that must merge nothing).
+//! one to many blocks per column strip, and blocks that must merge nothing);
+//! so does every tensor of batched launches of 2 to 16 tensors of different
+//! shapes and row slices, each with its own block count (blocks past a
+//! job's whole strips and past the last job included), and mutants of the
+//! batched kernels' job lookup, in-job block index and in-job block count
+//! fail it.
 //! That emulation checks the kernels against our reading of the fragment
 //! layout, not against the hardware: the runtime's GPU tests (`gpu_merge_*`)
 //! do that on a GPU (`scripts/gpu-check`), and report the tensor cores'
@@ -61,9 +85,10 @@ use crate::dtype::Dtype;
 use crate::error::KernelError;
 use crate::merge::{Delta, Factor, KronFactor, MergeSpec};
 
-/// CUDA C source of the merge kernels (one translation unit, nine
+/// CUDA C source of the merge kernels (one translation unit, fifteen
 /// `extern "C"` entry points; see [`lowrank_merge_entry`],
-/// [`lowrank_merge_mma_entry`] and [`merge_entry`]).
+/// [`lowrank_merge_mma_entry`], [`lowrank_merge_batch_entry`],
+/// [`lowrank_merge_mma_batch_entry`] and [`merge_entry`]).
 pub const LOWRANK_MERGE_SRC: &str = include_str!("lowrank_merge.cu");
 
 /// Entry point for f32 weights.
@@ -99,6 +124,40 @@ pub const fn lowrank_merge_mma_entry(dtype: Dtype) -> &'static str {
     }
 }
 
+/// Batched fp32 FMA entry point for f32 weights.
+pub const LOWRANK_MERGE_BATCH_F32: &str = "offload_lowrank_merge_batch_f32";
+/// Batched fp32 FMA entry point for f16 weights.
+pub const LOWRANK_MERGE_BATCH_F16: &str = "offload_lowrank_merge_batch_f16";
+/// Batched fp32 FMA entry point for bf16 weights.
+pub const LOWRANK_MERGE_BATCH_BF16: &str = "offload_lowrank_merge_batch_bf16";
+
+/// The batched fp32 FMA entry point that merges into weights of `dtype`
+/// ([`LowRankBatchParams`], block [`LOWRANK_BLOCK_DIM`]).
+pub const fn lowrank_merge_batch_entry(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => LOWRANK_MERGE_BATCH_F32,
+        Dtype::F16 => LOWRANK_MERGE_BATCH_F16,
+        Dtype::BF16 => LOWRANK_MERGE_BATCH_BF16,
+    }
+}
+
+/// Batched tensor-core entry point for f32 weights.
+pub const LOWRANK_MERGE_MMA_BATCH_F32: &str = "offload_lowrank_merge_mma_batch_f32";
+/// Batched tensor-core entry point for f16 weights.
+pub const LOWRANK_MERGE_MMA_BATCH_F16: &str = "offload_lowrank_merge_mma_batch_f16";
+/// Batched tensor-core entry point for bf16 weights.
+pub const LOWRANK_MERGE_MMA_BATCH_BF16: &str = "offload_lowrank_merge_mma_batch_bf16";
+
+/// The batched tensor-core entry point that merges into weights of `dtype`
+/// ([`LowRankBatchParams`], block [`MMA_BLOCK_DIM`]).
+pub const fn lowrank_merge_mma_batch_entry(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => LOWRANK_MERGE_MMA_BATCH_F32,
+        Dtype::F16 => LOWRANK_MERGE_MMA_BATCH_F16,
+        Dtype::BF16 => LOWRANK_MERGE_MMA_BATCH_BF16,
+    }
+}
+
 /// General entry point (every delta kind) for f32 weights.
 pub const MERGE_F32: &str = "offload_merge_f32";
 /// General entry point for f16 weights.
@@ -119,6 +178,14 @@ pub const fn merge_entry(dtype: Dtype) -> &'static str {
 /// Most adapters one low-rank launch merges (`OFFLOAD_MAX_ADAPTERS` in the
 /// source).
 pub const MAX_ADAPTERS: usize = 8;
+/// Most tensors ("jobs") one batched low-rank launch merges
+/// (`OFFLOAD_BATCH_MAX_JOBS`; see [`LowRankBatchParams`]).
+pub const BATCH_MAX_JOBS: usize = 16;
+/// Most adapters of one job of a batched low-rank launch
+/// (`OFFLOAD_BATCH_MAX_ADAPTERS`): with 4, [`BATCH_MAX_JOBS`] jobs take
+/// 2504 bytes of parameters, under the 4 KiB every driver takes. Tensors
+/// with more adapters are merged by a launch of their own.
+pub const BATCH_MAX_ADAPTERS: usize = 4;
 /// Most adapters one launch of the general kernel merges
 /// (`OFFLOAD_MERGE_MAX_ADAPTERS`; its parameter block, 3352 bytes, stays
 /// under the 4 KiB every driver takes).
@@ -213,6 +280,133 @@ const _: () = {
     assert!(offset_of!(LowRankMergeParams, num_adapters) == 20);
     assert!(offset_of!(LowRankMergeParams, adapters) == 24);
 };
+
+/// One tensor of a batched low-rank launch; mirrors `OffloadLowRankJob`:
+/// [`LowRankMergeParams`] with at most [`BATCH_MAX_ADAPTERS`] adapters.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LowRankJobParams {
+    /// Device address of W's first element (row 0 of the whole weight).
+    pub w: u64,
+    /// Rows of the delta (the row slice's length).
+    pub rows: u32,
+    /// Columns of W viewed as a matrix.
+    pub cols: u32,
+    /// First row of W the delta applies to.
+    pub row0: u32,
+    /// Adapters in use, at most [`BATCH_MAX_ADAPTERS`].
+    pub num_adapters: u32,
+    /// The adapters; entries past `num_adapters` are ignored.
+    pub adapters: [LowRankAdapterParams; BATCH_MAX_ADAPTERS],
+}
+
+impl LowRankJobParams {
+    /// The job that merges what `params` (one tensor's launch) merges, or
+    /// `None` when it has more than [`BATCH_MAX_ADAPTERS`] adapters.
+    pub fn from_params(params: &LowRankMergeParams) -> Option<LowRankJobParams> {
+        let n = params.num_adapters as usize;
+        if n > BATCH_MAX_ADAPTERS {
+            return None;
+        }
+        let mut adapters = [LowRankAdapterParams::default(); BATCH_MAX_ADAPTERS];
+        adapters[..n].copy_from_slice(&params.adapters[..n]);
+        Some(LowRankJobParams {
+            w: params.w,
+            rows: params.rows,
+            cols: params.cols,
+            row0: params.row0,
+            num_adapters: params.num_adapters,
+            adapters,
+        })
+    }
+}
+
+/// The batched low-rank kernels' only argument, passed by value; mirrors
+/// `OffloadLowRankBatchParams` (2504 bytes). Job `j` owns blocks
+/// `first_block[j] .. first_block[j + 1]` of the one-dimensional grid; each
+/// of its blocks merges what the block of the same index would in a launch
+/// of that tensor alone on a grid of the job's block count, so the result
+/// is bit-identical to one launch per tensor. The jobs' row slices must not
+/// overlap each other's (their blocks run concurrently), nor any job's
+/// factors. Build it with [`LowRankBatchParams::push`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LowRankBatchParams {
+    /// Jobs in use, at most [`BATCH_MAX_JOBS`].
+    pub num_jobs: u32,
+    /// Prefix sum of the jobs' block counts: `first_block[0] = 0`,
+    /// `first_block[j + 1] = first_block[j] + blocks of job j`; entries past
+    /// `num_jobs` unused.
+    pub first_block: [u32; BATCH_MAX_JOBS + 1],
+    /// The jobs; entries past `num_jobs` are ignored.
+    pub jobs: [LowRankJobParams; BATCH_MAX_JOBS],
+}
+
+const _: () = {
+    assert!(size_of::<LowRankJobParams>() == 24 + 32 * BATCH_MAX_ADAPTERS);
+    assert!(offset_of!(LowRankJobParams, w) == 0);
+    assert!(offset_of!(LowRankJobParams, rows) == 8);
+    assert!(offset_of!(LowRankJobParams, cols) == 12);
+    assert!(offset_of!(LowRankJobParams, row0) == 16);
+    assert!(offset_of!(LowRankJobParams, num_adapters) == 20);
+    assert!(offset_of!(LowRankJobParams, adapters) == 24);
+    assert!(offset_of!(LowRankBatchParams, num_jobs) == 0);
+    assert!(offset_of!(LowRankBatchParams, first_block) == 4);
+    assert!(offset_of!(LowRankBatchParams, jobs) == 4 * (BATCH_MAX_JOBS + 2));
+    assert!(
+        size_of::<LowRankBatchParams>()
+            == 4 * (BATCH_MAX_JOBS + 2) + size_of::<LowRankJobParams>() * BATCH_MAX_JOBS
+    );
+    assert!(size_of::<LowRankBatchParams>() == 2504);
+    // Kernel parameters are limited to 4 KiB on every driver.
+    assert!(size_of::<LowRankBatchParams>() <= 4096);
+    assert!(BATCH_MAX_ADAPTERS <= MAX_ADAPTERS);
+};
+
+impl LowRankBatchParams {
+    /// Jobs in the batch.
+    pub fn len(&self) -> usize {
+        self.num_jobs as usize
+    }
+
+    /// Whether the batch has no job (nothing to launch).
+    pub fn is_empty(&self) -> bool {
+        self.num_jobs == 0
+    }
+
+    /// Blocks of the whole batch (the grid's size).
+    pub fn blocks(&self) -> u32 {
+        self.first_block[self.len().min(BATCH_MAX_JOBS)]
+    }
+
+    /// Adds `job` with `blocks` blocks of its own; for the result of one
+    /// launch per tensor, `blocks` is the grid that launch would have
+    /// ([`LowRankMergeParams::launch_dims`] for the fp32 FMA kernel,
+    /// [`LowRankMergeParams::mma_launch_dims`] for the tensor cores: as
+    /// many blocks as fill the GPU, at most one per tile). Returns `false`,
+    /// and leaves the batch as it was, when the batch is full
+    /// ([`BATCH_MAX_JOBS`]), `blocks` is 0, the job has no column (the
+    /// kernels' walk divides by the number of column strips), or the grid
+    /// would pass `i32::MAX` blocks.
+    pub fn push(&mut self, job: LowRankJobParams, blocks: u32) -> bool {
+        let n = self.len();
+        let total = u64::from(self.blocks()) + u64::from(blocks);
+        if n >= BATCH_MAX_JOBS || blocks == 0 || job.cols == 0 || total > i32::MAX as u64 {
+            return false;
+        }
+        self.jobs[n] = job;
+        self.first_block[n + 1] = total as u32;
+        self.num_jobs += 1;
+        true
+    }
+
+    /// Grid and block dimensions for a launch of either batched kernel
+    /// ([`lowrank_merge_batch_entry`], [`lowrank_merge_mma_batch_entry`]):
+    /// one block per block of every job.
+    pub fn launch_dims(&self) -> LaunchDims {
+        ((self.blocks(), 1, 1), LOWRANK_BLOCK_DIM)
+    }
+}
 
 /// Launch dimensions: `(grid, block)`, each `(x, y, z)`.
 pub type LaunchDims = ((u32, u32, u32), (u32, u32, u32));
@@ -609,9 +803,24 @@ mod tests {
                     "{entry}"
                 );
             }
+            // The batched entry points: the same launch bounds as their
+            // one-tensor kernels, the batch parameters.
+            for (entry, per_sm) in [
+                (lowrank_merge_batch_entry(dtype), LOWRANK_BLOCKS_PER_SM),
+                (lowrank_merge_mma_batch_entry(dtype), MMA_BLOCKS_PER_SM),
+            ] {
+                assert!(
+                    LOWRANK_MERGE_SRC.contains(&format!(
+                        "extern \"C\" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, {per_sm})\n{entry}(const OffloadLowRankBatchParams p)"
+                    )),
+                    "{entry}"
+                );
+            }
         }
         let defines = [
             ("OFFLOAD_MAX_ADAPTERS", MAX_ADAPTERS as u32),
+            ("OFFLOAD_BATCH_MAX_JOBS", BATCH_MAX_JOBS as u32),
+            ("OFFLOAD_BATCH_MAX_ADAPTERS", BATCH_MAX_ADAPTERS as u32),
             ("OFFLOAD_MERGE_MAX_ADAPTERS", MERGE_MAX_ADAPTERS as u32),
             ("OFFLOAD_TILE_ROWS", TILE_ROWS),
             ("OFFLOAD_TILE_COLS", TILE_COLS),
@@ -697,6 +906,50 @@ mod tests {
         ));
         // Mixed factor dtypes and rank 4: not for the tensor cores.
         assert!(!p.tensor_cores());
+    }
+
+    #[test]
+    fn batch_params_hold_jobs_and_their_blocks() {
+        use Dtype::{F16, F32};
+        let one = lowrank_params(&[(8, F16, F32), (40, F16, F16)]);
+        let job = LowRankJobParams::from_params(&one).unwrap();
+        assert_eq!(
+            (job.w, job.rows, job.cols, job.row0, job.num_adapters),
+            (one.w, one.rows, one.cols, one.row0, 2)
+        );
+        assert_eq!(job.adapters[..2], one.adapters[..2]);
+        assert_eq!(job.adapters[2..], [LowRankAdapterParams::default(); 2]);
+        // More adapters than a job holds: a launch of its own.
+        let five = lowrank_params(&[(4, F16, F16); BATCH_MAX_ADAPTERS + 1]);
+        assert!(LowRankJobParams::from_params(&five).is_none());
+        let four = lowrank_params(&[(4, F16, F16); BATCH_MAX_ADAPTERS]);
+        assert!(LowRankJobParams::from_params(&four).is_some());
+
+        let mut b = LowRankBatchParams::default();
+        assert!(b.is_empty());
+        assert_eq!(b.blocks(), 0);
+        assert!(b.push(job, 3));
+        assert!(!b.push(job, 0), "a job needs a block");
+        let no_cols = LowRankJobParams { cols: 0, ..job };
+        assert!(!b.push(no_cols, 1), "a job needs a column");
+        assert!(b.push(job, 7));
+        assert_eq!((b.len(), b.blocks()), (2, 10));
+        assert_eq!(b.first_block[..3], [0, 3, 10]);
+        assert_eq!(b.launch_dims(), ((10, 1, 1), (256, 1, 1)));
+        for _ in 2..BATCH_MAX_JOBS {
+            assert!(b.push(job, 1));
+        }
+        let full = b;
+        assert!(!b.push(job, 1), "full");
+        assert_eq!(b, full, "a refused push changes nothing");
+        assert_eq!(b.blocks(), 10 + (BATCH_MAX_JOBS as u32 - 2));
+        // The grid stays within i32::MAX blocks.
+        let mut big = LowRankBatchParams::default();
+        assert!(big.push(job, i32::MAX as u32 - 1));
+        assert!(!big.push(job, 2));
+        assert!(big.push(job, 1));
+        assert_eq!(big.blocks(), i32::MAX as u32);
+        assert_eq!(bytemuck::bytes_of(&b).len(), 2504);
     }
 
     fn lowrank_params(adapters: &[(usize, Dtype, Dtype)]) -> LowRankMergeParams {

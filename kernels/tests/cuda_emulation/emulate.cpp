@@ -6,7 +6,8 @@
 //   bound = |W| + sum |s| |Delta| (each product of factors taken in absolute
 //   values), never NaN; rows outside the slice bit-identical.
 //
-// Three groups of random cases (usage: emulate [cases], default 20):
+// Five groups of random cases (usage: emulate [cases] [all|batch], default
+// 20 all; "batch" runs the two batched groups only):
 //   lowrank: the fp32 FMA low-rank kernel; 1 to 4 adapters, ranks 1 to 70,
 //            every dtype for W and each factor.
 //   mma:     the tensor-core low-rank kernel; both factors of an adapter f16
@@ -17,6 +18,13 @@
 //            launch, 1 to 6 adapters (one case with the most a launch takes),
 //            random factor dtypes, LoKr shapes from random divisors of the
 //            slice's rows and columns. Twice as many cases as the others.
+//   batch, batch-mma: the batched low-rank kernels (fp32 FMA, tensor cores);
+//            2 to 6 tensors ("jobs") per launch of different shapes and row
+//            slices, 1 to 4 adapters each (one case with the most jobs a
+//            launch takes, one job with the most adapters), each job its own
+//            number of blocks (from one per column strip to one per tile,
+//            sometimes not a whole number per strip), and sometimes blocks
+//            past the last job. Half as many cases as lowrank (at least 2).
 // Every group uses random row slices (and the whole weight every third case).
 // Exit status 0 when every element of every case passes; the last line is
 // "all: N cases, F failures".
@@ -224,9 +232,10 @@ struct Weight {
     std::vector<double> exact, bound;  // over the slice, n x cols
 };
 
-static Weight rand_weight(unsigned out, unsigned cols, unsigned r0, unsigned n) {
+// A random weight, of dtype `dt` (a random one when dt is 3 or more).
+static Weight rand_weight(unsigned out, unsigned cols, unsigned r0, unsigned n, unsigned dt = 3) {
     Weight W;
-    W.dt = rng() % 3;
+    W.dt = dt < 3 ? dt : rng() % 3;
     W.out = out;
     W.cols = cols;
     W.r0 = r0;
@@ -373,6 +382,101 @@ static long lowrank_cases(int cases, bool mma) {
     return failures;
 }
 
+// Batched cases for the batched kernels (mma: the tensor-core one). Every
+// job's W is its own buffer; each is checked like a one-tensor case.
+static long batch_cases(int cases, bool mma) {
+    const char* group = mma ? "batch-mma" : "batch";
+    long failures = 0, elements = 0, jobs_total = 0, blocks_total = 0, idle_total = 0;
+    for (int c = 0; c < cases; ++c) {
+        // The first case: the most jobs a launch takes, small ones.
+        const bool full = c == 0;
+        const unsigned num_jobs = full ? OFFLOAD_BATCH_MAX_JOBS : 2 + rng() % 5;
+        OffloadLowRankBatchParams p{};
+        p.num_jobs = num_jobs;
+        std::vector<Weight> ws;
+        ws.reserve(num_jobs);
+        std::vector<Mat> store;
+        store.reserve(2 * OFFLOAD_BATCH_MAX_ADAPTERS * num_jobs);
+        unsigned next_block = 0;
+        const unsigned wdt = rng() % 3;  // one W dtype per launch
+        for (unsigned j = 0; j < num_jobs; ++j) {
+            unsigned out, r0, n, cols;
+            rand_slice(c + (int)j, full ? 40 : 110, out, r0, n);
+            cols = 1 + rng() % (full ? 140 : 300);
+            // The first job of every case: three tiles down a row slice, one
+            // block per column strip (each walks its strip), the most
+            // adapters a job takes. The second: three column strips and four
+            // tiles down, a block per tile (more blocks than most jobs).
+            if (j == 0) {
+                out = 75;
+                r0 = 5;
+                n = 65 + rng() % 5;
+            }
+            if (j == 1) {
+                out = 130;
+                r0 = 2;
+                n = 120;
+                cols = 300 + rng() % 60;
+            }
+            ws.push_back(rand_weight(out, cols, r0, n, wdt));
+            Weight& W = ws.back();
+            OffloadLowRankJob& job = p.jobs[j];
+            job.w = (unsigned long long)W.w.data();
+            job.rows = n;
+            job.cols = cols;
+            job.row0 = r0;
+            job.num_adapters = j == 0 ? OFFLOAD_BATCH_MAX_ADAPTERS : 1 + rng() % OFFLOAD_BATCH_MAX_ADAPTERS;
+            for (unsigned a = 0; a < job.num_adapters; ++a) {
+                // Small ranks in every third job (A kept across tiles).
+                const unsigned rank = j % 3 == 2 ? 1 + rng() % 8 : 1 + rng() % (mma ? 100 : 70);
+                const unsigned udt = mma ? 1 + rng() % 2 : rng() % 3;
+                const unsigned ddt = mma ? udt : rng() % 3;
+                store.push_back(rand_mat(n, rank, udt));
+                const Mat& up = store.back();
+                store.push_back(rand_mat(rank, cols, ddt));
+                const Mat& down = store.back();
+                const float scale = 2 * uniform(rng);
+                job.adapters[a] = {up.addr(), down.addr(), rank, udt, ddt, scale};
+                std::vector<double> d, da;
+                matmul(up, down, d, da);
+                add_delta(W, scale, d, da);
+            }
+            // The job's blocks: a whole number per column strip (one, a few,
+            // or one per tile), and in some jobs a few more than a whole
+            // number, which must merge nothing.
+            const unsigned tiles_x = (cols + OFFLOAD_LR_TILE_COLS - 1) / OFFLOAD_LR_TILE_COLS;
+            const unsigned tiles_y = (n + OFFLOAD_LR_TILE_ROWS - 1) / OFFLOAD_LR_TILE_ROWS;
+            const unsigned pick_per = j == 0 ? 0 : j == 1 ? 1000 : rng() % 3;
+            unsigned per_strip = pick_per == 0 ? 1 : (pick_per == 1 ? 1 + rng() % 3 : 1000);
+            per_strip = std::max(1u, std::min(per_strip, tiles_y));
+            const unsigned extra = tiles_x > 1 && (j == 0 || rng() % 3 == 0) ? 1 + rng() % (tiles_x - 1) : 0;
+            p.first_block[j] = next_block;
+            next_block += tiles_x * per_strip + extra;
+            idle_total += extra;
+            elements += (long)n * cols;
+        }
+        p.first_block[num_jobs] = next_block;
+        // Blocks past the last job's, which must merge nothing.
+        const unsigned after = c % 2 == 1 ? 1 + rng() % 3 : 0;
+        idle_total += after;
+        if (mma) {
+            launch_grid(pick(wdt, offload_lowrank_merge_mma_batch_f32, offload_lowrank_merge_mma_batch_f16,
+                             offload_lowrank_merge_mma_batch_bf16),
+                        p, OFFLOAD_LR_THREADS, 1, next_block + after, 1);
+        } else {
+            launch_grid(pick(wdt, offload_lowrank_merge_batch_f32, offload_lowrank_merge_batch_f16,
+                             offload_lowrank_merge_batch_bf16),
+                        p, OFFLOAD_LR_THREADS, 1, next_block + after, 1);
+        }
+        for (const Weight& W : ws) failures += check(group, c, W);
+        jobs_total += num_jobs;
+        blocks_total += next_block + after;
+    }
+    std::printf("%s: %d cases, %ld jobs, %ld blocks (%ld with no tile), %ld elements, %ld failures\n", group,
+                cases, jobs_total, blocks_total, idle_total, elements, failures);
+    return failures;
+}
+
 static unsigned rand_divisor(unsigned x) {
     std::vector<unsigned> ds;
     for (unsigned d = 1; d <= x; ++d)
@@ -499,13 +603,22 @@ static long general_cases(int cases) {
 
 int main(int argc, char** argv) {
     const int cases = argc > 1 ? std::atoi(argv[1]) : 20;
+    const bool batch_only = argc > 2 && std::strcmp(argv[2], "batch") == 0;
+    const int batch = std::max(2, cases / 2);
     long failures = 0;
-    failures += lowrank_cases(cases, false);
-    failures += lowrank_cases(cases, true);
-    long mmas = 0;
-    for (long m : emu_mma_count) mmas += m;
-    std::printf("mma: %ld warp-wide mma.m16n8k16 emulated\n", mmas);
-    failures += general_cases(2 * cases);
-    std::printf("all: %d cases, %ld failures\n", 4 * cases, failures);
+    int total = 0;
+    if (!batch_only) {
+        failures += lowrank_cases(cases, false);
+        failures += lowrank_cases(cases, true);
+        long mmas = 0;
+        for (long m : emu_mma_count) mmas += m;
+        std::printf("mma: %ld warp-wide mma.m16n8k16 emulated\n", mmas);
+        failures += general_cases(2 * cases);
+        total += 4 * cases;
+    }
+    failures += batch_cases(batch, false);
+    failures += batch_cases(batch, true);
+    total += 2 * batch;
+    std::printf("all: %d cases, %ld failures\n", total, failures);
     return failures == 0 ? 0 : 1;
 }

@@ -762,6 +762,56 @@ mod tests {
     }
 
     #[test]
+    fn a_merge_batch_is_one_launch() {
+        use crate::device::{MergeAdapter, MergeDelta, MergeFactor, MergeOp};
+        use offload_kernels::Dtype;
+        let dev = FaultDevice::new(host(), rates(FaultKind::Launch, 1.0));
+        let range = one_page(&dev);
+        let s = dev.create_stream().unwrap();
+        let factor = |at: usize, rows, cols| MergeFactor {
+            ptr: range.base.offset(at),
+            host: vec![0u8; rows * cols * 4].into(),
+            dtype: Dtype::F32,
+            rows,
+            cols,
+        };
+        let op = |f: usize| {
+            Arc::new(MergeOp {
+                dtype: Dtype::F32,
+                shape: vec![4, 4],
+                rows: None,
+                adapters: vec![MergeAdapter {
+                    scale: 1.0,
+                    delta: MergeDelta::LowRank {
+                        up: factor(f, 4, 1),
+                        down: factor(f + 16, 1, 4),
+                    },
+                }],
+            })
+        };
+        let batch = Kernel::MergeBatch {
+            base: range.base,
+            ops: vec![(0, op(1024)), (64, op(2048)), (128, op(3072))].into(),
+        };
+        let r = dev.launch(&batch, s);
+        assert!(
+            matches!(
+                &r,
+                Err(Error::Kernel {
+                    kernel: "merge batch",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        assert_eq!(dev.counts().launch, 1, "one decision for the whole batch");
+        dev.set_rate(FaultKind::Launch, 0.0);
+        dev.launch(&batch, s).unwrap();
+        dev.stream_synchronize(s).unwrap();
+        assert_eq!(dev.counts().total(), 1);
+    }
+
+    #[test]
     fn a_copy_failing_on_the_stream_leaves_garbage_and_fails_the_stream_once() {
         silence_injected_panics();
         let dev = FaultDevice::new(host(), rates(FaultKind::CopyStream, 1.0));

@@ -31,8 +31,8 @@ use dashmap::DashMap;
 use rustix::mm::{MapFlags, ProtFlags};
 
 use super::{
-    BackendKind, Device, DeviceInfo, DevicePtr, EventId, HostFn, Kernel, MemoryInfo, PhysPage,
-    PinnedBuffer, StreamId, VirtualRange,
+    BackendKind, Device, DeviceInfo, DevicePtr, EventId, HostFn, Kernel, MemoryInfo, MergeOp,
+    PhysPage, PinnedBuffer, StreamId, VirtualRange,
 };
 use crate::error::{Error, Result};
 
@@ -410,45 +410,56 @@ impl Shared {
                 offload_kernels::matmul_xwt(xs, tokens, ws, w_dtype, n, k, ys, None)
                     .map_err(|e| e.to_string())
             }
-            Kernel::Merge { w, ref op } => {
-                let regions = kernel.regions().map_err(|e| e.to_string())?;
-                let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
-                for &(addr, len) in &regions {
-                    Self::check_mapped(&ranges, self.page_size, addr.0, len)?;
+            Kernel::Merge { w, ref op } => self.run_merge(w, op),
+            Kernel::MergeBatch { .. } => {
+                // Every op runs, as one Kernel::Merge each would; the first
+                // failure is reported, naming its op.
+                let merges = kernel.merges();
+                let mut first = Ok(());
+                for (i, &(w, op)) in merges.iter().enumerate() {
+                    if let Err(e) = self.run_merge(w, op) {
+                        if first.is_ok() {
+                            first = Err(format!("{}: {e}", op.batch_context(i, merges.len(), w)));
+                        }
+                    }
                 }
-                let wl = regions[0].1;
-                let overlap =
-                    |a: u64, al: usize, b: u64, bl: usize| a < b + bl as u64 && b < a + al as u64;
-                if regions[1..]
-                    .iter()
-                    .any(|&(f, fl)| overlap(w.0, wl, f.0, fl))
-                {
-                    return Err("a factor overlaps the weight".into());
-                }
-                let adapters = op.adapters_with(&mut |f| {
-                    // SAFETY: every factor's range is mapped (checked above)
-                    // and stays mapped while we hold the read lock, which
-                    // outlives these slices (they die with `adapters` at the
-                    // end of this arm); none overlaps the weight, the only
-                    // bytes written, and by the Device contract no other
-                    // stream writes them meanwhile.
-                    unsafe { std::slice::from_raw_parts(f.ptr.0 as *const u8, f.bytes()) }
-                });
-                let spec = offload_kernels::MergeSpec::new(
-                    op.dtype,
-                    &op.shape,
-                    op.rows.clone(),
-                    &adapters,
-                )
-                .map_err(|e| e.to_string())?;
-                // SAFETY: the weight's range is mapped read-write (checked
-                // above) and stays mapped while we hold the read lock; no
-                // factor slice overlaps it, and by the Device contract no
-                // other stream touches it meanwhile.
-                let ws = unsafe { std::slice::from_raw_parts_mut(w.0 as *mut u8, wl) };
-                offload_kernels::merge_cpu(ws, &spec, None).map_err(|e| e.to_string())
+                first
             }
         }
+    }
+
+    /// [`Kernel::Merge`] of `op` into the weight at `w`, with
+    /// [`offload_kernels::merge_cpu`].
+    fn run_merge(&self, w: DevicePtr, op: &MergeOp) -> std::result::Result<(), String> {
+        let wl = op.weight_bytes();
+        if wl == usize::MAX {
+            return Err("operand size overflows".into());
+        }
+        let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
+        Self::check_mapped(&ranges, self.page_size, w.0, wl)?;
+        for f in op.factors() {
+            Self::check_mapped(&ranges, self.page_size, f.ptr.0, f.bytes())?;
+        }
+        let overlap = |a: u64, al: usize, b: u64, bl: usize| a < b + bl as u64 && b < a + al as u64;
+        if op.factors().any(|f| overlap(w.0, wl, f.ptr.0, f.bytes())) {
+            return Err("a factor overlaps the weight".into());
+        }
+        let adapters = op.adapters_with(&mut |f| {
+            // SAFETY: every factor's range is mapped (checked above) and
+            // stays mapped while we hold the read lock, which outlives these
+            // slices (they die with `adapters` at the end of this function);
+            // none overlaps the weight, the only bytes written, and by the
+            // Device contract no other stream writes them meanwhile.
+            unsafe { std::slice::from_raw_parts(f.ptr.0 as *const u8, f.bytes()) }
+        });
+        let spec = offload_kernels::MergeSpec::new(op.dtype, &op.shape, op.rows.clone(), &adapters)
+            .map_err(|e| e.to_string())?;
+        // SAFETY: the weight's range is mapped read-write (checked above)
+        // and stays mapped while we hold the read lock; no factor slice
+        // overlaps it, and by the Device contract no other stream touches
+        // it meanwhile.
+        let ws = unsafe { std::slice::from_raw_parts_mut(w.0 as *mut u8, wl) };
+        offload_kernels::merge_cpu(ws, &spec, None).map_err(|e| e.to_string())
     }
 }
 
@@ -1623,6 +1634,120 @@ mod tests {
             dev.event_query(EventId(9999)),
             Err(Error::UnknownEvent(_))
         ));
+    }
+
+    /// A low-rank op merging into a `[rows, cols]` f16 weight: its factors
+    /// (f16, rank `rank`) written at `at` on the device, values from `seed`.
+    fn lowrank_op(
+        dev: &HostDevice,
+        s: StreamId,
+        at: DevicePtr,
+        (rows, cols, rank): (usize, usize, usize),
+        seed: u32,
+    ) -> Arc<MergeOp> {
+        use super::super::{MergeAdapter, MergeDelta, MergeFactor};
+        let half = |n: usize, k: u32| -> Vec<u8> {
+            (0..n)
+                .flat_map(|i| {
+                    let v = ((i as u32 * 37 + k * 11) % 17) as f32 / 16.0 - 0.5;
+                    half::f16::from_f32(v).to_le_bytes()
+                })
+                .collect()
+        };
+        let (up, down) = (half(rows * rank, seed), half(rank * cols, seed + 1));
+        let down_at = at.offset(up.len());
+        dev.write_blocking(at, &up, s).unwrap();
+        dev.write_blocking(down_at, &down, s).unwrap();
+        let factor = |ptr, host: Vec<u8>, rows, cols| MergeFactor {
+            ptr,
+            host: host.into(),
+            dtype: offload_kernels::Dtype::F16,
+            rows,
+            cols,
+        };
+        Arc::new(MergeOp {
+            dtype: offload_kernels::Dtype::F16,
+            shape: vec![rows, cols],
+            rows: None,
+            adapters: vec![MergeAdapter {
+                scale: 0.5,
+                delta: MergeDelta::LowRank {
+                    up: factor(at, up, rows, rank),
+                    down: factor(down_at, down, rank, cols),
+                },
+            }],
+        })
+    }
+
+    #[test]
+    fn merge_batch_runs_each_op_as_one_merge_would_and_names_a_failed_op() {
+        let dev = small(None);
+        let (range, _) = mapped(&dev, 4);
+        let ps = dev.info().page_size;
+        let s = dev.create_stream().unwrap();
+        // Three weights in the first page (the third one twice merged), the
+        // factors in the pages after it.
+        let shapes = [(8, 40, 4), (16, 24, 2), (8, 40, 3)];
+        let offsets = [0, 8 * 40 * 2, 8 * 40 * 2 + 16 * 24 * 2];
+        let w: Vec<u8> = (0..ps).map(|i| (i * 13 % 200) as u8 & 0x3b).collect();
+        let ops: Vec<(usize, Arc<MergeOp>)> = (0..4)
+            .map(|i| {
+                let t = i.min(2);
+                let at = range.base.offset(ps + i * (ps / 2));
+                (offsets[t], lowrank_op(&dev, s, at, shapes[t], i as u32))
+            })
+            .collect();
+        let run = |kernels: Vec<Kernel>| {
+            dev.write_blocking(range.base, &w, s).unwrap();
+            for k in &kernels {
+                dev.launch(k, s).unwrap();
+            }
+            let mut back = vec![0u8; ps];
+            dev.read_blocking(range.base, &mut back, s).unwrap();
+            back
+        };
+        let one_by_one = run(ops
+            .iter()
+            .map(|(off, op)| Kernel::Merge {
+                w: range.base.offset(*off),
+                op: op.clone(),
+            })
+            .collect());
+        let batch = Kernel::MergeBatch {
+            base: range.base,
+            ops: ops.clone().into(),
+        };
+        assert_eq!(batch.name(), "merge batch");
+        assert_eq!(batch.merges().len(), 4);
+        assert_eq!(batch.regions().unwrap().len(), 4 * 3);
+        let batched = run(vec![batch]);
+        assert_ne!(one_by_one, w, "the merges changed the weights");
+        assert_eq!(batched, one_by_one);
+
+        // An op whose factor overlaps its weight: the batch fails on the
+        // stream, naming that op; the others still run, as they would one
+        // by one.
+        let mut bad = ops.clone();
+        bad[1].0 = bad[1].1.adapters[0].delta.factors()[0].ptr.0 as usize - range.base.0 as usize;
+        dev.write_blocking(range.base, &w, s).unwrap();
+        dev.launch(
+            &Kernel::MergeBatch {
+                base: range.base,
+                ops: bad.into(),
+            },
+            s,
+        )
+        .unwrap();
+        let e = dev.stream_synchronize(s).unwrap_err().to_string();
+        assert!(
+            e.contains("kernel merge batch: op 1 of 4 (F16 [16, 24] at ")
+                && e.contains("a factor overlaps the weight"),
+            "{e}"
+        );
+        let mut back = vec![0u8; ps];
+        dev.read_blocking(range.base, &mut back, s).unwrap();
+        let first = offsets[1];
+        assert_eq!(back[..first], one_by_one[..first], "op 0 ran");
     }
 
     #[test]

@@ -215,6 +215,20 @@ impl MergeOp {
         self.adapters.iter().flat_map(|a| a.delta.factors())
     }
 
+    /// How an error names entry `index` of `count` of a
+    /// [`Kernel::MergeBatch`](super::Kernel::MergeBatch), merged into the
+    /// weight at `w`: "op 3 of 10 (F16 [1280, 640] rows 0..320 at 0x…)".
+    pub(crate) fn batch_context(&self, index: usize, count: usize, w: DevicePtr) -> String {
+        let rows = match &self.rows {
+            Some(r) => format!(" rows {r:?}"),
+            None => String::new(),
+        };
+        format!(
+            "op {index} of {count} ({} {:?}{rows} at {w})",
+            self.dtype, self.shape
+        )
+    }
+
     /// Multiply-adds of one run (see [`MergeSpec::multiply_adds`]).
     pub fn multiply_adds(&self) -> u64 {
         let adapters = self.adapters_with(&mut |f| &f.host);

@@ -152,6 +152,29 @@ pub enum Kernel {
         /// What to merge.
         op: Arc<MergeOp>,
     },
+    /// Several LoRA merges, each into its own weight: for every
+    /// `(offset, op)` of `ops`, in order, the merge of `op` into the weight
+    /// at `base + offset` — the result of one [`Kernel::Merge`] per entry,
+    /// queued as one kernel (one launch to a fault-injecting device, one
+    /// stream operation on the host backend). The runtime queues a layer's
+    /// merges this way after its upload (`base`: the layer's allocation,
+    /// `offset`: each tensor's place in it). Each op's factors must not
+    /// overlap its own weight, as for [`Kernel::Merge`].
+    ///
+    /// The CUDA backend merges the low-rank ops of up to four adapters in
+    /// as few launches as it can: one per W dtype and kernel kind (fp32
+    /// FMA or tensor cores, the same choice as for one op), up to 16 ops
+    /// each (`offload_kernels::cuda::BATCH_MAX_JOBS`), each op's result
+    /// bit-identical to its own launch; other ops (LoHa, LoKr, more
+    /// adapters) get a launch of their own, as [`Kernel::Merge`] would.
+    /// An error names the op (its index, weight and address) and says what
+    /// [`Kernel::Merge`] of that op would have said.
+    MergeBatch {
+        /// The address the offsets count from.
+        base: DevicePtr,
+        /// `(offset of the weight from base, what to merge into it)`.
+        ops: Arc<[(usize, Arc<MergeOp>)]>,
+    },
 }
 
 impl Kernel {
@@ -161,6 +184,20 @@ impl Kernel {
             Kernel::Fill { .. } => "fill",
             Kernel::Matmul { .. } => "matmul",
             Kernel::Merge { .. } => "merge",
+            Kernel::MergeBatch { .. } => "merge batch",
+        }
+    }
+
+    /// The merges of a [`Kernel::Merge`] or [`Kernel::MergeBatch`], as
+    /// `(weight address, op)` in order; empty for other kernels.
+    pub fn merges(&self) -> Vec<(DevicePtr, &Arc<MergeOp>)> {
+        match self {
+            Kernel::Merge { w, op } => vec![(*w, op)],
+            Kernel::MergeBatch { base, ops } => ops
+                .iter()
+                .map(|(off, op)| (base.offset(*off), op))
+                .collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -172,13 +209,17 @@ impl Kernel {
         };
         Ok(match *self {
             Kernel::Fill { dst, len, .. } => vec![(dst, len)],
-            Kernel::Merge { w, ref op } => {
-                let wb = op.weight_bytes();
-                if wb == usize::MAX {
-                    return Err(overflow());
+            Kernel::Merge { .. } | Kernel::MergeBatch { .. } => {
+                // Per op: its whole weight, then its factors.
+                let mut v = Vec::new();
+                for (w, op) in self.merges() {
+                    let wb = op.weight_bytes();
+                    if wb == usize::MAX {
+                        return Err(overflow());
+                    }
+                    v.push((w, wb));
+                    v.extend(op.factors().map(|f| (f.ptr, f.bytes())));
                 }
-                let mut v = vec![(w, wb)];
-                v.extend(op.factors().map(|f| (f.ptr, f.bytes())));
                 v
             }
             Kernel::Matmul {

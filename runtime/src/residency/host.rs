@@ -372,24 +372,15 @@ fn run_job(
     Ok(())
 }
 
+/// A job's merges: one [`Kernel::MergeBatch`](crate::device::Kernel::MergeBatch)
+/// for the layer, as on the unstaged path.
 fn launch_merges(
     device: &dyn Device,
     stream: StreamId,
     job: &Job,
     counters: &Counters,
 ) -> Result<()> {
-    for (off, op) in &job.merges {
-        device.launch(
-            &crate::device::Kernel::Merge {
-                w: job.dst.offset(*off),
-                op: op.clone(),
-            },
-            stream,
-        )?;
-        Counters::add(&counters.merges, 1);
-        Counters::add(&counters.merged_bytes, op.touched_bytes() as u64);
-    }
-    Ok(())
+    super::lora::launch_merge_batch(device, counters, &job.merges, job.dst, stream)
 }
 
 fn queue_job(

@@ -37,8 +37,8 @@ use super::stats::Counters;
 use super::{ModelRt, Shared};
 use crate::arena::{pack, AllocId, Tag};
 use crate::device::{
-    DevicePtr, Kernel, MergeAdapter, MergeDelta, MergeFactor, MergeKron, MergeOp, PinnedBuffer,
-    StreamId,
+    Device, DevicePtr, Kernel, MergeAdapter, MergeDelta, MergeFactor, MergeKron, MergeOp,
+    PinnedBuffer, StreamId,
 };
 use crate::error::{Error, Result};
 use crate::lora::{LoraBinding, LoraDesc, LoraMode, LoraReport, LoraSource, PatchDelta, PatchKron};
@@ -181,26 +181,45 @@ struct Prepared {
     used: Vec<BTreeSet<usize>>,
 }
 
+/// Queue `merges` (each a tensor's offset in the allocation at `dst`, and
+/// its merge) on `stream` as one [`Kernel::MergeBatch`], and count them per
+/// tensor in `merges` and `merged_bytes` once it is queued (nothing is
+/// counted when the launch fails; nothing is queued for no merge).
+pub(super) fn launch_merge_batch(
+    device: &dyn Device,
+    counters: &Counters,
+    merges: &[(usize, Arc<MergeOp>)],
+    dst: DevicePtr,
+    stream: StreamId,
+) -> Result<()> {
+    if merges.is_empty() {
+        return Ok(());
+    }
+    device.launch(
+        &Kernel::MergeBatch {
+            base: dst,
+            ops: merges.into(),
+        },
+        stream,
+    )?;
+    Counters::add(&counters.merges, merges.len() as u64);
+    let bytes: usize = merges.iter().map(|(_, op)| op.touched_bytes()).sum();
+    Counters::add(&counters.merged_bytes, bytes as u64);
+    Ok(())
+}
+
 impl Shared {
-    /// Queue the merges of a layer uploaded to `dst` on `stream`.
+    /// Queue the merges of a layer uploaded to `dst` on `stream`: one
+    /// [`Kernel::MergeBatch`] (which the CUDA backend runs in as few
+    /// launches as it can), counted per tensor in `merges` and
+    /// `merged_bytes` once it is queued.
     pub(super) fn launch_merges(
         &self,
         merges: &[(usize, Arc<MergeOp>)],
         dst: DevicePtr,
         stream: StreamId,
     ) -> Result<()> {
-        for (off, op) in merges {
-            self.device.launch(
-                &Kernel::Merge {
-                    w: dst.offset(*off),
-                    op: op.clone(),
-                },
-                stream,
-            )?;
-            Counters::add(&self.counters.merges, 1);
-            Counters::add(&self.counters.merged_bytes, op.touched_bytes() as u64);
-        }
-        Ok(())
+        launch_merge_batch(&*self.device, &self.counters, merges, dst, stream)
     }
 
     /// Check a set against a model for a mode without applying it.
@@ -924,6 +943,8 @@ impl Shared {
         if st.layers[l].ready_on_merge {
             self.wait_merged(comp.ready[l])?;
         }
+        // The layer's merges, queued after its copies as one batch.
+        let mut merges: Vec<(usize, Arc<MergeOp>)> = Vec::new();
         for &t in tensors {
             let (_, off, len) = comp.layer_bytes[l].pieces[t];
             // SAFETY: the host copy lives in the component state until the
@@ -940,16 +961,16 @@ impl Shared {
             };
             Counters::add(&self.counters.bytes_h2d, len as u64);
             if mode == LoraMode::FuseOnUpload {
-                let merges: Vec<(usize, Arc<MergeOp>)> = ops
-                    .get(&(ci, l, t))
-                    .into_iter()
-                    .flatten()
-                    .map(|op| (off, op.clone()))
-                    .collect();
-                self.launch_merges(&merges, dst, self.copy)?;
+                merges.extend(
+                    ops.get(&(ci, l, t))
+                        .into_iter()
+                        .flatten()
+                        .map(|op| (off, op.clone())),
+                );
             }
             report.tensors_rederived += 1;
         }
+        self.launch_merges(&merges, dst, self.copy)?;
         self.device.record_event(comp.ready[l], self.copy)?;
         st.layers[l].ready_on_merge = false;
         Ok(())

@@ -11,6 +11,17 @@
 //! ([`CudaDevice::merge`]). [`Kernel::Merge`](crate::device::Kernel::Merge)
 //! takes the first two for plain low-rank merges and the general one
 //! otherwise.
+//!
+//! Both low-rank kernels also come batched: one launch merges up to
+//! [`BATCH_MAX_JOBS`](offload_kernels::cuda::BATCH_MAX_JOBS) tensors of one W dtype, each with up to
+//! [`BATCH_MAX_ADAPTERS`] adapters ([`CudaDevice::merge_lowrank_batch`],
+//! and [`Kernel::MergeBatch`](crate::device::Kernel::MergeBatch), which the
+//! runtime queues once per uploaded layer): a [`Batcher`] groups the
+//! tensors by W dtype and kernel, gives each tensor the blocks its own
+//! launch would have, and launches a group when it is full, when a tensor
+//! that conflicts with a waiting one comes (its weight overlaps theirs, or
+//! their factors), and at the end. Tensors that do not fit a job get a
+//! launch of their own, as one [`Kernel::Merge`](crate::device::Kernel::Merge).
 
 use std::ffi::c_void;
 use std::path::PathBuf;
@@ -19,15 +30,16 @@ use std::time::Duration;
 
 use cudarc::driver::sys;
 use offload_kernels::cuda::{
-    delta_factors, dtype_code, lowrank_merge_entry, lowrank_merge_mma_entry, merge_entry,
-    LowRankMergeParams, MergeParams, LOWRANK_MERGE_SRC, MAX_ADAPTERS, MERGE_MAX_ADAPTERS,
-    MMA_MIN_COMPUTE_CAPABILITY,
+    delta_factors, dtype_code, lowrank_merge_batch_entry, lowrank_merge_entry,
+    lowrank_merge_mma_batch_entry, lowrank_merge_mma_entry, merge_entry, LowRankBatchParams,
+    LowRankJobParams, LowRankMergeParams, MergeParams, BATCH_MAX_ADAPTERS, LOWRANK_MERGE_SRC,
+    MAX_ADAPTERS, MERGE_MAX_ADAPTERS, MMA_MIN_COMPUTE_CAPABILITY,
 };
 use offload_kernels::{Delta, Dtype, MergeSpec};
 
 use super::nvrtc::{self, Image, Module, Target};
 use super::{lock, result, CudaDevice};
-use crate::device::{DevicePtr, StreamId};
+use crate::device::{DevicePtr, MergeOp, StreamId};
 use crate::error::{Error, Result};
 
 /// The merge kernels loaded into a device's context, each indexed by
@@ -36,6 +48,8 @@ pub(super) struct MergeKernels {
     _module: Module,
     lowrank: [sys::CUfunction; 3],
     lowrank_mma: [sys::CUfunction; 3],
+    lowrank_batch: [sys::CUfunction; 3],
+    lowrank_mma_batch: [sys::CUfunction; 3],
     general: [sys::CUfunction; 3],
     image: Arc<Image>,
 }
@@ -124,6 +138,174 @@ pub(super) fn merge_regions(
     Ok(regions)
 }
 
+/// An error of entry `context` of a batch: a kernel error's message says
+/// which op it was about (other errors name their address or call already).
+fn in_batch(e: Error, context: impl FnOnce() -> String) -> Error {
+    match e {
+        Error::Kernel { kernel, message } => Error::Kernel {
+            kernel,
+            message: format!("{}: {message}", context()),
+        },
+        e => e,
+    }
+}
+
+/// One tensor of [`CudaDevice::merge_lowrank_batch`]: what
+/// [`CudaDevice::merge_lowrank`] takes for it.
+#[derive(Clone, Copy)]
+pub struct LowRankMerge<'a, 's> {
+    /// W's dtype and shape, the row slice and the adapters (low-rank only).
+    pub spec: &'a MergeSpec<'s>,
+    /// Device address of W's first element.
+    pub w: DevicePtr,
+    /// Device addresses of each adapter's `(up, down)`.
+    pub factors: &'a [(DevicePtr, DevicePtr)],
+}
+
+/// Byte ranges `[start, end)` of device memory a merge writes (its weight,
+/// or W's row slice) and reads (its factors).
+struct Access {
+    writes: (u64, u64),
+    reads: Vec<(u64, u64)>,
+}
+
+impl Access {
+    /// From [`merge_regions`]: W's row slice first, then the factors.
+    fn of_regions(regions: &[Region]) -> Access {
+        let span = |r: &Region| (r.addr.0, r.addr.0.saturating_add(r.len as u64));
+        Access {
+            writes: span(&regions[0]),
+            reads: regions[1..].iter().map(span).collect(),
+        }
+    }
+
+    /// An op's whole weight and its factors (for ops that are not checked
+    /// region by region before their own launch).
+    fn of_op(w: DevicePtr, op: &MergeOp) -> Access {
+        let wb = op.weight_bytes() as u64;
+        Access {
+            writes: (w.0, w.0.saturating_add(wb)),
+            reads: op
+                .factors()
+                .map(|f| (f.ptr.0, f.ptr.0.saturating_add(f.bytes() as u64)))
+                .collect(),
+        }
+    }
+
+    /// Whether running `self` and `other` in either order, or at once,
+    /// could differ: one writes what the other reads or writes.
+    fn conflicts(&self, other: &Access) -> bool {
+        let meet = |a: (u64, u64), b: (u64, u64)| a.0 < a.1 && b.0 < b.1 && a.0 < b.1 && b.0 < a.1;
+        meet(self.writes, other.writes)
+            || other.reads.iter().any(|&r| meet(self.writes, r))
+            || self.reads.iter().any(|&r| meet(other.writes, r))
+    }
+}
+
+/// Groups of low-rank merges waiting for one batched launch each: one group
+/// per W dtype and kernel (index `2 · dtype_code + tensor cores`), each
+/// with the accesses of its jobs. Merges in waiting groups never conflict
+/// with each other ([`Access::conflicts`]), so the groups may be launched
+/// in any order, and after merges queued later that do not conflict with
+/// them; a merge that conflicts with a waiting one launches every group
+/// first.
+struct Batcher<'d> {
+    device: &'d CudaDevice,
+    stream: StreamId,
+    groups: Vec<(LowRankBatchParams, Vec<Access>)>,
+    /// Launches queued so far: batched ones, and one per merge that had its
+    /// own.
+    launches: usize,
+}
+
+impl<'d> Batcher<'d> {
+    fn new(device: &'d CudaDevice, stream: StreamId) -> Self {
+        Batcher {
+            device,
+            stream,
+            groups: (0..2 * Dtype::ALL.len())
+                .map(|_| (LowRankBatchParams::default(), Vec::new()))
+                .collect(),
+            launches: 0,
+        }
+    }
+
+    /// Launches every waiting group if `access` conflicts with a waiting
+    /// merge (call it before queueing a merge that is not batched).
+    fn before(&mut self, access: &Access) -> Result<()> {
+        let conflict = self
+            .groups
+            .iter()
+            .any(|(_, accesses)| accesses.iter().any(|a| a.conflicts(access)));
+        if conflict {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Adds `job` (`blocks` blocks) to group `key`, launching that group
+    /// first when it is full and every group when `access` conflicts with a
+    /// waiting merge.
+    fn push(
+        &mut self,
+        key: usize,
+        job: LowRankJobParams,
+        blocks: u32,
+        access: Access,
+    ) -> Result<()> {
+        self.before(&access)?;
+        if !self.groups[key].0.push(job, blocks) {
+            self.launch(key)?;
+            if !self.groups[key].0.push(job, blocks) {
+                return Err(merge_error(format!(
+                    "a batched merge job of {blocks} blocks does not fit an empty batch"
+                )));
+            }
+        }
+        self.groups[key].1.push(access);
+        Ok(())
+    }
+
+    /// Launches group `key` if it holds a job.
+    fn launch(&mut self, key: usize) -> Result<()> {
+        let (batch, accesses) = &mut self.groups[key];
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let code = key / 2;
+        self.device
+            .launch_lowrank_batch(batch, code, key % 2 == 1, self.stream)?;
+        *batch = LowRankBatchParams::default();
+        accesses.clear();
+        self.launches += 1;
+        Ok(())
+    }
+
+    /// Launches every waiting group.
+    fn flush(&mut self) -> Result<()> {
+        for key in 0..self.groups.len() {
+            self.launch(key)?;
+        }
+        Ok(())
+    }
+
+    /// Launches every waiting group and says how many launches were queued.
+    fn finish(mut self) -> Result<usize> {
+        self.flush()?;
+        Ok(self.launches)
+    }
+
+    /// After merge `failed` could not be queued: the merges before it are
+    /// queued (as they are when each has a launch of its own), and the
+    /// error is the first of those launches' or `failed`'s.
+    fn fail(self, failed: Error) -> Error {
+        match self.finish() {
+            Ok(_) => failed,
+            Err(e) => e,
+        }
+    }
+}
+
 /// The kernel a low-rank merge runs on ([`CudaDevice::merge_lowrank_with`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LowRankKernel {
@@ -157,6 +339,8 @@ impl CudaDevice {
         let k = Arc::new(MergeKernels {
             lowrank: functions(lowrank_merge_entry)?,
             lowrank_mma: functions(lowrank_merge_mma_entry)?,
+            lowrank_batch: functions(lowrank_merge_batch_entry)?,
+            lowrank_mma_batch: functions(lowrank_merge_mma_batch_entry)?,
             general: functions(merge_entry)?,
             _module: module,
             image,
@@ -207,12 +391,7 @@ impl CudaDevice {
     /// that many adapters are stacked). Every factor's device address comes
     /// from the op, in the order of
     /// [`MergeDelta::factors`](crate::device::MergeDelta::factors).
-    pub(super) fn launch_merge(
-        &self,
-        w: DevicePtr,
-        op: &crate::device::MergeOp,
-        stream: StreamId,
-    ) -> Result<()> {
+    pub(super) fn launch_merge(&self, w: DevicePtr, op: &MergeOp, stream: StreamId) -> Result<()> {
         let adapters = op.adapters_with(&mut |f| &f.host);
         let spec = MergeSpec::new(op.dtype, &op.shape, op.rows.clone(), &adapters)
             .map_err(|e| merge_error(e.to_string()))?;
@@ -307,57 +486,14 @@ impl CudaDevice {
         stream: StreamId,
         kernel: LowRankKernel,
     ) -> Result<()> {
-        if spec.adapters().len() > MAX_ADAPTERS {
-            return Err(merge_error(format!(
-                "{} adapters in one low-rank merge (at most {MAX_ADAPTERS})",
-                spec.adapters().len()
-            )));
-        }
-        for (i, a) in spec.adapters().iter().enumerate() {
-            if !matches!(a.delta, Delta::LowRank { .. }) {
-                return Err(merge_error(format!(
-                    "adapter {i} is LoHa or LoKr: merge_lowrank takes low-rank deltas only \
-                     (CudaDevice::merge takes every kind)"
-                )));
-            }
-        }
-        let lists: Vec<Vec<DevicePtr>> = factors.iter().map(|&(u, d)| vec![u, d]).collect();
-        let regions = merge_regions(spec, w, &lists)?;
-        self.check_merge_regions(&regions)?;
-        let addrs: Vec<(u64, u64)> = factors.iter().map(|(u, d)| (u.0, d.0)).collect();
-        let mut params =
-            LowRankMergeParams::new(spec, w.0, &addrs).map_err(|e| merge_error(e.to_string()))?;
+        let (mut params, _) = self.checked_lowrank_params(spec, w, factors)?;
         let s = self.stream(stream)?;
         if spec.adapters().is_empty() {
             return Ok(());
         }
         let kernels = self.merge_kernels()?;
         let code = dtype_code(spec.dtype()) as usize;
-        let device_has_mma = self
-            .info
-            .compute_capability
-            .is_some_and(|cc| cc >= MMA_MIN_COMPUTE_CAPABILITY);
-        let mma = match kernel {
-            LowRankKernel::Auto => device_has_mma && params.tensor_cores(),
-            LowRankKernel::Fma => false,
-            LowRankKernel::TensorCores => {
-                if !device_has_mma {
-                    return Err(merge_error(format!(
-                        "the tensor-core merge needs compute capability {}.{} or newer (this device: {:?})",
-                        MMA_MIN_COMPUTE_CAPABILITY.0,
-                        MMA_MIN_COMPUTE_CAPABILITY.1,
-                        self.info.compute_capability
-                    )));
-                }
-                if !params.tensor_core_operands() {
-                    return Err(merge_error(
-                        "the tensor-core merge needs both factors of every adapter in f16, or both in bf16"
-                            .to_string(),
-                    ));
-                }
-                true
-            }
-        };
+        let mma = self.lowrank_on_tensor_cores(&params, kernel)?;
         let (function, (grid, block)) = if mma {
             (
                 kernels.lowrank_mma[code],
@@ -381,6 +517,236 @@ impl CudaDevice {
         // above) and the trait makes callers keep it mapped until the queued
         // kernel has run; the stream is live (Arc).
         unsafe { result::launch_kernel(function, grid, block, s.raw, &mut args) }
+    }
+
+    /// The checks of [`Self::merge_lowrank_with`] (at most [`MAX_ADAPTERS`]
+    /// adapters, all low-rank; every region mapped and aligned, no factor
+    /// overlapping W's row slice) and the kernels' parameters, with what
+    /// the merge writes and reads.
+    fn checked_lowrank_params(
+        &self,
+        spec: &MergeSpec<'_>,
+        w: DevicePtr,
+        factors: &[(DevicePtr, DevicePtr)],
+    ) -> Result<(LowRankMergeParams, Access)> {
+        if spec.adapters().len() > MAX_ADAPTERS {
+            return Err(merge_error(format!(
+                "{} adapters in one low-rank merge (at most {MAX_ADAPTERS})",
+                spec.adapters().len()
+            )));
+        }
+        for (i, a) in spec.adapters().iter().enumerate() {
+            if !matches!(a.delta, Delta::LowRank { .. }) {
+                return Err(merge_error(format!(
+                    "adapter {i} is LoHa or LoKr: merge_lowrank takes low-rank deltas only \
+                     (CudaDevice::merge takes every kind)"
+                )));
+            }
+        }
+        let lists: Vec<Vec<DevicePtr>> = factors.iter().map(|&(u, d)| vec![u, d]).collect();
+        let regions = merge_regions(spec, w, &lists)?;
+        self.check_merge_regions(&regions)?;
+        let addrs: Vec<(u64, u64)> = factors.iter().map(|(u, d)| (u.0, d.0)).collect();
+        let params =
+            LowRankMergeParams::new(spec, w.0, &addrs).map_err(|e| merge_error(e.to_string()))?;
+        Ok((params, Access::of_regions(&regions)))
+    }
+
+    /// Whether a low-rank merge with these parameters runs on the tensor
+    /// cores when `kernel` is asked for; an error where the device or the
+    /// factors rule out [`LowRankKernel::TensorCores`].
+    fn lowrank_on_tensor_cores(
+        &self,
+        params: &LowRankMergeParams,
+        kernel: LowRankKernel,
+    ) -> Result<bool> {
+        let device_has_mma = self
+            .info
+            .compute_capability
+            .is_some_and(|cc| cc >= MMA_MIN_COMPUTE_CAPABILITY);
+        match kernel {
+            LowRankKernel::Auto => Ok(device_has_mma && params.tensor_cores()),
+            LowRankKernel::Fma => Ok(false),
+            LowRankKernel::TensorCores => {
+                if !device_has_mma {
+                    return Err(merge_error(format!(
+                        "the tensor-core merge needs compute capability {}.{} or newer (this device: {:?})",
+                        MMA_MIN_COMPUTE_CAPABILITY.0,
+                        MMA_MIN_COMPUTE_CAPABILITY.1,
+                        self.info.compute_capability
+                    )));
+                }
+                if !params.tensor_core_operands() {
+                    return Err(merge_error(
+                        "the tensor-core merge needs both factors of every adapter in f16, or both in bf16"
+                            .to_string(),
+                    ));
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Queue the low-rank merges `merges` on `stream` in as few launches as
+    /// the batched kernels allow; the result is that of
+    /// [`Self::merge_lowrank_with`] on each merge in order, each merge's
+    /// elements bit-identical to it.
+    ///
+    /// Merges with one to [`BATCH_MAX_ADAPTERS`] adapters (and a non-empty
+    /// row slice) are grouped by W's dtype and by kernel (`kernel`'s choice
+    /// for each merge, as for one merge) into batched launches of up to
+    /// [`BATCH_MAX_JOBS`](offload_kernels::cuda::BATCH_MAX_JOBS) merges, each merge given the blocks its own launch
+    /// would have. A group is launched when it is full, before a merge
+    /// whose weight overlaps a waiting merge's weight or factors (or whose
+    /// factors overlap a waiting weight), and at the end. Others (more
+    /// adapters, none) go to [`Self::merge_lowrank_with`] on their own.
+    /// Returns the number of launches queued (a batched launch counts once;
+    /// a merge with no adapter, none).
+    ///
+    /// Each merge is checked as [`Self::merge_lowrank_with`] checks it; the
+    /// first that fails stops the call after the merges before it are
+    /// queued, with its error (a [`Error::Kernel`] message starting with
+    /// "merge i of n").
+    pub fn merge_lowrank_batch(
+        &self,
+        merges: &[LowRankMerge<'_, '_>],
+        stream: StreamId,
+        kernel: LowRankKernel,
+    ) -> Result<usize> {
+        self.stream(stream)?;
+        let mut b = Batcher::new(self, stream);
+        let n = merges.len();
+        for (i, m) in merges.iter().enumerate() {
+            if let Err(e) = self.batch_lowrank(&mut b, m, kernel) {
+                return Err(b.fail(in_batch(e, || format!("merge {i} of {n}"))));
+            }
+        }
+        b.finish()
+    }
+
+    /// Adds one low-rank merge to `b`, or queues it on its own (after the
+    /// waiting merges it conflicts with) when it does not fit a job.
+    fn batch_lowrank(
+        &self,
+        b: &mut Batcher<'_>,
+        m: &LowRankMerge<'_, '_>,
+        kernel: LowRankKernel,
+    ) -> Result<()> {
+        let (params, access) = self.checked_lowrank_params(m.spec, m.w, m.factors)?;
+        let mma = self.lowrank_on_tensor_cores(&params, kernel)?;
+        let job = LowRankJobParams::from_params(&params)
+            .filter(|j| j.num_adapters > 0 && j.rows > 0 && j.cols > 0);
+        let Some(job) = job else {
+            b.before(&access)?;
+            self.merge_lowrank_with(m.spec, m.w, m.factors, b.stream, kernel)?;
+            if params.num_adapters > 0 {
+                b.launches += 1;
+            }
+            return Ok(());
+        };
+        let (grid, _) = if mma {
+            params.mma_launch_dims(self.multiprocessors)
+        } else {
+            params.launch_dims(self.multiprocessors)
+        };
+        let key = 2 * dtype_code(m.spec.dtype()) as usize + usize::from(mma);
+        b.push(key, job, grid.0, access)
+    }
+
+    /// One batched launch of `batch` (jobs whose regions were checked, W
+    /// dtype [`dtype_code`] `code`) on the tensor cores or in fp32 FMA.
+    fn launch_lowrank_batch(
+        &self,
+        batch: &mut LowRankBatchParams,
+        code: usize,
+        mma: bool,
+        stream: StreamId,
+    ) -> Result<()> {
+        let s = self.stream(stream)?;
+        let kernels = self.merge_kernels()?;
+        let function = if mma {
+            kernels.lowrank_mma_batch[code]
+        } else {
+            kernels.lowrank_batch[code]
+        };
+        let (grid, block) = batch.launch_dims();
+        self.ctx.bind()?;
+        let mut args: [*mut c_void; 1] = [(batch as *mut LowRankBatchParams).cast()];
+        // SAFETY: the function (either batched low-rank entry point for the
+        // jobs' W dtype) belongs to a module loaded in this context and
+        // takes one parameter, OffloadLowRankBatchParams by value (2504
+        // bytes, under the 4 KiB parameter limit), whose layout
+        // LowRankBatchParams mirrors (checked in offload-kernels); the block
+        // is the one those entry points are written for, and the tensor-core
+        // one is only chosen on compute capability 8.0 or newer
+        // (lowrank_on_tensor_cores); every job's regions were checked mapped
+        // and aligned, with no factor overlapping its own row slice
+        // (checked_lowrank_params), and the Batcher only groups jobs whose
+        // row slices overlap no other job's slice or factors, so blocks of
+        // different jobs never touch the same written bytes; the trait
+        // makes callers keep the regions mapped until the queued kernel has
+        // run; the stream is live (Arc).
+        unsafe { result::launch_kernel(function, grid, block, s.raw, &mut args) }
+    }
+
+    /// [`Kernel::MergeBatch`](crate::device::Kernel::MergeBatch) on this
+    /// device: the low-rank ops of one to [`BATCH_MAX_ADAPTERS`] adapters
+    /// through [`Self::merge_lowrank_batch`]'s grouping (the kernel chosen
+    /// as for one op), every other op as one
+    /// [`Kernel::Merge`](crate::device::Kernel::Merge) of its own
+    /// ([`Self::launch_merge`]), in order with the waiting groups it
+    /// conflicts with. The first op that fails stops the call after the ops
+    /// before it are queued; a kernel error names it
+    /// ([`MergeOp::batch_context`]).
+    pub(super) fn launch_merge_batch(
+        &self,
+        base: DevicePtr,
+        ops: &[(usize, Arc<MergeOp>)],
+        stream: StreamId,
+    ) -> Result<()> {
+        self.stream(stream)?;
+        let mut b = Batcher::new(self, stream);
+        let n = ops.len();
+        for (i, (off, op)) in ops.iter().enumerate() {
+            let w = base.offset(*off);
+            if let Err(e) = self.batch_op(&mut b, w, op) {
+                return Err(b.fail(in_batch(e, || op.batch_context(i, n, w))));
+            }
+        }
+        b.finish().map(|_| ())
+    }
+
+    /// Adds one op of a [`Kernel::MergeBatch`](crate::device::Kernel::MergeBatch) to `b`.
+    fn batch_op(&self, b: &mut Batcher<'_>, w: DevicePtr, op: &MergeOp) -> Result<()> {
+        let batchable = !op.adapters.is_empty()
+            && op.adapters.len() <= BATCH_MAX_ADAPTERS
+            && op.adapters.iter().all(|a| a.delta.is_low_rank());
+        if !batchable {
+            b.before(&Access::of_op(w, op))?;
+            self.launch_merge(w, op, b.stream)?;
+            if !op.adapters.is_empty() {
+                b.launches += 1;
+            }
+            return Ok(());
+        }
+        let adapters = op.adapters_with(&mut |f| &f.host);
+        let spec = MergeSpec::new(op.dtype, &op.shape, op.rows.clone(), &adapters)
+            .map_err(|e| merge_error(e.to_string()))?;
+        // MergeDelta::factors lists a low-rank delta's up, then its down.
+        let pairs: Vec<(DevicePtr, DevicePtr)> = op
+            .adapters
+            .iter()
+            .map(|a| {
+                let f = a.delta.factors();
+                (f[0].ptr, f[1].ptr)
+            })
+            .collect();
+        let m = LowRankMerge {
+            spec: &spec,
+            w,
+            factors: &pairs,
+        };
+        self.batch_lowrank(b, &m, LowRankKernel::Auto)
     }
 
     /// Queue the LoRA merge `W[rows] += Σₐ sₐ · Δₐ` of any mix of low-rank,
@@ -447,6 +813,37 @@ impl CudaDevice {
 mod tests {
     use super::*;
     use offload_kernels::{Adapter, Factor, KronFactor};
+
+    #[test]
+    fn accesses_conflict_where_one_writes_what_the_other_touches() {
+        let a = |writes: (u64, u64), reads: &[(u64, u64)]| Access {
+            writes,
+            reads: reads.to_vec(),
+        };
+        let x = a((100, 200), &[(1000, 1100)]);
+        // Disjoint weights, shared factors (both only read): no conflict.
+        assert!(!x.conflicts(&a((200, 300), &[(1000, 1100)])));
+        // The same weight, or overlapping slices of one.
+        assert!(x.conflicts(&a((100, 200), &[(2000, 2100)])));
+        assert!(x.conflicts(&a((199, 300), &[])));
+        // One writes what the other reads, either way round.
+        assert!(x.conflicts(&a((1050, 1060), &[])));
+        assert!(x.conflicts(&a((500, 600), &[(150, 160)])));
+        assert!(a((500, 600), &[(150, 160)]).conflicts(&x));
+        // Empty ranges touch nothing.
+        assert!(!x.conflicts(&a((150, 150), &[])));
+        // Of regions: W's row slice written, the factors read.
+        let r = |addr: u64, len: usize| Region {
+            addr: DevicePtr(addr),
+            len,
+            align: 2,
+        };
+        let acc = Access::of_regions(&[r(10, 20), r(40, 4), r(50, 6)]);
+        assert_eq!(
+            (acc.writes, acc.reads),
+            ((10, 30), vec![(40, 44), (50, 56)])
+        );
+    }
 
     #[test]
     fn regions_cover_the_row_slice_and_every_factor() {

@@ -32,7 +32,10 @@
 //! low-rank kernel (fp32 FMA, or tensor cores for ranks above 32 with
 //! f16/bf16 factors on sm_80+) when every adapter is low-rank, else the
 //! general kernel that takes low-rank, LoHa and LoKr adapters in one launch
-//! ([`CudaDevice::merge_lowrank`], `merge.rs`).
+//! ([`CudaDevice::merge_lowrank`], `merge.rs`); [`Kernel::MergeBatch`] merges
+//! a layer's low-rank tensors in one batched launch per W dtype and kernel
+//! (up to 16 tensors each, [`CudaDevice::merge_lowrank_batch`]) and the
+//! others one launch each.
 
 pub mod cublas;
 mod handles;
@@ -49,7 +52,7 @@ mod tests;
 
 pub use cublas::BlasInfo;
 pub use handles::HostRegistration;
-pub use merge::{LowRankKernel, MergeKernelsInfo};
+pub use merge::{LowRankKernel, LowRankMerge, MergeKernelsInfo};
 pub use nvrtc::NvrtcError;
 pub use probe::{probe, Probe, ProbeError};
 
@@ -814,6 +817,7 @@ impl Device for CudaDevice {
             }
             Kernel::Matmul { .. } => self.launch_matmul(kernel, stream),
             Kernel::Merge { w, ref op } => self.launch_merge(w, op, stream),
+            Kernel::MergeBatch { base, ref ops } => self.launch_merge_batch(base, ops, stream),
         }
     }
 

@@ -609,11 +609,21 @@ mod compile_tests {
                 assert_eq!(&image.bytes[..4], b"\x7fELF");
             }
         }
-        let entries = [
-            offload_kernels::cuda::LOWRANK_MERGE_F32,
-            offload_kernels::cuda::LOWRANK_MERGE_F16,
-            offload_kernels::cuda::LOWRANK_MERGE_BF16,
-        ];
+        // Every entry point of every kernel, the batched ones included.
+        use offload_kernels::cuda as k;
+        let entries: Vec<&str> = offload_kernels::Dtype::ALL
+            .into_iter()
+            .flat_map(|d| {
+                [
+                    k::lowrank_merge_entry(d),
+                    k::lowrank_merge_mma_entry(d),
+                    k::lowrank_merge_batch_entry(d),
+                    k::lowrank_merge_mma_batch_entry(d),
+                    k::merge_entry(d),
+                ]
+            })
+            .collect();
+        assert_eq!(entries.len(), 15);
         let image = compile(
             "lowrank_merge.cu",
             offload_kernels::cuda::LOWRANK_MERGE_SRC,
