@@ -846,13 +846,17 @@ struct ExtraFaults {
     /// before every copy, so that queued copies are still pending when the
     /// call that queued them returns; the index of a copy to refuse (as
     /// [`FaultKind::CopySubmit`] does); the index of a copy to fail on the
-    /// stream (as [`FaultKind::CopyStream`] does); and whether every merge
-    /// launch is refused (as [`FaultKind::Launch`] does).
+    /// stream (as [`FaultKind::CopyStream`] does); whether every merge
+    /// launch is refused (as [`FaultKind::Launch`] does); and a sleep (µs)
+    /// after which each merge launch is queued and then reported as failed,
+    /// as a CUDA batch whose later kernel launch fails after earlier ones
+    /// were queued.
     copy_sleep_us: AtomicU64,
     copies: AtomicU64,
     refuse_copy: AtomicU64,
     fail_copy: AtomicU64,
     refuse_merges: AtomicBool,
+    late_failed_merges_us: AtomicU64,
 }
 
 impl ExtraFaults {
@@ -869,6 +873,7 @@ impl ExtraFaults {
             refuse_copy: AtomicU64::new(u64::MAX),
             fail_copy: AtomicU64::new(u64::MAX),
             refuse_merges: AtomicBool::new(false),
+            late_failed_merges_us: AtomicU64::new(0),
         }
     }
 
@@ -896,6 +901,7 @@ impl ExtraFaults {
         self.refuse_copy.store(u64::MAX, Ordering::SeqCst);
         self.fail_copy.store(u64::MAX, Ordering::SeqCst);
         self.refuse_merges.store(false, Ordering::SeqCst);
+        self.late_failed_merges_us.store(0, Ordering::SeqCst);
     }
 
     fn set_enabled(&self, on: bool) {
@@ -1035,6 +1041,17 @@ impl Device for ExtraFaults {
     fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<(), Error> {
         // A layer's merges come as one MergeBatch: refused or failed whole.
         let merge = matches!(kernel, Kernel::Merge { .. } | Kernel::MergeBatch { .. });
+        let late = self.late_failed_merges_us.load(Ordering::SeqCst);
+        if merge && late > 0 {
+            let d = Duration::from_micros(late);
+            self.inner
+                .launch_host_fn(stream, Box::new(move || std::thread::sleep(d)))?;
+            self.inner.launch(kernel, stream)?;
+            return Err(Error::Kernel {
+                kernel: kernel.name(),
+                message: "injected fault: a later launch of the batch failed".into(),
+            });
+        }
         if merge && self.refuse_merges.load(Ordering::SeqCst) {
             return Err(Error::Kernel {
                 kernel: kernel.name(),
@@ -2245,4 +2262,55 @@ fn a_failed_prefetch_is_not_reported_after_the_fault_cleared() {
         "the first acquire after the fault cleared: {r:?}"
     );
     check_all(&k, m, &desc, &src, &vec![]).unwrap();
+}
+
+/// A layer's merges that were queued (late) before their launch failed
+/// part-way: the upload fails, and the ring slot goes to the next layer,
+/// whose copy must not be overtaken by those merges (they would add the
+/// failed layer's delta to its bytes).
+#[test]
+fn merges_queued_before_a_failed_launch_never_land_on_the_next_layer_in_the_slot() {
+    let (desc, src) = f16_model(
+        "late-failed",
+        3,
+        &[vec![vec![vec![64, 64], vec![64, 64]]; 6]],
+    );
+    let k = knobbed(knobbed_cfg(
+        Mode::Sequential,
+        32,
+        HostPolicy::Pinned,
+        LoraMode::FuseOnUpload,
+    ));
+    let m = k.rt.load(desc.clone(), src.clone()).unwrap();
+    let all: Vec<(usize, usize, usize)> = (0..6).flat_map(|l| [(0, l, 0), (0, l, 1)]).collect();
+    let set: Set = vec![(lora(5, &desc, &all, Kind::LowRank(8)), 1.0)];
+    k.rt.set_loras(m, &bindings(&set)).unwrap();
+    let id = |l| LayerId {
+        model: m,
+        component: 0,
+        layer: l,
+    };
+    // Layer 0 in one slot, layer 1 prefetched into the other.
+    drop(k.rt.acquire(id(0)).unwrap());
+    let (_, slots, _) = k.rt.plan_of(m, 0).unwrap().unwrap();
+    assert_eq!(slots, 2);
+    // Layer 3 takes layer 1's slot; its merges run 300 ms late and their
+    // launch reports a failure.
+    k.extra
+        .late_failed_merges_us
+        .store(300_000, Ordering::SeqCst);
+    assert!(k.rt.acquire(id(3)).is_err());
+    k.extra.clear_knobs();
+    // Layer 4 goes into the slot layer 3 left.
+    let g = k.rt.acquire(id(4)).unwrap();
+    for (t, v) in g.tensors().enumerate() {
+        let mut back = vec![0u8; v.bytes];
+        k.host.read_blocking(v.ptr, &mut back, k.compute).unwrap();
+        lora_check(&desc, &src, &set, (0, 4, t), &back)
+            .unwrap_or_else(|e| panic!("layer 4 tensor {t}: {e}"));
+    }
+    drop(g);
+    k.rt.synchronize().unwrap();
+    k.rt.unload(m).unwrap();
+    assert_eq!(k.rt.arena().pages_used(), 0);
 }

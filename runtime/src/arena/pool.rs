@@ -216,6 +216,15 @@ impl PagePool {
         // first (the fewest driver calls). `used + n <= capacity`, so giving
         // back every cached block always makes room.
         while self.held + n > self.capacity {
+            if self.blocks.is_empty() {
+                // Only if a caller broke `n <= available()`: refuse, never spin.
+                return Err(Error::OutOfMemory {
+                    requested: n * device.info().page_size,
+                    pages: n,
+                    free: self.available() * device.info().page_size,
+                    free_pages: self.available(),
+                });
+            }
             self.release_largest(device)?;
         }
         let len = n * device.info().page_size;

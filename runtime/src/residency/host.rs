@@ -173,6 +173,10 @@ fn read_split(
     })
 }
 
+/// Where a job's events go back once queued: the runtime's main event pool
+/// (the waits) and its pool of hand-off events.
+pub(crate) type EventReturns = (Sender<EventId>, Sender<EventId>);
+
 /// Reader threads that fill a ring of pinned staging buffers and queue the copies.
 pub(crate) struct Stager {
     tx: Option<Sender<Job>>,
@@ -189,7 +193,7 @@ impl Stager {
         threads: usize,
         counters: Arc<Counters>,
         wait_timeout: Duration,
-        release_events: Sender<EventId>,
+        (release_events, release_handoffs): EventReturns,
         gate: Arc<RwLock<()>>,
     ) -> Result<Stager> {
         if buffers == 0 || buffer_bytes == 0 || threads == 0 {
@@ -219,7 +223,7 @@ impl Stager {
                 staging.clone(),
                 counters.clone(),
             );
-            let release = release_events.clone();
+            let release = (release_events.clone(), release_handoffs.clone());
             let gate = gate.clone();
             let h = std::thread::Builder::new()
                 .name(format!("offload-stager-{i}"))
@@ -268,7 +272,11 @@ fn reader(
     rx: Receiver<Job>,
     staging: Arc<Staging>,
     counters: Arc<Counters>,
-    (wait_timeout, release_events, gate): (Duration, Sender<EventId>, Arc<RwLock<()>>),
+    (wait_timeout, (release_events, release_handoffs), gate): (
+        Duration,
+        EventReturns,
+        Arc<RwLock<()>>,
+    ),
 ) {
     for job in rx {
         let start = Instant::now();
@@ -279,8 +287,11 @@ fn reader(
             run_job(&*device, streams, &job, &staging, &counters, wait_timeout)
         };
         // The waits are queued (or the job failed before using them): the events may be reused.
-        for e in job.waits.iter().chain(&job.handoff) {
+        for e in &job.waits {
             let _ = release_events.send(*e);
+        }
+        if let Some(h) = job.handoff {
+            let _ = release_handoffs.send(h);
         }
         if r.is_ok() {
             counters.push_timeline(TimelineEntry {
@@ -365,6 +376,11 @@ fn run_job(
         _ => (copy, Ok(())),
     };
     let ready = device.record_event(job.ready, ready_on);
+    if ready.is_err() && ready_on == merge {
+        // The pages would be freed behind an older recording than the
+        // merges just queued: let them run first.
+        let _ = device.stream_synchronize(merge);
+    }
     queued?;
     merged?;
     ready?;

@@ -110,6 +110,13 @@ struct Shared {
     sched: Mutex<u64>,
     pool_tx: Sender<EventId>,
     pool_rx: Receiver<EventId>,
+    /// Copy-to-merge hand-off events, apart from `pool_tx` (see `handoff_event`).
+    handoff_tx: Sender<EventId>,
+    handoff_rx: Receiver<EventId>,
+    /// Debug builds: the events `recycle` put in the pool and `event` has
+    /// not taken out, to catch an event given back twice (two owners).
+    #[cfg(debug_assertions)]
+    pooled: Mutex<std::collections::HashSet<EventId>>,
     created_events: Mutex<Vec<EventId>>,
     counters: Arc<Counters>,
     stager: Option<Stager>,
@@ -310,10 +317,25 @@ impl Runtime {
         let recorded = device.record_event(probe, compute);
         let _ = device.destroy_event(probe);
         recorded?;
-        let copy = device.create_stream()?;
-        let merge = device.create_stream()?;
-        let fence = device.create_stream()?;
+        // The runtime's own streams; on a failure below, those made are destroyed.
+        let mut streams: Vec<StreamId> = Vec::with_capacity(3);
+        let undo = |streams: &[StreamId]| {
+            for &s in streams {
+                let _ = device.destroy_stream(s);
+            }
+        };
+        for _ in 0..3 {
+            match device.create_stream() {
+                Ok(s) => streams.push(s),
+                Err(e) => {
+                    undo(&streams);
+                    return Err(e);
+                }
+            }
+        }
+        let (copy, merge, fence) = (streams[0], streams[1], streams[2]);
         let (pool_tx, pool_rx) = crossbeam_channel::unbounded();
+        let (handoff_tx, handoff_rx) = crossbeam_channel::unbounded();
         let counters = Arc::new(Counters::new(cfg.timeline));
         let copy_gate = Arc::new(RwLock::new(()));
         let stager = match cfg.host_policy {
@@ -322,17 +344,26 @@ impl Runtime {
                 buffers,
                 buffer_bytes,
                 threads,
-            } => Some(Stager::new(
-                device.clone(),
-                (copy, merge),
-                buffers,
-                buffer_bytes,
-                threads,
-                counters.clone(),
-                cfg.wait_timeout,
-                pool_tx.clone(),
-                copy_gate.clone(),
-            )?),
+            } => {
+                let stager = Stager::new(
+                    device.clone(),
+                    (copy, merge),
+                    buffers,
+                    buffer_bytes,
+                    threads,
+                    counters.clone(),
+                    cfg.wait_timeout,
+                    (pool_tx.clone(), handoff_tx.clone()),
+                    copy_gate.clone(),
+                );
+                match stager {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        undo(&streams);
+                        return Err(e);
+                    }
+                }
+            }
         };
         Ok(Runtime {
             sh: Arc::new(Shared {
@@ -350,6 +381,10 @@ impl Runtime {
                 sched: Mutex::new(0),
                 pool_tx,
                 pool_rx,
+                handoff_tx,
+                handoff_rx,
+                #[cfg(debug_assertions)]
+                pooled: Mutex::new(std::collections::HashSet::new()),
                 created_events: Mutex::new(Vec::new()),
                 counters,
                 stager,
@@ -920,6 +955,11 @@ impl Shared {
 
     fn event(&self) -> Result<EventId> {
         if let Ok(e) = self.pool_rx.try_recv() {
+            #[cfg(debug_assertions)]
+            self.pooled
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&e);
             return Ok(e);
         }
         let e = self.device.create_event()?;
@@ -931,7 +971,35 @@ impl Shared {
     }
 
     fn recycle(&self, e: EventId) {
+        #[cfg(debug_assertions)]
+        assert!(
+            self.pooled
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(e),
+            "{e:?} went into the event pool twice"
+        );
         let _ = self.pool_tx.send(e);
+    }
+
+    /// An event for a copy-to-merge hand-off. Hand-offs have their own pool:
+    /// they are recorded on the copy stream, and an event from the main pool
+    /// may still be watched by the arena (`Arena::free_after`), which relies
+    /// on its next recording following the work it covers.
+    fn handoff_event(&self) -> Result<EventId> {
+        if let Ok(e) = self.handoff_rx.try_recv() {
+            return Ok(e);
+        }
+        let e = self.device.create_event()?;
+        self.created_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(e);
+        Ok(e)
+    }
+
+    fn recycle_handoff(&self, e: EventId) {
+        let _ = self.handoff_tx.send(e);
     }
 
     fn finish_release(&self, model: &ModelRt, id: LayerId, done: Option<(DoneSource, EventId)>) {
@@ -1178,33 +1246,33 @@ impl Shared {
                     }));
                 }
             }
+            // The last upload into the slot may have merges still running on
+            // the merge stream. A user's done event follows them (it was
+            // recorded after the compute stream waited for the ready event),
+            // so the copy stream's wait for it orders the copy; with no
+            // user, wait here, before the slot changes hands.
+            if let Some(o) = st.ring[s].last.filter(|&o| o != l) {
+                let used = st.ring[s].holds == Some(o) && !st.layers[o].done.is_empty();
+                if st.layers[o].ready_on_merge && !used {
+                    self.wait_merged(comp.ready[o]).map_err(Attempt::Fail)?;
+                }
+            }
             if let Some(o) = st.ring[s].holds.take() {
                 waits = st.layers[o].done.drain(..).map(|(_, e)| e).collect();
                 st.layers[o].place = Place::Host;
                 st.layers[o].job = None;
             }
-            // A merge into the slot may still be running on the merge stream
-            // (its layer was dropped before any user waited for it).
-            let before: Vec<usize> = st.ring[s]
-                .last
-                .filter(|&o| o != l && st.layers[o].ready_on_merge)
-                .into_iter()
-                .collect();
             st.ring[s].holds = Some(l);
+            // From here the slot's last writer is `l`: whatever its upload
+            // queues, even if it fails part-way, comes before `l`'s ready event.
+            st.ring[s].last = Some(l);
             st.layers[l].place = Place::Slot(s);
             let dst = st.ring[s].ptr;
-            if let Err(e) = self.upload(model, ci, st, l, dst, &waits, &before) {
+            if let Err(e) = self.upload(model, ci, st, l, dst, waits) {
                 st.ring[s].holds = None;
                 st.layers[l].place = Place::Host;
-                // The previous occupant's users may still read the slot: wait for
-                // them here, since no queued copy carries their events any more.
-                for w in waits {
-                    let _ = self.device.event_wait(w, Some(self.cfg.wait_timeout));
-                    self.recycle(w);
-                }
                 return Err(Attempt::Fail(e));
             }
-            st.ring[s].last = Some(l);
             return Ok(());
         }
         let pages = comp.layer_pages[l];
@@ -1227,7 +1295,7 @@ impl Shared {
                 let ptr = self.arena.ptr(a)?;
                 st.pages += pages;
                 st.layers[l].place = Place::Alloc(a, ptr);
-                if let Err(e) = self.upload(model, ci, st, l, ptr, &[], &[]) {
+                if let Err(e) = self.upload(model, ci, st, l, ptr, Vec::new()) {
                     self.drop_device_copy(comp, st, l);
                     return Err(Attempt::Fail(e));
                 }
@@ -1318,15 +1386,15 @@ impl Shared {
     }
 
     /// Queue the upload of layer `l` to `dst` after `waits` (events of the
-    /// previous contents' users, recycled here), once the merges behind the
-    /// ready events of layers `before` (earlier occupants of `dst`) are over.
+    /// previous contents' users). `waits` are this call's on every path: queued
+    /// on the copy stream and recycled, handed to the staged job, or, on a
+    /// failure before they are queued, waited for on the host and recycled.
     ///
     /// Without merges the ready event is recorded on the copy stream after
     /// the copy. With fuse-on-upload merges the copy hands over to the merge
     /// stream through an event, the merges run there and the ready event is
     /// recorded after them, so the next upload does not wait for this
     /// layer's merges.
-    #[allow(clippy::too_many_arguments)]
     fn upload(
         &self,
         model: &ModelRt,
@@ -1334,27 +1402,34 @@ impl Shared {
         st: &mut CompState,
         l: usize,
         dst: DevicePtr,
-        waits: &[EventId],
-        before: &[usize],
+        waits: Vec<EventId>,
     ) -> Result<()> {
         let comp = &model.comps[ci];
         let ready = comp.ready[l];
         let total = comp.layer_bytes[l].total;
         // Each recording of a ready event must follow the previous one (the
-        // arena frees pages behind it), and the copy must not overtake a
-        // merge still writing `dst`. Waited for here, not by the copy
+        // arena frees pages behind it). Waited for here, not by the copy
         // stream: a merge that failed is over too, and a stream that waits
         // for a failed recording would fail with it.
-        let mut after: Vec<EventId> = before.iter().map(|&o| comp.ready[o]).collect();
         if st.layers[l].ready_on_merge {
-            after.push(ready);
-        }
-        for e in after {
-            self.wait_merged(e)?;
+            if let Err(e) = self.wait_merged(ready) {
+                self.give_back(waits);
+                return Err(e);
+            }
         }
         let merges = !st.merges[l].is_empty();
         if let Some(stager) = &self.stager {
-            let handoff = if merges { Some(self.event()?) } else { None };
+            let handoff = if merges {
+                match self.handoff_event() {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        self.give_back(waits);
+                        return Err(e);
+                    }
+                }
+            } else {
+                None
+            };
             let done = Arc::new(JobDone::default());
             st.layers[l].job = Some(done.clone());
             st.layers[l].ready_on_merge = merges;
@@ -1365,7 +1440,7 @@ impl Shared {
                 name: comp.layer_names[l].clone(),
                 bytes: comp.layer_bytes[l].clone(),
                 dst,
-                waits: waits.to_vec(),
+                waits,
                 merges: st.merges[l].clone(),
                 handoff,
                 ready,
@@ -1373,11 +1448,16 @@ impl Shared {
             });
             return Ok(());
         }
-        for &e in waits {
-            self.device.stream_wait_event(self.copy, e)?;
+        if let Some(e) = waits
+            .iter()
+            .find_map(|&e| self.device.stream_wait_event(self.copy, e).err())
+        {
+            self.give_back(waits);
+            return Err(e);
         }
-        // Queued: the waits captured the recordings, so the events may be reused.
-        for &e in waits {
+        // Queued: the waits captured the recordings, so the events may be
+        // reused, and any copy into `dst` from now on follows them.
+        for e in waits {
             self.recycle(e);
         }
         let host = st.host[l]
@@ -1419,6 +1499,15 @@ impl Shared {
         Counters::add(&self.counters.bytes_h2d, total as u64);
         Counters::add(&self.counters.uploads, 1);
         Ok(())
+    }
+
+    /// Events of users that no queued work waits for: wait for them on the
+    /// host (whatever the outcome), then reuse them.
+    fn give_back(&self, waits: Vec<EventId>) {
+        for w in waits {
+            let _ = self.device.event_wait(w, Some(self.cfg.wait_timeout));
+            self.recycle(w);
+        }
     }
 
     /// Wait on the host until the work behind ready event `e` is over. A
@@ -1470,13 +1559,13 @@ impl Shared {
         ready: EventId,
         layer: &str,
     ) -> Result<()> {
-        let handed = self.event().and_then(|e| {
+        let handed = self.handoff_event().and_then(|e| {
             let r = self
                 .device
                 .record_event(e, self.copy)
                 .and_then(|()| self.device.stream_wait_event(self.merge, e));
             // Queued (or never recorded): the event may be reused.
-            self.recycle(e);
+            self.recycle_handoff(e);
             r
         });
         if let Err(e) = handed {
@@ -1498,7 +1587,12 @@ impl Shared {
             let bytes = merges.iter().map(|(_, op)| op.touched_bytes()).sum();
             let _ = self.timeline_end(self.merge, start, layer.to_string(), "merge", bytes);
         }
-        self.device.record_event(ready, self.merge)?;
+        if let Err(e) = self.device.record_event(ready, self.merge) {
+            // The ready event's last recording is then older than the merges
+            // just queued, and the pages would be freed behind it: let them run.
+            let _ = self.device.stream_synchronize(self.merge);
+            return Err(e);
+        }
         merged
     }
 
@@ -1540,9 +1634,10 @@ impl Shared {
         match st.layers[l].place {
             Place::Alloc(a, _) => {
                 // Its upload may still be queued: the pages are reused only
-                // after the ready event (recorded after the copy) fires. Later
-                // recordings of that event are on the same copy stream, so
-                // they fire after this one.
+                // after the ready event (recorded after the copy and its
+                // merges) fires. Later recordings of that event fire after
+                // this one: on the same stream, or, before one moves from the
+                // merge stream to the copy stream, `upload` waits for it.
                 if self.arena.free_after(a, comp.ready[l]).is_err() {
                     let _ = self
                         .device
