@@ -11,7 +11,9 @@ pub struct TimelineEntry {
     pub layer: String,
     /// What happened: `"upload"` (host→device copy), `"stage"` (a staged
     /// layer read and queued), `"merge"` (fuse-on-upload merges of a layer,
-    /// on the merge stream) or `"wait"` (compute waited for weights).
+    /// on the merge stream; pinned host policy only: a staged layer's
+    /// `"stage"` entry covers queueing its merges) or `"wait"` (compute
+    /// waited for weights).
     pub kind: &'static str,
     /// Start, in seconds since the runtime was made.
     pub start_s: f64,
