@@ -102,9 +102,10 @@ pub struct MergeBenchArgs {
     /// `tensor-cores`. Only with `--backend cuda` or `auto`.
     #[arg(long, value_enum, default_value_t = KernelArg::Auto)]
     pub kernel: KernelArg,
-    /// GPU only: also merge this many copies of W per batched launch
-    /// (`CudaDevice::merge_lowrank_batch`) and compare with one launch per
-    /// copy; 1 (the default) measures no batch.
+    /// GPU only: also merge this many copies of W per batched call
+    /// (`CudaDevice::merge_lowrank_batch`: one launch per 16 copies when the
+    /// adapters are at most 4, else one launch per copy) and compare with one
+    /// launch per copy; 1 (the default) measures no batch.
     #[arg(long, default_value_t = 1)]
     pub tensors: usize,
     /// Print one JSON object with every result instead of the table.

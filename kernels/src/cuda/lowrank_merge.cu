@@ -808,8 +808,9 @@ __device__ __forceinline__ bool offload_batch_job(const OffloadLowRankBatchParam
     return true;
 }
 
-// Three blocks per SM (at most 80 registers; ptxas for sm_80 and sm_90
-// spills 12 bytes for 16-bit W, 44 for f32): more of W's reads in flight.
+// Three blocks per SM (at most 80 registers; ptxas spills 12 bytes for
+// 16-bit W on sm_90, none on sm_80, and 44 for f32): more of W's reads in
+// flight.
 extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 3)
 offload_lowrank_merge_f32(const OffloadLowRankMergeParams p) {
     offload_lowrank_merge<float>(p, blockIdx.x, gridDim.x);

@@ -57,7 +57,7 @@
 //! test needs libnvrtc but no GPU). `--ptxas-options=-v` for sm_80 and sm_90:
 //! no spills in the tensor-core and general kernels; the fp32 FMA low-rank
 //! kernel, held to 80 registers for three blocks per SM, spills 12 bytes
-//! (16-bit W) or 44 bytes (f32 W). The batched kernels (NVRTC 13.0.88, sm_80
+//! for 16-bit W on sm_90 (none on sm_80) and 44 bytes for f32 W. The batched kernels (NVRTC 13.0.88, sm_80
 //! and sm_90): fp32 FMA 80 registers, 12 bytes of spills for 16-bit W and 44
 //! for f32; tensor cores 120 registers for 16-bit W and 128 for f32, no
 //! spills.

@@ -164,6 +164,7 @@ pub struct LowRankMerge<'a, 's> {
 
 /// Byte ranges `[start, end)` of device memory a merge writes (its weight,
 /// or W's row slice) and reads (its factors).
+#[derive(Clone, Debug)]
 struct Access {
     writes: (u64, u64),
     reads: Vec<(u64, u64)>,
@@ -208,9 +209,11 @@ impl Access {
 /// with each other ([`Access::conflicts`]), so the groups may be launched
 /// in any order, and after merges queued later that do not conflict with
 /// them; a merge that conflicts with a waiting one launches every group
-/// first.
-struct Batcher<'d> {
-    device: &'d CudaDevice,
+/// first. `launch_group(batch, dtype code, tensor cores)` queues one
+/// batched launch (on a GPU, [`CudaDevice::launch_lowrank_batch`]; the unit
+/// tests record it instead).
+struct Batcher<L> {
+    launch_group: L,
     stream: StreamId,
     groups: Vec<(LowRankBatchParams, Vec<Access>)>,
     /// Launches queued so far: batched ones, and one per merge that had its
@@ -218,12 +221,13 @@ struct Batcher<'d> {
     launches: usize,
 }
 
-impl<'d> Batcher<'d> {
-    fn new(device: &'d CudaDevice, stream: StreamId) -> Self {
+impl<L: FnMut(&mut LowRankBatchParams, usize, bool) -> Result<()>> Batcher<L> {
+    /// `groups` groups: 2 × the W dtypes (FMA and tensor cores each).
+    fn new(launch_group: L, stream: StreamId, groups: usize) -> Self {
         Batcher {
-            device,
+            launch_group,
             stream,
-            groups: (0..2 * Dtype::ALL.len())
+            groups: (0..groups)
                 .map(|_| (LowRankBatchParams::default(), Vec::new()))
                 .collect(),
             launches: 0,
@@ -266,17 +270,16 @@ impl<'d> Batcher<'d> {
         Ok(())
     }
 
-    /// Launches group `key` if it holds a job.
+    /// Launches group `key` if it holds a job. The group is emptied first:
+    /// a launch that fails is not tried again (by [`Self::fail`]).
     fn launch(&mut self, key: usize) -> Result<()> {
         let (batch, accesses) = &mut self.groups[key];
         if batch.is_empty() {
             return Ok(());
         }
-        let code = key / 2;
-        self.device
-            .launch_lowrank_batch(batch, code, key % 2 == 1, self.stream)?;
-        *batch = LowRankBatchParams::default();
+        let mut batch = std::mem::take(batch);
         accesses.clear();
+        (self.launch_group)(&mut batch, key / 2, key % 2 == 1)?;
         self.launches += 1;
         Ok(())
     }
@@ -295,9 +298,10 @@ impl<'d> Batcher<'d> {
         Ok(self.launches)
     }
 
-    /// After merge `failed` could not be queued: the merges before it are
-    /// queued (as they are when each has a launch of its own), and the
-    /// error is the first of those launches' or `failed`'s.
+    /// After merge `failed` could not be queued: the merges before it that
+    /// are still waiting are queued (as they are when each has a launch of
+    /// its own; a group whose launch failed is not tried again), and the
+    /// error is `failed`, or the first of those launches' errors.
     fn fail(self, failed: Error) -> Error {
         match self.finish() {
             Ok(_) => failed,
@@ -605,8 +609,9 @@ impl CudaDevice {
     ///
     /// Each merge is checked as [`Self::merge_lowrank_with`] checks it; the
     /// first that fails stops the call after the merges before it are
-    /// queued, with its error (a [`Error::Kernel`] message starting with
-    /// "merge i of n").
+    /// queued (but for those of a batched launch that itself failed), with
+    /// its error (a [`Error::Kernel`] message starting with "merge i of n";
+    /// an address error names the address instead).
     pub fn merge_lowrank_batch(
         &self,
         merges: &[LowRankMerge<'_, '_>],
@@ -614,7 +619,10 @@ impl CudaDevice {
         kernel: LowRankKernel,
     ) -> Result<usize> {
         self.stream(stream)?;
-        let mut b = Batcher::new(self, stream);
+        let groups = 2 * Dtype::ALL.len();
+        let launch =
+            |b: &mut LowRankBatchParams, code, mma| self.launch_lowrank_batch(b, code, mma, stream);
+        let mut b = Batcher::new(launch, stream, groups);
         let n = merges.len();
         for (i, m) in merges.iter().enumerate() {
             if let Err(e) = self.batch_lowrank(&mut b, m, kernel) {
@@ -626,9 +634,9 @@ impl CudaDevice {
 
     /// Adds one low-rank merge to `b`, or queues it on its own (after the
     /// waiting merges it conflicts with) when it does not fit a job.
-    fn batch_lowrank(
+    fn batch_lowrank<L: FnMut(&mut LowRankBatchParams, usize, bool) -> Result<()>>(
         &self,
-        b: &mut Batcher<'_>,
+        b: &mut Batcher<L>,
         m: &LowRankMerge<'_, '_>,
         kernel: LowRankKernel,
     ) -> Result<()> {
@@ -705,7 +713,10 @@ impl CudaDevice {
         stream: StreamId,
     ) -> Result<()> {
         self.stream(stream)?;
-        let mut b = Batcher::new(self, stream);
+        let groups = 2 * Dtype::ALL.len();
+        let launch =
+            |b: &mut LowRankBatchParams, code, mma| self.launch_lowrank_batch(b, code, mma, stream);
+        let mut b = Batcher::new(launch, stream, groups);
         let n = ops.len();
         for (i, (off, op)) in ops.iter().enumerate() {
             let w = base.offset(*off);
@@ -717,7 +728,12 @@ impl CudaDevice {
     }
 
     /// Adds one op of a [`Kernel::MergeBatch`](crate::device::Kernel::MergeBatch) to `b`.
-    fn batch_op(&self, b: &mut Batcher<'_>, w: DevicePtr, op: &MergeOp) -> Result<()> {
+    fn batch_op<L: FnMut(&mut LowRankBatchParams, usize, bool) -> Result<()>>(
+        &self,
+        b: &mut Batcher<L>,
+        w: DevicePtr,
+        op: &MergeOp,
+    ) -> Result<()> {
         let batchable = !op.adapters.is_empty()
             && op.adapters.len() <= BATCH_MAX_ADAPTERS
             && op.adapters.iter().all(|a| a.delta.is_low_rank());
@@ -812,7 +828,142 @@ impl CudaDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use offload_kernels::cuda::BATCH_MAX_JOBS;
     use offload_kernels::{Adapter, Factor, KronFactor};
+    use std::collections::BTreeSet;
+
+    /// The grouping on its own, with launches recorded instead of queued:
+    /// random merges over 4 weights of 4 row slices each (batched with a
+    /// random W dtype and kernel, or on their own), reading factors of
+    /// their own, shared ones, or bytes of another merge's weight. Every
+    /// merge is launched once; no launch holds two merges that conflict or
+    /// more than `BATCH_MAX_JOBS`; of two that conflict, the earlier is in
+    /// an earlier launch; disjoint slices of one weight do share launches.
+    #[test]
+    fn batcher_never_groups_conflicting_merges_and_keeps_their_order() {
+        use std::cell::RefCell;
+        let mut state = 0x5eed_u64;
+        let mut next = |n: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        };
+        let mut shared_launches = 0;
+        for _ in 0..300 {
+            // Launches: the merges each holds, in queue order.
+            let log: RefCell<Vec<Vec<usize>>> = RefCell::new(Vec::new());
+            let record = |b: &mut LowRankBatchParams, _code: usize, _mma: bool| {
+                assert!(b.len() <= BATCH_MAX_JOBS);
+                log.borrow_mut()
+                    .push(b.jobs[..b.len()].iter().map(|j| j.w as usize).collect());
+                Ok(())
+            };
+            let mut b = Batcher::new(record, StreamId(0), 6);
+            let mut accesses = Vec::new();
+            for i in 0..(1 + next(40) as usize) {
+                let weight = 10_000 * next(4);
+                let slice = weight + 100 * next(4);
+                let writes = (slice, slice + 100 * (1 + next(2)));
+                let reads = (0..1 + next(3))
+                    .map(|_| match next(4) {
+                        // Another merge's weight bytes.
+                        0 => {
+                            let at = 10_000 * next(4) + next(400);
+                            (at, at + 8)
+                        }
+                        // A factor shared with others, or one of its own.
+                        1 => (90_000, 90_064),
+                        _ => {
+                            let at = 100_000 + 1_000 * i as u64;
+                            (at, at + 64)
+                        }
+                    })
+                    .collect();
+                let access = Access { writes, reads };
+                if next(5) == 0 {
+                    b.before(&access).unwrap();
+                    log.borrow_mut().push(vec![i]);
+                } else {
+                    let job = LowRankJobParams {
+                        w: i as u64,
+                        cols: 1,
+                        ..LowRankJobParams::default()
+                    };
+                    let blocks = 1 + next(64) as u32;
+                    b.push(next(6) as usize, job, blocks, access.clone())
+                        .unwrap();
+                }
+                accesses.push(access);
+            }
+            b.finish().unwrap();
+            let log = log.into_inner();
+            let mut launch_of = vec![usize::MAX; accesses.len()];
+            for (k, launch) in log.iter().enumerate() {
+                for &i in launch {
+                    assert_eq!(launch_of[i], usize::MAX, "merge {i} launched twice");
+                    launch_of[i] = k;
+                }
+                for (x, &i) in launch.iter().enumerate() {
+                    for &j in &launch[x + 1..] {
+                        assert!(
+                            !accesses[i].conflicts(&accesses[j]),
+                            "merges {i} and {j} conflict but share launch {k}: {log:?}"
+                        );
+                    }
+                }
+                let weights: BTreeSet<u64> = launch
+                    .iter()
+                    .map(|&i| accesses[i].writes.0 / 10_000)
+                    .collect();
+                if weights.len() < launch.len() {
+                    shared_launches += 1;
+                }
+            }
+            for i in 0..accesses.len() {
+                assert_ne!(launch_of[i], usize::MAX, "merge {i} never launched");
+                for j in i + 1..accesses.len() {
+                    if accesses[i].conflicts(&accesses[j]) {
+                        assert!(
+                            launch_of[i] < launch_of[j],
+                            "merge {i} conflicts with {j} but is not launched before it: {log:?}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(
+            shared_launches > 0,
+            "no launch held two slices of one weight"
+        );
+    }
+
+    /// A group whose launch fails is not launched again when the call
+    /// fails, and its error is the one reported.
+    #[test]
+    fn a_failed_group_launch_is_not_retried() {
+        let tries = std::cell::Cell::new(0);
+        let fail = |_: &mut LowRankBatchParams, _: usize, _: bool| {
+            tries.set(tries.get() + 1);
+            Err(merge_error("refused".into()))
+        };
+        let mut b = Batcher::new(fail, StreamId(0), 2);
+        let access = |w: u64| Access {
+            writes: (w, w + 10),
+            reads: Vec::new(),
+        };
+        let job = LowRankJobParams {
+            cols: 1,
+            ..LowRankJobParams::default()
+        };
+        b.push(0, job, 1, access(0)).unwrap();
+        // A merge over the same weight launches the waiting group first.
+        let e = b.before(&access(5)).unwrap_err();
+        assert_eq!(tries.get(), 1);
+        let e = b.fail(e);
+        assert_eq!(tries.get(), 1, "the failed group was launched again");
+        assert!(e.to_string().contains("refused"), "{e}");
+    }
 
     #[test]
     fn accesses_conflict_where_one_writes_what_the_other_touches() {
