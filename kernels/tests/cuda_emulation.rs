@@ -5,12 +5,21 @@
 //! CUDA thread as an OS thread, one block at a time, with a barrier for
 //! `__syncthreads()`; `tests/cuda_emulation/emulate.cpp` launches it on
 //! random merges and checks every element against an f64 reference with the
-//! same tolerance as the CPU tests. This checks the indexing, tiling,
-//! synchronisation and rounding of the source, and that it is valid C++; it
-//! does not check NVRTC, the GPU memory model or speed.
+//! same tolerance as the CPU tests, and rows outside the merged slice bit for
+//! bit. The batched kernels' cases also check that each job's slice is
+//! bit-identical (memcmp) to the same job launched alone through the
+//! one-tensor kernel with the job's number of blocks, and include jobs that
+//! merge disjoint row slices of one W buffer (a fused qkv weight), whose rows
+//! outside every slice, and a guard row past its end, must stay as they were
+//! bit for bit. This checks the indexing, tiling, synchronisation and
+//! rounding of the source, and that it is valid C++; it does not check NVRTC,
+//! the GPU memory model (blocks run one at a time, so a race between blocks
+//! is not seen) or speed.
 //!
-//! A second test compiles mutants of the batched kernels' job lookup and
-//! block numbering and checks that the emulation catches each of them.
+//! A second test compiles mutants of the batched kernels (the job lookup,
+//! the block numbering within a job, the adapters' order, the kernel body,
+//! the row slice's extent) and checks that the emulation catches each of
+//! them, three of them by the bit-identity or untouched-rows checks alone.
 //!
 //! Ignored by default (they need g++ ≥ 12 with C++20 and `_Float16`, and
 //! take a minute or two): `cargo test -p offload-kernels --test
@@ -86,40 +95,102 @@ fn cuda_source_matches_reference_in_cpu_emulation() {
     assert!(stdout.contains("all: 100 cases, 0 failures"), "{stdout}");
 }
 
-/// Each mutant of the batched kernels (a job lookup one block off, a block
-/// index or block count not taken within the job) makes both batched groups
-/// of the emulation fail; the unmutated source passes them.
+/// Each mutant of the batched kernels makes the batched groups of the
+/// emulation it touches fail, and the other one (if any) pass; the unmutated
+/// source passes. A job lookup one block off, or a block index or block
+/// count not taken within the job, fails every check. Three mutants pass the
+/// f64 check and are caught only by one of the others: a job's adapters
+/// merged in another order, or the batched tensor-core kernel running the
+/// fp32 FMA body (not bit-identical to the job launched alone), and W's
+/// place one row longer than the slice (the row past it is written back
+/// with zero added: only the negative zeros outside every slice see it).
 #[test]
 #[ignore = "needs g++ (C++20, _Float16); run with --ignored"]
 fn batched_kernel_mutants_fail_the_emulation() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let source = std::fs::read_to_string(root.join("src/cuda/lowrank_merge.cu")).unwrap();
+    const BOTH: &[&str] = &["batch: ", "batch-mma: "];
+    const NOT_ALONE: &str = "not bit-identical to the job launched alone";
+    struct Mutant {
+        what: &'static str,
+        from: &'static str,
+        to: &'static str,
+        count: usize,
+        /// The groups it must fail; the other batched group must pass.
+        fails: &'static [&'static str],
+        /// The only check that catches it (not the f64 one), by a message
+        /// only that check prints.
+        caught_by: Option<&'static str>,
+    }
     let mutants = [
-        (
-            "job lookup: the first block of a job taken as the previous job's",
-            "if (k < n && b >= p.first_block[k])",
-            "if (k < n && b > p.first_block[k])",
-            1,
-        ),
-        (
-            "block index: the grid's, not the job's",
-            "blockIdx.x - p.first_block[j],",
-            "blockIdx.x,",
-            2,
-        ),
-        (
-            "block count: the grid's, not the job's",
-            "p.first_block[j + 1] - p.first_block[j])",
-            "gridDim.x)",
-            2,
-        ),
+        Mutant {
+            what: "job lookup: the first block of a job taken as the previous job's",
+            from: "if (k < n && b >= p.first_block[k])",
+            to: "if (k < n && b > p.first_block[k])",
+            count: 1,
+            fails: BOTH,
+            caught_by: None,
+        },
+        Mutant {
+            what: "block index: the grid's, not the job's",
+            from: "blockIdx.x - p.first_block[j],",
+            to: "blockIdx.x,",
+            count: 2,
+            fails: BOTH,
+            caught_by: None,
+        },
+        Mutant {
+            what: "block count: the grid's, not the job's",
+            from: "p.first_block[j + 1] - p.first_block[j])",
+            to: "gridDim.x)",
+            count: 2,
+            fails: BOTH,
+            caught_by: None,
+        },
+        Mutant {
+            what: "adapter order: a job's first two adapters swapped",
+            from: "p.jobs[j], blockIdx.x",
+            to: "[&] { OffloadLowRankJob q = p.jobs[j]; if (q.num_adapters > 1) { \
+                 const OffloadLowRankAdapter t = q.adapters[0]; q.adapters[0] = q.adapters[1]; \
+                 q.adapters[1] = t; } return q; }(), blockIdx.x",
+            count: 2,
+            fails: BOTH,
+            caught_by: Some(NOT_ALONE),
+        },
+        Mutant {
+            what: "kernel body: the batched tensor-core kernel runs the fp32 FMA one",
+            from: "offload_lowrank_merge_mma<T>(p.jobs[j]",
+            to: "offload_lowrank_merge<T>(p.jobs[j]",
+            count: 1,
+            fails: &["batch-mma: "],
+            caught_by: Some(NOT_ALONE),
+        },
+        Mutant {
+            // Adds zero to the row past the slice and stores it: on a GPU, a
+            // race with the job that owns that row in a fused weight.
+            what: "row slice: W's place one row longer than the slice",
+            from: "offload_w_place<T>(p.w, p.rows, ",
+            to: "offload_w_place<T>(p.w, p.rows + 1, ",
+            count: 4,
+            fails: BOTH,
+            caught_by: Some("outside every slice changed"),
+        },
     ];
     let tmp = std::env::temp_dir().join(format!("offload-cuda-mutants-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let exe = tmp.join("emulate");
-    for (what, from, to, count) in mutants {
-        // Every batched entry point (fp32 FMA and tensor cores) is mutated:
-        // the job lookup is shared, the rest is written out in each.
+    for m in mutants {
+        let Mutant {
+            what,
+            from,
+            to,
+            count,
+            fails,
+            caught_by,
+        } = m;
+        // Every occurrence is mutated: the job lookup is shared,
+        // the rest is written out in each batched entry point (fp32 FMA and
+        // tensor cores), and W's place in each kernel body.
         assert_eq!(source.matches(from).count(), count, "{what}: `{from}`");
         std::fs::write(tmp.join("lowrank_merge.cu"), source.replace(from, to)).unwrap();
         compile(&exe, &tmp);
@@ -127,12 +198,24 @@ fn batched_kernel_mutants_fail_the_emulation() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         eprintln!("mutant ({what}):\n{stdout}");
         assert!(!out.status.success(), "{what}: not caught:\n{stdout}");
-        for group in ["batch: ", "batch-mma: "] {
+        for group in BOTH {
             let line = stdout
                 .lines()
                 .find(|l| l.starts_with(group))
                 .unwrap_or_else(|| panic!("{what}: no `{group}` line:\n{stdout}"));
-            assert!(!line.ends_with(" 0 failures"), "{what}: {line}");
+            let passed = line.ends_with(" 0 failures");
+            assert_eq!(passed, !fails.contains(group), "{what}: {line}");
+        }
+        if let Some(message) = caught_by {
+            assert!(
+                stdout.contains(message),
+                "{what}: no `{message}`:\n{stdout}"
+            );
+            // The f64 check's message (`got .., exact .., allowed ..`).
+            assert!(
+                !stdout.contains(", allowed "),
+                "{what}: the f64 check fails:\n{stdout}"
+            );
         }
     }
     // The same run on the unmutated source passes.

@@ -69,11 +69,17 @@
 //! merges from all three kernels matches the f64 reference within the CPU
 //! tests' tolerance (`tests/cuda_emulation.rs`, ignored by default; grids of
 //! one to many blocks per column strip, and blocks that must merge nothing);
-//! so does every tensor of batched launches of 2 to 16 tensors of different
+//! so does every tensor of batched launches of 4 to 16 tensors of different
 //! shapes and row slices, each with its own block count (blocks past a
-//! job's whole strips and past the last job included), and mutants of the
-//! batched kernels' job lookup, in-job block index and in-job block count
-//! fail it.
+//! job's whole strips and past the last job included), some of them
+//! disjoint row slices of one W buffer (as in a fused qkv weight). Each
+//! job's slice is also bit-identical (memcmp) to the same job launched
+//! alone through the one-tensor kernel with its block count, and every row
+//! outside all slices (and a guard row past the buffer) is unchanged bit
+//! for bit. Mutants of the batched kernels' job lookup, in-job block index
+//! and in-job block count fail it, and so do three that pass the f64 check
+//! (a job's adapters reordered, the batched tensor-core kernel running the
+//! FMA body, a slice's blocks writing back the row past it).
 //! That emulation checks the kernels against our reading of the fragment
 //! layout, not against the hardware: the runtime's GPU tests (`gpu_merge_*`)
 //! do that on a GPU (`scripts/gpu-check`), and report the tensor cores'

@@ -19,12 +19,23 @@
 //            random factor dtypes, LoKr shapes from random divisors of the
 //            slice's rows and columns. Twice as many cases as the others.
 //   batch, batch-mma: the batched low-rank kernels (fp32 FMA, tensor cores);
-//            2 to 6 tensors ("jobs") per launch of different shapes and row
+//            4 to 6 tensors ("jobs") per launch of different shapes and row
 //            slices, 1 to 4 adapters each (one case with the most jobs a
 //            launch takes, one job with the most adapters), each job its own
 //            number of blocks (from one per column strip to one per tile,
 //            sometimes not a whole number per strip), and sometimes blocks
-//            past the last job. Half as many cases as lowrank (at least 2).
+//            past the last job. In every case some jobs (2 or 3 at a time)
+//            merge disjoint row slices of one W buffer: back to back over all
+//            of it, as in a fused qkv weight, or with rows between and around
+//            them. Besides the f64 check, each job's slice must be
+//            bit-identical (memcmp) to the same job launched alone through
+//            the one-tensor kernel (offload_lowrank_merge_*, or
+//            offload_lowrank_merge_mma_*) with the job's number of blocks, on
+//            a copy of its buffer as it was; and each buffer's rows outside
+//            every slice, and a guard row past its end, bit-identical to
+//            before. Those rows hold negative zeros, so that a block writing
+//            back a value it read there (W + 0) is seen too. Half as many
+//            cases as lowrank (at least 2).
 // Every group uses random row slices (and the whole weight every third case).
 // Exit status 0 when every element of every case passes; the last line is
 // "all: N cases, F failures".
@@ -273,30 +284,54 @@ static void rand_slice(int c, unsigned max_out, unsigned& out, unsigned& r0, uns
     }
 }
 
-static long check(const char* group, int c, const Weight& W) {
+// Rows of a weight (out x cols elements of dtype dt, then `guard` more rows
+// past its end) that no merge covers (covered[i] false) must be
+// bit-identical to w0. `where` names the weight in messages, `outside` the
+// rows checked.
+static long check_untouched(const char* group, int c, const char* where, const char* outside, unsigned dt,
+                            unsigned rows, unsigned cols, const std::vector<unsigned char>& w,
+                            const std::vector<unsigned char>& w0, const std::vector<bool>& covered) {
     long failures = 0;
-    const size_t sz = dsize(W.dt);
-    for (unsigned i = 0; i < W.out; ++i) {
-        for (unsigned j = 0; j < W.cols; ++j) {
-            const size_t at = (size_t)i * W.cols + j;
-            if (i < W.r0 || i >= W.r0 + W.n) {
-                if (std::memcmp(&W.w[at * sz], &W.w0[at * sz], sz) != 0) {
-                    if (failures++ < 5)
-                        std::printf("%s case %d: [%u, %u] outside the slice changed\n", group, c, i, j);
-                }
-                continue;
-            }
-            const size_t e = (size_t)(i - W.r0) * W.cols + j;
-            const double got = decode(W.dt, W.w.data(), at);
-            const double allowed = ulp(W.dt, W.exact[e]) + 1e-5 * W.bound[e];
-            if (std::isnan(got) || !(std::fabs(got - W.exact[e]) <= allowed)) {
+    const size_t sz = dsize(dt), row = (size_t)cols * sz;
+    for (unsigned i = 0; i < rows; ++i) {
+        if (covered[i] || std::memcmp(&w[i * row], &w0[i * row], row) == 0) continue;
+        for (unsigned j = 0; j < cols; ++j) {
+            const size_t at = ((size_t)i * cols + j) * sz;
+            if (std::memcmp(&w[at], &w0[at], sz) != 0) {
                 if (failures++ < 5)
-                    std::printf("%s case %d: [%u, %u] W dtype %u: got %.9g, exact %.9g, allowed %g\n", group, c, i,
-                                j, W.dt, got, W.exact[e], allowed);
+                    std::printf("%s case %d%s: [%u, %u] %s changed\n", group, c, where, i, j, outside);
             }
         }
     }
     return failures;
+}
+
+// Rows r0 .. r0 + n - 1 of `w` (dtype dt, `cols` columns) against the f64
+// expectation over the slice (exact, bound: n x cols).
+static long check_values(const char* group, int c, const char* where, unsigned dt, unsigned cols, unsigned r0,
+                         unsigned n, const std::vector<unsigned char>& w, const std::vector<double>& exact,
+                         const std::vector<double>& bound) {
+    long failures = 0;
+    for (unsigned i = r0; i < r0 + n; ++i) {
+        for (unsigned j = 0; j < cols; ++j) {
+            const size_t e = (size_t)(i - r0) * cols + j;
+            const double got = decode(dt, w.data(), (size_t)i * cols + j);
+            const double allowed = ulp(dt, exact[e]) + 1e-5 * bound[e];
+            if (std::isnan(got) || !(std::fabs(got - exact[e]) <= allowed)) {
+                if (failures++ < 5)
+                    std::printf("%s case %d%s: [%u, %u] W dtype %u: got %.9g, exact %.9g, allowed %g\n", group,
+                                c, where, i, j, dt, got, exact[e], allowed);
+            }
+        }
+    }
+    return failures;
+}
+
+static long check(const char* group, int c, const Weight& W) {
+    std::vector<bool> covered(W.out, false);
+    for (unsigned i = W.r0; i < W.r0 + W.n; ++i) covered[i] = true;
+    return check_untouched(group, c, "", "outside the slice", W.dt, W.out, W.cols, W.w, W.w0, covered) +
+           check_values(group, c, "", W.dt, W.cols, W.r0, W.n, W.w, W.exact, W.bound);
 }
 
 template <typename T>
@@ -382,49 +417,150 @@ static long lowrank_cases(int cases, bool mma) {
     return failures;
 }
 
-// Batched cases for the batched kernels (mma: the tensor-core one). Every
-// job's W is its own buffer; each is checked like a one-tensor case.
+// A W buffer of a batched case: one tensor, or a fused weight (such as a
+// qkv projection) of which several jobs merge disjoint row slices. Rows
+// outside every slice are negative zeros, and so is one guard row past the
+// weight's end (what an arena puts there): a block that writes back a value
+// it read there (W + 0, which is W for any other value) turns one into +0.
+struct BatchBuffer {
+    unsigned out, cols;
+    std::vector<unsigned char> w, w0;  // (out + 1) x cols: the weight, then the guard row
+    std::vector<bool> covered;         // rows in some job's slice
+    std::vector<unsigned> jobs;
+};
+
+// A job of a batched case: its slice of a buffer, its f64 expectation, and
+// its blocks in the grid.
+struct BatchJob {
+    unsigned buf, r0, n, blocks;
+    std::vector<double> exact, bound;
+};
+
+// The slice rows r0 .. r0 + n - 1 of `w` and `alone` (dtype dt, `cols`
+// columns) byte for byte: the batched launch's result against the one of
+// the job launched alone.
+static long check_identical(const char* group, int c, unsigned job, unsigned dt, unsigned cols, unsigned r0,
+                            unsigned n, const std::vector<unsigned char>& w,
+                            const std::vector<unsigned char>& alone) {
+    const size_t sz = dsize(dt), first = (size_t)r0 * cols * sz, len = (size_t)n * cols * sz;
+    if (std::memcmp(&w[first], &alone[first], len) == 0) return 0;
+    long differ = 0;
+    size_t at0 = 0;
+    for (size_t e = (size_t)r0 * cols; e < (size_t)(r0 + n) * cols; ++e) {
+        if (std::memcmp(&w[e * sz], &alone[e * sz], sz) != 0 && differ++ == 0) at0 = e;
+    }
+    std::printf("%s case %d job %u: %ld of %zu elements not bit-identical to the job launched alone, first "
+                "[%zu, %zu] W dtype %u: batched %.9g, alone %.9g\n",
+                group, c, job, differ, (size_t)n * cols, at0 / cols, at0 % cols, dt, decode(dt, w.data(), at0),
+                decode(dt, alone.data(), at0));
+    return differ;
+}
+
+// Batched cases for the batched kernels (mma: the tensor-core one). Jobs 0
+// and 1 (special shapes, below) and some others have a buffer of their own;
+// the others come in groups of 2 or 3 that merge row slices of one buffer
+// (at least one group per case). Each job's slice is checked against the
+// f64 reference like a one-tensor case, and byte for byte against the same
+// job launched alone through the one-tensor kernel, on a copy of its buffer
+// as it was before the batched launch, with the job's number of blocks;
+// each buffer's rows outside every slice (and its guard row) must be
+// unchanged, bit for bit.
 static long batch_cases(int cases, bool mma) {
     const char* group = mma ? "batch-mma" : "batch";
     long failures = 0, elements = 0, jobs_total = 0, blocks_total = 0, idle_total = 0;
+    long shared_buffers = 0, shared_jobs = 0, fused_buffers = 0, identical = 0;
     for (int c = 0; c < cases; ++c) {
         // The first case: the most jobs a launch takes, small ones.
         const bool full = c == 0;
-        const unsigned num_jobs = full ? OFFLOAD_BATCH_MAX_JOBS : 2 + rng() % 5;
+        const unsigned num_jobs = full ? OFFLOAD_BATCH_MAX_JOBS : 4 + rng() % 3;
+        const unsigned wdt = rng() % 3;  // one W dtype per launch
+        std::vector<BatchBuffer> bufs;
+        std::vector<BatchJob> jobs;
+        bufs.reserve(num_jobs);
+        jobs.reserve(num_jobs);
+        auto add_buffer = [&](unsigned out, unsigned cols) {
+            BatchBuffer B;
+            B.out = out;
+            B.cols = cols;
+            B.covered.assign(out + 1, false);
+            bufs.push_back(std::move(B));
+            return (unsigned)bufs.size() - 1;
+        };
+        auto add_job = [&](unsigned buf, unsigned r0, unsigned n) {
+            BatchJob J;
+            J.buf = buf;
+            J.r0 = r0;
+            J.n = n;
+            J.blocks = 0;
+            bufs[buf].jobs.push_back((unsigned)jobs.size());
+            for (unsigned i = r0; i < r0 + n; ++i) bufs[buf].covered[i] = true;
+            jobs.push_back(std::move(J));
+        };
+        // The first job of every case: three tiles down a row slice, one
+        // block per column strip (each walks its strip), the most adapters
+        // a job takes. The second: three column strips and four tiles down,
+        // a block per tile (more blocks than most jobs).
+        add_job(add_buffer(75, 1 + rng() % (full ? 140 : 300)), 5, 65 + rng() % 5);
+        add_job(add_buffer(130, 300 + rng() % 60), 2, 120);
+        while (jobs.size() < num_jobs) {
+            const unsigned left = num_jobs - (unsigned)jobs.size();
+            const unsigned k = std::min<unsigned>(left, bufs.size() == 2 ? 2 + rng() % 2 : 1 + rng() % 3);
+            const unsigned cols = 1 + rng() % (full ? 140 : 300);
+            if (k == 1) {
+                unsigned out, r0, n;
+                rand_slice(c + (int)jobs.size(), full ? 40 : 110, out, r0, n);
+                add_job(add_buffer(out, cols), r0, n);
+                continue;
+            }
+            // k slices of one buffer: back to back over all of it (a fused
+            // weight such as qkv), or with rows between and around them
+            // (sometimes none); the jobs take them in row order or reversed.
+            const bool fused = rng() % 2 == 0;
+            std::vector<unsigned> r0s, ns;
+            unsigned row = fused ? 0 : rng() % 8;
+            for (unsigned i = 0; i < k; ++i) {
+                r0s.push_back(row);
+                ns.push_back(1 + rng() % (full ? 30 : 75));
+                row += ns.back() + (fused ? 0 : rng() % 8);
+            }
+            const unsigned buf = add_buffer(row, cols);
+            const bool reversed = rng() % 2 == 0;
+            for (unsigned i = 0; i < k; ++i) {
+                const unsigned s = reversed ? k - 1 - i : i;
+                add_job(buf, r0s[s], ns[s]);
+            }
+            shared_buffers++;
+            shared_jobs += k;
+            fused_buffers += fused;
+        }
+        for (BatchBuffer& B : bufs) {
+            B.w.resize((size_t)(B.out + 1) * B.cols * dsize(wdt));
+            for (unsigned i = 0; i <= B.out; ++i)
+                for (unsigned j = 0; j < B.cols; ++j)
+                    encode(wdt, B.w.data(), (size_t)i * B.cols + j, B.covered[i] ? 2 * uniform(rng) : -0.0f);
+            B.w0 = B.w;
+        }
+
         OffloadLowRankBatchParams p{};
         p.num_jobs = num_jobs;
-        std::vector<Weight> ws;
-        ws.reserve(num_jobs);
         std::vector<Mat> store;
         store.reserve(2 * OFFLOAD_BATCH_MAX_ADAPTERS * num_jobs);
         unsigned next_block = 0;
-        const unsigned wdt = rng() % 3;  // one W dtype per launch
         for (unsigned j = 0; j < num_jobs; ++j) {
-            unsigned out, r0, n, cols;
-            rand_slice(c + (int)j, full ? 40 : 110, out, r0, n);
-            cols = 1 + rng() % (full ? 140 : 300);
-            // The first job of every case: three tiles down a row slice, one
-            // block per column strip (each walks its strip), the most
-            // adapters a job takes. The second: three column strips and four
-            // tiles down, a block per tile (more blocks than most jobs).
-            if (j == 0) {
-                out = 75;
-                r0 = 5;
-                n = 65 + rng() % 5;
+            BatchJob& J = jobs[j];
+            const BatchBuffer& B = bufs[J.buf];
+            const unsigned n = J.n, cols = B.cols;
+            J.exact.resize((size_t)n * cols);
+            J.bound.resize((size_t)n * cols);
+            for (size_t e = 0; e < (size_t)n * cols; ++e) {
+                J.exact[e] = decode(wdt, B.w0.data(), (size_t)J.r0 * cols + e);
+                J.bound[e] = std::fabs(J.exact[e]);
             }
-            if (j == 1) {
-                out = 130;
-                r0 = 2;
-                n = 120;
-                cols = 300 + rng() % 60;
-            }
-            ws.push_back(rand_weight(out, cols, r0, n, wdt));
-            Weight& W = ws.back();
             OffloadLowRankJob& job = p.jobs[j];
-            job.w = (unsigned long long)W.w.data();
+            job.w = (unsigned long long)B.w.data();
             job.rows = n;
             job.cols = cols;
-            job.row0 = r0;
+            job.row0 = J.r0;
             job.num_adapters = j == 0 ? OFFLOAD_BATCH_MAX_ADAPTERS : 1 + rng() % OFFLOAD_BATCH_MAX_ADAPTERS;
             for (unsigned a = 0; a < job.num_adapters; ++a) {
                 // Small ranks in every third job (A kept across tiles).
@@ -439,7 +575,10 @@ static long batch_cases(int cases, bool mma) {
                 job.adapters[a] = {up.addr(), down.addr(), rank, udt, ddt, scale};
                 std::vector<double> d, da;
                 matmul(up, down, d, da);
-                add_delta(W, scale, d, da);
+                for (size_t e = 0; e < d.size(); ++e) {
+                    J.exact[e] += (double)scale * d[e];
+                    J.bound[e] += std::fabs((double)scale) * da[e];
+                }
             }
             // The job's blocks: a whole number per column strip (one, a few,
             // or one per tile), and in some jobs a few more than a whole
@@ -450,8 +589,9 @@ static long batch_cases(int cases, bool mma) {
             unsigned per_strip = pick_per == 0 ? 1 : (pick_per == 1 ? 1 + rng() % 3 : 1000);
             per_strip = std::max(1u, std::min(per_strip, tiles_y));
             const unsigned extra = tiles_x > 1 && (j == 0 || rng() % 3 == 0) ? 1 + rng() % (tiles_x - 1) : 0;
+            J.blocks = tiles_x * per_strip + extra;
             p.first_block[j] = next_block;
-            next_block += tiles_x * per_strip + extra;
+            next_block += J.blocks;
             idle_total += extra;
             elements += (long)n * cols;
         }
@@ -468,12 +608,51 @@ static long batch_cases(int cases, bool mma) {
                              offload_lowrank_merge_batch_bf16),
                         p, OFFLOAD_LR_THREADS, 1, next_block + after, 1);
         }
-        for (const Weight& W : ws) failures += check(group, c, W);
+
+        char where[64];
+        for (unsigned j = 0; j < num_jobs; ++j) {
+            const BatchJob& J = jobs[j];
+            const BatchBuffer& B = bufs[J.buf];
+            std::snprintf(where, sizeof where, " job %u", j);
+            failures += check_values(group, c, where, wdt, B.cols, J.r0, J.n, B.w, J.exact, J.bound);
+            // The job alone: the one-tensor kernel on a copy of the buffer as
+            // it was, with the job's parameters and blocks.
+            std::vector<unsigned char> alone = B.w0;
+            OffloadLowRankMergeParams q{};
+            q.w = (unsigned long long)alone.data();
+            q.rows = p.jobs[j].rows;
+            q.cols = p.jobs[j].cols;
+            q.row0 = p.jobs[j].row0;
+            q.num_adapters = p.jobs[j].num_adapters;
+            for (unsigned a = 0; a < q.num_adapters; ++a) q.adapters[a] = p.jobs[j].adapters[a];
+            if (mma) {
+                launch_grid(pick(wdt, offload_lowrank_merge_mma_f32, offload_lowrank_merge_mma_f16,
+                                 offload_lowrank_merge_mma_bf16),
+                            q, OFFLOAD_LR_THREADS, 1, J.blocks, 1);
+            } else {
+                launch_grid(
+                    pick(wdt, offload_lowrank_merge_f32, offload_lowrank_merge_f16, offload_lowrank_merge_bf16), q,
+                    OFFLOAD_LR_THREADS, 1, J.blocks, 1);
+            }
+            const long differ = check_identical(group, c, j, wdt, B.cols, J.r0, J.n, B.w, alone);
+            failures += differ;
+            identical += differ == 0;
+        }
+        for (size_t b = 0; b < bufs.size(); ++b) {
+            const BatchBuffer& B = bufs[b];
+            std::snprintf(where, sizeof where, " buffer %zu (job%s", b, B.jobs.size() > 1 ? "s" : "");
+            for (unsigned j : B.jobs) std::snprintf(where + std::strlen(where), sizeof where - std::strlen(where), " %u", j);
+            std::snprintf(where + std::strlen(where), sizeof where - std::strlen(where), ")");
+            failures += check_untouched(group, c, where, "outside every slice", wdt, B.out + 1, B.cols, B.w, B.w0,
+                                        B.covered);
+        }
         jobs_total += num_jobs;
         blocks_total += next_block + after;
     }
-    std::printf("%s: %d cases, %ld jobs, %ld blocks (%ld with no tile), %ld elements, %ld failures\n", group,
-                cases, jobs_total, blocks_total, idle_total, elements, failures);
+    std::printf("%s: %d cases, %ld jobs (%ld in %ld shared buffers, %ld of them fused), %ld blocks (%ld with no "
+                "tile), %ld elements, %ld of %ld jobs bit-identical to their launch alone, %ld failures\n",
+                group, cases, jobs_total, shared_jobs, shared_buffers, fused_buffers, blocks_total, idle_total,
+                elements, identical, jobs_total, failures);
     return failures;
 }
 
