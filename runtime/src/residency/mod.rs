@@ -962,6 +962,11 @@ impl Shared {
                 .remove(&e);
             return Ok(e);
         }
+        self.new_event()
+    }
+
+    /// A new event, destroyed with the runtime.
+    fn new_event(&self) -> Result<EventId> {
         let e = self.device.create_event()?;
         self.created_events
             .lock()
@@ -987,15 +992,10 @@ impl Shared {
     /// may still be watched by the arena (`Arena::free_after`), which relies
     /// on its next recording following the work it covers.
     fn handoff_event(&self) -> Result<EventId> {
-        if let Ok(e) = self.handoff_rx.try_recv() {
-            return Ok(e);
+        match self.handoff_rx.try_recv() {
+            Ok(e) => Ok(e),
+            Err(_) => self.new_event(),
         }
-        let e = self.device.create_event()?;
-        self.created_events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(e);
-        Ok(e)
     }
 
     fn recycle_handoff(&self, e: EventId) {
