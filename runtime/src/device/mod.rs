@@ -167,8 +167,12 @@ pub enum Kernel {
     /// each (`offload_kernels::cuda::BATCH_MAX_JOBS`), each op's result
     /// bit-identical to its own launch; other ops (LoHa, LoKr, more
     /// adapters) get a launch of their own, as [`Kernel::Merge`] would.
-    /// An error names the op (its index, weight and address) and says what
-    /// [`Kernel::Merge`] of that op would have said.
+    /// A kernel error names the op (its index, weight and address) and says
+    /// what [`Kernel::Merge`] of that op would have said; an address error
+    /// names the address. When an op fails, the ops before it may already
+    /// be queued (on CUDA, but for those of a batched launch that failed;
+    /// on the host backend, every other op still runs): the weights of a
+    /// failed batch are undefined, as after a failed [`Kernel::Merge`].
     MergeBatch {
         /// The address the offsets count from.
         base: DevicePtr,
