@@ -8,25 +8,16 @@
 //! every device allocation.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use offload_runtime::device::{Device, DeviceExt, HostConfig, HostDevice, StreamId};
+use offload_runtime::device::{Device, DeviceExt, HostConfig, HostDevice};
 use offload_runtime::lora::LoraMode;
-use offload_runtime::residency::{
-    HostPolicy, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig,
-};
+use offload_runtime::residency::{HostPolicy, LayerId, Mode, ModelId, Policy, RuntimeConfig};
 use offload_runtime::Error;
 
 mod common;
 
 use common::lora::{bindings, check, f16_model, Kind, Set};
-use common::{model, uniform, MemSource, PAGE};
-
-struct Setup {
-    dev: Arc<HostDevice>,
-    compute: StreamId,
-    rt: Runtime,
-}
+use common::{cfg, model, setup_on, uniform, MemSource, Setup, PAGE};
 
 fn device() -> Arc<HostDevice> {
     Arc::new(
@@ -42,28 +33,7 @@ fn device() -> Arc<HostDevice> {
 fn setup(cfg: RuntimeConfig) -> Setup {
     let dev = device();
     assert!(!dev.maps_pages());
-    let compute = dev.create_stream().unwrap();
-    let rt = Runtime::new(dev.clone(), compute, cfg).unwrap();
-    Setup { dev, compute, rt }
-}
-
-fn cfg(
-    mode: Mode,
-    policy: Policy,
-    depth: usize,
-    device_pages: usize,
-    high_pages: Option<usize>,
-) -> RuntimeConfig {
-    RuntimeConfig {
-        mode: Some(mode),
-        policy,
-        prefetch_depth: depth,
-        device_memory: Some(device_pages * PAGE),
-        high_watermark: high_pages.map(|p| p * PAGE),
-        low_watermark: Some(0),
-        wait_timeout: Duration::from_secs(20),
-        ..RuntimeConfig::default()
-    }
+    setup_on(dev, cfg)
 }
 
 /// The device has mapped nothing, and holds in plain allocations exactly
@@ -83,33 +53,11 @@ fn nothing_mapped(s: &Setup) {
     assert_eq!(c.pages_allocated, s.rt.arena().pages_held());
 }
 
-/// Acquire every layer of component `c` in order, check each tensor's bytes
-/// as the compute stream sees them, and return the bytes uploaded meanwhile.
+/// [`common::pass`], then: nothing mapped.
 fn pass(s: &Setup, m: ModelId, src: &MemSource, c: usize) -> u64 {
-    s.rt.synchronize().unwrap();
-    let before = s.rt.stats().bytes_h2d;
-    for l in 0..src.data[c].len() {
-        let g =
-            s.rt.acquire(LayerId {
-                model: m,
-                component: c,
-                layer: l,
-            })
-            .unwrap();
-        for (t, view) in g.tensors().enumerate() {
-            let mut back = vec![0u8; view.bytes];
-            s.dev.read_blocking(view.ptr, &mut back, s.compute).unwrap();
-            assert!(
-                back == src.data[c][l][t],
-                "tensor {} differs when the compute stream reads it",
-                view.name
-            );
-        }
-        drop(g);
-    }
-    s.rt.synchronize().unwrap();
+    let moved = common::pass(s, m, src, c);
     nothing_mapped(s);
-    s.rt.stats().bytes_h2d - before
+    moved
 }
 
 #[test]

@@ -7,81 +7,21 @@ use std::time::Duration;
 
 use offload_runtime::device::{Device, DeviceExt, HostConfig, HostDevice, StreamId};
 use offload_runtime::model::Pin;
-use offload_runtime::residency::{
-    HostPolicy, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig,
-};
+use offload_runtime::residency::{HostPolicy, LayerId, Mode, Policy, Runtime, RuntimeConfig};
 use offload_runtime::Error;
 
 mod common;
 
-use common::{model, uniform, MemSource, PAGE};
-
-struct Setup {
-    dev: Arc<HostDevice>,
-    compute: StreamId,
-    rt: Runtime,
-}
+use common::{cfg, model, pass, setup_on, uniform, Setup, PAGE};
 
 fn setup(cfg: RuntimeConfig) -> Setup {
-    let dev = Arc::new(
-        HostDevice::new(HostConfig {
-            capacity: 64 << 20,
-            page_size: PAGE,
-            link_gbps: None,
-        })
-        .unwrap(),
-    );
-    let compute = dev.create_stream().unwrap();
-    let rt = Runtime::new(dev.clone(), compute, cfg).unwrap();
-    Setup { dev, compute, rt }
-}
-
-fn cfg(
-    mode: Mode,
-    policy: Policy,
-    depth: usize,
-    device_pages: usize,
-    high_pages: Option<usize>,
-) -> RuntimeConfig {
-    RuntimeConfig {
-        mode: Some(mode),
-        policy,
-        prefetch_depth: depth,
-        device_memory: Some(device_pages * PAGE),
-        high_watermark: high_pages.map(|p| p * PAGE),
-        low_watermark: Some(0),
-        wait_timeout: Duration::from_secs(20),
-        ..RuntimeConfig::default()
-    }
-}
-
-/// Acquire every layer of component `c` in order, check each tensor's bytes
-/// as the compute stream sees them, and return the bytes uploaded meanwhile.
-fn pass(s: &Setup, m: ModelId, src: &MemSource, c: usize) -> u64 {
-    s.rt.synchronize().unwrap();
-    let before = s.rt.stats().bytes_h2d;
-    for l in 0..src.data[c].len() {
-        let g =
-            s.rt.acquire(LayerId {
-                model: m,
-                component: c,
-                layer: l,
-            })
-            .unwrap();
-        for (t, view) in g.tensors().enumerate() {
-            let mut back = vec![0u8; view.bytes];
-            // Read on the compute stream, after the wait the runtime queued.
-            s.dev.read_blocking(view.ptr, &mut back, s.compute).unwrap();
-            assert!(
-                back == src.data[c][l][t],
-                "tensor {} differs when the compute stream reads it",
-                view.name
-            );
-        }
-        drop(g);
-    }
-    s.rt.synchronize().unwrap();
-    s.rt.stats().bytes_h2d - before
+    let dev = HostDevice::new(HostConfig {
+        capacity: 64 << 20,
+        page_size: PAGE,
+        link_gbps: None,
+    })
+    .unwrap();
+    setup_on(Arc::new(dev), cfg)
 }
 
 #[test]

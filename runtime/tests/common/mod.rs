@@ -1,14 +1,18 @@
-//! Helpers shared by the residency tests: an in-memory weight source and a
-//! model built from tensor sizes.
+//! Helpers shared by the residency tests: an in-memory weight source, a
+//! model built from tensor sizes, and a runtime on a host device with a
+//! pass that checks every tensor.
 #![allow(dead_code)]
 
 pub mod lora;
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use offload_runtime::device::{Device, DeviceExt, HostDevice, StreamId};
 use offload_runtime::model::{
     ComponentDesc, DType, LayerDesc, ModelDesc, Pin, SourceError, TensorDesc, WeightSource,
 };
+use offload_runtime::residency::{LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig};
 
 pub const PAGE: usize = 4096;
 
@@ -103,4 +107,67 @@ pub fn model(comps: &[Vec<Vec<usize>>]) -> (ModelDesc, Arc<MemSource>) {
 /// Layers of one tensor of `bytes` bytes each.
 pub fn uniform(layers: usize, bytes: usize) -> Vec<Vec<usize>> {
     vec![vec![bytes]; layers]
+}
+
+/// A runtime on a host device, with the engine's compute stream.
+pub struct Setup {
+    pub dev: Arc<HostDevice>,
+    pub compute: StreamId,
+    pub rt: Runtime,
+}
+
+/// A runtime with `cfg` on `dev`.
+pub fn setup_on(dev: Arc<HostDevice>, cfg: RuntimeConfig) -> Setup {
+    let compute = dev.create_stream().unwrap();
+    let rt = Runtime::new(dev.clone(), compute, cfg).unwrap();
+    Setup { dev, compute, rt }
+}
+
+/// A configuration in `PAGE` units: no low watermark, a 20 s wait limit.
+pub fn cfg(
+    mode: Mode,
+    policy: Policy,
+    depth: usize,
+    device_pages: usize,
+    high_pages: Option<usize>,
+) -> RuntimeConfig {
+    RuntimeConfig {
+        mode: Some(mode),
+        policy,
+        prefetch_depth: depth,
+        device_memory: Some(device_pages * PAGE),
+        high_watermark: high_pages.map(|p| p * PAGE),
+        low_watermark: Some(0),
+        wait_timeout: Duration::from_secs(20),
+        ..RuntimeConfig::default()
+    }
+}
+
+/// Acquire every layer of component `c` in order, check each tensor's bytes
+/// as the compute stream sees them, and return the bytes uploaded meanwhile.
+pub fn pass(s: &Setup, m: ModelId, src: &MemSource, c: usize) -> u64 {
+    s.rt.synchronize().unwrap();
+    let before = s.rt.stats().bytes_h2d;
+    for l in 0..src.data[c].len() {
+        let g =
+            s.rt.acquire(LayerId {
+                model: m,
+                component: c,
+                layer: l,
+            })
+            .unwrap();
+        for (t, view) in g.tensors().enumerate() {
+            let mut back = vec![0u8; view.bytes];
+            // Read on the compute stream, after the wait the runtime queued.
+            s.dev.read_blocking(view.ptr, &mut back, s.compute).unwrap();
+            assert!(
+                back == src.data[c][l][t],
+                "tensor {} differs when the compute stream reads it",
+                view.name
+            );
+        }
+        drop(g);
+    }
+    s.rt.synchronize().unwrap();
+    s.rt.stats().bytes_h2d - before
 }
