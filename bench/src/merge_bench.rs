@@ -98,8 +98,10 @@ pub struct MergeBenchArgs {
     pub seed: u64,
     /// The GPU kernel for low-rank merges: `auto` (the runtime's choice:
     /// tensor cores where the factors are 16-bit and some rank is 32 or more
-    /// or the ranks add up to more than 32), `fma` (fp32 FMA) or
-    /// `tensor-cores`. Only with `--backend cuda` or `auto`.
+    /// or the ranks add up to more than 32), `fma` (fp32 FMA),
+    /// `tensor-cores`, or `pipelined` (the tensor-core kernel that streams
+    /// the factors through a cp.async pipeline; not yet chosen by `auto`).
+    /// Only with `--backend cuda` or `auto`.
     #[arg(long, value_enum, default_value_t = KernelArg::Auto)]
     pub kernel: KernelArg,
     /// GPU only: also merge this many copies of W per batched call
@@ -122,6 +124,8 @@ pub enum KernelArg {
     Fma,
     /// The tensor-core kernel.
     TensorCores,
+    /// The pipelined tensor-core kernel.
+    Pipelined,
 }
 
 /// `--dtype`.
@@ -172,7 +176,7 @@ fn factor_dtype(dtype: Dtype) -> Dtype {
 #[derive(Clone, Debug)]
 struct Row {
     backend: &'static str,
-    /// Which merge kernel ran: "cpu", "fp32 FMA" or "tensor cores".
+    /// Which merge kernel ran: "cpu", "fp32 FMA", "tensor cores" or "pipelined tensor cores".
     kernel: &'static str,
     dtype: Dtype,
     factor_dtype: Dtype,
@@ -1166,10 +1170,13 @@ mod gpu {
                         KernelArg::Auto => LowRankKernel::Auto,
                         KernelArg::Fma => LowRankKernel::Fma,
                         KernelArg::TensorCores => LowRankKernel::TensorCores,
+                        KernelArg::Pipelined => LowRankKernel::Pipelined,
                     };
-                    let tensor_cores = match kernel {
-                        LowRankKernel::Auto => d.merge_uses_tensor_cores(&spec),
-                        k => k == LowRankKernel::TensorCores,
+                    let kernel_name = match kernel {
+                        LowRankKernel::Auto if d.merge_uses_tensor_cores(&spec) => "tensor cores",
+                        LowRankKernel::Auto | LowRankKernel::Fma => "fp32 FMA",
+                        LowRankKernel::TensorCores => "tensor cores",
+                        LowRankKernel::Pipelined => "pipelined tensor cores",
                     };
                     let ours_on = |w: DevicePtr| -> Result<(), String> {
                         d.merge_lowrank_with(&spec, w, &factor_ptrs, s, kernel)
@@ -1276,11 +1283,7 @@ mod gpu {
                     }
                     out.push(Row {
                         backend: "cuda",
-                        kernel: if tensor_cores {
-                            "tensor cores"
-                        } else {
-                            "fp32 FMA"
-                        },
+                        kernel: kernel_name,
                         dtype,
                         factor_dtype: fdtype,
                         rank,

@@ -44,12 +44,15 @@ fn check_results(doc: &Value, backend: &str, dtypes: &[&str], ranks: &[u64], ada
         .collect();
     let mut seen = BTreeSet::new();
     for r in &results {
-        // Which kernel ran: the CPU's, or one of the two GPU kernels.
+        // Which kernel ran: the CPU's, or one of the GPU kernels.
         let kernel = r["kernel"].as_str().unwrap_or_default();
         if backend == "cpu" {
             assert_eq!(kernel, "cpu", "{r}");
         } else {
-            assert!(kernel == "fp32 FMA" || kernel == "tensor cores", "{r}");
+            assert!(
+                ["fp32 FMA", "tensor cores", "pipelined tensor cores"].contains(&kernel),
+                "{r}"
+            );
         }
         for key in [
             "ours_gbps",
@@ -216,5 +219,45 @@ fn gpu_rows_cover_every_configuration_and_agree_with_cublas() {
         assert_eq!(r["batched_identical"], true, "{r}");
         let ms = r["batched_ms"].as_f64().expect("batched_ms");
         assert!(ms.is_finite() && ms > 0.0, "{r}");
+    }
+}
+
+/// `--kernel pipelined`: every row ran the pipelined tensor-core kernel,
+/// agreed with cuBLAS, and its batched launches (`--tensors 3`) were bit
+/// for bit its one-tensor launches. 200 × 264 and rank 40 make partial
+/// tiles, several tiles down a strip and a partial rank chunk.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_pipelined_rows_agree_with_cublas() {
+    let doc = bench_json(&[
+        "--backend",
+        "cuda",
+        "--kernel",
+        "pipelined",
+        "--dtype",
+        "all",
+        "--rows",
+        "200",
+        "--cols",
+        "264",
+        "--ranks",
+        "8,40,128",
+        "--iters",
+        "2",
+        "--pool-mib",
+        "1",
+        "--tensors",
+        "3",
+    ]);
+    check_results(
+        &doc,
+        "cuda",
+        &["F16", "BF16", "F32"],
+        &[8, 40, 128],
+        &[1, 4],
+    );
+    for r in doc["results"].as_array().unwrap() {
+        assert_eq!(r["kernel"], "pipelined tensor cores", "{r}");
+        assert_eq!(r["batched_identical"], true, "{r}");
     }
 }

@@ -13,8 +13,8 @@
 // bf16 elements, each factor's type independent of the others. Device
 // pointers must be aligned to their element size.
 //
-// Three kernels, each with one entry point per W type (f32, f16, bf16) and
-// the two low-rank ones also batched, each taking its parameter block by
+// Four kernels, each with one entry point per W type (f32, f16, bf16) and
+// the three low-rank ones also batched, each taking its parameter block by
 // value and no dynamic shared memory.
 //
 // The two low-rank kernels (Delta = B A, up factor B [rows, rank], down factor
@@ -48,8 +48,17 @@
 //    would round it); the scaled sums go through shared memory (reusing the
 //    staging space) to the threads that own W's elements. Two blocks per SM.
 //
-//    Both low-rank kernels also come batched (offload_lowrank_merge_batch_*,
-//    offload_lowrank_merge_mma_batch_*): one launch merges up to
+// 2b. offload_lowrank_merge_pipe_*: the same operands and the same merge on
+//    the tensor cores, made for long rank dimensions and for W's reads to
+//    overlap the staging of the factors: 64 x 128 tiles, the factors' rank
+//    dimension streamed in stages of 32 ranks through a three-slot cp.async
+//    pipeline (the stage two ahead in flight while one is multiplied, across
+//    tiles too), fragments read with ldmatrix from XOR-swizzled slots, and
+//    W read straight into the accumulators' layout (see "Kernel 2b" below).
+//    Not yet chosen by the runtime's `auto` (no GPU has timed it).
+//
+//    The low-rank kernels also come batched (offload_lowrank_merge_batch_*,
+//    offload_lowrank_merge_mma_batch_*, offload_lowrank_merge_pipe_batch_*): one launch merges up to
 //    OFFLOAD_BATCH_MAX_JOBS = 16 tensors of one W type ("jobs", each with up
 //    to OFFLOAD_BATCH_MAX_ADAPTERS = 4 adapters; 2504 bytes of parameters),
 //    so a layer's merges cost one launch instead of one per tensor. Job j
@@ -83,9 +92,10 @@
 //
 // Only cuda_fp16.h and cuda_bf16.h are included, and only their types and
 // scalar conversions are used, so NVRTC needs nothing else; the tensor-core
-// instruction is inline PTX. When the source is not compiled by a CUDA
-// compiler (the CPU emulation of tests/cuda_emulation), the includer provides
-// offload_mma_f16 and offload_mma_bf16.
+// instructions (mma, ldmatrix, cp.async) are inline PTX. When the source is
+// not compiled by a CUDA compiler (the CPU emulation of tests/cuda_emulation),
+// the includer provides offload_mma_f16, offload_mma_bf16 and the five
+// functions of kernel 2b's pipeline (offload_cp_async16 and the others).
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -482,11 +492,11 @@ struct OffloadLrWalk {
 };
 
 __device__ __forceinline__ OffloadLrWalk offload_lr_walk(unsigned int rows, unsigned int cols,
-                                                         unsigned int block,
-                                                         unsigned int blocks) {
+                                                         unsigned int block, unsigned int blocks,
+                                                         unsigned int tile_rows = OFFLOAD_LR_TILE_ROWS) {
     const unsigned int tiles_x = (cols + OFFLOAD_LR_TILE_COLS - 1) / OFFLOAD_LR_TILE_COLS;
     OffloadLrWalk w;
-    w.tiles_y = (rows + OFFLOAD_LR_TILE_ROWS - 1) / OFFLOAD_LR_TILE_ROWS;
+    w.tiles_y = (rows + tile_rows - 1) / tile_rows;
     w.tile_col = (block % tiles_x) * OFFLOAD_LR_TILE_COLS;
     w.y = block / tiles_x;
     w.step = blocks / tiles_x;
@@ -1131,6 +1141,500 @@ offload_lowrank_merge_mma_batch_f16(const OffloadLowRankBatchParams p) {
 extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 2)
 offload_lowrank_merge_mma_batch_bf16(const OffloadLowRankBatchParams p) {
     offload_lowrank_merge_mma_batch<__nv_bfloat16>(p);
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 2b: low-rank deltas with 16-bit factors on the tensor cores, with the
+// factors streamed through a multistage cp.async pipeline
+// (offload_lowrank_merge_pipe_*, and batched offload_lowrank_merge_pipe_batch_*).
+//
+// Same operands and semantics as kernel 2, made for long rank dimensions
+// (several stacked adapters, ranks up to 128 and more) and for W's reads to
+// overlap the factors' staging:
+//   - 64 x 128 tiles, a block walking down a column strip as in kernel 2
+//     (offload_lr_walk with 64-row tiles); eight warps as 2 x 4, each owning
+//     a 32 x 32 part (2 x 4 mma.m16n8k16 products per 16 ranks).
+//   - The rank dimension is cut into stages of 32 ranks of one adapter (the
+//     last one of an adapter zero-padded): a stage is that chunk of A
+//     [32, 128] and of B [64, 32], copied as they are stored (16-bit values,
+//     16 bytes per cp.async, zero-filled past the slice, the rank and the
+//     columns) into one of OFFLOAD_PIPE_STAGES shared slots. A block's
+//     stages, over every tile it walks, form one sequence, and the copies
+//     of the stage two ahead are in flight while a stage is multiplied, one
+//     barrier per stage. Factors whose rows are not whole 16-byte units (a
+//     rank, or W's column count, not a multiple of 8) or whose address is
+//     not 16-byte aligned are staged with plain loads instead, still two
+//     stages ahead in the sequence.
+//   - Fragments are read with ldmatrix (A's chunk transposed on the way,
+//     .trans), from slots whose 16-byte units are XOR-swizzled by row so
+//     that neither the copies nor ldmatrix meet bank conflicts.
+//   - A lane's elements of W are read straight into the accumulators' layout
+//     (two adjacent elements of a row per 8 x 8 block, one 32- or 64-bit load
+//     where aligned) at the start of a tile, as fp32: the running sum starts
+//     at W, each adapter's exact product of f16 or bf16 values is
+//     accumulated in fp32 on its own (prod) and then added scaled,
+//     sum = fma(s, prod, sum), and the sum is rounded once to W's type and
+//     stored. The next tile's W is prefetched into L2 meanwhile.
+// Two blocks per SM (36 KiB of static shared memory each).
+
+#define OFFLOAD_PIPE_TILE_ROWS 64
+#define OFFLOAD_PIPE_TILE_COLS OFFLOAD_LR_TILE_COLS
+#define OFFLOAD_PIPE_K 32
+#define OFFLOAD_PIPE_STAGES 3
+#define OFFLOAD_PIPE_THREADS 256
+
+static_assert(OFFLOAD_PIPE_TILE_ROWS == 64 && OFFLOAD_PIPE_TILE_COLS == 128 && OFFLOAD_PIPE_K == 32 &&
+                  OFFLOAD_PIPE_THREADS == 256,
+              "the pipelined kernel's warp layout (2 x 4 warps of 32 x 32) and copy plan assume these");
+static_assert(OFFLOAD_PIPE_STAGES >= 2, "a stage in flight while one is multiplied");
+
+// The pipelined kernel's shared memory: OFFLOAD_PIPE_STAGES slots, each a
+// stage's chunk of A (a[k][c]: 32 rows of 128 values, 16 units of 16 bytes a
+// row, unit u of row k at u ^ (k % 8)) and of B (b[r][k]: 64 rows of 32
+// values, 4 units a row, unit q of row r at q ^ ((r / 2) % 4)).
+struct alignas(128) OffloadPipeShared {
+    unsigned short a[OFFLOAD_PIPE_STAGES][OFFLOAD_PIPE_K][OFFLOAD_PIPE_TILE_COLS];
+    unsigned short b[OFFLOAD_PIPE_STAGES][OFFLOAD_PIPE_TILE_ROWS][OFFLOAD_PIPE_K];
+};
+
+// Offset of element (k, c) in a slot's a, and of (r, k) in its b.
+__device__ __forceinline__ unsigned int offload_pipe_a_at(unsigned int k, unsigned int c) {
+    return k * OFFLOAD_PIPE_TILE_COLS + ((((c >> 3) ^ (k & 7u)) << 3) | (c & 7u));
+}
+__device__ __forceinline__ unsigned int offload_pipe_b_at(unsigned int r, unsigned int k) {
+    return r * OFFLOAD_PIPE_K + ((((k >> 3) ^ ((r >> 1) & 3u)) << 3) | (k & 7u));
+}
+
+// The asynchronous copies, ldmatrix and the L2 prefetch, as inline PTX
+// (sm_80 and newer, like mma.sync). offload_cp_async16 copies `bytes` (0 to
+// 16) bytes from global `src` to shared `dst` and zero-fills the rest of the
+// 16; the copies a thread issued land when its offload_cp_async_wait<N>
+// returns for their group (every group but the N newest), and are seen by
+// other threads after a barrier that follows. When the source is not
+// compiled by a CUDA compiler, the includer provides these five.
+#if defined(__CUDACC__)
+__device__ __forceinline__ unsigned int offload_smem_addr(const void* p) {
+    unsigned int a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ void offload_cp_async16(void* dst, const void* src, unsigned int bytes) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(offload_smem_addr(dst)), "l"(src),
+                 "r"(bytes)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void offload_cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+template <int N> __device__ __forceinline__ void offload_cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+// Four 8 x 8 matrices of 16-bit values: lane l gives the address of row
+// l % 8 of matrix l / 8 (16 contiguous bytes); r[m] of lane (g = lane / 4,
+// t = lane % 4) is M_m[g][2t, 2t+1], or with `trans` M_m[2t][g], M_m[2t+1][g]
+// (the lower index in the lower half).
+__device__ __forceinline__ void offload_ldmatrix_x4(unsigned int (&r)[4], const void* row) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(offload_smem_addr(row))
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void offload_ldmatrix_x4_trans(unsigned int (&r)[4], const void* row) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(offload_smem_addr(row))
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void offload_prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+#endif
+
+// Where the pipeline is: tile row y of the walk, adapter a, and the chunk
+// of its ranks from k0.
+struct OffloadPipeCursor {
+    unsigned int y, a, k0;
+};
+
+// Moves `c` to the first chunk at or after it that exists (skipping
+// adapters of rank 0). Some adapter has a positive rank.
+template <typename P>
+__device__ __forceinline__ void offload_pipe_settle(OffloadPipeCursor& c, const P& p, unsigned int n,
+                                                    unsigned int step) {
+    while (c.k0 >= p.adapters[c.a].rank) {
+        c.k0 = 0;
+        if (++c.a == n) {
+            c.a = 0;
+            c.y += step;
+        }
+    }
+}
+
+// Issues the copies of the stage at `c` into slot `slot` (every thread its
+// share): A's rows k0 .. k0 + 31, columns tile_col .. tile_col + 127, and
+// B's rows tile_row .. tile_row + 63, ranks k0 .. k0 + 31, zero outside the
+// slice, the rank and W's columns.
+template <typename P>
+__device__ __forceinline__ void offload_pipe_issue(OffloadPipeShared& sh, unsigned int slot,
+                                                   const P& p, const OffloadPipeCursor& c,
+                                                   unsigned int tile_col, unsigned int tid) {
+    const OffloadLowRankAdapter ad = p.adapters[c.a];
+    const unsigned int tile_row = c.y * OFFLOAD_PIPE_TILE_ROWS;
+    // A: 32 rows x 16 units; thread tid takes units tid and tid + 256.
+    const bool a_vec = p.cols % 8 == 0 && ad.down % 16 == 0;
+#pragma unroll
+    for (unsigned int q = 0; q < 2; ++q) {
+        const unsigned int idx = tid + q * OFFLOAD_PIPE_THREADS;
+        const unsigned int k = idx / 16;
+        const unsigned int u = idx % 16;
+        const unsigned int gk = c.k0 + k;
+        const unsigned int gc = tile_col + 8 * u;
+        unsigned short* dst = &sh.a[slot][0][0] + offload_pipe_a_at(k, 8 * u);
+        const unsigned long long at = (unsigned long long)gk * p.cols + gc;
+        if (a_vec) {
+            const bool in = gk < ad.rank && gc < p.cols;
+            offload_cp_async16(dst, reinterpret_cast<const unsigned short*>(ad.down) + (in ? at : 0),
+                               in ? 16u : 0u);
+        } else {
+#pragma unroll
+            for (unsigned int e = 0; e < 8; ++e) {
+                dst[e] = (gk < ad.rank && gc + e < p.cols)
+                    ? reinterpret_cast<const unsigned short*>(ad.down)[at + e]
+                    : (unsigned short)0;
+            }
+        }
+    }
+    // B: 64 rows x 4 units; thread tid takes unit tid % 4 of row tid / 4.
+    {
+        const bool b_vec = ad.rank % 8 == 0 && ad.up % 16 == 0;
+        const unsigned int r = tid / 4;
+        const unsigned int q = tid % 4;
+        const unsigned int gr = tile_row + r;
+        const unsigned int gk = c.k0 + 8 * q;
+        unsigned short* dst = &sh.b[slot][0][0] + offload_pipe_b_at(r, 8 * q);
+        const unsigned long long at = (unsigned long long)gr * ad.rank + gk;
+        if (b_vec) {
+            const bool in = gr < p.rows && gk < ad.rank;
+            offload_cp_async16(dst, reinterpret_cast<const unsigned short*>(ad.up) + (in ? at : 0),
+                               in ? 16u : 0u);
+        } else {
+#pragma unroll
+            for (unsigned int e = 0; e < 8; ++e) {
+                dst[e] = (gr < p.rows && gk + e < ad.rank)
+                    ? reinterpret_cast<const unsigned short*>(ad.up)[at + e]
+                    : (unsigned short)0;
+            }
+        }
+    }
+}
+
+// A lane's elements of W in a 64 x 128 tile: for its warp's 32 x 32 part
+// (rows wr.., columns wc..), block (mi, ni) and half h, the elements
+// [wr + 16 mi + g + 8 h, wc + 8 ni + 2 t + e] (e = 0, 1) of the tile, which
+// are sum[mi][ni][2 h + e]. `load` reads them into sum (0 outside the slice),
+// or else stores sum rounded to T (inside the slice only).
+template <typename T, bool load>
+__device__ __forceinline__ void offload_pipe_w(float (&sum)[2][4][4], unsigned long long w,
+                                               unsigned int rows, unsigned int cols,
+                                               unsigned int row0, unsigned int tile_row,
+                                               unsigned int tile_col, unsigned int wr,
+                                               unsigned int wc, unsigned int g, unsigned int t) {
+    // Pairs move as one 32-bit (16-bit T) or 64-bit (f32) access when every
+    // pair is aligned to it: an even column count and W aligned to the pair.
+    const bool pairs = cols % 2 == 0 && w % (2 * sizeof(T)) == 0;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const unsigned int r = tile_row + wr + 16 * mi + g + 8 * h;
+            const bool row_in = r < rows;
+            const unsigned long long row = (unsigned long long)(row0 + r) * cols;
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                const unsigned int c = tile_col + wc + 8 * ni + 2 * t;
+                float& v0 = sum[mi][ni][2 * h];
+                float& v1 = sum[mi][ni][2 * h + 1];
+                T* e = reinterpret_cast<T*>(w) + row + c;
+                if (load) {
+                    v0 = 0.0f;
+                    v1 = 0.0f;
+                }
+                if (!row_in || c >= cols) {
+                    continue;
+                }
+                if (pairs) {
+                    if constexpr (sizeof(T) == 2) {
+                        unsigned int* x = reinterpret_cast<unsigned int*>(e);
+                        if (load) {
+                            const unsigned int bits = *x;
+                            v0 = OffloadBits<T>::get(bits & 0xffffu);
+                            v1 = OffloadBits<T>::get(bits >> 16);
+                        } else {
+                            *x = OffloadBits<T>::put(v0) | (OffloadBits<T>::put(v1) << 16);
+                        }
+                    } else {
+                        OffloadU32x2* x = reinterpret_cast<OffloadU32x2*>(e);
+                        if (load) {
+                            const OffloadU32x2 bits = *x;
+                            v0 = OffloadBits<T>::get(bits.x);
+                            v1 = OffloadBits<T>::get(bits.y);
+                        } else {
+                            OffloadU32x2 bits;
+                            bits.x = OffloadBits<T>::put(v0);
+                            bits.y = OffloadBits<T>::put(v1);
+                            *x = bits;
+                        }
+                    }
+                } else {
+                    if (load) {
+                        v0 = OffloadElem<T>::load(e);
+                        if (c + 1 < cols) {
+                            v1 = OffloadElem<T>::load(e + 1);
+                        }
+                    } else {
+                        OffloadElem<T>::store(e, v0);
+                        if (c + 1 < cols) {
+                            OffloadElem<T>::store(e + 1, v1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Prefetches the lines of tile row y of the walk's strip into L2 (rows of
+// the slice only).
+template <typename T>
+__device__ __forceinline__ void offload_pipe_prefetch_w(unsigned long long w, unsigned int rows,
+                                                        unsigned int cols, unsigned int row0,
+                                                        unsigned int y, unsigned int tile_col,
+                                                        unsigned int tid) {
+    // 64 rows of up to 128 * sizeof(T) bytes: thread tid takes 128-byte line
+    // tid % 4 of row tid / 4.
+    const unsigned int r = y * OFFLOAD_PIPE_TILE_ROWS + tid / 4;
+    const unsigned int c = tile_col + (tid % 4) * (128 / sizeof(T));
+    if (r < rows && c < cols && (tid % 4) * 128 < OFFLOAD_PIPE_TILE_COLS * sizeof(T)) {
+        offload_prefetch_l2(reinterpret_cast<const T*>(w) + (unsigned long long)(row0 + r) * cols + c);
+    }
+}
+
+// The merge of one slice by block `block` of the `blocks` that merge it, as
+// offload_lowrank_merge.
+template <typename T, typename P>
+__device__ __forceinline__ void offload_lowrank_merge_pipe(const P& p, unsigned int block,
+                                                           unsigned int blocks) {
+    constexpr unsigned int kMaxAdapters = sizeof(P::adapters) / sizeof(OffloadLowRankAdapter);
+    __shared__ OffloadPipeShared sh;
+
+    const unsigned int tid = threadIdx.x;
+    const unsigned int lane = tid % 32;
+    const unsigned int warp = tid / 32;
+    const unsigned int g = lane / 4;
+    const unsigned int t = lane % 4;
+    // The warp's 32 x 32 part of the tile: 2 warps down, 4 across.
+    const unsigned int wr = (warp / 4) * 32;
+    const unsigned int wc = (warp % 4) * 32;
+    const OffloadLrWalk walk =
+        offload_lr_walk(p.rows, p.cols, block, blocks, OFFLOAD_PIPE_TILE_ROWS);
+    if (walk.y >= walk.tiles_y) {
+        return;  // the whole block: no tile for it (the launcher avoids this)
+    }
+    const unsigned int tile_col = walk.tile_col;
+    const unsigned int n = p.num_adapters < kMaxAdapters ? p.num_adapters : kMaxAdapters;
+    unsigned int chunks = 0;  // stages per tile
+    for (unsigned int a = 0; a < n; ++a) {
+        chunks += (p.adapters[a].rank + OFFLOAD_PIPE_K - 1) / OFFLOAD_PIPE_K;
+    }
+    if (chunks == 0) {
+        return;  // nothing to add: W is left as it is
+    }
+    const unsigned int tiles = (walk.tiles_y - walk.y + walk.step - 1) / walk.step;
+    const unsigned int stages = tiles * chunks;
+
+    // The copies run OFFLOAD_PIPE_STAGES - 1 stages ahead of the products;
+    // every thread commits one group per stage (empty past the last), so
+    // group i holds stage i.
+    OffloadPipeCursor next = {walk.y, 0, 0};
+    offload_pipe_settle(next, p, n, walk.step);
+    unsigned int issued = 0;
+#pragma unroll
+    for (int s = 0; s < OFFLOAD_PIPE_STAGES - 1; ++s) {
+        if (issued < stages) {
+            offload_pipe_issue(sh, issued % OFFLOAD_PIPE_STAGES, p, next, tile_col, tid);
+            ++issued;
+            next.k0 += OFFLOAD_PIPE_K;
+            offload_pipe_settle(next, p, n, walk.step);
+        }
+        offload_cp_async_commit();
+    }
+
+    unsigned int stage = 0;
+    // Every bound below is the same for all threads of the block, so every
+    // thread reaches every barrier and every warp-wide instruction.
+    for (unsigned int y = walk.y; y < walk.tiles_y; y += walk.step) {
+        const unsigned int tile_row = y * OFFLOAD_PIPE_TILE_ROWS;
+        float sum[2][4][4];
+        offload_pipe_w<T, true>(sum, p.w, p.rows, p.cols, p.row0, tile_row, tile_col, wr, wc, g, t);
+        if (y + walk.step < walk.tiles_y) {
+            offload_pipe_prefetch_w<T>(p.w, p.rows, p.cols, p.row0, y + walk.step, tile_col, tid);
+        }
+        for (unsigned int a = 0; a < n; ++a) {
+            const OffloadLowRankAdapter ad = p.adapters[a];
+            if (ad.rank == 0) {
+                continue;
+            }
+            const bool bf16 = ad.up_dtype == OFFLOAD_DTYPE_BF16;
+            float prod[2][4][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        prod[mi][ni][e] = 0.0f;
+                    }
+                }
+            }
+            for (unsigned int k0 = 0; k0 < ad.rank; k0 += OFFLOAD_PIPE_K, ++stage) {
+                // This thread's copies of this stage have landed; after the
+                // barrier everyone's have, and nobody reads the slot of the
+                // previous stage any more, which the next copies reuse.
+                offload_cp_async_wait<OFFLOAD_PIPE_STAGES - 2>();
+                __syncthreads();
+                if (issued < stages) {
+                    offload_pipe_issue(sh, issued % OFFLOAD_PIPE_STAGES, p, next, tile_col, tid);
+                    ++issued;
+                    next.k0 += OFFLOAD_PIPE_K;
+                    offload_pipe_settle(next, p, n, walk.step);
+                }
+                offload_cp_async_commit();
+                const unsigned int slot = stage % OFFLOAD_PIPE_STAGES;
+                const unsigned short* sa = &sh.a[slot][0][0];
+                const unsigned short* sb = &sh.b[slot][0][0];
+#pragma unroll
+                for (unsigned int ks = 0; ks < OFFLOAD_PIPE_K / 16; ++ks) {
+                    if (k0 + 16 * ks >= ad.rank) {
+                        break;  // only zero padding left in this chunk
+                    }
+                    // B's rows (the instruction's A operand): matrices
+                    // (rows 0-7, ranks 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15).
+                    unsigned int af[2][4];
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) {
+                        const unsigned int r = wr + 16 * mi + (lane % 8) + 8 * ((lane / 8) % 2);
+                        const unsigned int k = 16 * ks + 8 * (lane / 16);
+                        offload_ldmatrix_x4(af[mi], sb + offload_pipe_b_at(r, k));
+                    }
+                    // A's columns (the B operand), two 8-column blocks per
+                    // ldmatrix: (ranks 0-7, block 2j), (8-15, 2j), (0-7, 2j+1),
+                    // (8-15, 2j+1), transposed.
+                    unsigned int bfr[4][2];
+#pragma unroll
+                    for (int j = 0; j < 2; ++j) {
+                        const unsigned int k = 16 * ks + (lane % 8) + 8 * ((lane / 8) % 2);
+                        const unsigned int c = wc + 8 * (2 * j + lane / 16);
+                        unsigned int m[4];
+                        offload_ldmatrix_x4_trans(m, sa + offload_pipe_a_at(k, c));
+                        bfr[2 * j][0] = m[0];
+                        bfr[2 * j][1] = m[1];
+                        bfr[2 * j + 1][0] = m[2];
+                        bfr[2 * j + 1][1] = m[3];
+                    }
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+                        for (int ni = 0; ni < 4; ++ni) {
+                            if (bf16) {
+                                offload_mma_bf16(prod[mi][ni], af[mi], bfr[ni]);
+                            } else {
+                                offload_mma_f16(prod[mi][ni], af[mi], bfr[ni]);
+                            }
+                        }
+                    }
+                }
+            }
+            // The scale, in fp32, after the exact-product accumulation.
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        sum[mi][ni][e] = __fmaf_rn(ad.scale, prod[mi][ni][e], sum[mi][ni][e]);
+                    }
+                }
+            }
+        }
+        offload_pipe_w<T, false>(sum, p.w, p.rows, p.cols, p.row0, tile_row, tile_col, wr, wc, g, t);
+    }
+    // Only empty groups can be left; leave none.
+    offload_cp_async_wait<0>();
+}
+
+// Two blocks per SM (at most 128 registers).
+extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_THREADS, 2)
+offload_lowrank_merge_pipe_f32(const OffloadLowRankMergeParams p) {
+    offload_lowrank_merge_pipe<float>(p, blockIdx.x, gridDim.x);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_THREADS, 2)
+offload_lowrank_merge_pipe_f16(const OffloadLowRankMergeParams p) {
+    offload_lowrank_merge_pipe<__half>(p, blockIdx.x, gridDim.x);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_THREADS, 2)
+offload_lowrank_merge_pipe_bf16(const OffloadLowRankMergeParams p) {
+    offload_lowrank_merge_pipe<__nv_bfloat16>(p, blockIdx.x, gridDim.x);
+}
+
+// Batched, as offload_lowrank_merge_batch.
+template <typename T>
+__device__ __forceinline__ void offload_lowrank_merge_pipe_batch(
+    const OffloadLowRankBatchParams& p) {
+    unsigned int j;
+    if (!offload_batch_job(p, blockIdx.x, j)) {
+        return;  // past the last job's blocks
+    }
+    offload_lowrank_merge_pipe<T>(p.jobs[j], blockIdx.x - p.first_block[j],
+                                  p.first_block[j + 1] - p.first_block[j]);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_THREADS, 2)
+offload_lowrank_merge_pipe_batch_f32(const OffloadLowRankBatchParams p) {
+    offload_lowrank_merge_pipe_batch<float>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_THREADS, 2)
+offload_lowrank_merge_pipe_batch_f16(const OffloadLowRankBatchParams p) {
+    offload_lowrank_merge_pipe_batch<__half>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_THREADS, 2)
+offload_lowrank_merge_pipe_batch_bf16(const OffloadLowRankBatchParams p) {
+    offload_lowrank_merge_pipe_batch<__nv_bfloat16>(p);
 }
 
 // ---------------------------------------------------------------------------

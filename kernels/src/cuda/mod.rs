@@ -7,7 +7,7 @@
 //! [`LowRankBatchParams`], [`MergeParams`]), so the runtime can compile,
 //! launch and check them.
 //!
-//! Three kernels, each with an entry point per weight dtype (the source's
+//! Four kernels, each with an entry point per weight dtype (the source's
 //! header comment describes them in detail):
 //!
 //! - **low-rank, fp32 FMA** ([`lowrank_merge_entry`], [`LowRankMergeParams`]):
@@ -20,8 +20,18 @@
 //!   in fp32), on compute capability ≥ [`MMA_MIN_COMPUTE_CAPABILITY`]. Each
 //!   adapter's product is scaled in fp32 after the product
 //!   ([`LowRankMergeParams::tensor_cores`] says when to take it).
-//! - **batched low-rank**, both of the above ([`lowrank_merge_batch_entry`],
-//!   [`lowrank_merge_mma_batch_entry`], [`LowRankBatchParams`]): one launch
+//! - **low-rank, pipelined tensor cores** ([`lowrank_merge_pipe_entry`], the
+//!   same parameters and operands, [`LowRankMergeParams::pipe_launch_dims`]):
+//!   the factors streamed through a three-slot `cp.async` pipeline in stages
+//!   of 32 ranks (across tiles too), `ldmatrix` fragments from XOR-swizzled
+//!   shared memory, 64 × 128 tiles, W read straight into the accumulators.
+//!   Written for stacked adapters and ranks of 64 and more, where the
+//!   tensor-core kernel waits on each stage's loads. Chosen only on request
+//!   (the runtime's `LowRankKernel::Pipelined`, `offload bench merge
+//!   --kernel pipelined`) until a GPU has timed it against the others.
+//! - **batched low-rank**, the three above ([`lowrank_merge_batch_entry`],
+//!   [`lowrank_merge_mma_batch_entry`], [`lowrank_merge_pipe_batch_entry`],
+//!   [`LowRankBatchParams`]): one launch
 //!   merges up to [`BATCH_MAX_JOBS`] tensors ("jobs") of one W dtype, each
 //!   with up to [`BATCH_MAX_ADAPTERS`] adapters (2504 bytes of parameters).
 //!   Job `j` owns a contiguous range of the grid's blocks (a prefix sum in
@@ -38,14 +48,14 @@
 //!   (a "term") or the element-wise product of two, read at mapped indices
 //!   ([`MergeTermParams`]).
 //!
-//! All three have the semantics of [`crate::merge`]: one pass, fp32
+//! All have the semantics of [`crate::merge`]: one pass, fp32
 //! accumulation of every adapter of the launch, one rounding to W's dtype,
 //! rows outside the slice untouched.
 //!
 //! **Status: run on an NVIDIA H200 (2026-11-27)**, where every kernel
 //! matched the CPU merge and an f64 reference (the runtime's `gpu_merge_*`
-//! tests); figures in docs/benchmarks.md. **The batched kernels have never
-//! run on a GPU**: they are checked by NVRTC (they compile) and by the CPU
+//! tests); figures in docs/benchmarks.md. **The batched kernels and the
+//! pipelined one have never run on a GPU**: they are checked by NVRTC (they compile) and by the CPU
 //! emulation below; the runtime's `gpu_merge_lowrank_batch_*` tests (bit
 //! for bit against one launch per tensor) wait for a GPU. The source includes only
 //! `cuda_fp16.h` and `cuda_bf16.h`, and uses only their types and scalar
@@ -60,7 +70,8 @@
 //! for 16-bit W on sm_90 (none on sm_80) and 44 bytes for f32 W. The batched kernels (NVRTC 13.0.88, sm_80
 //! and sm_90): fp32 FMA 80 registers, 12 bytes of spills for 16-bit W and 44
 //! for f32; tensor cores 120 registers for 16-bit W and 128 for f32, no
-//! spills.
+//! spills. The pipelined kernel (same NVRTC, sm_80 and sm_90): 115 to 120
+//! registers, no spills, 36 KiB of static shared memory a block.
 //!
 //! What has been checked besides: g++ compiles the source against stand-in
 //! headers and runs it on the CPU (one OS thread per CUDA thread, a barrier
@@ -79,7 +90,14 @@
 //! for bit. Mutants of the batched kernels' job lookup, in-job block index
 //! and in-job block count fail it, and so do three that pass the f64 check
 //! (a job's adapters reordered, the batched tensor-core kernel running the
-//! FMA body, a slice's blocks writing back the row past it).
+//! FMA body, a slice's blocks writing back the row past it). For the
+//! pipelined kernel the emulation also models `cp.async` (a copy poisons
+//! its destination with NaNs when issued and lands only when a wait retires
+//! its group) and `ldmatrix` (from the PTX ISA's layout, `.trans` too);
+//! most of its cases take the copy path (ranks and columns multiples of 8,
+//! factors 16-byte aligned), the rest its plain loads, and three mutants of
+//! its pipeline (a wait one stage short, fragments read unswizzled, a copy
+//! into the slot being multiplied) fail it.
 //! That emulation checks the kernels against our reading of the fragment
 //! layout, not against the hardware: the runtime's GPU tests (`gpu_merge_*`)
 //! do that on a GPU (`scripts/gpu-check`), and report the tensor cores'
@@ -91,10 +109,11 @@ use crate::dtype::Dtype;
 use crate::error::KernelError;
 use crate::merge::{Delta, Factor, KronFactor, MergeSpec};
 
-/// CUDA C source of the merge kernels (one translation unit, fifteen
+/// CUDA C source of the merge kernels (one translation unit, twenty-one
 /// `extern "C"` entry points; see [`lowrank_merge_entry`],
-/// [`lowrank_merge_mma_entry`], [`lowrank_merge_batch_entry`],
-/// [`lowrank_merge_mma_batch_entry`] and [`merge_entry`]).
+/// [`lowrank_merge_mma_entry`], [`lowrank_merge_pipe_entry`],
+/// [`lowrank_merge_batch_entry`], [`lowrank_merge_mma_batch_entry`],
+/// [`lowrank_merge_pipe_batch_entry`] and [`merge_entry`]).
 pub const LOWRANK_MERGE_SRC: &str = include_str!("lowrank_merge.cu");
 
 /// Entry point for f32 weights.
@@ -164,6 +183,42 @@ pub const fn lowrank_merge_mma_batch_entry(dtype: Dtype) -> &'static str {
     }
 }
 
+/// Pipelined tensor-core entry point for f32 weights.
+pub const LOWRANK_MERGE_PIPE_F32: &str = "offload_lowrank_merge_pipe_f32";
+/// Pipelined tensor-core entry point for f16 weights.
+pub const LOWRANK_MERGE_PIPE_F16: &str = "offload_lowrank_merge_pipe_f16";
+/// Pipelined tensor-core entry point for bf16 weights.
+pub const LOWRANK_MERGE_PIPE_BF16: &str = "offload_lowrank_merge_pipe_bf16";
+
+/// The pipelined tensor-core entry point that merges into a weight of
+/// `dtype` (same parameters and operands as [`lowrank_merge_mma_entry`],
+/// block [`PIPE_BLOCK_DIM`], grid [`LowRankMergeParams::pipe_launch_dims`]).
+pub const fn lowrank_merge_pipe_entry(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => LOWRANK_MERGE_PIPE_F32,
+        Dtype::F16 => LOWRANK_MERGE_PIPE_F16,
+        Dtype::BF16 => LOWRANK_MERGE_PIPE_BF16,
+    }
+}
+
+/// Batched pipelined tensor-core entry point for f32 weights.
+pub const LOWRANK_MERGE_PIPE_BATCH_F32: &str = "offload_lowrank_merge_pipe_batch_f32";
+/// Batched pipelined tensor-core entry point for f16 weights.
+pub const LOWRANK_MERGE_PIPE_BATCH_F16: &str = "offload_lowrank_merge_pipe_batch_f16";
+/// Batched pipelined tensor-core entry point for bf16 weights.
+pub const LOWRANK_MERGE_PIPE_BATCH_BF16: &str = "offload_lowrank_merge_pipe_batch_bf16";
+
+/// The batched pipelined tensor-core entry point that merges into weights
+/// of `dtype` ([`LowRankBatchParams`], block [`PIPE_BLOCK_DIM`]; each job
+/// given the blocks of [`LowRankMergeParams::pipe_launch_dims`]).
+pub const fn lowrank_merge_pipe_batch_entry(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => LOWRANK_MERGE_PIPE_BATCH_F32,
+        Dtype::F16 => LOWRANK_MERGE_PIPE_BATCH_F16,
+        Dtype::BF16 => LOWRANK_MERGE_PIPE_BATCH_BF16,
+    }
+}
+
 /// General entry point (every delta kind) for f32 weights.
 pub const MERGE_F32: &str = "offload_merge_f32";
 /// General entry point for f16 weights.
@@ -222,6 +277,15 @@ pub const LOWRANK_BLOCK_DIM: (u32, u32, u32) = (256, 1, 1);
 /// Threads per block of the tensor-core kernel, `(x, y, z)`: eight warps,
 /// the same layout of W as [`LOWRANK_BLOCK_DIM`].
 pub const MMA_BLOCK_DIM: (u32, u32, u32) = (256, 1, 1);
+/// Rows of one tile of the pipelined tensor-core kernel (columns:
+/// [`LOWRANK_TILE_COLS`]).
+pub const PIPE_TILE_ROWS: u32 = 64;
+/// Resident blocks per SM of the pipelined tensor-core kernel (its launch
+/// bounds; 36 KiB of shared memory each).
+pub const PIPE_BLOCKS_PER_SM: u32 = 2;
+/// Threads per block of the pipelined tensor-core kernel, `(x, y, z)`:
+/// eight warps, each a 32 × 32 part of a 64 × 128 tile.
+pub const PIPE_BLOCK_DIM: (u32, u32, u32) = (256, 1, 1);
 
 /// The code of a dtype in the parameter block (`OFFLOAD_DTYPE_*`).
 pub const fn dtype_code(dtype: Dtype) -> u32 {
@@ -492,7 +556,13 @@ impl LowRankMergeParams {
     /// `multiprocessors` SMs.
     pub fn launch_dims(&self, multiprocessors: u32) -> LaunchDims {
         (
-            lowrank_grid(self.rows, self.cols, multiprocessors, LOWRANK_BLOCKS_PER_SM),
+            lowrank_grid(
+                self.rows,
+                self.cols,
+                multiprocessors,
+                LOWRANK_BLOCKS_PER_SM,
+                LOWRANK_TILE_ROWS,
+            ),
             LOWRANK_BLOCK_DIM,
         )
     }
@@ -502,8 +572,32 @@ impl LowRankMergeParams {
     /// `multiprocessors` SMs.
     pub fn mma_launch_dims(&self, multiprocessors: u32) -> LaunchDims {
         (
-            lowrank_grid(self.rows, self.cols, multiprocessors, MMA_BLOCKS_PER_SM),
+            lowrank_grid(
+                self.rows,
+                self.cols,
+                multiprocessors,
+                MMA_BLOCKS_PER_SM,
+                LOWRANK_TILE_ROWS,
+            ),
             MMA_BLOCK_DIM,
+        )
+    }
+
+    /// Grid and block dimensions for a launch of the pipelined tensor-core
+    /// kernel ([`lowrank_merge_pipe_entry`]) with these parameters on a GPU
+    /// of `multiprocessors` SMs: whole blocks per column strip of
+    /// [`PIPE_TILE_ROWS`] × [`LOWRANK_TILE_COLS`] tiles, as many as fill the
+    /// SMs [`PIPE_BLOCKS_PER_SM`] deep, at most one per tile.
+    pub fn pipe_launch_dims(&self, multiprocessors: u32) -> LaunchDims {
+        (
+            lowrank_grid(
+                self.rows,
+                self.cols,
+                multiprocessors,
+                PIPE_BLOCKS_PER_SM,
+                PIPE_TILE_ROWS,
+            ),
+            PIPE_BLOCK_DIM,
         )
     }
 
@@ -542,12 +636,18 @@ fn grid(rows: u32, cols: u32) -> (u32, u32, u32) {
 }
 
 /// The low-rank kernels' grid for a slice of `rows` × `cols`: a block walks
-/// the 32 × 128 tiles of one column strip (`offload_lr_walk` in the source),
-/// so the grid is a whole number of blocks per strip, as many as fill the
-/// GPU's SMs `per_sm` deep and at most one per tile.
-fn lowrank_grid(rows: u32, cols: u32, multiprocessors: u32, per_sm: u32) -> (u32, u32, u32) {
+/// the `tile_rows` × 128 tiles of one column strip (`offload_lr_walk` in the
+/// source), so the grid is a whole number of blocks per strip, as many as
+/// fill the GPU's SMs `per_sm` deep and at most one per tile.
+fn lowrank_grid(
+    rows: u32,
+    cols: u32,
+    multiprocessors: u32,
+    per_sm: u32,
+    tile_rows: u32,
+) -> (u32, u32, u32) {
     let tiles_x = cols.div_ceil(LOWRANK_TILE_COLS).max(1);
-    let tiles_y = rows.div_ceil(LOWRANK_TILE_ROWS).max(1);
+    let tiles_y = rows.div_ceil(tile_rows).max(1);
     let per_strip = (multiprocessors.max(1).saturating_mul(per_sm) / tiles_x).clamp(1, tiles_y);
     (tiles_x.saturating_mul(per_strip), 1, 1)
 }
@@ -822,6 +922,21 @@ mod tests {
                     "{entry}"
                 );
             }
+            // The pipelined kernel, alone and batched.
+            for (entry, params) in [
+                (lowrank_merge_pipe_entry(dtype), "OffloadLowRankMergeParams"),
+                (
+                    lowrank_merge_pipe_batch_entry(dtype),
+                    "OffloadLowRankBatchParams",
+                ),
+            ] {
+                assert!(
+                    LOWRANK_MERGE_SRC.contains(&format!(
+                        "extern \"C\" __global__ void __launch_bounds__(OFFLOAD_PIPE_THREADS, {PIPE_BLOCKS_PER_SM})\n{entry}(const {params} p)"
+                    )),
+                    "{entry}"
+                );
+            }
         }
         let defines = [
             ("OFFLOAD_MAX_ADAPTERS", MAX_ADAPTERS as u32),
@@ -837,6 +952,8 @@ mod tests {
             ("OFFLOAD_LR_TILE_COLS", LOWRANK_TILE_COLS),
             ("OFFLOAD_LR_THREADS", LOWRANK_BLOCK_DIM.0),
             ("OFFLOAD_LR_K", FMA_MAX_RANK),
+            ("OFFLOAD_PIPE_TILE_ROWS", PIPE_TILE_ROWS),
+            ("OFFLOAD_PIPE_THREADS", PIPE_BLOCK_DIM.0),
         ];
         for (name, value) in defines {
             assert!(
@@ -846,6 +963,8 @@ mod tests {
         }
         assert_eq!((BLOCK_DIM.2, MMA_BLOCK_DIM.1, MMA_BLOCK_DIM.2), (1, 1, 1));
         assert_eq!(LOWRANK_BLOCK_DIM, MMA_BLOCK_DIM);
+        assert_eq!(PIPE_BLOCK_DIM, MMA_BLOCK_DIM);
+        assert!(LOWRANK_MERGE_SRC.contains("#define OFFLOAD_PIPE_TILE_COLS OFFLOAD_LR_TILE_COLS\n"));
         for dtype in Dtype::ALL {
             assert!(LOWRANK_MERGE_SRC.contains(&format!(
                 "#define OFFLOAD_DTYPE_{} {}u\n",
@@ -901,10 +1020,15 @@ mod tests {
         assert_eq!(p.launch_dims(132), ((5, 1, 1), (256, 1, 1)));
         assert_eq!(p.launch_dims(1), ((3, 1, 1), (256, 1, 1)));
         assert_eq!(p.mma_launch_dims(1), ((2, 1, 1), (256, 1, 1)));
+        // The pipelined kernel: three 64-row tiles, two blocks per SM.
+        assert_eq!(p.pipe_launch_dims(132), ((3, 1, 1), (256, 1, 1)));
+        assert_eq!(p.pipe_launch_dims(1), ((2, 1, 1), (256, 1, 1)));
         // A wide weight: whole strips only (40 strips of 5120 columns).
-        assert_eq!(lowrank_grid(1280, 5120, 132, 3), (360, 1, 1));
-        assert_eq!(lowrank_grid(1280, 5120, 10, 3), (40, 1, 1));
-        assert_eq!(lowrank_grid(1, 1, 0, 3), (1, 1, 1));
+        assert_eq!(lowrank_grid(1280, 5120, 132, 3, 32), (360, 1, 1));
+        assert_eq!(lowrank_grid(1280, 5120, 10, 3, 32), (40, 1, 1));
+        assert_eq!(lowrank_grid(1, 1, 0, 3, 32), (1, 1, 1));
+        // 64-row tiles: 20 down each strip, 6 blocks per strip on 132 SMs.
+        assert_eq!(lowrank_grid(1280, 5120, 132, 2, 64), (240, 1, 1));
         assert_eq!(bytemuck::bytes_of(&p).len(), 280);
         assert!(matches!(
             LowRankMergeParams::new(&spec, 0x1000, &[]),

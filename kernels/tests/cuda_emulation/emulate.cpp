@@ -6,8 +6,9 @@
 //   bound = |W| + sum |s| |Delta| (each product of factors taken in absolute
 //   values), never NaN; rows outside the slice bit-identical.
 //
-// Five groups of random cases (usage: emulate [cases] [all|batch], default
-// 20 all; "batch" runs the two batched groups only):
+// Seven groups of random cases (usage: emulate [cases] [all|batch|pipe],
+// default 20 all; "batch" runs the three batched groups only, "pipe" the two
+// of the pipelined kernel):
 //   lowrank: the fp32 FMA low-rank kernel; 1 to 4 adapters, ranks 1 to 70,
 //            every dtype for W and each factor.
 //   mma:     the tensor-core low-rank kernel; both factors of an adapter f16
@@ -43,6 +44,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -120,6 +122,66 @@ static void offload_mma_bf16(float (&d)[4], const unsigned (&a)[4], const unsign
     emu_mma(d, a, b, true);
 }
 
+// ---------------------------------------------------------------------------
+// cp.async (one thread's copies, in commit groups): a copy poisons its 16
+// destination bytes when it is issued (0xff bytes: a NaN in f16 and bf16)
+// and writes them only when a wait_group retires its group, so that reading
+// a slot before its copies have landed (and a barrier has followed) gives
+// NaNs, as does a copy issued into a slot someone still reads.
+
+struct EmuCopy {
+    void* dst;
+    unsigned char bytes[16];
+};
+thread_local std::vector<EmuCopy> emu_pending;                  // issued, not committed
+thread_local std::vector<std::vector<EmuCopy>> emu_groups;      // committed, oldest first
+static std::atomic<long> emu_cp_async_count{0};
+
+static void offload_cp_async16(void* dst, const void* src, unsigned bytes) {
+    EmuCopy c;
+    c.dst = dst;
+    std::memset(c.bytes, 0, 16);
+    std::memcpy(c.bytes, src, bytes > 16 ? 16 : bytes);
+    std::memset(dst, 0xff, 16);
+    emu_pending.push_back(c);
+    emu_cp_async_count++;
+}
+
+static void offload_cp_async_commit() {
+    emu_groups.push_back(std::move(emu_pending));
+    emu_pending.clear();
+}
+
+template <int N> static void offload_cp_async_wait() {
+    while (emu_groups.size() > (size_t)N) {
+        for (const EmuCopy& c : emu_groups.front()) std::memcpy(c.dst, c.bytes, 16);
+        emu_groups.erase(emu_groups.begin());
+    }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16, one warp: each lane
+// publishes its row address, the warp waits, each lane builds its four
+// registers from the rows of lanes 8 m .. 8 m + 7 (matrix m) as the PTX ISA
+// lays them out, and the warp waits again before the exchange is reused.
+static const uint16_t* emu_rows[kMaxWarps][32];
+
+static void emu_ldmatrix(unsigned (&r)[4], const void* row, bool trans) {
+    emu_rows[emu_warp][emu_lane] = static_cast<const uint16_t*>(row);
+    emu_warp_barrier[emu_warp]->arrive_and_wait();
+    const unsigned g = emu_lane / 4, t = emu_lane % 4;
+    for (unsigned m = 0; m < 4; ++m) {
+        const uint16_t* const* rows = &emu_rows[emu_warp][8 * m];
+        const unsigned lo = trans ? rows[2 * t][g] : rows[g][2 * t];
+        const unsigned hi = trans ? rows[2 * t + 1][g] : rows[g][2 * t + 1];
+        r[m] = lo | (hi << 16);
+    }
+    emu_warp_barrier[emu_warp]->arrive_and_wait();
+}
+
+static void offload_ldmatrix_x4(unsigned (&r)[4], const void* row) { emu_ldmatrix(r, row, false); }
+static void offload_ldmatrix_x4_trans(unsigned (&r)[4], const void* row) { emu_ldmatrix(r, row, true); }
+static void offload_prefetch_l2(const void*) {}
+
 #include "lowrank_merge.cu"
 
 // Runs `kernel` on a grid of (gx, gy) blocks of (bdx, bdy) threads; blocks
@@ -160,13 +222,15 @@ static void launch(void (*kernel)(const P), const P& p, unsigned bdx, unsigned b
                 (p.rows + OFFLOAD_TILE_ROWS - 1) / OFFLOAD_TILE_ROWS);
 }
 
-// The low-rank kernels: a block per column strip and `per_strip` blocks down
-// each (at most the strip's tiles), as offload_kernels::cuda computes it from
-// the GPU's size; `extra` blocks past the whole multiple must merge nothing.
+// The low-rank kernels (tiles of `tile_rows` x 128): a block per column strip
+// and `per_strip` blocks down each (at most the strip's tiles), as
+// offload_kernels::cuda computes it from the GPU's size; `extra` blocks past
+// the whole multiple must merge nothing.
 template <typename P>
-static void launch_lowrank(void (*kernel)(const P), const P& p, unsigned per_strip, unsigned extra) {
+static void launch_lowrank(void (*kernel)(const P), const P& p, unsigned per_strip, unsigned extra,
+                           unsigned tile_rows) {
     const unsigned tiles_x = (p.cols + OFFLOAD_LR_TILE_COLS - 1) / OFFLOAD_LR_TILE_COLS;
-    const unsigned tiles_y = (p.rows + OFFLOAD_LR_TILE_ROWS - 1) / OFFLOAD_LR_TILE_ROWS;
+    const unsigned tiles_y = (p.rows + tile_rows - 1) / tile_rows;
     per_strip = std::max(1u, std::min(per_strip, tiles_y));
     launch_grid(kernel, p, OFFLOAD_LR_THREADS, 1, tiles_x * per_strip + extra, 1);
 }
@@ -200,22 +264,25 @@ static std::uniform_real_distribution<float> uniform(-1, 1);
 // the emulation) and its values as f64.
 struct Mat {
     unsigned dt = 0, rows = 0, cols = 0;
+    size_t off = 0;  // bytes before the first element (2: not 16-byte aligned)
     std::vector<unsigned char> bytes;
     std::vector<double> v;
-    unsigned long long addr() const { return (unsigned long long)bytes.data(); }
+    unsigned long long addr() const { return (unsigned long long)(bytes.data() + off); }
     double at(unsigned i, unsigned j) const { return v[(size_t)i * cols + j]; }
 };
 
-static Mat rand_mat(unsigned rows, unsigned cols, unsigned dt) {
+static Mat rand_mat(unsigned rows, unsigned cols, unsigned dt, bool misaligned = false) {
     Mat m;
     m.dt = dt;
     m.rows = rows;
     m.cols = cols;
-    m.bytes.resize((size_t)rows * cols * dsize(dt));
+    m.off = misaligned ? 2 : 0;
+    m.bytes.resize((size_t)rows * cols * dsize(dt) + m.off);
     m.v.resize((size_t)rows * cols);
+    unsigned char* base = m.bytes.data() + m.off;
     for (size_t i = 0; i < m.v.size(); ++i) {
-        encode(dt, m.bytes.data(), i, uniform(rng));
-        m.v[i] = decode(dt, m.bytes.data(), i);
+        encode(dt, base, i, uniform(rng));
+        m.v[i] = decode(dt, base, i);
     }
     return m;
 }
@@ -339,10 +406,26 @@ static T pick(unsigned dt, T f32, T f16, T bf16) {
     return dt == OFFLOAD_DTYPE_F32 ? f32 : dt == OFFLOAD_DTYPE_F16 ? f16 : bf16;
 }
 
-// Low-rank cases for kernel 1 (mma false: any factor dtypes) or kernel 2
-// (mma true: both factors f16 or both bf16).
-static long lowrank_cases(int cases, bool mma) {
-    const char* group = mma ? "mma" : "lowrank";
+// The low-rank kernels: fp32 FMA (any factor dtypes), and the tensor-core
+// ones (both factors of an adapter f16 or both bf16), kernel 2 and the
+// pipelined kernel 2b.
+enum Kind { FMA, MMA, PIPE };
+static const char* kind_name(Kind k, bool batch) {
+    if (batch) return k == FMA ? "batch" : k == MMA ? "batch-mma" : "batch-pipe";
+    return k == FMA ? "lowrank" : k == MMA ? "mma" : "pipe";
+}
+static unsigned kind_tile_rows(Kind k) { return k == PIPE ? OFFLOAD_PIPE_TILE_ROWS : OFFLOAD_LR_TILE_ROWS; }
+
+// For the pipelined kernel, most cases take its copy path (ranks and
+// column counts multiples of 8, factors 16-byte aligned); the others, and
+// a misaligned factor now and then, its plain-load path.
+static unsigned pipe_rank(unsigned rank) { return rng() % 3 != 0 ? 8 * ((rank + 7) / 8) : rank; }
+
+// Low-rank cases for one kernel.
+static long lowrank_cases(int cases, Kind kind) {
+    const char* group = kind_name(kind, false);
+    const bool mma = kind != FMA;
+    const long copies0 = emu_cp_async_count;
     long failures = 0, elements = 0;
     for (int c = 0; c < cases; ++c) {
         unsigned out, r0, n, cols = 1 + rng() % 150;
@@ -362,6 +445,7 @@ static long lowrank_cases(int cases, bool mma) {
             r0 = 3;
             n = 140;
         }
+        if (kind == PIPE && rng() % 3 != 0) cols = 8 * ((cols + 7) / 8);
         // Every sixth case: small ranks that add up to at most 32 (A staged
         // once per block and kept while the block walks its strip).
         const bool small_ranks = c % 6 == 5;
@@ -378,13 +462,15 @@ static long lowrank_cases(int cases, bool mma) {
         store.reserve(2 * p.num_adapters);
         for (unsigned a = 0; a < p.num_adapters; ++a) {
             unsigned rank = mma ? 1 + rng() % 150 : 1 + rng() % 70;
+            if (kind == PIPE) rank = pipe_rank(rank);
             if (c == 1) rank = 64;
             if (small_ranks) rank = 1 + rng() % 8;
             const unsigned udt = mma ? 1 + rng() % 2 : rng() % 3;
             const unsigned ddt = mma ? udt : rng() % 3;
-            store.push_back(rand_mat(n, rank, udt));
+            const bool misaligned = kind == PIPE && rng() % 8 == 0;
+            store.push_back(rand_mat(n, rank, udt, misaligned));
             const Mat& up = store.back();
-            store.push_back(rand_mat(rank, cols, ddt));
+            store.push_back(rand_mat(rank, cols, ddt, misaligned && rng() % 2 == 0));
             const Mat& down = store.back();
             const float scale = 2 * uniform(rng);
             p.adapters[a] = {up.addr(), down.addr(), rank, udt, ddt, scale};
@@ -401,19 +487,25 @@ static long lowrank_cases(int cases, bool mma) {
         // Fewer extra blocks than strips: they get a row of tiles of their own
         // unless the walk refuses them.
         const unsigned extra = tiles_x > 1 && (wide || c % 2 == 0) ? 1 + rng() % (tiles_x - 1) : 0;
-        if (mma) {
+        const unsigned tile_rows = kind_tile_rows(kind);
+        if (kind == MMA) {
             launch_lowrank(pick(W.dt, offload_lowrank_merge_mma_f32, offload_lowrank_merge_mma_f16,
                                 offload_lowrank_merge_mma_bf16),
-                           p, per_strip, extra);
+                           p, per_strip, extra, tile_rows);
+        } else if (kind == PIPE) {
+            launch_lowrank(pick(W.dt, offload_lowrank_merge_pipe_f32, offload_lowrank_merge_pipe_f16,
+                                offload_lowrank_merge_pipe_bf16),
+                           p, per_strip, extra, tile_rows);
         } else {
             launch_lowrank(
                 pick(W.dt, offload_lowrank_merge_f32, offload_lowrank_merge_f16, offload_lowrank_merge_bf16), p,
-                per_strip, extra);
+                per_strip, extra, tile_rows);
         }
         failures += check(group, c, W);
         elements += (long)n * cols;
     }
-    std::printf("%s: %d cases, %ld elements, %ld failures\n", group, cases, elements, failures);
+    std::printf("%s: %d cases, %ld elements, %ld cp.async copies, %ld failures\n", group, cases, elements,
+                emu_cp_async_count - copies0, failures);
     return failures;
 }
 
@@ -465,8 +557,10 @@ static long check_identical(const char* group, int c, unsigned job, unsigned dt,
 // as it was before the batched launch, with the job's number of blocks;
 // each buffer's rows outside every slice (and its guard row) must be
 // unchanged, bit for bit.
-static long batch_cases(int cases, bool mma) {
-    const char* group = mma ? "batch-mma" : "batch";
+static long batch_cases(int cases, Kind kind) {
+    const char* group = kind_name(kind, true);
+    const bool mma = kind != FMA;
+    const long copies0 = emu_cp_async_count;
     long failures = 0, elements = 0, jobs_total = 0, blocks_total = 0, idle_total = 0;
     long shared_buffers = 0, shared_jobs = 0, fused_buffers = 0, identical = 0;
     for (int c = 0; c < cases; ++c) {
@@ -500,12 +594,15 @@ static long batch_cases(int cases, bool mma) {
         // block per column strip (each walks its strip), the most adapters
         // a job takes. The second: three column strips and four tiles down,
         // a block per tile (more blocks than most jobs).
-        add_job(add_buffer(75, 1 + rng() % (full ? 140 : 300)), 5, 65 + rng() % 5);
-        add_job(add_buffer(130, 300 + rng() % 60), 2, 120);
+        auto pipe_cols = [&](unsigned cols) {
+            return kind == PIPE && rng() % 3 != 0 ? 8 * ((cols + 7) / 8) : cols;
+        };
+        add_job(add_buffer(75, pipe_cols(1 + rng() % (full ? 140 : 300))), 5, 65 + rng() % 5);
+        add_job(add_buffer(130, pipe_cols(300 + rng() % 60)), 2, 120);
         while (jobs.size() < num_jobs) {
             const unsigned left = num_jobs - (unsigned)jobs.size();
             const unsigned k = std::min<unsigned>(left, bufs.size() == 2 ? 2 + rng() % 2 : 1 + rng() % 3);
-            const unsigned cols = 1 + rng() % (full ? 140 : 300);
+            const unsigned cols = pipe_cols(1 + rng() % (full ? 140 : 300));
             if (k == 1) {
                 unsigned out, r0, n;
                 rand_slice(c + (int)jobs.size(), full ? 40 : 110, out, r0, n);
@@ -564,12 +661,14 @@ static long batch_cases(int cases, bool mma) {
             job.num_adapters = j == 0 ? OFFLOAD_BATCH_MAX_ADAPTERS : 1 + rng() % OFFLOAD_BATCH_MAX_ADAPTERS;
             for (unsigned a = 0; a < job.num_adapters; ++a) {
                 // Small ranks in every third job (A kept across tiles).
-                const unsigned rank = j % 3 == 2 ? 1 + rng() % 8 : 1 + rng() % (mma ? 100 : 70);
+                unsigned rank = j % 3 == 2 ? 1 + rng() % 8 : 1 + rng() % (mma ? 100 : 70);
+                if (kind == PIPE) rank = pipe_rank(rank);
                 const unsigned udt = mma ? 1 + rng() % 2 : rng() % 3;
                 const unsigned ddt = mma ? udt : rng() % 3;
-                store.push_back(rand_mat(n, rank, udt));
+                const bool misaligned = kind == PIPE && rng() % 8 == 0;
+                store.push_back(rand_mat(n, rank, udt, misaligned));
                 const Mat& up = store.back();
-                store.push_back(rand_mat(rank, cols, ddt));
+                store.push_back(rand_mat(rank, cols, ddt, misaligned && rng() % 2 == 0));
                 const Mat& down = store.back();
                 const float scale = 2 * uniform(rng);
                 job.adapters[a] = {up.addr(), down.addr(), rank, udt, ddt, scale};
@@ -584,7 +683,7 @@ static long batch_cases(int cases, bool mma) {
             // or one per tile), and in some jobs a few more than a whole
             // number, which must merge nothing.
             const unsigned tiles_x = (cols + OFFLOAD_LR_TILE_COLS - 1) / OFFLOAD_LR_TILE_COLS;
-            const unsigned tiles_y = (n + OFFLOAD_LR_TILE_ROWS - 1) / OFFLOAD_LR_TILE_ROWS;
+            const unsigned tiles_y = (n + kind_tile_rows(kind) - 1) / kind_tile_rows(kind);
             const unsigned pick_per = j == 0 ? 0 : j == 1 ? 1000 : rng() % 3;
             unsigned per_strip = pick_per == 0 ? 1 : (pick_per == 1 ? 1 + rng() % 3 : 1000);
             per_strip = std::max(1u, std::min(per_strip, tiles_y));
@@ -599,10 +698,14 @@ static long batch_cases(int cases, bool mma) {
         // Blocks past the last job's, which must merge nothing.
         const unsigned after = c % 2 == 1 ? 1 + rng() % 3 : 0;
         idle_total += after;
-        if (mma) {
+        if (kind == MMA) {
             launch_grid(pick(wdt, offload_lowrank_merge_mma_batch_f32, offload_lowrank_merge_mma_batch_f16,
                              offload_lowrank_merge_mma_batch_bf16),
                         p, OFFLOAD_LR_THREADS, 1, next_block + after, 1);
+        } else if (kind == PIPE) {
+            launch_grid(pick(wdt, offload_lowrank_merge_pipe_batch_f32, offload_lowrank_merge_pipe_batch_f16,
+                             offload_lowrank_merge_pipe_batch_bf16),
+                        p, OFFLOAD_PIPE_THREADS, 1, next_block + after, 1);
         } else {
             launch_grid(pick(wdt, offload_lowrank_merge_batch_f32, offload_lowrank_merge_batch_f16,
                              offload_lowrank_merge_batch_bf16),
@@ -625,10 +728,14 @@ static long batch_cases(int cases, bool mma) {
             q.row0 = p.jobs[j].row0;
             q.num_adapters = p.jobs[j].num_adapters;
             for (unsigned a = 0; a < q.num_adapters; ++a) q.adapters[a] = p.jobs[j].adapters[a];
-            if (mma) {
+            if (kind == MMA) {
                 launch_grid(pick(wdt, offload_lowrank_merge_mma_f32, offload_lowrank_merge_mma_f16,
                                  offload_lowrank_merge_mma_bf16),
                             q, OFFLOAD_LR_THREADS, 1, J.blocks, 1);
+            } else if (kind == PIPE) {
+                launch_grid(pick(wdt, offload_lowrank_merge_pipe_f32, offload_lowrank_merge_pipe_f16,
+                                 offload_lowrank_merge_pipe_bf16),
+                            q, OFFLOAD_PIPE_THREADS, 1, J.blocks, 1);
             } else {
                 launch_grid(
                     pick(wdt, offload_lowrank_merge_f32, offload_lowrank_merge_f16, offload_lowrank_merge_bf16), q,
@@ -650,9 +757,10 @@ static long batch_cases(int cases, bool mma) {
         blocks_total += next_block + after;
     }
     std::printf("%s: %d cases, %ld jobs (%ld in %ld shared buffers, %ld of them fused), %ld blocks (%ld with no "
-                "tile), %ld elements, %ld of %ld jobs bit-identical to their launch alone, %ld failures\n",
+                "tile), %ld elements, %ld cp.async copies, %ld of %ld jobs bit-identical to their launch alone, "
+                "%ld failures\n",
                 group, cases, jobs_total, shared_jobs, shared_buffers, fused_buffers, blocks_total, idle_total,
-                elements, identical, jobs_total, failures);
+                elements, emu_cp_async_count - copies0, identical, jobs_total, failures);
     return failures;
 }
 
@@ -783,21 +891,30 @@ static long general_cases(int cases) {
 int main(int argc, char** argv) {
     const int cases = argc > 1 ? std::atoi(argv[1]) : 20;
     const bool batch_only = argc > 2 && std::strcmp(argv[2], "batch") == 0;
+    const bool pipe_only = argc > 2 && std::strcmp(argv[2], "pipe") == 0;
     const int batch = std::max(2, cases / 2);
     long failures = 0;
     int total = 0;
+    if (pipe_only) {
+        failures += lowrank_cases(cases, PIPE);
+        failures += batch_cases(batch, PIPE);
+        std::printf("all: %d cases, %ld failures\n", cases + batch, failures);
+        return failures == 0 ? 0 : 1;
+    }
     if (!batch_only) {
-        failures += lowrank_cases(cases, false);
-        failures += lowrank_cases(cases, true);
+        failures += lowrank_cases(cases, FMA);
+        failures += lowrank_cases(cases, MMA);
+        failures += lowrank_cases(cases, PIPE);
         long mmas = 0;
         for (long m : emu_mma_count) mmas += m;
         std::printf("mma: %ld warp-wide mma.m16n8k16 emulated\n", mmas);
         failures += general_cases(2 * cases);
-        total += 4 * cases;
+        total += 5 * cases;
     }
-    failures += batch_cases(batch, false);
-    failures += batch_cases(batch, true);
-    total += 2 * batch;
+    failures += batch_cases(batch, FMA);
+    failures += batch_cases(batch, MMA);
+    failures += batch_cases(batch, PIPE);
+    total += 3 * batch;
     std::printf("all: %d cases, %ld failures\n", total, failures);
     return failures == 0 ? 0 : 1;
 }

@@ -317,6 +317,22 @@ impl CaseData {
 /// slice, how many of them are bit-identical to the CPU's, whether the GPU
 /// ran it on the tensor cores).
 fn check_merge(d: &CudaDevice, s: StreamId, case: &MergeCase, seed: u64) -> (usize, usize, bool) {
+    let (elements, same) = check_merge_with(d, s, case, seed, LowRankKernel::Auto);
+    let data = CaseData::new(case, seed);
+    let adapters = data.adapters(case);
+    let spec = MergeSpec::new(case.dtype, &case.shape, case.rows.clone(), &adapters).unwrap();
+    (elements, same, d.merge_uses_tensor_cores(&spec))
+}
+
+/// [`check_merge`] on the kernel `kernel` names: (elements of the row
+/// slice, how many of them are bit-identical to the CPU's).
+fn check_merge_with(
+    d: &CudaDevice,
+    s: StreamId,
+    case: &MergeCase,
+    seed: u64,
+    kernel: LowRankKernel,
+) -> (usize, usize) {
     let data = CaseData::new(case, seed);
     let adapters = data.adapters(case);
     let spec = MergeSpec::new(case.dtype, &case.shape, case.rows.clone(), &adapters).unwrap();
@@ -327,12 +343,11 @@ fn check_merge(d: &CudaDevice, s: StreamId, case: &MergeCase, seed: u64) -> (usi
         .iter()
         .map(|a| (bufs.upload(&a.up, s), bufs.upload(&a.down, s)))
         .collect();
-    let mma = d.merge_uses_tensor_cores(&spec);
-    d.merge_lowrank(&spec, w, &factors, s).unwrap();
+    d.merge_lowrank_with(&spec, w, &factors, s, kernel).unwrap();
     let mut gpu = vec![0u8; data.w.len()];
     d.read_blocking(w, &mut gpu, s).unwrap();
     let same = data.check(case, &gpu);
-    (spec.delta_rows() * spec.cols(), same, mma)
+    (spec.delta_rows() * spec.cols(), same)
 }
 
 /// Runs `cases` twice on the GPU with `kernel`: one
@@ -713,6 +728,13 @@ fn gpu_merge_lowrank_tensor_cores_match_cpu_merge_and_report_tflops() {
             case.rows,
             case.adapters.len()
         );
+        // The pipelined kernel on the same merge: its copy path where the
+        // rank and the columns are multiples of 8, plain loads elsewhere.
+        if tensor_cores {
+            let (elements, same) =
+                check_merge_with(&d, s, case, 0x7e45 + i as u64, LowRankKernel::Pipelined);
+            eprintln!("  pipelined: {elements} elements, {same} bit-identical to the CPU");
+        }
     }
 
     // Throughput (informative; `offload bench merge` is the measurement): a
@@ -751,10 +773,18 @@ fn gpu_merge_lowrank_tensor_cores_match_cpu_merge_and_report_tflops() {
                 .collect();
             let factors = vec![(up, down); count];
             let spec = MergeSpec::new(Dtype::F16, &[rows, cols], None, &adapters).unwrap();
-            let auto_mma = d.merge_uses_tensor_cores(&spec);
+            let auto_kernel = if d.merge_uses_tensor_cores(&spec) {
+                LowRankKernel::TensorCores
+            } else {
+                LowRankKernel::Fma
+            };
             let mut line = format!("merge {rows}x{cols} f16, {count} x rank {rank} f16 factors:");
-            for kernel in [LowRankKernel::Fma, LowRankKernel::TensorCores] {
-                if kernel == LowRankKernel::TensorCores && !tensor_cores {
+            for kernel in [
+                LowRankKernel::Fma,
+                LowRankKernel::TensorCores,
+                LowRankKernel::Pipelined,
+            ] {
+                if kernel != LowRankKernel::Fma && !tensor_cores {
                     continue;
                 }
                 for &w in &ws {
@@ -772,16 +802,12 @@ fn gpu_merge_lowrank_tensor_cores_match_cpu_merge_and_report_tflops() {
                 let secs = per.as_secs_f64();
                 line += &format!(
                     " {}{} {per:?}, {:.1} TFLOP/s, {:.0} GB/s;",
-                    if kernel == LowRankKernel::Fma {
-                        "fp32 FMA"
-                    } else {
-                        "tensor cores"
+                    match kernel {
+                        LowRankKernel::Fma => "fp32 FMA",
+                        LowRankKernel::Pipelined => "pipelined",
+                        _ => "tensor cores",
                     },
-                    if (kernel == LowRankKernel::TensorCores) == auto_mma {
-                        " (auto)"
-                    } else {
-                        ""
-                    },
+                    if kernel == auto_kernel { " (auto)" } else { "" },
                     (2 * rows * cols * rank * count) as f64 / secs / 1e12,
                     (2 * rows * cols * 2) as f64 / secs / 1e9
                 );
@@ -812,14 +838,19 @@ fn gpu_merge_lowrank_batch_matches_one_launch_per_tensor() {
         adapters,
     };
     let mut total = (0, 0);
-    for kernel in [LowRankKernel::Fma, LowRankKernel::TensorCores] {
+    let kernels = [
+        LowRankKernel::Fma,
+        LowRankKernel::TensorCores,
+        LowRankKernel::Pipelined,
+    ];
+    for kernel in kernels {
         for dtype in [F16, BF16, F32] {
             // The tensor cores take one 16-bit type for both factors; fp32
             // FMA any mix.
             let fd = if dtype == BF16 { BF16 } else { F16 };
             let (ud, dd) = match kernel {
-                LowRankKernel::TensorCores => (fd, fd),
-                _ => (F16, BF16),
+                LowRankKernel::Fma => (F16, BF16),
+                _ => (fd, fd),
             };
             let cases = vec![
                 case(
@@ -879,7 +910,7 @@ fn gpu_merge_lowrank_batch_matches_one_launch_per_tensor() {
             )
         })
         .collect();
-    for kernel in [LowRankKernel::Fma, LowRankKernel::TensorCores] {
+    for kernel in kernels {
         let (launches, elements, _) = check_batch(&d, s, &many, kernel, 0x3a4);
         assert_eq!(launches, 2, "{kernel:?}: {} tensors", many.len());
         total.0 += elements;

@@ -2,17 +2,19 @@
 //! by NVRTC for the device at first use ([`super::nvrtc`]) and launched on a
 //! stream of the device.
 //!
-//! Three kernels (see `offload_kernels::cuda`): the low-rank merge in fp32
+//! Four kernels (see `offload_kernels::cuda`): the low-rank merge in fp32
 //! FMA, the same on the tensor cores (taken by [`CudaDevice::merge_lowrank`]
 //! when every adapter's factors are both f16 or both bf16, some rank is 32
 //! or more or the ranks add up to more than 32, and the device has compute
-//! capability 8.0 or newer), and the
+//! capability 8.0 or newer), a pipelined tensor-core version of it (taken
+//! only when asked for, [`LowRankKernel::Pipelined`], until a GPU has timed
+//! it), and the
 //! general merge of any mix of low-rank, LoHa and LoKr deltas
 //! ([`CudaDevice::merge`]). [`Kernel::Merge`](crate::device::Kernel::Merge)
 //! takes the first two for plain low-rank merges and the general one
 //! otherwise.
 //!
-//! Both low-rank kernels also come batched: one launch merges up to
+//! The low-rank kernels also come batched: one launch merges up to
 //! [`BATCH_MAX_JOBS`](offload_kernels::cuda::BATCH_MAX_JOBS) tensors of one W dtype, each with up to
 //! [`BATCH_MAX_ADAPTERS`] adapters ([`CudaDevice::merge_lowrank_batch`],
 //! and [`Kernel::MergeBatch`](crate::device::Kernel::MergeBatch), which the
@@ -31,9 +33,10 @@ use std::time::Duration;
 use cudarc::driver::sys;
 use offload_kernels::cuda::{
     delta_factors, dtype_code, lowrank_merge_batch_entry, lowrank_merge_entry,
-    lowrank_merge_mma_batch_entry, lowrank_merge_mma_entry, merge_entry, LowRankBatchParams,
-    LowRankJobParams, LowRankMergeParams, MergeParams, BATCH_MAX_ADAPTERS, LOWRANK_MERGE_SRC,
-    MAX_ADAPTERS, MERGE_MAX_ADAPTERS, MMA_MIN_COMPUTE_CAPABILITY,
+    lowrank_merge_mma_batch_entry, lowrank_merge_mma_entry, lowrank_merge_pipe_batch_entry,
+    lowrank_merge_pipe_entry, merge_entry, LowRankBatchParams, LowRankJobParams,
+    LowRankMergeParams, MergeParams, BATCH_MAX_ADAPTERS, LOWRANK_MERGE_SRC, MAX_ADAPTERS,
+    MERGE_MAX_ADAPTERS, MMA_MIN_COMPUTE_CAPABILITY,
 };
 use offload_kernels::{Delta, Dtype, MergeSpec};
 
@@ -50,6 +53,8 @@ pub(super) struct MergeKernels {
     lowrank_mma: [sys::CUfunction; 3],
     lowrank_batch: [sys::CUfunction; 3],
     lowrank_mma_batch: [sys::CUfunction; 3],
+    lowrank_pipe: [sys::CUfunction; 3],
+    lowrank_pipe_batch: [sys::CUfunction; 3],
     general: [sys::CUfunction; 3],
     image: Arc<Image>,
 }
@@ -204,12 +209,12 @@ impl Access {
 }
 
 /// Groups of low-rank merges waiting for one batched launch each: one group
-/// per W dtype and kernel (index `2 · dtype_code + tensor cores`), each
+/// per W dtype and kernel (index `Body::COUNT · dtype_code + body`), each
 /// with the accesses of its jobs. Merges in waiting groups never conflict
 /// with each other ([`Access::conflicts`]), so the groups may be launched
 /// in any order, and after merges queued later that do not conflict with
 /// them; a merge that conflicts with a waiting one launches every group
-/// first. `launch_group(batch, dtype code, tensor cores)` queues one
+/// first. `launch_group(batch, dtype code, body)` queues one
 /// batched launch (on a GPU, [`CudaDevice::launch_lowrank_batch`]; the unit
 /// tests record it instead).
 struct Batcher<L> {
@@ -221,8 +226,8 @@ struct Batcher<L> {
     launches: usize,
 }
 
-impl<L: FnMut(&mut LowRankBatchParams, usize, bool) -> Result<()>> Batcher<L> {
-    /// `groups` groups: 2 × the W dtypes (FMA and tensor cores each).
+impl<L: FnMut(&mut LowRankBatchParams, usize, Body) -> Result<()>> Batcher<L> {
+    /// `groups` groups: [`Body::COUNT`] × the W dtypes.
     fn new(launch_group: L, stream: StreamId, groups: usize) -> Self {
         Batcher {
             launch_group,
@@ -279,7 +284,7 @@ impl<L: FnMut(&mut LowRankBatchParams, usize, bool) -> Result<()>> Batcher<L> {
         }
         let mut batch = std::mem::take(batch);
         accesses.clear();
-        (self.launch_group)(&mut batch, key / 2, key % 2 == 1)?;
+        (self.launch_group)(&mut batch, key / Body::COUNT, Body::ALL[key % Body::COUNT])?;
         self.launches += 1;
         Ok(())
     }
@@ -316,12 +321,32 @@ pub enum LowRankKernel {
     /// Tensor cores on a device that has them where the factors allow and
     /// some rank is 32 or more or the ranks add up to more than 32
     /// ([`offload_kernels::cuda::LowRankMergeParams::tensor_cores`]), fp32
-    /// FMA otherwise.
+    /// FMA otherwise. The pipelined tensor-core kernel is not chosen until
+    /// a GPU has measured it against the other two.
     Auto,
     /// The fp32 FMA kernel.
     Fma,
     /// The tensor-core kernel.
     TensorCores,
+    /// The pipelined tensor-core kernel (factors streamed through shared
+    /// memory with `cp.async`, 64 × 128 tiles); the same operands and
+    /// device requirements as [`LowRankKernel::TensorCores`].
+    Pipelined,
+}
+
+/// The kernel body a low-rank launch runs: the resolution of a
+/// [`LowRankKernel`] for one merge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Body {
+    Fma,
+    Mma,
+    Pipe,
+}
+
+impl Body {
+    const COUNT: usize = 3;
+    /// Indexed by `self as usize` (the Batcher's group keys).
+    const ALL: [Body; Body::COUNT] = [Body::Fma, Body::Mma, Body::Pipe];
 }
 
 impl CudaDevice {
@@ -345,6 +370,8 @@ impl CudaDevice {
             lowrank_mma: functions(lowrank_merge_mma_entry)?,
             lowrank_batch: functions(lowrank_merge_batch_entry)?,
             lowrank_mma_batch: functions(lowrank_merge_mma_batch_entry)?,
+            lowrank_pipe: functions(lowrank_merge_pipe_entry)?,
+            lowrank_pipe_batch: functions(lowrank_merge_pipe_batch_entry)?,
             general: functions(merge_entry)?,
             _module: module,
             image,
@@ -497,26 +524,29 @@ impl CudaDevice {
         }
         let kernels = self.merge_kernels()?;
         let code = dtype_code(spec.dtype()) as usize;
-        let mma = self.lowrank_on_tensor_cores(&params, kernel)?;
-        let (function, (grid, block)) = if mma {
-            (
-                kernels.lowrank_mma[code],
-                params.mma_launch_dims(self.multiprocessors),
-            )
-        } else {
-            (
+        let (function, (grid, block)) = match self.lowrank_body(&params, kernel)? {
+            Body::Fma => (
                 kernels.lowrank[code],
                 params.launch_dims(self.multiprocessors),
-            )
+            ),
+            Body::Mma => (
+                kernels.lowrank_mma[code],
+                params.mma_launch_dims(self.multiprocessors),
+            ),
+            Body::Pipe => (
+                kernels.lowrank_pipe[code],
+                params.pipe_launch_dims(self.multiprocessors),
+            ),
         };
         self.ctx.bind()?;
         let mut args: [*mut c_void; 1] = [(&mut params as *mut LowRankMergeParams).cast()];
-        // SAFETY: the function (either low-rank entry point for W's dtype)
+        // SAFETY: the function (a low-rank entry point for W's dtype)
         // belongs to a module loaded in this context and takes one parameter,
         // OffloadLowRankMergeParams by value, whose layout LowRankMergeParams
         // mirrors (checked in offload-kernels); the block is the one that
-        // entry point is written for, and the tensor-core one is only chosen
-        // on compute capability 8.0 or newer, where its instruction exists;
+        // entry point is written for, and the tensor-core ones are only
+        // chosen on compute capability 8.0 or newer, where their
+        // instructions exist (lowrank_body);
         // every region the kernel touches is mapped and aligned (checked
         // above) and the trait makes callers keep it mapped until the queued
         // kernel has run; the stream is live (Arc).
@@ -556,22 +586,18 @@ impl CudaDevice {
         Ok((params, Access::of_regions(&regions)))
     }
 
-    /// Whether a low-rank merge with these parameters runs on the tensor
-    /// cores when `kernel` is asked for; an error where the device or the
-    /// factors rule out [`LowRankKernel::TensorCores`].
-    fn lowrank_on_tensor_cores(
-        &self,
-        params: &LowRankMergeParams,
-        kernel: LowRankKernel,
-    ) -> Result<bool> {
+    /// The kernel body a low-rank merge with these parameters runs when
+    /// `kernel` is asked for; an error where the device or the factors rule
+    /// out [`LowRankKernel::TensorCores`] or [`LowRankKernel::Pipelined`].
+    fn lowrank_body(&self, params: &LowRankMergeParams, kernel: LowRankKernel) -> Result<Body> {
         let device_has_mma = self
             .info
             .compute_capability
             .is_some_and(|cc| cc >= MMA_MIN_COMPUTE_CAPABILITY);
         match kernel {
-            LowRankKernel::Auto => Ok(device_has_mma && params.tensor_cores()),
-            LowRankKernel::Fma => Ok(false),
-            LowRankKernel::TensorCores => {
+            LowRankKernel::Auto if device_has_mma && params.tensor_cores() => Ok(Body::Mma),
+            LowRankKernel::Auto | LowRankKernel::Fma => Ok(Body::Fma),
+            LowRankKernel::TensorCores | LowRankKernel::Pipelined => {
                 if !device_has_mma {
                     return Err(merge_error(format!(
                         "the tensor-core merge needs compute capability {}.{} or newer (this device: {:?})",
@@ -586,7 +612,11 @@ impl CudaDevice {
                             .to_string(),
                     ));
                 }
-                Ok(true)
+                Ok(if kernel == LowRankKernel::Pipelined {
+                    Body::Pipe
+                } else {
+                    Body::Mma
+                })
             }
         }
     }
@@ -619,9 +649,10 @@ impl CudaDevice {
         kernel: LowRankKernel,
     ) -> Result<usize> {
         self.stream(stream)?;
-        let groups = 2 * Dtype::ALL.len();
-        let launch =
-            |b: &mut LowRankBatchParams, code, mma| self.launch_lowrank_batch(b, code, mma, stream);
+        let groups = Body::COUNT * Dtype::ALL.len();
+        let launch = |b: &mut LowRankBatchParams, code, body| {
+            self.launch_lowrank_batch(b, code, body, stream)
+        };
         let mut b = Batcher::new(launch, stream, groups);
         let n = merges.len();
         for (i, m) in merges.iter().enumerate() {
@@ -634,14 +665,14 @@ impl CudaDevice {
 
     /// Adds one low-rank merge to `b`, or queues it on its own (after the
     /// waiting merges it conflicts with) when it does not fit a job.
-    fn batch_lowrank<L: FnMut(&mut LowRankBatchParams, usize, bool) -> Result<()>>(
+    fn batch_lowrank<L: FnMut(&mut LowRankBatchParams, usize, Body) -> Result<()>>(
         &self,
         b: &mut Batcher<L>,
         m: &LowRankMerge<'_, '_>,
         kernel: LowRankKernel,
     ) -> Result<()> {
         let (params, access) = self.checked_lowrank_params(m.spec, m.w, m.factors)?;
-        let mma = self.lowrank_on_tensor_cores(&params, kernel)?;
+        let body = self.lowrank_body(&params, kernel)?;
         let job = LowRankJobParams::from_params(&params)
             .filter(|j| j.num_adapters > 0 && j.rows > 0 && j.cols > 0);
         let Some(job) = job else {
@@ -652,42 +683,42 @@ impl CudaDevice {
             }
             return Ok(());
         };
-        let (grid, _) = if mma {
-            params.mma_launch_dims(self.multiprocessors)
-        } else {
-            params.launch_dims(self.multiprocessors)
+        let (grid, _) = match body {
+            Body::Fma => params.launch_dims(self.multiprocessors),
+            Body::Mma => params.mma_launch_dims(self.multiprocessors),
+            Body::Pipe => params.pipe_launch_dims(self.multiprocessors),
         };
-        let key = 2 * dtype_code(m.spec.dtype()) as usize + usize::from(mma);
+        let key = Body::COUNT * dtype_code(m.spec.dtype()) as usize + body as usize;
         b.push(key, job, grid.0, access)
     }
 
     /// One batched launch of `batch` (jobs whose regions were checked, W
-    /// dtype [`dtype_code`] `code`) on the tensor cores or in fp32 FMA.
+    /// dtype [`dtype_code`] `code`) on the kernel body `body`.
     fn launch_lowrank_batch(
         &self,
         batch: &mut LowRankBatchParams,
         code: usize,
-        mma: bool,
+        body: Body,
         stream: StreamId,
     ) -> Result<()> {
         let s = self.stream(stream)?;
         let kernels = self.merge_kernels()?;
-        let function = if mma {
-            kernels.lowrank_mma_batch[code]
-        } else {
-            kernels.lowrank_batch[code]
+        let function = match body {
+            Body::Fma => kernels.lowrank_batch[code],
+            Body::Mma => kernels.lowrank_mma_batch[code],
+            Body::Pipe => kernels.lowrank_pipe_batch[code],
         };
         let (grid, block) = batch.launch_dims();
         self.ctx.bind()?;
         let mut args: [*mut c_void; 1] = [(batch as *mut LowRankBatchParams).cast()];
-        // SAFETY: the function (either batched low-rank entry point for the
+        // SAFETY: the function (a batched low-rank entry point for the
         // jobs' W dtype) belongs to a module loaded in this context and
         // takes one parameter, OffloadLowRankBatchParams by value (2504
         // bytes, under the 4 KiB parameter limit), whose layout
         // LowRankBatchParams mirrors (checked in offload-kernels); the block
-        // is the one those entry points are written for, and the tensor-core
-        // one is only chosen on compute capability 8.0 or newer
-        // (lowrank_on_tensor_cores); every job's regions were checked mapped
+        // is the one those entry points are written for (all three take
+        // 256 threads), and the tensor-core ones are only chosen on compute
+        // capability 8.0 or newer (lowrank_body); every job's regions were checked mapped
         // and aligned, with no factor overlapping its own row slice
         // (checked_lowrank_params), and the Batcher only groups jobs whose
         // row slices overlap no other job's slice or factors, so blocks of
@@ -713,9 +744,10 @@ impl CudaDevice {
         stream: StreamId,
     ) -> Result<()> {
         self.stream(stream)?;
-        let groups = 2 * Dtype::ALL.len();
-        let launch =
-            |b: &mut LowRankBatchParams, code, mma| self.launch_lowrank_batch(b, code, mma, stream);
+        let groups = Body::COUNT * Dtype::ALL.len();
+        let launch = |b: &mut LowRankBatchParams, code, body| {
+            self.launch_lowrank_batch(b, code, body, stream)
+        };
         let mut b = Batcher::new(launch, stream, groups);
         let n = ops.len();
         for (i, (off, op)) in ops.iter().enumerate() {
@@ -728,7 +760,7 @@ impl CudaDevice {
     }
 
     /// Adds one op of a [`Kernel::MergeBatch`](crate::device::Kernel::MergeBatch) to `b`.
-    fn batch_op<L: FnMut(&mut LowRankBatchParams, usize, bool) -> Result<()>>(
+    fn batch_op<L: FnMut(&mut LowRankBatchParams, usize, Body) -> Result<()>>(
         &self,
         b: &mut Batcher<L>,
         w: DevicePtr,
@@ -853,13 +885,13 @@ mod tests {
         for _ in 0..300 {
             // Launches: the merges each holds, in queue order.
             let log: RefCell<Vec<Vec<usize>>> = RefCell::new(Vec::new());
-            let record = |b: &mut LowRankBatchParams, _code: usize, _mma: bool| {
+            let record = |b: &mut LowRankBatchParams, _code: usize, _body: Body| {
                 assert!(b.len() <= BATCH_MAX_JOBS);
                 log.borrow_mut()
                     .push(b.jobs[..b.len()].iter().map(|j| j.w as usize).collect());
                 Ok(())
             };
-            let mut b = Batcher::new(record, StreamId(0), 6);
+            let mut b = Batcher::new(record, StreamId(0), 9);
             let mut accesses = Vec::new();
             for i in 0..(1 + next(40) as usize) {
                 let weight = 10_000 * next(4);
@@ -891,7 +923,7 @@ mod tests {
                         ..LowRankJobParams::default()
                     };
                     let blocks = 1 + next(64) as u32;
-                    b.push(next(6) as usize, job, blocks, access.clone())
+                    b.push(next(9) as usize, job, blocks, access.clone())
                         .unwrap();
                 }
                 accesses.push(access);
@@ -943,7 +975,7 @@ mod tests {
     #[test]
     fn a_failed_group_launch_is_not_retried() {
         let tries = std::cell::Cell::new(0);
-        let fail = |_: &mut LowRankBatchParams, _: usize, _: bool| {
+        let fail = |_: &mut LowRankBatchParams, _: usize, _: Body| {
             tries.set(tries.get() + 1);
             Err(merge_error("refused".into()))
         };

@@ -619,11 +619,13 @@ mod compile_tests {
                     k::lowrank_merge_mma_entry(d),
                     k::lowrank_merge_batch_entry(d),
                     k::lowrank_merge_mma_batch_entry(d),
+                    k::lowrank_merge_pipe_entry(d),
+                    k::lowrank_merge_pipe_batch_entry(d),
                     k::merge_entry(d),
                 ]
             })
             .collect();
-        assert_eq!(entries.len(), 15);
+        assert_eq!(entries.len(), 21);
         let image = compile(
             "lowrank_merge.cu",
             offload_kernels::cuda::LOWRANK_MERGE_SRC,
