@@ -1377,7 +1377,10 @@ mod gpu {
     /// the virtual memory API when `no_vmm`.
     pub(super) fn open(no_vmm: bool) -> Result<CudaDevice, String> {
         let p = probe().map_err(|e| e.to_string())?;
-        let config = CudaConfig { use_vmm: !no_vmm };
+        let config = CudaConfig {
+            use_vmm: !no_vmm,
+            ..CudaConfig::from_env().map_err(|e| e.to_string())?
+        };
         CudaDevice::with_config(p.ordinal, &config)
             .map_err(|e| format!("a GPU answered but did not open: {e}"))
     }

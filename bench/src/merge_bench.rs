@@ -1173,7 +1173,13 @@ mod gpu {
                         KernelArg::Pipelined => LowRankKernel::Pipelined,
                     };
                     let kernel_name = match kernel {
-                        LowRankKernel::Auto if d.merge_uses_tensor_cores(&spec) => "tensor cores",
+                        LowRankKernel::Auto if d.merge_uses_tensor_cores(&spec) => {
+                            if d.pipelined_merges() {
+                                "pipelined tensor cores"
+                            } else {
+                                "tensor cores"
+                            }
+                        }
                         LowRankKernel::Auto | LowRankKernel::Fma => "fp32 FMA",
                         LowRankKernel::TensorCores => "tensor cores",
                         LowRankKernel::Pipelined => "pipelined tensor cores",

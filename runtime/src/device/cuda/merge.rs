@@ -595,7 +595,13 @@ impl CudaDevice {
             .compute_capability
             .is_some_and(|cc| cc >= MMA_MIN_COMPUTE_CAPABILITY);
         match kernel {
-            LowRankKernel::Auto if device_has_mma && params.tensor_cores() => Ok(Body::Mma),
+            LowRankKernel::Auto if device_has_mma && params.tensor_cores() => {
+                Ok(if self.pipelined_merges {
+                    Body::Pipe
+                } else {
+                    Body::Mma
+                })
+            }
             LowRankKernel::Auto | LowRankKernel::Fma => Ok(Body::Fma),
             LowRankKernel::TensorCores | LowRankKernel::Pipelined => {
                 if !device_has_mma {

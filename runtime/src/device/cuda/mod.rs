@@ -88,11 +88,51 @@ pub struct CudaConfig {
     /// When false, the device runs in fallback mode, as on machines where the
     /// trial fails: useful to test that mode on any GPU.
     pub use_vmm: bool,
+    /// Run the low-rank merges that [`LowRankKernel::Auto`] gives the
+    /// tensor cores on the pipelined tensor-core kernel instead
+    /// ([`LowRankKernel::Pipelined`]; default false until a GPU has timed
+    /// it). Covers every merge the runtime queues (fuse-on-upload included).
+    pub pipelined_merges: bool,
 }
 
 impl Default for CudaConfig {
     fn default() -> Self {
-        CudaConfig { use_vmm: true }
+        CudaConfig {
+            use_vmm: true,
+            pipelined_merges: false,
+        }
+    }
+}
+
+/// The environment variable [`CudaConfig::from_env`] reads: `auto` (or
+/// unset, or empty) for the default merge kernels, `pipelined` for
+/// [`CudaConfig::pipelined_merges`].
+pub const MERGE_KERNEL_ENV: &str = "OFFLOAD_MERGE_KERNEL";
+
+impl CudaConfig {
+    /// The default configuration with [`MERGE_KERNEL_ENV`] applied; what
+    /// [`CudaDevice::new`] (and so [`auto`](crate::device::auto)) opens a
+    /// GPU with, so that a benchmark can compare the merge kernels end to
+    /// end without a rebuild. Any other value is an [`Error::Config`] naming
+    /// the variable and the value.
+    pub fn from_env() -> Result<CudaConfig> {
+        CudaConfig::default().with_merge_kernel_var(std::env::var_os(MERGE_KERNEL_ENV).as_deref())
+    }
+
+    /// `self` with [`MERGE_KERNEL_ENV`]'s value `value` (`None`: unset)
+    /// applied, as [`CudaConfig::from_env`] does.
+    fn with_merge_kernel_var(mut self, value: Option<&std::ffi::OsStr>) -> Result<CudaConfig> {
+        match value.map(|v| v.to_str()) {
+            None | Some(Some("" | "auto")) => {}
+            Some(Some("pipelined")) => self.pipelined_merges = true,
+            Some(_) => {
+                return Err(Error::Config(format!(
+                    "{MERGE_KERNEL_ENV}={:?}: expected `auto` or `pipelined`",
+                    value.unwrap_or_default()
+                )))
+            }
+        }
+        Ok(self)
     }
 }
 
@@ -117,6 +157,8 @@ pub struct CudaDevice {
     read_only_register: bool,
     /// Streaming multiprocessors (the merge kernels size their grids by it).
     multiprocessors: u32,
+    /// [`CudaConfig::pipelined_merges`].
+    pipelined_merges: bool,
     mem: Mutex<MemState>,
     streams: DashMap<u64, Arc<Stream>>,
     events: DashMap<u64, Arc<Event>>,
@@ -148,11 +190,13 @@ fn is_oom(e: &Error) -> bool {
 }
 
 impl CudaDevice {
-    /// Open GPU `ordinal` with the default configuration.
+    /// Open GPU `ordinal` with the default configuration and
+    /// [`MERGE_KERNEL_ENV`] applied ([`CudaConfig::from_env`]).
     ///
-    /// Fails, without panicking, when no driver library can be loaded.
+    /// Fails, without panicking, when no driver library can be loaded, or
+    /// with [`Error::Config`] when the variable holds an unknown value.
     pub fn new(ordinal: u32) -> Result<Self> {
-        Self::with_config(ordinal, &CudaConfig::default())
+        Self::with_config(ordinal, &CudaConfig::from_env()?)
     }
 
     /// Open GPU `ordinal`: retain its primary context, read its facts, and
@@ -214,6 +258,7 @@ impl CudaDevice {
             host_register,
             read_only_register,
             multiprocessors,
+            pipelined_merges: config.pipelined_merges,
             mem: Mutex::new(MemState::new(page_size, vmm)),
             streams: DashMap::new(),
             events: DashMap::new(),
@@ -236,6 +281,12 @@ impl CudaDevice {
     /// The GPU's streaming multiprocessors.
     pub fn multiprocessors(&self) -> u32 {
         self.multiprocessors
+    }
+
+    /// Whether tensor-core merges run on the pipelined kernel
+    /// ([`CudaConfig::pipelined_merges`]).
+    pub fn pipelined_merges(&self) -> bool {
+        self.pipelined_merges
     }
 
     /// Whether memory goes through the virtual memory API (pages mapped into
@@ -287,6 +338,11 @@ impl CudaDevice {
         }
         if !self.host_register {
             note.push_str("; cuMemHostRegister does not work here (not needed: the runtime pins host memory with cuMemHostAlloc)");
+        }
+        if self.pipelined_merges {
+            note.push_str(&format!(
+                "; tensor-core merges on the pipelined kernel ({MERGE_KERNEL_ENV}=pipelined)"
+            ));
         }
         note
     }

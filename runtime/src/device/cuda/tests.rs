@@ -72,6 +72,27 @@ fn probe_without_driver_is_an_error_not_a_panic() {
     }
 }
 
+/// `OFFLOAD_MERGE_KERNEL`: unset, empty or `auto` keep the default
+/// kernels, `pipelined` turns on the pipelined tensor-core merges, anything
+/// else is a configuration error naming the variable and the value.
+#[test]
+fn merge_kernel_variable_is_parsed_strictly() {
+    use std::ffi::OsStr;
+    let with = |v: Option<&str>| CudaConfig::default().with_merge_kernel_var(v.map(OsStr::new));
+    for v in [None, Some(""), Some("auto")] {
+        let c = with(v).unwrap();
+        assert!(!c.pipelined_merges && c.use_vmm, "{v:?}");
+    }
+    assert!(with(Some("pipelined")).unwrap().pipelined_merges);
+    for v in ["Pipelined", "tensor-cores", "fma", " pipelined"] {
+        let e = with(Some(v)).unwrap_err();
+        assert!(
+            matches!(&e, Error::Config(m) if m.contains(MERGE_KERNEL_ENV) && m.contains(v)),
+            "{v}: {e}"
+        );
+    }
+}
+
 #[test]
 fn cuda_device_without_driver_is_an_error_not_a_panic() {
     let r = CudaDevice::new(0);
@@ -186,7 +207,14 @@ fn gpu_vmm_map_write_read_back() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_fallback_mode_memory_is_plain_allocations() {
-    let d = CudaDevice::with_config(0, &CudaConfig { use_vmm: false }).expect("a CUDA GPU");
+    let d = CudaDevice::with_config(
+        0,
+        &CudaConfig {
+            use_vmm: false,
+            ..CudaConfig::default()
+        },
+    )
+    .expect("a CUDA GPU");
     assert!(!d.vmm_supported());
     assert!(!d.maps_pages());
     assert_eq!(
@@ -297,8 +325,16 @@ fn gpu_fallback_arena_and_runtime_keep_every_byte() {
     use crate::model::{ComponentDesc, DType, LayerDesc, ModelDesc, Pin, TensorDesc};
     use crate::residency::{LayerId, Mode, Policy, Runtime, RuntimeConfig};
 
-    let d =
-        Arc::new(CudaDevice::with_config(0, &CudaConfig { use_vmm: false }).expect("a CUDA GPU"));
+    let d = Arc::new(
+        CudaDevice::with_config(
+            0,
+            &CudaConfig {
+                use_vmm: false,
+                ..CudaConfig::default()
+            },
+        )
+        .expect("a CUDA GPU"),
+    );
     assert!(!d.maps_pages());
     let ps = d.info().page_size;
 
