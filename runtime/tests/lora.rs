@@ -749,3 +749,58 @@ fn the_timeline_shows_merges_apart_from_uploads() {
         assert!(mg.bytes > 0 && mg.end_s >= mg.start_s);
     }
 }
+
+/// With the staged host policy too: one `"merge"` entry per staged patched
+/// layer, none for the others, each starting after its layer's `"stage"`
+/// entry started (the stager queues the merges behind the layer's copies).
+#[test]
+fn the_staged_timeline_shows_merges_apart_from_staging() {
+    let s = setup_with(
+        Mode::Sequential,
+        16,
+        HostPolicy::Staged {
+            buffers: 4,
+            buffer_bytes: PAGE,
+            threads: 2,
+        },
+        LoraMode::FuseOnUpload,
+        |c| c.timeline = true,
+    );
+    let (rt, m) = (&s.rt, s.m);
+    let patched = [0usize, 3, 5];
+    let set: Set = vec![(lora(6, &patched, 0, Kind::LowRank(4)), 0.5)];
+    rt.set_loras(m, &bindings(&set)).unwrap();
+    let _ = rt.take_timeline();
+    for l in 0..LAYERS {
+        drop(
+            rt.acquire(LayerId {
+                model: m,
+                component: 0,
+                layer: l,
+            })
+            .unwrap(),
+        );
+    }
+    rt.synchronize().unwrap();
+    let tl = rt.take_timeline();
+    let stages: Vec<_> = tl.iter().filter(|e| e.kind == "stage").collect();
+    let merges: Vec<_> = tl.iter().filter(|e| e.kind == "merge").collect();
+    let name = |l: usize| format!("/layer{l}");
+    let is_patched = |layer: &str| patched.iter().any(|&l| layer.ends_with(&name(l)));
+    let patched_stages = stages.iter().filter(|e| is_patched(&e.layer)).count();
+    assert!(patched_stages >= patched.len(), "{stages:?}");
+    assert_eq!(merges.len(), patched_stages, "{tl:?}");
+    for mg in &merges {
+        assert!(
+            is_patched(&mg.layer),
+            "a merge of an unpatched layer: {mg:?}"
+        );
+        assert!(
+            stages
+                .iter()
+                .any(|st| st.layer == mg.layer && st.start_s <= mg.start_s),
+            "a merge before its layer was staged: {mg:?}"
+        );
+        assert!(mg.bytes > 0 && mg.end_s >= mg.start_s, "{mg:?}");
+    }
+}

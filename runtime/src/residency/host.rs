@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::stats::{Counters, TimelineEntry};
+use super::stats::{self, Counters, TimelineEntry};
 use crate::device::{Device, DevicePtr, EventId, PinnedBuffer, StreamId};
 use crate::error::{Error, Result};
 use crate::model::{SourceError, WeightSource};
@@ -359,7 +359,7 @@ fn run_job(
     (copy, merge): (StreamId, StreamId),
     job: &Job,
     staging: &Staging,
-    counters: &Counters,
+    counters: &Arc<Counters>,
     timeout: Duration,
 ) -> Result<()> {
     let queued = queue_job(device, copy, job, staging, counters, timeout);
@@ -389,14 +389,29 @@ fn run_job(
 }
 
 /// A job's merges: one [`Kernel::MergeBatch`](crate::device::Kernel::MergeBatch)
-/// for the layer, as on the unstaged path.
+/// for the layer, as on the unstaged path, with its `"merge"` timeline entry
+/// (best effort, as there).
 fn launch_merges(
     device: &dyn Device,
     stream: StreamId,
     job: &Job,
-    counters: &Counters,
+    counters: &Arc<Counters>,
 ) -> Result<()> {
-    super::lora::launch_merge_batch(device, counters, &job.merges, job.dst, stream)
+    let mark = stats::mark_on(device, counters, stream);
+    super::lora::launch_merge_batch(device, counters, &job.merges, job.dst, stream)?;
+    if let Some(mark) = mark {
+        let bytes = job.merges.iter().map(|(_, op)| op.touched_bytes()).sum();
+        let _ = stats::end_on(
+            device,
+            counters,
+            stream,
+            mark,
+            job.name.clone(),
+            "merge",
+            bytes,
+        );
+    }
+    Ok(())
 }
 
 fn queue_job(

@@ -1530,21 +1530,14 @@ impl Shared {
         kind: &'static str,
         bytes: usize,
     ) -> Result<()> {
-        let counters = self.counters.clone();
-        self.device.launch_host_fn(
+        stats::end_on(
+            &*self.device,
+            &self.counters,
             stream,
-            Box::new(move || {
-                let end = Instant::now();
-                if let Some(t0) = *start.lock().unwrap_or_else(|p| p.into_inner()) {
-                    counters.push_timeline(TimelineEntry {
-                        layer,
-                        kind,
-                        start_s: counters.since_epoch(t0),
-                        end_s: counters.since_epoch(end),
-                        bytes,
-                    });
-                }
-            }),
+            start,
+            layer,
+            kind,
+            bytes,
         )
     }
 
@@ -1574,18 +1567,11 @@ impl Shared {
         }
         // The timeline's host functions are best effort: a failure to queue
         // one shows in the launch or the recording that follows.
-        let start: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
-        let timeline = self.counters.timeline.is_some() && {
-            let s2 = start.clone();
-            let set = move || *s2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-            self.device
-                .launch_host_fn(self.merge, Box::new(set))
-                .is_ok()
-        };
+        let mark = stats::mark_on(&*self.device, &self.counters, self.merge);
         let merged = self.launch_merges(merges, dst, self.merge);
-        if timeline && merged.is_ok() {
+        if let (Some(mark), true) = (mark, merged.is_ok()) {
             let bytes = merges.iter().map(|(_, op)| op.touched_bytes()).sum();
-            let _ = self.timeline_end(self.merge, start, layer.to_string(), "merge", bytes);
+            let _ = self.timeline_end(self.merge, mark, layer.to_string(), "merge", bytes);
         }
         if let Err(e) = self.device.record_event(ready, self.merge) {
             // The ready event's last recording is then older than the merges

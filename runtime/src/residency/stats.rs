@@ -1,8 +1,11 @@
 //! Counters the runtime keeps, and the snapshot it reports.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use crate::device::{Device, StreamId};
+use crate::error::Result;
 
 /// One entry of the per-layer timeline: an upload or a compute-side wait.
 #[derive(Clone, Debug, PartialEq)]
@@ -10,10 +13,9 @@ pub struct TimelineEntry {
     /// `component/layer`.
     pub layer: String,
     /// What happened: `"upload"` (host→device copy), `"stage"` (a staged
-    /// layer read and queued), `"merge"` (fuse-on-upload merges of a layer,
-    /// on the merge stream; pinned host policy only: a staged layer's
-    /// `"stage"` entry covers queueing its merges) or `"wait"` (compute
-    /// waited for weights).
+    /// layer read and queued, its merges included), `"merge"` (fuse-on-upload
+    /// merges of a layer running on the merge stream, with either host
+    /// policy) or `"wait"` (compute waited for weights).
     pub kind: &'static str,
     /// Start, in seconds since the runtime was made.
     pub start_s: f64,
@@ -170,6 +172,59 @@ impl Counters {
             t.lock().unwrap_or_else(|p| p.into_inner()).push(e);
         }
     }
+}
+
+/// When a stream reached a point of its queue: set by a host function queued
+/// there ([`mark_on`]), read by a later one ([`end_on`]).
+pub(crate) type StreamMark = Arc<Mutex<Option<Instant>>>;
+
+/// Queues a host function on `stream` that notes when the stream reaches
+/// it. `None` when the timeline is off, or when the host function could not
+/// be queued (timeline entries are best effort).
+pub(crate) fn mark_on(
+    device: &dyn Device,
+    counters: &Counters,
+    stream: StreamId,
+) -> Option<StreamMark> {
+    counters.timeline.as_ref()?;
+    let mark: StreamMark = Arc::new(Mutex::new(None));
+    let set = mark.clone();
+    device
+        .launch_host_fn(
+            stream,
+            Box::new(move || *set.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now())),
+        )
+        .ok()?;
+    Some(mark)
+}
+
+/// Queues a host function on `stream` that adds a timeline entry `kind` for
+/// `layer` (`bytes` bytes) from the time `mark` holds to when it runs.
+pub(crate) fn end_on(
+    device: &dyn Device,
+    counters: &Arc<Counters>,
+    stream: StreamId,
+    mark: StreamMark,
+    layer: String,
+    kind: &'static str,
+    bytes: usize,
+) -> Result<()> {
+    let counters = counters.clone();
+    device.launch_host_fn(
+        stream,
+        Box::new(move || {
+            let end = Instant::now();
+            if let Some(t0) = *mark.lock().unwrap_or_else(|p| p.into_inner()) {
+                counters.push_timeline(TimelineEntry {
+                    layer,
+                    kind,
+                    start_s: counters.since_epoch(t0),
+                    end_s: counters.since_epoch(end),
+                    bytes,
+                });
+            }
+        }),
+    )
 }
 
 #[cfg(test)]
