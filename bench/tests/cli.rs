@@ -800,3 +800,29 @@ fn hidden_bench_flag() {
     assert!(!help.contains("--bench"), "{help}");
     assert!(help.contains("--model-preset"), "{help}");
 }
+
+/// An invalid `OFFLOAD_MERGE_KERNEL` is an error naming the variable and
+/// the value on any machine (not a silent run on the host backend), with
+/// no panic; `auto` and `pipelined` are accepted.
+#[test]
+#[cfg(feature = "cuda")]
+fn offload_device_rejects_an_unknown_merge_kernel() {
+    let run = |value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_offload"))
+            .arg("device")
+            .env("OFFLOAD_MERGE_KERNEL", value)
+            .output()
+            .expect("run the offload binary")
+    };
+    let o = run("bogus");
+    let err = stderr(&o);
+    assert!(!o.status.success(), "accepted: {}", stdout(&o));
+    assert!(
+        err.contains("OFFLOAD_MERGE_KERNEL") && err.contains("bogus") && !err.contains("panicked"),
+        "{err}"
+    );
+    for good in ["auto", "pipelined", ""] {
+        let o = run(good);
+        assert!(o.status.success(), "{good:?}: {}", stderr(&o));
+    }
+}

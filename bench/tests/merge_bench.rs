@@ -224,8 +224,10 @@ fn gpu_rows_cover_every_configuration_and_agree_with_cublas() {
 
 /// `--kernel pipelined`: every row ran the pipelined tensor-core kernel,
 /// agreed with cuBLAS, and its batched launches (`--tensors 3`) were bit
-/// for bit its one-tensor launches. 200 × 264 and rank 40 make partial
-/// tiles, several tiles down a strip and a partial rank chunk.
+/// for bit its one-tensor launches. 1000 × 2600 and rank 40 make partial
+/// tiles (1000 = 15 · 64 + 40 rows, 2600 = 20 · 128 + 40 columns), a
+/// partial rank chunk, and blocks that walk two tiles of their strip (21
+/// strips of 16 tiles, 12 blocks a strip on a 132-SM GPU).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_pipelined_rows_agree_with_cublas() {
@@ -237,9 +239,9 @@ fn gpu_pipelined_rows_agree_with_cublas() {
         "--dtype",
         "all",
         "--rows",
-        "200",
+        "1000",
         "--cols",
-        "264",
+        "2600",
         "--ranks",
         "8,40,128",
         "--iters",

@@ -190,8 +190,8 @@ fn batched_kernel_mutants_fail_the_emulation() {
         },
         Mutant {
             what: "row slice: the pipelined kernel's W one row longer than the slice",
-            from: "(sum, p.w, p.rows, p.cols",
-            to: "(sum, p.w, p.rows + 1, p.cols",
+            from: "p.w, p.rows, p.cols, p.row0, tile_row, tile_col, wr",
+            to: "p.w, p.rows + 1, p.cols, p.row0, tile_row, tile_col, wr",
             count: 2,
             fails: &["batch-pipe: "],
             caught_by: Some("outside every slice changed"),
@@ -249,12 +249,16 @@ fn batched_kernel_mutants_fail_the_emulation() {
 }
 
 /// The emulation's model of `cp.async` (a copy lands only when a wait
-/// retires its group; until then its destination holds NaNs) and of
-/// `ldmatrix` catches the pipelined kernel's own kinds of bugs: a wait one
-/// stage short (reading a stage before its copies land), fragments read
-/// without the swizzle the copies were written with, and the next stage's
-/// copies issued into the slot being multiplied. Each fails both of the
-/// pipelined kernel's groups; the unmutated source passes them.
+/// retires its group; until then its destination holds NaNs; its addresses
+/// must be 16-byte aligned) and of `ldmatrix` (aligned rows, the eight rows
+/// of a matrix in eight bank groups) catches the pipelined kernel's own
+/// kinds of bugs: a wait one stage short (reading a stage before its copies
+/// land), fragments of A or of B read without the swizzle the copies were
+/// written with, the next stage's copies issued into the slot being
+/// multiplied, and the copy path taken for factors whose rows are not whole
+/// 16-byte units (a misaligned-address fault on a GPU, which the values
+/// alone do not show). Each fails both of the pipelined kernel's groups;
+/// the unmutated source passes them.
 #[test]
 #[ignore = "needs g++ (C++20, _Float16); run with --ignored"]
 fn pipelined_kernel_mutants_fail_the_emulation() {
@@ -272,9 +276,24 @@ fn pipelined_kernel_mutants_fail_the_emulation() {
             "offload_ldmatrix_x4_trans(m, sa + k * OFFLOAD_PIPE_TILE_COLS + c);",
         ),
         (
+            "swizzle: B's fragments read unswizzled",
+            "offload_ldmatrix_x4(af[mi], sb + offload_pipe_b_at(r, k));",
+            "offload_ldmatrix_x4(af[mi], sb + r * OFFLOAD_PIPE_K + k);",
+        ),
+        (
             "slot: the next stage copied into the slot being multiplied",
-            "offload_pipe_issue(sh, issued % OFFLOAD_PIPE_STAGES, p, next, tile_col, tid);\n                    ++issued;",
-            "offload_pipe_issue(sh, (issued + 1) % OFFLOAD_PIPE_STAGES, p, next, tile_col, tid);\n                    ++issued;",
+            "// The stage two ahead, into the slot read last.\n            offload_pipe_issue(sh, st.issued % ",
+            "// The stage two ahead, into the slot read last.\n            offload_pipe_issue(sh, (st.issued + 1) % ",
+        ),
+        (
+            "copy path: A copied in 16-byte units whatever the column count",
+            "const bool a_vec = p.cols % 8 == 0 && ad.down % 16 == 0;",
+            "const bool a_vec = ad.down % 16 == 0;",
+        ),
+        (
+            "copy path: B copied in 16-byte units whatever the rank",
+            "const bool b_vec = ad.rank % 8 == 0 && ad.up % 16 == 0;",
+            "const bool b_vec = ad.up % 16 == 0;",
         ),
     ];
     let tmp = std::env::temp_dir().join(format!("offload-pipe-mutants-{}", std::process::id()));

@@ -1158,23 +1158,26 @@ offload_lowrank_merge_mma_batch_bf16(const OffloadLowRankBatchParams p) {
 //     last one of an adapter zero-padded): a stage is that chunk of A
 //     [32, 128] and of B [64, 32], copied as they are stored (16-bit values,
 //     16 bytes per cp.async, zero-filled past the slice, the rank and the
-//     columns) into one of OFFLOAD_PIPE_STAGES shared slots. A block's
-//     stages, over every tile it walks, form one sequence, and the copies
-//     of the stage two ahead are in flight while a stage is multiplied, one
-//     barrier per stage. Factors whose rows are not whole 16-byte units (a
-//     rank, or W's column count, not a multiple of 8) or whose address is
-//     not 16-byte aligned are staged with plain loads instead, still two
-//     stages ahead in the sequence.
+//     columns; ranks past the chunk's last 16-rank mma step are not copied)
+//     into one of OFFLOAD_PIPE_STAGES shared slots. A block's stages, over
+//     every tile it walks, form one sequence, and the copies of the stage
+//     two ahead are in flight while a stage is multiplied, one barrier per
+//     stage. Factors whose rows are not whole 16-byte units (a rank, or W's
+//     column count, not a multiple of 8) or whose address is not 16-byte
+//     aligned are staged with plain loads instead (one 16-byte shared store
+//     per unit), still two stages ahead in the sequence.
 //   - Fragments are read with ldmatrix (A's chunk transposed on the way,
 //     .trans), from slots whose 16-byte units are XOR-swizzled by row so
 //     that neither the copies nor ldmatrix meet bank conflicts.
-//   - A lane's elements of W are read straight into the accumulators' layout
-//     (two adjacent elements of a row per 8 x 8 block, one 32- or 64-bit load
-//     where aligned) at the start of a tile, as fp32: the running sum starts
-//     at W, each adapter's exact product of f16 or bf16 values is
-//     accumulated in fp32 on its own (prod) and then added scaled,
-//     sum = fma(s, prod, sum), and the sum is rounded once to W's type and
-//     stored. The next tile's W is prefetched into L2 meanwhile.
+//   - A lane's elements of W are read in the accumulators' layout (two
+//     adjacent elements of a row per 8 x 8 block, one 32- or 64-bit load
+//     where aligned) at the start of a tile and kept as raw bits while the
+//     first adapter is multiplied (so the loads stay in flight meanwhile);
+//     each adapter's exact product of f16 or bf16 values is accumulated in
+//     fp32 on its own (prod) and then added scaled: the running sum starts
+//     as fma(s, prod, W) and goes on as sum = fma(s, prod, sum); it is
+//     rounded once to W's type and stored. The next tile's W is prefetched
+//     into L2 meanwhile.
 // Two blocks per SM (36 KiB of static shared memory each).
 
 #define OFFLOAD_PIPE_TILE_ROWS 64
@@ -1268,7 +1271,7 @@ __device__ __forceinline__ void offload_ldmatrix_x4_trans(unsigned int (&r)[4], 
 }
 
 __device__ __forceinline__ void offload_prefetch_l2(const void* p) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+    asm volatile("prefetch.L2 [%0];" ::"l"(p));
 }
 #endif
 
@@ -1292,16 +1295,25 @@ __device__ __forceinline__ void offload_pipe_settle(OffloadPipeCursor& c, const 
     }
 }
 
+// Ranks k0 .. k0 + kn - 1 of a chunk are ever read: kn = min(32, the chunk's
+// ranks rounded up to the 16 of one mma step).
+__device__ __forceinline__ unsigned int offload_pipe_read_ranks(unsigned int rank, unsigned int k0) {
+    const unsigned int left = ((rank - k0 + 15) / 16) * 16;
+    return left < OFFLOAD_PIPE_K ? left : OFFLOAD_PIPE_K;
+}
+
 // Issues the copies of the stage at `c` into slot `slot` (every thread its
 // share): A's rows k0 .. k0 + 31, columns tile_col .. tile_col + 127, and
 // B's rows tile_row .. tile_row + 63, ranks k0 .. k0 + 31, zero outside the
-// slice, the rank and W's columns.
+// slice, the rank and W's columns; ranks past the last mma step that reads
+// them (offload_pipe_read_ranks) are not copied at all.
 template <typename P>
 __device__ __forceinline__ void offload_pipe_issue(OffloadPipeShared& sh, unsigned int slot,
                                                    const P& p, const OffloadPipeCursor& c,
                                                    unsigned int tile_col, unsigned int tid) {
     const OffloadLowRankAdapter ad = p.adapters[c.a];
     const unsigned int tile_row = c.y * OFFLOAD_PIPE_TILE_ROWS;
+    const unsigned int kn = offload_pipe_read_ranks(ad.rank, c.k0);
     // A: 32 rows x 16 units; thread tid takes units tid and tid + 256.
     const bool a_vec = p.cols % 8 == 0 && ad.down % 16 == 0;
 #pragma unroll
@@ -1309,21 +1321,32 @@ __device__ __forceinline__ void offload_pipe_issue(OffloadPipeShared& sh, unsign
         const unsigned int idx = tid + q * OFFLOAD_PIPE_THREADS;
         const unsigned int k = idx / 16;
         const unsigned int u = idx % 16;
+        if (k >= kn) {
+            continue;  // never read
+        }
         const unsigned int gk = c.k0 + k;
         const unsigned int gc = tile_col + 8 * u;
         unsigned short* dst = &sh.a[slot][0][0] + offload_pipe_a_at(k, 8 * u);
         const unsigned long long at = (unsigned long long)gk * p.cols + gc;
+        const unsigned short* src = reinterpret_cast<const unsigned short*>(ad.down);
         if (a_vec) {
             const bool in = gk < ad.rank && gc < p.cols;
-            offload_cp_async16(dst, reinterpret_cast<const unsigned short*>(ad.down) + (in ? at : 0),
-                               in ? 16u : 0u);
+            offload_cp_async16(dst, src + (in ? at : 0), in ? 16u : 0u);
         } else {
+            // One 16-byte store of the unit, built from plain loads.
+            unsigned int v[4];
 #pragma unroll
-            for (unsigned int e = 0; e < 8; ++e) {
-                dst[e] = (gk < ad.rank && gc + e < p.cols)
-                    ? reinterpret_cast<const unsigned short*>(ad.down)[at + e]
-                    : (unsigned short)0;
+            for (unsigned int e = 0; e < 8; e += 2) {
+                const unsigned int lo = (gk < ad.rank && gc + e < p.cols) ? src[at + e] : 0u;
+                const unsigned int hi = (gk < ad.rank && gc + e + 1 < p.cols) ? src[at + e + 1] : 0u;
+                v[e / 2] = lo | (hi << 16);
             }
+            OffloadU32x4 x;
+            x.x = v[0];
+            x.y = v[1];
+            x.z = v[2];
+            x.w = v[3];
+            *reinterpret_cast<OffloadU32x4*>(dst) = x;
         }
     }
     // B: 64 rows x 4 units; thread tid takes unit tid % 4 of row tid / 4.
@@ -1331,93 +1354,151 @@ __device__ __forceinline__ void offload_pipe_issue(OffloadPipeShared& sh, unsign
         const bool b_vec = ad.rank % 8 == 0 && ad.up % 16 == 0;
         const unsigned int r = tid / 4;
         const unsigned int q = tid % 4;
-        const unsigned int gr = tile_row + r;
-        const unsigned int gk = c.k0 + 8 * q;
-        unsigned short* dst = &sh.b[slot][0][0] + offload_pipe_b_at(r, 8 * q);
-        const unsigned long long at = (unsigned long long)gr * ad.rank + gk;
-        if (b_vec) {
-            const bool in = gr < p.rows && gk < ad.rank;
-            offload_cp_async16(dst, reinterpret_cast<const unsigned short*>(ad.up) + (in ? at : 0),
-                               in ? 16u : 0u);
-        } else {
+        if (8 * q < kn) {
+            const unsigned int gr = tile_row + r;
+            const unsigned int gk = c.k0 + 8 * q;
+            unsigned short* dst = &sh.b[slot][0][0] + offload_pipe_b_at(r, 8 * q);
+            const unsigned long long at = (unsigned long long)gr * ad.rank + gk;
+            const unsigned short* src = reinterpret_cast<const unsigned short*>(ad.up);
+            if (b_vec) {
+                const bool in = gr < p.rows && gk < ad.rank;
+                offload_cp_async16(dst, src + (in ? at : 0), in ? 16u : 0u);
+            } else {
+                unsigned int v[4];
 #pragma unroll
-            for (unsigned int e = 0; e < 8; ++e) {
-                dst[e] = (gr < p.rows && gk + e < ad.rank)
-                    ? reinterpret_cast<const unsigned short*>(ad.up)[at + e]
-                    : (unsigned short)0;
+                for (unsigned int e = 0; e < 8; e += 2) {
+                    const unsigned int lo = (gr < p.rows && gk + e < ad.rank) ? src[at + e] : 0u;
+                    const unsigned int hi =
+                        (gr < p.rows && gk + e + 1 < ad.rank) ? src[at + e + 1] : 0u;
+                    v[e / 2] = lo | (hi << 16);
+                }
+                OffloadU32x4 x;
+                x.x = v[0];
+                x.y = v[1];
+                x.z = v[2];
+                x.w = v[3];
+                *reinterpret_cast<OffloadU32x4*>(dst) = x;
             }
         }
     }
 }
 
-// A lane's elements of W in a 64 x 128 tile: for its warp's 32 x 32 part
-// (rows wr.., columns wc..), block (mi, ni) and half h, the elements
-// [wr + 16 mi + g + 8 h, wc + 8 ni + 2 t + e] (e = 0, 1) of the tile, which
-// are sum[mi][ni][2 h + e]. `load` reads them into sum (0 outside the slice),
-// or else stores sum rounded to T (inside the slice only).
-template <typename T, bool load>
-__device__ __forceinline__ void offload_pipe_w(float (&sum)[2][4][4], unsigned long long w,
-                                               unsigned int rows, unsigned int cols,
-                                               unsigned int row0, unsigned int tile_row,
-                                               unsigned int tile_col, unsigned int wr,
-                                               unsigned int wc, unsigned int g, unsigned int t) {
-    // Pairs move as one 32-bit (16-bit T) or 64-bit (f32) access when every
-    // pair is aligned to it: an even column count and W aligned to the pair.
-    const bool pairs = cols % 2 == 0 && w % (2 * sizeof(T)) == 0;
+// A lane's elements of W in a 64 x 128 tile, as raw bits: for its warp's
+// 32 x 32 part (rows wr.., columns wc..), block (mi, ni) and half h, the
+// pair [wr + 16 mi + g + 8 h, wc + 8 ni + 2 t + e] (e = 0, 1) of the tile.
+// A 16-bit pair is one word (element e in half e), an f32 pair two. Kept as
+// bits until the first adapter's product is added, so that the loads stay
+// in flight while it is multiplied.
+template <typename T> struct OffloadPipeW {
+    static constexpr int kWords = (int)sizeof(T) / 2;
+    unsigned int w[2][4][2][kWords];
+
+    // Element e of the pair of (mi, ni, h), as fp32.
+    __device__ __forceinline__ float get(int mi, int ni, int h, int e) const {
+        if constexpr (sizeof(T) == 2) {
+            return OffloadBits<T>::get((w[mi][ni][h][0] >> (16 * e)) & 0xffffu);
+        } else {
+            return OffloadBits<T>::get(w[mi][ni][h][e]);
+        }
+    }
+};
+
+// Pairs move as one 32-bit (16-bit T) or 64-bit (f32) access when every
+// pair is aligned to it: an even column count and W aligned to the pair.
+template <typename T>
+__device__ __forceinline__ bool offload_pipe_pairs(unsigned long long w, unsigned int cols) {
+    return cols % 2 == 0 && w % (2 * sizeof(T)) == 0;
+}
+
+// Reads the lane's elements of W (zero bits outside the slice).
+template <typename T>
+__device__ __forceinline__ void offload_pipe_load_w(OffloadPipeW<T>& f, unsigned long long w,
+                                                    unsigned int rows, unsigned int cols,
+                                                    unsigned int row0, unsigned int tile_row,
+                                                    unsigned int tile_col, unsigned int wr,
+                                                    unsigned int wc, unsigned int g,
+                                                    unsigned int t) {
+    const bool pairs = offload_pipe_pairs<T>(w, cols);
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const unsigned int r = tile_row + wr + 16 * mi + g + 8 * h;
-            const bool row_in = r < rows;
             const unsigned long long row = (unsigned long long)(row0 + r) * cols;
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni) {
                 const unsigned int c = tile_col + wc + 8 * ni + 2 * t;
-                float& v0 = sum[mi][ni][2 * h];
-                float& v1 = sum[mi][ni][2 * h + 1];
-                T* e = reinterpret_cast<T*>(w) + row + c;
-                if (load) {
-                    v0 = 0.0f;
-                    v1 = 0.0f;
+                unsigned int(&x)[OffloadPipeW<T>::kWords] = f.w[mi][ni][h];
+#pragma unroll
+                for (int q = 0; q < OffloadPipeW<T>::kWords; ++q) {
+                    x[q] = 0u;
                 }
-                if (!row_in || c >= cols) {
+                if (r >= rows || c >= cols) {
                     continue;
                 }
-                if (pairs) {
-                    if constexpr (sizeof(T) == 2) {
-                        unsigned int* x = reinterpret_cast<unsigned int*>(e);
-                        if (load) {
-                            const unsigned int bits = *x;
-                            v0 = OffloadBits<T>::get(bits & 0xffffu);
-                            v1 = OffloadBits<T>::get(bits >> 16);
-                        } else {
-                            *x = OffloadBits<T>::put(v0) | (OffloadBits<T>::put(v1) << 16);
-                        }
+                const T* e = reinterpret_cast<const T*>(w) + row + c;
+                if constexpr (sizeof(T) == 2) {
+                    const unsigned short* b = reinterpret_cast<const unsigned short*>(e);
+                    if (pairs) {
+                        x[0] = *reinterpret_cast<const unsigned int*>(e);
                     } else {
-                        OffloadU32x2* x = reinterpret_cast<OffloadU32x2*>(e);
-                        if (load) {
-                            const OffloadU32x2 bits = *x;
-                            v0 = OffloadBits<T>::get(bits.x);
-                            v1 = OffloadBits<T>::get(bits.y);
-                        } else {
-                            OffloadU32x2 bits;
-                            bits.x = OffloadBits<T>::put(v0);
-                            bits.y = OffloadBits<T>::put(v1);
-                            *x = bits;
-                        }
+                        x[0] = (unsigned int)b[0] | (c + 1 < cols ? (unsigned int)b[1] << 16 : 0u);
                     }
                 } else {
-                    if (load) {
-                        v0 = OffloadElem<T>::load(e);
-                        if (c + 1 < cols) {
-                            v1 = OffloadElem<T>::load(e + 1);
-                        }
+                    const unsigned int* b = reinterpret_cast<const unsigned int*>(e);
+                    if (pairs) {
+                        const OffloadU32x2 v = *reinterpret_cast<const OffloadU32x2*>(e);
+                        x[0] = v.x;
+                        x[1] = v.y;
                     } else {
-                        OffloadElem<T>::store(e, v0);
-                        if (c + 1 < cols) {
-                            OffloadElem<T>::store(e + 1, v1);
-                        }
+                        x[0] = b[0];
+                        x[1] = c + 1 < cols ? b[1] : 0u;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Stores sum[mi][ni][2 h + e] (the elements of offload_pipe_load_w) rounded
+// to T, inside the slice only.
+template <typename T>
+__device__ __forceinline__ void offload_pipe_store_w(const float (&sum)[2][4][4], unsigned long long w,
+                                                     unsigned int rows, unsigned int cols,
+                                                     unsigned int row0, unsigned int tile_row,
+                                                     unsigned int tile_col, unsigned int wr,
+                                                     unsigned int wc, unsigned int g,
+                                                     unsigned int t) {
+    const bool pairs = offload_pipe_pairs<T>(w, cols);
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const unsigned int r = tile_row + wr + 16 * mi + g + 8 * h;
+            const unsigned long long row = (unsigned long long)(row0 + r) * cols;
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                const unsigned int c = tile_col + wc + 8 * ni + 2 * t;
+                if (r >= rows || c >= cols) {
+                    continue;
+                }
+                const float v0 = sum[mi][ni][2 * h];
+                const float v1 = sum[mi][ni][2 * h + 1];
+                T* e = reinterpret_cast<T*>(w) + row + c;
+                if (pairs) {
+                    if constexpr (sizeof(T) == 2) {
+                        *reinterpret_cast<unsigned int*>(e) =
+                            OffloadBits<T>::put(v0) | (OffloadBits<T>::put(v1) << 16);
+                    } else {
+                        OffloadU32x2 bits;
+                        bits.x = OffloadBits<T>::put(v0);
+                        bits.y = OffloadBits<T>::put(v1);
+                        *reinterpret_cast<OffloadU32x2*>(e) = bits;
+                    }
+                } else {
+                    OffloadElem<T>::store(e, v0);
+                    if (c + 1 < cols) {
+                        OffloadElem<T>::store(e + 1, v1);
                     }
                 }
             }
@@ -1438,6 +1519,98 @@ __device__ __forceinline__ void offload_pipe_prefetch_w(unsigned long long w, un
     const unsigned int c = tile_col + (tid % 4) * (128 / sizeof(T));
     if (r < rows && c < cols && (tid % 4) * 128 < OFFLOAD_PIPE_TILE_COLS * sizeof(T)) {
         offload_prefetch_l2(reinterpret_cast<const T*>(w) + (unsigned long long)(row0 + r) * cols + c);
+    }
+}
+
+// The pipeline's state in a block: the stages multiplied so far, the
+// stages issued so far (of `stages` in all), and where the next to issue is.
+struct OffloadPipeState {
+    unsigned int stage, issued, stages;
+    OffloadPipeCursor next;
+};
+
+// Multiplies the current tile's stages of adapter `ad` (its chunks of 32
+// ranks, in order, each stage's slot read once its copies have landed),
+// issuing the stages two ahead as it goes; prod gets the adapter's
+// product, accumulated in fp32 from 0. Every thread of the block calls it
+// with the same arguments but its own tid.
+template <typename P>
+__device__ __forceinline__ void offload_pipe_adapter(float (&prod)[2][4][4], OffloadPipeShared& sh,
+                                                     const P& p, const OffloadLowRankAdapter& ad,
+                                                     OffloadPipeState& st, unsigned int n,
+                                                     unsigned int step, unsigned int tile_col,
+                                                     unsigned int tid, unsigned int wr,
+                                                     unsigned int wc) {
+    const unsigned int lane = tid % 32;
+    const bool bf16 = ad.up_dtype == OFFLOAD_DTYPE_BF16;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                prod[mi][ni][e] = 0.0f;
+            }
+        }
+    }
+    for (unsigned int k0 = 0; k0 < ad.rank; k0 += OFFLOAD_PIPE_K, ++st.stage) {
+        // This thread's copies of this stage have landed; after the barrier
+        // everyone's have, and nobody reads the slot of the previous stage
+        // any more, which the next copies reuse.
+        offload_cp_async_wait<OFFLOAD_PIPE_STAGES - 2>();
+        __syncthreads();
+        if (st.issued < st.stages) {
+            // The stage two ahead, into the slot read last.
+            offload_pipe_issue(sh, st.issued % OFFLOAD_PIPE_STAGES, p, st.next, tile_col, tid);
+            ++st.issued;
+            st.next.k0 += OFFLOAD_PIPE_K;
+            offload_pipe_settle(st.next, p, n, step);
+        }
+        offload_cp_async_commit();
+        const unsigned int slot = st.stage % OFFLOAD_PIPE_STAGES;
+        const unsigned short* sa = &sh.a[slot][0][0];
+        const unsigned short* sb = &sh.b[slot][0][0];
+#pragma unroll
+        for (unsigned int ks = 0; ks < OFFLOAD_PIPE_K / 16; ++ks) {
+            if (k0 + 16 * ks >= ad.rank) {
+                break;  // only zero padding left in this chunk
+            }
+            // B's rows (the instruction's A operand): matrices
+            // (rows 0-7, ranks 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15).
+            unsigned int af[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+                const unsigned int r = wr + 16 * mi + (lane % 8) + 8 * ((lane / 8) % 2);
+                const unsigned int k = 16 * ks + 8 * (lane / 16);
+                offload_ldmatrix_x4(af[mi], sb + offload_pipe_b_at(r, k));
+            }
+            // A's columns (the B operand), two 8-column blocks per ldmatrix:
+            // (ranks 0-7, block 2j), (8-15, 2j), (0-7, 2j+1), (8-15, 2j+1),
+            // transposed.
+            unsigned int bfr[4][2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const unsigned int k = 16 * ks + (lane % 8) + 8 * ((lane / 8) % 2);
+                const unsigned int c = wc + 8 * (2 * j + lane / 16);
+                unsigned int m[4];
+                offload_ldmatrix_x4_trans(m, sa + offload_pipe_a_at(k, c));
+                bfr[2 * j][0] = m[0];
+                bfr[2 * j][1] = m[1];
+                bfr[2 * j + 1][0] = m[2];
+                bfr[2 * j + 1][1] = m[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) {
+                    if (bf16) {
+                        offload_mma_bf16(prod[mi][ni], af[mi], bfr[ni]);
+                    } else {
+                        offload_mma_f16(prod[mi][ni], af[mi], bfr[ni]);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -1465,117 +1638,72 @@ __device__ __forceinline__ void offload_lowrank_merge_pipe(const P& p, unsigned 
     const unsigned int tile_col = walk.tile_col;
     const unsigned int n = p.num_adapters < kMaxAdapters ? p.num_adapters : kMaxAdapters;
     unsigned int chunks = 0;  // stages per tile
+    unsigned int first = n;   // the first adapter with a positive rank
     for (unsigned int a = 0; a < n; ++a) {
         chunks += (p.adapters[a].rank + OFFLOAD_PIPE_K - 1) / OFFLOAD_PIPE_K;
+        if (first == n && p.adapters[a].rank > 0) {
+            first = a;
+        }
     }
     if (chunks == 0) {
         return;  // nothing to add: W is left as it is
     }
     const unsigned int tiles = (walk.tiles_y - walk.y + walk.step - 1) / walk.step;
-    const unsigned int stages = tiles * chunks;
 
     // The copies run OFFLOAD_PIPE_STAGES - 1 stages ahead of the products;
     // every thread commits one group per stage (empty past the last), so
     // group i holds stage i.
-    OffloadPipeCursor next = {walk.y, 0, 0};
-    offload_pipe_settle(next, p, n, walk.step);
-    unsigned int issued = 0;
+    OffloadPipeState st;
+    st.stage = 0;
+    st.issued = 0;
+    st.stages = tiles * chunks;
+    st.next = {walk.y, 0, 0};
+    offload_pipe_settle(st.next, p, n, walk.step);
 #pragma unroll
     for (int s = 0; s < OFFLOAD_PIPE_STAGES - 1; ++s) {
-        if (issued < stages) {
-            offload_pipe_issue(sh, issued % OFFLOAD_PIPE_STAGES, p, next, tile_col, tid);
-            ++issued;
-            next.k0 += OFFLOAD_PIPE_K;
-            offload_pipe_settle(next, p, n, walk.step);
+        if (st.issued < st.stages) {
+            offload_pipe_issue(sh, st.issued % OFFLOAD_PIPE_STAGES, p, st.next, tile_col, tid);
+            ++st.issued;
+            st.next.k0 += OFFLOAD_PIPE_K;
+            offload_pipe_settle(st.next, p, n, walk.step);
         }
         offload_cp_async_commit();
     }
 
-    unsigned int stage = 0;
     // Every bound below is the same for all threads of the block, so every
     // thread reaches every barrier and every warp-wide instruction.
     for (unsigned int y = walk.y; y < walk.tiles_y; y += walk.step) {
         const unsigned int tile_row = y * OFFLOAD_PIPE_TILE_ROWS;
-        float sum[2][4][4];
-        offload_pipe_w<T, true>(sum, p.w, p.rows, p.cols, p.row0, tile_row, tile_col, wr, wc, g, t);
+        OffloadPipeW<T> wbits;
+        offload_pipe_load_w<T>(wbits, p.w, p.rows, p.cols, p.row0, tile_row, tile_col, wr, wc, g, t);
         if (y + walk.step < walk.tiles_y) {
             offload_pipe_prefetch_w<T>(p.w, p.rows, p.cols, p.row0, y + walk.step, tile_col, tid);
         }
-        for (unsigned int a = 0; a < n; ++a) {
-            const OffloadLowRankAdapter ad = p.adapters[a];
-            if (ad.rank == 0) {
-                continue;
-            }
-            const bool bf16 = ad.up_dtype == OFFLOAD_DTYPE_BF16;
-            float prod[2][4][4];
+        // The running sum starts at W with the first adapter's scaled
+        // product (W's bits are needed only then), then adds the others'.
+        float sum[2][4][4];
+        float prod[2][4][4];
+        offload_pipe_adapter(prod, sh, p, p.adapters[first], st, n, walk.step, tile_col, tid, wr, wc);
+        {
+            const float scale = p.adapters[first].scale;
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
                 for (int ni = 0; ni < 4; ++ni) {
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
-                        prod[mi][ni][e] = 0.0f;
+                        sum[mi][ni][e] =
+                            __fmaf_rn(scale, prod[mi][ni][e], wbits.get(mi, ni, e / 2, e % 2));
                     }
                 }
             }
-            for (unsigned int k0 = 0; k0 < ad.rank; k0 += OFFLOAD_PIPE_K, ++stage) {
-                // This thread's copies of this stage have landed; after the
-                // barrier everyone's have, and nobody reads the slot of the
-                // previous stage any more, which the next copies reuse.
-                offload_cp_async_wait<OFFLOAD_PIPE_STAGES - 2>();
-                __syncthreads();
-                if (issued < stages) {
-                    offload_pipe_issue(sh, issued % OFFLOAD_PIPE_STAGES, p, next, tile_col, tid);
-                    ++issued;
-                    next.k0 += OFFLOAD_PIPE_K;
-                    offload_pipe_settle(next, p, n, walk.step);
-                }
-                offload_cp_async_commit();
-                const unsigned int slot = stage % OFFLOAD_PIPE_STAGES;
-                const unsigned short* sa = &sh.a[slot][0][0];
-                const unsigned short* sb = &sh.b[slot][0][0];
-#pragma unroll
-                for (unsigned int ks = 0; ks < OFFLOAD_PIPE_K / 16; ++ks) {
-                    if (k0 + 16 * ks >= ad.rank) {
-                        break;  // only zero padding left in this chunk
-                    }
-                    // B's rows (the instruction's A operand): matrices
-                    // (rows 0-7, ranks 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15).
-                    unsigned int af[2][4];
-#pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) {
-                        const unsigned int r = wr + 16 * mi + (lane % 8) + 8 * ((lane / 8) % 2);
-                        const unsigned int k = 16 * ks + 8 * (lane / 16);
-                        offload_ldmatrix_x4(af[mi], sb + offload_pipe_b_at(r, k));
-                    }
-                    // A's columns (the B operand), two 8-column blocks per
-                    // ldmatrix: (ranks 0-7, block 2j), (8-15, 2j), (0-7, 2j+1),
-                    // (8-15, 2j+1), transposed.
-                    unsigned int bfr[4][2];
-#pragma unroll
-                    for (int j = 0; j < 2; ++j) {
-                        const unsigned int k = 16 * ks + (lane % 8) + 8 * ((lane / 8) % 2);
-                        const unsigned int c = wc + 8 * (2 * j + lane / 16);
-                        unsigned int m[4];
-                        offload_ldmatrix_x4_trans(m, sa + offload_pipe_a_at(k, c));
-                        bfr[2 * j][0] = m[0];
-                        bfr[2 * j][1] = m[1];
-                        bfr[2 * j + 1][0] = m[2];
-                        bfr[2 * j + 1][1] = m[3];
-                    }
-#pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-                        for (int ni = 0; ni < 4; ++ni) {
-                            if (bf16) {
-                                offload_mma_bf16(prod[mi][ni], af[mi], bfr[ni]);
-                            } else {
-                                offload_mma_f16(prod[mi][ni], af[mi], bfr[ni]);
-                            }
-                        }
-                    }
-                }
+        }
+        for (unsigned int a = first + 1; a < n; ++a) {
+            const OffloadLowRankAdapter ad = p.adapters[a];
+            if (ad.rank == 0) {
+                continue;
             }
+            offload_pipe_adapter(prod, sh, p, ad, st, n, walk.step, tile_col, tid, wr, wc);
             // The scale, in fp32, after the exact-product accumulation.
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi) {
@@ -1588,7 +1716,7 @@ __device__ __forceinline__ void offload_lowrank_merge_pipe(const P& p, unsigned 
                 }
             }
         }
-        offload_pipe_w<T, false>(sum, p.w, p.rows, p.cols, p.row0, tile_row, tile_col, wr, wc, g, t);
+        offload_pipe_store_w<T>(sum, p.w, p.rows, p.cols, p.row0, tile_row, tile_col, wr, wc, g, t);
     }
     // Only empty groups can be left; leave none.
     offload_cp_async_wait<0>();

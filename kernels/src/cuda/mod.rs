@@ -26,9 +26,11 @@
 //!   of 32 ranks (across tiles too), `ldmatrix` fragments from XOR-swizzled
 //!   shared memory, 64 × 128 tiles, W read straight into the accumulators.
 //!   Written for stacked adapters and ranks of 64 and more, where the
-//!   tensor-core kernel waits on each stage's loads. Chosen only on request
-//!   (the runtime's `LowRankKernel::Pipelined`, `offload bench merge
-//!   --kernel pipelined`) until a GPU has timed it against the others.
+//!   tensor-core kernel waits on each stage's loads. Not chosen by default
+//!   until a GPU has timed it against the others: on request (the runtime's
+//!   `LowRankKernel::Pipelined`, `offload bench merge --kernel pipelined`),
+//!   or for every tensor-core merge of a device opened with
+//!   `OFFLOAD_MERGE_KERNEL=pipelined`.
 //! - **batched low-rank**, the three above ([`lowrank_merge_batch_entry`],
 //!   [`lowrank_merge_mma_batch_entry`], [`lowrank_merge_pipe_batch_entry`],
 //!   [`LowRankBatchParams`]): one launch
@@ -70,7 +72,7 @@
 //! for 16-bit W on sm_90 (none on sm_80) and 44 bytes for f32 W. The batched kernels (NVRTC 13.0.88, sm_80
 //! and sm_90): fp32 FMA 80 registers, 12 bytes of spills for 16-bit W and 44
 //! for f32; tensor cores 120 registers for 16-bit W and 128 for f32, no
-//! spills. The pipelined kernel (same NVRTC, sm_80 and sm_90): 115 to 120
+//! spills. The pipelined kernel (same NVRTC, sm_80 and sm_90): 114 to 123
 //! registers, no spills, 36 KiB of static shared memory a block.
 //!
 //! What has been checked besides: g++ compiles the source against stand-in
@@ -93,11 +95,15 @@
 //! FMA body, a slice's blocks writing back the row past it). For the
 //! pipelined kernel the emulation also models `cp.async` (a copy poisons
 //! its destination with NaNs when issued and lands only when a wait retires
-//! its group) and `ldmatrix` (from the PTX ISA's layout, `.trans` too);
-//! most of its cases take the copy path (ranks and columns multiples of 8,
-//! factors 16-byte aligned), the rest its plain loads, and three mutants of
-//! its pipeline (a wait one stage short, fragments read unswizzled, a copy
-//! into the slot being multiplied) fail it.
+//! its group) and `ldmatrix` (from the PTX ISA's layout, `.trans` too), and
+//! counts as failures what a GPU would fault on or serialise: an address of
+//! either that is not 16-byte aligned, and the eight rows of an `ldmatrix`
+//! matrix sharing a bank group. Most of its cases take the copy path
+//! (ranks and columns multiples of 8, factors 16-byte aligned), the rest its
+//! plain loads, some adapters have rank 0, and six mutants fail it (a wait
+//! one stage short, A's or B's fragments read unswizzled, a copy into the
+//! slot being multiplied, the copy path for rows that are not whole 16-byte
+//! units of A or of B).
 //! That emulation checks the kernels against our reading of the fragment
 //! layout, not against the hardware: the runtime's GPU tests (`gpu_merge_*`)
 //! do that on a GPU (`scripts/gpu-check`), and report the tensor cores'

@@ -431,10 +431,18 @@ pub struct Selected {
 /// Pick the best available device: CUDA when the `cuda` feature is on, the
 /// driver library loads and a GPU answers; otherwise a [`HostDevice`] built
 /// from `host`. Never panics when CUDA is missing.
+///
+/// The GPU is opened with [`cuda::CudaConfig::from_env`]; an invalid value
+/// of its variable (`OFFLOAD_MERGE_KERNEL`) is an [`Error::Config`] on any
+/// machine, GPU or not, rather than a silent fall back to the host backend.
+///
+/// [`Error::Config`]: crate::error::Error::Config
 pub fn auto(host: &HostConfig) -> Result<Selected> {
     #[cfg(feature = "cuda")]
+    let cuda_config = cuda::CudaConfig::from_env()?;
+    #[cfg(feature = "cuda")]
     let why_not_cuda = match cuda::probe() {
-        Ok(probe) => match cuda::CudaDevice::new(probe.ordinal) {
+        Ok(probe) => match cuda::CudaDevice::with_config(probe.ordinal, &cuda_config) {
             Ok(dev) => {
                 let reason = format!(
                     "using CUDA device {}: {} ({} GiB, compute capability {}.{}, driver {}){}",

@@ -7,12 +7,15 @@
 //! when every adapter's factors are both f16 or both bf16, some rank is 32
 //! or more or the ranks add up to more than 32, and the device has compute
 //! capability 8.0 or newer), a pipelined tensor-core version of it (taken
-//! only when asked for, [`LowRankKernel::Pipelined`], until a GPU has timed
+//! when asked for, [`LowRankKernel::Pipelined`], and in place of the
+//! tensor-core one on a device opened with
+//! [`CudaConfig::pipelined_merges`](super::CudaConfig::pipelined_merges),
+//! `OFFLOAD_MERGE_KERNEL=pipelined`; not by default until a GPU has timed
 //! it), and the
 //! general merge of any mix of low-rank, LoHa and LoKr deltas
 //! ([`CudaDevice::merge`]). [`Kernel::Merge`](crate::device::Kernel::Merge)
-//! takes the first two for plain low-rank merges and the general one
-//! otherwise.
+//! takes the low-rank kernels for plain low-rank merges (as `Auto` chooses)
+//! and the general one otherwise.
 //!
 //! The low-rank kernels also come batched: one launch merges up to
 //! [`BATCH_MAX_JOBS`](offload_kernels::cuda::BATCH_MAX_JOBS) tensors of one W dtype, each with up to
@@ -321,8 +324,10 @@ pub enum LowRankKernel {
     /// Tensor cores on a device that has them where the factors allow and
     /// some rank is 32 or more or the ranks add up to more than 32
     /// ([`offload_kernels::cuda::LowRankMergeParams::tensor_cores`]), fp32
-    /// FMA otherwise. The pipelined tensor-core kernel is not chosen until
-    /// a GPU has measured it against the other two.
+    /// FMA otherwise; the tensor-core merges run on the pipelined kernel
+    /// instead on a device opened with
+    /// [`CudaConfig::pipelined_merges`](super::CudaConfig::pipelined_merges)
+    /// (off by default until a GPU has timed it against the other two).
     Auto,
     /// The fp32 FMA kernel.
     Fma,
@@ -348,6 +353,11 @@ impl Body {
     /// Indexed by `self as usize` (the Batcher's group keys).
     const ALL: [Body; Body::COUNT] = [Body::Fma, Body::Mma, Body::Pipe];
 }
+
+const _: () = assert!(
+    Body::Fma as usize == 0 && Body::Mma as usize == 1 && Body::Pipe as usize == 2,
+    "Body::ALL is indexed by discriminant"
+);
 
 impl CudaDevice {
     fn merge_kernels(&self) -> Result<Arc<MergeKernels>> {
@@ -613,10 +623,14 @@ impl CudaDevice {
                     )));
                 }
                 if !params.tensor_core_operands() {
-                    return Err(merge_error(
-                        "the tensor-core merge needs both factors of every adapter in f16, or both in bf16"
-                            .to_string(),
-                    ));
+                    return Err(merge_error(format!(
+                        "the {} merge needs both factors of every adapter in f16, or both in bf16",
+                        if kernel == LowRankKernel::Pipelined {
+                            "pipelined tensor-core"
+                        } else {
+                            "tensor-core"
+                        }
+                    )));
                 }
                 Ok(if kernel == LowRankKernel::Pipelined {
                     Body::Pipe
