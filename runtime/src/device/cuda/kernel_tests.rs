@@ -919,6 +919,89 @@ fn gpu_merge_lowrank_batch_matches_one_launch_per_tensor() {
     d.destroy_stream(s).unwrap();
 }
 
+/// A device opened with [`CudaConfig::pipelined_merges`] runs the merges
+/// `Auto` gives the tensor cores on the pipelined kernel, alone and batched:
+/// bit for bit what [`LowRankKernel::Pipelined`] gives on a default device,
+/// within the kernels' tolerance of the f64 reference; a merge `Auto` gives
+/// the fp32 FMA kernel (f32 factors) stays there.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_pipelined_merges_config_routes_auto_to_the_pipelined_kernel() {
+    use Dtype::{F16, F32};
+    let plain = gpu();
+    let piped = CudaDevice::with_config(
+        0,
+        &CudaConfig {
+            pipelined_merges: true,
+            ..CudaConfig::default()
+        },
+    )
+    .expect("a CUDA GPU");
+    assert!(piped.pipelined_merges() && !plain.pipelined_merges());
+    let cases = [
+        MergeCase {
+            dtype: F16,
+            shape: vec![300, 520],
+            rows: Some(10..290),
+            adapters: vec![(64, F16, F16, 0.5), (32, F16, F16, -0.25)],
+        },
+        MergeCase {
+            dtype: F16,
+            shape: vec![96, 200],
+            rows: None,
+            adapters: vec![(40, F32, F32, 0.7)],
+        },
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let data = CaseData::new(case, 0x9193 + i as u64);
+        let adapters = data.adapters(case);
+        let spec = MergeSpec::new(case.dtype, &case.shape, case.rows.clone(), &adapters).unwrap();
+        let run = |d: &CudaDevice, kernel: LowRankKernel, batched: bool| -> Vec<u8> {
+            let s = d.create_stream().unwrap();
+            let mut bufs = Bufs::new(d);
+            let w = bufs.upload(&data.w, s);
+            let factors: Vec<(DevicePtr, DevicePtr)> = data
+                .adapters
+                .iter()
+                .map(|a| (bufs.upload(&a.up, s), bufs.upload(&a.down, s)))
+                .collect();
+            if batched {
+                let m = LowRankMerge {
+                    spec: &spec,
+                    w,
+                    factors: &factors,
+                };
+                d.merge_lowrank_batch(&[m], s, kernel).unwrap();
+            } else {
+                d.merge_lowrank_with(&spec, w, &factors, s, kernel).unwrap();
+            }
+            let mut out = vec![0u8; data.w.len()];
+            d.read_blocking(w, &mut out, s).unwrap();
+            drop(bufs);
+            d.destroy_stream(s).unwrap();
+            out
+        };
+        let tensor_cores = plain.merge_uses_tensor_cores(&spec);
+        let want = if tensor_cores {
+            run(&plain, LowRankKernel::Pipelined, false)
+        } else {
+            run(&plain, LowRankKernel::Fma, false)
+        };
+        for batched in [false, true] {
+            let got = run(&piped, LowRankKernel::Auto, batched);
+            assert!(
+                got == want,
+                "case {i} (batched: {batched}): not bit for bit"
+            );
+        }
+        let same = data.check(case, &want);
+        eprintln!(
+            "case {i}: tensor cores {tensor_cores}, auto on the pipelined device = {}, {same} elements bit-identical to the CPU",
+            if tensor_cores { "pipelined" } else { "fp32 FMA" }
+        );
+    }
+}
+
 /// [`Kernel::MergeBatch`] equals one [`Kernel::Merge`] per op, bit for bit:
 /// low-rank ops batched (fp32 FMA and tensor cores, f16 and bf16 weights in
 /// one batch), LoHa, LoKr and a low-rank op with more adapters than a job
