@@ -255,9 +255,10 @@ fn batched_kernel_mutants_fail_the_emulation() {
 /// kinds of bugs: a wait one stage short (reading a stage before its copies
 /// land), fragments of A or of B read without the swizzle the copies were
 /// written with, the next stage's copies issued into the slot being
-/// multiplied, and the copy path taken for factors whose rows are not whole
-/// 16-byte units (a misaligned-address fault on a GPU, which the values
-/// alone do not show). Each fails both of the pipelined kernel's groups;
+/// multiplied, 16-bit W stored without the quad transpose that puts it back
+/// in row order (the shuffles are emulated too), and the copy path taken
+/// for factors whose rows are not whole 16-byte units (a misaligned-address
+/// fault on a GPU, which the values alone do not show). Each fails both of the pipelined kernel's groups;
 /// the unmutated source passes them.
 #[test]
 #[ignore = "needs g++ (C++20, _Float16); run with --ignored"]
@@ -284,6 +285,11 @@ fn pipelined_kernel_mutants_fail_the_emulation() {
             "slot: the next stage copied into the slot being multiplied",
             "// The stage two ahead, into the slot read last.\n            offload_pipe_issue(sh, st.issued % ",
             "// The stage two ahead, into the slot read last.\n            offload_pipe_issue(sh, (st.issued + 1) % ",
+        ),
+        (
+            "W: 16-bit rows stored without the quad's transpose back",
+            "                    offload_quad_transpose(x, t);\n                    const unsigned int r = tile_row",
+            "                    const unsigned int r = tile_row",
         ),
         (
             "copy path: A copied in 16-byte units whatever the column count",

@@ -698,21 +698,19 @@ fn a_late_merge_of_a_displaced_prefetch_never_lands_on_the_next_layer() {
     assert!(dev.counts().launch_delay > 0);
 }
 
-/// The timeline shows each fuse-on-upload merge as its own entry, on the
-/// merge stream, after its layer's upload started: one per upload of a
-/// patched layer, none for the others.
-#[test]
-fn the_timeline_shows_merges_apart_from_uploads() {
-    let s = setup_with(
-        Mode::Sequential,
-        16,
-        HostPolicy::Pinned,
-        LoraMode::FuseOnUpload,
-        |c| c.timeline = true,
-    );
+/// One sequential pass of every layer with `patched` carrying a LoRA, on a
+/// runtime with the timeline on and host policy `host`: checks that each
+/// fuse-on-upload merge is its own `"merge"` entry (on the merge stream),
+/// one per `copy_kind` entry (`"upload"`, or `"stage"` for the staged
+/// policy, whose stager queues the merges behind the layer's copies) of a
+/// patched layer, none for the others, each starting after that layer's
+/// copy entry started.
+fn check_merges_in_timeline(host: HostPolicy, copy_kind: &str, patched: &[usize]) {
+    let s = setup_with(Mode::Sequential, 16, host, LoraMode::FuseOnUpload, |c| {
+        c.timeline = true
+    });
     let (rt, m) = (&s.rt, s.m);
-    let patched = [1usize, 2, 4];
-    let set: Set = vec![(lora(6, &patched, 0, Kind::LowRank(4)), 0.5)];
+    let set: Set = vec![(lora(6, patched, 0, Kind::LowRank(4)), 0.5)];
     rt.set_loras(m, &bindings(&set)).unwrap();
     let _ = rt.take_timeline();
     for l in 0..LAYERS {
@@ -727,80 +725,46 @@ fn the_timeline_shows_merges_apart_from_uploads() {
     }
     rt.synchronize().unwrap();
     let tl = rt.take_timeline();
-    let uploads: Vec<_> = tl.iter().filter(|e| e.kind == "upload").collect();
-    let merges: Vec<_> = tl.iter().filter(|e| e.kind == "merge").collect();
-    let name = |l: usize| format!("/layer{l}");
-    let patched_uploads = uploads
-        .iter()
-        .filter(|u| patched.iter().any(|&l| u.layer.ends_with(&name(l))))
-        .count();
-    assert!(patched_uploads >= patched.len(), "{uploads:?}");
-    assert_eq!(merges.len(), patched_uploads, "{tl:?}");
-    for mg in &merges {
-        assert!(
-            patched.iter().any(|&l| mg.layer.ends_with(&name(l))),
-            "a merge of an unpatched layer: {mg:?}"
-        );
-        let up = uploads
-            .iter()
-            .filter(|u| u.layer == mg.layer && u.start_s <= mg.start_s)
-            .count();
-        assert!(up > 0, "a merge before its layer's upload: {mg:?}");
-        assert!(mg.bytes > 0 && mg.end_s >= mg.start_s);
-    }
-}
-
-/// With the staged host policy too: one `"merge"` entry per staged patched
-/// layer, none for the others, each starting after its layer's `"stage"`
-/// entry started (the stager queues the merges behind the layer's copies).
-#[test]
-fn the_staged_timeline_shows_merges_apart_from_staging() {
-    let s = setup_with(
-        Mode::Sequential,
-        16,
-        HostPolicy::Staged {
-            buffers: 4,
-            buffer_bytes: PAGE,
-            threads: 2,
-        },
-        LoraMode::FuseOnUpload,
-        |c| c.timeline = true,
-    );
-    let (rt, m) = (&s.rt, s.m);
-    let patched = [0usize, 3, 5];
-    let set: Set = vec![(lora(6, &patched, 0, Kind::LowRank(4)), 0.5)];
-    rt.set_loras(m, &bindings(&set)).unwrap();
-    let _ = rt.take_timeline();
-    for l in 0..LAYERS {
-        drop(
-            rt.acquire(LayerId {
-                model: m,
-                component: 0,
-                layer: l,
-            })
-            .unwrap(),
-        );
-    }
-    rt.synchronize().unwrap();
-    let tl = rt.take_timeline();
-    let stages: Vec<_> = tl.iter().filter(|e| e.kind == "stage").collect();
+    let copies: Vec<_> = tl.iter().filter(|e| e.kind == copy_kind).collect();
     let merges: Vec<_> = tl.iter().filter(|e| e.kind == "merge").collect();
     let name = |l: usize| format!("/layer{l}");
     let is_patched = |layer: &str| patched.iter().any(|&l| layer.ends_with(&name(l)));
-    let patched_stages = stages.iter().filter(|e| is_patched(&e.layer)).count();
-    assert!(patched_stages >= patched.len(), "{stages:?}");
-    assert_eq!(merges.len(), patched_stages, "{tl:?}");
+    let patched_copies = copies.iter().filter(|e| is_patched(&e.layer)).count();
+    assert!(patched_copies >= patched.len(), "{copies:?}");
+    assert_eq!(merges.len(), patched_copies, "{tl:?}");
     for mg in &merges {
         assert!(
             is_patched(&mg.layer),
             "a merge of an unpatched layer: {mg:?}"
         );
         assert!(
-            stages
+            copies
                 .iter()
-                .any(|st| st.layer == mg.layer && st.start_s <= mg.start_s),
-            "a merge before its layer was staged: {mg:?}"
+                .any(|c| c.layer == mg.layer && c.start_s <= mg.start_s),
+            "a merge before its layer's {copy_kind}: {mg:?}"
         );
         assert!(mg.bytes > 0 && mg.end_s >= mg.start_s, "{mg:?}");
     }
+}
+
+/// The timeline shows each fuse-on-upload merge as its own entry, after
+/// its layer's upload started, with the pinned host policy.
+#[test]
+fn the_timeline_shows_merges_apart_from_uploads() {
+    check_merges_in_timeline(HostPolicy::Pinned, "upload", &[1, 2, 4]);
+}
+
+/// The same with the staged host policy, where the merges are queued by
+/// the stager after a layer's copies.
+#[test]
+fn the_staged_timeline_shows_merges_apart_from_staging() {
+    check_merges_in_timeline(
+        HostPolicy::Staged {
+            buffers: 4,
+            buffer_bytes: PAGE,
+            threads: 2,
+        },
+        "stage",
+        &[0, 3, 5],
+    );
 }

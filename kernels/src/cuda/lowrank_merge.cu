@@ -1169,9 +1169,14 @@ offload_lowrank_merge_mma_batch_bf16(const OffloadLowRankBatchParams p) {
 //   - Fragments are read with ldmatrix (A's chunk transposed on the way,
 //     .trans), from slots whose 16-byte units are XOR-swizzled by row so
 //     that neither the copies nor ldmatrix meet bank conflicts.
-//   - A lane's elements of W are read in the accumulators' layout (two
-//     adjacent elements of a row per 8 x 8 block, one 32- or 64-bit load
-//     where aligned) at the start of a tile and kept as raw bits while the
+//   - A lane's elements of W are those of the accumulators' layout (two
+//     adjacent elements of a row per 8 x 8 block). 16-bit W whose rows are
+//     whole 16-byte units is read and written 8 elements of a row per lane
+//     (a warp covers 64 contiguous bytes of each of 8 rows) and moved
+//     between that order and the accumulators' by a 4 x 4 transpose of
+//     words across each quad of lanes (shfl.sync.bfly); otherwise one 32-
+//     or 64-bit access per pair where aligned. W is read at the start of a
+//     tile and kept as raw bits while the
 //     first adapter is multiplied (so the loads stay in flight meanwhile);
 //     each adapter's exact product of f16 or bf16 values is accumulated in
 //     fp32 on its own (prod) and then added scaled: the running sum starts
@@ -1273,7 +1278,39 @@ __device__ __forceinline__ void offload_ldmatrix_x4_trans(unsigned int (&r)[4], 
 __device__ __forceinline__ void offload_prefetch_l2(const void* p) {
     asm volatile("prefetch.L2 [%0];" ::"l"(p));
 }
+
+// v of lane (this lane ^ m), for the whole warp (shfl.sync.bfly).
+__device__ __forceinline__ unsigned int offload_shfl_xor(unsigned int v, int m) {
+    unsigned int r;
+    asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;" : "=r"(r) : "r"(v), "r"(m));
+    return r;
+}
 #endif
+
+// Transposes a 4 x 4 matrix of words held by the four lanes of a quad
+// (lanes 4 g .. 4 g + 3; t = lane % 4): on return x[j] of lane t is what
+// x[t] of lane j was. Every lane of the warp must call it together.
+__device__ __forceinline__ void offload_quad_transpose(unsigned int (&x)[4], unsigned int t) {
+    unsigned int y[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (unsigned int r = 0; r < 4; ++r) {
+        // Lane t sends its word t ^ r to lane t ^ r, and gets lane (t ^ r)'s
+        // word t, which goes to y[t ^ r].
+        const unsigned int i = t ^ r;
+        unsigned int v = i == 0 ? x[0] : i == 1 ? x[1] : i == 2 ? x[2] : x[3];
+        if (r != 0) {
+            v = offload_shfl_xor(v, (int)r);
+        }
+#pragma unroll
+        for (unsigned int j = 0; j < 4; ++j) {
+            y[j] = i == j ? v : y[j];
+        }
+    }
+#pragma unroll
+    for (unsigned int j = 0; j < 4; ++j) {
+        x[j] = y[j];
+    }
+}
 
 // Where the pipeline is: tile row y of the walk, adapter a, and the chunk
 // of its ranks from k0.
@@ -1403,8 +1440,17 @@ template <typename T> struct OffloadPipeW {
     }
 };
 
-// Pairs move as one 32-bit (16-bit T) or 64-bit (f32) access when every
-// pair is aligned to it: an even column count and W aligned to the pair.
+// 16-bit W moves 8 elements of a row per lane (16 bytes, so that a warp's
+// access covers 64 contiguous bytes of each of 8 rows) when every row of
+// the tile is whole 16-byte units: a column count that is a multiple of 8
+// and W 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ bool offload_pipe_rows16(unsigned long long w, unsigned int cols) {
+    return sizeof(T) == 2 && cols % 8 == 0 && w % 16 == 0;
+}
+
+// Otherwise pairs move as one 32-bit (16-bit T) or 64-bit (f32) access when
+// every pair is aligned to it: an even column count and W aligned to the pair.
 template <typename T>
 __device__ __forceinline__ bool offload_pipe_pairs(unsigned long long w, unsigned int cols) {
     return cols % 2 == 0 && w % (2 * sizeof(T)) == 0;
@@ -1418,6 +1464,36 @@ __device__ __forceinline__ void offload_pipe_load_w(OffloadPipeW<T>& f, unsigned
                                                     unsigned int tile_col, unsigned int wr,
                                                     unsigned int wc, unsigned int g,
                                                     unsigned int t) {
+    if constexpr (sizeof(T) == 2) {
+        if (offload_pipe_rows16<T>(w, cols)) {
+            // Lane t reads the 8 elements from column 8 t of its row (16
+            // bytes; the quad's 4 lanes cover the warp's 32 columns), and
+            // the quad transposes them into the accumulators' layout.
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const unsigned int r = tile_row + wr + 16 * mi + g + 8 * h;
+                    const unsigned int c = tile_col + wc + 8 * t;
+                    unsigned int x[4] = {0u, 0u, 0u, 0u};
+                    if (r < rows && c < cols) {
+                        const OffloadU32x4 v = *reinterpret_cast<const OffloadU32x4*>(
+                            reinterpret_cast<const T*>(w) + (unsigned long long)(row0 + r) * cols + c);
+                        x[0] = v.x;
+                        x[1] = v.y;
+                        x[2] = v.z;
+                        x[3] = v.w;
+                    }
+                    offload_quad_transpose(x, t);
+#pragma unroll
+                    for (int ni = 0; ni < 4; ++ni) {
+                        f.w[mi][ni][h][0] = x[ni];
+                    }
+                }
+            }
+            return;
+        }
+    }
     const bool pairs = offload_pipe_pairs<T>(w, cols);
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi) {
@@ -1469,6 +1545,37 @@ __device__ __forceinline__ void offload_pipe_store_w(const float (&sum)[2][4][4]
                                                      unsigned int tile_col, unsigned int wr,
                                                      unsigned int wc, unsigned int g,
                                                      unsigned int t) {
+    if constexpr (sizeof(T) == 2) {
+        if (offload_pipe_rows16<T>(w, cols)) {
+            // The load's transpose backwards: lane t writes 16 bytes from
+            // column 8 t of its row.
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    unsigned int x[4];
+#pragma unroll
+                    for (int ni = 0; ni < 4; ++ni) {
+                        x[ni] = OffloadBits<T>::put(sum[mi][ni][2 * h]) |
+                                (OffloadBits<T>::put(sum[mi][ni][2 * h + 1]) << 16);
+                    }
+                    offload_quad_transpose(x, t);
+                    const unsigned int r = tile_row + wr + 16 * mi + g + 8 * h;
+                    const unsigned int c = tile_col + wc + 8 * t;
+                    if (r < rows && c < cols) {
+                        OffloadU32x4 v;
+                        v.x = x[0];
+                        v.y = x[1];
+                        v.z = x[2];
+                        v.w = x[3];
+                        *reinterpret_cast<OffloadU32x4*>(reinterpret_cast<T*>(w) +
+                                                         (unsigned long long)(row0 + r) * cols + c) = v;
+                    }
+                }
+            }
+            return;
+        }
+    }
     const bool pairs = offload_pipe_pairs<T>(w, cols);
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi) {

@@ -72,7 +72,7 @@
 //! for 16-bit W on sm_90 (none on sm_80) and 44 bytes for f32 W. The batched kernels (NVRTC 13.0.88, sm_80
 //! and sm_90): fp32 FMA 80 registers, 12 bytes of spills for 16-bit W and 44
 //! for f32; tensor cores 120 registers for 16-bit W and 128 for f32, no
-//! spills. The pipelined kernel (same NVRTC, sm_80 and sm_90): 114 to 123
+//! spills. The pipelined kernel (same NVRTC, sm_80 and sm_90): 114 to 125
 //! registers, no spills, 36 KiB of static shared memory a block.
 //!
 //! What has been checked besides: g++ compiles the source against stand-in
@@ -100,10 +100,11 @@
 //! either that is not 16-byte aligned, and the eight rows of an `ldmatrix`
 //! matrix sharing a bank group. Most of its cases take the copy path
 //! (ranks and columns multiples of 8, factors 16-byte aligned), the rest its
-//! plain loads, some adapters have rank 0, and six mutants fail it (a wait
-//! one stage short, A's or B's fragments read unswizzled, a copy into the
-//! slot being multiplied, the copy path for rows that are not whole 16-byte
-//! units of A or of B).
+//! plain loads, some adapters have rank 0, and seven mutants fail it (a
+//! wait one stage short, A's or B's fragments read unswizzled, a copy into
+//! the slot being multiplied, 16-bit W stored without its quad transpose
+//! back, the copy path for rows that are not whole 16-byte units of A or
+//! of B).
 //! That emulation checks the kernels against our reading of the fragment
 //! layout, not against the hardware: the runtime's GPU tests (`gpu_merge_*`)
 //! do that on a GPU (`scripts/gpu-check`), and report the tensor cores'

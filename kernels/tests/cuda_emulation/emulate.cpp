@@ -203,6 +203,17 @@ static void offload_ldmatrix_x4(unsigned (&r)[4], const void* row) { emu_ldmatri
 static void offload_ldmatrix_x4_trans(unsigned (&r)[4], const void* row) { emu_ldmatrix(r, row, true); }
 static void offload_prefetch_l2(const void*) {}
 
+// shfl.sync.bfly, one warp: each lane publishes v, the warp waits, each lane
+// reads lane (lane ^ m)'s, and the warp waits again.
+static unsigned emu_shfl[kMaxWarps][32];
+static unsigned offload_shfl_xor(unsigned v, int m) {
+    emu_shfl[emu_warp][emu_lane] = v;
+    emu_warp_barrier[emu_warp]->arrive_and_wait();
+    const unsigned r = emu_shfl[emu_warp][emu_lane ^ (unsigned)m];
+    emu_warp_barrier[emu_warp]->arrive_and_wait();
+    return r;
+}
+
 #include "lowrank_merge.cu"
 
 // Runs `kernel` on a grid of (gx, gy) blocks of (bdx, bdy) threads; blocks
