@@ -256,56 +256,81 @@ fn batched_kernel_mutants_fail_the_emulation() {
 /// land), fragments of A or of B read without the swizzle the copies were
 /// written with, the next stage's copies issued into the slot being
 /// multiplied, 16-bit W stored without the quad transpose that puts it back
-/// in row order (the shuffles are emulated too), and the copy path taken
-/// for factors whose rows are not whole 16-byte units (a misaligned-address
-/// fault on a GPU, which the values alone do not show). Each fails both of the pipelined kernel's groups;
-/// the unmutated source passes them.
+/// in row order (the shuffles are emulated too), the copy path taken for
+/// factors whose rows are not whole 16-byte units and 16-byte accesses to a
+/// W that is not 16-byte aligned (misaligned-address faults on a GPU, which
+/// the values alone do not show), and a leading adapter of rank 0 taken as
+/// the start of the sum. Each fails the groups it names; the unmutated
+/// source passes them.
 #[test]
 #[ignore = "needs g++ (C++20, _Float16); run with --ignored"]
 fn pipelined_kernel_mutants_fail_the_emulation() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let source = std::fs::read_to_string(root.join("src/cuda/lowrank_merge.cu")).unwrap();
-    let mutants = [
+    const BOTH: &[&str] = &["pipe: ", "batch-pipe: "];
+    // (what, from, to, the groups it must fail)
+    let mutants: [(&str, &str, &str, &[&str]); 9] = [
         (
             "wait: one stage short",
             "offload_cp_async_wait<OFFLOAD_PIPE_STAGES - 2>();",
             "offload_cp_async_wait<OFFLOAD_PIPE_STAGES - 1>();",
+            BOTH,
         ),
         (
             "swizzle: A's fragments read unswizzled",
             "offload_ldmatrix_x4_trans(m, sa + offload_pipe_a_at(k, c));",
             "offload_ldmatrix_x4_trans(m, sa + k * OFFLOAD_PIPE_TILE_COLS + c);",
+            BOTH,
         ),
         (
             "swizzle: B's fragments read unswizzled",
             "offload_ldmatrix_x4(af[mi], sb + offload_pipe_b_at(r, k));",
             "offload_ldmatrix_x4(af[mi], sb + r * OFFLOAD_PIPE_K + k);",
+            BOTH,
         ),
         (
             "slot: the next stage copied into the slot being multiplied",
             "// The stage two ahead, into the slot read last.\n            offload_pipe_issue(sh, st.issued % ",
             "// The stage two ahead, into the slot read last.\n            offload_pipe_issue(sh, (st.issued + 1) % ",
+            BOTH,
         ),
         (
             "W: 16-bit rows stored without the quad's transpose back",
             "                    offload_quad_transpose(x, t);\n                    const unsigned int r = tile_row",
             "                    const unsigned int r = tile_row",
+            BOTH,
         ),
         (
             "copy path: A copied in 16-byte units whatever the column count",
             "const bool a_vec = p.cols % 8 == 0 && ad.down % 16 == 0;",
             "const bool a_vec = ad.down % 16 == 0;",
+            BOTH,
         ),
         (
             "copy path: B copied in 16-byte units whatever the rank",
             "const bool b_vec = ad.rank % 8 == 0 && ad.up % 16 == 0;",
             "const bool b_vec = ad.up % 16 == 0;",
+            BOTH,
+        ),
+        // The batched cases have more leading adapters of rank 0.
+        (
+            "adapters: the second taken as the first's follower when the first has rank 0",
+            "for (unsigned int a = first + 1; a < n; ++a) {",
+            "for (unsigned int a = 1; a < n; ++a) {",
+            &["batch-pipe: "],
+        ),
+        // Only the one-tensor cases put W off a 16-byte boundary.
+        (
+            "W: 16-byte accesses for a W that is not 16-byte aligned",
+            "return sizeof(T) == 2 && cols % 8 == 0 && w % 16 == 0;",
+            "return sizeof(T) == 2 && cols % 8 == 0 && w % 2 == 0;",
+            &["pipe: "],
         ),
     ];
     let tmp = std::env::temp_dir().join(format!("offload-pipe-mutants-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let exe = tmp.join("emulate");
-    for (what, from, to) in mutants {
+    for (what, from, to, fails) in mutants {
         assert_eq!(source.matches(from).count(), 1, "{what}: `{from}`");
         std::fs::write(tmp.join("lowrank_merge.cu"), source.replace(from, to)).unwrap();
         compile(&exe, &tmp);
@@ -313,7 +338,7 @@ fn pipelined_kernel_mutants_fail_the_emulation() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         eprintln!("mutant ({what}):\n{stdout}");
         assert!(!out.status.success(), "{what}: not caught:\n{stdout}");
-        for group in ["pipe: ", "batch-pipe: "] {
+        for group in fails {
             let line = stdout
                 .lines()
                 .find(|l| l.starts_with(group))

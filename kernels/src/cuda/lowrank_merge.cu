@@ -1213,13 +1213,14 @@ __device__ __forceinline__ unsigned int offload_pipe_b_at(unsigned int r, unsign
     return r * OFFLOAD_PIPE_K + ((((k >> 3) ^ ((r >> 1) & 3u)) << 3) | (k & 7u));
 }
 
-// The asynchronous copies, ldmatrix and the L2 prefetch, as inline PTX
-// (sm_80 and newer, like mma.sync). offload_cp_async16 copies `bytes` (0 to
+// The asynchronous copies, ldmatrix, the L2 prefetch and the shuffle, as
+// inline PTX (sm_80 and newer, like mma.sync), and W's 16-byte accesses. offload_cp_async16 copies `bytes` (0 to
 // 16) bytes from global `src` to shared `dst` and zero-fills the rest of the
 // 16; the copies a thread issued land when its offload_cp_async_wait<N>
 // returns for their group (every group but the N newest), and are seen by
 // other threads after a barrier that follows. When the source is not
-// compiled by a CUDA compiler, the includer provides these five.
+// compiled by a CUDA compiler, the includer provides the functions of this
+// block (offload_smem_addr excepted).
 #if defined(__CUDACC__)
 __device__ __forceinline__ unsigned int offload_smem_addr(const void* p) {
     unsigned int a;
@@ -1277,6 +1278,24 @@ __device__ __forceinline__ void offload_ldmatrix_x4_trans(unsigned int (&r)[4], 
 
 __device__ __forceinline__ void offload_prefetch_l2(const void* p) {
     asm volatile("prefetch.L2 [%0];" ::"l"(p));
+}
+
+// 16 bytes of global memory at p (16-byte aligned) into v, or from v.
+__device__ __forceinline__ void offload_ld16(unsigned int (&v)[4], const void* p) {
+    const OffloadU32x4 x = *reinterpret_cast<const OffloadU32x4*>(p);
+    v[0] = x.x;
+    v[1] = x.y;
+    v[2] = x.z;
+    v[3] = x.w;
+}
+
+__device__ __forceinline__ void offload_st16(void* p, const unsigned int (&v)[4]) {
+    OffloadU32x4 x;
+    x.x = v[0];
+    x.y = v[1];
+    x.z = v[2];
+    x.w = v[3];
+    *reinterpret_cast<OffloadU32x4*>(p) = x;
 }
 
 // v of lane (this lane ^ m), for the whole warp (shfl.sync.bfly).
@@ -1477,12 +1496,8 @@ __device__ __forceinline__ void offload_pipe_load_w(OffloadPipeW<T>& f, unsigned
                     const unsigned int c = tile_col + wc + 8 * t;
                     unsigned int x[4] = {0u, 0u, 0u, 0u};
                     if (r < rows && c < cols) {
-                        const OffloadU32x4 v = *reinterpret_cast<const OffloadU32x4*>(
-                            reinterpret_cast<const T*>(w) + (unsigned long long)(row0 + r) * cols + c);
-                        x[0] = v.x;
-                        x[1] = v.y;
-                        x[2] = v.z;
-                        x[3] = v.w;
+                        offload_ld16(x, reinterpret_cast<const T*>(w) +
+                                            (unsigned long long)(row0 + r) * cols + c);
                     }
                     offload_quad_transpose(x, t);
 #pragma unroll
@@ -1563,13 +1578,8 @@ __device__ __forceinline__ void offload_pipe_store_w(const float (&sum)[2][4][4]
                     const unsigned int r = tile_row + wr + 16 * mi + g + 8 * h;
                     const unsigned int c = tile_col + wc + 8 * t;
                     if (r < rows && c < cols) {
-                        OffloadU32x4 v;
-                        v.x = x[0];
-                        v.y = x[1];
-                        v.z = x[2];
-                        v.w = x[3];
-                        *reinterpret_cast<OffloadU32x4*>(reinterpret_cast<T*>(w) +
-                                                         (unsigned long long)(row0 + r) * cols + c) = v;
+                        offload_st16(reinterpret_cast<T*>(w) + (unsigned long long)(row0 + r) * cols + c,
+                                     x);
                     }
                 }
             }

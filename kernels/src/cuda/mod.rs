@@ -100,11 +100,13 @@
 //! either that is not 16-byte aligned, and the eight rows of an `ldmatrix`
 //! matrix sharing a bank group. Most of its cases take the copy path
 //! (ranks and columns multiples of 8, factors 16-byte aligned), the rest its
-//! plain loads, some adapters have rank 0, and seven mutants fail it (a
-//! wait one stage short, A's or B's fragments read unswizzled, a copy into
-//! the slot being multiplied, 16-bit W stored without its quad transpose
-//! back, the copy path for rows that are not whole 16-byte units of A or
-//! of B).
+//! plain loads, some adapters (the first included) have rank 0, some W
+//! buffers are not 16-byte aligned, and nine mutants fail it (a wait one
+//! stage short, A's or B's fragments read unswizzled, a copy into the slot
+//! being multiplied, 16-bit W stored without its quad transpose back, the
+//! copy path for rows that are not whole 16-byte units of A or of B,
+//! 16-byte accesses to a W that is not 16-byte aligned, a leading adapter
+//! of rank 0 taken as the start of the sum).
 //! That emulation checks the kernels against our reading of the fragment
 //! layout, not against the hardware: the runtime's GPU tests (`gpu_merge_*`)
 //! do that on a GPU (`scripts/gpu-check`), and report the tensor cores'

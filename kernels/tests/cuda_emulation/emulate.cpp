@@ -143,8 +143,9 @@ static std::atomic<long> emu_cp_async_count{0};
 // ldmatrix whose eight rows of one matrix share a 16-byte bank group (a bank
 // conflict). Each counts as a failure of the group that ran it.
 static std::atomic<long> emu_faults{0};
+static long emu_faults_printed_from = 0;  // the running group's first fault
 static void emu_fault(const char* what, const void* a) {
-    if (emu_faults++ < 5) std::printf("fault: %s (address %p)\n", what, a);
+    if (emu_faults++ < emu_faults_printed_from + 5) std::printf("fault: %s (address %p)\n", what, a);
 }
 
 static void offload_cp_async16(void* dst, const void* src, unsigned bytes) {
@@ -202,6 +203,16 @@ static void emu_ldmatrix(unsigned (&r)[4], const void* row, bool trans) {
 static void offload_ldmatrix_x4(unsigned (&r)[4], const void* row) { emu_ldmatrix(r, row, false); }
 static void offload_ldmatrix_x4_trans(unsigned (&r)[4], const void* row) { emu_ldmatrix(r, row, true); }
 static void offload_prefetch_l2(const void*) {}
+
+// W's 16-byte accesses, which fault on a GPU when not 16-byte aligned.
+static void offload_ld16(unsigned (&v)[4], const void* p) {
+    if ((uintptr_t)p % 16 != 0) emu_fault("16-byte load of W not 16-byte aligned", p);
+    std::memcpy(v, p, 16);
+}
+static void offload_st16(void* p, const unsigned (&v)[4]) {
+    if ((uintptr_t)p % 16 != 0) emu_fault("16-byte store of W not 16-byte aligned", p);
+    std::memcpy(p, v, 16);
+}
 
 // shfl.sync.bfly, one warp: each lane publishes v, the warp waits, each lane
 // reads lane (lane ^ m)'s, and the warp waits again.
@@ -458,6 +469,7 @@ static long lowrank_cases(int cases, Kind kind) {
     const char* group = kind_name(kind, false);
     const bool mma = kind != FMA;
     const long copies0 = emu_cp_async_count, faults0 = emu_faults;
+    emu_faults_printed_from = faults0;
     long failures = 0, elements = 0;
     for (int c = 0; c < cases; ++c) {
         unsigned out, r0, n, cols = 1 + rng() % 150;
@@ -495,8 +507,10 @@ static long lowrank_cases(int cases, Kind kind) {
         for (unsigned a = 0; a < p.num_adapters; ++a) {
             unsigned rank = mma ? 1 + rng() % 150 : 1 + rng() % 70;
             if (kind == PIPE) rank = pipe_rank(rank);
-            // Now and then an adapter of rank 0 (not the only one): it adds nothing.
-            if (kind == PIPE && a > 0 && rng() % 10 == 0) rank = 0;
+            // Now and then an adapter of rank 0, the first one included: it
+            // adds nothing (and a launch whose adapters all have rank 0
+            // leaves W as it is).
+            if (kind == PIPE && rng() % 6 == 0) rank = 0;
             if (c == 1) rank = 64;
             if (small_ranks) rank = 1 + rng() % 8;
             const unsigned udt = mma ? 1 + rng() % 2 : rng() % 3;
@@ -527,9 +541,21 @@ static long lowrank_cases(int cases, Kind kind) {
                                 offload_lowrank_merge_mma_bf16),
                            p, per_strip, extra, tile_rows);
         } else if (kind == PIPE) {
+            // Every fourth case: W at an address aligned to its element but
+            // not to 16 bytes (2, 4 or 8 bytes past), which must not take
+            // the 16-byte accesses.
+            std::vector<unsigned char> shifted;
+            size_t off = 0;
+            if (c % 4 == 3) {
+                off = dsize(W.dt) * (1 + rng() % (W.dt == OFFLOAD_DTYPE_F32 ? 2 : 4));
+                shifted.assign(W.w.size() + 16, 0);
+                std::memcpy(shifted.data() + off, W.w.data(), W.w.size());
+                p.w = (unsigned long long)(shifted.data() + off);
+            }
             launch_lowrank(pick(W.dt, offload_lowrank_merge_pipe_f32, offload_lowrank_merge_pipe_f16,
                                 offload_lowrank_merge_pipe_bf16),
                            p, per_strip, extra, tile_rows);
+            if (off != 0) std::memcpy(W.w.data(), shifted.data() + off, W.w.size());
         } else {
             launch_lowrank(
                 pick(W.dt, offload_lowrank_merge_f32, offload_lowrank_merge_f16, offload_lowrank_merge_bf16), p,
@@ -596,6 +622,7 @@ static long batch_cases(int cases, Kind kind) {
     const char* group = kind_name(kind, true);
     const bool mma = kind != FMA;
     const long copies0 = emu_cp_async_count, faults0 = emu_faults;
+    emu_faults_printed_from = faults0;
     long failures = 0, elements = 0, jobs_total = 0, blocks_total = 0, idle_total = 0;
     long shared_buffers = 0, shared_jobs = 0, fused_buffers = 0, identical = 0;
     for (int c = 0; c < cases; ++c) {
@@ -698,6 +725,7 @@ static long batch_cases(int cases, Kind kind) {
                 // Small ranks in every third job (A kept across tiles).
                 unsigned rank = j % 3 == 2 ? 1 + rng() % 8 : 1 + rng() % (mma ? 100 : 70);
                 if (kind == PIPE) rank = pipe_rank(rank);
+                if (kind == PIPE && rng() % 6 == 0) rank = 0;
                 const unsigned udt = mma ? 1 + rng() % 2 : rng() % 3;
                 const unsigned ddt = mma ? udt : rng() % 3;
                 const bool misaligned = kind == PIPE && rng() % 8 == 0;
