@@ -397,7 +397,7 @@ fn launch_merges(
     job: &Job,
     counters: &Arc<Counters>,
 ) -> Result<()> {
-    let mark = stats::mark_on(device, counters, stream);
+    let mark = stats::timeline_mark(device, counters, stream);
     super::lora::launch_merge_batch(device, counters, &job.merges, job.dst, stream)?;
     if let Some(mark) = mark {
         let bytes = job.merges.iter().map(|(_, op)| op.touched_bytes()).sum();

@@ -1185,12 +1185,7 @@ impl Shared {
         if !measure {
             return self.device.stream_wait_event(self.compute, ready);
         }
-        let start: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
-        let s2 = start.clone();
-        self.device.launch_host_fn(
-            self.compute,
-            Box::new(move || *s2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now())),
-        )?;
+        let start = stats::stream_mark(&*self.device, self.compute)?;
         self.device.stream_wait_event(self.compute, ready)?;
         let counters = self.counters.clone();
         let name = name.to_string();
@@ -1463,17 +1458,10 @@ impl Shared {
         let host = st.host[l]
             .as_ref()
             .expect("pinned policy keeps a host copy of every layer");
-        let timeline = self.counters.timeline.is_some();
-        let start: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
-        if timeline {
-            let s2 = start.clone();
-            self.device.launch_host_fn(
-                self.copy,
-                Box::new(move || {
-                    *s2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now())
-                }),
-            )?;
-        }
+        let start = match self.counters.timeline {
+            Some(_) => Some(stats::stream_mark(&*self.device, self.copy)?),
+            None => None,
+        };
         // SAFETY: the host copy lives in the model, which outlives every
         // upload from it: unloading and dropping the runtime synchronise the
         // copy stream before freeing host copies.
@@ -1489,7 +1477,7 @@ impl Shared {
         } else {
             self.device.record_event(ready, self.copy)
         };
-        if timeline {
+        if let Some(start) = start {
             let name = comp.layer_names[l].clone();
             let ended = self.timeline_end(self.copy, start, name, "upload", total);
             queued.and(ended)?;
@@ -1525,7 +1513,7 @@ impl Shared {
     fn timeline_end(
         &self,
         stream: StreamId,
-        start: Arc<Mutex<Option<Instant>>>,
+        start: stats::StreamMark,
         layer: String,
         kind: &'static str,
         bytes: usize,
@@ -1567,7 +1555,7 @@ impl Shared {
         }
         // The timeline's host functions are best effort: a failure to queue
         // one shows in the launch or the recording that follows.
-        let mark = stats::mark_on(&*self.device, &self.counters, self.merge);
+        let mark = stats::timeline_mark(&*self.device, &self.counters, self.merge);
         let merged = self.launch_merges(merges, dst, self.merge);
         if let (Some(mark), true) = (mark, merged.is_ok()) {
             let bytes = merges.iter().map(|(_, op)| op.touched_bytes()).sum();

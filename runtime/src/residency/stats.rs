@@ -175,27 +175,30 @@ impl Counters {
 }
 
 /// When a stream reached a point of its queue: set by a host function queued
-/// there ([`mark_on`]), read by a later one ([`end_on`]).
+/// there ([`stream_mark`]), read by a later one ([`end_on`]).
 pub(crate) type StreamMark = Arc<Mutex<Option<Instant>>>;
 
 /// Queues a host function on `stream` that notes when the stream reaches
-/// it. `None` when the timeline is off, or when the host function could not
-/// be queued (timeline entries are best effort).
-pub(crate) fn mark_on(
+/// it; an error if it cannot be queued.
+pub(crate) fn stream_mark(device: &dyn Device, stream: StreamId) -> Result<StreamMark> {
+    let mark: StreamMark = Arc::new(Mutex::new(None));
+    let set = mark.clone();
+    device.launch_host_fn(
+        stream,
+        Box::new(move || *set.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now())),
+    )?;
+    Ok(mark)
+}
+
+/// [`stream_mark`] for a best-effort timeline entry: `None` when the
+/// timeline is off or the host function could not be queued.
+pub(crate) fn timeline_mark(
     device: &dyn Device,
     counters: &Counters,
     stream: StreamId,
 ) -> Option<StreamMark> {
     counters.timeline.as_ref()?;
-    let mark: StreamMark = Arc::new(Mutex::new(None));
-    let set = mark.clone();
-    device
-        .launch_host_fn(
-            stream,
-            Box::new(move || *set.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now())),
-        )
-        .ok()?;
-    Some(mark)
+    stream_mark(device, stream).ok()
 }
 
 /// Queues a host function on `stream` that adds a timeline entry `kind` for
