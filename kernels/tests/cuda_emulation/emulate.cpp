@@ -464,6 +464,27 @@ static unsigned kind_tile_rows(Kind k) { return k == PIPE ? OFFLOAD_PIPE_TILE_RO
 // a misaligned factor now and then, its plain-load path.
 static unsigned pipe_rank(unsigned rank) { return rng() % 3 != 0 ? 8 * ((rank + 7) / 8) : rank; }
 
+// A random low-rank adapter of `rank` over an n x cols slice for a kernel
+// of kind `kind` (the tensor-core ones: both factors f16 or both bf16; the
+// pipelined one: now and then a factor off a 16-byte boundary), its factors
+// kept in `store`; its delta and the delta's bound (as matmul gives them)
+// in d and da.
+static OffloadLowRankAdapter rand_adapter(Kind kind, unsigned n, unsigned rank, unsigned cols,
+                                          std::vector<Mat>& store, std::vector<double>& d,
+                                          std::vector<double>& da) {
+    const bool mma = kind != FMA;
+    const unsigned udt = mma ? 1 + rng() % 2 : rng() % 3;
+    const unsigned ddt = mma ? udt : rng() % 3;
+    const bool misaligned = kind == PIPE && rng() % 8 == 0;
+    store.push_back(rand_mat(n, rank, udt, misaligned));
+    store.push_back(rand_mat(rank, cols, ddt, misaligned && rng() % 2 == 0));
+    const Mat& up = store[store.size() - 2];
+    const Mat& down = store.back();
+    const float scale = 2 * uniform(rng);
+    matmul(up, down, d, da);
+    return {up.addr(), down.addr(), rank, udt, ddt, scale};
+}
+
 // Low-rank cases for one kernel.
 static long lowrank_cases(int cases, Kind kind) {
     const char* group = kind_name(kind, false);
@@ -513,18 +534,9 @@ static long lowrank_cases(int cases, Kind kind) {
             if (kind == PIPE && rng() % 6 == 0) rank = 0;
             if (c == 1) rank = 64;
             if (small_ranks) rank = 1 + rng() % 8;
-            const unsigned udt = mma ? 1 + rng() % 2 : rng() % 3;
-            const unsigned ddt = mma ? udt : rng() % 3;
-            const bool misaligned = kind == PIPE && rng() % 8 == 0;
-            store.push_back(rand_mat(n, rank, udt, misaligned));
-            const Mat& up = store.back();
-            store.push_back(rand_mat(rank, cols, ddt, misaligned && rng() % 2 == 0));
-            const Mat& down = store.back();
-            const float scale = 2 * uniform(rng);
-            p.adapters[a] = {up.addr(), down.addr(), rank, udt, ddt, scale};
             std::vector<double> d, da;
-            matmul(up, down, d, da);
-            add_delta(W, scale, d, da);
+            p.adapters[a] = rand_adapter(kind, n, rank, cols, store, d, da);
+            add_delta(W, p.adapters[a].scale, d, da);
         }
         // Blocks per column strip: one (each walks every tile of its strip),
         // a few, or one per tile; and sometimes blocks past the whole
@@ -726,17 +738,9 @@ static long batch_cases(int cases, Kind kind) {
                 unsigned rank = j % 3 == 2 ? 1 + rng() % 8 : 1 + rng() % (mma ? 100 : 70);
                 if (kind == PIPE) rank = pipe_rank(rank);
                 if (kind == PIPE && rng() % 6 == 0) rank = 0;
-                const unsigned udt = mma ? 1 + rng() % 2 : rng() % 3;
-                const unsigned ddt = mma ? udt : rng() % 3;
-                const bool misaligned = kind == PIPE && rng() % 8 == 0;
-                store.push_back(rand_mat(n, rank, udt, misaligned));
-                const Mat& up = store.back();
-                store.push_back(rand_mat(rank, cols, ddt, misaligned && rng() % 2 == 0));
-                const Mat& down = store.back();
-                const float scale = 2 * uniform(rng);
-                job.adapters[a] = {up.addr(), down.addr(), rank, udt, ddt, scale};
                 std::vector<double> d, da;
-                matmul(up, down, d, da);
+                job.adapters[a] = rand_adapter(kind, n, rank, cols, store, d, da);
+                const float scale = job.adapters[a].scale;
                 for (size_t e = 0; e < d.size(); ++e) {
                     J.exact[e] += (double)scale * d[e];
                     J.bound[e] += std::fabs((double)scale) * da[e];
