@@ -100,7 +100,8 @@ pub struct MergeBenchArgs {
     /// tensor cores where the factors are 16-bit and some rank is 32 or more
     /// or the ranks add up to more than 32), `fma` (fp32 FMA),
     /// `tensor-cores`, or `pipelined` (the tensor-core kernel that streams
-    /// the factors through a cp.async pipeline; not yet chosen by `auto`).
+    /// the factors through a cp.async pipeline; `auto` takes it in place of
+    /// `tensor-cores` only with `OFFLOAD_MERGE_KERNEL=pipelined`).
     /// Only with `--backend cuda` or `auto`.
     #[arg(long, value_enum, default_value_t = KernelArg::Auto)]
     pub kernel: KernelArg,
