@@ -48,7 +48,8 @@ use offload_runtime::device::{
 use offload_runtime::lora::{LoraBinding, LoraMode, PatchDelta, PatchKron};
 use offload_runtime::model::{DType, ModelDesc, WeightSource};
 use offload_runtime::residency::{
-    HostPolicy, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig, TimelineEntry,
+    HostPolicy, LayerId, Mode, ModelId, Policy, Runtime, RuntimeConfig, StallCheckpoint,
+    TimelineEntry,
 };
 use offload_runtime::Error;
 
@@ -724,14 +725,16 @@ impl Bench {
         }
         let epoch = rt.epoch();
         let compute_log = timeline.then(|| Arc::new(Mutex::new(Vec::new())));
-        // Pass boundaries in compute-stream order: the time and the stall so far.
-        let passes: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::new(Mutex::new(Vec::new()));
-        let stall = rt.stall_counter();
-        let mark = |p: &Arc<Mutex<Vec<(Instant, u64)>>>| -> Result<(), Error> {
-            let (p, stall) = (p.clone(), stall.clone());
+        // Pass boundaries in compute-stream order: the time (set by a host
+        // function, one a pass) and the stall queued before it (read after the end).
+        let passes: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
+        let mut stall_marks: Vec<StallCheckpoint> = Vec::with_capacity(steps + 1);
+        let mut mark = |p: &Arc<Mutex<Vec<Instant>>>| -> Result<(), Error> {
+            let p = p.clone();
+            stall_marks.push(rt.stall_checkpoint());
             self.dev.launch_host_fn(
                 self.compute,
-                Box::new(move || p.lock().unwrap().push((Instant::now(), stall.ns()))),
+                Box::new(move || p.lock().unwrap().push(Instant::now())),
             )
         };
         let s0 = rt.stats();
@@ -768,13 +771,17 @@ impl Bench {
         let generation_s = t0.elapsed().as_secs_f64();
         let st = rt.stats().since(&s0);
         let marks = passes.lock().unwrap().clone();
-        let (denoise_s, stall_in_denoiser) = match (marks.first(), marks.last()) {
-            (Some(a), Some(b)) => (b.0.saturating_duration_since(a.0).as_secs_f64(), b.1 - a.1),
-            _ => (0.0, 0),
+        // The streams are synchronised and `stats` above read every wait.
+        let stall_at = |c: Option<&StallCheckpoint>| c.and_then(StallCheckpoint::ns).unwrap_or(0);
+        let stall_in_denoiser =
+            stall_at(stall_marks.last()).saturating_sub(stall_at(stall_marks.first()));
+        let denoise_s = match (marks.first(), marks.last()) {
+            (Some(a), Some(b)) => b.saturating_duration_since(*a).as_secs_f64(),
+            _ => 0.0,
         };
         let pass_times: Vec<f64> = marks
             .windows(2)
-            .map(|w| w[1].0.saturating_duration_since(w[0].0).as_secs_f64())
+            .map(|w| w[1].saturating_duration_since(w[0]).as_secs_f64())
             .collect();
         let n_steps = steps.max(1) as f64;
         // Later passes: the mean after the first (the first alone if there is one).

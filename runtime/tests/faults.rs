@@ -972,6 +972,9 @@ impl Device for ExtraFaults {
     fn create_event(&self) -> Result<EventId, Error> {
         self.inner.create_event()
     }
+    fn create_timing_event(&self) -> Result<EventId, Error> {
+        self.inner.create_timing_event()
+    }
     fn destroy_event(&self, event: EventId) -> Result<(), Error> {
         self.inner.destroy_event(event)
     }
@@ -983,6 +986,9 @@ impl Device for ExtraFaults {
     }
     fn event_query(&self, event: EventId) -> Result<bool, Error> {
         self.inner.event_query(event)
+    }
+    fn event_elapsed(&self, start: EventId, end: EventId) -> Result<Option<Duration>, Error> {
+        self.inner.event_elapsed(start, end)
     }
     fn event_wait(&self, event: EventId, timeout: Option<Duration>) -> Result<(), Error> {
         self.inner.event_wait(event, timeout)

@@ -480,3 +480,91 @@ fn never_resident_streams_even_in_mode_none() {
     );
     assert_eq!(pass(&s, m, &src, 0), 0);
 }
+
+/// Stalls are timed by events around the compute stream's waits, not by
+/// host functions (each of which holds a GPU stream until a CPU thread has
+/// run it): a pass queues none with the timeline off, and exactly two per
+/// wait and per upload with it on. A checkpoint splits the stall in stream
+/// order, and is known once the device has passed it.
+#[test]
+fn stalls_are_timed_by_events_and_queue_no_host_function() {
+    use offload_runtime::device::HostFn;
+    // 1 MB/s: each 50 kB upload takes 50 ms, so no layer is ready when acquired.
+    const LAYERS: usize = 4;
+    for timeline in [false, true] {
+        let dev = Arc::new(
+            HostDevice::new(HostConfig {
+                capacity: 64 << 20,
+                page_size: PAGE,
+                link_gbps: Some(0.001),
+            })
+            .unwrap(),
+        );
+        let mut c = cfg(Mode::Sequential, Policy::Planned, 2, 256, None);
+        c.timeline = timeline;
+        let s = setup_on(dev, c);
+        let (desc, src) = model(&[uniform(LAYERS, 50_000)]);
+        let m = s.rt.load(desc, src).unwrap();
+        let start = s.rt.stall_checkpoint();
+        let fns0 = s.dev.counters().host_fns;
+        // The engine's compute stream is held until the pass is queued.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let gate: HostFn = Box::new(move || {
+            let _ = rx.recv_timeout(Duration::from_secs(20));
+        });
+        s.dev.launch_host_fn(s.compute, gate).unwrap();
+        let t0 = std::time::Instant::now();
+        let mut mid = None;
+        for l in 0..LAYERS {
+            drop(
+                s.rt.acquire(LayerId {
+                    model: m,
+                    component: 0,
+                    layer: l,
+                })
+                .unwrap(),
+            );
+            if l == 1 {
+                mid = Some(s.rt.stall_checkpoint());
+            }
+        }
+        let end = s.rt.stall_checkpoint();
+        let _ = s.rt.stats();
+        assert_eq!(
+            end.ns(),
+            None,
+            "the compute stream has not passed its waits"
+        );
+        tx.send(()).unwrap();
+        s.dev.stream_synchronize(s.compute).unwrap();
+        s.rt.synchronize().unwrap();
+        let wall = t0.elapsed();
+        let st = s.rt.stats();
+        let (start, mid, end) = (
+            start.ns().unwrap(),
+            mid.unwrap().ns().unwrap(),
+            end.ns().unwrap(),
+        );
+        assert_eq!((start, end), (0, st.stall_ns), "timeline {timeline}");
+        assert!(start <= mid && mid <= end, "{start} {mid} {end}");
+        assert!(
+            st.stall_ns > 0 && st.stall_ns <= wall.as_nanos() as u64,
+            "stall {} ns in a pass of {wall:?}",
+            st.stall_ns
+        );
+        let fns = s.dev.counters().host_fns - fns0 - 1;
+        if timeline {
+            let tl = s.rt.take_timeline();
+            let waits = tl.iter().filter(|e| e.kind == "wait").count();
+            let uploads = tl.iter().filter(|e| e.kind == "upload").count();
+            assert!(waits > 0, "{tl:?}");
+            assert_eq!(uploads as u64, st.uploads);
+            assert_eq!(fns, 2 * (waits + uploads) as u64, "{tl:?}");
+        } else {
+            assert_eq!(
+                fns, 0,
+                "host functions queued by a pass without the timeline"
+            );
+        }
+    }
+}

@@ -495,6 +495,10 @@ impl<D: Device + ?Sized> Device for FaultDevice<D> {
         self.inner.create_event()
     }
 
+    fn create_timing_event(&self) -> Result<EventId> {
+        self.inner.create_timing_event()
+    }
+
     fn destroy_event(&self, event: EventId) -> Result<()> {
         self.inner.destroy_event(event)
     }
@@ -512,6 +516,10 @@ impl<D: Device + ?Sized> Device for FaultDevice<D> {
 
     fn event_query(&self, event: EventId) -> Result<bool> {
         self.inner.event_query(event)
+    }
+
+    fn event_elapsed(&self, start: EventId, end: EventId) -> Result<Option<Duration>> {
+        self.inner.event_elapsed(start, end)
     }
 
     fn event_wait(&self, event: EventId, timeout: Option<Duration>) -> Result<()> {

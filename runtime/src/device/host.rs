@@ -88,6 +88,10 @@ pub struct HostCounters {
     pub map_calls: u64,
     /// Unmap calls since creation.
     pub unmap_calls: u64,
+    /// Host functions queued since creation, on any stream. On a GPU each
+    /// one holds its stream until a driver thread has run it on the CPU,
+    /// so work that must not slow a stream queues none there.
+    pub host_fns: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -166,6 +170,9 @@ struct EventInner {
     done: std::collections::BTreeSet<u64>,
     /// Failures of the stream work that recent recordings covered, by epoch.
     failed: BTreeMap<u64, (StreamId, String)>,
+    /// The latest recording completed so far and when it completed, for
+    /// [`Device::event_elapsed`] (every event of this backend is a timing one).
+    reached: Option<(u64, Instant)>,
 }
 
 impl EventInner {
@@ -199,6 +206,9 @@ impl EventState {
         }
         if let Some(f) = failed {
             g.failed.insert(epoch, f);
+        }
+        if g.reached.is_none_or(|(e, _)| epoch >= e) {
+            g.reached = Some((epoch, Instant::now()));
         }
         // Only recent recordings can still be asked about.
         let keep_from = g.recorded.saturating_sub(64);
@@ -266,6 +276,7 @@ struct Shared {
     map_calls: AtomicU64,
     unmap_calls: AtomicU64,
     contiguous_calls: AtomicU64,
+    host_fns: AtomicU64,
 }
 
 // SAFETY: `phys` points to a shared mapping that lives as long as `Shared`;
@@ -612,6 +623,7 @@ impl HostDevice {
             map_calls: AtomicU64::new(0),
             unmap_calls: AtomicU64::new(0),
             contiguous_calls: AtomicU64::new(0),
+            host_fns: AtomicU64::new(0),
         });
         Ok(HostDevice {
             info: DeviceInfo {
@@ -683,6 +695,7 @@ impl HostDevice {
             bytes_d2h: self.shared.bytes_d2h.load(Ordering::Relaxed),
             map_calls: self.shared.map_calls.load(Ordering::Relaxed),
             unmap_calls: self.shared.unmap_calls.load(Ordering::Relaxed),
+            host_fns: self.shared.host_fns.load(Ordering::Relaxed),
         }
     }
 
@@ -1222,6 +1235,10 @@ impl Device for HostDevice {
         Ok(EventId(id))
     }
 
+    fn create_timing_event(&self) -> Result<EventId> {
+        self.create_event()
+    }
+
     fn destroy_event(&self, event: EventId) -> Result<()> {
         self.events
             .remove(&event.0)
@@ -1266,6 +1283,34 @@ impl Device for HostDevice {
             }),
             None => Ok(true),
         }
+    }
+
+    fn event_elapsed(&self, start: EventId, end: EventId) -> Result<Option<Duration>> {
+        // When the latest recording of `event` completed: `None` if it has not.
+        let reached = |event: EventId| -> Result<Option<Instant>> {
+            let ev = self.event(event)?;
+            let g = ev.inner.lock().unwrap_or_else(|p| p.into_inner());
+            if g.recorded == 0 {
+                return Err(Error::Config(format!(
+                    "{event:?} was never recorded, so it has no time"
+                )));
+            }
+            if !g.is_complete(g.recorded) {
+                return Ok(None);
+            }
+            if let Some((stream, msg)) = g.failure(g.recorded) {
+                return Err(Error::StreamFailed {
+                    stream: *stream,
+                    message: msg.clone(),
+                });
+            }
+            // The latest recording is complete, so it is the one `reached` holds.
+            Ok(g.reached.map(|(_, t)| t))
+        };
+        let (Some(a), Some(b)) = (reached(start)?, reached(end)?) else {
+            return Ok(None);
+        };
+        Ok(Some(b.saturating_duration_since(a)))
     }
 
     fn event_wait(&self, event: EventId, timeout: Option<Duration>) -> Result<()> {
@@ -1347,6 +1392,7 @@ impl Device for HostDevice {
     }
 
     fn launch_host_fn(&self, stream: StreamId, f: HostFn) -> Result<()> {
+        self.shared.host_fns.fetch_add(1, Ordering::Relaxed);
         self.submit(stream, Op::HostFn(f))
     }
 }
@@ -1599,6 +1645,58 @@ mod tests {
             "C ran before the recording it waited for"
         );
         assert!(dev.event_query(e).unwrap());
+    }
+
+    #[test]
+    fn elapsed_time_is_between_the_latest_recordings_once_both_completed() {
+        let dev = small(None);
+        let s = dev.create_stream().unwrap();
+        let (a, b) = (
+            dev.create_timing_event().unwrap(),
+            dev.create_timing_event().unwrap(),
+        );
+        assert!(
+            dev.event_elapsed(a, b).is_err(),
+            "events never recorded have no time"
+        );
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        dev.launch_host_fn(
+            s,
+            Box::new(move || {
+                let _ = rx.recv_timeout(Duration::from_secs(20));
+            }),
+        )
+        .unwrap();
+        dev.record_event(a, s).unwrap();
+        dev.launch_host_fn(
+            s,
+            Box::new(|| std::thread::sleep(Duration::from_millis(40))),
+        )
+        .unwrap();
+        dev.record_event(b, s).unwrap();
+        // Held behind the gate: neither recording has completed.
+        assert_eq!(dev.event_elapsed(a, b).unwrap(), None);
+        tx.send(()).unwrap();
+        dev.stream_synchronize(s).unwrap();
+        let t = dev.event_elapsed(a, b).unwrap().unwrap();
+        assert!(t >= Duration::from_millis(40), "{t:?}");
+        // Re-recorded: the time is the latest recordings'.
+        dev.record_event(a, s).unwrap();
+        dev.record_event(b, s).unwrap();
+        dev.stream_synchronize(s).unwrap();
+        let t = dev.event_elapsed(a, b).unwrap().unwrap();
+        assert!(t < Duration::from_millis(40), "{t:?}");
+        // A failure of the work a recording covers is the answer's.
+        dev.launch_host_fn(s, Box::new(|| panic!("injected")))
+            .unwrap();
+        dev.record_event(b, s).unwrap();
+        let _ = dev.stream_synchronize(s);
+        assert!(
+            matches!(dev.event_elapsed(a, b), Err(Error::StreamFailed { .. })),
+            "{:?}",
+            dev.event_elapsed(a, b)
+        );
+        assert_eq!(dev.counters().host_fns, 3);
     }
 
     #[test]

@@ -333,6 +333,11 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Create an event. An event that was never recorded counts as complete.
     fn create_event(&self) -> Result<EventId>;
 
+    /// Create an event that also notes when the stream reached it, for
+    /// [`Device::event_elapsed`]. Recording it costs a little more than a
+    /// plain event; it completes and is waited for like one.
+    fn create_timing_event(&self) -> Result<EventId>;
+
     /// Destroy an event.
     fn destroy_event(&self, event: EventId) -> Result<()>;
 
@@ -344,6 +349,13 @@ pub trait Device: Send + Sync + fmt::Debug {
 
     /// Whether the latest recording of `event` has completed.
     fn event_query(&self, event: EventId) -> Result<bool>;
+
+    /// Device time from the latest recording of timing event `start` to the
+    /// latest recording of timing event `end` (both made by
+    /// [`Device::create_timing_event`]); `None` while either has not
+    /// completed. Never blocks. A failure of the work the recordings
+    /// covered is reported as [`crate::Error::StreamFailed`].
+    fn event_elapsed(&self, start: EventId, end: EventId) -> Result<Option<Duration>>;
 
     /// Block the calling thread until `event` completes, or fail with [`crate::Error::Timeout`].
     fn event_wait(&self, event: EventId, timeout: Option<Duration>) -> Result<()>;

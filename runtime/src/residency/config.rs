@@ -111,9 +111,12 @@ pub struct RuntimeConfig {
     pub host_memory_limit: Option<usize>,
     /// Longest wait for an event before an operation fails with a timeout.
     pub wait_timeout: Duration,
-    /// Measure how long the compute stream waits for weights (two host functions per acquire).
+    /// Measure how long the compute stream waits for weights (two timing
+    /// events around each wait for a layer not yet ready).
     pub measure_stall: bool,
-    /// Record a per-layer timeline of uploads and waits.
+    /// Record a per-layer timeline of uploads and waits. Each entry costs
+    /// its stream two host functions, which on a GPU hold the stream until
+    /// a CPU thread has run them: for looking, not for timing.
     pub timeline: bool,
     /// How LoRA sets are applied (default fuse-on-upload); backup and fuse
     /// need the pinned host policy.

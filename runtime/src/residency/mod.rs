@@ -27,6 +27,7 @@ mod config;
 mod host;
 mod lora;
 mod plan;
+mod stall;
 mod stats;
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -37,6 +38,7 @@ use crossbeam_channel::{Receiver, Sender};
 use dashmap::DashMap;
 
 pub use config::{HostPolicy, Mode, Policy, Resolved, RuntimeConfig};
+pub use stall::StallCheckpoint;
 pub use stats::{RuntimeStats, TimelineEntry};
 
 use crate::arena::{pack, Arena, ArenaConfig, Tag};
@@ -47,6 +49,7 @@ use crate::lora::{LoraBinding, LoraMode, LoraReport};
 use crate::model::{DType, ModelDesc, Pin, WeightSource};
 use component::{CompRt, CompState, DoneSource, LayerState, Place, Slot};
 use host::{Job, JobDone, LayerBytes, Stager};
+use stall::StallLog;
 use stats::Counters;
 
 /// A loaded model.
@@ -119,6 +122,8 @@ struct Shared {
     pooled: Mutex<std::collections::HashSet<EventId>>,
     created_events: Mutex<Vec<EventId>>,
     counters: Arc<Counters>,
+    /// Timing events around the compute stream's waits for weights.
+    stalls: StallLog,
     stager: Option<Stager>,
     /// How LoRAs are applied (changed by `set_lora_mode`).
     lora_mode: Mutex<LoraMode>,
@@ -142,23 +147,6 @@ impl std::fmt::Debug for Runtime {
             .field("resolved", &self.sh.res)
             .field("config", &self.sh.cfg)
             .finish_non_exhaustive()
-    }
-}
-
-/// Reads the nanoseconds the compute stream has waited for weights so far.
-#[derive(Clone)]
-pub struct StallCounter(Arc<Counters>);
-
-impl StallCounter {
-    /// Nanoseconds waited so far.
-    pub fn ns(&self) -> u64 {
-        self.0.stall_ns.load(Ordering::Relaxed)
-    }
-}
-
-impl std::fmt::Debug for StallCounter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "StallCounter({} ns)", self.ns())
     }
 }
 
@@ -387,6 +375,7 @@ impl Runtime {
                 pooled: Mutex::new(std::collections::HashSet::new()),
                 created_events: Mutex::new(Vec::new()),
                 counters,
+                stalls: StallLog::default(),
                 stager,
                 lora_mode: Mutex::new(cfg_lora_mode),
                 lora_pages: AtomicUsize::new(0),
@@ -860,9 +849,12 @@ impl Runtime {
         Ok(())
     }
 
-    /// A snapshot of the counters and memory use.
+    /// A snapshot of the counters and memory use. The stall counts the
+    /// waits the compute stream has finished (all of them once it has been
+    /// synchronised).
     pub fn stats(&self) -> RuntimeStats {
         let sh = &self.sh;
+        sh.stalls.resolve(&*sh.device, &sh.counters);
         let a = sh.arena.stats();
         let (host_bytes, peak_host_bytes) = sh.counters.host_bytes();
         let c = &sh.counters;
@@ -889,10 +881,13 @@ impl Runtime {
         self.sh.counters.epoch
     }
 
-    /// A handle that reads the stall counter from anywhere (a host function
-    /// on the compute stream, to read it in stream order).
-    pub fn stall_counter(&self) -> StallCounter {
-        StallCounter(self.sh.counters.clone())
+    /// A point in the compute stream's order: its
+    /// [`StallCheckpoint::ns`] is the stall of the waits for weights queued
+    /// before this call, once the device has run them. Taken at the same
+    /// point as a mark of the engine's own (a timing event, a host function
+    /// on the compute stream), it splits the stall as the mark splits time.
+    pub fn stall_checkpoint(&self) -> StallCheckpoint {
+        self.sh.stalls.checkpoint(&self.sh.counters)
     }
 
     /// Restart the peak device and host measurements from the current use.
@@ -1179,33 +1174,22 @@ impl Shared {
         })
     }
 
-    /// Make the compute stream wait for `ready`, measuring the wait if configured.
+    /// Make the compute stream wait for `ready`, measuring the wait if
+    /// configured: timed by events (see `stall`), and with the timeline on,
+    /// also bracketed by host functions for its entry, which a GPU stream
+    /// pays for (the timeline is for looking, not for timing).
     fn wait_on_compute(&self, ready: EventId, name: &str) -> Result<()> {
         let measure = self.cfg.measure_stall && !self.device.event_query(ready).unwrap_or(false);
         if !measure {
             return self.device.stream_wait_event(self.compute, ready);
         }
-        let start = stats::stream_mark(&*self.device, self.compute)?;
-        self.device.stream_wait_event(self.compute, ready)?;
-        let counters = self.counters.clone();
-        let name = name.to_string();
-        self.device.launch_host_fn(
-            self.compute,
-            Box::new(move || {
-                let end = Instant::now();
-                if let Some(t0) = *start.lock().unwrap_or_else(|p| p.into_inner()) {
-                    let ns = end.saturating_duration_since(t0).as_nanos() as u64;
-                    counters.stall_ns.fetch_add(ns, Ordering::Relaxed);
-                    counters.push_timeline(TimelineEntry {
-                        layer: name,
-                        kind: "wait",
-                        start_s: counters.since_epoch(t0),
-                        end_s: counters.since_epoch(end),
-                        bytes: 0,
-                    });
-                }
-            }),
-        )
+        let mark = stats::timeline_mark(&*self.device, &self.counters, self.compute);
+        self.stalls
+            .wait(&*self.device, &self.counters, self.compute, ready)?;
+        match mark {
+            Some(start) => self.timeline_end(self.compute, start, name.to_string(), "wait", 0),
+            None => Ok(()),
+        }
     }
 
     /// Put layer `l` on the device if it is not: into a ring slot (streamed
@@ -1904,6 +1888,7 @@ impl Drop for Shared {
         // Work queued on our memory must finish before it is freed.
         let _ = self.device.stream_synchronize(self.compute);
         let _ = self.device.stream_synchronize(self.fence);
+        self.stalls.destroy(&*self.device);
         let _ = self.sync_copy();
         self.stager = None;
         let _ = self.sync_copy();

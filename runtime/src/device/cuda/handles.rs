@@ -105,8 +105,17 @@ unsafe impl Sync for Event {}
 impl Event {
     /// Create an event without timing (cheaper to record and query).
     pub(super) fn new(ctx: &Arc<Context>) -> Result<Self> {
+        Self::with_flags(ctx, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+    }
+
+    /// Create an event that records a timestamp, for `cuEventElapsedTime`.
+    pub(super) fn new_timing(ctx: &Arc<Context>) -> Result<Self> {
+        Self::with_flags(ctx, sys::CUevent_flags::CU_EVENT_DEFAULT)
+    }
+
+    fn with_flags(ctx: &Arc<Context>, flags: sys::CUevent_flags) -> Result<Self> {
         ctx.bind()?;
-        let raw = result::event_create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
+        let raw = result::event_create(flags)?;
         Ok(Event {
             raw,
             ctx: ctx.clone(),

@@ -749,6 +749,13 @@ impl Device for CudaDevice {
         Ok(EventId(id))
     }
 
+    fn create_timing_event(&self) -> Result<EventId> {
+        let e = Event::new_timing(&self.ctx)?;
+        let id = e.raw as u64;
+        self.events.insert(id, Arc::new(e));
+        Ok(EventId(id))
+    }
+
     fn destroy_event(&self, event: EventId) -> Result<()> {
         self.events
             .remove(&event.0)
@@ -777,6 +784,16 @@ impl Device for CudaDevice {
         self.ctx.bind()?;
         // SAFETY: live (we hold an Arc).
         unsafe { result::event_query(e.raw) }
+    }
+
+    fn event_elapsed(&self, start: EventId, end: EventId) -> Result<Option<Duration>> {
+        let (a, b) = (self.event(start)?, self.event(end)?);
+        self.ctx.bind()?;
+        // SAFETY: both live (we hold Arcs) and of our context; one made
+        // without timing is refused by the driver with an error, not UB.
+        let ms = unsafe { result::event_elapsed(a.raw, b.raw)? };
+        // Negative when `end` was reached first: no time.
+        Ok(ms.map(|ms| Duration::from_secs_f64((f64::from(ms) * 1e-3).max(0.0))))
     }
 
     fn event_wait(&self, event: EventId, timeout: Option<Duration>) -> Result<()> {

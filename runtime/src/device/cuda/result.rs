@@ -441,6 +441,22 @@ pub unsafe fn event_query(e: sys::CUevent) -> Result<bool> {
     }
 }
 
+/// `cuEventElapsedTime_v2`: milliseconds from `start` to `end`, `Ok(None)`
+/// for `CUDA_ERROR_NOT_READY` (either has not completed).
+///
+/// # Safety
+/// `start` and `end` are live events created without
+/// `CU_EVENT_DISABLE_TIMING`, of the current context.
+pub unsafe fn event_elapsed(start: sys::CUevent, end: sys::CUevent) -> Result<Option<f32>> {
+    let mut ms = 0f32;
+    // SAFETY: the caller's contract; the out-pointer is a local.
+    match unsafe { sys::cuEventElapsedTime_v2(&mut ms, start, end) } {
+        sys::CUresult::CUDA_SUCCESS => Ok(Some(ms)),
+        sys::CUresult::CUDA_ERROR_NOT_READY => Ok(None),
+        code => Err(error("cuEventElapsedTime", code)),
+    }
+}
+
 /// `cuEventSynchronize`.
 ///
 /// # Safety

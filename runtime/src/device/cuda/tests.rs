@@ -516,6 +516,46 @@ fn gpu_events_query_wait_and_cross_stream_wait() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn gpu_timing_events_measure_a_held_stream() {
+    let d = gpu();
+    let s = d.create_stream().unwrap();
+    let (a, b) = (
+        d.create_timing_event().unwrap(),
+        d.create_timing_event().unwrap(),
+    );
+    let plain = d.create_event().unwrap();
+    let (tx, rx) = mpsc::channel::<()>();
+    d.record_event(a, s).unwrap();
+    d.launch_host_fn(
+        s,
+        Box::new(move || {
+            let _ = rx.recv_timeout(Duration::from_secs(30));
+        }),
+    )
+    .unwrap();
+    d.record_event(b, s).unwrap();
+    d.record_event(plain, s).unwrap();
+    assert_eq!(d.event_elapsed(a, b).unwrap(), None, "`b` is held");
+    std::thread::sleep(Duration::from_millis(50));
+    tx.send(()).unwrap();
+    d.stream_synchronize(s).unwrap();
+    let t = d.event_elapsed(a, b).unwrap().unwrap();
+    assert!(
+        t >= Duration::from_millis(45) && t < Duration::from_secs(30),
+        "{t:?}"
+    );
+    assert!(
+        d.event_elapsed(a, plain).is_err(),
+        "an event made without timing has no time"
+    );
+    for e in [a, b, plain] {
+        d.destroy_event(e).unwrap();
+    }
+    d.destroy_stream(s).unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn gpu_async_copy_returns_before_it_is_done() {
     let d = vmm_gpu();
     let ps = d.info().page_size;
