@@ -158,7 +158,7 @@ impl StallLog {
 }
 
 /// A point in the order of the compute stream's waits for weights, taken
-/// with [`crate::Runtime::stall_checkpoint`]: the total stall of the waits
+/// with [`super::Runtime::stall_checkpoint`]: the total stall of the waits
 /// queued before it.
 #[derive(Clone, Debug)]
 pub struct StallCheckpoint(Arc<OnceLock<u64>>);
@@ -166,7 +166,7 @@ pub struct StallCheckpoint(Arc<OnceLock<u64>>);
 impl StallCheckpoint {
     /// Nanoseconds the compute stream waited for weights before this point;
     /// `None` until the device has passed every wait queued before it and
-    /// the runtime has read their times (which [`crate::Runtime::stats`]
+    /// the runtime has read their times (which [`super::Runtime::stats`]
     /// does: after the compute stream is synchronised, it is `Some`).
     pub fn ns(&self) -> Option<u64> {
         self.0.get().copied()
