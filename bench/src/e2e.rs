@@ -770,9 +770,20 @@ impl Bench {
         rt.synchronize()?;
         let generation_s = t0.elapsed().as_secs_f64();
         let st = rt.stats().since(&s0);
+        if st.stall_unmeasured > 0 {
+            self.bar.println(format!(
+                "warning: the device could not time {} of the waits for weights; the stall column leaves them out",
+                st.stall_unmeasured
+            ));
+        }
         let marks = passes.lock().unwrap().clone();
         // The streams are synchronised and `stats` above read every wait.
-        let stall_at = |c: Option<&StallCheckpoint>| c.and_then(StallCheckpoint::ns).unwrap_or(0);
+        let stall_at = |c: Option<&StallCheckpoint>| {
+            c.map_or(0, |c| {
+                c.ns()
+                    .expect("a stall checkpoint is known once the streams are synchronised")
+            })
+        };
         let stall_in_denoiser =
             stall_at(stall_marks.last()).saturating_sub(stall_at(stall_marks.first()));
         let denoise_s = match (marks.first(), marks.last()) {

@@ -171,7 +171,7 @@ struct EventInner {
     /// Failures of the stream work that recent recordings covered, by epoch.
     failed: BTreeMap<u64, (StreamId, String)>,
     /// The latest recording completed so far and when it completed, for
-    /// [`Device::event_elapsed`] (every event of this backend is a timing one).
+    /// [`Device::event_elapsed`].
     reached: Option<(u64, Instant)>,
 }
 
@@ -189,6 +189,8 @@ impl EventInner {
 struct EventState {
     inner: Mutex<EventInner>,
     cv: Condvar,
+    /// Made by `create_timing_event`: `event_elapsed` refuses others, as CUDA does.
+    timing: bool,
 }
 
 impl EventState {
@@ -1236,7 +1238,15 @@ impl Device for HostDevice {
     }
 
     fn create_timing_event(&self) -> Result<EventId> {
-        self.create_event()
+        let id = self.new_id();
+        self.events.insert(
+            id,
+            Arc::new(EventState {
+                timing: true,
+                ..EventState::default()
+            }),
+        );
+        Ok(EventId(id))
     }
 
     fn destroy_event(&self, event: EventId) -> Result<()> {
@@ -1289,6 +1299,11 @@ impl Device for HostDevice {
         // When the latest recording of `event` completed: `None` if it has not.
         let reached = |event: EventId| -> Result<Option<Instant>> {
             let ev = self.event(event)?;
+            if !ev.timing {
+                return Err(Error::Config(format!(
+                    "{event:?} was made without timing (create_event, not create_timing_event)"
+                )));
+            }
             let g = ev.inner.lock().unwrap_or_else(|p| p.into_inner());
             if g.recorded == 0 {
                 return Err(Error::Config(format!(
@@ -1680,12 +1695,16 @@ mod tests {
         dev.stream_synchronize(s).unwrap();
         let t = dev.event_elapsed(a, b).unwrap().unwrap();
         assert!(t >= Duration::from_millis(40), "{t:?}");
-        // Re-recorded: the time is the latest recordings'.
+        // Only `a` re-recorded: the latest recordings have `b` first, which
+        // reads as no time (the first ones were 40 ms apart).
         dev.record_event(a, s).unwrap();
-        dev.record_event(b, s).unwrap();
         dev.stream_synchronize(s).unwrap();
-        let t = dev.event_elapsed(a, b).unwrap().unwrap();
-        assert!(t < Duration::from_millis(40), "{t:?}");
+        assert_eq!(dev.event_elapsed(a, b).unwrap(), Some(Duration::ZERO));
+        // A plain event has no time, as on CUDA.
+        let plain = dev.create_event().unwrap();
+        dev.record_event(plain, s).unwrap();
+        dev.stream_synchronize(s).unwrap();
+        assert!(dev.event_elapsed(a, plain).is_err());
         // A failure of the work a recording covers is the answer's.
         dev.launch_host_fn(s, Box::new(|| panic!("injected")))
             .unwrap();

@@ -353,8 +353,10 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Device time from the latest recording of timing event `start` to the
     /// latest recording of timing event `end` (both made by
     /// [`Device::create_timing_event`]); `None` while either has not
-    /// completed. Never blocks. A failure of the work the recordings
-    /// covered is reported as [`crate::Error::StreamFailed`].
+    /// completed. Never blocks. An error for an event never recorded or
+    /// made without timing, and for a failure of the work the recordings
+    /// covered ([`crate::Error::StreamFailed`] on the host backend, the
+    /// driver's error on CUDA).
     fn event_elapsed(&self, start: EventId, end: EventId) -> Result<Option<Duration>>;
 
     /// Block the calling thread until `event` completes, or fail with [`crate::Error::Timeout`].

@@ -865,6 +865,7 @@ impl Runtime {
             acquires: c.acquires.load(Ordering::Relaxed),
             hits: c.hits.load(Ordering::Relaxed),
             stall_ns: c.stall_ns.load(Ordering::Relaxed),
+            stall_unmeasured: c.stall_unmeasured.load(Ordering::Relaxed),
             device_bytes: a.pages_used * a.page_size,
             peak_device_bytes: sh.arena.peak_pages_used() * a.page_size,
             host_bytes,
@@ -883,7 +884,9 @@ impl Runtime {
 
     /// A point in the compute stream's order: its
     /// [`StallCheckpoint::ns`] is the stall of the waits for weights queued
-    /// before this call, once the device has run them. Taken at the same
+    /// before this call, once the device has run them and the runtime has
+    /// read their times (at [`Runtime::stats`], or at a later acquire that
+    /// waits). Taken at the same
     /// point as a mark of the engine's own (a timing event, a host function
     /// on the compute stream), it splits the stall as the mark splits time.
     pub fn stall_checkpoint(&self) -> StallCheckpoint {

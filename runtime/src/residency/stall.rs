@@ -121,14 +121,20 @@ impl StallLog {
 
     fn resolve_locked(g: &mut Inner, device: &dyn Device, counters: &Counters) {
         while let Some(&(a, b)) = g.pending.front() {
-            let ns = match device.event_elapsed(a, b) {
-                Ok(Some(d)) => d.as_nanos() as u64,
+            match device.event_elapsed(a, b) {
+                Ok(Some(d)) => {
+                    counters
+                        .stall_ns
+                        .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+                }
                 Ok(None) => break,
-                // The work the pair covered failed: the failure is reported
-                // where the weights are used; no time to count.
-                Err(_) => 0,
-            };
-            counters.stall_ns.fetch_add(ns, Ordering::Relaxed);
+                // A failed stream (its failure is reported where the weights
+                // are used) or a driver that will not time the pair: counted
+                // apart, so a stall of zero is never a silent failure.
+                Err(_) => {
+                    counters.stall_unmeasured.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             g.pending.pop_front();
             g.free.extend([a, b]);
             g.resolved += 1;

@@ -41,6 +41,9 @@ pub struct RuntimeStats {
     pub hits: u64,
     /// Nanoseconds the compute stream waited for weights.
     pub stall_ns: u64,
+    /// Waits for weights whose time the device could not give (a failed
+    /// stream, or a driver that refused to time them): not in `stall_ns`.
+    pub stall_unmeasured: u64,
     /// Device bytes in use for weights now (whole pages).
     pub device_bytes: usize,
     /// Peak device bytes for weights.
@@ -71,6 +74,9 @@ impl RuntimeStats {
             acquires: self.acquires.saturating_sub(earlier.acquires),
             hits: self.hits.saturating_sub(earlier.hits),
             stall_ns: self.stall_ns.saturating_sub(earlier.stall_ns),
+            stall_unmeasured: self
+                .stall_unmeasured
+                .saturating_sub(earlier.stall_unmeasured),
             merges: self.merges.saturating_sub(earlier.merges),
             merged_bytes: self.merged_bytes.saturating_sub(earlier.merged_bytes),
             ..self.clone()
@@ -82,7 +88,7 @@ impl RuntimeStats {
         format!(
             concat!(
                 "{{\"bytes_h2d\":{},\"uploads\":{},\"evictions\":{},\"acquires\":{},\"hits\":{},",
-                "\"stall_s\":{},\"device_bytes\":{},\"peak_device_bytes\":{},\"host_bytes\":{},",
+                "\"stall_s\":{},\"stall_unmeasured\":{},\"device_bytes\":{},\"peak_device_bytes\":{},\"host_bytes\":{},",
                 "\"peak_host_bytes\":{},\"page_waste_bytes\":{},\"merges\":{},",
                 "\"merged_bytes\":{},\"lora_device_bytes\":{}}}"
             ),
@@ -92,6 +98,7 @@ impl RuntimeStats {
             self.acquires,
             self.hits,
             self.stall_ns as f64 * 1e-9,
+            self.stall_unmeasured,
             self.device_bytes,
             self.peak_device_bytes,
             self.host_bytes,
@@ -112,6 +119,7 @@ pub(crate) struct Counters {
     pub(crate) acquires: AtomicU64,
     pub(crate) hits: AtomicU64,
     pub(crate) stall_ns: AtomicU64,
+    pub(crate) stall_unmeasured: AtomicU64,
     pub(crate) merges: AtomicU64,
     pub(crate) merged_bytes: AtomicU64,
     host_bytes: AtomicUsize,
@@ -129,6 +137,7 @@ impl Counters {
             acquires: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             stall_ns: AtomicU64::new(0),
+            stall_unmeasured: AtomicU64::new(0),
             merges: AtomicU64::new(0),
             merged_bytes: AtomicU64::new(0),
             host_bytes: AtomicUsize::new(0),
@@ -247,6 +256,7 @@ mod tests {
             bytes_h2d: 350,
             uploads: 5,
             stall_ns: 2_000_000_000,
+            stall_unmeasured: 1,
             peak_device_bytes: 8192,
             ..a.clone()
         };
@@ -258,7 +268,7 @@ mod tests {
         assert_eq!(
             d.to_json(),
             "{\"bytes_h2d\":250,\"uploads\":3,\"evictions\":0,\"acquires\":0,\"hits\":0,\"stall_s\":0.5,\
-             \"device_bytes\":4096,\"peak_device_bytes\":8192,\"host_bytes\":0,\"peak_host_bytes\":0,\
+             \"stall_unmeasured\":1,\"device_bytes\":4096,\"peak_device_bytes\":8192,\"host_bytes\":0,\"peak_host_bytes\":0,\
              \"page_waste_bytes\":0,\"merges\":0,\"merged_bytes\":0,\"lora_device_bytes\":0}"
         );
     }

@@ -445,8 +445,9 @@ pub unsafe fn event_query(e: sys::CUevent) -> Result<bool> {
 /// for `CUDA_ERROR_NOT_READY` (either has not completed).
 ///
 /// # Safety
-/// `start` and `end` are live events created without
-/// `CU_EVENT_DISABLE_TIMING`, of the current context.
+/// `start` and `end` are live events of the current context (the driver
+/// refuses, with an error, events made with `CU_EVENT_DISABLE_TIMING` or
+/// never recorded).
 pub unsafe fn event_elapsed(start: sys::CUevent, end: sys::CUevent) -> Result<Option<f32>> {
     let mut ms = 0f32;
     // SAFETY: the caller's contract; the out-pointer is a local.

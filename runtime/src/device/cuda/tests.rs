@@ -605,6 +605,7 @@ fn gpu_runtime_times_a_wait_for_an_upload() {
         "waited {waited} ns for a 256 MiB upload"
     );
     assert_eq!(after.ns(), Some(st.stall_ns));
+    assert_eq!(st.stall_unmeasured, 0, "every wait was timed");
     drop(rt);
     d.destroy_stream(compute).unwrap();
 }
