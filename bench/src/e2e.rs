@@ -89,7 +89,8 @@ pub struct E2eArgs {
     /// Shorthand for --mode sequential.
     #[arg(long)]
     pub lowvram: bool,
-    /// Host memory policy: pinned or staged.
+    /// Host memory policy: pinned, or staged (a reader thread per CPU, at
+    /// most 4, and twice as many 64 MiB staging buffers, at least 4).
     #[arg(long, default_value = "pinned")]
     pub host_policy: String,
     /// Layers uploaded ahead of the one in use.
@@ -651,7 +652,7 @@ impl Bench {
             high_watermark: None,
             low_watermark: None,
             host_policy: match self.args.host_policy.as_str() {
-                "staged" => HostPolicy::STAGED_DEFAULT,
+                "staged" => HostPolicy::staged_default(),
                 _ => HostPolicy::Pinned,
             },
             timeline,

@@ -319,7 +319,7 @@ fn a_failing_source_is_an_error_and_the_layer_stays_unloaded() {
     desc.components[0].layers[1].tensors[0].shape = vec![3 * PAGE];
     desc.components[0].layers[1].tensors[0].bytes = 3 * PAGE;
     let mut c = cfg(Mode::Sequential, Policy::Planned, 1, 64, None);
-    c.host_policy = HostPolicy::STAGED_DEFAULT;
+    c.host_policy = HostPolicy::staged(1);
     let s = setup(c);
     let m = s.rt.load(desc.clone(), src.clone()).unwrap();
     drop(

@@ -45,12 +45,23 @@ pub enum HostPolicy {
 }
 
 impl HostPolicy {
-    /// The staged policy with its defaults: 4 × 64 MiB, one reader thread.
-    pub const STAGED_DEFAULT: HostPolicy = HostPolicy::Staged {
-        buffers: 4,
-        buffer_bytes: 64 << 20,
-        threads: 1,
-    };
+    /// The staged policy with `threads` reader threads (at least one) and
+    /// twice as many 64 MiB staging buffers (at least 4).
+    pub fn staged(threads: usize) -> HostPolicy {
+        let threads = threads.max(1);
+        HostPolicy::Staged {
+            buffers: (2 * threads).max(4),
+            buffer_bytes: 64 << 20,
+            threads,
+        }
+    }
+
+    /// The staged policy for this machine: a reader thread per CPU, at most
+    /// 4 (what `offload bench h2d` measures by default).
+    pub fn staged_default() -> HostPolicy {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        HostPolicy::staged(cpus.min(4))
+    }
 }
 
 macro_rules! names {
@@ -181,6 +192,23 @@ impl RuntimeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staged_policies_get_twice_the_threads_in_buffers() {
+        let parts = |p: HostPolicy| match p {
+            HostPolicy::Staged {
+                buffers,
+                buffer_bytes,
+                threads,
+            } => (buffers, buffer_bytes, threads),
+            HostPolicy::Pinned => panic!("not staged"),
+        };
+        assert_eq!(parts(HostPolicy::staged(0)), (4, 64 << 20, 1));
+        assert_eq!(parts(HostPolicy::staged(3)), (6, 64 << 20, 3));
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let (_, _, threads) = parts(HostPolicy::staged_default());
+        assert_eq!(threads, cpus.min(4));
+    }
 
     #[test]
     fn defaults_follow_the_device_size() {
