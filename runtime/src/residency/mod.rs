@@ -882,13 +882,13 @@ impl Runtime {
         self.sh.counters.epoch
     }
 
-    /// A point in the compute stream's order: its
-    /// [`StallCheckpoint::ns`] is the stall of the waits for weights queued
-    /// before this call, once the device has run them and the runtime has
-    /// read their times (at [`Runtime::stats`], or at a later acquire that
-    /// waits). Taken at the same
-    /// point as a mark of the engine's own (a timing event, a host function
-    /// on the compute stream), it splits the stall as the mark splits time.
+    /// A point in the compute stream's order: its [`StallCheckpoint::ns`]
+    /// is the stall of the waits for weights queued before this call, once
+    /// the device has run them and the runtime has read their times (at
+    /// [`Runtime::stats`], or at a later acquire that waits). Taken at the
+    /// same point as a mark of the engine's own (a timing event, a host
+    /// function on the compute stream), it splits the stall as the mark
+    /// splits time.
     pub fn stall_checkpoint(&self) -> StallCheckpoint {
         self.sh.stalls.checkpoint(&self.sh.counters)
     }
