@@ -118,7 +118,12 @@ pub(crate) struct Job {
 }
 
 struct Staging {
-    free: Mutex<Vec<(PinnedBuffer, Option<EventId>)>>,
+    /// Buffers not being filled, each with the event recorded after its
+    /// last copy, oldest copy first: a reader takes the front, whose copy is
+    /// the likeliest to have run, so fills overlap the copies queued before.
+    /// (Taking the buffer just given back would wait for the copy just
+    /// queued, behind every other, and leave one buffer per reader in use.)
+    free: Mutex<std::collections::VecDeque<(PinnedBuffer, Option<EventId>)>>,
     cv: Condvar,
     /// Threads that fill one staging buffer together (the policy's reader
     /// threads: one thread copies about 10 GB/s, a fifth of a PCIe 5 link,
@@ -201,9 +206,9 @@ impl Stager {
                 "staged host policy needs at least one buffer, one byte and one thread (got {buffers} × {buffer_bytes} bytes, {threads} threads)"
             )));
         }
-        let mut free = Vec::with_capacity(buffers);
+        let mut free = std::collections::VecDeque::with_capacity(buffers);
         for _ in 0..buffers {
-            free.push((
+            free.push_back((
                 device.alloc_pinned(buffer_bytes)?,
                 Some(device.create_event()?),
             ));
@@ -314,13 +319,13 @@ fn take_buffer(
     let deadline = Instant::now() + timeout;
     let mut free = staging.free.lock().unwrap_or_else(|p| p.into_inner());
     loop {
-        if let Some((buf, ev)) = free.pop() {
+        if let Some((buf, ev)) = free.pop_front() {
             drop(free);
             // The buffer's last copy must have run before we overwrite it. A
             // copy that failed has run too; only a timeout keeps the buffer busy.
             if let Some(e) = ev {
                 if let Err(err @ Error::Timeout { .. }) = device.event_wait(e, Some(timeout)) {
-                    put_buffer(staging, buf, ev);
+                    put_back(staging, buf, ev);
                     return Err(err);
                 }
             }
@@ -341,12 +346,25 @@ fn take_buffer(
     }
 }
 
+/// Give back a buffer whose copy was just queued (or that was not used): it
+/// goes behind every other.
 fn put_buffer(staging: &Staging, buf: PinnedBuffer, ev: Option<EventId>) {
     staging
         .free
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .push((buf, ev));
+        .push_back((buf, ev));
+    staging.cv.notify_one();
+}
+
+/// Give back a buffer taken out of turn, untouched (its copy has not run
+/// yet): it keeps its place at the front.
+fn put_back(staging: &Staging, buf: PinnedBuffer, ev: Option<EventId>) {
+    staging
+        .free
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push_front((buf, ev));
     staging.cv.notify_one();
 }
 
@@ -537,6 +555,49 @@ mod tests {
         assert_eq!(
             src.threads.lock().unwrap().as_slice(),
             &[std::thread::current().id()]
+        );
+    }
+
+    /// The staging ring is a queue: a reader gets the buffer whose copy was
+    /// queued first (the one most likely to have run), not the one it just
+    /// gave back, whose copy is behind every other; a buffer given back
+    /// untouched keeps its turn.
+    #[test]
+    fn the_ring_hands_out_the_buffer_whose_copy_was_queued_first() {
+        use crate::device::{HostConfig, HostDevice};
+        let dev = HostDevice::new(HostConfig {
+            capacity: 1 << 20,
+            page_size: 64 << 10,
+            link_gbps: None,
+        })
+        .unwrap();
+        let staging = Staging {
+            free: Mutex::new(
+                (0..3)
+                    .map(|_| (dev.alloc_pinned(16).unwrap(), None))
+                    .collect(),
+            ),
+            cv: Condvar::new(),
+            fill_parts: 1,
+        };
+        let ptrs: Vec<*const u8> = staging
+            .free
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(b, _)| b.as_ptr())
+            .collect();
+        let take = || take_buffer(&staging, &dev, Duration::from_secs(5)).unwrap();
+        let (a, ev) = take();
+        assert_eq!(a.as_ptr(), ptrs[0]);
+        put_buffer(&staging, a, ev);
+        let (b, ev) = take();
+        assert_eq!(b.as_ptr(), ptrs[1], "not the buffer just given back");
+        put_back(&staging, b, ev);
+        let order: Vec<_> = (0..3).map(|_| take()).collect();
+        assert_eq!(
+            order.iter().map(|(b, _)| b.as_ptr()).collect::<Vec<_>>(),
+            [ptrs[1], ptrs[2], ptrs[0]]
         );
     }
 
