@@ -282,7 +282,7 @@ fn bad_requests_are_typed_errors() {
 #[test]
 fn staged_uploads_read_through_the_staging_ring() {
     let (desc, src) = model(&[vec![
-        vec![3 * PAGE, 100],
+        vec![3 * PAGE + 100, 50],
         vec![9 * PAGE + 5],
         vec![PAGE],
         vec![2 * PAGE],
@@ -300,11 +300,18 @@ fn staged_uploads_read_through_the_staging_ring() {
         4 * PAGE,
         "only the staging ring is held on the host"
     );
-    // Staged uploads copy the tensors' bytes (not the alignment padding between them).
-    let total: u64 = (3 * PAGE + 100 + 9 * PAGE + 5 + PAGE + 2 * PAGE) as u64;
+    // Staged uploads copy each layer packed as on the device, as the pinned
+    // policy does: layer 0's second tensor starts at the next multiple of
+    // 256 bytes, and the 156-byte gap before it goes in the same copy.
+    let layer0 = (3 * PAGE + 256 + 50) as u64;
+    let total: u64 = layer0 + (9 * PAGE + 5 + PAGE + 2 * PAGE) as u64;
+    let copies = s.dev.counters().copies_h2d;
     assert_eq!(pass(&s, m, &src, 0), total);
+    // One copy per 2-page staging buffer filled, not per tensor: layer 0
+    // (3 pages and 306 bytes) in 2, layer 1 in 5, layers 2 and 3 in 1 each.
+    assert_eq!(s.dev.counters().copies_h2d - copies, 2 + 5 + 1 + 1);
     // Pass 2 also prefetches layer 0 (its two tensors) for pass 3.
-    assert_eq!(pass(&s, m, &src, 0), total + 3 * PAGE as u64 + 100);
+    assert_eq!(pass(&s, m, &src, 0), total + layer0);
     for _ in 0..2 {
         assert_eq!(pass(&s, m, &src, 0), total);
     }

@@ -82,6 +82,9 @@ pub struct HostCounters {
     pub contiguous_calls: u64,
     /// Bytes copied host to device since creation.
     pub bytes_h2d: u64,
+    /// Host-to-device copies queued since creation (each costs a GPU a
+    /// driver call and a copy-engine start, whatever its size).
+    pub copies_h2d: u64,
     /// Bytes copied device to host since creation.
     pub bytes_d2h: u64,
     /// Map calls since creation.
@@ -279,6 +282,7 @@ struct Shared {
     unmap_calls: AtomicU64,
     contiguous_calls: AtomicU64,
     host_fns: AtomicU64,
+    copies_h2d: AtomicU64,
 }
 
 // SAFETY: `phys` points to a shared mapping that lives as long as `Shared`;
@@ -626,6 +630,7 @@ impl HostDevice {
             unmap_calls: AtomicU64::new(0),
             contiguous_calls: AtomicU64::new(0),
             host_fns: AtomicU64::new(0),
+            copies_h2d: AtomicU64::new(0),
         });
         Ok(HostDevice {
             info: DeviceInfo {
@@ -698,6 +703,7 @@ impl HostDevice {
             map_calls: self.shared.map_calls.load(Ordering::Relaxed),
             unmap_calls: self.shared.unmap_calls.load(Ordering::Relaxed),
             host_fns: self.shared.host_fns.load(Ordering::Relaxed),
+            copies_h2d: self.shared.copies_h2d.load(Ordering::Relaxed),
         }
     }
 
@@ -1371,6 +1377,7 @@ impl Device for HostDevice {
         stream: StreamId,
     ) -> Result<()> {
         self.check_mapped_now(dst, len)?;
+        self.shared.copies_h2d.fetch_add(1, Ordering::Relaxed);
         self.submit(
             stream,
             Op::H2D {

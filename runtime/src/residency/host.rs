@@ -134,36 +134,65 @@ struct Staging {
 /// A staging buffer's fill is split only into parts of at least this.
 const FILL_PART_MIN: usize = 4 << 20;
 
-/// Reads `dst.len()` bytes of tensor `tensor` of layer `layer` of component
-/// `component`, from `offset` bytes into it, split into up to `parts` parts
-/// of at least `min_part` bytes, each read on its own thread (the first on
-/// the caller's). The first error is returned; a panic of a part's read is
-/// resumed on the caller.
-fn read_split(
+/// Fills `dst` with bytes `start .. start + dst.len()` of a layer as it is
+/// packed on the device (`pieces`: tensor, offset in the layer, bytes, in
+/// offset order): each tensor's bytes read from `source`, the alignment gaps
+/// between tensors zeroed.
+fn fill_range(
     source: &dyn WeightSource,
-    (component, layer, tensor): (usize, usize, usize),
-    offset: usize,
+    (component, layer): (usize, usize),
+    pieces: &[(usize, usize, usize)],
+    start: usize,
+    dst: &mut [u8],
+) -> std::result::Result<(), SourceError> {
+    let end = start + dst.len();
+    let mut at = start;
+    for &(t, off, len) in pieces {
+        let (lo, hi) = (off.max(start), (off + len).min(end));
+        if lo >= hi {
+            continue;
+        }
+        dst[at - start..lo - start].fill(0);
+        source.read(
+            component,
+            layer,
+            t,
+            lo - off,
+            &mut dst[lo - start..hi - start],
+        )?;
+        at = hi;
+    }
+    dst[at - start..].fill(0);
+    Ok(())
+}
+
+/// [`fill_range`] split into up to `parts` parts of at least `min_part`
+/// bytes, each filled on its own thread (the first on the caller's). The
+/// first error is returned; a panic of a part's read is resumed on the caller.
+fn fill_split(
+    source: &dyn WeightSource,
+    at: (usize, usize),
+    pieces: &[(usize, usize, usize)],
+    start: usize,
     dst: &mut [u8],
     parts: usize,
     min_part: usize,
 ) -> std::result::Result<(), SourceError> {
     let k = parts.min(dst.len() / min_part.max(1)).max(1);
     if k == 1 {
-        return source.read(component, layer, tensor, offset, dst);
+        return fill_range(source, at, pieces, start, dst);
     }
     let piece = dst.len().div_ceil(k);
     std::thread::scope(|scope| {
-        let mut pieces = dst.chunks_mut(piece);
-        let first = pieces.next().unwrap_or_default();
-        let handles: Vec<_> = pieces
+        let mut chunks = dst.chunks_mut(piece);
+        let first = chunks.next().unwrap_or_default();
+        let handles: Vec<_> = chunks
             .enumerate()
             .map(|(i, part)| {
-                scope.spawn(move || {
-                    source.read(component, layer, tensor, offset + (i + 1) * piece, part)
-                })
+                scope.spawn(move || fill_range(source, at, pieces, start + (i + 1) * piece, part))
             })
             .collect();
-        let mut r = source.read(component, layer, tensor, offset, first);
+        let mut r = fill_range(source, at, pieces, start, first);
         for h in handles {
             match h.join() {
                 Ok(part) => {
@@ -443,39 +472,47 @@ fn queue_job(
     for &e in &job.waits {
         device.stream_wait_event(copy, e)?;
     }
-    for &(t, off, len) in &job.bytes.pieces {
-        let mut done = 0;
-        while done < len {
-            let (mut buf, ev) = take_buffer(staging, device, timeout)?;
-            let n = buf.len().min(len - done);
-            let read = read_split(
-                &*job.source,
-                (job.component, job.layer, t),
-                done,
-                &mut buf.as_mut_slice()[..n],
-                staging.fill_parts,
-                FILL_PART_MIN,
-            );
-            if let Err(e) = read {
-                put_buffer(staging, buf, ev);
-                return Err(e.into());
-            }
-            // SAFETY: the buffer is not handed out again before `ev`, recorded
-            // right after this copy, has completed (take_buffer waits for it),
-            // and it lives in the staging ring until the stager drops, after
-            // its reader threads have joined; Drop of the runtime synchronises
-            // the copy stream before freeing the ring.
-            let r =
-                unsafe { device.copy_h2d_async(job.dst.offset(off + done), buf.as_ptr(), n, copy) };
-            let r = r.and_then(|()| match ev {
-                Some(e) => device.record_event(e, copy),
-                None => Ok(()),
-            });
+    // The layer's packed bytes, a staging buffer at a time: its tensors
+    // (and the alignment gaps between them) go in one copy per buffer,
+    // not one per tensor.
+    let end = job
+        .bytes
+        .pieces
+        .iter()
+        .map(|&(_, off, len)| off + len)
+        .max()
+        .unwrap_or(0);
+    let mut done = 0;
+    while done < end {
+        let (mut buf, ev) = take_buffer(staging, device, timeout)?;
+        let n = buf.len().min(end - done);
+        let read = fill_split(
+            &*job.source,
+            (job.component, job.layer),
+            &job.bytes.pieces,
+            done,
+            &mut buf.as_mut_slice()[..n],
+            staging.fill_parts,
+            FILL_PART_MIN,
+        );
+        if let Err(e) = read {
             put_buffer(staging, buf, ev);
-            r?;
-            Counters::add(&counters.bytes_h2d, n as u64);
-            done += n;
+            return Err(e.into());
         }
+        // SAFETY: the buffer is not handed out again before `ev`, recorded
+        // right after this copy, has completed (take_buffer waits for it),
+        // and it lives in the staging ring until the stager drops, after
+        // its reader threads have joined; Drop of the runtime synchronises
+        // the copy stream before freeing the ring.
+        let r = unsafe { device.copy_h2d_async(job.dst.offset(done), buf.as_ptr(), n, copy) };
+        let r = r.and_then(|()| match ev {
+            Some(e) => device.record_event(e, copy),
+            None => Ok(()),
+        });
+        put_buffer(staging, buf, ev);
+        r?;
+        Counters::add(&counters.bytes_h2d, n as u64);
+        done += n;
     }
     Ok(())
 }
@@ -538,7 +575,7 @@ mod tests {
         // parts of 250 bytes, on 4 threads.
         let src = source(2000, None);
         let mut dst = vec![0u8; 1000];
-        read_split(&src, (0, 0, 0), 37, &mut dst, 4, 100).unwrap();
+        fill_split(&src, (0, 0), &[(0, 0, 2000)], 37, &mut dst, 4, 100).unwrap();
         for (i, &b) in dst.iter().enumerate() {
             assert_eq!(b, ((37 + i) % 251) as u8, "byte {i}");
         }
@@ -546,11 +583,11 @@ mod tests {
         assert_eq!(src.threads.lock().unwrap().len(), 4);
         // Parts no smaller than the minimum: 1000 bytes, minimum 400 -> 2 parts.
         let src = source(2000, None);
-        read_split(&src, (0, 0, 0), 0, &mut dst, 4, 400).unwrap();
+        fill_split(&src, (0, 0), &[(0, 0, 2000)], 0, &mut dst, 4, 400).unwrap();
         assert_eq!(src.reads.load(Ordering::Relaxed), 2);
         // One part: one read on the caller's thread.
         let src = source(2000, None);
-        read_split(&src, (0, 0, 0), 0, &mut dst, 1, 1).unwrap();
+        fill_split(&src, (0, 0), &[(0, 0, 2000)], 0, &mut dst, 1, 1).unwrap();
         assert_eq!(src.reads.load(Ordering::Relaxed), 1);
         assert_eq!(
             src.threads.lock().unwrap().as_slice(),
@@ -606,10 +643,75 @@ mod tests {
         // The third of four parts (offset 500) fails.
         let src = source(2000, Some(500));
         let mut dst = vec![0u8; 1000];
-        let e = read_split(&src, (0, 0, 0), 0, &mut dst, 4, 100).unwrap_err();
+        let e = fill_split(&src, (0, 0), &[(0, 0, 2000)], 0, &mut dst, 4, 100).unwrap_err();
         assert_eq!(e.what, "bytes 500..750");
         // Past the end of the source.
         let src = source(900, None);
-        assert!(read_split(&src, (0, 0, 0), 0, &mut dst, 4, 100).is_err());
+        assert!(fill_split(&src, (0, 0), &[(0, 0, 2000)], 0, &mut dst, 4, 100).is_err());
+    }
+
+    /// Tensor `t`'s byte `i` is `(7 t + i) % 251 + 1` (never 0).
+    struct Tensors(Vec<usize>);
+
+    impl WeightSource for Tensors {
+        fn read(
+            &self,
+            _component: usize,
+            _layer: usize,
+            tensor: usize,
+            offset: usize,
+            dst: &mut [u8],
+        ) -> std::result::Result<(), SourceError> {
+            if offset + dst.len() > self.0[tensor] {
+                return Err(SourceError {
+                    what: format!("tensor {tensor}"),
+                    message: "read past its end".into(),
+                });
+            }
+            for (i, b) in dst.iter_mut().enumerate() {
+                *b = ((7 * tensor + offset + i) % 251 + 1) as u8;
+            }
+            Ok(())
+        }
+    }
+
+    /// A layer's tensors go into a staging buffer as they lie on the device
+    /// (packed, aligned, the gaps zeroed), whatever the window and its parts.
+    #[test]
+    fn windows_of_a_packed_layer_hold_its_tensors_and_zero_gaps() {
+        let sizes = [300, 10, 0, 1000, 5];
+        let packed = crate::arena::pack(&sizes).unwrap();
+        let pieces: Vec<_> = (0..sizes.len())
+            .map(|t| (t, packed.offsets[t], sizes[t]))
+            .collect();
+        let src = Tensors(sizes.to_vec());
+        let mut want = vec![0u8; packed.total];
+        read_layer(
+            &src,
+            0,
+            0,
+            &LayerBytes {
+                pieces: pieces.clone(),
+                total: packed.total,
+            },
+            &mut want,
+        )
+        .unwrap();
+        for (window, parts) in [(packed.total, 1), (400, 3), (97, 2), (1, 1)] {
+            let mut start = 0;
+            while start < packed.total {
+                let n = window.min(packed.total - start);
+                let mut dst = vec![0xAAu8; n];
+                fill_split(&src, (0, 0), &pieces, start, &mut dst, parts, 50).unwrap();
+                assert!(
+                    dst == want[start..start + n],
+                    "window {window} at {start}, {parts} parts"
+                );
+                start += n;
+            }
+        }
+        // A gap really is zero and a tensor byte is not.
+        assert_eq!(want[300..512], [0u8; 212]);
+        assert!(want[512..522].iter().all(|&b| b != 0));
     }
 }
