@@ -575,3 +575,61 @@ fn stalls_are_timed_by_events_and_queue_no_host_function() {
         }
     }
 }
+
+/// Dropping a runtime whose staged uploads are still queued frees the
+/// staging ring only after its copies have run: on a GPU, freeing it
+/// earlier lets the copy engine read freed memory. (The host backend
+/// counts a pinned buffer freed under a queued copy, and keeps it.)
+#[test]
+fn dropping_a_runtime_mid_upload_frees_no_staging_buffer_under_a_copy() {
+    /// A source that takes 20 ms a read, so that prefetched layers are
+    /// still waiting for the reader when the runtime is dropped.
+    struct Slow(Arc<common::MemSource>);
+    impl offload_runtime::model::WeightSource for Slow {
+        fn read(
+            &self,
+            component: usize,
+            layer: usize,
+            tensor: usize,
+            offset: usize,
+            dst: &mut [u8],
+        ) -> Result<(), offload_runtime::model::SourceError> {
+            std::thread::sleep(Duration::from_millis(20));
+            self.0.read(component, layer, tensor, offset, dst)
+        }
+    }
+    let dev = Arc::new(
+        HostDevice::new(HostConfig {
+            capacity: 64 << 20,
+            page_size: PAGE,
+            link_gbps: Some(0.25),
+        })
+        .unwrap(),
+    );
+    let mut c = cfg(Mode::Sequential, Policy::Planned, 4, 8192, None);
+    c.host_policy = HostPolicy::Staged {
+        buffers: 2,
+        buffer_bytes: 64 << 20,
+        threads: 1,
+    };
+    let s = setup_on(dev.clone(), c);
+    // Five 4 MiB layers, each 17 ms over the link: the acquire of layer 0
+    // queues its upload and the next four's, which the one reader takes
+    // one at a time while the runtime is dropped.
+    let (desc, src) = model(&[uniform(5, 4 << 20)]);
+    let m = s.rt.load(desc, Arc::new(Slow(src))).unwrap();
+    drop(
+        s.rt.acquire(LayerId {
+            model: m,
+            component: 0,
+            layer: 0,
+        })
+        .unwrap(),
+    );
+    let Setup { dev, compute, rt } = s;
+    drop(rt);
+    let c = dev.counters();
+    assert_eq!(c.pinned_freed_in_use, 0);
+    assert_eq!(c.bytes_h2d, 5 * (4 << 20), "every queued upload ran");
+    dev.destroy_stream(compute).unwrap();
+}

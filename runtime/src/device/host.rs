@@ -85,6 +85,10 @@ pub struct HostCounters {
     /// Host-to-device copies queued since creation (each costs a GPU a
     /// driver call and a copy-engine start, whatever its size).
     pub copies_h2d: u64,
+    /// Pinned buffers of this device freed while a copy queued from or to
+    /// them had not run: a caller's bug, which on a GPU reads or writes
+    /// freed memory. This backend keeps such a buffer instead of freeing it.
+    pub pinned_freed_in_use: u64,
     /// Bytes copied device to host since creation.
     pub bytes_d2h: u64,
     /// Map calls since creation.
@@ -251,9 +255,65 @@ struct SendPtr(*mut u8);
 // keep the memory valid and unshared until the copy has run.
 unsafe impl Send for SendPtr {}
 
+/// The host memory of copies queued and not yet run, so that a pinned
+/// buffer freed under one is caught (and kept, not freed) instead of read
+/// after its free.
+#[derive(Default)]
+struct InFlight {
+    /// (first byte, one past the last) by copy.
+    ranges: Mutex<BTreeMap<u64, (usize, usize)>>,
+    next: AtomicU64,
+    /// Pinned buffers freed while a queued copy still used them.
+    freed_in_use: AtomicU64,
+}
+
+impl InFlight {
+    fn add(self: &Arc<Self>, ptr: *const u8, len: usize) -> Busy {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = ptr as usize;
+        self.ranges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (start, start.saturating_add(len)));
+        Busy(self.clone(), id)
+    }
+
+    fn overlaps(&self, start: usize, end: usize) -> bool {
+        self.ranges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|&(a, b)| a < end && start < b)
+    }
+}
+
+/// A queued copy's host range, registered until the copy has run (or was
+/// dropped unrun).
+struct Busy(Arc<InFlight>, u64);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0
+            .ranges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
+}
+
 enum Op {
-    H2D { dst: u64, src: SendPtr, len: usize },
-    D2H { dst: SendPtr, src: u64, len: usize },
+    H2D {
+        dst: u64,
+        src: SendPtr,
+        len: usize,
+        busy: Busy,
+    },
+    D2H {
+        dst: SendPtr,
+        src: u64,
+        len: usize,
+        busy: Busy,
+    },
     Kernel(Kernel),
     HostFn(HostFn),
     Record(Arc<EventState>, u64),
@@ -283,6 +343,7 @@ struct Shared {
     contiguous_calls: AtomicU64,
     host_fns: AtomicU64,
     copies_h2d: AtomicU64,
+    in_flight: Arc<InFlight>,
 }
 
 // SAFETY: `phys` points to a shared mapping that lives as long as `Shared`;
@@ -485,8 +546,26 @@ fn stream_worker(shared: Arc<Shared>, stream: StreamId, rx: Receiver<Op>) {
     let mut error: Option<String> = None;
     for op in rx {
         let result = match op {
-            Op::H2D { dst, src, len } => shared.run_copy(true, dst, src, len),
-            Op::D2H { dst, src, len } => shared.run_copy(false, src, dst, len),
+            Op::H2D {
+                dst,
+                src,
+                len,
+                busy,
+            } => {
+                let r = shared.run_copy(true, dst, src, len);
+                drop(busy);
+                r
+            }
+            Op::D2H {
+                dst,
+                src,
+                len,
+                busy,
+            } => {
+                let r = shared.run_copy(false, src, dst, len);
+                drop(busy);
+                r
+            }
             Op::Kernel(k) => shared
                 .run_kernel(&k)
                 .map_err(|e| format!("kernel {}: {e}", k.name())),
@@ -631,6 +710,7 @@ impl HostDevice {
             contiguous_calls: AtomicU64::new(0),
             host_fns: AtomicU64::new(0),
             copies_h2d: AtomicU64::new(0),
+            in_flight: Arc::new(InFlight::default()),
         });
         Ok(HostDevice {
             info: DeviceInfo {
@@ -704,6 +784,7 @@ impl HostDevice {
             unmap_calls: self.shared.unmap_calls.load(Ordering::Relaxed),
             host_fns: self.shared.host_fns.load(Ordering::Relaxed),
             copies_h2d: self.shared.copies_h2d.load(Ordering::Relaxed),
+            pinned_freed_in_use: self.shared.in_flight.freed_in_use.load(Ordering::Relaxed),
         }
     }
 
@@ -1196,13 +1277,23 @@ impl Device for HostDevice {
             wanted: len,
             available: 0,
         })?;
+        let in_flight = self.shared.in_flight.clone();
         // SAFETY: `ptr` is a fresh allocation of `len` bytes that only this
-        // buffer owns; it is freed with the same layout exactly once.
+        // buffer owns; it is freed with the same layout at most once (kept
+        // for good if a queued copy still uses it, which a GPU would read
+        // after its free).
         Ok(unsafe {
             PinnedBuffer::from_raw_parts(
                 ptr,
                 len,
-                Box::new(move |p, _| std::alloc::dealloc(p.as_ptr(), layout)),
+                Box::new(move |p, n| {
+                    let start = p.as_ptr() as usize;
+                    if in_flight.overlaps(start, start + n) {
+                        in_flight.freed_in_use.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    std::alloc::dealloc(p.as_ptr(), layout)
+                }),
             )
         })
     }
@@ -1384,6 +1475,7 @@ impl Device for HostDevice {
                 dst: dst.0,
                 src: SendPtr(src as *mut u8),
                 len,
+                busy: self.shared.in_flight.add(src, len),
             },
         )
     }
@@ -1402,6 +1494,7 @@ impl Device for HostDevice {
                 dst: SendPtr(dst),
                 src: src.0,
                 len,
+                busy: self.shared.in_flight.add(dst, len),
             },
         )
     }

@@ -124,6 +124,10 @@ struct Staging {
     /// (Taking the buffer just given back would wait for the copy just
     /// queued, behind every other, and leave one buffer per reader in use.)
     free: Mutex<std::collections::VecDeque<(PinnedBuffer, Option<EventId>)>>,
+    /// Buffers whose last copy was queued but could not be followed by an
+    /// event: never handed out again, freed when the stager drops (after
+    /// the copy stream has run everything).
+    retired: Mutex<Vec<PinnedBuffer>>,
     cv: Condvar,
     /// Threads that fill one staging buffer together (the policy's reader
     /// threads: one thread copies about 10 GB/s, a fifth of a PCIe 5 link,
@@ -215,6 +219,11 @@ pub(crate) type EventReturns = (Sender<EventId>, Sender<EventId>);
 pub(crate) struct Stager {
     tx: Option<Sender<Job>>,
     threads: Vec<JoinHandle<()>>,
+    /// Kept here, not only by the readers, so that the ring outlives them
+    /// until the copies they queued last have run.
+    staging: Arc<Staging>,
+    device: Arc<dyn Device>,
+    copy: StreamId,
 }
 
 impl Stager {
@@ -245,6 +254,7 @@ impl Stager {
         counters.host_alloc(buffers * buffer_bytes);
         let staging = Arc::new(Staging {
             free: Mutex::new(free),
+            retired: Mutex::new(Vec::new()),
             cv: Condvar::new(),
             fill_parts: threads,
         });
@@ -277,6 +287,9 @@ impl Stager {
         Ok(Stager {
             tx: Some(tx),
             threads: handles,
+            staging,
+            copy: streams.0,
+            device,
         })
     }
 
@@ -294,8 +307,19 @@ impl Stager {
 impl Drop for Stager {
     fn drop(&mut self) {
         self.tx = None;
+        // The readers finish the jobs already submitted, queueing their copies.
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        // A copy engine reads the ring until those copies have run (or
+        // failed, which ends them too): only then may it be freed.
+        let _ = self.device.stream_synchronize(self.copy);
+        let free =
+            std::mem::take(&mut *self.staging.free.lock().unwrap_or_else(|p| p.into_inner()));
+        for (_, ev) in &free {
+            if let Some(e) = ev {
+                let _ = self.device.destroy_event(*e);
+            }
         }
     }
 }
@@ -472,16 +496,10 @@ fn queue_job(
     for &e in &job.waits {
         device.stream_wait_event(copy, e)?;
     }
-    // The layer's packed bytes, a staging buffer at a time: its tensors
-    // (and the alignment gaps between them) go in one copy per buffer,
-    // not one per tensor.
-    let end = job
-        .bytes
-        .pieces
-        .iter()
-        .map(|&(_, off, len)| off + len)
-        .max()
-        .unwrap_or(0);
+    // The layer's packed bytes (as the pinned policy copies them), a staging
+    // buffer at a time: its tensors and the alignment gaps between them go
+    // in one copy per buffer, not one per tensor.
+    let end = job.bytes.total;
     let mut done = 0;
     while done < end {
         let (mut buf, ev) = take_buffer(staging, device, timeout)?;
@@ -496,21 +514,35 @@ fn queue_job(
             FILL_PART_MIN,
         );
         if let Err(e) = read {
-            put_buffer(staging, buf, ev);
+            // Its last copy has run (take_buffer waited): first in line.
+            put_back(staging, buf, ev);
             return Err(e.into());
         }
-        // SAFETY: the buffer is not handed out again before `ev`, recorded
-        // right after this copy, has completed (take_buffer waits for it),
-        // and it lives in the staging ring until the stager drops, after
-        // its reader threads have joined; Drop of the runtime synchronises
-        // the copy stream before freeing the ring.
+        // SAFETY: the buffer is handed out again only after `ev`, recorded
+        // right after this copy, has completed (take_buffer waits for it);
+        // if `ev` cannot be recorded, never (it is retired). It is freed
+        // only when the stager drops, after its reader threads have joined
+        // and the copy stream has been synchronised.
         let r = unsafe { device.copy_h2d_async(job.dst.offset(done), buf.as_ptr(), n, copy) };
-        let r = r.and_then(|()| match ev {
-            Some(e) => device.record_event(e, copy),
-            None => Ok(()),
-        });
-        put_buffer(staging, buf, ev);
-        r?;
+        match r {
+            // Nothing queued: the buffer is as it was.
+            Err(e) => {
+                put_back(staging, buf, ev);
+                return Err(e);
+            }
+            Ok(()) => match ev.map(|e| device.record_event(e, copy)) {
+                Some(Err(e)) => {
+                    // The copy is queued but nothing tells when it has run.
+                    staging
+                        .retired
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(buf);
+                    return Err(e);
+                }
+                _ => put_buffer(staging, buf, ev),
+            },
+        }
         Counters::add(&counters.bytes_h2d, n as u64);
         done += n;
     }
@@ -614,6 +646,7 @@ mod tests {
                     .map(|_| (dev.alloc_pinned(16).unwrap(), None))
                     .collect(),
             ),
+            retired: Mutex::new(Vec::new()),
             cv: Condvar::new(),
             fill_parts: 1,
         };
@@ -636,6 +669,92 @@ mod tests {
             order.iter().map(|(b, _)| b.as_ptr()).collect::<Vec<_>>(),
             [ptrs[1], ptrs[2], ptrs[0]]
         );
+        // The front buffer's copy has not run (its stream is held): a take
+        // times out and leaves it at the front, where the next take, once
+        // the copy has run, finds it.
+        let mut order = order.into_iter();
+        let (first, _) = order.next().unwrap();
+        let s = dev.create_stream().unwrap();
+        let e = dev.create_event().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        dev.launch_host_fn(
+            s,
+            Box::new(move || {
+                let _ = rx.recv_timeout(Duration::from_secs(20));
+            }),
+        )
+        .unwrap();
+        dev.record_event(e, s).unwrap();
+        put_buffer(&staging, first, Some(e));
+        for (b, ev) in order {
+            put_buffer(&staging, b, ev);
+        }
+        let late = take_buffer(&staging, &dev, Duration::from_millis(30));
+        assert!(matches!(late, Err(Error::Timeout { .. })), "{late:?}");
+        tx.send(()).unwrap();
+        dev.stream_synchronize(s).unwrap();
+        let (b, ev) = take();
+        assert_eq!((b.as_ptr(), ev), (ptrs[1], Some(e)));
+    }
+
+    /// Dropping the stager frees its ring only after the copies its readers
+    /// queued last have run (the host backend counts a pinned buffer freed
+    /// under a queued copy, and keeps it).
+    #[test]
+    fn the_ring_outlives_the_copies_queued_from_it() {
+        use crate::device::{HostConfig, HostDevice};
+        let dev = Arc::new(
+            HostDevice::new(HostConfig {
+                capacity: 16 << 20,
+                page_size: 64 << 10,
+                // 1 MiB in 4 ms.
+                link_gbps: Some(0.25),
+            })
+            .unwrap(),
+        );
+        let (copy, merge) = (dev.create_stream().unwrap(), dev.create_stream().unwrap());
+        let (etx, _erx) = crossbeam_channel::unbounded();
+        let (htx, _hrx) = crossbeam_channel::unbounded();
+        let stager = Stager::new(
+            dev.clone(),
+            (copy, merge),
+            2,
+            1 << 20,
+            1,
+            Arc::new(Counters::new(false)),
+            Duration::from_secs(20),
+            (etx, htx),
+            Arc::new(RwLock::new(())),
+        )
+        .unwrap();
+        let src: Arc<dyn WeightSource> = Arc::new(source(3 << 20, None));
+        let dst = dev.alloc_contiguous(3 << 20).unwrap();
+        let done: Vec<_> = (0..3)
+            .map(|l| {
+                let done = Arc::new(JobDone::default());
+                stager.submit(Job {
+                    source: src.clone(),
+                    component: 0,
+                    layer: l,
+                    name: format!("layer{l}"),
+                    bytes: LayerBytes {
+                        pieces: vec![(0, 0, 1 << 20)],
+                        total: 1 << 20,
+                    },
+                    dst: dst.offset(l << 20),
+                    waits: Vec::new(),
+                    merges: Vec::new(),
+                    handoff: None,
+                    ready: dev.create_event().unwrap(),
+                    done: done.clone(),
+                });
+                done
+            })
+            .collect();
+        drop(stager);
+        assert!(done.iter().all(|d| d.is_finished()));
+        let c = dev.counters();
+        assert_eq!((c.pinned_freed_in_use, c.bytes_h2d), (0, 3 << 20));
     }
 
     #[test]
@@ -698,11 +817,12 @@ mod tests {
         )
         .unwrap();
         for (window, parts) in [(packed.total, 1), (400, 3), (97, 2), (1, 1)] {
+            // Parts of at least 40 bytes: a 97-byte window splits in two.
             let mut start = 0;
             while start < packed.total {
                 let n = window.min(packed.total - start);
                 let mut dst = vec![0xAAu8; n];
-                fill_split(&src, (0, 0), &pieces, start, &mut dst, parts, 50).unwrap();
+                fill_split(&src, (0, 0), &pieces, start, &mut dst, parts, 40).unwrap();
                 assert!(
                     dst == want[start..start + n],
                     "window {window} at {start}, {parts} parts"
