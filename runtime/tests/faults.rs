@@ -488,6 +488,10 @@ fn run_with(s: Scenario, rates: FaultRates, kinds: &'static [FaultKind]) {
         (0, 0, 0, 0),
         "{s:?}: pages, mappings, ranges or allocations leaked after dropping the runtime"
     );
+    assert_eq!(
+        c.pinned_freed_in_use, 0,
+        "{s:?}: a pinned buffer was freed under a queued copy"
+    );
     if !s.vmm {
         assert_eq!(c.map_calls, 0, "{s:?}: a device without VMM mapped pages");
     }
@@ -1814,6 +1818,10 @@ fn run_lora(s: LoraScenario) {
         (c.pages_allocated, c.pages_mapped, c.ranges_reserved),
         (0, 0, 0),
         "{s:?}: pages, mappings or ranges leaked after dropping the runtime"
+    );
+    assert_eq!(
+        c.pinned_freed_in_use, 0,
+        "{s:?}: a pinned buffer was freed under a queued copy"
     );
 }
 

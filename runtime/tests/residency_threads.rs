@@ -132,6 +132,10 @@ fn stress(mode: Mode, policy: Policy, host_policy: HostPolicy) {
     drop(rt);
     let c = dev.counters();
     assert_eq!((c.pages_allocated, c.pages_mapped), (0, 0), "leaked pages");
+    assert_eq!(
+        c.pinned_freed_in_use, 0,
+        "a pinned buffer freed under a copy"
+    );
 }
 
 #[test]
@@ -514,6 +518,10 @@ fn lora_stress(mode: Mode, policy: Policy, host_policy: HostPolicy) {
     drop(rt);
     let c = dev.counters();
     assert_eq!((c.pages_allocated, c.pages_mapped), (0, 0), "leaked pages");
+    assert_eq!(
+        c.pinned_freed_in_use, 0,
+        "a pinned buffer freed under a copy"
+    );
 }
 
 #[test]
