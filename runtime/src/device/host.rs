@@ -283,12 +283,12 @@ impl InFlight {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .any(|&(a, b)| a < end && start < b)
+            .any(|&(a, b)| a < b && a < end && start < b)
     }
 }
 
-/// A queued copy's host range, registered until the copy has run (or was
-/// dropped unrun).
+/// A queued copy's host range, registered until the copy has run (or its
+/// op was dropped unrun: a submit that failed, a stream worker that died).
 struct Busy(Arc<InFlight>, u64);
 
 impl Drop for Busy {

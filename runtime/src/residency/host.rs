@@ -123,11 +123,12 @@ struct Staging {
     /// the likeliest to have run, so fills overlap the copies queued before.
     /// (Taking the buffer just given back would wait for the copy just
     /// queued, behind every other, and leave one buffer per reader in use.)
-    free: Mutex<std::collections::VecDeque<(PinnedBuffer, Option<EventId>)>>,
-    /// Buffers whose last copy was queued but could not be followed by an
-    /// event: never handed out again, freed when the stager drops (after
-    /// the copy stream has run everything).
-    retired: Mutex<Vec<PinnedBuffer>>,
+    free: Mutex<std::collections::VecDeque<(PinnedBuffer, EventId)>>,
+    /// Buffers whose last copy was queued but whose event could not be
+    /// recorded after it: out of the ring until their event is recorded on
+    /// the copy stream later (which, the stream running in order, follows
+    /// that copy; see `revive`), or until the stager drops.
+    retired: Mutex<Vec<(PinnedBuffer, EventId)>>,
     cv: Condvar,
     /// Threads that fill one staging buffer together (the policy's reader
     /// threads: one thread copies about 10 GB/s, a fifth of a PCIe 5 link,
@@ -246,10 +247,7 @@ impl Stager {
         }
         let mut free = std::collections::VecDeque::with_capacity(buffers);
         for _ in 0..buffers {
-            free.push_back((
-                device.alloc_pinned(buffer_bytes)?,
-                Some(device.create_event()?),
-            ));
+            free.push_back((device.alloc_pinned(buffer_bytes)?, device.create_event()?));
         }
         counters.host_alloc(buffers * buffer_bytes);
         let staging = Arc::new(Staging {
@@ -316,10 +314,15 @@ impl Drop for Stager {
         let _ = self.device.stream_synchronize(self.copy);
         let free =
             std::mem::take(&mut *self.staging.free.lock().unwrap_or_else(|p| p.into_inner()));
-        for (_, ev) in &free {
-            if let Some(e) = ev {
-                let _ = self.device.destroy_event(*e);
-            }
+        let retired = std::mem::take(
+            &mut *self
+                .staging
+                .retired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (_, e) in free.iter().chain(&retired) {
+            let _ = self.device.destroy_event(*e);
         }
     }
 }
@@ -368,7 +371,7 @@ fn take_buffer(
     staging: &Staging,
     device: &dyn Device,
     timeout: Duration,
-) -> Result<(PinnedBuffer, Option<EventId>)> {
+) -> Result<(PinnedBuffer, EventId)> {
     let deadline = Instant::now() + timeout;
     let mut free = staging.free.lock().unwrap_or_else(|p| p.into_inner());
     loop {
@@ -376,11 +379,9 @@ fn take_buffer(
             drop(free);
             // The buffer's last copy must have run before we overwrite it. A
             // copy that failed has run too; only a timeout keeps the buffer busy.
-            if let Some(e) = ev {
-                if let Err(err @ Error::Timeout { .. }) = device.event_wait(e, Some(timeout)) {
-                    put_back(staging, buf, ev);
-                    return Err(err);
-                }
+            if let Err(err @ Error::Timeout { .. }) = device.event_wait(ev, Some(timeout)) {
+                put_back(staging, buf, ev);
+                return Err(err);
             }
             return Ok((buf, ev));
         }
@@ -401,7 +402,7 @@ fn take_buffer(
 
 /// Give back a buffer whose copy was just queued (or that was not used): it
 /// goes behind every other.
-fn put_buffer(staging: &Staging, buf: PinnedBuffer, ev: Option<EventId>) {
+fn put_buffer(staging: &Staging, buf: PinnedBuffer, ev: EventId) {
     staging
         .free
         .lock()
@@ -412,13 +413,30 @@ fn put_buffer(staging: &Staging, buf: PinnedBuffer, ev: Option<EventId>) {
 
 /// Give back a buffer taken out of turn, untouched (its copy has not run
 /// yet): it keeps its place at the front.
-fn put_back(staging: &Staging, buf: PinnedBuffer, ev: Option<EventId>) {
+fn put_back(staging: &Staging, buf: PinnedBuffer, ev: EventId) {
     staging
         .free
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push_front((buf, ev));
     staging.cv.notify_one();
+}
+
+/// Put retired buffers back in the ring, each behind a new recording of its
+/// event on the copy stream: the stream runs in order, so that recording
+/// completes after the copy that was queued from the buffer without one.
+/// A buffer whose event still cannot be recorded stays retired.
+fn revive(staging: &Staging, device: &dyn Device, copy: StreamId) {
+    let mut retired = staging.retired.lock().unwrap_or_else(|p| p.into_inner());
+    let mut kept = Vec::new();
+    for (buf, ev) in retired.drain(..) {
+        if device.record_event(ev, copy).is_ok() {
+            put_buffer(staging, buf, ev);
+        } else {
+            kept.push((buf, ev));
+        }
+    }
+    *retired = kept;
 }
 
 /// Queue a job's copies on the copy stream and its merges on the merge
@@ -519,30 +537,27 @@ fn queue_job(
             return Err(e.into());
         }
         // SAFETY: the buffer is handed out again only after `ev`, recorded
-        // right after this copy, has completed (take_buffer waits for it);
-        // if `ev` cannot be recorded, never (it is retired). It is freed
-        // only when the stager drops, after its reader threads have joined
-        // and the copy stream has been synchronised.
+        // on the copy stream after this copy, has completed (take_buffer
+        // waits for it); until `ev` is recorded, never (it is retired). It
+        // is freed only when the stager drops, after its reader threads
+        // have joined and the copy stream has been synchronised.
         let r = unsafe { device.copy_h2d_async(job.dst.offset(done), buf.as_ptr(), n, copy) };
-        match r {
+        if let Err(e) = r {
             // Nothing queued: the buffer is as it was.
-            Err(e) => {
-                put_back(staging, buf, ev);
-                return Err(e);
-            }
-            Ok(()) => match ev.map(|e| device.record_event(e, copy)) {
-                Some(Err(e)) => {
-                    // The copy is queued but nothing tells when it has run.
-                    staging
-                        .retired
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(buf);
-                    return Err(e);
-                }
-                _ => put_buffer(staging, buf, ev),
-            },
+            put_back(staging, buf, ev);
+            return Err(e);
         }
+        if let Err(e) = device.record_event(ev, copy) {
+            // The copy is queued but nothing tells when it has run.
+            staging
+                .retired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((buf, ev));
+            return Err(e);
+        }
+        put_buffer(staging, buf, ev);
+        revive(staging, device, copy);
         Counters::add(&counters.bytes_h2d, n as u64);
         done += n;
     }
@@ -643,7 +658,7 @@ mod tests {
         let staging = Staging {
             free: Mutex::new(
                 (0..3)
-                    .map(|_| (dev.alloc_pinned(16).unwrap(), None))
+                    .map(|_| (dev.alloc_pinned(16).unwrap(), dev.create_event().unwrap()))
                     .collect(),
             ),
             retired: Mutex::new(Vec::new()),
@@ -685,7 +700,7 @@ mod tests {
         )
         .unwrap();
         dev.record_event(e, s).unwrap();
-        put_buffer(&staging, first, Some(e));
+        put_buffer(&staging, first, e);
         for (b, ev) in order {
             put_buffer(&staging, b, ev);
         }
@@ -694,7 +709,25 @@ mod tests {
         tx.send(()).unwrap();
         dev.stream_synchronize(s).unwrap();
         let (b, ev) = take();
-        assert_eq!((b.as_ptr(), ev), (ptrs[1], Some(e)));
+        assert_eq!((b.as_ptr(), ev), (ptrs[1], e));
+        // A buffer retired (its copy queued, its event not recorded) comes
+        // back behind a new recording of its event; one whose event cannot
+        // be recorded stays out.
+        put_buffer(&staging, b, ev);
+        let extra = dev.alloc_pinned(16).unwrap();
+        let extra_ptr = extra.as_ptr();
+        let gone = dev.alloc_pinned(16).unwrap();
+        staging.retired.lock().unwrap().extend([
+            (extra, dev.create_event().unwrap()),
+            (gone, EventId(u64::MAX)),
+        ]);
+        revive(&staging, &dev, s);
+        let retired = staging.retired.lock().unwrap();
+        assert_eq!(retired.len(), 1);
+        assert_eq!(retired[0].1, EventId(u64::MAX));
+        drop(retired);
+        let free = staging.free.lock().unwrap();
+        assert_eq!(free.back().map(|(b, _)| b.as_ptr()), Some(extra_ptr));
     }
 
     /// Dropping the stager frees its ring only after the copies its readers
