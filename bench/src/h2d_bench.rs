@@ -190,15 +190,18 @@ impl Plan {
             }
         }
         let cpus = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
-        let staging_threads = args.staging_threads.map_or(cpus.min(4), NonZeroUsize::get);
+        let staging_threads = args
+            .staging_threads
+            .map_or(HostPolicy::default_staging_threads(), NonZeroUsize::get);
         if staging_threads > 256 {
             return Err(format!(
                 "--staging-threads {staging_threads} is too many (at most 256)"
             ));
         }
-        let staging_buffers = args
-            .staging_buffers
-            .map_or((2 * staging_threads).max(4), NonZeroUsize::get);
+        let staging_buffers = args.staging_buffers.map_or(
+            HostPolicy::staging_buffers_for(staging_threads),
+            NonZeroUsize::get,
+        );
         if staging_buffers > 1024 {
             return Err(format!(
                 "--staging-buffers {staging_buffers} is too many (at most 1024)"

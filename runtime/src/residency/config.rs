@@ -46,21 +46,32 @@ pub enum HostPolicy {
 
 impl HostPolicy {
     /// The staged policy with `threads` reader threads (at least one) and
-    /// twice as many 64 MiB staging buffers (at least 4).
+    /// [`HostPolicy::staging_buffers_for`] 64 MiB staging buffers.
     pub fn staged(threads: usize) -> HostPolicy {
         let threads = threads.max(1);
         HostPolicy::Staged {
-            buffers: (2 * threads).max(4),
+            buffers: HostPolicy::staging_buffers_for(threads),
             buffer_bytes: 64 << 20,
             threads,
         }
     }
 
-    /// The staged policy for this machine: a reader thread per CPU, at most
-    /// 4 (what `offload bench h2d` measures by default).
+    /// The staged policy for this machine, with
+    /// [`HostPolicy::default_staging_threads`] readers.
     pub fn staged_default() -> HostPolicy {
-        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        HostPolicy::staged(cpus.min(4))
+        HostPolicy::staged(HostPolicy::default_staging_threads())
+    }
+
+    /// Reader threads of the default staged policy: one per CPU, at most 4.
+    pub fn default_staging_threads() -> usize {
+        std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .min(4)
+    }
+
+    /// Staging buffers for `threads` readers: twice as many, at least 4.
+    pub fn staging_buffers_for(threads: usize) -> usize {
+        (2 * threads).max(4)
     }
 }
 

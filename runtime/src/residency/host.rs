@@ -400,25 +400,25 @@ fn take_buffer(
     }
 }
 
-/// Give back a buffer whose copy was just queued (or that was not used): it
-/// goes behind every other.
+/// Give back a buffer whose copy was just queued: it goes behind every other.
 fn put_buffer(staging: &Staging, buf: PinnedBuffer, ev: EventId) {
-    staging
-        .free
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push_back((buf, ev));
-    staging.cv.notify_one();
+    give_back(staging, buf, ev, false);
 }
 
-/// Give back a buffer taken out of turn, untouched (its copy has not run
-/// yet): it keeps its place at the front.
+/// Give back a buffer whose event says as much as when it was taken (no
+/// copy from it queued since): it keeps its place at the front.
 fn put_back(staging: &Staging, buf: PinnedBuffer, ev: EventId) {
-    staging
-        .free
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push_front((buf, ev));
+    give_back(staging, buf, ev, true);
+}
+
+fn give_back(staging: &Staging, buf: PinnedBuffer, ev: EventId, front: bool) {
+    let mut free = staging.free.lock().unwrap_or_else(|p| p.into_inner());
+    if front {
+        free.push_front((buf, ev));
+    } else {
+        free.push_back((buf, ev));
+    }
+    drop(free);
     staging.cv.notify_one();
 }
 

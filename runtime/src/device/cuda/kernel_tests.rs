@@ -248,6 +248,17 @@ impl CaseData {
         CaseData { w, adapters }
     }
 
+    /// W and each adapter's (up, down) factors copied to the device.
+    fn upload(&self, bufs: &mut Bufs<'_>, s: StreamId) -> (DevicePtr, Vec<(DevicePtr, DevicePtr)>) {
+        let w = bufs.upload(&self.w, s);
+        let factors = self
+            .adapters
+            .iter()
+            .map(|a| (bufs.upload(&a.up, s), bufs.upload(&a.down, s)))
+            .collect();
+        (w, factors)
+    }
+
     /// The kernels' view of the adapters.
     fn adapters(&self, case: &MergeCase) -> Vec<Adapter<'_>> {
         let cols: usize = case.shape[1..].iter().product();
@@ -337,12 +348,7 @@ fn check_merge_with(
     let adapters = data.adapters(case);
     let spec = MergeSpec::new(case.dtype, &case.shape, case.rows.clone(), &adapters).unwrap();
     let mut bufs = Bufs::new(d);
-    let w = bufs.upload(&data.w, s);
-    let factors: Vec<(DevicePtr, DevicePtr)> = data
-        .adapters
-        .iter()
-        .map(|a| (bufs.upload(&a.up, s), bufs.upload(&a.down, s)))
-        .collect();
+    let (w, factors) = data.upload(&mut bufs, s);
     d.merge_lowrank_with(&spec, w, &factors, s, kernel).unwrap();
     let mut gpu = vec![0u8; data.w.len()];
     d.read_blocking(w, &mut gpu, s).unwrap();
@@ -959,12 +965,7 @@ fn gpu_pipelined_merges_config_routes_auto_to_the_pipelined_kernel() {
         let run = |d: &CudaDevice, kernel: LowRankKernel, batched: bool| -> Vec<u8> {
             let s = d.create_stream().unwrap();
             let mut bufs = Bufs::new(d);
-            let w = bufs.upload(&data.w, s);
-            let factors: Vec<(DevicePtr, DevicePtr)> = data
-                .adapters
-                .iter()
-                .map(|a| (bufs.upload(&a.up, s), bufs.upload(&a.down, s)))
-                .collect();
+            let (w, factors) = data.upload(&mut bufs, s);
             if batched {
                 let m = LowRankMerge {
                     spec: &spec,
