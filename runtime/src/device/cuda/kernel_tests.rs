@@ -445,12 +445,13 @@ fn gpu_nvrtc_builds_the_merge_kernels_for_the_device() {
     let t = Instant::now();
     let info = d.prepare_merge().expect("building the merge kernels");
     eprintln!(
-        "merge kernels for {} ({cc:?}): {} with NVRTC {:?} in {:?} (first call {:?}), options {:?}, library {:?}, log {:?}",
+        "merge kernels for {} ({cc:?}): {} with NVRTC {:?} in {:?} (first call {:?}, disk cache {:?}), options {:?}, library {:?}, log {:?}",
         d.info().name,
         info.target,
         info.nvrtc_version,
-        info.compile_time,
+        info.build_time,
         t.elapsed(),
+        info.disk_cache,
         info.options,
         info.library,
         info.log

@@ -43,6 +43,7 @@ use offload_kernels::cuda::{
 };
 use offload_kernels::{Delta, Dtype, MergeSpec};
 
+use super::disk_cache::DiskCache;
 use super::nvrtc::{self, Image, Module, Target};
 use super::{lock, result, CudaDevice};
 use crate::device::{DevicePtr, MergeOp, StreamId};
@@ -75,8 +76,11 @@ pub struct MergeKernelsInfo {
     pub target: Target,
     /// NVRTC's version.
     pub nvrtc_version: (i32, i32),
-    /// How long NVRTC took (once per process).
-    pub compile_time: Duration,
+    /// How long building took (once per process): NVRTC's compilation, or
+    /// reading the image from the disk cache.
+    pub build_time: Duration,
+    /// Whether the image came from the disk cache, was written to it, or neither.
+    pub disk_cache: DiskCache,
     /// The options NVRTC was given.
     pub options: Vec<String>,
     /// NVRTC's log (warnings; usually empty).
@@ -400,7 +404,8 @@ impl CudaDevice {
         Ok(MergeKernelsInfo {
             target: k.image.target,
             nvrtc_version: k.image.nvrtc_version,
-            compile_time: k.image.compile_time,
+            build_time: k.image.build_time,
+            disk_cache: k.image.disk_cache.clone(),
             options: k.image.options.clone(),
             log: k.image.log.clone(),
             library: nvrtc::loaded_library("libnvrtc.so"),

@@ -38,6 +38,7 @@
 //! others one launch each.
 
 pub mod cublas;
+pub mod disk_cache;
 mod handles;
 mod memory;
 mod merge;
@@ -51,6 +52,7 @@ mod kernel_tests;
 mod tests;
 
 pub use cublas::BlasInfo;
+pub use disk_cache::DiskCache;
 pub use handles::HostRegistration;
 pub use merge::{LowRankKernel, LowRankMerge, MergeKernelsInfo};
 pub use nvrtc::NvrtcError;

@@ -34,7 +34,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::ptr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::sys;
 use cudarc::nvrtc::sys as nv;
 
+use super::disk_cache::{self, DiskCache};
 use super::handles::Context;
 use super::result;
 use crate::error::{Error, Result};
@@ -279,14 +280,18 @@ pub struct Image {
     pub target: Target,
     /// The cubin, or the PTX text with its terminating NUL.
     pub bytes: Vec<u8>,
-    /// NVRTC's program log (warnings; usually empty).
+    /// NVRTC's program log (warnings; usually empty, and always empty for
+    /// an image read from the disk cache).
     pub log: String,
     /// NVRTC's version.
     pub nvrtc_version: (i32, i32),
-    /// How long the compilation took.
-    pub compile_time: Duration,
+    /// How long building took: NVRTC's compilation, or reading the image
+    /// from the disk cache.
+    pub build_time: Duration,
     /// The options NVRTC was given.
     pub options: Vec<String>,
+    /// Whether the image came from the disk cache, was written to it, or neither.
+    pub disk_cache: DiskCache,
 }
 
 /// An NVRTC program; destroyed on drop.
@@ -416,7 +421,15 @@ fn compile_once(
     Ok((prog.output(target)?, log))
 }
 
-fn compile_uncached(name: &str, source: &str, cc: (u32, u32)) -> Result<Image, NvrtcError> {
+/// Builds `source` for `cc`: reads the image from the disk cache folder
+/// `cache` when an entry for exactly this build is there, else compiles it
+/// and writes it there. `None` always compiles and writes nothing.
+fn build(
+    name: &str,
+    source: &str,
+    cc: (u32, u32),
+    cache: Option<&Path>,
+) -> Result<Image, NvrtcError> {
     if !nvrtc_present() {
         return Err(missing());
     }
@@ -432,6 +445,28 @@ fn compile_uncached(name: &str, source: &str, cc: (u32, u32)) -> Result<Image, N
             supported: supported.clone(),
         })?;
         let options = vec![target.option()];
+        let key = disk_cache::Key {
+            name: name.to_string(),
+            target,
+            nvrtc_version,
+            options: options.clone(),
+            headers: HEADERS
+                .iter()
+                .map(|(n, t)| (n.to_string(), t.to_string()))
+                .collect(),
+            source: source.to_string(),
+        };
+        if let Some((path, bytes)) = cache.and_then(|dir| disk_cache::load(dir, &key)) {
+            return Ok(Image {
+                target,
+                bytes,
+                log: String::new(),
+                nvrtc_version,
+                build_time: start.elapsed(),
+                options,
+                disk_cache: DiskCache::Loaded(path),
+            });
+        }
         let (bytes, log) = compile_once(name, source, target, &options).map_err(|e| match e {
             NvrtcError::Compile {
                 name, target, log, ..
@@ -443,15 +478,33 @@ fn compile_uncached(name: &str, source: &str, cc: (u32, u32)) -> Result<Image, N
             },
             other => other,
         })?;
+        let build_time = start.elapsed();
+        let disk_cache = match cache {
+            None => DiskCache::Off,
+            Some(dir) => match disk_cache::store(dir, &key, &bytes) {
+                Ok(path) => DiskCache::Stored(path),
+                Err(e) => DiskCache::NotStored {
+                    path: dir.join(key.file_name()),
+                    error: e.to_string(),
+                },
+            },
+        };
         Ok(Image {
             target,
             bytes,
             log,
             nvrtc_version,
-            compile_time: start.elapsed(),
+            build_time,
             options,
+            disk_cache,
         })
     })
+}
+
+/// Compiles `source` for `cc` with NVRTC now, bypassing both the process's
+/// cache and the disk cache (and writing to neither).
+pub fn compile_fresh(name: &str, source: &str, cc: (u32, u32)) -> Result<Image, NvrtcError> {
+    build(name, source, cc, None)
 }
 
 type CacheKey = (String, String, (u32, u32));
@@ -463,6 +516,9 @@ static CACHE: OnceLock<Mutex<HashMap<CacheKey, CacheSlot>>> = OnceLock::new();
 /// for a device of compute capability `cc`, once per process: later calls
 /// with the same name, source and capability return the same image (or the
 /// same error). Concurrent first calls compile once; the others wait.
+/// The first call reads the image from the disk cache
+/// ([`disk_cache::cache_dir`]) when an entry for exactly this build is
+/// there, and otherwise writes the compiled image to it.
 ///
 /// A compilation error is [`NvrtcError::Compile`] with NVRTC's log.
 pub fn compile(name: &str, source: &str, cc: (u32, u32)) -> Result<Arc<Image>, NvrtcError> {
@@ -473,7 +529,7 @@ pub fn compile(name: &str, source: &str, cc: (u32, u32)) -> Result<Arc<Image>, N
             .or_default()
             .clone()
     };
-    slot.get_or_init(|| compile_uncached(name, source, cc).map(Arc::new))
+    slot.get_or_init(|| build(name, source, cc, disk_cache::cache_dir().as_deref()).map(Arc::new))
         .clone()
 }
 
@@ -594,13 +650,14 @@ mod compile_tests {
         let newest = archs.iter().copied().max().unwrap_or(90) as u32;
         for cc in [(9, 0), (8, 0), (newest / 10, newest % 10)] {
             for (name, src) in sources {
-                let image =
-                    compile(name, src, cc).unwrap_or_else(|e| panic!("{name} for {cc:?}: {e}"));
+                let image = compile_fresh(name, src, cc)
+                    .unwrap_or_else(|e| panic!("{name} for {cc:?}: {e}"));
+                assert_eq!(image.disk_cache, DiskCache::Off);
                 eprintln!(
                     "{name} for {cc:?}: {} bytes of {} in {:?}, options {:?}, log {:?}",
                     image.bytes.len(),
                     image.target,
-                    image.compile_time,
+                    image.build_time,
                     image.options,
                     image.log
                 );
@@ -626,7 +683,7 @@ mod compile_tests {
             })
             .collect();
         assert_eq!(entries.len(), 21);
-        let image = compile(
+        let image = compile_fresh(
             "lowrank_merge.cu",
             offload_kernels::cuda::LOWRANK_MERGE_SRC,
             (9, 0),
@@ -640,7 +697,7 @@ mod compile_tests {
             );
         }
         // A compile error carries NVRTC's log.
-        let r = compile(
+        let r = compile_fresh(
             "broken.cu",
             "extern \"C\" __global__ void k(float* p) { p[0] = offload_no_such_function(1); }\n",
             (9, 0),
@@ -651,5 +708,62 @@ mod compile_tests {
             }
             other => panic!("expected a compile error, got {other:?}"),
         }
+    }
+
+    #[test]
+    #[ignore = "needs libnvrtc (a CUDA toolkit, or the nvidia-cuda-nvrtc wheel's lib folder on LD_LIBRARY_PATH)"]
+    fn the_disk_cache_gives_back_what_nvrtc_built() {
+        assert!(nvrtc_present(), "no NVRTC library loads here");
+        let dir = std::env::temp_dir().join(format!("offload-nvrtc-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (name, src) = ("offload_convert.cu", super::super::cublas::CONVERT_SRC);
+        let first = build(name, src, (9, 0), Some(&dir)).unwrap();
+        let DiskCache::Stored(path) = &first.disk_cache else {
+            panic!("not stored: {:?}", first.disk_cache)
+        };
+        assert!(first.bytes.starts_with(b"\x7fELF"));
+        let second = build(name, src, (9, 0), Some(&dir)).unwrap();
+        assert_eq!(second.disk_cache, DiskCache::Loaded(path.clone()));
+        // `assert!` rather than `assert_eq!`: a failure would print the images.
+        assert!(
+            second.bytes == first.bytes,
+            "the loaded image is not the stored one"
+        );
+        assert_eq!(
+            (second.target, &second.options, second.nvrtc_version),
+            (first.target, &first.options, first.nvrtc_version)
+        );
+        eprintln!(
+            "{name}: compiled in {:?}, loaded from {path:?} in {:?}",
+            first.build_time, second.build_time
+        );
+        // Another architecture is another entry.
+        let other = build(name, src, (8, 0), Some(&dir)).unwrap();
+        assert!(matches!(other.disk_cache, DiskCache::Stored(ref p) if p != path));
+        // A damaged entry is compiled again and replaced. (Not compared with
+        // the first image: NVRTC 13.0 need not build the same bytes twice.)
+        let mut bytes = std::fs::read(path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(path, &bytes).unwrap();
+        let repaired = build(name, src, (9, 0), Some(&dir)).unwrap();
+        assert_eq!(repaired.disk_cache, DiskCache::Stored(path.clone()));
+        let third = build(name, src, (9, 0), Some(&dir)).unwrap();
+        assert_eq!(third.disk_cache, DiskCache::Loaded(path.clone()));
+        assert!(
+            third.bytes == repaired.bytes,
+            "the repaired entry does not load back"
+        );
+        // A source that does not compile is an error and stores nothing.
+        let before = std::fs::read_dir(&dir).unwrap().count();
+        assert!(build(
+            "broken.cu",
+            "extern \"C\" __global__ void k() { nope(); }",
+            (9, 0),
+            Some(&dir)
+        )
+        .is_err());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), before);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

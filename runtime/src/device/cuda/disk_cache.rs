@@ -1,0 +1,403 @@
+//! Compiled kernel images kept on disk between processes.
+//!
+//! NVRTC takes seconds to build the merge kernels (13 s for
+//! `lowrank_merge.cu` on a 2-core VM with NVRTC 13.0.88), and every process
+//! that merges would pay that on its first merge. A built image is
+//! therefore written to a cache folder and read back by later processes.
+//!
+//! An entry is found by a file name made from a hash of its key, but used
+//! only when the whole key stored in the file equals the wanted one: the
+//! program's name, NVRTC's version, the options (which name the target),
+//! every header's name and text, and the source. So a different source,
+//! header, NVRTC or target never loads a stale image, whatever the hash.
+//! The image's length and checksum are stored too: a truncated or damaged
+//! file is a miss, compiled again and overwritten. Files are written under
+//! a temporary name and renamed, so a reader never sees half a file, even
+//! with two processes building at once.
+//!
+//! The folder ([`cache_dir`]): `$OFFLOAD_KERNEL_CACHE` when set (`off`,
+//! `0` or empty turns the cache off), else `$XDG_CACHE_HOME/offload/kernels`,
+//! else `$HOME/.cache/offload/kernels`. A folder that cannot be created or
+//! written never fails a compilation: the image is used, and the report
+//! ([`DiskCache::NotStored`]) says why it was not kept.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::nvrtc::Target;
+
+/// The environment variable that names the cache folder, or turns the cache off.
+pub const ENV: &str = "OFFLOAD_KERNEL_CACHE";
+
+/// What the disk cache did for one image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskCache {
+    /// No cache folder: turned off by `OFFLOAD_KERNEL_CACHE`, or neither
+    /// `XDG_CACHE_HOME` nor `HOME` is set; or the image was built fresh on
+    /// purpose.
+    Off,
+    /// Read from this file; NVRTC did not compile.
+    Loaded(PathBuf),
+    /// Compiled, then written to this file.
+    Stored(PathBuf),
+    /// Compiled; writing this file failed (the error).
+    NotStored {
+        /// The file that could not be written.
+        path: PathBuf,
+        /// Why.
+        error: String,
+    },
+}
+
+/// The cache folder for the given values of `OFFLOAD_KERNEL_CACHE`,
+/// `XDG_CACHE_HOME` and `HOME` (see the module docs); `None` when off.
+pub fn resolve_dir(
+    offload: Option<OsString>,
+    xdg: Option<OsString>,
+    home: Option<OsString>,
+) -> Option<PathBuf> {
+    if let Some(v) = offload {
+        let off = v.is_empty() || v == "0" || v.eq_ignore_ascii_case("off");
+        return (!off).then(|| PathBuf::from(v));
+    }
+    // The XDG spec ignores a relative XDG_CACHE_HOME.
+    if let Some(x) = xdg.map(PathBuf::from).filter(|p| p.is_absolute()) {
+        return Some(x.join("offload").join("kernels"));
+    }
+    home.filter(|h| !h.is_empty()).map(|h| {
+        PathBuf::from(h)
+            .join(".cache")
+            .join("offload")
+            .join("kernels")
+    })
+}
+
+/// The cache folder of this process's environment (see the module docs).
+pub fn cache_dir() -> Option<PathBuf> {
+    resolve_dir(
+        std::env::var_os(ENV),
+        std::env::var_os("XDG_CACHE_HOME"),
+        std::env::var_os("HOME"),
+    )
+}
+
+/// Everything an image is built from; equal keys build equal images.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Key {
+    /// The program's name.
+    pub name: String,
+    /// What is built (also named by the options).
+    pub target: Target,
+    /// NVRTC's version.
+    pub nvrtc_version: (i32, i32),
+    /// NVRTC's options.
+    pub options: Vec<String>,
+    /// The headers given to NVRTC, `(include name, text)`.
+    pub headers: Vec<(String, String)>,
+    /// The source.
+    pub source: String,
+}
+
+impl Key {
+    /// The key as bytes: every part length-prefixed, so no two keys share one.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.source.len() + 4096);
+        let mut put = |b: &[u8]| {
+            out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            out.extend_from_slice(b);
+        };
+        put(self.name.as_bytes());
+        put(self.target.to_string().as_bytes());
+        put(format!("{}.{}", self.nvrtc_version.0, self.nvrtc_version.1).as_bytes());
+        put(&(self.options.len() as u64).to_le_bytes());
+        for o in &self.options {
+            put(o.as_bytes());
+        }
+        put(&(self.headers.len() as u64).to_le_bytes());
+        for (n, t) in &self.headers {
+            put(n.as_bytes());
+            put(t.as_bytes());
+        }
+        put(self.source.as_bytes());
+        out
+    }
+
+    /// The entry's file name: the program's name (letters, digits, `.`,
+    /// `_`, `-` kept), the target and a hash of the whole key.
+    pub fn file_name(&self) -> String {
+        let name: String = self
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let target = match self.target {
+            Target::Cubin(a) => format!("sm_{a}"),
+            Target::Ptx(a) => format!("compute_{a}"),
+        };
+        format!("{name}-{target}-{:016x}.bin", fnv1a(&self.encode()))
+    }
+}
+
+/// FNV-1a, 64 bits: names files and checks images (not a defence against
+/// tampering; whoever can write the cache folder can write the binary).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The first bytes of every entry; the last two are the format's version.
+const MAGIC: &[u8; 16] = b"offload-kernel\x00\x01";
+const HEADER: usize = MAGIC.len() + 3 * 8;
+
+/// The image stored for `key` in `dir`, if there is one whose stored key
+/// is `key` and whose image is whole. Any other file (absent, unreadable,
+/// another key, truncated, damaged) is `None`.
+pub fn load(dir: &Path, key: &Key) -> Option<(PathBuf, Vec<u8>)> {
+    let path = dir.join(key.file_name());
+    let data = fs::read(&path).ok()?;
+    let want = key.encode();
+    let rest = data.strip_prefix(MAGIC.as_slice())?;
+    let field = |i: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            rest.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+        ))
+    };
+    let key_len = usize::try_from(field(0)?).ok()?;
+    let image_len = usize::try_from(field(1)?).ok()?;
+    let sum = field(2)?;
+    let body = data.get(HEADER..)?;
+    if key_len != want.len() || body.len() != key_len.checked_add(image_len)? {
+        return None;
+    }
+    let (stored_key, image) = body.split_at(key_len);
+    if stored_key != want.as_slice() || image.is_empty() || fnv1a(image) != sum {
+        return None;
+    }
+    Some((path, image.to_vec()))
+}
+
+/// Writes `image` for `key` into `dir` (created if missing), replacing any
+/// entry of that name; returns the file. The file appears whole or not at
+/// all (written under a temporary name, then renamed).
+pub fn store(dir: &Path, key: &Key, image: &[u8]) -> io::Result<PathBuf> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    fs::create_dir_all(dir)?;
+    let path = dir.join(key.file_name());
+    let tmp = dir.join(format!(
+        ".{}.{}-{}.tmp",
+        key.file_name(),
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let k = key.encode();
+    let write = || -> io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(MAGIC)?;
+        f.write_all(&(k.len() as u64).to_le_bytes())?;
+        f.write_all(&(image.len() as u64).to_le_bytes())?;
+        f.write_all(&fnv1a(image).to_le_bytes())?;
+        f.write_all(&k)?;
+        f.write_all(image)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)
+    };
+    write().inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Key {
+        Key {
+            name: "lowrank_merge.cu".into(),
+            target: Target::Cubin(90),
+            nvrtc_version: (13, 0),
+            options: vec!["--gpu-architecture=sm_90".into()],
+            headers: vec![("cuda_fp16.h".into(), "struct __half {};".into())],
+            source: "extern \"C\" __global__ void k() {}".into(),
+        }
+    }
+
+    /// A fresh folder under the system's temporary folder.
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "offload-disk-cache-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn a_stored_image_loads_back_whole() {
+        let d = dir("roundtrip");
+        let k = key();
+        assert_eq!(load(&d, &k), None, "an empty cache has nothing");
+        let image: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let path = store(&d, &k, &image).unwrap();
+        assert_eq!(path, d.join(k.file_name()));
+        assert_eq!(load(&d, &k), Some((path.clone(), image.clone())));
+        // Overwriting replaces the entry; no temporary file is left.
+        store(&d, &k, b"another image").unwrap();
+        assert_eq!(load(&d, &k).unwrap().1, b"another image");
+        let names: Vec<_> = fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![OsString::from(k.file_name())]);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn any_difference_in_the_key_is_a_miss() {
+        let d = dir("keys");
+        let k = key();
+        store(&d, &k, b"image for k").unwrap();
+        let mut others = Vec::new();
+        let mut o = k.clone();
+        o.source.push(' ');
+        others.push(o);
+        let mut o = k.clone();
+        o.headers[0].1.push(' ');
+        others.push(o);
+        let mut o = k.clone();
+        o.nvrtc_version = (13, 1);
+        others.push(o);
+        let mut o = k.clone();
+        o.target = Target::Cubin(80);
+        o.options = vec!["--gpu-architecture=sm_80".into()];
+        others.push(o);
+        let mut o = k.clone();
+        o.options.push("-lineinfo".into());
+        others.push(o);
+        for o in &others {
+            assert_ne!(o.encode(), k.encode());
+            assert_eq!(load(&d, o), None, "{o:?}");
+            // Even a file under the other key's name holding k's entry (a
+            // hash collision) is refused: the stored key is compared whole.
+            fs::copy(d.join(k.file_name()), d.join(o.file_name())).unwrap();
+            assert_eq!(load(&d, o), None, "{o:?}");
+        }
+        assert_eq!(load(&d, &k).unwrap().1, b"image for k");
+        // Parts are length-prefixed: moving a byte between two parts is another key.
+        let mut a = k.clone();
+        a.headers = vec![("ab".into(), "c".into())];
+        let mut b = k.clone();
+        b.headers = vec![("a".into(), "bc".into())];
+        assert_ne!(a.encode(), b.encode());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_truncated_or_damaged_file_is_a_miss() {
+        let d = dir("damage");
+        let k = key();
+        let image = vec![0x5au8; 4096];
+        let path = store(&d, &k, &image).unwrap();
+        let whole = fs::read(&path).unwrap();
+        // Every truncation, from nothing to one byte short.
+        for cut in [
+            0,
+            1,
+            15,
+            16,
+            HEADER - 1,
+            HEADER,
+            HEADER + 10,
+            whole.len() - 1,
+        ] {
+            fs::write(&path, &whole[..cut]).unwrap();
+            assert_eq!(load(&d, &k), None, "cut at {cut}");
+        }
+        // A flipped byte in the image, in the key, in the magic; a byte too many.
+        for at in [whole.len() - 1, HEADER + 3, 2] {
+            let mut bad = whole.clone();
+            bad[at] ^= 1;
+            fs::write(&path, &bad).unwrap();
+            assert_eq!(load(&d, &k), None, "flip at {at}");
+        }
+        let mut long = whole.clone();
+        long.push(0);
+        fs::write(&path, &long).unwrap();
+        assert_eq!(load(&d, &k), None);
+        // Storing again repairs it.
+        store(&d, &k, &image).unwrap();
+        assert_eq!(load(&d, &k).unwrap().1, image);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn an_unwritable_folder_is_an_error_not_a_panic() {
+        let d = dir("unwritable");
+        fs::create_dir_all(&d).unwrap();
+        // A file where the folder should be: create_dir_all fails, whoever runs the test.
+        let blocked = d.join("not-a-folder");
+        fs::write(&blocked, b"x").unwrap();
+        let e = store(&blocked.join("kernels"), &key(), b"image").unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::NotADirectory | io::ErrorKind::AlreadyExists
+            ),
+            "{e:?}"
+        );
+        assert_eq!(load(&blocked.join("kernels"), &key()), None);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_folder_follows_the_environment() {
+        let s = |v: &str| Some(OsString::from(v));
+        assert_eq!(
+            resolve_dir(s("/x/k"), s("/xdg"), s("/home/u")),
+            Some(PathBuf::from("/x/k"))
+        );
+        for off in ["off", "OFF", "0", ""] {
+            assert_eq!(
+                resolve_dir(s(off), s("/xdg"), s("/home/u")),
+                None,
+                "{off:?}"
+            );
+        }
+        assert_eq!(
+            resolve_dir(None, s("/xdg"), s("/home/u")),
+            Some(PathBuf::from("/xdg/offload/kernels"))
+        );
+        // A relative XDG_CACHE_HOME is ignored, as the XDG spec says.
+        assert_eq!(
+            resolve_dir(None, s("rel"), s("/home/u")),
+            Some(PathBuf::from("/home/u/.cache/offload/kernels"))
+        );
+        assert_eq!(resolve_dir(None, None, None), None);
+        assert_eq!(resolve_dir(None, None, s("")), None);
+    }
+
+    #[test]
+    fn file_names_are_plain_and_name_the_target() {
+        let mut k = key();
+        k.name = "../we ird/name.cu".into();
+        let n = k.file_name();
+        assert!(n.starts_with(".._we_ird_name.cu-sm_90-"), "{n}");
+        assert!(!n.contains('/'));
+        k.target = Target::Ptx(90);
+        assert!(k.file_name().contains("-compute_90-"));
+    }
+}
