@@ -42,8 +42,8 @@ use offload_loader::synth::{
 use offload_loader::{Dtype, Model};
 use offload_runtime::arena::{pack, Arena, ArenaConfig, Tag};
 use offload_runtime::device::{
-    self, BackendKind, Device, DeviceExt, DevicePtr, HostConfig, HostDevice, Kernel, MergeDelta,
-    StreamId,
+    self, BackendKind, Device, DeviceExt, DevicePtr, HostConfig, HostDevice, Kernel, KernelFamily,
+    MergeDelta, StreamId,
 };
 use offload_runtime::lora::{LoraBinding, LoraMode, PatchDelta, PatchKron};
 use offload_runtime::model::{DType, ModelDesc, WeightSource};
@@ -1721,6 +1721,16 @@ fn run_on(
             mib(set.touched_bytes as f64),
             matmul_flops_per_pass as f64 / 1e9
         );
+    }
+    if lora_modes.contains(&LoraMode::FuseOnUpload) {
+        // Build the merge kernels before the rows (on CUDA: NVRTC, seconds
+        // unless the kernel disk cache holds them), so that no row's first
+        // pass includes it; set_loras would build them otherwise.
+        match bench.dev.prepare(KernelFamily::Merge) {
+            Ok(Some(line)) => println!("{line}"),
+            Ok(None) => {}
+            Err(e) => println!("note: the merge kernels do not build on this device: {e}"),
+        }
     }
     let info_total = bench.dev.info().total_memory;
     let page = bench.dev.info().page_size;

@@ -55,7 +55,8 @@ use offload_runtime::device::fault::{
 };
 use offload_runtime::device::{
     Device, DeviceExt, DeviceInfo, DevicePtr, EventId, HostConfig, HostDevice, HostFn, Kernel,
-    MemoryInfo, MergeDelta, MergeFactor, MergeOp, PhysPage, PinnedBuffer, StreamId, VirtualRange,
+    KernelFamily, MemoryInfo, MergeDelta, MergeFactor, MergeOp, PhysPage, PinnedBuffer, StreamId,
+    VirtualRange,
 };
 use offload_runtime::lora::{LoraBinding, LoraMode};
 use offload_runtime::model::ModelDesc;
@@ -861,6 +862,10 @@ struct ExtraFaults {
     fail_copy: AtomicU64,
     refuse_merges: AtomicBool,
     late_failed_merges_us: AtomicU64,
+    /// Calls of [`Device::prepare`] for the merge kernels, and whether they
+    /// fail (as on a GPU machine without NVRTC).
+    merge_prepares: AtomicU64,
+    refuse_prepare: AtomicBool,
 }
 
 impl ExtraFaults {
@@ -878,6 +883,8 @@ impl ExtraFaults {
             fail_copy: AtomicU64::new(u64::MAX),
             refuse_merges: AtomicBool::new(false),
             late_failed_merges_us: AtomicU64::new(0),
+            merge_prepares: AtomicU64::new(0),
+            refuse_prepare: AtomicBool::new(false),
         }
     }
 
@@ -906,6 +913,7 @@ impl ExtraFaults {
         self.fail_copy.store(u64::MAX, Ordering::SeqCst);
         self.refuse_merges.store(false, Ordering::SeqCst);
         self.late_failed_merges_us.store(0, Ordering::SeqCst);
+        self.refuse_prepare.store(false, Ordering::SeqCst);
     }
 
     fn set_enabled(&self, on: bool) {
@@ -1048,6 +1056,19 @@ impl Device for ExtraFaults {
         // SAFETY: forwarded unchanged; our caller upholds the contract.
         unsafe { self.inner.copy_d2h_async(dst, src, len, stream) }
     }
+    fn prepare(&self, family: KernelFamily) -> Result<Option<String>, Error> {
+        if family == KernelFamily::Merge {
+            self.merge_prepares.fetch_add(1, Ordering::SeqCst);
+            if self.refuse_prepare.load(Ordering::SeqCst) {
+                return Err(Error::Kernel {
+                    kernel: "nvrtc",
+                    message: "injected fault: the merge kernels do not build".into(),
+                });
+            }
+        }
+        self.inner.prepare(family)
+    }
+
     fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<(), Error> {
         // A layer's merges come as one MergeBatch: refused or failed whole.
         let merge = matches!(kernel, Kernel::Merge { .. } | Kernel::MergeBatch { .. });
@@ -1967,6 +1988,58 @@ fn a_merge_refused_in_set_loras_leaves_every_tensor_on_the_reported_set() {
     check_all(&k, m, &desc, &src, &old).unwrap();
     k.rt.set_loras(m, &[]).unwrap();
     check_all(&k, m, &desc, &src, &vec![]).unwrap();
+    k.rt.unload(m).unwrap();
+    assert_eq!(k.rt.arena().pages_used(), 0);
+}
+
+/// `set_loras` in fuse-on-upload has the device build its merge kernels
+/// before anything changes (on CUDA, NVRTC's seconds are spent there, not in
+/// a pass): a device that cannot build them fails the call with its error,
+/// and the reported set and every resident tensor stay as they were. Other
+/// modes, and an empty set, build nothing.
+#[test]
+fn set_loras_builds_the_merge_kernels_before_changing_anything() {
+    let (desc, src) = f16_model("prepare", 6, &[vec![vec![vec![64, 64], vec![64, 32]]; 3]]);
+    let k = knobbed(knobbed_cfg(
+        Mode::None,
+        32,
+        HostPolicy::Pinned,
+        LoraMode::FuseOnUpload,
+    ));
+    let prepares = || k.extra.merge_prepares.load(Ordering::SeqCst);
+    let m = k.rt.load(desc.clone(), src.clone()).unwrap();
+    let old: Set = vec![(
+        lora(10, &desc, &[(0, 0, 0), (0, 2, 1)], Kind::LowRank(4)),
+        1.0,
+    )];
+    k.rt.set_loras(m, &bindings(&old)).unwrap();
+    assert_eq!(prepares(), 1);
+    check_all(&k, m, &desc, &src, &old).unwrap();
+    let new: Set = vec![(
+        lora(11, &desc, &[(0, 0, 0), (0, 1, 0)], Kind::LowRank(8)),
+        0.5,
+    )];
+    k.extra.refuse_prepare.store(true, Ordering::SeqCst);
+    let e = k.rt.set_loras(m, &bindings(&new)).unwrap_err();
+    assert!(
+        matches!(&e, Error::Kernel { kernel: "nvrtc", message } if message.contains("injected")),
+        "{e}"
+    );
+    assert_eq!(prepares(), 2);
+    assert!(same_set(&k.rt.loras(m).unwrap(), &bindings(&old)));
+    check_all(&k, m, &desc, &src, &old).unwrap();
+    // Taking every LoRA off needs no kernel, even on a device that cannot build one.
+    k.rt.set_loras(m, &[]).unwrap();
+    assert_eq!(prepares(), 2);
+    check_all(&k, m, &desc, &src, &vec![]).unwrap();
+    // Unfused hands the factors to the engine: nothing to build.
+    k.rt.set_lora_mode(LoraMode::Unfused).unwrap();
+    k.rt.set_loras(m, &bindings(&new)).unwrap();
+    assert_eq!(prepares(), 2);
+    k.extra.clear_knobs();
+    k.rt.set_lora_mode(LoraMode::FuseOnUpload).unwrap();
+    assert_eq!(prepares(), 3);
+    check_all(&k, m, &desc, &src, &new).unwrap();
     k.rt.unload(m).unwrap();
     assert_eq!(k.rt.arena().pages_used(), 0);
 }

@@ -51,8 +51,8 @@ use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use super::{
-    Device, DeviceInfo, DevicePtr, EventId, HostFn, Kernel, MemoryInfo, PhysPage, PinnedBuffer,
-    StreamId, VirtualRange,
+    Device, DeviceInfo, DevicePtr, EventId, HostFn, Kernel, KernelFamily, MemoryInfo, PhysPage,
+    PinnedBuffer, StreamId, VirtualRange,
 };
 use crate::error::{Error, Result};
 
@@ -617,6 +617,10 @@ impl<D: Device + ?Sized> Device for FaultDevice<D> {
 
     fn launch_host_fn(&self, stream: StreamId, f: HostFn) -> Result<()> {
         self.inner.launch_host_fn(stream, f)
+    }
+
+    fn prepare(&self, family: KernelFamily) -> Result<Option<String>> {
+        self.inner.prepare(family)
     }
 }
 

@@ -181,6 +181,16 @@ pub enum Kernel {
     },
 }
 
+/// A family of kernels that a device may build before their first launch
+/// ([`Device::prepare`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelFamily {
+    /// [`Kernel::Matmul`].
+    Matmul,
+    /// [`Kernel::Merge`] and [`Kernel::MergeBatch`].
+    Merge,
+}
+
 impl Kernel {
     /// A short name for logs and errors.
     pub fn name(&self) -> &'static str {
@@ -394,6 +404,19 @@ pub trait Device: Send + Sync + fmt::Debug {
 
     /// Queue a kernel on `stream`.
     fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<()>;
+
+    /// Build now what the first launch of a kernel of `family` would build
+    /// (on CUDA: the cuBLAS handle for [`KernelFamily::Matmul`], the NVRTC
+    /// merge kernels for [`KernelFamily::Merge`], which take seconds to
+    /// compile when the kernel disk cache does not hold them), so that no
+    /// pass waits for it. Returns a line saying what was built and how, or
+    /// `None` when there was nothing to build (the default, and the host
+    /// backend). Errors say why the family cannot run on this device (on
+    /// CUDA: no NVRTC or cuBLAS library, or NVRTC's log).
+    fn prepare(&self, family: KernelFamily) -> Result<Option<String>> {
+        let _ = family;
+        Ok(None)
+    }
 
     /// Queue a host function on `stream`; it runs after the work queued before it.
     ///

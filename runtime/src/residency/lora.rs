@@ -37,8 +37,8 @@ use super::stats::Counters;
 use super::{ModelRt, Shared};
 use crate::arena::{pack, AllocId, Tag};
 use crate::device::{
-    Device, DevicePtr, Kernel, MergeAdapter, MergeDelta, MergeFactor, MergeKron, MergeOp,
-    PinnedBuffer, StreamId,
+    Device, DevicePtr, Kernel, KernelFamily, MergeAdapter, MergeDelta, MergeFactor, MergeKron,
+    MergeOp, PinnedBuffer, StreamId,
 };
 use crate::error::{Error, Result};
 use crate::lora::{LoraBinding, LoraDesc, LoraMode, LoraReport, LoraSource, PatchDelta, PatchKron};
@@ -572,6 +572,14 @@ impl Shared {
         let t0 = Instant::now();
         let mut state = model.lora.lock().unwrap_or_else(|p| p.into_inner());
         let prep = self.prepare(model, bindings, mode)?;
+        if mode == LoraMode::FuseOnUpload && !bindings.is_empty() {
+            // Build the device's merge kernels here, before anything
+            // changes, rather than in the first upload's job: on CUDA, NVRTC
+            // takes seconds when the kernel disk cache does not hold them, a
+            // pass would wait for that, and a device that cannot merge is
+            // an error now instead of a failed upload.
+            self.device.prepare(KernelFamily::Merge)?;
+        }
         if state.mode != mode && !state.applied.is_empty() {
             // Take the old set off in its own mode first.
             let old = state.mode;

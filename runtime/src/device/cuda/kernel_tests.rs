@@ -485,6 +485,16 @@ fn gpu_nvrtc_builds_the_merge_kernels_for_the_device() {
     let t = Instant::now();
     d2.prepare_merge().unwrap();
     eprintln!("second device: loaded in {:?}", t.elapsed());
+    // Through the Device trait: one line that names the target.
+    let line = Device::prepare(&d2, KernelFamily::Merge).unwrap().unwrap();
+    eprintln!("{line}");
+    assert!(
+        line.starts_with(&format!("merge kernels for {}: ", info.target)),
+        "{line}"
+    );
+    let line = Device::prepare(&d2, KernelFamily::Matmul).unwrap().unwrap();
+    eprintln!("{line}");
+    assert!(line.starts_with("matrix products: "), "{line}");
 }
 
 #[test]

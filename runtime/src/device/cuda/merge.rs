@@ -29,6 +29,7 @@
 //! launch of their own, as one [`Kernel::Merge`](crate::device::Kernel::Merge).
 
 use std::ffi::c_void;
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,6 +88,37 @@ pub struct MergeKernelsInfo {
     pub log: String,
     /// The NVRTC library loaded, as mapped in the process.
     pub library: Option<PathBuf>,
+}
+
+/// One line: the target, and whether NVRTC compiled the kernels (how long,
+/// whether the image was kept on disk) or they were read from the disk cache.
+impl fmt::Display for MergeKernelsInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (major, minor) = self.nvrtc_version;
+        let secs = self.build_time.as_secs_f64();
+        write!(f, "merge kernels for {}: ", self.target)?;
+        match &self.disk_cache {
+            DiskCache::Loaded(path) => write!(
+                f,
+                "loaded in {secs:.3} s from the kernel disk cache ({}; built by NVRTC {major}.{minor})",
+                path.display()
+            ),
+            DiskCache::Stored(path) => write!(
+                f,
+                "compiled by NVRTC {major}.{minor} in {secs:.1} s, kept in {}",
+                path.display()
+            ),
+            DiskCache::NotStored { path, error } => write!(
+                f,
+                "compiled by NVRTC {major}.{minor} in {secs:.1} s; not kept in {} ({error})",
+                path.display()
+            ),
+            DiskCache::Off => write!(
+                f,
+                "compiled by NVRTC {major}.{minor} in {secs:.1} s (kernel disk cache off)"
+            ),
+        }
+    }
 }
 
 fn merge_error(message: String) -> Error {

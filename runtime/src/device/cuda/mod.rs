@@ -72,8 +72,8 @@ use self::handles::{Context, Event, Stream};
 use self::memory::MemState;
 use super::pinned::PinnedFree;
 use super::{
-    BackendKind, Device, DeviceInfo, DevicePtr, EventId, HostFn, Kernel, MemoryInfo, PhysPage,
-    PinnedBuffer, StreamId, VirtualRange,
+    BackendKind, Device, DeviceInfo, DevicePtr, EventId, HostFn, Kernel, KernelFamily, MemoryInfo,
+    PhysPage, PinnedBuffer, StreamId, VirtualRange,
 };
 use crate::error::{Error, Result};
 
@@ -913,5 +913,23 @@ impl Device for CudaDevice {
             drop(unsafe { Box::from_raw(data) });
         }
         r
+    }
+
+    fn prepare(&self, family: KernelFamily) -> Result<Option<String>> {
+        Ok(Some(match family {
+            KernelFamily::Merge => self.prepare_merge()?.to_string(),
+            KernelFamily::Matmul => {
+                let blas = self.prepare_matmul()?;
+                let library = blas
+                    .library
+                    .map_or_else(|| "cuBLAS".to_string(), |p| p.display().to_string());
+                match blas.convert_error {
+                    None => format!("matrix products: {library}"),
+                    Some(e) => format!(
+                        "matrix products: {library}; f16/bf16 weights cannot be multiplied: {e}"
+                    ),
+                }
+            }
+        }))
     }
 }
