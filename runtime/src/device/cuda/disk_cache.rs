@@ -13,7 +13,8 @@
 //! The image's length and checksum are stored too: a truncated or damaged
 //! file is a miss, compiled again and overwritten. Files are written under
 //! a temporary name and renamed, so a reader never sees half a file, even
-//! with two processes building at once.
+//! with two processes building at once. A folder keeps the [`KEEP`] newest
+//! entries of each program and target.
 //!
 //! The folder ([`cache_dir`]): `$OFFLOAD_KERNEL_CACHE` when set (`off`,
 //! `0` or empty turns the cache off), else `$XDG_CACHE_HOME/offload/kernels`,
@@ -125,9 +126,16 @@ impl Key {
         out
     }
 
-    /// The entry's file name: the program's name (letters, digits, `.`,
-    /// `_`, `-` kept), the target and a hash of the whole key.
+    /// The entry's file name: [`Self::family`], then a hash of the whole
+    /// key and `.bin`.
     pub fn file_name(&self) -> String {
+        format!("{}{:016x}.bin", self.family(), fnv1a(&self.encode()))
+    }
+
+    /// The start of the file names of every entry for this program and
+    /// target: the program's name (letters, digits, `.`, `_`, `-` kept), then
+    /// the target, each followed by `-`.
+    fn family(&self) -> String {
         let name: String = self
             .name
             .chars()
@@ -143,7 +151,7 @@ impl Key {
             Target::Cubin(a) => format!("sm_{a}"),
             Target::Ptx(a) => format!("compute_{a}"),
         };
-        format!("{name}-{target}-{:016x}.bin", fnv1a(&self.encode()))
+        format!("{name}-{target}-")
     }
 }
 
@@ -189,9 +197,15 @@ pub fn load(dir: &Path, key: &Key) -> Option<(PathBuf, Vec<u8>)> {
     Some((path, image.to_vec()))
 }
 
+/// How many entries of one program and target a folder keeps: the newest
+/// ones, so that a few builds of Offload used in turn do not compile again,
+/// while old sources do not pile up.
+pub const KEEP: usize = 4;
+
 /// Writes `image` for `key` into `dir` (created if missing), replacing any
 /// entry of that name; returns the file. The file appears whole or not at
-/// all (written under a temporary name, then renamed).
+/// all (written under a temporary name, then renamed). Then removes the
+/// entries of the same program and target beyond the [`KEEP`] newest.
 pub fn store(dir: &Path, key: &Key, image: &[u8]) -> io::Result<PathBuf> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     fs::create_dir_all(dir)?;
@@ -217,7 +231,32 @@ pub fn store(dir: &Path, key: &Key, image: &[u8]) -> io::Result<PathBuf> {
     write().inspect_err(|_| {
         let _ = fs::remove_file(&tmp);
     })?;
+    prune(dir, key, &path);
     Ok(path)
+}
+
+/// Removes the entries of `key`'s program and target beyond the [`KEEP`]
+/// newest (by modification time), never `keep` itself; best effort.
+fn prune(dir: &Path, key: &Key, keep: &Path) {
+    let family = key.family();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with(&family) && n.ends_with(".bin")
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    // Newest first; the one just written always stays.
+    found.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    found.retain(|(_, p)| p != keep);
+    for (_, p) in found.into_iter().skip(KEEP - 1) {
+        let _ = fs::remove_file(p);
+    }
 }
 
 #[cfg(test)]
@@ -360,6 +399,44 @@ mod tests {
             "{e:?}"
         );
         assert_eq!(load(&blocked.join("kernels"), &key()), None);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_folder_keeps_the_newest_entries_of_each_program_and_target() {
+        let d = dir("prune");
+        let versions: Vec<Key> = (0..KEEP + 3)
+            .map(|i| {
+                let mut k = key();
+                k.source = format!("// version {i}\n{}", k.source);
+                k
+            })
+            .collect();
+        // Another target and another program share the folder.
+        let mut sm80 = key();
+        sm80.target = Target::Cubin(80);
+        let mut other = key();
+        other.name = "offload_convert.cu".into();
+        store(&d, &sm80, b"sm_80").unwrap();
+        store(&d, &other, b"other").unwrap();
+        for (i, k) in versions.iter().enumerate() {
+            // Distinct modification times, in order.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            store(&d, k, format!("image {i}").as_bytes()).unwrap();
+        }
+        for (i, k) in versions.iter().enumerate() {
+            let kept = load(&d, k).is_some();
+            assert_eq!(kept, i >= versions.len() - KEEP, "version {i}");
+        }
+        assert_eq!(load(&d, &sm80).unwrap().1, b"sm_80");
+        assert_eq!(load(&d, &other).unwrap().1, b"other");
+        assert_eq!(fs::read_dir(&d).unwrap().count(), KEEP + 2);
+        // An older version stored again is the newest: it stays, the oldest kept one goes.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        store(&d, &versions[0], b"again").unwrap();
+        assert_eq!(load(&d, &versions[0]).unwrap().1, b"again");
+        assert!(load(&d, &versions[versions.len() - KEEP]).is_none());
+        assert_eq!(fs::read_dir(&d).unwrap().count(), KEEP + 2);
         fs::remove_dir_all(&d).unwrap();
     }
 
