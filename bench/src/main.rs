@@ -20,7 +20,7 @@ mod sdxl;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use offload_runtime::device::{self, HostConfig};
+use offload_runtime::device::{self, HostConfig, KernelFamily};
 
 /// Offload: run models larger than GPU memory by paging weights.
 #[derive(Parser, Debug)]
@@ -36,7 +36,7 @@ enum Command {
     #[command(subcommand)]
     Bench(Box<Bench>),
     /// Print the device that would be used, and why.
-    Device,
+    Device(DeviceArgs),
     /// Print the layout of model files and what LoRA files are and match.
     Inspect(cmd_inspect::InspectArgs),
     /// Bake LoRAs into a new checkpoint.
@@ -117,13 +117,38 @@ fn main_job() -> Result<(), String> {
     e2e::run(&e2e::E2eArgs::default())
 }
 
+#[derive(Args, Debug)]
+struct DeviceArgs {
+    /// Also build the device's kernels now (on CUDA: cuBLAS, and the merge
+    /// kernels with NVRTC, which fills the kernel disk cache so later runs
+    /// load them) and say how each was built; an error if one cannot be.
+    #[arg(long)]
+    prepare: bool,
+}
+
+fn run_device(a: &DeviceArgs) -> Result<(), String> {
+    let selected = device::auto(&HostConfig::default()).map_err(|e| e.to_string())?;
+    println!("{}", selected.reason);
+    if a.prepare {
+        for (family, name) in [
+            (KernelFamily::Matmul, "matrix products"),
+            (KernelFamily::Merge, "merge kernels"),
+        ] {
+            match selected.device.prepare(family) {
+                Ok(Some(line)) => println!("{line}"),
+                Ok(None) => println!("{name}: nothing to build on this device"),
+                Err(e) => return Err(format!("{name}: {e}")),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         None => main_job(),
-        Some(Command::Device) => device::auto(&HostConfig::default())
-            .map(|s| println!("{}", s.reason))
-            .map_err(|e| e.to_string()),
+        Some(Command::Device(a)) => run_device(a),
         Some(Command::Bench(b)) => match b.as_ref() {
             Bench::Arena(a) => bench_arena(a),
             Bench::E2e(a) => e2e::run(a),

@@ -826,3 +826,34 @@ fn offload_device_rejects_an_unknown_merge_kernel() {
         assert!(o.status.success(), "{good:?}: {}", stderr(&o));
     }
 }
+
+/// `offload device --prepare` names the device, then says for each kernel
+/// family how it was built: nothing to build on the host backend, the
+/// cuBLAS library and how NVRTC built the merge kernels on a GPU.
+#[test]
+fn offload_device_prepare_says_how_each_kernel_family_was_built() {
+    let lines = |o: &std::process::Output| -> Vec<String> {
+        stdout(o).lines().map(str::to_string).collect()
+    };
+    let plain = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .arg("device")
+        .output()
+        .expect("run the offload binary");
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    assert_eq!(lines(&plain).len(), 1, "{}", stdout(&plain));
+    let o = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .args(["device", "--prepare"])
+        .output()
+        .expect("run the offload binary");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let l = lines(&o);
+    assert_eq!(l.len(), 3, "{}", stdout(&o));
+    assert_eq!(l[0], lines(&plain)[0]);
+    if l[0].starts_with("using the host backend") {
+        assert_eq!(l[1], "matrix products: nothing to build on this device");
+        assert_eq!(l[2], "merge kernels: nothing to build on this device");
+    } else {
+        assert!(l[1].starts_with("matrix products: "), "{}", l[1]);
+        assert!(l[2].starts_with("merge kernels for "), "{}", l[2]);
+    }
+}
