@@ -121,7 +121,8 @@ fn main_job() -> Result<(), String> {
 struct DeviceArgs {
     /// Also build the device's kernels now (on CUDA: cuBLAS, and the merge
     /// kernels with NVRTC, which fills the kernel disk cache so later runs
-    /// load them) and say how each was built; an error if one cannot be.
+    /// load them) and say how each was built; an error, after trying every
+    /// one, if one cannot be.
     #[arg(long)]
     prepare: bool,
 }
@@ -129,19 +130,32 @@ struct DeviceArgs {
 fn run_device(a: &DeviceArgs) -> Result<(), String> {
     let selected = device::auto(&HostConfig::default()).map_err(|e| e.to_string())?;
     println!("{}", selected.reason);
-    if a.prepare {
-        for (family, name) in [
-            (KernelFamily::Matmul, "matrix products"),
-            (KernelFamily::Merge, "merge kernels"),
-        ] {
-            match selected.device.prepare(family) {
-                Ok(Some(line)) => println!("{line}"),
-                Ok(None) => println!("{name}: nothing to build on this device"),
-                Err(e) => return Err(format!("{name}: {e}")),
+    if !a.prepare {
+        return Ok(());
+    }
+    // Every family is tried (and said) even when one fails.
+    let mut failed = Vec::new();
+    for (family, name) in [
+        (KernelFamily::Matmul, "matrix products"),
+        (KernelFamily::Merge, "merge kernels"),
+    ] {
+        match selected.device.prepare(family) {
+            Ok(Some(line)) => println!("{line}"),
+            Ok(None) => println!("{name}: nothing to build on this device"),
+            Err(e) => {
+                println!("{name}: cannot be built: {e}");
+                failed.push(name);
             }
         }
     }
-    Ok(())
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} cannot be built on this device",
+            failed.join(" and ")
+        ))
+    }
 }
 
 fn main() -> ExitCode {

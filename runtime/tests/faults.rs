@@ -2012,8 +2012,10 @@ fn set_loras_builds_the_merge_kernels_before_changing_anything() {
         lora(10, &desc, &[(0, 0, 0), (0, 2, 1)], Kind::LowRank(4)),
         1.0,
     )];
+    // Asked twice a call: before the mode lock (so that `lora_mode()` and
+    // other models do not wait for a first build) and in the checks under it.
     k.rt.set_loras(m, &bindings(&old)).unwrap();
-    assert_eq!(prepares(), 1);
+    assert_eq!(prepares(), 2);
     check_all(&k, m, &desc, &src, &old).unwrap();
     let new: Set = vec![(
         lora(11, &desc, &[(0, 0, 0), (0, 1, 0)], Kind::LowRank(8)),
@@ -2025,23 +2027,87 @@ fn set_loras_builds_the_merge_kernels_before_changing_anything() {
         matches!(&e, Error::Kernel { kernel: "nvrtc", message } if message.contains("injected")),
         "{e}"
     );
-    assert_eq!(prepares(), 2);
+    assert_eq!(prepares(), 4);
     assert!(same_set(&k.rt.loras(m).unwrap(), &bindings(&old)));
     check_all(&k, m, &desc, &src, &old).unwrap();
     // Taking every LoRA off needs no kernel, even on a device that cannot build one.
     k.rt.set_loras(m, &[]).unwrap();
-    assert_eq!(prepares(), 2);
+    assert_eq!(prepares(), 4);
     check_all(&k, m, &desc, &src, &vec![]).unwrap();
     // Unfused hands the factors to the engine: nothing to build.
     k.rt.set_lora_mode(LoraMode::Unfused).unwrap();
     k.rt.set_loras(m, &bindings(&new)).unwrap();
-    assert_eq!(prepares(), 2);
+    assert_eq!(prepares(), 4);
     k.extra.clear_knobs();
+    // The mode switch: once in its checks, once applying the set.
     k.rt.set_lora_mode(LoraMode::FuseOnUpload).unwrap();
-    assert_eq!(prepares(), 3);
+    assert_eq!(prepares(), 6);
     check_all(&k, m, &desc, &src, &new).unwrap();
     k.rt.unload(m).unwrap();
     assert_eq!(k.rt.arena().pages_used(), 0);
+}
+
+/// Switching to fuse-on-upload builds the merge kernels while the sets are
+/// checked, before any is taken off: a device that cannot build them fails
+/// `set_lora_mode` with nothing moved (no upload, no merge) and the mode
+/// and set as they were. The fault wrapper passes `prepare` through.
+#[test]
+fn set_lora_mode_builds_the_merge_kernels_before_taking_any_set_off() {
+    let (desc, src) = f16_model(
+        "prepare-mode",
+        7,
+        &[vec![vec![vec![64, 64], vec![64, 32]]; 3]],
+    );
+    let k = knobbed(knobbed_cfg(
+        Mode::None,
+        32,
+        HostPolicy::Pinned,
+        LoraMode::Unfused,
+    ));
+    let prepares = || k.extra.merge_prepares.load(Ordering::SeqCst);
+    let m = k.rt.load(desc.clone(), src.clone()).unwrap();
+    let set: Set = vec![(
+        lora(12, &desc, &[(0, 0, 0), (0, 2, 1)], Kind::LowRank(4)),
+        0.75,
+    )];
+    k.rt.set_loras(m, &bindings(&set)).unwrap();
+    check_all(&k, m, &desc, &src, &vec![]).unwrap();
+    assert_eq!(prepares(), 0, "unfused builds no merge kernel");
+    let before = k.rt.stats();
+    k.extra.refuse_prepare.store(true, Ordering::SeqCst);
+    let e = k.rt.set_lora_mode(LoraMode::FuseOnUpload).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            Error::Kernel {
+                kernel: "nvrtc",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(prepares(), 1);
+    let after = k.rt.stats();
+    assert_eq!(
+        (after.bytes_h2d, after.uploads, after.merges),
+        (before.bytes_h2d, before.uploads, before.merges)
+    );
+    assert_eq!(k.rt.lora_mode(), LoraMode::Unfused);
+    assert!(same_set(&k.rt.loras(m).unwrap(), &bindings(&set)));
+    k.extra.clear_knobs();
+    k.rt.set_lora_mode(LoraMode::FuseOnUpload).unwrap();
+    assert_eq!(prepares(), 3);
+    check_all(&k, m, &desc, &src, &set).unwrap();
+    k.rt.unload(m).unwrap();
+    // The fault wrapper forwards prepare to the device it wraps, errors included.
+    let wrapped = FaultDevice::new(k.extra.clone(), FaultConfig::default());
+    let n = prepares();
+    assert_eq!(wrapped.prepare(KernelFamily::Merge).unwrap(), None);
+    k.extra.refuse_prepare.store(true, Ordering::SeqCst);
+    assert!(wrapped.prepare(KernelFamily::Merge).is_err());
+    assert_eq!(wrapped.prepare(KernelFamily::Matmul).unwrap(), None);
+    assert_eq!(prepares(), n + 2);
+    k.extra.clear_knobs();
 }
 
 /// Regression (fixed: `apply` now synchronises the copy stream before it

@@ -229,7 +229,21 @@ impl Shared {
         bindings: &[LoraBinding],
         mode: LoraMode,
     ) -> Result<()> {
-        self.prepare(model, bindings, mode).map(|_| ())
+        self.ready(model, bindings, mode).map(|_| ())
+    }
+
+    /// [`Self::prepare`], then, in fuse-on-upload when the set patches some
+    /// tensor, has the device build its merge kernels: on CUDA, NVRTC takes
+    /// seconds when the kernel disk cache does not hold them, which belongs
+    /// here rather than in the first upload's job (a pass would wait for it,
+    /// up to its `wait_timeout`), and a device that cannot merge is an error
+    /// before anything changes.
+    fn ready(&self, model: &ModelRt, bindings: &[LoraBinding], mode: LoraMode) -> Result<Prepared> {
+        let prep = self.prepare(model, bindings, mode)?;
+        if mode == LoraMode::FuseOnUpload && !prep.tensors.is_empty() {
+            self.device.prepare(KernelFamily::Merge)?;
+        }
+        Ok(prep)
     }
 
     /// Check every binding against the model; nothing changes.
@@ -570,16 +584,10 @@ impl Shared {
         mode: LoraMode,
     ) -> Result<LoraReport> {
         let t0 = Instant::now();
+        // Before the model's lock: building the merge kernels may take
+        // seconds, and the checks need no LoRA state.
+        let prep = self.ready(model, bindings, mode)?;
         let mut state = model.lora.lock().unwrap_or_else(|p| p.into_inner());
-        let prep = self.prepare(model, bindings, mode)?;
-        if mode == LoraMode::FuseOnUpload && !bindings.is_empty() {
-            // Build the device's merge kernels here, before anything
-            // changes, rather than in the first upload's job: on CUDA, NVRTC
-            // takes seconds when the kernel disk cache does not hold them, a
-            // pass would wait for that, and a device that cannot merge is
-            // an error now instead of a failed upload.
-            self.device.prepare(KernelFamily::Merge)?;
-        }
         if state.mode != mode && !state.applied.is_empty() {
             // Take the old set off in its own mode first.
             let old = state.mode;

@@ -774,6 +774,13 @@ impl Runtime {
     /// again with it finishes the job.
     pub fn set_loras(&self, model: ModelId, loras: &[LoraBinding]) -> Result<LoraReport> {
         let m = self.sh.model(model)?;
+        if self.lora_mode() == LoraMode::FuseOnUpload {
+            // Build the merge kernels (seconds on CUDA the first time)
+            // before taking the mode lock, which `lora_mode()` and every
+            // model's `set_loras` wait on. Errors are left to the checks
+            // under the lock, in the mode the call runs in.
+            let _ = self.sh.check_lora_set(&m, loras, LoraMode::FuseOnUpload);
+        }
         // Held for the call: the mode cannot change under it.
         let mode = self.sh.lora_mode.lock().unwrap_or_else(|p| p.into_inner());
         self.sh.set_loras(&m, loras, *mode)
@@ -821,6 +828,8 @@ impl Runtime {
                     .clone()
             })
             .collect();
+        // Every set checked in the new mode (and, for fuse-on-upload, the
+        // merge kernels built) before any is taken off.
         for (m, set) in models.iter().zip(&sets) {
             sh.check_lora_set(m, set, mode)?;
         }

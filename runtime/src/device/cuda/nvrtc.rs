@@ -449,6 +449,7 @@ fn build(
             name: name.to_string(),
             target,
             nvrtc_version,
+            nvrtc_library: library_identity(),
             options: options.clone(),
             headers: HEADERS
                 .iter()
@@ -499,6 +500,22 @@ fn build(
             disk_cache,
         })
     })
+}
+
+/// The loaded NVRTC library file as `path:size:modification time` (empty if
+/// it cannot be found): NVRTC reports only its major and minor version, and
+/// a patch release must not load images the previous one built.
+fn library_identity() -> String {
+    let Some(path) = loaded_library("libnvrtc.so") else {
+        return String::new();
+    };
+    let meta = std::fs::metadata(&path).ok();
+    let mtime = meta
+        .as_ref()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{}:{}:{mtime}", path.display(), meta.map_or(0, |m| m.len()))
 }
 
 /// Compiles `source` for `cc` with NVRTC now, bypassing both the process's
