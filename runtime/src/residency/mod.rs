@@ -758,7 +758,12 @@ impl Runtime {
     /// may be acquired). The whole set is checked before anything changes
     /// (multipliers, targets, factor shapes, the host policy, the device
     /// budget for the factors) and a bad set is an [`Error::Lora`] or
-    /// [`Error::DoesNotFit`] that leaves the current set in place. Only the
+    /// [`Error::DoesNotFit`] that leaves the current set in place. In
+    /// fuse-on-upload, a set that patches some tensor also has the device
+    /// build its merge kernels first ([`crate::device::Device::prepare`]:
+    /// seconds on CUDA when the kernel disk cache does not hold them); a
+    /// device that cannot is an error ([`Error::Kernel`], or
+    /// [`Error::Unsupported`] without NVRTC) that changes nothing. Only the
     /// tensors whose adapters or multipliers change are re-derived, always
     /// from their pristine bytes; an empty set restores every weight
     /// bit for bit. Blocks until the device copies it changed are ready;
