@@ -62,6 +62,8 @@ pub(super) struct MergeKernels {
     lowrank_pipe_batch: [sys::CUfunction; 3],
     general: [sys::CUfunction; 3],
     image: Arc<Image>,
+    /// The NVRTC library mapped in the process when they were built.
+    library: Option<PathBuf>,
 }
 
 // SAFETY: the functions are driver handles usable from any thread with the
@@ -421,6 +423,7 @@ impl CudaDevice {
             general: functions(merge_entry)?,
             _module: module,
             image,
+            library: nvrtc::loaded_library("libnvrtc.so"),
         });
         *slot = Some(k.clone());
         Ok(k)
@@ -440,7 +443,7 @@ impl CudaDevice {
             disk_cache: k.image.disk_cache.clone(),
             options: k.image.options.clone(),
             log: k.image.log.clone(),
-            library: nvrtc::loaded_library("libnvrtc.so"),
+            library: k.library.clone(),
         })
     }
 
