@@ -104,6 +104,51 @@ fn cuda_device_without_driver_is_an_error_not_a_panic() {
     }
 }
 
+/// The GPU tests of this file that need no device code, and the matrix
+/// product tests of `kernel_tests`, run in a child process of this test
+/// binary whose CUDA driver, cuBLAS and NVRTC are `offload-fakecuda` (a
+/// driver that runs on the CPU and checks every copy's device memory when
+/// its stream runs it): the backend's host-side logic (memory modes, VMM
+/// mapping, streams, events, host functions, pinned and registered memory,
+/// cuBLAS and its conversion kernels) on every machine. A GPU run is still
+/// what says it works on a GPU.
+#[test]
+fn gpu_tests_pass_on_the_fake_driver() {
+    let exe = std::env::current_exe().unwrap();
+    let lib = offload_fakecuda::find_library(&exe).unwrap_or_else(|| {
+        panic!(
+            "liboffload_fakecuda.so is not beside {} (cargo builds it as a dev-dependency)",
+            exe.display()
+        )
+    });
+    let dir = std::env::temp_dir().join(format!("offload-fakecuda-rt-{}", std::process::id()));
+    offload_fakecuda::install(&lib, &dir).unwrap();
+    let matmul = [
+        "device::cuda::kernel_tests::gpu_matmul_cublas_matches_cpu",
+        "device::cuda::kernel_tests::gpu_matmul_edge_cases_and_checks",
+    ];
+    let out = std::process::Command::new(&exe)
+        .args(["--ignored", "--test-threads=2", "device::cuda::tests::gpu_"])
+        .args(matmul)
+        .env("LD_LIBRARY_PATH", &dir)
+        .env("OFFLOAD_KERNEL_CACHE", "off")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Every ignored test of this file, counted from its source, plus the matmul ones.
+    let attr = concat!("#[ignore = \"needs a CUDA", " GPU\"]");
+    let expected = include_str!("tests.rs").matches(attr).count() + matmul.len();
+    assert!(expected >= 14, "counted {expected} tests");
+    let summary = format!("test result: ok. {expected} passed; 0 failed");
+    assert!(
+        out.status.success() && stdout.contains(&summary),
+        "expected `{summary}` from the GPU tests on the fake driver; got {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_facts_and_handle_checks() {

@@ -1,0 +1,184 @@
+//! Modules and kernel launches: a module is an image of this driver's NVRTC
+//! ([`crate::nvrtc`]); of its kernels, those listed in [`launch`] run on the
+//! CPU, and the others fail to launch with `CUDA_ERROR_NOT_SUPPORTED`.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_uint, c_void, CStr};
+use std::sync::{Mutex, OnceLock};
+
+use cudarc::driver::sys::{CUfunction, CUmodule, CUresult, CUstream};
+use half::{bf16, f16};
+
+use crate::{call, driver, lock, out, run_checked, SendPtr};
+
+struct Module {
+    kernels: Vec<String>,
+}
+
+#[derive(Default)]
+struct Tables {
+    modules: HashMap<usize, Module>,
+    /// Function handle → (module, kernel name).
+    functions: HashMap<usize, (usize, String)>,
+}
+
+fn tables() -> &'static Mutex<Tables> {
+    static T: OnceLock<Mutex<Tables>> = OnceLock::new();
+    T.get_or_init(Default::default)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleLoadData(m: *mut CUmodule, image: *const c_void) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        if image.is_null() {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        // SAFETY: the caller passes an image; ours end with a NUL within a
+        // few KiB, and anything else is rejected at its first differing byte
+        // of the magic, which never reads past a real image's header.
+        let head =
+            unsafe { std::slice::from_raw_parts(image.cast::<u8>(), crate::nvrtc::MAGIC.len()) };
+        if head != crate::nvrtc::MAGIC {
+            return Err(CUresult::CUDA_ERROR_INVALID_IMAGE);
+        }
+        // SAFETY: an image of our NVRTC: NUL-terminated text after the magic.
+        let text = unsafe { CStr::from_ptr(image.cast::<c_char>()) }.to_bytes_with_nul();
+        let (_, kernels) =
+            crate::nvrtc::parse_image(text).ok_or(CUresult::CUDA_ERROR_INVALID_IMAGE)?;
+        let id = d.id();
+        lock(tables()).modules.insert(id, Module { kernels });
+        out(m, id as CUmodule)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleGetFunction(
+    f: *mut CUfunction,
+    m: CUmodule,
+    name: *const c_char,
+) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        if name.is_null() {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        // SAFETY: non-null, NUL-terminated (the C API's contract).
+        let name = unsafe { CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned();
+        let mut t = lock(tables());
+        let module = t
+            .modules
+            .get(&(m as usize))
+            .ok_or(CUresult::CUDA_ERROR_INVALID_HANDLE)?;
+        if !module.kernels.contains(&name) {
+            return Err(CUresult::CUDA_ERROR_NOT_FOUND);
+        }
+        let id = d.id();
+        t.functions.insert(id, (m as usize, name));
+        out(f, id as CUfunction)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuModuleUnload(m: CUmodule) -> CUresult {
+    call(|| {
+        driver(true)?;
+        let mut t = lock(tables());
+        t.modules
+            .remove(&(m as usize))
+            .ok_or(CUresult::CUDA_ERROR_INVALID_HANDLE)?;
+        t.functions.retain(|_, (module, _)| *module != m as usize);
+        Ok(())
+    })
+}
+
+/// Reads kernel parameter `i` as a `T`.
+///
+/// # Safety
+/// `params` holds at least `i + 1` pointers, the `i`th to a `T`.
+unsafe fn param<T: Copy>(params: *mut *mut c_void, i: usize) -> T {
+    // SAFETY: the caller's bound.
+    unsafe { (*params.add(i)).cast::<T>().read_unaligned() }
+}
+
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn cuLaunchKernel(
+    f: CUfunction,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    _shared: c_uint,
+    s: CUstream,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        let name = lock(tables())
+            .functions
+            .get(&(f as usize))
+            .map(|(_, n)| n.clone())
+            .ok_or(CUresult::CUDA_ERROR_INVALID_HANDLE)?;
+        if [gx, gy, gz, bx, by, bz].contains(&0) || params.is_null() || !extra.is_null() {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        let st = d.stream(s)?;
+        match name.as_str() {
+            "offload_f32_to_f16" | "offload_f32_to_bf16" => {
+                let to_f16 = name == "offload_f32_to_f16";
+                // SAFETY: this kernel's parameters: (const float*, half*, unsigned long long).
+                let (x, y, n) = unsafe {
+                    (
+                        param::<u64>(params, 0),
+                        param::<u64>(params, 1),
+                        param::<u64>(params, 2),
+                    )
+                };
+                let n = usize::try_from(n).map_err(|_| CUresult::CUDA_ERROR_INVALID_VALUE)?;
+                let ranges = vec![(x, n * 4), (y, n * 2)];
+                {
+                    let m = d.mem_read();
+                    for &(p, len) in &ranges {
+                        if len > 0 {
+                            m.check_device(p, len).map_err(|msg| {
+                                eprintln!("offload-fakecuda: {name}: {msg}");
+                                CUresult::CUDA_ERROR_INVALID_VALUE
+                            })?;
+                        }
+                    }
+                }
+                let (xs, ys) = (SendPtr(x as usize), SendPtr(y as usize));
+                let what = format!("kernel {name} over {n} elements");
+                st.enqueue(Box::new(move || {
+                    let ranges: Vec<_> = ranges.into_iter().filter(|r| r.1 > 0).collect();
+                    run_checked(&what, &ranges, || {
+                        for i in 0..n {
+                            // SAFETY: x holds n f32 and y n 16-bit values,
+                            // checked to be accessible device memory.
+                            unsafe {
+                                let v = (xs.0 as *const f32).add(i).read_unaligned();
+                                let bits = if to_f16 {
+                                    f16::from_f32(v).to_bits()
+                                } else {
+                                    bf16::from_f32(v).to_bits()
+                                };
+                                (ys.0 as *mut u16).add(i).write_unaligned(bits);
+                            }
+                        }
+                    })
+                }));
+                Ok(())
+            }
+            _ => {
+                eprintln!("offload-fakecuda: kernel {name} does not run on the fake driver (only the activation conversion kernels do)");
+                Err(CUresult::CUDA_ERROR_NOT_SUPPORTED)
+            }
+        }
+    })
+}

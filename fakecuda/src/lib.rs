@@ -1,0 +1,897 @@
+//! A CUDA driver (and cuBLAS) that runs on the CPU: a test double for the
+//! CUDA backend on machines without a GPU.
+//!
+//! Built as a shared library and put on `LD_LIBRARY_PATH` under the names
+//! `libcuda.so`, `libcublas.so` and `libnvrtc.so` (see [`install`]), it answers the driver
+//! calls `offload-runtime`'s CUDA backend makes through cudarc: one device,
+//! memory (`cuMemAlloc`, the virtual memory API, pinned and registered host
+//! memory), streams (each a thread running its operations in order), events
+//! (with timing), host functions, copies and memsets. Device memory is host
+//! memory, so the backend's code above the driver runs unchanged and its
+//! results can be checked byte for byte.
+//!
+//! It is stricter than a real driver where a real driver's failure would be
+//! silent or a crash:
+//! - every call but the device queries needs `cuInit`, and every call that
+//!   a real driver runs in the current context needs one set on the calling
+//!   thread (`CUDA_ERROR_INVALID_CONTEXT`);
+//! - a host function that calls the driver gets `CUDA_ERROR_NOT_PERMITTED`;
+//! - copies and memsets check their device bytes when queued (an error) and
+//!   again when their stream runs them: memory unmapped, freed or never made
+//!   accessible by then aborts the process with a message naming the
+//!   operation and the addresses, which is what a real GPU's illegal address
+//!   would have been, silently or not;
+//! - a pinned host buffer is read or written when the stream gets there, not
+//!   when the copy is queued, so reusing one too early shows up as wrong
+//!   bytes; a pageable one is copied at once, as the real driver does.
+//!
+//! It runs no GPU code. Its NVRTC (`libnvrtc.so`, [`nvrtc`]) records a
+//! program's kernel names in an image only its `cuModuleLoadData` accepts;
+//! of those kernels, the activation conversions run on the CPU
+//! ([`kernels`]) and the others (the LoRA merges) fail to launch with
+//! `CUDA_ERROR_NOT_SUPPORTED`. `cublasGemmEx` is computed on the CPU in f32.
+//!
+//! Environment, read at `cuInit`:
+//! - `OFFLOAD_FAKECUDA_MEMORY_MIB`: device memory (default 2048);
+//! - `OFFLOAD_FAKECUDA_GRANULARITY_KIB`: allocation granularity, the page
+//!   size of the VMM arena (default 2048, as on NVIDIA GPUs);
+//! - `OFFLOAD_FAKECUDA_NO_VMM=1`: the device says it has no virtual memory
+//!   management and `cuMemCreate` fails (the backend's fallback mode);
+//! - `OFFLOAD_FAKECUDA_NO_HOST_REGISTER=1`: `cuMemHostRegister` fails.
+
+#![allow(non_snake_case)]
+// The exported functions are the driver's C API: their pointer arguments
+// are the caller's to keep valid, as with the real library.
+#![allow(clippy::missing_safety_doc)]
+
+mod blas;
+pub mod kernels;
+mod memory;
+pub mod nvrtc;
+mod stream;
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_uint, c_void, CString};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use cudarc::driver::sys::{
+    self, CUcontext, CUdevice, CUdeviceptr, CUevent, CUhostFn, CUresult, CUstream,
+};
+
+use memory::Memory;
+use stream::{Event, Stream};
+
+/// The device's name, as `cuDeviceGetName` gives it.
+pub const DEVICE_NAME: &str = "Offload fake CUDA device (host memory)";
+
+/// The file names under which the library must be found: cudarc's first
+/// candidates for the driver and for cuBLAS.
+pub const LIBRARY_NAMES: [&str; 3] = ["libcuda.so", "libcublas.so", "libnvrtc.so"];
+
+/// Makes `dir` a folder to put on `LD_LIBRARY_PATH`: links named
+/// [`LIBRARY_NAMES`] to `library` (this crate's cdylib).
+pub fn install(library: &Path, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for name in LIBRARY_NAMES {
+        let link = dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(library, &link)?;
+    }
+    Ok(())
+}
+
+/// Where cargo put this crate's cdylib for a test or binary at `exe`
+/// (`target/<profile>/deps/…` or `target/<profile>/…`), if it is there.
+pub fn find_library(exe: &Path) -> Option<PathBuf> {
+    let name = "liboffload_fakecuda.so";
+    let dir = exe.parent()?;
+    [dir.join(name), dir.join("deps").join(name)]
+        .into_iter()
+        .chain(dir.parent().map(|p| p.join(name)))
+        .find(|p| p.is_file())
+}
+
+const CONTEXT: usize = 0xC0_0000;
+
+struct Config {
+    memory: usize,
+    granularity: usize,
+    vmm: bool,
+    host_register: bool,
+}
+
+impl Config {
+    fn from_env() -> Config {
+        let num = |k: &str, d: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(d)
+        };
+        let flag = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
+        let granularity = num("OFFLOAD_FAKECUDA_GRANULARITY_KIB", 2048).max(4) << 10;
+        Config {
+            memory: num("OFFLOAD_FAKECUDA_MEMORY_MIB", 2048) << 20,
+            granularity: granularity.next_power_of_two(),
+            vmm: !flag("OFFLOAD_FAKECUDA_NO_VMM"),
+            host_register: !flag("OFFLOAD_FAKECUDA_NO_HOST_REGISTER"),
+        }
+    }
+}
+
+struct Driver {
+    config: Config,
+    memory: RwLock<Memory>,
+    streams: Mutex<HashMap<usize, Arc<Stream>>>,
+    null_stream: OnceLock<Arc<Stream>>,
+    events: Mutex<HashMap<usize, Arc<Event>>>,
+    context_refs: Mutex<u32>,
+    next_id: AtomicUsize,
+}
+
+static DRIVER: OnceLock<Driver> = OnceLock::new();
+
+thread_local! {
+    static CURRENT: Cell<usize> = const { Cell::new(0) };
+    static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Driver {
+    fn mem(&self) -> RwLockWriteGuard<'_, Memory> {
+        self.memory.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mem_read(&self) -> RwLockReadGuard<'_, Memory> {
+        self.memory.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn id(&self) -> usize {
+        self.next_id.fetch_add(16, Ordering::Relaxed)
+    }
+
+    fn stream(&self, s: CUstream) -> Result<Arc<Stream>, CUresult> {
+        if s.is_null() {
+            return Ok(Arc::clone(
+                self.null_stream.get_or_init(|| Stream::spawn(0)),
+            ));
+        }
+        lock(&self.streams)
+            .get(&(s as usize))
+            .cloned()
+            .ok_or(CUresult::CUDA_ERROR_INVALID_HANDLE)
+    }
+
+    fn event(&self, e: CUevent) -> Result<Arc<Event>, CUresult> {
+        lock(&self.events)
+            .get(&(e as usize))
+            .cloned()
+            .ok_or(CUresult::CUDA_ERROR_INVALID_HANDLE)
+    }
+
+    fn all_streams(&self) -> Vec<Arc<Stream>> {
+        let mut v: Vec<_> = lock(&self.streams).values().cloned().collect();
+        v.extend(self.null_stream.get().cloned());
+        v
+    }
+}
+
+/// The driver, for a call that needs `cuInit` (and a current context when
+/// `context`); never from a host function.
+fn driver(context: bool) -> Result<&'static Driver, CUresult> {
+    if IN_CALLBACK.with(Cell::get) {
+        return Err(CUresult::CUDA_ERROR_NOT_PERMITTED);
+    }
+    let d = DRIVER.get().ok_or(CUresult::CUDA_ERROR_NOT_INITIALIZED)?;
+    if context && (CURRENT.with(Cell::get) != CONTEXT || *lock(&d.context_refs) == 0) {
+        return Err(CUresult::CUDA_ERROR_INVALID_CONTEXT);
+    }
+    Ok(d)
+}
+
+/// Runs a call's body, turning a panic into `CUDA_ERROR_UNKNOWN`.
+fn call(f: impl FnOnce() -> Result<(), CUresult>) -> CUresult {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(())) => CUresult::CUDA_SUCCESS,
+        Ok(Err(e)) => e,
+        Err(_) => CUresult::CUDA_ERROR_UNKNOWN,
+    }
+}
+
+/// Stops the process: a stream reached an operation whose memory is gone.
+fn fatal(what: &str, msg: &str) -> ! {
+    eprintln!("offload-fakecuda: FATAL: {what}: {msg} (a GPU would have faulted or corrupted memory here)");
+    std::process::abort()
+}
+
+/// Writes through an out-pointer the caller passed.
+fn out<T>(p: *mut T, v: T) -> Result<(), CUresult> {
+    if p.is_null() {
+        return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+    }
+    // SAFETY: the caller passes a valid pointer for the result (the C API's contract).
+    unsafe { p.write(v) };
+    Ok(())
+}
+
+/// A pointer sent to a stream thread: the C API makes the caller keep it valid.
+#[derive(Clone, Copy)]
+struct SendPtr(usize);
+// SAFETY: only an address; what may be done with it is decided by the call's contract.
+unsafe impl Send for SendPtr {}
+
+// ---------------------------------------------------------------- init, device
+
+#[no_mangle]
+pub extern "C" fn cuInit(flags: c_uint) -> CUresult {
+    call(|| {
+        if flags != 0 {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        DRIVER.get_or_init(|| {
+            let config = Config::from_env();
+            Driver {
+                memory: RwLock::new(Memory::new(config.memory, config.granularity)),
+                config,
+                streams: Mutex::new(HashMap::new()),
+                null_stream: OnceLock::new(),
+                events: Mutex::new(HashMap::new()),
+                context_refs: Mutex::new(0),
+                next_id: AtomicUsize::new(0x10_0000),
+            }
+        });
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDriverGetVersion(v: *mut c_int) -> CUresult {
+    call(|| out(v, 13000))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetCount(n: *mut c_int) -> CUresult {
+    call(|| {
+        driver(false)?;
+        out(n, 1)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGet(dev: *mut CUdevice, ordinal: c_int) -> CUresult {
+    call(|| {
+        driver(false)?;
+        if ordinal != 0 {
+            return Err(CUresult::CUDA_ERROR_INVALID_DEVICE);
+        }
+        out(dev, 0)
+    })
+}
+
+fn check_device(dev: CUdevice) -> Result<&'static Driver, CUresult> {
+    let d = driver(false)?;
+    if dev != 0 {
+        return Err(CUresult::CUDA_ERROR_INVALID_DEVICE);
+    }
+    Ok(d)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: CUdevice) -> CUresult {
+    call(|| {
+        check_device(dev)?;
+        if name.is_null() || len <= 0 {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        let bytes = DEVICE_NAME.as_bytes();
+        let n = bytes.len().min(len as usize - 1);
+        // SAFETY: the caller's buffer holds `len` bytes; we write `n + 1 <= len`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), name.cast::<u8>(), n);
+            *name.add(n) = 0;
+        }
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -> CUresult {
+    call(|| out(bytes, check_device(dev)?.config.memory))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetAttribute(
+    v: *mut c_int,
+    attr: c_uint,
+    dev: CUdevice,
+) -> CUresult {
+    use sys::CUdevice_attribute as A;
+    call(|| {
+        let d = check_device(dev)?;
+        let value = match attr {
+            a if a == A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR as u32 => 9,
+            a if a == A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR as u32 => 0,
+            a if a == A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as u32 => 4,
+            a if a == A::CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED as u32 => {
+                d.config.vmm as c_int
+            }
+            a if a == A::CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED as u32 => {
+                d.config.host_register as c_int
+            }
+            a if a == A::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED as u32 => {
+                d.config.host_register as c_int
+            }
+            _ => return Err(CUresult::CUDA_ERROR_NOT_SUPPORTED),
+        };
+        out(v, value)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetErrorName(code: c_uint, s: *mut *const c_char) -> CUresult {
+    static NAMES: OnceLock<Mutex<HashMap<u32, CString>>> = OnceLock::new();
+    call(|| {
+        let name = error_name(code).ok_or(CUresult::CUDA_ERROR_INVALID_VALUE)?;
+        let mut names = lock(NAMES.get_or_init(Default::default));
+        let c = names
+            .entry(code)
+            .or_insert_with(|| CString::new(name).expect("no NUL"));
+        // The strings live as long as the process, like the driver's.
+        out(s, c.as_ptr())
+    })
+}
+
+fn error_name(code: u32) -> Option<String> {
+    use CUresult as E;
+    [
+        E::CUDA_SUCCESS,
+        E::CUDA_ERROR_INVALID_VALUE,
+        E::CUDA_ERROR_OUT_OF_MEMORY,
+        E::CUDA_ERROR_NOT_INITIALIZED,
+        E::CUDA_ERROR_INVALID_DEVICE,
+        E::CUDA_ERROR_INVALID_IMAGE,
+        E::CUDA_ERROR_INVALID_CONTEXT,
+        E::CUDA_ERROR_INVALID_HANDLE,
+        E::CUDA_ERROR_NOT_FOUND,
+        E::CUDA_ERROR_NOT_READY,
+        E::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED,
+        E::CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED,
+        E::CUDA_ERROR_NOT_PERMITTED,
+        E::CUDA_ERROR_NOT_SUPPORTED,
+        E::CUDA_ERROR_UNKNOWN,
+    ]
+    .into_iter()
+    .find(|e| *e as u32 == code)
+    .map(|e| format!("{e:?}"))
+}
+
+// ---------------------------------------------------------------- contexts
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut CUcontext, dev: CUdevice) -> CUresult {
+    call(|| {
+        let d = check_device(dev)?;
+        out(ctx, CONTEXT as CUcontext)?;
+        *lock(&d.context_refs) += 1;
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: CUdevice) -> CUresult {
+    call(|| {
+        let d = check_device(dev)?;
+        let mut refs = lock(&d.context_refs);
+        if *refs == 0 {
+            return Err(CUresult::CUDA_ERROR_INVALID_CONTEXT);
+        }
+        *refs -= 1;
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxSetCurrent(ctx: CUcontext) -> CUresult {
+    call(|| {
+        let d = driver(false)?;
+        let c = ctx as usize;
+        if c != 0 && (c != CONTEXT || *lock(&d.context_refs) == 0) {
+            return Err(CUresult::CUDA_ERROR_INVALID_CONTEXT);
+        }
+        CURRENT.with(|cur| cur.set(c));
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxSynchronize() -> CUresult {
+    call(|| {
+        for s in driver(true)?.all_streams() {
+            s.synchronize();
+        }
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------- memory
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        let m = d.mem_read();
+        out(free, m.capacity - m.used)?;
+        out(total, m.capacity)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetAllocationGranularity(
+    g: *mut usize,
+    prop: *const sys::CUmemAllocationProp,
+    _option: c_uint,
+) -> CUresult {
+    call(|| {
+        let d = driver(false)?;
+        if prop.is_null() {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        if !d.config.vmm {
+            return Err(CUresult::CUDA_ERROR_NOT_SUPPORTED);
+        }
+        out(g, d.config.granularity)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemCreate(
+    handle: *mut u64,
+    size: usize,
+    prop: *const sys::CUmemAllocationProp,
+    flags: u64,
+) -> CUresult {
+    call(|| {
+        let d = driver(false)?;
+        if prop.is_null() || flags != 0 {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        if !d.config.vmm {
+            return Err(CUresult::CUDA_ERROR_NOT_SUPPORTED);
+        }
+        let h = d.mem().create(size)?;
+        out(handle, h)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemRelease(handle: u64) -> CUresult {
+    call(|| driver(false)?.mem().release(handle))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAddressReserve(
+    ptr: *mut CUdeviceptr,
+    size: usize,
+    align: usize,
+    addr: CUdeviceptr,
+    flags: u64,
+) -> CUresult {
+    call(|| {
+        let d = driver(false)?;
+        if addr != 0 || flags != 0 {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        let p = d.mem().reserve(size, align)?;
+        out(ptr, p)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAddressFree(ptr: CUdeviceptr, size: usize) -> CUresult {
+    call(|| driver(false)?.mem().address_free(ptr, size))
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemMap(
+    ptr: CUdeviceptr,
+    size: usize,
+    offset: usize,
+    handle: u64,
+    flags: u64,
+) -> CUresult {
+    call(|| {
+        if flags != 0 {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        driver(false)?.mem().map(ptr, size, offset, handle)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemSetAccess(
+    ptr: CUdeviceptr,
+    size: usize,
+    desc: *const sys::CUmemAccessDesc,
+    count: usize,
+) -> CUresult {
+    call(|| {
+        let d = driver(false)?;
+        if desc.is_null() || count != 1 {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        // SAFETY: the caller passes `count` (1) valid descriptors.
+        let desc = unsafe { &*desc };
+        if desc.flags as u32 != sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE as u32 {
+            return Err(CUresult::CUDA_ERROR_NOT_SUPPORTED);
+        }
+        d.mem().set_access(ptr, size)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> CUresult {
+    call(|| driver(false)?.mem().unmap(ptr, size))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, size: usize) -> CUresult {
+    call(|| {
+        let p = driver(true)?.mem().alloc(size)?;
+        out(ptr, p)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
+    call(|| driver(true)?.mem().free(ptr))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemHostAlloc(
+    pp: *mut *mut c_void,
+    size: usize,
+    _flags: c_uint,
+) -> CUresult {
+    call(|| {
+        let p = driver(true)?.mem().host_alloc(size)?;
+        out(pp, p)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFreeHost(p: *mut c_void) -> CUresult {
+    call(|| driver(true)?.mem().free_host(p))
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemHostRegister_v2(p: *mut c_void, size: usize, _flags: c_uint) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        if !d.config.host_register {
+            return Err(CUresult::CUDA_ERROR_NOT_SUPPORTED);
+        }
+        d.mem().register(p, size)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemHostUnregister(p: *mut c_void) -> CUresult {
+    call(|| driver(true)?.mem().unregister(p))
+}
+
+// ---------------------------------------------------------------- streams, events
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamCreate(s: *mut CUstream, _flags: c_uint) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        if s.is_null() {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        let id = d.id();
+        lock(&d.streams).insert(id, Stream::spawn(id));
+        out(s, id as CUstream)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamDestroy_v2(s: CUstream) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        let st = lock(&d.streams)
+            .remove(&(s as usize))
+            .ok_or(CUresult::CUDA_ERROR_INVALID_HANDLE)?;
+        st.close();
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamSynchronize(s: CUstream) -> CUresult {
+    call(|| {
+        driver(true)?.stream(s)?.synchronize();
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamWaitEvent(s: CUstream, e: CUevent, flags: c_uint) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        if flags != 0 {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        let st = d.stream(s)?;
+        if let Some(rec) = d.event(e)?.last() {
+            if !Arc::ptr_eq(&rec.stream, &st) {
+                st.enqueue(Box::new(move || rec.stream.wait_for(rec.seq)));
+            }
+        }
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventCreate(e: *mut CUevent, flags: c_uint) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        if e.is_null() {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        let timing = flags & sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32 == 0;
+        let id = d.id();
+        lock(&d.events).insert(id, Arc::new(Event::new(timing)));
+        out(e, id as CUevent)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventDestroy_v2(e: CUevent) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        lock(&d.events)
+            .remove(&(e as usize))
+            .map(|_| ())
+            .ok_or(CUresult::CUDA_ERROR_INVALID_HANDLE)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventRecord(e: CUevent, s: CUstream) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        let ev = d.event(e)?;
+        ev.record(&d.stream(s)?);
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventQuery(e: CUevent) -> CUresult {
+    call(|| match driver(true)?.event(e)?.last() {
+        Some(r) if !r.is_done() => Err(CUresult::CUDA_ERROR_NOT_READY),
+        _ => Ok(()),
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventSynchronize(e: CUevent) -> CUresult {
+    call(|| {
+        if let Some(r) = driver(true)?.event(e)?.last() {
+            r.stream.wait_for(r.seq);
+        }
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventElapsedTime_v2(
+    ms: *mut f32,
+    start: CUevent,
+    end: CUevent,
+) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        let (a, b) = (d.event(start)?, d.event(end)?);
+        if !a.timing || !b.timing {
+            return Err(CUresult::CUDA_ERROR_INVALID_HANDLE);
+        }
+        let (Some(ra), Some(rb)) = (a.last(), b.last()) else {
+            return Err(CUresult::CUDA_ERROR_INVALID_HANDLE);
+        };
+        let (Some(ta), Some(tb)) = (ra.time.get(), rb.time.get()) else {
+            return Err(CUresult::CUDA_ERROR_NOT_READY);
+        };
+        let v = if tb >= ta {
+            (*tb - *ta).as_secs_f32() * 1e3
+        } else {
+            -((*ta - *tb).as_secs_f32() * 1e3)
+        };
+        out(ms, v)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuLaunchHostFunc(s: CUstream, f: CUhostFn, data: *mut c_void) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        let f = f.ok_or(CUresult::CUDA_ERROR_INVALID_VALUE)?;
+        let data = SendPtr(data as usize);
+        d.stream(s)?.enqueue(Box::new(move || {
+            IN_CALLBACK.with(|c| c.set(true));
+            // SAFETY: the caller keeps `f`'s data valid until the function has run.
+            unsafe { f(data.0 as *mut c_void) };
+            IN_CALLBACK.with(|c| c.set(false));
+        }));
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------- copies
+
+/// Checks device bytes when a copy is queued.
+fn check_queued(d: &Driver, ptr: u64, len: usize) -> Result<(), CUresult> {
+    d.mem_read().check_device(ptr, len).map_err(|m| {
+        eprintln!("offload-fakecuda: {m}");
+        CUresult::CUDA_ERROR_INVALID_VALUE
+    })
+}
+
+/// Checks device bytes when the stream runs the copy; holds the memory
+/// read lock while `f` copies, so nothing is unmapped meanwhile.
+fn run_checked(what: &str, ranges: &[(u64, usize)], f: impl FnOnce()) {
+    let d = DRIVER
+        .get()
+        .expect("initialised before any copy was queued");
+    let m = d.mem_read();
+    for &(p, len) in ranges {
+        if let Err(msg) = m.check_device(p, len) {
+            fatal(what, &msg);
+        }
+    }
+    f();
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
+    dst: CUdeviceptr,
+    src: *const c_void,
+    len: usize,
+    s: CUstream,
+) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        let st = d.stream(s)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if src.is_null() {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        check_queued(d, dst, len)?;
+        let what = format!(
+            "host-to-device copy of {len} bytes to {dst:#x} on stream {:#x}",
+            st.id
+        );
+        if d.mem_read().is_pinned(src as usize, len) {
+            let src = SendPtr(src as usize);
+            st.enqueue(Box::new(move || {
+                run_checked(&what, &[(dst, len)], || {
+                    // SAFETY: the caller keeps the pinned source valid until the
+                    // copy has run (the async copy's contract); the destination
+                    // was checked to be accessible device memory.
+                    unsafe { std::ptr::copy(src.0 as *const u8, dst as *mut u8, len) }
+                })
+            }));
+        } else {
+            // Pageable memory: the driver stages it before returning.
+            // SAFETY: the caller's source holds `len` readable bytes.
+            let staged = unsafe { std::slice::from_raw_parts(src.cast::<u8>(), len) }.to_vec();
+            st.enqueue(Box::new(move || {
+                run_checked(&what, &[(dst, len)], || {
+                    // SAFETY: destination checked above; `staged` holds `len` bytes.
+                    unsafe { std::ptr::copy_nonoverlapping(staged.as_ptr(), dst as *mut u8, len) }
+                })
+            }));
+        }
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
+    dst: *mut c_void,
+    src: CUdeviceptr,
+    len: usize,
+    s: CUstream,
+) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        let st = d.stream(s)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if dst.is_null() {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        check_queued(d, src, len)?;
+        let pinned = d.mem_read().is_pinned(dst as usize, len);
+        let what = format!(
+            "device-to-host copy of {len} bytes from {src:#x} on stream {:#x}",
+            st.id
+        );
+        let p = SendPtr(dst as usize);
+        let seq = st.enqueue(Box::new(move || {
+            run_checked(&what, &[(src, len)], || {
+                // SAFETY: the caller keeps the destination valid until the copy has
+                // run; the source was checked to be accessible device memory.
+                unsafe { std::ptr::copy(src as *const u8, p.0 as *mut u8, len) }
+            })
+        }));
+        if !pinned {
+            // Pageable memory: the call returns once the bytes are there.
+            st.wait_for(seq);
+        }
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemcpyDtoDAsync_v2(
+    dst: CUdeviceptr,
+    src: CUdeviceptr,
+    len: usize,
+    s: CUstream,
+) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        let st = d.stream(s)?;
+        if len == 0 {
+            return Ok(());
+        }
+        check_queued(d, dst, len)?;
+        check_queued(d, src, len)?;
+        let what = format!("device-to-device copy of {len} bytes {src:#x} -> {dst:#x}");
+        st.enqueue(Box::new(move || {
+            run_checked(&what, &[(src, len), (dst, len)], || {
+                // SAFETY: both ranges were checked to be accessible device memory.
+                unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, len) }
+            })
+        }));
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemsetD8Async(
+    dst: CUdeviceptr,
+    value: u8,
+    len: usize,
+    s: CUstream,
+) -> CUresult {
+    call(|| {
+        let d = driver(true)?;
+        let st = d.stream(s)?;
+        if len == 0 {
+            return Ok(());
+        }
+        check_queued(d, dst, len)?;
+        let what = format!("memset of {len} bytes at {dst:#x}");
+        st.enqueue(Box::new(move || {
+            run_checked(&what, &[(dst, len)], || {
+                // SAFETY: the range was checked to be accessible device memory.
+                unsafe { std::ptr::write_bytes(dst as *mut u8, value, len) }
+            })
+        }));
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests;

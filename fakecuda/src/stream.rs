@@ -1,0 +1,166 @@
+//! Streams and events: each stream is a worker thread that runs its queued
+//! operations in order; an event is a position in one stream's queue.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread;
+use std::time::Instant;
+
+/// One queued operation.
+pub type Op = Box<dyn FnOnce() + Send>;
+
+struct Queue {
+    ops: VecDeque<(u64, Op)>,
+    /// Sequence number of the last operation queued (0: none yet).
+    enqueued: u64,
+    /// Sequence number of the last operation finished.
+    completed: u64,
+    /// Destroyed: the worker finishes what is queued and exits.
+    closed: bool,
+}
+
+/// A stream: operations run one after another on the stream's own thread.
+pub struct Stream {
+    pub id: usize,
+    queue: Mutex<Queue>,
+    cv: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Stream {
+    /// A new stream and its worker thread.
+    pub fn spawn(id: usize) -> Arc<Stream> {
+        let s = Arc::new(Stream {
+            id,
+            queue: Mutex::new(Queue {
+                ops: VecDeque::new(),
+                enqueued: 0,
+                completed: 0,
+                closed: false,
+            }),
+            cv: Condvar::new(),
+        });
+        let worker = Arc::clone(&s);
+        thread::Builder::new()
+            .name(format!("fakecuda-stream-{id}"))
+            .spawn(move || worker.run())
+            .expect("fakecuda: cannot start a stream thread");
+        s
+    }
+
+    fn run(&self) {
+        loop {
+            let (seq, op) = {
+                let mut q = lock(&self.queue);
+                loop {
+                    if let Some(next) = q.ops.pop_front() {
+                        break next;
+                    }
+                    if q.closed {
+                        return;
+                    }
+                    q = self.cv.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            op();
+            let mut q = lock(&self.queue);
+            q.completed = seq;
+            drop(q);
+            self.cv.notify_all();
+        }
+    }
+
+    /// Queues `op`; returns its sequence number.
+    pub fn enqueue(&self, op: Op) -> u64 {
+        let mut q = lock(&self.queue);
+        q.enqueued += 1;
+        let seq = q.enqueued;
+        q.ops.push_back((seq, op));
+        drop(q);
+        self.cv.notify_all();
+        seq
+    }
+
+    /// Sequence number of the last operation queued so far.
+    pub fn tail(&self) -> u64 {
+        lock(&self.queue).enqueued
+    }
+
+    /// Whether operation `seq` has finished.
+    pub fn is_done(&self, seq: u64) -> bool {
+        lock(&self.queue).completed >= seq
+    }
+
+    /// Blocks until operation `seq` has finished.
+    pub fn wait_for(&self, seq: u64) {
+        let mut q = lock(&self.queue);
+        while q.completed < seq {
+            q = self.cv.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Blocks until everything queued so far has finished.
+    pub fn synchronize(&self) {
+        let tail = self.tail();
+        self.wait_for(tail);
+    }
+
+    /// Lets the worker exit once the queue is empty (`cuStreamDestroy`: the
+    /// queued work still completes).
+    pub fn close(&self) {
+        lock(&self.queue).closed = true;
+        self.cv.notify_all();
+    }
+}
+
+/// Where an event was last recorded.
+#[derive(Clone)]
+pub struct Record {
+    pub stream: Arc<Stream>,
+    pub seq: u64,
+    /// When the stream reached the record (set by the stream's thread).
+    pub time: Arc<OnceLock<Instant>>,
+}
+
+impl Record {
+    pub fn is_done(&self) -> bool {
+        self.stream.is_done(self.seq)
+    }
+}
+
+/// An event.
+pub struct Event {
+    pub timing: bool,
+    pub last: Mutex<Option<Record>>,
+}
+
+impl Event {
+    pub fn new(timing: bool) -> Event {
+        Event {
+            timing,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Records the event at the current end of `stream`.
+    pub fn record(&self, stream: &Arc<Stream>) {
+        let time = Arc::new(OnceLock::new());
+        let t = Arc::clone(&time);
+        let seq = stream.enqueue(Box::new(move || {
+            let _ = t.set(Instant::now());
+        }));
+        *lock(&self.last) = Some(Record {
+            stream: Arc::clone(stream),
+            seq,
+            time,
+        });
+    }
+
+    /// The last record, if any.
+    pub fn last(&self) -> Option<Record> {
+        lock(&self.last).clone()
+    }
+}

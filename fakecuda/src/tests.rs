@@ -1,0 +1,398 @@
+//! The fake driver's own checks, calling its C API in this process.
+
+use std::ffi::c_void;
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use cudarc::driver::sys::{self, CUresult as E};
+
+use super::*;
+
+/// `cuInit` and the primary context, current on this thread.
+fn ready() {
+    assert_eq!(cuInit(0), E::CUDA_SUCCESS);
+    let mut ctx: CUcontext = null_mut();
+    // SAFETY: out-pointer to a local.
+    assert_eq!(
+        unsafe { cuDevicePrimaryCtxRetain(&mut ctx, 0) },
+        E::CUDA_SUCCESS
+    );
+    assert_eq!(cuCtxSetCurrent(ctx), E::CUDA_SUCCESS);
+}
+
+fn stream() -> CUstream {
+    let mut s: CUstream = null_mut();
+    // SAFETY: out-pointer to a local.
+    assert_eq!(unsafe { cuStreamCreate(&mut s, 0) }, E::CUDA_SUCCESS);
+    s
+}
+
+fn event() -> CUevent {
+    let mut e: CUevent = null_mut();
+    // SAFETY: out-pointer to a local.
+    assert_eq!(unsafe { cuEventCreate(&mut e, 0) }, E::CUDA_SUCCESS);
+    e
+}
+
+fn pinned(len: usize) -> *mut u8 {
+    let mut p: *mut c_void = null_mut();
+    // SAFETY: out-pointer to a local.
+    assert_eq!(unsafe { cuMemHostAlloc(&mut p, len, 0) }, E::CUDA_SUCCESS);
+    p.cast()
+}
+
+fn prop() -> sys::CUmemAllocationProp {
+    // SAFETY: a plain C struct for which all zeroes is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// One granule reserved, created, mapped and made accessible.
+fn mapped() -> (u64, u64, usize) {
+    let g = DRIVER.get().unwrap().config.granularity;
+    let (mut va, mut h) = (0u64, 0u64);
+    // SAFETY: out-pointers to locals; `prop` lives for the call.
+    unsafe {
+        assert_eq!(cuMemAddressReserve(&mut va, g, 0, 0, 0), E::CUDA_SUCCESS);
+        assert_eq!(cuMemCreate(&mut h, g, &prop(), 0), E::CUDA_SUCCESS);
+    }
+    assert_eq!(cuMemMap(va, g, 0, h, 0), E::CUDA_SUCCESS);
+    // SAFETY: a zeroed descriptor with the read-write flag set.
+    let mut desc: sys::CUmemAccessDesc = unsafe { std::mem::zeroed() };
+    desc.flags = sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    // SAFETY: one valid descriptor.
+    assert_eq!(unsafe { cuMemSetAccess(va, g, &desc, 1) }, E::CUDA_SUCCESS);
+    (va, h, g)
+}
+
+#[test]
+fn copies_follow_stream_order_and_cross_stream_events() {
+    ready();
+    let len = 3 << 20;
+    let mut dptr = 0u64;
+    // SAFETY: out-pointer to a local.
+    assert_eq!(unsafe { cuMemAlloc_v2(&mut dptr, len) }, E::CUDA_SUCCESS);
+    let (src, back) = (pinned(len), pinned(len));
+    for i in 0..len {
+        // SAFETY: `src` holds `len` bytes.
+        unsafe { *src.add(i) = (i * 7 + 3) as u8 };
+    }
+    let (a, b, e) = (stream(), stream(), event());
+    // Hold stream a until released, so the copy cannot have run yet.
+    static GO: AtomicBool = AtomicBool::new(false);
+    unsafe extern "C" fn hold(_: *mut c_void) {
+        while !GO.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+    }
+    assert_eq!(cuLaunchHostFunc(a, Some(hold), null_mut()), E::CUDA_SUCCESS);
+    // SAFETY: both buffers live until the streams are synchronised below.
+    unsafe {
+        assert_eq!(
+            cuMemcpyHtoDAsync_v2(dptr, src.cast(), len, a),
+            E::CUDA_SUCCESS
+        );
+        assert_eq!(cuEventRecord(e, a), E::CUDA_SUCCESS);
+        assert_eq!(cuStreamWaitEvent(b, e, 0), E::CUDA_SUCCESS);
+        assert_eq!(
+            cuMemcpyDtoHAsync_v2(back.cast(), dptr, len, b),
+            E::CUDA_SUCCESS
+        );
+    }
+    assert_eq!(cuEventQuery(e), E::CUDA_ERROR_NOT_READY);
+    GO.store(true, Ordering::Release);
+    assert_eq!(cuStreamSynchronize(b), E::CUDA_SUCCESS);
+    assert_eq!(cuEventQuery(e), E::CUDA_SUCCESS);
+    // SAFETY: both hold `len` bytes; the copies are done.
+    let (x, y) = unsafe {
+        (
+            std::slice::from_raw_parts(src, len),
+            std::slice::from_raw_parts(back, len),
+        )
+    };
+    assert!(x == y, "the read-back differs from what was uploaded");
+    assert_eq!(cuMemFree_v2(dptr), E::CUDA_SUCCESS);
+    assert_eq!(cuMemFree_v2(dptr), E::CUDA_ERROR_INVALID_VALUE);
+    for p in [src, back] {
+        assert_eq!(cuMemFreeHost(p.cast()), E::CUDA_SUCCESS);
+    }
+    assert_eq!(cuStreamDestroy_v2(a), E::CUDA_SUCCESS);
+    assert_eq!(cuStreamDestroy_v2(b), E::CUDA_SUCCESS);
+    assert_eq!(cuStreamSynchronize(a), E::CUDA_ERROR_INVALID_HANDLE);
+    assert_eq!(cuEventDestroy_v2(e), E::CUDA_SUCCESS);
+}
+
+#[test]
+fn calls_need_a_context_and_host_functions_may_not_call_the_driver() {
+    ready();
+    let on_other_thread = std::thread::spawn(|| {
+        let mut p = 0u64;
+        // SAFETY: out-pointer to a local.
+        unsafe { cuMemAlloc_v2(&mut p, 4096) }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(on_other_thread, E::CUDA_ERROR_INVALID_CONTEXT);
+    static SEEN: AtomicU32 = AtomicU32::new(u32::MAX);
+    unsafe extern "C" fn calls_driver(_: *mut c_void) {
+        SEEN.store(cuCtxSynchronize() as u32, Ordering::Release);
+    }
+    let s = stream();
+    assert_eq!(
+        cuLaunchHostFunc(s, Some(calls_driver), null_mut()),
+        E::CUDA_SUCCESS
+    );
+    assert_eq!(cuStreamSynchronize(s), E::CUDA_SUCCESS);
+    assert_eq!(
+        SEEN.load(Ordering::Acquire),
+        E::CUDA_ERROR_NOT_PERMITTED as u32
+    );
+    assert_eq!(cuStreamDestroy_v2(s), E::CUDA_SUCCESS);
+}
+
+#[test]
+fn vmm_rules_are_enforced() {
+    ready();
+    let (va, h, g) = mapped();
+    // Mapping over a mapping, unmapping part of one, freeing a range with a
+    // mapping in it: all refused, as misuse that a real driver may not catch.
+    let mut h2 = 0u64;
+    // SAFETY: out-pointer to a local; `prop` lives for the call.
+    assert_eq!(
+        unsafe { cuMemCreate(&mut h2, g, &prop(), 0) },
+        E::CUDA_SUCCESS
+    );
+    assert_eq!(cuMemMap(va, g, 0, h2, 0), E::CUDA_ERROR_INVALID_VALUE);
+    assert_eq!(cuMemUnmap(va, g / 2), E::CUDA_ERROR_INVALID_VALUE);
+    assert_eq!(cuMemAddressFree(va, g), E::CUDA_ERROR_INVALID_VALUE);
+    let mem = || DRIVER.get().unwrap().mem_read().check_device(va, g);
+    assert_eq!(mem(), Ok(()));
+    // Released while mapped: the memory stays until unmapped.
+    let used = DRIVER.get().unwrap().mem_read().used;
+    assert_eq!(cuMemRelease(h), E::CUDA_SUCCESS);
+    assert_eq!(DRIVER.get().unwrap().mem_read().used, used);
+    assert_eq!(cuMemUnmap(va, g), E::CUDA_SUCCESS);
+    assert_eq!(DRIVER.get().unwrap().mem_read().used, used - g);
+    assert!(
+        mem().unwrap_err().contains("reserved but not mapped"),
+        "{:?}",
+        mem()
+    );
+    assert_eq!(cuMemMap(va, g, 0, h, 0), E::CUDA_ERROR_INVALID_HANDLE);
+    // Mapped without cuMemSetAccess: not accessible.
+    assert_eq!(cuMemMap(va, g, 0, h2, 0), E::CUDA_SUCCESS);
+    assert!(mem().unwrap_err().contains("cuMemSetAccess"), "{:?}", mem());
+    let s = stream();
+    let host = [0u8; 16];
+    // SAFETY: a live local source; the call is refused before queuing.
+    let r = unsafe { cuMemcpyHtoDAsync_v2(va, host.as_ptr().cast(), 16, s) };
+    assert_eq!(r, E::CUDA_ERROR_INVALID_VALUE);
+    assert_eq!(cuMemUnmap(va, g), E::CUDA_SUCCESS);
+    assert_eq!(cuMemRelease(h2), E::CUDA_SUCCESS);
+    assert_eq!(cuMemAddressFree(va, g), E::CUDA_SUCCESS);
+    assert_eq!(cuStreamDestroy_v2(s), E::CUDA_SUCCESS);
+    // More than the device has.
+    let mut p = 0u64;
+    let total = DRIVER.get().unwrap().config.memory;
+    // SAFETY: out-pointer to a local.
+    assert_eq!(
+        unsafe { cuMemAlloc_v2(&mut p, total + 1) },
+        E::CUDA_ERROR_OUT_OF_MEMORY
+    );
+}
+
+/// Run by [`a_copy_whose_memory_was_unmapped_before_it_ran_aborts`] in a
+/// child process: unmaps a page while a queued copy to it waits its turn.
+#[test]
+#[ignore = "run by a_copy_whose_memory_was_unmapped_before_it_ran_aborts"]
+fn child_unmaps_under_a_queued_copy() {
+    ready();
+    let (va, h, g) = mapped();
+    static GO: AtomicBool = AtomicBool::new(false);
+    unsafe extern "C" fn hold(_: *mut c_void) {
+        while !GO.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+    }
+    let s = stream();
+    let src = pinned(g);
+    assert_eq!(cuLaunchHostFunc(s, Some(hold), null_mut()), E::CUDA_SUCCESS);
+    // SAFETY: `src` is never freed in this process.
+    unsafe { assert_eq!(cuMemcpyHtoDAsync_v2(va, src.cast(), g, s), E::CUDA_SUCCESS) };
+    assert_eq!(cuMemUnmap(va, g), E::CUDA_SUCCESS);
+    assert_eq!(cuMemRelease(h), E::CUDA_SUCCESS);
+    GO.store(true, Ordering::Release);
+    let _ = cuStreamSynchronize(s);
+    println!("the stream ran the copy to unmapped memory");
+}
+
+#[test]
+fn a_copy_whose_memory_was_unmapped_before_it_ran_aborts() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "tests::child_unmaps_under_a_queued_copy",
+            "--nocapture",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "the child succeeded:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("FATAL: host-to-device copy") && stderr.contains("reserved but not mapped"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("the stream ran the copy"), "{stdout}");
+}
+
+#[test]
+fn timing_events_measure_what_a_stream_ran() {
+    ready();
+    let s = stream();
+    let (a, b) = (event(), event());
+    let mut no_timing: CUevent = null_mut();
+    let flag = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+    // SAFETY: out-pointer to a local.
+    assert_eq!(
+        unsafe { cuEventCreate(&mut no_timing, flag) },
+        E::CUDA_SUCCESS
+    );
+    unsafe extern "C" fn sleep(_: *mut c_void) {
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+    assert_eq!(cuEventRecord(a, s), E::CUDA_SUCCESS);
+    assert_eq!(cuEventRecord(no_timing, s), E::CUDA_SUCCESS);
+    assert_eq!(
+        cuLaunchHostFunc(s, Some(sleep), null_mut()),
+        E::CUDA_SUCCESS
+    );
+    assert_eq!(cuEventRecord(b, s), E::CUDA_SUCCESS);
+    let mut ms = 0f32;
+    // SAFETY: out-pointer to a local (for each call).
+    unsafe {
+        assert_eq!(
+            cuEventElapsedTime_v2(&mut ms, a, b),
+            E::CUDA_ERROR_NOT_READY
+        );
+        assert_eq!(cuEventSynchronize(b), E::CUDA_SUCCESS);
+        assert_eq!(cuEventElapsedTime_v2(&mut ms, a, b), E::CUDA_SUCCESS);
+        assert!((30.0..5_000.0).contains(&ms), "{ms} ms");
+        assert_eq!(
+            cuEventElapsedTime_v2(&mut ms, a, no_timing),
+            E::CUDA_ERROR_INVALID_HANDLE
+        );
+    }
+    for e in [a, b, no_timing] {
+        assert_eq!(cuEventDestroy_v2(e), E::CUDA_SUCCESS);
+    }
+    assert_eq!(cuStreamDestroy_v2(s), E::CUDA_SUCCESS);
+}
+
+#[test]
+fn gemm_ex_matches_a_plain_product_for_every_transpose() {
+    use cudarc::cublas::sys::cublasHandle_t;
+    ready();
+    let (m, n, k) = (5usize, 3usize, 7usize);
+    let mut h: cublasHandle_t = null_mut();
+    // SAFETY: out-pointer to a local.
+    assert_eq!(unsafe { blas::cublasCreate_v2(&mut h) } as u32, 0);
+    let s = stream();
+    assert_eq!(blas::cublasSetStream_v2(h, s.cast()) as u32, 0);
+    let dev = |bytes: &[u8]| {
+        let mut p = 0u64;
+        // SAFETY: out-pointer to a local; then a blocking-enough copy from a
+        // pageable buffer, which the driver stages before returning.
+        unsafe {
+            assert_eq!(cuMemAlloc_v2(&mut p, bytes.len()), E::CUDA_SUCCESS);
+            assert_eq!(
+                cuMemcpyHtoDAsync_v2(p, bytes.as_ptr().cast(), bytes.len(), s),
+                E::CUDA_SUCCESS
+            );
+        }
+        p
+    };
+    let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+    let b: Vec<half::f16> = (0..k * n)
+        .map(|i| half::f16::from_f32((i as f32 * 0.11).cos()))
+        .collect();
+    let c0: Vec<f32> = (0..m * n).map(|i| i as f32).collect();
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let (da, db, dc) = (
+            dev(bytemuck_bytes(&a)),
+            dev(bytemuck_bytes(&b)),
+            dev(bytemuck_bytes(&c0)),
+        );
+        let (lda, ldb) = (if ta { k } else { m }, if tb { n } else { k });
+        let (alpha, beta) = (1.5f32, 0.5f32);
+        // SAFETY: device buffers of the spans the shapes need; host scalars.
+        let r = unsafe {
+            blas::cublasGemmEx(
+                h,
+                ta as u32,
+                tb as u32,
+                m as i32,
+                n as i32,
+                k as i32,
+                (&alpha as *const f32).cast(),
+                da as *const c_void,
+                0,
+                lda as i32,
+                db as *const c_void,
+                2,
+                ldb as i32,
+                (&beta as *const f32).cast(),
+                dc as *mut c_void,
+                0,
+                m as i32,
+                68,
+                -1,
+            )
+        };
+        assert_eq!(r as u32, 0);
+        let mut got = vec![0f32; m * n];
+        // SAFETY: pageable destination: the call returns once the bytes are there.
+        unsafe {
+            assert_eq!(
+                cuMemcpyDtoHAsync_v2(got.as_mut_ptr().cast(), dc, m * n * 4, s),
+                E::CUDA_SUCCESS
+            );
+        }
+        for i in 0..m {
+            for j in 0..n {
+                let mut want = beta as f64 * c0[j * m + i] as f64;
+                for l in 0..k {
+                    let x = if ta { a[i * lda + l] } else { a[l * lda + i] } as f64;
+                    let y = if tb { b[l * ldb + j] } else { b[j * ldb + l] }.to_f64();
+                    want += alpha as f64 * x * y;
+                }
+                let g = got[j * m + i] as f64;
+                assert!(
+                    (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{ta} {tb} ({i},{j}): {g} vs {want}"
+                );
+            }
+        }
+        for p in [da, db, dc] {
+            assert_eq!(cuMemFree_v2(p), E::CUDA_SUCCESS);
+        }
+    }
+    assert_eq!(blas::cublasDestroy_v2(h) as u32, 0);
+    assert_eq!(cuStreamDestroy_v2(s), E::CUDA_SUCCESS);
+}
+
+fn bytemuck_bytes<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: plain numbers with no padding, viewed as their bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
+#[test]
+fn nvrtc_images_name_their_kernels() {
+    let src =
+        "extern \"C\" __global__ void __launch_bounds__(256, 2)\n merge_f16(const float* a) {}\n\
+               extern \"C\" __global__ void plain(int n) {}\n__device__ int helper(int x);";
+    assert_eq!(nvrtc::kernel_names(src), ["merge_f16", "plain"]);
+}
