@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use offload_kernels::{Adapter, Delta, Factor, KronFactor, MergeSpec};
 use offload_loader::lora::{LoraFile, ResolveOptions};
@@ -54,6 +54,17 @@ use offload_runtime::residency::{
 use offload_runtime::Error;
 
 use offload_bench::source::{describe, lora_binding, roles, ModelSource};
+
+/// `offload bench e2e --backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// The GPU when one answers, else the host backend.
+    Auto,
+    /// The host backend, even where a GPU answers.
+    Host,
+    /// The GPU; an error without one.
+    Cuda,
+}
 
 /// Arguments of `offload bench e2e` (and of the main job).
 #[derive(Args, Debug, Clone)]
@@ -108,6 +119,11 @@ pub struct E2eArgs {
     /// Host backend only: throttle host-to-device copies to this many GB/s (emulates a bus).
     #[arg(long)]
     pub link_gbps: Option<f64>,
+    /// Where to run: `auto` (the GPU when one answers, else the host
+    /// backend), `host` (the host backend even where a GPU answers) or
+    /// `cuda` (the GPU, an error without one).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub backend: DeviceArg,
     /// Seed of the synthetic weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -153,6 +169,7 @@ impl Default for E2eArgs {
             json: None,
             timeline: None,
             link_gbps: None,
+            backend: DeviceArg::Auto,
             seed: 0,
             lora: Vec::new(),
             lora_modes: "none,fuse-on-upload,backup,fuse,unfused".into(),
@@ -1499,12 +1516,36 @@ pub fn run(args: &E2eArgs) -> Result<(), String> {
         max_k,
     };
 
-    let selected = device::auto(&HostConfig {
-        capacity: host_capacity,
-        page_size: page,
-        link_gbps: args.link_gbps,
-    })
-    .map_err(|e| e.to_string())?;
+    let selected = if args.backend == DeviceArg::Host {
+        let host = HostConfig {
+            capacity: host_capacity,
+            page_size: page,
+            link_gbps: args.link_gbps,
+        };
+        let dev = HostDevice::new(host).map_err(|e| e.to_string())?;
+        let reason = format!(
+            "using the host backend ({} MiB emulated device memory, {} KiB pages): --backend host",
+            dev.info().total_memory >> 20,
+            dev.info().page_size >> 10
+        );
+        device::Selected {
+            device: Arc::new(dev),
+            reason,
+        }
+    } else {
+        device::auto(&HostConfig {
+            capacity: host_capacity,
+            page_size: page,
+            link_gbps: args.link_gbps,
+        })
+        .map_err(|e| e.to_string())?
+    };
+    if args.backend == DeviceArg::Cuda && selected.device.info().kind != BackendKind::Cuda {
+        return Err(format!(
+            "--backend cuda: no CUDA device: {}",
+            selected.reason
+        ));
+    }
     let dev = selected.device.clone();
     let result = if dev.info().kind == BackendKind::Host {
         // A fresh host device we can configure: no poisoning for a benchmark.

@@ -1,0 +1,274 @@
+//! The `offload` tool on the CUDA backend without a GPU: each test runs the
+//! binary with `offload-fakecuda` (a CUDA driver, cuBLAS and NVRTC that run
+//! on the CPU) first on `LD_LIBRARY_PATH`, so the CUDA backend's host-side
+//! paths (VMM and fallback memory, streams, events, pinned and staged
+//! uploads, cuBLAS products, kernel builds) run on every machine. The fake
+//! keeps device memory in host memory and runs no GPU code, so timings mean
+//! nothing here; byte counts and peaks are exact and must equal the host
+//! backend's for the same page size.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const FAKE_NAME: &str = "Offload fake CUDA device (host memory)";
+
+/// A folder holding `libcuda.so`, `libcublas.so` and `libnvrtc.so` links to
+/// the fake, removed on drop.
+struct FakeLibs(PathBuf);
+
+impl FakeLibs {
+    fn new(tag: &str) -> FakeLibs {
+        let exe = std::env::current_exe().unwrap();
+        let lib = offload_fakecuda::find_library(&exe).unwrap_or_else(|| {
+            panic!(
+                "liboffload_fakecuda.so is not beside {} (cargo builds it as a dev-dependency)",
+                exe.display()
+            )
+        });
+        let dir =
+            std::env::temp_dir().join(format!("offload-fakecuda-{tag}-{}", std::process::id()));
+        offload_fakecuda::install(&lib, &dir).unwrap();
+        FakeLibs(dir)
+    }
+}
+
+impl Drop for FakeLibs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `offload ARGS`, on the fake driver when `fake` is given (with a
+/// 64 KiB granularity, the host backend's page at `--scale 16`).
+fn offload(args: &[&str], fake: Option<&FakeLibs>, env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_offload"));
+    c.args(args).env("OFFLOAD_KERNEL_CACHE", "off");
+    if let Some(f) = fake {
+        c.env("LD_LIBRARY_PATH", &f.0)
+            .env("OFFLOAD_FAKECUDA_GRANULARITY_KIB", "64");
+    }
+    c.envs(env.iter().copied());
+    c.output().expect("run the offload binary")
+}
+
+fn ok(o: &Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        o.status
+    );
+    stdout
+}
+
+/// `offload bench e2e ARGS --json` rows, on the fake or the host backend.
+fn e2e_rows(args: &[&str], fake: Option<&FakeLibs>, tag: &str) -> Vec<Value> {
+    let json = std::env::temp_dir().join(format!(
+        "offload-fake-e2e-{tag}-{}.json",
+        std::process::id()
+    ));
+    let backend = if fake.is_some() { "cuda" } else { "host" };
+    let path = json.to_str().unwrap();
+    let all = [
+        &[
+            "bench",
+            "e2e",
+            "--scale",
+            "16",
+            "--steps",
+            "2",
+            "--backend",
+            backend,
+            "--json",
+            path,
+        ][..],
+        args,
+    ]
+    .concat();
+    ok(&offload(&all, fake, &[]), &all.join(" "));
+    let text = std::fs::read_to_string(&json).unwrap();
+    let _ = std::fs::remove_file(&json);
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// The fields of an e2e row that are counts, not times: equal on any
+/// backend with the same page size.
+const EXACT: [&str; 17] = [
+    "mode",
+    "policy",
+    "lora_mode",
+    "fits",
+    "model_bytes",
+    "denoiser_bytes",
+    "largest_layer_bytes",
+    "device_mem_bytes",
+    "high_watermark_bytes",
+    "bytes_h2d_first_pass",
+    "bytes_h2d_per_pass",
+    "bytes_h2d_per_generation",
+    "page_waste_bytes",
+    "peak_device_bytes",
+    "peak_host_bytes",
+    "merges_per_pass",
+    "lora_factor_device_bytes",
+];
+
+fn same_counts(args: &[&str], tag: &str) {
+    let fake = FakeLibs::new(tag);
+    let on_fake = e2e_rows(args, Some(&fake), &format!("{tag}-fake"));
+    let on_host = e2e_rows(args, None, &format!("{tag}-host"));
+    assert_eq!(on_fake.len(), on_host.len(), "{on_fake:?}\n{on_host:?}");
+    assert!(!on_fake.is_empty());
+    for (f, h) in on_fake.iter().zip(&on_host) {
+        assert_eq!(f["device"], format!("Cuda: {FAKE_NAME}"), "{f}");
+        assert!(h["device"].as_str().unwrap().starts_with("Host"), "{h}");
+        assert_eq!(f["error"], h["error"], "{f}\n{h}");
+        for k in EXACT {
+            assert_eq!(f[k], h[k], "{k} differs: fake CUDA {f}\nhost {h}");
+        }
+    }
+}
+
+/// Every offload mode with the pinned host policy: a generation on the CUDA
+/// backend moves, allocates and peaks exactly as on the host backend.
+#[test]
+fn e2e_on_cuda_moves_exactly_the_host_backends_bytes() {
+    let rows = e2e_rows(&["--no-lora"], Some(&FakeLibs::new("modes")), "modes");
+    let done: Vec<_> = rows.iter().filter(|r| r["error"].is_null()).collect();
+    assert!(done.len() >= 4, "{rows:?}");
+    same_counts(&["--no-lora"], "modes");
+}
+
+/// The staged host policy (reader threads filling pinned staging buffers)
+/// on CUDA streams and events.
+#[test]
+fn e2e_staged_on_cuda_moves_exactly_the_host_backends_bytes() {
+    same_counts(
+        &[
+            "--no-lora",
+            "--host-policy",
+            "staged",
+            "--mode",
+            "sequential",
+        ],
+        "staged",
+    );
+}
+
+/// The unfused LoRA mode (factors resident beside W, the low-rank path in
+/// cuBLAS products) counts like the host backend; fuse-on-upload builds the
+/// merge kernels, and a device that cannot run them fails the row with the
+/// driver's error instead of hanging or panicking.
+#[test]
+fn e2e_lora_on_cuda() {
+    let args = ["--mode", "none", "--lora-modes", "fuse-on-upload,unfused"];
+    let fake = FakeLibs::new("lora");
+    let rows = e2e_rows(&args, Some(&fake), "lora");
+    let unfused = rows
+        .iter()
+        .find(|r| r["lora_mode"] == "unfused")
+        .expect("an unfused row");
+    assert!(unfused["error"].is_null(), "{unfused}");
+    // The read-back check: W pristine on the device, the adapters handed out.
+    assert_eq!(unfused["lora_check"]["passed"], true, "{unfused}");
+    let fused = rows
+        .iter()
+        .find(|r| r["lora_mode"] == "fuse-on-upload")
+        .expect("a fuse-on-upload row");
+    let err = fused["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("cuLaunchKernel") && err.contains("CUDA_ERROR_NOT_SUPPORTED"),
+        "{fused}"
+    );
+    same_counts(&["--mode", "none", "--lora-modes", "unfused"], "lora");
+}
+
+fn h2d(extra: &[&str], fake: &FakeLibs) -> Value {
+    let args = [
+        &[
+            "bench",
+            "h2d",
+            "--sizes",
+            "1",
+            "--pass-mib",
+            "8",
+            "--iters",
+            "2",
+            "--json",
+        ][..],
+        extra,
+    ]
+    .concat();
+    let out = ok(&offload(&args, Some(fake), &[]), &args.join(" "));
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+/// `offload bench h2d` on CUDA, with and without the virtual memory API:
+/// every row moves exactly its bytes, and the runtime's rows upload each
+/// layer once per pass.
+#[test]
+fn h2d_on_cuda_with_and_without_vmm() {
+    let fake = FakeLibs::new("h2d");
+    for no_vmm in [false, true] {
+        let doc = if no_vmm {
+            h2d(&["--map-pages", "8", "--no-vmm"], &fake)
+        } else {
+            h2d(&["--map-pages", "8"], &fake)
+        };
+        let dev = &doc["device"];
+        assert_eq!(dev["backend"], "cuda", "{dev}");
+        assert_eq!(dev["name"], FAKE_NAME, "{dev}");
+        assert_eq!(dev["maps_pages"], !no_vmm, "{dev}");
+        assert_eq!(doc["map_unmap"]["applicable"], !no_vmm, "{doc}");
+        let rows = doc["rows"].as_array().expect("rows");
+        let kinds: Vec<&str> = rows.iter().map(|r| r["row"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "ceiling",
+                "runtime_pinned",
+                "pageable",
+                "runtime_staged",
+                "d2d"
+            ],
+            "{doc}"
+        );
+        for r in rows {
+            let copies = r["copies_per_sample"].as_u64().unwrap();
+            assert_eq!(copies, 8, "{r}");
+            assert_eq!(
+                r["bytes_moved"].as_u64(),
+                Some((1 << 20) * copies * 2),
+                "{r}"
+            );
+            if r["row"].as_str().unwrap().starts_with("runtime") {
+                assert_eq!(r["uploads"].as_u64(), Some(copies * 2), "{r}");
+            }
+            let gbps = r["median_gbps"].as_f64().unwrap();
+            assert!(gbps.is_finite() && gbps > 0.0, "{r}");
+        }
+    }
+}
+
+/// `offload device --prepare` on CUDA builds cuBLAS and the merge kernels
+/// (through NVRTC) and says how.
+#[test]
+fn device_prepare_on_cuda() {
+    let fake = FakeLibs::new("device");
+    let out = ok(
+        &offload(&["device", "--prepare"], Some(&fake), &[]),
+        "offload device --prepare",
+    );
+    assert!(out.contains(FAKE_NAME), "{out}");
+    assert!(out.contains("matrix products: cuBLAS"), "{out}");
+    assert!(
+        out.contains("merge kernels for sm_90: compiled by NVRTC 13.0"),
+        "{out}"
+    );
+}
