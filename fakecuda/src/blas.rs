@@ -8,7 +8,7 @@ use std::sync::{Mutex, OnceLock};
 use cudarc::cublas::sys::{cublasHandle_t, cublasStatus_t, cudaStream_t};
 use half::{bf16, f16};
 
-use crate::{driver, lock, run_checked, SendPtr};
+use crate::{driver, lock, run_checked};
 
 type Status = cublasStatus_t;
 
@@ -44,6 +44,7 @@ pub unsafe extern "C" fn cublasCreate_v2(h: *mut cublasHandle_t) -> Status {
 #[no_mangle]
 pub extern "C" fn cublasDestroy_v2(h: cublasHandle_t) -> Status {
     status(|| {
+        driver(false).map_err(|_| Status::CUBLAS_STATUS_NOT_INITIALIZED)?;
         lock(handles())
             .remove(&(h as usize))
             .map(|_| ())
@@ -179,7 +180,18 @@ pub unsafe extern "C" fn cublasGemmEx(
             return Err(Status::CUBLAS_STATUS_NOT_SUPPORTED);
         }
         let (ta, tb) = (transa == 1, transb == 1);
-        let (at, bt, ct) = (Ty::of(a_type)?, Ty::of(b_type)?, Ty::of(c_type)?);
+        let (a_ty, b_ty, c_ty) = (Ty::of(a_type)?, Ty::of(b_type)?, Ty::of(c_type)?);
+        // cuBLAS's table for CUBLAS_COMPUTE_32F: A and B of one type, C of
+        // that type or f32 (16-bit A and B), or all f32.
+        let supported = matches!(
+            (a_ty, b_ty, c_ty),
+            (Ty::F32, Ty::F32, Ty::F32)
+                | (Ty::F16, Ty::F16, Ty::F16 | Ty::F32)
+                | (Ty::Bf16, Ty::Bf16, Ty::Bf16 | Ty::F32)
+        );
+        if !supported {
+            return Err(Status::CUBLAS_STATUS_NOT_SUPPORTED);
+        }
         if m < 0 || n < 0 || k < 0 || alpha.is_null() || beta.is_null() {
             return Err(Status::CUBLAS_STATUS_INVALID_VALUE);
         }
@@ -195,19 +207,25 @@ pub unsafe extern "C" fn cublasGemmEx(
         if lda < ar.max(1) || ldb < br.max(1) || ldc < m.max(1) {
             return Err(Status::CUBLAS_STATUS_INVALID_VALUE);
         }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            // C = beta · C: not needed by the backend (its products have k ≥ 1).
+            return Err(Status::CUBLAS_STATUS_NOT_SUPPORTED);
+        }
         // SAFETY: with CUBLAS_COMPUTE_32F and the host pointer mode, alpha and
         // beta point at host f32 values (the API's contract).
         let (alpha, beta) = unsafe { (alpha.cast::<f32>().read(), beta.cast::<f32>().read()) };
-        let ranges = [
-            (a as u64, span(ar, ac, lda, at)),
-            (b as u64, span(br, bc, ldb, bt)),
-            (c as u64, span(m, n, ldc, ct)),
+        let ranges = vec![
+            (a as u64, span(ar, ac, lda, a_ty)),
+            (b as u64, span(br, bc, ldb, b_ty)),
+            (c as u64, span(m, n, ldc, c_ty)),
         ];
-        let ranges: Vec<(u64, usize)> = ranges.into_iter().filter(|r| r.1 > 0).collect();
         {
             let mem = d.mem_read();
             for &(p, len) in &ranges {
-                if let Err(msg) = mem.check_device(p, len) {
+                if let Err(msg) = mem.resolve(p, len) {
                     eprintln!("offload-fakecuda: cublasGemmEx: {msg}");
                     return Err(Status::CUBLAS_STATUS_INVALID_VALUE);
                 }
@@ -216,24 +234,19 @@ pub unsafe extern "C" fn cublasGemmEx(
         let st = d
             .stream(stream as _)
             .map_err(|_| Status::CUBLAS_STATUS_INVALID_VALUE)?;
-        let (a, b, c) = (
-            SendPtr(a as usize),
-            SendPtr(b as usize),
-            SendPtr(c as usize),
-        );
         let what = format!("cublasGemmEx {m}x{n}x{k}");
         st.enqueue(Box::new(move || {
-            run_checked(&what, &ranges, || {
+            run_checked(&what, &ranges, |at| {
                 // SAFETY: every element index below lies within the spans
-                // checked above to be accessible device memory.
+                // resolved above to accessible device memory.
                 unsafe {
                     gemm(
                         m,
                         n,
                         k,
-                        (a.0, at, lda, ta),
-                        (b.0, bt, ldb, tb),
-                        (c.0, ct, ldc),
+                        (at[0], a_ty, lda, ta),
+                        (at[1], b_ty, ldb, tb),
+                        (at[2], c_ty, ldc),
                         alpha,
                         beta,
                     )

@@ -9,7 +9,7 @@ use std::sync::{Mutex, OnceLock};
 use cudarc::driver::sys::{CUfunction, CUmodule, CUresult, CUstream};
 use half::{bf16, f16};
 
-use crate::{call, driver, lock, out, run_checked, SendPtr};
+use crate::{call, driver, lock, out, run_checked};
 
 struct Module {
     kernels: Vec<String>,
@@ -27,6 +27,13 @@ fn tables() -> &'static Mutex<Tables> {
     T.get_or_init(Default::default)
 }
 
+/// The context that held every module was destroyed.
+pub(crate) fn forget_modules() {
+    let mut t = lock(tables());
+    t.modules.clear();
+    t.functions.clear();
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleLoadData(m: *mut CUmodule, image: *const c_void) -> CUresult {
     call(|| {
@@ -34,13 +41,17 @@ pub unsafe extern "C" fn cuModuleLoadData(m: *mut CUmodule, image: *const c_void
         if image.is_null() {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
-        // SAFETY: the caller passes an image; ours end with a NUL within a
-        // few KiB, and anything else is rejected at its first differing byte
-        // of the magic, which never reads past a real image's header.
-        let head =
-            unsafe { std::slice::from_raw_parts(image.cast::<u8>(), crate::nvrtc::MAGIC.len()) };
-        if head != crate::nvrtc::MAGIC {
-            return Err(CUresult::CUDA_ERROR_INVALID_IMAGE);
+        // Compared byte by byte, stopping at the first difference or NUL, so
+        // a short image is never read past its end.
+        let magic = crate::nvrtc::MAGIC;
+        for (i, &want) in magic.iter().enumerate() {
+            // SAFETY: bytes before index `i` matched the magic, which has no
+            // NUL, so the image (NUL-terminated text, or a binary longer
+            // than its header) extends at least to `i`.
+            let got = unsafe { *image.cast::<u8>().add(i) };
+            if got != want {
+                return Err(CUresult::CUDA_ERROR_INVALID_IMAGE);
+            }
         }
         // SAFETY: an image of our NVRTC: NUL-terminated text after the magic.
         let text = unsafe { CStr::from_ptr(image.cast::<c_char>()) }.to_bytes_with_nul();
@@ -141,34 +152,41 @@ pub unsafe extern "C" fn cuLaunchKernel(
                     )
                 };
                 let n = usize::try_from(n).map_err(|_| CUresult::CUDA_ERROR_INVALID_VALUE)?;
-                let ranges = vec![(x, n * 4), (y, n * 2)];
+                if n == 0 {
+                    return Ok(());
+                }
+                let bytes = |size: usize| {
+                    n.checked_mul(size)
+                        .ok_or(CUresult::CUDA_ERROR_INVALID_VALUE)
+                };
+                let ranges: Vec<(u64, usize)> = [(x, bytes(4)?), (y, bytes(2)?)]
+                    .into_iter()
+                    .filter(|r| r.1 > 0)
+                    .collect();
                 {
                     let m = d.mem_read();
                     for &(p, len) in &ranges {
-                        if len > 0 {
-                            m.check_device(p, len).map_err(|msg| {
-                                eprintln!("offload-fakecuda: {name}: {msg}");
-                                CUresult::CUDA_ERROR_INVALID_VALUE
-                            })?;
-                        }
+                        m.resolve(p, len).map_err(|msg| {
+                            eprintln!("offload-fakecuda: {name}: {msg}");
+                            CUresult::CUDA_ERROR_INVALID_VALUE
+                        })?;
                     }
                 }
-                let (xs, ys) = (SendPtr(x as usize), SendPtr(y as usize));
                 let what = format!("kernel {name} over {n} elements");
                 st.enqueue(Box::new(move || {
-                    let ranges: Vec<_> = ranges.into_iter().filter(|r| r.1 > 0).collect();
-                    run_checked(&what, &ranges, || {
+                    run_checked(&what, &ranges, |at| {
+                        let (xs, ys) = (at[0], at[1]);
                         for i in 0..n {
                             // SAFETY: x holds n f32 and y n 16-bit values,
-                            // checked to be accessible device memory.
+                            // resolved to accessible device memory.
                             unsafe {
-                                let v = (xs.0 as *const f32).add(i).read_unaligned();
+                                let v = (xs as *const f32).add(i).read_unaligned();
                                 let bits = if to_f16 {
                                     f16::from_f32(v).to_bits()
                                 } else {
                                     bf16::from_f32(v).to_bits()
                                 };
-                                (ys.0 as *mut u16).add(i).write_unaligned(bits);
+                                (ys as *mut u16).add(i).write_unaligned(bits);
                             }
                         }
                     })

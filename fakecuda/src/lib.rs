@@ -37,7 +37,9 @@
 //!   size of the VMM arena (default 2048, as on NVIDIA GPUs);
 //! - `OFFLOAD_FAKECUDA_NO_VMM=1`: the device says it has no virtual memory
 //!   management and `cuMemCreate` fails (the backend's fallback mode);
-//! - `OFFLOAD_FAKECUDA_NO_HOST_REGISTER=1`: `cuMemHostRegister` fails.
+//! - `OFFLOAD_FAKECUDA_NO_HOST_REGISTER=1`: `cuMemHostRegister` fails;
+//! - `OFFLOAD_FAKECUDA_MARK=FILE`: `cuInit` writes the device's name to
+//!   FILE, so a harness can tell that this library was the one loaded.
 
 #![allow(non_snake_case)]
 // The exported functions are the driver's C API: their pointer arguments
@@ -127,6 +129,8 @@ struct Driver {
     memory: RwLock<Memory>,
     streams: Mutex<HashMap<usize, Arc<Stream>>>,
     null_stream: OnceLock<Arc<Stream>>,
+    /// Destroyed streams that may still have queued work.
+    closing: Mutex<Vec<Arc<Stream>>>,
     events: Mutex<HashMap<usize, Arc<Event>>>,
     context_refs: Mutex<u32>,
     next_id: AtomicUsize,
@@ -175,10 +179,30 @@ impl Driver {
             .ok_or(CUresult::CUDA_ERROR_INVALID_HANDLE)
     }
 
+    /// Every stream with work: live ones, and destroyed ones still running
+    /// what was queued before.
     fn all_streams(&self) -> Vec<Arc<Stream>> {
         let mut v: Vec<_> = lock(&self.streams).values().cloned().collect();
         v.extend(self.null_stream.get().cloned());
+        let mut closing = lock(&self.closing);
+        closing.retain(|s| !s.is_done(s.tail()));
+        v.extend(closing.iter().cloned());
         v
+    }
+
+    /// The primary context's last reference went: it waits for its streams,
+    /// then its streams, events, modules, allocations and page-locked
+    /// buffers are gone (a later use of any of them fails or faults).
+    fn destroy_context(&self) {
+        for s in self.all_streams() {
+            s.synchronize();
+        }
+        for (_, s) in lock(&self.streams).drain() {
+            s.close();
+        }
+        lock(&self.events).clear();
+        kernels::forget_modules();
+        self.mem().destroy_context();
     }
 }
 
@@ -205,7 +229,7 @@ fn call(f: impl FnOnce() -> Result<(), CUresult>) -> CUresult {
 }
 
 /// Stops the process: a stream reached an operation whose memory is gone.
-fn fatal(what: &str, msg: &str) -> ! {
+pub(crate) fn fatal(what: &str, msg: &str) -> ! {
     eprintln!("offload-fakecuda: FATAL: {what}: {msg} (a GPU would have faulted or corrupted memory here)");
     std::process::abort()
 }
@@ -235,12 +259,17 @@ pub extern "C" fn cuInit(flags: c_uint) -> CUresult {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
         DRIVER.get_or_init(|| {
+            if let Some(mark) = std::env::var_os("OFFLOAD_FAKECUDA_MARK") {
+                // Lets a harness check that this library, not a real driver, was loaded.
+                let _ = std::fs::write(mark, DEVICE_NAME);
+            }
             let config = Config::from_env();
             Driver {
                 memory: RwLock::new(Memory::new(config.memory, config.granularity)),
                 config,
                 streams: Mutex::new(HashMap::new()),
                 null_stream: OnceLock::new(),
+                closing: Mutex::new(Vec::new()),
                 events: Mutex::new(HashMap::new()),
                 context_refs: Mutex::new(0),
                 next_id: AtomicUsize::new(0x10_0000),
@@ -392,6 +421,9 @@ pub extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: CUdevice) -> CUresult {
             return Err(CUresult::CUDA_ERROR_INVALID_CONTEXT);
         }
         *refs -= 1;
+        if *refs == 0 {
+            d.destroy_context();
+        }
         Ok(())
     })
 }
@@ -525,9 +557,16 @@ pub unsafe extern "C" fn cuMemSetAccess(
         if desc.is_null() || count != 1 {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
-        // SAFETY: the caller passes `count` (1) valid descriptors.
-        let desc = unsafe { &*desc };
-        if desc.flags as u32 != sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE as u32 {
+        // The descriptor read as its three 32-bit fields (location type,
+        // location id, flags), so an out-of-range value is an error here
+        // rather than an invalid Rust enum.
+        // SAFETY: the caller passes `count` (1) valid descriptors, 12 bytes each.
+        let [kind, id, flags] = unsafe { desc.cast::<[u32; 3]>().read_unaligned() };
+        let device = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE as u32;
+        if kind != device || id != 0 {
+            return Err(CUresult::CUDA_ERROR_INVALID_DEVICE);
+        }
+        if flags != sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE as u32 {
             return Err(CUresult::CUDA_ERROR_NOT_SUPPORTED);
         }
         d.mem().set_access(ptr, size)
@@ -566,23 +605,43 @@ pub unsafe extern "C" fn cuMemHostAlloc(
 
 #[no_mangle]
 pub extern "C" fn cuMemFreeHost(p: *mut c_void) -> CUresult {
-    call(|| driver(true)?.mem().free_host(p))
+    call(|| {
+        let r = driver(true)?.mem().free_host(p);
+        r.or_else(|e| {
+            e.map(Err)
+                .unwrap_or_else(|msg| fatal("cuMemFreeHost", &msg))
+        })
+    })
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemHostRegister_v2(p: *mut c_void, size: usize, _flags: c_uint) -> CUresult {
+pub extern "C" fn cuMemHostRegister_v2(p: *mut c_void, size: usize, flags: c_uint) -> CUresult {
     call(|| {
         let d = driver(true)?;
+        let known = sys::CU_MEMHOSTREGISTER_PORTABLE
+            | sys::CU_MEMHOSTREGISTER_DEVICEMAP
+            | sys::CU_MEMHOSTREGISTER_IOMEMORY
+            | sys::CU_MEMHOSTREGISTER_READ_ONLY;
+        if flags & !known != 0 {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
         if !d.config.host_register {
             return Err(CUresult::CUDA_ERROR_NOT_SUPPORTED);
         }
-        d.mem().register(p, size)
+        let read_only = flags & sys::CU_MEMHOSTREGISTER_READ_ONLY != 0;
+        d.mem().register(p, size, read_only)
     })
 }
 
 #[no_mangle]
 pub extern "C" fn cuMemHostUnregister(p: *mut c_void) -> CUresult {
-    call(|| driver(true)?.mem().unregister(p))
+    call(|| {
+        let r = driver(true)?.mem().unregister(p);
+        r.or_else(|e| {
+            e.map(Err)
+                .unwrap_or_else(|msg| fatal("cuMemHostUnregister", &msg))
+        })
+    })
 }
 
 // ---------------------------------------------------------------- streams, events
@@ -608,6 +667,7 @@ pub extern "C" fn cuStreamDestroy_v2(s: CUstream) -> CUresult {
             .remove(&(s as usize))
             .ok_or(CUresult::CUDA_ERROR_INVALID_HANDLE)?;
         st.close();
+        lock(&d.closing).push(st);
         Ok(())
     })
 }
@@ -724,6 +784,11 @@ pub extern "C" fn cuLaunchHostFunc(s: CUstream, f: CUhostFn, data: *mut c_void) 
         let f = f.ok_or(CUresult::CUDA_ERROR_INVALID_VALUE)?;
         let data = SendPtr(data as usize);
         d.stream(s)?.enqueue(Box::new(move || {
+            // Host functions of all streams run one at a time, which CUDA
+            // allows ("may be serialized"), so one that waits for another
+            // stream's host function deadlocks here as it may on a GPU.
+            static HOST_FNS: Mutex<()> = Mutex::new(());
+            let _one = lock(&HOST_FNS);
             IN_CALLBACK.with(|c| c.set(true));
             // SAFETY: the caller keeps `f`'s data valid until the function has run.
             unsafe { f(data.0 as *mut c_void) };
@@ -735,27 +800,50 @@ pub extern "C" fn cuLaunchHostFunc(s: CUstream, f: CUhostFn, data: *mut c_void) 
 
 // ---------------------------------------------------------------- copies
 
-/// Checks device bytes when a copy is queued.
+/// Checks device bytes when an operation is queued.
 fn check_queued(d: &Driver, ptr: u64, len: usize) -> Result<(), CUresult> {
-    d.mem_read().check_device(ptr, len).map_err(|m| {
+    d.mem_read().resolve(ptr, len).map(|_| ()).map_err(|m| {
         eprintln!("offload-fakecuda: {m}");
         CUresult::CUDA_ERROR_INVALID_VALUE
     })
 }
 
-/// Checks device bytes when the stream runs the copy; holds the memory
-/// read lock while `f` copies, so nothing is unmapped meanwhile.
-fn run_checked(what: &str, ranges: &[(u64, usize)], f: impl FnOnce()) {
+/// Refuses a host pointer that is really a device address.
+fn check_host(d: &Driver, p: usize, len: usize) -> Result<(), CUresult> {
+    if d.mem_read().is_device_address(p, len) {
+        eprintln!("offload-fakecuda: host pointer {p:#x} (+{len}) is a device address");
+        return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+    }
+    Ok(())
+}
+
+/// Finds the device bytes when the stream runs the operation, and runs `f`
+/// with their host addresses while holding the memory read lock, so nothing
+/// is unmapped meanwhile; aborts if any of them is gone.
+pub(crate) fn run_checked(what: &str, ranges: &[(u64, usize)], f: impl FnOnce(&[usize])) {
     let d = DRIVER
         .get()
-        .expect("initialised before any copy was queued");
+        .expect("initialised before any operation was queued");
     let m = d.mem_read();
+    let mut at = Vec::with_capacity(ranges.len());
     for &(p, len) in ranges {
-        if let Err(msg) = m.check_device(p, len) {
-            fatal(what, &msg);
+        match m.resolve(p, len) {
+            Ok(a) => at.push(a),
+            Err(msg) => fatal(what, &msg),
         }
     }
-    f();
+    f(&at);
+}
+
+/// Marks a pinned buffer's use by a queued operation as over when dropped.
+struct Done(Option<memory::PinnedUse>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if let Some(u) = &self.0 {
+            u.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 #[no_mangle]
@@ -774,19 +862,24 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
         if src.is_null() {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
+        check_host(d, src as usize, len)?;
         check_queued(d, dst, len)?;
         let what = format!(
             "host-to-device copy of {len} bytes to {dst:#x} on stream {:#x}",
             st.id
         );
-        if d.mem_read().is_pinned(src as usize, len) {
+        let pinned = d.mem_read().use_pinned(src as usize, len);
+        if let Some(u) = pinned {
             let src = SendPtr(src as usize);
+            let done = Done(Some(u));
             st.enqueue(Box::new(move || {
-                run_checked(&what, &[(dst, len)], || {
+                let _done = done;
+                run_checked(&what, &[(dst, len)], |at| {
                     // SAFETY: the caller keeps the pinned source valid until the
-                    // copy has run (the async copy's contract); the destination
-                    // was checked to be accessible device memory.
-                    unsafe { std::ptr::copy(src.0 as *const u8, dst as *mut u8, len) }
+                    // copy has run (the async copy's contract, and freeing it
+                    // before then aborts); the destination is accessible device
+                    // memory, resolved under the lock.
+                    unsafe { std::ptr::copy(src.0 as *const u8, at[0] as *mut u8, len) }
                 })
             }));
         } else {
@@ -794,9 +887,9 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
             // SAFETY: the caller's source holds `len` readable bytes.
             let staged = unsafe { std::slice::from_raw_parts(src.cast::<u8>(), len) }.to_vec();
             st.enqueue(Box::new(move || {
-                run_checked(&what, &[(dst, len)], || {
-                    // SAFETY: destination checked above; `staged` holds `len` bytes.
-                    unsafe { std::ptr::copy_nonoverlapping(staged.as_ptr(), dst as *mut u8, len) }
+                run_checked(&what, &[(dst, len)], |at| {
+                    // SAFETY: destination resolved above; `staged` holds `len` bytes.
+                    unsafe { std::ptr::copy_nonoverlapping(staged.as_ptr(), at[0] as *mut u8, len) }
                 })
             }));
         }
@@ -820,21 +913,35 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
         if dst.is_null() {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
+        check_host(d, dst as usize, len)?;
         check_queued(d, src, len)?;
-        let pinned = d.mem_read().is_pinned(dst as usize, len);
+        let pinned = d.mem_read().use_pinned(dst as usize, len);
+        let done = Done(pinned);
+        let sync = match &done.0 {
+            Some(u) if u.read_only => {
+                eprintln!(
+                    "offload-fakecuda: device-to-host copy into {dst:p}, registered read-only"
+                );
+                return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+            }
+            Some(_) => false,
+            None => true,
+        };
         let what = format!(
             "device-to-host copy of {len} bytes from {src:#x} on stream {:#x}",
             st.id
         );
         let p = SendPtr(dst as usize);
         let seq = st.enqueue(Box::new(move || {
-            run_checked(&what, &[(src, len)], || {
-                // SAFETY: the caller keeps the destination valid until the copy has
-                // run; the source was checked to be accessible device memory.
-                unsafe { std::ptr::copy(src as *const u8, p.0 as *mut u8, len) }
+            let _done = done;
+            run_checked(&what, &[(src, len)], |at| {
+                // SAFETY: the caller keeps the destination valid until the copy
+                // has run; the source is accessible device memory, resolved
+                // under the lock.
+                unsafe { std::ptr::copy(at[0] as *const u8, p.0 as *mut u8, len) }
             })
         }));
-        if !pinned {
+        if sync {
             // Pageable memory: the call returns once the bytes are there.
             st.wait_for(seq);
         }
@@ -857,11 +964,16 @@ pub extern "C" fn cuMemcpyDtoDAsync_v2(
         }
         check_queued(d, dst, len)?;
         check_queued(d, src, len)?;
+        if src < dst + len as u64 && dst < src + len as u64 {
+            eprintln!("offload-fakecuda: device-to-device copy between overlapping ranges {src:#x} and {dst:#x} (+{len})");
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
         let what = format!("device-to-device copy of {len} bytes {src:#x} -> {dst:#x}");
         st.enqueue(Box::new(move || {
-            run_checked(&what, &[(src, len), (dst, len)], || {
-                // SAFETY: both ranges were checked to be accessible device memory.
-                unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, len) }
+            run_checked(&what, &[(src, len), (dst, len)], |at| {
+                // SAFETY: both ranges resolved to accessible device memory;
+                // they do not overlap (checked when queued).
+                unsafe { std::ptr::copy_nonoverlapping(at[0] as *const u8, at[1] as *mut u8, len) }
             })
         }));
         Ok(())
@@ -884,9 +996,9 @@ pub extern "C" fn cuMemsetD8Async(
         check_queued(d, dst, len)?;
         let what = format!("memset of {len} bytes at {dst:#x}");
         st.enqueue(Box::new(move || {
-            run_checked(&what, &[(dst, len)], || {
-                // SAFETY: the range was checked to be accessible device memory.
-                unsafe { std::ptr::write_bytes(dst as *mut u8, value, len) }
+            run_checked(&what, &[(dst, len)], |at| {
+                // SAFETY: the range resolved to accessible device memory.
+                unsafe { std::ptr::write_bytes(at[0] as *mut u8, value, len) }
             })
         }));
         Ok(())

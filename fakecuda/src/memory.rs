@@ -1,32 +1,104 @@
 //! Device and pinned host memory, all of it host memory of this process.
 //!
-//! A device pointer is the host address where the bytes live. `cuMemAlloc`
-//! is an anonymous mapping; a `cuMemCreate` handle is a memfd, a reserved
-//! range is an inaccessible anonymous mapping, and `cuMemMap` maps the memfd
-//! over part of it, inaccessible until `cuMemSetAccess` (so a stray access
-//! by the host faults as a device access would). Every copy checks, when it
-//! is queued and again when its stream runs it, that its device bytes are
-//! mapped and accessible: the second check is what catches memory unmapped
-//! or freed while a stream still had work on it.
+//! A device address is never host-accessible: every allocation and reserved
+//! range is inaccessible address space, and its bytes live at another
+//! address, its *shadow*, which only the driver's own operations use (so a
+//! host dereference of a device pointer faults, as on a GPU). `cuMemAlloc`
+//! shadows with an anonymous mapping; `cuMemCreate` takes a piece of one
+//! memfd the size of the device, and `cuMemMap` maps that piece into the
+//! reserved range's shadow, inaccessible until `cuMemSetAccess`. New device
+//! and pinned memory is filled with [`POISON`], since a real driver does
+//! not zero it.
+//!
+//! Every operation finds its device bytes through [`Memory::resolve`], when
+//! it is queued (an error) and again when its stream runs it (the process
+//! aborts): the second check is what catches memory unmapped or freed while
+//! a stream still had work on it. Pinned host buffers count the queued
+//! operations that use them, and freeing or unregistering one with work
+//! pending aborts too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
+use rustix::fs::{fallocate, ftruncate, memfd_create, FallocateFlags, MemfdFlags};
 use rustix::mm::{mmap, mmap_anonymous, mprotect, munmap, MapFlags, MprotectFlags, ProtFlags};
 
 use cudarc::driver::sys::CUresult;
 
+/// The byte new device and pinned memory holds.
+pub const POISON: u8 = 0xA5;
+
 const HOST_PAGE: usize = 4096;
 
-fn round_up(n: usize, to: usize) -> usize {
-    n.div_ceil(to) * to
+type R<T> = Result<T, CUresult>;
+
+fn round_up(n: usize, to: usize) -> R<usize> {
+    n.checked_next_multiple_of(to)
+        .ok_or(CUresult::CUDA_ERROR_INVALID_VALUE)
 }
 
-/// A physical allocation (`cuMemCreate`).
+/// Inaccessible address space of `len` bytes at an address the kernel picks.
+fn reserve_space(len: usize) -> R<usize> {
+    // SAFETY: a fresh anonymous mapping at an address the kernel picks.
+    unsafe {
+        mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::NORESERVE,
+        )
+    }
+    .map(|p| p as usize)
+    .map_err(|_| CUresult::CUDA_ERROR_OUT_OF_MEMORY)
+}
+
+/// Readable and writable memory of `len` bytes, filled with [`POISON`].
+fn poisoned(len: usize) -> R<usize> {
+    // SAFETY: a fresh anonymous mapping at an address the kernel picks.
+    let p = unsafe {
+        mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE,
+        )
+    }
+    .map_err(|_| CUresult::CUDA_ERROR_OUT_OF_MEMORY)?;
+    // SAFETY: the `len` bytes just mapped, readable and writable.
+    unsafe { std::ptr::write_bytes(p.cast::<u8>(), POISON, len) };
+    Ok(p as usize)
+}
+
+/// Makes `addr..addr + len`, which this module mapped, inaccessible space again.
+///
+/// # Safety
+/// The range is a mapping of this module that nothing else uses.
+unsafe fn back_to_reserved(addr: usize, len: usize) {
+    // SAFETY: the caller's contract; a fixed mapping over our own mapping.
+    let _ = unsafe {
+        mmap_anonymous(
+            addr as *mut c_void,
+            len,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
+        )
+    };
+}
+
+/// A `cuMemAlloc` allocation: inaccessible at its device address, its bytes
+/// at `shadow`.
+struct Alloc {
+    len: usize,
+    charged: usize,
+    shadow: usize,
+}
+
+/// A physical allocation (`cuMemCreate`): a piece of the device file.
 struct Phys {
-    fd: OwnedFd,
+    offset: u64,
     size: usize,
     maps: usize,
     released: bool,
@@ -39,10 +111,11 @@ struct Mapping {
     access: bool,
 }
 
-/// A reserved virtual range (`cuMemAddressReserve`).
+/// A reserved virtual range (`cuMemAddressReserve`) and its shadow.
 struct Reservation {
     len: usize,
-    /// Mappings by start address.
+    shadow: usize,
+    /// Mappings by device address.
     maps: BTreeMap<u64, Mapping>,
 }
 
@@ -50,6 +123,15 @@ struct Reservation {
 struct Pinned {
     len: usize,
     registered: bool,
+    read_only: bool,
+    /// Queued operations that read or write it.
+    pending: Arc<AtomicUsize>,
+}
+
+/// A page-locked host range an operation uses: decrement `pending` when done.
+pub struct PinnedUse {
+    pub read_only: bool,
+    pub pending: Arc<AtomicUsize>,
 }
 
 /// All memory the fake device knows about.
@@ -57,14 +139,16 @@ pub struct Memory {
     pub capacity: usize,
     pub used: usize,
     pub granularity: usize,
+    /// The device's physical memory, created at the first `cuMemCreate`.
+    file: Option<OwnedFd>,
+    /// Free pieces of the file: offset → length.
+    free: BTreeMap<u64, u64>,
     next_handle: u64,
-    allocs: BTreeMap<u64, usize>,
+    allocs: BTreeMap<u64, Alloc>,
     phys: HashMap<u64, Phys>,
     reserved: BTreeMap<u64, Reservation>,
     pinned: BTreeMap<usize, Pinned>,
 }
-
-type R<T> = Result<T, CUresult>;
 
 impl Memory {
     pub fn new(capacity: usize, granularity: usize) -> Memory {
@@ -72,6 +156,8 @@ impl Memory {
             capacity,
             used: 0,
             granularity,
+            file: None,
+            free: BTreeMap::from([(0, capacity as u64)]),
             next_handle: 0x5000,
             allocs: BTreeMap::new(),
             phys: HashMap::new(),
@@ -81,11 +167,13 @@ impl Memory {
     }
 
     fn charge(&mut self, bytes: usize) -> R<()> {
-        if self.used + bytes > self.capacity {
-            return Err(CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+        match self.used.checked_add(bytes) {
+            Some(u) if u <= self.capacity => {
+                self.used = u;
+                Ok(())
+            }
+            _ => Err(CUresult::CUDA_ERROR_OUT_OF_MEMORY),
         }
-        self.used += bytes;
-        Ok(())
     }
 
     /// `cuMemAlloc`.
@@ -93,40 +181,92 @@ impl Memory {
         if len == 0 {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
-        let charged = round_up(len, HOST_PAGE);
+        let charged = round_up(len, HOST_PAGE)?;
         self.charge(charged)?;
-        // SAFETY: a fresh anonymous mapping at an address the kernel picks.
-        let p = unsafe {
-            mmap_anonymous(
-                std::ptr::null_mut(),
-                charged,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE | MapFlags::NORESERVE,
-            )
-        };
-        match p {
-            Ok(p) => {
-                self.allocs.insert(p as u64, len);
-                Ok(p as u64)
+        let made = reserve_space(charged).and_then(|va| match poisoned(charged) {
+            Ok(shadow) => Ok((va, shadow)),
+            Err(e) => {
+                // SAFETY: the reservation just made, not handed out.
+                let _ = unsafe { munmap(va as *mut c_void, charged) };
+                Err(e)
             }
-            Err(_) => {
+        });
+        match made {
+            Ok((va, shadow)) => {
+                self.allocs.insert(
+                    va as u64,
+                    Alloc {
+                        len,
+                        charged,
+                        shadow,
+                    },
+                );
+                Ok(va as u64)
+            }
+            Err(e) => {
                 self.used -= charged;
-                Err(CUresult::CUDA_ERROR_OUT_OF_MEMORY)
+                Err(e)
             }
         }
     }
 
     /// `cuMemFree`.
     pub fn free(&mut self, ptr: u64) -> R<()> {
-        let len = self
+        let a = self
             .allocs
             .remove(&ptr)
             .ok_or(CUresult::CUDA_ERROR_INVALID_VALUE)?;
-        let charged = round_up(len, HOST_PAGE);
-        // SAFETY: `ptr..ptr + charged` is the mapping `alloc` made, now forgotten.
-        let _ = unsafe { munmap(ptr as *mut c_void, charged) };
-        self.used -= charged;
+        // SAFETY: the reservation and shadow `alloc` made, now forgotten.
+        unsafe {
+            let _ = munmap(ptr as *mut c_void, a.charged);
+            let _ = munmap(a.shadow as *mut c_void, a.charged);
+        }
+        self.used -= a.charged;
         Ok(())
+    }
+
+    fn file(&mut self) -> R<&OwnedFd> {
+        if self.file.is_none() {
+            let fd = memfd_create("fakecuda-device", MemfdFlags::CLOEXEC)
+                .and_then(|fd| ftruncate(&fd, self.capacity as u64).map(|()| fd))
+                .map_err(|_| CUresult::CUDA_ERROR_UNKNOWN)?;
+            self.file = Some(fd);
+        }
+        Ok(self.file.as_ref().expect("just set"))
+    }
+
+    /// A free piece of the file of `size` bytes (first fit).
+    fn take(&mut self, size: u64) -> Option<u64> {
+        let (&off, &len) = self.free.iter().find(|(_, &l)| l >= size)?;
+        self.free.remove(&off);
+        if len > size {
+            self.free.insert(off + size, len - size);
+        }
+        Some(off)
+    }
+
+    /// Gives a piece of the file back (its pages to the kernel too).
+    fn give(&mut self, mut off: u64, mut len: u64) {
+        if let Some(fd) = &self.file {
+            let _ = fallocate(
+                fd,
+                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                off,
+                len,
+            );
+        }
+        if let Some((&p, &l)) = self.free.range(..off).next_back() {
+            if p + l == off {
+                self.free.remove(&p);
+                off = p;
+                len += l;
+            }
+        }
+        if let Some(&l) = self.free.get(&(off + len)) {
+            self.free.remove(&(off + len));
+            len += l;
+        }
+        self.free.insert(off, len);
     }
 
     /// `cuMemCreate`.
@@ -135,27 +275,46 @@ impl Memory {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
         self.charge(size)?;
-        let fd = memfd_create("fakecuda-page", MemfdFlags::CLOEXEC)
-            .and_then(|fd| ftruncate(&fd, size as u64).map(|()| fd));
-        let fd = match fd {
-            Ok(fd) => fd,
-            Err(_) => {
-                self.used -= size;
-                return Err(CUresult::CUDA_ERROR_OUT_OF_MEMORY);
-            }
+        let Some(offset) = self.take(size as u64) else {
+            self.used -= size;
+            return Err(CUresult::CUDA_ERROR_OUT_OF_MEMORY);
         };
+        let poison = vec![POISON; size.min(1 << 20)];
+        let written = self.file().and_then(|fd| {
+            let mut done = 0;
+            while done < size {
+                let n = poison.len().min(size - done);
+                match rustix::io::pwrite(fd, &poison[..n], offset + done as u64) {
+                    Ok(w) if w > 0 => done += w,
+                    _ => return Err(CUresult::CUDA_ERROR_UNKNOWN),
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            self.give(offset, size as u64);
+            self.used -= size;
+            return Err(e);
+        }
         let h = self.next_handle;
         self.next_handle += 1;
         self.phys.insert(
             h,
             Phys {
-                fd,
+                offset,
                 size,
                 maps: 0,
                 released: false,
             },
         );
         Ok(h)
+    }
+
+    fn drop_phys(&mut self, handle: u64) {
+        if let Some(p) = self.phys.remove(&handle) {
+            self.give(p.offset, p.size as u64);
+            self.used -= p.size;
+        }
     }
 
     /// `cuMemRelease`: the memory goes once its last mapping is unmapped.
@@ -167,9 +326,7 @@ impl Memory {
             .ok_or(CUresult::CUDA_ERROR_INVALID_VALUE)?;
         p.released = true;
         if p.maps == 0 {
-            let size = p.size;
-            self.phys.remove(&handle);
-            self.used -= size;
+            self.drop_phys(handle);
         }
         Ok(())
     }
@@ -180,18 +337,11 @@ impl Memory {
         if len == 0 || len % self.granularity != 0 || !align.is_power_of_two() {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
-        let total = len + align;
-        // SAFETY: a fresh inaccessible anonymous mapping at an address the kernel picks.
-        let p = unsafe {
-            mmap_anonymous(
-                std::ptr::null_mut(),
-                total,
-                ProtFlags::empty(),
-                MapFlags::PRIVATE | MapFlags::NORESERVE,
-            )
-        }
-        .map_err(|_| CUresult::CUDA_ERROR_OUT_OF_MEMORY)? as usize;
-        let base = round_up(p, align);
+        let total = len
+            .checked_add(align)
+            .ok_or(CUresult::CUDA_ERROR_INVALID_VALUE)?;
+        let p = reserve_space(total)?;
+        let base = round_up(p, align)?;
         // SAFETY: both pieces lie inside the mapping just made and outside
         // `base..base + len`, which is kept.
         unsafe {
@@ -203,10 +353,19 @@ impl Memory {
                 let _ = munmap(end as *mut c_void, p + total - end);
             }
         }
+        let shadow = match reserve_space(len) {
+            Ok(s) => s,
+            Err(e) => {
+                // SAFETY: the reservation just made, not handed out.
+                let _ = unsafe { munmap(base as *mut c_void, len) };
+                return Err(e);
+            }
+        };
         self.reserved.insert(
             base as u64,
             Reservation {
                 len,
+                shadow,
                 maps: BTreeMap::new(),
             },
         );
@@ -219,39 +378,45 @@ impl Memory {
             Some(r) if r.len == len && r.maps.is_empty() => {}
             _ => return Err(CUresult::CUDA_ERROR_INVALID_VALUE),
         }
-        self.reserved.remove(&ptr);
-        // SAFETY: the reservation's own mapping, now forgotten, with nothing mapped in it.
-        let _ = unsafe { munmap(ptr as *mut c_void, len) };
+        let r = self.reserved.remove(&ptr).expect("checked above");
+        // SAFETY: the reservation's own mappings, now forgotten, with nothing mapped in them.
+        unsafe {
+            let _ = munmap(ptr as *mut c_void, len);
+            let _ = munmap(r.shadow as *mut c_void, len);
+        }
         Ok(())
     }
 
-    fn reservation_of(&mut self, ptr: u64, len: usize) -> R<&mut Reservation> {
+    fn reservation_of(&mut self, ptr: u64, len: usize) -> R<(u64, &mut Reservation)> {
         let (&base, r) = self
             .reserved
             .range_mut(..=ptr)
             .next_back()
             .ok_or(CUresult::CUDA_ERROR_INVALID_VALUE)?;
-        if ptr + len as u64 > base + r.len as u64 {
+        let end = ptr
+            .checked_add(len as u64)
+            .ok_or(CUresult::CUDA_ERROR_INVALID_VALUE)?;
+        if end > base + r.len as u64 {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
-        Ok(r)
+        Ok((base, r))
     }
 
     /// `cuMemMap` of a whole physical allocation at `ptr`.
     pub fn map(&mut self, ptr: u64, size: usize, offset: usize, handle: u64) -> R<()> {
         let gran = self.granularity as u64;
-        let (fd_size, fd) = match self.phys.get(&handle) {
-            Some(p) if !p.released => (p.size, &p.fd),
+        let (file_off, phys_size) = match self.phys.get(&handle) {
+            Some(p) if !p.released => (p.offset, p.size),
             _ => return Err(CUresult::CUDA_ERROR_INVALID_HANDLE),
         };
-        if offset != 0 || size != fd_size || ptr % gran != 0 {
+        if offset != 0 || size != phys_size || ptr % gran != 0 {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
-        // SAFETY: `dup` of a live descriptor.
-        let fd = fd
+        let fd = self
+            .file()?
             .try_clone()
-            .map_err(|_| CUresult::CUDA_ERROR_OUT_OF_MEMORY)?;
-        let r = self.reservation_of(ptr, size)?;
+            .map_err(|_| CUresult::CUDA_ERROR_UNKNOWN)?;
+        let (base, r) = self.reservation_of(ptr, size)?;
         let end = ptr + size as u64;
         let overlaps = r
             .maps
@@ -261,19 +426,20 @@ impl Memory {
         if overlaps {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
-        // SAFETY: `ptr..ptr + size` lies inside a range this driver reserved
-        // and nothing is mapped there, so replacing it affects no other memory.
+        let at = r.shadow + (ptr - base) as usize;
+        // SAFETY: `at..at + size` lies inside this reservation's shadow and
+        // nothing is mapped there, so replacing it affects no other memory.
         unsafe {
             mmap(
-                ptr as *mut c_void,
+                at as *mut c_void,
                 size,
                 ProtFlags::empty(),
                 MapFlags::SHARED | MapFlags::FIXED,
                 &fd,
-                0,
+                file_off,
             )
         }
-        .map_err(|_| CUresult::CUDA_ERROR_OUT_OF_MEMORY)?;
+        .map_err(|_| CUresult::CUDA_ERROR_UNKNOWN)?;
         r.maps.insert(
             ptr,
             Mapping {
@@ -290,7 +456,7 @@ impl Memory {
 
     /// `cuMemSetAccess` (read-write) over whole mappings.
     pub fn set_access(&mut self, ptr: u64, len: usize) -> R<()> {
-        let r = self.reservation_of(ptr, len)?;
+        let (base, r) = self.reservation_of(ptr, len)?;
         let end = ptr + len as u64;
         let mut at = ptr;
         let mut todo = Vec::new();
@@ -306,41 +472,43 @@ impl Memory {
         }
         for b in todo {
             let m = r.maps.get_mut(&b).expect("listed above");
-            // SAFETY: `b..b + size` is one of our mappings of a memfd.
+            let shadow = r.shadow + (b - base) as usize;
+            // SAFETY: `shadow..shadow + size` is one of our mappings of the device file.
             unsafe {
                 mprotect(
-                    b as *mut c_void,
+                    shadow as *mut c_void,
                     m.size,
                     MprotectFlags::READ | MprotectFlags::WRITE,
                 )
             }
-            .map_err(|_| CUresult::CUDA_ERROR_INVALID_VALUE)?;
+            .map_err(|_| CUresult::CUDA_ERROR_UNKNOWN)?;
             m.access = true;
         }
         Ok(())
     }
 
-    /// `cuMemUnmap` of whole mappings.
+    /// `cuMemUnmap` of whole mappings, exactly the range given.
     pub fn unmap(&mut self, ptr: u64, len: usize) -> R<()> {
-        let r = self.reservation_of(ptr, len)?;
+        let (base, r) = self.reservation_of(ptr, len)?;
         let end = ptr + len as u64;
-        let starts: Vec<u64> = r.maps.range(ptr..end).map(|(&b, _)| b).collect();
-        if starts.is_empty() || starts.iter().any(|b| b + r.maps[b].size as u64 > end) {
+        let mut at = ptr;
+        let mut starts = Vec::new();
+        for (&b, m) in r.maps.range(ptr..end) {
+            if b != at {
+                return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+            }
+            at = b + m.size as u64;
+            starts.push(b);
+        }
+        if starts.is_empty() || at != end {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
         let mut handles = Vec::new();
         for b in starts {
             let m = r.maps.remove(&b).expect("listed above");
-            // SAFETY: `b..b + size` is one of our mappings inside our reservation;
-            // it goes back to inaccessible reserved address space.
-            let _ = unsafe {
-                mmap_anonymous(
-                    b as *mut c_void,
-                    m.size,
-                    ProtFlags::empty(),
-                    MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
-                )
-            };
+            // SAFETY: one of our mappings inside this reservation's shadow;
+            // it goes back to inaccessible reserved space.
+            unsafe { back_to_reserved(r.shadow + (b - base) as usize, m.size) };
             handles.push(m.handle);
         }
         for h in handles {
@@ -352,21 +520,21 @@ impl Memory {
                 None => false,
             };
             if gone {
-                let p = self.phys.remove(&h).expect("present");
-                self.used -= p.size;
+                self.drop_phys(h);
             }
         }
         Ok(())
     }
 
-    /// Checks that `ptr..ptr + len` is device memory the device may access.
-    pub fn check_device(&self, ptr: u64, len: usize) -> Result<(), String> {
+    /// Where the bytes of device memory `ptr..ptr + len` live, if the device
+    /// may access all of it.
+    pub fn resolve(&self, ptr: u64, len: usize) -> Result<usize, String> {
         let end = ptr
             .checked_add(len as u64)
             .ok_or_else(|| format!("{ptr:#x} + {len} overflows"))?;
-        if let Some((&b, &l)) = self.allocs.range(..=ptr).next_back() {
-            if end <= b + l as u64 {
-                return Ok(());
+        if let Some((&b, a)) = self.allocs.range(..=ptr).next_back() {
+            if end <= b + a.len as u64 {
+                return Ok(a.shadow + (ptr - b) as usize);
             }
         }
         let Some((&base, r)) = self.reserved.range(..=ptr).next_back() else {
@@ -390,7 +558,7 @@ impl Memory {
                     }
                     at = b + m.size as u64;
                     if at >= end {
-                        return Ok(());
+                        return Ok(r.shadow + (ptr - base) as usize);
                     }
                     cur = r.maps.range(at..).next();
                 }
@@ -403,53 +571,80 @@ impl Memory {
         }
     }
 
+    /// Whether `p..p + len` overlaps a device address range (a host pointer
+    /// that is really a device pointer).
+    pub fn is_device_address(&self, p: usize, len: usize) -> bool {
+        let (p, end) = (p as u64, (p as u64).saturating_add(len as u64));
+        let alloc = self
+            .allocs
+            .range(..end)
+            .next_back()
+            .is_some_and(|(&b, a)| b + a.charged as u64 > p);
+        let range = self
+            .reserved
+            .range(..end)
+            .next_back()
+            .is_some_and(|(&b, r)| b + r.len as u64 > p);
+        alloc || range
+    }
+
     /// `cuMemHostAlloc`.
     pub fn host_alloc(&mut self, len: usize) -> R<*mut c_void> {
         if len == 0 {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
-        // SAFETY: a fresh anonymous mapping at an address the kernel picks.
-        let p = unsafe {
-            mmap_anonymous(
-                std::ptr::null_mut(),
-                round_up(len, HOST_PAGE),
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE,
-            )
-        }
-        .map_err(|_| CUresult::CUDA_ERROR_OUT_OF_MEMORY)?;
+        let p = poisoned(round_up(len, HOST_PAGE)?)?;
         self.pinned.insert(
-            p as usize,
+            p,
             Pinned {
                 len,
                 registered: false,
+                read_only: false,
+                pending: Arc::default(),
             },
         );
-        Ok(p)
+        Ok(p as *mut c_void)
     }
 
-    /// `cuMemFreeHost`.
-    pub fn free_host(&mut self, p: *mut c_void) -> R<()> {
-        match self.pinned.get(&(p as usize)) {
-            Some(x) if !x.registered => {}
-            _ => return Err(CUresult::CUDA_ERROR_INVALID_VALUE),
+    /// Refuses to forget a pinned buffer some queued operation still uses.
+    fn idle(x: &Pinned, what: &str, p: usize) -> Result<(), String> {
+        match x.pending.load(Ordering::Acquire) {
+            0 => Ok(()),
+            n => Err(format!(
+                "{what} of {p:#x} ({} bytes) while {n} queued operation(s) still use it",
+                x.len
+            )),
         }
-        let x = self.pinned.remove(&(p as usize)).expect("present");
+    }
+
+    /// `cuMemFreeHost`; `Err(Ok(code))` is an error to return,
+    /// `Err(Err(message))` a use-after-free to abort on.
+    pub fn free_host(&mut self, p: *mut c_void) -> Result<(), Result<CUresult, String>> {
+        let at = p as usize;
+        match self.pinned.get(&at) {
+            Some(x) if !x.registered => Self::idle(x, "cuMemFreeHost", at).map_err(Err)?,
+            _ => return Err(Ok(CUresult::CUDA_ERROR_INVALID_VALUE)),
+        }
+        let x = self.pinned.remove(&at).expect("present");
         // SAFETY: the mapping `host_alloc` made, now forgotten.
-        let _ = unsafe { munmap(p, round_up(x.len, HOST_PAGE)) };
+        let _ = unsafe { munmap(p, round_up(x.len, HOST_PAGE).unwrap_or(x.len)) };
         Ok(())
     }
 
     fn pinned_overlaps(&self, p: usize, len: usize) -> bool {
+        let end = p.saturating_add(len);
         self.pinned
-            .range(..p + len)
+            .range(..end)
             .next_back()
             .is_some_and(|(&b, x)| b + x.len > p)
     }
 
     /// `cuMemHostRegister`.
-    pub fn register(&mut self, p: *mut c_void, len: usize) -> R<()> {
+    pub fn register(&mut self, p: *mut c_void, len: usize, read_only: bool) -> R<()> {
         if p.is_null() || len == 0 {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        if self.is_device_address(p as usize, len) {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
         if self.pinned_overlaps(p as usize, len) {
@@ -460,27 +655,57 @@ impl Memory {
             Pinned {
                 len,
                 registered: true,
+                read_only,
+                pending: Arc::default(),
             },
         );
         Ok(())
     }
 
-    /// `cuMemHostUnregister`.
-    pub fn unregister(&mut self, p: *mut c_void) -> R<()> {
-        match self.pinned.get(&(p as usize)) {
-            Some(x) if x.registered => {
-                self.pinned.remove(&(p as usize));
-                Ok(())
-            }
-            _ => Err(CUresult::CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED),
+    /// `cuMemHostUnregister`; errors as [`Memory::free_host`].
+    pub fn unregister(&mut self, p: *mut c_void) -> Result<(), Result<CUresult, String>> {
+        let at = p as usize;
+        match self.pinned.get(&at) {
+            Some(x) if x.registered => Self::idle(x, "cuMemHostUnregister", at).map_err(Err)?,
+            _ => return Err(Ok(CUresult::CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED)),
         }
+        self.pinned.remove(&at);
+        Ok(())
     }
 
-    /// Whether `p..p + len` lies in one page-locked host buffer.
-    pub fn is_pinned(&self, p: usize, len: usize) -> bool {
-        self.pinned
-            .range(..=p)
-            .next_back()
-            .is_some_and(|(&b, x)| p + len <= b + x.len)
+    /// The page-locked host buffer holding all of `p..p + len`, counted as
+    /// used by one more queued operation.
+    pub fn use_pinned(&self, p: usize, len: usize) -> Option<PinnedUse> {
+        let (&b, x) = self.pinned.range(..=p).next_back()?;
+        if p.checked_add(len)? > b + x.len {
+            return None;
+        }
+        x.pending.fetch_add(1, Ordering::AcqRel);
+        Some(PinnedUse {
+            read_only: x.read_only,
+            pending: Arc::clone(&x.pending),
+        })
+    }
+
+    /// The primary context was destroyed: its allocations and page-locked
+    /// buffers go (their addresses become inaccessible, so a later use
+    /// faults) and its registrations are forgotten. Physical allocations,
+    /// reservations and mappings are the device's and stay.
+    pub fn destroy_context(&mut self) {
+        for (va, a) in std::mem::take(&mut self.allocs) {
+            // SAFETY: our own reservation and shadow, forgotten above.
+            unsafe {
+                let _ = munmap(va as *mut c_void, a.charged);
+                let _ = munmap(a.shadow as *mut c_void, a.charged);
+            }
+            self.used -= a.charged;
+        }
+        for (p, x) in std::mem::take(&mut self.pinned) {
+            if !x.registered {
+                // SAFETY: a buffer `host_alloc` mapped; it stays reserved
+                // (inaccessible), so a use after the context's end faults.
+                unsafe { back_to_reserved(p, round_up(x.len, HOST_PAGE).unwrap_or(x.len)) };
+            }
+        }
     }
 }

@@ -65,7 +65,13 @@ impl Stream {
                     q = self.cv.wait(q).unwrap_or_else(|p| p.into_inner());
                 }
             };
-            op();
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(op)).is_err() {
+                // A waiter would never see this operation complete.
+                crate::fatal(
+                    &format!("operation {seq} of stream {:#x}", self.id),
+                    "it panicked",
+                );
+            }
             let mut q = lock(&self.queue);
             q.completed = seq;
             drop(q);

@@ -127,14 +127,23 @@ fn gpu_tests_pass_on_the_fake_driver() {
         "device::cuda::kernel_tests::gpu_matmul_cublas_matches_cpu",
         "device::cuda::kernel_tests::gpu_matmul_edge_cases_and_checks",
     ];
+    let mark = dir.join("loaded");
     let out = std::process::Command::new(&exe)
         .args(["--ignored", "--test-threads=2", "device::cuda::tests::gpu_"])
         .args(matmul)
         .env("LD_LIBRARY_PATH", &dir)
         .env("OFFLOAD_KERNEL_CACHE", "off")
+        .env("OFFLOAD_FAKECUDA_MARK", &mark)
         .output()
         .unwrap();
+    // The fake, not a real driver elsewhere on the library path, answered.
+    let loaded = std::fs::read_to_string(&mark).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        loaded,
+        offload_fakecuda::DEVICE_NAME,
+        "the fake driver was not loaded"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Every ignored test of this file, counted from its source, plus the matmul ones.
