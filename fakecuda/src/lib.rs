@@ -38,6 +38,12 @@
 //! - `OFFLOAD_FAKECUDA_NO_VMM=1`: the device says it has no virtual memory
 //!   management and `cuMemCreate` fails (the backend's fallback mode);
 //! - `OFFLOAD_FAKECUDA_NO_HOST_REGISTER=1`: `cuMemHostRegister` fails;
+//! - `OFFLOAD_FAKECUDA_STREAM_DELAY_US=N`: each stream waits N µs before
+//!   each operation, so work is still queued when a missing wait lets the
+//!   host free or reuse its memory (which then aborts or reads wrong);
+//! - `OFFLOAD_FAKECUDA_LEAK_CHECK=1`: the primary context's last release
+//!   aborts if any allocation, pinned buffer, registration, physical
+//!   allocation or reserved range is left (a cleanup that failed unseen);
 //! - `OFFLOAD_FAKECUDA_MARK=FILE`: `cuInit` writes the device's name to
 //!   FILE, so a harness can tell that this library was the one loaded.
 
@@ -103,6 +109,10 @@ struct Config {
     granularity: usize,
     vmm: bool,
     host_register: bool,
+    /// Each stream waits this long before each operation.
+    stream_delay: Option<std::time::Duration>,
+    /// The end of the context aborts if anything is left.
+    leak_check: bool,
 }
 
 impl Config {
@@ -120,6 +130,11 @@ impl Config {
             granularity: granularity.next_power_of_two(),
             vmm: !flag("OFFLOAD_FAKECUDA_NO_VMM"),
             host_register: !flag("OFFLOAD_FAKECUDA_NO_HOST_REGISTER"),
+            stream_delay: match num("OFFLOAD_FAKECUDA_STREAM_DELAY_US", 0) {
+                0 => None,
+                us => Some(std::time::Duration::from_micros(us as u64)),
+            },
+            leak_check: flag("OFFLOAD_FAKECUDA_LEAK_CHECK"),
         }
     }
 }
@@ -163,7 +178,8 @@ impl Driver {
     fn stream(&self, s: CUstream) -> Result<Arc<Stream>, CUresult> {
         if s.is_null() {
             return Ok(Arc::clone(
-                self.null_stream.get_or_init(|| Stream::spawn(0)),
+                self.null_stream
+                    .get_or_init(|| Stream::spawn(0, self.config.stream_delay)),
             ));
         }
         lock(&self.streams)
@@ -202,7 +218,16 @@ impl Driver {
         }
         lock(&self.events).clear();
         kernels::forget_modules();
-        self.mem().destroy_context();
+        let mut mem = self.mem();
+        if self.config.leak_check {
+            if let Some(left) = mem.leftovers() {
+                fatal(
+                    "the primary context's last release",
+                    &format!("leaked {left}"),
+                );
+            }
+        }
+        mem.destroy_context();
     }
 }
 
@@ -654,7 +679,7 @@ pub unsafe extern "C" fn cuStreamCreate(s: *mut CUstream, _flags: c_uint) -> CUr
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
         let id = d.id();
-        lock(&d.streams).insert(id, Stream::spawn(id));
+        lock(&d.streams).insert(id, Stream::spawn(id, d.config.stream_delay));
         out(s, id as CUstream)
     })
 }

@@ -89,12 +89,18 @@ unsafe fn back_to_reserved(addr: usize, len: usize) {
 }
 
 /// A `cuMemAlloc` allocation: inaccessible at its device address, its bytes
-/// at `shadow`.
+/// at `shadow`. The address is 256 bytes into a reservation of `charged`
+/// plus a page starting at `va`: the driver promises 256-byte alignment,
+/// no more, and a backend that assumes more should find out here.
 struct Alloc {
     len: usize,
     charged: usize,
     shadow: usize,
+    va: usize,
 }
+
+/// How far into its reservation a `cuMemAlloc` address is.
+const ALLOC_OFFSET: usize = 256;
 
 /// A physical allocation (`cuMemCreate`): a piece of the device file.
 struct Phys {
@@ -183,25 +189,27 @@ impl Memory {
         }
         let charged = round_up(len, HOST_PAGE)?;
         self.charge(charged)?;
-        let made = reserve_space(charged).and_then(|va| match poisoned(charged) {
+        let made = reserve_space(charged + HOST_PAGE).and_then(|va| match poisoned(charged) {
             Ok(shadow) => Ok((va, shadow)),
             Err(e) => {
                 // SAFETY: the reservation just made, not handed out.
-                let _ = unsafe { munmap(va as *mut c_void, charged) };
+                let _ = unsafe { munmap(va as *mut c_void, charged + HOST_PAGE) };
                 Err(e)
             }
         });
         match made {
             Ok((va, shadow)) => {
+                let addr = (va + ALLOC_OFFSET) as u64;
                 self.allocs.insert(
-                    va as u64,
+                    addr,
                     Alloc {
                         len,
                         charged,
                         shadow,
+                        va,
                     },
                 );
-                Ok(va as u64)
+                Ok(addr)
             }
             Err(e) => {
                 self.used -= charged;
@@ -218,7 +226,7 @@ impl Memory {
             .ok_or(CUresult::CUDA_ERROR_INVALID_VALUE)?;
         // SAFETY: the reservation and shadow `alloc` made, now forgotten.
         unsafe {
-            let _ = munmap(ptr as *mut c_void, a.charged);
+            let _ = munmap(a.va as *mut c_void, a.charged + HOST_PAGE);
             let _ = munmap(a.shadow as *mut c_void, a.charged);
         }
         self.used -= a.charged;
@@ -687,15 +695,35 @@ impl Memory {
         })
     }
 
+    /// What is still allocated, registered, created or reserved, if anything:
+    /// at the end of a context, a leak of whoever made it.
+    pub fn leftovers(&self) -> Option<String> {
+        let pinned = self.pinned.values().filter(|x| !x.registered).count();
+        let registered = self.pinned.len() - pinned;
+        let counts = [
+            (self.allocs.len(), "cuMemAlloc allocation(s)"),
+            (pinned, "cuMemHostAlloc buffer(s)"),
+            (registered, "host registration(s)"),
+            (self.phys.len(), "cuMemCreate allocation(s)"),
+            (self.reserved.len(), "reserved range(s)"),
+        ];
+        let left: Vec<String> = counts
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, what)| format!("{n} {what}"))
+            .collect();
+        (!left.is_empty()).then(|| left.join(", "))
+    }
+
     /// The primary context was destroyed: its allocations and page-locked
     /// buffers go (their addresses become inaccessible, so a later use
     /// faults) and its registrations are forgotten. Physical allocations,
     /// reservations and mappings are the device's and stay.
     pub fn destroy_context(&mut self) {
-        for (va, a) in std::mem::take(&mut self.allocs) {
+        for (_, a) in std::mem::take(&mut self.allocs) {
             // SAFETY: our own reservation and shadow, forgotten above.
             unsafe {
-                let _ = munmap(va as *mut c_void, a.charged);
+                let _ = munmap(a.va as *mut c_void, a.charged + HOST_PAGE);
                 let _ = munmap(a.shadow as *mut c_void, a.charged);
             }
             self.used -= a.charged;

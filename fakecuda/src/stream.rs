@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// One queued operation.
 pub type Op = Box<dyn FnOnce() + Send>;
@@ -32,7 +32,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Stream {
     /// A new stream and its worker thread.
-    pub fn spawn(id: usize) -> Arc<Stream> {
+    pub fn spawn(id: usize, delay: Option<Duration>) -> Arc<Stream> {
         let s = Arc::new(Stream {
             id,
             queue: Mutex::new(Queue {
@@ -46,12 +46,12 @@ impl Stream {
         let worker = Arc::clone(&s);
         thread::Builder::new()
             .name(format!("fakecuda-stream-{id}"))
-            .spawn(move || worker.run())
+            .spawn(move || worker.run(delay))
             .expect("fakecuda: cannot start a stream thread");
         s
     }
 
-    fn run(&self) {
+    fn run(&self, delay: Option<Duration>) {
         loop {
             let (seq, op) = {
                 let mut q = lock(&self.queue);
@@ -65,6 +65,9 @@ impl Stream {
                     q = self.cv.wait(q).unwrap_or_else(|p| p.into_inner());
                 }
             };
+            if let Some(d) = delay {
+                thread::sleep(d);
+            }
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(op)).is_err() {
                 // A waiter would never see this operation complete.
                 crate::fatal(

@@ -12,6 +12,7 @@ use std::time::Instant;
 use half::{bf16, f16};
 use offload_kernels::{Adapter, Delta, Dtype, Factor, KronFactor, MergeSpec};
 
+use super::cublas::GemmAccumulate;
 use super::nvrtc::{self, NvrtcError, Target};
 use super::*;
 use crate::device::{DeviceExt, MergeAdapter, MergeDelta, MergeFactor, MergeKron, MergeOp};
@@ -1748,6 +1749,70 @@ fn gpu_matmul_cublas_matches_cpu() {
     check_matmul(&d, s, Dtype::F16, 8, 100, 300, 6);
     d.destroy_stream(s2).unwrap();
     check_matmul(&d, s, Dtype::BF16, 8, 100, 300, 7);
+    d.destroy_stream(s).unwrap();
+}
+
+/// `W += s · up · down` through cuBLAS (the per-adapter baseline of
+/// `offload bench merge`), with `rows`, `cols` and `rank` all different so
+/// that swapped leading dimensions or transposes show, against an f64
+/// reference: within a rounding to W's type of the exact result (f32 W:
+/// 2⁻²⁰ of the magnitudes, for cuBLAS's f32 sums).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_gemm_accumulate_matches_an_f64_reference() {
+    let d = gpu();
+    let s = d.create_stream().unwrap();
+    let (rows, cols, rank, scale) = (37usize, 53usize, 5usize, -0.75f32);
+    for (w_dtype, f_dtype) in [
+        (Dtype::F32, Dtype::F32),
+        (Dtype::F32, Dtype::F16),
+        (Dtype::F16, Dtype::F16),
+        (Dtype::BF16, Dtype::BF16),
+    ] {
+        let mut rng = Rng(0x5eed ^ rows as u64);
+        let w = encode(w_dtype, &rng.values(rows * cols));
+        let up = encode(f_dtype, &rng.values(rows * rank));
+        let down = encode(f_dtype, &rng.values(rank * cols));
+        let mut bufs = Bufs::new(&d);
+        let (wp, upp, downp) = (
+            bufs.upload(&w, s),
+            bufs.upload(&up, s),
+            bufs.upload(&down, s),
+        );
+        let op = GemmAccumulate {
+            w: wp,
+            w_dtype,
+            rows,
+            cols,
+            up: upp,
+            down: downp,
+            factor_dtype: f_dtype,
+            rank,
+            scale,
+        };
+        d.gemm_accumulate(&op, s).unwrap();
+        let mut got = vec![0u8; w.len()];
+        d.read_blocking(wp, &mut got, s).unwrap();
+        let (got, w0) = (decode(w_dtype, &got), decode(w_dtype, &w));
+        let (u, dn) = (decode(f_dtype, &up), decode(f_dtype, &down));
+        for i in 0..rows {
+            for j in 0..cols {
+                let (mut delta, mut mag) = (0f64, 0f64);
+                for r in 0..rank {
+                    delta += u[i * rank + r] * dn[r * cols + j];
+                    mag += (u[i * rank + r] * dn[r * cols + j]).abs();
+                }
+                let want = w0[i * cols + j] + f64::from(scale) * delta;
+                let bound = ulp(w_dtype, want)
+                    + 2f64.powi(-20) * (w0[i * cols + j].abs() + f64::from(scale.abs()) * mag);
+                let g = got[i * cols + j];
+                assert!(
+                    (g - want).abs() <= bound,
+                    "W {w_dtype} factors {f_dtype} ({i}, {j}): got {g}, want {want} (bound {bound})"
+                );
+            }
+        }
+    }
     d.destroy_stream(s).unwrap();
 }
 

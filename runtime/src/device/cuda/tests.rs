@@ -126,36 +126,44 @@ fn gpu_tests_pass_on_the_fake_driver() {
     let matmul = [
         "device::cuda::kernel_tests::gpu_matmul_cublas_matches_cpu",
         "device::cuda::kernel_tests::gpu_matmul_edge_cases_and_checks",
+        "device::cuda::kernel_tests::gpu_gemm_accumulate_matches_an_f64_reference",
     ];
-    let mark = dir.join("loaded");
-    let out = std::process::Command::new(&exe)
-        .args(["--ignored", "--test-threads=2", "device::cuda::tests::gpu_"])
-        .args(matmul)
-        .env("LD_LIBRARY_PATH", &dir)
-        .env("OFFLOAD_KERNEL_CACHE", "off")
-        .env("OFFLOAD_FAKECUDA_MARK", &mark)
-        .output()
-        .unwrap();
-    // The fake, not a real driver elsewhere on the library path, answered.
-    let loaded = std::fs::read_to_string(&mark).unwrap_or_default();
-    let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(
-        loaded,
-        offload_fakecuda::DEVICE_NAME,
-        "the fake driver was not loaded"
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
     // Every ignored test of this file, counted from its source, plus the matmul ones.
     let attr = concat!("#[ignore = \"needs a CUDA", " GPU\"]");
     let expected = include_str!("tests.rs").matches(attr).count() + matmul.len();
-    assert!(expected >= 14, "counted {expected} tests");
+    assert!(expected >= 16, "counted {expected} tests");
     let summary = format!("test result: ok. {expected} passed; 0 failed");
-    assert!(
-        out.status.success() && stdout.contains(&summary),
-        "expected `{summary}` from the GPU tests on the fake driver; got {:?}\n{stdout}\n{stderr}",
-        out.status
-    );
+    let mark = dir.join("loaded");
+    // Once as fast as the CPU goes, once with every stream operation 200 µs
+    // late, so that work is still queued when a missing wait lets the host
+    // free or reuse its memory; both times a context that ends with
+    // anything still allocated aborts.
+    for delay in ["0", "200"] {
+        let _ = std::fs::remove_file(&mark);
+        let out = std::process::Command::new(&exe)
+            .args(["--ignored", "--test-threads=2", "device::cuda::tests::gpu_"])
+            .args(matmul)
+            .env("LD_LIBRARY_PATH", &dir)
+            .env("OFFLOAD_KERNEL_CACHE", "off")
+            .env("OFFLOAD_FAKECUDA_MARK", &mark)
+            .env("OFFLOAD_FAKECUDA_STREAM_DELAY_US", delay)
+            .env("OFFLOAD_FAKECUDA_LEAK_CHECK", "1")
+            .output()
+            .unwrap();
+        // The fake, not a real driver elsewhere on the library path, answered.
+        let loaded = std::fs::read_to_string(&mark).unwrap_or_default();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            loaded == offload_fakecuda::DEVICE_NAME
+                && out.status.success()
+                && stdout.contains(&summary),
+            "expected `{summary}` from the GPU tests on the fake driver (stream delay {delay} µs); \
+             got {:?}, loaded {loaded:?}\n{stdout}\n{stderr}",
+            out.status
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -529,6 +537,85 @@ fn gpu_fallback_arena_and_runtime_keep_every_byte() {
     assert!(
         lock(&d.mem).blocks.is_empty(),
         "the runtime freed everything"
+    );
+}
+
+/// The runtime in balanced and sequential mode, with the pinned and the
+/// staged host policy (staging buffers smaller than a layer, so each is
+/// reused within a pass), driven from a thread that has no current CUDA
+/// context: every call must bind the device's context itself. Every layer
+/// of every pass is read back on the compute stream and must be the
+/// source's bytes; every byte of device and pinned memory goes back at the end.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_runtime_hands_out_every_byte_to_a_thread_without_a_context() {
+    use crate::residency::{HostPolicy, LayerId, Mode, Policy, Runtime, RuntimeConfig};
+
+    let d = Arc::new(vmm_gpu());
+    let ps = d.info().page_size;
+    let layer = 3 * ps + 777;
+    let (desc, src) = layer_model("no-context", 6, layer);
+    let policies = [
+        HostPolicy::Pinned,
+        HostPolicy::Staged {
+            buffers: 3,
+            buffer_bytes: ps,
+            threads: 2,
+        },
+    ];
+    for mode in [Mode::Balanced, Mode::Sequential] {
+        for host_policy in policies.clone() {
+            let (d, desc, src) = (d.clone(), desc.clone(), src.clone());
+            std::thread::spawn(move || {
+                // SAFETY: null unbinds this thread; nothing of CUDA is in use on it.
+                unsafe { result::ctx_set_current(std::ptr::null_mut()) }.unwrap();
+                let compute = d.create_stream().unwrap();
+                let rt = Runtime::new(
+                    d.clone(),
+                    compute,
+                    RuntimeConfig {
+                        mode: Some(mode),
+                        policy: Policy::Planned,
+                        prefetch_depth: 2,
+                        device_memory: Some(64 * ps),
+                        high_watermark: Some(12 * ps),
+                        low_watermark: Some(0),
+                        host_policy: host_policy.clone(),
+                        ..RuntimeConfig::default()
+                    },
+                )
+                .unwrap();
+                let m = rt.load(desc, src.clone()).unwrap();
+                for pass in 0..3 {
+                    for l in 0..6 {
+                        let id = LayerId {
+                            model: m,
+                            component: 0,
+                            layer: l,
+                        };
+                        let g = rt.acquire(id).unwrap();
+                        let view = g.tensor(0).unwrap();
+                        let mut back = vec![0u8; view.bytes];
+                        d.read_blocking(view.ptr, &mut back, compute).unwrap();
+                        assert!(
+                            back == src.0[l],
+                            "{mode:?} {host_policy:?} pass {pass} layer {l} differs"
+                        );
+                    }
+                }
+                rt.synchronize().unwrap();
+                drop(rt);
+                d.destroy_stream(compute).unwrap();
+            })
+            .join()
+            .unwrap();
+        }
+    }
+    let mem = lock(&d.mem);
+    assert_eq!(
+        (mem.pages.len(), mem.ranges.len(), mem.blocks.len()),
+        (0, 0, 0),
+        "pages, ranges and allocations left"
     );
 }
 
