@@ -564,7 +564,7 @@ fn gpu_runtime_hands_out_every_byte_to_a_thread_without_a_context() {
         },
     ];
     for mode in [Mode::Balanced, Mode::Sequential] {
-        for host_policy in policies.clone() {
+        for host_policy in policies {
             let (d, desc, src) = (d.clone(), desc.clone(), src.clone());
             std::thread::spawn(move || {
                 // SAFETY: null unbinds this thread; nothing of CUDA is in use on it.
@@ -580,7 +580,7 @@ fn gpu_runtime_hands_out_every_byte_to_a_thread_without_a_context() {
                         device_memory: Some(64 * ps),
                         high_watermark: Some(12 * ps),
                         low_watermark: Some(0),
-                        host_policy: host_policy.clone(),
+                        host_policy,
                         ..RuntimeConfig::default()
                     },
                 )
