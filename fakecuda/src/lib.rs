@@ -259,6 +259,16 @@ pub(crate) fn fatal(what: &str, msg: &str) -> ! {
     std::process::abort()
 }
 
+/// A memory call's result: `Err(Ok(code))` is returned, `Err(Err(message))`
+/// (memory that queued work still uses) aborts.
+fn or_abort(call: &str, r: Result<(), Result<CUresult, String>>) -> Result<(), CUresult> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(Ok(code)) => Err(code),
+        Err(Err(msg)) => fatal(call, &msg),
+    }
+}
+
 /// Writes through an out-pointer the caller passed.
 fn out<T>(p: *mut T, v: T) -> Result<(), CUresult> {
     if p.is_null() {
@@ -632,10 +642,7 @@ pub unsafe extern "C" fn cuMemHostAlloc(
 pub extern "C" fn cuMemFreeHost(p: *mut c_void) -> CUresult {
     call(|| {
         let r = driver(true)?.mem().free_host(p);
-        r.or_else(|e| {
-            e.map(Err)
-                .unwrap_or_else(|msg| fatal("cuMemFreeHost", &msg))
-        })
+        or_abort("cuMemFreeHost", r)
     })
 }
 
@@ -662,10 +669,7 @@ pub extern "C" fn cuMemHostRegister_v2(p: *mut c_void, size: usize, flags: c_uin
 pub extern "C" fn cuMemHostUnregister(p: *mut c_void) -> CUresult {
     call(|| {
         let r = driver(true)?.mem().unregister(p);
-        r.or_else(|e| {
-            e.map(Err)
-                .unwrap_or_else(|msg| fatal("cuMemHostUnregister", &msg))
-        })
+        or_abort("cuMemHostUnregister", r)
     })
 }
 
@@ -825,6 +829,14 @@ pub extern "C" fn cuLaunchHostFunc(s: CUstream, f: CUhostFn, data: *mut c_void) 
 
 // ---------------------------------------------------------------- copies
 
+/// The driver and the stream for an operation on `len` bytes; `None` when
+/// there are none (nothing is queued, as with the real driver).
+fn queue_on(s: CUstream, len: usize) -> Result<Option<(&'static Driver, Arc<Stream>)>, CUresult> {
+    let d = driver(true)?;
+    let st = d.stream(s)?;
+    Ok((len > 0).then_some((d, st)))
+}
+
 /// Checks device bytes when an operation is queued.
 fn check_queued(d: &Driver, ptr: u64, len: usize) -> Result<(), CUresult> {
     d.mem_read().resolve(ptr, len).map(|_| ()).map_err(|m| {
@@ -879,11 +891,9 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     s: CUstream,
 ) -> CUresult {
     call(|| {
-        let d = driver(true)?;
-        let st = d.stream(s)?;
-        if len == 0 {
+        let Some((d, st)) = queue_on(s, len)? else {
             return Ok(());
-        }
+        };
         if src.is_null() {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
@@ -930,11 +940,9 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     s: CUstream,
 ) -> CUresult {
     call(|| {
-        let d = driver(true)?;
-        let st = d.stream(s)?;
-        if len == 0 {
+        let Some((d, st)) = queue_on(s, len)? else {
             return Ok(());
-        }
+        };
         if dst.is_null() {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
@@ -982,11 +990,9 @@ pub extern "C" fn cuMemcpyDtoDAsync_v2(
     s: CUstream,
 ) -> CUresult {
     call(|| {
-        let d = driver(true)?;
-        let st = d.stream(s)?;
-        if len == 0 {
+        let Some((d, st)) = queue_on(s, len)? else {
             return Ok(());
-        }
+        };
         check_queued(d, dst, len)?;
         check_queued(d, src, len)?;
         if src < dst + len as u64 && dst < src + len as u64 {
@@ -1013,11 +1019,9 @@ pub extern "C" fn cuMemsetD8Async(
     s: CUstream,
 ) -> CUresult {
     call(|| {
-        let d = driver(true)?;
-        let st = d.stream(s)?;
-        if len == 0 {
+        let Some((d, st)) = queue_on(s, len)? else {
             return Ok(());
-        }
+        };
         check_queued(d, dst, len)?;
         let what = format!("memset of {len} bytes at {dst:#x}");
         st.enqueue(Box::new(move || {

@@ -196,7 +196,8 @@ pub unsafe extern "C" fn nvrtcGetProgramLog(prog: usize, log: *mut c_char) -> R 
     })
 }
 
-fn image_size(prog: usize, n: *mut usize) -> R {
+/// Runs `f` on a compiled program's image.
+fn with_image(prog: usize, f: impl FnOnce(&[u8]) -> Result<(), R>) -> R {
     guard(|| {
         let ps = lock(programs());
         let image = ps
@@ -205,19 +206,16 @@ fn image_size(prog: usize, n: *mut usize) -> R {
             .image
             .as_ref()
             .ok_or(R::NVRTC_ERROR_INVALID_INPUT)?;
-        put(n, image.len())
+        f(image)
     })
 }
 
+fn image_size(prog: usize, n: *mut usize) -> R {
+    with_image(prog, |image| put(n, image.len()))
+}
+
 fn image_copy(prog: usize, out: *mut c_char) -> R {
-    guard(|| {
-        let ps = lock(programs());
-        let image = ps
-            .get(&prog)
-            .ok_or(R::NVRTC_ERROR_INVALID_PROGRAM)?
-            .image
-            .as_ref()
-            .ok_or(R::NVRTC_ERROR_INVALID_INPUT)?;
+    with_image(prog, |image| {
         if out.is_null() {
             return Err(R::NVRTC_ERROR_INVALID_INPUT);
         }
