@@ -253,9 +253,10 @@ fn call(f: impl FnOnce() -> Result<(), CUresult>) -> CUresult {
     }
 }
 
-/// Stops the process: a stream reached an operation whose memory is gone.
+/// Stops the process with a message naming what went wrong: misuse that a
+/// real GPU would not report, or not there.
 pub(crate) fn fatal(what: &str, msg: &str) -> ! {
-    eprintln!("offload-fakecuda: FATAL: {what}: {msg} (a GPU would have faulted or corrupted memory here)");
+    eprintln!("offload-fakecuda: FATAL: {what}: {msg}");
     std::process::abort()
 }
 
@@ -265,7 +266,10 @@ fn or_abort(call: &str, r: Result<(), Result<CUresult, String>>) -> Result<(), C
     match r {
         Ok(()) => Ok(()),
         Err(Ok(code)) => Err(code),
-        Err(Err(msg)) => fatal(call, &msg),
+        Err(Err(msg)) => fatal(
+            call,
+            &format!("{msg} (on a GPU the queued work would use freed memory)"),
+        ),
     }
 }
 
@@ -866,7 +870,10 @@ pub(crate) fn run_checked(what: &str, ranges: &[(u64, usize)], f: impl FnOnce(&[
     for &(p, len) in ranges {
         match m.resolve(p, len) {
             Ok(a) => at.push(a),
-            Err(msg) => fatal(what, &msg),
+            Err(msg) => fatal(
+                what,
+                &format!("{msg} (on a GPU: an illegal address, or memory corrupted unseen)"),
+            ),
         }
     }
     f(&at);
