@@ -127,11 +127,12 @@ fn gpu_tests_pass_on_the_fake_driver() {
         "device::cuda::kernel_tests::gpu_matmul_cublas_matches_cpu",
         "device::cuda::kernel_tests::gpu_matmul_edge_cases_and_checks",
         "device::cuda::kernel_tests::gpu_gemm_accumulate_matches_an_f64_reference",
+        "device::cuda::kernel_tests::gpu_matmul_scratch_outlives_the_products_queued_on_it",
     ];
     // Every ignored test of this file, counted from its source, plus the matmul ones.
     let attr = concat!("#[ignore = \"needs a CUDA", " GPU\"]");
     let expected = include_str!("tests.rs").matches(attr).count() + matmul.len();
-    assert!(expected >= 16, "counted {expected} tests");
+    assert!(expected >= 19, "counted {expected} tests");
     let summary = format!("test result: ok. {expected} passed; 0 failed");
     let mark = dir.join("loaded");
     // Once as fast as the CPU goes, once with every stream operation 200 µs
@@ -616,6 +617,147 @@ fn gpu_runtime_hands_out_every_byte_to_a_thread_without_a_context() {
         (mem.pages.len(), mem.ranges.len(), mem.blocks.len()),
         (0, 0, 0),
         "pages, ranges and allocations left"
+    );
+}
+
+/// Every entry point binds the device's context itself: each call below
+/// runs on a thread whose current context was just unset (a thread of the
+/// engine's that never used this device, or used another), and the bytes
+/// come back right.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_every_call_binds_the_context_itself() {
+    let d = Arc::new(vmm_gpu());
+    let ps = d.info().page_size;
+    let made_here = d.alloc_pinned(4096).unwrap();
+    let d2 = d.clone();
+    std::thread::spawn(move || {
+        let unbind = || {
+            // SAFETY: null unbinds this thread; nothing of CUDA is in use on it.
+            unsafe { result::ctx_set_current(std::ptr::null_mut()) }.unwrap()
+        };
+        let d = d2;
+        unbind();
+        let s = d.create_stream().unwrap();
+        unbind();
+        let (e, t0, t1) = (
+            d.create_event().unwrap(),
+            d.create_timing_event().unwrap(),
+            d.create_timing_event().unwrap(),
+        );
+        unbind();
+        let range = d.reserve(ps).unwrap();
+        let page = d.alloc_page().unwrap();
+        d.map(range.base, page).unwrap();
+        unbind();
+        let block = d.alloc_contiguous(ps).unwrap();
+        unbind();
+        let mut host = d.alloc_pinned(ps).unwrap();
+        host.as_mut_slice().copy_from_slice(&pattern(ps, 9));
+        unbind();
+        d.record_event(t0, s).unwrap();
+        unbind();
+        // SAFETY: `host` lives until the stream is synchronised below.
+        unsafe { d.copy_h2d_async(range.base, host.as_ptr(), ps, s) }.unwrap();
+        unbind();
+        d.launch(
+            &Kernel::Fill {
+                dst: block,
+                len: ps,
+                value: 0x3c,
+            },
+            s,
+        )
+        .unwrap();
+        unbind();
+        d.record_event(e, s).unwrap();
+        unbind();
+        d.stream_wait_event(s, e).unwrap();
+        unbind();
+        let ran = Arc::new(Mutex::new(false));
+        let r = ran.clone();
+        d.launch_host_fn(s, Box::new(move || *r.lock().unwrap() = true))
+            .unwrap();
+        unbind();
+        d.record_event(t1, s).unwrap();
+        unbind();
+        d.event_wait(t1, Some(Duration::from_secs(10))).unwrap();
+        unbind();
+        assert!(d.event_query(e).unwrap());
+        unbind();
+        assert!(d.event_elapsed(t0, t1).unwrap().is_some());
+        unbind();
+        d.stream_synchronize(s).unwrap();
+        assert!(*ran.lock().unwrap());
+        unbind();
+        let mut back = vec![0u8; ps];
+        d.read_blocking(range.base, &mut back, s).unwrap();
+        assert!(back == pattern(ps, 9), "the upload differs");
+        unbind();
+        let mut out = d.alloc_pinned(ps).unwrap();
+        unbind();
+        // SAFETY: `out` lives until the stream is synchronised below.
+        unsafe { d.copy_d2h_async(out.as_mut_ptr(), block, ps, s) }.unwrap();
+        unbind();
+        d.stream_synchronize(s).unwrap();
+        assert!(
+            out.as_slice().iter().all(|&b| b == 0x3c),
+            "the fill differs"
+        );
+        unbind();
+        d.memory().unwrap();
+        for buffer in [host, out, made_here] {
+            unbind();
+            drop(buffer);
+        }
+        unbind();
+        d.unmap(range.base).unwrap();
+        unbind();
+        d.release(range).unwrap();
+        unbind();
+        d.free_page(page).unwrap();
+        unbind();
+        d.free_contiguous(block).unwrap();
+        for ev in [e, t0, t1] {
+            unbind();
+            d.destroy_event(ev).unwrap();
+        }
+        unbind();
+        d.destroy_stream(s).unwrap();
+    })
+    .join()
+    .unwrap();
+}
+
+/// Dropping the device with copies still queued behind a held stream waits
+/// for them before it unmaps and frees: the copy into a pinned buffer that
+/// outlives the device lands whole.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_drop_waits_for_queued_copies() {
+    let d = vmm_gpu();
+    let ps = d.info().page_size;
+    let s = d.create_stream().unwrap();
+    let (range, _pages) = mapped_range(&d, 1);
+    let mut src = d.alloc_pinned(ps).unwrap();
+    src.as_mut_slice().copy_from_slice(&pattern(ps, 4));
+    let mut out = d.alloc_pinned(ps).unwrap();
+    out.as_mut_slice().fill(0);
+    d.launch_host_fn(
+        s,
+        Box::new(|| std::thread::sleep(Duration::from_millis(30))),
+    )
+    .unwrap();
+    // SAFETY: both buffers outlive the device, whose drop waits for the stream.
+    unsafe {
+        d.copy_h2d_async(range.base, src.as_ptr(), ps, s).unwrap();
+        d.copy_d2h_async(out.as_mut_ptr(), range.base, ps, s)
+            .unwrap();
+    }
+    drop(d);
+    assert!(
+        out.as_slice() == pattern(ps, 4),
+        "the queued copies did not run whole"
     );
 }
 
