@@ -1725,7 +1725,7 @@ impl<'a> MatmulCase<'a> {
         let got = decode(Dtype::F32, &yb);
         let mut cpu = vec![0f32; tokens * n];
         offload_kernels::matmul_xwt(x, tokens, w_bytes, dtype, n, k, &mut cpu, None).unwrap();
-        let wv = decode(dtype, &w_bytes);
+        let wv = decode(dtype, w_bytes);
         // Unit roundoff of X rounded to W's type; f16's subnormal spacing for tiny activations.
         let (u, sub) = match dtype {
             Dtype::F32 => (0.0, 0.0),
