@@ -1768,8 +1768,9 @@ fn check_matmul(
     case.verify(s)
 }
 
-/// Products queued behind a held stream: the second one's activations are
-/// larger, so the stream's conversion scratch grows while the first is
+/// Products queued behind a held stream: the second one's activations (80
+/// KiB in bf16) are larger than the smallest scratch (64 KiB), so the
+/// stream's conversion scratch grows while the first is
 /// still queued, and the stream is destroyed before either has run. Both
 /// results must be right: the backend keeps a stream's old scratch, and
 /// the stream's last one, until the work queued before has run.
@@ -1779,7 +1780,7 @@ fn gpu_matmul_scratch_outlives_the_products_queued_on_it() {
     let d = gpu();
     let s = d.create_stream().unwrap();
     let small = MatmulCase::new(&d, s, Dtype::F16, (2, 64, 128), 11);
-    let large = MatmulCase::new(&d, s, Dtype::BF16, (16, 48, 1024), 12);
+    let large = MatmulCase::new(&d, s, Dtype::BF16, (40, 48, 1024), 12);
     d.stream_synchronize(s).unwrap();
     d.launch_host_fn(
         s,
