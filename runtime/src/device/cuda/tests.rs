@@ -132,7 +132,7 @@ fn gpu_tests_pass_on_the_fake_driver() {
     // Every ignored test of this file, counted from its source, plus the matmul ones.
     let attr = concat!("#[ignore = \"needs a CUDA", " GPU\"]");
     let expected = include_str!("tests.rs").matches(attr).count() + matmul.len();
-    assert!(expected >= 19, "counted {expected} tests");
+    assert!(expected >= 20, "counted {expected} tests");
     let summary = format!("test result: ok. {expected} passed; 0 failed");
     let mark = dir.join("loaded");
     // Once as fast as the CPU goes, once with every stream operation 200 µs
@@ -759,6 +759,81 @@ fn gpu_drop_waits_for_queued_copies() {
         out.as_slice() == pattern(ps, 4),
         "the queued copies did not run whole"
     );
+}
+
+/// A layer the engine evicts may still be read by work queued on the
+/// compute stream: each layer is copied out asynchronously on the compute
+/// stream, held back by a host function, and its guard dropped at once,
+/// while a budget of three layers out of six makes the runtime evict and
+/// reuse those pages for the next uploads. Every copy must still see its
+/// layer's bytes: eviction waits for the users' done events.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_evicted_layers_wait_for_work_still_reading_them() {
+    use crate::residency::{LayerId, Mode, Policy, Runtime, RuntimeConfig};
+
+    let d = Arc::new(vmm_gpu());
+    let ps = d.info().page_size;
+    let layer = 3 * ps + 777;
+    let (desc, src) = layer_model("readers", 6, layer);
+    for (mode, policy) in [
+        (Mode::Balanced, Policy::Planned),
+        (Mode::Balanced, Policy::Lru),
+        (Mode::Sequential, Policy::Planned),
+    ] {
+        let compute = d.create_stream().unwrap();
+        let rt = Runtime::new(
+            d.clone(),
+            compute,
+            RuntimeConfig {
+                mode: Some(mode),
+                policy,
+                prefetch_depth: 1,
+                device_memory: Some(64 * ps),
+                high_watermark: Some(12 * ps),
+                low_watermark: Some(0),
+                ..RuntimeConfig::default()
+            },
+        )
+        .unwrap();
+        let m = rt.load(desc.clone(), src.clone()).unwrap();
+        let mut outs: Vec<_> = (0..6).map(|_| d.alloc_pinned(layer).unwrap()).collect();
+        for pass in 0..3 {
+            for o in &mut outs {
+                o.as_mut_slice().fill(0);
+            }
+            d.launch_host_fn(
+                compute,
+                Box::new(|| std::thread::sleep(Duration::from_millis(20))),
+            )
+            .unwrap();
+            for (l, out) in outs.iter_mut().enumerate() {
+                let g = rt
+                    .acquire(LayerId {
+                        model: m,
+                        component: 0,
+                        layer: l,
+                    })
+                    .unwrap();
+                let view = g.tensor(0).unwrap();
+                // SAFETY: `out` lives until the compute stream is synchronised below.
+                unsafe { d.copy_d2h_async(out.as_mut_ptr(), view.ptr, view.bytes, compute) }
+                    .unwrap();
+                drop(g);
+            }
+            d.stream_synchronize(compute).unwrap();
+            for (l, out) in outs.iter().enumerate() {
+                assert!(
+                    out.as_slice() == src.0[l].as_slice(),
+                    "{mode:?} {policy:?} pass {pass}: layer {l} changed under its reader"
+                );
+            }
+        }
+        rt.synchronize().unwrap();
+        drop(rt);
+        drop(outs);
+        d.destroy_stream(compute).unwrap();
+    }
 }
 
 #[test]
