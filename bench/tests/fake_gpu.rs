@@ -6,6 +6,10 @@
 //! keeps device memory in host memory and runs no GPU code, so timings mean
 //! nothing here; byte counts and peaks are exact and must equal the host
 //! backend's for the same page size.
+//!
+//! Built with the `cuda` feature only: without it `offload` has no CUDA backend.
+
+#![cfg(feature = "cuda")]
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
