@@ -1,5 +1,5 @@
 //! Modules and kernel launches: a module is an image of this driver's NVRTC
-//! ([`crate::nvrtc`]); of its kernels, those listed in [`launch`] run on the
+//! ([`crate::nvrtc`]); of its kernels, those matched in [`cuLaunchKernel`] run on the
 //! CPU, and the others fail to launch with `CUDA_ERROR_NOT_SUPPORTED`.
 
 use std::collections::HashMap;
