@@ -911,30 +911,24 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
             st.id
         );
         let pinned = d.mem_read().use_pinned(src as usize, len);
-        if let Some(u) = pinned {
-            let src = SendPtr(src as usize);
-            let done = Done(Some(u));
-            st.enqueue(Box::new(move || {
-                let _done = done;
-                run_checked(&what, &[(dst, len)], |at| {
-                    // SAFETY: the caller keeps the pinned source valid until the
-                    // copy has run (the async copy's contract, and freeing it
-                    // before then aborts); the destination is accessible device
-                    // memory, resolved under the lock.
-                    unsafe { std::ptr::copy(src.0 as *const u8, at[0] as *mut u8, len) }
-                })
-            }));
-        } else {
-            // Pageable memory: the driver stages it before returning.
+        // Pageable memory: the driver stages it before returning; pinned
+        // memory is read when the stream gets there.
+        let staged = pinned.is_none().then(|| {
             // SAFETY: the caller's source holds `len` readable bytes.
-            let staged = unsafe { std::slice::from_raw_parts(src.cast::<u8>(), len) }.to_vec();
-            st.enqueue(Box::new(move || {
-                run_checked(&what, &[(dst, len)], |at| {
-                    // SAFETY: destination resolved above; `staged` holds `len` bytes.
-                    unsafe { std::ptr::copy_nonoverlapping(staged.as_ptr(), at[0] as *mut u8, len) }
-                })
-            }));
-        }
+            unsafe { std::slice::from_raw_parts(src.cast::<u8>(), len) }.to_vec()
+        });
+        let (done, src) = (Done(pinned), SendPtr(src as usize));
+        st.enqueue(Box::new(move || {
+            let _done = done;
+            let from = staged.as_ref().map_or(src.0 as *const u8, |v| v.as_ptr());
+            run_checked(&what, &[(dst, len)], |at| {
+                // SAFETY: `from` holds `len` bytes: the staged copy, or the
+                // pinned source the caller keeps valid until the copy has run
+                // (freeing it before then aborts); the destination is
+                // accessible device memory, resolved under the lock.
+                unsafe { std::ptr::copy(from, at[0] as *mut u8, len) }
+            })
+        }));
         Ok(())
     })
 }

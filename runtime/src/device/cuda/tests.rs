@@ -541,6 +541,37 @@ fn gpu_fallback_arena_and_runtime_keep_every_byte() {
     );
 }
 
+/// A runtime on `d` whose high watermark holds three of the six layers of
+/// [`layer_model`] with `3 * page + 777` bytes each, so a pass evicts and
+/// reuses pages; the model loaded. Layer `l` is `LayerId` `(model, 0, l)`.
+fn three_layer_budget(
+    d: &Arc<CudaDevice>,
+    compute: StreamId,
+    (mode, policy, prefetch_depth): (crate::residency::Mode, crate::residency::Policy, usize),
+    host_policy: crate::residency::HostPolicy,
+    model: (crate::model::ModelDesc, Arc<Layers>),
+) -> (crate::residency::Runtime, crate::residency::ModelId) {
+    use crate::residency::{Runtime, RuntimeConfig};
+    let ps = d.info().page_size;
+    let rt = Runtime::new(
+        d.clone(),
+        compute,
+        RuntimeConfig {
+            mode: Some(mode),
+            policy,
+            prefetch_depth,
+            device_memory: Some(64 * ps),
+            high_watermark: Some(12 * ps),
+            low_watermark: Some(0),
+            host_policy,
+            ..RuntimeConfig::default()
+        },
+    )
+    .unwrap();
+    let m = rt.load(model.0, model.1).unwrap();
+    (rt, m)
+}
+
 /// The runtime in balanced and sequential mode, with the pinned and the
 /// staged host policy (staging buffers smaller than a layer, so each is
 /// reused within a pass), driven from a thread that has no current CUDA
@@ -550,12 +581,11 @@ fn gpu_fallback_arena_and_runtime_keep_every_byte() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_runtime_hands_out_every_byte_to_a_thread_without_a_context() {
-    use crate::residency::{HostPolicy, LayerId, Mode, Policy, Runtime, RuntimeConfig};
+    use crate::residency::{HostPolicy, LayerId, Mode, Policy};
 
     let d = Arc::new(vmm_gpu());
     let ps = d.info().page_size;
-    let layer = 3 * ps + 777;
-    let (desc, src) = layer_model("no-context", 6, layer);
+    let (desc, src) = layer_model("no-context", 6, 3 * ps + 777);
     let policies = [
         HostPolicy::Pinned,
         HostPolicy::Staged {
@@ -571,22 +601,13 @@ fn gpu_runtime_hands_out_every_byte_to_a_thread_without_a_context() {
                 // SAFETY: null unbinds this thread; nothing of CUDA is in use on it.
                 unsafe { result::ctx_set_current(std::ptr::null_mut()) }.unwrap();
                 let compute = d.create_stream().unwrap();
-                let rt = Runtime::new(
-                    d.clone(),
+                let (rt, m) = three_layer_budget(
+                    &d,
                     compute,
-                    RuntimeConfig {
-                        mode: Some(mode),
-                        policy: Policy::Planned,
-                        prefetch_depth: 2,
-                        device_memory: Some(64 * ps),
-                        high_watermark: Some(12 * ps),
-                        low_watermark: Some(0),
-                        host_policy,
-                        ..RuntimeConfig::default()
-                    },
-                )
-                .unwrap();
-                let m = rt.load(desc, src.clone()).unwrap();
+                    (mode, Policy::Planned, 2),
+                    host_policy,
+                    (desc, src.clone()),
+                );
                 for pass in 0..3 {
                     for l in 0..6 {
                         let id = LayerId {
@@ -770,11 +791,10 @@ fn gpu_drop_waits_for_queued_copies() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_evicted_layers_wait_for_work_still_reading_them() {
-    use crate::residency::{LayerId, Mode, Policy, Runtime, RuntimeConfig};
+    use crate::residency::{HostPolicy, LayerId, Mode, Policy};
 
     let d = Arc::new(vmm_gpu());
-    let ps = d.info().page_size;
-    let layer = 3 * ps + 777;
+    let layer = 3 * d.info().page_size + 777;
     let (desc, src) = layer_model("readers", 6, layer);
     for (mode, policy) in [
         (Mode::Balanced, Policy::Planned),
@@ -782,21 +802,13 @@ fn gpu_evicted_layers_wait_for_work_still_reading_them() {
         (Mode::Sequential, Policy::Planned),
     ] {
         let compute = d.create_stream().unwrap();
-        let rt = Runtime::new(
-            d.clone(),
+        let (rt, m) = three_layer_budget(
+            &d,
             compute,
-            RuntimeConfig {
-                mode: Some(mode),
-                policy,
-                prefetch_depth: 1,
-                device_memory: Some(64 * ps),
-                high_watermark: Some(12 * ps),
-                low_watermark: Some(0),
-                ..RuntimeConfig::default()
-            },
-        )
-        .unwrap();
-        let m = rt.load(desc.clone(), src.clone()).unwrap();
+            (mode, policy, 1),
+            HostPolicy::Pinned,
+            (desc.clone(), src.clone()),
+        );
         let mut outs: Vec<_> = (0..6).map(|_| d.alloc_pinned(layer).unwrap()).collect();
         for pass in 0..3 {
             for o in &mut outs {
