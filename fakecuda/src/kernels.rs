@@ -194,8 +194,39 @@ pub unsafe extern "C" fn cuLaunchKernel(
                 Ok(())
             }
             _ => {
-                eprintln!("offload-fakecuda: kernel {name} does not run on the fake driver (only the activation conversion kernels do)");
-                Err(CUresult::CUDA_ERROR_NOT_SUPPORTED)
+                let Some(kernel) = crate::merge::kernel(&name) else {
+                    eprintln!("offload-fakecuda: kernel {name} does not run on the fake driver");
+                    return Err(CUresult::CUDA_ERROR_NOT_SUPPORTED);
+                };
+                // SAFETY: a merge kernel's one parameter is its parameter
+                // block, passed by value: `params[0]` points to it (params
+                // is not null, checked above).
+                let launch = unsafe {
+                    crate::merge::plan(kernel, (gx, gy, gz), (bx, by, bz), (*params).cast::<u8>())
+                }
+                .map_err(|msg| {
+                    eprintln!("offload-fakecuda: {name} refused: {msg}");
+                    CUresult::CUDA_ERROR_INVALID_VALUE
+                })?;
+                {
+                    let m = d.mem_read();
+                    for &(p, len) in &launch.ranges {
+                        m.resolve(p, len).map_err(|msg| {
+                            eprintln!("offload-fakecuda: {name}: {msg}");
+                            CUresult::CUDA_ERROR_INVALID_VALUE
+                        })?;
+                    }
+                }
+                let what = format!("kernel {name} with grid ({gx}, {gy}, {gz})");
+                st.enqueue(Box::new(move || {
+                    run_checked(&what, &launch.ranges, |at| {
+                        // SAFETY: `at` resolves every range of the launch,
+                        // and run_checked holds the memory lock meanwhile;
+                        // the stream runs one operation at a time.
+                        unsafe { launch.run(at) }
+                    })
+                }));
+                Ok(())
             }
         }
     })

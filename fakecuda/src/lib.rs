@@ -55,6 +55,7 @@
 mod blas;
 pub mod kernels;
 mod memory;
+mod merge;
 pub mod nvrtc;
 mod stream;
 

@@ -691,7 +691,7 @@ fn gpu_merge_lowrank_rejects_bad_operands() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn gpu_merge_lowrank_tensor_cores_match_cpu_merge_and_report_tflops() {
+fn gpu_merge_lowrank_tensor_cores_match_cpu_merge() {
     let d = gpu();
     let cc = d.info().compute_capability.unwrap();
     let tensor_cores = cc >= offload_kernels::cuda::MMA_MIN_COMPUTE_CAPABILITY;
@@ -755,9 +755,20 @@ fn gpu_merge_lowrank_tensor_cores_match_cpu_merge_and_report_tflops() {
         }
     }
 
-    // Throughput (informative; `offload bench merge` is the measurement): a
-    // 4096 x 4096 f16 weight, one or four adapters with f16 factors, on each
-    // kernel, rotating through four copies of W (128 MiB, more than the L2).
+    d.destroy_stream(s).unwrap();
+}
+
+/// Throughput of the low-rank kernels (informative; `offload bench merge`
+/// is the measurement): a 4096 x 4096 f16 weight, one or four adapters with
+/// f16 factors, on each kernel, rotating through four copies of W (128 MiB,
+/// more than the L2). The TFLOP/s the tensor cores reach.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_merge_lowrank_throughput_of_each_kernel() {
+    let d = gpu();
+    let cc = d.info().compute_capability.unwrap();
+    let tensor_cores = cc >= offload_kernels::cuda::MMA_MIN_COMPUTE_CAPABILITY;
+    let s = d.create_stream().unwrap();
     let (rows, cols) = (4096usize, 4096usize);
     let mut bufs = Bufs::new(&d);
     let ws: Vec<DevicePtr> = (0..4)
@@ -1214,8 +1225,34 @@ fn gpu_merge_batch_kernel_matches_one_merge_per_op() {
     );
     assert_eq!(c[w2.clone()], init[w2], "the failed op merged nothing");
 
-    // Informative: an SDXL-like layer, ten 1280 x 1280 f16 tensors with
-    // adapters of ranks 32 and 64 (the tensor cores).
+    drop(bufs);
+    drop(fbufs);
+    d.destroy_stream(s).unwrap();
+}
+
+/// Informative: an SDXL-like layer, ten 1280 x 1280 f16 tensors with
+/// adapters of ranks 32 and 64 (the tensor cores), merged by one launch per
+/// tensor and by one batched launch.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_merge_batch_kernel_throughput_of_a_layer() {
+    use Dtype::F16;
+    let d = gpu();
+    let s = d.create_stream().unwrap();
+    let mut bufs = Bufs::new(&d);
+    let mut fbufs = Bufs::new(&d);
+    let mut rng = Rng(0x6a7d);
+    let mut f = |dt, r, c| merge_factor(&mut fbufs, s, &mut rng, dt, r, c);
+    let lowrank = |up, down, scale| MergeAdapter {
+        scale,
+        delta: MergeDelta::LowRank { up, down },
+    };
+    let op = |dtype, shape: &[usize], rows, adapters| MergeOp {
+        dtype,
+        shape: shape.to_vec(),
+        rows,
+        adapters,
+    };
     let (rows, cols, n) = (1280usize, 1280usize, 10usize);
     let layer: Vec<(usize, Arc<MergeOp>)> = (0..n)
         .map(|i| {

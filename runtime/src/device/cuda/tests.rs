@@ -104,14 +104,17 @@ fn cuda_device_without_driver_is_an_error_not_a_panic() {
     }
 }
 
-/// The GPU tests of this file that need no device code, and the matrix
-/// product tests of `kernel_tests`, run in a child process of this test
-/// binary whose CUDA driver, cuBLAS and NVRTC are `offload-fakecuda` (a
-/// driver that runs on the CPU and checks every copy's device memory when
-/// its stream runs it): the backend's host-side logic (memory modes, VMM
-/// mapping, streams, events, host functions, pinned and registered memory,
-/// cuBLAS and its conversion kernels) on every machine. A GPU run is still
-/// what says it works on a GPU.
+/// The GPU tests of this file, and those of `kernel_tests` that check the
+/// merge kernels' and cuBLAS's results (not their speed, nor NVRTC), run in
+/// a child process of this test binary whose CUDA driver, cuBLAS and NVRTC
+/// are `offload-fakecuda` (a driver that runs on the CPU and checks every
+/// operation's device memory when its stream runs it, and runs the merge
+/// kernels from their launch parameters): the backend's host-side logic
+/// (memory modes, VMM mapping, streams, events, host functions, pinned and
+/// registered memory, cuBLAS and its conversion kernels, the choice, launch
+/// parameters, grids and batching of every merge kernel) on every machine.
+/// A GPU run is still what says it works on a GPU: the fake checks nothing
+/// of the device code itself.
 #[test]
 fn gpu_tests_pass_on_the_fake_driver() {
     let exe = std::env::current_exe().unwrap();
@@ -123,16 +126,33 @@ fn gpu_tests_pass_on_the_fake_driver() {
     });
     let dir = std::env::temp_dir().join(format!("offload-fakecuda-rt-{}", std::process::id()));
     offload_fakecuda::install(&lib, &dir).unwrap();
-    let matmul = [
-        "device::cuda::kernel_tests::gpu_matmul_cublas_matches_cpu",
-        "device::cuda::kernel_tests::gpu_matmul_edge_cases_and_checks",
-        "device::cuda::kernel_tests::gpu_gemm_accumulate_matches_an_f64_reference",
-        "device::cuda::kernel_tests::gpu_matmul_scratch_outlives_the_products_queued_on_it",
-    ];
-    // Every ignored test of this file, counted from its source, plus the matmul ones.
+    let kernel_tests = [
+        "gpu_matmul_cublas_matches_cpu",
+        "gpu_matmul_edge_cases_and_checks",
+        "gpu_gemm_accumulate_matches_an_f64_reference",
+        "gpu_matmul_scratch_outlives_the_products_queued_on_it",
+        "gpu_merge_lowrank_matches_cpu_merge",
+        "gpu_merge_lowrank_rejects_bad_operands",
+        "gpu_merge_lowrank_tensor_cores_match_cpu_merge",
+        "gpu_merge_lowrank_batch_matches_one_launch_per_tensor",
+        "gpu_pipelined_merges_config_routes_auto_to_the_pipelined_kernel",
+        "gpu_merge_batch_kernel_matches_one_merge_per_op",
+        "gpu_merge_loha_lokr_match_cpu_merge",
+        "gpu_merge_general_rejects_bad_operands",
+    ]
+    .map(|t| format!("device::cuda::kernel_tests::{t}"));
+    for t in &kernel_tests {
+        let name = t.rsplit("::").next().unwrap_or_default();
+        assert!(
+            include_str!("kernel_tests.rs").contains(&format!("fn {name}()")),
+            "{t} is not a test of kernel_tests.rs"
+        );
+    }
+    // Every ignored test of this file, counted from its source, plus those
+    // of kernel_tests.
     let attr = concat!("#[ignore = \"needs a CUDA", " GPU\"]");
-    let expected = include_str!("tests.rs").matches(attr).count() + matmul.len();
-    assert!(expected >= 20, "counted {expected} tests");
+    let expected = include_str!("tests.rs").matches(attr).count() + kernel_tests.len();
+    assert!(expected >= 28, "counted {expected} tests");
     let summary = format!("test result: ok. {expected} passed; 0 failed");
     let mark = dir.join("loaded");
     // Once as fast as the CPU goes, once with every stream operation 200 µs
@@ -143,7 +163,7 @@ fn gpu_tests_pass_on_the_fake_driver() {
         let _ = std::fs::remove_file(&mark);
         let out = std::process::Command::new(&exe)
             .args(["--ignored", "--test-threads=2", "device::cuda::tests::gpu_"])
-            .args(matmul)
+            .args(&kernel_tests)
             .env("LD_LIBRARY_PATH", &dir)
             .env("OFFLOAD_KERNEL_CACHE", "off")
             .env("OFFLOAD_FAKECUDA_MARK", &mark)
