@@ -3,6 +3,13 @@
 //! exactly, against the CPU merge of the pristine bytes), hot swaps that
 //! re-derive only what changed, restores that are bit-identical to the
 //! file, host memory per mode, and bad sets that change nothing.
+//!
+//! With the `cuda` feature, `lora_flows_pass_on_the_fake_cuda_driver` runs
+//! the flows built on [`setup`] again on the CUDA backend over
+//! `offload-fakecuda` (a CUDA driver that runs on the CPU, with 4 KiB pages
+//! and the merge kernels run from their launch parameters): the same
+//! runtime code with device merges on the merge stream, events and
+//! timing events in place of the host backend's.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,7 +46,7 @@ fn lora(seed: u64, layers: &[usize], t: usize, kind: Kind) -> Lora {
 }
 
 struct Setup {
-    dev: Arc<HostDevice>,
+    dev: Arc<dyn Device>,
     compute: StreamId,
     rt: Runtime,
     desc: ModelDesc,
@@ -59,14 +66,7 @@ fn setup_with(
     lora_mode: LoraMode,
     tweak: impl FnOnce(&mut RuntimeConfig),
 ) -> Setup {
-    let dev = Arc::new(
-        HostDevice::new(HostConfig {
-            capacity: 16 << 20,
-            page_size: PAGE,
-            link_gbps: None,
-        })
-        .unwrap(),
-    );
+    let dev = device();
     let compute = dev.create_stream().unwrap();
     let mut cfg = RuntimeConfig {
         mode: Some(mode),
@@ -92,6 +92,111 @@ fn setup_with(
         w,
         m,
     }
+}
+
+/// Set to `cuda` in the child process of
+/// `lora_flows_pass_on_the_fake_cuda_driver`: [`setup`] opens the CUDA
+/// backend instead of the host backend.
+const DEVICE_ENV: &str = "OFFLOAD_TEST_LORA_DEVICE";
+
+/// The device [`setup`] runs on: the host backend with 4 KiB pages, or the
+/// CUDA backend when [`DEVICE_ENV`] says `cuda` (its page is the driver's
+/// granularity, which the fake driver is told is 4 KiB).
+fn device() -> Arc<dyn Device> {
+    match std::env::var(DEVICE_ENV).as_deref() {
+        #[cfg(feature = "cuda")]
+        Ok("cuda") => {
+            let d = offload_runtime::device::cuda::CudaDevice::new(0).unwrap();
+            assert_eq!(d.info().page_size, PAGE, "the fake driver's granularity");
+            Arc::new(d)
+        }
+        Ok(other) => panic!("{DEVICE_ENV}={other:?}: only `cuda`, with the cuda feature"),
+        Err(_) => Arc::new(
+            HostDevice::new(HostConfig {
+                capacity: 16 << 20,
+                page_size: PAGE,
+                link_gbps: None,
+            })
+            .unwrap(),
+        ),
+    }
+}
+
+/// The tests of this file built on [`setup`], again on the CUDA backend
+/// over `offload-fakecuda`, in a child process of this test binary: once as
+/// fast as the CPU goes and once with every stream operation 200 µs late,
+/// both with the fake's leak check (a context that ends with anything
+/// still allocated aborts).
+#[cfg(feature = "cuda")]
+#[test]
+fn lora_flows_pass_on_the_fake_cuda_driver() {
+    const FLOWS: [&str; 11] = [
+        "fuse_on_upload_matches_the_reference_in_every_offload_mode",
+        "a_hot_swap_moves_only_the_tensors_it_changes_and_an_empty_set_restores_the_file",
+        "unfused_hands_the_factors_and_keeps_the_weights_pristine",
+        "backup_and_fuse_fuse_the_host_copy_and_differ_in_host_memory",
+        "backup_and_fuse_need_the_pinned_policy",
+        "the_mode_changes_between_passes",
+        "a_bad_set_is_an_error_that_changes_nothing",
+        "factors_that_cannot_fit_beside_the_ring_fail_at_set_loras",
+        "an_acquire_during_set_loras_waits_and_sees_the_new_set",
+        "the_timeline_shows_merges_apart_from_uploads",
+        "the_staged_timeline_shows_merges_apart_from_staging",
+    ];
+    let src = include_str!("lora.rs");
+    // Every test built on setup is in the list (and nothing else is).
+    let on_setup = src
+        .split("#[test]\nfn ")
+        .skip(1)
+        .filter(|t| !t.starts_with("lora_flows_pass_on_the_fake_cuda_driver"))
+        .filter(|t| {
+            let body = t.split("\n}\n").next().unwrap_or_default();
+            body.contains("setup(") || body.contains("check_merges_in_timeline(")
+        })
+        .count();
+    assert_eq!(
+        on_setup,
+        FLOWS.len(),
+        "FLOWS is not every test built on setup"
+    );
+    let exe = std::env::current_exe().unwrap();
+    let lib = offload_fakecuda::find_library(&exe).unwrap_or_else(|| {
+        panic!(
+            "liboffload_fakecuda.so is not beside {} (cargo builds it as a dev-dependency)",
+            exe.display()
+        )
+    });
+    let dir = std::env::temp_dir().join(format!("offload-fakecuda-lora-{}", std::process::id()));
+    offload_fakecuda::install(&lib, &dir).unwrap();
+    let mark = dir.join("loaded");
+    let summary = format!("test result: ok. {} passed; 0 failed", FLOWS.len());
+    for delay in ["0", "200"] {
+        let _ = std::fs::remove_file(&mark);
+        let out = std::process::Command::new(&exe)
+            .args(["--exact", "--test-threads=2"])
+            .args(FLOWS)
+            .env(DEVICE_ENV, "cuda")
+            .env("LD_LIBRARY_PATH", &dir)
+            .env("OFFLOAD_KERNEL_CACHE", "off")
+            .env("OFFLOAD_FAKECUDA_GRANULARITY_KIB", "4")
+            .env("OFFLOAD_FAKECUDA_MARK", &mark)
+            .env("OFFLOAD_FAKECUDA_STREAM_DELAY_US", delay)
+            .env("OFFLOAD_FAKECUDA_LEAK_CHECK", "1")
+            .output()
+            .unwrap();
+        let loaded = std::fs::read_to_string(&mark).unwrap_or_default();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            loaded == offload_fakecuda::DEVICE_NAME
+                && out.status.success()
+                && stdout.contains(&summary),
+            "expected `{summary}` from the LoRA flows on the fake driver (stream delay {delay} µs); \
+             got {:?}, loaded {loaded:?}\n{stdout}\n{stderr}",
+            out.status
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn staged() -> HostPolicy {
