@@ -28,8 +28,10 @@
 //! It runs no GPU code. Its NVRTC (`libnvrtc.so`, [`nvrtc`]) records a
 //! program's kernel names in an image only its `cuModuleLoadData` accepts;
 //! of those kernels, the activation conversions run on the CPU
-//! ([`kernels`]) and the others (the LoRA merges) fail to launch with
-//! `CUDA_ERROR_NOT_SUPPORTED`. `cublasGemmEx` is computed on the CPU in f32.
+//! ([`kernels`]), and the LoRA merges run as an emulation of what each
+//! computes, from its launch parameters and grid (`merge.rs`: the host
+//! side of a merge is checked, not the CUDA code). `cublasGemmEx` is
+//! computed on the CPU in f32.
 //!
 //! Environment, read at `cuInit`:
 //! - `OFFLOAD_FAKECUDA_MEMORY_MIB`: device memory (default 2048);
