@@ -124,7 +124,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
     bx: c_uint,
     by: c_uint,
     bz: c_uint,
-    _shared: c_uint,
+    shared: c_uint,
     s: CUstream,
     params: *mut *mut c_void,
     extra: *mut *mut c_void,
@@ -137,6 +137,33 @@ pub unsafe extern "C" fn cuLaunchKernel(
             .map(|(_, n)| n.clone())
             .ok_or(CUresult::CUDA_ERROR_INVALID_HANDLE)?;
         if [gx, gy, gz, bx, by, bz].contains(&0) || params.is_null() || !extra.is_null() {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        // The limits of every GPU since compute capability 3.0: a real
+        // driver refuses the launch (the fake says which limit, too).
+        let threads = u64::from(bx) * u64::from(by) * u64::from(bz);
+        let limits = [
+            (
+                threads > 1024,
+                format!("{threads} threads a block (at most 1024)"),
+            ),
+            (
+                bx > 1024 || by > 1024 || bz > 64,
+                format!("block ({bx}, {by}, {bz}) (at most 1024, 1024, 64)"),
+            ),
+            (
+                gx > i32::MAX as u32 || gy > 65_535 || gz > 65_535,
+                format!("grid ({gx}, {gy}, {gz}) (at most 2^31 - 1, 65535, 65535)"),
+            ),
+            (
+                shared > 48 << 10,
+                format!(
+                    "{shared} bytes of dynamic shared memory (48 KiB without the opt-in attribute)"
+                ),
+            ),
+        ];
+        if let Some((_, why)) = limits.iter().find(|l| l.0) {
+            eprintln!("offload-fakecuda: launch of {name} refused: {why}");
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
         let st = d.stream(s)?;

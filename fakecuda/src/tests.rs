@@ -568,3 +568,170 @@ fn read_only_registrations_refuse_device_writes() {
     assert_eq!(cuMemFree_v2(dptr), E::CUDA_SUCCESS);
     assert_eq!(cuStreamDestroy_v2(s), E::CUDA_SUCCESS);
 }
+
+/// A module of this driver's NVRTC holding the merge kernels.
+fn merge_module() -> sys::CUmodule {
+    let names = nvrtc::kernel_names(offload_kernels::cuda::LOWRANK_MERGE_SRC);
+    let mut image = nvrtc::MAGIC.to_vec();
+    image.extend_from_slice(format!("lowrank_merge.cu\n{}", names.join("\n")).as_bytes());
+    image.push(0);
+    let mut m: sys::CUmodule = null_mut();
+    // SAFETY: out-pointer to a local; the image is NUL-terminated.
+    let r = unsafe { kernels::cuModuleLoadData(&mut m, image.as_ptr().cast()) };
+    assert_eq!(r, E::CUDA_SUCCESS);
+    m
+}
+
+fn function(m: sys::CUmodule, name: &str) -> sys::CUfunction {
+    let mut f: sys::CUfunction = null_mut();
+    let name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: out-pointer to a local, a NUL-terminated name.
+    let r = unsafe { kernels::cuModuleGetFunction(&mut f, m, name.as_ptr()) };
+    assert_eq!(r, E::CUDA_SUCCESS);
+    f
+}
+
+/// Device memory holding `v` (f32).
+fn device_f32(v: &[f32], s: CUstream) -> u64 {
+    let mut p = 0u64;
+    // SAFETY: out-pointer to a local; `v` outlives the synchronous copy.
+    unsafe {
+        assert_eq!(cuMemAlloc_v2(&mut p, v.len() * 4), E::CUDA_SUCCESS);
+        assert_eq!(
+            cuMemcpyHtoDAsync_v2(p, v.as_ptr().cast(), v.len() * 4, s),
+            E::CUDA_SUCCESS
+        );
+    }
+    assert_eq!(cuStreamSynchronize(s), E::CUDA_SUCCESS);
+    p
+}
+
+fn read_f32(p: u64, n: usize, s: CUstream) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    // SAFETY: `v` holds n f32 and outlives the synchronised copy.
+    unsafe {
+        assert_eq!(
+            cuMemcpyDtoHAsync_v2(v.as_mut_ptr().cast(), p, n * 4, s),
+            E::CUDA_SUCCESS
+        );
+    }
+    assert_eq!(cuStreamSynchronize(s), E::CUDA_SUCCESS);
+    v
+}
+
+/// Launches `f` with `params` (by value) on `s`.
+fn launch<T>(
+    f: sys::CUfunction,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    params: &T,
+    s: CUstream,
+) -> E {
+    let mut args = [(params as *const T).cast_mut().cast::<c_void>()];
+    // SAFETY: one parameter, pointing to a live parameter block.
+    unsafe {
+        kernels::cuLaunchKernel(
+            f,
+            grid.0,
+            grid.1,
+            grid.2,
+            block.0,
+            block.1,
+            block.2,
+            0,
+            s,
+            args.as_mut_ptr(),
+            null_mut(),
+        )
+    }
+}
+
+/// The low-rank merge runs from its parameters: a row slice of W gets
+/// `scale · up · down` (checked against a plain f64 product), rows outside
+/// it and tiles no block walks are untouched, and launches a GPU would run
+/// wrong are refused.
+#[test]
+fn merge_kernels_run_from_their_parameters() {
+    use offload_kernels::cuda::{self as k, LowRankAdapterParams, LowRankMergeParams};
+    ready();
+    let s = stream();
+    let m = merge_module();
+    let f = function(m, k::lowrank_merge_entry(offload_kernels::Dtype::F32));
+    let (rows, cols, rank, row0, slice) = (10usize, 300usize, 3usize, 2usize, 7usize);
+    let w0: Vec<f32> = (0..rows * cols).map(|i| (i % 17) as f32 * 0.25).collect();
+    let up: Vec<f32> = (0..slice * rank).map(|i| (i % 5) as f32 - 2.0).collect();
+    let down: Vec<f32> = (0..rank * cols).map(|i| (i % 7) as f32 * 0.5).collect();
+    let (wp, upp, downp) = (device_f32(&w0, s), device_f32(&up, s), device_f32(&down, s));
+    let mut p = LowRankMergeParams {
+        w: wp,
+        rows: slice as u32,
+        cols: cols as u32,
+        row0: row0 as u32,
+        num_adapters: 1,
+        ..Default::default()
+    };
+    p.adapters[0] = LowRankAdapterParams {
+        up: upp,
+        down: downp,
+        rank: rank as u32,
+        up_dtype: 0,
+        down_dtype: 0,
+        scale: 0.5,
+    };
+    let want = |r: usize, c: usize| {
+        let mut v = f64::from(w0[r * cols + c]);
+        if (row0..row0 + slice).contains(&r) {
+            let i = r - row0;
+            let d: f64 = (0..rank)
+                .map(|q| f64::from(up[i * rank + q]) * f64::from(down[q * cols + c]))
+                .sum();
+            v += 0.5 * d;
+        }
+        v as f32
+    };
+    // Three column strips of 128; one block per strip walks its one tile.
+    let block = k::LOWRANK_BLOCK_DIM;
+    assert_eq!(launch(f, (3, 1, 1), block, &p, s), E::CUDA_SUCCESS);
+    let got = read_f32(wp, rows * cols, s);
+    for r in 0..rows {
+        for c in 0..cols {
+            assert_eq!(got[r * cols + c], want(r, c), "row {r} column {c}");
+        }
+    }
+    // Two blocks for three strips: step 0, every block idle, W unchanged.
+    let fresh = device_f32(&w0, s);
+    p.w = fresh;
+    assert_eq!(launch(f, (2, 1, 1), block, &p, s), E::CUDA_SUCCESS);
+    assert_eq!(read_f32(fresh, rows * cols, s), w0);
+    // Refused: the wrong block shape, a 2-D grid, a block over 1024
+    // threads, a bad dtype code, W overlapping a factor.
+    for (grid, blk) in [
+        ((3, 1, 1), (128, 1, 1)),
+        ((3, 2, 1), block),
+        ((3, 1, 1), (2048, 1, 1)),
+    ] {
+        assert_eq!(
+            launch(f, grid, blk, &p, s),
+            E::CUDA_ERROR_INVALID_VALUE,
+            "{grid:?} {blk:?}"
+        );
+    }
+    let mut bad = p;
+    bad.adapters[0].up_dtype = 3;
+    assert_eq!(
+        launch(f, (3, 1, 1), block, &bad, s),
+        E::CUDA_ERROR_INVALID_VALUE
+    );
+    let mut bad = p;
+    bad.adapters[0].down = fresh + 4;
+    assert_eq!(
+        launch(f, (3, 1, 1), block, &bad, s),
+        E::CUDA_ERROR_INVALID_VALUE
+    );
+    assert_eq!(read_f32(fresh, rows * cols, s), w0, "a refused launch ran");
+    // Nothing queued uses them any more (the stream was synchronised).
+    for ptr in [wp, upp, downp, fresh] {
+        assert_eq!(cuMemFree_v2(ptr), E::CUDA_SUCCESS);
+    }
+    assert_eq!(kernels::cuModuleUnload(m), E::CUDA_SUCCESS);
+}
