@@ -357,6 +357,33 @@ fn check_merge_with(
     (spec.delta_rows() * spec.cols(), same)
 }
 
+/// The launches `after` counts beyond `before`: (one-tensor launches on
+/// `kernel`, batched launches on it, launches on any other kernel); `None`
+/// for [`LowRankKernel::Auto`], which names no one kernel.
+fn launches_on(
+    kernel: LowRankKernel,
+    before: MergeLaunches,
+    after: MergeLaunches,
+) -> Option<(u64, u64, u64)> {
+    let diff = [
+        after.fma - before.fma,
+        after.tensor_cores - before.tensor_cores,
+        after.pipelined - before.pipelined,
+        after.fma_batched - before.fma_batched,
+        after.tensor_cores_batched - before.tensor_cores_batched,
+        after.pipelined_batched - before.pipelined_batched,
+        after.general - before.general,
+    ];
+    let (single, batched) = match kernel {
+        LowRankKernel::Fma => (0, 3),
+        LowRankKernel::TensorCores => (1, 4),
+        LowRankKernel::Pipelined => (2, 5),
+        LowRankKernel::Auto => return None,
+    };
+    let total: u64 = diff.iter().sum();
+    Some((diff[single], diff[batched], total - diff[single] - diff[batched]))
+}
+
 /// Runs `cases` twice on the GPU with `kernel`: one
 /// [`CudaDevice::merge_lowrank_with`] launch per case, and one
 /// [`CudaDevice::merge_lowrank_batch`] call for all of them; the batched
@@ -408,7 +435,14 @@ fn check_batch(
             factors: &factors[i],
         })
         .collect();
+    let before = d.merge_launches();
     let launches = d.merge_lowrank_batch(&merges, s, kernel).unwrap();
+    if let Some((single, batched, other)) = launches_on(kernel, before, d.merge_launches()) {
+        assert!(
+            batched >= 1 && other == 0 && (single + batched) as usize == launches,
+            "{kernel:?}: {launches} launches, of which {batched} batched and {single} one-tensor on that kernel, {other} on others"
+        );
+    }
     let (mut elements, mut same) = (0, 0);
     for (i, case) in cases.iter().enumerate() {
         let mut a = vec![0u8; data[i].w.len()];
@@ -1012,10 +1046,25 @@ fn gpu_pipelined_merges_config_routes_auto_to_the_pipelined_kernel() {
             run(&plain, LowRankKernel::Fma, false)
         };
         for batched in [false, true] {
+            let before = piped.merge_launches();
             let got = run(&piped, LowRankKernel::Auto, batched);
             assert!(
                 got == want,
                 "case {i} (batched: {batched}): not bit for bit"
+            );
+            // And the kernel that ran was that one, not another that
+            // happens to give the same bits.
+            let on = if tensor_cores {
+                LowRankKernel::Pipelined
+            } else {
+                LowRankKernel::Fma
+            };
+            let (single, batch, other) =
+                launches_on(on, before, piped.merge_launches()).unwrap();
+            assert_eq!(
+                (single, batch, other),
+                if batched { (0, 1, 0) } else { (1, 0, 0) },
+                "case {i} (batched: {batched}): launches on {on:?} and on other kernels"
             );
         }
         let same = data.check(case, &want);

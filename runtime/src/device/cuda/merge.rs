@@ -377,6 +377,43 @@ pub enum LowRankKernel {
     Pipelined,
 }
 
+/// How many merge kernels a [`CudaDevice`] has launched, by kernel
+/// ([`CudaDevice::merge_launches`]): each launch that was queued counts
+/// once, whatever it merges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MergeLaunches {
+    /// One-tensor low-rank launches on the fp32 FMA kernel.
+    pub fma: u64,
+    /// One-tensor low-rank launches on the tensor-core kernel.
+    pub tensor_cores: u64,
+    /// One-tensor low-rank launches on the pipelined tensor-core kernel.
+    pub pipelined: u64,
+    /// Batched low-rank launches ([`CudaDevice::merge_lowrank_batch`]) on
+    /// the fp32 FMA kernel.
+    pub fma_batched: u64,
+    /// Batched low-rank launches on the tensor-core kernel.
+    pub tensor_cores_batched: u64,
+    /// Batched low-rank launches on the pipelined tensor-core kernel.
+    pub pipelined_batched: u64,
+    /// Launches of the general kernel (LoHa, LoKr, or more adapters than
+    /// the low-rank kernels take).
+    pub general: u64,
+}
+
+impl MergeLaunches {
+    /// The counter of low-rank launches on `body`, batched or not.
+    fn lowrank(&mut self, body: Body, batched: bool) -> &mut u64 {
+        match (body, batched) {
+            (Body::Fma, false) => &mut self.fma,
+            (Body::Mma, false) => &mut self.tensor_cores,
+            (Body::Pipe, false) => &mut self.pipelined,
+            (Body::Fma, true) => &mut self.fma_batched,
+            (Body::Mma, true) => &mut self.tensor_cores_batched,
+            (Body::Pipe, true) => &mut self.pipelined_batched,
+        }
+    }
+}
+
 /// The kernel body a low-rank launch runs: the resolution of a
 /// [`LowRankKernel`] for one merge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -574,7 +611,8 @@ impl CudaDevice {
         }
         let kernels = self.merge_kernels()?;
         let code = dtype_code(spec.dtype()) as usize;
-        let (function, (grid, block)) = match self.lowrank_body(&params, kernel)? {
+        let body = self.lowrank_body(&params, kernel)?;
+        let (function, (grid, block)) = match body {
             Body::Fma => (
                 kernels.lowrank[code],
                 params.launch_dims(self.multiprocessors),
@@ -600,7 +638,14 @@ impl CudaDevice {
         // every region the kernel touches is mapped and aligned (checked
         // above) and the trait makes callers keep it mapped until the queued
         // kernel has run; the stream is live (Arc).
-        unsafe { result::launch_kernel(function, grid, block, s.raw, &mut args) }
+        unsafe { result::launch_kernel(function, grid, block, s.raw, &mut args) }?;
+        *lock(&self.merge_launches).lowrank(body, false) += 1;
+        Ok(())
+    }
+
+    /// The merge kernels this device has launched so far, by kernel.
+    pub fn merge_launches(&self) -> MergeLaunches {
+        *lock(&self.merge_launches)
     }
 
     /// The checks of [`Self::merge_lowrank_with`] (at most [`MAX_ADAPTERS`]
@@ -785,7 +830,9 @@ impl CudaDevice {
         // different jobs never touch the same written bytes; the trait
         // makes callers keep the regions mapped until the queued kernel has
         // run; the stream is live (Arc).
-        unsafe { result::launch_kernel(function, grid, block, s.raw, &mut args) }
+        unsafe { result::launch_kernel(function, grid, block, s.raw, &mut args) }?;
+        *lock(&self.merge_launches).lowrank(body, true) += 1;
+        Ok(())
     }
 
     /// [`Kernel::MergeBatch`](crate::device::Kernel::MergeBatch) on this
@@ -913,7 +960,9 @@ impl CudaDevice {
                 s.raw,
                 &mut args,
             )
-        }
+        }?;
+        lock(&self.merge_launches).general += 1;
+        Ok(())
     }
 }
 

@@ -54,7 +54,7 @@ mod tests;
 pub use cublas::BlasInfo;
 pub use disk_cache::DiskCache;
 pub use handles::HostRegistration;
-pub use merge::{LowRankKernel, LowRankMerge, MergeKernelsInfo};
+pub use merge::{LowRankKernel, LowRankMerge, MergeKernelsInfo, MergeLaunches};
 pub use nvrtc::NvrtcError;
 pub use probe::{probe, Probe, ProbeError};
 
@@ -167,6 +167,8 @@ pub struct CudaDevice {
     host_fn_failures: HostFnFailures,
     /// The merge kernels, loaded at the first merge.
     merge: Mutex<Option<Arc<merge::MergeKernels>>>,
+    /// Merge kernels launched, by kernel ([`CudaDevice::merge_launches`]).
+    merge_launches: Mutex<MergeLaunches>,
     /// cuBLAS, created at the first product; the lock serialises
     /// `cublasSetStream` + the product.
     blas: Mutex<Option<cublas::Blas>>,
@@ -266,6 +268,7 @@ impl CudaDevice {
             events: DashMap::new(),
             host_fn_failures: Arc::new(Mutex::new(HashMap::new())),
             merge: Mutex::new(None),
+            merge_launches: Mutex::new(MergeLaunches::default()),
             blas: Mutex::new(None),
         })
     }
