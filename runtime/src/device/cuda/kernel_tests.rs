@@ -381,7 +381,11 @@ fn launches_on(
         LowRankKernel::Auto => return None,
     };
     let total: u64 = diff.iter().sum();
-    Some((diff[single], diff[batched], total - diff[single] - diff[batched]))
+    Some((
+        diff[single],
+        diff[batched],
+        total - diff[single] - diff[batched],
+    ))
 }
 
 /// Runs `cases` twice on the GPU with `kernel`: one
@@ -1059,8 +1063,7 @@ fn gpu_pipelined_merges_config_routes_auto_to_the_pipelined_kernel() {
             } else {
                 LowRankKernel::Fma
             };
-            let (single, batch, other) =
-                launches_on(on, before, piped.merge_launches()).unwrap();
+            let (single, batch, other) = launches_on(on, before, piped.merge_launches()).unwrap();
             assert_eq!(
                 (single, batch, other),
                 if batched { (0, 1, 0) } else { (1, 0, 0) },

@@ -400,16 +400,23 @@ pub struct MergeLaunches {
     pub general: u64,
 }
 
-impl MergeLaunches {
-    /// The counter of low-rank launches on `body`, batched or not.
-    fn lowrank(&mut self, body: Body, batched: bool) -> &mut u64 {
-        match (body, batched) {
-            (Body::Fma, false) => &mut self.fma,
-            (Body::Mma, false) => &mut self.tensor_cores,
-            (Body::Pipe, false) => &mut self.pipelined,
-            (Body::Fma, true) => &mut self.fma_batched,
-            (Body::Mma, true) => &mut self.tensor_cores_batched,
-            (Body::Pipe, true) => &mut self.pipelined_batched,
+impl MergeKernels {
+    /// Counts a launch of `f` in `launches`, under the entry point it is
+    /// (what was launched, not what was meant to be).
+    fn count(&self, f: sys::CUfunction, launches: &mut MergeLaunches) {
+        let counter = [
+            (&self.lowrank, &mut launches.fma),
+            (&self.lowrank_mma, &mut launches.tensor_cores),
+            (&self.lowrank_pipe, &mut launches.pipelined),
+            (&self.lowrank_batch, &mut launches.fma_batched),
+            (&self.lowrank_mma_batch, &mut launches.tensor_cores_batched),
+            (&self.lowrank_pipe_batch, &mut launches.pipelined_batched),
+            (&self.general, &mut launches.general),
+        ]
+        .into_iter()
+        .find(|(entries, _)| entries.contains(&f));
+        if let Some((_, c)) = counter {
+            *c += 1;
         }
     }
 }
@@ -611,8 +618,7 @@ impl CudaDevice {
         }
         let kernels = self.merge_kernels()?;
         let code = dtype_code(spec.dtype()) as usize;
-        let body = self.lowrank_body(&params, kernel)?;
-        let (function, (grid, block)) = match body {
+        let (function, (grid, block)) = match self.lowrank_body(&params, kernel)? {
             Body::Fma => (
                 kernels.lowrank[code],
                 params.launch_dims(self.multiprocessors),
@@ -639,7 +645,7 @@ impl CudaDevice {
         // above) and the trait makes callers keep it mapped until the queued
         // kernel has run; the stream is live (Arc).
         unsafe { result::launch_kernel(function, grid, block, s.raw, &mut args) }?;
-        *lock(&self.merge_launches).lowrank(body, false) += 1;
+        kernels.count(function, &mut lock(&self.merge_launches));
         Ok(())
     }
 
@@ -831,7 +837,7 @@ impl CudaDevice {
         // makes callers keep the regions mapped until the queued kernel has
         // run; the stream is live (Arc).
         unsafe { result::launch_kernel(function, grid, block, s.raw, &mut args) }?;
-        *lock(&self.merge_launches).lowrank(body, true) += 1;
+        kernels.count(function, &mut lock(&self.merge_launches));
         Ok(())
     }
 
@@ -945,6 +951,7 @@ impl CudaDevice {
         let (grid, block) = params.launch_dims();
         self.ctx.bind()?;
         let mut args: [*mut c_void; 1] = [(&mut params as *mut MergeParams).cast()];
+        let function = kernels.general[dtype_code(spec.dtype()) as usize];
         // SAFETY: the function (the general entry point for W's dtype)
         // belongs to a module loaded in this context and takes one parameter,
         // OffloadMergeParams by value (3352 bytes, under the 4 KiB parameter
@@ -952,16 +959,8 @@ impl CudaDevice {
         // offload-kernels); every region the kernel touches is mapped and
         // aligned (checked above) and the trait makes callers keep it mapped
         // until the queued kernel has run; the stream is live (Arc).
-        unsafe {
-            result::launch_kernel(
-                kernels.general[dtype_code(spec.dtype()) as usize],
-                grid,
-                block,
-                s.raw,
-                &mut args,
-            )
-        }?;
-        lock(&self.merge_launches).general += 1;
+        unsafe { result::launch_kernel(function, grid, block, s.raw, &mut args) }?;
+        kernels.count(function, &mut lock(&self.merge_launches));
         Ok(())
     }
 }
