@@ -1081,11 +1081,10 @@ fn gpu_pipelined_merges_config_routes_auto_to_the_pipelined_kernel() {
 /// [`Kernel::MergeBatch`] equals one [`Kernel::Merge`] per op, bit for bit:
 /// low-rank ops batched (fp32 FMA and tensor cores, f16 and bf16 weights in
 /// one batch), LoHa, LoKr and a low-rank op with more adapters than a job
-/// takes on their own, and two ops on one weight (the second waits for the
-/// first). An op that fails its checks is named in the error, and the ops
-/// before it are merged. Then (informative) the time of an SDXL-like
-/// layer's merges: ten 1280 × 1280 f16 tensors with adapters of ranks 32
-/// and 64, one launch per tensor against one batch.
+/// takes on their own, and three ops on one weight (the second waits for
+/// the first, the third, a LoHa on its own launch, for both). An op that
+/// fails its checks is named in the error, and the ops before it are
+/// merged.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_merge_batch_kernel_matches_one_merge_per_op() {
@@ -1202,6 +1201,25 @@ fn gpu_merge_batch_kernel_matches_one_merge_per_op() {
         .map(|(&off, o)| (off, Arc::new(o.clone())))
         .collect();
     entries.insert(1, (offsets[0], Arc::new(again)));
+    // A third merge of the first weight, rows 20..50 (overlapping both): a
+    // LoHa, so the general kernel, launched on its own; it must still come
+    // after the two low-rank merges waiting in their batches.
+    let loha_again = op(
+        F16,
+        &[96, 200],
+        Some(20..50),
+        vec![MergeAdapter {
+            scale: 0.3,
+            delta: MergeDelta::LoHa {
+                w1a: f(F16, 30, 4),
+                w1b: f(F16, 4, 200),
+                w2a: f(F16, 30, 2),
+                w2b: f(F16, 2, 200),
+            },
+        }],
+    );
+    loha_again.validate().unwrap();
+    entries.insert(2, (offsets[0], Arc::new(loha_again)));
     let init = encode(F16, &Rng(0x1717).values(end / 2));
     let one = bufs.upload(&init, s);
     let batched = bufs.upload(&init, s);
@@ -1239,14 +1257,14 @@ fn gpu_merge_batch_kernel_matches_one_merge_per_op() {
     assert!(a == b);
 
     // A misaligned factor in op 2 of 3: named; op 0 merged, op 2 not.
-    let mut bad = (*entries[3].1).clone();
+    let mut bad = (*entries[4].1).clone();
     if let MergeDelta::LowRank { up, .. } = &mut bad.adapters[0].delta {
         up.ptr = up.ptr.offset(1);
     }
     let trio: Arc<[(usize, Arc<MergeOp>)]> = vec![
         entries[0].clone(),
-        entries[2].clone(),
-        (entries[3].0, Arc::new(bad)),
+        entries[3].clone(),
+        (entries[4].0, Arc::new(bad)),
     ]
     .into();
     let fresh = bufs.upload(&init, s);
