@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use offload_runtime::device::{Device, DeviceExt, HostConfig, HostDevice, StreamId};
+use offload_runtime::device::{Device, DeviceExt, HostConfig, HostDevice, MergeDelta, StreamId};
 use offload_runtime::lora::LoraMode;
 use offload_runtime::model::ModelDesc;
 use offload_runtime::residency::{
@@ -130,8 +130,9 @@ fn device() -> Arc<dyn Device> {
 #[cfg(feature = "cuda")]
 #[test]
 fn lora_flows_pass_on_the_fake_cuda_driver() {
-    const FLOWS: [&str; 11] = [
+    const FLOWS: [&str; 12] = [
         "fuse_on_upload_matches_the_reference_in_every_offload_mode",
+        "factors_dropped_under_queued_work_are_freed_after_it",
         "a_hot_swap_moves_only_the_tensors_it_changes_and_an_empty_set_restores_the_file",
         "unfused_hands_the_factors_and_keeps_the_weights_pristine",
         "backup_and_fuse_fuse_the_host_copy_and_differ_in_host_memory",
@@ -428,6 +429,67 @@ fn unfused_hands_the_factors_and_keeps_the_weights_pristine() {
         "{e}"
     );
     assert_eq!(s.rt.loras(s.m).unwrap().len(), 2, "the old set stays");
+}
+
+/// Unfused: the engine's work queued on the compute stream reads the
+/// factors its guard handed out. A set that drops them while that work is
+/// still queued (here behind a host function that holds the compute
+/// stream) must free their pages only after it: the next set's factors,
+/// uploaded meanwhile, must not land under the queued read.
+#[test]
+fn factors_dropped_under_queued_work_are_freed_after_it() {
+    use std::sync::mpsc;
+    let s = setup(Mode::None, 64, HostPolicy::Pinned, LoraMode::Unfused);
+    let a = lora(91, &[0, 1, 2, 3, 4, 5], 0, Kind::LowRank(8));
+    let b = lora(92, &[0, 1, 2, 3, 4, 5], 0, Kind::LowRank(8));
+    s.rt.set_loras(s.m, &bindings(&vec![(a, 1.0)])).unwrap();
+    let g =
+        s.rt.acquire(LayerId {
+            model: s.m,
+            component: 0,
+            layer: 2,
+        })
+        .unwrap();
+    let (up_ptr, up_host) = {
+        let op = g.lora(0).next().expect("layer 2 tensor 0 has an adapter");
+        let MergeDelta::LowRank { up, .. } = &op.adapters[0].delta else {
+            panic!("a low-rank adapter");
+        };
+        (up.ptr, up.host.to_vec())
+    };
+    // Hold the compute stream, then queue a read of the factor behind it.
+    let (go, wait) = mpsc::channel::<()>();
+    s.dev
+        .launch_host_fn(
+            s.compute,
+            Box::new(move || {
+                let _ = wait.recv_timeout(Duration::from_secs(10));
+            }),
+        )
+        .unwrap();
+    let mut back = s.dev.alloc_pinned(up_host.len()).unwrap();
+    // SAFETY: `back` (pinned) outlives the read: the stream is synchronised
+    // below before it is read or dropped.
+    unsafe {
+        s.dev
+            .copy_d2h_async(back.as_mut_ptr(), up_ptr, up_host.len(), s.compute)
+            .unwrap()
+    };
+    drop(g);
+    // Drop the set, then put another whose factors need pages, while the
+    // read still waits.
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = go.send(());
+    });
+    s.rt.set_loras(s.m, &[]).unwrap();
+    s.rt.set_loras(s.m, &bindings(&vec![(b, 1.0)])).unwrap();
+    release.join().unwrap();
+    s.dev.stream_synchronize(s.compute).unwrap();
+    assert!(
+        back.as_slice() == &up_host[..],
+        "the queued read saw other bytes than the factor it was queued on"
+    );
 }
 
 #[test]
