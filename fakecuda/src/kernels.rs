@@ -229,7 +229,13 @@ pub unsafe extern "C" fn cuLaunchKernel(
                 // block, passed by value: `params[0]` points to it (params
                 // is not null, checked above).
                 let launch = unsafe {
-                    crate::merge::plan(kernel, (gx, gy, gz), (bx, by, bz), (*params).cast::<u8>())
+                    crate::merge::plan(
+                        kernel,
+                        (gx, gy, gz),
+                        (bx, by, bz),
+                        shared,
+                        (*params).cast::<u8>(),
+                    )
                 }
                 .map_err(|msg| {
                     eprintln!("offload-fakecuda: {name} refused: {msg}");
@@ -247,9 +253,15 @@ pub unsafe extern "C" fn cuLaunchKernel(
                 let what = format!("kernel {name} with grid ({gx}, {gy}, {gz})");
                 st.enqueue(Box::new(move || {
                     run_checked(&what, &launch.ranges, |at| {
-                        // SAFETY: `at` resolves every range of the launch,
-                        // and run_checked holds the memory lock meanwhile;
-                        // the stream runs one operation at a time.
+                        // SAFETY: `at` resolves every range of the launch
+                        // to accessible memory, and run_checked holds the
+                        // memory read lock meanwhile, so nothing is
+                        // unmapped or freed under it; this stream runs one
+                        // operation at a time. An operation of another
+                        // stream on the same bytes, not ordered with this
+                        // one by an event, would race with it here as on a
+                        // GPU: the fake does not detect that (the callers'
+                        // ordering is what the tests check by the bytes).
                         unsafe { launch.run(at) }
                     })
                 }));

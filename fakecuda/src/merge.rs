@@ -4,8 +4,8 @@
 //! This is an emulation of what each kernel computes, written from the
 //! parameter blocks' documented meaning ([`offload_kernels::cuda`]), not a
 //! copy of the CUDA code: for every element of W's row slice,
-//! `W ← round(W + Σ scale · Δ)` with the sum taken in f64 and one rounding
-//! to W's dtype. It is within the tests' tolerance of what a GPU computes
+//! `W ← round(W + Σ scale · Δ)` with the sum taken in f64, rounded to f32
+//! (as the kernels hold their sum) and then to W's dtype. It is within the tests' tolerance of what a GPU computes
 //! (fp32 accumulation), not bit-identical to it, and it checks nothing of
 //! the device code itself (its tiles, tensor-core fragments, pipelines:
 //! the GPU tests and `kernels/tests/cuda_emulation.rs` do). What it checks
@@ -19,12 +19,24 @@
 //! (`offload_lr_walk`), each block of a batched launch finds its job as
 //! `offload_batch_job` does, and each block of the general kernel merges
 //! one 64 × 64 tile; so a grid too small leaves tiles unmerged, as it
-//! would on a GPU. Stricter than a GPU, a launch is refused (an error, and
-//! a message on standard error) when its block shape is not the kernel's,
-//! a low-rank grid is not one-dimensional, a dtype code or adapter count is
-//! out of range, a divisor of the general kernel's index maps is 0, the
-//! jobs of a batch overlap each other, or W overlaps a factor: each of
-//! those is a race or garbage on a GPU.
+//! would on a GPU.
+//!
+//! A launch is refused (an error, and a message on standard error) where a
+//! GPU would compute garbage, fault or race: a block shape that is not the
+//! kernel's; dynamic shared memory (the kernels take none, and the
+//! pipelined one's static 36 KiB leaves little); a dtype code out of range;
+//! an operand not aligned to its element size; an adapter of a tensor-core
+//! kernel whose two factors are not both f16 or both bf16 (those kernels
+//! read both as the up factor's 16-bit type); a job with no columns (the
+//! walk divides by the column strips); an index map of the general kernel
+//! dividing by 0, or reading more columns than a row has; batched jobs
+//! whose W slices overlap; W overlapping a factor. Stricter than a GPU, it
+//! also refuses what a kernel would clamp or ignore: a low-rank grid that
+//! is not one-dimensional, a general grid with z above 1, more adapters
+//! (or jobs' adapters) than the parameter block holds, a term count other
+//! than 1 or 2, a dtype code out of range on a rank-0 adapter, and grids of
+//! more than [`MAX_BLOCKS`] blocks (the runtime's are at most one per tile,
+//! and the emulation visits every block).
 
 use std::ops::Range;
 
@@ -35,6 +47,10 @@ use offload_kernels::cuda::{
 use offload_kernels::Dtype;
 
 use half::{bf16, f16};
+
+/// The most blocks a merge launch may have on the fake (its emulation
+/// visits each block).
+pub(crate) const MAX_BLOCKS: u64 = 1 << 24;
 
 /// The body a low-rank kernel runs: they differ in tile height and in how
 /// they compute, not in what.
@@ -181,10 +197,20 @@ pub(crate) unsafe fn plan(
     kernel: Kernel,
     grid: (u32, u32, u32),
     block: (u32, u32, u32),
+    shared: u32,
     param: *const u8,
 ) -> Result<Launch, Refusal> {
-    // SAFETY (all three reads): the caller's bound; the blocks are `Pod`
-    // and read unaligned.
+    if shared != 0 {
+        return Err(format!(
+            "{shared} bytes of dynamic shared memory (the merge kernels take none)"
+        ));
+    }
+    let blocks = u64::from(grid.0) * u64::from(grid.1) * u64::from(grid.2);
+    if blocks > MAX_BLOCKS {
+        return Err(format!(
+            "grid {grid:?}: {blocks} blocks (the fake takes at most {MAX_BLOCKS})"
+        ));
+    }
     let launch = match kernel {
         Kernel::LowRank { body, batch, w } => {
             if block != body.block_dim() {
@@ -200,10 +226,14 @@ pub(crate) unsafe fn plan(
             }
             let w = k::dtype_code(w) as u8;
             if batch {
+                // SAFETY: the caller's bound (the batched kernels' block);
+                // the block is `Pod`, read unaligned.
                 let p: LowRankBatchParams =
                     unsafe { param.cast::<LowRankBatchParams>().read_unaligned() };
                 plan_batch(&p, grid.0, body, w)?
             } else {
+                // SAFETY: the caller's bound (the one-tensor kernels'
+                // block); the block is `Pod`, read unaligned.
                 let p: LowRankMergeParams =
                     unsafe { param.cast::<LowRankMergeParams>().read_unaligned() };
                 let mut l = empty(w);
@@ -211,7 +241,7 @@ pub(crate) unsafe fn plan(
                 if n > k::MAX_ADAPTERS {
                     return Err(format!("{n} adapters (at most {})", k::MAX_ADAPTERS));
                 }
-                let job = l.lowrank_job(p.w, p.rows, p.cols, p.row0, &p.adapters[..n])?;
+                let job = l.lowrank_job(body, p.w, p.rows, p.cols, p.row0, &p.adapters[..n])?;
                 for b in 0..grid.0 {
                     l.walk_block(job, p.rows, p.cols, b, grid.0, body.tile_rows());
                 }
@@ -230,6 +260,8 @@ pub(crate) unsafe fn plan(
                     "grid {grid:?}: the general kernel's grid is two-dimensional"
                 ));
             }
+            // SAFETY: the caller's bound (the general kernel's block); the
+            // block is `Pod`, read unaligned.
             let p: MergeParams = unsafe { param.cast::<MergeParams>().read_unaligned() };
             plan_general(&p, grid, k::dtype_code(w) as u8)?
         }
@@ -268,7 +300,7 @@ fn plan_batch(p: &LowRankBatchParams, blocks: u32, body: Body, w: u8) -> Result<
             ));
         }
         jobs.push(
-            l.lowrank_job(w, rows, cols, row0, &adapters[..a])
+            l.lowrank_job(body, w, rows, cols, row0, &adapters[..a])
                 .map_err(|e| format!("job {j}: {e}"))?,
         );
     }
@@ -354,43 +386,68 @@ fn plan_general(p: &MergeParams, grid: (u32, u32, u32), w: u8) -> Result<Launch,
 impl Launch {
     /// An operand of `len` bytes at `ptr`; one of no bytes has no range
     /// (nothing reads it).
-    fn operand(&mut self, ptr: u64, dtype: u8, len: usize) -> Operand {
+    fn operand(&mut self, ptr: u64, dtype: u8, len: usize) -> Result<Operand, Refusal> {
         if len == 0 {
-            return Operand::default();
+            return Ok(Operand::default());
         }
+        if ptr % dtype_size(dtype) as u64 != 0 {
+            return Err(format!(
+                "an operand at {ptr:#x} is not aligned to its {}-byte elements",
+                dtype_size(dtype)
+            ));
+        }
+        ptr.checked_add(len as u64)
+            .ok_or_else(|| format!("an operand at {ptr:#x} + {len} bytes overflows"))?;
         let slot = self.ranges.len();
         self.ranges.push((ptr, len));
-        Operand {
+        Ok(Operand {
             ptr,
             dtype,
             len,
             slot,
-        }
+        })
     }
 
     /// W's row slice `row0 .. row0 + rows` of a `cols`-wide matrix.
     fn w_operand(&mut self, w: u64, rows: u32, cols: u32, row0: u32) -> Result<Operand, Refusal> {
         let size = dtype_size(self.w_dtype) as u64;
-        let start = u64::from(row0) * u64::from(cols) * size;
-        let ptr = w
-            .checked_add(start)
-            .ok_or_else(|| format!("W {w:#x} + {start} overflows"))?;
+        let ptr = (u64::from(row0) * u64::from(cols))
+            .checked_mul(size)
+            .and_then(|start| w.checked_add(start))
+            .ok_or_else(|| format!("W {w:#x} + row {row0} of {cols} columns overflows"))?;
         let len = bytes(u64::from(rows) * u64::from(cols), self.w_dtype, "W")?;
-        Ok(self.operand(ptr, self.w_dtype, len))
+        self.operand(ptr, self.w_dtype, len)
     }
 
     /// A low-rank job: `Δ = up · down`, up `[rows, rank]`, down `[rank, cols]`.
     fn lowrank_job(
         &mut self,
+        body: Body,
         w: u64,
         rows: u32,
         cols: u32,
         row0: u32,
         adapters: &[LowRankAdapterParams],
     ) -> Result<usize, Refusal> {
+        if cols == 0 {
+            return Err(
+                "a job with no columns (the kernels' walk divides by its column strips)".into(),
+            );
+        }
         let wo = self.w_operand(w, rows, cols, row0)?;
         let mut list = Vec::with_capacity(adapters.len());
         for (i, a) in adapters.iter().enumerate() {
+            // The tensor-core kernels read both factors as the up factor's
+            // 16-bit type (bf16, else f16).
+            if body != Body::Fma
+                && a.rank > 0
+                && !(a.up_dtype == a.down_dtype && (1..=2).contains(&a.up_dtype))
+            {
+                return Err(format!(
+                    "adapter {i}: factors of dtype codes {} and {} on the {body:?} kernel (both f16 or both bf16)",
+                    a.up_dtype, a.down_dtype
+                ));
+            }
             let (ud, dd) = (
                 check_dtype(a.up_dtype, &format!("adapter {i}'s up factor"))?,
                 check_dtype(a.down_dtype, &format!("adapter {i}'s down factor"))?,
@@ -402,7 +459,7 @@ impl Launch {
             } else {
                 let ul = bytes(u64::from(rows) * rank, ud, "up factor")?;
                 let dl = bytes(rank * u64::from(cols), dd, "down factor")?;
-                (self.operand(a.up, ud, ul), self.operand(a.down, dd, dl))
+                (self.operand(a.up, ud, ul)?, self.operand(a.down, dd, dl)?)
             };
             let term = Term {
                 left: up,
@@ -444,12 +501,15 @@ impl Launch {
         let (rows, cols, rank) = (u64::from(t.row_mod), u64::from(t.cols), u64::from(t.rank));
         let (left, right) = if t.rank == 0 {
             let len = bytes((rows - 1) * cols + u64::from(t.col_mod), ld, &what)?;
-            (self.operand(t.left, ld, len), Operand::default())
+            (self.operand(t.left, ld, len)?, Operand::default())
         } else {
             let rd = check_dtype(t.right_dtype, &what)?;
             let ll = bytes(rows * rank, ld, &what)?;
             let rl = bytes((rank - 1) * cols + u64::from(t.col_mod), rd, &what)?;
-            (self.operand(t.left, ld, ll), self.operand(t.right, rd, rl))
+            (
+                self.operand(t.left, ld, ll)?,
+                self.operand(t.right, rd, rl)?,
+            )
         };
         Ok(Term {
             left,
@@ -503,6 +563,7 @@ impl Launch {
     /// Refuses what would race on a GPU: two jobs' W slices that overlap,
     /// or W overlapping a factor.
     fn check_overlaps(&self) -> Result<(), Refusal> {
+        // (No overflow: `operand` checked every end.)
         let span = |o: &Operand| o.ptr..o.ptr + o.len as u64;
         let meets = |a: &Range<u64>, b: &Range<u64>| a.start < b.end && b.start < a.end;
         for (i, a) in self.jobs.iter().enumerate() {
@@ -537,7 +598,10 @@ impl Launch {
     ///
     /// # Safety
     /// `at[i]` is where `ranges[i]`'s bytes live, readable and writable,
-    /// and nothing else touches them during the call.
+    /// and they stay mapped during the call; no other thread writes them,
+    /// nor reads what the launch writes, during the call (on a GPU, work
+    /// of another stream not ordered with the launch would race the same
+    /// way).
     pub(crate) unsafe fn run(&self, at: &[usize]) {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
         let threads = threads.min(self.tiles.len()).max(1);

@@ -716,6 +716,19 @@ fn merge_kernels_run_from_their_parameters() {
             "{grid:?} {blk:?}"
         );
     }
+    // The tensor-core kernel with f32 factors (it would read them as f16),
+    // and W not aligned to its f32 elements.
+    let mma = function(m, k::lowrank_merge_mma_entry(offload_kernels::Dtype::F32));
+    assert_eq!(
+        launch(mma, (3, 1, 1), k::MMA_BLOCK_DIM, &p, s),
+        E::CUDA_ERROR_INVALID_VALUE
+    );
+    let mut bad = p;
+    bad.w = fresh + 2;
+    assert_eq!(
+        launch(f, (3, 1, 1), block, &bad, s),
+        E::CUDA_ERROR_INVALID_VALUE
+    );
     let mut bad = p;
     bad.adapters[0].up_dtype = 3;
     assert_eq!(

@@ -1372,6 +1372,37 @@ fn gpu_merge_batch_kernel_throughput_of_a_layer() {
         "layer of {n} x 1280x1280 f16, ranks 32 + 64: {t_one:?} in {n} launches, {t_batch:?} batched ({:.2}x)",
         t_one.as_secs_f64() / t_batch.as_secs_f64()
     );
+    // Both ways once more, from zeroed weights: bit for bit the same.
+    let len = n * rows * cols * 2;
+    let other = bufs.alloc(len);
+    for w in [base, other] {
+        d.launch(
+            &Kernel::Fill {
+                dst: w,
+                len,
+                value: 0,
+            },
+            s,
+        )
+        .unwrap();
+    }
+    per_op();
+    d.launch(
+        &Kernel::MergeBatch {
+            base: other,
+            ops: layer.clone().into(),
+        },
+        s,
+    )
+    .unwrap();
+    let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+    d.read_blocking(base, &mut a, s).unwrap();
+    d.read_blocking(other, &mut b, s).unwrap();
+    assert!(a.iter().any(|&x| x != 0), "nothing was merged");
+    assert!(
+        a == b,
+        "the batched layer differs from one launch per tensor"
+    );
     drop(bufs);
     drop(fbufs);
     d.destroy_stream(s).unwrap();
