@@ -94,6 +94,60 @@ pub fn install(library: &Path, dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Re-runs tests of the calling test binary in child processes whose CUDA
+/// libraries are this crate's: `args` (test names and libtest options) and
+/// `env`, once per value in `delays` of `OFFLOAD_FAKECUDA_STREAM_DELAY_US`,
+/// each with `OFFLOAD_FAKECUDA_LEAK_CHECK=1` and the kernel disk cache off.
+/// Returns `Err` with what went wrong unless every run loaded this library
+/// (not a real driver found elsewhere) and ended with `expected` tests
+/// passed and none failed. `tag` names the temporary folder of links.
+pub fn rerun_tests_on_the_fake(
+    tag: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    delays: &[&str],
+    expected: usize,
+) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let lib = find_library(&exe).ok_or_else(|| {
+        format!(
+            "liboffload_fakecuda.so is not beside {} (cargo builds it as a dev-dependency)",
+            exe.display()
+        )
+    })?;
+    let dir = std::env::temp_dir().join(format!("offload-fakecuda-{tag}-{}", std::process::id()));
+    install(&lib, &dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mark = dir.join("loaded");
+    let summary = format!("test result: ok. {expected} passed; 0 failed");
+    let mut result = Ok(());
+    for delay in delays {
+        let _ = std::fs::remove_file(&mark);
+        let out = std::process::Command::new(&exe)
+            .args(args)
+            .envs(env.iter().copied())
+            .env("LD_LIBRARY_PATH", &dir)
+            .env("OFFLOAD_KERNEL_CACHE", "off")
+            .env("OFFLOAD_FAKECUDA_MARK", &mark)
+            .env("OFFLOAD_FAKECUDA_STREAM_DELAY_US", delay)
+            .env("OFFLOAD_FAKECUDA_LEAK_CHECK", "1")
+            .output()
+            .map_err(|e| format!("running {}: {e}", exe.display()))?;
+        let loaded = std::fs::read_to_string(&mark).unwrap_or_default();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if loaded != DEVICE_NAME || !out.status.success() || !stdout.contains(&summary) {
+            result = Err(format!(
+                "expected `{summary}` on the fake driver (stream delay {delay} µs); got {:?}, \
+                 loaded {loaded:?}\n{stdout}\n{stderr}",
+                out.status
+            ));
+            break;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 /// Where cargo put this crate's cdylib for a test or binary at `exe`
 /// (`target/<profile>/deps/…` or `target/<profile>/…`), if it is there.
 pub fn find_library(exe: &Path) -> Option<PathBuf> {

@@ -160,44 +160,17 @@ fn lora_flows_pass_on_the_fake_cuda_driver() {
         FLOWS.len(),
         "FLOWS is not every test built on setup"
     );
-    let exe = std::env::current_exe().unwrap();
-    let lib = offload_fakecuda::find_library(&exe).unwrap_or_else(|| {
-        panic!(
-            "liboffload_fakecuda.so is not beside {} (cargo builds it as a dev-dependency)",
-            exe.display()
-        )
-    });
-    let dir = std::env::temp_dir().join(format!("offload-fakecuda-lora-{}", std::process::id()));
-    offload_fakecuda::install(&lib, &dir).unwrap();
-    let mark = dir.join("loaded");
-    let summary = format!("test result: ok. {} passed; 0 failed", FLOWS.len());
-    for delay in ["0", "200"] {
-        let _ = std::fs::remove_file(&mark);
-        let out = std::process::Command::new(&exe)
-            .args(["--exact", "--test-threads=2"])
-            .args(FLOWS)
-            .env(DEVICE_ENV, "cuda")
-            .env("LD_LIBRARY_PATH", &dir)
-            .env("OFFLOAD_KERNEL_CACHE", "off")
-            .env("OFFLOAD_FAKECUDA_GRANULARITY_KIB", "4")
-            .env("OFFLOAD_FAKECUDA_MARK", &mark)
-            .env("OFFLOAD_FAKECUDA_STREAM_DELAY_US", delay)
-            .env("OFFLOAD_FAKECUDA_LEAK_CHECK", "1")
-            .output()
-            .unwrap();
-        let loaded = std::fs::read_to_string(&mark).unwrap_or_default();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            loaded == offload_fakecuda::DEVICE_NAME
-                && out.status.success()
-                && stdout.contains(&summary),
-            "expected `{summary}` from the LoRA flows on the fake driver (stream delay {delay} µs); \
-             got {:?}, loaded {loaded:?}\n{stdout}\n{stderr}",
-            out.status
-        );
+    let mut args = vec!["--exact", "--test-threads=2"];
+    args.extend(FLOWS);
+    let env = [
+        (DEVICE_ENV, "cuda"),
+        ("OFFLOAD_FAKECUDA_GRANULARITY_KIB", "4"),
+    ];
+    if let Err(e) =
+        offload_fakecuda::rerun_tests_on_the_fake("lora", &args, &env, &["0", "200"], FLOWS.len())
+    {
+        panic!("the LoRA flows on the fake driver: {e}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn staged() -> HostPolicy {

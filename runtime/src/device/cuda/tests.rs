@@ -117,15 +117,6 @@ fn cuda_device_without_driver_is_an_error_not_a_panic() {
 /// of the device code itself.
 #[test]
 fn gpu_tests_pass_on_the_fake_driver() {
-    let exe = std::env::current_exe().unwrap();
-    let lib = offload_fakecuda::find_library(&exe).unwrap_or_else(|| {
-        panic!(
-            "liboffload_fakecuda.so is not beside {} (cargo builds it as a dev-dependency)",
-            exe.display()
-        )
-    });
-    let dir = std::env::temp_dir().join(format!("offload-fakecuda-rt-{}", std::process::id()));
-    offload_fakecuda::install(&lib, &dir).unwrap();
     let kernel_tests = [
         "gpu_matmul_cublas_matches_cpu",
         "gpu_matmul_edge_cases_and_checks",
@@ -153,38 +144,17 @@ fn gpu_tests_pass_on_the_fake_driver() {
     let attr = concat!("#[ignore = \"needs a CUDA", " GPU\"]");
     let expected = include_str!("tests.rs").matches(attr).count() + kernel_tests.len();
     assert!(expected >= 28, "counted {expected} tests");
-    let summary = format!("test result: ok. {expected} passed; 0 failed");
-    let mark = dir.join("loaded");
+    let mut args = vec!["--ignored", "--test-threads=2", "device::cuda::tests::gpu_"];
+    args.extend(kernel_tests.iter().map(String::as_str));
     // Once as fast as the CPU goes, once with every stream operation 200 µs
     // late, so that work is still queued when a missing wait lets the host
     // free or reuse its memory; both times a context that ends with
     // anything still allocated aborts.
-    for delay in ["0", "200"] {
-        let _ = std::fs::remove_file(&mark);
-        let out = std::process::Command::new(&exe)
-            .args(["--ignored", "--test-threads=2", "device::cuda::tests::gpu_"])
-            .args(&kernel_tests)
-            .env("LD_LIBRARY_PATH", &dir)
-            .env("OFFLOAD_KERNEL_CACHE", "off")
-            .env("OFFLOAD_FAKECUDA_MARK", &mark)
-            .env("OFFLOAD_FAKECUDA_STREAM_DELAY_US", delay)
-            .env("OFFLOAD_FAKECUDA_LEAK_CHECK", "1")
-            .output()
-            .unwrap();
-        // The fake, not a real driver elsewhere on the library path, answered.
-        let loaded = std::fs::read_to_string(&mark).unwrap_or_default();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            loaded == offload_fakecuda::DEVICE_NAME
-                && out.status.success()
-                && stdout.contains(&summary),
-            "expected `{summary}` from the GPU tests on the fake driver (stream delay {delay} µs); \
-             got {:?}, loaded {loaded:?}\n{stdout}\n{stderr}",
-            out.status
-        );
+    if let Err(e) =
+        offload_fakecuda::rerun_tests_on_the_fake("rt", &args, &[], &["0", "200"], expected)
+    {
+        panic!("the GPU tests on the fake driver: {e}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
