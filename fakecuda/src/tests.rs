@@ -748,3 +748,75 @@ fn merge_kernels_run_from_their_parameters() {
     }
     assert_eq!(kernels::cuModuleUnload(m), E::CUDA_SUCCESS);
 }
+
+/// Batched launches: blocks walk several tiles of their strip (f16 W,
+/// 100 rows of 32-row tiles, one block per strip), each job merges only its
+/// own rows, and jobs whose W slices overlap are refused.
+#[test]
+fn batched_merges_walk_their_strips_and_refuse_overlapping_jobs() {
+    use offload_kernels::cuda::{
+        self as k, LowRankAdapterParams, LowRankBatchParams, LowRankJobParams,
+    };
+    ready();
+    let s = stream();
+    let m = merge_module();
+    let f = function(m, k::lowrank_merge_batch_entry(offload_kernels::Dtype::F16));
+    let (rows, cols) = (100usize, 130usize);
+    // W: f16 zeros, two copies side by side; factors f32, rank 1: Δ[i, j] = (i + 1) · 0.5.
+    let zeros = vec![0f32; rows * cols];
+    let wp = device_f32(&zeros, s); // 2 · rows · cols f16 values fit in rows · cols f32
+    let up: Vec<f32> = (0..rows).map(|i| (i + 1) as f32).collect();
+    let down = vec![0.5f32; cols];
+    let (upp, downp) = (device_f32(&up, s), device_f32(&down, s));
+    let job = |w: u64, row0: u32, n: u32| {
+        let mut j = LowRankJobParams {
+            w,
+            rows: n,
+            cols: cols as u32,
+            row0,
+            num_adapters: 1,
+            ..Default::default()
+        };
+        j.adapters[0] = LowRankAdapterParams {
+            up: upp,
+            down: downp,
+            rank: 1,
+            up_dtype: 0,
+            down_dtype: 0,
+            scale: 1.0,
+        };
+        j
+    };
+    // Job 0: rows 0..50 of the first W; job 1: rows 50..100 of it. Two
+    // column strips each, one block per strip: each block walks two tiles.
+    let mut p = LowRankBatchParams::default();
+    assert!(p.push(job(wp, 0, 50), 2));
+    assert!(p.push(job(wp, 50, 50), 2));
+    let (grid, block) = p.launch_dims();
+    assert_eq!(launch(f, grid, block, &p, s), E::CUDA_SUCCESS);
+    let got = read_f32(wp, rows * cols / 2, s);
+    let halves: Vec<u16> = got
+        .iter()
+        .flat_map(|v| {
+            let b = v.to_bits();
+            [b as u16, (b >> 16) as u16]
+        })
+        .collect();
+    for i in 0..rows {
+        for j in 0..cols {
+            // Job 0 has up rows 0..50, job 1 rows 0..50 too (its slice's own rows).
+            let want = half::f16::from_f32((i % 50 + 1) as f32 * 0.5).to_bits();
+            assert_eq!(halves[i * cols + j], want, "row {i} column {j}");
+        }
+    }
+    // Overlapping slices of one W in one batch: refused, W unchanged.
+    let mut bad = LowRankBatchParams::default();
+    assert!(bad.push(job(wp, 0, 60), 2));
+    assert!(bad.push(job(wp, 40, 60), 2));
+    assert_eq!(launch(f, grid, block, &bad, s), E::CUDA_ERROR_INVALID_VALUE);
+    assert_eq!(read_f32(wp, rows * cols / 2, s), got);
+    for ptr in [wp, upp, downp] {
+        assert_eq!(cuMemFree_v2(ptr), E::CUDA_SUCCESS);
+    }
+    assert_eq!(kernels::cuModuleUnload(m), E::CUDA_SUCCESS);
+}
