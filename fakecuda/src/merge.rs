@@ -603,8 +603,18 @@ impl Launch {
     /// of another stream not ordered with the launch would race the same
     /// way).
     pub(crate) unsafe fn run(&self, at: &[usize]) {
+        // A thread for every 8 tiles at most: most merges of a pass are a
+        // few tiles, which the stream's own thread runs sooner than spawning.
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-        let threads = threads.min(self.tiles.len()).max(1);
+        let threads = threads.min(self.tiles.len().div_ceil(8)).max(1);
+        if threads == 1 {
+            let mut scratch = Scratch::default();
+            for tile in &self.tiles {
+                // SAFETY: the caller's bound; one thread.
+                unsafe { self.merge_tile(tile, at, &mut scratch) };
+            }
+            return;
+        }
         std::thread::scope(|s| {
             for t in 0..threads {
                 s.spawn(move || {

@@ -1096,16 +1096,6 @@ fn gpu_merge_batch_kernel_matches_one_merge_per_op() {
     let mut fbufs = Bufs::new(&d);
     let mut rng = Rng(0x6a7c);
     let mut f = |dt, r, c| merge_factor(&mut fbufs, s, &mut rng, dt, r, c);
-    let lowrank = |up, down, scale| MergeAdapter {
-        scale,
-        delta: MergeDelta::LowRank { up, down },
-    };
-    let op = |dtype, shape: &[usize], rows, adapters| MergeOp {
-        dtype,
-        shape: shape.to_vec(),
-        rows,
-        adapters,
-    };
     let ops = vec![
         // fp32 FMA (small ranks), f16 and bf16 W.
         op(
@@ -1313,16 +1303,6 @@ fn gpu_merge_batch_kernel_throughput_of_a_layer() {
     let mut fbufs = Bufs::new(&d);
     let mut rng = Rng(0x6a7d);
     let mut f = |dt, r, c| merge_factor(&mut fbufs, s, &mut rng, dt, r, c);
-    let lowrank = |up, down, scale| MergeAdapter {
-        scale,
-        delta: MergeDelta::LowRank { up, down },
-    };
-    let op = |dtype, shape: &[usize], rows, adapters| MergeOp {
-        dtype,
-        shape: shape.to_vec(),
-        rows,
-        adapters,
-    };
     let (rows, cols, n) = (1280usize, 1280usize, 10usize);
     let layer: Vec<(usize, Arc<MergeOp>)> = (0..n)
         .map(|i| {
@@ -1406,6 +1386,29 @@ fn gpu_merge_batch_kernel_throughput_of_a_layer() {
     drop(bufs);
     drop(fbufs);
     d.destroy_stream(s).unwrap();
+}
+
+/// A low-rank adapter of the `MergeBatch` tests.
+fn lowrank(up: MergeFactor, down: MergeFactor, scale: f32) -> MergeAdapter {
+    MergeAdapter {
+        scale,
+        delta: MergeDelta::LowRank { up, down },
+    }
+}
+
+/// A merge op of the `MergeBatch` tests.
+fn op(
+    dtype: Dtype,
+    shape: &[usize],
+    rows: Option<std::ops::Range<usize>>,
+    adapters: Vec<MergeAdapter>,
+) -> MergeOp {
+    MergeOp {
+        dtype,
+        shape: shape.to_vec(),
+        rows,
+        adapters,
+    }
 }
 
 /// A random factor, on the host and uploaded.
