@@ -97,11 +97,12 @@ pub struct MergeBenchArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// The GPU kernel for low-rank merges: `auto` (the runtime's choice:
-    /// tensor cores where the factors are 16-bit and some rank is 32 or more
-    /// or the ranks add up to more than 32), `fma` (fp32 FMA),
-    /// `tensor-cores`, or `pipelined` (the tensor-core kernel that streams
-    /// the factors through a cp.async pipeline; `auto` takes it in place of
-    /// `tensor-cores` only with `OFFLOAD_MERGE_KERNEL=pipelined`).
+    /// the pipelined tensor-core kernel where the factors are 16-bit and
+    /// some rank is 16 or more or the ranks add up to more than 16; with
+    /// `OFFLOAD_MERGE_KERNEL=tensor-cores`, the unpipelined one from 32),
+    /// `fma` (fp32 FMA), `tensor-cores` (the unpipelined tensor-core kernel),
+    /// or `pipelined` (the tensor-core kernel that streams the factors
+    /// through a cp.async pipeline).
     /// Only with `--backend cuda` or `auto`.
     #[arg(long, value_enum, default_value_t = KernelArg::Auto)]
     pub kernel: KernelArg,

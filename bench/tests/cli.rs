@@ -803,7 +803,7 @@ fn hidden_bench_flag() {
 
 /// An invalid `OFFLOAD_MERGE_KERNEL` is an error naming the variable and
 /// the value on any machine (not a silent run on the host backend), with
-/// no panic; `auto` and `pipelined` are accepted.
+/// no panic; `auto`, `pipelined` and `tensor-cores` are accepted.
 #[test]
 #[cfg(feature = "cuda")]
 fn offload_device_rejects_an_unknown_merge_kernel() {
@@ -821,7 +821,7 @@ fn offload_device_rejects_an_unknown_merge_kernel() {
         err.contains("OFFLOAD_MERGE_KERNEL") && err.contains("bogus") && !err.contains("panicked"),
         "{err}"
     );
-    for good in ["auto", "pipelined", ""] {
+    for good in ["auto", "pipelined", "tensor-cores", ""] {
         let o = run(good);
         assert!(o.status.success(), "{good:?}: {}", stderr(&o));
     }

@@ -55,7 +55,8 @@
 //    pipeline (the stage two ahead in flight while one is multiplied, across
 //    tiles too), fragments read with ldmatrix from XOR-swizzled slots, and
 //    W read straight into the accumulators' layout (see "Kernel 2b" below).
-//    Not yet chosen by the runtime's `auto` (no GPU has timed it).
+//    The runtime's `auto` takes it for 16-bit factors from rank 16 up (timed
+//    on an H200 against the other two; docs/benchmarks.md).
 //
 //    The low-rank kernels also come batched (offload_lowrank_merge_batch_*,
 //    offload_lowrank_merge_mma_batch_*, offload_lowrank_merge_pipe_batch_*): one launch merges up to

@@ -26,11 +26,12 @@
 //!   of 32 ranks (across tiles too), `ldmatrix` fragments from XOR-swizzled
 //!   shared memory, 64 × 128 tiles, W read straight into the accumulators.
 //!   Written for stacked adapters and ranks of 64 and more, where the
-//!   tensor-core kernel waits on each stage's loads. Not chosen by default
-//!   until a GPU has timed it against the others: on request (the runtime's
-//!   `LowRankKernel::Pipelined`, `offload bench merge --kernel pipelined`),
-//!   or for every tensor-core merge of a device opened with
-//!   `OFFLOAD_MERGE_KERNEL=pipelined`.
+//!   tensor-core kernel waits on each stage's loads. The runtime's default
+//!   tensor-core kernel since an H200 timed it faster than the other one at
+//!   every rank, stack and size measured (docs/benchmarks.md;
+//!   [`LowRankMergeParams::pipelined_tensor_cores`] says when to take it);
+//!   a device opened with `OFFLOAD_MERGE_KERNEL=tensor-cores` takes the
+//!   other one instead, with its own rule.
 //! - **batched low-rank**, the three above ([`lowrank_merge_batch_entry`],
 //!   [`lowrank_merge_mma_batch_entry`], [`lowrank_merge_pipe_batch_entry`],
 //!   [`LowRankBatchParams`]): one launch
@@ -264,6 +265,10 @@ pub const MERGE_MAX_ADAPTERS: usize = 32;
 /// up to at most this; others go to the tensor cores where the factors allow
 /// ([`LowRankMergeParams::tensor_cores`]).
 pub const FMA_MAX_RANK: u32 = 32;
+/// With the pipelined tensor-core kernel, the fp32 FMA kernel takes stacks
+/// whose ranks are all below this and add up to at most this
+/// ([`LowRankMergeParams::pipelined_tensor_cores`]).
+pub const PIPELINED_FMA_MAX_RANK: u32 = 16;
 /// The oldest GPUs with `mma.sync.m16n8k16` for f16 and bf16 (Ampere).
 pub const MMA_MIN_COMPUTE_CAPABILITY: (u32, u32) = (8, 0);
 /// Rows of W one thread block of the general kernel covers.
@@ -632,10 +637,28 @@ impl LowRankMergeParams {
     /// The caller also checks the device's compute capability against
     /// [`MMA_MIN_COMPUTE_CAPABILITY`].
     pub fn tensor_cores(&self) -> bool {
+        self.tensor_core_operands() && self.ranks_reach(FMA_MAX_RANK)
+    }
+
+    /// Whether these adapters should go to the pipelined tensor-core kernel
+    /// rather than to fp32 FMA: its operands fit
+    /// ([`Self::tensor_core_operands`]), and some adapter has rank
+    /// [`PIPELINED_FMA_MAX_RANK`] or more, or the ranks add up to more than
+    /// it. Measured on an H200 (docs/benchmarks.md, W [1280, 5120] f16, GB/s
+    /// of W): FMA is faster for one rank-8 adapter (1736 against 1507) and
+    /// two (1319 against 1252), the pipelined kernel for one rank-16 adapter
+    /// (1518 against 1446), two (1291 against 990), four rank-8 ones (971
+    /// against 871) and every larger rank. The caller also checks the
+    /// device's compute capability against [`MMA_MIN_COMPUTE_CAPABILITY`].
+    pub fn pipelined_tensor_cores(&self) -> bool {
+        self.tensor_core_operands() && self.ranks_reach(PIPELINED_FMA_MAX_RANK)
+    }
+
+    /// Some adapter has rank `limit` or more, or the ranks add up to more.
+    fn ranks_reach(&self, limit: u32) -> bool {
         let used = &self.adapters[..(self.num_adapters as usize).min(MAX_ADAPTERS)];
-        self.tensor_core_operands()
-            && (used.iter().any(|a| a.rank >= FMA_MAX_RANK)
-                || used.iter().map(|a| u64::from(a.rank)).sum::<u64>() > u64::from(FMA_MAX_RANK))
+        used.iter().any(|a| a.rank >= limit)
+            || used.iter().map(|a| u64::from(a.rank)).sum::<u64>() > u64::from(limit)
     }
 }
 
@@ -1139,6 +1162,27 @@ mod tests {
         assert!(!lowrank_params(&[(64, F32, F32)]).tensor_cores());
         assert!(!lowrank_params(&[(64, F16, F16), (64, F32, F16)]).tensor_cores());
         assert!(!lowrank_params(&[]).tensor_cores());
+    }
+
+    #[test]
+    fn pipelined_tensor_cores_from_rank_16() {
+        use Dtype::{BF16, F16, F32};
+        // Below 16 and adding up to 16 or less: fp32 FMA.
+        assert!(!lowrank_params(&[(8, F16, F16)]).pipelined_tensor_cores());
+        assert!(!lowrank_params(&[(8, F16, F16); 2]).pipelined_tensor_cores());
+        assert!(!lowrank_params(&[(15, BF16, BF16)]).pipelined_tensor_cores());
+        assert!(!lowrank_params(&[(4, F16, F16); 4]).pipelined_tensor_cores());
+        // One rank-16 adapter, a stack past 16, or any larger rank.
+        assert!(lowrank_params(&[(16, F16, F16)]).pipelined_tensor_cores());
+        assert!(lowrank_params(&[(8, F16, F16), (9, BF16, BF16)]).pipelined_tensor_cores());
+        assert!(lowrank_params(&[(8, F16, F16); 4]).pipelined_tensor_cores());
+        assert!(lowrank_params(&[(128, BF16, BF16)]).pipelined_tensor_cores());
+        // The same operand rule as the other tensor-core kernel.
+        assert!(!lowrank_params(&[(64, F16, BF16)]).pipelined_tensor_cores());
+        assert!(!lowrank_params(&[(64, F32, F32)]).pipelined_tensor_cores());
+        assert!(!lowrank_params(&[]).pipelined_tensor_cores());
+        // Where the two rules differ: a rank-16 adapter.
+        assert!(!lowrank_params(&[(16, F16, F16)]).tensor_cores());
     }
 
     #[test]

@@ -784,12 +784,15 @@ fn gpu_merge_lowrank_tensor_cores_match_cpu_merge() {
             case.rows,
             case.adapters.len()
         );
-        // The pipelined kernel on the same merge: its copy path where the
-        // rank and the columns are multiples of 8, plain loads elsewhere.
+        // Each tensor-core kernel by name on the same merge (`auto` took
+        // the one the device's configuration names): the pipelined one's
+        // copy path where the rank and the columns are multiples of 8, plain
+        // loads elsewhere.
         if tensor_cores {
-            let (elements, same) =
-                check_merge_with(&d, s, case, 0x7e45 + i as u64, LowRankKernel::Pipelined);
-            eprintln!("  pipelined: {elements} elements, {same} bit-identical to the CPU");
+            for kernel in [LowRankKernel::TensorCores, LowRankKernel::Pipelined] {
+                let (elements, same) = check_merge_with(&d, s, case, 0x7e45 + i as u64, kernel);
+                eprintln!("  {kernel:?}: {elements} elements, {same} bit-identical to the CPU");
+            }
         }
     }
 
@@ -840,10 +843,12 @@ fn gpu_merge_lowrank_throughput_of_each_kernel() {
                 .collect();
             let factors = vec![(up, down); count];
             let spec = MergeSpec::new(Dtype::F16, &[rows, cols], None, &adapters).unwrap();
-            let auto_kernel = if d.merge_uses_tensor_cores(&spec) {
-                LowRankKernel::TensorCores
-            } else {
+            let auto_kernel = if !d.merge_uses_tensor_cores(&spec) {
                 LowRankKernel::Fma
+            } else if d.pipelined_merges() {
+                LowRankKernel::Pipelined
+            } else {
+                LowRankKernel::TensorCores
             };
             let mut line = format!("merge {rows}x{cols} f16, {count} x rank {rank} f16 factors:");
             for kernel in [
@@ -986,31 +991,43 @@ fn gpu_merge_lowrank_batch_matches_one_launch_per_tensor() {
     d.destroy_stream(s).unwrap();
 }
 
-/// A device opened with [`CudaConfig::pipelined_merges`] runs the merges
-/// `Auto` gives the tensor cores on the pipelined kernel, alone and batched:
-/// bit for bit what [`LowRankKernel::Pipelined`] gives on a default device,
-/// within the kernels' tolerance of the f64 reference; a merge `Auto` gives
-/// the fp32 FMA kernel (f32 factors) stays there.
+/// `Auto` routes each merge by the device's merge-kernel configuration: on a
+/// device opened with [`CudaConfig::pipelined_merges`] (the default) the
+/// pipelined tensor-core kernel from rank 16 up, on one opened without it
+/// the unpipelined one from rank 32 up, fp32 FMA otherwise (and for f32
+/// factors on both); alone and batched, bit for bit what the kernel it
+/// chose gives when asked for by name, and the launch counts say that
+/// kernel ran.
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn gpu_pipelined_merges_config_routes_auto_to_the_pipelined_kernel() {
+fn gpu_auto_merges_route_by_the_merge_kernel_config() {
     use Dtype::{F16, F32};
-    let plain = gpu();
-    let piped = CudaDevice::with_config(
-        0,
-        &CudaConfig {
-            pipelined_merges: true,
-            ..CudaConfig::default()
-        },
-    )
-    .expect("a CUDA GPU");
+    let open = |pipelined_merges: bool| {
+        CudaDevice::with_config(
+            0,
+            &CudaConfig {
+                pipelined_merges,
+                ..CudaConfig::default()
+            },
+        )
+        .expect("a CUDA GPU")
+    };
+    let (piped, plain) = (open(true), open(false));
     assert!(piped.pipelined_merges() && !plain.pipelined_merges());
+    assert!(CudaConfig::default().pipelined_merges);
     let cases = [
         MergeCase {
             dtype: F16,
             shape: vec![300, 520],
             rows: Some(10..290),
             adapters: vec![(64, F16, F16, 0.5), (32, F16, F16, -0.25)],
+        },
+        // Rank 16: the pipelined kernel on one device, FMA on the other.
+        MergeCase {
+            dtype: F16,
+            shape: vec![130, 260],
+            rows: None,
+            adapters: vec![(16, F16, F16, 0.75)],
         },
         MergeCase {
             dtype: F16,
@@ -1019,7 +1036,12 @@ fn gpu_pipelined_merges_config_routes_auto_to_the_pipelined_kernel() {
             adapters: vec![(40, F32, F32, 0.7)],
         },
     ];
-    for (i, case) in cases.iter().enumerate() {
+    let expected = [
+        (LowRankKernel::Pipelined, LowRankKernel::TensorCores),
+        (LowRankKernel::Pipelined, LowRankKernel::Fma),
+        (LowRankKernel::Fma, LowRankKernel::Fma),
+    ];
+    for (i, (case, &(on_piped, on_plain))) in cases.iter().zip(&expected).enumerate() {
         let data = CaseData::new(case, 0x9193 + i as u64);
         let adapters = data.adapters(case);
         let spec = MergeSpec::new(case.dtype, &case.shape, case.rows.clone(), &adapters).unwrap();
@@ -1043,38 +1065,34 @@ fn gpu_pipelined_merges_config_routes_auto_to_the_pipelined_kernel() {
             d.destroy_stream(s).unwrap();
             out
         };
-        let tensor_cores = plain.merge_uses_tensor_cores(&spec);
-        let want = if tensor_cores {
-            run(&plain, LowRankKernel::Pipelined, false)
-        } else {
-            run(&plain, LowRankKernel::Fma, false)
-        };
-        for batched in [false, true] {
-            let before = piped.merge_launches();
-            let got = run(&piped, LowRankKernel::Auto, batched);
-            assert!(
-                got == want,
-                "case {i} (batched: {batched}): not bit for bit"
-            );
-            // And the kernel that ran was that one, not another that
-            // happens to give the same bits.
-            let on = if tensor_cores {
-                LowRankKernel::Pipelined
-            } else {
-                LowRankKernel::Fma
-            };
-            let (single, batch, other) = launches_on(on, before, piped.merge_launches()).unwrap();
+        for (name, d, on) in [("pipelined", &piped, on_piped), ("plain", &plain, on_plain)] {
             assert_eq!(
-                (single, batch, other),
-                if batched { (0, 1, 0) } else { (1, 0, 0) },
-                "case {i} (batched: {batched}): launches on {on:?} and on other kernels"
+                d.merge_uses_tensor_cores(&spec),
+                on != LowRankKernel::Fma,
+                "case {i} on the {name} device"
+            );
+            let want = run(d, on, false);
+            for batched in [false, true] {
+                let before = d.merge_launches();
+                let got = run(d, LowRankKernel::Auto, batched);
+                assert!(
+                    got == want,
+                    "case {i} on the {name} device (batched: {batched}): not bit for bit {on:?}"
+                );
+                // And the kernel that ran was that one, not another that
+                // happens to give the same bits.
+                let (single, batch, other) = launches_on(on, before, d.merge_launches()).unwrap();
+                assert_eq!(
+                    (single, batch, other),
+                    if batched { (0, 1, 0) } else { (1, 0, 0) },
+                    "case {i} on the {name} device (batched: {batched}): launches on {on:?} and on other kernels"
+                );
+            }
+            let same = data.check(case, &want);
+            eprintln!(
+                "case {i}: auto on the {name} device = {on:?}, {same} elements bit-identical to the CPU"
             );
         }
-        let same = data.check(case, &want);
-        eprintln!(
-            "case {i}: tensor cores {tensor_cores}, auto on the pipelined device = {}, {same} elements bit-identical to the CPU",
-            if tensor_cores { "pipelined" } else { "fp32 FMA" }
-        );
     }
 }
 

@@ -6,12 +6,13 @@
 //! FMA, the same on the tensor cores (taken by [`CudaDevice::merge_lowrank`]
 //! when every adapter's factors are both f16 or both bf16, some rank is 32
 //! or more or the ranks add up to more than 32, and the device has compute
-//! capability 8.0 or newer), a pipelined tensor-core version of it (taken
-//! when asked for, [`LowRankKernel::Pipelined`], and in place of the
-//! tensor-core one on a device opened with
-//! [`CudaConfig::pipelined_merges`](super::CudaConfig::pipelined_merges),
-//! `OFFLOAD_MERGE_KERNEL=pipelined`; not by default until a GPU has timed
-//! it), and the
+//! capability 8.0 or newer) on a device opened with
+//! `OFFLOAD_MERGE_KERNEL=tensor-cores`, a pipelined tensor-core version of
+//! it (what [`CudaDevice::merge_lowrank`] takes by default, from rank 16 up
+//! rather than 32:
+//! [`CudaConfig::pipelined_merges`](super::CudaConfig::pipelined_merges);
+//! an H200 timed it faster than the other at every rank, stack and size
+//! measured), and the
 //! general merge of any mix of low-rank, LoHa and LoKr deltas
 //! ([`CudaDevice::merge`]). [`Kernel::Merge`](crate::device::Kernel::Merge)
 //! takes the low-rank kernels for plain low-rank merges (as `Auto` chooses)
@@ -359,13 +360,15 @@ impl<L: FnMut(&mut LowRankBatchParams, usize, Body) -> Result<()>> Batcher<L> {
 /// The kernel a low-rank merge runs on ([`CudaDevice::merge_lowrank_with`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LowRankKernel {
-    /// Tensor cores on a device that has them where the factors allow and
-    /// some rank is 32 or more or the ranks add up to more than 32
-    /// ([`offload_kernels::cuda::LowRankMergeParams::tensor_cores`]), fp32
-    /// FMA otherwise; the tensor-core merges run on the pipelined kernel
-    /// instead on a device opened with
-    /// [`CudaConfig::pipelined_merges`](super::CudaConfig::pipelined_merges)
-    /// (off by default until a GPU has timed it against the other two).
+    /// The pipelined tensor-core kernel on a device that has tensor cores
+    /// where the factors allow and some rank is 16 or more or the ranks add
+    /// up to more than 16
+    /// ([`offload_kernels::cuda::LowRankMergeParams::pipelined_tensor_cores`]),
+    /// fp32 FMA otherwise; on a device opened without
+    /// [`CudaConfig::pipelined_merges`](super::CudaConfig::pipelined_merges),
+    /// the unpipelined tensor-core kernel where some rank is 32 or more or
+    /// the ranks add up to more than 32
+    /// ([`offload_kernels::cuda::LowRankMergeParams::tensor_cores`]).
     Auto,
     /// The fp32 FMA kernel.
     Fma,
@@ -492,15 +495,25 @@ impl CudaDevice {
     }
 
     /// Whether [`Self::merge_lowrank`] runs `spec` on the tensor cores on
-    /// this device (every adapter's factors both f16 or both bf16, some rank
-    /// 32 or more or the ranks adding up to more than 32, compute capability
-    /// 8.0 or newer: [`offload_kernels::cuda::LowRankMergeParams::tensor_cores`]).
+    /// this device (every adapter's factors both f16 or both bf16, compute
+    /// capability 8.0 or newer, and the ranks [`LowRankKernel::Auto`] gives
+    /// the tensor-core kernel this device uses).
     pub fn merge_uses_tensor_cores(&self, spec: &MergeSpec<'_>) -> bool {
         let addrs = vec![(0, 0); spec.adapters().len()];
         self.info
             .compute_capability
             .is_some_and(|cc| cc >= MMA_MIN_COMPUTE_CAPABILITY)
-            && LowRankMergeParams::new(spec, 0, &addrs).is_ok_and(|p| p.tensor_cores())
+            && LowRankMergeParams::new(spec, 0, &addrs).is_ok_and(|p| self.auto_tensor_cores(&p))
+    }
+
+    /// Whether [`LowRankKernel::Auto`] gives merges with these parameters to
+    /// this device's tensor-core kernel (compute capability aside).
+    fn auto_tensor_cores(&self, params: &LowRankMergeParams) -> bool {
+        if self.pipelined_merges {
+            params.pipelined_tensor_cores()
+        } else {
+            params.tensor_cores()
+        }
     }
 
     /// Queue `W[rows] += Σₐ sₐ · Δₐ` for `op` on `stream` (semantics of
@@ -696,7 +709,7 @@ impl CudaDevice {
             .compute_capability
             .is_some_and(|cc| cc >= MMA_MIN_COMPUTE_CAPABILITY);
         match kernel {
-            LowRankKernel::Auto if device_has_mma && params.tensor_cores() => {
+            LowRankKernel::Auto if device_has_mma && self.auto_tensor_cores(params) => {
                 Ok(if self.pipelined_merges {
                     Body::Pipe
                 } else {

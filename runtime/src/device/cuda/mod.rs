@@ -90,10 +90,13 @@ pub struct CudaConfig {
     /// When false, the device runs in fallback mode, as on machines where the
     /// trial fails: useful to test that mode on any GPU.
     pub use_vmm: bool,
-    /// Run the low-rank merges that [`LowRankKernel::Auto`] gives the
-    /// tensor cores on the pipelined tensor-core kernel instead
-    /// ([`LowRankKernel::Pipelined`]; default false until a GPU has timed
-    /// it). Covers every merge the runtime queues (fuse-on-upload included).
+    /// Give [`LowRankKernel::Auto`]'s tensor-core merges to the pipelined
+    /// tensor-core kernel ([`LowRankKernel::Pipelined`], from rank 16 up:
+    /// [`offload_kernels::cuda::LowRankMergeParams::pipelined_tensor_cores`];
+    /// the default, timed faster on an H200) rather than to the other one
+    /// ([`LowRankKernel::TensorCores`], from rank 32 up:
+    /// [`offload_kernels::cuda::LowRankMergeParams::tensor_cores`]). Covers
+    /// every merge the runtime queues (fuse-on-upload included).
     pub pipelined_merges: bool,
 }
 
@@ -101,14 +104,15 @@ impl Default for CudaConfig {
     fn default() -> Self {
         CudaConfig {
             use_vmm: true,
-            pipelined_merges: false,
+            pipelined_merges: true,
         }
     }
 }
 
 /// The environment variable [`CudaConfig::from_env`] reads: `auto` (or
-/// unset, or empty) for the default merge kernels, `pipelined` for
-/// [`CudaConfig::pipelined_merges`].
+/// unset, or empty) or `pipelined` for the default merge kernels,
+/// `tensor-cores` for the unpipelined tensor-core kernel in their place
+/// ([`CudaConfig::pipelined_merges`] false).
 pub const MERGE_KERNEL_ENV: &str = "OFFLOAD_MERGE_KERNEL";
 
 impl CudaConfig {
@@ -127,9 +131,10 @@ impl CudaConfig {
         match value.map(|v| v.to_str()) {
             None | Some(Some("" | "auto")) => {}
             Some(Some("pipelined")) => self.pipelined_merges = true,
+            Some(Some("tensor-cores")) => self.pipelined_merges = false,
             Some(_) => {
                 return Err(Error::Config(format!(
-                    "{MERGE_KERNEL_ENV}={:?}: expected `auto` or `pipelined`",
+                    "{MERGE_KERNEL_ENV}={:?}: expected `auto`, `pipelined` or `tensor-cores`",
                     value.unwrap_or_default()
                 )))
             }
@@ -344,9 +349,9 @@ impl CudaDevice {
         if !self.host_register {
             note.push_str("; cuMemHostRegister does not work here (not needed: the runtime pins host memory with cuMemHostAlloc)");
         }
-        if self.pipelined_merges {
+        if !self.pipelined_merges {
             note.push_str(&format!(
-                "; tensor-core merges on the pipelined kernel ({MERGE_KERNEL_ENV}=pipelined)"
+                "; tensor-core merges on the unpipelined kernel ({MERGE_KERNEL_ENV}=tensor-cores)"
             ));
         }
         note

@@ -72,19 +72,20 @@ fn probe_without_driver_is_an_error_not_a_panic() {
     }
 }
 
-/// `OFFLOAD_MERGE_KERNEL`: unset, empty or `auto` keep the default
-/// kernels, `pipelined` turns on the pipelined tensor-core merges, anything
-/// else is a configuration error naming the variable and the value.
+/// `OFFLOAD_MERGE_KERNEL`: unset, empty, `auto` or `pipelined` keep the
+/// default kernels (pipelined tensor-core merges), `tensor-cores` turns them
+/// off, anything else is a configuration error naming the variable and the
+/// value.
 #[test]
 fn merge_kernel_variable_is_parsed_strictly() {
     use std::ffi::OsStr;
     let with = |v: Option<&str>| CudaConfig::default().with_merge_kernel_var(v.map(OsStr::new));
-    for v in [None, Some(""), Some("auto")] {
+    for v in [None, Some(""), Some("auto"), Some("pipelined")] {
         let c = with(v).unwrap();
-        assert!(!c.pipelined_merges && c.use_vmm, "{v:?}");
+        assert!(c.pipelined_merges && c.use_vmm, "{v:?}");
     }
-    assert!(with(Some("pipelined")).unwrap().pipelined_merges);
-    for v in ["Pipelined", "tensor-cores", "fma", " pipelined"] {
+    assert!(!with(Some("tensor-cores")).unwrap().pipelined_merges);
+    for v in ["Pipelined", "tensor_cores", "fma", " pipelined"] {
         let e = with(Some(v)).unwrap_err();
         assert!(
             matches!(&e, Error::Config(m) if m.contains(MERGE_KERNEL_ENV) && m.contains(v)),
@@ -126,7 +127,7 @@ fn gpu_tests_pass_on_the_fake_driver() {
         "gpu_merge_lowrank_rejects_bad_operands",
         "gpu_merge_lowrank_tensor_cores_match_cpu_merge",
         "gpu_merge_lowrank_batch_matches_one_launch_per_tensor",
-        "gpu_pipelined_merges_config_routes_auto_to_the_pipelined_kernel",
+        "gpu_auto_merges_route_by_the_merge_kernel_config",
         "gpu_merge_batch_kernel_matches_one_merge_per_op",
         "gpu_merge_loha_lokr_match_cpu_merge",
         "gpu_merge_general_rejects_bad_operands",
