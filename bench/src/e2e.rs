@@ -16,7 +16,10 @@
 //! × 0.8 and peft rank 64 × 0.6, f16; `--lora-ranks`). The overhead columns
 //! compare pass times with the plain row of the same offload mode: first
 //! pass = (set_loras + first pass) − first plain pass; later passes = mean
-//! later pass − mean later plain pass (noise can make it negative). In the
+//! later pass − mean of the plain row's same passes (its passes 2 to n for
+//! a LoRA row of n steps: the first passes after a row starts ran slower on
+//! the H200, so a mean over more plain passes counted that as LoRA
+//! overhead; noise can make it negative). In the
 //! unfused mode the engine adds the low-rank path itself, as an engine
 //! would: two more products per adapter (see `Bench::run_component`).
 //! Every LoRA row reads patched weights back from the device and compares
@@ -281,11 +284,7 @@ struct LoraMeasured {
 impl Measured {
     /// Mean of the passes after the first (the first when there is only one).
     fn later_pass_s(&self) -> Option<f64> {
-        match self.passes.len() {
-            0 => None,
-            1 => Some(self.passes[0]),
-            n => Some(self.passes[1..].iter().sum::<f64>() / (n - 1) as f64),
-        }
+        later_mean(&self.passes, self.passes.len())
     }
 
     /// it/s of the same generation cut to its first `steps` passes.
@@ -1983,13 +1982,25 @@ fn overheads(rows: &[Row], r: &Row) -> Option<(f64, Option<f64>, Option<f64>)> {
     };
     let p = plain_of(rows, r)?;
     let first = lm.set_s + m.passes.first()? - p.passes.first()?;
+    // The plain row's passes with the same indices as the LoRA row's.
+    let base = later_mean(&p.passes, m.passes.len());
     let later = if m.passes.len() > 1 && p.passes.len() > 1 {
-        Some(m.later_pass_s()? - p.later_pass_s()?)
+        Some(m.later_pass_s()? - base?)
     } else {
         None
     };
-    let fraction = later.and_then(|l| p.later_pass_s().map(|b| l / b.max(1e-12)));
+    let fraction = later.and_then(|l| base.map(|b| l / b.max(1e-12)));
     Some((first, later, fraction))
+}
+
+/// Mean of `passes[1..n]` (`n` cut to the passes there are); the first pass
+/// when that is the only one; `None` without passes.
+fn later_mean(passes: &[f64], n: usize) -> Option<f64> {
+    match n.min(passes.len()) {
+        0 => None,
+        1 => Some(passes[0]),
+        n => Some(passes[1..n].iter().sum::<f64>() / (n - 1) as f64),
+    }
 }
 
 /// it/s of the none reference at `steps` steps (its generation cut short when a LoRA row runs fewer).
@@ -2011,7 +2022,7 @@ fn print_table(rows: &[Row], steps: usize, lora_steps: usize) {
             }
         );
         println!(
-            "LoRA +1st s = (set_loras + first pass) - first plain pass; LoRA +s/pass = mean later pass - mean later plain pass (+% of it; noise can make it negative)"
+            "LoRA +1st s = (set_loras + first pass) - first plain pass; LoRA +s/pass = mean later pass - mean of the plain row's same passes (+% of it; noise can make it negative)"
         );
     }
     println!(
@@ -2271,4 +2282,21 @@ fn json_row(r: &Row, ctx: &JsonCtx<'_>) -> String {
         }
     }
     o.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::later_mean;
+
+    /// A LoRA row of n steps is compared with the plain row's passes 2 to n.
+    #[test]
+    fn later_means_cover_the_passes_after_the_first_up_to_n() {
+        let passes = [9.0, 4.0, 2.0, 1.0, 1.0];
+        assert_eq!(later_mean(&passes, 3), Some(3.0));
+        assert_eq!(later_mean(&passes, 5), Some(2.0));
+        assert_eq!(later_mean(&passes, 50), Some(2.0));
+        assert_eq!(later_mean(&passes, 1), Some(9.0));
+        assert_eq!(later_mean(&passes[..1], 5), Some(9.0));
+        assert_eq!(later_mean(&[], 5), None);
+    }
 }
