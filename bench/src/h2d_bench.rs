@@ -29,7 +29,9 @@
 //!   buffer per call.
 //! - **runtime staged**: as runtime pinned with the staged host policy
 //!   (`--staging-buffers` × `--staging-buffer-mib` pinned staging buffers
-//!   filled from the pageable source by `--staging-threads` reader threads).
+//!   filled from the pageable source by `--staging-threads` reader threads,
+//!   each buffer's fill split across them in parts of at least
+//!   `--staging-part-kib`).
 //! - **device to device**: n copies of S through a pool of n device
 //!   buffers (copy i: buffer i → buffer i + 1), so that the bytes come from
 //!   memory, not a cache, as `offload bench merge` measures its copy; GB/s
@@ -105,6 +107,11 @@ pub struct H2dBenchArgs {
     /// MiB per staging buffer.
     #[arg(long, default_value_t = 64)]
     pub staging_buffer_mib: usize,
+    /// KiB one thread fills at least of a staging buffer: a buffer's fill is
+    /// split across up to the reader threads in parts of at least this
+    /// (default: the policy's, 1024).
+    #[arg(long, default_value_t = HostPolicy::DEFAULT_FILL_PART_BYTES >> 10)]
+    pub staging_part_kib: usize,
     /// Throttle the host backend's host↔device copies to this many GB/s
     /// (ignored on a GPU).
     #[arg(long)]
@@ -139,6 +146,8 @@ struct Plan {
     staging_threads: usize,
     staging_buffers: usize,
     staging_buffer_bytes: usize,
+    /// Least bytes one thread fills of a staging buffer.
+    staging_part_bytes: usize,
     link_gbps: Option<f64>,
     /// Open the device without the virtual memory API.
     no_vmm: bool,
@@ -184,6 +193,13 @@ impl Plan {
                 args.staging_buffer_mib
             ));
         }
+        if args.staging_part_kib == 0 || args.staging_part_kib > 4 << 20 {
+            return Err(format!(
+                "--staging-part-kib {} must be between 1 and {} (4 GiB)",
+                args.staging_part_kib,
+                4 << 20
+            ));
+        }
         if let Some(r) = args.link_gbps {
             if !(r.is_finite() && r > 0.0) {
                 return Err(format!("--link-gbps {r} must be a positive rate"));
@@ -217,6 +233,7 @@ impl Plan {
             staging_threads,
             staging_buffers,
             staging_buffer_bytes: args.staging_buffer_mib << 20,
+            staging_part_bytes: args.staging_part_kib << 10,
             link_gbps: args.link_gbps,
             no_vmm: args.no_vmm,
             cpu_threads: cpus,
@@ -812,6 +829,7 @@ fn runtime_row(
             buffers: plan.staging_buffers,
             buffer_bytes: plan.staging_buffer_bytes,
             threads: plan.staging_threads,
+            fill_part_bytes: plan.staging_part_bytes,
         }
     } else {
         HostPolicy::Pinned
@@ -875,10 +893,11 @@ fn runtime_row(
     drop(rt);
     let method = if staged {
         format!(
-            "Runtime, sequential mode, staged host policy ({} × {} MiB pinned staging buffers, {} reader thread(s), source in Vec memory), ring of {} slots: one pass (acquire and drop every layer, then Runtime::synchronize); bytes from the runtime's bytes_h2d",
+            "Runtime, sequential mode, staged host policy ({} × {} MiB pinned staging buffers, {} reader thread(s), fill parts of at least {} KiB, source in Vec memory), ring of {} slots: one pass (acquire and drop every layer, then Runtime::synchronize); bytes from the runtime's bytes_h2d",
             plan.staging_buffers,
             plan.staging_buffer_bytes >> 20,
             plan.staging_threads,
+            plan.staging_part_bytes >> 10,
             plan.slots
         )
     } else {
@@ -1219,12 +1238,13 @@ fn table(o: &Opened, plan: &Plan, rows: &[Row], map: Option<&MapOutcome>, elapse
     );
     let _ = writeln!(
         out,
-        "runtime rows: offload_runtime::Runtime, sequential mode, planned policy, prefetch depth {} (ring of {} slots), a one-component model of one-tensor layers of the row's size; bytes from the runtime's bytes_h2d counter. staged: {} x {} MiB staging buffers, {} reader thread(s), source in Vec memory",
+        "runtime rows: offload_runtime::Runtime, sequential mode, planned policy, prefetch depth {} (ring of {} slots), a one-component model of one-tensor layers of the row's size; bytes from the runtime's bytes_h2d counter. staged: {} x {} MiB staging buffers, {} reader thread(s), fill parts of at least {} KiB, source in Vec memory",
         plan.prefetch_depth,
         plan.slots,
         plan.staging_buffers,
         plan.staging_buffer_bytes >> 20,
-        plan.staging_threads
+        plan.staging_threads,
+        plan.staging_part_bytes >> 10
     );
     let _ = writeln!(
         out,
@@ -1359,6 +1379,7 @@ fn json(
             "staging_threads": plan.staging_threads,
             "staging_buffers": plan.staging_buffers,
             "staging_buffer_bytes": plan.staging_buffer_bytes,
+            "staging_part_bytes": plan.staging_part_bytes,
             "map_pages": plan.map_pages,
             "no_vmm": plan.no_vmm,
         },

@@ -153,6 +153,10 @@ fn every_row_of_every_size_with_exact_bytes() {
     check_rows(&doc, &[1, 3], 8, 4, 2);
     assert_eq!(dev["maps_pages"], true, "{dev}");
     assert_eq!(doc["config"]["no_vmm"], false);
+    assert_eq!(
+        doc["config"]["staging_part_bytes"], MIB,
+        "the policy's default"
+    );
     let m = &doc["map_unmap"];
     assert_eq!(m["applicable"], true, "{m}");
     assert_eq!(m["pages"], 16, "{m}");
@@ -228,6 +232,8 @@ fn a_deeper_prefetch_streams_more_layers_than_its_ring_holds() {
         "5",
         "--staging-buffer-mib",
         "1",
+        "--staging-part-kib",
+        "256",
     ]);
     check_rows(&doc, &[1], 2, 7, 1);
     let cfg = &doc["config"];
@@ -235,6 +241,7 @@ fn a_deeper_prefetch_streams_more_layers_than_its_ring_holds() {
     assert_eq!(cfg["staging_threads"], 3, "{cfg}");
     assert_eq!(cfg["staging_buffers"], 5, "{cfg}");
     assert_eq!(cfg["staging_buffer_bytes"], MIB, "{cfg}");
+    assert_eq!(cfg["staging_part_bytes"], 256 << 10, "{cfg}");
 }
 
 #[test]
@@ -263,6 +270,7 @@ fn the_table_starts_with_the_device() {
         "| 1 MiB | runtime, staged policy | 4 |",
         "| 1 MiB | device to device (r+w) | 4 |",
         "map+unmap: 4 pages of",
+        "fill parts of at least 1024 KiB",
     ] {
         assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");
     }
@@ -336,6 +344,8 @@ fn bad_arguments_fail_with_a_message_and_no_panic() {
         &["--link-gbps", "NaN"],
         &["--staging-threads", "0"],
         &["--staging-buffer-mib", "0"],
+        &["--staging-part-kib", "0"],
+        &["--staging-part-kib", "4194305"],
         &["--prefetch-depth", "1000"],
         &["--map-pages", "99999999"],
     ] {

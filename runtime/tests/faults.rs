@@ -135,6 +135,7 @@ impl Scenario {
                     buffers: 2,
                     buffer_bytes: 2 * PAGE,
                     threads: 2,
+                    fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
                 }
             } else {
                 HostPolicy::Pinned
@@ -727,6 +728,7 @@ fn a_failed_staging_copy_does_not_shrink_the_staging_ring() {
             buffers: 1,
             buffer_bytes: PAGE,
             threads: 1,
+            fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
         },
     ));
     let m = s.rt.load(desc, src.clone()).unwrap();
@@ -2225,6 +2227,7 @@ fn a_failed_staged_upload_during_set_loras_does_not_pin_the_new_set() {
             buffers: 2,
             buffer_bytes: 2 * PAGE,
             threads: 1,
+            fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
         },
         LoraMode::FuseOnUpload,
     ));
@@ -2394,6 +2397,7 @@ fn a_failed_prefetch_is_not_reported_after_the_fault_cleared() {
             buffers: 2,
             buffer_bytes: 2 * PAGE,
             threads: 1,
+            fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
         },
         LoraMode::FuseOnUpload,
     ));

@@ -178,6 +178,7 @@ fn staged() -> HostPolicy {
         buffers: 3,
         buffer_bytes: 8192,
         threads: 2,
+        fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
     }
 }
 
@@ -903,6 +904,7 @@ fn the_staged_timeline_shows_merges_apart_from_staging() {
             buffers: 4,
             buffer_bytes: PAGE,
             threads: 2,
+            fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
         },
         "stage",
         &[0, 3, 5],

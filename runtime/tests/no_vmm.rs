@@ -193,6 +193,7 @@ fn staged_uploads_land_in_plain_allocations() {
         buffers: 2,
         buffer_bytes: 2 * PAGE,
         threads: 2,
+        fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
     };
     let s = setup(c);
     let m = s.rt.load(desc, src.clone()).unwrap();

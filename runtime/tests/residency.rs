@@ -292,6 +292,8 @@ fn staged_uploads_read_through_the_staging_ring() {
         buffers: 2,
         buffer_bytes: 2 * PAGE,
         threads: 2,
+        // Parts of half a page: a full buffer's fill is split across both threads.
+        fill_part_bytes: PAGE / 2,
     };
     let s = setup(c);
     let m = s.rt.load(desc, src.clone()).unwrap();
@@ -611,6 +613,7 @@ fn dropping_a_runtime_mid_upload_frees_no_staging_buffer_under_a_copy() {
         buffers: 2,
         buffer_bytes: 64 << 20,
         threads: 1,
+        fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
     };
     let s = setup_on(dev.clone(), c);
     // Five 4 MiB layers, each 17 ms over the link: the acquire of layer 0

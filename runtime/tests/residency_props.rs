@@ -156,6 +156,7 @@ fn run(c: Case, vmm: bool) {
                     buffers: 2,
                     buffer_bytes: 3 * PAGE,
                     threads: 2,
+                    fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
                 }
             } else {
                 HostPolicy::Pinned

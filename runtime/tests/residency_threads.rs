@@ -152,6 +152,7 @@ fn threads_share_a_tiny_budget_balanced_lru_staged() {
             buffers: 3,
             buffer_bytes: PAGE,
             threads: 2,
+            fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
         },
     );
 }
@@ -538,6 +539,7 @@ fn lora_swaps_between_passes_of_threads_balanced_lru_staged() {
             buffers: 3,
             buffer_bytes: PAGE,
             threads: 2,
+            fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
         },
     );
 }

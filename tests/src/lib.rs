@@ -84,6 +84,7 @@ pub fn streaming_runtime(
                 buffers,
                 buffer_bytes,
                 threads,
+                fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
             },
             wait_timeout: std::time::Duration::from_secs(20),
             ..RuntimeConfig::default()

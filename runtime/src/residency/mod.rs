@@ -332,6 +332,7 @@ impl Runtime {
                 buffers,
                 buffer_bytes,
                 threads,
+                fill_part_bytes,
             } => {
                 let stager = Stager::new(
                     device.clone(),
@@ -339,6 +340,7 @@ impl Runtime {
                     buffers,
                     buffer_bytes,
                     threads,
+                    fill_part_bytes,
                     counters.clone(),
                     cfg.wait_timeout,
                     (pool_tx.clone(), handoff_tx.clone()),

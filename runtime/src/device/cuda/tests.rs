@@ -583,6 +583,7 @@ fn gpu_runtime_hands_out_every_byte_to_a_thread_without_a_context() {
             buffers: 3,
             buffer_bytes: ps,
             threads: 2,
+            fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
         },
     ];
     for mode in [Mode::Balanced, Mode::Sequential] {
