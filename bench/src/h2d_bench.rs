@@ -107,9 +107,9 @@ pub struct H2dBenchArgs {
     /// MiB per staging buffer.
     #[arg(long, default_value_t = 64)]
     pub staging_buffer_mib: usize,
-    /// KiB one thread fills at least of a staging buffer: a buffer's fill is
-    /// split across up to the reader threads in parts of at least this
-    /// (default: the policy's, 1024).
+    /// Least KiB one thread fills of a staging buffer: a buffer's fill is
+    /// split across up to the reader threads in parts of at least this (the
+    /// policy's default).
     #[arg(long, default_value_t = HostPolicy::DEFAULT_FILL_PART_BYTES >> 10)]
     pub staging_part_kib: usize,
     /// Throttle the host backend's host↔device copies to this many GB/s

@@ -154,7 +154,8 @@ fn every_row_of_every_size_with_exact_bytes() {
     assert_eq!(dev["maps_pages"], true, "{dev}");
     assert_eq!(doc["config"]["no_vmm"], false);
     assert_eq!(
-        doc["config"]["staging_part_bytes"], MIB,
+        doc["config"]["staging_part_bytes"],
+        4 * MIB,
         "the policy's default"
     );
     let m = &doc["map_unmap"];
@@ -270,7 +271,7 @@ fn the_table_starts_with_the_device() {
         "| 1 MiB | runtime, staged policy | 4 |",
         "| 1 MiB | device to device (r+w) | 4 |",
         "map+unmap: 4 pages of",
-        "fill parts of at least 1024 KiB",
+        "fill parts of at least 4096 KiB",
     ] {
         assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");
     }

@@ -49,11 +49,13 @@ pub enum HostPolicy {
 }
 
 impl HostPolicy {
-    /// Default least bytes one thread fills of a staging buffer (1 MiB). One
-    /// host thread copies about 5.6 GB/s on the H200 machine, so with parts
-    /// of at least 4 MiB a layer below 8 MiB was filled by one thread; a
-    /// part of 1 MiB takes ~180 µs, against ~15 µs to start a thread.
-    pub const DEFAULT_FILL_PART_BYTES: usize = 1 << 20;
+    /// Default least bytes one thread fills of a staging buffer (4 MiB).
+    /// Smaller parts were slower on the H200 machine (docs/benchmarks.md,
+    /// 2026-11-28): uploads of 2 MiB layers reached 0.34–0.35 of the pinned
+    /// ceiling with 4 MiB parts (one thread per layer), 0.27 with 1 MiB
+    /// parts and 0.20–0.21 with 256 KiB ones, each part's thread started
+    /// for the fill; larger layers did not move beyond the noise.
+    pub const DEFAULT_FILL_PART_BYTES: usize = 4 << 20;
 
     /// The staged policy with `threads` reader threads (at least one) and
     /// [`HostPolicy::staging_buffers_for`] 64 MiB staging buffers, filled
@@ -227,8 +229,8 @@ mod tests {
             } => (buffers, buffer_bytes, threads, fill_part_bytes),
             HostPolicy::Pinned => panic!("not staged"),
         };
-        assert_eq!(parts(HostPolicy::staged(0)), (4, 64 << 20, 1, 1 << 20));
-        assert_eq!(parts(HostPolicy::staged(3)), (6, 64 << 20, 3, 1 << 20));
+        assert_eq!(parts(HostPolicy::staged(0)), (4, 64 << 20, 1, 4 << 20));
+        assert_eq!(parts(HostPolicy::staged(3)), (6, 64 << 20, 3, 4 << 20));
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let (_, _, threads, part) = parts(HostPolicy::staged_default());
         assert_eq!(part, HostPolicy::DEFAULT_FILL_PART_BYTES);
