@@ -28,7 +28,7 @@
 //!   Written for stacked adapters and ranks of 64 and more, where the
 //!   tensor-core kernel waits on each stage's loads. The runtime's default
 //!   tensor-core kernel since an H200 timed it faster than the other one at
-//!   every rank, stack and size measured (docs/benchmarks.md;
+//!   every rank and stack measured (docs/benchmarks.md;
 //!   [`LowRankMergeParams::pipelined_tensor_cores`] says when to take it);
 //!   a device opened with `OFFLOAD_MERGE_KERNEL=tensor-cores` takes the
 //!   other one instead, with its own rule.
@@ -55,12 +55,12 @@
 //! accumulation of every adapter of the launch, one rounding to W's dtype,
 //! rows outside the slice untouched.
 //!
-//! **Status: run on an NVIDIA H200 (2026-11-27)**, where every kernel
-//! matched the CPU merge and an f64 reference (the runtime's `gpu_merge_*`
-//! tests); figures in docs/benchmarks.md. **The batched kernels and the
-//! pipelined one have never run on a GPU**: they are checked by NVRTC (they compile) and by the CPU
-//! emulation below; the runtime's `gpu_merge_lowrank_batch_*` tests (bit
-//! for bit against one launch per tensor) wait for a GPU. The source includes only
+//! **Status: run on an NVIDIA H200 (2026-11-27, and 2026-11-28 with the
+//! batched kernels and the pipelined one)**, where every kernel matched the
+//! CPU merge and an f64 reference, and each batched launch matched one
+//! launch per tensor bit for bit (the runtime's `gpu_merge_*` tests);
+//! figures in docs/benchmarks.md. They are also checked by NVRTC (they
+//! compile) and by the CPU emulation below. The source includes only
 //! `cuda_fp16.h` and `cuda_bf16.h`, and uses only their types and scalar
 //! conversions (the tensor-core instruction is inline PTX). NVRTC 13.0 does
 //! not bundle those headers, so the runtime gives NVRTC its own minimal

@@ -11,7 +11,7 @@
 //! it (what [`CudaDevice::merge_lowrank`] takes by default, from rank 16 up
 //! rather than 32:
 //! [`CudaConfig::pipelined_merges`](super::CudaConfig::pipelined_merges);
-//! an H200 timed it faster than the other at every rank, stack and size
+//! an H200 timed it faster than the other at every rank and stack
 //! measured), and the
 //! general merge of any mix of low-rank, LoHa and LoKr deltas
 //! ([`CudaDevice::merge`]). [`Kernel::Merge`](crate::device::Kernel::Merge)
