@@ -38,8 +38,8 @@
 //
 // 2. offload_lowrank_merge_mma_*: the same merge on the tensor cores, for
 //    adapters whose two factors are both f16 or both bf16 (sm_80 and newer;
-//    the runtime takes it when some rank is 32 or more or the ranks add up to
-//    more than 32). Eight warps, each owning a 16 x 32 part of the tile as
+//    with OFFLOAD_MERGE_KERNEL=tensor-cores the runtime takes it when some
+//    rank is 32 or more or the ranks add up to more than 32). Eight warps, each owning a 16 x 32 part of the tile as
 //    4 mma.sync.m16n8k16 products with fp32 accumulation (the products of f16
 //    or bf16 values are exact in fp32). Chunks of 32 ranks of B and A are
 //    staged in shared memory as they are stored (pairs of 16-bit values along

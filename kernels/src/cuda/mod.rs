@@ -261,9 +261,11 @@ pub const BATCH_MAX_ADAPTERS: usize = 4;
 /// (`OFFLOAD_MERGE_MAX_ADAPTERS`; its parameter block, 3352 bytes, stays
 /// under the 4 KiB every driver takes).
 pub const MERGE_MAX_ADAPTERS: usize = 32;
-/// The fp32 FMA kernel takes stacks whose ranks are all below this and add
+/// With the unpipelined tensor-core kernel (`OFFLOAD_MERGE_KERNEL=tensor-cores`),
+/// the fp32 FMA kernel takes stacks whose ranks are all below this and add
 /// up to at most this; others go to the tensor cores where the factors allow
-/// ([`LowRankMergeParams::tensor_cores`]).
+/// ([`LowRankMergeParams::tensor_cores`]). Also the ranks a kernel stages
+/// at a time.
 pub const FMA_MAX_RANK: u32 = 32;
 /// With the pipelined tensor-core kernel, the fp32 FMA kernel takes stacks
 /// whose ranks are all below this and add up to at most this

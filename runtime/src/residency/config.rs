@@ -50,11 +50,13 @@ pub enum HostPolicy {
 
 impl HostPolicy {
     /// Default least bytes one thread fills of a staging buffer (4 MiB).
-    /// Smaller parts were slower on the H200 machine (docs/benchmarks.md,
-    /// 2026-11-28): uploads of 2 MiB layers reached 0.34–0.35 of the pinned
-    /// ceiling with 4 MiB parts (one thread per layer), 0.27 with 1 MiB
-    /// parts and 0.20–0.21 with 256 KiB ones, each part's thread started
-    /// for the fill; larger layers did not move beyond the noise.
+    /// On the H200 machine (docs/benchmarks.md, 2026-11-28) smaller parts
+    /// made `bench h2d`'s uploads of 2 MiB layers slower: 0.34–0.35 of the
+    /// pinned ceiling with 4 MiB parts (one thread per layer), 0.27 with
+    /// 1 MiB parts and 0.20–0.21 with 256 KiB ones (each part's thread is
+    /// started for the fill); larger layers did not move beyond the noise.
+    /// One staged e2e comparison across two runs went the other way (2.5–
+    /// 2.7× its bound with 1 MiB parts, 3.2× with 4 MiB).
     pub const DEFAULT_FILL_PART_BYTES: usize = 4 << 20;
 
     /// The staged policy with `threads` reader threads (at least one) and

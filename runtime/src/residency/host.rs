@@ -679,7 +679,7 @@ mod tests {
                 (1536 * K, 512 * K)
             ]
         );
-        // With the old 4 MiB minimum the same fill was one part.
+        // With the default 4 MiB minimum the same fill is one part.
         let src = source(4 << 20, None);
         fill_split(&src, (0, 0), &[(0, 0, 4 << 20)], 0, &mut dst, 4, 4 << 20).unwrap();
         assert_eq!(*src.ranges.lock().unwrap(), [(0, 2 << 20)]);
