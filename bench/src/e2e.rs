@@ -17,9 +17,8 @@
 //! compare pass times with the plain row of the same offload mode: first
 //! pass = (set_loras + first pass) − first plain pass; later passes = mean
 //! later pass − mean of the plain row's same passes (its passes 2 to n for
-//! a LoRA row of n steps: the first passes after a row starts ran slower on
-//! the H200, so a mean over more plain passes counted that as LoRA
-//! overhead; noise can make it negative). In the
+//! a LoRA row of n steps, so that both means cover the same stretch of a
+//! generation; noise can make it negative). In the
 //! unfused mode the engine adds the low-rank path itself, as an engine
 //! would: two more products per adapter (see `Bench::run_component`).
 //! Every LoRA row reads patched weights back from the device and compares

@@ -1174,14 +1174,11 @@ mod gpu {
                         KernelArg::TensorCores => LowRankKernel::TensorCores,
                         KernelArg::Pipelined => LowRankKernel::Pipelined,
                     };
-                    let kernel_name = match kernel {
-                        LowRankKernel::Auto if d.merge_uses_tensor_cores(&spec) => {
-                            if d.pipelined_merges() {
-                                "pipelined tensor cores"
-                            } else {
-                                "tensor cores"
-                            }
-                        }
+                    let ran_on = match kernel {
+                        LowRankKernel::Auto => d.auto_lowrank_kernel(&spec),
+                        k => k,
+                    };
+                    let kernel_name = match ran_on {
                         LowRankKernel::Auto | LowRankKernel::Fma => "fp32 FMA",
                         LowRankKernel::TensorCores => "tensor cores",
                         LowRankKernel::Pipelined => "pipelined tensor cores",

@@ -123,6 +123,28 @@ fn every_offload_mode_gets_its_lora_rows() {
             }
             assert_eq!(r["fits"], true, "{r}");
             assert_eq!(u(r, "steps"), 3);
+            // Every pass's seconds, and the figures taken from them: the
+            // LoRA overhead per later pass against the plain row's passes
+            // of the same indices.
+            let passes = |r: &Value| -> Vec<f64> {
+                r["passes_s"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("no passes_s in {r}"))
+                    .iter()
+                    .map(|p| p.as_f64().unwrap())
+                    .collect()
+            };
+            let own = passes(r);
+            assert_eq!(own.len(), 3, "{r}");
+            assert_eq!(f(r, "first_pass_s"), own[0], "{r}");
+            let later = (own[1] + own[2]) / 2.0;
+            assert!((f(r, "later_pass_s") - later).abs() <= 1e-12, "{r}");
+            if lora != "none" {
+                let plain = passes(row(&rows, mode, policy, "none"));
+                let want = later - (plain[1] + plain[2]) / 2.0;
+                let got = f(r, "lora_overhead_later_s");
+                assert!((got - want).abs() <= 1e-12, "{got} against {want}: {r}");
+            }
             if lora == "none" {
                 assert!(r["lora_check"].is_null(), "{r}");
                 assert_eq!(f(r, "lora_overhead_first_s"), 0.0);

@@ -336,3 +336,25 @@ fn device_prepare_on_cuda() {
         "{out}"
     );
 }
+
+/// The device line says when the merges run on the unpipelined tensor-core
+/// kernel (`OFFLOAD_MERGE_KERNEL=tensor-cores`), and says nothing of it by
+/// default or with `pipelined`, the default's own name.
+#[test]
+fn device_line_names_the_unpipelined_merge_kernel() {
+    let fake = FakeLibs::new("merge-kernel");
+    let note = "tensor-core merges on the unpipelined kernel (OFFLOAD_MERGE_KERNEL=tensor-cores)";
+    for (value, named) in [
+        (None, false),
+        (Some("pipelined"), false),
+        (Some("tensor-cores"), true),
+    ] {
+        let env: Vec<(&str, &str)> = value
+            .map(|v| ("OFFLOAD_MERGE_KERNEL", v))
+            .into_iter()
+            .collect();
+        let out = ok(&offload(&["device"], Some(&fake), &env), "offload device");
+        assert!(out.contains(FAKE_NAME), "{out}");
+        assert_eq!(out.contains(note), named, "{value:?}: {out}");
+    }
+}

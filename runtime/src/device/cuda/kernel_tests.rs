@@ -610,7 +610,7 @@ fn gpu_merge_lowrank_matches_cpu_merge() {
         let (elements, same, mma) = check_merge(&d, s, case, 0x5eed + i as u64);
         assert!(
             !mma,
-            "mixed factor dtypes or ranks up to 32 take the fp32 FMA kernel"
+            "mixed or f32 factor dtypes, or ranks adding up to 16 or less, take the fp32 FMA kernel"
         );
         eprintln!(
             "merge {} {:?} rows {:?}, {} adapters: {elements} elements, {same} bit-identical to the CPU",
@@ -843,13 +843,7 @@ fn gpu_merge_lowrank_throughput_of_each_kernel() {
                 .collect();
             let factors = vec![(up, down); count];
             let spec = MergeSpec::new(Dtype::F16, &[rows, cols], None, &adapters).unwrap();
-            let auto_kernel = if !d.merge_uses_tensor_cores(&spec) {
-                LowRankKernel::Fma
-            } else if d.pipelined_merges() {
-                LowRankKernel::Pipelined
-            } else {
-                LowRankKernel::TensorCores
-            };
+            let auto_kernel = d.auto_lowrank_kernel(&spec);
             let mut line = format!("merge {rows}x{cols} f16, {count} x rank {rank} f16 factors:");
             for kernel in [
                 LowRankKernel::Fma,
@@ -1069,6 +1063,11 @@ fn gpu_auto_merges_route_by_the_merge_kernel_config() {
             assert_eq!(
                 d.merge_uses_tensor_cores(&spec),
                 on != LowRankKernel::Fma,
+                "case {i} on the {name} device"
+            );
+            assert_eq!(
+                d.auto_lowrank_kernel(&spec),
+                on,
                 "case {i} on the {name} device"
             );
             let want = run(d, on, false);

@@ -506,6 +506,21 @@ impl CudaDevice {
             && LowRankMergeParams::new(spec, 0, &addrs).is_ok_and(|p| self.auto_tensor_cores(&p))
     }
 
+    /// The kernel [`LowRankKernel::Auto`] runs `spec` on on this device:
+    /// [`LowRankKernel::Fma`] unless [`Self::merge_uses_tensor_cores`], then
+    /// [`LowRankKernel::Pipelined`] or, on a device opened without
+    /// [`CudaConfig::pipelined_merges`](super::CudaConfig::pipelined_merges),
+    /// [`LowRankKernel::TensorCores`].
+    pub fn auto_lowrank_kernel(&self, spec: &MergeSpec<'_>) -> LowRankKernel {
+        if !self.merge_uses_tensor_cores(spec) {
+            LowRankKernel::Fma
+        } else if self.pipelined_merges {
+            LowRankKernel::Pipelined
+        } else {
+            LowRankKernel::TensorCores
+        }
+    }
+
     /// Whether [`LowRankKernel::Auto`] gives merges with these parameters to
     /// this device's tensor-core kernel (compute capability aside).
     fn auto_tensor_cores(&self, params: &LowRankMergeParams) -> bool {
