@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# Kept as run on the GPU; shellcheck nits (SC2155, SC2012, SC2086: word
+# splitting of fixed numbers) left as they were.
+# shellcheck disable=SC2155,SC2012,SC2086
 # One-off GPU sweep (2026-11-28): routing of the merge kernels, the staged
 # host policy's knobs, LoRA overhead at scale 4 with equal-length rows,
 # sequential pass noise, host memcpy bandwidth.
