@@ -253,6 +253,11 @@ struct Measured {
     rss: usize,
     /// Wall time of each denoiser pass on the compute stream.
     passes: Vec<f64>,
+    /// Per pass, the engine thread's time queueing it (wall) and the CPU
+    /// time it ran meanwhile (empty where the thread's CPU time cannot be
+    /// read): what bounds a pass whose kernels are short.
+    engine_queue: Vec<f64>,
+    engine_cpu: Vec<f64>,
     /// The generation's time outside the denoiser passes (text encoders, VAE).
     other_s: f64,
     /// Merges the runtime queued: in the first pass, and per later pass (mean).
@@ -452,6 +457,13 @@ fn rss_bytes() -> usize {
                 .and_then(|kb| kb.parse::<usize>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// CPU seconds the calling thread has run (`CLOCK_THREAD_CPUTIME_ID`,
+/// which counts up to the moment of the call).
+fn thread_cpu_s() -> Option<f64> {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Some(t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9)
 }
 
 /// The (n, k) of a weight that gets a matrix product, if any.
@@ -760,12 +772,20 @@ impl Bench {
         }
         // Per pass, as queued: bytes uploaded, merges and merged bytes, low-rank flops.
         let mut pass_counts: Vec<PassCount> = Vec::with_capacity(steps);
+        let (mut engine_queue, mut engine_cpu) = (Vec::new(), Vec::new());
         for _ in 0..steps {
             let before = rt.stats();
             let f0 = self.lora_flops.load(Ordering::Relaxed);
+            let (q0, c0) = (Instant::now(), thread_cpu_s());
             mark(&passes)?;
             for &c in &self.denoiser {
                 self.run_component(&rt, m, c, compute_log.as_ref(), epoch)?;
+            }
+            // The CPU interval inside the wall one: CPU <= wall.
+            let c1 = thread_cpu_s();
+            engine_queue.push(q0.elapsed().as_secs_f64());
+            if let (Some(c0), Some(c1)) = (c0, c1) {
+                engine_cpu.push(c1 - c0);
             }
             let after = rt.stats();
             pass_counts.push(PassCount {
@@ -865,6 +885,12 @@ impl Bench {
             rss: rss_bytes(),
             other_s: (generation_s - denoise_s).max(0.0),
             passes: pass_times,
+            engine_cpu: if engine_cpu.len() == engine_queue.len() {
+                engine_cpu
+            } else {
+                Vec::new()
+            },
+            engine_queue,
             merges_first: pass_counts.first().map_or(0, |c| c.merges),
             merges_per_pass: later(|c| c.merges),
             merged_bytes_per_pass: later(|c| c.merged_bytes),
@@ -1952,16 +1978,32 @@ fn print_overlap(rows: &[Row], link_gbps: f64) {
     for r in rows {
         if let Some((pass, bound, ratio)) = overlap(r, reference, link_gbps) {
             println!(
-                "  {:<10} {:<7}: pass {:.3} s, bound {:.3} s (compute {:.3} s, transfer {:.3} s): {:.2}x",
+                "  {:<10} {:<7}: pass {:.3} s, bound {:.3} s (compute {:.3} s, transfer {:.3} s): {:.2}x{}",
                 r.mode.to_string(),
                 r.policy.to_string(),
                 pass,
                 bound,
                 reference,
                 r.outcome.as_ref().map(|m| m.per_pass as f64 / (link_gbps * 1e9)).unwrap_or(0.0),
-                ratio
+                ratio,
+                r.outcome.as_ref().map(engine_note).unwrap_or_default()
             );
         }
+    }
+}
+
+/// "; engine thread X s queueing a pass (Y s CPU)", later passes' means.
+fn engine_note(m: &Measured) -> String {
+    let queue = later_mean(&m.engine_queue, m.engine_queue.len());
+    let cpu = later_mean(&m.engine_cpu, m.engine_cpu.len());
+    match (queue, cpu) {
+        (Some(q), Some(c)) => format!(
+            "; engine thread {:.2} ms queueing a pass ({:.2} ms CPU)",
+            q * 1e3,
+            c * 1e3
+        ),
+        (Some(q), None) => format!("; engine thread {:.2} ms queueing a pass", q * 1e3),
+        _ => String::new(),
     }
 }
 
@@ -2123,8 +2165,17 @@ fn print_lora_work(rows: &[Row], set: &LoraSet, matmul_flops_per_pass: u64) {
             }
             _ => String::new(),
         };
+        // The engine thread's extra CPU a later pass, against the plain
+        // row's passes of the same indices.
+        let engine = plain_of(rows, r).and_then(|p| {
+            let own = later_mean(&m.engine_cpu, m.engine_cpu.len())?;
+            Some(own - later_mean(&p.engine_cpu, m.engine_cpu.len())?)
+        });
+        let engine = engine.map_or(String::new(), |e| {
+            format!("; engine thread {:+.2} ms CPU a pass", e * 1e3)
+        });
         println!(
-            "  {:<10} {:<7} {:<14}: {work}{rate}",
+            "  {:<10} {:<7} {:<14}: {work}{rate}{engine}",
             r.mode.to_string(),
             r.policy.to_string(),
             lm.name()
@@ -2221,6 +2272,8 @@ fn json_row(r: &Row, ctx: &JsonCtx<'_>) -> String {
                 "first_pass_s": m.passes.first(),
                 "later_pass_s": m.later_pass_s(),
                 "passes_s": m.passes,
+                "engine_queue_s_per_pass": later_mean(&m.engine_queue, m.engine_queue.len()),
+                "engine_cpu_s_per_pass": later_mean(&m.engine_cpu, m.engine_cpu.len()),
                 "lora_overhead_first_s": first,
                 "lora_overhead_later_s": later,
                 "lora_overhead_later_fraction": frac,
@@ -2263,6 +2316,8 @@ fn json_row(r: &Row, ctx: &JsonCtx<'_>) -> String {
                     "first_pass_s",
                     "later_pass_s",
                     "passes_s",
+                    "engine_queue_s_per_pass",
+                    "engine_cpu_s_per_pass",
                     "lora_overhead_first_s",
                     "lora_overhead_later_s",
                     "lora_overhead_later_fraction",

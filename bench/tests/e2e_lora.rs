@@ -139,6 +139,14 @@ fn every_offload_mode_gets_its_lora_rows() {
             assert_eq!(f(r, "first_pass_s"), own[0], "{r}");
             let later = (own[1] + own[2]) / 2.0;
             assert!((f(r, "later_pass_s") - later).abs() <= 1e-12, "{r}");
+            // The engine thread's time queueing a later pass, and its CPU
+            // time meanwhile (never more than the wall time around it).
+            let (queue, cpu) = (
+                f(r, "engine_queue_s_per_pass"),
+                f(r, "engine_cpu_s_per_pass"),
+            );
+            assert!(queue > 0.0 && queue.is_finite(), "{r}");
+            assert!(cpu > 0.0 && cpu <= queue + 1e-6, "{r}");
             if lora != "none" {
                 let plain = passes(row(&rows, mode, policy, "none"));
                 let want = later - (plain[1] + plain[2]) / 2.0;
