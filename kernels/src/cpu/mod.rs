@@ -66,9 +66,14 @@ const MIN_ELEMENTS_PER_THREAD: usize = 1 << 16;
 const MIN_PACKED_PER_THREAD: usize = 1 << 15;
 
 /// The default thread count: the machine's available parallelism (1 if it
-/// cannot be determined).
+/// cannot be determined), read once per process.
+///
+/// `std::thread::available_parallelism` reads the cgroup files under
+/// `/proc` on every call (tens of microseconds), and every merge and
+/// product that is not given a thread count asks for it.
 pub fn default_threads() -> NonZeroUsize {
-    std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
+    static THREADS: std::sync::OnceLock<NonZeroUsize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN))
 }
 
 /// Runs the merge described by `spec` on the CPU, in place on `w`.
