@@ -6,7 +6,11 @@ use crate::device::{DevicePtr, EventId, PhysPage, StreamId};
 ///
 /// Arena errors separate a request that can never fit ([`Error::NeverFits`])
 /// from one that does not fit now ([`Error::OutOfMemory`]: evict and retry).
-#[derive(Debug, thiserror::Error)]
+///
+/// Errors are `Clone` (an OS error is shared), so an upload queued by one of
+/// the runtime's threads reports its own error to every caller that waits
+/// for it.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A request for zero bytes.
@@ -168,7 +172,7 @@ pub enum Error {
         call: &'static str,
         /// The OS error.
         #[source]
-        source: std::io::Error,
+        source: std::sync::Arc<std::io::Error>,
     },
     /// A CUDA driver call failed.
     #[error("CUDA driver call {call} failed with code {code} ({name})")]
@@ -218,7 +222,7 @@ impl Error {
     pub(crate) fn os(call: &'static str, err: impl Into<std::io::Error>) -> Self {
         Error::Os {
             call,
-            source: err.into(),
+            source: std::sync::Arc::new(err.into()),
         }
     }
 }

@@ -868,6 +868,8 @@ struct ExtraFaults {
     /// fail (as on a GPU machine without NVRTC).
     merge_prepares: AtomicU64,
     refuse_prepare: AtomicBool,
+    /// The names of the threads that queued merges, while recording.
+    merge_threads: std::sync::Mutex<Option<Vec<String>>>,
 }
 
 impl ExtraFaults {
@@ -887,7 +889,22 @@ impl ExtraFaults {
             late_failed_merges_us: AtomicU64::new(0),
             merge_prepares: AtomicU64::new(0),
             refuse_prepare: AtomicBool::new(false),
+            merge_threads: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Record the name of every thread that queues a merge from now on.
+    fn record_merge_threads(&self) {
+        *self.merge_threads.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// The names recorded since [`Self::record_merge_threads`]; recording stops.
+    fn merge_threads(&self) -> Vec<String> {
+        self.merge_threads
+            .lock()
+            .unwrap()
+            .take()
+            .unwrap_or_default()
     }
 
     /// Fail the `n`-th copy from now on the stream (0: the next one).
@@ -1074,6 +1091,10 @@ impl Device for ExtraFaults {
     fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<(), Error> {
         // A layer's merges come as one MergeBatch: refused or failed whole.
         let merge = matches!(kernel, Kernel::Merge { .. } | Kernel::MergeBatch { .. });
+        if let (true, Some(names)) = (merge, &mut *self.merge_threads.lock().unwrap()) {
+            let me = std::thread::current();
+            names.push(me.name().unwrap_or("unnamed").to_string());
+        }
         let late = self.late_failed_merges_us.load(Ordering::SeqCst);
         if merge && late > 0 {
             let d = Duration::from_micros(late);
@@ -2209,6 +2230,69 @@ fn a_refused_merge_launch_leaves_no_copy_queued_into_freed_memory() {
         "a copy queued before the refused merge wrote device memory that was freed: {r:?}"
     );
     check_all(&k, m, &desc, &src, &set).unwrap();
+}
+
+/// The merges of a pass are queued by the runtime's own threads, never by
+/// the thread that acquires the layers (the engine's, which also queues the
+/// layers' compute: at small layers a GPU pass is bound by that thread):
+/// the merger thread with the pinned policy, the stager's threads with the
+/// staged one; the acquiring thread only when `RuntimeConfig::merge_thread`
+/// says so (or, by default, on the host backend). Every tensor still
+/// reaches the engine merged.
+#[test]
+fn the_merges_of_a_pass_are_queued_off_the_acquiring_thread() {
+    let staged = HostPolicy::Staged {
+        buffers: 2,
+        buffer_bytes: 2 * PAGE,
+        threads: 2,
+        fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+    };
+    let me = std::thread::current()
+        .name()
+        .unwrap_or("unnamed")
+        .to_string();
+    for (policy, merge_thread, thread) in [
+        (HostPolicy::Pinned, Some(true), "offload-merger"),
+        (staged, None, "offload-stager-"),
+        (HostPolicy::Pinned, Some(false), me.as_str()),
+        // The default on the host backend.
+        (HostPolicy::Pinned, None, me.as_str()),
+    ] {
+        let (desc, src) = f16_model("merger", 9, &[vec![vec![vec![64, 64], vec![64, 32]]; 4]]);
+        let k = knobbed(RuntimeConfig {
+            merge_thread,
+            ..knobbed_cfg(Mode::Sequential, 16, policy, LoraMode::FuseOnUpload)
+        });
+        let m = k.rt.load(desc.clone(), src.clone()).unwrap();
+        let set: Set = vec![(
+            lora(
+                7,
+                &desc,
+                &[(0, 0, 0), (0, 2, 1), (0, 3, 0)],
+                Kind::LowRank(4),
+            ),
+            0.75,
+        )];
+        k.rt.set_loras(m, &bindings(&set)).unwrap();
+        k.rt.synchronize().unwrap();
+        let merges = k.rt.stats().merges;
+        k.extra.record_merge_threads();
+        check_all(&k, m, &desc, &src, &set).unwrap();
+        k.rt.synchronize().unwrap();
+        let names = k.extra.merge_threads();
+        // Sequential mode streams every layer: the three patched layers
+        // were uploaded, each with its one merge, in this pass.
+        assert_eq!(k.rt.stats().merges - merges, 3, "{policy:?}");
+        assert_eq!(
+            names.len(),
+            3,
+            "{policy:?}: one batch per patched layer: {names:?}"
+        );
+        assert!(
+            names.iter().all(|n| n.starts_with(thread)),
+            "{policy:?}: merges queued by {names:?}, not by {thread}"
+        );
+    }
 }
 
 /// A layer whose staged upload failed (its job finished with an error)

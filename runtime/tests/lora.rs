@@ -152,7 +152,9 @@ fn lora_flows_pass_on_the_fake_cuda_driver() {
         .filter(|t| !t.starts_with("lora_flows_pass_on_the_fake_cuda_driver"))
         .filter(|t| {
             let body = t.split("\n}\n").next().unwrap_or_default();
-            body.contains("setup(") || body.contains("check_merges_in_timeline(")
+            ["setup(", "setup_with(", "check_merges_in_timeline("]
+                .iter()
+                .any(|f| body.contains(f))
         })
         .count();
     assert_eq!(
@@ -240,9 +242,17 @@ fn fuse_on_upload_matches_the_reference_in_every_offload_mode() {
         (Mode::Balanced, 24),
         (Mode::Sequential, 16),
     ] {
-        for policy in [HostPolicy::Pinned, staged()] {
+        // Pinned uploads' merges queued by the merger thread (the default)
+        // and by the acquiring thread.
+        for (policy, merge_thread) in [
+            (HostPolicy::Pinned, true),
+            (HostPolicy::Pinned, false),
+            (staged(), true),
+        ] {
             let is_staged = policy != HostPolicy::Pinned;
-            let s = setup(mode, pages, policy, LoraMode::FuseOnUpload);
+            let s = setup_with(mode, pages, policy, LoraMode::FuseOnUpload, |c| {
+                c.merge_thread = Some(merge_thread)
+            });
             pass(&s, &vec![]);
             let r = s.rt.set_loras(s.m, &bindings(&set)).unwrap();
             // Distinct patched tensors: t0 of layers 0, 1, 2, 3, 5 and t1 of layers 0, 4.

@@ -159,6 +159,16 @@ pub struct RuntimeConfig {
     /// How LoRA sets are applied (default fuse-on-upload); backup and fuse
     /// need the pinned host policy.
     pub lora_mode: crate::lora::LoraMode,
+    /// Who queues the fuse-on-upload merges of pinned uploads: `Some(true)`
+    /// the runtime's merger thread, so that the thread that acquires layers
+    /// (the engine's, which also queues their compute) only queues their
+    /// copies; `Some(false)` the acquiring thread. `None` (default): the
+    /// merger thread on a GPU, where the CPUs are free while the device
+    /// works, the acquiring thread on the host backend, whose streams run
+    /// the merges on the CPUs the merger thread would wait for (on a 2-core
+    /// machine the merger thread made its LoRA passes slower). The staged
+    /// policy's threads queue their own layers' merges either way.
+    pub merge_thread: Option<bool>,
 }
 
 impl Default for RuntimeConfig {
@@ -176,6 +186,7 @@ impl Default for RuntimeConfig {
             measure_stall: true,
             timeline: false,
             lora_mode: crate::lora::LoraMode::FuseOnUpload,
+            merge_thread: None,
         }
     }
 }

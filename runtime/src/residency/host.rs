@@ -35,11 +35,13 @@ pub(crate) fn read_layer(
     Ok(())
 }
 
-/// Completion of an upload queued on the stager: set once its copies (and the
-/// ready event) are queued on the copy stream, or once it failed.
+/// Completion of an upload queued by one of the runtime's threads (a
+/// staged upload, or the merges of a pinned one): set once its work (and
+/// the ready event) is queued on the streams, or once it failed, with the
+/// error every waiter gets.
 #[derive(Default)]
 pub(crate) struct JobDone {
-    state: Mutex<Option<Result<(), String>>>,
+    state: Mutex<Option<Result<()>>>,
     cv: Condvar,
 }
 
@@ -52,7 +54,7 @@ impl std::fmt::Debug for JobDone {
 }
 
 impl JobDone {
-    fn finish(&self, r: Result<(), String>) {
+    pub(crate) fn finish(&self, r: Result<()>) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
         self.cv.notify_all();
     }
@@ -71,12 +73,7 @@ impl JobDone {
         let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(r) = &*g {
-                return r.clone().map_err(|message| {
-                    Error::Source(crate::model::SourceError {
-                        what: "staged upload".into(),
-                        message,
-                    })
-                });
+                return r.clone();
             }
             let now = Instant::now();
             if now >= deadline {
@@ -305,7 +302,10 @@ impl Stager {
         if let Some(tx) = &self.tx {
             let done = job.done.clone();
             if tx.send(job).is_err() {
-                done.finish(Err("the stager has stopped".into()));
+                done.finish(Err(Error::Source(SourceError {
+                    what: "staged upload".into(),
+                    message: "the stager has stopped".into(),
+                })));
             }
         }
     }
@@ -372,7 +372,7 @@ fn reader(
                 bytes: job.bytes.total,
             });
         }
-        job.done.finish(r.map_err(|e| e.to_string()));
+        job.done.finish(r);
     }
 }
 
@@ -467,7 +467,10 @@ fn run_job(
                 .record_event(h, copy)
                 .and_then(|()| device.stream_wait_event(merge, h));
             match handed {
-                Ok(()) => (merge, launch_merges(device, merge, job, counters)),
+                Ok(()) => (
+                    merge,
+                    queue_merges(device, counters, merge, &job.merges, job.dst, &job.name),
+                ),
                 Err(e) => (copy, Err(e)),
             }
         }
@@ -486,25 +489,29 @@ fn run_job(
     Ok(())
 }
 
-/// A job's merges: one [`Kernel::MergeBatch`](crate::device::Kernel::MergeBatch)
-/// for the layer, as on the unstaged path, with its `"merge"` timeline entry
-/// (best effort, as there).
-fn launch_merges(
+/// A layer's merges (`merges` on the layer at `dst`): one
+/// [`Kernel::MergeBatch`](crate::device::Kernel::MergeBatch) on `stream`,
+/// with its `"merge"` timeline entry for `name` (best effort: a failure to
+/// queue one shows in the launch or the recording that follows). Staged
+/// jobs and the merger's jobs both queue their merges here.
+pub(crate) fn queue_merges(
     device: &dyn Device,
-    stream: StreamId,
-    job: &Job,
     counters: &Arc<Counters>,
+    stream: StreamId,
+    merges: &[(usize, Arc<crate::device::MergeOp>)],
+    dst: DevicePtr,
+    name: &str,
 ) -> Result<()> {
     let mark = stats::timeline_mark(device, counters, stream);
-    super::lora::launch_merge_batch(device, counters, &job.merges, job.dst, stream)?;
+    super::lora::launch_merge_batch(device, counters, merges, dst, stream)?;
     if let Some(mark) = mark {
-        let bytes = job.merges.iter().map(|(_, op)| op.touched_bytes()).sum();
+        let bytes = merges.iter().map(|(_, op)| op.touched_bytes()).sum();
         let _ = stats::end_on(
             device,
             counters,
             stream,
             mark,
-            job.name.clone(),
+            name.to_string(),
             "merge",
             bytes,
         );

@@ -26,6 +26,7 @@ mod component;
 mod config;
 mod host;
 mod lora;
+mod merger;
 mod plan;
 mod stall;
 mod stats;
@@ -43,12 +44,13 @@ pub use stats::{RuntimeStats, TimelineEntry};
 
 use crate::arena::{pack, Arena, ArenaConfig, Tag};
 use crate::device::MergeOp;
-use crate::device::{Device, DevicePtr, EventId, StreamId};
+use crate::device::{BackendKind, Device, DevicePtr, EventId, StreamId};
 use crate::error::{Error, Result};
 use crate::lora::{LoraBinding, LoraMode, LoraReport};
 use crate::model::{DType, ModelDesc, Pin, WeightSource};
 use component::{CompRt, CompState, DoneSource, LayerState, Place, Slot};
 use host::{Job, JobDone, LayerBytes, Stager};
+use merger::{MergeJob, Merger};
 use stall::StallLog;
 use stats::Counters;
 
@@ -125,6 +127,8 @@ struct Shared {
     /// Timing events around the compute stream's waits for weights.
     stalls: StallLog,
     stager: Option<Stager>,
+    /// Queues the merges of pinned uploads (staged jobs queue their own).
+    merger: Option<Merger>,
     /// How LoRAs are applied (changed by `set_lora_mode`).
     lora_mode: Mutex<LoraMode>,
     /// Pages of LoRA factors on the device, all models together.
@@ -355,6 +359,23 @@ impl Runtime {
                 }
             }
         };
+        let merger = match &stager {
+            Some(_) => None,
+            None if !cfg.merge_thread.unwrap_or(info.kind == BackendKind::Cuda) => None,
+            None => match Merger::new(
+                device.clone(),
+                (copy, merge),
+                counters.clone(),
+                handoff_tx.clone(),
+                copy_gate.clone(),
+            ) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    undo(&streams);
+                    return Err(e);
+                }
+            },
+        };
         Ok(Runtime {
             sh: Arc::new(Shared {
                 device,
@@ -379,6 +400,7 @@ impl Runtime {
                 counters,
                 stalls: StallLog::default(),
                 stager,
+                merger,
                 lora_mode: Mutex::new(cfg_lora_mode),
                 lora_pages: AtomicUsize::new(0),
                 copy_gate,
@@ -1392,7 +1414,8 @@ impl Shared {
     /// the copy. With fuse-on-upload merges the copy hands over to the merge
     /// stream through an event, the merges run there and the ready event is
     /// recorded after them, so the next upload does not wait for this
-    /// layer's merges.
+    /// layer's merges; the merger thread (or the staged job) queues them,
+    /// not this thread, and the layer's job says when it has.
     fn upload(
         &self,
         model: &ModelRt,
@@ -1472,21 +1495,29 @@ impl Shared {
             self.device
                 .copy_h2d_async(dst, host.as_ptr(), total, self.copy)?
         };
-        // The ready event must follow the copy even when a merge launch is
-        // refused: the caller frees the pages behind it.
+        // The ready event must follow the copy even when the merges cannot
+        // be handed over: the caller frees the pages behind it.
         st.layers[l].ready_on_merge = merges;
-        let queued = if merges {
-            self.merge_after_copy(&st.merges[l], dst, ready, &comp.layer_names[l])
+        let queued = if merges && self.merger.is_some() {
+            self.merge_after_copy(st, l, dst, ready, &comp.layer_names[l])
+        } else if merges {
+            self.merge_inline(&st.merges[l], dst, ready, &comp.layer_names[l])
         } else {
             self.device.record_event(ready, self.copy)
         };
         if let Some(start) = start {
             let name = comp.layer_names[l].clone();
             let ended = self.timeline_end(self.copy, start, name, "upload", total);
-            queued.and(ended)?;
-        } else {
-            queued?;
+            if let (Ok(()), Err(e)) = (&queued, ended) {
+                // The caller frees the pages behind the ready event, which
+                // the merger records once it has queued the merges.
+                if let Some(j) = st.layers[l].job.clone() {
+                    let _ = j.wait(self.cfg.wait_timeout);
+                }
+                return Err(e);
+            }
         }
+        queued?;
         Counters::add(&self.counters.bytes_h2d, total as u64);
         Counters::add(&self.counters.uploads, 1);
         Ok(())
@@ -1532,11 +1563,67 @@ impl Shared {
         )
     }
 
-    /// After the copy just queued on the copy stream, run `merges` on `dst`
-    /// on the merge stream and record `ready` there. `ready` is recorded
-    /// after the copy whatever fails (on the copy stream if the hand-over
-    /// could not be queued).
+    /// After the copy of layer `l` just queued on the copy stream, hand its
+    /// merges to the merger (which runs them on the merge stream and records
+    /// `ready` there); the layer's job says when they are queued. `ready` is
+    /// recorded after the copy whatever fails (on the copy stream if the
+    /// hand-over could not be recorded).
     fn merge_after_copy(
+        &self,
+        st: &mut CompState,
+        l: usize,
+        dst: DevicePtr,
+        ready: EventId,
+        layer: &str,
+    ) -> Result<()> {
+        let handoff =
+            self.handoff_event()
+                .and_then(|e| match self.device.record_event(e, self.copy) {
+                    Ok(()) => Ok(e),
+                    Err(err) => {
+                        // Never recorded: the event may be reused.
+                        self.recycle_handoff(e);
+                        Err(err)
+                    }
+                });
+        let handoff = match handoff {
+            Ok(h) => h,
+            Err(e) => {
+                self.device.record_event(ready, self.copy)?;
+                return Err(e);
+            }
+        };
+        let done = Arc::new(JobDone::default());
+        let job = MergeJob {
+            name: layer.to_string(),
+            dst,
+            merges: st.merges[l].clone(),
+            handoff,
+            ready,
+            done: done.clone(),
+        };
+        // Called only with a merger, which stops only when the runtime drops.
+        let submitted = match &self.merger {
+            Some(m) => m.submit(job),
+            None => Err(Box::new(job)),
+        };
+        if let Err(job) = submitted {
+            // Nothing of it was queued.
+            self.recycle_handoff(job.handoff);
+            self.device.record_event(ready, self.copy)?;
+            return Err(Error::Config(
+                "the runtime's merger thread has stopped".into(),
+            ));
+        }
+        st.layers[l].job = Some(done);
+        Ok(())
+    }
+
+    /// [`Self::merge_after_copy`] on this thread (no merger thread: see
+    /// `RuntimeConfig::merge_thread`): queue `merges` on `dst` on the merge stream after the copy just
+    /// queued and record `ready` there; `ready` is recorded after the copy
+    /// whatever fails (on the copy stream if the hand-over could not be queued).
+    fn merge_inline(
         &self,
         merges: &[(usize, Arc<MergeOp>)],
         dst: DevicePtr,
@@ -1556,14 +1643,14 @@ impl Shared {
             self.device.record_event(ready, self.copy)?;
             return Err(e);
         }
-        // The timeline's host functions are best effort: a failure to queue
-        // one shows in the launch or the recording that follows.
-        let mark = stats::timeline_mark(&*self.device, &self.counters, self.merge);
-        let merged = self.launch_merges(merges, dst, self.merge);
-        if let (Some(mark), true) = (mark, merged.is_ok()) {
-            let bytes = merges.iter().map(|(_, op)| op.touched_bytes()).sum();
-            let _ = self.timeline_end(self.merge, mark, layer.to_string(), "merge", bytes);
-        }
+        let merged = host::queue_merges(
+            &*self.device,
+            &self.counters,
+            self.merge,
+            merges,
+            dst,
+            layer,
+        );
         if let Err(e) = self.device.record_event(ready, self.merge) {
             // The ready event's last recording is then older than the merges
             // just queued, and the pages would be freed behind it: let them run.
@@ -1910,6 +1997,7 @@ impl Drop for Shared {
         self.stalls.destroy(&*self.device);
         let _ = self.sync_copy();
         self.stager = None;
+        self.merger = None;
         let _ = self.sync_copy();
         for m in self.models.iter() {
             for c in &m.comps {
