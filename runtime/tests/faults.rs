@@ -1502,6 +1502,10 @@ fn clean_pass(
 struct LoraScenario {
     base: Scenario,
     lora_mode: LoraMode,
+    /// `RuntimeConfig::merge_thread`: the host backend's default (`None`)
+    /// queues pinned uploads' merges on the acquiring thread; `Some(true)`
+    /// puts the merger thread (a GPU's default) under the same faults.
+    merge_thread: Option<bool>,
 }
 
 /// The rates of the LoRA scenarios ([`RATES`], copies failing on the
@@ -1565,6 +1569,7 @@ fn drive_lora(
     w.faults(false);
     let mut cfg = s.base.config();
     cfg.lora_mode = s.lora_mode;
+    cfg.merge_thread = s.merge_thread;
     let budget = cfg.device_memory.unwrap();
     let mut out = LoraOutcome::default();
     out.base.budget_bytes = budget;
@@ -1795,7 +1800,8 @@ fn run_lora(s: LoraScenario) {
         ^ ((s.base.mode as u64) << 8)
         ^ ((s.base.policy as u64) << 16)
         ^ ((s.base.staged as u64) << 24)
-        ^ ((s.lora_mode as u64) << 28);
+        ^ ((s.lora_mode as u64) << 28)
+        ^ ((s.merge_thread == Some(true)) as u64) << 32;
     let rounds = env_or("OFFLOAD_FAULT_ROUNDS", 4) as usize;
     let start = Instant::now();
     let (out, host) = watched(
@@ -1870,12 +1876,16 @@ fn run_lora(s: LoraScenario) {
 }
 
 macro_rules! lora_scenarios {
-    ($($name:ident: $mode:expr, $policy:expr, $staged:expr, $lora:expr;)+) => {$(
+    ($($name:ident: $mode:expr, $policy:expr, $staged:expr, $lora:expr $(, $merger:expr)?;)+) => {$(
         #[test]
         fn $name() {
+            #[allow(unused_mut, unused_assignments)]
+            let mut merge_thread = None;
+            $(merge_thread = Some($merger);)?
             run_lora(LoraScenario {
                 base: Scenario { mode: $mode, policy: $policy, staged: $staged, vmm: true },
                 lora_mode: $lora,
+                merge_thread,
             });
         }
     )+};
@@ -1895,6 +1905,10 @@ lora_scenarios! {
     lora_fuse_none_pinned: Mode::None, Policy::Lru, false, LoraMode::Fuse;
     lora_unfused_balanced_pinned: Mode::Balanced, Policy::Lru, false, LoraMode::Unfused;
     lora_unfused_sequential_staged: Mode::Sequential, Policy::Planned, true, LoraMode::Unfused;
+    // Pinned uploads' merges queued by the merger thread.
+    lora_fuse_on_upload_model_merger: Mode::Model, Policy::Planned, false, LoraMode::FuseOnUpload, true;
+    lora_fuse_on_upload_balanced_merger: Mode::Balanced, Policy::Lru, false, LoraMode::FuseOnUpload, true;
+    lora_fuse_on_upload_sequential_merger: Mode::Sequential, Policy::Planned, false, LoraMode::FuseOnUpload, true;
 }
 
 /// A runtime on the host device under [`ExtraFaults`], with nothing

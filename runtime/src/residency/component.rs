@@ -39,7 +39,8 @@ pub(crate) struct LayerState {
     /// Events that fire when the users so far are done with the device copy.
     pub(crate) done: Vec<(DoneSource, EventId)>,
     pub(crate) last_use: u64,
-    /// Staged upload in flight.
+    /// An upload being queued by one of the runtime's threads: a staged
+    /// upload, or the merges of a pinned one (the merger thread).
     pub(crate) job: Option<Arc<JobDone>>,
     /// The last recording of the layer's ready event was queued on the
     /// merge stream (after fuse-on-upload merges), not on the copy stream:
@@ -60,7 +61,8 @@ impl LayerState {
         }
     }
 
-    /// Whether a staged upload of the layer is still being queued.
+    /// Whether the layer's job (a staged upload, or the merger's merges)
+    /// is still being queued.
     pub(crate) fn job_pending(&self) -> bool {
         self.job.as_ref().is_some_and(|j| !j.is_finished())
     }

@@ -840,7 +840,9 @@ impl Shared {
                     // ready event recorded before those copies), and a failure it
                     // left on the copy stream is this call's, not the next upload's.
                     let _ = self.sync_copy();
-                    if st.layers[l].place != Place::Host {
+                    // A job that is still being queued (a wait for it timed
+                    // out) keeps its pages: its ready event comes later.
+                    if st.layers[l].place != Place::Host && !st.layers[l].job_pending() {
                         self.drop_device_copy(comp, &mut st, l);
                         report.layers_dropped += 1;
                     }
@@ -893,8 +895,8 @@ impl Shared {
         report: &mut LoraReport,
     ) -> Result<()> {
         let comp = &model.comps[ci];
-        // A staged upload still being queued finishes first (a failed one
-        // is over: its copy is dropped below).
+        // A job still being queued (a staged upload, the merger's merges)
+        // finishes first (a failed one is over: its copy is dropped below).
         if let Some(j) = st.layers[l].job.clone() {
             let _ = j.wait(self.cfg.wait_timeout);
             if !j.is_finished() {

@@ -36,6 +36,7 @@ pub(crate) struct MergeJob {
     /// Recorded after the merges on the merge stream (after the copy on the
     /// copy stream if the hand-over cannot be queued).
     pub(crate) ready: EventId,
+    /// Finished once the merges and the ready event are queued, or failed.
     pub(crate) done: Arc<JobDone>,
 }
 
@@ -68,10 +69,18 @@ impl Merger {
             .name("offload-merger".into())
             .spawn(move || {
                 for job in rx {
-                    let r = {
+                    // A panic (a bug below) must not leave the job, and every
+                    // layer waiting for it, pending for good.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         let _queueing = gate.read().unwrap_or_else(|p| p.into_inner());
                         run(&*device, streams, &job, &counters)
-                    };
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(Error::Kernel {
+                            kernel: "merge",
+                            message: format!("queueing the merges of {} panicked", job.name),
+                        })
+                    });
                     let _ = handoffs.send(job.handoff);
                     job.done.finish(r);
                 }

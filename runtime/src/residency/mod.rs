@@ -633,6 +633,16 @@ impl Runtime {
                 offloaded = Err(e);
                 break;
             }
+            // A job still being queued after its wait timed out (offload
+            // leaves it be) will still use the layer's ready event and the
+            // LoRA factors: the model stays until it is over.
+            if let Some(l) = st.layers.iter().position(|x| x.job_pending()) {
+                offloaded = Err(Error::Timeout {
+                    event: c.ready[l],
+                    waited_ms: sh.cfg.wait_timeout.as_millis() as u64,
+                });
+                break;
+            }
         }
         // Queued copies from the host copy must finish before it can be freed;
         // a copy that failed earlier has finished too.
@@ -1508,16 +1518,16 @@ impl Shared {
         if let Some(start) = start {
             let name = comp.layer_names[l].clone();
             let ended = self.timeline_end(self.copy, start, name, "upload", total);
-            if let (Ok(()), Err(e)) = (&queued, ended) {
-                // The caller frees the pages behind the ready event, which
-                // the merger records once it has queued the merges.
-                if let Some(j) = st.layers[l].job.clone() {
-                    let _ = j.wait(self.cfg.wait_timeout);
-                }
-                return Err(e);
+            // Once the merger has the layer's job, the upload stands (the
+            // caller would free the pages behind a ready event the merger
+            // has yet to record): the timeline's entry is best effort then.
+            queued?;
+            if !st.layers[l].job_pending() {
+                ended?;
             }
+        } else {
+            queued?;
         }
-        queued?;
         Counters::add(&self.counters.bytes_h2d, total as u64);
         Counters::add(&self.counters.uploads, 1);
         Ok(())
@@ -1611,18 +1621,20 @@ impl Shared {
             // Nothing of it was queued.
             self.recycle_handoff(job.handoff);
             self.device.record_event(ready, self.copy)?;
-            return Err(Error::Config(
-                "the runtime's merger thread has stopped".into(),
-            ));
+            return Err(Error::Kernel {
+                kernel: "merge",
+                message: "the runtime's merger thread has stopped".into(),
+            });
         }
         st.layers[l].job = Some(done);
         Ok(())
     }
 
     /// [`Self::merge_after_copy`] on this thread (no merger thread: see
-    /// `RuntimeConfig::merge_thread`): queue `merges` on `dst` on the merge stream after the copy just
-    /// queued and record `ready` there; `ready` is recorded after the copy
-    /// whatever fails (on the copy stream if the hand-over could not be queued).
+    /// `RuntimeConfig::merge_thread`): queue `merges` on `dst` on the merge
+    /// stream after the copy just queued and record `ready` there; `ready`
+    /// is recorded after the copy whatever fails (on the copy stream if the
+    /// hand-over could not be queued).
     fn merge_inline(
         &self,
         merges: &[(usize, Arc<MergeOp>)],
@@ -1651,13 +1663,14 @@ impl Shared {
             dst,
             layer,
         );
-        if let Err(e) = self.device.record_event(ready, self.merge) {
+        let recorded = self.device.record_event(ready, self.merge);
+        if recorded.is_err() {
             // The ready event's last recording is then older than the merges
             // just queued, and the pages would be freed behind it: let them run.
             let _ = self.device.stream_synchronize(self.merge);
-            return Err(e);
         }
-        merged
+        // The merges' error first, as the merger reports it.
+        merged.and(recorded)
     }
 
     /// Wait for the users of layer `l` (its own allocation) and free it.
