@@ -2026,6 +2026,20 @@ fn print_overlap(rows: &[Row], link_gbps: f64) {
         "overlap (a later pass against max(compute of a later pass without transfers, its bytes / link rate); \
          later passes: the mean after the first):"
     );
+    // The reference's own pass and engine thread: a pass about as long as
+    // its queueing is bound by the thread that queues it, not the device.
+    if let Some((r, m)) = rows
+        .first()
+        .filter(|r| r.reference)
+        .and_then(|r| Some((r, r.outcome.as_ref().ok()?)))
+    {
+        println!(
+            "  {:<18}: pass {:.3} s (the reference){}",
+            format!("{}*", r.mode),
+            reference,
+            engine_note(m)
+        );
+    }
     for r in rows {
         if let Some((pass, bound, ratio)) = overlap(r, reference, link_gbps) {
             println!(
