@@ -68,24 +68,24 @@ pub enum DeviceArg {
     Cuda,
 }
 
-/// `offload bench e2e --merges`.
+/// `offload bench e2e --uploads`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum MergesArg {
-    /// The runtime's default (`RuntimeConfig::merge_thread` unset).
+pub enum UploadsArg {
+    /// The runtime's default (`RuntimeConfig::upload_thread` unset).
     Auto,
-    /// The runtime's merger thread.
+    /// The runtime's uploader thread.
     Thread,
     /// The thread that acquires the layers.
     Inline,
 }
 
-impl MergesArg {
-    /// The `RuntimeConfig::merge_thread` this stands for.
-    pub fn merge_thread(self) -> Option<bool> {
+impl UploadsArg {
+    /// The `RuntimeConfig::upload_thread` this stands for.
+    pub fn upload_thread(self) -> Option<bool> {
         match self {
-            MergesArg::Auto => None,
-            MergesArg::Thread => Some(true),
-            MergesArg::Inline => Some(false),
+            UploadsArg::Auto => None,
+            UploadsArg::Thread => Some(true),
+            UploadsArg::Inline => Some(false),
         }
     }
 }
@@ -172,12 +172,12 @@ pub struct E2eArgs {
     /// plain rows keep the main job short; the overhead columns are per pass.
     #[arg(long, default_value_t = 5)]
     pub lora_steps: usize,
-    /// Who queues the pinned policy's fuse-on-upload merges: `thread` (the
-    /// runtime's merger thread), `inline` (the thread that acquires the
-    /// layers, the engine's) or `auto` (the runtime's default: the merger
-    /// thread on a GPU, inline on the host backend).
-    #[arg(long, value_enum, default_value_t = MergesArg::Auto)]
-    pub merges: MergesArg,
+    /// Who queues the pinned policy's uploads (copies and fuse-on-upload
+    /// merges): `thread` (the runtime's uploader thread), `inline` (the
+    /// thread that acquires the layers, the engine's) or `auto` (the
+    /// runtime's default: the uploader on a GPU, inline on the host backend).
+    #[arg(long, value_enum, default_value_t = UploadsArg::Auto)]
+    pub uploads: UploadsArg,
 }
 
 impl Default for E2eArgs {
@@ -206,7 +206,7 @@ impl Default for E2eArgs {
             no_lora: false,
             lora_ranks: "32,64".into(),
             lora_steps: 5,
-            merges: MergesArg::Auto,
+            uploads: UploadsArg::Auto,
         }
     }
 }
@@ -722,7 +722,7 @@ impl Bench {
             },
             timeline,
             lora_mode: lora.unwrap_or_default(),
-            merge_thread: self.args.merges.merge_thread(),
+            upload_thread: self.args.uploads.upload_thread(),
             ..RuntimeConfig::default()
         };
         let mut cfg = cfg;
@@ -1825,13 +1825,13 @@ fn run_on(
             mib(set.touched_bytes as f64),
             matmul_flops_per_pass as f64 / 1e9
         );
-        if args.merges != MergesArg::Auto && args.host_policy != "staged" {
-            let who = match args.merges {
-                MergesArg::Inline => "the engine's thread",
-                _ => "the runtime's merger thread",
-            };
-            println!("  fuse-on-upload merges are queued by {who} (--merges)");
-        }
+    }
+    if args.uploads != UploadsArg::Auto && args.host_policy != "staged" {
+        let who = match args.uploads {
+            UploadsArg::Inline => "the engine's thread",
+            _ => "the runtime's uploader thread",
+        };
+        println!("pinned uploads and their merges are queued by {who} (--uploads)");
     }
     if lora_modes.contains(&LoraMode::FuseOnUpload) {
         // Build the merge kernels before the rows (on CUDA: NVRTC, seconds
@@ -2293,7 +2293,7 @@ fn json_row(r: &Row, ctx: &JsonCtx<'_>) -> String {
         "policy": r.policy.to_string(),
         "prefetch_depth": args.prefetch_depth,
         "host_policy": args.host_policy,
-        "merges": format!("{:?}", args.merges).to_lowercase(),
+        "uploads": format!("{:?}", args.uploads).to_lowercase(),
         "reference": r.reference,
         "model_bytes": ctx.model_bytes,
         "denoiser_bytes": ctx.denoiser_bytes,

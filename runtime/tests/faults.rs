@@ -104,6 +104,10 @@ struct Scenario {
     /// Whether the host device maps pages; without, every allocation is a
     /// plain device allocation and the allocation faults hit those.
     vmm: bool,
+    /// Pinned uploads queued by the runtime's uploader thread
+    /// (`upload_thread: Some(true)`, a GPU's default) instead of the
+    /// acquiring thread (the host backend's default).
+    uploader: bool,
 }
 
 impl Scenario {
@@ -141,6 +145,7 @@ impl Scenario {
                 HostPolicy::Pinned
             },
             wait_timeout: Duration::from_secs(10),
+            upload_thread: self.uploader.then_some(true),
             ..RuntimeConfig::default()
         }
     }
@@ -444,7 +449,8 @@ fn run_with(s: Scenario, rates: FaultRates, kinds: &'static [FaultKind]) {
         ^ ((s.mode as u64) << 8)
         ^ ((s.policy as u64) << 16)
         ^ ((s.staged as u64) << 24)
-        ^ ((!s.vmm as u64) << 32);
+        ^ ((!s.vmm as u64) << 32)
+        ^ ((s.uploader as u64) << 36);
     let rounds = env_or("OFFLOAD_FAULT_ROUNDS", 4) as usize;
     let start = Instant::now();
     let (out, host) = watched(
@@ -500,10 +506,13 @@ fn run_with(s: Scenario, rates: FaultRates, kinds: &'static [FaultKind]) {
 }
 
 macro_rules! scenarios {
-    ($vmm:expr; $($name:ident: $mode:expr, $policy:expr, $staged:expr;)+) => {$(
+    ($vmm:expr; $($name:ident: $mode:expr, $policy:expr, $staged:expr $(, $uploader:expr)?;)+) => {$(
         #[test]
         fn $name() {
-            run(Scenario { mode: $mode, policy: $policy, staged: $staged, vmm: $vmm });
+            #[allow(unused_mut, unused_assignments)]
+            let mut uploader = false;
+            $(uploader = $uploader;)?
+            run(Scenario { mode: $mode, policy: $policy, staged: $staged, vmm: $vmm, uploader });
         }
     )+};
 }
@@ -525,6 +534,11 @@ scenarios! { true;
     sequential_planned_staged: Mode::Sequential, Policy::Planned, true;
     sequential_lru_pinned: Mode::Sequential, Policy::Lru, false;
     sequential_lru_staged: Mode::Sequential, Policy::Lru, true;
+    // Pinned uploads queued by the uploader thread.
+    none_planned_uploader: Mode::None, Policy::Planned, false, true;
+    model_lru_uploader: Mode::Model, Policy::Lru, false, true;
+    balanced_planned_uploader: Mode::Balanced, Policy::Planned, false, true;
+    sequential_lru_uploader: Mode::Sequential, Policy::Lru, false, true;
 }
 
 // On a device without the virtual memory API (the fallback arena): every
@@ -556,6 +570,30 @@ fn copy_stream_failures_in_every_mode_staged() {
     copy_stream_failures(&[true]);
 }
 
+/// The same with pinned uploads queued by the uploader thread, where the
+/// copy and its ready event are queued by that thread under the same gate.
+#[test]
+fn copy_stream_failures_in_every_mode_uploader() {
+    for mode in [Mode::None, Mode::Model, Mode::Balanced, Mode::Sequential] {
+        for policy in [Policy::Planned, Policy::Lru] {
+            run_with(
+                Scenario {
+                    mode,
+                    policy,
+                    staged: false,
+                    vmm: true,
+                    uploader: true,
+                },
+                FaultRates {
+                    copy_stream: 0.05,
+                    ..FaultRates::default()
+                },
+                &[FaultKind::CopyStream],
+            );
+        }
+    }
+}
+
 fn copy_stream_failures(host_policies: &[bool]) {
     for mode in [Mode::None, Mode::Model, Mode::Balanced, Mode::Sequential] {
         for policy in [Policy::Planned, Policy::Lru] {
@@ -566,6 +604,7 @@ fn copy_stream_failures(host_policies: &[bool]) {
                         policy,
                         staged,
                         vmm: true,
+                        uploader: false,
                     },
                     FaultRates {
                         copy_stream: 0.05,
@@ -868,8 +907,9 @@ struct ExtraFaults {
     /// fail (as on a GPU machine without NVRTC).
     merge_prepares: AtomicU64,
     refuse_prepare: AtomicBool,
-    /// The names of the threads that queued merges, while recording.
-    merge_threads: std::sync::Mutex<Option<Vec<String>>>,
+    /// Each merge batch and host-to-device copy queued while recording:
+    /// ("merge" or "copy", the name of the thread that queued it).
+    queued_by: std::sync::Mutex<Option<Vec<(&'static str, String)>>>,
 }
 
 impl ExtraFaults {
@@ -889,22 +929,25 @@ impl ExtraFaults {
             late_failed_merges_us: AtomicU64::new(0),
             merge_prepares: AtomicU64::new(0),
             refuse_prepare: AtomicBool::new(false),
-            merge_threads: std::sync::Mutex::new(None),
+            queued_by: std::sync::Mutex::new(None),
         }
     }
 
-    /// Record the name of every thread that queues a merge from now on.
-    fn record_merge_threads(&self) {
-        *self.merge_threads.lock().unwrap() = Some(Vec::new());
+    /// Record which thread queues each merge and copy from now on.
+    fn record_queueing_threads(&self) {
+        *self.queued_by.lock().unwrap() = Some(Vec::new());
     }
 
-    /// The names recorded since [`Self::record_merge_threads`]; recording stops.
-    fn merge_threads(&self) -> Vec<String> {
-        self.merge_threads
-            .lock()
-            .unwrap()
-            .take()
-            .unwrap_or_default()
+    /// What was recorded since [`Self::record_queueing_threads`]; recording stops.
+    fn queueing_threads(&self) -> Vec<(&'static str, String)> {
+        self.queued_by.lock().unwrap().take().unwrap_or_default()
+    }
+
+    fn queued(&self, kind: &'static str) {
+        if let Some(v) = &mut *self.queued_by.lock().unwrap() {
+            let me = std::thread::current();
+            v.push((kind, me.name().unwrap_or("unnamed").to_string()));
+        }
     }
 
     /// Fail the `n`-th copy from now on the stream (0: the next one).
@@ -1034,6 +1077,7 @@ impl Device for ExtraFaults {
         len: usize,
         stream: StreamId,
     ) -> Result<(), Error> {
+        self.queued("copy");
         let n = self.copies.fetch_add(1, Ordering::SeqCst);
         if n == self.refuse_copy.load(Ordering::SeqCst) {
             return Err(Error::StreamFailed {
@@ -1091,9 +1135,8 @@ impl Device for ExtraFaults {
     fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<(), Error> {
         // A layer's merges come as one MergeBatch: refused or failed whole.
         let merge = matches!(kernel, Kernel::Merge { .. } | Kernel::MergeBatch { .. });
-        if let (true, Some(names)) = (merge, &mut *self.merge_threads.lock().unwrap()) {
-            let me = std::thread::current();
-            names.push(me.name().unwrap_or("unnamed").to_string());
+        if merge {
+            self.queued("merge");
         }
         let late = self.late_failed_merges_us.load(Ordering::SeqCst);
         if merge && late > 0 {
@@ -1502,10 +1545,6 @@ fn clean_pass(
 struct LoraScenario {
     base: Scenario,
     lora_mode: LoraMode,
-    /// `RuntimeConfig::merge_thread`: the host backend's default (`None`)
-    /// queues pinned uploads' merges on the acquiring thread; `Some(true)`
-    /// puts the merger thread (a GPU's default) under the same faults.
-    merge_thread: Option<bool>,
 }
 
 /// The rates of the LoRA scenarios ([`RATES`], copies failing on the
@@ -1569,7 +1608,6 @@ fn drive_lora(
     w.faults(false);
     let mut cfg = s.base.config();
     cfg.lora_mode = s.lora_mode;
-    cfg.merge_thread = s.merge_thread;
     let budget = cfg.device_memory.unwrap();
     let mut out = LoraOutcome::default();
     out.base.budget_bytes = budget;
@@ -1801,7 +1839,7 @@ fn run_lora(s: LoraScenario) {
         ^ ((s.base.policy as u64) << 16)
         ^ ((s.base.staged as u64) << 24)
         ^ ((s.lora_mode as u64) << 28)
-        ^ ((s.merge_thread == Some(true)) as u64) << 32;
+        ^ ((s.base.uploader as u64) << 36);
     let rounds = env_or("OFFLOAD_FAULT_ROUNDS", 4) as usize;
     let start = Instant::now();
     let (out, host) = watched(
@@ -1876,16 +1914,15 @@ fn run_lora(s: LoraScenario) {
 }
 
 macro_rules! lora_scenarios {
-    ($($name:ident: $mode:expr, $policy:expr, $staged:expr, $lora:expr $(, $merger:expr)?;)+) => {$(
+    ($($name:ident: $mode:expr, $policy:expr, $staged:expr, $lora:expr $(, $uploader:expr)?;)+) => {$(
         #[test]
         fn $name() {
             #[allow(unused_mut, unused_assignments)]
-            let mut merge_thread = None;
-            $(merge_thread = Some($merger);)?
+            let mut uploader = false;
+            $(uploader = $uploader;)?
             run_lora(LoraScenario {
-                base: Scenario { mode: $mode, policy: $policy, staged: $staged, vmm: true },
+                base: Scenario { mode: $mode, policy: $policy, staged: $staged, vmm: true, uploader },
                 lora_mode: $lora,
-                merge_thread,
             });
         }
     )+};
@@ -1905,10 +1942,12 @@ lora_scenarios! {
     lora_fuse_none_pinned: Mode::None, Policy::Lru, false, LoraMode::Fuse;
     lora_unfused_balanced_pinned: Mode::Balanced, Policy::Lru, false, LoraMode::Unfused;
     lora_unfused_sequential_staged: Mode::Sequential, Policy::Planned, true, LoraMode::Unfused;
-    // Pinned uploads' merges queued by the merger thread.
-    lora_fuse_on_upload_model_merger: Mode::Model, Policy::Planned, false, LoraMode::FuseOnUpload, true;
-    lora_fuse_on_upload_balanced_merger: Mode::Balanced, Policy::Lru, false, LoraMode::FuseOnUpload, true;
-    lora_fuse_on_upload_sequential_merger: Mode::Sequential, Policy::Planned, false, LoraMode::FuseOnUpload, true;
+    // Pinned uploads and their merges queued by the uploader thread.
+    lora_fuse_on_upload_model_uploader: Mode::Model, Policy::Planned, false, LoraMode::FuseOnUpload, true;
+    lora_fuse_on_upload_balanced_uploader: Mode::Balanced, Policy::Lru, false, LoraMode::FuseOnUpload, true;
+    lora_fuse_on_upload_sequential_uploader: Mode::Sequential, Policy::Planned, false, LoraMode::FuseOnUpload, true;
+    lora_backup_sequential_uploader: Mode::Sequential, Policy::Lru, false, LoraMode::Backup, true;
+    lora_unfused_balanced_uploader: Mode::Balanced, Policy::Planned, false, LoraMode::Unfused, true;
 }
 
 /// A runtime on the host device under [`ExtraFaults`], with nothing
@@ -2246,15 +2285,15 @@ fn a_refused_merge_launch_leaves_no_copy_queued_into_freed_memory() {
     check_all(&k, m, &desc, &src, &set).unwrap();
 }
 
-/// The merges of a pass are queued by the runtime's own threads, never by
-/// the thread that acquires the layers (the engine's, which also queues the
+/// The uploads of a pass (copies and merges) are queued by the runtime's
+/// own threads, never by the thread that acquires the layers (the engine's, which also queues the
 /// layers' compute: at small layers a GPU pass is bound by that thread):
-/// the merger thread with the pinned policy, the stager's threads with the
-/// staged one; the acquiring thread only when `RuntimeConfig::merge_thread`
-/// says so (or, by default, on the host backend). Every tensor still
-/// reaches the engine merged.
+/// the uploader thread with the pinned policy, the stager's threads with
+/// the staged one; the acquiring thread only when
+/// `RuntimeConfig::upload_thread` says so (or, by default, on the host
+/// backend). Every tensor still reaches the engine merged.
 #[test]
-fn the_merges_of_a_pass_are_queued_off_the_acquiring_thread() {
+fn the_uploads_of_a_pass_are_queued_off_the_acquiring_thread() {
     let staged = HostPolicy::Staged {
         buffers: 2,
         buffer_bytes: 2 * PAGE,
@@ -2265,16 +2304,16 @@ fn the_merges_of_a_pass_are_queued_off_the_acquiring_thread() {
         .name()
         .unwrap_or("unnamed")
         .to_string();
-    for (policy, merge_thread, thread) in [
-        (HostPolicy::Pinned, Some(true), "offload-merger"),
+    for (policy, upload_thread, thread) in [
+        (HostPolicy::Pinned, Some(true), "offload-uploader"),
         (staged, None, "offload-stager-"),
         (HostPolicy::Pinned, Some(false), me.as_str()),
         // The default on the host backend.
         (HostPolicy::Pinned, None, me.as_str()),
     ] {
-        let (desc, src) = f16_model("merger", 9, &[vec![vec![vec![64, 64], vec![64, 32]]; 4]]);
+        let (desc, src) = f16_model("uploader", 9, &[vec![vec![vec![64, 64], vec![64, 32]]; 4]]);
         let k = knobbed(RuntimeConfig {
-            merge_thread,
+            upload_thread,
             ..knobbed_cfg(Mode::Sequential, 16, policy, LoraMode::FuseOnUpload)
         });
         let m = k.rt.load(desc.clone(), src.clone()).unwrap();
@@ -2289,22 +2328,34 @@ fn the_merges_of_a_pass_are_queued_off_the_acquiring_thread() {
         )];
         k.rt.set_loras(m, &bindings(&set)).unwrap();
         k.rt.synchronize().unwrap();
-        let merges = k.rt.stats().merges;
-        k.extra.record_merge_threads();
+        let before = k.rt.stats();
+        k.extra.record_queueing_threads();
         check_all(&k, m, &desc, &src, &set).unwrap();
         k.rt.synchronize().unwrap();
-        let names = k.extra.merge_threads();
-        // Sequential mode streams every layer: the three patched layers
-        // were uploaded, each with its one merge, in this pass.
-        assert_eq!(k.rt.stats().merges - merges, 3, "{policy:?}");
+        let queued = k.extra.queueing_threads();
+        let st = k.rt.stats();
+        // Sequential mode streams every layer: the four layers were
+        // uploaded in this pass, the three patched ones each with one merge.
+        assert_eq!(st.uploads - before.uploads, 4, "{policy:?}");
+        assert_eq!(st.merges - before.merges, 3, "{policy:?}");
+        let of = |kind: &str| -> Vec<&String> {
+            queued
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, n)| n)
+                .collect()
+        };
+        let (merges, copies) = (of("merge"), of("copy"));
         assert_eq!(
-            names.len(),
+            merges.len(),
             3,
-            "{policy:?}: one batch per patched layer: {names:?}"
+            "{policy:?}: one batch per patched layer: {queued:?}"
         );
+        // One copy per layer, or more (a staged layer goes in chunks).
+        assert!(copies.len() >= 4, "{policy:?}: {queued:?}");
         assert!(
-            names.iter().all(|n| n.starts_with(thread)),
-            "{policy:?}: merges queued by {names:?}, not by {thread}"
+            merges.iter().chain(&copies).all(|n| n.starts_with(thread)),
+            "{policy:?}: uploads queued by {queued:?}, not by {thread}"
         );
     }
 }

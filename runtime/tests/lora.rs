@@ -242,16 +242,16 @@ fn fuse_on_upload_matches_the_reference_in_every_offload_mode() {
         (Mode::Balanced, 24),
         (Mode::Sequential, 16),
     ] {
-        // Pinned uploads' merges queued by the merger thread (the default)
+        // Pinned uploads queued by the uploader thread (a GPU's default)
         // and by the acquiring thread.
-        for (policy, merge_thread) in [
+        for (policy, upload_thread) in [
             (HostPolicy::Pinned, true),
             (HostPolicy::Pinned, false),
             (staged(), true),
         ] {
             let is_staged = policy != HostPolicy::Pinned;
             let s = setup_with(mode, pages, policy, LoraMode::FuseOnUpload, |c| {
-                c.merge_thread = Some(merge_thread)
+                c.upload_thread = Some(upload_thread)
             });
             pass(&s, &vec![]);
             let r = s.rt.set_loras(s.m, &bindings(&set)).unwrap();

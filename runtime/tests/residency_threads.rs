@@ -44,6 +44,11 @@ fn acquire_retrying(rt: &Runtime, id: LayerId, busy: &mut usize) -> Result<Layer
 }
 
 fn stress(mode: Mode, policy: Policy, host_policy: HostPolicy) {
+    stress_with(mode, policy, host_policy, None);
+}
+
+/// [`stress`] with `RuntimeConfig::upload_thread` set to `upload_thread`.
+fn stress_with(mode: Mode, policy: Policy, host_policy: HostPolicy, upload_thread: Option<bool>) {
     let dev = Arc::new(
         HostDevice::new(HostConfig {
             capacity: 64 << 20,
@@ -65,6 +70,7 @@ fn stress(mode: Mode, policy: Policy, host_policy: HostPolicy) {
         low_watermark: Some(0),
         host_policy,
         wait_timeout: Duration::from_secs(10),
+        upload_thread,
         ..RuntimeConfig::default()
     };
     let rt = Arc::new(Runtime::new(dev.clone(), compute, cfg).unwrap());
@@ -160,6 +166,18 @@ fn threads_share_a_tiny_budget_balanced_lru_staged() {
 #[test]
 fn threads_share_a_tiny_budget_model_mode() {
     stress(Mode::Model, Policy::Planned, HostPolicy::Pinned);
+}
+
+/// Pinned uploads queued by the uploader thread (a GPU's default) for
+/// every engine thread.
+#[test]
+fn threads_share_a_tiny_budget_sequential_uploader() {
+    stress_with(
+        Mode::Sequential,
+        Policy::Planned,
+        HostPolicy::Pinned,
+        Some(true),
+    );
 }
 
 /// Where the threads of one model meet the coordinator between passes: each
@@ -301,6 +319,16 @@ fn lora_models() -> [LoraModel; 2] {
 /// the f64 reference merge of the set in force, and bit-identical to every
 /// other time it was handed out under that set), no leaked page.
 fn lora_stress(mode: Mode, policy: Policy, host_policy: HostPolicy) {
+    lora_stress_with(mode, policy, host_policy, None);
+}
+
+/// [`lora_stress`] with `RuntimeConfig::upload_thread` set to `upload_thread`.
+fn lora_stress_with(
+    mode: Mode,
+    policy: Policy,
+    host_policy: HostPolicy,
+    upload_thread: Option<bool>,
+) {
     let passes = std::env::var("OFFLOAD_STRESS_PASSES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -330,6 +358,7 @@ fn lora_stress(mode: Mode, policy: Policy, host_policy: HostPolicy) {
         host_policy,
         wait_timeout: Duration::from_secs(10),
         lora_mode: LoraMode::FuseOnUpload,
+        upload_thread,
         ..RuntimeConfig::default()
     };
     let rt = Arc::new(Runtime::new(dev.clone(), compute, cfg).unwrap());
@@ -547,4 +576,15 @@ fn lora_swaps_between_passes_of_threads_balanced_lru_staged() {
 #[test]
 fn lora_swaps_between_passes_of_threads_model_mode() {
     lora_stress(Mode::Model, Policy::Planned, HostPolicy::Pinned);
+}
+
+/// Pinned uploads and their merges queued by the uploader thread.
+#[test]
+fn lora_swaps_between_passes_of_threads_sequential_uploader() {
+    lora_stress_with(
+        Mode::Sequential,
+        Policy::Planned,
+        HostPolicy::Pinned,
+        Some(true),
+    );
 }

@@ -40,7 +40,7 @@ pub(crate) struct LayerState {
     pub(crate) done: Vec<(DoneSource, EventId)>,
     pub(crate) last_use: u64,
     /// An upload being queued by one of the runtime's threads: a staged
-    /// upload, or the merges of a pinned one (the merger thread).
+    /// upload, or a pinned one on the uploader thread.
     pub(crate) job: Option<Arc<JobDone>>,
     /// The last recording of the layer's ready event was queued on the
     /// merge stream (after fuse-on-upload merges), not on the copy stream:
@@ -61,8 +61,8 @@ impl LayerState {
         }
     }
 
-    /// Whether the layer's job (a staged upload, or the merger's merges)
-    /// is still being queued.
+    /// Whether the layer's upload job (staged, or on the uploader) is still
+    /// being queued.
     pub(crate) fn job_pending(&self) -> bool {
         self.job.as_ref().is_some_and(|j| !j.is_finished())
     }

@@ -159,16 +159,17 @@ pub struct RuntimeConfig {
     /// How LoRA sets are applied (default fuse-on-upload); backup and fuse
     /// need the pinned host policy.
     pub lora_mode: crate::lora::LoraMode,
-    /// Who queues the fuse-on-upload merges of pinned uploads: `Some(true)`
-    /// the runtime's merger thread, so that the thread that acquires layers
-    /// (the engine's, which also queues their compute) only queues their
-    /// copies; `Some(false)` the acquiring thread. `None` (default): the
-    /// merger thread on a GPU, where the CPUs are free while the device
-    /// works, the acquiring thread on the host backend, whose streams run
-    /// the merges on the CPUs the merger thread would wait for (on a 2-core
-    /// machine the merger thread made its LoRA passes slower). The staged
-    /// policy's threads queue their own layers' merges either way.
-    pub merge_thread: Option<bool>,
+    /// Who queues the uploads of the pinned policy (each layer's copy and
+    /// its fuse-on-upload merges): `Some(true)` the runtime's uploader
+    /// thread, so that the thread that acquires layers (the engine's, which
+    /// also queues their compute) makes none of those calls; `Some(false)`
+    /// the acquiring thread. `None` (default): the uploader on a GPU, where
+    /// the CPUs are free while the device works, the acquiring thread on
+    /// the host backend, whose streams run copies and merges on the CPUs
+    /// the uploader would wait for (on a 2-core machine a thread of its own
+    /// made LoRA passes slower). The staged policy's threads queue their
+    /// own uploads either way.
+    pub upload_thread: Option<bool>,
 }
 
 impl Default for RuntimeConfig {
@@ -186,7 +187,7 @@ impl Default for RuntimeConfig {
             measure_stall: true,
             timeline: false,
             lora_mode: crate::lora::LoraMode::FuseOnUpload,
-            merge_thread: None,
+            upload_thread: None,
         }
     }
 }

@@ -36,7 +36,7 @@ pub(crate) fn read_layer(
 }
 
 /// Completion of an upload queued by one of the runtime's threads (a
-/// staged upload, or the merges of a pinned one): set once its work (and
+/// staged upload, or a pinned one on the uploader): set once its work (and
 /// the ready event) is queued on the streams, or once it failed, with the
 /// error every waiter gets.
 #[derive(Default)]
@@ -493,7 +493,7 @@ fn run_job(
 /// [`Kernel::MergeBatch`](crate::device::Kernel::MergeBatch) on `stream`,
 /// with its `"merge"` timeline entry for `name` (best effort: a failure to
 /// queue one shows in the launch or the recording that follows). Staged
-/// jobs and the merger's jobs both queue their merges here.
+/// jobs, the uploader's jobs and the acquiring thread all queue merges here.
 pub(crate) fn queue_merges(
     device: &dyn Device,
     counters: &Arc<Counters>,

@@ -895,7 +895,7 @@ impl Shared {
         report: &mut LoraReport,
     ) -> Result<()> {
         let comp = &model.comps[ci];
-        // A job still being queued (a staged upload, the merger's merges)
+        // An upload job still being queued (staged, or on the uploader)
         // finishes first (a failed one is over: its copy is dropped below).
         if let Some(j) = st.layers[l].job.clone() {
             let _ = j.wait(self.cfg.wait_timeout);

@@ -26,10 +26,10 @@ mod component;
 mod config;
 mod host;
 mod lora;
-mod merger;
 mod plan;
 mod stall;
 mod stats;
+mod uploader;
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -50,9 +50,9 @@ use crate::lora::{LoraBinding, LoraMode, LoraReport};
 use crate::model::{DType, ModelDesc, Pin, WeightSource};
 use component::{CompRt, CompState, DoneSource, LayerState, Place, Slot};
 use host::{Job, JobDone, LayerBytes, Stager};
-use merger::{MergeJob, Merger};
 use stall::StallLog;
 use stats::Counters;
+use uploader::{HostSrc, UploadJob, Uploader};
 
 /// A loaded model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -127,8 +127,9 @@ struct Shared {
     /// Timing events around the compute stream's waits for weights.
     stalls: StallLog,
     stager: Option<Stager>,
-    /// Queues the merges of pinned uploads (staged jobs queue their own).
-    merger: Option<Merger>,
+    /// Queues pinned uploads, their copies and merges (see `uploader`),
+    /// where `RuntimeConfig::upload_thread` says so.
+    uploader: Option<Uploader>,
     /// How LoRAs are applied (changed by `set_lora_mode`).
     lora_mode: Mutex<LoraMode>,
     /// Pages of LoRA factors on the device, all models together.
@@ -359,17 +360,18 @@ impl Runtime {
                 }
             }
         };
-        let merger = match &stager {
+        let uploader = match &stager {
             Some(_) => None,
-            None if !cfg.merge_thread.unwrap_or(info.kind == BackendKind::Cuda) => None,
-            None => match Merger::new(
+            None if !cfg.upload_thread.unwrap_or(info.kind == BackendKind::Cuda) => None,
+            None => match Uploader::new(
                 device.clone(),
                 (copy, merge),
                 counters.clone(),
-                handoff_tx.clone(),
+                (pool_tx.clone(), handoff_tx.clone()),
                 copy_gate.clone(),
+                cfg.wait_timeout,
             ) {
-                Ok(m) => Some(m),
+                Ok(u) => Some(u),
                 Err(e) => {
                     undo(&streams);
                     return Err(e);
@@ -400,7 +402,7 @@ impl Runtime {
                 counters,
                 stalls: StallLog::default(),
                 stager,
-                merger,
+                uploader,
                 lora_mode: Mutex::new(cfg_lora_mode),
                 lora_pages: AtomicUsize::new(0),
                 copy_gate,
@@ -634,8 +636,8 @@ impl Runtime {
                 break;
             }
             // A job still being queued after its wait timed out (offload
-            // leaves it be) will still use the layer's ready event and the
-            // LoRA factors: the model stays until it is over.
+            // leaves it be) will still use the layer's host copy, ready
+            // event and LoRA factors: the model stays until it is over.
             if let Some(l) = st.layers.iter().position(|x| x.job_pending()) {
                 offloaded = Err(Error::Timeout {
                     event: c.ready[l],
@@ -1424,8 +1426,8 @@ impl Shared {
     /// the copy. With fuse-on-upload merges the copy hands over to the merge
     /// stream through an event, the merges run there and the ready event is
     /// recorded after them, so the next upload does not wait for this
-    /// layer's merges; the merger thread (or the staged job) queues them,
-    /// not this thread, and the layer's job says when it has.
+    /// layer's merges. With a stager or an uploader, their thread queues
+    /// all of it, not this one, and the layer's job says when it has.
     fn upload(
         &self,
         model: &ModelRt,
@@ -1479,6 +1481,53 @@ impl Shared {
             });
             return Ok(());
         }
+        if let Some(up) = &self.uploader {
+            let handoff = if merges {
+                match self.handoff_event() {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        self.give_back(waits);
+                        return Err(e);
+                    }
+                }
+            } else {
+                None
+            };
+            let host = st.host[l]
+                .as_ref()
+                .expect("pinned policy keeps a host copy of every layer");
+            let done = Arc::new(JobDone::default());
+            let job = UploadJob {
+                name: comp.layer_names[l].clone(),
+                src: HostSrc(host.as_ptr()),
+                len: total,
+                dst,
+                waits,
+                merges: st.merges[l].clone(),
+                handoff,
+                ready,
+                done: done.clone(),
+            };
+            if let Err(job) = up.submit(job) {
+                // The uploader stops only when the runtime drops; nothing of
+                // the job was queued.
+                if let Some(h) = job.handoff {
+                    self.recycle_handoff(h);
+                }
+                self.give_back(job.waits);
+                return Err(Error::Kernel {
+                    kernel: "upload",
+                    message: "the runtime's uploader thread has stopped".into(),
+                });
+            }
+            st.layers[l].job = Some(done);
+            st.layers[l].ready_on_merge = merges;
+            // Counted as queued here, as on this thread, so that the
+            // counters after a call include what it queued.
+            Counters::add(&self.counters.bytes_h2d, total as u64);
+            Counters::add(&self.counters.uploads, 1);
+            return Ok(());
+        }
         if let Some(e) = waits
             .iter()
             .find_map(|&e| self.device.stream_wait_event(self.copy, e).err())
@@ -1508,23 +1557,15 @@ impl Shared {
         // The ready event must follow the copy even when the merges cannot
         // be handed over: the caller frees the pages behind it.
         st.layers[l].ready_on_merge = merges;
-        let queued = if merges && self.merger.is_some() {
-            self.merge_after_copy(st, l, dst, ready, &comp.layer_names[l])
-        } else if merges {
-            self.merge_inline(&st.merges[l], dst, ready, &comp.layer_names[l])
+        let queued = if merges {
+            self.merge_after_copy(&st.merges[l], dst, ready, &comp.layer_names[l])
         } else {
             self.device.record_event(ready, self.copy)
         };
         if let Some(start) = start {
             let name = comp.layer_names[l].clone();
             let ended = self.timeline_end(self.copy, start, name, "upload", total);
-            // Once the merger has the layer's job, the upload stands (the
-            // caller would free the pages behind a ready event the merger
-            // has yet to record): the timeline's entry is best effort then.
-            queued?;
-            if !st.layers[l].job_pending() {
-                ended?;
-            }
+            queued.and(ended)?;
         } else {
             queued?;
         }
@@ -1573,69 +1614,12 @@ impl Shared {
         )
     }
 
-    /// After the copy of layer `l` just queued on the copy stream, hand its
-    /// merges to the merger (which runs them on the merge stream and records
-    /// `ready` there); the layer's job says when they are queued. `ready` is
+    /// After the copy just queued on the copy stream (on this thread: no
+    /// uploader, see `RuntimeConfig::upload_thread`), queue `merges` on
+    /// `dst` on the merge stream and record `ready` there; `ready` is
     /// recorded after the copy whatever fails (on the copy stream if the
-    /// hand-over could not be recorded).
-    fn merge_after_copy(
-        &self,
-        st: &mut CompState,
-        l: usize,
-        dst: DevicePtr,
-        ready: EventId,
-        layer: &str,
-    ) -> Result<()> {
-        let handoff =
-            self.handoff_event()
-                .and_then(|e| match self.device.record_event(e, self.copy) {
-                    Ok(()) => Ok(e),
-                    Err(err) => {
-                        // Never recorded: the event may be reused.
-                        self.recycle_handoff(e);
-                        Err(err)
-                    }
-                });
-        let handoff = match handoff {
-            Ok(h) => h,
-            Err(e) => {
-                self.device.record_event(ready, self.copy)?;
-                return Err(e);
-            }
-        };
-        let done = Arc::new(JobDone::default());
-        let job = MergeJob {
-            name: layer.to_string(),
-            dst,
-            merges: st.merges[l].clone(),
-            handoff,
-            ready,
-            done: done.clone(),
-        };
-        // Called only with a merger, which stops only when the runtime drops.
-        let submitted = match &self.merger {
-            Some(m) => m.submit(job),
-            None => Err(Box::new(job)),
-        };
-        if let Err(job) = submitted {
-            // Nothing of it was queued.
-            self.recycle_handoff(job.handoff);
-            self.device.record_event(ready, self.copy)?;
-            return Err(Error::Kernel {
-                kernel: "merge",
-                message: "the runtime's merger thread has stopped".into(),
-            });
-        }
-        st.layers[l].job = Some(done);
-        Ok(())
-    }
-
-    /// [`Self::merge_after_copy`] on this thread (no merger thread: see
-    /// `RuntimeConfig::merge_thread`): queue `merges` on `dst` on the merge
-    /// stream after the copy just queued and record `ready` there; `ready`
-    /// is recorded after the copy whatever fails (on the copy stream if the
     /// hand-over could not be queued).
-    fn merge_inline(
+    fn merge_after_copy(
         &self,
         merges: &[(usize, Arc<MergeOp>)],
         dst: DevicePtr,
@@ -1669,7 +1653,7 @@ impl Shared {
             // just queued, and the pages would be freed behind it: let them run.
             let _ = self.device.stream_synchronize(self.merge);
         }
-        // The merges' error first, as the merger reports it.
+        // The merges' error first, as the uploader reports it.
         merged.and(recorded)
     }
 
@@ -2010,7 +1994,7 @@ impl Drop for Shared {
         self.stalls.destroy(&*self.device);
         let _ = self.sync_copy();
         self.stager = None;
-        self.merger = None;
+        self.uploader = None;
         let _ = self.sync_copy();
         for m in self.models.iter() {
             for c in &m.comps {
