@@ -910,6 +910,9 @@ struct ExtraFaults {
     /// Each merge batch and host-to-device copy queued while recording:
     /// ("merge" or "copy", the name of the thread that queued it).
     queued_by: std::sync::Mutex<Option<Vec<(&'static str, String)>>>,
+    /// While set, a copy queued by the runtime's uploader thread blocks in
+    /// the call (a job stuck in the uploader).
+    hold_uploads: AtomicBool,
 }
 
 impl ExtraFaults {
@@ -930,6 +933,7 @@ impl ExtraFaults {
             merge_prepares: AtomicU64::new(0),
             refuse_prepare: AtomicBool::new(false),
             queued_by: std::sync::Mutex::new(None),
+            hold_uploads: AtomicBool::new(false),
         }
     }
 
@@ -1078,6 +1082,11 @@ impl Device for ExtraFaults {
         stream: StreamId,
     ) -> Result<(), Error> {
         self.queued("copy");
+        while self.hold_uploads.load(Ordering::SeqCst)
+            && std::thread::current().name() == Some("offload-uploader")
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let n = self.copies.fetch_add(1, Ordering::SeqCst);
         if n == self.refuse_copy.load(Ordering::SeqCst) {
             return Err(Error::StreamFailed {
@@ -2358,6 +2367,42 @@ fn the_uploads_of_a_pass_are_queued_off_the_acquiring_thread() {
             "{policy:?}: uploads queued by {queued:?}, not by {thread}"
         );
     }
+}
+
+/// An upload stuck in the uploader thread (its copy call blocked) past the
+/// wait timeout: the acquire that needs it times out and leaves it be,
+/// `unload` refuses the model (the job will still read its host copy and
+/// write its pages) and keeps it; once the uploader goes on, every byte
+/// is right and the model unloads with every page back.
+#[test]
+fn an_upload_stuck_in_the_uploader_keeps_the_model_until_it_is_queued() {
+    let (desc, src) = f16_model("stuck", 3, &[vec![vec![vec![64, 64]]; 3]]);
+    let k = knobbed(RuntimeConfig {
+        upload_thread: Some(true),
+        wait_timeout: Duration::from_millis(200),
+        ..knobbed_cfg(
+            Mode::Sequential,
+            16,
+            HostPolicy::Pinned,
+            LoraMode::FuseOnUpload,
+        )
+    });
+    let m = k.rt.load(desc.clone(), src.clone()).unwrap();
+    k.extra.hold_uploads.store(true, Ordering::SeqCst);
+    let id = LayerId {
+        model: m,
+        component: 0,
+        layer: 0,
+    };
+    let e = k.rt.acquire(id).unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    let e = k.rt.unload(m).unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    k.extra.hold_uploads.store(false, Ordering::SeqCst);
+    k.rt.synchronize().unwrap();
+    check_all(&k, m, &desc, &src, &vec![]).unwrap();
+    k.rt.unload(m).unwrap();
+    assert_eq!(k.rt.arena().pages_used(), 0);
 }
 
 /// A layer whose staged upload failed (its job finished with an error)

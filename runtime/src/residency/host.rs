@@ -461,32 +461,75 @@ fn run_job(
     timeout: Duration,
 ) -> Result<()> {
     let queued = queue_job(device, copy, job, staging, counters, timeout);
-    let (ready_on, merged) = match job.handoff {
-        Some(h) if queued.is_ok() && !job.merges.is_empty() => {
+    let finished = finish_upload(
+        device,
+        (copy, merge),
+        counters,
+        queued.is_ok(),
+        LayerMerges {
+            merges: &job.merges,
+            handoff: job.handoff,
+            dst: job.dst,
+            name: &job.name,
+            count: true,
+        },
+        job.ready,
+    );
+    queued.and(finished)?;
+    Counters::add(&counters.uploads, 1);
+    Ok(())
+}
+
+/// A layer's merges as an upload job carries them.
+#[derive(Clone, Copy)]
+pub(crate) struct LayerMerges<'a> {
+    /// (offset of the tensor in the layer, merge).
+    pub(crate) merges: &'a [(usize, Arc<crate::device::MergeOp>)],
+    /// The copy-to-merge hand-off event (with merges).
+    pub(crate) handoff: Option<EventId>,
+    /// Where the layer was copied to.
+    pub(crate) dst: DevicePtr,
+    /// The layer's name (timeline entries).
+    pub(crate) name: &'a str,
+    /// Count them in `merges` and `merged_bytes` once queued (the
+    /// uploader's were counted when its job was handed over).
+    pub(crate) count: bool,
+}
+
+/// The end of an upload job whose copies were queued on the copy stream
+/// (`copied`: all of them, without an error): hand them over to the merge
+/// stream and queue the layer's merges there, when it has any, then record
+/// the ready event, after the copies whatever fails (whoever drops the
+/// layer frees its pages behind it). The merges' error first, then the
+/// recording's. Staged jobs and the uploader's jobs both end here.
+pub(crate) fn finish_upload(
+    device: &dyn Device,
+    (copy, merge): (StreamId, StreamId),
+    counters: &Arc<Counters>,
+    copied: bool,
+    m: LayerMerges<'_>,
+    ready: EventId,
+) -> Result<()> {
+    let (ready_on, merged) = match m.handoff {
+        Some(h) if copied && !m.merges.is_empty() => {
             let handed = device
                 .record_event(h, copy)
                 .and_then(|()| device.stream_wait_event(merge, h));
             match handed {
-                Ok(()) => (
-                    merge,
-                    queue_merges(device, counters, merge, &job.merges, job.dst, &job.name),
-                ),
+                Ok(()) => (merge, queue_merges(device, counters, merge, &m)),
+                // The copy stream runs the copies before anything queued after them.
                 Err(e) => (copy, Err(e)),
             }
         }
         _ => (copy, Ok(())),
     };
-    let ready = device.record_event(job.ready, ready_on);
-    if ready.is_err() && ready_on == merge {
+    let recorded = device.record_event(ready, ready_on);
+    if recorded.is_err() && ready_on == merge {
         // The pages would be freed behind an older recording than the
         // merges just queued: let them run first.
         let _ = device.stream_synchronize(merge);
     }
-    queued?;
-    merged?;
-    ready?;
-    Counters::add(&counters.uploads, 1);
-    Ok(())
+    merged.and(recorded)
 }
 
 /// A layer's merges (`merges` on the layer at `dst`): one
@@ -498,12 +541,16 @@ pub(crate) fn queue_merges(
     device: &dyn Device,
     counters: &Arc<Counters>,
     stream: StreamId,
-    merges: &[(usize, Arc<crate::device::MergeOp>)],
-    dst: DevicePtr,
-    name: &str,
+    m: &LayerMerges<'_>,
 ) -> Result<()> {
+    let LayerMerges {
+        merges, dst, name, ..
+    } = *m;
     let mark = stats::timeline_mark(device, counters, stream);
-    super::lora::launch_merge_batch(device, counters, merges, dst, stream)?;
+    super::lora::launch_uncounted(device, merges, dst, stream)?;
+    if m.count {
+        super::lora::count_merges(counters, merges);
+    }
     if let Some(mark) = mark {
         let bytes = merges.iter().map(|(_, op)| op.touched_bytes()).sum();
         let _ = stats::end_on(

@@ -195,17 +195,36 @@ pub(super) fn launch_merge_batch(
     if merges.is_empty() {
         return Ok(());
     }
+    launch_uncounted(device, merges, dst, stream)?;
+    count_merges(counters, merges);
+    Ok(())
+}
+
+/// [`launch_merge_batch`] without counting (the uploader's jobs are
+/// counted when they are handed over).
+pub(super) fn launch_uncounted(
+    device: &dyn Device,
+    merges: &[(usize, Arc<MergeOp>)],
+    dst: DevicePtr,
+    stream: StreamId,
+) -> Result<()> {
+    if merges.is_empty() {
+        return Ok(());
+    }
     device.launch(
         &Kernel::MergeBatch {
             base: dst,
             ops: merges.into(),
         },
         stream,
-    )?;
+    )
+}
+
+/// Count `merges` in `merges` and `merged_bytes`.
+pub(super) fn count_merges(counters: &Counters, merges: &[(usize, Arc<MergeOp>)]) {
     Counters::add(&counters.merges, merges.len() as u64);
     let bytes: usize = merges.iter().map(|(_, op)| op.touched_bytes()).sum();
     Counters::add(&counters.merged_bytes, bytes as u64);
-    Ok(())
 }
 
 impl Shared {

@@ -647,12 +647,13 @@ impl Runtime {
             }
         }
         // Queued copies from the host copy must finish before it can be freed;
-        // a copy that failed earlier has finished too.
-        let synced = match sh.sync_copy() {
+        // a copy that failed earlier has finished too. (Not after a failure:
+        // a job still queueing holds the gate the synchronisation takes.)
+        let synced = offloaded.and_then(|()| match sh.sync_copy() {
             Err(Error::StreamFailed { .. }) => Ok(()),
             other => other,
-        };
-        if let Err(e) = offloaded.and(synced) {
+        });
+        if let Err(e) = synced {
             unmark(m.comps.len());
             return Err(e);
         }
@@ -1452,16 +1453,12 @@ impl Shared {
         }
         let merges = !st.merges[l].is_empty();
         if let Some(stager) = &self.stager {
-            let handoff = if merges {
-                match self.handoff_event() {
-                    Ok(h) => Some(h),
-                    Err(e) => {
-                        self.give_back(waits);
-                        return Err(e);
-                    }
+            let handoff = match merges.then(|| self.handoff_event()).transpose() {
+                Ok(h) => h,
+                Err(e) => {
+                    self.give_back(waits);
+                    return Err(e);
                 }
-            } else {
-                None
             };
             let done = Arc::new(JobDone::default());
             st.layers[l].job = Some(done.clone());
@@ -1482,16 +1479,12 @@ impl Shared {
             return Ok(());
         }
         if let Some(up) = &self.uploader {
-            let handoff = if merges {
-                match self.handoff_event() {
-                    Ok(h) => Some(h),
-                    Err(e) => {
-                        self.give_back(waits);
-                        return Err(e);
-                    }
+            let handoff = match merges.then(|| self.handoff_event()).transpose() {
+                Ok(h) => h,
+                Err(e) => {
+                    self.give_back(waits);
+                    return Err(e);
                 }
-            } else {
-                None
             };
             let host = st.host[l]
                 .as_ref()
@@ -1526,6 +1519,7 @@ impl Shared {
             // counters after a call include what it queued.
             Counters::add(&self.counters.bytes_h2d, total as u64);
             Counters::add(&self.counters.uploads, 1);
+            lora::count_merges(&self.counters, &st.merges[l]);
             return Ok(());
         }
         if let Some(e) = waits
@@ -1626,35 +1620,30 @@ impl Shared {
         ready: EventId,
         layer: &str,
     ) -> Result<()> {
-        let handed = self.handoff_event().and_then(|e| {
-            let r = self
-                .device
-                .record_event(e, self.copy)
-                .and_then(|()| self.device.stream_wait_event(self.merge, e));
-            // Queued (or never recorded): the event may be reused.
-            self.recycle_handoff(e);
-            r
-        });
-        if let Err(e) = handed {
-            self.device.record_event(ready, self.copy)?;
-            return Err(e);
-        }
-        let merged = host::queue_merges(
+        let h = match self.handoff_event() {
+            Ok(h) => h,
+            Err(e) => {
+                self.device.record_event(ready, self.copy)?;
+                return Err(e);
+            }
+        };
+        let r = host::finish_upload(
             &*self.device,
+            (self.copy, self.merge),
             &self.counters,
-            self.merge,
-            merges,
-            dst,
-            layer,
+            true,
+            host::LayerMerges {
+                merges,
+                handoff: Some(h),
+                dst,
+                name: layer,
+                count: true,
+            },
+            ready,
         );
-        let recorded = self.device.record_event(ready, self.merge);
-        if recorded.is_err() {
-            // The ready event's last recording is then older than the merges
-            // just queued, and the pages would be freed behind it: let them run.
-            let _ = self.device.stream_synchronize(self.merge);
-        }
-        // The merges' error first, as the uploader reports it.
-        merged.and(recorded)
+        // Queued (or never recorded): the event may be reused.
+        self.recycle_handoff(h);
+        r
     }
 
     /// Wait for the users of layer `l` (its own allocation) and free it.
@@ -1680,7 +1669,17 @@ impl Shared {
     }
 
     /// Forget layer `l`'s device copy (its users must be done; a queued upload may still run).
+    /// A job still queueing its upload is waited for first; if it is still
+    /// queueing after the wait times out, the copy stays (the job will
+    /// write its pages, read its host copy and record the ready event they
+    /// are freed behind), and whoever meets the job later waits again.
     fn drop_device_copy(&self, comp: &CompRt, st: &mut CompState, l: usize) {
+        if let Some(j) = st.layers[l].job.clone() {
+            let _ = j.wait(self.cfg.wait_timeout);
+            if !j.is_finished() {
+                return;
+            }
+        }
         debug_assert_eq!(
             st.layers[l].users, 0,
             "{}: a held layer's device copy is never dropped",

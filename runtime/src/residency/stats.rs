@@ -29,9 +29,11 @@ pub struct TimelineEntry {
 /// its memory use (current and peak since the last [`super::Runtime::reset_peaks`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RuntimeStats {
-    /// Bytes copied host → device.
+    /// Bytes copied host → device: counted as each copy is queued (an
+    /// upload handed to the runtime's uploader thread, when it is handed
+    /// over, so that a call's counts include what it queued).
     pub bytes_h2d: u64,
-    /// Layer uploads.
+    /// Layer uploads (counted as `bytes_h2d` is).
     pub uploads: u64,
     /// Layers evicted from the device (ring slot reuse not counted).
     pub evictions: u64,
@@ -54,7 +56,8 @@ pub struct RuntimeStats {
     pub peak_host_bytes: usize,
     /// Bytes past the end of resident layers up to their last page.
     pub page_waste_bytes: usize,
-    /// LoRA merges run on the device (one per patched tensor and row slice per upload).
+    /// LoRA merges run on the device (one per patched tensor and row slice
+    /// per upload; counted as `bytes_h2d` is).
     pub merges: u64,
     /// Weight bytes those merges read and wrote (each byte once).
     pub merged_bytes: u64,

@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
 
-use super::host::{queue_merges, EventReturns, JobDone};
+use super::host::{finish_upload, EventReturns, JobDone, LayerMerges};
 use super::stats::{self, Counters};
 use crate::device::{Device, DevicePtr, EventId, MergeOp, StreamId};
 use crate::error::{Error, Result};
@@ -97,9 +97,10 @@ impl Uploader {
                 for job in rx {
                     // A panic (a bug below) must not leave the job, and every
                     // layer waiting for it, pending for good.
+                    let mut waits_queued = false;
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         let _queueing = gate.read().unwrap_or_else(|p| p.into_inner());
-                        run(&*device, streams, &job, &counters)
+                        run(&*device, streams, &job, &counters, &mut waits_queued)
                     }))
                     .unwrap_or_else(|_| {
                         Err(Error::Kernel {
@@ -108,11 +109,13 @@ impl Uploader {
                         })
                     });
                     // Queued, the waits captured the recordings and the
-                    // events may be reused; after a failure the ready event
-                    // may not follow them, so their users are waited for
-                    // here first (the pages may be reused behind it).
+                    // events may be reused (the ready event, recorded on the
+                    // copy stream after them or after merges that follow
+                    // them, covers them). Not queued, the ready event may
+                    // not follow them: their users are waited for here
+                    // first (the pages may be reused behind it).
                     for &e in &job.waits {
-                        if r.is_err() {
+                        if !waits_queued {
                             let _ = device.event_wait(e, Some(wait_timeout));
                         }
                         let _ = release_events.send(e);
@@ -158,21 +161,25 @@ fn run(
     (copy, merge): (StreamId, StreamId),
     job: &UploadJob,
     counters: &Arc<Counters>,
+    waits_queued: &mut bool,
 ) -> Result<()> {
-    let mark = stats::timeline_mark(device, counters, copy);
     let copied = job
         .waits
         .iter()
         .try_for_each(|&e| device.stream_wait_event(copy, e))
+        .inspect(|()| *waits_queued = true)
         .and_then(|()| {
+            let mark = stats::timeline_mark(device, counters, copy);
             // SAFETY: `src` holds `len` bytes of the layer's pinned host
             // copy, which outlives the copy (see `HostSrc`); `dst` is the
             // layer's allocation or ring slot, at least `len` bytes, whose
             // pages are freed only behind the ready event recorded below,
-            // after this copy.
-            unsafe { device.copy_h2d_async(job.dst, job.src.0, job.len, copy) }
+            // after this copy, or, if that recording fails, behind the
+            // previous one, when every later writer of those pages queues
+            // on this same copy stream, after this copy.
+            unsafe { device.copy_h2d_async(job.dst, job.src.0, job.len, copy) }.map(|()| mark)
         });
-    if copied.is_ok() {
+    let copied = copied.map(|mark| {
         if let Some(mark) = mark {
             let _ = stats::end_on(
                 device,
@@ -184,30 +191,20 @@ fn run(
                 job.len,
             );
         }
-    }
-    let (ready_on, merged) = match job.handoff {
-        Some(h) if copied.is_ok() && !job.merges.is_empty() => {
-            let handed = device
-                .record_event(h, copy)
-                .and_then(|()| device.stream_wait_event(merge, h));
-            match handed {
-                Ok(()) => (
-                    merge,
-                    queue_merges(device, counters, merge, &job.merges, job.dst, &job.name),
-                ),
-                // The copy stream runs the copy before anything queued after it.
-                Err(e) => (copy, Err(e)),
-            }
-        }
-        _ => (copy, Ok(())),
-    };
-    let ready = device.record_event(job.ready, ready_on);
-    if ready.is_err() && ready_on == merge {
-        // The pages would be freed behind an older recording than the
-        // merges just queued: let them run first.
-        let _ = device.stream_synchronize(merge);
-    }
-    copied?;
-    merged?;
-    ready
+    });
+    let finished = finish_upload(
+        device,
+        (copy, merge),
+        counters,
+        copied.is_ok(),
+        LayerMerges {
+            merges: &job.merges,
+            handoff: job.handoff,
+            dst: job.dst,
+            name: &job.name,
+            count: false,
+        },
+        job.ready,
+    );
+    copied.and(finished)
 }
