@@ -33,8 +33,9 @@ pub(crate) struct HostSrc(pub(crate) *const u8);
 
 // SAFETY: the address is only read by the copy the uploader queues, and
 // the buffer behind it outlives that copy: a component's host copies are
-// freed only at unload (which waits for every job of the model and
-// synchronises the copy stream) or when the runtime drops (which joins
+// freed only at unload (which waits for every job of the model, refuses
+// the model while one is still queueing, and synchronises the copy
+// stream) or when the runtime drops (which joins
 // the uploader and synchronises the copy stream first), and backup and
 // fuse change a layer's host copy only after waiting for that layer's job
 // and synchronising the copy stream, under the component's lock.
