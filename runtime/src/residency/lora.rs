@@ -192,9 +192,6 @@ pub(super) fn launch_merge_batch(
     dst: DevicePtr,
     stream: StreamId,
 ) -> Result<()> {
-    if merges.is_empty() {
-        return Ok(());
-    }
     launch_uncounted(device, merges, dst, stream)?;
     count_merges(counters, merges);
     Ok(())
@@ -859,10 +856,8 @@ impl Shared {
                     // ready event recorded before those copies), and a failure it
                     // left on the copy stream is this call's, not the next upload's.
                     let _ = self.sync_copy();
-                    // A job that is still being queued (a wait for it timed
-                    // out) keeps its pages: its ready event comes later.
-                    if st.layers[l].place != Place::Host && !st.layers[l].job_pending() {
-                        self.drop_device_copy(comp, &mut st, l);
+                    if st.layers[l].place != Place::Host && self.drop_device_copy(comp, &mut st, l)
+                    {
                         report.layers_dropped += 1;
                     }
                     first_err.get_or_insert(e);
@@ -883,8 +878,8 @@ impl Shared {
                     .map(|k| k.1)
                     .collect::<BTreeSet<_>>()
                 {
-                    if st.layers[l].place != Place::Host {
-                        self.drop_device_copy(comp, &mut st, l);
+                    if st.layers[l].place != Place::Host && self.drop_device_copy(comp, &mut st, l)
+                    {
                         report.layers_dropped += 1;
                     }
                 }
@@ -967,8 +962,9 @@ impl Shared {
         let host = match st.host[l].as_ref() {
             Some(h) if !failed => h,
             _ => {
-                self.drop_device_copy(comp, st, l);
-                report.layers_dropped += 1;
+                if self.drop_device_copy(comp, st, l) {
+                    report.layers_dropped += 1;
+                }
                 return Ok(());
             }
         };

@@ -1452,14 +1452,20 @@ impl Shared {
             }
         }
         let merges = !st.merges[l].is_empty();
+        // A stager's or the uploader's job hands its copies over to the merge
+        // stream through an event of its own.
+        let queued_elsewhere = self.stager.is_some() || self.uploader.is_some();
+        let handoff = match (merges && queued_elsewhere)
+            .then(|| self.handoff_event())
+            .transpose()
+        {
+            Ok(h) => h,
+            Err(e) => {
+                self.give_back(waits);
+                return Err(e);
+            }
+        };
         if let Some(stager) = &self.stager {
-            let handoff = match merges.then(|| self.handoff_event()).transpose() {
-                Ok(h) => h,
-                Err(e) => {
-                    self.give_back(waits);
-                    return Err(e);
-                }
-            };
             let done = Arc::new(JobDone::default());
             st.layers[l].job = Some(done.clone());
             st.layers[l].ready_on_merge = merges;
@@ -1479,13 +1485,6 @@ impl Shared {
             return Ok(());
         }
         if let Some(up) = &self.uploader {
-            let handoff = match merges.then(|| self.handoff_event()).transpose() {
-                Ok(h) => h,
-                Err(e) => {
-                    self.give_back(waits);
-                    return Err(e);
-                }
-            };
             let host = st.host[l]
                 .as_ref()
                 .expect("pinned policy keeps a host copy of every layer");
@@ -1673,11 +1672,12 @@ impl Shared {
     /// queueing after the wait times out, the copy stays (the job will
     /// write its pages, read its host copy and record the ready event they
     /// are freed behind), and whoever meets the job later waits again.
-    fn drop_device_copy(&self, comp: &CompRt, st: &mut CompState, l: usize) {
+    /// Returns whether the copy was dropped.
+    fn drop_device_copy(&self, comp: &CompRt, st: &mut CompState, l: usize) -> bool {
         if let Some(j) = st.layers[l].job.clone() {
             let _ = j.wait(self.cfg.wait_timeout);
             if !j.is_finished() {
-                return;
+                return false;
             }
         }
         debug_assert_eq!(
@@ -1711,6 +1711,7 @@ impl Shared {
         }
         st.layers[l].place = Place::Host;
         st.layers[l].job = None;
+        true
     }
 
     /// Give back a component's device memory: idle layers, and the ring if
