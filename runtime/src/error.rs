@@ -101,6 +101,14 @@ pub enum Error {
         /// How long the wait lasted.
         waited_ms: u64,
     },
+    /// An upload job was still queueing its copies after `waited_ms`, so
+    /// the copy stream could not be synchronised (the job, stuck in a
+    /// driver call or held back, still owns what it reads and writes).
+    #[error("an upload job was still queueing its copies after {waited_ms} ms; the copy stream was not synchronised")]
+    UploadsStuck {
+        /// How long the synchronisation waited for the job.
+        waited_ms: u64,
+    },
     /// Work queued on a stream failed; the stream reports it once, at the next synchronisation.
     #[error("stream {stream:?} failed: {message}")]
     StreamFailed {

@@ -913,6 +913,33 @@ struct ExtraFaults {
     /// While set, a copy queued by the runtime's uploader thread blocks in
     /// the call (a job stuck in the uploader).
     hold_uploads: AtomicBool,
+    /// While set, the uploader thread's stream waits are refused and its
+    /// host waits for events block (a failed job that waits for the users
+    /// of its slot, outside the copy gate, for as long as this is set).
+    stall_uploader_waits: AtomicBool,
+}
+
+/// Whether the calling thread is the runtime's uploader.
+fn on_uploader() -> bool {
+    std::thread::current().name() == Some("offload-uploader")
+}
+
+/// Sets a knob that stalls the uploader thread, and clears it on drop, so
+/// that a failing assertion unwinds instead of hanging in the runtime's
+/// drop (which joins that thread).
+struct Stalled<'a>(&'a AtomicBool);
+
+impl<'a> Stalled<'a> {
+    fn set(knob: &'a AtomicBool) -> Self {
+        knob.store(true, Ordering::SeqCst);
+        Stalled(knob)
+    }
+}
+
+impl Drop for Stalled<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 impl ExtraFaults {
@@ -934,6 +961,7 @@ impl ExtraFaults {
             refuse_prepare: AtomicBool::new(false),
             queued_by: std::sync::Mutex::new(None),
             hold_uploads: AtomicBool::new(false),
+            stall_uploader_waits: AtomicBool::new(false),
         }
     }
 
@@ -1060,6 +1088,12 @@ impl Device for ExtraFaults {
         self.inner.record_event(event, stream)
     }
     fn stream_wait_event(&self, stream: StreamId, event: EventId) -> Result<(), Error> {
+        if self.stall_uploader_waits.load(Ordering::SeqCst) && on_uploader() {
+            return Err(Error::StreamFailed {
+                stream,
+                message: format!("injected fault: wait for {event:?} refused"),
+            });
+        }
         self.inner.stream_wait_event(stream, event)
     }
     fn event_query(&self, event: EventId) -> Result<bool, Error> {
@@ -1069,6 +1103,9 @@ impl Device for ExtraFaults {
         self.inner.event_elapsed(start, end)
     }
     fn event_wait(&self, event: EventId, timeout: Option<Duration>) -> Result<(), Error> {
+        while self.stall_uploader_waits.load(Ordering::SeqCst) && on_uploader() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         self.inner.event_wait(event, timeout)
     }
     fn stream_synchronize(&self, stream: StreamId) -> Result<(), Error> {
@@ -1082,9 +1119,7 @@ impl Device for ExtraFaults {
         stream: StreamId,
     ) -> Result<(), Error> {
         self.queued("copy");
-        while self.hold_uploads.load(Ordering::SeqCst)
-            && std::thread::current().name() == Some("offload-uploader")
-        {
+        while self.hold_uploads.load(Ordering::SeqCst) && on_uploader() {
             std::thread::sleep(Duration::from_millis(1));
         }
         let n = self.copies.fetch_add(1, Ordering::SeqCst);
@@ -2388,7 +2423,7 @@ fn an_upload_stuck_in_the_uploader_keeps_the_model_until_it_is_queued() {
         )
     });
     let m = k.rt.load(desc.clone(), src.clone()).unwrap();
-    k.extra.hold_uploads.store(true, Ordering::SeqCst);
+    let held = Stalled::set(&k.extra.hold_uploads);
     let id = LayerId {
         model: m,
         component: 0,
@@ -2398,8 +2433,132 @@ fn an_upload_stuck_in_the_uploader_keeps_the_model_until_it_is_queued() {
     assert!(matches!(e, Error::Timeout { .. }), "{e}");
     let e = k.rt.unload(m).unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e}");
-    k.extra.hold_uploads.store(false, Ordering::SeqCst);
+    drop(held);
     k.rt.synchronize().unwrap();
+    check_all(&k, m, &desc, &src, &vec![]).unwrap();
+    k.rt.unload(m).unwrap();
+    assert_eq!(k.rt.arena().pages_used(), 0);
+}
+
+/// A LoRA change while an upload job is stuck queueing its copies and
+/// merges (it holds the copy gate): `set_loras` reports it after
+/// `wait_timeout` instead of waiting for good, and frees none of the
+/// departing LoRA's factors, which the stuck job's merges read. Once the job
+/// is through, the same call frees them and every weight is the file's
+/// again, bit for bit. (`set_loras` used to wait on the copy gate without a
+/// timeout; and where the job was pending without holding the gate, it
+/// freed the factors under it.)
+#[test]
+fn set_loras_beside_a_stuck_upload_keeps_the_factors_it_reads() {
+    let (desc, src) = f16_model("stuck-lora", 7, &[vec![vec![vec![64, 64]]; 3]]);
+    let k = knobbed(RuntimeConfig {
+        upload_thread: Some(true),
+        wait_timeout: Duration::from_millis(200),
+        ..knobbed_cfg(
+            Mode::Sequential,
+            16,
+            HostPolicy::Pinned,
+            LoraMode::FuseOnUpload,
+        )
+    });
+    let m = k.rt.load(desc.clone(), src.clone()).unwrap();
+    let set: Set = vec![(
+        lora(
+            8,
+            &desc,
+            &[(0, 0, 0), (0, 1, 0), (0, 2, 0)],
+            Kind::LowRank(4),
+        ),
+        1.0,
+    )];
+    k.rt.set_loras(m, &bindings(&set)).unwrap();
+    check_all(&k, m, &desc, &src, &set).unwrap();
+    let factors = k.rt.stats().lora_device_bytes;
+    assert!(factors > 0);
+    // Layer 0 left its ring slot during the pass: its next upload, with the
+    // LoRA's merges, sticks on the uploader thread.
+    let held = Stalled::set(&k.extra.hold_uploads);
+    let id = LayerId {
+        model: m,
+        component: 0,
+        layer: 0,
+    };
+    let e = k.rt.acquire(id).unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    let e = k.rt.set_loras(m, &[]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::UploadsStuck { waited_ms: 200 } | Error::Timeout { .. }
+        ),
+        "{e}"
+    );
+    assert_eq!(k.rt.stats().lora_device_bytes, factors);
+    drop(held);
+    k.rt.synchronize().unwrap();
+    let report = k.rt.set_loras(m, &[]).unwrap();
+    assert_eq!(report.factor_pages, 0);
+    assert_eq!(k.rt.stats().lora_device_bytes, 0);
+    check_all(&k, m, &desc, &src, &vec![]).unwrap();
+    k.rt.unload(m).unwrap();
+    assert_eq!(k.rt.arena().pages_used(), 0);
+}
+
+/// The same change beside an upload job that is pending without holding
+/// the copy gate: a failed job waiting for the users of its slot on the
+/// uploader thread. The copy stream synchronises, so `set_loras` gets as
+/// far as re-deriving the layers, meets the job and fails; the departing
+/// LoRA's factors stay (parked) until a later call finds no job pending.
+#[test]
+fn set_loras_beside_a_pending_upload_parks_the_factors_it_may_read() {
+    let (desc, src) = f16_model("pending-lora", 9, &[vec![vec![vec![64, 64]]; 3]]);
+    let k = knobbed(RuntimeConfig {
+        upload_thread: Some(true),
+        wait_timeout: Duration::from_millis(200),
+        ..knobbed_cfg(
+            Mode::Sequential,
+            16,
+            HostPolicy::Pinned,
+            LoraMode::FuseOnUpload,
+        )
+    });
+    let m = k.rt.load(desc.clone(), src.clone()).unwrap();
+    let set: Set = vec![(
+        lora(
+            10,
+            &desc,
+            &[(0, 0, 0), (0, 1, 0), (0, 2, 0)],
+            Kind::LowRank(4),
+        ),
+        1.0,
+    )];
+    k.rt.set_loras(m, &bindings(&set)).unwrap();
+    check_all(&k, m, &desc, &src, &set).unwrap();
+    let factors = k.rt.stats().lora_device_bytes;
+    assert!(factors > 0);
+    // Layer 0's next upload goes to a ring slot another layer was used in:
+    // its job waits for that use, fails to queue the wait, and stalls in
+    // the host wait that follows, outside the gate.
+    let stalled = Stalled::set(&k.extra.stall_uploader_waits);
+    let id = LayerId {
+        model: m,
+        component: 0,
+        layer: 0,
+    };
+    let e = k.rt.acquire(id).unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    let e = k.rt.set_loras(m, &[]).unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    assert_eq!(
+        k.rt.stats().lora_device_bytes,
+        factors,
+        "factors freed under a pending job"
+    );
+    drop(stalled);
+    // The job is over (failed: its error is the acquire's, reported already).
+    let _ = k.rt.synchronize();
+    k.rt.set_loras(m, &[]).unwrap();
+    assert_eq!(k.rt.stats().lora_device_bytes, 0);
     check_all(&k, m, &desc, &src, &vec![]).unwrap();
     k.rt.unload(m).unwrap();
     assert_eq!(k.rt.arena().pages_used(), 0);

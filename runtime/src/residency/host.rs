@@ -1,12 +1,13 @@
 //! Host copies of the weights: pinned layer buffers read once at load, or a
 //! ring of pinned staging buffers filled from the source on each upload.
 
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::gate::Gate;
 use super::stats::{self, Counters, TimelineEntry};
 use crate::device::{Device, DevicePtr, EventId, PinnedBuffer, StreamId};
 use crate::error::{Error, Result};
@@ -237,7 +238,7 @@ impl Stager {
         counters: Arc<Counters>,
         wait_timeout: Duration,
         (release_events, release_handoffs): EventReturns,
-        gate: Arc<RwLock<()>>,
+        gate: Arc<Gate>,
     ) -> Result<Stager> {
         if buffers == 0 || buffer_bytes == 0 || threads == 0 {
             return Err(Error::Config(format!(
@@ -342,18 +343,14 @@ fn reader(
     rx: Receiver<Job>,
     staging: Arc<Staging>,
     counters: Arc<Counters>,
-    (wait_timeout, (release_events, release_handoffs), gate): (
-        Duration,
-        EventReturns,
-        Arc<RwLock<()>>,
-    ),
+    (wait_timeout, (release_events, release_handoffs), gate): (Duration, EventReturns, Arc<Gate>),
 ) {
     for job in rx {
         let start = Instant::now();
         // A failure of one of the job's chunks must reach its ready event:
         // no synchronisation (which clears the failure) may come between.
         let r = {
-            let _queueing = gate.read().unwrap_or_else(|p| p.into_inner());
+            let _queueing = gate.share();
             run_job(&*device, streams, &job, &staging, &counters, wait_timeout)
         };
         // The waits are queued (or the job failed before using them): the events may be reused.
@@ -764,7 +761,7 @@ mod tests {
             Arc::new(Counters::new(false)),
             Duration::from_secs(5),
             (etx, htx),
-            Arc::new(RwLock::new(())),
+            Arc::new(Gate::default()),
         );
         assert!(
             matches!(&r, Err(Error::Config(m)) if m.contains("fill_part_bytes")),
@@ -890,7 +887,7 @@ mod tests {
             Arc::new(Counters::new(false)),
             Duration::from_secs(20),
             (etx, htx),
-            Arc::new(RwLock::new(())),
+            Arc::new(Gate::default()),
         )
         .unwrap();
         let src: Arc<dyn WeightSource> = Arc::new(source(3 << 20, None));

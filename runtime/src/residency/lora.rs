@@ -142,6 +142,12 @@ pub(crate) struct LoraState {
     backup: BTreeMap<(usize, usize), PinnedBuffer>,
     /// The mode `applied` was made in.
     mode: LoraMode,
+    /// LoRAs out of the set whose device factors an upload job still
+    /// queueing may read (its merges were built before the change), or
+    /// that could not be freed because such a job kept the copy stream
+    /// from being synchronised: freed by a later `set_loras` or unload,
+    /// and counted as device memory until then.
+    parked: Vec<LoadedLora>,
 }
 
 /// Components of a model marked as having their LoRA set changed; unmarked on drop.
@@ -510,8 +516,7 @@ impl Shared {
                     )
                 };
                 if let Err(e) = r {
-                    let _ = self.sync_copy();
-                    let _ = self.arena.free(a);
+                    self.free_behind_copies(a);
                     return Err(e);
                 }
                 Counters::add(&self.counters.bytes_h2d, h.len() as u64);
@@ -525,9 +530,16 @@ impl Shared {
 
     /// Free a LoRA's device copy (after the copy stream and the engine's
     /// work queued so far) and its host bytes.
-    fn drop_loaded(&self, l: LoadedLora) {
+    ///
+    /// `synced`: the caller synchronised the copy stream with no job of the
+    /// model still queueing (unload). Otherwise a job still queueing after
+    /// `wait_timeout` keeps the stream from being synchronised, and the
+    /// LoRA is given back untouched (its factors may still be read).
+    fn drop_loaded(&self, l: LoadedLora, synced: bool) -> std::result::Result<(), LoadedLora> {
         if let Some((a, _, _)) = l.dev {
-            let _ = self.sync_copy();
+            if !synced && matches!(self.sync_copy(), Err(Error::UploadsStuck { .. })) {
+                return Err(l);
+            }
             let freed = self
                 .event()
                 .and_then(|e| {
@@ -546,6 +558,50 @@ impl Shared {
             self.lora_pages.fetch_sub(l.pages, Ordering::Relaxed);
         }
         self.counters.host_free(l.host_bytes);
+        Ok(())
+    }
+
+    /// Free LoRAs that left `model`'s set, or park them in `state` while
+    /// one of the model's upload jobs is still queueing: its merges were
+    /// built before the change and may read their factors.
+    fn retire(
+        &self,
+        model: &ModelRt,
+        state: &mut LoraState,
+        gone: impl IntoIterator<Item = LoadedLora>,
+    ) {
+        let pending = model
+            .comps
+            .iter()
+            .any(|c| c.lock().layers.iter().any(|x| x.job_pending()));
+        for l in gone {
+            if pending && l.dev.is_some() {
+                state.parked.push(l);
+            } else if let Err(l) = self.drop_loaded(l, false) {
+                state.parked.push(l);
+            }
+        }
+    }
+
+    /// Give a factor allocation back once the copies queued on the copy
+    /// stream so far are done: after synchronising it, or, when a job still
+    /// queueing keeps it from being synchronised, behind an event recorded
+    /// on it.
+    fn free_behind_copies(&self, a: AllocId) {
+        if !matches!(self.sync_copy(), Err(Error::UploadsStuck { .. })) {
+            let _ = self.arena.free(a);
+            return;
+        }
+        let freed = self.event().and_then(|e| {
+            self.device.record_event(e, self.copy)?;
+            let r = self.arena.free_after(a, e);
+            self.recycle(e);
+            r
+        });
+        if freed.is_err() {
+            let _ = self.device.stream_synchronize(self.copy);
+            let _ = self.arena.free(a);
+        }
     }
 
     /// Check that the set's factors fit beside what each component needs at
@@ -604,6 +660,8 @@ impl Shared {
         // seconds, and the checks need no LoRA state.
         let prep = self.ready(model, bindings, mode)?;
         let mut state = model.lora.lock().unwrap_or_else(|p| p.into_inner());
+        let parked = std::mem::take(&mut state.parked);
+        self.retire(model, &mut state, parked);
         if state.mode != mode && !state.applied.is_empty() {
             // Take the old set off in its own mode first.
             let old = state.mode;
@@ -688,16 +746,14 @@ impl Shared {
             if device_mode {
                 if let Err(e) = self.upload_factors(model, &mut l) {
                     upload_err = Some(e);
-                    self.drop_loaded(l);
+                    self.retire(model, &mut state, [l]);
                     break;
                 }
             }
             loaded_new.push(l);
         }
         if let Some(e) = upload_err.or_else(|| self.sync_copy().err()) {
-            for l in loaded_new {
-                self.drop_loaded(l);
-            }
+            self.retire(model, &mut state, loaded_new);
             state.loaded = keep;
             state.loaded.extend(gone);
             return Err(e);
@@ -724,9 +780,7 @@ impl Shared {
         let ops = match built {
             Ok(ops) => ops,
             Err(e) => {
-                for l in loaded_new {
-                    self.drop_loaded(l);
-                }
+                self.retire(model, &mut state, loaded_new);
                 state.loaded = keep;
                 state.loaded.extend(gone);
                 return Err(e);
@@ -736,11 +790,10 @@ impl Shared {
         all.extend(loaded_new);
         let mut report = LoraReport::default();
         let result = self.apply(model, &mut state, &prep, &ops, mode, &mut report);
-        // Factors of LoRAs that left the set: nothing uses them any more
-        // (their merges were replaced under each component's lock).
-        for l in gone {
-            self.drop_loaded(l);
-        }
+        // Factors of LoRAs that left the set: their merges were replaced
+        // under each component's lock, but a job still queueing after the
+        // wait (an error above) holds the old ones: then they are parked.
+        self.retire(model, &mut state, gone);
         state.loaded = all;
         if mode.fuses_host_copy() && result.is_ok() {
             // The factors live on in the fused host copy: their own bytes
@@ -1087,8 +1140,11 @@ impl Shared {
     /// Forget a model's LoRA state when it is unloaded (its components are offloaded).
     pub(super) fn drop_loras(&self, model: &ModelRt) {
         let mut state = model.lora.lock().unwrap_or_else(|p| p.into_inner());
-        for l in std::mem::take(&mut state.loaded) {
-            self.drop_loaded(l);
+        let loaded = std::mem::take(&mut state.loaded);
+        let parked = std::mem::take(&mut state.parked);
+        for l in loaded.into_iter().chain(parked) {
+            // Unload synchronised the copy stream with no job of the model queueing.
+            let _ = self.drop_loaded(l, true);
         }
         for (_, b) in std::mem::take(&mut state.backup) {
             self.counters.host_free(b.len());

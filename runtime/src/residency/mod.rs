@@ -24,6 +24,7 @@
 
 mod component;
 mod config;
+mod gate;
 mod host;
 mod lora;
 mod plan;
@@ -32,7 +33,7 @@ mod stats;
 mod uploader;
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -49,6 +50,7 @@ use crate::error::{Error, Result};
 use crate::lora::{LoraBinding, LoraMode, LoraReport};
 use crate::model::{DType, ModelDesc, Pin, WeightSource};
 use component::{CompRt, CompState, DoneSource, LayerState, Place, Slot};
+use gate::Gate;
 use host::{Job, JobDone, LayerBytes, Stager};
 use stall::StallLog;
 use stats::Counters;
@@ -134,11 +136,11 @@ struct Shared {
     lora_mode: Mutex<LoraMode>,
     /// Pages of LoRA factors on the device, all models together.
     lora_pages: AtomicUsize,
-    /// Staged jobs queue their copies under the read side; a
-    /// synchronisation of the copy stream (which clears a failure on it)
-    /// takes the write side, so it never falls between a staged layer's
-    /// failed chunk and its ready event.
-    copy_gate: Arc<RwLock<()>>,
+    /// Staged and uploader jobs queue their copies under the shared side;
+    /// a synchronisation of the copy stream (which clears a failure on it)
+    /// takes the exclusive side, so it never falls between a layer's
+    /// failed chunk and its ready event (see `gate`).
+    copy_gate: Arc<Gate>,
 }
 
 /// The residency engine; see the module documentation.
@@ -330,7 +332,7 @@ impl Runtime {
         let (pool_tx, pool_rx) = crossbeam_channel::unbounded();
         let (handoff_tx, handoff_rx) = crossbeam_channel::unbounded();
         let counters = Arc::new(Counters::new(cfg.timeline));
-        let copy_gate = Arc::new(RwLock::new(()));
+        let copy_gate = Arc::new(Gate::default());
         let stager = match cfg.host_policy {
             HostPolicy::Pinned => None,
             HostPolicy::Staged {
@@ -981,10 +983,16 @@ impl Runtime {
 
 impl Shared {
     /// Synchronise the copy stream and the merge stream, reporting (and
-    /// clearing) a failure of work queued on them; never while a staged job
-    /// is queueing its copies.
+    /// clearing) a failure of work queued on them; never while a job is
+    /// queueing its copies: one still queueing after `wait_timeout` is
+    /// [`Error::UploadsStuck`], and nothing is synchronised.
     fn sync_copy(&self) -> Result<()> {
-        let _gate = self.copy_gate.write().unwrap_or_else(|p| p.into_inner());
+        let _gate = self
+            .copy_gate
+            .exclusive(self.cfg.wait_timeout)
+            .ok_or(Error::UploadsStuck {
+                waited_ms: self.cfg.wait_timeout.as_millis() as u64,
+            })?;
         let copy = self.device.stream_synchronize(self.copy);
         let merge = self.device.stream_synchronize(self.merge);
         copy.and(merge)

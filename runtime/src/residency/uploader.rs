@@ -17,11 +17,12 @@
 //! slot changing hands, `set_loras`, `synchronize`, unload) waits for it
 //! the same way.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
 
+use super::gate::Gate;
 use super::host::{finish_upload, EventReturns, JobDone, LayerMerges};
 use super::stats::{self, Counters};
 use crate::device::{Device, DevicePtr, EventId, MergeOp, StreamId};
@@ -88,7 +89,7 @@ impl Uploader {
         streams: (StreamId, StreamId),
         counters: Arc<Counters>,
         (release_events, release_handoffs): EventReturns,
-        gate: Arc<RwLock<()>>,
+        gate: Arc<Gate>,
         wait_timeout: std::time::Duration,
     ) -> Result<Uploader> {
         let (tx, rx) = crossbeam_channel::unbounded::<UploadJob>();
@@ -100,7 +101,7 @@ impl Uploader {
                     // layer waiting for it, pending for good.
                     let mut waits_queued = false;
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let _queueing = gate.read().unwrap_or_else(|p| p.into_inner());
+                        let _queueing = gate.share();
                         run(&*device, streams, &job, &counters, &mut waits_queued)
                     }))
                     .unwrap_or_else(|_| {
