@@ -562,24 +562,44 @@ impl Shared {
     }
 
     /// Free LoRAs that left `model`'s set, or park them in `state` while
-    /// one of the model's upload jobs is still queueing: its merges were
-    /// built before the change and may read their factors.
-    fn retire(
-        &self,
-        model: &ModelRt,
-        state: &mut LoraState,
-        gone: impl IntoIterator<Item = LoadedLora>,
-    ) {
-        let pending = model
-            .comps
-            .iter()
-            .any(|c| c.lock().layers.iter().any(|x| x.job_pending()));
+    /// one of the model's upload jobs is still queueing after
+    /// `wait_timeout`: its merges were built before the change and may
+    /// read their factors.
+    fn retire(&self, model: &ModelRt, state: &mut LoraState, gone: Vec<LoadedLora>) {
+        let pending = gone.iter().any(|l| l.dev.is_some()) && {
+            let jobs: Vec<_> = model
+                .comps
+                .iter()
+                .flat_map(|c| {
+                    c.lock()
+                        .layers
+                        .iter()
+                        .filter_map(|x| x.job.clone())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            // A job in flight (a prefetch) is over in moments; one still
+            // queueing after the wait may be stuck for good.
+            jobs.iter().any(|j| {
+                let _ = j.wait(self.cfg.wait_timeout);
+                !j.is_finished()
+            })
+        };
         for l in gone {
             if pending && l.dev.is_some() {
                 state.parked.push(l);
-            } else if let Err(l) = self.drop_loaded(l, false) {
-                state.parked.push(l);
+            } else {
+                self.discard(state, l);
             }
+        }
+    }
+
+    /// Free a LoRA no upload job's merges use (loaded by this call and
+    /// never applied), parking it only if a job still queueing keeps the
+    /// copy stream from being synchronised.
+    fn discard(&self, state: &mut LoraState, l: LoadedLora) {
+        if let Err(l) = self.drop_loaded(l, false) {
+            state.parked.push(l);
         }
     }
 
@@ -746,14 +766,16 @@ impl Shared {
             if device_mode {
                 if let Err(e) = self.upload_factors(model, &mut l) {
                     upload_err = Some(e);
-                    self.retire(model, &mut state, [l]);
+                    self.discard(&mut state, l);
                     break;
                 }
             }
             loaded_new.push(l);
         }
         if let Some(e) = upload_err.or_else(|| self.sync_copy().err()) {
-            self.retire(model, &mut state, loaded_new);
+            for l in loaded_new {
+                self.discard(&mut state, l);
+            }
             state.loaded = keep;
             state.loaded.extend(gone);
             return Err(e);
@@ -780,7 +802,9 @@ impl Shared {
         let ops = match built {
             Ok(ops) => ops,
             Err(e) => {
-                self.retire(model, &mut state, loaded_new);
+                for l in loaded_new {
+                    self.discard(&mut state, l);
+                }
                 state.loaded = keep;
                 state.loaded.extend(gone);
                 return Err(e);
