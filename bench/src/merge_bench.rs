@@ -101,8 +101,10 @@ pub struct MergeBenchArgs {
     /// some rank is 16 or more or the ranks add up to more than 16; with
     /// `OFFLOAD_MERGE_KERNEL=tensor-cores`, the unpipelined one from 32),
     /// `fma` (fp32 FMA), `tensor-cores` (the unpipelined tensor-core kernel),
-    /// or `pipelined` (the tensor-core kernel that streams the factors
-    /// through a cp.async pipeline).
+    /// `pipelined` (the tensor-core kernel that streams the factors
+    /// through a cp.async pipeline), or `streaming` (fp32 FMA with the down
+    /// factors in registers, for ranks adding up to at most 32; fp32 FMA
+    /// past that; one launch per tensor, also with `--tensors`).
     /// Only with `--backend cuda` or `auto`.
     #[arg(long, value_enum, default_value_t = KernelArg::Auto)]
     pub kernel: KernelArg,
@@ -128,6 +130,8 @@ pub enum KernelArg {
     TensorCores,
     /// The pipelined tensor-core kernel.
     Pipelined,
+    /// The streaming fp32 FMA kernels (ranks adding up to at most 32).
+    Streaming,
 }
 
 /// `--dtype`.
@@ -1173,15 +1177,19 @@ mod gpu {
                         KernelArg::Fma => LowRankKernel::Fma,
                         KernelArg::TensorCores => LowRankKernel::TensorCores,
                         KernelArg::Pipelined => LowRankKernel::Pipelined,
+                        KernelArg::Streaming => LowRankKernel::Streaming,
                     };
                     let ran_on = match kernel {
                         LowRankKernel::Auto => d.auto_lowrank_kernel(&spec),
+                        // The streaming kernels hold at most 32 ranks.
+                        LowRankKernel::Streaming if rank * count > 32 => LowRankKernel::Fma,
                         k => k,
                     };
                     let kernel_name = match ran_on {
                         LowRankKernel::Auto | LowRankKernel::Fma => "fp32 FMA",
                         LowRankKernel::TensorCores => "tensor cores",
                         LowRankKernel::Pipelined => "pipelined tensor cores",
+                        LowRankKernel::Streaming => "streaming fp32 FMA",
                     };
                     let ours_on = |w: DevicePtr| -> Result<(), String> {
                         d.merge_lowrank_with(&spec, w, &factor_ptrs, s, kernel)

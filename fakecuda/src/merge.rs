@@ -59,6 +59,8 @@ pub(crate) enum Body {
     Fma,
     Mma,
     Pipe,
+    /// A streaming kernel (one tensor per launch only).
+    Stream(k::StreamKernel),
 }
 
 impl Body {
@@ -66,6 +68,8 @@ impl Body {
         match self {
             Body::Fma | Body::Mma => k::LOWRANK_TILE_ROWS,
             Body::Pipe => k::PIPE_TILE_ROWS,
+            // Walked by `walk_stream_block`, in groups of rows.
+            Body::Stream(_) => 0,
         }
     }
 
@@ -74,6 +78,7 @@ impl Body {
             Body::Fma => k::LOWRANK_BLOCK_DIM,
             Body::Mma => k::MMA_BLOCK_DIM,
             Body::Pipe => k::PIPE_BLOCK_DIM,
+            Body::Stream(_) => k::STREAM_BLOCK_DIM,
         }
     }
 }
@@ -97,6 +102,12 @@ pub(crate) fn kernel(name: &str) -> Option<Kernel> {
             n if n == k::lowrank_merge_mma_batch_entry(w) => low(Body::Mma, true),
             n if n == k::lowrank_merge_pipe_batch_entry(w) => low(Body::Pipe, true),
             n if n == k::merge_entry(w) => Some(Kernel::General { w }),
+            n if n == k::StreamKernel::Ranks8.entry(w) => {
+                low(Body::Stream(k::StreamKernel::Ranks8), false)
+            }
+            n if n == k::StreamKernel::Ranks32.entry(w) => {
+                low(Body::Stream(k::StreamKernel::Ranks32), false)
+            }
             _ => None,
         }
     })
@@ -224,6 +235,7 @@ pub(crate) unsafe fn plan(
                     "grid {grid:?}: the low-rank kernels take a one-dimensional grid"
                 ));
             }
+            let w_dtype = w;
             let w = k::dtype_code(w) as u8;
             if batch {
                 // SAFETY: the caller's bound (the batched kernels' block);
@@ -243,7 +255,22 @@ pub(crate) unsafe fn plan(
                 }
                 let job = l.lowrank_job(body, p.w, p.rows, p.cols, p.row0, &p.adapters[..n])?;
                 for b in 0..grid.0 {
-                    l.walk_block(job, p.rows, p.cols, b, grid.0, body.tile_rows());
+                    match body {
+                        Body::Stream(sk) => {
+                            let total: u64 =
+                                p.adapters[..n].iter().map(|a| u64::from(a.rank)).sum();
+                            if total > u64::from(sk.max_rank()) {
+                                // The kernel would drop the ranks past its registers.
+                                return Err(format!(
+                                    "ranks adding up to {total} on the streaming kernel for at most {}",
+                                    sk.max_rank()
+                                ));
+                            }
+                            let rows = sk.group_rows(w_dtype);
+                            l.walk_stream_block(job, p.rows, p.cols, b, grid.0, sk, rows);
+                        }
+                        _ => l.walk_block(job, p.rows, p.cols, b, grid.0, body.tile_rows()),
+                    }
                 }
                 l
             }
@@ -439,7 +466,7 @@ impl Launch {
         for (i, a) in adapters.iter().enumerate() {
             // The tensor-core kernels read both factors as the up factor's
             // 16-bit type (bf16, else f16).
-            if body != Body::Fma
+            if matches!(body, Body::Mma | Body::Pipe)
                 && a.rank > 0
                 && !(a.up_dtype == a.down_dtype && (1..=2).contains(&a.up_dtype))
             {
@@ -557,6 +584,47 @@ impl Launch {
                 cols: c0 as usize..c0.saturating_add(tc).min(cols) as usize,
             });
             y += step;
+        }
+    }
+
+    /// The groups of rows the streaming kernel's block `block` of `blocks`
+    /// merges (`offload_lowrank_merge_stream`): warp w of the block takes
+    /// the groups 8 · (block / strips) + w, then every 8 · (blocks / strips),
+    /// of the strip block % strips.
+    #[allow(clippy::too_many_arguments)]
+    fn walk_stream_block(
+        &mut self,
+        job: usize,
+        rows: u32,
+        cols: u32,
+        block: u32,
+        blocks: u32,
+        sk: k::StreamKernel,
+        group_rows: u32,
+    ) {
+        let sw = 32 * sk.cols_per_lane();
+        let strips = cols.div_ceil(sw);
+        if strips == 0 {
+            return;
+        }
+        let per_strip = blocks / strips;
+        if per_strip == 0 || block >= strips * per_strip {
+            return;
+        }
+        let warps = k::STREAM_BLOCK_DIM.0 / 32;
+        let groups = rows.div_ceil(group_rows);
+        let c0 = (block % strips) * sw;
+        for w in 0..warps {
+            let mut g = (block / strips) * warps + w;
+            while g < groups {
+                let r0 = g * group_rows;
+                self.tiles.push(Tile {
+                    job,
+                    rows: r0 as usize..r0.saturating_add(group_rows).min(rows) as usize,
+                    cols: c0 as usize..c0.saturating_add(sw).min(cols) as usize,
+                });
+                g = g.saturating_add(per_strip * warps);
+            }
         }
     }
 
@@ -797,13 +865,15 @@ mod tests {
                 k::lowrank_merge_mma_batch_entry(w),
                 k::lowrank_merge_pipe_batch_entry(w),
                 k::merge_entry(w),
+                k::StreamKernel::Ranks8.entry(w),
+                k::StreamKernel::Ranks32.entry(w),
             ] {
                 assert!(kernel(name).is_some(), "{name}");
                 assert!(k::LOWRANK_MERGE_SRC.contains(name), "{name}");
                 n += 1;
             }
         }
-        assert_eq!(n, 21);
+        assert_eq!(n, 27);
         assert_eq!(kernel("offload_f32_to_f16"), None);
     }
 }

@@ -13,9 +13,9 @@
 // bf16 elements, each factor's type independent of the others. Device
 // pointers must be aligned to their element size.
 //
-// Four kernels, each with one entry point per W type (f32, f16, bf16) and
-// the three low-rank ones also batched, each taking its parameter block by
-// value and no dynamic shared memory.
+// Five kernels, each with one entry point per W type (f32, f16, bf16),
+// three of the low-rank ones also batched, each taking its parameter block
+// by value and no dynamic shared memory.
 //
 // The two low-rank kernels (Delta = B A, up factor B [rows, rank], down factor
 // A [rank, cols]) are written to stream W: the slice is cut into 32 x 128
@@ -35,6 +35,14 @@
 //    when the ranks add up to at most 32, A's chunk is staged once per block.
 //    Per rank a thread reads 4 values of A and 4 of s B (two 16-byte shared
 //    loads) for 16 FMAs. Three blocks per SM.
+//
+// 1b. offload_lowrank_merge_stream8_* and offload_lowrank_merge_stream32_*:
+//    the same merge in fp32 FMA for stacks whose ranks add up to at most 8
+//    or 32, with the scaled down factors in registers for the block's life
+//    and no block-wide barrier, so that W streams as in a copy (see "Kernel
+//    1b" below). One tensor per launch; the runtime takes them only when
+//    asked for (`LowRankKernel::Streaming`, `offload bench merge --kernel
+//    streaming`) until a GPU has timed them against kernel 1.
 //
 // 2. offload_lowrank_merge_mma_*: the same merge on the tensor cores, for
 //    adapters whose two factors are both f16 or both bf16 (sm_80 and newer;
@@ -862,6 +870,411 @@ offload_lowrank_merge_batch_f16(const OffloadLowRankBatchParams p) {
 extern "C" __global__ void __launch_bounds__(OFFLOAD_LR_THREADS, 3)
 offload_lowrank_merge_batch_bf16(const OffloadLowRankBatchParams p) {
     offload_lowrank_merge_batch<__nv_bfloat16>(p);
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 1b: low-rank deltas in fp32 FMA for small stacks, written to move W
+// at memory speed with no block-wide barrier: offload_lowrank_merge_stream8_*
+// (the ranks of all adapters adding up to at most 8) and
+// offload_lowrank_merge_stream32_* (at most 32).
+//
+// A block of 256 threads owns one column strip of 32 * CPT columns: lane l
+// of every warp owns the CPT consecutive columns l * CPT .. l * CPT + CPT - 1
+// of the strip, and the block's warps walk the strip's groups of RPT rows,
+// each warp on its own (warp w of block y of the strip takes the groups
+// 8 y + w, then every 8 * (blocks per strip)). The strip's down factors
+// stay in registers for the block's life, scaled: a[k][c] = s * A[k, col c]
+// over the concatenated rank k < KMAX (zero past the ranks' sum), so an
+// element costs KMAX FMAs from registers and no load of A. The up factors'
+// values of a group's rows are the same for every lane of the warp: lane l
+// loads rank k = l % KMAX of rows l / KMAX, l / KMAX + 32 / KMAX, ... (so a
+// warp reads 32 consecutive ranks of a row at a time), as fp32, into a slot
+// of the warp's own shared buffer, and every lane then reads them back as
+// broadcasts (two slots: one __syncwarp per group). Before a warp merges a
+// group it loads the next group's W and up-factor values, so W's reads stay
+// in flight while it computes.
+//   stream8:  CPT 8, RPT 2 (16-byte rows for 16-bit W, 32-byte for f32)
+//   stream32: CPT 2, RPT 8 (4-byte rows for 16-bit W, 8-byte for f32)
+// f32 W takes half the rows per group (the same bytes in flight). Two
+// blocks per SM (at most 128 registers, 64 of them A's values; with NVRTC
+// 13.5 for sm_90 every entry point fits them with no spill and no stack
+// frame, where 4 rows a group for stream8 spilled).
+
+#define OFFLOAD_ST_THREADS 256
+#define OFFLOAD_ST_WARPS (OFFLOAD_ST_THREADS / 32)
+
+// One row of a lane's CPT elements of W, as raw 32-bit words (two 16-bit
+// elements per word, the lower index in the lower half).
+template <typename T, int CPT> struct OffloadStRow {
+    static constexpr int kWords = CPT * (int)sizeof(T) / 4;
+    static_assert(kWords >= 1, "whole 32-bit words");
+    unsigned int w[kWords];
+};
+
+// Bytes one vector access of a row moves: the whole row, at most 16.
+template <typename T, int CPT> __device__ constexpr unsigned int offload_st_vec_bytes() {
+    return CPT * sizeof(T) < 16 ? (unsigned int)(CPT * sizeof(T)) : 16u;
+}
+
+// A vector access of `bytes` at `at` (the CPU emulation checks its alignment,
+// which a GPU would fault on).
+#if defined(__CUDACC__)
+__device__ __forceinline__ void offload_vector_access(unsigned long long, unsigned int) {}
+#endif
+
+template <int N>
+__device__ __forceinline__ void offload_st_ld_words(unsigned int (&w)[N], unsigned long long at) {
+    offload_vector_access(at, N % 4 == 0 ? 16u : 4u * N);
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int q = 0; q < N / 4; ++q) {
+            const OffloadU32x4 v = reinterpret_cast<const OffloadU32x4*>(at)[q];
+            w[4 * q] = v.x;
+            w[4 * q + 1] = v.y;
+            w[4 * q + 2] = v.z;
+            w[4 * q + 3] = v.w;
+        }
+    } else if constexpr (N == 2) {
+        const OffloadU32x2 v = *reinterpret_cast<const OffloadU32x2*>(at);
+        w[0] = v.x;
+        w[1] = v.y;
+    } else {
+        static_assert(N == 1, "rows of 1, 2 or a multiple of 4 words");
+        w[0] = *reinterpret_cast<const unsigned int*>(at);
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void offload_st_st_words(const unsigned int (&w)[N], unsigned long long at) {
+    offload_vector_access(at, N % 4 == 0 ? 16u : 4u * N);
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int q = 0; q < N / 4; ++q) {
+            OffloadU32x4 v;
+            v.x = w[4 * q];
+            v.y = w[4 * q + 1];
+            v.z = w[4 * q + 2];
+            v.w = w[4 * q + 3];
+            reinterpret_cast<OffloadU32x4*>(at)[q] = v;
+        }
+    } else if constexpr (N == 2) {
+        OffloadU32x2 v;
+        v.x = w[0];
+        v.y = w[1];
+        *reinterpret_cast<OffloadU32x2*>(at) = v;
+    } else {
+        static_assert(N == 1, "rows of 1, 2 or a multiple of 4 words");
+        *reinterpret_cast<unsigned int*>(at) = w[0];
+    }
+}
+
+// Element j of a row, as fp32; and set to v rounded to T (nearest, ties to even).
+template <typename T, int CPT>
+__device__ __forceinline__ float offload_st_get(const OffloadStRow<T, CPT>& r, int j) {
+    if constexpr (sizeof(T) == 2) {
+        return OffloadBits<T>::get((r.w[j / 2] >> (16 * (j % 2))) & 0xffffu);
+    } else {
+        return OffloadBits<T>::get(r.w[j]);
+    }
+}
+
+template <typename T, int CPT>
+__device__ __forceinline__ void offload_st_set(OffloadStRow<T, CPT>& r, int j, float v) {
+    if constexpr (sizeof(T) == 2) {
+        const unsigned int shift = 16 * (j % 2);
+        r.w[j / 2] = (r.w[j / 2] & ~(0xffffu << shift)) | (OffloadBits<T>::put(v) << shift);
+    } else {
+        r.w[j] = OffloadBits<T>::put(v);
+    }
+}
+
+// Where a lane's columns are in every row of the slice.
+struct OffloadStLane {
+    unsigned long long w;          // W's first element
+    unsigned long long row_bytes;  // bytes per row of W
+    unsigned long long col_bytes;  // bytes from a row's start to the lane's first column
+    unsigned int row0;             // the slice's first row in W
+    unsigned int rows;             // the slice's rows
+    unsigned int cols_here;        // the lane's columns inside W (0 .. CPT)
+    bool vec;                      // whole rows of CPT, vector-aligned: vector accesses
+};
+
+// Loads rows r_first .. r_first + R - 1 of the lane's columns (zeros
+// outside the slice).
+template <typename T, int CPT, int R>
+__device__ __forceinline__ void offload_st_load(OffloadStRow<T, CPT> (&f)[R], const OffloadStLane& ln,
+                                                unsigned int r_first) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+#pragma unroll
+        for (int q = 0; q < OffloadStRow<T, CPT>::kWords; ++q) {
+            f[i].w[q] = 0u;
+        }
+        const unsigned int r = r_first + i;
+        if (r >= ln.rows || ln.cols_here == 0) {
+            continue;
+        }
+        const unsigned long long at = ln.w + (unsigned long long)(ln.row0 + r) * ln.row_bytes + ln.col_bytes;
+        if (ln.vec) {
+            offload_st_ld_words(f[i].w, at);
+        } else {
+            // Constant indices (unrolled, each column guarded): a register
+            // array indexed at run time would live in local memory.
+#pragma unroll
+            for (unsigned int j = 0; j < (unsigned int)CPT; ++j) {
+                if (j >= ln.cols_here) {
+                    break;
+                }
+                if constexpr (sizeof(T) == 2) {
+                    const unsigned int bits = reinterpret_cast<const unsigned short*>(at)[j];
+                    f[i].w[j / 2] |= bits << (16 * (j % 2));
+                } else {
+                    f[i].w[j] = reinterpret_cast<const unsigned int*>(at)[j];
+                }
+            }
+        }
+    }
+}
+
+// Stores rows r_first .. back (only the elements inside the slice).
+template <typename T, int CPT, int R>
+__device__ __forceinline__ void offload_st_store(const OffloadStRow<T, CPT> (&f)[R], const OffloadStLane& ln,
+                                                 unsigned int r_first) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const unsigned int r = r_first + i;
+        if (r >= ln.rows || ln.cols_here == 0) {
+            continue;
+        }
+        const unsigned long long at = ln.w + (unsigned long long)(ln.row0 + r) * ln.row_bytes + ln.col_bytes;
+        if (ln.vec) {
+            offload_st_st_words(f[i].w, at);
+        } else {
+#pragma unroll
+            for (unsigned int j = 0; j < (unsigned int)CPT; ++j) {
+                if (j >= ln.cols_here) {
+                    break;
+                }
+                if constexpr (sizeof(T) == 2) {
+                    reinterpret_cast<unsigned short*>(at)[j] = (unsigned short)(f[i].w[j / 2] >> (16 * (j % 2)));
+                } else {
+                    reinterpret_cast<unsigned int*>(at)[j] = f[i].w[j];
+                }
+            }
+        }
+    }
+}
+
+// The warps' up-factor values of their groups' rows, two slots each.
+template <int R, int KMAX> struct alignas(16) OffloadStUp {
+    float v[OFFLOAD_ST_WARPS][2][R][KMAX];
+};
+
+// The adapter that rank k of the concatenated rank dimension belongs to, and
+// k's index within it; false when k is past the ranks' sum.
+template <typename P>
+__device__ __forceinline__ bool offload_st_rank(const P& p, unsigned int num_adapters, unsigned int k,
+                                                unsigned int& adapter, unsigned int& index) {
+    unsigned int first = 0;
+    for (unsigned int a = 0; a < num_adapters; ++a) {
+        const unsigned int rank = p.adapters[a].rank;
+        if (k < first + rank) {
+            adapter = a;
+            index = k - first;
+            return true;
+        }
+        first += rank;
+    }
+    return false;
+}
+
+// The merge of one slice by block `block` of the `blocks` that merge it.
+// The caller guarantees that the ranks add up to at most KMAX.
+template <typename T, int CPT, int RPT16, int KMAX, typename P>
+__device__ __forceinline__ void offload_lowrank_merge_stream(const P& p, unsigned int block,
+                                                             unsigned int blocks) {
+    constexpr int R = sizeof(T) == 4 ? RPT16 / 2 : RPT16;  // rows per group
+    constexpr int SW = 32 * CPT;                           // columns per strip
+    // Up-factor values a lane loads per group (lanes past R rows load none).
+    constexpr int Q = R * KMAX < 32 ? 1 : R * KMAX / 32;
+    static_assert(32 % KMAX == 0 && (R * KMAX < 32 || (R * KMAX) % 32 == 0),
+                  "whole up-factor loads per lane");
+    static_assert(KMAX % 4 == 0, "up-factor values read back four at a time");
+    constexpr unsigned int kMaxAdapters = sizeof(P::adapters) / sizeof(OffloadLowRankAdapter);
+    // The warps' up-factor slots: [warp][slot][row of the group][rank].
+    __shared__ OffloadStUp<R, KMAX> up_sh;
+    float (*b_sh)[2][R][KMAX] = up_sh.v;
+
+    const unsigned int lane = threadIdx.x % 32;
+    const unsigned int warp = threadIdx.x / 32;
+    const unsigned int tiles_x = (p.cols + SW - 1) / SW;
+    const unsigned int per_strip = blocks / tiles_x;
+    if (per_strip == 0 || block >= tiles_x * per_strip) {
+        return;  // no strip for this block (the launcher avoids this)
+    }
+    const unsigned int groups = (p.rows + R - 1) / R;
+    const unsigned int gstep = per_strip * OFFLOAD_ST_WARPS;
+    unsigned int g = (block / tiles_x) * OFFLOAD_ST_WARPS + warp;
+    if (g >= groups) {
+        return;  // the whole warp: no group for it
+    }
+    const unsigned int num_adapters = p.num_adapters < kMaxAdapters ? p.num_adapters : kMaxAdapters;
+
+    OffloadStLane ln;
+    const unsigned int c0 = (block % tiles_x) * SW + lane * CPT;
+    ln.w = p.w;
+    ln.row_bytes = (unsigned long long)p.cols * sizeof(T);
+    ln.col_bytes = (unsigned long long)c0 * sizeof(T);
+    ln.row0 = p.row0;
+    ln.rows = p.rows;
+    ln.cols_here = c0 >= p.cols ? 0u : (p.cols - c0 < (unsigned int)CPT ? p.cols - c0 : (unsigned int)CPT);
+    {
+        constexpr unsigned int vb = offload_st_vec_bytes<T, CPT>();
+        ln.vec = ln.cols_here == (unsigned int)CPT &&
+                 (ln.w + (unsigned long long)p.row0 * ln.row_bytes + ln.col_bytes) % vb == 0 &&
+                 ln.row_bytes % vb == 0;
+    }
+
+    // The first group's W, in flight while A is read.
+    OffloadStRow<T, CPT> cur[R];
+    offload_st_load<T, CPT, R>(cur, ln, g * R);
+
+    // This lane's rank of the up factors, the same for every group.
+    const unsigned int my_k = lane % KMAX;
+    unsigned int up_adapter = 0, up_index = 0;
+    const bool up_here = offload_st_rank(p, num_adapters, my_k, up_adapter, up_index);
+    const unsigned long long up_base = p.adapters[up_adapter].up;
+    const unsigned int up_dtype = p.adapters[up_adapter].up_dtype;
+    const unsigned int up_rank = p.adapters[up_adapter].rank;
+
+    // A's values for the lane's columns, scaled (zeros past the ranks' sum
+    // and outside W).
+    float a[KMAX][CPT];
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) {
+        unsigned int ad = 0, idx = 0;
+        const bool here = offload_st_rank(p, num_adapters, (unsigned int)k, ad, idx);
+        const OffloadLowRankAdapter& A = p.adapters[ad];
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) {
+            a[k][c] = here && (unsigned int)c < ln.cols_here
+                          ? A.scale * offload_load_factor(A.down, A.down_dtype,
+                                                          (unsigned long long)idx * p.cols + c0 + c)
+                          : 0.0f;
+        }
+    }
+
+    // Up-factor values of group h's rows, this lane's share of them.
+    auto load_up = [&](float (&v)[Q], unsigned int h) {
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            const unsigned int i = lane / KMAX + q * (32 / KMAX);
+            const unsigned int r = h * R + i;
+            v[q] = up_here && i < (unsigned int)R && r < p.rows
+                       ? offload_load_factor(up_base, up_dtype, (unsigned long long)r * up_rank + up_index)
+                       : 0.0f;
+        }
+    };
+    auto stage_up = [&](const float (&v)[Q], unsigned int slot) {
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            const unsigned int i = lane / KMAX + q * (32 / KMAX);
+            if (i < (unsigned int)R) {
+                b_sh[warp][slot][i][my_k] = v[q];
+            }
+        }
+    };
+
+    unsigned int slot = 0;
+    {
+        float v[Q];
+        load_up(v, g);
+        stage_up(v, slot);
+        __syncwarp();
+    }
+    // Every bound below is the same for all lanes of the warp, so every
+    // lane reaches every __syncwarp.
+    for (; g < groups; g += gstep) {
+        const unsigned int ng = g + gstep;
+        const bool more = ng < groups;
+        OffloadStRow<T, CPT> nxt[R];
+        float v[Q];
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            v[q] = 0.0f;
+        }
+        if (more) {
+            offload_st_load<T, CPT, R>(nxt, ln, ng * R);
+            load_up(v, ng);
+        }
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+            float acc[CPT];
+#pragma unroll
+            for (int c = 0; c < CPT; ++c) {
+                acc[c] = 0.0f;
+            }
+#pragma unroll
+            for (int k4 = 0; k4 < KMAX / 4; ++k4) {
+                const float* bp = &b_sh[warp][slot][i][4 * k4];
+                offload_vector_access((unsigned long long)bp, 16);
+                const OffloadF32x4 bv = *reinterpret_cast<const OffloadF32x4*>(bp);
+                const float b[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+                for (int t = 0; t < 4; ++t) {
+#pragma unroll
+                    for (int c = 0; c < CPT; ++c) {
+                        acc[c] = __fmaf_rn(b[t], a[4 * k4 + t][c], acc[c]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int c = 0; c < CPT; ++c) {
+                offload_st_set<T, CPT>(cur[i], c, offload_st_get<T, CPT>(cur[i], c) + acc[c]);
+            }
+        }
+        offload_st_store<T, CPT, R>(cur, ln, g * R);
+        if (more) {
+            // The other slot was last read before the previous __syncwarp.
+            stage_up(v, slot ^ 1u);
+            __syncwarp();
+            slot ^= 1u;
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+                cur[i] = nxt[i];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_ST_THREADS, 2)
+offload_lowrank_merge_stream8_f32(const OffloadLowRankMergeParams p) {
+    offload_lowrank_merge_stream<float, 8, 2, 8>(p, blockIdx.x, gridDim.x);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_ST_THREADS, 2)
+offload_lowrank_merge_stream8_f16(const OffloadLowRankMergeParams p) {
+    offload_lowrank_merge_stream<__half, 8, 2, 8>(p, blockIdx.x, gridDim.x);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_ST_THREADS, 2)
+offload_lowrank_merge_stream8_bf16(const OffloadLowRankMergeParams p) {
+    offload_lowrank_merge_stream<__nv_bfloat16, 8, 2, 8>(p, blockIdx.x, gridDim.x);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_ST_THREADS, 2)
+offload_lowrank_merge_stream32_f32(const OffloadLowRankMergeParams p) {
+    offload_lowrank_merge_stream<float, 2, 8, 32>(p, blockIdx.x, gridDim.x);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_ST_THREADS, 2)
+offload_lowrank_merge_stream32_f16(const OffloadLowRankMergeParams p) {
+    offload_lowrank_merge_stream<__half, 2, 8, 32>(p, blockIdx.x, gridDim.x);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_ST_THREADS, 2)
+offload_lowrank_merge_stream32_bf16(const OffloadLowRankMergeParams p) {
+    offload_lowrank_merge_stream<__nv_bfloat16, 2, 8, 32>(p, blockIdx.x, gridDim.x);
 }
 
 // ---------------------------------------------------------------------------

@@ -32,7 +32,17 @@
 //!   [`LowRankMergeParams::pipelined_tensor_cores`] says when to take it);
 //!   a device opened with `OFFLOAD_MERGE_KERNEL=tensor-cores` takes the
 //!   other one instead, with its own rule.
-//! - **batched low-rank**, the three above ([`lowrank_merge_batch_entry`],
+//! - **low-rank, streaming fp32 FMA** ([`StreamKernel`], the same
+//!   parameters, [`LowRankMergeParams::stream_launch_dims`]): for stacks
+//!   whose ranks add up to at most 8 or 32 ([`LowRankMergeParams::stream_kernel`]),
+//!   the scaled down factors held in registers for a block's life and no
+//!   block-wide barrier, each warp walking groups of rows of its block's
+//!   column strip with the next group's W in flight. Written for the
+//!   rank ≤ 32 target (within 1.5× of a copy of W), where the fp32 FMA
+//!   kernel's per-tile staging and barriers keep too few bytes in flight;
+//!   not timed on a GPU yet, so taken only when asked for. One tensor per
+//!   launch.
+//! - **batched low-rank**, the first three above ([`lowrank_merge_batch_entry`],
 //!   [`lowrank_merge_mma_batch_entry`], [`lowrank_merge_pipe_batch_entry`],
 //!   [`LowRankBatchParams`]): one launch
 //!   merges up to [`BATCH_MAX_JOBS`] tensors ("jobs") of one W dtype, each
@@ -229,6 +239,64 @@ pub const fn lowrank_merge_pipe_batch_entry(dtype: Dtype) -> &'static str {
     }
 }
 
+/// The streaming fp32 FMA kernels (`offload_lowrank_merge_stream8_*` and
+/// `offload_lowrank_merge_stream32_*`): low-rank stacks whose ranks add up
+/// to at most 8 or at most 32, the down factors held in registers and no
+/// block-wide barrier ([`LowRankMergeParams::stream_kernel`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKernel {
+    /// Ranks adding up to at most 8: 8 columns per lane, 2 rows a group
+    /// (1 for f32 W).
+    Ranks8,
+    /// Ranks adding up to at most 32: 2 columns per lane, 8 rows a group
+    /// (4 for f32 W).
+    Ranks32,
+}
+
+impl StreamKernel {
+    /// The most the ranks of a launch may add up to.
+    pub const fn max_rank(self) -> u32 {
+        match self {
+            StreamKernel::Ranks8 => 8,
+            StreamKernel::Ranks32 => 32,
+        }
+    }
+
+    /// Columns of W each lane owns.
+    pub const fn cols_per_lane(self) -> u32 {
+        match self {
+            StreamKernel::Ranks8 => 8,
+            StreamKernel::Ranks32 => 2,
+        }
+    }
+
+    /// Rows of a group (one warp's unit of work) for a W of `dtype`.
+    pub const fn group_rows(self, dtype: Dtype) -> u32 {
+        let rows = match self {
+            StreamKernel::Ranks8 => 2,
+            StreamKernel::Ranks32 => 8,
+        };
+        match dtype {
+            Dtype::F32 => rows / 2,
+            Dtype::F16 | Dtype::BF16 => rows,
+        }
+    }
+
+    /// The entry point that merges into a weight of `dtype`
+    /// ([`LowRankMergeParams`], block [`STREAM_BLOCK_DIM`], grid
+    /// [`LowRankMergeParams::stream_launch_dims`]).
+    pub const fn entry(self, dtype: Dtype) -> &'static str {
+        match (self, dtype) {
+            (StreamKernel::Ranks8, Dtype::F32) => "offload_lowrank_merge_stream8_f32",
+            (StreamKernel::Ranks8, Dtype::F16) => "offload_lowrank_merge_stream8_f16",
+            (StreamKernel::Ranks8, Dtype::BF16) => "offload_lowrank_merge_stream8_bf16",
+            (StreamKernel::Ranks32, Dtype::F32) => "offload_lowrank_merge_stream32_f32",
+            (StreamKernel::Ranks32, Dtype::F16) => "offload_lowrank_merge_stream32_f16",
+            (StreamKernel::Ranks32, Dtype::BF16) => "offload_lowrank_merge_stream32_bf16",
+        }
+    }
+}
+
 /// General entry point (every delta kind) for f32 weights.
 pub const MERGE_F32: &str = "offload_merge_f32";
 /// General entry point for f16 weights.
@@ -302,6 +370,11 @@ pub const PIPE_BLOCKS_PER_SM: u32 = 2;
 /// Threads per block of the pipelined tensor-core kernel, `(x, y, z)`:
 /// eight warps, each a 32 × 32 part of a 64 × 128 tile.
 pub const PIPE_BLOCK_DIM: (u32, u32, u32) = (256, 1, 1);
+/// Threads per block of the streaming kernels ([`StreamKernel`]): eight
+/// warps, each walking groups of rows of the block's column strip.
+pub const STREAM_BLOCK_DIM: (u32, u32, u32) = (256, 1, 1);
+/// Resident blocks per SM of the streaming kernels (their launch bounds).
+pub const STREAM_BLOCKS_PER_SM: u32 = 2;
 
 /// The code of a dtype in the parameter block (`OFFLOAD_DTYPE_*`).
 pub const fn dtype_code(dtype: Dtype) -> u32 {
@@ -615,6 +688,41 @@ impl LowRankMergeParams {
             ),
             PIPE_BLOCK_DIM,
         )
+    }
+
+    /// The streaming kernel that takes these adapters: at least one, with
+    /// ranks adding up to at most 8 ([`StreamKernel::Ranks8`]) or 32
+    /// ([`StreamKernel::Ranks32`]); `None` for larger stacks.
+    pub fn stream_kernel(&self) -> Option<StreamKernel> {
+        let used = &self.adapters[..(self.num_adapters as usize).min(MAX_ADAPTERS)];
+        let total: u64 = used.iter().map(|a| u64::from(a.rank)).sum();
+        if used.is_empty() {
+            None
+        } else if total <= 8 {
+            Some(StreamKernel::Ranks8)
+        } else if total <= 32 {
+            Some(StreamKernel::Ranks32)
+        } else {
+            None
+        }
+    }
+
+    /// Grid and block dimensions for a launch of the streaming kernel `k`
+    /// into a W of `dtype` on a GPU of `multiprocessors` SMs: whole blocks
+    /// per column strip of 32 × [`StreamKernel::cols_per_lane`] columns,
+    /// as many as fill the SMs [`STREAM_BLOCKS_PER_SM`] deep, at most one
+    /// per eight groups of rows (a group a warp).
+    pub fn stream_launch_dims(
+        &self,
+        k: StreamKernel,
+        dtype: Dtype,
+        multiprocessors: u32,
+    ) -> LaunchDims {
+        let strips = self.cols.div_ceil(32 * k.cols_per_lane()).max(1);
+        let groups = self.rows.div_ceil(k.group_rows(dtype)).max(1);
+        let per_strip = (multiprocessors.max(1).saturating_mul(STREAM_BLOCKS_PER_SM) / strips)
+            .clamp(1, groups.div_ceil(STREAM_BLOCK_DIM.0 / 32));
+        ((strips.saturating_mul(per_strip), 1, 1), STREAM_BLOCK_DIM)
     }
 
     /// Whether the tensor-core kernel can take these adapters: at least one,
@@ -956,6 +1064,33 @@ mod tests {
                     "{entry}"
                 );
             }
+            // The streaming kernels.
+            for k in [StreamKernel::Ranks8, StreamKernel::Ranks32] {
+                let entry = k.entry(dtype);
+                assert!(
+                    LOWRANK_MERGE_SRC.contains(&format!(
+                        "extern \"C\" __global__ void __launch_bounds__(OFFLOAD_ST_THREADS, {STREAM_BLOCKS_PER_SM})\n{entry}(const OffloadLowRankMergeParams p)"
+                    )),
+                    "{entry}"
+                );
+                let cu_type = match dtype {
+                    Dtype::F32 => "float",
+                    Dtype::F16 => "__half",
+                    Dtype::BF16 => "__nv_bfloat16",
+                };
+                // The template arguments: columns per lane, rows a group
+                // (for 16-bit W), the most ranks.
+                let rows16 = k.group_rows(Dtype::F16);
+                assert_eq!(k.group_rows(Dtype::F32), rows16 / 2);
+                assert!(
+                    LOWRANK_MERGE_SRC.contains(&format!(
+                        "    offload_lowrank_merge_stream<{cu_type}, {}, {rows16}, {}>(p, blockIdx.x, gridDim.x);",
+                        k.cols_per_lane(),
+                        k.max_rank()
+                    )),
+                    "{entry}: template arguments"
+                );
+            }
             // The pipelined kernel, alone and batched.
             for (entry, params) in [
                 (lowrank_merge_pipe_entry(dtype), "OffloadLowRankMergeParams"),
@@ -988,6 +1123,7 @@ mod tests {
             ("OFFLOAD_LR_K", FMA_MAX_RANK),
             ("OFFLOAD_PIPE_TILE_ROWS", PIPE_TILE_ROWS),
             ("OFFLOAD_PIPE_THREADS", PIPE_BLOCK_DIM.0),
+            ("OFFLOAD_ST_THREADS", STREAM_BLOCK_DIM.0),
         ];
         for (name, value) in defines {
             assert!(
@@ -1057,6 +1193,40 @@ mod tests {
         // The pipelined kernel: three 64-row tiles, two blocks per SM.
         assert_eq!(p.pipe_launch_dims(132), ((3, 1, 1), (256, 1, 1)));
         assert_eq!(p.pipe_launch_dims(1), ((2, 1, 1), (256, 1, 1)));
+        // The streaming kernels: 70 columns are one strip of 256 (two of
+        // 64); 130 rows are 65 groups of 2 (at most 9 blocks of 8 warps),
+        // or 17 of 8 (3 blocks a strip).
+        assert_eq!(p.stream_kernel(), Some(StreamKernel::Ranks8));
+        let k8 = StreamKernel::Ranks8;
+        assert_eq!(
+            p.stream_launch_dims(k8, Dtype::F16, 132),
+            ((9, 1, 1), (256, 1, 1))
+        );
+        assert_eq!(
+            p.stream_launch_dims(k8, Dtype::F16, 1),
+            ((2, 1, 1), (256, 1, 1))
+        );
+        // f32 W: groups of 1 row, 130 of them.
+        assert_eq!(
+            p.stream_launch_dims(k8, Dtype::F32, 132),
+            ((17, 1, 1), (256, 1, 1))
+        );
+        assert_eq!(
+            p.stream_launch_dims(StreamKernel::Ranks32, Dtype::BF16, 132),
+            ((6, 1, 1), (256, 1, 1))
+        );
+        // W [1280, 5120] (the bench's): 20 strips of 256 columns, 13 blocks
+        // each on 132 SMs; 80 strips of 64, 3 blocks each.
+        let mut wide = p;
+        (wide.rows, wide.cols) = (1280, 5120);
+        assert_eq!(
+            wide.stream_launch_dims(k8, Dtype::F16, 132),
+            ((260, 1, 1), (256, 1, 1))
+        );
+        assert_eq!(
+            wide.stream_launch_dims(StreamKernel::Ranks32, Dtype::F16, 132),
+            ((240, 1, 1), (256, 1, 1))
+        );
         // A wide weight: whole strips only (40 strips of 5120 columns).
         assert_eq!(lowrank_grid(1280, 5120, 132, 3, 32), (360, 1, 1));
         assert_eq!(lowrank_grid(1280, 5120, 10, 3, 32), (40, 1, 1));
@@ -1164,6 +1334,33 @@ mod tests {
         assert!(!lowrank_params(&[(64, F32, F32)]).tensor_cores());
         assert!(!lowrank_params(&[(64, F16, F16), (64, F32, F16)]).tensor_cores());
         assert!(!lowrank_params(&[]).tensor_cores());
+    }
+
+    #[test]
+    fn streaming_kernels_by_the_ranks_sum() {
+        use Dtype::{BF16, F16, F32};
+        assert_eq!(lowrank_params(&[]).stream_kernel(), None);
+        assert_eq!(
+            lowrank_params(&[(8, F16, F16)]).stream_kernel(),
+            Some(StreamKernel::Ranks8)
+        );
+        assert_eq!(
+            lowrank_params(&[(3, F32, BF16), (5, F16, F16)]).stream_kernel(),
+            Some(StreamKernel::Ranks8)
+        );
+        assert_eq!(
+            lowrank_params(&[(9, F16, F16)]).stream_kernel(),
+            Some(StreamKernel::Ranks32)
+        );
+        assert_eq!(
+            lowrank_params(&[(8, F16, F16); 4]).stream_kernel(),
+            Some(StreamKernel::Ranks32)
+        );
+        assert_eq!(lowrank_params(&[(33, F16, F16)]).stream_kernel(), None);
+        assert_eq!(
+            lowrank_params(&[(16, F16, F16), (17, F32, F32)]).stream_kernel(),
+            None
+        );
     }
 
     #[test]

@@ -225,6 +225,15 @@ static unsigned offload_shfl_xor(unsigned v, int m) {
     return r;
 }
 
+// A vector load or store of the streaming kernels: `bytes` at `at` must be
+// aligned to them.
+static void offload_vector_access(unsigned long long at, unsigned bytes) {
+    if (at % bytes != 0) emu_fault("vector access not aligned to its size", (const void*)at);
+}
+
+// __syncwarp(): the warp's 32 threads meet (the streaming kernels' slots).
+static void __syncwarp() { emu_warp_barrier[emu_warp]->arrive_and_wait(); }
+
 #include "lowrank_merge.cu"
 
 // Runs `kernel` on a grid of (gx, gy) blocks of (bdx, bdy) threads; blocks
@@ -579,6 +588,75 @@ static long lowrank_cases(int cases, Kind kind) {
     failures += emu_faults - faults0;
     std::printf("%s: %d cases, %ld elements, %ld cp.async copies, %ld failures\n", group, cases, elements,
                 emu_cp_async_count - copies0, failures);
+    return failures;
+}
+
+// The streaming fp32 FMA kernels (kernel 1b): ranks adding up to at most
+// kmax (8 or 32) over 1 to 4 adapters (some of rank 0), every dtype for W and
+// each factor; one to several column strips of 32 * CPT columns, and rows
+// not a whole number of groups; blocks per strip from one (each warp walks
+// many groups) to more than the strip has groups for (warps with none), and
+// blocks past the whole multiple; every fourth W off a 16-byte boundary
+// (element by element), and column counts that leave the last lane of a
+// strip part of a row.
+static long stream_cases(int cases, unsigned kmax) {
+    const char* group = kmax == 8 ? "stream8" : "stream32";
+    const long faults0 = emu_faults;
+    emu_faults_printed_from = faults0;
+    const unsigned cpt = kmax == 8 ? 8 : 2;
+    const unsigned sw = 32 * cpt;
+    long failures = 0, elements = 0;
+    for (int c = 0; c < cases; ++c) {
+        unsigned out, r0, n, cols = 1 + rng() % (3 * sw);
+        rand_slice(c, 150, out, r0, n);
+        if (c % 4 == 1) cols = sw * (1 + rng() % 3);  // whole strips, vector rows
+        if (c % 5 == 4) {
+            out = 300;
+            r0 = 7;
+            n = 290;
+        }
+        Weight W = rand_weight(out, cols, r0, n);
+        OffloadLowRankMergeParams p{};
+        p.w = (unsigned long long)W.w.data();
+        p.rows = n;
+        p.cols = cols;
+        p.row0 = r0;
+        p.num_adapters = 1 + rng() % 4;
+        unsigned left = c % 3 == 0 ? kmax : 1 + rng() % kmax;  // ranks' sum
+        std::vector<Mat> store;
+        store.reserve(2 * p.num_adapters);
+        for (unsigned a = 0; a < p.num_adapters; ++a) {
+            unsigned rank = a + 1 == p.num_adapters ? left : rng() % (left + 1);
+            if (rng() % 8 == 0) rank = 0;
+            left -= rank;
+            std::vector<double> d, da;
+            p.adapters[a] = rand_adapter(FMA, n, rank, cols, store, d, da);
+            add_delta(W, p.adapters[a].scale, d, da);
+        }
+        const unsigned rows_per_group = (W.dt == OFFLOAD_DTYPE_F32 ? 0.5 : 1) * (kmax == 8 ? 2 : 8);
+        const unsigned groups = (n + rows_per_group - 1) / rows_per_group;
+        const unsigned tiles_x = (cols + sw - 1) / sw;
+        unsigned per_strip = c % 3 == 0 ? 1 : (c % 3 == 1 ? 1 + rng() % 3 : groups / OFFLOAD_ST_WARPS + 2);
+        const unsigned extra = tiles_x > 1 && c % 2 == 0 ? 1 + rng() % (tiles_x - 1) : 0;
+        std::vector<unsigned char> shifted;
+        size_t off = 0;
+        if (c % 4 == 3) {
+            off = dsize(W.dt) * (1 + rng() % (W.dt == OFFLOAD_DTYPE_F32 ? 2 : 4));
+            shifted.assign(W.w.size() + 16, 0);
+            std::memcpy(shifted.data() + off, W.w.data(), W.w.size());
+            p.w = (unsigned long long)(shifted.data() + off);
+        }
+        auto kernel = kmax == 8 ? pick(W.dt, offload_lowrank_merge_stream8_f32, offload_lowrank_merge_stream8_f16,
+                                       offload_lowrank_merge_stream8_bf16)
+                                : pick(W.dt, offload_lowrank_merge_stream32_f32, offload_lowrank_merge_stream32_f16,
+                                       offload_lowrank_merge_stream32_bf16);
+        launch_grid(kernel, p, OFFLOAD_ST_THREADS, 1, tiles_x * per_strip + extra, 1);
+        if (off != 0) std::memcpy(W.w.data(), shifted.data() + off, W.w.size());
+        failures += check(group, c, W);
+        elements += (long)n * cols;
+    }
+    failures += emu_faults - faults0;
+    std::printf("%s: %d cases, %ld elements, %ld failures\n", group, cases, elements, failures);
     return failures;
 }
 
@@ -960,9 +1038,16 @@ int main(int argc, char** argv) {
     const int cases = argc > 1 ? std::atoi(argv[1]) : 20;
     const bool batch_only = argc > 2 && std::strcmp(argv[2], "batch") == 0;
     const bool pipe_only = argc > 2 && std::strcmp(argv[2], "pipe") == 0;
+    const bool stream_only = argc > 2 && std::strcmp(argv[2], "stream") == 0;
     const int batch = std::max(2, cases / 2);
     long failures = 0;
     int total = 0;
+    if (stream_only) {
+        failures += stream_cases(cases, 8);
+        failures += stream_cases(cases, 32);
+        std::printf("all: %d cases, %ld failures\n", 2 * cases, failures);
+        return failures == 0 ? 0 : 1;
+    }
     if (pipe_only) {
         failures += lowrank_cases(cases, PIPE);
         failures += batch_cases(batch, PIPE);
@@ -977,7 +1062,9 @@ int main(int argc, char** argv) {
         for (long m : emu_mma_count) mmas += m;
         std::printf("mma: %ld warp-wide mma.m16n8k16 emulated\n", mmas);
         failures += general_cases(2 * cases);
-        total += 5 * cases;
+        failures += stream_cases(cases, 8);
+        failures += stream_cases(cases, 32);
+        total += 7 * cases;
     }
     failures += batch_cases(batch, FMA);
     failures += batch_cases(batch, MMA);

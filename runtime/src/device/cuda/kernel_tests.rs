@@ -214,6 +214,7 @@ struct HostAdapter {
 }
 
 /// One merge case: W's dtype and shape, the row slice, and (rank, up dtype, down dtype, scale) per adapter.
+#[derive(Debug)]
 struct MergeCase {
     dtype: Dtype,
     shape: Vec<usize>,
@@ -373,11 +374,15 @@ fn launches_on(
         after.tensor_cores_batched - before.tensor_cores_batched,
         after.pipelined_batched - before.pipelined_batched,
         after.general - before.general,
+        after.streaming - before.streaming,
+        // The streaming kernels' batched launches: they have none.
+        0,
     ];
     let (single, batched) = match kernel {
         LowRankKernel::Fma => (0, 3),
         LowRankKernel::TensorCores => (1, 4),
         LowRankKernel::Pipelined => (2, 5),
+        LowRankKernel::Streaming => (7, 8),
         LowRankKernel::Auto => return None,
     };
     let total: u64 = diff.iter().sum();
@@ -799,6 +804,87 @@ fn gpu_merge_lowrank_tensor_cores_match_cpu_merge() {
     d.destroy_stream(s).unwrap();
 }
 
+/// The streaming fp32 FMA kernels (`LowRankKernel::Streaming`) against
+/// the CPU merge and the f64 reference, for W in f32, f16 and bf16: ranks
+/// adding up to at most 8 and at most 32 (one to four adapters, mixed
+/// factor dtypes), row slices, a conv weight, columns
+/// that are not whole vectors per lane or whole strips, a W whose rows are
+/// not vector-aligned, and a tall weight that many blocks walk; each merge
+/// one launch on a streaming kernel. A stack past 32 ranks takes the fp32
+/// FMA kernel.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_merge_streaming_kernels_match_the_reference() {
+    use Dtype::{BF16, F16, F32};
+    let d = gpu();
+    let s = d.create_stream().unwrap();
+    let mut cases = Vec::new();
+    for dtype in Dtype::ALL {
+        let case = |shape: &[usize], rows, adapters| MergeCase {
+            dtype,
+            shape: shape.to_vec(),
+            rows,
+            adapters,
+        };
+        cases.push(case(&[150, 512], Some(7..137), vec![(8, F16, F16, 0.7)]));
+        cases.push(case(
+            &[64, 16, 3, 3],
+            None,
+            vec![
+                (3, BF16, F32, 0.25),
+                (1, F16, F16, 1.0),
+                (4, F32, F16, -1.5),
+            ],
+        ));
+        cases.push(case(&[33, 301], None, vec![(32, F16, F16, 0.5)]));
+        cases.push(case(
+            &[200, 517],
+            Some(1..199),
+            vec![
+                (8, F16, F16, 0.5),
+                (8, BF16, BF16, -0.3),
+                (9, F32, F32, 0.9),
+                (7, F16, BF16, 1.1),
+            ],
+        ));
+        cases.push(case(&[4096, 640], None, vec![(16, F16, F16, 0.4)]));
+        cases.push(case(&[40, 90], None, vec![(2, F16, F16, -0.8)]));
+    }
+    let mut elements_all = 0;
+    for (i, case) in cases.iter().enumerate() {
+        let before = d.merge_launches();
+        let (elements, same) =
+            check_merge_with(&d, s, case, 0x57e4 + i as u64, LowRankKernel::Streaming);
+        let (single, _, others) =
+            launches_on(LowRankKernel::Streaming, before, d.merge_launches()).unwrap();
+        assert_eq!((single, others), (1, 0), "{case:?}: one streaming launch");
+        eprintln!(
+            "streaming {} {:?} rows {:?}, ranks {:?}: {elements} elements, {same} bit-identical to the CPU",
+            case.dtype,
+            case.shape,
+            case.rows,
+            case.adapters.iter().map(|a| a.0).collect::<Vec<_>>()
+        );
+        elements_all += elements;
+    }
+    // Past 32 ranks: the fp32 FMA kernel.
+    let big = MergeCase {
+        dtype: F16,
+        shape: vec![100, 200],
+        rows: None,
+        adapters: vec![(20, F16, F16, 0.5), (13, F16, F16, 0.5)],
+    };
+    let before = d.merge_launches();
+    check_merge_with(&d, s, &big, 0x57e5, LowRankKernel::Streaming);
+    let after = d.merge_launches();
+    assert_eq!(
+        (after.fma - before.fma, after.streaming - before.streaming),
+        (1, 0)
+    );
+    eprintln!("streaming: {elements_all} elements checked in all");
+    d.destroy_stream(s).unwrap();
+}
+
 /// Throughput of the low-rank kernels (informative; `offload bench merge`
 /// is the measurement): a 4096 x 4096 f16 weight, one or four adapters with
 /// f16 factors, on each kernel, rotating through four copies of W (128 MiB,
@@ -847,10 +933,17 @@ fn gpu_merge_lowrank_throughput_of_each_kernel() {
             let mut line = format!("merge {rows}x{cols} f16, {count} x rank {rank} f16 factors:");
             for kernel in [
                 LowRankKernel::Fma,
+                LowRankKernel::Streaming,
                 LowRankKernel::TensorCores,
                 LowRankKernel::Pipelined,
             ] {
-                if kernel != LowRankKernel::Fma && !tensor_cores {
+                let tensor_kernel = matches!(
+                    kernel,
+                    LowRankKernel::TensorCores | LowRankKernel::Pipelined
+                );
+                if tensor_kernel && !tensor_cores
+                    || kernel == LowRankKernel::Streaming && rank * count > 32
+                {
                     continue;
                 }
                 for &w in &ws {
@@ -870,6 +963,7 @@ fn gpu_merge_lowrank_throughput_of_each_kernel() {
                     " {}{} {per:?}, {:.1} TFLOP/s, {:.0} GB/s;",
                     match kernel {
                         LowRankKernel::Fma => "fp32 FMA",
+                        LowRankKernel::Streaming => "streaming",
                         LowRankKernel::Pipelined => "pipelined",
                         _ => "tensor cores",
                     },

@@ -40,8 +40,8 @@ use offload_kernels::cuda::{
     delta_factors, dtype_code, lowrank_merge_batch_entry, lowrank_merge_entry,
     lowrank_merge_mma_batch_entry, lowrank_merge_mma_entry, lowrank_merge_pipe_batch_entry,
     lowrank_merge_pipe_entry, merge_entry, LowRankBatchParams, LowRankJobParams,
-    LowRankMergeParams, MergeParams, BATCH_MAX_ADAPTERS, LOWRANK_MERGE_SRC, MAX_ADAPTERS,
-    MERGE_MAX_ADAPTERS, MMA_MIN_COMPUTE_CAPABILITY,
+    LowRankMergeParams, MergeParams, StreamKernel, BATCH_MAX_ADAPTERS, LOWRANK_MERGE_SRC,
+    MAX_ADAPTERS, MERGE_MAX_ADAPTERS, MMA_MIN_COMPUTE_CAPABILITY,
 };
 use offload_kernels::{Delta, Dtype, MergeSpec};
 
@@ -61,6 +61,8 @@ pub(super) struct MergeKernels {
     lowrank_mma_batch: [sys::CUfunction; 3],
     lowrank_pipe: [sys::CUfunction; 3],
     lowrank_pipe_batch: [sys::CUfunction; 3],
+    /// The streaming kernels: ranks up to 8, then up to 32.
+    lowrank_stream: [[sys::CUfunction; 3]; 2],
     general: [sys::CUfunction; 3],
     image: Arc<Image>,
     /// The NVRTC library mapped in the process when they were built.
@@ -378,6 +380,12 @@ pub enum LowRankKernel {
     /// memory with `cp.async`, 64 × 128 tiles); the same operands and
     /// device requirements as [`LowRankKernel::TensorCores`].
     Pipelined,
+    /// The streaming fp32 FMA kernels (the down factors in registers, no
+    /// block-wide barrier) for stacks whose ranks add up to at most 32
+    /// ([`offload_kernels::cuda::StreamKernel`]), one launch per tensor
+    /// (also in [`CudaDevice::merge_lowrank_batch`]); larger stacks take
+    /// the fp32 FMA kernel. Any factor dtypes, any device.
+    Streaming,
 }
 
 /// How many merge kernels a [`CudaDevice`] has launched, by kernel
@@ -398,6 +406,8 @@ pub struct MergeLaunches {
     pub tensor_cores_batched: u64,
     /// Batched low-rank launches on the pipelined tensor-core kernel.
     pub pipelined_batched: u64,
+    /// One-tensor low-rank launches on a streaming kernel.
+    pub streaming: u64,
     /// Launches of the general kernel (LoHa, LoKr, or more adapters than
     /// the low-rank kernels take).
     pub general: u64,
@@ -407,6 +417,10 @@ impl MergeKernels {
     /// Counts a launch of `f` in `launches`, under the entry point it is
     /// (what was launched, not what was meant to be).
     fn count(&self, f: sys::CUfunction, launches: &mut MergeLaunches) {
+        if self.lowrank_stream.iter().any(|e| e.contains(&f)) {
+            launches.streaming += 1;
+            return;
+        }
         let counter = [
             (&self.lowrank, &mut launches.fma),
             (&self.lowrank_mma, &mut launches.tensor_cores),
@@ -467,6 +481,10 @@ impl CudaDevice {
             lowrank_mma_batch: functions(lowrank_merge_mma_batch_entry)?,
             lowrank_pipe: functions(lowrank_merge_pipe_entry)?,
             lowrank_pipe_batch: functions(lowrank_merge_pipe_batch_entry)?,
+            lowrank_stream: [
+                functions(|d| StreamKernel::Ranks8.entry(d))?,
+                functions(|d| StreamKernel::Ranks32.entry(d))?,
+            ],
             general: functions(merge_entry)?,
             _module: module,
             image,
@@ -646,19 +664,28 @@ impl CudaDevice {
         }
         let kernels = self.merge_kernels()?;
         let code = dtype_code(spec.dtype()) as usize;
-        let (function, (grid, block)) = match self.lowrank_body(&params, kernel)? {
-            Body::Fma => (
-                kernels.lowrank[code],
-                params.launch_dims(self.multiprocessors),
+        let stream_kernel = params
+            .stream_kernel()
+            .filter(|_| kernel == LowRankKernel::Streaming);
+        let (function, (grid, block)) = match stream_kernel {
+            Some(k) => (
+                kernels.lowrank_stream[(k == StreamKernel::Ranks32) as usize][code],
+                params.stream_launch_dims(k, spec.dtype(), self.multiprocessors),
             ),
-            Body::Mma => (
-                kernels.lowrank_mma[code],
-                params.mma_launch_dims(self.multiprocessors),
-            ),
-            Body::Pipe => (
-                kernels.lowrank_pipe[code],
-                params.pipe_launch_dims(self.multiprocessors),
-            ),
+            None => match self.lowrank_body(&params, kernel)? {
+                Body::Fma => (
+                    kernels.lowrank[code],
+                    params.launch_dims(self.multiprocessors),
+                ),
+                Body::Mma => (
+                    kernels.lowrank_mma[code],
+                    params.mma_launch_dims(self.multiprocessors),
+                ),
+                Body::Pipe => (
+                    kernels.lowrank_pipe[code],
+                    params.pipe_launch_dims(self.multiprocessors),
+                ),
+            },
         };
         self.ctx.bind()?;
         let mut args: [*mut c_void; 1] = [(&mut params as *mut LowRankMergeParams).cast()];
@@ -668,7 +695,8 @@ impl CudaDevice {
         // mirrors (checked in offload-kernels); the block is the one that
         // entry point is written for, and the tensor-core ones are only
         // chosen on compute capability 8.0 or newer, where their
-        // instructions exist (lowrank_body);
+        // instructions exist (lowrank_body); a streaming one only for
+        // ranks adding up to what it holds (stream_kernel);
         // every region the kernel touches is mapped and aligned (checked
         // above) and the trait makes callers keep it mapped until the queued
         // kernel has run; the stream is live (Arc).
@@ -731,7 +759,7 @@ impl CudaDevice {
                     Body::Mma
                 })
             }
-            LowRankKernel::Auto | LowRankKernel::Fma => Ok(Body::Fma),
+            LowRankKernel::Auto | LowRankKernel::Fma | LowRankKernel::Streaming => Ok(Body::Fma),
             LowRankKernel::TensorCores | LowRankKernel::Pipelined => {
                 if !device_has_mma {
                     return Err(merge_error(format!(
@@ -812,8 +840,10 @@ impl CudaDevice {
     ) -> Result<()> {
         let (params, access) = self.checked_lowrank_params(m.spec, m.w, m.factors)?;
         let body = self.lowrank_body(&params, kernel)?;
+        // The streaming kernels have no batched form.
+        let streamed = kernel == LowRankKernel::Streaming && params.stream_kernel().is_some();
         let job = LowRankJobParams::from_params(&params)
-            .filter(|j| j.num_adapters > 0 && j.rows > 0 && j.cols > 0);
+            .filter(|j| !streamed && j.num_adapters > 0 && j.rows > 0 && j.cols > 0);
         let Some(job) = job else {
             b.before(&access)?;
             self.merge_lowrank_with(m.spec, m.w, m.factors, b.stream, kernel)?;
