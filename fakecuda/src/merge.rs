@@ -876,4 +876,51 @@ mod tests {
         assert_eq!(n, 27);
         assert_eq!(kernel("offload_f32_to_f16"), None);
     }
+
+    /// The streaming kernels' walk, as the fake models it, merges every
+    /// element of the slice exactly once: one block per strip, several,
+    /// more than the groups need, the launch's own grid, and blocks past
+    /// the last whole multiple of the strips.
+    #[test]
+    fn the_streaming_walk_covers_every_element_once() {
+        for (rows, cols) in [(1u32, 1u32), (130, 70), (300, 517), (1280, 640)] {
+            for sk in [k::StreamKernel::Ranks8, k::StreamKernel::Ranks32] {
+                for dtype in Dtype::ALL {
+                    let group_rows = sk.group_rows(dtype);
+                    let strips = cols.div_ceil(32 * sk.cols_per_lane());
+                    let mut p = LowRankMergeParams {
+                        rows,
+                        cols,
+                        ..Default::default()
+                    };
+                    p.num_adapters = 1;
+                    let grid = p.stream_launch_dims(sk, dtype, 132).0 .0;
+                    for blocks in [
+                        strips,
+                        3 * strips,
+                        3 * strips + strips / 2,
+                        1000 * strips,
+                        grid,
+                    ] {
+                        let mut l = empty(0);
+                        for b in 0..blocks {
+                            l.walk_stream_block(0, rows, cols, b, blocks, sk, group_rows);
+                        }
+                        let mut seen = vec![0u8; (rows * cols) as usize];
+                        for t in &l.tiles {
+                            for r in t.rows.clone() {
+                                for c in t.cols.clone() {
+                                    seen[r * cols as usize + c] += 1;
+                                }
+                            }
+                        }
+                        assert!(
+                            seen.iter().all(|&n| n == 1),
+                            "{sk:?} {dtype} [{rows}, {cols}] on {blocks} blocks"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

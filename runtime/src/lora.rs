@@ -240,9 +240,12 @@ pub struct LoraReport {
     pub layers_dropped: usize,
     /// Host copies of layers changed (backup and fuse modes).
     pub host_layers_changed: usize,
-    /// Bytes of factors now on the device.
+    /// Bytes of the set's factors now on the device (factors of LoRAs that
+    /// left the set but that an upload job still queueing may read stay on
+    /// the device until a later call frees them; they are not counted here,
+    /// [`RuntimeStats::lora_device_bytes`](crate::RuntimeStats::lora_device_bytes) counts them).
     pub factor_bytes: usize,
-    /// Pages the factors take.
+    /// Pages the set's factors take (as for `factor_bytes`).
     pub factor_pages: usize,
     /// Wall time of the call.
     pub seconds: f64,

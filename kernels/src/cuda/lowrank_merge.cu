@@ -13,11 +13,12 @@
 // bf16 elements, each factor's type independent of the others. Device
 // pointers must be aligned to their element size.
 //
-// Five kernels, each with one entry point per W type (f32, f16, bf16),
-// three of the low-rank ones also batched, each taking its parameter block
-// by value and no dynamic shared memory.
+// Five kernels, each with one entry point per W type (f32, f16, bf16;
+// kernel 1b two, one per rank limit), three of the low-rank ones also
+// batched, each taking its parameter block by value and no dynamic shared
+// memory.
 //
-// The two low-rank kernels (Delta = B A, up factor B [rows, rank], down factor
+// The low-rank kernels 1, 2 and 2b (Delta = B A, up factor B [rows, rank], down factor
 // A [rank, cols]) are written to stream W: the slice is cut into 32 x 128
 // tiles, a block of (256, 1, 1) threads walks the tiles of one column strip
 // (a grid of whole blocks per strip, sized by the runtime to fill the GPU),
@@ -103,8 +104,9 @@
 // scalar conversions are used, so NVRTC needs nothing else; the tensor-core
 // instructions (mma, ldmatrix, cp.async) are inline PTX. When the source is
 // not compiled by a CUDA compiler (the CPU emulation of tests/cuda_emulation),
-// the includer provides offload_mma_f16, offload_mma_bf16 and the five
-// functions of kernel 2b's pipeline (offload_cp_async16 and the others).
+// the includer provides offload_mma_f16, offload_mma_bf16, the five
+// functions of kernel 2b's pipeline (offload_cp_async16 and the others),
+// and kernel 1b's offload_vector_access and __syncwarp.
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>

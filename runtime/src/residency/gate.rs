@@ -58,10 +58,15 @@ impl Gate {
     /// Take the exclusive side once no job is queueing, or `None` if one
     /// still is after `timeout`.
     pub(crate) fn exclusive(&self, timeout: Duration) -> Option<ExclusiveGuard<'_>> {
-        let deadline = Instant::now() + timeout;
+        // A timeout too long to add is no timeout.
+        let deadline = Instant::now().checked_add(timeout);
         let mut st = self.lock();
         st.waiting += 1;
         while st.exclusive || st.sharing > 0 {
+            let Some(deadline) = deadline else {
+                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            };
             let now = Instant::now();
             if now >= deadline {
                 st.waiting -= 1;
@@ -147,6 +152,12 @@ mod tests {
                 synced.load(Ordering::SeqCst)
             })
         };
+        // The new job is held back while the first one still queues.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !late.is_finished(),
+            "a new job went before a waiting synchronisation"
+        );
         drop(job);
         assert!(waiter.join().unwrap(), "the synchronisation got the gate");
         assert!(late.join().unwrap(), "the new job waited for it");

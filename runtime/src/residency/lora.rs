@@ -505,8 +505,9 @@ impl Shared {
             if let Some(h) = h {
                 // SAFETY: the bytes live in `l.host` (an Arc kept by the
                 // loaded LoRA and every merge that uses it) until the LoRA
-                // leaves the set, which frees the device copy only after
-                // synchronising the copy stream.
+                // is dropped (`drop_loaded`), which happens only after
+                // synchronising the copy stream: a LoRA that cannot be
+                // synchronised is parked whole, host bytes included.
                 let r = unsafe {
                     self.device.copy_h2d_async(
                         base.offset(offsets[i]),
@@ -516,7 +517,13 @@ impl Shared {
                     )
                 };
                 if let Err(e) = r {
-                    self.free_behind_copies(a);
+                    // The copies queued so far read `l.host` and write the
+                    // allocation: the LoRA carries it, and the caller's
+                    // `discard` frees both behind a synchronisation (or
+                    // parks them while a job holds the stream).
+                    l.pages = total.div_ceil(self.page);
+                    l.dev = Some((a, base, offsets));
+                    self.lora_pages.fetch_add(l.pages, Ordering::Relaxed);
                     return Err(e);
                 }
                 Counters::add(&self.counters.bytes_h2d, h.len() as u64);
@@ -600,27 +607,6 @@ impl Shared {
     fn discard(&self, state: &mut LoraState, l: LoadedLora) {
         if let Err(l) = self.drop_loaded(l, false) {
             state.parked.push(l);
-        }
-    }
-
-    /// Give a factor allocation back once the copies queued on the copy
-    /// stream so far are done: after synchronising it, or, when a job still
-    /// queueing keeps it from being synchronised, behind an event recorded
-    /// on it.
-    fn free_behind_copies(&self, a: AllocId) {
-        if !matches!(self.sync_copy(), Err(Error::UploadsStuck { .. })) {
-            let _ = self.arena.free(a);
-            return;
-        }
-        let freed = self.event().and_then(|e| {
-            self.device.record_event(e, self.copy)?;
-            let r = self.arena.free_after(a, e);
-            self.recycle(e);
-            r
-        });
-        if freed.is_err() {
-            let _ = self.device.stream_synchronize(self.copy);
-            let _ = self.arena.free(a);
         }
     }
 
@@ -756,8 +742,13 @@ impl Shared {
             .partition(|l| kept(l));
         // A failure left on the copy stream by an earlier upload belongs to
         // that upload's ready event (an acquire or `apply` handles it), not
-        // to this call: clear it before queueing ours.
-        let _ = self.sync_copy();
+        // to this call: clear it before queueing ours. A job stuck queueing
+        // ends the call here, before anything is uploaded.
+        if let Err(e @ Error::UploadsStuck { .. }) = self.sync_copy() {
+            state.loaded = keep;
+            state.loaded.extend(gone);
+            return Err(e);
+        }
         let mut loaded_new: Vec<LoadedLora> = Vec::new();
         let mut upload_err = None;
         for l in fresh.into_iter().flatten() {

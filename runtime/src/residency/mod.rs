@@ -1763,7 +1763,16 @@ impl Shared {
                     None => self.arena.free(slot.alloc),
                 };
                 if freed.is_err() {
-                    let _ = self.sync_copy();
+                    // Behind that upload all the same: its ready event, or
+                    // the whole copy stream.
+                    let waited = slot.last.is_some_and(|o| {
+                        self.device
+                            .event_wait(comp.ready[o], Some(self.cfg.wait_timeout))
+                            .is_ok()
+                    });
+                    if !waited {
+                        let _ = self.sync_copy();
+                    }
                     let _ = self.arena.free(slot.alloc);
                 }
                 st.pages -= st.plan.as_ref().map_or(0, |p| p.slot_pages);

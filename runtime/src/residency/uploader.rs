@@ -82,7 +82,7 @@ impl std::fmt::Debug for Uploader {
 impl Uploader {
     /// Start the thread. `streams` are the runtime's (copy, merge) streams;
     /// `returns` take the wait and hand-off events back; jobs are queued
-    /// under the read side of `gate` (see `Shared::copy_gate`); a failed
+    /// under the shared side of `gate` (see `Shared::copy_gate`); a failed
     /// job waits up to `wait_timeout` for the users of its slot.
     pub(crate) fn new(
         device: Arc<dyn Device>,
