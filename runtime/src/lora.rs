@@ -243,7 +243,7 @@ pub struct LoraReport {
     /// Bytes of the set's factors now on the device (factors of LoRAs that
     /// left the set but that an upload job still queueing may read stay on
     /// the device until a later call frees them; they are not counted here,
-    /// [`RuntimeStats::lora_device_bytes`](crate::RuntimeStats::lora_device_bytes) counts them).
+    /// [`RuntimeStats::lora_device_bytes`](crate::residency::RuntimeStats::lora_device_bytes) counts them).
     pub factor_bytes: usize,
     /// Pages the set's factors take (as for `factor_bytes`).
     pub factor_pages: usize,
