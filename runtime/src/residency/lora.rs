@@ -475,7 +475,9 @@ impl Shared {
         Ok((p.offsets, p.total))
     }
 
-    /// Put a LoRA's factors on the device (queued on the copy stream).
+    /// Put a LoRA's factors on the device (queued on the copy stream). When
+    /// a copy cannot be queued the LoRA holds the allocation all the same
+    /// (the copies queued before it still write there): `discard` it.
     fn upload_factors(&self, model: &ModelRt, l: &mut LoadedLora) -> Result<()> {
         let (offsets, total) = self.factor_layout(l)?;
         if total == 0 {
