@@ -6,14 +6,16 @@
 //   bound = |W| + sum |s| |Delta| (each product of factors taken in absolute
 //   values), never NaN; rows outside the slice bit-identical.
 //
-// Seven groups of random cases (usage: emulate [cases] [all|batch|pipe],
+// Nine groups of random cases (usage: emulate [cases] [all|batch|pipe|stream],
 // default 20 all; "batch" runs the three batched groups only, "pipe" the two
-// of the pipelined kernel):
+// of the pipelined kernel, "stream" the two streaming ones):
 //   lowrank: the fp32 FMA low-rank kernel; 1 to 4 adapters, ranks 1 to 70,
 //            every dtype for W and each factor.
 //   mma:     the tensor-core low-rank kernel; both factors of an adapter f16
 //            or both bf16, ranks 1 to 150, 1 to 8 adapters. The warp-wide
 //            mma.m16n8k16 is emulated from PTX's fragment layout (below).
+//   stream8, stream32: the streaming fp32 FMA kernels (kernel 1b); ranks
+//            adding up to at most 8 or 32, any dtypes (see stream_cases).
 //   general: the kernel for every delta kind: low-rank, LoHa and LoKr (each
 //            side stored whole or as a low-rank product), mixed in one
 //            launch, 1 to 6 adapters (one case with the most a launch takes),
