@@ -2440,18 +2440,21 @@ fn an_upload_stuck_in_the_uploader_keeps_the_model_until_it_is_queued() {
     assert_eq!(k.rt.arena().pages_used(), 0);
 }
 
-/// A LoRA change while an upload job is stuck queueing its copies and
-/// merges (it holds the copy gate): `set_loras` reports it after
-/// `wait_timeout` instead of waiting for good, before it changes anything,
-/// so none of the departing LoRA's factors, which the stuck job's merges
-/// read, is freed. Once the job
-/// is through, the same call frees them and every weight is the file's
-/// again, bit for bit. (`set_loras` used to wait on the copy gate without a
-/// timeout; and where the job was pending without holding the gate, it
-/// freed the factors under it.)
-#[test]
-fn set_loras_beside_a_stuck_upload_keeps_the_factors_it_reads() {
-    let (desc, src) = f16_model("stuck-lora", 7, &[vec![vec![vec![64, 64]]; 3]]);
+/// A model of three layers under one LoRA (sequential, pinned uploads
+/// queued by the uploader thread, a 200 ms `wait_timeout`), one pass done;
+/// then layer 0's next upload (with the LoRA's merges) is stalled by the
+/// knob `knob` picks. A `set_loras` to no LoRA must fail with an error
+/// `expected` accepts and free none of the factors the stalled job's merges
+/// read; once the stall ends, the same call frees them, and every weight is
+/// the file's again, bit for bit. `job_fails`: the stalled job ends in an
+/// error (reported by the acquire already).
+fn set_loras_beside_a_stalled_upload(
+    (name, seed): (&str, u64),
+    knob: impl Fn(&ExtraFaults) -> &AtomicBool,
+    expected: impl Fn(&Error) -> bool,
+    job_fails: bool,
+) {
+    let (desc, src) = f16_model(name, seed, &[vec![vec![vec![64, 64]]; 3]]);
     let k = knobbed(RuntimeConfig {
         upload_thread: Some(true),
         wait_timeout: Duration::from_millis(200),
@@ -2465,7 +2468,7 @@ fn set_loras_beside_a_stuck_upload_keeps_the_factors_it_reads() {
     let m = k.rt.load(desc.clone(), src.clone()).unwrap();
     let set: Set = vec![(
         lora(
-            8,
+            seed + 1,
             &desc,
             &[(0, 0, 0), (0, 1, 0), (0, 2, 0)],
             Kind::LowRank(4),
@@ -2476,9 +2479,8 @@ fn set_loras_beside_a_stuck_upload_keeps_the_factors_it_reads() {
     check_all(&k, m, &desc, &src, &set).unwrap();
     let factors = k.rt.stats().lora_device_bytes;
     assert!(factors > 0);
-    // Layer 0 left its ring slot during the pass: its next upload, with the
-    // LoRA's merges, sticks on the uploader thread.
-    let held = Stalled::set(&k.extra.hold_uploads);
+    // Layer 0 left its ring slot during the pass.
+    let stalled = Stalled::set(knob(&k.extra));
     let id = LayerId {
         model: m,
         component: 0,
@@ -2487,10 +2489,17 @@ fn set_loras_beside_a_stuck_upload_keeps_the_factors_it_reads() {
     let e = k.rt.acquire(id).unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e}");
     let e = k.rt.set_loras(m, &[]).unwrap_err();
-    assert!(matches!(e, Error::UploadsStuck { waited_ms: 200 }), "{e}");
-    assert_eq!(k.rt.stats().lora_device_bytes, factors);
-    drop(held);
-    k.rt.synchronize().unwrap();
+    assert!(expected(&e), "{e}");
+    assert_eq!(
+        k.rt.stats().lora_device_bytes,
+        factors,
+        "factors freed under a pending job"
+    );
+    drop(stalled);
+    let synced = k.rt.synchronize();
+    if !job_fails {
+        synced.unwrap();
+    }
     let report = k.rt.set_loras(m, &[]).unwrap();
     assert_eq!(report.factor_pages, 0);
     assert_eq!(k.rt.stats().lora_device_bytes, 0);
@@ -2499,64 +2508,35 @@ fn set_loras_beside_a_stuck_upload_keeps_the_factors_it_reads() {
     assert_eq!(k.rt.arena().pages_used(), 0);
 }
 
+/// A LoRA change while an upload job is stuck queueing its copies and
+/// merges (it holds the copy gate): `set_loras` reports it after
+/// `wait_timeout` instead of waiting for good, before it changes anything.
+/// (`set_loras` used to wait on the copy gate without a timeout.)
+#[test]
+fn set_loras_beside_a_stuck_upload_keeps_the_factors_it_reads() {
+    set_loras_beside_a_stalled_upload(
+        ("stuck-lora", 7),
+        |x| &x.hold_uploads,
+        |e| matches!(e, Error::UploadsStuck { waited_ms: 200 }),
+        false,
+    );
+}
+
 /// The same change beside an upload job that is pending without holding
 /// the copy gate: a failed job waiting for the users of its slot on the
-/// uploader thread. The copy stream synchronises, so `set_loras` gets as
-/// far as re-deriving the layers, meets the job and fails; the departing
-/// LoRA's factors stay (parked) until a later call finds no job pending.
+/// uploader thread (its wait refused, it waits on the host, outside the
+/// gate). The copy stream synchronises, so `set_loras` gets as far as
+/// re-deriving the layers, meets the job and fails; the departing LoRA's
+/// factors stay (parked) until a later call finds no job pending. (It used
+/// to free them under the job.)
 #[test]
 fn set_loras_beside_a_pending_upload_parks_the_factors_it_may_read() {
-    let (desc, src) = f16_model("pending-lora", 9, &[vec![vec![vec![64, 64]]; 3]]);
-    let k = knobbed(RuntimeConfig {
-        upload_thread: Some(true),
-        wait_timeout: Duration::from_millis(200),
-        ..knobbed_cfg(
-            Mode::Sequential,
-            16,
-            HostPolicy::Pinned,
-            LoraMode::FuseOnUpload,
-        )
-    });
-    let m = k.rt.load(desc.clone(), src.clone()).unwrap();
-    let set: Set = vec![(
-        lora(
-            10,
-            &desc,
-            &[(0, 0, 0), (0, 1, 0), (0, 2, 0)],
-            Kind::LowRank(4),
-        ),
-        1.0,
-    )];
-    k.rt.set_loras(m, &bindings(&set)).unwrap();
-    check_all(&k, m, &desc, &src, &set).unwrap();
-    let factors = k.rt.stats().lora_device_bytes;
-    assert!(factors > 0);
-    // Layer 0's next upload goes to a ring slot another layer was used in:
-    // its job waits for that use, fails to queue the wait, and stalls in
-    // the host wait that follows, outside the gate.
-    let stalled = Stalled::set(&k.extra.stall_uploader_waits);
-    let id = LayerId {
-        model: m,
-        component: 0,
-        layer: 0,
-    };
-    let e = k.rt.acquire(id).unwrap_err();
-    assert!(matches!(e, Error::Timeout { .. }), "{e}");
-    let e = k.rt.set_loras(m, &[]).unwrap_err();
-    assert!(matches!(e, Error::Timeout { .. }), "{e}");
-    assert_eq!(
-        k.rt.stats().lora_device_bytes,
-        factors,
-        "factors freed under a pending job"
+    set_loras_beside_a_stalled_upload(
+        ("pending-lora", 9),
+        |x| &x.stall_uploader_waits,
+        |e| matches!(e, Error::Timeout { .. }),
+        true,
     );
-    drop(stalled);
-    // The job is over (failed: its error is the acquire's, reported already).
-    let _ = k.rt.synchronize();
-    k.rt.set_loras(m, &[]).unwrap();
-    assert_eq!(k.rt.stats().lora_device_bytes, 0);
-    check_all(&k, m, &desc, &src, &vec![]).unwrap();
-    k.rt.unload(m).unwrap();
-    assert_eq!(k.rt.arena().pages_used(), 0);
 }
 
 /// A layer whose staged upload failed (its job finished with an error)
