@@ -2539,6 +2539,42 @@ fn set_loras_beside_a_pending_upload_parks_the_factors_it_may_read() {
     );
 }
 
+/// A `wait_timeout` of `Duration::MAX` (wait for good) is no panic: job
+/// waits, staging-buffer waits and the copy gate each used to add it to an
+/// `Instant` (the job waits did). A LoRA set applied and removed over two
+/// passes, with staged uploads and with pinned ones on the uploader thread.
+#[test]
+fn a_wait_timeout_of_duration_max_waits_without_panicking() {
+    let policies = [
+        (HostPolicy::Pinned, Some(true)),
+        (
+            HostPolicy::Staged {
+                buffers: 2,
+                buffer_bytes: 2 * PAGE,
+                threads: 1,
+                fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+            },
+            None,
+        ),
+    ];
+    for (policy, upload_thread) in policies {
+        let (desc, src) = f16_model("forever", 12, &[vec![vec![vec![64, 64]]; 3]]);
+        let k = knobbed(RuntimeConfig {
+            upload_thread,
+            wait_timeout: Duration::MAX,
+            ..knobbed_cfg(Mode::Sequential, 16, policy, LoraMode::FuseOnUpload)
+        });
+        let m = k.rt.load(desc.clone(), src.clone()).unwrap();
+        let set: Set = vec![(lora(13, &desc, &[(0, 1, 0)], Kind::LowRank(4)), 1.0)];
+        k.rt.set_loras(m, &bindings(&set)).unwrap();
+        check_all(&k, m, &desc, &src, &set).unwrap();
+        k.rt.set_loras(m, &[]).unwrap();
+        check_all(&k, m, &desc, &src, &vec![]).unwrap();
+        k.rt.unload(m).unwrap();
+        assert_eq!(k.rt.arena().pages_used(), 0);
+    }
+}
+
 /// A layer whose staged upload failed (its job finished with an error)
 /// when `set_loras` reaches it: the call drops it (its next upload derives
 /// it whole) and records what its tensors carry, so that a later call back

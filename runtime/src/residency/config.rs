@@ -147,7 +147,8 @@ pub struct RuntimeConfig {
     /// staging ring); a model that would exceed it is refused at load,
     /// before anything is allocated. `None`: no limit.
     pub host_memory_limit: Option<usize>,
-    /// Longest wait for an event before an operation fails with a timeout.
+    /// Longest wait for an event, an upload job or the copy stream before
+    /// an operation fails with a timeout (`Duration::MAX`: wait for good).
     pub wait_timeout: Duration,
     /// Measure how long the compute stream waits for weights (two timing
     /// events around each wait for a layer not yet ready).

@@ -70,7 +70,7 @@ impl JobDone {
 
     /// Wait until the job has finished; its error, if any.
     pub(crate) fn wait(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(r) = &*g {
@@ -90,6 +90,15 @@ impl JobDone {
                 .0;
         }
     }
+}
+
+/// `timeout` from now; a century from now when that is past what an
+/// `Instant` holds (a `wait_timeout` of `Duration::MAX` used to panic here).
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
 }
 
 /// One staged upload: read a layer from its source and copy it to `dst`.
@@ -378,7 +387,7 @@ fn take_buffer(
     device: &dyn Device,
     timeout: Duration,
 ) -> Result<(PinnedBuffer, EventId)> {
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline_after(timeout);
     let mut free = staging.free.lock().unwrap_or_else(|p| p.into_inner());
     loop {
         if let Some((buf, ev)) = free.pop_front() {
@@ -629,6 +638,18 @@ mod tests {
     use super::*;
     use crate::residency::HostPolicy;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn a_job_waited_for_without_end_gives_its_result() {
+        let job = JobDone::default();
+        assert!(matches!(
+            job.wait(Duration::from_millis(1)),
+            Err(Error::Timeout { waited_ms: 1, .. })
+        ));
+        job.finish(Err(Error::Config("x".into())));
+        // A timeout past what an Instant holds is no panic.
+        assert!(matches!(job.wait(Duration::MAX), Err(Error::Config(_))));
+    }
 
     /// One tensor whose byte i is `i % 251`; counts reads, and records the
     /// threads they ran on and the ranges they read (offset, bytes).
