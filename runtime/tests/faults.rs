@@ -2404,15 +2404,11 @@ fn the_uploads_of_a_pass_are_queued_off_the_acquiring_thread() {
     }
 }
 
-/// An upload stuck in the uploader thread (its copy call blocked) past the
-/// wait timeout: the acquire that needs it times out and leaves it be,
-/// `unload` refuses the model (the job will still read its host copy and
-/// write its pages) and keeps it; once the uploader goes on, every byte
-/// is right and the model unloads with every page back.
-#[test]
-fn an_upload_stuck_in_the_uploader_keeps_the_model_until_it_is_queued() {
-    let (desc, src) = f16_model("stuck", 3, &[vec![vec![vec![64, 64]]; 3]]);
-    let k = knobbed(RuntimeConfig {
+/// The runtime of the uploader-stall tests: sequential mode over 16 pages,
+/// pinned uploads queued by the uploader thread, fuse-on-upload, and a
+/// 200 ms `wait_timeout`.
+fn uploader_runtime() -> Knobbed {
+    knobbed(RuntimeConfig {
         upload_thread: Some(true),
         wait_timeout: Duration::from_millis(200),
         ..knobbed_cfg(
@@ -2421,7 +2417,18 @@ fn an_upload_stuck_in_the_uploader_keeps_the_model_until_it_is_queued() {
             HostPolicy::Pinned,
             LoraMode::FuseOnUpload,
         )
-    });
+    })
+}
+
+/// An upload stuck in the uploader thread (its copy call blocked) past the
+/// wait timeout: the acquire that needs it times out and leaves it be,
+/// `unload` refuses the model (the job will still read its host copy and
+/// write its pages) and keeps it; once the uploader goes on, every byte
+/// is right and the model unloads with every page back.
+#[test]
+fn an_upload_stuck_in_the_uploader_keeps_the_model_until_it_is_queued() {
+    let (desc, src) = f16_model("stuck", 3, &[vec![vec![vec![64, 64]]; 3]]);
+    let k = uploader_runtime();
     let m = k.rt.load(desc.clone(), src.clone()).unwrap();
     let held = Stalled::set(&k.extra.hold_uploads);
     let id = LayerId {
@@ -2455,16 +2462,7 @@ fn set_loras_beside_a_stalled_upload(
     job_fails: bool,
 ) {
     let (desc, src) = f16_model(name, seed, &[vec![vec![vec![64, 64]]; 3]]);
-    let k = knobbed(RuntimeConfig {
-        upload_thread: Some(true),
-        wait_timeout: Duration::from_millis(200),
-        ..knobbed_cfg(
-            Mode::Sequential,
-            16,
-            HostPolicy::Pinned,
-            LoraMode::FuseOnUpload,
-        )
-    });
+    let k = uploader_runtime();
     let m = k.rt.load(desc.clone(), src.clone()).unwrap();
     let set: Set = vec![(
         lora(

@@ -421,24 +421,25 @@ template <> struct OffloadBits<__nv_bfloat16> {
     }
 };
 
-// Element j (0..3) of row i of a fragment, as fp32.
-template <typename T>
-__device__ __forceinline__ float offload_frag_get(const OffloadWFrag<T>& f, int i, int j) {
+// Element j of W's elements held as raw 32-bit words (two 16-bit elements
+// per word, the lower index in the lower half), as fp32.
+template <typename T, int N>
+__device__ __forceinline__ float offload_words_get(const unsigned int (&w)[N], int j) {
     if constexpr (sizeof(T) == 2) {
-        return OffloadBits<T>::get((f.w[i][j / 2] >> (16 * (j % 2))) & 0xffffu);
+        return OffloadBits<T>::get((w[j / 2] >> (16 * (j % 2))) & 0xffffu);
     } else {
-        return OffloadBits<T>::get(f.w[i][j]);
+        return OffloadBits<T>::get(w[j]);
     }
 }
 
-// Sets element j of row i to v, rounded to T (to nearest, ties to even).
-template <typename T>
-__device__ __forceinline__ void offload_frag_set(OffloadWFrag<T>& f, int i, int j, float v) {
+// Sets element j of such words to v, rounded to T (to nearest, ties to even).
+template <typename T, int N>
+__device__ __forceinline__ void offload_words_set(unsigned int (&w)[N], int j, float v) {
     if constexpr (sizeof(T) == 2) {
         const unsigned int shift = 16 * (j % 2);
-        f.w[i][j / 2] = (f.w[i][j / 2] & ~(0xffffu << shift)) | (OffloadBits<T>::put(v) << shift);
+        w[j / 2] = (w[j / 2] & ~(0xffffu << shift)) | (OffloadBits<T>::put(v) << shift);
     } else {
-        f.w[i][j] = OffloadBits<T>::put(v);
+        w[j] = OffloadBits<T>::put(v);
     }
 }
 
@@ -601,7 +602,7 @@ __device__ __forceinline__ void offload_add_w(
     for (int i = 0; i < OFFLOAD_LR_ROWS_PER_THREAD; ++i) {
 #pragma unroll
         for (int j = 0; j < OFFLOAD_LR_COLS_PER_THREAD; ++j) {
-            offload_frag_set<T>(f, i, j, offload_frag_get<T>(f, i, j) + acc[i][j]);
+            offload_words_set<T>(f.w[i], j, offload_words_get<T>(f.w[i], j) + acc[i][j]);
         }
     }
 }
@@ -970,26 +971,6 @@ __device__ __forceinline__ void offload_st_st_words(const unsigned int (&w)[N], 
     }
 }
 
-// Element j of a row, as fp32; and set to v rounded to T (nearest, ties to even).
-template <typename T, int CPT>
-__device__ __forceinline__ float offload_st_get(const OffloadStRow<T, CPT>& r, int j) {
-    if constexpr (sizeof(T) == 2) {
-        return OffloadBits<T>::get((r.w[j / 2] >> (16 * (j % 2))) & 0xffffu);
-    } else {
-        return OffloadBits<T>::get(r.w[j]);
-    }
-}
-
-template <typename T, int CPT>
-__device__ __forceinline__ void offload_st_set(OffloadStRow<T, CPT>& r, int j, float v) {
-    if constexpr (sizeof(T) == 2) {
-        const unsigned int shift = 16 * (j % 2);
-        r.w[j / 2] = (r.w[j / 2] & ~(0xffffu << shift)) | (OffloadBits<T>::put(v) << shift);
-    } else {
-        r.w[j] = OffloadBits<T>::put(v);
-    }
-}
-
 // Where a lane's columns are in every row of the slice.
 struct OffloadStLane {
     unsigned long long w;          // W's first element
@@ -1232,7 +1213,7 @@ __device__ __forceinline__ void offload_lowrank_merge_stream(const P& p, unsigne
             }
 #pragma unroll
             for (int c = 0; c < CPT; ++c) {
-                offload_st_set<T, CPT>(cur[i], c, offload_st_get<T, CPT>(cur[i], c) + acc[c]);
+                offload_words_set<T>(cur[i].w, c, offload_words_get<T>(cur[i].w, c) + acc[c]);
             }
         }
         offload_st_store<T, CPT, R>(cur, ln, g * R);

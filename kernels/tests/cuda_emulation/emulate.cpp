@@ -496,6 +496,24 @@ static OffloadLowRankAdapter rand_adapter(Kind kind, unsigned n, unsigned rank, 
     return {up.addr(), down.addr(), rank, udt, ddt, scale};
 }
 
+// W moved to an address aligned to its element but not to 16 bytes (2, 4
+// or 8 bytes past), which must not take the 16-byte accesses: `shift`
+// points the launch at a copy of W's bytes there, `restore` copies the
+// merged bytes back into W.
+struct ShiftedW {
+    std::vector<unsigned char> bytes;
+    size_t off = 0;
+    void shift(const Weight& W, OffloadLowRankMergeParams& p) {
+        off = dsize(W.dt) * (1 + rng() % (W.dt == OFFLOAD_DTYPE_F32 ? 2 : 4));
+        bytes.assign(W.w.size() + 16, 0);
+        std::memcpy(bytes.data() + off, W.w.data(), W.w.size());
+        p.w = (unsigned long long)(bytes.data() + off);
+    }
+    void restore(Weight& W) const {
+        if (off != 0) std::memcpy(W.w.data(), bytes.data() + off, W.w.size());
+    }
+};
+
 // Low-rank cases for one kernel.
 static long lowrank_cases(int cases, Kind kind) {
     const char* group = kind_name(kind, false);
@@ -564,21 +582,13 @@ static long lowrank_cases(int cases, Kind kind) {
                                 offload_lowrank_merge_mma_bf16),
                            p, per_strip, extra, tile_rows);
         } else if (kind == PIPE) {
-            // Every fourth case: W at an address aligned to its element but
-            // not to 16 bytes (2, 4 or 8 bytes past), which must not take
-            // the 16-byte accesses.
-            std::vector<unsigned char> shifted;
-            size_t off = 0;
-            if (c % 4 == 3) {
-                off = dsize(W.dt) * (1 + rng() % (W.dt == OFFLOAD_DTYPE_F32 ? 2 : 4));
-                shifted.assign(W.w.size() + 16, 0);
-                std::memcpy(shifted.data() + off, W.w.data(), W.w.size());
-                p.w = (unsigned long long)(shifted.data() + off);
-            }
+            // Every fourth case: W off a 16-byte boundary.
+            ShiftedW shifted;
+            if (c % 4 == 3) shifted.shift(W, p);
             launch_lowrank(pick(W.dt, offload_lowrank_merge_pipe_f32, offload_lowrank_merge_pipe_f16,
                                 offload_lowrank_merge_pipe_bf16),
                            p, per_strip, extra, tile_rows);
-            if (off != 0) std::memcpy(W.w.data(), shifted.data() + off, W.w.size());
+            shifted.restore(W);
         } else {
             launch_lowrank(
                 pick(W.dt, offload_lowrank_merge_f32, offload_lowrank_merge_f16, offload_lowrank_merge_bf16), p,
@@ -640,20 +650,14 @@ static long stream_cases(int cases, unsigned kmax) {
         const unsigned tiles_x = (cols + sw - 1) / sw;
         unsigned per_strip = c % 3 == 0 ? 1 : (c % 3 == 1 ? 1 + rng() % 3 : groups / OFFLOAD_ST_WARPS + 2);
         const unsigned extra = tiles_x > 1 && c % 2 == 0 ? 1 + rng() % (tiles_x - 1) : 0;
-        std::vector<unsigned char> shifted;
-        size_t off = 0;
-        if (c % 4 == 3) {
-            off = dsize(W.dt) * (1 + rng() % (W.dt == OFFLOAD_DTYPE_F32 ? 2 : 4));
-            shifted.assign(W.w.size() + 16, 0);
-            std::memcpy(shifted.data() + off, W.w.data(), W.w.size());
-            p.w = (unsigned long long)(shifted.data() + off);
-        }
+        ShiftedW shifted;
+        if (c % 4 == 3) shifted.shift(W, p);
         auto kernel = kmax == 8 ? pick(W.dt, offload_lowrank_merge_stream8_f32, offload_lowrank_merge_stream8_f16,
                                        offload_lowrank_merge_stream8_bf16)
                                 : pick(W.dt, offload_lowrank_merge_stream32_f32, offload_lowrank_merge_stream32_f16,
                                        offload_lowrank_merge_stream32_bf16);
         launch_grid(kernel, p, OFFLOAD_ST_THREADS, 1, tiles_x * per_strip + extra, 1);
-        if (off != 0) std::memcpy(W.w.data(), shifted.data() + off, W.w.size());
+        shifted.restore(W);
         failures += check(group, c, W);
         elements += (long)n * cols;
     }

@@ -25,6 +25,16 @@ struct GateState {
     waiting: usize,
 }
 
+/// `timeout` from now; a century from now when that is past what an
+/// `Instant` holds (a `wait_timeout` of `Duration::MAX`: wait for good;
+/// adding it to an `Instant` panics).
+pub(super) fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
 /// A reader-writer gate whose writers can give up after a timeout.
 #[derive(Debug, Default)]
 pub(crate) struct Gate {
@@ -58,15 +68,10 @@ impl Gate {
     /// Take the exclusive side once no job is queueing, or `None` if one
     /// still is after `timeout`.
     pub(crate) fn exclusive(&self, timeout: Duration) -> Option<ExclusiveGuard<'_>> {
-        // A timeout too long to add is no timeout.
-        let deadline = Instant::now().checked_add(timeout);
+        let deadline = deadline_after(timeout);
         let mut st = self.lock();
         st.waiting += 1;
         while st.exclusive || st.sharing > 0 {
-            let Some(deadline) = deadline else {
-                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-                continue;
-            };
             let now = Instant::now();
             if now >= deadline {
                 st.waiting -= 1;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::gate::Gate;
+use super::gate::{deadline_after, Gate};
 use super::stats::{self, Counters, TimelineEntry};
 use crate::device::{Device, DevicePtr, EventId, PinnedBuffer, StreamId};
 use crate::error::{Error, Result};
@@ -90,15 +90,6 @@ impl JobDone {
                 .0;
         }
     }
-}
-
-/// `timeout` from now; a century from now when that is past what an
-/// `Instant` holds (a `wait_timeout` of `Duration::MAX` used to panic here).
-fn deadline_after(timeout: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(timeout)
-        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
-        .unwrap_or(now)
 }
 
 /// One staged upload: read a layer from its source and copy it to `dst`.
