@@ -112,6 +112,11 @@ pub struct H2dBenchArgs {
     /// policy's default).
     #[arg(long, default_value_t = HostPolicy::DEFAULT_FILL_PART_BYTES >> 10)]
     pub staging_part_kib: usize,
+    /// Staging buffers in write-combined pinned memory (cuMemHostAlloc with
+    /// CU_MEMHOSTALLOC_WRITECOMBINED on CUDA; the host backend has none and
+    /// gives plain pinned memory).
+    #[arg(long)]
+    pub staging_write_combined: bool,
     /// Throttle the host backend's host↔device copies to this many GB/s
     /// (ignored on a GPU).
     #[arg(long)]
@@ -148,6 +153,8 @@ struct Plan {
     staging_buffer_bytes: usize,
     /// Least bytes one thread fills of a staging buffer.
     staging_part_bytes: usize,
+    /// Ask for write-combined staging buffers.
+    staging_write_combined: bool,
     link_gbps: Option<f64>,
     /// Open the device without the virtual memory API.
     no_vmm: bool,
@@ -234,6 +241,7 @@ impl Plan {
             staging_buffers,
             staging_buffer_bytes: args.staging_buffer_mib << 20,
             staging_part_bytes: args.staging_part_kib << 10,
+            staging_write_combined: args.staging_write_combined,
             link_gbps: args.link_gbps,
             no_vmm: args.no_vmm,
             cpu_threads: cpus,
@@ -698,6 +706,15 @@ fn open(plan: &Plan) -> Result<Opened, String> {
     }
 }
 
+/// How the staging buffers' memory is described in the method notes.
+fn staging_memory(write_combined: bool) -> &'static str {
+    if write_combined {
+        "write-combined pinned (where the device has it)"
+    } else {
+        "pinned"
+    }
+}
+
 fn backend_name(dev: &dyn Device) -> &'static str {
     match dev.info().kind {
         BackendKind::Host => "host",
@@ -830,6 +847,7 @@ fn runtime_row(
             buffer_bytes: plan.staging_buffer_bytes,
             threads: plan.staging_threads,
             fill_part_bytes: plan.staging_part_bytes,
+            write_combined: plan.staging_write_combined,
         }
     } else {
         HostPolicy::Pinned
@@ -893,9 +911,10 @@ fn runtime_row(
     drop(rt);
     let method = if staged {
         format!(
-            "Runtime, sequential mode, staged host policy ({} × {} MiB pinned staging buffers, {} reader thread(s), fill parts of at least {} KiB, source in Vec memory), ring of {} slots: one pass (acquire and drop every layer, then Runtime::synchronize); bytes from the runtime's bytes_h2d",
+            "Runtime, sequential mode, staged host policy ({} × {} MiB {} staging buffers, {} reader thread(s), fill parts of at least {} KiB, source in Vec memory), ring of {} slots: one pass (acquire and drop every layer, then Runtime::synchronize); bytes from the runtime's bytes_h2d",
             plan.staging_buffers,
             plan.staging_buffer_bytes >> 20,
+            staging_memory(plan.staging_write_combined),
             plan.staging_threads,
             plan.staging_part_bytes >> 10,
             plan.slots
@@ -1238,11 +1257,12 @@ fn table(o: &Opened, plan: &Plan, rows: &[Row], map: Option<&MapOutcome>, elapse
     );
     let _ = writeln!(
         out,
-        "runtime rows: offload_runtime::Runtime, sequential mode, planned policy, prefetch depth {} (ring of {} slots), a one-component model of one-tensor layers of the row's size; bytes from the runtime's bytes_h2d counter. staged: {} x {} MiB staging buffers, {} reader thread(s), fill parts of at least {} KiB, source in Vec memory",
+        "runtime rows: offload_runtime::Runtime, sequential mode, planned policy, prefetch depth {} (ring of {} slots), a one-component model of one-tensor layers of the row's size; bytes from the runtime's bytes_h2d counter. staged: {} x {} MiB {} staging buffers, {} reader thread(s), fill parts of at least {} KiB, source in Vec memory",
         plan.prefetch_depth,
         plan.slots,
         plan.staging_buffers,
         plan.staging_buffer_bytes >> 20,
+        staging_memory(plan.staging_write_combined),
         plan.staging_threads,
         plan.staging_part_bytes >> 10
     );
@@ -1380,6 +1400,7 @@ fn json(
             "staging_buffers": plan.staging_buffers,
             "staging_buffer_bytes": plan.staging_buffer_bytes,
             "staging_part_bytes": plan.staging_part_bytes,
+            "staging_write_combined": plan.staging_write_combined,
             "map_pages": plan.map_pages,
             "no_vmm": plan.no_vmm,
         },

@@ -691,9 +691,16 @@ pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
 pub unsafe extern "C" fn cuMemHostAlloc(
     pp: *mut *mut c_void,
     size: usize,
-    _flags: c_uint,
+    flags: c_uint,
 ) -> CUresult {
     call(|| {
+        // Write-combining changes only how fast the CPU reaches the memory.
+        let known = sys::CU_MEMHOSTALLOC_PORTABLE
+            | sys::CU_MEMHOSTALLOC_DEVICEMAP
+            | sys::CU_MEMHOSTALLOC_WRITECOMBINED;
+        if flags & !known != 0 {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
         let p = driver(true)?.mem().host_alloc(size)?;
         out(pp, p)
     })

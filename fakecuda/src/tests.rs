@@ -537,6 +537,42 @@ fn new_memory_is_poisoned_and_device_addresses_are_not_host_pointers() {
 }
 
 #[test]
+fn host_allocations_take_the_driver_flags_and_refuse_others() {
+    ready();
+    let s = stream();
+    let wc = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_WRITECOMBINED;
+    let mut p: *mut c_void = null_mut();
+    // SAFETY: out-pointer to a local; refused before anything is allocated.
+    assert_eq!(
+        unsafe { cuMemHostAlloc(&mut p, 64, 0x80) },
+        E::CUDA_ERROR_INVALID_VALUE
+    );
+    assert!(p.is_null());
+    // SAFETY: out-pointer to a local.
+    assert_eq!(unsafe { cuMemHostAlloc(&mut p, 64, wc) }, E::CUDA_SUCCESS);
+    // A write-combined buffer is an upload's source like any pinned one.
+    // SAFETY: `p` holds 64 bytes that nothing else uses.
+    unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0x5a, 64) };
+    let mut dptr = 0u64;
+    let mut back = [0u8; 64];
+    // SAFETY: out-pointer to a local; the copies stay inside both buffers and
+    // the stream is synchronised before `back` is read.
+    unsafe {
+        assert_eq!(cuMemAlloc_v2(&mut dptr, 64), E::CUDA_SUCCESS);
+        assert_eq!(cuMemcpyHtoDAsync_v2(dptr, p, 64, s), E::CUDA_SUCCESS);
+        assert_eq!(
+            cuMemcpyDtoHAsync_v2(back.as_mut_ptr().cast(), dptr, 64, s),
+            E::CUDA_SUCCESS
+        );
+    }
+    assert_eq!(cuStreamSynchronize(s), E::CUDA_SUCCESS);
+    assert_eq!(back, [0x5a; 64]);
+    assert_eq!(cuMemFree_v2(dptr), E::CUDA_SUCCESS);
+    assert_eq!(cuMemFreeHost(p), E::CUDA_SUCCESS);
+    assert_eq!(cuStreamDestroy_v2(s), E::CUDA_SUCCESS);
+}
+
+#[test]
 fn read_only_registrations_refuse_device_writes() {
     ready();
     let s = stream();

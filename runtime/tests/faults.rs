@@ -140,6 +140,7 @@ impl Scenario {
                     buffer_bytes: 2 * PAGE,
                     threads: 2,
                     fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+                    write_combined: false,
                 }
             } else {
                 HostPolicy::Pinned
@@ -768,6 +769,7 @@ fn a_failed_staging_copy_does_not_shrink_the_staging_ring() {
             buffer_bytes: PAGE,
             threads: 1,
             fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+            write_combined: false,
         },
     ));
     let m = s.rt.load(desc, src.clone()).unwrap();
@@ -1068,6 +1070,9 @@ impl Device for ExtraFaults {
     }
     fn alloc_pinned(&self, len: usize) -> Result<PinnedBuffer, Error> {
         self.inner.alloc_pinned(len)
+    }
+    fn alloc_pinned_write_combined(&self, len: usize) -> Result<PinnedBuffer, Error> {
+        self.inner.alloc_pinned_write_combined(len)
     }
     fn create_stream(&self) -> Result<StreamId, Error> {
         self.inner.create_stream()
@@ -2343,6 +2348,7 @@ fn the_uploads_of_a_pass_are_queued_off_the_acquiring_thread() {
         buffer_bytes: 2 * PAGE,
         threads: 2,
         fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+        write_combined: false,
     };
     let me = std::thread::current()
         .name()
@@ -2551,6 +2557,7 @@ fn a_wait_timeout_of_duration_max_waits_without_panicking() {
                 buffer_bytes: 2 * PAGE,
                 threads: 1,
                 fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+                write_combined: false,
             },
             None,
         ),
@@ -2590,6 +2597,7 @@ fn a_failed_staged_upload_during_set_loras_does_not_pin_the_new_set() {
             buffer_bytes: 2 * PAGE,
             threads: 1,
             fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+            write_combined: false,
         },
         LoraMode::FuseOnUpload,
     ));
@@ -2760,6 +2768,7 @@ fn a_failed_prefetch_is_not_reported_after_the_fault_cleared() {
             buffer_bytes: 2 * PAGE,
             threads: 1,
             fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+            write_combined: false,
         },
         LoraMode::FuseOnUpload,
     ));

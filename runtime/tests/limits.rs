@@ -120,6 +120,7 @@ fn with_the_staged_policy_the_staging_ring_is_what_counts() {
         buffer_bytes: 2 * PAGE,
         threads: 1,
         fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+        write_combined: false,
     };
     // The model's pinned copy would be far above the limit; staged, only the ring is held.
     let (desc, src) = model(&layout());

@@ -181,6 +181,7 @@ fn staged() -> HostPolicy {
         buffer_bytes: 8192,
         threads: 2,
         fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+        write_combined: false,
     }
 }
 
@@ -915,6 +916,7 @@ fn the_staged_timeline_shows_merges_apart_from_staging() {
             buffer_bytes: PAGE,
             threads: 2,
             fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+            write_combined: false,
         },
         "stage",
         &[0, 3, 5],

@@ -194,6 +194,7 @@ fn staged_uploads_land_in_plain_allocations() {
         buffer_bytes: 2 * PAGE,
         threads: 2,
         fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+        write_combined: false,
     };
     let s = setup(c);
     let m = s.rt.load(desc, src.clone()).unwrap();

@@ -281,6 +281,17 @@ fn bad_requests_are_typed_errors() {
 
 #[test]
 fn staged_uploads_read_through_the_staging_ring() {
+    staged_uploads_through_a_ring(false);
+}
+
+/// Write-combined staging buffers are asked of the device for the ring, and
+/// nothing else changes (the host backend gives plain pinned memory).
+#[test]
+fn write_combined_staging_asks_the_device_for_write_combined_buffers() {
+    staged_uploads_through_a_ring(true);
+}
+
+fn staged_uploads_through_a_ring(write_combined: bool) {
     let (desc, src) = model(&[vec![
         vec![3 * PAGE + 100, 50],
         vec![9 * PAGE + 5],
@@ -294,9 +305,15 @@ fn staged_uploads_read_through_the_staging_ring() {
         threads: 2,
         // Parts of half a page: a full buffer's fill is split across both threads.
         fill_part_bytes: PAGE / 2,
+        write_combined,
     };
     let s = setup(c);
     let m = s.rt.load(desc, src.clone()).unwrap();
+    assert_eq!(
+        s.dev.counters().write_combined_requests,
+        if write_combined { 2 } else { 0 },
+        "the ring's buffers, write-combined as the policy says"
+    );
     assert_eq!(
         s.rt.stats().host_bytes,
         4 * PAGE,
@@ -614,6 +631,7 @@ fn dropping_a_runtime_mid_upload_frees_no_staging_buffer_under_a_copy() {
         buffer_bytes: 64 << 20,
         threads: 1,
         fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+        write_combined: false,
     };
     let s = setup_on(dev.clone(), c);
     // Five 4 MiB layers, each 17 ms over the link: the acquire of layer 0

@@ -157,6 +157,7 @@ fn run(c: Case, vmm: bool) {
                     buffer_bytes: 3 * PAGE,
                     threads: 2,
                     fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+                    write_combined: false,
                 }
             } else {
                 HostPolicy::Pinned

@@ -159,6 +159,7 @@ fn threads_share_a_tiny_budget_balanced_lru_staged() {
             buffer_bytes: PAGE,
             threads: 2,
             fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+            write_combined: false,
         },
     );
 }
@@ -569,6 +570,7 @@ fn lora_swaps_between_passes_of_threads_balanced_lru_staged() {
             buffer_bytes: PAGE,
             threads: 2,
             fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+            write_combined: false,
         },
     );
 }

@@ -85,6 +85,7 @@ pub fn streaming_runtime(
                 buffer_bytes,
                 threads,
                 fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+                write_combined: false,
             },
             wait_timeout: std::time::Duration::from_secs(20),
             ..RuntimeConfig::default()

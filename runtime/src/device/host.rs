@@ -99,6 +99,10 @@ pub struct HostCounters {
     /// one holds its stream until a driver thread has run it on the CPU,
     /// so work that must not slow a stream queues none there.
     pub host_fns: u64,
+    /// Write-combined pinned buffers asked for since creation
+    /// ([`Device::alloc_pinned_write_combined`]); this backend has no such
+    /// memory and gives plain pinned buffers for them.
+    pub write_combined_requests: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -341,6 +345,7 @@ struct Shared {
     map_calls: AtomicU64,
     unmap_calls: AtomicU64,
     contiguous_calls: AtomicU64,
+    write_combined_requests: AtomicU64,
     host_fns: AtomicU64,
     copies_h2d: AtomicU64,
     in_flight: Arc<InFlight>,
@@ -708,6 +713,7 @@ impl HostDevice {
             map_calls: AtomicU64::new(0),
             unmap_calls: AtomicU64::new(0),
             contiguous_calls: AtomicU64::new(0),
+            write_combined_requests: AtomicU64::new(0),
             host_fns: AtomicU64::new(0),
             copies_h2d: AtomicU64::new(0),
             in_flight: Arc::new(InFlight::default()),
@@ -785,6 +791,7 @@ impl HostDevice {
             host_fns: self.shared.host_fns.load(Ordering::Relaxed),
             copies_h2d: self.shared.copies_h2d.load(Ordering::Relaxed),
             pinned_freed_in_use: self.shared.in_flight.freed_in_use.load(Ordering::Relaxed),
+            write_combined_requests: self.shared.write_combined_requests.load(Ordering::Relaxed),
         }
     }
 
@@ -1263,6 +1270,13 @@ impl Device for HostDevice {
             pages.free.push(i as u32);
         }
         Ok(())
+    }
+
+    fn alloc_pinned_write_combined(&self, len: usize) -> Result<PinnedBuffer> {
+        self.shared
+            .write_combined_requests
+            .fetch_add(1, Ordering::Relaxed);
+        self.alloc_pinned(len)
     }
 
     fn alloc_pinned(&self, len: usize) -> Result<PinnedBuffer> {

@@ -334,6 +334,16 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Allocate `len` bytes of page-locked host memory that copies can read from asynchronously.
     fn alloc_pinned(&self, len: usize) -> Result<PinnedBuffer>;
 
+    /// Allocate `len` bytes of page-locked host memory for the host to write
+    /// and copies to read, write-combined where the backend has it
+    /// ([`PinnedBuffer::write_combined`] says whether it is): host writes
+    /// bypass the CPU caches and copies need not snoop them, but host reads
+    /// are very slow. Backends without such memory give
+    /// [`Device::alloc_pinned`]'s.
+    fn alloc_pinned_write_combined(&self, len: usize) -> Result<PinnedBuffer> {
+        self.alloc_pinned(len)
+    }
+
     /// Create a stream.
     fn create_stream(&self) -> Result<StreamId>;
 

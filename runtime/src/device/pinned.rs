@@ -15,6 +15,7 @@ pub struct PinnedBuffer {
     ptr: NonNull<u8>,
     len: usize,
     free: Option<PinnedFree>,
+    write_combined: bool,
 }
 
 // SAFETY: a PinnedBuffer exclusively owns plain bytes; the free function is
@@ -35,7 +36,21 @@ impl PinnedBuffer {
             ptr,
             len,
             free: Some(free),
+            write_combined: false,
         }
+    }
+
+    /// The same buffer, marked as write-combined memory (by the backend
+    /// that allocated it so).
+    pub fn mark_write_combined(mut self) -> Self {
+        self.write_combined = true;
+        self
+    }
+
+    /// True when the memory is write-combined: fast for the host to write
+    /// and for copies to read, very slow for the host to read.
+    pub fn write_combined(&self) -> bool {
+        self.write_combined
     }
 
     /// Length in bytes.
@@ -76,6 +91,7 @@ impl fmt::Debug for PinnedBuffer {
         f.debug_struct("PinnedBuffer")
             .field("ptr", &self.ptr)
             .field("len", &self.len)
+            .field("write_combined", &self.write_combined)
             .finish()
     }
 }

@@ -45,6 +45,11 @@ pub enum HostPolicy {
         /// The least bytes one thread fills: a staging buffer's fill is split
         /// across up to `threads` threads into parts of at least this.
         fill_part_bytes: usize,
+        /// Staging buffers in write-combined memory where the device has it
+        /// ([`crate::device::Device::alloc_pinned_write_combined`]): the
+        /// fills bypass the CPU caches and the copies need not snoop them.
+        /// Off by default until a GPU has timed it (docs/benchmarks.md).
+        write_combined: bool,
     },
 }
 
@@ -69,6 +74,7 @@ impl HostPolicy {
             buffer_bytes: 64 << 20,
             threads,
             fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+            write_combined: false,
         }
     }
 
@@ -241,7 +247,11 @@ mod tests {
                 buffer_bytes,
                 threads,
                 fill_part_bytes,
-            } => (buffers, buffer_bytes, threads, fill_part_bytes),
+                write_combined,
+            } => {
+                assert!(!write_combined, "write-combined staging is off by default");
+                (buffers, buffer_bytes, threads, fill_part_bytes)
+            }
             HostPolicy::Pinned => panic!("not staged"),
         };
         assert_eq!(parts(HostPolicy::staged(0)), (4, 64 << 20, 1, 4 << 20));

@@ -215,6 +215,17 @@ fn fill_split(
 /// (the waits) and its pool of hand-off events.
 pub(crate) type EventReturns = (Sender<EventId>, Sender<EventId>);
 
+/// The staging ring of a staged host policy (the fields of
+/// [`super::HostPolicy::Staged`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ring {
+    pub(crate) buffers: usize,
+    pub(crate) buffer_bytes: usize,
+    pub(crate) threads: usize,
+    pub(crate) fill_part_bytes: usize,
+    pub(crate) write_combined: bool,
+}
+
 /// Reader threads that fill a ring of pinned staging buffers and queue the copies.
 pub(crate) struct Stager {
     tx: Option<Sender<Job>>,
@@ -231,15 +242,19 @@ impl Stager {
     pub(crate) fn new(
         device: Arc<dyn Device>,
         streams: (StreamId, StreamId),
-        buffers: usize,
-        buffer_bytes: usize,
-        threads: usize,
-        fill_part_bytes: usize,
+        ring: Ring,
         counters: Arc<Counters>,
         wait_timeout: Duration,
         (release_events, release_handoffs): EventReturns,
         gate: Arc<Gate>,
     ) -> Result<Stager> {
+        let Ring {
+            buffers,
+            buffer_bytes,
+            threads,
+            fill_part_bytes,
+            write_combined,
+        } = ring;
         if buffers == 0 || buffer_bytes == 0 || threads == 0 {
             return Err(Error::Config(format!(
                 "staged host policy needs at least one buffer, one byte and one thread (got {buffers} × {buffer_bytes} bytes, {threads} threads)"
@@ -253,7 +268,12 @@ impl Stager {
         }
         let mut free = std::collections::VecDeque::with_capacity(buffers);
         for _ in 0..buffers {
-            free.push_back((device.alloc_pinned(buffer_bytes)?, device.create_event()?));
+            let buf = if write_combined {
+                device.alloc_pinned_write_combined(buffer_bytes)?
+            } else {
+                device.alloc_pinned(buffer_bytes)?
+            };
+            free.push_back((buf, device.create_event()?));
         }
         counters.host_alloc(buffers * buffer_bytes);
         let staging = Arc::new(Staging {
@@ -766,10 +786,13 @@ mod tests {
         let r = Stager::new(
             dev,
             (copy, merge),
-            2,
-            1 << 16,
-            1,
-            0,
+            Ring {
+                buffers: 2,
+                buffer_bytes: 1 << 16,
+                threads: 1,
+                fill_part_bytes: 0,
+                write_combined: false,
+            },
             Arc::new(Counters::new(false)),
             Duration::from_secs(5),
             (etx, htx),
@@ -892,10 +915,13 @@ mod tests {
         let stager = Stager::new(
             dev.clone(),
             (copy, merge),
-            2,
-            1 << 20,
-            1,
-            HostPolicy::DEFAULT_FILL_PART_BYTES,
+            Ring {
+                buffers: 2,
+                buffer_bytes: 1 << 20,
+                threads: 1,
+                fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+                write_combined: false,
+            },
             Arc::new(Counters::new(false)),
             Duration::from_secs(20),
             (etx, htx),

@@ -340,14 +340,18 @@ impl Runtime {
                 buffer_bytes,
                 threads,
                 fill_part_bytes,
+                write_combined,
             } => {
                 let stager = Stager::new(
                     device.clone(),
                     (copy, merge),
-                    buffers,
-                    buffer_bytes,
-                    threads,
-                    fill_part_bytes,
+                    host::Ring {
+                        buffers,
+                        buffer_bytes,
+                        threads,
+                        fill_part_bytes,
+                        write_combined,
+                    },
                     counters.clone(),
                     cfg.wait_timeout,
                     (pool_tx.clone(), handoff_tx.clone()),

@@ -199,6 +199,40 @@ fn is_oom(e: &Error) -> bool {
 }
 
 impl CudaDevice {
+    /// `len` bytes from cuMemHostAlloc with `flags`, owned by a [`PinnedBuffer`].
+    fn host_alloc(&self, len: usize, flags: std::ffi::c_uint) -> Result<PinnedBuffer> {
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        self.ctx.bind()?;
+        let p = match result::mem_host_alloc(len, flags) {
+            Ok(p) => p,
+            Err(e) if is_oom(&e) => {
+                return Err(Error::DeviceOutOfMemory {
+                    wanted: len,
+                    available: 0,
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or(Error::DeviceOutOfMemory {
+            wanted: len,
+            available: 0,
+        })?;
+        let ctx = self.ctx.clone();
+        let free: PinnedFree = Box::new(move |p, _| {
+            let _ = ctx.bind();
+            // SAFETY: allocated by cuMemHostAlloc above and freed once, when the
+            // buffer drops; queued copies must have finished by then (the copy
+            // functions' contract).
+            let _ = unsafe { result::mem_free_host(p.as_ptr().cast()) };
+        });
+        // SAFETY: `ptr` is a fresh cuMemHostAlloc block of `len` bytes that only
+        // the buffer owns; `free` gives it back once, with the context kept
+        // alive by the Arc it holds.
+        Ok(unsafe { PinnedBuffer::from_raw_parts(ptr, len, free) })
+    }
+
     /// Open GPU `ordinal` with the default configuration and
     /// [`MERGE_KERNEL_ENV`] applied ([`CudaConfig::from_env`]).
     ///
@@ -696,37 +730,17 @@ impl Device for CudaDevice {
     }
 
     fn alloc_pinned(&self, len: usize) -> Result<PinnedBuffer> {
-        if len == 0 {
-            return Err(Error::ZeroSize);
-        }
-        self.ctx.bind()?;
-        // Portable (usable from every context), not write-combined: the CPU reads staging buffers back.
-        let p = match result::mem_host_alloc(len, sys::CU_MEMHOSTALLOC_PORTABLE) {
-            Ok(p) => p,
-            Err(e) if is_oom(&e) => {
-                return Err(Error::DeviceOutOfMemory {
-                    wanted: len,
-                    available: 0,
-                })
-            }
-            Err(e) => return Err(e),
-        };
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or(Error::DeviceOutOfMemory {
-            wanted: len,
-            available: 0,
-        })?;
-        let ctx = self.ctx.clone();
-        let free: PinnedFree = Box::new(move |p, _| {
-            let _ = ctx.bind();
-            // SAFETY: allocated by cuMemHostAlloc below and freed once, when the
-            // buffer drops; queued copies must have finished by then (the copy
-            // functions' contract).
-            let _ = unsafe { result::mem_free_host(p.as_ptr().cast()) };
-        });
-        // SAFETY: `ptr` is a fresh cuMemHostAlloc block of `len` bytes that only
-        // the buffer owns; `free` gives it back once, with the context kept
-        // alive by the Arc it holds.
-        Ok(unsafe { PinnedBuffer::from_raw_parts(ptr, len, free) })
+        // Portable (usable from every context), not write-combined: the CPU
+        // reads some of these back (downloads, host copies LoRAs are fused into).
+        self.host_alloc(len, sys::CU_MEMHOSTALLOC_PORTABLE)
+    }
+
+    fn alloc_pinned_write_combined(&self, len: usize) -> Result<PinnedBuffer> {
+        let b = self.host_alloc(
+            len,
+            sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_WRITECOMBINED,
+        )?;
+        Ok(b.mark_write_combined())
     }
 
     fn create_stream(&self) -> Result<StreamId> {

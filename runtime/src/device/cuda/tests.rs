@@ -187,6 +187,13 @@ fn gpu_facts_and_handle_checks() {
         Err(Error::UnknownEvent(_))
     ));
     assert!(matches!(d.alloc_pinned(0), Err(Error::ZeroSize)));
+    assert!(matches!(
+        d.alloc_pinned_write_combined(0),
+        Err(Error::ZeroSize)
+    ));
+    let plain = d.alloc_pinned(64).unwrap();
+    let wc = d.alloc_pinned_write_combined(64).unwrap();
+    assert_eq!((plain.write_combined(), wc.write_combined()), (false, true));
 }
 
 #[test]
@@ -565,7 +572,7 @@ fn three_layer_budget(
 
 /// The runtime in balanced and sequential mode, with the pinned and the
 /// staged host policy (staging buffers smaller than a layer, so each is
-/// reused within a pass), driven from a thread that has no current CUDA
+/// reused within a pass; in plain and in write-combined pinned memory), driven from a thread that has no current CUDA
 /// context: every call must bind the device's context itself. Every layer
 /// of every pass is read back on the compute stream and must be the
 /// source's bytes; every byte of device and pinned memory goes back at the end.
@@ -584,6 +591,14 @@ fn gpu_runtime_hands_out_every_byte_to_a_thread_without_a_context() {
             buffer_bytes: ps,
             threads: 2,
             fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+            write_combined: false,
+        },
+        HostPolicy::Staged {
+            buffers: 3,
+            buffer_bytes: ps,
+            threads: 2,
+            fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+            write_combined: true,
         },
     ];
     for mode in [Mode::Balanced, Mode::Sequential] {
