@@ -1566,6 +1566,11 @@ offload_lowrank_merge_mma_batch_bf16(const OffloadLowRankBatchParams p) {
 //   - Fragments are read with ldmatrix (A's chunk transposed on the way,
 //     .trans), from slots whose 16-byte units are XOR-swizzled by row so
 //     that neither the copies nor ldmatrix meet bank conflicts.
+//   - What a stage issues is kept short (its instructions compete with the
+//     mma for the schedulers): the copies' cursor carries its adapter's
+//     rank, factors and copy paths, read when it moves to the adapter, and
+//     the factors' type picks one of two product loops per stage rather
+//     than an mma of each type, one predicated off.
 //   - A lane's elements of W are those of the accumulators' layout (two
 //     adjacent elements of a row per 8 x 8 block). 16-bit W whose rows are
 //     whole 16-byte units is read and written 8 elements of a row per lane
@@ -1619,10 +1624,11 @@ __device__ __forceinline__ unsigned int offload_pipe_b_at(unsigned int r, unsign
 // compiled by a CUDA compiler, the includer provides the functions of this
 // block (offload_smem_addr excepted).
 #if defined(__CUDACC__)
+// The shared-window address of a pointer into shared memory. The builtin,
+// unlike a cvta in inline PTX, lets the compiler fold the conversion of
+// addresses it knows are shared into plain offsets.
 __device__ __forceinline__ unsigned int offload_smem_addr(const void* p) {
-    unsigned int a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
+    return (unsigned int)__cvta_generic_to_shared(p);
 }
 
 __device__ __forceinline__ void offload_cp_async16(void* dst, const void* src, unsigned int bytes) {
@@ -1729,22 +1735,43 @@ __device__ __forceinline__ void offload_quad_transpose(unsigned int (&x)[4], uns
 }
 
 // Where the pipeline is: tile row y of the walk, adapter a, and the chunk
-// of its ranks from k0.
+// of its ranks from k0; with adapter a's rank and factors, and whether each
+// factor's rows are whole 16-byte units (copied 16 bytes at a time), read
+// from the parameters when the cursor moves to the adapter rather than for
+// every stage (the parameters, indexed by a run-time adapter, are loads).
 struct OffloadPipeCursor {
     unsigned int y, a, k0;
+    unsigned int rank;
+    bool a_vec, b_vec;
+    const unsigned short* up;
+    const unsigned short* down;
 };
+
+// Points `c` at adapter `a` from its first rank.
+template <typename P>
+__device__ __forceinline__ void offload_pipe_enter(OffloadPipeCursor& c, const P& p, unsigned int a) {
+    const OffloadLowRankAdapter ad = p.adapters[a];
+    c.a = a;
+    c.k0 = 0;
+    c.rank = ad.rank;
+    c.a_vec = p.cols % 8 == 0 && ad.down % 16 == 0;
+    c.b_vec = ad.rank % 8 == 0 && ad.up % 16 == 0;
+    c.up = reinterpret_cast<const unsigned short*>(ad.up);
+    c.down = reinterpret_cast<const unsigned short*>(ad.down);
+}
 
 // Moves `c` to the first chunk at or after it that exists (skipping
 // adapters of rank 0). Some adapter has a positive rank.
 template <typename P>
 __device__ __forceinline__ void offload_pipe_settle(OffloadPipeCursor& c, const P& p, unsigned int n,
                                                     unsigned int step) {
-    while (c.k0 >= p.adapters[c.a].rank) {
-        c.k0 = 0;
-        if (++c.a == n) {
-            c.a = 0;
+    while (c.k0 >= c.rank) {
+        unsigned int a = c.a + 1;
+        if (a == n) {
+            a = 0;
             c.y += step;
         }
+        offload_pipe_enter(c, p, a);
     }
 }
 
@@ -1764,11 +1791,10 @@ template <typename P>
 __device__ __forceinline__ void offload_pipe_issue(OffloadPipeShared& sh, unsigned int slot,
                                                    const P& p, const OffloadPipeCursor& c,
                                                    unsigned int tile_col, unsigned int tid) {
-    const OffloadLowRankAdapter ad = p.adapters[c.a];
     const unsigned int tile_row = c.y * OFFLOAD_PIPE_TILE_ROWS;
-    const unsigned int kn = offload_pipe_read_ranks(ad.rank, c.k0);
+    const unsigned int kn = offload_pipe_read_ranks(c.rank, c.k0);
     // A: 32 rows x 16 units; thread tid takes units tid and tid + 256.
-    const bool a_vec = p.cols % 8 == 0 && ad.down % 16 == 0;
+    const bool a_vec = c.a_vec;
 #pragma unroll
     for (unsigned int q = 0; q < 2; ++q) {
         const unsigned int idx = tid + q * OFFLOAD_PIPE_THREADS;
@@ -1781,17 +1807,17 @@ __device__ __forceinline__ void offload_pipe_issue(OffloadPipeShared& sh, unsign
         const unsigned int gc = tile_col + 8 * u;
         unsigned short* dst = &sh.a[slot][0][0] + offload_pipe_a_at(k, 8 * u);
         const unsigned long long at = (unsigned long long)gk * p.cols + gc;
-        const unsigned short* src = reinterpret_cast<const unsigned short*>(ad.down);
+        const unsigned short* src = c.down;
         if (a_vec) {
-            const bool in = gk < ad.rank && gc < p.cols;
+            const bool in = gk < c.rank && gc < p.cols;
             offload_cp_async16(dst, src + (in ? at : 0), in ? 16u : 0u);
         } else {
             // One 16-byte store of the unit, built from plain loads.
             unsigned int v[4];
 #pragma unroll
             for (unsigned int e = 0; e < 8; e += 2) {
-                const unsigned int lo = (gk < ad.rank && gc + e < p.cols) ? src[at + e] : 0u;
-                const unsigned int hi = (gk < ad.rank && gc + e + 1 < p.cols) ? src[at + e + 1] : 0u;
+                const unsigned int lo = (gk < c.rank && gc + e < p.cols) ? src[at + e] : 0u;
+                const unsigned int hi = (gk < c.rank && gc + e + 1 < p.cols) ? src[at + e + 1] : 0u;
                 v[e / 2] = lo | (hi << 16);
             }
             OffloadU32x4 x;
@@ -1804,25 +1830,25 @@ __device__ __forceinline__ void offload_pipe_issue(OffloadPipeShared& sh, unsign
     }
     // B: 64 rows x 4 units; thread tid takes unit tid % 4 of row tid / 4.
     {
-        const bool b_vec = ad.rank % 8 == 0 && ad.up % 16 == 0;
+        const bool b_vec = c.b_vec;
         const unsigned int r = tid / 4;
         const unsigned int q = tid % 4;
         if (8 * q < kn) {
             const unsigned int gr = tile_row + r;
             const unsigned int gk = c.k0 + 8 * q;
             unsigned short* dst = &sh.b[slot][0][0] + offload_pipe_b_at(r, 8 * q);
-            const unsigned long long at = (unsigned long long)gr * ad.rank + gk;
-            const unsigned short* src = reinterpret_cast<const unsigned short*>(ad.up);
+            const unsigned long long at = (unsigned long long)gr * c.rank + gk;
+            const unsigned short* src = c.up;
             if (b_vec) {
-                const bool in = gr < p.rows && gk < ad.rank;
+                const bool in = gr < p.rows && gk < c.rank;
                 offload_cp_async16(dst, src + (in ? at : 0), in ? 16u : 0u);
             } else {
                 unsigned int v[4];
 #pragma unroll
                 for (unsigned int e = 0; e < 8; e += 2) {
-                    const unsigned int lo = (gr < p.rows && gk + e < ad.rank) ? src[at + e] : 0u;
+                    const unsigned int lo = (gr < p.rows && gk + e < c.rank) ? src[at + e] : 0u;
                     const unsigned int hi =
-                        (gr < p.rows && gk + e + 1 < ad.rank) ? src[at + e + 1] : 0u;
+                        (gr < p.rows && gk + e + 1 < c.rank) ? src[at + e + 1] : 0u;
                     v[e / 2] = lo | (hi << 16);
                 }
                 OffloadU32x4 x;
@@ -2043,6 +2069,59 @@ struct OffloadPipeState {
     OffloadPipeCursor next;
 };
 
+// Adds the products of one stage's ranks k0 .. (at most 32 of `rank`) from
+// slot (sa, sb) to prod, as a warp owning rows wr.. and columns wc.. of the
+// tile. The factors' type is a template parameter so that a stage issues
+// only its own mma instructions (a run-time choice would issue both, one
+// of them predicated off).
+template <bool BF16>
+__device__ __forceinline__ void offload_pipe_products(float (&prod)[2][4][4], const unsigned short* sa,
+                                                      const unsigned short* sb, unsigned int k0,
+                                                      unsigned int rank, unsigned int wr,
+                                                      unsigned int wc, unsigned int lane) {
+#pragma unroll
+    for (unsigned int ks = 0; ks < OFFLOAD_PIPE_K / 16; ++ks) {
+        if (k0 + 16 * ks >= rank) {
+            break;  // only zero padding left in this chunk
+        }
+        // B's rows (the instruction's A operand): matrices
+        // (rows 0-7, ranks 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15).
+        unsigned int af[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+            const unsigned int r = wr + 16 * mi + (lane % 8) + 8 * ((lane / 8) % 2);
+            const unsigned int k = 16 * ks + 8 * (lane / 16);
+            offload_ldmatrix_x4(af[mi], sb + offload_pipe_b_at(r, k));
+        }
+        // A's columns (the B operand), two 8-column blocks per ldmatrix:
+        // (ranks 0-7, block 2j), (8-15, 2j), (0-7, 2j+1), (8-15, 2j+1),
+        // transposed.
+        unsigned int bfr[4][2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const unsigned int k = 16 * ks + (lane % 8) + 8 * ((lane / 8) % 2);
+            const unsigned int c = wc + 8 * (2 * j + lane / 16);
+            unsigned int m[4];
+            offload_ldmatrix_x4_trans(m, sa + offload_pipe_a_at(k, c));
+            bfr[2 * j][0] = m[0];
+            bfr[2 * j][1] = m[1];
+            bfr[2 * j + 1][0] = m[2];
+            bfr[2 * j + 1][1] = m[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                if (BF16) {
+                    offload_mma_bf16(prod[mi][ni], af[mi], bfr[ni]);
+                } else {
+                    offload_mma_f16(prod[mi][ni], af[mi], bfr[ni]);
+                }
+            }
+        }
+    }
+}
+
 // Multiplies the current tile's stages of adapter `ad` (its chunks of 32
 // ranks, in order, each stage's slot read once its copies have landed),
 // issuing the stages two ahead as it goes; prod gets the adapter's
@@ -2084,46 +2163,10 @@ __device__ __forceinline__ void offload_pipe_adapter(float (&prod)[2][4][4], Off
         const unsigned int slot = st.stage % OFFLOAD_PIPE_STAGES;
         const unsigned short* sa = &sh.a[slot][0][0];
         const unsigned short* sb = &sh.b[slot][0][0];
-#pragma unroll
-        for (unsigned int ks = 0; ks < OFFLOAD_PIPE_K / 16; ++ks) {
-            if (k0 + 16 * ks >= ad.rank) {
-                break;  // only zero padding left in this chunk
-            }
-            // B's rows (the instruction's A operand): matrices
-            // (rows 0-7, ranks 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15).
-            unsigned int af[2][4];
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi) {
-                const unsigned int r = wr + 16 * mi + (lane % 8) + 8 * ((lane / 8) % 2);
-                const unsigned int k = 16 * ks + 8 * (lane / 16);
-                offload_ldmatrix_x4(af[mi], sb + offload_pipe_b_at(r, k));
-            }
-            // A's columns (the B operand), two 8-column blocks per ldmatrix:
-            // (ranks 0-7, block 2j), (8-15, 2j), (0-7, 2j+1), (8-15, 2j+1),
-            // transposed.
-            unsigned int bfr[4][2];
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const unsigned int k = 16 * ks + (lane % 8) + 8 * ((lane / 8) % 2);
-                const unsigned int c = wc + 8 * (2 * j + lane / 16);
-                unsigned int m[4];
-                offload_ldmatrix_x4_trans(m, sa + offload_pipe_a_at(k, c));
-                bfr[2 * j][0] = m[0];
-                bfr[2 * j][1] = m[1];
-                bfr[2 * j + 1][0] = m[2];
-                bfr[2 * j + 1][1] = m[3];
-            }
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni) {
-                    if (bf16) {
-                        offload_mma_bf16(prod[mi][ni], af[mi], bfr[ni]);
-                    } else {
-                        offload_mma_f16(prod[mi][ni], af[mi], bfr[ni]);
-                    }
-                }
-            }
+        if (bf16) {
+            offload_pipe_products<true>(prod, sa, sb, k0, ad.rank, wr, wc, lane);
+        } else {
+            offload_pipe_products<false>(prod, sa, sb, k0, ad.rank, wr, wc, lane);
         }
     }
 }
@@ -2171,7 +2214,8 @@ __device__ __forceinline__ void offload_lowrank_merge_pipe(const P& p, unsigned 
     st.stage = 0;
     st.issued = 0;
     st.stages = tiles * chunks;
-    st.next = {walk.y, 0, 0};
+    st.next.y = walk.y;
+    offload_pipe_enter(st.next, p, 0);
     offload_pipe_settle(st.next, p, n, walk.step);
 #pragma unroll
     for (int s = 0; s < OFFLOAD_PIPE_STAGES - 1; ++s) {
