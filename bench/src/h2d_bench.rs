@@ -707,11 +707,11 @@ fn open(plan: &Plan) -> Result<Opened, String> {
 }
 
 /// How the staging buffers' memory is described in the method notes.
-fn staging_memory(write_combined: bool) -> &'static str {
-    if write_combined {
-        "write-combined pinned (where the device has it)"
-    } else {
-        "pinned"
+fn staging_memory(write_combined: bool, dev: &dyn Device) -> &'static str {
+    match (write_combined, dev.info().kind) {
+        (false, _) => "pinned",
+        (true, BackendKind::Host) => "pinned (write-combined asked for; the host backend has none)",
+        (true, _) => "write-combined pinned",
     }
 }
 
@@ -914,7 +914,7 @@ fn runtime_row(
             "Runtime, sequential mode, staged host policy ({} × {} MiB {} staging buffers, {} reader thread(s), fill parts of at least {} KiB, source in Vec memory), ring of {} slots: one pass (acquire and drop every layer, then Runtime::synchronize); bytes from the runtime's bytes_h2d",
             plan.staging_buffers,
             plan.staging_buffer_bytes >> 20,
-            staging_memory(plan.staging_write_combined),
+            staging_memory(plan.staging_write_combined, &*o.dev),
             plan.staging_threads,
             plan.staging_part_bytes >> 10,
             plan.slots
@@ -1262,7 +1262,7 @@ fn table(o: &Opened, plan: &Plan, rows: &[Row], map: Option<&MapOutcome>, elapse
         plan.slots,
         plan.staging_buffers,
         plan.staging_buffer_bytes >> 20,
-        staging_memory(plan.staging_write_combined),
+        staging_memory(plan.staging_write_combined, &*o.dev),
         plan.staging_threads,
         plan.staging_part_bytes >> 10
     );

@@ -235,6 +235,7 @@ fn a_deeper_prefetch_streams_more_layers_than_its_ring_holds() {
         "1",
         "--staging-part-kib",
         "256",
+        "--staging-write-combined",
     ]);
     check_rows(&doc, &[1], 2, 7, 1);
     let cfg = &doc["config"];
@@ -243,6 +244,7 @@ fn a_deeper_prefetch_streams_more_layers_than_its_ring_holds() {
     assert_eq!(cfg["staging_buffers"], 5, "{cfg}");
     assert_eq!(cfg["staging_buffer_bytes"], MIB, "{cfg}");
     assert_eq!(cfg["staging_part_bytes"], 256 << 10, "{cfg}");
+    assert_eq!(cfg["staging_write_combined"], true, "{cfg}");
 }
 
 #[test]

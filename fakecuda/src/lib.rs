@@ -701,8 +701,16 @@ pub unsafe extern "C" fn cuMemHostAlloc(
         if flags & !known != 0 {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
-        let p = driver(true)?.mem().host_alloc(size)?;
+        let p = driver(true)?.mem().host_alloc(size, flags)?;
         out(pp, p)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemHostGetFlags(flags: *mut c_uint, p: *mut c_void) -> CUresult {
+    call(|| {
+        let f = driver(true)?.mem().host_flags(p)?;
+        out(flags, f)
     })
 }
 

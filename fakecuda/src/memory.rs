@@ -130,6 +130,8 @@ struct Pinned {
     len: usize,
     registered: bool,
     read_only: bool,
+    /// The flags `cuMemHostAlloc` was given (0 for a registration).
+    flags: u32,
     /// Queued operations that read or write it.
     pending: Arc<AtomicUsize>,
 }
@@ -597,7 +599,7 @@ impl Memory {
     }
 
     /// `cuMemHostAlloc`.
-    pub fn host_alloc(&mut self, len: usize) -> R<*mut c_void> {
+    pub fn host_alloc(&mut self, len: usize, flags: u32) -> R<*mut c_void> {
         if len == 0 {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
@@ -608,6 +610,7 @@ impl Memory {
                 len,
                 registered: false,
                 read_only: false,
+                flags,
                 pending: Arc::default(),
             },
         );
@@ -639,6 +642,15 @@ impl Memory {
         Ok(())
     }
 
+    /// `cuMemHostGetFlags`: the flags a `cuMemHostAlloc` buffer was made
+    /// with, for the buffer's first byte.
+    pub fn host_flags(&self, p: *mut c_void) -> R<u32> {
+        match self.pinned.get(&(p as usize)) {
+            Some(x) if !x.registered => Ok(x.flags),
+            _ => Err(CUresult::CUDA_ERROR_INVALID_VALUE),
+        }
+    }
+
     fn pinned_overlaps(&self, p: usize, len: usize) -> bool {
         let end = p.saturating_add(len);
         self.pinned
@@ -663,6 +675,7 @@ impl Memory {
             Pinned {
                 len,
                 registered: true,
+                flags: 0,
                 read_only,
                 pending: Arc::default(),
             },

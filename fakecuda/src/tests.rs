@@ -550,6 +550,18 @@ fn host_allocations_take_the_driver_flags_and_refuse_others() {
     assert!(p.is_null());
     // SAFETY: out-pointer to a local.
     assert_eq!(unsafe { cuMemHostAlloc(&mut p, 64, wc) }, E::CUDA_SUCCESS);
+    let mut flags = 0;
+    // SAFETY: out-pointer to a local.
+    assert_eq!(unsafe { cuMemHostGetFlags(&mut flags, p) }, E::CUDA_SUCCESS);
+    assert_eq!(flags, wc, "the flags it was made with");
+    let plain = pinned(64);
+    // SAFETY: out-pointer to a local.
+    assert_eq!(
+        unsafe { cuMemHostGetFlags(&mut flags, plain.cast()) },
+        E::CUDA_SUCCESS
+    );
+    assert_eq!(flags, 0);
+    assert_eq!(cuMemFreeHost(plain.cast()), E::CUDA_SUCCESS);
     // A write-combined buffer is an upload's source like any pinned one.
     // SAFETY: `p` holds 64 bytes that nothing else uses.
     unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0x5a, 64) };

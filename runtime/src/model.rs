@@ -173,6 +173,10 @@ impl ModelDesc {
 pub trait WeightSource: Send + Sync {
     /// Read `dst.len()` bytes of tensor `tensor` of layer `layer` of component
     /// `component`, starting `offset` bytes into the tensor.
+    ///
+    /// Write `dst`; do not read it back: with the staged host policy it may
+    /// be write-combined memory ([`crate::residency::HostPolicy::Staged`]),
+    /// where host reads are very slow.
     fn read(
         &self,
         component: usize,

@@ -2112,7 +2112,7 @@ __device__ __forceinline__ void offload_pipe_products(float (&prod)[2][4][4], co
         for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni) {
-                if (BF16) {
+                if constexpr (BF16) {
                     offload_mma_bf16(prod[mi][ni], af[mi], bfr[ni]);
                 } else {
                     offload_mma_f16(prod[mi][ni], af[mi], bfr[ni]);

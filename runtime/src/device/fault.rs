@@ -483,6 +483,10 @@ impl<D: Device + ?Sized> Device for FaultDevice<D> {
         self.inner.alloc_pinned(len)
     }
 
+    fn alloc_pinned_write_combined(&self, len: usize) -> Result<PinnedBuffer> {
+        self.inner.alloc_pinned_write_combined(len)
+    }
+
     fn create_stream(&self) -> Result<StreamId> {
         self.inner.create_stream()
     }

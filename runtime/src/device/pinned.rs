@@ -73,8 +73,13 @@ impl PinnedBuffer {
         self.ptr.as_ptr()
     }
 
-    /// The bytes.
+    /// The bytes. Not for write-combined buffers, whose host reads are very
+    /// slow (debug builds assert it).
     pub fn as_slice(&self) -> &[u8] {
+        debug_assert!(
+            !self.write_combined,
+            "a write-combined pinned buffer read on the host"
+        );
         // SAFETY: from_raw_parts' contract: valid, exclusively owned, `len` bytes.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }

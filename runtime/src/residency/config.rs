@@ -48,7 +48,9 @@ pub enum HostPolicy {
         /// Staging buffers in write-combined memory where the device has it
         /// ([`crate::device::Device::alloc_pinned_write_combined`]): the
         /// fills bypass the CPU caches and the copies need not snoop them.
-        /// Off by default until a GPU has timed it (docs/benchmarks.md).
+        /// The source's [`crate::model::WeightSource::read`] then writes
+        /// into such memory and must not read it back. Off by default
+        /// until a GPU has timed it (docs/benchmarks.md).
         write_combined: bool,
     },
 }

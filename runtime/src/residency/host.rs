@@ -238,7 +238,6 @@ pub(crate) struct Stager {
 }
 
 impl Stager {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         device: Arc<dyn Device>,
         streams: (StreamId, StreamId),

@@ -740,7 +740,13 @@ impl Device for CudaDevice {
             len,
             sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_WRITECOMBINED,
         )?;
-        Ok(b.mark_write_combined())
+        // Marked by the driver's own account of the block.
+        let flags = result::mem_host_get_flags(b.as_ptr().cast_mut().cast())?;
+        Ok(if flags & sys::CU_MEMHOSTALLOC_WRITECOMBINED != 0 {
+            b.mark_write_combined()
+        } else {
+            b
+        })
     }
 
     fn create_stream(&self) -> Result<StreamId> {

@@ -327,6 +327,18 @@ pub fn mem_host_alloc(size: usize, flags: c_uint) -> Result<*mut c_void> {
     Ok(p)
 }
 
+/// `cuMemHostGetFlags`: the flags the [`mem_host_alloc`] block at `p` was
+/// made with.
+pub fn mem_host_get_flags(p: *mut c_void) -> Result<c_uint> {
+    let mut flags: c_uint = 0;
+    // SAFETY: out-pointer to a local; the driver checks `p` against its own
+    // allocations and answers an error for anything else.
+    check("cuMemHostGetFlags", unsafe {
+        sys::cuMemHostGetFlags(&mut flags, p)
+    })?;
+    Ok(flags)
+}
+
 /// `cuMemFreeHost`.
 ///
 /// # Safety

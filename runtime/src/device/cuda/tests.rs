@@ -194,6 +194,15 @@ fn gpu_facts_and_handle_checks() {
     let plain = d.alloc_pinned(64).unwrap();
     let wc = d.alloc_pinned_write_combined(64).unwrap();
     assert_eq!((plain.write_combined(), wc.write_combined()), (false, true));
+    // What the driver was asked for, by its own account.
+    let flags = |b: &PinnedBuffer| result::mem_host_get_flags(b.as_ptr() as *mut _).unwrap();
+    assert_eq!(
+        (
+            flags(&plain) & sys::CU_MEMHOSTALLOC_WRITECOMBINED,
+            flags(&wc) & sys::CU_MEMHOSTALLOC_WRITECOMBINED
+        ),
+        (0, sys::CU_MEMHOSTALLOC_WRITECOMBINED)
+    );
 }
 
 #[test]
