@@ -128,6 +128,11 @@ pub struct E2eArgs {
     /// most 4, and twice as many 64 MiB staging buffers, at least 4).
     #[arg(long, default_value = "pinned")]
     pub host_policy: String,
+    /// With --host-policy staged: staging buffers in write-combined pinned
+    /// memory (cuMemHostAlloc with CU_MEMHOSTALLOC_WRITECOMBINED on CUDA;
+    /// the host backend has none and gives plain pinned memory).
+    #[arg(long)]
+    pub staging_write_combined: bool,
     /// Layers uploaded ahead of the one in use.
     #[arg(long, default_value_t = 2)]
     pub prefetch_depth: usize,
@@ -194,6 +199,7 @@ impl Default for E2eArgs {
             policy: None,
             lowvram: false,
             host_policy: "pinned".into(),
+            staging_write_combined: false,
             prefetch_depth: 2,
             model: None,
             json: None,
@@ -717,7 +723,22 @@ impl Bench {
             high_watermark: None,
             low_watermark: None,
             host_policy: match self.args.host_policy.as_str() {
-                "staged" => HostPolicy::staged_default(),
+                "staged" => match HostPolicy::staged_default() {
+                    HostPolicy::Staged {
+                        buffers,
+                        buffer_bytes,
+                        threads,
+                        fill_part_bytes,
+                        ..
+                    } => HostPolicy::Staged {
+                        buffers,
+                        buffer_bytes,
+                        threads,
+                        fill_part_bytes,
+                        write_combined: self.args.staging_write_combined,
+                    },
+                    pinned => pinned,
+                },
                 _ => HostPolicy::Pinned,
             },
             timeline,
@@ -1475,6 +1496,9 @@ pub fn run(args: &E2eArgs) -> Result<(), String> {
             "unknown host policy `{host_policy}` (pinned, staged)"
         ));
     }
+    if args.staging_write_combined && host_policy != "staged" {
+        return Err("--staging-write-combined needs --host-policy staged".into());
+    }
     let lora_opts = parse_lora_options(args)?;
     let (model, model_name, tmp, specs) = open_model(args)?;
     let desc = describe(&model_name, &model.layout);
@@ -1825,6 +1849,27 @@ fn run_on(
             mib(set.touched_bytes as f64),
             matmul_flops_per_pass as f64 / 1e9
         );
+    }
+    if let HostPolicy::Staged {
+        buffers,
+        buffer_bytes,
+        threads,
+        ..
+    } = HostPolicy::staged_default()
+    {
+        if args.host_policy == "staged" {
+            let memory = match (args.staging_write_combined, bench.dev.info().kind) {
+                (false, _) => "pinned",
+                (true, BackendKind::Host) => {
+                    "pinned (write-combined asked for; the host backend has none)"
+                }
+                (true, _) => "write-combined pinned",
+            };
+            println!(
+                "host policy staged: {threads} reader thread(s), {buffers} × {} MiB {memory} staging buffers",
+                buffer_bytes >> 20
+            );
+        }
     }
     if args.uploads != UploadsArg::Auto && args.host_policy != "staged" {
         let who = match args.uploads {
@@ -2293,6 +2338,7 @@ fn json_row(r: &Row, ctx: &JsonCtx<'_>) -> String {
         "policy": r.policy.to_string(),
         "prefetch_depth": args.prefetch_depth,
         "host_policy": args.host_policy,
+        "staging_write_combined": args.staging_write_combined,
         "uploads": format!("{:?}", args.uploads).to_lowercase(),
         "reference": r.reference,
         "model_bytes": ctx.model_bytes,

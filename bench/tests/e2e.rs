@@ -162,6 +162,22 @@ fn staged_host_memory_is_the_staging_ring() {
         "4 × 64 MiB staging buffers"
     );
     assert!(u(seq, "bytes_h2d_per_generation") > 0);
+    assert_eq!(seq["staging_write_combined"], false, "{seq}");
+}
+
+#[test]
+fn write_combined_staging_is_a_staged_policy_knob() {
+    let rows = run_e2e(&[
+        "--mode",
+        "sequential",
+        "--host-policy",
+        "staged",
+        "--staging-write-combined",
+        "--no-lora",
+    ]);
+    let seq = row(&rows, "sequential", "planned");
+    assert_eq!(seq["staging_write_combined"], true, "{seq}");
+    assert_eq!(u(seq, "peak_host_bytes"), 4 * (64 << 20), "{seq}");
 }
 
 #[test]
@@ -170,6 +186,7 @@ fn bad_flags_are_clear_errors() {
         vec!["--mode", "fast"],
         vec!["--policy", "mru"],
         vec!["--host-policy", "mmap"],
+        vec!["--staging-write-combined"],
         vec!["--device-mem", "lots"],
         vec!["--preset", "sd9"],
         vec!["--tokens", "0"],
