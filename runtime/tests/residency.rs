@@ -654,3 +654,57 @@ fn dropping_a_runtime_mid_upload_frees_no_staging_buffer_under_a_copy() {
     assert_eq!(c.bytes_h2d, 5 * (4 << 20), "every queued upload ran");
     dev.destroy_stream(compute).unwrap();
 }
+
+/// An acquire waits for a layer's upload only while it is in flight: once
+/// its ready event has completed, the compute stream is given no wait (on a
+/// GPU, a driver call per acquire the engine's thread does not make).
+#[test]
+fn layers_uploaded_ahead_are_not_waited_for_again() {
+    let (desc, src) = model(&[uniform(4, 2 * PAGE)]);
+    let acquire_all = |s: &Setup, m| {
+        for l in 0..4 {
+            let g =
+                s.rt.acquire(LayerId {
+                    model: m,
+                    component: 0,
+                    layer: l,
+                })
+                .unwrap();
+            let view = g.tensor(0).unwrap();
+            let mut back = vec![0u8; view.bytes];
+            s.dev.read_blocking(view.ptr, &mut back, s.compute).unwrap();
+            assert!(back == src.data[0][l][0], "layer {l} differs");
+        }
+    };
+    // Every layer resident and its upload done: no wait at all.
+    let s = setup(cfg(Mode::Balanced, Policy::Planned, 1, 64, None));
+    let m = s.rt.load(desc.clone(), src.clone()).unwrap();
+    acquire_all(&s, m);
+    s.rt.synchronize().unwrap();
+    let waits = s.dev.counters().stream_waits;
+    acquire_all(&s, m);
+    assert_eq!(
+        s.dev.counters().stream_waits,
+        waits,
+        "no wait for done uploads"
+    );
+    // Uploads still crossing a slow link when the layers are acquired: each
+    // acquire waits for its own, and the bytes are right.
+    let dev = HostDevice::new(HostConfig {
+        capacity: 64 << 20,
+        page_size: PAGE,
+        link_gbps: Some(0.05),
+    })
+    .unwrap();
+    let s = setup_on(
+        Arc::new(dev),
+        cfg(Mode::Balanced, Policy::Planned, 1, 64, None),
+    );
+    let m = s.rt.load(desc, src.clone()).unwrap();
+    let waits = s.dev.counters().stream_waits;
+    acquire_all(&s, m);
+    assert!(
+        s.dev.counters().stream_waits - waits >= 1,
+        "an upload in flight is waited for"
+    );
+}

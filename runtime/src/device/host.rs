@@ -99,6 +99,9 @@ pub struct HostCounters {
     /// one holds its stream until a driver thread has run it on the CPU,
     /// so work that must not slow a stream queues none there.
     pub host_fns: u64,
+    /// Cross-stream waits queued since creation ([`Device::stream_wait_event`]):
+    /// on a GPU, a driver call each.
+    pub stream_waits: u64,
     /// Write-combined pinned buffers asked for since creation
     /// ([`Device::alloc_pinned_write_combined`]); this backend has no such
     /// memory and gives plain pinned buffers for them.
@@ -346,6 +349,7 @@ struct Shared {
     unmap_calls: AtomicU64,
     contiguous_calls: AtomicU64,
     write_combined_requests: AtomicU64,
+    stream_waits: AtomicU64,
     host_fns: AtomicU64,
     copies_h2d: AtomicU64,
     in_flight: Arc<InFlight>,
@@ -714,6 +718,7 @@ impl HostDevice {
             unmap_calls: AtomicU64::new(0),
             contiguous_calls: AtomicU64::new(0),
             write_combined_requests: AtomicU64::new(0),
+            stream_waits: AtomicU64::new(0),
             host_fns: AtomicU64::new(0),
             copies_h2d: AtomicU64::new(0),
             in_flight: Arc::new(InFlight::default()),
@@ -792,6 +797,7 @@ impl HostDevice {
             copies_h2d: self.shared.copies_h2d.load(Ordering::Relaxed),
             pinned_freed_in_use: self.shared.in_flight.freed_in_use.load(Ordering::Relaxed),
             write_combined_requests: self.shared.write_combined_requests.load(Ordering::Relaxed),
+            stream_waits: self.shared.stream_waits.load(Ordering::Relaxed),
         }
     }
 
@@ -1388,6 +1394,7 @@ impl Device for HostDevice {
     fn stream_wait_event(&self, stream: StreamId, event: EventId) -> Result<()> {
         let ev = self.event(event)?;
         let epoch = ev.inner.lock().unwrap_or_else(|p| p.into_inner()).recorded;
+        self.shared.stream_waits.fetch_add(1, Ordering::Relaxed);
         self.submit(stream, Op::Wait(ev, epoch))
     }
 

@@ -1244,10 +1244,18 @@ impl Shared {
     /// configured: timed by events (see `stall`), and with the timeline on,
     /// also bracketed by host functions for its entry, which a GPU stream
     /// pays for (the timeline is for looking, not for timing).
+    ///
+    /// With the measurement on, a `ready` that has completed is not waited
+    /// for at all: the upload and its merges are done on the device, and
+    /// work queued after this sees them on every stream; a layer uploaded
+    /// ahead of its use then costs the engine's thread one driver call (the
+    /// query) instead of two.
     fn wait_on_compute(&self, ready: EventId, name: &str) -> Result<()> {
-        let measure = self.cfg.measure_stall && !self.device.event_query(ready).unwrap_or(false);
-        if !measure {
+        if !self.cfg.measure_stall {
             return self.device.stream_wait_event(self.compute, ready);
+        }
+        if self.device.event_query(ready).unwrap_or(false) {
+            return Ok(());
         }
         let mark = stats::timeline_mark(&*self.device, &self.counters, self.compute);
         self.stalls
