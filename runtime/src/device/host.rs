@@ -99,8 +99,8 @@ pub struct HostCounters {
     /// one holds its stream until a driver thread has run it on the CPU,
     /// so work that must not slow a stream queues none there.
     pub host_fns: u64,
-    /// Cross-stream waits queued since creation ([`Device::stream_wait_event`]):
-    /// on a GPU, a driver call each.
+    /// Cross-stream waits asked for since creation, on any stream
+    /// ([`Device::stream_wait_event`]): on a GPU, a driver call each.
     pub stream_waits: u64,
     /// Write-combined pinned buffers asked for since creation
     /// ([`Device::alloc_pinned_write_combined`]); this backend has no such

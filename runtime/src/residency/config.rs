@@ -159,7 +159,9 @@ pub struct RuntimeConfig {
     /// an operation fails with a timeout (`Duration::MAX`: wait for good).
     pub wait_timeout: Duration,
     /// Measure how long the compute stream waits for weights (two timing
-    /// events around each wait for a layer not yet ready).
+    /// events around each wait for a layer not yet ready). The query this
+    /// takes also spares the wait for a layer whose upload has completed;
+    /// with it off, every acquire queues a wait.
     pub measure_stall: bool,
     /// Record a per-layer timeline of uploads and waits. Each entry costs
     /// its stream two host functions, which on a GPU hold the stream until

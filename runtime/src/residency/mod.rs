@@ -206,8 +206,9 @@ impl LayerGuard {
         &self.model.desc.components[self.id.component].layers[self.id.layer].name
     }
 
-    /// The event that fires when the layer's upload has completed (the
-    /// compute stream already waits for it).
+    /// The event that fires when the layer's upload has completed (work
+    /// queued on the compute stream after the acquire is already ordered
+    /// after it).
     pub fn ready_event(&self) -> EventId {
         self.ready
     }
@@ -677,7 +678,9 @@ impl Runtime {
     }
 
     /// Acquire a layer: upload it if needed (evicting by policy), prefetch
-    /// what follows, make the compute stream wait for it, and return its pointers.
+    /// what follows, order the compute stream's later work after its upload
+    /// (a stream wait, unless the upload has already completed), and return
+    /// its pointers.
     pub fn acquire(&self, id: LayerId) -> Result<LayerGuard> {
         let sh = &self.sh;
         let model = sh.model(id.model)?;
@@ -1240,8 +1243,8 @@ impl Shared {
         })
     }
 
-    /// Make the compute stream wait for `ready`, measuring the wait if
-    /// configured: timed by events (see `stall`), and with the timeline on,
+    /// Order the compute stream's later work after `ready`, measuring the
+    /// wait if configured: timed by events (see `stall`), and with the timeline on,
     /// also bracketed by host functions for its entry, which a GPU stream
     /// pays for (the timeline is for looking, not for timing).
     ///
@@ -1301,7 +1304,8 @@ impl Shared {
             }
             // The last upload into the slot may have merges still running on
             // the merge stream. A user's done event follows them (it was
-            // recorded after the compute stream waited for the ready event),
+            // recorded after the compute stream waited for the ready event,
+            // or after the host saw that event complete),
             // so the copy stream's wait for it orders the copy; with no
             // user, wait here, before the slot changes hands.
             if let Some(o) = st.ring[s].last.filter(|&o| o != l) {
