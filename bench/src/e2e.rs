@@ -722,25 +722,7 @@ impl Bench {
             device_memory: Some(device_mem),
             high_watermark: None,
             low_watermark: None,
-            host_policy: match self.args.host_policy.as_str() {
-                "staged" => match HostPolicy::staged_default() {
-                    HostPolicy::Staged {
-                        buffers,
-                        buffer_bytes,
-                        threads,
-                        fill_part_bytes,
-                        ..
-                    } => HostPolicy::Staged {
-                        buffers,
-                        buffer_bytes,
-                        threads,
-                        fill_part_bytes,
-                        write_combined: self.args.staging_write_combined,
-                    },
-                    pinned => pinned,
-                },
-                _ => HostPolicy::Pinned,
-            },
+            host_policy: host_policy(&self.args),
             timeline,
             lora_mode: lora.unwrap_or_default(),
             upload_thread: self.args.uploads.upload_thread(),
@@ -1485,6 +1467,29 @@ fn lora_file_bytes(path: &Path) -> u64 {
     std::fs::metadata(p).map_or(0, |m| m.len())
 }
 
+/// The host policy `--host-policy` and `--staging-write-combined` ask for.
+fn host_policy(args: &E2eArgs) -> HostPolicy {
+    match (args.host_policy.as_str(), HostPolicy::staged_default()) {
+        (
+            "staged",
+            HostPolicy::Staged {
+                buffers,
+                buffer_bytes,
+                threads,
+                fill_part_bytes,
+                ..
+            },
+        ) => HostPolicy::Staged {
+            buffers,
+            buffer_bytes,
+            threads,
+            fill_part_bytes,
+            write_combined: args.staging_write_combined,
+        },
+        _ => HostPolicy::Pinned,
+    }
+}
+
 /// Run the benchmark and print the table.
 pub fn run(args: &E2eArgs) -> Result<(), String> {
     if args.tokens == 0 || args.steps == 0 {
@@ -1854,22 +1859,15 @@ fn run_on(
         buffers,
         buffer_bytes,
         threads,
+        write_combined,
         ..
-    } = HostPolicy::staged_default()
+    } = host_policy(args)
     {
-        if args.host_policy == "staged" {
-            let memory = match (args.staging_write_combined, bench.dev.info().kind) {
-                (false, _) => "pinned",
-                (true, BackendKind::Host) => {
-                    "pinned (write-combined asked for; the host backend has none)"
-                }
-                (true, _) => "write-combined pinned",
-            };
-            println!(
-                "host policy staged: {threads} reader thread(s), {buffers} × {} MiB {memory} staging buffers",
-                buffer_bytes >> 20
-            );
-        }
+        println!(
+            "host policy staged: {threads} reader thread(s), {buffers} × {} MiB {} staging buffers",
+            buffer_bytes >> 20,
+            crate::h2d_bench::staging_memory(write_combined, &*bench.dev)
+        );
     }
     if args.uploads != UploadsArg::Auto && args.host_policy != "staged" {
         let who = match args.uploads {

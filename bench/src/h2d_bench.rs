@@ -706,8 +706,9 @@ fn open(plan: &Plan) -> Result<Opened, String> {
     }
 }
 
-/// How the staging buffers' memory is described in the method notes.
-fn staging_memory(write_combined: bool, dev: &dyn Device) -> &'static str {
+/// How the staging buffers' memory is described in the method notes (of
+/// this benchmark and of `bench e2e`).
+pub(crate) fn staging_memory(write_combined: bool, dev: &dyn Device) -> &'static str {
     match (write_combined, dev.info().kind) {
         (false, _) => "pinned",
         (true, BackendKind::Host) => "pinned (write-combined asked for; the host backend has none)",

@@ -661,28 +661,13 @@ fn dropping_a_runtime_mid_upload_frees_no_staging_buffer_under_a_copy() {
 #[test]
 fn layers_uploaded_ahead_are_not_waited_for_again() {
     let (desc, src) = model(&[uniform(4, 2 * PAGE)]);
-    let acquire_all = |s: &Setup, m| {
-        for l in 0..4 {
-            let g =
-                s.rt.acquire(LayerId {
-                    model: m,
-                    component: 0,
-                    layer: l,
-                })
-                .unwrap();
-            let view = g.tensor(0).unwrap();
-            let mut back = vec![0u8; view.bytes];
-            s.dev.read_blocking(view.ptr, &mut back, s.compute).unwrap();
-            assert!(back == src.data[0][l][0], "layer {l} differs");
-        }
-    };
     // Every layer resident and its upload done: no wait at all.
     let s = setup(cfg(Mode::Balanced, Policy::Planned, 1, 64, None));
     let m = s.rt.load(desc.clone(), src.clone()).unwrap();
-    acquire_all(&s, m);
-    s.rt.synchronize().unwrap();
+    pass(&s, m, &src, 0);
     let waits = s.dev.counters().stream_waits;
-    acquire_all(&s, m);
+    // `pass` checks every layer's bytes on the compute stream.
+    pass(&s, m, &src, 0);
     assert_eq!(
         s.dev.counters().stream_waits,
         waits,
@@ -720,5 +705,5 @@ fn layers_uploaded_ahead_are_not_waited_for_again() {
         "one wait, for the upload in flight"
     );
     drop(g);
-    acquire_all(&s, m);
+    pass(&s, m, &src, 0);
 }
