@@ -6,6 +6,7 @@
 pub mod arena;
 pub mod device;
 pub mod error;
+pub mod host_copy;
 pub mod lora;
 pub mod model;
 pub mod residency;

@@ -380,6 +380,145 @@ fn a_failing_source_is_an_error_and_the_layer_stays_unloaded() {
     assert_eq!(s.rt.stats().host_bytes, 0);
 }
 
+/// A source that holds its tensors in memory and says so
+/// (`WeightSource::in_memory`); it counts the reads it is asked for, and
+/// can hand out a slice one byte short for one tensor, from the start
+/// (`short`) or only once `broken` is set (a promise broken after load).
+struct Held {
+    inner: Arc<common::MemSource>,
+    reads: std::sync::atomic::AtomicUsize,
+    short: Option<(usize, usize, usize)>,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl Held {
+    fn new(inner: Arc<common::MemSource>, short: Option<(usize, usize, usize)>) -> Arc<Held> {
+        Arc::new(Held {
+            inner,
+            reads: Default::default(),
+            short,
+            broken: Default::default(),
+        })
+    }
+
+    fn reads(&self) -> usize {
+        self.reads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl offload_runtime::model::WeightSource for Held {
+    fn read(
+        &self,
+        c: usize,
+        l: usize,
+        t: usize,
+        offset: usize,
+        dst: &mut [u8],
+    ) -> Result<(), offload_runtime::model::SourceError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.read(c, l, t, offset, dst)
+    }
+
+    fn in_memory(&self, c: usize, l: usize, t: usize) -> Option<&[u8]> {
+        let bytes = &self.inner.data[c][l][t];
+        let cut =
+            self.short == Some((c, l, t)) && self.broken.load(std::sync::atomic::Ordering::SeqCst);
+        Some(if cut {
+            &bytes[..bytes.len() - 1]
+        } else {
+            bytes
+        })
+    }
+}
+
+/// A source that holds its tensors in memory is never read: the runtime
+/// copies from its memory into the staging ring and into the pinned
+/// policy's layer copies (with streaming stores), byte for byte, tensors
+/// not a multiple of 16 bytes and alignment gaps included; a slice of the
+/// wrong length is an error naming the tensor, at load or at upload.
+#[test]
+fn in_memory_sources_are_copied_not_read() {
+    use offload_runtime::model::WeightSource as _;
+    let (desc, src) = model(&[vec![
+        vec![3 * PAGE + 100, 5000],
+        vec![9 * PAGE + 5],
+        vec![PAGE, 17],
+        vec![2 * PAGE + 3],
+    ]]);
+    let total = (3 * PAGE + 256 + 5000 + 9 * PAGE + 5 + PAGE + 17 + 2 * PAGE + 3) as u64;
+    let staged = || {
+        let mut c = cfg(Mode::Sequential, Policy::Planned, 1, 64, None);
+        c.host_policy = HostPolicy::Staged {
+            buffers: 2,
+            buffer_bytes: 2 * PAGE,
+            threads: 2,
+            fill_part_bytes: PAGE / 2,
+            write_combined: false,
+        };
+        c
+    };
+    // Staged: every fill from memory; the first pass moves every byte once.
+    let held = Held::new(src.clone(), Some((0, 2, 0)));
+    let s = setup(staged());
+    let m = s.rt.load(desc.clone(), held.clone()).unwrap();
+    assert_eq!(pass(&s, m, &src, 0), total);
+    pass(&s, m, &src, 0);
+    assert_eq!(held.reads(), 0, "staged fills read the source's memory");
+    // The source breaks its promise: the upload of layer 2 fails, naming it.
+    held.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+    let l2 = LayerId {
+        model: m,
+        component: 0,
+        layer: 2,
+    };
+    // Layer 2 may still be resident from the last pass: let the ring move on.
+    for l in [3, 0, 1] {
+        drop(s.rt.acquire(LayerId { layer: l, ..l2 }).unwrap());
+    }
+    let e = s.rt.acquire(l2).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, Error::Source(_))
+            && msg.contains("tensor 0 of layer 2 of component 0")
+            && msg.contains(&format!("holds {}", PAGE - 1))
+            && msg.contains(&format!("says {PAGE}")),
+        "{msg}"
+    );
+    drop(s.rt.acquire(LayerId { layer: 3, ..l2 }).unwrap());
+    assert_eq!(held.reads(), 0);
+
+    // Pinned: the load copies every layer from memory.
+    let held = Held::new(src.clone(), None);
+    let s = setup(cfg(Mode::Sequential, Policy::Planned, 1, 64, None));
+    let m = s.rt.load(desc.clone(), held.clone()).unwrap();
+    assert_eq!(pass(&s, m, &src, 0), total);
+    assert_eq!(held.reads(), 0, "the pinned copies come from memory");
+
+    // A slice of the wrong length at load: refused before anything is held.
+    for policy in [
+        staged(),
+        cfg(Mode::Sequential, Policy::Planned, 1, 64, None),
+    ] {
+        let held = Held::new(src.clone(), Some((0, 1, 0)));
+        held.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(held.in_memory(0, 1, 0).map(<[u8]>::len), Some(9 * PAGE + 4));
+        let s = setup(policy);
+        let host_before = s.rt.stats().host_bytes;
+        let e = s.rt.load(desc.clone(), held.clone()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, Error::Config(_))
+                && msg.contains("c0.l1.t0")
+                && msg.contains(&format!("holds {} bytes", 9 * PAGE + 4))
+                && msg.contains(&format!("says {}", 9 * PAGE + 5)),
+            "{msg}"
+        );
+        assert_eq!(s.rt.stats().host_bytes, host_before);
+        assert_eq!(s.dev.counters().pages_mapped, 0);
+        assert_eq!(held.reads(), 0);
+    }
+}
+
 #[test]
 fn dropping_the_runtime_returns_every_page() {
     let (desc, src) = model(&[uniform(5, 3 * PAGE), uniform(3, PAGE)]);

@@ -31,9 +31,47 @@ pub(crate) fn read_layer(
     dst: &mut [u8],
 ) -> Result<()> {
     for &(t, off, len) in &bytes.pieces {
-        source.read(component, layer, t, 0, &mut dst[off..off + len])?;
+        read_piece(
+            source,
+            (component, layer),
+            (t, len),
+            0,
+            &mut dst[off..off + len],
+        )?;
     }
     Ok(())
+}
+
+/// Bytes `offset .. offset + dst.len()` of tensor `t` (of `len` bytes) of a
+/// layer into `dst`: from the source's memory with streaming stores when it
+/// holds the tensor there ([`WeightSource::in_memory`]; the destination is
+/// a host buffer only the copy engine reads again), else by its `read`.
+fn read_piece(
+    source: &dyn WeightSource,
+    (component, layer): (usize, usize),
+    (t, len): (usize, usize),
+    offset: usize,
+    dst: &mut [u8],
+) -> std::result::Result<(), SourceError> {
+    let Some(held) = source.in_memory(component, layer, t) else {
+        return source.read(component, layer, t, offset, dst);
+    };
+    // Checked when the model was added; checked again, as the source's
+    // promise is all that keeps it so.
+    let range = offset..offset + dst.len();
+    match held.get(range.clone()) {
+        Some(bytes) if held.len() == len => {
+            crate::host_copy::copy_streaming(dst, bytes);
+            Ok(())
+        }
+        _ => Err(SourceError {
+            what: format!("tensor {t} of layer {layer} of component {component}"),
+            message: format!(
+                "bytes {range:?} of it asked for, the source holds {} in memory where the description says {len}",
+                held.len()
+            ),
+        }),
+    }
 }
 
 /// Completion of an upload queued by one of the runtime's threads (a
@@ -157,10 +195,10 @@ fn fill_range(
             continue;
         }
         dst[at - start..lo - start].fill(0);
-        source.read(
-            component,
-            layer,
-            t,
+        read_piece(
+            source,
+            (component, layer),
+            (t, len),
             lo - off,
             &mut dst[lo - start..hi - start],
         )?;

@@ -460,8 +460,16 @@ impl Runtime {
         for (ci, c) in desc.components.iter().enumerate() {
             let mut layer_bytes = Vec::with_capacity(c.layers.len());
             let mut layer_pages = Vec::with_capacity(c.layers.len());
-            for l in &c.layers {
-                for t in &l.tensors {
+            for (li, l) in c.layers.iter().enumerate() {
+                for (ti, t) in l.tensors.iter().enumerate() {
+                    if let Some(held) = source.in_memory(ci, li, ti) {
+                        if held.len() != t.bytes {
+                            return Err(Error::Config(format!(
+                                "model {}: tensor {} of layer {}/{}: the source holds {} bytes of it in memory, the description says {}",
+                                desc.name, t.name, c.name, l.name, held.len(), t.bytes
+                            )));
+                        }
+                    }
                     let numel = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
                     let expect = numel.and_then(|n| n.checked_mul(t.dtype.size()));
                     if expect != Some(t.bytes) {
