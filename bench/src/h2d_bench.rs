@@ -31,7 +31,10 @@
 //!   (`--staging-buffers` × `--staging-buffer-mib` pinned staging buffers
 //!   filled from the pageable source by `--staging-threads` reader threads,
 //!   each buffer's fill split across them in parts of at least
-//!   `--staging-part-kib`).
+//!   `--staging-part-kib`). The source offers its memory
+//!   (`WeightSource::in_memory`), so the runtime fills the buffers with
+//!   streaming stores; with `--source-memcpy` it only answers reads, each
+//!   its own memcpy into the buffer.
 //! - **device to device**: n copies of S through a pool of n device
 //!   buffers (copy i: buffer i → buffer i + 1), so that the bytes come from
 //!   memory, not a cache, as `offload bench merge` measures its copy; GB/s
@@ -44,7 +47,10 @@
 //! Every copy row reads back the head and tail of its last destination and
 //! compares them with the source, so a broken path cannot report a rate.
 //!
-//! Then, once: **map+unmap**: `--map-pages` pages allocated into one
+//! Then, once: **host fill** (`h2d_fill`): the staging ring filled from
+//! pageable memory by the reader threads with memcpy and with streaming
+//! stores, no device copy involved, GB/s of each (the staged policy's
+//! host-side ceiling). And **map+unmap**: `--map-pages` pages allocated into one
 //! reserved range (untimed), then `map` of every page and `unmap` of every
 //! page, each timed: µs per page. On a device without the virtual memory
 //! API (a GPU where a trial of it fails, or `--no-vmm`) there is nothing to
@@ -73,6 +79,8 @@ use offload_runtime::model::{
 use offload_runtime::residency::{
     HostPolicy, LayerId, Mode, Policy, Runtime, RuntimeConfig, RuntimeStats,
 };
+
+use crate::h2d_fill::Fill;
 
 /// Options of `offload bench h2d`.
 #[derive(Args, Debug, Clone)]
@@ -117,6 +125,12 @@ pub struct H2dBenchArgs {
     /// gives plain pinned memory).
     #[arg(long)]
     pub staging_write_combined: bool,
+    /// The model's source copies every read into a staging buffer itself
+    /// (`WeightSource::read`, a memcpy) instead of offering its memory
+    /// (`WeightSource::in_memory`), from which the runtime fills the
+    /// buffers with streaming stores.
+    #[arg(long)]
+    pub source_memcpy: bool,
     /// Throttle the host backend's host↔device copies to this many GB/s
     /// (ignored on a GPU).
     #[arg(long)]
@@ -155,6 +169,8 @@ struct Plan {
     staging_part_bytes: usize,
     /// Ask for write-combined staging buffers.
     staging_write_combined: bool,
+    /// The source copies its reads itself (it does not offer its memory).
+    source_memcpy: bool,
     link_gbps: Option<f64>,
     /// Open the device without the virtual memory API.
     no_vmm: bool,
@@ -242,6 +258,7 @@ impl Plan {
             staging_buffer_bytes: args.staging_buffer_mib << 20,
             staging_part_bytes: args.staging_part_kib << 10,
             staging_write_combined: args.staging_write_combined,
+            source_memcpy: args.source_memcpy,
             link_gbps: args.link_gbps,
             no_vmm: args.no_vmm,
             cpu_threads: cpus,
@@ -436,15 +453,18 @@ fn median(mut v: Vec<f64>) -> f64 {
 // ---------------------------------------------------------------------------
 // Host data
 
-/// The model's bytes in ordinary (pageable) memory: one `Vec` per layer.
+/// The model's bytes in ordinary (pageable) memory: one `Vec` per layer,
+/// offered to the runtime as memory ([`WeightSource::in_memory`]) unless
+/// `memcpy`, when every read is the source's own copy.
 struct MemSource {
     layers: Vec<Vec<u8>>,
+    memcpy: bool,
 }
 
 impl MemSource {
     /// `n` layers of `size` bytes, layer `i` filled with its own byte, in
     /// memory that has been written (so no read hits a shared zero page).
-    fn new(n: usize, size: usize) -> Result<MemSource, String> {
+    fn new(n: usize, size: usize, memcpy: bool) -> Result<MemSource, String> {
         let mut layers = Vec::with_capacity(n);
         for i in 0..n {
             let mut v = Vec::new();
@@ -454,7 +474,7 @@ impl MemSource {
             v.resize(size, layer_byte(i));
             layers.push(v);
         }
-        Ok(MemSource { layers })
+        Ok(MemSource { layers, memcpy })
     }
 
     fn desc(&self, size: usize) -> ModelDesc {
@@ -510,6 +530,22 @@ impl WeightSource for MemSource {
         };
         dst.copy_from_slice(&src[offset..end]);
         Ok(())
+    }
+
+    fn in_memory(&self, component: usize, layer: usize, tensor: usize) -> Option<&[u8]> {
+        if self.memcpy || component != 0 || tensor != 0 {
+            return None;
+        }
+        self.layers.get(layer).map(Vec::as_slice)
+    }
+}
+
+/// How the staged rows' buffers are filled from the source, for the notes.
+fn source_fill(plan: &Plan) -> &'static str {
+    if plan.source_memcpy {
+        "source in Vec memory, copied by its own reads (memcpy)"
+    } else {
+        "source in Vec memory, copied by the runtime with streaming stores"
     }
 }
 
@@ -912,12 +948,13 @@ fn runtime_row(
     drop(rt);
     let method = if staged {
         format!(
-            "Runtime, sequential mode, staged host policy ({} × {} MiB {} staging buffers, {} reader thread(s), fill parts of at least {} KiB, source in Vec memory), ring of {} slots: one pass (acquire and drop every layer, then Runtime::synchronize); bytes from the runtime's bytes_h2d",
+            "Runtime, sequential mode, staged host policy ({} × {} MiB {} staging buffers, {} reader thread(s), fill parts of at least {} KiB, {}), ring of {} slots: one pass (acquire and drop every layer, then Runtime::synchronize); bytes from the runtime's bytes_h2d",
             plan.staging_buffers,
             plan.staging_buffer_bytes >> 20,
             staging_memory(plan.staging_write_combined, &*o.dev),
             plan.staging_threads,
             plan.staging_part_bytes >> 10,
+            source_fill(plan),
             plan.slots
         )
     } else {
@@ -1168,11 +1205,19 @@ pub fn run(args: &H2dBenchArgs) -> Result<(), String> {
     let _ = o.dev.destroy_stream(stream);
     let _ = o.dev.destroy_stream(compute);
     let (rows, map) = measured?;
+    let fill = crate::h2d_fill::measure(
+        &*o.dev,
+        plan.staging_threads,
+        plan.staging_part_bytes,
+        plan.staging_buffers * plan.staging_buffer_bytes,
+        plan.pass_bytes,
+        plan.iters,
+    )?;
     let elapsed = started.elapsed().as_secs_f64();
     if args.json {
-        println!("{}", json(&o, &plan, &rows, map.as_ref(), elapsed));
+        println!("{}", json(&o, &plan, &rows, map.as_ref(), &fill, elapsed));
     } else {
-        print!("{}", table(&o, &plan, &rows, map.as_ref(), elapsed));
+        print!("{}", table(&o, &plan, &rows, map.as_ref(), &fill, elapsed));
     }
     Ok(())
 }
@@ -1186,7 +1231,7 @@ fn measure(
     let mut rows = Vec::new();
     for &size in &plan.sizes {
         let n = plan.layers(size);
-        let src = Arc::new(MemSource::new(n, size)?);
+        let src = Arc::new(MemSource::new(n, size, plan.source_memcpy)?);
         let (ceiling, pageable) = plain_copies(o, plan, stream, size, &src)?;
         rows.push(ceiling);
         rows.push(runtime_row(o, plan, compute, size, &src, false)?);
@@ -1242,7 +1287,14 @@ fn map_share(rows: &[Row], m: &MapRow) -> Option<f64> {
     Some(per_page / upload_us)
 }
 
-fn table(o: &Opened, plan: &Plan, rows: &[Row], map: Option<&MapOutcome>, elapsed: f64) -> String {
+fn table(
+    o: &Opened,
+    plan: &Plan,
+    rows: &[Row],
+    map: Option<&MapOutcome>,
+    fill: &Fill,
+    elapsed: f64,
+) -> String {
     let mut out = String::new();
     let dev = &*o.dev;
     let _ = writeln!(out, "device: {}", o.reason);
@@ -1258,14 +1310,15 @@ fn table(o: &Opened, plan: &Plan, rows: &[Row], map: Option<&MapOutcome>, elapse
     );
     let _ = writeln!(
         out,
-        "runtime rows: offload_runtime::Runtime, sequential mode, planned policy, prefetch depth {} (ring of {} slots), a one-component model of one-tensor layers of the row's size; bytes from the runtime's bytes_h2d counter. staged: {} x {} MiB {} staging buffers, {} reader thread(s), fill parts of at least {} KiB, source in Vec memory",
+        "runtime rows: offload_runtime::Runtime, sequential mode, planned policy, prefetch depth {} (ring of {} slots), a one-component model of one-tensor layers of the row's size; bytes from the runtime's bytes_h2d counter. staged: {} x {} MiB {} staging buffers, {} reader thread(s), fill parts of at least {} KiB, {}",
         plan.prefetch_depth,
         plan.slots,
         plan.staging_buffers,
         plan.staging_buffer_bytes >> 20,
         staging_memory(plan.staging_write_combined, &*o.dev),
         plan.staging_threads,
-        plan.staging_part_bytes >> 10
+        plan.staging_part_bytes >> 10,
+        source_fill(plan)
     );
     let _ = writeln!(
         out,
@@ -1315,6 +1368,23 @@ fn table(o: &Opened, plan: &Plan, rows: &[Row], map: Option<&MapOutcome>, elapse
             ub
         );
     }
+    let _ = writeln!(
+        out,
+        "\nhost fill of the staging ring ({} MiB of pageable memory into {} MiB of pinned memory, {} thread(s), {} KiB parts, no device copy), median (best) of {}: {}",
+        fill.bytes >> 20,
+        fill.ring_bytes >> 20,
+        fill.threads,
+        fill.part_bytes >> 10,
+        plan.iters,
+        fill.rows
+            .iter()
+            .map(|r| {
+                let (best, median) = r.gbps(fill.bytes);
+                format!("{} {} ({}) GB/s", r.method(), rate(median), rate(best))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let backend = backend_name(dev);
     let _ = writeln!(
         out,
@@ -1331,6 +1401,7 @@ fn json(
     plan: &Plan,
     rows: &[Row],
     map: Option<&MapOutcome>,
+    fill: &Fill,
     elapsed: f64,
 ) -> serde_json::Value {
     let info = o.dev.info();
@@ -1402,11 +1473,27 @@ fn json(
             "staging_buffer_bytes": plan.staging_buffer_bytes,
             "staging_part_bytes": plan.staging_part_bytes,
             "staging_write_combined": plan.staging_write_combined,
+            "source_memcpy": plan.source_memcpy,
             "map_pages": plan.map_pages,
             "no_vmm": plan.no_vmm,
         },
         "rows": rows.iter().map(row_json).collect::<Vec<_>>(),
         "map_unmap": map_json,
+        "host_fill": {
+            "threads": fill.threads,
+            "part_bytes": fill.part_bytes,
+            "ring_bytes": fill.ring_bytes,
+            "bytes_per_sample": fill.bytes,
+            "rows": fill.rows.iter().map(|r| {
+                let (best, median) = r.gbps(fill.bytes);
+                serde_json::json!({
+                    "method": r.method(),
+                    "seconds": r.secs,
+                    "best_gbps": best,
+                    "median_gbps": median,
+                })
+            }).collect::<Vec<_>>(),
+        },
         "all_targets_met": rows.iter().all(|r| verdict(rows, r) != "FAIL"),
         "elapsed_s": elapsed,
     })

@@ -12,6 +12,7 @@ mod cmd_synth;
 mod cuda_timing;
 mod e2e;
 mod h2d_bench;
+mod h2d_fill;
 mod merge_bench;
 mod null_device;
 mod rng;

@@ -154,10 +154,42 @@ fn every_row_of_every_size_with_exact_bytes() {
     assert_eq!(dev["maps_pages"], true, "{dev}");
     assert_eq!(doc["config"]["no_vmm"], false);
     assert_eq!(
+        doc["config"]["source_memcpy"], false,
+        "the source offers its memory"
+    );
+    assert_eq!(
         doc["config"]["staging_part_bytes"],
         4 * MIB,
         "the policy's default"
     );
+    // The host fill rows: both methods, a sample of --pass-mib each.
+    let f = &doc["host_fill"];
+    assert_eq!(f["bytes_per_sample"], 8 * MIB, "{f}");
+    assert_eq!(f["threads"], doc["config"]["staging_threads"], "{f}");
+    assert_eq!(f["part_bytes"], 4 * MIB, "{f}");
+    let staging = &doc["config"];
+    assert_eq!(
+        f["ring_bytes"].as_u64(),
+        Some(
+            staging["staging_buffers"].as_u64().unwrap()
+                * staging["staging_buffer_bytes"].as_u64().unwrap()
+        ),
+        "{f}"
+    );
+    let methods: Vec<_> = f["rows"]
+        .as_array()
+        .expect("host fill rows")
+        .iter()
+        .map(|r| {
+            assert_eq!(r["seconds"].as_array().map(Vec::len), Some(2), "{r}");
+            assert!(
+                positive(r, "best_gbps") >= positive(r, "median_gbps"),
+                "{r}"
+            );
+            r["method"].as_str().expect("method").to_string()
+        })
+        .collect();
+    assert_eq!(methods, ["memcpy", "streaming stores"]);
     let m = &doc["map_unmap"];
     assert_eq!(m["applicable"], true, "{m}");
     assert_eq!(m["pages"], 16, "{m}");
@@ -236,6 +268,7 @@ fn a_deeper_prefetch_streams_more_layers_than_its_ring_holds() {
         "--staging-part-kib",
         "256",
         "--staging-write-combined",
+        "--source-memcpy",
     ]);
     check_rows(&doc, &[1], 2, 7, 1);
     let cfg = &doc["config"];
@@ -245,6 +278,14 @@ fn a_deeper_prefetch_streams_more_layers_than_its_ring_holds() {
     assert_eq!(cfg["staging_buffer_bytes"], MIB, "{cfg}");
     assert_eq!(cfg["staging_part_bytes"], 256 << 10, "{cfg}");
     assert_eq!(cfg["staging_write_combined"], true, "{cfg}");
+    assert_eq!(cfg["source_memcpy"], true, "{cfg}");
+    // The host fill rows run with the staging knobs.
+    let f = &doc["host_fill"];
+    assert_eq!(
+        (&f["threads"], &f["part_bytes"], &f["ring_bytes"]),
+        (&3.into(), &(256 << 10).into(), &(5 * MIB).into()),
+        "{f}"
+    );
 }
 
 #[test]
@@ -267,6 +308,9 @@ fn the_table_starts_with_the_device() {
     );
     assert!(stdout.starts_with("device: using "), "{stdout}");
     for want in [
+        "host fill of the staging ring (4 MiB of pageable memory into",
+        "memcpy ",
+        ", streaming stores ",
         "| 1 MiB | ceiling: pinned copy | 4 |",
         "| 1 MiB | runtime, pinned policy | 4 |",
         "| 1 MiB | pageable copy | 4 |",
