@@ -108,6 +108,9 @@ struct Scenario {
     /// (`upload_thread: Some(true)`, a GPU's default) instead of the
     /// acquiring thread (the host backend's default).
     uploader: bool,
+    /// The source offers its memory (`WeightSource::in_memory`): the
+    /// runtime fills staging buffers and pinned copies from it itself.
+    in_memory: bool,
 }
 
 impl Scenario {
@@ -321,6 +324,11 @@ fn drive(
         ..Outcome::default()
     };
     let (desc, src) = model(&layout());
+    let src = if s.in_memory {
+        src.offering_memory()
+    } else {
+        src
+    };
     let within_budget = |rt: &Runtime| {
         let st = rt.stats();
         assert!(
@@ -513,7 +521,7 @@ macro_rules! scenarios {
             #[allow(unused_mut, unused_assignments)]
             let mut uploader = false;
             $(uploader = $uploader;)?
-            run(Scenario { mode: $mode, policy: $policy, staged: $staged, vmm: $vmm, uploader });
+            run(Scenario { mode: $mode, policy: $policy, staged: $staged, vmm: $vmm, uploader, in_memory: false });
         }
     )+};
 }
@@ -552,6 +560,44 @@ scenarios! { false;
     no_vmm_sequential_planned_staged: Mode::Sequential, Policy::Planned, true;
 }
 
+// From a source that offers its memory: the runtime's own fills of the
+// staging buffers and of the pinned copies under the same faults.
+#[test]
+fn sequential_planned_staged_in_memory() {
+    run(Scenario {
+        mode: Mode::Sequential,
+        policy: Policy::Planned,
+        staged: true,
+        vmm: true,
+        uploader: false,
+        in_memory: true,
+    });
+}
+
+#[test]
+fn balanced_lru_staged_in_memory() {
+    run(Scenario {
+        mode: Mode::Balanced,
+        policy: Policy::Lru,
+        staged: true,
+        vmm: true,
+        uploader: false,
+        in_memory: true,
+    });
+}
+
+#[test]
+fn model_planned_pinned_in_memory() {
+    run(Scenario {
+        mode: Mode::Model,
+        policy: Policy::Planned,
+        staged: false,
+        vmm: true,
+        uploader: false,
+        in_memory: true,
+    });
+}
+
 /// Copies that fail on the stream, in every mode × policy × host policy.
 #[test]
 fn copy_stream_failures_in_every_mode() {
@@ -584,6 +630,7 @@ fn copy_stream_failures_in_every_mode_uploader() {
                     staged: false,
                     vmm: true,
                     uploader: true,
+                    in_memory: false,
                 },
                 FaultRates {
                     copy_stream: 0.05,
@@ -606,6 +653,7 @@ fn copy_stream_failures(host_policies: &[bool]) {
                         staged,
                         vmm: true,
                         uploader: false,
+                        in_memory: false,
                     },
                     FaultRates {
                         copy_stream: 0.05,
@@ -1970,7 +2018,7 @@ macro_rules! lora_scenarios {
             let mut uploader = false;
             $(uploader = $uploader;)?
             run_lora(LoraScenario {
-                base: Scenario { mode: $mode, policy: $policy, staged: $staged, vmm: true, uploader },
+                base: Scenario { mode: $mode, policy: $policy, staged: $staged, vmm: true, uploader, in_memory: false },
                 lora_mode: $lora,
             });
         }

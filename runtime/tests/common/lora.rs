@@ -83,7 +83,10 @@ pub fn f16_model(
             name: name.into(),
             components,
         },
-        Arc::new(MemSource { data }),
+        Arc::new(MemSource {
+            data,
+            in_memory: false,
+        }),
     )
 }
 

@@ -16,9 +16,22 @@ use offload_runtime::residency::{LayerId, Mode, ModelId, Policy, Runtime, Runtim
 
 pub const PAGE: usize = 4096;
 
-/// Weights held in memory: component → layer → tensor bytes.
+/// Weights held in memory: component → layer → tensor bytes; offered to
+/// the runtime as memory (`WeightSource::in_memory`, which the runtime
+/// copies from itself) when `in_memory`, else only read.
 pub struct MemSource {
     pub data: Vec<Vec<Vec<Vec<u8>>>>,
+    pub in_memory: bool,
+}
+
+impl MemSource {
+    /// The same weights, offered as memory.
+    pub fn offering_memory(&self) -> Arc<MemSource> {
+        Arc::new(MemSource {
+            data: self.data.clone(),
+            in_memory: true,
+        })
+    }
 }
 
 impl WeightSource for MemSource {
@@ -48,6 +61,13 @@ impl WeightSource for MemSource {
         }
         dst.copy_from_slice(&src[offset..end]);
         Ok(())
+    }
+
+    fn in_memory(&self, c: usize, l: usize, t: usize) -> Option<&[u8]> {
+        if !self.in_memory {
+            return None;
+        }
+        Some(self.data.get(c)?.get(l)?.get(t)?.as_slice())
     }
 }
 
@@ -100,7 +120,10 @@ pub fn model(comps: &[Vec<Vec<usize>>]) -> (ModelDesc, Arc<MemSource>) {
             name: "test".into(),
             components,
         },
-        Arc::new(MemSource { data }),
+        Arc::new(MemSource {
+            data,
+            in_memory: false,
+        }),
     )
 }
 
