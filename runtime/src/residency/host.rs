@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::fill_pool::FillHelpers;
 use super::gate::{deadline_after, Gate};
 use super::stats::{self, Counters, TimelineEntry};
 use crate::device::{Device, DevicePtr, EventId, PinnedBuffer, StreamId};
@@ -209,44 +210,32 @@ fn fill_range(
 }
 
 /// [`fill_range`] split into up to `parts` parts of at least `min_part`
-/// bytes, each filled on its own thread (the first on the caller's). The
-/// first error is returned; a panic of a part's read is resumed on the caller.
+/// bytes, the first filled on the caller's thread and each other on one of
+/// its `helpers`. The first error is returned; a panic of a part's read is
+/// resumed on the caller.
 fn fill_split(
     source: &dyn WeightSource,
     at: (usize, usize),
     pieces: &[(usize, usize, usize)],
     start: usize,
     dst: &mut [u8],
-    parts: usize,
-    min_part: usize,
+    (parts, min_part): (usize, usize),
+    helpers: &mut FillHelpers,
 ) -> std::result::Result<(), SourceError> {
     let k = parts.min(dst.len() / min_part.max(1)).max(1);
     if k == 1 {
         return fill_range(source, at, pieces, start, dst);
     }
     let piece = dst.len().div_ceil(k);
-    std::thread::scope(|scope| {
-        let mut chunks = dst.chunks_mut(piece);
-        let first = chunks.next().unwrap_or_default();
-        let handles: Vec<_> = chunks
-            .enumerate()
-            .map(|(i, part)| {
-                scope.spawn(move || fill_range(source, at, pieces, start + (i + 1) * piece, part))
-            })
-            .collect();
-        let mut r = fill_range(source, at, pieces, start, first);
-        for h in handles {
-            match h.join() {
-                Ok(part) => {
-                    if r.is_ok() {
-                        r = part;
-                    }
-                }
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        r
-    })
+    type Part<'a> = Box<dyn FnOnce() -> std::result::Result<(), SourceError> + Send + 'a>;
+    let jobs: Vec<Part<'_>> = dst
+        .chunks_mut(piece)
+        .enumerate()
+        .map(|(i, part)| {
+            Box::new(move || fill_range(source, at, pieces, start + i * piece, part)) as Part<'_>
+        })
+        .collect();
+    helpers.scope(jobs).into_iter().collect()
 }
 
 /// Where a job's events go back once queued: the runtime's main event pool
@@ -402,13 +391,22 @@ fn reader(
     counters: Arc<Counters>,
     (wait_timeout, (release_events, release_handoffs), gate): (Duration, EventReturns, Arc<Gate>),
 ) {
+    // Started by the first fill split into parts, kept until the stager stops.
+    let mut helpers = FillHelpers::default();
     for job in rx {
         let start = Instant::now();
         // A failure of one of the job's chunks must reach its ready event:
         // no synchronisation (which clears the failure) may come between.
         let r = {
             let _queueing = gate.share();
-            run_job(&*device, streams, &job, &staging, &counters, wait_timeout)
+            run_job(
+                &*device,
+                streams,
+                (&job, &mut helpers),
+                &staging,
+                &counters,
+                wait_timeout,
+            )
         };
         // The waits are queued (or the job failed before using them): the events may be reused.
         for e in &job.waits {
@@ -509,12 +507,12 @@ fn revive(staging: &Staging, device: &dyn Device, copy: StreamId) {
 fn run_job(
     device: &dyn Device,
     (copy, merge): (StreamId, StreamId),
-    job: &Job,
+    (job, helpers): (&Job, &mut FillHelpers),
     staging: &Staging,
     counters: &Arc<Counters>,
     timeout: Duration,
 ) -> Result<()> {
-    let queued = queue_job(device, copy, job, staging, counters, timeout);
+    let queued = queue_job(device, copy, (job, helpers), staging, counters, timeout);
     let finished = finish_upload(
         device,
         (copy, merge),
@@ -623,7 +621,7 @@ pub(crate) fn queue_merges(
 fn queue_job(
     device: &dyn Device,
     copy: StreamId,
-    job: &Job,
+    (job, helpers): (&Job, &mut FillHelpers),
     staging: &Staging,
     counters: &Counters,
     timeout: Duration,
@@ -645,8 +643,8 @@ fn queue_job(
             &job.bytes.pieces,
             done,
             &mut buf.as_mut_slice()[..n],
-            staging.fill_parts,
-            staging.fill_part_min,
+            (staging.fill_parts, staging.fill_part_min),
+            helpers,
         );
         if let Err(e) = read {
             // Its last copy has run (take_buffer waited): first in line.
@@ -755,7 +753,16 @@ mod tests {
         // parts of 250 bytes, on 4 threads.
         let src = source(2000, None);
         let mut dst = vec![0u8; 1000];
-        fill_split(&src, (0, 0), &[(0, 0, 2000)], 37, &mut dst, 4, 100).unwrap();
+        fill_split(
+            &src,
+            (0, 0),
+            &[(0, 0, 2000)],
+            37,
+            &mut dst,
+            (4, 100),
+            &mut FillHelpers::default(),
+        )
+        .unwrap();
         for (i, &b) in dst.iter().enumerate() {
             assert_eq!(b, ((37 + i) % 251) as u8, "byte {i}");
         }
@@ -763,11 +770,29 @@ mod tests {
         assert_eq!(src.threads.lock().unwrap().len(), 4);
         // Parts no smaller than the minimum: 1000 bytes, minimum 400 -> 2 parts.
         let src = source(2000, None);
-        fill_split(&src, (0, 0), &[(0, 0, 2000)], 0, &mut dst, 4, 400).unwrap();
+        fill_split(
+            &src,
+            (0, 0),
+            &[(0, 0, 2000)],
+            0,
+            &mut dst,
+            (4, 400),
+            &mut FillHelpers::default(),
+        )
+        .unwrap();
         assert_eq!(src.reads.load(Ordering::Relaxed), 2);
         // One part: one read on the caller's thread.
         let src = source(2000, None);
-        fill_split(&src, (0, 0), &[(0, 0, 2000)], 0, &mut dst, 1, 1).unwrap();
+        fill_split(
+            &src,
+            (0, 0),
+            &[(0, 0, 2000)],
+            0,
+            &mut dst,
+            (1, 1),
+            &mut FillHelpers::default(),
+        )
+        .unwrap();
         assert_eq!(src.reads.load(Ordering::Relaxed), 1);
         assert_eq!(
             src.threads.lock().unwrap().as_slice(),
@@ -782,7 +807,16 @@ mod tests {
         const K: usize = 1 << 10;
         let src = source(4 << 20, None);
         let mut dst = vec![0u8; 2 << 20];
-        fill_split(&src, (0, 0), &[(0, 0, 4 << 20)], 0, &mut dst, 4, 512 * K).unwrap();
+        fill_split(
+            &src,
+            (0, 0),
+            &[(0, 0, 4 << 20)],
+            0,
+            &mut dst,
+            (4, 512 * K),
+            &mut FillHelpers::default(),
+        )
+        .unwrap();
         for (i, &b) in dst.iter().enumerate() {
             assert_eq!(b, (i % 251) as u8, "byte {i}");
         }
@@ -801,7 +835,16 @@ mod tests {
         );
         // With the default 4 MiB minimum the same fill is one part.
         let src = source(4 << 20, None);
-        fill_split(&src, (0, 0), &[(0, 0, 4 << 20)], 0, &mut dst, 4, 4 << 20).unwrap();
+        fill_split(
+            &src,
+            (0, 0),
+            &[(0, 0, 4 << 20)],
+            0,
+            &mut dst,
+            (4, 4 << 20),
+            &mut FillHelpers::default(),
+        )
+        .unwrap();
         assert_eq!(*src.ranges.lock().unwrap(), [(0, 2 << 20)]);
     }
 
@@ -1000,11 +1043,29 @@ mod tests {
         // The third of four parts (offset 500) fails.
         let src = source(2000, Some(500));
         let mut dst = vec![0u8; 1000];
-        let e = fill_split(&src, (0, 0), &[(0, 0, 2000)], 0, &mut dst, 4, 100).unwrap_err();
+        let e = fill_split(
+            &src,
+            (0, 0),
+            &[(0, 0, 2000)],
+            0,
+            &mut dst,
+            (4, 100),
+            &mut FillHelpers::default(),
+        )
+        .unwrap_err();
         assert_eq!(e.what, "bytes 500..750");
         // Past the end of the source.
         let src = source(900, None);
-        assert!(fill_split(&src, (0, 0), &[(0, 0, 2000)], 0, &mut dst, 4, 100).is_err());
+        assert!(fill_split(
+            &src,
+            (0, 0),
+            &[(0, 0, 2000)],
+            0,
+            &mut dst,
+            (4, 100),
+            &mut FillHelpers::default()
+        )
+        .is_err());
     }
 
     /// Tensor `t`'s byte `i` is `(7 t + i) % 251 + 1` (never 0).
@@ -1060,7 +1121,16 @@ mod tests {
             while start < packed.total {
                 let n = window.min(packed.total - start);
                 let mut dst = vec![0xAAu8; n];
-                fill_split(&src, (0, 0), &pieces, start, &mut dst, parts, 40).unwrap();
+                fill_split(
+                    &src,
+                    (0, 0),
+                    &pieces,
+                    start,
+                    &mut dst,
+                    (parts, 40),
+                    &mut FillHelpers::default(),
+                )
+                .unwrap();
                 assert!(
                     dst == want[start..start + n],
                     "window {window} at {start}, {parts} parts"

@@ -24,6 +24,7 @@
 
 mod component;
 mod config;
+mod fill_pool;
 mod gate;
 mod host;
 mod lora;
