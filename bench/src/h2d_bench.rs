@@ -436,6 +436,12 @@ impl MapRow {
     }
 }
 
+/// The least and the median of `v` (NaN when empty).
+fn best_median(v: &[f64]) -> (f64, f64) {
+    let best = v.iter().copied().fold(f64::NAN, f64::min);
+    (best, median(v.to_vec()))
+}
+
 /// The median of `v` (not empty).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -1370,7 +1376,7 @@ fn table(
     }
     let _ = writeln!(
         out,
-        "\nhost fill of the staging ring ({} MiB of pageable memory into {} MiB of pinned memory, {} thread(s), {} KiB parts, no device copy), median (best) of {}: {}",
+        "\nhost fill of the staging ring ({} MiB of pageable memory into {} MiB of plain pinned memory, {} thread(s), {} KiB parts, no device copy), median (best) of {}: {}",
         fill.bytes >> 20,
         fill.ring_bytes >> 20,
         fill.threads,
@@ -1384,6 +1390,12 @@ fn table(
             })
             .collect::<Vec<_>>()
             .join(", ")
+    );
+    let (spawn_best, spawn_median) = best_median(&fill.spawn_us);
+    let _ = writeln!(
+        out,
+        "thread start + join (what a fill split across threads started for it pays per extra part), median (best) of {}: {spawn_median:.0} ({spawn_best:.0}) µs",
+        fill.spawn_us.len()
     );
     let backend = backend_name(dev);
     let _ = writeln!(
@@ -1484,6 +1496,8 @@ fn json(
             "part_bytes": fill.part_bytes,
             "ring_bytes": fill.ring_bytes,
             "bytes_per_sample": fill.bytes,
+            "thread_start_join_us": fill.spawn_us,
+            "thread_start_join_us_median": best_median(&fill.spawn_us).1,
             "rows": fill.rows.iter().map(|r| {
                 let (best, median) = r.gbps(fill.bytes);
                 serde_json::json!({

@@ -10,7 +10,12 @@
 //! parts k, k + threads, ... into its own share of one pinned allocation
 //! the size of the staging ring (`--staging-buffers` × `--staging-buffer-mib`),
 //! round and round. After each sample the last part every thread copied
-//! is compared with the source.
+//! is compared with the source. Then [`SPAWNS`] scoped threads are
+//! started and joined one after another, each timed: what a fill split
+//! across threads started for it would pay per part, and what the staged
+//! readers' kept helper threads save. The ring is plain pinned memory, also
+//! with `--staging-write-combined` (reading a part back from
+//! write-combined memory to check it is what that memory is bad at).
 
 use std::time::Instant;
 
@@ -29,13 +34,25 @@ pub(crate) struct FillRow {
 /// Both methods' rows and what they ran with.
 #[derive(Clone, Debug)]
 pub(crate) struct Fill {
+    /// Threads that fill (the staging threads).
     pub(crate) threads: usize,
+    /// Bytes of one part (the staging part size, or less to fit a share).
     pub(crate) part_bytes: usize,
+    /// Bytes of the pinned ring (plain pinned memory, whatever
+    /// `--staging-write-combined` says).
     pub(crate) ring_bytes: usize,
     /// Bytes one sample copies.
     pub(crate) bytes: usize,
+    /// memcpy's, then streaming stores'.
     pub(crate) rows: Vec<FillRow>,
+    /// Microseconds to start and join one scoped thread, each of
+    /// [`SPAWNS`] in turn: what the staged readers' kept helper threads
+    /// save per part of a split fill.
+    pub(crate) spawn_us: Vec<f64>,
 }
+
+/// Threads started and joined, one after another, for `Fill::spawn_us`.
+pub(crate) const SPAWNS: usize = 50;
 
 impl FillRow {
     /// GB/s of the best and the median sample.
@@ -100,12 +117,22 @@ pub(crate) fn measure(
         }
         rows.push(FillRow { streaming, secs });
     }
+    let spawn_us = (0..SPAWNS)
+        .map(|_| {
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                let _ = s.spawn(|| ()).join();
+            });
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
     Ok(Fill {
         threads,
         part_bytes: part,
         ring_bytes,
         bytes,
         rows,
+        spawn_us,
     })
 }
 
@@ -146,7 +173,7 @@ fn sample(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or(None))
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
     })
 }

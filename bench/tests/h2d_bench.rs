@@ -190,6 +190,12 @@ fn every_row_of_every_size_with_exact_bytes() {
         })
         .collect();
     assert_eq!(methods, ["memcpy", "streaming stores"]);
+    assert_eq!(
+        f["thread_start_join_us"].as_array().map(Vec::len),
+        Some(50),
+        "{f}"
+    );
+    positive(f, "thread_start_join_us_median");
     let m = &doc["map_unmap"];
     assert_eq!(m["applicable"], true, "{m}");
     assert_eq!(m["pages"], 16, "{m}");
@@ -308,7 +314,8 @@ fn the_table_starts_with_the_device() {
     );
     assert!(stdout.starts_with("device: using "), "{stdout}");
     for want in [
-        "host fill of the staging ring (4 MiB of pageable memory into",
+        "host fill of the staging ring (4 MiB of pageable memory into ",
+        " MiB of plain pinned memory, ",
         "memcpy ",
         ", streaming stores ",
         "| 1 MiB | ceiling: pinned copy | 4 |",

@@ -9,8 +9,8 @@
 //! passes over memory for two of data. Non-temporal (streaming) stores
 //! write whole lines without reading them, and leave nothing in the caches
 //! for the copy engine to snoop. On the 2-core AMD EPYC CI machine, 4 MiB
-//! parts copied into a staging ring larger than the L3 moved 1.4–1.7× the
-//! bytes per second of `memcpy` with 2 threads, 1.35× with one
+//! parts copied into a staging ring larger than the L3 moved 1.5–1.7× the
+//! bytes per second of `memcpy` (medians, 2 threads), 1.35× with one
 //! (`offload bench h2d`'s host fill rows; docs/benchmarks.md, "Filling
 //! staging buffers").
 
@@ -41,6 +41,20 @@ pub fn copy_streaming(dst: &mut [u8], src: &[u8]) {
     dst.copy_from_slice(src);
 }
 
+/// Makes this thread's earlier stores visible before any later one: the
+/// stores of a fill into write-combined memory, which are weakly ordered
+/// like streaming stores, before the buffer is handed on (`sfence` on
+/// x86-64, a full fence elsewhere).
+pub fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: sfence only orders stores; SSE is part of x86-64.
+    unsafe {
+        core::arch::x86_64::_mm_sfence()
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
@@ -63,8 +77,10 @@ mod x86 {
         while i < body {
             // SAFETY: i + LINE <= body, so the 64 bytes at s + i and d + i
             // lie inside the two sub-slices just taken (src and dst are
-            // distinct borrows, so they do not overlap); d + i is 16-byte
-            // aligned (d is, by `head`, and i is a multiple of 64), as
+            // distinct borrows, so they do not overlap; when `align_offset`
+            // gives up, head = len and body = 0, so no iteration runs);
+            // d + i is 16-byte aligned (d is, by `head`, and i is a
+            // multiple of 64), as
             // movntdq needs; loadu takes any alignment. SSE2 is part of
             // x86-64, so the instructions exist on every target this
             // compiles for.

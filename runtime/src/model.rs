@@ -192,10 +192,14 @@ pub trait WeightSource: Send + Sync {
     ///
     /// The runtime then fills its host buffers (staging buffers, pinned
     /// layer copies) from these bytes itself, with stores that bypass the
-    /// CPU caches, instead of calling `read`: that fill moves about 1.5×
-    /// the bytes per second of an ordinary copy into memory that is not in
-    /// cache (docs/benchmarks.md). A slice whose length is not the
-    /// tensor's is an error naming the tensor and both lengths.
+    /// CPU caches, instead of calling `read`: that fill moved 1.5–1.7× the
+    /// bytes per second of an ordinary copy into memory that is not in
+    /// cache on the CI machine (docs/benchmarks.md). `read` is still
+    /// required, and called where the runtime reads into memory of its own
+    /// (restoring a tensor in the backup and fuse LoRA modes). A slice
+    /// whose length is not the tensor's is an error naming the tensor and
+    /// both lengths. As with `read`, not a memory map of a file that may
+    /// change.
     fn in_memory(&self, component: usize, layer: usize, tensor: usize) -> Option<&[u8]> {
         let _ = (component, layer, tensor);
         None

@@ -142,7 +142,13 @@ impl Scenario {
                     buffers: 2,
                     buffer_bytes: 2 * PAGE,
                     threads: 2,
-                    fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
+                    // From memory, fills split in two: the second part on
+                    // the reader's helper thread.
+                    fill_part_bytes: if self.in_memory {
+                        PAGE
+                    } else {
+                        HostPolicy::DEFAULT_FILL_PART_BYTES
+                    },
                     write_combined: false,
                 }
             } else {
@@ -422,6 +428,13 @@ fn drive(
         pass(&w, &rt, m, &src, &mut out.bytes_verified).unwrap();
         out.recovery_passes += 1;
         within_budget(&rt);
+    }
+    if s.in_memory {
+        assert_eq!(
+            src.reads(),
+            0,
+            "{s:?}: a source that offers its memory was read"
+        );
     }
     drop(w);
     (out, host)

@@ -479,7 +479,7 @@ fn in_memory_sources_are_copied_not_read() {
     let msg = e.to_string();
     assert!(
         matches!(e, Error::Source(_))
-            && msg.contains("tensor 0 of layer 2 of component 0")
+            && msg.contains("tensor 0 of layer 2 of component 0 (layer comp0/layer2)")
             && msg.contains(&format!("holds {}", PAGE - 1))
             && msg.contains(&format!("says {PAGE}")),
         "{msg}"

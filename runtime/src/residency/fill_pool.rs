@@ -1,7 +1,8 @@
 //! A staged reader's helper threads: they fill parts of its staging
 //! buffers, and stay for the stager's life instead of being started for
-//! every fill (starting and joining a thread took 200–280 µs on the 2-core
-//! CI VM, about what one thread needs to fill a 2 MiB part from memory).
+//! every fill (starting and joining a thread took 59–150 µs on the 2-core
+//! CI VM, medians of `offload bench h2d`'s "thread start + join" line: a
+//! quarter to a half of what one thread there needs to fill 2 MiB).
 
 use std::panic::{self, AssertUnwindSafe};
 use std::thread::JoinHandle;
@@ -14,10 +15,20 @@ type Task = Box<dyn FnOnce() + Send + 'static>;
 /// The helper threads of one reader, started when a fill first needs them.
 #[derive(Default)]
 pub(crate) struct FillHelpers {
+    /// Names the threads: `{name}-{i}` (`offload-fill-{i}` when empty).
+    name: String,
     workers: Vec<(Sender<Task>, JoinHandle<()>)>,
 }
 
 impl FillHelpers {
+    /// Helpers whose threads are named `{name}-0`, `{name}-1`, ...
+    pub(crate) fn named(name: String) -> Self {
+        FillHelpers {
+            name,
+            workers: Vec::new(),
+        }
+    }
+
     /// Runs `parts[0]` on the caller's thread and each other part on a
     /// helper of its own (started if need be; on the caller's thread, after
     /// its own, if a helper cannot be started), and returns every part's
@@ -32,54 +43,70 @@ impl FillHelpers {
         let Some(first) = parts.next() else {
             return Vec::new();
         };
-        let (done_tx, done_rx) = crossbeam_channel::unbounded::<(usize, std::thread::Result<R>)>();
-        // Waits, even while a panic unwinds, until every task given to a
-        // helper has been dropped (run or not): each holds a sender, so
-        // the channel disconnects only then.
-        struct WaitAll<'r, R>(
-            &'r Receiver<(usize, std::thread::Result<R>)>,
-            Vec<(usize, std::thread::Result<R>)>,
-        );
-        impl<R> Drop for WaitAll<'_, R> {
-            fn drop(&mut self) {
-                while let Ok(r) = self.0.recv() {
-                    self.1.push(r);
+        type Done<R> = (usize, std::thread::Result<R>);
+        // The parts' results come back over a channel whose senders are
+        // the tasks' (and, until every task is handed out, this one's).
+        // Dropping it, also while a panic unwinds, drops that first sender
+        // and then waits until every task given to a helper has been
+        // dropped (run or not): only then does the channel disconnect.
+        struct WaitAll<R> {
+            tx: Option<Sender<Done<R>>>,
+            rx: Receiver<Done<R>>,
+            got: Vec<Done<R>>,
+        }
+        impl<R> WaitAll<R> {
+            fn finish(&mut self) {
+                self.tx = None;
+                while let Ok(r) = self.rx.recv() {
+                    self.got.push(r);
                 }
             }
         }
-        let mut wait = WaitAll(&done_rx, Vec::with_capacity(n));
+        impl<R> Drop for WaitAll<R> {
+            fn drop(&mut self) {
+                self.finish();
+            }
+        }
+        let (tx, rx) = crossbeam_channel::unbounded::<Done<R>>();
+        let mut wait = WaitAll {
+            tx: Some(tx),
+            rx,
+            got: Vec::with_capacity(n),
+        };
         let mut inline = Vec::new();
         for (i, part) in parts.enumerate() {
-            let tx = done_tx.clone();
+            let Some(tx) = wait.tx.clone() else {
+                unreachable!("the sender stays until every part is handed out")
+            };
             let task: Box<dyn FnOnce() + Send + 'a> = Box::new(move || {
                 let r = panic::catch_unwind(AssertUnwindSafe(part));
                 let _ = tx.send((i + 1, r));
             });
-            // SAFETY: the task borrows only what 'a outlives, and this
-            // function neither returns nor unwinds past `wait` before the
-            // task has been dropped: `wait` (dropped before anything
-            // borrowed for 'a, as it was made after) blocks until every
-            // sender of `done_tx` is gone, and each task owns one, dropped
-            // only with the task (after it ran, or unrun if a helper's
-            // channel is dropped). The transmute changes only the trait
-            // object's lifetime bound, not its layout.
+            // SAFETY: the task borrows only what 'a outlives (the caller's
+            // data, which outlives this call), and this function neither
+            // returns nor unwinds before the task has been dropped: `wait`
+            // is finished before the results are read, and its Drop, which
+            // runs on any unwind out of here, finishes it too; finishing
+            // drops its own sender and blocks until every other sender is
+            // gone, and each task owns one, dropped only with the task
+            // (after it ran, or unrun when a helper's channel is dropped).
+            // The transmute changes only the trait object's lifetime bound,
+            // not its layout.
             let task: Task =
                 unsafe { std::mem::transmute::<Box<dyn FnOnce() + Send + 'a>, Task>(task) };
             if let Some(task) = self.give(i, task) {
                 inline.push(task);
             }
         }
-        drop(done_tx);
+        wait.tx = None;
         let r0 = panic::catch_unwind(AssertUnwindSafe(first));
         for task in inline {
             task();
         }
-        while let Ok(r) = wait.0.recv() {
-            wait.1.push(r);
-        }
+        wait.finish();
         let mut results: Vec<Option<std::thread::Result<R>>> = (0..n).map(|_| None).collect();
         results[0] = Some(r0);
-        for (i, r) in wait.1.drain(..) {
+        for (i, r) in wait.got.drain(..) {
             results[i] = Some(r);
         }
         let mut out = Vec::with_capacity(n);
@@ -109,7 +136,15 @@ impl FillHelpers {
         while self.workers.len() <= i {
             let (tx, rx) = crossbeam_channel::unbounded::<Task>();
             let h = std::thread::Builder::new()
-                .name(format!("offload-fill-{}", self.workers.len()))
+                .name(format!(
+                    "{}-{}",
+                    if self.name.is_empty() {
+                        "offload-fill"
+                    } else {
+                        &self.name
+                    },
+                    self.workers.len()
+                ))
                 .spawn(move || {
                     for task in rx {
                         task();

@@ -206,6 +206,9 @@ fn fill_range(
         at = hi;
     }
     dst[at - start..].fill(0);
+    // A source's own stores into write-combined memory are weakly ordered:
+    // fenced here, on the thread that made them, before the buffer goes on.
+    crate::host_copy::store_fence();
     Ok(())
 }
 
@@ -392,7 +395,10 @@ fn reader(
     (wait_timeout, (release_events, release_handoffs), gate): (Duration, EventReturns, Arc<Gate>),
 ) {
     // Started by the first fill split into parts, kept until the stager stops.
-    let mut helpers = FillHelpers::default();
+    let mut helpers = FillHelpers::named(format!(
+        "{}-fill",
+        std::thread::current().name().unwrap_or("offload-stager")
+    ));
     for job in rx {
         let start = Instant::now();
         // A failure of one of the job's chunks must reach its ready event:
@@ -649,7 +655,11 @@ fn queue_job(
         if let Err(e) = read {
             // Its last copy has run (take_buffer waited): first in line.
             put_back(staging, buf, ev);
-            return Err(e.into());
+            return Err(SourceError {
+                what: format!("{} (layer {})", e.what, job.name),
+                message: e.message,
+            }
+            .into());
         }
         // SAFETY: the buffer is handed out again only after `ev`, recorded
         // on the copy stream after this copy, has completed (take_buffer
@@ -1036,6 +1046,84 @@ mod tests {
         assert!(done.iter().all(|d| d.is_finished()));
         let c = dev.counters();
         assert_eq!((c.pinned_freed_in_use, c.bytes_h2d), (0, 3 << 20));
+    }
+
+    /// A reader splits each fill between itself and its helper threads,
+    /// which it keeps from job to job: 8 jobs of one buffer each, filled
+    /// in 2 parts by 2 readers, run on at most 4 threads, where starting
+    /// a thread per split fill would take up to 10.
+    #[test]
+    fn readers_keep_their_fill_helpers_from_job_to_job() {
+        use crate::device::{DeviceExt, HostConfig, HostDevice};
+        const K: usize = 1 << 10;
+        let dev = Arc::new(
+            HostDevice::new(HostConfig {
+                capacity: 1 << 20,
+                page_size: 64 * K,
+                link_gbps: None,
+            })
+            .unwrap(),
+        );
+        let (copy, merge) = (dev.create_stream().unwrap(), dev.create_stream().unwrap());
+        let (etx, _erx) = crossbeam_channel::unbounded();
+        let (htx, _hrx) = crossbeam_channel::unbounded();
+        let stager = Stager::new(
+            dev.clone(),
+            (copy, merge),
+            Ring {
+                buffers: 4,
+                buffer_bytes: 64 * K,
+                threads: 2,
+                fill_part_bytes: 16 * K,
+                write_combined: false,
+            },
+            Arc::new(Counters::new(false)),
+            Duration::from_secs(20),
+            (etx, htx),
+            Arc::new(Gate::default()),
+        )
+        .unwrap();
+        let bytes = Arc::new(source(64 * K, None));
+        let src: Arc<dyn WeightSource> = bytes.clone();
+        let dst = dev.alloc_contiguous(8 * 64 * K).unwrap();
+        let done: Vec<_> = (0..8)
+            .map(|l| {
+                let done = Arc::new(JobDone::default());
+                stager.submit(Job {
+                    source: src.clone(),
+                    component: 0,
+                    layer: l,
+                    name: format!("layer{l}"),
+                    bytes: LayerBytes {
+                        pieces: vec![(0, 0, 64 * K)],
+                        total: 64 * K,
+                    },
+                    dst: dst.offset(l * 64 * K),
+                    waits: Vec::new(),
+                    merges: Vec::new(),
+                    handoff: None,
+                    ready: dev.create_event().unwrap(),
+                    done: done.clone(),
+                });
+                done
+            })
+            .collect();
+        drop(stager);
+        for d in &done {
+            d.wait(Duration::from_secs(1)).unwrap();
+        }
+        // Two reads (parts) per job, every byte copied.
+        assert_eq!(bytes.reads.load(Ordering::Relaxed), 16);
+        assert_eq!(dev.counters().bytes_h2d, (8 * 64 * K) as u64);
+        let mut back = vec![0u8; 64 * K];
+        dev.read_blocking(dst.offset(7 * 64 * K), &mut back, copy)
+            .unwrap();
+        assert!(back.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+        let threads = bytes.threads.lock().unwrap().len();
+        assert!(
+            (2..=4).contains(&threads),
+            "{threads} threads filled the parts"
+        );
     }
 
     #[test]

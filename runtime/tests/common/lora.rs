@@ -83,10 +83,7 @@ pub fn f16_model(
             name: name.into(),
             components,
         },
-        Arc::new(MemSource {
-            data,
-            in_memory: false,
-        }),
+        Arc::new(MemSource::new(data)),
     )
 }
 

@@ -22,15 +22,31 @@ pub const PAGE: usize = 4096;
 pub struct MemSource {
     pub data: Vec<Vec<Vec<Vec<u8>>>>,
     pub in_memory: bool,
+    /// `read` calls so far.
+    pub reads: std::sync::atomic::AtomicUsize,
 }
 
 impl MemSource {
+    /// Weights that are only read.
+    pub fn new(data: Vec<Vec<Vec<Vec<u8>>>>) -> Self {
+        MemSource {
+            data,
+            in_memory: false,
+            reads: Default::default(),
+        }
+    }
+
     /// The same weights, offered as memory.
     pub fn offering_memory(&self) -> Arc<MemSource> {
         Arc::new(MemSource {
-            data: self.data.clone(),
             in_memory: true,
+            ..MemSource::new(self.data.clone())
         })
+    }
+
+    /// `read` calls so far.
+    pub fn reads(&self) -> usize {
+        self.reads.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -43,6 +59,7 @@ impl WeightSource for MemSource {
         offset: usize,
         dst: &mut [u8],
     ) -> Result<(), SourceError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let src = self
             .data
             .get(c)
@@ -120,10 +137,7 @@ pub fn model(comps: &[Vec<Vec<usize>>]) -> (ModelDesc, Arc<MemSource>) {
             name: "test".into(),
             components,
         },
-        Arc::new(MemSource {
-            data,
-            in_memory: false,
-        }),
+        Arc::new(MemSource::new(data)),
     )
 }
 
