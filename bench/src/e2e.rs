@@ -45,7 +45,7 @@ use offload_loader::{Dtype, Model};
 use offload_runtime::arena::{pack, Arena, ArenaConfig, Tag};
 use offload_runtime::device::{
     self, BackendKind, Device, DeviceExt, DevicePtr, HostConfig, HostDevice, Kernel, KernelFamily,
-    MergeDelta, StreamId,
+    MergeDelta, StreamId, StreamPriority,
 };
 use offload_runtime::lora::{LoraBinding, LoraMode, PatchDelta, PatchKron};
 use offload_runtime::model::{DType, ModelDesc, WeightSource};
@@ -66,6 +66,24 @@ pub enum DeviceArg {
     Host,
     /// The GPU; an error without one.
     Cuda,
+}
+
+/// `offload bench e2e --compute-priority`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PriorityArg {
+    /// The device's greatest stream priority.
+    High,
+    /// The default priority, that of the runtime's own streams.
+    Normal,
+}
+
+impl From<PriorityArg> for StreamPriority {
+    fn from(p: PriorityArg) -> Self {
+        match p {
+            PriorityArg::High => StreamPriority::High,
+            PriorityArg::Normal => StreamPriority::Normal,
+        }
+    }
 }
 
 /// `offload bench e2e --uploads`.
@@ -183,6 +201,12 @@ pub struct E2eArgs {
     /// runtime's default: the uploader on a GPU, inline on the host backend).
     #[arg(long, value_enum, default_value_t = UploadsArg::Auto)]
     pub uploads: UploadsArg,
+    /// Priority of the engine's compute stream: `high`, as an engine should
+    /// make it, so that the runtime's merges (queued ahead of use on its
+    /// normal-priority merge stream) take only the SMs the layers' products
+    /// leave; `normal` to compare. The host backend runs every stream alike.
+    #[arg(long, value_enum, default_value_t = PriorityArg::High)]
+    pub compute_priority: PriorityArg,
 }
 
 impl Default for E2eArgs {
@@ -213,6 +237,7 @@ impl Default for E2eArgs {
             lora_ranks: "32,64".into(),
             lora_steps: 5,
             uploads: UploadsArg::Auto,
+            compute_priority: PriorityArg::High,
         }
     }
 }
@@ -1717,7 +1742,9 @@ fn run_on(
         s.packed.iter().map(|&b| b.next_multiple_of(dev_page)).sum()
     });
     let e = |e: Error| e.to_string();
-    let compute = dev.create_stream().map_err(e)?;
+    let compute = dev
+        .create_stream_with_priority(args.compute_priority.into())
+        .map_err(e)?;
     let scratch = Arena::new(dev.clone(), ArenaConfig::default()).map_err(e)?;
     let xa = scratch.alloc(x_bytes, Tag(0)).map_err(e)?;
     let ya = scratch.alloc(y_bytes, Tag(0)).map_err(e)?;
@@ -1869,6 +1896,15 @@ fn run_on(
             crate::h2d_bench::staging_memory(write_combined, &*bench.dev)
         );
     }
+    println!(
+        "compute stream: {} priority (--compute-priority); the runtime's copy and merge streams: normal{}",
+        StreamPriority::from(args.compute_priority),
+        if bench.dev.info().kind == BackendKind::Host {
+            " (the host backend runs every stream alike)"
+        } else {
+            ""
+        }
+    );
     if args.uploads != UploadsArg::Auto && args.host_policy != "staged" {
         let who = match args.uploads {
             UploadsArg::Inline => "the engine's thread",
@@ -2338,6 +2374,7 @@ fn json_row(r: &Row, ctx: &JsonCtx<'_>) -> String {
         "host_policy": args.host_policy,
         "staging_write_combined": args.staging_write_combined,
         "uploads": format!("{:?}", args.uploads).to_lowercase(),
+        "compute_priority": StreamPriority::from(args.compute_priority).to_string(),
         "reference": r.reference,
         "model_bytes": ctx.model_bytes,
         "denoiser_bytes": ctx.denoiser_bytes,

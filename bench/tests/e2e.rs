@@ -163,6 +163,7 @@ fn staged_host_memory_is_the_staging_ring() {
     );
     assert!(u(seq, "bytes_h2d_per_generation") > 0);
     assert_eq!(seq["staging_write_combined"], false, "{seq}");
+    assert_eq!(seq["compute_priority"], "high", "the default");
 }
 
 #[test]
@@ -173,10 +174,13 @@ fn write_combined_staging_is_a_staged_policy_knob() {
         "--host-policy",
         "staged",
         "--staging-write-combined",
+        "--compute-priority",
+        "normal",
         "--no-lora",
     ]);
     let seq = row(&rows, "sequential", "planned");
     assert_eq!(seq["staging_write_combined"], true, "{seq}");
+    assert_eq!(seq["compute_priority"], "normal", "{seq}");
     assert_eq!(u(seq, "peak_host_bytes"), 4 * (64 << 20), "{seq}");
 }
 

@@ -234,10 +234,9 @@ impl Driver {
 
     fn stream(&self, s: CUstream) -> Result<Arc<Stream>, CUresult> {
         if s.is_null() {
-            return Ok(Arc::clone(
-                self.null_stream
-                    .get_or_init(|| Stream::spawn(0, self.config.stream_delay)),
-            ));
+            return Ok(Arc::clone(self.null_stream.get_or_init(|| {
+                Stream::spawn(0, STREAM_PRIORITY_LEAST, self.config.stream_delay)
+            })));
         }
         lock(&self.streams)
             .get(&(s as usize))
@@ -751,16 +750,62 @@ pub extern "C" fn cuMemHostUnregister(p: *mut c_void) -> CUresult {
 
 // ---------------------------------------------------------------- streams, events
 
+/// The priorities this driver reports, as an H100's: 0 (least, the
+/// default) to -5 (greatest).
+const STREAM_PRIORITY_LEAST: c_int = 0;
+const STREAM_PRIORITY_GREATEST: c_int = -5;
+
 #[no_mangle]
-pub unsafe extern "C" fn cuStreamCreate(s: *mut CUstream, _flags: c_uint) -> CUresult {
+pub unsafe extern "C" fn cuStreamCreate(s: *mut CUstream, flags: c_uint) -> CUresult {
+    // SAFETY: the caller's pointer, passed on.
+    unsafe { cuStreamCreateWithPriority(s, flags, STREAM_PRIORITY_LEAST) }
+}
+
+/// Out-of-range priorities are clamped to the range, as the driver does.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamCreateWithPriority(
+    s: *mut CUstream,
+    _flags: c_uint,
+    priority: c_int,
+) -> CUresult {
     call(|| {
         let d = driver(true)?;
         if s.is_null() {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
         let id = d.id();
-        lock(&d.streams).insert(id, Stream::spawn(id, d.config.stream_delay));
+        let priority = priority.clamp(STREAM_PRIORITY_GREATEST, STREAM_PRIORITY_LEAST);
+        lock(&d.streams).insert(id, Stream::spawn(id, priority, d.config.stream_delay));
         out(s, id as CUstream)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxGetStreamPriorityRange(
+    least: *mut c_int,
+    greatest: *mut c_int,
+) -> CUresult {
+    call(|| {
+        driver(true)?;
+        // Either may be null, as with the driver.
+        if !least.is_null() {
+            out(least, STREAM_PRIORITY_LEAST)?;
+        }
+        if !greatest.is_null() {
+            out(greatest, STREAM_PRIORITY_GREATEST)?;
+        }
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamGetPriority(s: CUstream, priority: *mut c_int) -> CUresult {
+    call(|| {
+        let st = driver(true)?.stream(s)?;
+        if priority.is_null() {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        out(priority, st.priority)
     })
 }
 

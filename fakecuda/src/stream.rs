@@ -22,6 +22,9 @@ struct Queue {
 /// A stream: operations run one after another on the stream's own thread.
 pub struct Stream {
     pub id: usize,
+    /// Its priority (lower is greater; see `cuCtxGetStreamPriorityRange`);
+    /// recorded and reported, and every stream runs alike.
+    pub priority: i32,
     queue: Mutex<Queue>,
     cv: Condvar,
 }
@@ -31,10 +34,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Stream {
-    /// A new stream and its worker thread.
-    pub fn spawn(id: usize, delay: Option<Duration>) -> Arc<Stream> {
+    /// A new stream of `priority` and its worker thread.
+    pub fn spawn(id: usize, priority: i32, delay: Option<Duration>) -> Arc<Stream> {
         let s = Arc::new(Stream {
             id,
+            priority,
             queue: Mutex::new(Queue {
                 ops: VecDeque::new(),
                 enqueued: 0,

@@ -868,3 +868,47 @@ fn batched_merges_walk_their_strips_and_refuse_overlapping_jobs() {
     }
     assert_eq!(kernels::cuModuleUnload(m), E::CUDA_SUCCESS);
 }
+
+/// Streams carry the priority they were made with, clamped to the range
+/// the context reports; plain streams have the least.
+#[test]
+fn stream_priorities_are_recorded_clamped_and_reported() {
+    ready();
+    let (mut least, mut greatest) = (7, 7);
+    // SAFETY: out-pointers to locals.
+    assert_eq!(
+        unsafe { cuCtxGetStreamPriorityRange(&mut least, &mut greatest) },
+        E::CUDA_SUCCESS
+    );
+    assert_eq!((least, greatest), (0, -5));
+    let prio = |s: CUstream| {
+        let mut p = 99;
+        // SAFETY: a live stream and an out-pointer to a local.
+        assert_eq!(unsafe { cuStreamGetPriority(s, &mut p) }, E::CUDA_SUCCESS);
+        p
+    };
+    let with = |p: i32| {
+        let mut s: CUstream = null_mut();
+        // SAFETY: out-pointer to a local.
+        assert_eq!(
+            unsafe { cuStreamCreateWithPriority(&mut s, 0, p) },
+            E::CUDA_SUCCESS
+        );
+        s
+    };
+    let plain = stream();
+    let (s3, below, above) = (with(-3), with(-100), with(4));
+    assert_eq!(
+        [prio(plain), prio(s3), prio(below), prio(above)],
+        [0, -3, -5, 0]
+    );
+    for s in [plain, s3, below, above] {
+        assert_eq!(cuStreamDestroy_v2(s), E::CUDA_SUCCESS);
+    }
+    let mut p = 0;
+    // SAFETY: a stream handle that is no longer live, which the driver refuses.
+    assert_eq!(
+        unsafe { cuStreamGetPriority(s3, &mut p) },
+        E::CUDA_ERROR_INVALID_HANDLE
+    );
+}

@@ -52,7 +52,7 @@ use std::time::Duration;
 
 use super::{
     Device, DeviceInfo, DevicePtr, EventId, HostFn, Kernel, KernelFamily, MemoryInfo, PhysPage,
-    PinnedBuffer, StreamId, VirtualRange,
+    PinnedBuffer, StreamId, StreamPriority, VirtualRange,
 };
 use crate::error::{Error, Result};
 
@@ -489,6 +489,10 @@ impl<D: Device + ?Sized> Device for FaultDevice<D> {
 
     fn create_stream(&self) -> Result<StreamId> {
         self.inner.create_stream()
+    }
+
+    fn create_stream_with_priority(&self, priority: StreamPriority) -> Result<StreamId> {
+        self.inner.create_stream_with_priority(priority)
     }
 
     fn destroy_stream(&self, stream: StreamId) -> Result<()> {

@@ -32,7 +32,7 @@ use rustix::mm::{MapFlags, ProtFlags};
 
 use super::{
     BackendKind, Device, DeviceInfo, DevicePtr, EventId, HostFn, Kernel, MemoryInfo, MergeOp,
-    PhysPage, PinnedBuffer, StreamId, VirtualRange,
+    PhysPage, PinnedBuffer, StreamId, StreamPriority, VirtualRange,
 };
 use crate::error::{Error, Result};
 
@@ -106,6 +106,9 @@ pub struct HostCounters {
     /// ([`Device::alloc_pinned_write_combined`]); this backend has no such
     /// memory and gives plain pinned buffers for them.
     pub write_combined_requests: u64,
+    /// Streams asked for at [`StreamPriority::High`] since creation; this
+    /// backend runs every stream alike.
+    pub high_priority_streams: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -350,6 +353,7 @@ struct Shared {
     contiguous_calls: AtomicU64,
     write_combined_requests: AtomicU64,
     stream_waits: AtomicU64,
+    high_priority_streams: AtomicU64,
     host_fns: AtomicU64,
     copies_h2d: AtomicU64,
     in_flight: Arc<InFlight>,
@@ -719,6 +723,7 @@ impl HostDevice {
             contiguous_calls: AtomicU64::new(0),
             write_combined_requests: AtomicU64::new(0),
             stream_waits: AtomicU64::new(0),
+            high_priority_streams: AtomicU64::new(0),
             host_fns: AtomicU64::new(0),
             copies_h2d: AtomicU64::new(0),
             in_flight: Arc::new(InFlight::default()),
@@ -798,6 +803,7 @@ impl HostDevice {
             pinned_freed_in_use: self.shared.in_flight.freed_in_use.load(Ordering::Relaxed),
             write_combined_requests: self.shared.write_combined_requests.load(Ordering::Relaxed),
             stream_waits: self.shared.stream_waits.load(Ordering::Relaxed),
+            high_priority_streams: self.shared.high_priority_streams.load(Ordering::Relaxed),
         }
     }
 
@@ -1316,6 +1322,16 @@ impl Device for HostDevice {
                 }),
             )
         })
+    }
+
+    fn create_stream_with_priority(&self, priority: StreamPriority) -> Result<StreamId> {
+        let s = self.create_stream()?;
+        if priority == StreamPriority::High {
+            self.shared
+                .high_priority_streams
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(s)
     }
 
     fn create_stream(&self) -> Result<StreamId> {
@@ -1986,6 +2002,46 @@ mod tests {
         dev.read_blocking(range.base, &mut back, s).unwrap();
         let first = offsets[1];
         assert_eq!(back[..first], one_by_one[..first], "op 0 ran");
+    }
+
+    /// High-priority streams are counted (and run like any other); through
+    /// the fault wrapper too.
+    #[test]
+    fn high_priority_streams_are_counted() {
+        let dev = Arc::new(small(None));
+        let normal = dev
+            .create_stream_with_priority(StreamPriority::Normal)
+            .unwrap();
+        let high = dev
+            .create_stream_with_priority(StreamPriority::High)
+            .unwrap();
+        let plain = dev.create_stream().unwrap();
+        assert_eq!(dev.counters().high_priority_streams, 1);
+        let faulty = crate::device::fault::FaultDevice::new(
+            dev.clone(),
+            crate::device::fault::FaultConfig::default(),
+        );
+        let via = faulty
+            .create_stream_with_priority(StreamPriority::High)
+            .unwrap();
+        assert_eq!(dev.counters().high_priority_streams, 2);
+        let (range, _) = mapped(&dev, 1);
+        for (i, s) in [normal, high, plain, via].into_iter().enumerate() {
+            dev.launch(
+                &Kernel::Fill {
+                    dst: range.base.offset(i),
+                    len: 1,
+                    value: i as u8 + 1,
+                },
+                s,
+            )
+            .unwrap();
+            let mut back = [0u8; 1];
+            dev.read_blocking(range.base.offset(i), &mut back, s)
+                .unwrap();
+            assert_eq!(back[0], i as u8 + 1);
+            dev.destroy_stream(s).unwrap();
+        }
     }
 
     #[test]

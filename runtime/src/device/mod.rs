@@ -74,6 +74,29 @@ pub struct StreamId(pub u64);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct EventId(pub u64);
 
+/// How a stream's kernels rank when the GPU has more blocks to start than
+/// room: a high-priority stream's blocks start first (blocks already
+/// running are not stopped).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum StreamPriority {
+    /// The default (on CUDA, the least priority, as `cuStreamCreate` gives).
+    #[default]
+    Normal,
+    /// The greatest priority the device has: for the engine's compute
+    /// stream, so that the runtime's merges, queued ahead of use on
+    /// normal-priority streams, take only what the compute leaves.
+    High,
+}
+
+impl std::fmt::Display for StreamPriority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StreamPriority::Normal => "normal",
+            StreamPriority::High => "high",
+        })
+    }
+}
+
 /// Which backend a device is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendKind {
@@ -346,6 +369,13 @@ pub trait Device: Send + Sync + fmt::Debug {
 
     /// Create a stream.
     fn create_stream(&self) -> Result<StreamId>;
+
+    /// Create a stream of the given priority. Backends without priorities
+    /// give [`Device::create_stream`]'s.
+    fn create_stream_with_priority(&self, priority: StreamPriority) -> Result<StreamId> {
+        let _ = priority;
+        self.create_stream()
+    }
 
     /// Destroy a stream after its queued work has run.
     fn destroy_stream(&self, stream: StreamId) -> Result<()>;

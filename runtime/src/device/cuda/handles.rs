@@ -79,6 +79,20 @@ impl Stream {
             ctx: ctx.clone(),
         })
     }
+
+    /// Create a non-blocking stream of the context's greatest priority.
+    pub(super) fn high_priority(ctx: &Arc<Context>) -> Result<Self> {
+        ctx.bind()?;
+        let (_, greatest) = result::ctx_stream_priority_range()?;
+        let raw = result::stream_create_with_priority(
+            sys::CUstream_flags::CU_STREAM_NON_BLOCKING,
+            greatest,
+        )?;
+        Ok(Stream {
+            raw,
+            ctx: ctx.clone(),
+        })
+    }
 }
 
 impl Drop for Stream {

@@ -73,7 +73,7 @@ use self::memory::MemState;
 use super::pinned::PinnedFree;
 use super::{
     BackendKind, Device, DeviceInfo, DevicePtr, EventId, HostFn, Kernel, KernelFamily, MemoryInfo,
-    PhysPage, PinnedBuffer, StreamId, VirtualRange,
+    PhysPage, PinnedBuffer, StreamId, StreamPriority, VirtualRange,
 };
 use crate::error::{Error, Result};
 
@@ -750,7 +750,14 @@ impl Device for CudaDevice {
     }
 
     fn create_stream(&self) -> Result<StreamId> {
-        let s = Stream::new(&self.ctx)?;
+        self.create_stream_with_priority(StreamPriority::Normal)
+    }
+
+    fn create_stream_with_priority(&self, priority: StreamPriority) -> Result<StreamId> {
+        let s = match priority {
+            StreamPriority::Normal => Stream::new(&self.ctx)?,
+            StreamPriority::High => Stream::high_priority(&self.ctx)?,
+        };
         let id = s.raw as u64;
         self.streams.insert(id, Arc::new(s));
         Ok(StreamId(id))

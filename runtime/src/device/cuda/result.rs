@@ -381,6 +381,45 @@ pub fn stream_create(flags: sys::CUstream_flags) -> Result<sys::CUstream> {
     Ok(s)
 }
 
+/// `cuStreamCreateWithPriority` in the current context (`priority` within
+/// [`ctx_stream_priority_range`]; lower numbers are greater priorities).
+pub fn stream_create_with_priority(
+    flags: sys::CUstream_flags,
+    priority: i32,
+) -> Result<sys::CUstream> {
+    let mut s: sys::CUstream = ptr::null_mut();
+    // SAFETY: out-pointer to a local.
+    check("cuStreamCreateWithPriority", unsafe {
+        sys::cuStreamCreateWithPriority(&mut s, flags as c_uint, priority as c_int)
+    })?;
+    Ok(s)
+}
+
+/// `cuCtxGetStreamPriorityRange` of the current context: (least, greatest)
+/// priority, e.g. (0, -5); (0, 0) where the device has no priorities.
+pub fn ctx_stream_priority_range() -> Result<(i32, i32)> {
+    let (mut least, mut greatest): (c_int, c_int) = (0, 0);
+    // SAFETY: out-pointers to locals.
+    check("cuCtxGetStreamPriorityRange", unsafe {
+        sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest)
+    })?;
+    Ok((least, greatest))
+}
+
+/// `cuStreamGetPriority` (for the tests).
+#[cfg(test)]
+///
+/// # Safety
+/// `stream` must be a live stream.
+pub unsafe fn stream_get_priority(stream: sys::CUstream) -> Result<i32> {
+    let mut p: c_int = 0;
+    // SAFETY: the caller guarantees the stream; out-pointer to a local.
+    check("cuStreamGetPriority", unsafe {
+        sys::cuStreamGetPriority(stream, &mut p)
+    })?;
+    Ok(p)
+}
+
 /// `cuStreamDestroy_v2`.
 ///
 /// # Safety

@@ -175,6 +175,22 @@ fn gpu_facts_and_handle_checks() {
     let s = d.create_stream().unwrap();
     d.destroy_stream(s).unwrap();
     assert!(matches!(d.destroy_stream(s), Err(Error::UnknownStream(_))));
+    // Priorities, by the driver's own account: a normal stream has the
+    // least, a high one the greatest (lower numbers are greater).
+    d.ctx.bind().unwrap();
+    let (least, greatest) = result::ctx_stream_priority_range().unwrap();
+    assert!(greatest <= least, "({least}, {greatest})");
+    let normal = d
+        .create_stream_with_priority(StreamPriority::Normal)
+        .unwrap();
+    let high = d.create_stream_with_priority(StreamPriority::High).unwrap();
+    // SAFETY: both streams are live until destroyed below.
+    let prio = |s: StreamId| {
+        unsafe { result::stream_get_priority(s.0 as usize as sys::CUstream) }.unwrap()
+    };
+    assert_eq!((prio(normal), prio(high)), (least, greatest));
+    d.destroy_stream(normal).unwrap();
+    d.destroy_stream(high).unwrap();
     assert!(matches!(
         d.stream_synchronize(StreamId(0xdead_0000)),
         Err(Error::UnknownStream(_))
