@@ -381,28 +381,27 @@ fn a_failing_source_is_an_error_and_the_layer_stays_unloaded() {
 }
 
 /// A source that holds its tensors in memory and says so
-/// (`WeightSource::in_memory`); it counts the reads it is asked for, and
-/// can hand out a slice one byte short for one tensor, from the start
-/// (`short`) or only once `broken` is set (a promise broken after load).
+/// (`WeightSource::in_memory`), on a copy of `common::MemSource`'s weights
+/// that counts the reads it is asked for; it can hand out a slice one byte
+/// short for one tensor once `broken` is set (a promise broken after load,
+/// or from the start).
 struct Held {
-    inner: Arc<common::MemSource>,
-    reads: std::sync::atomic::AtomicUsize,
+    inner: common::MemSource,
     short: Option<(usize, usize, usize)>,
     broken: std::sync::atomic::AtomicBool,
 }
 
 impl Held {
-    fn new(inner: Arc<common::MemSource>, short: Option<(usize, usize, usize)>) -> Arc<Held> {
+    fn new(src: &common::MemSource, short: Option<(usize, usize, usize)>) -> Arc<Held> {
         Arc::new(Held {
-            inner,
-            reads: Default::default(),
+            inner: common::MemSource::new(src.data.clone()),
             short,
             broken: Default::default(),
         })
     }
 
     fn reads(&self) -> usize {
-        self.reads.load(std::sync::atomic::Ordering::SeqCst)
+        self.inner.reads()
     }
 }
 
@@ -415,7 +414,6 @@ impl offload_runtime::model::WeightSource for Held {
         offset: usize,
         dst: &mut [u8],
     ) -> Result<(), offload_runtime::model::SourceError> {
-        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.read(c, l, t, offset, dst)
     }
 
@@ -458,7 +456,7 @@ fn in_memory_sources_are_copied_not_read() {
         c
     };
     // Staged: every fill from memory; the first pass moves every byte once.
-    let held = Held::new(src.clone(), Some((0, 2, 0)));
+    let held = Held::new(&src, Some((0, 2, 0)));
     let s = setup(staged());
     let m = s.rt.load(desc.clone(), held.clone()).unwrap();
     assert_eq!(pass(&s, m, &src, 0), total);
@@ -488,7 +486,7 @@ fn in_memory_sources_are_copied_not_read() {
     assert_eq!(held.reads(), 0);
 
     // Pinned: the load copies every layer from memory.
-    let held = Held::new(src.clone(), None);
+    let held = Held::new(&src, None);
     let s = setup(cfg(Mode::Sequential, Policy::Planned, 1, 64, None));
     let m = s.rt.load(desc.clone(), held.clone()).unwrap();
     assert_eq!(pass(&s, m, &src, 0), total);
@@ -499,7 +497,7 @@ fn in_memory_sources_are_copied_not_read() {
         staged(),
         cfg(Mode::Sequential, Policy::Planned, 1, 64, None),
     ] {
-        let held = Held::new(src.clone(), Some((0, 1, 0)));
+        let held = Held::new(&src, Some((0, 1, 0)));
         held.broken.store(true, std::sync::atomic::Ordering::SeqCst);
         assert_eq!(held.in_memory(0, 1, 0).map(<[u8]>::len), Some(9 * PAGE + 4));
         let s = setup(policy);

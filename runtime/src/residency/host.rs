@@ -984,6 +984,57 @@ mod tests {
         assert_eq!(free.back().map(|(b, _)| b.as_ptr()), Some(extra_ptr));
     }
 
+    /// A stager on `dev` with `ring`, and its copy stream.
+    fn stager_on(dev: &Arc<crate::device::HostDevice>, ring: Ring) -> (Stager, StreamId) {
+        let (copy, merge) = (dev.create_stream().unwrap(), dev.create_stream().unwrap());
+        let (etx, _erx) = crossbeam_channel::unbounded();
+        let (htx, _hrx) = crossbeam_channel::unbounded();
+        let stager = Stager::new(
+            dev.clone(),
+            (copy, merge),
+            ring,
+            Arc::new(Counters::new(false)),
+            Duration::from_secs(20),
+            (etx, htx),
+            Arc::new(Gate::default()),
+        )
+        .unwrap();
+        (stager, copy)
+    }
+
+    /// Submits `n` one-tensor layers of `bytes` from `src` (each the
+    /// tensor's first `bytes`), layer l to `dst + l · bytes`.
+    fn submit_layers(
+        stager: &Stager,
+        dev: &crate::device::HostDevice,
+        src: &Arc<dyn WeightSource>,
+        dst: DevicePtr,
+        (n, bytes): (usize, usize),
+    ) -> Vec<Arc<JobDone>> {
+        (0..n)
+            .map(|l| {
+                let done = Arc::new(JobDone::default());
+                stager.submit(Job {
+                    source: src.clone(),
+                    component: 0,
+                    layer: l,
+                    name: format!("layer{l}"),
+                    bytes: LayerBytes {
+                        pieces: vec![(0, 0, bytes)],
+                        total: bytes,
+                    },
+                    dst: dst.offset(l * bytes),
+                    waits: Vec::new(),
+                    merges: Vec::new(),
+                    handoff: None,
+                    ready: dev.create_event().unwrap(),
+                    done: done.clone(),
+                });
+                done
+            })
+            .collect()
+    }
+
     /// Dropping the stager frees its ring only after the copies its readers
     /// queued last have run (the host backend counts a pinned buffer freed
     /// under a queued copy, and keeps it).
@@ -999,12 +1050,8 @@ mod tests {
             })
             .unwrap(),
         );
-        let (copy, merge) = (dev.create_stream().unwrap(), dev.create_stream().unwrap());
-        let (etx, _erx) = crossbeam_channel::unbounded();
-        let (htx, _hrx) = crossbeam_channel::unbounded();
-        let stager = Stager::new(
-            dev.clone(),
-            (copy, merge),
+        let (stager, _) = stager_on(
+            &dev,
             Ring {
                 buffers: 2,
                 buffer_bytes: 1 << 20,
@@ -1012,36 +1059,10 @@ mod tests {
                 fill_part_bytes: HostPolicy::DEFAULT_FILL_PART_BYTES,
                 write_combined: false,
             },
-            Arc::new(Counters::new(false)),
-            Duration::from_secs(20),
-            (etx, htx),
-            Arc::new(Gate::default()),
-        )
-        .unwrap();
+        );
         let src: Arc<dyn WeightSource> = Arc::new(source(3 << 20, None));
         let dst = dev.alloc_contiguous(3 << 20).unwrap();
-        let done: Vec<_> = (0..3)
-            .map(|l| {
-                let done = Arc::new(JobDone::default());
-                stager.submit(Job {
-                    source: src.clone(),
-                    component: 0,
-                    layer: l,
-                    name: format!("layer{l}"),
-                    bytes: LayerBytes {
-                        pieces: vec![(0, 0, 1 << 20)],
-                        total: 1 << 20,
-                    },
-                    dst: dst.offset(l << 20),
-                    waits: Vec::new(),
-                    merges: Vec::new(),
-                    handoff: None,
-                    ready: dev.create_event().unwrap(),
-                    done: done.clone(),
-                });
-                done
-            })
-            .collect();
+        let done = submit_layers(&stager, &dev, &src, dst, (3, 1 << 20));
         drop(stager);
         assert!(done.iter().all(|d| d.is_finished()));
         let c = dev.counters();
@@ -1064,12 +1085,8 @@ mod tests {
             })
             .unwrap(),
         );
-        let (copy, merge) = (dev.create_stream().unwrap(), dev.create_stream().unwrap());
-        let (etx, _erx) = crossbeam_channel::unbounded();
-        let (htx, _hrx) = crossbeam_channel::unbounded();
-        let stager = Stager::new(
-            dev.clone(),
-            (copy, merge),
+        let (stager, copy) = stager_on(
+            &dev,
             Ring {
                 buffers: 4,
                 buffer_bytes: 64 * K,
@@ -1077,37 +1094,11 @@ mod tests {
                 fill_part_bytes: 16 * K,
                 write_combined: false,
             },
-            Arc::new(Counters::new(false)),
-            Duration::from_secs(20),
-            (etx, htx),
-            Arc::new(Gate::default()),
-        )
-        .unwrap();
+        );
         let bytes = Arc::new(source(64 * K, None));
         let src: Arc<dyn WeightSource> = bytes.clone();
         let dst = dev.alloc_contiguous(8 * 64 * K).unwrap();
-        let done: Vec<_> = (0..8)
-            .map(|l| {
-                let done = Arc::new(JobDone::default());
-                stager.submit(Job {
-                    source: src.clone(),
-                    component: 0,
-                    layer: l,
-                    name: format!("layer{l}"),
-                    bytes: LayerBytes {
-                        pieces: vec![(0, 0, 64 * K)],
-                        total: 64 * K,
-                    },
-                    dst: dst.offset(l * 64 * K),
-                    waits: Vec::new(),
-                    merges: Vec::new(),
-                    handoff: None,
-                    ready: dev.create_event().unwrap(),
-                    done: done.clone(),
-                });
-                done
-            })
-            .collect();
+        let done = submit_layers(&stager, &dev, &src, dst, (8, 64 * K));
         drop(stager);
         for d in &done {
             d.wait(Duration::from_secs(1)).unwrap();
