@@ -202,9 +202,11 @@ pub struct E2eArgs {
     #[arg(long, value_enum, default_value_t = UploadsArg::Auto)]
     pub uploads: UploadsArg,
     /// Priority of the engine's compute stream: `high`, as an engine should
-    /// make it, so that the runtime's merges (queued ahead of use on its
-    /// normal-priority merge stream) take only the SMs the layers' products
-    /// leave; `normal` to compare. The host backend runs every stream alike.
+    /// make it, so that when the layers' products and the runtime's merges
+    /// (queued ahead of use on its normal-priority merge stream) both have
+    /// blocks waiting for SMs, the products' start first (merge blocks
+    /// already running finish); `normal` to compare. The host backend runs
+    /// every stream alike.
     #[arg(long, value_enum, default_value_t = PriorityArg::High)]
     pub compute_priority: PriorityArg,
 }

@@ -235,7 +235,7 @@ impl Driver {
     fn stream(&self, s: CUstream) -> Result<Arc<Stream>, CUresult> {
         if s.is_null() {
             return Ok(Arc::clone(self.null_stream.get_or_init(|| {
-                Stream::spawn(0, STREAM_PRIORITY_LEAST, self.config.stream_delay)
+                Stream::spawn(0, (STREAM_PRIORITY_LEAST, 0), self.config.stream_delay)
             })));
         }
         lock(&self.streams)
@@ -750,9 +750,9 @@ pub extern "C" fn cuMemHostUnregister(p: *mut c_void) -> CUresult {
 
 // ---------------------------------------------------------------- streams, events
 
-/// The priorities this driver reports, as an H100's: 0 (least, the
-/// default) to -5 (greatest).
+/// The least priority this driver reports, as an H100's (the default).
 const STREAM_PRIORITY_LEAST: c_int = 0;
+/// The greatest priority this driver reports, as an H100's.
 const STREAM_PRIORITY_GREATEST: c_int = -5;
 
 #[no_mangle]
@@ -765,7 +765,7 @@ pub unsafe extern "C" fn cuStreamCreate(s: *mut CUstream, flags: c_uint) -> CUre
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamCreateWithPriority(
     s: *mut CUstream,
-    _flags: c_uint,
+    flags: c_uint,
     priority: c_int,
 ) -> CUresult {
     call(|| {
@@ -775,7 +775,13 @@ pub unsafe extern "C" fn cuStreamCreateWithPriority(
         }
         let id = d.id();
         let priority = priority.clamp(STREAM_PRIORITY_GREATEST, STREAM_PRIORITY_LEAST);
-        lock(&d.streams).insert(id, Stream::spawn(id, priority, d.config.stream_delay));
+        if flags & !(sys::CUstream_flags::CU_STREAM_NON_BLOCKING as c_uint) != 0 {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        lock(&d.streams).insert(
+            id,
+            Stream::spawn(id, (priority, flags), d.config.stream_delay),
+        );
         out(s, id as CUstream)
     })
 }
@@ -807,6 +813,11 @@ pub unsafe extern "C" fn cuStreamGetPriority(s: CUstream, priority: *mut c_int) 
         }
         out(priority, st.priority)
     })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamGetFlags(s: CUstream, flags: *mut c_uint) -> CUresult {
+    call(|| out(flags, driver(true)?.stream(s)?.flags))
 }
 
 #[no_mangle]

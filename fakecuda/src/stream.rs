@@ -25,6 +25,9 @@ pub struct Stream {
     /// Its priority (lower is greater; see `cuCtxGetStreamPriorityRange`);
     /// recorded and reported, and every stream runs alike.
     pub priority: i32,
+    /// The flags it was made with (`CU_STREAM_NON_BLOCKING` or 0),
+    /// recorded and reported.
+    pub flags: u32,
     queue: Mutex<Queue>,
     cv: Condvar,
 }
@@ -34,11 +37,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Stream {
-    /// A new stream of `priority` and its worker thread.
-    pub fn spawn(id: usize, priority: i32, delay: Option<Duration>) -> Arc<Stream> {
+    /// A new stream of `(priority, flags)` and its worker thread.
+    pub fn spawn(id: usize, (priority, flags): (i32, u32), delay: Option<Duration>) -> Arc<Stream> {
         let s = Arc::new(Stream {
             id,
             priority,
+            flags,
             queue: Mutex::new(Queue {
                 ops: VecDeque::new(),
                 enqueued: 0,

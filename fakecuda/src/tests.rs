@@ -902,6 +902,17 @@ fn stream_priorities_are_recorded_clamped_and_reported() {
         [prio(plain), prio(s3), prio(below), prio(above)],
         [0, -3, -5, 0]
     );
+    // Flags are recorded (these streams': 0) and unknown ones refused.
+    let mut f = 7;
+    // SAFETY: a live stream and an out-pointer to a local.
+    assert_eq!(unsafe { cuStreamGetFlags(s3, &mut f) }, E::CUDA_SUCCESS);
+    assert_eq!(f, 0);
+    let mut bad: CUstream = null_mut();
+    // SAFETY: out-pointer to a local.
+    assert_eq!(
+        unsafe { cuStreamCreateWithPriority(&mut bad, 0x10, 0) },
+        E::CUDA_ERROR_INVALID_VALUE
+    );
     for s in [plain, s3, below, above] {
         assert_eq!(cuStreamDestroy_v2(s), E::CUDA_SUCCESS);
     }

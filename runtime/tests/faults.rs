@@ -1123,6 +1123,12 @@ impl Device for ExtraFaults {
     fn maps_pages(&self) -> bool {
         self.inner.maps_pages()
     }
+    fn create_stream_with_priority(
+        &self,
+        priority: offload_runtime::device::StreamPriority,
+    ) -> Result<StreamId, Error> {
+        self.inner.create_stream_with_priority(priority)
+    }
     fn alloc_contiguous(&self, len: usize) -> Result<DevicePtr, Error> {
         self.inner.alloc_contiguous(len)
     }

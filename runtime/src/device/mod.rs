@@ -75,16 +75,18 @@ pub struct StreamId(pub u64);
 pub struct EventId(pub u64);
 
 /// How a stream's kernels rank when the GPU has more blocks to start than
-/// room: a high-priority stream's blocks start first (blocks already
-/// running are not stopped).
+/// room: a high-priority stream's waiting blocks start first. Blocks
+/// already running are not stopped, and copies are not affected.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum StreamPriority {
     /// The default (on CUDA, the least priority, as `cuStreamCreate` gives).
     #[default]
     Normal,
-    /// The greatest priority the device has: for the engine's compute
-    /// stream, so that the runtime's merges, queued ahead of use on
-    /// normal-priority streams, take only what the compute leaves.
+    /// The greatest priority the device has (the same as `Normal` on a
+    /// device without priorities): for the engine's compute stream, so that
+    /// when its products and the runtime's merges (queued ahead of use on
+    /// a normal-priority stream) both have blocks waiting, the products'
+    /// start first.
     High,
 }
 

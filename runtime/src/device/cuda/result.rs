@@ -406,8 +406,8 @@ pub fn ctx_stream_priority_range() -> Result<(i32, i32)> {
     Ok((least, greatest))
 }
 
-/// `cuStreamGetPriority` (for the tests).
 #[cfg(test)]
+/// `cuStreamGetPriority` (for the tests).
 ///
 /// # Safety
 /// `stream` must be a live stream.
@@ -418,6 +418,20 @@ pub unsafe fn stream_get_priority(stream: sys::CUstream) -> Result<i32> {
         sys::cuStreamGetPriority(stream, &mut p)
     })?;
     Ok(p)
+}
+
+#[cfg(test)]
+/// `cuStreamGetFlags` (for the tests).
+///
+/// # Safety
+/// `stream` must be a live stream.
+pub unsafe fn stream_get_flags(stream: sys::CUstream) -> Result<u32> {
+    let mut f: c_uint = 0;
+    // SAFETY: the caller guarantees the stream; out-pointer to a local.
+    check("cuStreamGetFlags", unsafe {
+        sys::cuStreamGetFlags(stream, &mut f)
+    })?;
+    Ok(f)
 }
 
 /// `cuStreamDestroy_v2`.

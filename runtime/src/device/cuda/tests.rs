@@ -184,11 +184,18 @@ fn gpu_facts_and_handle_checks() {
         .create_stream_with_priority(StreamPriority::Normal)
         .unwrap();
     let high = d.create_stream_with_priority(StreamPriority::High).unwrap();
-    // SAFETY: both streams are live until destroyed below.
     let prio = |s: StreamId| {
+        // SAFETY: both streams are live until destroyed below.
         unsafe { result::stream_get_priority(s.0 as usize as sys::CUstream) }.unwrap()
     };
     assert_eq!((prio(normal), prio(high)), (least, greatest));
+    // Both non-blocking (no implicit synchronisation with the legacy stream).
+    let flags = |s: StreamId| {
+        // SAFETY: as above.
+        unsafe { result::stream_get_flags(s.0 as usize as sys::CUstream) }.unwrap()
+    };
+    let nb = sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
+    assert_eq!((flags(normal), flags(high)), (nb, nb));
     d.destroy_stream(normal).unwrap();
     d.destroy_stream(high).unwrap();
     assert!(matches!(
