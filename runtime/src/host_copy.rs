@@ -80,10 +80,9 @@ mod x86 {
             // distinct borrows, so they do not overlap; when `align_offset`
             // gives up, head = len and body = 0, so no iteration runs);
             // d + i is 16-byte aligned (d is, by `head`, and i is a
-            // multiple of 64), as
-            // movntdq needs; loadu takes any alignment. SSE2 is part of
-            // x86-64, so the instructions exist on every target this
-            // compiles for.
+            // multiple of 64), as movntdq needs; loadu takes any
+            // alignment. SSE2 is part of x86-64, so the instructions exist
+            // on every target this compiles for.
             unsafe {
                 let a = _mm_loadu_si128(s.add(i).cast::<__m128i>());
                 let b = _mm_loadu_si128(s.add(i + 16).cast::<__m128i>());
