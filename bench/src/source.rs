@@ -13,15 +13,69 @@ use offload_runtime::model::{
     ComponentDesc, DType, LayerDesc, ModelDesc, Pin, SourceError, TensorDesc, WeightSource,
 };
 
-/// Reads tensor bytes of a loader [`Model`] with checked positional reads.
+/// Reads tensor bytes of a loader [`Model`] with checked positional reads,
+/// or, made with [`ModelSource::held`], holds them all in memory (as an
+/// engine that keeps its weights in host RAM) and offers them to the
+/// runtime ([`WeightSource::in_memory`]).
 pub struct ModelSource {
     model: Arc<Model>,
+    /// component → layer → tensor bytes, when held.
+    held: Option<Vec<Vec<Vec<Vec<u8>>>>>,
 }
 
 impl ModelSource {
-    /// Wrap an open model.
+    /// Wrap an open model; every read goes to its files.
     pub fn new(model: Arc<Model>) -> Self {
-        ModelSource { model }
+        ModelSource { model, held: None }
+    }
+
+    /// Read every tensor of `model` into memory once; the runtime then
+    /// copies from that memory itself.
+    pub fn held(model: Arc<Model>) -> Result<Self, SourceError> {
+        let mut held = Vec::with_capacity(model.layout.components.len());
+        for c in &model.layout.components {
+            let mut layers = Vec::with_capacity(c.layers.len());
+            for l in &c.layers {
+                let mut tensors = Vec::with_capacity(l.tensors.len());
+                for t in &l.tensors {
+                    let what = || format!("tensor {}", t.name);
+                    let len = usize::try_from(t.len).map_err(|_| SourceError {
+                        what: what(),
+                        message: format!("{} bytes do not fit this machine's memory", t.len),
+                    })?;
+                    let mut bytes = Vec::new();
+                    bytes.try_reserve_exact(len).map_err(|e| SourceError {
+                        what: what(),
+                        message: format!("holding its {len} bytes in memory: {e}"),
+                    })?;
+                    bytes.resize(len, 0);
+                    model
+                        .read_tensor_range_into(t, 0, &mut bytes)
+                        .map_err(|e| SourceError {
+                            what: what(),
+                            message: e.to_string(),
+                        })?;
+                    tensors.push(bytes);
+                }
+                layers.push(tensors);
+            }
+            held.push(layers);
+        }
+        Ok(ModelSource {
+            model,
+            held: Some(held),
+        })
+    }
+
+    /// Bytes held in memory (0 when reads go to the files).
+    pub fn held_bytes(&self) -> usize {
+        self.held
+            .iter()
+            .flatten()
+            .flatten()
+            .flatten()
+            .map(Vec::len)
+            .sum()
     }
 }
 
@@ -45,12 +99,32 @@ impl WeightSource for ModelSource {
                 what: format!("tensor {component}/{layer}/{tensor}"),
                 message: "not in the model's layout".into(),
             })?;
+        if let Some(bytes) = self.in_memory(component, layer, tensor) {
+            let src = offset
+                .checked_add(dst.len())
+                .and_then(|end| bytes.get(offset..end))
+                .ok_or_else(|| SourceError {
+                    what: format!("tensor {}", t.name),
+                    message: format!(
+                        "read of {} bytes at {offset} past its {} bytes",
+                        dst.len(),
+                        bytes.len()
+                    ),
+                })?;
+            dst.copy_from_slice(src);
+            return Ok(());
+        }
         self.model
             .read_tensor_range_into(t, offset as u64, dst)
             .map_err(|e| SourceError {
                 what: format!("tensor {}", t.name),
                 message: e.to_string(),
             })
+    }
+
+    fn in_memory(&self, component: usize, layer: usize, tensor: usize) -> Option<&[u8]> {
+        let held = self.held.as_ref()?;
+        Some(held.get(component)?.get(layer)?.get(tensor)?.as_slice())
     }
 }
 
