@@ -932,15 +932,36 @@ mod tests {
         }
     }
 
-    fn tmp(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("offload-loader-synth-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join(name)
+    /// A folder of one test's own, removed with what is in it when dropped
+    /// (the tests of this module used to leave one folder a run behind).
+    struct TmpDir(std::path::PathBuf);
+
+    impl TmpDir {
+        fn new(test: &str) -> TmpDir {
+            let dir = std::env::temp_dir().join(format!(
+                "offload-loader-synth-{}-{test}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TmpDir(dir)
+        }
+
+        fn join(&self, name: &str) -> std::path::PathBuf {
+            self.0.join(name)
+        }
+    }
+
+    impl Drop for TmpDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     #[test]
     fn write_and_read_back() {
-        let path = tmp("rt.safetensors");
+        let dir = TmpDir::new("write_and_read_back");
+        let path = dir.join("rt.safetensors");
         let specs = vec![
             TensorSpec::new("a.weight", Dtype::F16, &[3, 5]),
             TensorSpec::new("b", Dtype::F32, &[]),
@@ -978,7 +999,8 @@ mod tests {
 
     #[test]
     fn writer_rejects_bad_input() {
-        let path = tmp("bad.safetensors");
+        let dir = TmpDir::new("writer_rejects_bad_input");
+        let path = dir.join("bad.safetensors");
         let dup = vec![
             TensorSpec::new("a", Dtype::F16, &[1]),
             TensorSpec::new("a", Dtype::F16, &[1]),
