@@ -1922,12 +1922,15 @@ fn run_on(
         );
     }
     println!(
-        "compute stream: {} priority (--compute-priority); the runtime's copy and merge streams: normal{}",
+        "compute stream: {} priority (--compute-priority); the runtime's copy and merge streams: normal; {}",
         StreamPriority::from(args.compute_priority),
-        if bench.dev.info().kind == BackendKind::Host {
-            " (the host backend runs every stream alike)"
-        } else {
-            ""
+        match bench.dev.stream_priority_range() {
+            Ok(Some((least, greatest))) if least == greatest =>
+                format!("the device has one priority ({least}): every stream runs alike"),
+            Ok(Some((least, greatest))) =>
+                format!("the device's priorities: {least} (normal) to {greatest} (high)"),
+            Ok(None) => "the host backend runs every stream alike".to_string(),
+            Err(e) => format!("the device's priorities could not be read: {e}"),
         }
     );
     if args.source == SourceArg::Memory {

@@ -1129,6 +1129,9 @@ impl Device for ExtraFaults {
     ) -> Result<StreamId, Error> {
         self.inner.create_stream_with_priority(priority)
     }
+    fn stream_priority_range(&self) -> Result<Option<(i32, i32)>, Error> {
+        self.inner.stream_priority_range()
+    }
     fn alloc_contiguous(&self, len: usize) -> Result<DevicePtr, Error> {
         self.inner.alloc_contiguous(len)
     }

@@ -495,6 +495,10 @@ impl<D: Device + ?Sized> Device for FaultDevice<D> {
         self.inner.create_stream_with_priority(priority)
     }
 
+    fn stream_priority_range(&self) -> Result<Option<(i32, i32)>> {
+        self.inner.stream_priority_range()
+    }
+
     fn destroy_stream(&self, stream: StreamId) -> Result<()> {
         self.inner.destroy_stream(stream)
     }

@@ -2025,6 +2025,9 @@ mod tests {
             .create_stream_with_priority(StreamPriority::High)
             .unwrap();
         assert_eq!(dev.counters().high_priority_streams, 2);
+        // No priorities to report: every stream runs alike.
+        assert_eq!(dev.stream_priority_range().unwrap(), None);
+        assert_eq!(faulty.stream_priority_range().unwrap(), None);
         let (range, _) = mapped(&dev, 1);
         for (i, s) in [normal, high, plain, via].into_iter().enumerate() {
             dev.launch(

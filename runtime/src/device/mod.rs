@@ -379,6 +379,14 @@ pub trait Device: Send + Sync + fmt::Debug {
         self.create_stream()
     }
 
+    /// The device's stream priorities as the driver numbers them, (least,
+    /// greatest): on CUDA lower numbers are greater, e.g. (0, -5), and
+    /// (0, 0) means the device has none. `None` where the backend has no
+    /// priorities at all (the host backend).
+    fn stream_priority_range(&self) -> Result<Option<(i32, i32)>> {
+        Ok(None)
+    }
+
     /// Destroy a stream after its queued work has run.
     fn destroy_stream(&self, stream: StreamId) -> Result<()>;
 

@@ -753,6 +753,11 @@ impl Device for CudaDevice {
         self.create_stream_with_priority(StreamPriority::Normal)
     }
 
+    fn stream_priority_range(&self) -> Result<Option<(i32, i32)>> {
+        self.ctx.bind()?;
+        result::ctx_stream_priority_range().map(Some)
+    }
+
     fn create_stream_with_priority(&self, priority: StreamPriority) -> Result<StreamId> {
         let s = match priority {
             StreamPriority::Normal => Stream::new(&self.ctx)?,

@@ -180,6 +180,7 @@ fn gpu_facts_and_handle_checks() {
     d.ctx.bind().unwrap();
     let (least, greatest) = result::ctx_stream_priority_range().unwrap();
     assert!(greatest <= least, "({least}, {greatest})");
+    assert_eq!(d.stream_priority_range().unwrap(), Some((least, greatest)));
     let normal = d
         .create_stream_with_priority(StreamPriority::Normal)
         .unwrap();
