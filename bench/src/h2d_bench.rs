@@ -442,8 +442,8 @@ fn best_median(v: &[f64]) -> (f64, f64) {
     (best, median(v.to_vec()))
 }
 
-/// The median of `v` (not empty).
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (NaN when empty).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n == 0 {

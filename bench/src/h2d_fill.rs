@@ -57,16 +57,9 @@ pub(crate) const SPAWNS: usize = 50;
 impl FillRow {
     /// GB/s of the best and the median sample.
     pub(crate) fn gbps(&self, bytes: usize) -> (f64, f64) {
-        let mut r: Vec<f64> = self.secs.iter().map(|s| bytes as f64 / s / 1e9).collect();
-        r.sort_by(f64::total_cmp);
-        let best = r.last().copied().unwrap_or(f64::NAN);
-        let n = r.len();
-        let median = match n {
-            0 => f64::NAN,
-            _ if n % 2 == 1 => r[n / 2],
-            _ => (r[n / 2 - 1] + r[n / 2]) / 2.0,
-        };
-        (best, median)
+        let r: Vec<f64> = self.secs.iter().map(|s| bytes as f64 / s / 1e9).collect();
+        let best = r.iter().copied().fold(f64::NAN, f64::max);
+        (best, crate::h2d_bench::median(r))
     }
 
     /// The method's name in the table and the JSON.
