@@ -339,6 +339,10 @@ struct Measured {
     /// read): what bounds a pass whose kernels are short.
     engine_queue: Vec<f64>,
     engine_cpu: Vec<f64>,
+    /// Per pass, the engine thread's wall time inside the runtime's calls:
+    /// `Runtime::acquire`, and dropping the guards it gave (the release).
+    engine_acquire: Vec<f64>,
+    engine_release: Vec<f64>,
     /// The generation's time outside the denoiser passes (text encoders, VAE).
     other_s: f64,
     /// Merges the runtime queued: in the first pass, and per later pass (mean).
@@ -531,6 +535,10 @@ struct Bench {
     max_k: usize,
     /// Flops of the unfused low-rank path queued so far.
     lora_flops: AtomicU64,
+    /// Nanoseconds the engine thread has spent so far in `Runtime::acquire`
+    /// and in dropping the guards (wall time of each call).
+    acquire_ns: AtomicU64,
+    release_ns: AtomicU64,
 }
 
 fn mib(b: f64) -> f64 {
@@ -624,11 +632,14 @@ impl Bench {
     ) -> Result<(), Error> {
         let comp = &self.desc.components[c];
         for (l, layer) in comp.layers.iter().enumerate() {
+            let t = Instant::now();
             let g = rt.acquire(LayerId {
                 model: m,
                 component: c,
                 layer: l,
             })?;
+            self.acquire_ns
+                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             let start: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
             if let Some(log) = compute_log {
                 // Device memory in use for weights as of this acquire, drawn at
@@ -689,7 +700,10 @@ impl Bench {
                     }),
                 )?;
             }
+            let t = Instant::now();
             drop(g);
+            self.release_ns
+                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -861,9 +875,14 @@ impl Bench {
         // Per pass, as queued: bytes uploaded, merges and merged bytes, low-rank flops.
         let mut pass_counts: Vec<PassCount> = Vec::with_capacity(steps);
         let (mut engine_queue, mut engine_cpu) = (Vec::new(), Vec::new());
+        let (mut engine_acquire, mut engine_release) = (Vec::new(), Vec::new());
         for _ in 0..steps {
             let before = rt.stats();
             let f0 = self.lora_flops.load(Ordering::Relaxed);
+            let (a0, r0) = (
+                self.acquire_ns.load(Ordering::Relaxed),
+                self.release_ns.load(Ordering::Relaxed),
+            );
             let (q0, c0) = (Instant::now(), thread_cpu_s());
             mark(&passes)?;
             for &c in &self.denoiser {
@@ -875,6 +894,8 @@ impl Bench {
             if let (Some(c0), Some(c1)) = (c0, c1) {
                 engine_cpu.push(c1 - c0);
             }
+            engine_acquire.push((self.acquire_ns.load(Ordering::Relaxed) - a0) as f64 * 1e-9);
+            engine_release.push((self.release_ns.load(Ordering::Relaxed) - r0) as f64 * 1e-9);
             let after = rt.stats();
             pass_counts.push(PassCount {
                 bytes: after.bytes_h2d - before.bytes_h2d,
@@ -979,6 +1000,8 @@ impl Bench {
                 Vec::new()
             },
             engine_queue,
+            engine_acquire,
+            engine_release,
             merges_first: pass_counts.first().map_or(0, |c| c.merges),
             merges_per_pass: later(|c| c.merges),
             merged_bytes_per_pass: later(|c| c.merged_bytes),
@@ -1875,6 +1898,8 @@ fn run_on(
         lora_scratch,
         max_k,
         lora_flops: AtomicU64::new(0),
+        acquire_ns: AtomicU64::new(0),
+        release_ns: AtomicU64::new(0),
     };
     println!("device: {reason}");
     if !compute_ok {
@@ -2170,17 +2195,29 @@ fn print_overlap(rows: &[Row], link_gbps: f64) {
     }
 }
 
-/// "; engine thread X s queueing a pass (Y s CPU)", later passes' means.
+/// "; engine thread X ms queueing a pass (Y ms CPU; A ms of it in
+/// acquire, R ms in release)", later passes' means; A and R are wall time.
 fn engine_note(m: &Measured) -> String {
     let queue = later_mean(&m.engine_queue, m.engine_queue.len());
     let cpu = later_mean(&m.engine_cpu, m.engine_cpu.len());
+    let calls = match (
+        later_mean(&m.engine_acquire, m.engine_acquire.len()),
+        later_mean(&m.engine_release, m.engine_release.len()),
+    ) {
+        (Some(a), Some(r)) => format!(
+            "; {:.2} ms of it in acquire, {:.2} ms in release",
+            a * 1e3,
+            r * 1e3
+        ),
+        _ => String::new(),
+    };
     match (queue, cpu) {
         (Some(q), Some(c)) => format!(
-            "; engine thread {:.2} ms queueing a pass ({:.2} ms CPU)",
+            "; engine thread {:.2} ms queueing a pass ({:.2} ms CPU{calls})",
             q * 1e3,
             c * 1e3
         ),
-        (Some(q), None) => format!("; engine thread {:.2} ms queueing a pass", q * 1e3),
+        (Some(q), None) => format!("; engine thread {:.2} ms queueing a pass{calls}", q * 1e3),
         _ => String::new(),
     }
 }
@@ -2456,6 +2493,8 @@ fn json_row(r: &Row, ctx: &JsonCtx<'_>) -> String {
                 "passes_s": m.passes,
                 "engine_queue_s_per_pass": later_mean(&m.engine_queue, m.engine_queue.len()),
                 "engine_cpu_s_per_pass": later_mean(&m.engine_cpu, m.engine_cpu.len()),
+                "engine_acquire_s_per_pass": later_mean(&m.engine_acquire, m.engine_acquire.len()),
+                "engine_release_s_per_pass": later_mean(&m.engine_release, m.engine_release.len()),
                 "lora_overhead_first_s": first,
                 "lora_overhead_later_s": later,
                 "lora_overhead_later_fraction": frac,
@@ -2500,6 +2539,8 @@ fn json_row(r: &Row, ctx: &JsonCtx<'_>) -> String {
                     "passes_s",
                     "engine_queue_s_per_pass",
                     "engine_cpu_s_per_pass",
+                    "engine_acquire_s_per_pass",
+                    "engine_release_s_per_pass",
                     "lora_overhead_first_s",
                     "lora_overhead_later_s",
                     "lora_overhead_later_fraction",
@@ -2552,6 +2593,8 @@ mod tests {
                 passes: passes.to_vec(),
                 engine_queue: Vec::new(),
                 engine_cpu: Vec::new(),
+                engine_acquire: Vec::new(),
+                engine_release: Vec::new(),
                 other_s: 0.0,
                 merges_first: 0,
                 merges_per_pass: 0.0,
