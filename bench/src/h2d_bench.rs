@@ -105,7 +105,7 @@ pub struct H2dBenchArgs {
     /// device buffers the ceiling and pageable copies go to, have this + 1 slots.
     #[arg(long, default_value_t = 2)]
     pub prefetch_depth: usize,
-    /// Reader threads of the staged host policy (default: the CPUs, at most 4).
+    /// Reader threads of the staged host policy (default: the CPUs, at most 8).
     #[arg(long)]
     pub staging_threads: Option<NonZeroUsize>,
     /// Pinned staging buffers of the staged host policy (default: twice the

@@ -324,7 +324,7 @@ fn the_table_starts_with_the_device() {
         "| 1 MiB | runtime, staged policy | 4 |",
         "| 1 MiB | device to device (r+w) | 4 |",
         "map+unmap: 4 pages of",
-        "fill parts of at least 4096 KiB",
+        "fill parts of at least 1024 KiB",
     ] {
         assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");
     }

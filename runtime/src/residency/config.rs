@@ -56,15 +56,14 @@ pub enum HostPolicy {
 }
 
 impl HostPolicy {
-    /// Default least bytes one thread fills of a staging buffer (4 MiB).
-    /// On the H200 machine (docs/benchmarks.md, 2026-11-28) smaller parts
-    /// made `bench h2d`'s uploads of 2 MiB layers slower: 0.34–0.35 of the
-    /// pinned ceiling with 4 MiB parts (one thread per layer), 0.27 with
-    /// 1 MiB parts and 0.20–0.21 with 256 KiB ones (each part's thread is
-    /// started for the fill); larger layers did not move beyond the noise.
-    /// One staged e2e comparison across two runs went the other way (2.5–
-    /// 2.7× its bound with 1 MiB parts, 3.2× with 4 MiB).
-    pub const DEFAULT_FILL_PART_BYTES: usize = 4 << 20;
+    /// Default least bytes one thread fills of a staging buffer (1 MiB).
+    /// On the H200 machine (docs/benchmarks.md, third GPU session,
+    /// 2026-11-28), with each reader's fill helpers kept from job to job,
+    /// 1 MiB parts lifted `bench h2d`'s staged uploads of 2 MiB layers from
+    /// 0.31–0.37 of the pinned ceiling (4 MiB parts: one thread per layer)
+    /// to 0.50, and 64 MiB ones from 0.54–0.56 to 0.57. (When each part's
+    /// thread was started for the fill, smaller parts were slower.)
+    pub const DEFAULT_FILL_PART_BYTES: usize = 1 << 20;
 
     /// The staged policy with `threads` reader threads (at least one) and
     /// [`HostPolicy::staging_buffers_for`] 64 MiB staging buffers, filled
@@ -86,11 +85,14 @@ impl HostPolicy {
         HostPolicy::staged(HostPolicy::default_staging_threads())
     }
 
-    /// Reader threads of the default staged policy: one per CPU, at most 4.
+    /// Reader threads of the default staged policy: one per CPU, at most 8.
+    /// On the H200 machine's 16 CPUs (docs/benchmarks.md, third GPU
+    /// session) 8 readers took 256 MiB layers from 0.63–0.66 of the pinned
+    /// ceiling to 0.72–0.76 and left 64 MiB ones where 4 had them.
     pub fn default_staging_threads() -> usize {
         std::thread::available_parallelism()
             .map_or(1, std::num::NonZeroUsize::get)
-            .min(4)
+            .min(8)
     }
 
     /// Staging buffers for `threads` readers: twice as many, at least 4.
@@ -258,12 +260,12 @@ mod tests {
             }
             HostPolicy::Pinned => panic!("not staged"),
         };
-        assert_eq!(parts(HostPolicy::staged(0)), (4, 64 << 20, 1, 4 << 20));
-        assert_eq!(parts(HostPolicy::staged(3)), (6, 64 << 20, 3, 4 << 20));
+        assert_eq!(parts(HostPolicy::staged(0)), (4, 64 << 20, 1, 1 << 20));
+        assert_eq!(parts(HostPolicy::staged(3)), (6, 64 << 20, 3, 1 << 20));
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let (_, _, threads, part) = parts(HostPolicy::staged_default());
         assert_eq!(part, HostPolicy::DEFAULT_FILL_PART_BYTES);
-        assert_eq!(threads, cpus.min(4));
+        assert_eq!(threads, cpus.min(8));
     }
 
     #[test]

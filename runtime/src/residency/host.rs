@@ -843,7 +843,7 @@ mod tests {
                 (1536 * K, 512 * K)
             ]
         );
-        // With the default 4 MiB minimum the same fill is one part.
+        // With a 4 MiB minimum the same fill is one part.
         let src = source(4 << 20, None);
         fill_split(
             &src,
