@@ -794,21 +794,54 @@ fn dropping_a_runtime_mid_upload_frees_no_staging_buffer_under_a_copy() {
 
 /// An acquire waits for a layer's upload only while it is in flight: once
 /// its ready event has completed, the compute stream is given no wait (on a
-/// GPU, a driver call per acquire the engine's thread does not make).
+/// GPU, a driver call per acquire the engine's thread does not make), and
+/// once an acquire has seen it complete, later acquires of the same copy
+/// do not even ask the device. A copy uploaded again is asked about again.
 #[test]
 fn layers_uploaded_ahead_are_not_waited_for_again() {
     let (desc, src) = model(&[uniform(4, 2 * PAGE)]);
     // Every layer resident and its upload done: no wait at all.
     let s = setup(cfg(Mode::Balanced, Policy::Planned, 1, 64, None));
     let m = s.rt.load(desc.clone(), src.clone()).unwrap();
+    s.rt.synchronize().unwrap();
+    let queries = s.dev.counters().event_queries;
     pass(&s, m, &src, 0);
-    let waits = s.dev.counters().stream_waits;
+    assert!(
+        s.dev.counters().event_queries - queries >= 4,
+        "each layer's upload is asked about when it is first acquired"
+    );
+    // A layer uploaded by its own first acquire was seen done by that
+    // acquire's wait, which does not note it: the second acquire asks once more.
+    pass(&s, m, &src, 0);
+    let (waits, queries) = (
+        s.dev.counters().stream_waits,
+        s.dev.counters().event_queries,
+    );
     // `pass` checks every layer's bytes on the compute stream.
     pass(&s, m, &src, 0);
     assert_eq!(
-        s.dev.counters().stream_waits,
-        waits,
-        "no wait for done uploads"
+        (
+            s.dev.counters().stream_waits,
+            s.dev.counters().event_queries
+        ),
+        (waits, queries),
+        "no wait for done uploads, and no query for uploads seen done"
+    );
+    // Sequential: every layer is uploaded again each pass, so each
+    // acquire asks about its new upload (one query if it is done, two if
+    // not: the check, then the wait's own).
+    let s = setup(cfg(Mode::Sequential, Policy::Planned, 1, 64, None));
+    let m = s.rt.load(desc.clone(), src.clone()).unwrap();
+    pass(&s, m, &src, 0);
+    let queries = s.dev.counters().event_queries;
+    assert!(
+        pass(&s, m, &src, 0) >= 4 * 2 * PAGE as u64,
+        "every layer uploaded again"
+    );
+    let asked = s.dev.counters().event_queries - queries;
+    assert!(
+        (4..=8).contains(&asked),
+        "{asked} queries for 4 fresh uploads"
     );
     // Uploads still crossing a slow link (8 KiB layers at 100 kB/s: about
     // 80 ms each) when the first layer is acquired: that acquire waits, once.

@@ -102,6 +102,9 @@ pub struct HostCounters {
     /// Cross-stream waits asked for since creation, on any stream
     /// ([`Device::stream_wait_event`]): on a GPU, a driver call each.
     pub stream_waits: u64,
+    /// Event queries since creation ([`Device::event_query`]): on a GPU, a
+    /// driver call each.
+    pub event_queries: u64,
     /// Write-combined pinned buffers asked for since creation
     /// ([`Device::alloc_pinned_write_combined`]); this backend has no such
     /// memory and gives plain pinned buffers for them.
@@ -353,6 +356,7 @@ struct Shared {
     contiguous_calls: AtomicU64,
     write_combined_requests: AtomicU64,
     stream_waits: AtomicU64,
+    event_queries: AtomicU64,
     high_priority_streams: AtomicU64,
     host_fns: AtomicU64,
     copies_h2d: AtomicU64,
@@ -723,6 +727,7 @@ impl HostDevice {
             contiguous_calls: AtomicU64::new(0),
             write_combined_requests: AtomicU64::new(0),
             stream_waits: AtomicU64::new(0),
+            event_queries: AtomicU64::new(0),
             high_priority_streams: AtomicU64::new(0),
             host_fns: AtomicU64::new(0),
             copies_h2d: AtomicU64::new(0),
@@ -803,6 +808,7 @@ impl HostDevice {
             pinned_freed_in_use: self.shared.in_flight.freed_in_use.load(Ordering::Relaxed),
             write_combined_requests: self.shared.write_combined_requests.load(Ordering::Relaxed),
             stream_waits: self.shared.stream_waits.load(Ordering::Relaxed),
+            event_queries: self.shared.event_queries.load(Ordering::Relaxed),
             high_priority_streams: self.shared.high_priority_streams.load(Ordering::Relaxed),
         }
     }
@@ -1415,6 +1421,7 @@ impl Device for HostDevice {
     }
 
     fn event_query(&self, event: EventId) -> Result<bool> {
+        self.shared.event_queries.fetch_add(1, Ordering::Relaxed);
         let ev = self.event(event)?;
         let g = ev.inner.lock().unwrap_or_else(|p| p.into_inner());
         if !g.is_complete(g.recorded) {

@@ -47,6 +47,11 @@ pub(crate) struct LayerState {
     /// the copy stream must wait for it before it writes where that merge
     /// wrote, or records the event again.
     pub(crate) ready_on_merge: bool,
+    /// The last recording of the layer's ready event has been seen
+    /// complete, without a failure, by an acquire: later acquires of the
+    /// same device copy neither query nor wait for it. Cleared wherever the
+    /// event is recorded again (`upload`, a LoRA set re-deriving the copy).
+    pub(crate) ready_seen: bool,
 }
 
 impl LayerState {
@@ -58,6 +63,7 @@ impl LayerState {
             last_use: 0,
             job: None,
             ready_on_merge: false,
+            ready_seen: false,
         }
     }
 

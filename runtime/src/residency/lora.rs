@@ -1074,6 +1074,7 @@ impl Shared {
             report.tensors_rederived += 1;
         }
         self.launch_merges(&merges, dst, self.copy)?;
+        st.layers[l].ready_seen = false;
         self.device.record_event(comp.ready[l], self.copy)?;
         st.layers[l].ready_on_merge = false;
         Ok(())

@@ -1164,21 +1164,25 @@ impl Shared {
         // A device copy whose upload failed on the copy stream is never handed
         // out: clear the stream's failure, forget the copy, upload again.
         // The same for a staged upload (a prefetch) that failed before.
-        let job_failed = st.layers[l]
-            .job
-            .as_ref()
-            .is_some_and(|j| j.is_finished() && j.wait(std::time::Duration::ZERO).is_err());
-        if st.layers[l].place != Place::Host
-            && !st.layers[l].job_pending()
-            && st.layers[l].users == 0
-            && (job_failed
-                || matches!(
-                    self.device.event_query(comp.ready[l]),
-                    Err(Error::StreamFailed { .. })
-                ))
-        {
-            let _ = self.sync_copy();
-            self.drop_device_copy(comp, &mut st, l);
+        // A copy already seen ready (`ready_seen`) has nothing left to check.
+        let settled = st.layers[l].place != Place::Host && !st.layers[l].job_pending();
+        if settled && !st.layers[l].ready_seen && st.layers[l].users == 0 {
+            let job_failed = st.layers[l]
+                .job
+                .as_ref()
+                .is_some_and(|j| j.is_finished() && j.wait(std::time::Duration::ZERO).is_err());
+            let failed = job_failed
+                || match self.device.event_query(comp.ready[l]) {
+                    Ok(done) => {
+                        st.layers[l].ready_seen = done;
+                        false
+                    }
+                    Err(e) => matches!(e, Error::StreamFailed { .. }),
+                };
+            if failed {
+                let _ = self.sync_copy();
+                self.drop_device_copy(comp, &mut st, l);
+            }
         }
         let hit = st.layers[l].place != Place::Host;
         self.ensure_loaded(model, id.component, &mut st, l, &protected, squeeze)?;
@@ -1218,6 +1222,10 @@ impl Shared {
         };
         let job = st.layers[l].job.clone();
         let lora = st.unfused[l].clone();
+        // Its upload and merges have completed: no wait to queue. (No
+        // recording can come before the guard is dropped: a LoRA set is
+        // refused while a guard is out, and eviction skips held layers.)
+        let seen = st.layers[l].ready_seen;
         drop(st);
         if let Some(job) = job {
             if let Err(e) = job.wait(self.cfg.wait_timeout) {
@@ -1237,9 +1245,11 @@ impl Shared {
             }
         }
         let ready = comp.ready[l];
-        if let Err(e) = self.wait_on_compute(ready, &comp.layer_names[l]) {
-            comp.lock().layers[l].users -= 1;
-            return Err(Attempt::Fail(e));
+        if !seen {
+            if let Err(e) = self.wait_on_compute(ready, &comp.layer_names[l]) {
+                comp.lock().layers[l].users -= 1;
+                return Err(Attempt::Fail(e));
+            }
         }
         Ok(LayerGuard {
             sh: self.clone(),
@@ -1474,6 +1484,8 @@ impl Shared {
         let comp = &model.comps[ci];
         let ready = comp.ready[l];
         let total = comp.layer_bytes[l].total;
+        // The event is recorded again below (or by a job).
+        st.layers[l].ready_seen = false;
         // Each recording of a ready event must follow the previous one (the
         // arena frees pages behind it). Waited for here, not by the copy
         // stream: a merge that failed is over too, and a stream that waits
