@@ -159,14 +159,14 @@ fn every_row_of_every_size_with_exact_bytes() {
     );
     assert_eq!(
         doc["config"]["staging_part_bytes"],
-        4 * MIB,
+        MIB / 2,
         "the policy's default"
     );
     // The host fill rows: both methods, a sample of --pass-mib each.
     let f = &doc["host_fill"];
     assert_eq!(f["bytes_per_sample"], 8 * MIB, "{f}");
     assert_eq!(f["threads"], doc["config"]["staging_threads"], "{f}");
-    assert_eq!(f["part_bytes"], 4 * MIB, "{f}");
+    assert_eq!(f["part_bytes"], MIB / 2, "{f}");
     let staging = &doc["config"];
     assert_eq!(
         f["ring_bytes"].as_u64(),
@@ -324,7 +324,7 @@ fn the_table_starts_with_the_device() {
         "| 1 MiB | runtime, staged policy | 4 |",
         "| 1 MiB | device to device (r+w) | 4 |",
         "map+unmap: 4 pages of",
-        "fill parts of at least 1024 KiB",
+        "fill parts of at least 512 KiB",
     ] {
         assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");
     }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One-off GPU check (2026-11-28, the fourth GPU session's second call):
-# the staged policy's new defaults (a reader per CPU, at most 8; 1 MiB fill
-# parts) against the knob settings around them, the runtime's share of the
+# One-off GPU check (2026-11-28, the third GPU session's second call, at
+# 60169ed): the staged policy's defaults of that commit (a reader per CPU,
+# at most 8; 1 MiB fill parts) against the knob settings around them, the runtime's share of the
 # engine thread in sequential passes (bench e2e's acquire/release split),
 # with and without the stall timing and the uploader thread, and the
 # fuse-on-upload overhead at scale 4 in alternating priority runs.

@@ -56,14 +56,16 @@ pub enum HostPolicy {
 }
 
 impl HostPolicy {
-    /// Default least bytes one thread fills of a staging buffer (1 MiB).
+    /// Default least bytes one thread fills of a staging buffer (512 KiB).
     /// On the H200 machine (docs/benchmarks.md, third GPU session,
-    /// 2026-11-28), with each reader's fill helpers kept from job to job,
-    /// 1 MiB parts lifted `bench h2d`'s staged uploads of 2 MiB layers from
-    /// 0.31–0.37 of the pinned ceiling (4 MiB parts: one thread per layer)
-    /// to 0.50, and 64 MiB ones from 0.54–0.56 to 0.57. (When each part's
+    /// 2026-11-28), with each reader's fill helpers kept from job to job
+    /// and 8 readers, 512 KiB parts gave `bench h2d`'s staged uploads 0.52
+    /// and 0.59 of the pinned ceiling at 2 MiB layers (1 MiB parts 0.39 and
+    /// 0.42; 4 MiB parts with 4 readers, the defaults before, 0.32–0.37),
+    /// and 0.53–0.54 and 0.65–0.70 at 64 and 256 MiB, the only setting at
+    /// or above 0.50 at all three sizes in both runs. (When each part's
     /// thread was started for the fill, smaller parts were slower.)
-    pub const DEFAULT_FILL_PART_BYTES: usize = 1 << 20;
+    pub const DEFAULT_FILL_PART_BYTES: usize = 512 << 10;
 
     /// The staged policy with `threads` reader threads (at least one) and
     /// [`HostPolicy::staging_buffers_for`] 64 MiB staging buffers, filled
@@ -163,7 +165,9 @@ pub struct RuntimeConfig {
     /// Measure how long the compute stream waits for weights (two timing
     /// events around each wait for a layer not yet ready). The query this
     /// takes also spares the wait for a layer whose upload has completed;
-    /// with it off, every acquire queues a wait.
+    /// with it off, every acquire of a device copy not yet seen ready
+    /// queues a wait. (A copy an earlier acquire saw ready is neither
+    /// queried nor waited for, either way.)
     pub measure_stall: bool,
     /// Record a per-layer timeline of uploads and waits. Each entry costs
     /// its stream two host functions, which on a GPU hold the stream until
@@ -260,8 +264,8 @@ mod tests {
             }
             HostPolicy::Pinned => panic!("not staged"),
         };
-        assert_eq!(parts(HostPolicy::staged(0)), (4, 64 << 20, 1, 1 << 20));
-        assert_eq!(parts(HostPolicy::staged(3)), (6, 64 << 20, 3, 1 << 20));
+        assert_eq!(parts(HostPolicy::staged(0)), (4, 64 << 20, 1, 512 << 10));
+        assert_eq!(parts(HostPolicy::staged(3)), (6, 64 << 20, 3, 512 << 10));
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let (_, _, threads, part) = parts(HostPolicy::staged_default());
         assert_eq!(part, HostPolicy::DEFAULT_FILL_PART_BYTES);
