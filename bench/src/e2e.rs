@@ -228,9 +228,12 @@ pub struct E2eArgs {
     #[arg(long, value_enum, default_value_t = SourceArg::File)]
     pub source: SourceArg,
     /// Do not time the compute stream's waits for weights
-    /// (`RuntimeConfig::measure_stall` off): every acquire then queues its
-    /// wait without the query and the two timing events, and the stall
-    /// column reads 0. To measure what the timing costs the engine's thread.
+    /// (`RuntimeConfig::measure_stall` off): an acquire that waits then
+    /// queues its wait without the two timing events around it, and
+    /// without the query that spares a wait for a completed upload (a copy
+    /// an earlier acquire saw ready is neither queried nor waited for,
+    /// either way); the stall column reads 0. To measure what the timing
+    /// costs the engine's thread.
     #[arg(long)]
     pub no_stall_timing: bool,
 }

@@ -559,6 +559,62 @@ fn backup_and_fuse_need_the_pinned_policy() {
     assert_eq!(s.rt.lora_mode(), LoraMode::FuseOnUpload);
 }
 
+/// A LoRA set that re-derives resident copies records their ready events
+/// again: the acquires after it ask the device about each of those copies
+/// again (a failed re-derive is caught there), where before it they asked
+/// nothing, and see the merged weights.
+#[test]
+fn a_rederived_copy_is_asked_about_again() {
+    let host = Arc::new(
+        HostDevice::new(HostConfig {
+            capacity: 16 << 20,
+            page_size: PAGE,
+            link_gbps: None,
+        })
+        .unwrap(),
+    );
+    let dev: Arc<dyn Device> = host.clone();
+    let compute = dev.create_stream().unwrap();
+    let cfg = RuntimeConfig {
+        mode: Some(Mode::None),
+        device_memory: Some(64 * PAGE),
+        host_policy: HostPolicy::Pinned,
+        lora_mode: LoraMode::FuseOnUpload,
+        ..RuntimeConfig::default()
+    };
+    let rt = Runtime::new(dev.clone(), compute, cfg).unwrap();
+    let (desc, w) = model();
+    let m = rt.load(desc.clone(), w.clone()).unwrap();
+    let s = Setup {
+        dev,
+        compute,
+        rt,
+        desc,
+        w,
+        m,
+    };
+    // Two passes: every copy has been seen ready, and a third asks nothing.
+    pass(&s, &vec![]);
+    pass(&s, &vec![]);
+    let queries = host.counters().event_queries;
+    pass(&s, &vec![]);
+    assert_eq!(host.counters().event_queries, queries, "copies seen ready");
+    // Three layers re-derived on the device (mode none, pinned).
+    let set: Set = vec![(lora(43, &[0, 2, 4], 0, Kind::LowRank(4)), 1.0)];
+    let r = s.rt.set_loras(s.m, &bindings(&set)).unwrap();
+    assert_eq!(r.tensors_rederived, 3);
+    let queries = host.counters().event_queries;
+    pass(&s, &set);
+    assert_eq!(
+        host.counters().event_queries - queries,
+        3,
+        "one query for each re-derived copy, none for the others"
+    );
+    let queries = host.counters().event_queries;
+    pass(&s, &set);
+    assert_eq!(host.counters().event_queries, queries, "seen ready again");
+}
+
 #[test]
 fn the_mode_changes_between_passes() {
     let s = setup(

@@ -89,8 +89,12 @@ impl HostPolicy {
 
     /// Reader threads of the default staged policy: one per CPU, at most 8.
     /// On the H200 machine's 16 CPUs (docs/benchmarks.md, third GPU
-    /// session) 8 readers took 256 MiB layers from 0.63–0.66 of the pinned
-    /// ceiling to 0.72–0.76 and left 64 MiB ones where 4 had them.
+    /// session) 8 readers gave 256 MiB layers 0.65–0.72 of the pinned
+    /// ceiling in five runs, against 0.62–0.66 with 4, and left 64 MiB
+    /// ones where 4 had them. The cost: twice as many 64 MiB pinned
+    /// staging buffers (1 GiB with 8 readers), and each reader keeps up to
+    /// 7 fill helper threads (64 threads in all with 8 readers, most of
+    /// them idle); only the 16-CPU machine has timed it.
     pub fn default_staging_threads() -> usize {
         std::thread::available_parallelism()
             .map_or(1, std::num::NonZeroUsize::get)

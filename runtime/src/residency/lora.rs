@@ -1047,6 +1047,8 @@ impl Shared {
             self.wait_merged(comp.ready[l])?;
         }
         // The layer's merges, queued after its copies as one batch.
+        // The device copy changes from here: the ready event is recorded again below.
+        st.layers[l].ready_seen = false;
         let mut merges: Vec<(usize, Arc<MergeOp>)> = Vec::new();
         for &t in tensors {
             let (_, off, len) = comp.layer_bytes[l].pieces[t];
@@ -1074,7 +1076,6 @@ impl Shared {
             report.tensors_rederived += 1;
         }
         self.launch_merges(&merges, dst, self.copy)?;
-        st.layers[l].ready_seen = false;
         self.device.record_event(comp.ready[l], self.copy)?;
         st.layers[l].ready_on_merge = false;
         Ok(())

@@ -1271,7 +1271,8 @@ impl Shared {
     /// for at all: the upload and its merges are done on the device, and
     /// work queued after this sees them on every stream; a layer uploaded
     /// ahead of its use then costs the engine's thread one driver call (the
-    /// query) instead of two.
+    /// query) instead of two. (An acquire of a copy an earlier acquire saw
+    /// ready does not come here: `LayerState::ready_seen`.)
     fn wait_on_compute(&self, ready: EventId, name: &str) -> Result<()> {
         if !self.cfg.measure_stall {
             return self.device.stream_wait_event(self.compute, ready);
