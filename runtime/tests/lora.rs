@@ -111,15 +111,20 @@ fn device() -> Arc<dyn Device> {
             Arc::new(d)
         }
         Ok(other) => panic!("{DEVICE_ENV}={other:?}: only `cuda`, with the cuda feature"),
-        Err(_) => Arc::new(
-            HostDevice::new(HostConfig {
-                capacity: 16 << 20,
-                page_size: PAGE,
-                link_gbps: None,
-            })
-            .unwrap(),
-        ),
+        Err(_) => host_device(),
     }
+}
+
+/// The host backend the tests run on: 16 MiB of 4 KiB pages, no link limit.
+fn host_device() -> Arc<HostDevice> {
+    Arc::new(
+        HostDevice::new(HostConfig {
+            capacity: 16 << 20,
+            page_size: PAGE,
+            link_gbps: None,
+        })
+        .unwrap(),
+    )
 }
 
 /// The tests of this file built on [`setup`], again on the CUDA backend
@@ -565,14 +570,7 @@ fn backup_and_fuse_need_the_pinned_policy() {
 /// nothing, and see the merged weights.
 #[test]
 fn a_rederived_copy_is_asked_about_again() {
-    let host = Arc::new(
-        HostDevice::new(HostConfig {
-            capacity: 16 << 20,
-            page_size: PAGE,
-            link_gbps: None,
-        })
-        .unwrap(),
-    );
+    let host = host_device();
     let dev: Arc<dyn Device> = host.clone();
     let compute = dev.create_stream().unwrap();
     let cfg = RuntimeConfig {
@@ -828,14 +826,7 @@ fn an_acquire_during_set_loras_waits_and_sees_the_new_set() {
 #[test]
 fn a_late_merge_of_a_displaced_prefetch_never_lands_on_the_next_layer() {
     use offload_runtime::device::fault::{FaultConfig, FaultDevice, FaultRates};
-    let host = Arc::new(
-        HostDevice::new(HostConfig {
-            capacity: 16 << 20,
-            page_size: PAGE,
-            link_gbps: None,
-        })
-        .unwrap(),
-    );
+    let host = host_device();
     let dev = Arc::new(FaultDevice::new(
         host.clone(),
         FaultConfig {
