@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One-off GPU check (2026-11-28, the third GPU session's second call, at
+# One-off GPU check (2026-11-28, the third GPU session's third call, at
 # 60169ed): the staged policy's defaults of that commit (a reader per CPU,
-# at most 8; 1 MiB fill parts) against the knob settings around them, the runtime's share of the
-# engine thread in sequential passes (bench e2e's acquire/release split),
-# with and without the stall timing and the uploader thread, and the
-# fuse-on-upload overhead at scale 4 in alternating priority runs.
+# at most 8; 1 MiB fill parts) against the knob settings around them; the
+# runtime's share of the engine thread in sequential passes (bench e2e's
+# acquire/release split), with and without the stall timing and the
+# uploader thread; the fuse-on-upload overhead at scale 4 (two rounds each
+# of sequential and balanced).
 # Run from the repository root with gpu-bin/ built at the same commit.
 set -u
 B=gpu-bin/offload

@@ -1046,9 +1046,9 @@ impl Shared {
         if st.layers[l].ready_on_merge {
             self.wait_merged(comp.ready[l])?;
         }
-        // The layer's merges, queued after its copies as one batch.
         // The device copy changes from here: the ready event is recorded again below.
         st.layers[l].ready_seen = false;
+        // The layer's merges, queued after its copies as one batch.
         let mut merges: Vec<(usize, Arc<MergeOp>)> = Vec::new();
         for &t in tensors {
             let (_, off, len) = comp.layer_bytes[l].pieces[t];
