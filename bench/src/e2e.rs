@@ -236,6 +236,15 @@ pub struct E2eArgs {
     /// costs the engine's thread.
     #[arg(long)]
     pub no_stall_timing: bool,
+    /// Run the none row and the plain offload rows this many times, in
+    /// turn (none, then each offload row, then again), and print each
+    /// plain row's pass against its bound per round and their median: a
+    /// pass bound by the CPU's queueing drifts with the machine's state
+    /// over seconds, which one pair of rows cannot tell from the runtime's
+    /// cost. The table and the JSON rows are the first round's; the JSON
+    /// adds `pass_over_bound_rounds` to each plain offload row.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
 }
 
 impl Default for E2eArgs {
@@ -269,6 +278,7 @@ impl Default for E2eArgs {
             compute_priority: PriorityArg::High,
             source: SourceArg::File,
             no_stall_timing: false,
+            rounds: 1,
         }
     }
 }
@@ -1575,6 +1585,12 @@ pub fn run(args: &E2eArgs) -> Result<(), String> {
     if args.tokens == 0 || args.steps == 0 {
         return Err("--tokens and --steps must be at least 1".into());
     }
+    if args.rounds == 0 || args.rounds > 100 {
+        return Err(format!(
+            "--rounds {} is out of range (1 to 100)",
+            args.rounds
+        ));
+    }
     let host_policy = args.host_policy.as_str();
     if host_policy != "pinned" && host_policy != "staged" {
         return Err(format!(
@@ -2013,6 +2029,7 @@ fn run_on(
     let n_rows = rows.len();
     let mut offload_rows = vec![(Mode::None, Policy::Planned)];
     offload_rows.extend(rows);
+    let plain_rows = offload_rows.clone();
     let mut results = Vec::new();
     for (i, (m, p)) in offload_rows.into_iter().enumerate() {
         let reference = i == 0;
@@ -2036,10 +2053,26 @@ fn run_on(
             results.push(bench.row(m, p, mem, false, false, Some(lm)));
         }
     }
+    // Later rounds: the none row and the plain offload rows again, in turn.
+    let mut rounds: Vec<Vec<Row>> = Vec::new();
+    for round in 1..args.rounds {
+        let mut this = Vec::new();
+        for (i, &(m, p)) in plain_rows.iter().enumerate() {
+            let reference = i == 0;
+            bench
+                .bar
+                .set_message(format!("round {}: {m} {p}", round + 1));
+            let mem = if reference { full } else { device_mem };
+            this.push(bench.row(m, p, mem, reference, false, None));
+        }
+        rounds.push(this);
+    }
     bench.bar.finish_and_clear();
     let _ = &bench.scratch;
     print_table(&results, args.steps, lora_steps);
     print_overlap(&results, link);
+    let round_ratios = ratios_by_round(&results, &rounds, link);
+    print_rounds(&round_ratios);
     if let Some(set) = &bench.lora {
         print_lora_work(&results, set, matmul_flops_per_pass);
     }
@@ -2075,6 +2108,14 @@ fn run_on(
                 {
                     o.insert("overlap_bound_s".into(), bound.into());
                     o.insert("pass_over_bound".into(), ratio.into());
+                    if args.rounds > 1 {
+                        let per_round = round_ratios
+                            .iter()
+                            .find(|(m, p, _)| *m == r.mode && *p == r.policy)
+                            .map(|(_, _, v)| v.clone())
+                            .unwrap_or_default();
+                        o.insert("pass_over_bound_rounds".into(), per_round.into());
+                    }
                     line = serde_json::Value::Object(o).to_string();
                 }
             }
@@ -2206,6 +2247,70 @@ fn print_overlap(rows: &[Row], link_gbps: f64) {
                 r.outcome.as_ref().map(engine_note).unwrap_or_default()
             );
         }
+    }
+}
+
+/// Each plain offload row's pass against its bound in every round (the
+/// first round's rows are `first`), each against its own round's none
+/// row; a round whose none row or offload row failed gives no figure.
+fn ratios_by_round(
+    first: &[Row],
+    later: &[Vec<Row>],
+    link_gbps: f64,
+) -> Vec<(Mode, Policy, Vec<f64>)> {
+    let mut out: Vec<(Mode, Policy, Vec<f64>)> = Vec::new();
+    let plain_first: Vec<Row> = first.iter().filter(|r| r.lora.is_none()).cloned().collect();
+    for round in std::iter::once(&plain_first).chain(later) {
+        let Some(reference) = round
+            .first()
+            .filter(|r| r.reference)
+            .and_then(|r| r.outcome.as_ref().ok())
+            .map(Measured::steady_pass_s)
+        else {
+            continue;
+        };
+        for r in round {
+            if let Some((_, _, ratio)) = overlap(r, reference, link_gbps) {
+                match out
+                    .iter_mut()
+                    .find(|(m, p, _)| *m == r.mode && *p == r.policy)
+                {
+                    Some((_, _, v)) => v.push(ratio),
+                    None => out.push((r.mode, r.policy, vec![ratio])),
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> Option<f64> {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(s[n / 2]),
+        _ => Some((s[n / 2 - 1] + s[n / 2]) / 2.0),
+    }
+}
+
+/// With more than one round: each plain row's ratios and their median.
+fn print_rounds(ratios: &[(Mode, Policy, Vec<f64>)]) {
+    if ratios.iter().all(|(_, _, v)| v.len() < 2) {
+        return;
+    }
+    println!("rounds (--rounds; each round's pass against the bound from its own none row):");
+    for (m, p, v) in ratios {
+        let list: Vec<String> = v.iter().map(|x| format!("{x:.2}")).collect();
+        println!(
+            "  {:<10} {:<7}: {}; median {:.2}x",
+            m.to_string(),
+            p.to_string(),
+            list.join(", "),
+            median(v).unwrap_or(f64::NAN)
+        );
     }
 }
 
@@ -2580,7 +2685,7 @@ fn json_row(r: &Row, ctx: &JsonCtx<'_>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{later_mean, overlap, Measured, Mode, Policy, Row};
+    use super::{later_mean, median, overlap, ratios_by_round, Measured, Mode, Policy, Row};
 
     /// A plain row whose passes took `passes` seconds and moved `per_pass`
     /// bytes each after the first.
@@ -2621,6 +2726,38 @@ mod tests {
             high: 0,
             steps: passes.len(),
         }
+    }
+
+    /// Each round's ratio is against its own round's none row, and the
+    /// median of an even count is the mean of the middle two.
+    #[test]
+    fn each_round_is_against_its_own_reference() {
+        let first = vec![
+            row(true, Mode::None, &[0.02, 0.010, 0.010], 0),
+            row(false, Mode::Sequential, &[0.02, 0.011, 0.011], 1),
+        ];
+        let later = vec![
+            vec![
+                row(true, Mode::None, &[0.02, 0.020, 0.020], 0),
+                row(false, Mode::Sequential, &[0.02, 0.022, 0.022], 1),
+            ],
+            vec![
+                row(true, Mode::None, &[0.02, 0.010, 0.010], 0),
+                row(false, Mode::Sequential, &[0.02, 0.013, 0.013], 1),
+            ],
+        ];
+        let r = ratios_by_round(&first, &later, 1.0);
+        assert_eq!(r.len(), 1);
+        let (m, p, v) = &r[0];
+        assert_eq!((*m, *p), (Mode::Sequential, Policy::Planned));
+        let want = [1.1, 1.1, 1.3];
+        assert!(
+            v.len() == 3 && v.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-9),
+            "{v:?}"
+        );
+        assert!((median(v).unwrap() - 1.1).abs() < 1e-9);
+        assert_eq!(median(&[1.0, 3.0, 2.0, 4.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
     }
 
     /// The overlap ratio compares later passes with later passes: a slow

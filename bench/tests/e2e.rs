@@ -54,6 +54,29 @@ fn row<'a>(rows: &'a [Value], mode: &str, policy: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {mode}/{policy} row"))
 }
 
+/// `--rounds 3`: the plain offload rows carry their ratio in each round,
+/// the first of them the row's own `pass_over_bound`.
+#[test]
+fn rounds_give_a_ratio_per_round() {
+    let rows = run_e2e(&["--no-lora", "--mode", "sequential", "--rounds", "3"]);
+    assert_eq!(rows.len(), 2, "the first round's rows only");
+    let seq = row(&rows, "sequential", "planned");
+    let per_round = seq["pass_over_bound_rounds"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no pass_over_bound_rounds in {seq}"));
+    assert_eq!(per_round.len(), 3, "{seq}");
+    assert!(
+        per_round
+            .iter()
+            .all(|x| x.as_f64().is_some_and(|x| x > 0.0)),
+        "{seq}"
+    );
+    assert_eq!(per_round[0], seq["pass_over_bound"], "{seq}");
+    assert!(row(&rows, "none", "planned")
+        .get("pass_over_bound_rounds")
+        .is_none());
+}
+
 #[test]
 fn the_table_keeps_the_bounds_of_each_mode() {
     // The plain rows only: the LoRA rows have their own tests (e2e_lora.rs).
