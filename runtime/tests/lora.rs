@@ -613,6 +613,66 @@ fn a_rederived_copy_is_asked_about_again() {
     assert_eq!(host.counters().event_queries, queries, "seen ready again");
 }
 
+/// Fuse-on-upload records a streamed layer's ready event on the merge
+/// stream, and its next upload waits on the host for that recording
+/// before recording it again; where an acquire has seen it complete, the
+/// upload does not wait (on a GPU, a driver call an upload saves).
+#[test]
+fn an_upload_after_a_seen_merge_does_not_wait_for_it() {
+    let host = host_device();
+    let dev: Arc<dyn Device> = host.clone();
+    let compute = dev.create_stream().unwrap();
+    let cfg = RuntimeConfig {
+        mode: Some(Mode::Sequential),
+        policy: Policy::Planned,
+        prefetch_depth: 1,
+        device_memory: Some(16 * PAGE),
+        host_policy: HostPolicy::Pinned,
+        lora_mode: LoraMode::FuseOnUpload,
+        upload_thread: Some(false),
+        ..RuntimeConfig::default()
+    };
+    let rt = Runtime::new(dev.clone(), compute, cfg).unwrap();
+    let (desc, w) = model();
+    let m = rt.load(desc, w).unwrap();
+    let set: Set = vec![(lora(47, &[0, 1, 2, 3, 4, 5], 0, Kind::LowRank(4)), 1.0)];
+    rt.set_loras(m, &bindings(&set)).unwrap();
+    // Host waits inside acquires and releases only, each layer acquired
+    // once its upload and merges are over (so that the acquire sees them).
+    let pass_waits = || {
+        let mut waits = 0;
+        for l in 0..LAYERS {
+            rt.synchronize().unwrap();
+            let before = host.counters().event_waits;
+            drop(
+                rt.acquire(LayerId {
+                    model: m,
+                    component: 0,
+                    layer: l,
+                })
+                .unwrap(),
+            );
+            waits += host.counters().event_waits - before;
+        }
+        rt.synchronize().unwrap();
+        dev.stream_synchronize(compute).unwrap();
+        waits
+    };
+    let uploads = rt.stats().uploads;
+    pass_waits();
+    pass_waits();
+    assert!(
+        rt.stats().uploads - uploads >= 2 * LAYERS as u64,
+        "every layer streams"
+    );
+    assert_eq!(
+        pass_waits(),
+        0,
+        "no upload waits for a merge already seen done"
+    );
+    rt.unload(m).unwrap();
+}
+
 #[test]
 fn the_mode_changes_between_passes() {
     let s = setup(

@@ -105,6 +105,10 @@ pub struct HostCounters {
     /// Event queries since creation ([`Device::event_query`]): on a GPU, a
     /// driver call each.
     pub event_queries: u64,
+    /// Host waits for events since creation ([`Device::event_wait`]): on a
+    /// GPU, at least one driver call each, and the calling thread blocked
+    /// until the event completes.
+    pub event_waits: u64,
     /// Write-combined pinned buffers asked for since creation
     /// ([`Device::alloc_pinned_write_combined`]); this backend has no such
     /// memory and gives plain pinned buffers for them.
@@ -357,6 +361,7 @@ struct Shared {
     write_combined_requests: AtomicU64,
     stream_waits: AtomicU64,
     event_queries: AtomicU64,
+    event_waits: AtomicU64,
     high_priority_streams: AtomicU64,
     host_fns: AtomicU64,
     copies_h2d: AtomicU64,
@@ -728,6 +733,7 @@ impl HostDevice {
             write_combined_requests: AtomicU64::new(0),
             stream_waits: AtomicU64::new(0),
             event_queries: AtomicU64::new(0),
+            event_waits: AtomicU64::new(0),
             high_priority_streams: AtomicU64::new(0),
             host_fns: AtomicU64::new(0),
             copies_h2d: AtomicU64::new(0),
@@ -809,6 +815,7 @@ impl HostDevice {
             write_combined_requests: self.shared.write_combined_requests.load(Ordering::Relaxed),
             stream_waits: self.shared.stream_waits.load(Ordering::Relaxed),
             event_queries: self.shared.event_queries.load(Ordering::Relaxed),
+            event_waits: self.shared.event_waits.load(Ordering::Relaxed),
             high_priority_streams: self.shared.high_priority_streams.load(Ordering::Relaxed),
         }
     }
@@ -1470,6 +1477,7 @@ impl Device for HostDevice {
     }
 
     fn event_wait(&self, event: EventId, timeout: Option<Duration>) -> Result<()> {
+        self.shared.event_waits.fetch_add(1, Ordering::Relaxed);
         let ev = self.event(event)?;
         let start = Instant::now();
         let epoch = ev.inner.lock().unwrap_or_else(|p| p.into_inner()).recorded;

@@ -1486,12 +1486,13 @@ impl Shared {
         let ready = comp.ready[l];
         let total = comp.layer_bytes[l].total;
         // The event is recorded again below (or by a job).
-        st.layers[l].ready_seen = false;
+        let seen = std::mem::replace(&mut st.layers[l].ready_seen, false);
         // Each recording of a ready event must follow the previous one (the
         // arena frees pages behind it). Waited for here, not by the copy
         // stream: a merge that failed is over too, and a stream that waits
-        // for a failed recording would fail with it.
-        if st.layers[l].ready_on_merge {
+        // for a failed recording would fail with it. (Nothing to wait for
+        // where an acquire saw the previous one complete.)
+        if st.layers[l].ready_on_merge && !seen {
             if let Err(e) = self.wait_merged(ready) {
                 self.give_back(waits);
                 return Err(e);
