@@ -127,6 +127,26 @@ fn host_device() -> Arc<HostDevice> {
     )
 }
 
+/// The test model loaded under `cfg` on the host backend, whatever
+/// `OFFLOAD_TEST_DEVICE` says, with the device kept for its counters.
+fn setup_on_host(cfg: RuntimeConfig) -> (Arc<HostDevice>, Setup) {
+    let host = host_device();
+    let dev: Arc<dyn Device> = host.clone();
+    let compute = dev.create_stream().unwrap();
+    let rt = Runtime::new(dev.clone(), compute, cfg).unwrap();
+    let (desc, w) = model();
+    let m = rt.load(desc.clone(), w.clone()).unwrap();
+    let s = Setup {
+        dev,
+        compute,
+        rt,
+        desc,
+        w,
+        m,
+    };
+    (host, s)
+}
+
 /// The tests of this file built on [`setup`], again on the CUDA backend
 /// over `offload-fakecuda`, in a child process of this test binary: once as
 /// fast as the CPU goes and once with every stream operation 200 µs late,
@@ -570,27 +590,13 @@ fn backup_and_fuse_need_the_pinned_policy() {
 /// nothing, and see the merged weights.
 #[test]
 fn a_rederived_copy_is_asked_about_again() {
-    let host = host_device();
-    let dev: Arc<dyn Device> = host.clone();
-    let compute = dev.create_stream().unwrap();
-    let cfg = RuntimeConfig {
+    let (host, s) = setup_on_host(RuntimeConfig {
         mode: Some(Mode::None),
         device_memory: Some(64 * PAGE),
         host_policy: HostPolicy::Pinned,
         lora_mode: LoraMode::FuseOnUpload,
         ..RuntimeConfig::default()
-    };
-    let rt = Runtime::new(dev.clone(), compute, cfg).unwrap();
-    let (desc, w) = model();
-    let m = rt.load(desc.clone(), w.clone()).unwrap();
-    let s = Setup {
-        dev,
-        compute,
-        rt,
-        desc,
-        w,
-        m,
-    };
+    });
     // Two passes: every copy has been seen ready, and a third asks nothing.
     pass(&s, &vec![]);
     pass(&s, &vec![]);
@@ -619,10 +625,7 @@ fn a_rederived_copy_is_asked_about_again() {
 /// upload does not wait (on a GPU, a driver call an upload saves).
 #[test]
 fn an_upload_after_a_seen_merge_does_not_wait_for_it() {
-    let host = host_device();
-    let dev: Arc<dyn Device> = host.clone();
-    let compute = dev.create_stream().unwrap();
-    let cfg = RuntimeConfig {
+    let (host, s) = setup_on_host(RuntimeConfig {
         mode: Some(Mode::Sequential),
         policy: Policy::Planned,
         prefetch_depth: 1,
@@ -631,10 +634,8 @@ fn an_upload_after_a_seen_merge_does_not_wait_for_it() {
         lora_mode: LoraMode::FuseOnUpload,
         upload_thread: Some(false),
         ..RuntimeConfig::default()
-    };
-    let rt = Runtime::new(dev.clone(), compute, cfg).unwrap();
-    let (desc, w) = model();
-    let m = rt.load(desc, w).unwrap();
+    });
+    let (rt, m) = (&s.rt, s.m);
     let set: Set = vec![(lora(47, &[0, 1, 2, 3, 4, 5], 0, Kind::LowRank(4)), 1.0)];
     rt.set_loras(m, &bindings(&set)).unwrap();
     // Host waits inside acquires and releases only, each layer acquired
@@ -655,7 +656,7 @@ fn an_upload_after_a_seen_merge_does_not_wait_for_it() {
             waits += host.counters().event_waits - before;
         }
         rt.synchronize().unwrap();
-        dev.stream_synchronize(compute).unwrap();
+        s.dev.stream_synchronize(s.compute).unwrap();
         waits
     };
     let uploads = rt.stats().uploads;
