@@ -8,10 +8,14 @@ does (a port of loader/src/layout.rs, checked against it), and runs one
 generation per peer mode with the benchmark's compute: the text encoders
 once, the denoiser --steps times, the VAE once; in every layer, for every
 2-D or 4-D f32/f16/bf16 weight W [n, k] (a conv weight viewed as
-[out, in*kh*kw]), Y = X . W^T with X the first tokens*k values of one f32
-activation buffer seen as [tokens, k], converted to W's dtype, and Y f32
-[tokens, n] (what Offload's cuBLAS path does: convert X, then one GEMM with
-f32 accumulation and f32 output).
+[out, in*kh*kw]), Y = X . W^T with X the first tokens*k values of one
+activation buffer seen as [tokens, k], in W's dtype, and Y f32 [tokens, n]
+(what Offload's cuBLAS path does: one GEMM with f32 accumulation and f32
+output). With --activations weights (the default, as `offload bench e2e`'s)
+the buffer is held in each weight dtype, as an engine running in f16 keeps
+its activations; with --activations f32 it is f32 and converted to W's
+dtype before every product (a second kernel per product, as Offload's
+`--activations f32`). The choice is passed on to `offload bench e2e`.
 
 Peer modes (see bench/peers/README.md for what is and is not the same as
 Offload's rows):
@@ -563,6 +567,7 @@ def run_offload(args, stack, log):
         cmd = [
             str(binary), "bench", "e2e", "--model", stack.path, "--json", str(out_json),
             "--no-lora", "--steps", str(args.steps), "--tokens", str(args.tokens),
+            "--activations", args.activations,
         ] + shlex.split(args.offload_args or "")
         env = dict(os.environ)
         # Where torch's CUDA wheels hold libnvrtc/libcublas, Offload may find them
@@ -747,7 +752,14 @@ def run_peers(args, stack, log):
             continue
     if mm is None:
         raise RuntimeError("no form of torch.mm ran on this device")
-    log(f"   product per weight: x[:tokens*k] as [{tokens}, k], f32 -> W's dtype; {mm_desc}")
+    # --activations weights: X held in each 16-bit weight dtype, converted once here.
+    x_held = {}
+    if args.activations == "weights":
+        x_held = {torch.float16: x.to(torch.float16), torch.bfloat16: x.to(torch.bfloat16)}
+        scratch_bytes += sum(v.numel() * v.element_size() for v in x_held.values())
+        log(f"   product per weight: x[:tokens*k] as [{tokens}, k], held in W's dtype; {mm_desc}")
+    else:
+        log(f"   product per weight: x[:tokens*k] as [{tokens}, k], f32 -> W's dtype; {mm_desc}")
     # What torch holds before any weight (activations, cuBLAS workspace): the
     # peaks below are over this, so that they count weights as Offload's do.
     base_bytes = 0
@@ -762,6 +774,8 @@ def run_peers(args, stack, log):
             yv = y[: tokens * n].view(tokens, n)
             if w.dtype == torch.float32:
                 torch.mm(xk, w.view(n, k).t(), out=yv)  # an f32 weight: all f32, as Offload
+            elif w.dtype in x_held:
+                mm(x_held[w.dtype][: tokens * k].view(tokens, k), w.view(n, k), yv)
             else:
                 mm(xk.to(w.dtype), w.view(n, k), yv)
 
@@ -1352,6 +1366,9 @@ def parse_args(argv):
     ap.add_argument("--model", required=True, help="a .safetensors file (`offload synth sdxl --scale 4 -o DIR`)")
     ap.add_argument("--steps", type=int, default=20, help="denoiser steps per generation (default 20, as e2e)")
     ap.add_argument("--tokens", type=int, default=16, help="rows of the activation batch (default 16, as e2e)")
+    ap.add_argument("--activations", choices=["weights", "f32"], default="weights",
+                    help="activations held in each weight's dtype (default, as `offload bench e2e`) "
+                         "or f32 converted before every product; passed on to `offload bench e2e`")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (a check of the script only)")
     ap.add_argument("--modes", default=None,
                     help=f"peer modes, comma-separated (default: all that can run): {', '.join(PEER_MODES)}")

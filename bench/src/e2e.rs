@@ -86,6 +86,18 @@ impl From<PriorityArg> for StreamPriority {
     }
 }
 
+/// `offload bench e2e --activations`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ActivationsArg {
+    /// Activations of each weight's own type (f16 with an f16 weight), as
+    /// an engine running the model in that type keeps them: one launch a
+    /// product on CUDA.
+    Weights,
+    /// f32 activations, rounded to a 16-bit weight's type by the device
+    /// before each product (on CUDA a second launch a product).
+    F32,
+}
+
 /// `offload bench e2e --source`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SourceArg {
@@ -245,6 +257,13 @@ pub struct E2eArgs {
     /// adds `pass_over_bound_rounds` to each plain offload row.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
+    /// Type of the activations the layer products take: `weights` (each
+    /// weight's own: f16 with f16 weights, as an engine running in f16) or
+    /// `f32` (rounded to the weight's type by the device before every
+    /// product: on CUDA one more kernel launch a product for the engine's
+    /// thread to queue).
+    #[arg(long, value_enum, default_value_t = ActivationsArg::Weights)]
+    pub activations: ActivationsArg,
 }
 
 impl Default for E2eArgs {
@@ -279,6 +298,7 @@ impl Default for E2eArgs {
             source: SourceArg::File,
             no_stall_timing: false,
             rounds: 1,
+            activations: ActivationsArg::Weights,
         }
     }
 }
@@ -537,6 +557,9 @@ struct Bench {
     compute: StreamId,
     scratch: Arena<dyn Device>,
     x: DevicePtr,
+    /// X rounded to f16 and to bf16 (`--activations weights`).
+    x_f16: DevicePtr,
+    x_bf16: DevicePtr,
     y: DevicePtr,
     compute_ok: bool,
     desc: ModelDesc,
@@ -633,6 +656,18 @@ fn differs(got: f32, want: f32, dtype: offload_kernels::Dtype, exact: bool) -> b
 }
 
 impl Bench {
+    /// The activations of a product with a weight of `w_dtype`, and their
+    /// type: of the weight's own 16-bit type with `--activations weights`,
+    /// else f32.
+    fn activations(&self, w_dtype: offload_kernels::Dtype) -> (DevicePtr, offload_kernels::Dtype) {
+        use offload_kernels::Dtype;
+        match (self.args.activations, w_dtype) {
+            (ActivationsArg::Weights, Dtype::F16) => (self.x_f16, Dtype::F16),
+            (ActivationsArg::Weights, Dtype::BF16) => (self.x_bf16, Dtype::BF16),
+            _ => (self.x, Dtype::F32),
+        }
+    }
+
     /// Run `component` once: acquire each layer, queue its products, drop the guard.
     ///
     /// In the unfused LoRA mode the guard hands out each patched tensor's
@@ -686,9 +721,11 @@ impl Bench {
                 for i in 0..g.len() {
                     let Some(t) = g.tensor(i) else { continue };
                     if let Some((n, k, w_dtype)) = matmul_dims(t.shape, t.dtype) {
+                        let (x, x_dtype) = self.activations(w_dtype);
                         self.dev.launch(
                             &Kernel::Matmul {
-                                x: self.x,
+                                x,
+                                x_dtype,
                                 tokens: self.args.tokens,
                                 w: t.ptr,
                                 w_dtype,
@@ -752,9 +789,11 @@ impl Bench {
                         up.rows, up.cols, down.rows, down.cols
                     )));
                 }
+                let (x, x_dtype) = self.activations(down.dtype);
                 self.dev.launch(
                     &Kernel::Matmul {
-                        x: self.x,
+                        x,
+                        x_dtype,
                         tokens,
                         w: down.ptr,
                         w_dtype: down.dtype,
@@ -767,6 +806,7 @@ impl Bench {
                 self.dev.launch(
                     &Kernel::Matmul {
                         x: t,
+                        x_dtype: offload_kernels::Dtype::F32,
                         tokens,
                         w: up.ptr,
                         w_dtype: up.dtype,
@@ -1684,6 +1724,7 @@ pub fn run(args: &E2eArgs) -> Result<(), String> {
         .as_ref()
         .map_or(0, |s| s.packed.iter().map(|&b| pages(b)).sum());
     let scratch_pages = pages(x_bytes)
+        + 2 * pages(x_bytes / 2)
         + pages(y_bytes)
         + if lora.is_some() {
             pages(t_bytes) + pages(ly_bytes)
@@ -1820,6 +1861,12 @@ fn run_on(
     let xa = scratch.alloc(x_bytes, Tag(0)).map_err(e)?;
     let ya = scratch.alloc(y_bytes, Tag(0)).map_err(e)?;
     let (x, y) = (scratch.ptr(xa).map_err(e)?, scratch.ptr(ya).map_err(e)?);
+    let xa16 = scratch.alloc(x_bytes / 2, Tag(0)).map_err(e)?;
+    let xab16 = scratch.alloc(x_bytes / 2, Tag(0)).map_err(e)?;
+    let (x_f16, x_bf16) = (
+        scratch.ptr(xa16).map_err(e)?,
+        scratch.ptr(xab16).map_err(e)?,
+    );
     let lora_scratch = match &lora {
         Some(_) => {
             let ta = scratch.alloc(t_bytes, Tag(0)).map_err(e)?;
@@ -1828,15 +1875,27 @@ fn run_on(
         }
         None => None,
     };
-    let xs: Vec<u8> = (0..x_bytes / 4)
-        .flat_map(|i| (((i % 97) as f32 - 48.0) * 1e-3).to_le_bytes())
+    let xv: Vec<f32> = (0..x_bytes / 4)
+        .map(|i| ((i % 97) as f32 - 48.0) * 1e-3)
         .collect();
+    let xs: Vec<u8> = xv.iter().flat_map(|v| v.to_le_bytes()).collect();
     scratch.write(xa, 0, &xs).map_err(e)?;
+    let xs: Vec<u8> = xv
+        .iter()
+        .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+        .collect();
+    scratch.write(xa16, 0, &xs).map_err(e)?;
+    let xs: Vec<u8> = xv
+        .iter()
+        .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+        .collect();
+    scratch.write(xab16, 0, &xs).map_err(e)?;
     // The product kernel exists on the host backend; on CUDA it comes with the cuBLAS work.
     let compute_ok = dev
         .launch(
             &Kernel::Matmul {
                 x,
+                x_dtype: offload_kernels::Dtype::F32,
                 tokens: 1,
                 w: x,
                 w_dtype: offload_kernels::Dtype::F32,
@@ -1908,6 +1967,8 @@ fn run_on(
         compute,
         scratch,
         x,
+        x_f16,
+        x_bf16,
         y,
         compute_ok,
         desc,
@@ -1983,6 +2044,15 @@ fn run_on(
                 format!("the device's priorities: {least} (normal) to {greatest} (high)"),
             Ok(None) => "the host backend runs every stream alike".to_string(),
             Err(e) => format!("the device's priorities could not be read: {e}"),
+        }
+    );
+    println!(
+        "layer products: {}",
+        match args.activations {
+            ActivationsArg::Weights =>
+                "activations of each weight's own type (f16 with f16 weights; --activations), one launch a product on CUDA",
+            ActivationsArg::F32 =>
+                "f32 activations rounded to each 16-bit weight's type by the device first (--activations f32), two launches a product on CUDA",
         }
     );
     if args.source == SourceArg::Memory {
@@ -2567,6 +2637,7 @@ fn json_row(r: &Row, ctx: &JsonCtx<'_>) -> String {
         "compute_priority": StreamPriority::from(args.compute_priority).to_string(),
         "source": format!("{:?}", args.source).to_lowercase(),
         "stall_timing": !args.no_stall_timing,
+        "activations": format!("{:?}", args.activations).to_lowercase(),
         "reference": r.reference,
         "model_bytes": ctx.model_bytes,
         "denoiser_bytes": ctx.denoiser_bytes,

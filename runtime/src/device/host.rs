@@ -474,6 +474,7 @@ impl Shared {
             }
             Kernel::Matmul {
                 x,
+                x_dtype,
                 tokens,
                 w,
                 w_dtype,
@@ -481,6 +482,7 @@ impl Shared {
                 k,
                 y,
             } => {
+                kernel.check_types().map_err(|e| e.to_string())?;
                 let regions = kernel.regions().map_err(|e| e.to_string())?;
                 let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
                 for &(addr, len) in &regions {
@@ -497,15 +499,39 @@ impl Shared {
                 }
                 // SAFETY: all three ranges are mapped read-write (checked above)
                 // and stay mapped while we hold the read lock; X and Y are
-                // 4-byte aligned f32 arrays and Y overlaps neither input, so the
-                // shared and exclusive slices do not alias; by the Device
-                // contract no other stream writes these bytes meanwhile.
-                let (xs, ws, ys) = unsafe {
+                // 4-byte aligned (X's bytes read as such) and Y overlaps
+                // neither input, so the shared and exclusive slices do not
+                // alias; by the Device contract no other stream writes these
+                // bytes meanwhile.
+                let (xb, ws, ys) = unsafe {
                     (
-                        std::slice::from_raw_parts(x.0 as *const f32, xl / 4),
+                        std::slice::from_raw_parts(x.0 as *const u8, xl),
                         std::slice::from_raw_parts(w.0 as *const u8, wl),
                         std::slice::from_raw_parts_mut(y.0 as *mut f32, yl / 4),
                     )
+                };
+                // 16-bit activations widened to f32 (exactly): the products
+                // and sums are then those of CUDA's, which multiplies them as
+                // they are.
+                let widened: Vec<f32>;
+                let xs: &[f32] = match x_dtype {
+                    offload_kernels::Dtype::F32 => {
+                        bytemuck::try_cast_slice(xb).map_err(|e| format!("activations: {e}"))?
+                    }
+                    offload_kernels::Dtype::F16 => {
+                        widened = xb
+                            .chunks_exact(2)
+                            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                            .collect();
+                        &widened
+                    }
+                    offload_kernels::Dtype::BF16 => {
+                        widened = xb
+                            .chunks_exact(2)
+                            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                            .collect();
+                        &widened
+                    }
                 };
                 offload_kernels::matmul_xwt(xs, tokens, ws, w_dtype, n, k, ys, None)
                     .map_err(|e| e.to_string())
@@ -1552,6 +1578,7 @@ impl Device for HostDevice {
     }
 
     fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<()> {
+        kernel.check_types()?;
         for (addr, len) in kernel.regions()? {
             self.check_mapped_now(addr, len)?;
         }
@@ -2115,6 +2142,7 @@ mod tests {
         dev.write_blocking(wp, &wb, s).unwrap();
         let mm = |y| Kernel::Matmul {
             x: xp,
+            x_dtype: offload_kernels::Dtype::F32,
             tokens: 2,
             w: wp,
             w_dtype: offload_kernels::Dtype::F16,
@@ -2144,6 +2172,68 @@ mod tests {
             dev.launch(&mm(range.base.offset(dev.info().page_size - 8)), s),
             Err(Error::BadAddress { .. })
         ));
+    }
+
+    #[test]
+    fn matmul_kernel_takes_activations_of_the_weights_type() {
+        use offload_kernels::Dtype;
+        let dev = small(None);
+        let (range, _) = mapped(&dev, 1);
+        let ps = dev.info().page_size;
+        let s = dev.create_stream().unwrap();
+        // X [2, 3], W [2, 3], both f16 (X's values exact in f16), Y [2, 2].
+        let x: [f32; 6] = [1.0, 2.0, 3.0, -1.0, 0.5, 0.25];
+        let w: [f32; 6] = [1.0, 0.0, -1.0, 2.0, 2.0, 2.0];
+        let f16s = |v: &[f32]| -> Vec<u8> {
+            v.iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect()
+        };
+        // X in f16 takes 12 bytes: it fits in the page's last 12 (f32's 24 would not).
+        let (xp, wp, yp) = (
+            range.base.offset(ps - 12),
+            range.base.offset(256),
+            range.base.offset(512),
+        );
+        dev.write_blocking(xp, &f16s(&x), s).unwrap();
+        dev.write_blocking(wp, &f16s(&w), s).unwrap();
+        let mm = |x_dtype, w_dtype| Kernel::Matmul {
+            x: xp,
+            x_dtype,
+            tokens: 2,
+            w: wp,
+            w_dtype,
+            n: 2,
+            k: 3,
+            y: yp,
+        };
+        dev.launch(&mm(Dtype::F16, Dtype::F16), s).unwrap();
+        let mut yb = [0u8; 16];
+        dev.read_blocking(yp, &mut yb, s).unwrap();
+        let y: Vec<f32> = yb
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(
+            y,
+            vec![1.0 - 3.0, 2.0 + 4.0 + 6.0, -1.0 - 0.25, -2.0 + 1.0 + 0.5]
+        );
+        // Other pairs are refused at launch, before anything is queued.
+        for (xd, wd) in [(Dtype::BF16, Dtype::F16), (Dtype::F16, Dtype::F32)] {
+            assert!(matches!(
+                dev.launch(&mm(xd, wd), s),
+                Err(Error::Kernel {
+                    kernel: "matmul",
+                    ..
+                })
+            ));
+        }
+        // As f32, the same X would run past the page.
+        assert!(matches!(
+            dev.launch(&mm(Dtype::F32, Dtype::F16), s),
+            Err(Error::BadAddress { .. })
+        ));
+        dev.stream_synchronize(s).unwrap();
     }
 
     #[test]
@@ -2306,6 +2396,7 @@ mod tests {
         dev.launch(
             &Kernel::Matmul {
                 x: xp,
+                x_dtype: offload_kernels::Dtype::F32,
                 tokens: 1,
                 w: wp,
                 w_dtype: offload_kernels::Dtype::F32,

@@ -148,13 +148,18 @@ pub enum Kernel {
         /// The byte value written.
         value: u8,
     },
-    /// `Y = X · Wᵀ`: X is f32 `[tokens, k]`, W is `[n, k]` in `w_dtype`
-    /// (a conv weight viewed as `[out, in·kh·kw]`), Y is f32 `[tokens, n]`,
-    /// overwritten. X and Y are 4-byte aligned and do not overlap. The
-    /// benchmark's layer compute.
+    /// `Y = X · Wᵀ`: X is `[tokens, k]` in `x_dtype`, W is `[n, k]` in
+    /// `w_dtype` (a conv weight viewed as `[out, in·kh·kw]`), Y is f32
+    /// `[tokens, n]`, overwritten; products exact, sums in f32. X is f32, or
+    /// of W's own 16-bit type (activations an engine keeps in the weights'
+    /// type: used as they are, where f32 ones are first rounded to W's type
+    /// on CUDA); any other pair is an error. X and Y are 4-byte aligned and
+    /// do not overlap. The benchmark's layer compute.
     Matmul {
         /// Activations.
         x: DevicePtr,
+        /// Element type of X: f32, or `w_dtype` when that is f16 or bf16.
+        x_dtype: offload_kernels::Dtype,
         /// Rows of X and Y.
         tokens: usize,
         /// Weight.
@@ -217,6 +222,32 @@ pub enum KernelFamily {
 }
 
 impl Kernel {
+    /// Whether a [`Kernel::Matmul`] takes activations of type `x` with a
+    /// weight of type `w`: f32 ones with any weight, 16-bit ones with a
+    /// weight of the same type.
+    pub fn matmul_types_supported(x: offload_kernels::Dtype, w: offload_kernels::Dtype) -> bool {
+        x == offload_kernels::Dtype::F32 || x == w
+    }
+
+    /// Checks the operand types: a [`Kernel::Matmul`]'s X and W must be a
+    /// pair [`Kernel::matmul_types_supported`] takes; an [`Error::Kernel`]
+    /// that names both otherwise.
+    ///
+    /// [`Error::Kernel`]: crate::Error::Kernel
+    pub fn check_types(&self) -> crate::Result<()> {
+        match *self {
+            Kernel::Matmul {
+                x_dtype, w_dtype, ..
+            } if !Kernel::matmul_types_supported(x_dtype, w_dtype) => Err(crate::Error::Kernel {
+                kernel: self.name(),
+                message: format!(
+                    "activations in {x_dtype} with a weight in {w_dtype}: 16-bit activations need a weight of their own type"
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// A short name for logs and errors.
     pub fn name(&self) -> &'static str {
         match self {
@@ -263,6 +294,7 @@ impl Kernel {
             }
             Kernel::Matmul {
                 x,
+                x_dtype,
                 tokens,
                 w,
                 w_dtype,
@@ -272,7 +304,7 @@ impl Kernel {
             } => {
                 let xs = tokens
                     .checked_mul(k)
-                    .and_then(|v| v.checked_mul(4))
+                    .and_then(|v| v.checked_mul(x_dtype.size_in_bytes()))
                     .ok_or_else(overflow)?;
                 let ws = n
                     .checked_mul(k)

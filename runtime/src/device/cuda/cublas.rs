@@ -11,9 +11,11 @@
 //! is queued.
 //!
 //! cuBLAS multiplies A and B of one type only, so an f16 or bf16 weight is
-//! multiplied with the activations rounded to its type (to nearest, ties
-//! to even) by a small NVRTC kernel into a per-stream scratch buffer; the
-//! products are exact in f32 and summed in f32. Compared with the CPU's
+//! multiplied with f32 activations rounded to its type (to nearest, ties
+//! to even) by a small NVRTC kernel into a per-stream scratch buffer (a
+//! second launch per product); activations already of the weight's type
+//! (`x_dtype`) go to cuBLAS as they are, in one launch. The products are
+//! exact in f32 and summed in f32. Compared with the CPU's
 //! all-f32 [`offload_kernels::matmul_xwt`], each output then carries an
 //! extra error of at most one rounding of X to the weight's type:
 //! `2⁻¹¹ · Σ|x·w|` for f16 (plus `2⁻²⁴ · Σ|w|` for activations in f16's
@@ -588,6 +590,7 @@ impl CudaDevice {
     pub(super) fn launch_matmul(&self, kernel: &Kernel, stream: StreamId) -> Result<()> {
         let Kernel::Matmul {
             x,
+            x_dtype,
             tokens,
             w,
             w_dtype,
@@ -601,6 +604,7 @@ impl CudaDevice {
                 kernel.name()
             )));
         };
+        kernel.check_types()?;
         let regions = kernel.regions()?;
         {
             let mem = lock(&self.mem);
@@ -637,9 +641,10 @@ impl CudaDevice {
         if !self.streams.contains_key(&stream.0) {
             return Err(Error::UnknownStream(stream));
         }
-        let b = match w_dtype {
-            Dtype::F32 => x.0,
-            Dtype::F16 | Dtype::BF16 => {
+        let b = match (x_dtype, w_dtype) {
+            // X already of W's type (f32 with f32, or 16-bit activations).
+            (Dtype::F32, Dtype::F32) | (Dtype::F16 | Dtype::BF16, _) => x.0,
+            (Dtype::F32, Dtype::F16 | Dtype::BF16) => {
                 let count = tokens * k;
                 let scratch = blas.scratch(stream.0, count * 2)?;
                 // SAFETY: the stream is live; X holds `count` f32 (checked

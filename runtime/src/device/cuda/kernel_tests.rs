@@ -1957,6 +1957,7 @@ impl<'a> MatmulCase<'a> {
         let (tokens, n, k) = (self.tokens, self.n, self.k);
         let kernel = Kernel::Matmul {
             x,
+            x_dtype: offload_kernels::Dtype::F32,
             tokens,
             w,
             w_dtype: self.dtype,
@@ -2079,6 +2080,76 @@ fn gpu_matmul_cublas_matches_cpu() {
     d.destroy_stream(s).unwrap();
 }
 
+/// Activations already of the weight's 16-bit type go to cuBLAS as they
+/// are (`x_dtype`): every output matches the CPU's product of the same
+/// values widened to f32 within the CPU tests' tolerance (no rounding of X
+/// left to account for); X of another 16-bit type than W's, or 16-bit X
+/// with an f32 W, is a kernel error that queues nothing.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_matmul_takes_activations_of_the_weights_type() {
+    let d = gpu();
+    let s = d.create_stream().unwrap();
+    let (tokens, n, k) = (16usize, 257usize, 1030usize);
+    for dtype in [Dtype::F16, Dtype::BF16] {
+        let mut rng = Rng(0xac7 ^ k as u64);
+        let xb = encode(dtype, &rng.values(tokens * k));
+        let x: Vec<f32> = decode(dtype, &xb).iter().map(|&v| v as f32).collect();
+        let wb = encode(dtype, &rng.values(n * k));
+        let wv = decode(dtype, &wb);
+        let mut bufs = Bufs::new(&d);
+        let (xp, wp, yp) = (
+            bufs.upload(&xb, s),
+            bufs.upload(&wb, s),
+            bufs.alloc(tokens * n * 4),
+        );
+        let mm = |x_dtype, w_dtype| Kernel::Matmul {
+            x: xp,
+            x_dtype,
+            tokens,
+            w: wp,
+            w_dtype,
+            n,
+            k,
+            y: yp,
+        };
+        let other = if dtype == Dtype::F16 {
+            Dtype::BF16
+        } else {
+            Dtype::F16
+        };
+        for (x_dtype, w_dtype) in [(dtype, other), (dtype, Dtype::F32)] {
+            assert!(
+                matches!(
+                    d.launch(&mm(x_dtype, w_dtype), s),
+                    Err(Error::Kernel { .. })
+                ),
+                "X {x_dtype} with W {w_dtype} must be refused"
+            );
+        }
+        d.launch(&mm(dtype, dtype), s).unwrap();
+        let mut yb = vec![0u8; tokens * n * 4];
+        d.read_blocking(yp, &mut yb, s).unwrap();
+        let got = decode(Dtype::F32, &yb);
+        let mut cpu = vec![0f32; tokens * n];
+        offload_kernels::matmul_xwt(&x, tokens, &wb, dtype, n, k, &mut cpu, None).unwrap();
+        for t in 0..tokens {
+            for j in 0..n {
+                let mag: f64 = (0..k)
+                    .map(|c| (f64::from(x[t * k + c]) * wv[j * k + c]).abs())
+                    .sum();
+                let (g, c) = (got[t * n + j], f64::from(cpu[t * n + j]));
+                let tol = 2.0 * TOL * mag + 1e-30;
+                assert!(
+                    !g.is_nan() && (g - c).abs() <= tol,
+                    "{dtype} X: y[{t}, {j}] GPU {g:e}, CPU {c:e} (tolerance {tol:e})"
+                );
+            }
+        }
+    }
+    d.destroy_stream(s).unwrap();
+}
+
 /// `W += s · up · down` through cuBLAS (the per-adapter baseline of
 /// `offload bench merge`), with `rows`, `cols` and `rank` all different so
 /// that swapped leading dimensions or transposes show, against an f64
@@ -2155,6 +2226,7 @@ fn gpu_matmul_edge_cases_and_checks() {
         .unwrap();
     let mm = |x: DevicePtr, w: DevicePtr, w_dtype, tokens, n, k, y: DevicePtr| Kernel::Matmul {
         x,
+        x_dtype: offload_kernels::Dtype::F32,
         tokens,
         w,
         w_dtype,
@@ -2241,6 +2313,7 @@ fn gpu_matmul_throughput() {
     for dtype in Dtype::ALL {
         let mm = Kernel::Matmul {
             x,
+            x_dtype: offload_kernels::Dtype::F32,
             tokens,
             w,
             w_dtype: dtype,
