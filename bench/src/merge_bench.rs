@@ -99,8 +99,9 @@ pub struct MergeBenchArgs {
     /// The GPU kernel for low-rank merges: `auto` (the runtime's choice:
     /// the pipelined tensor-core kernel where the factors are 16-bit and
     /// some rank is 16 or more or the ranks add up to more than 16; with
-    /// `OFFLOAD_MERGE_KERNEL=tensor-cores`, the unpipelined one from 32),
-    /// `fma` (fp32 FMA), `tensor-cores` (the unpipelined tensor-core kernel),
+    /// `OFFLOAD_MERGE_KERNEL=tensor-cores`, the unpipelined one from 32;
+    /// the streaming kernel for ranks adding up to at most 8 into a 16-bit
+    /// W of 2²⁴ elements or more; fp32 FMA otherwise), `fma` (fp32 FMA), `tensor-cores` (the unpipelined tensor-core kernel),
     /// `pipelined` (the tensor-core kernel that streams the factors
     /// through a cp.async pipeline), or `streaming` (fp32 FMA with the down
     /// factors in registers, for ranks adding up to at most 32; fp32 FMA

@@ -375,6 +375,11 @@ pub const PIPE_BLOCK_DIM: (u32, u32, u32) = (256, 1, 1);
 pub const STREAM_BLOCK_DIM: (u32, u32, u32) = (256, 1, 1);
 /// Resident blocks per SM of the streaming kernels (their launch bounds).
 pub const STREAM_BLOCKS_PER_SM: u32 = 2;
+/// Smallest W slice (rows × columns) that `auto` merges on the streaming
+/// kernel ([`LowRankMergeParams::auto_streaming`]): 2²⁴ elements, between
+/// the largest W the streaming kernel was measured slower on (6.6 M
+/// elements) and the smallest it was faster on (26.2 M).
+pub const AUTO_STREAM_MIN_ELEMENTS: u64 = 1 << 24;
 
 /// The code of a dtype in the parameter block (`OFFLOAD_DTYPE_*`).
 pub const fn dtype_code(dtype: Dtype) -> u32 {
@@ -762,6 +767,21 @@ impl LowRankMergeParams {
     /// device's compute capability against [`MMA_MIN_COMPUTE_CAPABILITY`].
     pub fn pipelined_tensor_cores(&self) -> bool {
         self.tensor_core_operands() && self.ranks_reach(PIPELINED_FMA_MAX_RANK)
+    }
+
+    /// Whether the runtime's own choice (`auto`) should merge these
+    /// adapters into a W of `dtype` on the streaming kernel: their ranks
+    /// add up to at most 8 ([`StreamKernel::Ranks8`]), W is f16 or bf16 and
+    /// the slice has at least [`AUTO_STREAM_MIN_ELEMENTS`] elements.
+    /// Measured on an H200 (docs/benchmarks.md, fourth GPU session, one
+    /// adapter of rank 8, f16, GB/s of W read + written, one run each): the
+    /// streaming kernel against fp32 FMA 2291 against 2137 on W [5120,
+    /// 5120], 2661 against 2239 on W [10240, 5120], but 1397 against 1739 on
+    /// W [1280, 5120].
+    pub fn auto_streaming(&self, dtype: Dtype) -> bool {
+        dtype != Dtype::F32
+            && self.stream_kernel() == Some(StreamKernel::Ranks8)
+            && u64::from(self.rows) * u64::from(self.cols) >= AUTO_STREAM_MIN_ELEMENTS
     }
 
     /// Some adapter has rank `limit` or more, or the ranks add up to more.
@@ -1361,6 +1381,28 @@ mod tests {
             lowrank_params(&[(16, F16, F16), (17, F32, F32)]).stream_kernel(),
             None
         );
+    }
+
+    #[test]
+    fn auto_streams_small_ranks_into_large_16_bit_weights() {
+        use Dtype::{BF16, F16, F32};
+        let sized = |adapters: &[(usize, Dtype, Dtype)], rows: u32, cols: u32| {
+            let mut p = lowrank_params(adapters);
+            (p.rows, p.cols) = (rows, cols);
+            p
+        };
+        // 2²⁴ elements and more, ranks adding up to 8, f16 or bf16 W.
+        let big = sized(&[(8, F16, F16)], 4096, 4096);
+        assert!(big.auto_streaming(F16) && big.auto_streaming(BF16));
+        assert!(sized(&[(4, F32, F16), (4, BF16, BF16)], 10240, 5120).auto_streaming(F16));
+        // One element fewer, an f32 W, or ranks past 8: not.
+        assert!(!sized(&[(8, F16, F16)], 4096, 4095).auto_streaming(F16));
+        assert!(!big.auto_streaming(F32));
+        assert!(!sized(&[(9, F16, F16)], 4096, 4096).auto_streaming(F16));
+        assert!(!sized(&[(8, F16, F16); 2], 10240, 5120).auto_streaming(F16));
+        assert!(!sized(&[], 10240, 5120).auto_streaming(F16));
+        // No overflow at the largest slice.
+        assert!(sized(&[(1, F16, F16)], u32::MAX, u32::MAX).auto_streaming(F16));
     }
 
     #[test]

@@ -1083,7 +1083,8 @@ fn gpu_merge_lowrank_batch_matches_one_launch_per_tensor() {
 /// device opened with [`CudaConfig::pipelined_merges`] (the default) the
 /// pipelined tensor-core kernel from rank 16 up, on one opened without it
 /// the unpipelined one from rank 32 up, fp32 FMA otherwise (and for f32
-/// factors on both); alone and batched, bit for bit what the kernel it
+/// factors on both), and the streaming kernel on both for ranks adding up
+/// to at most 8 into a large 16-bit W; alone and batched, bit for bit what the kernel it
 /// chose gives when asked for by name, and the launch counts say that
 /// kernel ran.
 #[test]
@@ -1123,11 +1124,20 @@ fn gpu_auto_merges_route_by_the_merge_kernel_config() {
             rows: None,
             adapters: vec![(40, F32, F32, 0.7)],
         },
+        // Rank 8 into a 16-bit W of 2²⁴ elements: the streaming kernel on
+        // both, in a launch of its own when batched.
+        MergeCase {
+            dtype: F16,
+            shape: vec![4096, 4096],
+            rows: None,
+            adapters: vec![(8, F16, F16, 0.5)],
+        },
     ];
     let expected = [
         (LowRankKernel::Pipelined, LowRankKernel::TensorCores),
         (LowRankKernel::Pipelined, LowRankKernel::Fma),
         (LowRankKernel::Fma, LowRankKernel::Fma),
+        (LowRankKernel::Streaming, LowRankKernel::Streaming),
     ];
     for (i, (case, &(on_piped, on_plain))) in cases.iter().zip(&expected).enumerate() {
         let data = CaseData::new(case, 0x9193 + i as u64);
@@ -1156,7 +1166,7 @@ fn gpu_auto_merges_route_by_the_merge_kernel_config() {
         for (name, d, on) in [("pipelined", &piped, on_piped), ("plain", &plain, on_plain)] {
             assert_eq!(
                 d.merge_uses_tensor_cores(&spec),
-                on != LowRankKernel::Fma,
+                matches!(on, LowRankKernel::TensorCores | LowRankKernel::Pipelined),
                 "case {i} on the {name} device"
             );
             assert_eq!(
@@ -1177,7 +1187,11 @@ fn gpu_auto_merges_route_by_the_merge_kernel_config() {
                 let (single, batch, other) = launches_on(on, before, d.merge_launches()).unwrap();
                 assert_eq!(
                     (single, batch, other),
-                    if batched { (0, 1, 0) } else { (1, 0, 0) },
+                    if batched && on != LowRankKernel::Streaming {
+                        (0, 1, 0)
+                    } else {
+                        (1, 0, 0)
+                    },
                     "case {i} on the {name} device (batched: {batched}): launches on {on:?} and on other kernels"
                 );
             }

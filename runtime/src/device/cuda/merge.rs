@@ -370,7 +370,11 @@ pub enum LowRankKernel {
     /// [`CudaConfig::pipelined_merges`](super::CudaConfig::pipelined_merges),
     /// the unpipelined tensor-core kernel where some rank is 32 or more or
     /// the ranks add up to more than 32
-    /// ([`offload_kernels::cuda::LowRankMergeParams::tensor_cores`]).
+    /// ([`offload_kernels::cuda::LowRankMergeParams::tensor_cores`]). A
+    /// one-tensor merge of ranks adding up to at most 8 into a large 16-bit
+    /// W takes the streaming kernel instead
+    /// ([`offload_kernels::cuda::LowRankMergeParams::auto_streaming`]),
+    /// also in a batch (a launch of its own).
     Auto,
     /// The fp32 FMA kernel.
     Fma,
@@ -386,6 +390,24 @@ pub enum LowRankKernel {
     /// (also in [`CudaDevice::merge_lowrank_batch`]); larger stacks take
     /// the fp32 FMA kernel. Any factor dtypes, any device.
     Streaming,
+}
+
+/// The streaming kernel a low-rank merge of `params` into a W of `dtype`
+/// runs on when `kernel` is asked for: any that holds the ranks for
+/// [`LowRankKernel::Streaming`], the ranks-8 one for large 16-bit W with
+/// [`LowRankKernel::Auto`]
+/// ([`offload_kernels::cuda::LowRankMergeParams::auto_streaming`]); `None`
+/// otherwise.
+fn streaming_kernel(
+    params: &LowRankMergeParams,
+    kernel: LowRankKernel,
+    dtype: Dtype,
+) -> Option<StreamKernel> {
+    match kernel {
+        LowRankKernel::Streaming => params.stream_kernel(),
+        LowRankKernel::Auto if params.auto_streaming(dtype) => params.stream_kernel(),
+        _ => None,
+    }
 }
 
 /// How many merge kernels a [`CudaDevice`] has launched, by kernel
@@ -525,12 +547,20 @@ impl CudaDevice {
     }
 
     /// The kernel [`LowRankKernel::Auto`] runs `spec` on on this device:
+    /// [`LowRankKernel::Streaming`] for ranks adding up to at most 8 into a
+    /// large 16-bit W
+    /// ([`offload_kernels::cuda::LowRankMergeParams::auto_streaming`]), else
     /// [`LowRankKernel::Fma`] unless [`Self::merge_uses_tensor_cores`], then
     /// [`LowRankKernel::Pipelined`] or, on a device opened without
     /// [`CudaConfig::pipelined_merges`](super::CudaConfig::pipelined_merges),
     /// [`LowRankKernel::TensorCores`].
     pub fn auto_lowrank_kernel(&self, spec: &MergeSpec<'_>) -> LowRankKernel {
-        if !self.merge_uses_tensor_cores(spec) {
+        let addrs = vec![(0, 0); spec.adapters().len()];
+        let streams = LowRankMergeParams::new(spec, 0, &addrs)
+            .is_ok_and(|p| streaming_kernel(&p, LowRankKernel::Auto, spec.dtype()).is_some());
+        if streams {
+            LowRankKernel::Streaming
+        } else if !self.merge_uses_tensor_cores(spec) {
             LowRankKernel::Fma
         } else if self.pipelined_merges {
             LowRankKernel::Pipelined
@@ -664,9 +694,7 @@ impl CudaDevice {
         }
         let kernels = self.merge_kernels()?;
         let code = dtype_code(spec.dtype()) as usize;
-        let stream_kernel = params
-            .stream_kernel()
-            .filter(|_| kernel == LowRankKernel::Streaming);
+        let stream_kernel = streaming_kernel(&params, kernel, spec.dtype());
         let (function, (grid, block)) = match stream_kernel {
             Some(k) => (
                 kernels.lowrank_stream[(k == StreamKernel::Ranks32) as usize][code],
@@ -841,7 +869,7 @@ impl CudaDevice {
         let (params, access) = self.checked_lowrank_params(m.spec, m.w, m.factors)?;
         let body = self.lowrank_body(&params, kernel)?;
         // The streaming kernels have no batched form.
-        let streamed = kernel == LowRankKernel::Streaming && params.stream_kernel().is_some();
+        let streamed = streaming_kernel(&params, kernel, m.spec.dtype()).is_some();
         let job = LowRankJobParams::from_params(&params)
             .filter(|j| !streamed && j.num_adapters > 0 && j.rows > 0 && j.cols > 0);
         let Some(job) = job else {
