@@ -1203,6 +1203,96 @@ fn gpu_auto_merges_route_by_the_merge_kernel_config() {
     }
 }
 
+/// Merges on a device whose merge grids are sized for one SM
+/// ([`CudaConfig::merge_multiprocessors`]): every low-rank kernel, alone
+/// and batched, gives bit for bit what it gives on a device that fills
+/// every SM, on a W of more column strips than the capped grid has SM
+/// slots (so each strip keeps one block that walks all of its rows), and
+/// both match the CPU merge and the f64 reference.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_merges_on_capped_grids_match_full_grids() {
+    use Dtype::F16;
+    let full = gpu();
+    let capped = CudaDevice::with_config(
+        0,
+        &CudaConfig {
+            merge_multiprocessors: Some(1),
+            ..CudaConfig::default()
+        },
+    )
+    .expect("a CUDA GPU");
+    assert_eq!(full.merge_multiprocessors(), full.multiprocessors());
+    assert_eq!(capped.merge_multiprocessors(), 1);
+    assert!(capped.memory_mode_note().contains(MERGE_SMS_ENV));
+    let tensor_cores = full
+        .info()
+        .compute_capability
+        .is_some_and(|cc| cc >= offload_kernels::cuda::MMA_MIN_COMPUTE_CAPABILITY);
+    let cases = [
+        MergeCase {
+            dtype: F16,
+            shape: vec![700, 1300],
+            rows: Some(50..650),
+            adapters: vec![(8, F16, F16, 0.5)],
+        },
+        MergeCase {
+            dtype: F16,
+            shape: vec![300, 1100],
+            rows: None,
+            adapters: vec![(16, F16, F16, 0.75), (8, F16, F16, -0.25)],
+        },
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let data = CaseData::new(case, 0x5a11 + i as u64);
+        let adapters = data.adapters(case);
+        let spec = MergeSpec::new(case.dtype, &case.shape, case.rows.clone(), &adapters).unwrap();
+        let run = |d: &CudaDevice, kernel: LowRankKernel, batched: bool| -> Vec<u8> {
+            let s = d.create_stream().unwrap();
+            let mut bufs = Bufs::new(d);
+            let (w, factors) = data.upload(&mut bufs, s);
+            if batched {
+                let m = LowRankMerge {
+                    spec: &spec,
+                    w,
+                    factors: &factors,
+                };
+                d.merge_lowrank_batch(&[m], s, kernel).unwrap();
+            } else {
+                d.merge_lowrank_with(&spec, w, &factors, s, kernel).unwrap();
+            }
+            let mut out = vec![0u8; data.w.len()];
+            d.read_blocking(w, &mut out, s).unwrap();
+            drop(bufs);
+            d.destroy_stream(s).unwrap();
+            out
+        };
+        for kernel in [
+            LowRankKernel::Fma,
+            LowRankKernel::Streaming,
+            LowRankKernel::TensorCores,
+            LowRankKernel::Pipelined,
+        ] {
+            if matches!(
+                kernel,
+                LowRankKernel::TensorCores | LowRankKernel::Pipelined
+            ) && !tensor_cores
+            {
+                continue;
+            }
+            for batched in [false, true] {
+                let want = run(&full, kernel, batched);
+                let got = run(&capped, kernel, batched);
+                assert!(
+                    got == want,
+                    "case {i}, {kernel:?} (batched: {batched}): the capped grid's W differs"
+                );
+                data.check(case, &got);
+            }
+        }
+    }
+}
+
 /// [`Kernel::MergeBatch`] equals one [`Kernel::Merge`] per op, bit for bit:
 /// low-rank ops batched (fp32 FMA and tensor cores, f16 and bf16 weights in
 /// one batch), LoHa, LoKr and a low-rank op with more adapters than a job

@@ -698,20 +698,20 @@ impl CudaDevice {
         let (function, (grid, block)) = match stream_kernel {
             Some(k) => (
                 kernels.lowrank_stream[(k == StreamKernel::Ranks32) as usize][code],
-                params.stream_launch_dims(k, spec.dtype(), self.multiprocessors),
+                params.stream_launch_dims(k, spec.dtype(), self.merge_multiprocessors),
             ),
             None => match self.lowrank_body(&params, kernel)? {
                 Body::Fma => (
                     kernels.lowrank[code],
-                    params.launch_dims(self.multiprocessors),
+                    params.launch_dims(self.merge_multiprocessors),
                 ),
                 Body::Mma => (
                     kernels.lowrank_mma[code],
-                    params.mma_launch_dims(self.multiprocessors),
+                    params.mma_launch_dims(self.merge_multiprocessors),
                 ),
                 Body::Pipe => (
                     kernels.lowrank_pipe[code],
-                    params.pipe_launch_dims(self.multiprocessors),
+                    params.pipe_launch_dims(self.merge_multiprocessors),
                 ),
             },
         };
@@ -881,9 +881,9 @@ impl CudaDevice {
             return Ok(());
         };
         let (grid, _) = match body {
-            Body::Fma => params.launch_dims(self.multiprocessors),
-            Body::Mma => params.mma_launch_dims(self.multiprocessors),
-            Body::Pipe => params.pipe_launch_dims(self.multiprocessors),
+            Body::Fma => params.launch_dims(self.merge_multiprocessors),
+            Body::Mma => params.mma_launch_dims(self.merge_multiprocessors),
+            Body::Pipe => params.pipe_launch_dims(self.merge_multiprocessors),
         };
         let key = Body::COUNT * dtype_code(m.spec.dtype()) as usize + body as usize;
         b.push(key, job, grid.0, access)

@@ -98,6 +98,13 @@ pub struct CudaConfig {
     /// [`offload_kernels::cuda::LowRankMergeParams::tensor_cores`]). Covers
     /// every merge the runtime queues (fuse-on-upload included).
     pub pipelined_merges: bool,
+    /// How many SMs the low-rank merge kernels size their grids for: `None`
+    /// (the default) for all of them; fewer leave the other SMs to the
+    /// engine's kernels while merges run beside them (the merge grids are
+    /// persistent: a block holds its SM until it has walked its share of
+    /// W). A grid keeps at least one block per column strip of W, and
+    /// values above the GPU's SM count count as all of them.
+    pub merge_multiprocessors: Option<u32>,
 }
 
 impl Default for CudaConfig {
@@ -105,6 +112,7 @@ impl Default for CudaConfig {
         CudaConfig {
             use_vmm: true,
             pipelined_merges: true,
+            merge_multiprocessors: None,
         }
     }
 }
@@ -115,14 +123,39 @@ impl Default for CudaConfig {
 /// ([`CudaConfig::pipelined_merges`] false).
 pub const MERGE_KERNEL_ENV: &str = "OFFLOAD_MERGE_KERNEL";
 
+/// The environment variable [`CudaConfig::from_env`] reads for
+/// [`CudaConfig::merge_multiprocessors`]: a whole number of SMs (at least
+/// 1), or unset or empty for all of them.
+pub const MERGE_SMS_ENV: &str = "OFFLOAD_MERGE_SMS";
+
 impl CudaConfig {
-    /// The default configuration with [`MERGE_KERNEL_ENV`] applied; what
-    /// [`CudaDevice::new`] (and so [`auto`](crate::device::auto)) opens a
-    /// GPU with, so that a benchmark can compare the merge kernels end to
-    /// end without a rebuild. Any other value is an [`Error::Config`] naming
-    /// the variable and the value.
+    /// The default configuration with [`MERGE_KERNEL_ENV`] and
+    /// [`MERGE_SMS_ENV`] applied; what [`CudaDevice::new`] (and so
+    /// [`auto`](crate::device::auto)) opens a GPU with, so that a benchmark
+    /// can compare merge settings end to end without a rebuild. Any other
+    /// value is an [`Error::Config`] naming the variable and the value.
     pub fn from_env() -> Result<CudaConfig> {
-        CudaConfig::default().with_merge_kernel_var(std::env::var_os(MERGE_KERNEL_ENV).as_deref())
+        CudaConfig::default()
+            .with_merge_kernel_var(std::env::var_os(MERGE_KERNEL_ENV).as_deref())?
+            .with_merge_sms_var(std::env::var_os(MERGE_SMS_ENV).as_deref())
+    }
+
+    /// `self` with [`MERGE_SMS_ENV`]'s value `value` (`None`: unset)
+    /// applied, as [`CudaConfig::from_env`] does.
+    fn with_merge_sms_var(mut self, value: Option<&std::ffi::OsStr>) -> Result<CudaConfig> {
+        match value.map(|v| v.to_str()) {
+            None | Some(Some("")) => {}
+            Some(Some(v)) if v.parse::<u32>().is_ok_and(|n| n > 0) => {
+                self.merge_multiprocessors = v.parse().ok();
+            }
+            Some(_) => {
+                return Err(Error::Config(format!(
+                    "{MERGE_SMS_ENV}={:?}: expected a whole number of SMs, at least 1",
+                    value.unwrap_or_default()
+                )))
+            }
+        }
+        Ok(self)
     }
 
     /// `self` with [`MERGE_KERNEL_ENV`]'s value `value` (`None`: unset)
@@ -162,8 +195,11 @@ pub struct CudaDevice {
     vmm_unavailable: Option<String>,
     host_register: bool,
     read_only_register: bool,
-    /// Streaming multiprocessors (the merge kernels size their grids by it).
+    /// Streaming multiprocessors.
     multiprocessors: u32,
+    /// The SMs the merge kernels size their grids by
+    /// ([`CudaConfig::merge_multiprocessors`], at most `multiprocessors`).
+    merge_multiprocessors: u32,
     /// [`CudaConfig::pipelined_merges`].
     pipelined_merges: bool,
     mem: Mutex<MemState>,
@@ -301,6 +337,9 @@ impl CudaDevice {
             host_register,
             read_only_register,
             multiprocessors,
+            merge_multiprocessors: config
+                .merge_multiprocessors
+                .map_or(multiprocessors, |n| n.clamp(1, multiprocessors.max(1))),
             pipelined_merges: config.pipelined_merges,
             mem: Mutex::new(MemState::new(page_size, vmm)),
             streams: DashMap::new(),
@@ -325,6 +364,12 @@ impl CudaDevice {
     /// The GPU's streaming multiprocessors.
     pub fn multiprocessors(&self) -> u32 {
         self.multiprocessors
+    }
+
+    /// The SMs the merge kernels size their grids for
+    /// ([`CudaConfig::merge_multiprocessors`]; all of them by default).
+    pub fn merge_multiprocessors(&self) -> u32 {
+        self.merge_multiprocessors
     }
 
     /// Whether tensor-core merges run on the pipelined kernel
@@ -386,6 +431,12 @@ impl CudaDevice {
         if !self.pipelined_merges {
             note.push_str(&format!(
                 "; tensor-core merges on the unpipelined kernel ({MERGE_KERNEL_ENV}=tensor-cores)"
+            ));
+        }
+        if self.merge_multiprocessors < self.multiprocessors {
+            note.push_str(&format!(
+                "; merge grids sized for {} of the {} SMs ({MERGE_SMS_ENV})",
+                self.merge_multiprocessors, self.multiprocessors
             ));
         }
         note

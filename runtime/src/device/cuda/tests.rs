@@ -94,6 +94,34 @@ fn merge_kernel_variable_is_parsed_strictly() {
     }
 }
 
+/// `OFFLOAD_MERGE_SMS`: unset or empty for every SM, a whole number of at
+/// least 1 for that many; anything else is a configuration error naming
+/// the variable and the value.
+#[test]
+fn merge_sms_variable_is_parsed_strictly() {
+    use std::ffi::OsStr;
+    let with = |v: Option<&str>| CudaConfig::default().with_merge_sms_var(v.map(OsStr::new));
+    for v in [None, Some("")] {
+        assert_eq!(with(v).unwrap().merge_multiprocessors, None, "{v:?}");
+    }
+    assert_eq!(with(Some("1")).unwrap().merge_multiprocessors, Some(1));
+    assert_eq!(with(Some("66")).unwrap().merge_multiprocessors, Some(66));
+    for v in ["0", "-4", "half", " 66", "66 ", "1.5", "4294967296"] {
+        let e = with(Some(v)).unwrap_err();
+        assert!(
+            matches!(&e, Error::Config(m) if m.contains(MERGE_SMS_ENV) && m.contains(v)),
+            "{v}: {e}"
+        );
+    }
+    // Both variables apply together.
+    let c = CudaConfig::default()
+        .with_merge_kernel_var(Some(OsStr::new("tensor-cores")))
+        .and_then(|c| c.with_merge_sms_var(Some(OsStr::new("8"))))
+        .unwrap();
+    assert!(!c.pipelined_merges);
+    assert_eq!(c.merge_multiprocessors, Some(8));
+}
+
 #[test]
 fn cuda_device_without_driver_is_an_error_not_a_panic() {
     let r = CudaDevice::new(0);
