@@ -1190,6 +1190,9 @@ mod gpu {
                         LowRankKernel::Auto | LowRankKernel::Fma => "fp32 FMA",
                         LowRankKernel::TensorCores => "tensor cores",
                         LowRankKernel::Pipelined => "pipelined tensor cores",
+                        LowRankKernel::Streaming if d.stream8_shared() && rank * count <= 8 => {
+                            "streaming fp32 FMA, shared down factors"
+                        }
                         LowRankKernel::Streaming => "streaming fp32 FMA",
                     };
                     let ours_on = |w: DevicePtr| -> Result<(), String> {

@@ -108,6 +108,9 @@ pub(crate) fn kernel(name: &str) -> Option<Kernel> {
             n if n == k::StreamKernel::Ranks32.entry(w) => {
                 low(Body::Stream(k::StreamKernel::Ranks32), false)
             }
+            n if n == k::StreamKernel::Ranks8Shared.entry(w) => {
+                low(Body::Stream(k::StreamKernel::Ranks8Shared), false)
+            }
             _ => None,
         }
     })
@@ -867,13 +870,14 @@ mod tests {
                 k::merge_entry(w),
                 k::StreamKernel::Ranks8.entry(w),
                 k::StreamKernel::Ranks32.entry(w),
+                k::StreamKernel::Ranks8Shared.entry(w),
             ] {
                 assert!(kernel(name).is_some(), "{name}");
                 assert!(k::LOWRANK_MERGE_SRC.contains(name), "{name}");
                 n += 1;
             }
         }
-        assert_eq!(n, 27);
+        assert_eq!(n, 30);
         assert_eq!(kernel("offload_f32_to_f16"), None);
     }
 
@@ -884,7 +888,11 @@ mod tests {
     #[test]
     fn the_streaming_walk_covers_every_element_once() {
         for (rows, cols) in [(1u32, 1u32), (130, 70), (300, 517), (1280, 640)] {
-            for sk in [k::StreamKernel::Ranks8, k::StreamKernel::Ranks32] {
+            for sk in [
+                k::StreamKernel::Ranks8,
+                k::StreamKernel::Ranks32,
+                k::StreamKernel::Ranks8Shared,
+            ] {
                 for dtype in Dtype::ALL {
                     let group_rows = sk.group_rows(dtype);
                     let strips = cols.div_ceil(32 * sk.cols_per_lane());

@@ -93,10 +93,11 @@ fn cuda_source_matches_reference_in_cpu_emulation() {
         "batch-pipe: 10 cases",
         "stream8: 20 cases",
         "stream32: 20 cases",
+        "stream8s: 20 cases",
     ] {
         assert!(stdout.contains(group), "{group}:\n{stdout}");
     }
-    assert!(stdout.contains("all: 170 cases, 0 failures"), "{stdout}");
+    assert!(stdout.contains("all: 190 cases, 0 failures"), "{stdout}");
     // The pipelined kernel's groups took its cp.async path (most of their
     // cases), not only its plain loads.
     for group in ["pipe: ", "batch-pipe: "] {

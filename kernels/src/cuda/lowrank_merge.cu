@@ -1261,6 +1261,228 @@ offload_lowrank_merge_stream32_bf16(const OffloadLowRankMergeParams p) {
 }
 
 // ---------------------------------------------------------------------------
+// Kernel 1c: the ranks-8 streaming kernel with the down factors in shared
+// memory: offload_lowrank_merge_stream8s_* (ranks adding up to at most 8).
+//
+// Kernel 1b's ranks-8 entry points keep a lane's 64 scaled down-factor
+// values in registers, which holds them at 128 registers a thread, 2 blocks
+// (16 warps) an SM: on an H200, Nsight Compute put them at 25% occupancy
+// with DRAM 32% busy, each warp with one group of 2 rows (1 KiB of W for
+// 16-bit W) in flight. Here the block's down factors live in shared memory
+// instead (8 KiB: [rank k][column quad q][lane][4], so that a warp's 16-byte
+// reads of one k and q are 32 consecutive quads, free of bank conflicts),
+// read once per group per k, and a group is 4 rows (2 for f32 W): a warp
+// keeps 2 KiB of W in flight while it computes the group before. The sums
+// are those of kernel 1b in the same order (acc = Σ_k b[k] · (s · A[k, c])
+// from 0 in k order, then W + acc rounded once), so both give the same bits.
+// The block fills the shared factors together, then meets at one
+// __syncthreads before any warp can run out of rows.
+
+#define OFFLOAD_ST8S_CPT 8
+#define OFFLOAD_ST8S_KMAX 8
+
+// The block's scaled down factors, 16-byte aligned for the quads' reads.
+template <int KMAX, int CPT> struct alignas(16) OffloadSt8sDown {
+    float v[KMAX][CPT / 4][32][4];
+};
+
+template <typename T, int RPT16, typename P>
+__device__ __forceinline__ void offload_lowrank_merge_stream8s(const P& p, unsigned int block,
+                                                               unsigned int blocks) {
+    constexpr int CPT = OFFLOAD_ST8S_CPT;
+    constexpr int KMAX = OFFLOAD_ST8S_KMAX;
+    constexpr int R = sizeof(T) == 4 ? RPT16 / 2 : RPT16;  // rows per group
+    constexpr int SW = 32 * CPT;                           // columns per strip
+    constexpr int Q = R * KMAX < 32 ? 1 : R * KMAX / 32;   // up values a lane loads
+    static_assert(32 % KMAX == 0 && (R * KMAX < 32 || (R * KMAX) % 32 == 0),
+                  "whole up-factor loads per lane");
+    constexpr unsigned int kMaxAdapters = sizeof(P::adapters) / sizeof(OffloadLowRankAdapter);
+    __shared__ OffloadStUp<R, KMAX> up_sh;
+    float (*b_sh)[2][R][KMAX] = up_sh.v;
+    // The strip's scaled down factors: [k][quad of columns][lane][4].
+    __shared__ OffloadSt8sDown<KMAX, CPT> down_sh;
+    float (*a_sh)[CPT / 4][32][4] = down_sh.v;
+
+    const unsigned int lane = threadIdx.x % 32;
+    const unsigned int warp = threadIdx.x / 32;
+    const unsigned int tiles_x = (p.cols + SW - 1) / SW;
+    const unsigned int per_strip = blocks / tiles_x;
+    if (per_strip == 0 || block >= tiles_x * per_strip) {
+        return;  // the whole block: no strip for it (the launcher avoids this)
+    }
+    const unsigned int num_adapters = p.num_adapters < kMaxAdapters ? p.num_adapters : kMaxAdapters;
+    const unsigned int strip0 = (block % tiles_x) * SW;
+
+    // The block fills a_sh: entry e is rank k = e / SW, column j = e % SW of
+    // the strip (lane j / CPT, column j % CPT of it), zero past the ranks'
+    // sum and outside W.
+    for (unsigned int e = threadIdx.x; e < (unsigned int)(KMAX * SW); e += OFFLOAD_ST_THREADS) {
+        const unsigned int k = e / SW, j = e % SW;
+        const unsigned int col = strip0 + j;
+        unsigned int ad = 0, idx = 0;
+        const bool here = offload_st_rank(p, num_adapters, k, ad, idx) && col < p.cols;
+        const OffloadLowRankAdapter& A = p.adapters[ad];
+        const unsigned int c = j % CPT;
+        a_sh[k][c / 4][j / CPT][c % 4] =
+            here ? A.scale * offload_load_factor(A.down, A.down_dtype, (unsigned long long)idx * p.cols + col)
+                 : 0.0f;
+    }
+    __syncthreads();
+
+    const unsigned int groups = (p.rows + R - 1) / R;
+    const unsigned int gstep = per_strip * OFFLOAD_ST_WARPS;
+    unsigned int g = (block / tiles_x) * OFFLOAD_ST_WARPS + warp;
+    if (g >= groups) {
+        return;  // the whole warp: no group for it
+    }
+
+    OffloadStLane ln;
+    const unsigned int c0 = strip0 + lane * CPT;
+    ln.w = p.w;
+    ln.row_bytes = (unsigned long long)p.cols * sizeof(T);
+    ln.col_bytes = (unsigned long long)c0 * sizeof(T);
+    ln.row0 = p.row0;
+    ln.rows = p.rows;
+    ln.cols_here = c0 >= p.cols ? 0u : (p.cols - c0 < (unsigned int)CPT ? p.cols - c0 : (unsigned int)CPT);
+    {
+        constexpr unsigned int vb = offload_st_vec_bytes<T, CPT>();
+        ln.vec = ln.cols_here == (unsigned int)CPT &&
+                 (ln.w + (unsigned long long)p.row0 * ln.row_bytes + ln.col_bytes) % vb == 0 &&
+                 ln.row_bytes % vb == 0;
+    }
+
+    OffloadStRow<T, CPT> cur[R];
+    offload_st_load<T, CPT, R>(cur, ln, g * R);
+
+    const unsigned int my_k = lane % KMAX;
+    unsigned int up_adapter = 0, up_index = 0;
+    const bool up_here = offload_st_rank(p, num_adapters, my_k, up_adapter, up_index);
+    const unsigned long long up_base = p.adapters[up_adapter].up;
+    const unsigned int up_dtype = p.adapters[up_adapter].up_dtype;
+    const unsigned int up_rank = p.adapters[up_adapter].rank;
+
+    auto load_up = [&](float (&v)[Q], unsigned int h) {
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            const unsigned int i = lane / KMAX + q * (32 / KMAX);
+            const unsigned int r = h * R + i;
+            v[q] = up_here && i < (unsigned int)R && r < p.rows
+                       ? offload_load_factor(up_base, up_dtype, (unsigned long long)r * up_rank + up_index)
+                       : 0.0f;
+        }
+    };
+    auto stage_up = [&](const float (&v)[Q], unsigned int slot) {
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            const unsigned int i = lane / KMAX + q * (32 / KMAX);
+            if (i < (unsigned int)R) {
+                b_sh[warp][slot][i][my_k] = v[q];
+            }
+        }
+    };
+
+    unsigned int slot = 0;
+    {
+        float v[Q];
+        load_up(v, g);
+        stage_up(v, slot);
+        __syncwarp();
+    }
+    // Every bound below is the same for all lanes of the warp, so every
+    // lane reaches every __syncwarp.
+    for (; g < groups; g += gstep) {
+        const unsigned int ng = g + gstep;
+        const bool more = ng < groups;
+        OffloadStRow<T, CPT> nxt[R];
+        float v[Q];
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            v[q] = 0.0f;
+        }
+        if (more) {
+            offload_st_load<T, CPT, R>(nxt, ln, ng * R);
+            load_up(v, ng);
+        }
+        float acc[R][CPT];
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+#pragma unroll
+            for (int c = 0; c < CPT; ++c) {
+                acc[i][c] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int k4 = 0; k4 < KMAX / 4; ++k4) {
+            float b[R][4];
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+                const float* bp = &b_sh[warp][slot][i][4 * k4];
+                offload_vector_access((unsigned long long)bp, 16);
+                const OffloadF32x4 bv = *reinterpret_cast<const OffloadF32x4*>(bp);
+                b[i][0] = bv.x;
+                b[i][1] = bv.y;
+                b[i][2] = bv.z;
+                b[i][3] = bv.w;
+            }
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                float a[CPT];
+#pragma unroll
+                for (int q = 0; q < CPT / 4; ++q) {
+                    const float* ap = &a_sh[4 * k4 + t][q][lane][0];
+                    offload_vector_access((unsigned long long)ap, 16);
+                    const OffloadF32x4 av = *reinterpret_cast<const OffloadF32x4*>(ap);
+                    a[4 * q] = av.x;
+                    a[4 * q + 1] = av.y;
+                    a[4 * q + 2] = av.z;
+                    a[4 * q + 3] = av.w;
+                }
+#pragma unroll
+                for (int i = 0; i < R; ++i) {
+#pragma unroll
+                    for (int c = 0; c < CPT; ++c) {
+                        acc[i][c] = __fmaf_rn(b[i][t], a[c], acc[i][c]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+#pragma unroll
+            for (int c = 0; c < CPT; ++c) {
+                offload_words_set<T>(cur[i].w, c, offload_words_get<T>(cur[i].w, c) + acc[i][c]);
+            }
+        }
+        offload_st_store<T, CPT, R>(cur, ln, g * R);
+        if (more) {
+            // The other slot was last read before the previous __syncwarp.
+            stage_up(v, slot ^ 1u);
+            __syncwarp();
+            slot ^= 1u;
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+                cur[i] = nxt[i];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_ST_THREADS, 2)
+offload_lowrank_merge_stream8s_f32(const OffloadLowRankMergeParams p) {
+    offload_lowrank_merge_stream8s<float, 4>(p, blockIdx.x, gridDim.x);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_ST_THREADS, 2)
+offload_lowrank_merge_stream8s_f16(const OffloadLowRankMergeParams p) {
+    offload_lowrank_merge_stream8s<__half, 4>(p, blockIdx.x, gridDim.x);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_ST_THREADS, 2)
+offload_lowrank_merge_stream8s_bf16(const OffloadLowRankMergeParams p) {
+    offload_lowrank_merge_stream8s<__nv_bfloat16, 4>(p, blockIdx.x, gridDim.x);
+}
+
+// ---------------------------------------------------------------------------
 // Kernel 2: low-rank deltas with 16-bit factors on the tensor cores.
 //
 // offload_mma_f16 / offload_mma_bf16: d += a b for one warp, a 16 x 16 (row

@@ -251,13 +251,19 @@ pub enum StreamKernel {
     /// Ranks adding up to at most 32: 2 columns per lane, 8 rows a group
     /// (4 for f32 W).
     Ranks32,
+    /// Ranks adding up to at most 8 with the down factors in shared memory
+    /// rather than registers: 8 columns per lane, 4 rows a group (2 for
+    /// f32 W); the same results as [`StreamKernel::Ranks8`], bit for bit.
+    /// Taken in place of it where the device is configured to
+    /// (`OFFLOAD_STREAM8=shared` in the runtime).
+    Ranks8Shared,
 }
 
 impl StreamKernel {
     /// The most the ranks of a launch may add up to.
     pub const fn max_rank(self) -> u32 {
         match self {
-            StreamKernel::Ranks8 => 8,
+            StreamKernel::Ranks8 | StreamKernel::Ranks8Shared => 8,
             StreamKernel::Ranks32 => 32,
         }
     }
@@ -265,7 +271,7 @@ impl StreamKernel {
     /// Columns of W each lane owns.
     pub const fn cols_per_lane(self) -> u32 {
         match self {
-            StreamKernel::Ranks8 => 8,
+            StreamKernel::Ranks8 | StreamKernel::Ranks8Shared => 8,
             StreamKernel::Ranks32 => 2,
         }
     }
@@ -275,6 +281,7 @@ impl StreamKernel {
         let rows = match self {
             StreamKernel::Ranks8 => 2,
             StreamKernel::Ranks32 => 8,
+            StreamKernel::Ranks8Shared => 4,
         };
         match dtype {
             Dtype::F32 => rows / 2,
@@ -293,6 +300,9 @@ impl StreamKernel {
             (StreamKernel::Ranks32, Dtype::F32) => "offload_lowrank_merge_stream32_f32",
             (StreamKernel::Ranks32, Dtype::F16) => "offload_lowrank_merge_stream32_f16",
             (StreamKernel::Ranks32, Dtype::BF16) => "offload_lowrank_merge_stream32_bf16",
+            (StreamKernel::Ranks8Shared, Dtype::F32) => "offload_lowrank_merge_stream8s_f32",
+            (StreamKernel::Ranks8Shared, Dtype::F16) => "offload_lowrank_merge_stream8s_f16",
+            (StreamKernel::Ranks8Shared, Dtype::BF16) => "offload_lowrank_merge_stream8s_bf16",
         }
     }
 }
@@ -1085,7 +1095,11 @@ mod tests {
                 );
             }
             // The streaming kernels.
-            for k in [StreamKernel::Ranks8, StreamKernel::Ranks32] {
+            for k in [
+                StreamKernel::Ranks8,
+                StreamKernel::Ranks32,
+                StreamKernel::Ranks8Shared,
+            ] {
                 let entry = k.entry(dtype);
                 assert!(
                     LOWRANK_MERGE_SRC.contains(&format!(
@@ -1102,12 +1116,28 @@ mod tests {
                 // (for 16-bit W), the most ranks.
                 let rows16 = k.group_rows(Dtype::F16);
                 assert_eq!(k.group_rows(Dtype::F32), rows16 / 2);
-                assert!(
-                    LOWRANK_MERGE_SRC.contains(&format!(
+                let call = match k {
+                    StreamKernel::Ranks8Shared => {
+                        // Columns per lane and ranks are the source's constants.
+                        for (name, v) in [
+                            ("OFFLOAD_ST8S_CPT", k.cols_per_lane()),
+                            ("OFFLOAD_ST8S_KMAX", k.max_rank()),
+                        ] {
+                            assert!(
+                                LOWRANK_MERGE_SRC.contains(&format!("#define {name} {v}\n")),
+                                "{name}"
+                            );
+                        }
+                        format!("    offload_lowrank_merge_stream8s<{cu_type}, {rows16}>(p, blockIdx.x, gridDim.x);")
+                    }
+                    _ => format!(
                         "    offload_lowrank_merge_stream<{cu_type}, {}, {rows16}, {}>(p, blockIdx.x, gridDim.x);",
                         k.cols_per_lane(),
                         k.max_rank()
-                    )),
+                    ),
+                };
+                assert!(
+                    LOWRANK_MERGE_SRC.contains(&call),
                     "{entry}: template arguments"
                 );
             }

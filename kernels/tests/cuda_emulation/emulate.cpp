@@ -6,9 +6,9 @@
 //   bound = |W| + sum |s| |Delta| (each product of factors taken in absolute
 //   values), never NaN; rows outside the slice bit-identical.
 //
-// Nine groups of random cases (usage: emulate [cases] [all|batch|pipe|stream],
+// Ten groups of random cases (usage: emulate [cases] [all|batch|pipe|stream],
 // default 20 all; "batch" runs the three batched groups only, "pipe" the two
-// of the pipelined kernel, "stream" the two streaming ones):
+// of the pipelined kernel, "stream" the three streaming ones):
 //   lowrank: the fp32 FMA low-rank kernel; 1 to 4 adapters, ranks 1 to 70,
 //            every dtype for W and each factor.
 //   mma:     the tensor-core low-rank kernel; both factors of an adapter f16
@@ -16,6 +16,9 @@
 //            mma.m16n8k16 is emulated from PTX's fragment layout (below).
 //   stream8, stream32: the streaming fp32 FMA kernels (kernel 1b); ranks
 //            adding up to at most 8 or 32, any dtypes (see stream_cases).
+//   stream8s: kernel 1c, the ranks-8 one with the down factors in shared
+//            memory; the same cases as stream8, and each result bit for bit
+//            that of stream8 on the same merge.
 //   general: the kernel for every delta kind: low-rank, LoHa and LoKr (each
 //            side stored whole or as a low-rank product), mixed in one
 //            launch, 1 to 6 adapters (one case with the most a launch takes),
@@ -611,8 +614,8 @@ static long lowrank_cases(int cases, Kind kind) {
 // blocks past the whole multiple; every fourth W off a 16-byte boundary
 // (element by element), and column counts that leave the last lane of a
 // strip part of a row.
-static long stream_cases(int cases, unsigned kmax) {
-    const char* group = kmax == 8 ? "stream8" : "stream32";
+static long stream_cases(int cases, unsigned kmax, bool shared = false) {
+    const char* group = shared ? "stream8s" : kmax == 8 ? "stream8" : "stream32";
     const long faults0 = emu_faults;
     emu_faults_printed_from = faults0;
     const unsigned cpt = kmax == 8 ? 8 : 2;
@@ -645,21 +648,42 @@ static long stream_cases(int cases, unsigned kmax) {
             p.adapters[a] = rand_adapter(FMA, n, rank, cols, store, d, da);
             add_delta(W, p.adapters[a].scale, d, da);
         }
-        const unsigned rows_per_group = (W.dt == OFFLOAD_DTYPE_F32 ? 0.5 : 1) * (kmax == 8 ? 2 : 8);
+        const unsigned rows_per_group = (W.dt == OFFLOAD_DTYPE_F32 ? 0.5 : 1) * (shared ? 4 : kmax == 8 ? 2 : 8);
         const unsigned groups = (n + rows_per_group - 1) / rows_per_group;
         const unsigned tiles_x = (cols + sw - 1) / sw;
         unsigned per_strip = c % 3 == 0 ? 1 : (c % 3 == 1 ? 1 + rng() % 3 : groups / OFFLOAD_ST_WARPS + 2);
         const unsigned extra = tiles_x > 1 && c % 2 == 0 ? 1 + rng() % (tiles_x - 1) : 0;
         ShiftedW shifted;
         if (c % 4 == 3) shifted.shift(W, p);
-        auto kernel = kmax == 8 ? pick(W.dt, offload_lowrank_merge_stream8_f32, offload_lowrank_merge_stream8_f16,
-                                       offload_lowrank_merge_stream8_bf16)
-                                : pick(W.dt, offload_lowrank_merge_stream32_f32, offload_lowrank_merge_stream32_f16,
-                                       offload_lowrank_merge_stream32_bf16);
-        launch_grid(kernel, p, OFFLOAD_ST_THREADS, 1, tiles_x * per_strip + extra, 1);
+        auto stream8 = pick(W.dt, offload_lowrank_merge_stream8_f32, offload_lowrank_merge_stream8_f16,
+                            offload_lowrank_merge_stream8_bf16);
+        auto kernel = shared      ? pick(W.dt, offload_lowrank_merge_stream8s_f32, offload_lowrank_merge_stream8s_f16,
+                                         offload_lowrank_merge_stream8s_bf16)
+                      : kmax == 8 ? stream8
+                                  : pick(W.dt, offload_lowrank_merge_stream32_f32, offload_lowrank_merge_stream32_f16,
+                                         offload_lowrank_merge_stream32_bf16);
+        const unsigned grid = tiles_x * per_strip + extra;
+        launch_grid(kernel, p, OFFLOAD_ST_THREADS, 1, grid, 1);
         shifted.restore(W);
         failures += check(group, c, W);
         elements += (long)n * cols;
+        if (shared) {
+            // The same merge on kernel 1b, from the same bytes and at the
+            // same alignment: the same sums in the same order, so the same bits.
+            const std::vector<unsigned char> got = W.w;
+            std::memcpy(W.w.data(), W.w0.data(), W.w.size());
+            if (shifted.off != 0) {
+                std::memcpy(shifted.bytes.data() + shifted.off, W.w0.data(), W.w.size());
+            } else {
+                p.w = (unsigned long long)W.w.data();
+            }
+            launch_grid(stream8, p, OFFLOAD_ST_THREADS, 1, grid, 1);
+            shifted.restore(W);
+            if (std::memcmp(W.w.data(), got.data(), got.size()) != 0) {
+                std::printf("%s case %d: not bit-identical to stream8 on the same merge\n", group, c);
+                ++failures;
+            }
+        }
     }
     failures += emu_faults - faults0;
     std::printf("%s: %d cases, %ld elements, %ld failures\n", group, cases, elements, failures);
@@ -1051,7 +1075,8 @@ int main(int argc, char** argv) {
     if (stream_only) {
         failures += stream_cases(cases, 8);
         failures += stream_cases(cases, 32);
-        std::printf("all: %d cases, %ld failures\n", 2 * cases, failures);
+        failures += stream_cases(cases, 8, true);
+        std::printf("all: %d cases, %ld failures\n", 3 * cases, failures);
         return failures == 0 ? 0 : 1;
     }
     if (pipe_only) {
@@ -1070,7 +1095,8 @@ int main(int argc, char** argv) {
         failures += general_cases(2 * cases);
         failures += stream_cases(cases, 8);
         failures += stream_cases(cases, 32);
-        total += 7 * cases;
+        failures += stream_cases(cases, 8, true);
+        total += 8 * cases;
     }
     failures += batch_cases(batch, FMA);
     failures += batch_cases(batch, MMA);

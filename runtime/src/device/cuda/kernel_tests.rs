@@ -885,6 +885,107 @@ fn gpu_merge_streaming_kernels_match_the_reference() {
     d.destroy_stream(s).unwrap();
 }
 
+/// The ranks-8 streaming kernel with the down factors in shared memory
+/// ([`CudaConfig::stream8_shared`]) gives bit for bit what the one with
+/// them in registers gives (the same sums in the same order), on every W
+/// dtype, row slices, conv weights, mixed factor dtypes, a W that is not a
+/// whole number of groups or strips, and W off a 16-byte boundary; each
+/// merge is one streaming launch, within the f64 reference's bound. A
+/// stack past 8 ranks still takes the ranks-32 kernel.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_stream8_shared_matches_stream8_bit_for_bit() {
+    use Dtype::{BF16, F16, F32};
+    let regs = gpu();
+    let shared = CudaDevice::with_config(
+        0,
+        &CudaConfig {
+            stream8_shared: true,
+            ..CudaConfig::default()
+        },
+    )
+    .expect("a CUDA GPU");
+    assert!(shared.stream8_shared() && !regs.stream8_shared());
+    assert!(shared.memory_mode_note().contains(STREAM8_ENV));
+    let mut cases = Vec::new();
+    for dtype in Dtype::ALL {
+        let case = |shape: &[usize], rows, adapters| MergeCase {
+            dtype,
+            shape: shape.to_vec(),
+            rows,
+            adapters,
+        };
+        cases.push(case(&[150, 512], Some(7..137), vec![(8, F16, F16, 0.7)]));
+        cases.push(case(
+            &[64, 16, 3, 3],
+            None,
+            vec![
+                (3, BF16, F32, 0.25),
+                (1, F16, F16, 1.0),
+                (4, F32, F16, -1.5),
+            ],
+        ));
+        cases.push(case(&[203, 517], Some(1..202), vec![(5, BF16, BF16, -0.3)]));
+        cases.push(case(&[1030, 1280], None, vec![(8, F16, F16, 0.4)]));
+        cases.push(case(&[40, 90], None, vec![(2, F16, F16, -0.8)]));
+    }
+    for (i, case) in cases.iter().enumerate() {
+        let data = CaseData::new(case, 0x58e4 + i as u64);
+        let adapters = data.adapters(case);
+        let spec = MergeSpec::new(case.dtype, &case.shape, case.rows.clone(), &adapters).unwrap();
+        // W at `shift` bytes past an allocation's start (0: aligned).
+        let run = |d: &CudaDevice, shift: usize| -> Vec<u8> {
+            let s = d.create_stream().unwrap();
+            let mut bufs = Bufs::new(d);
+            let (w0, factors) = data.upload(&mut bufs, s);
+            let w = if shift == 0 {
+                w0
+            } else {
+                let mut padded = vec![0u8; shift];
+                padded.extend_from_slice(&data.w);
+                bufs.upload(&padded, s).offset(shift)
+            };
+            let before = d.merge_launches();
+            d.merge_lowrank_with(&spec, w, &factors, s, LowRankKernel::Streaming)
+                .unwrap();
+            let (single, _, others) =
+                launches_on(LowRankKernel::Streaming, before, d.merge_launches()).unwrap();
+            assert_eq!((single, others), (1, 0), "case {i}: one streaming launch");
+            let mut out = vec![0u8; data.w.len()];
+            d.read_blocking(w, &mut out, s).unwrap();
+            drop(bufs);
+            d.destroy_stream(s).unwrap();
+            out
+        };
+        let shift = if i % 2 == 1 {
+            case.dtype.size_in_bytes()
+        } else {
+            0
+        };
+        let want = run(&regs, shift);
+        let got = run(&shared, shift);
+        assert!(
+            got == want,
+            "case {i} ({case:?}, W shifted {shift} bytes): not bit for bit the registers kernel's"
+        );
+        let same = data.check(case, &got);
+        eprintln!(
+            "stream8 shared {} {:?} rows {:?}, W shifted {shift} bytes: bit-identical to stream8; {same} elements bit-identical to the CPU",
+            case.dtype, case.shape, case.rows
+        );
+    }
+    // Past 8 ranks: the ranks-32 kernel on both.
+    let wide = MergeCase {
+        dtype: F16,
+        shape: vec![100, 200],
+        rows: None,
+        adapters: vec![(9, F16, F16, 0.5)],
+    };
+    let s = shared.create_stream().unwrap();
+    check_merge_with(&shared, s, &wide, 0x58e5, LowRankKernel::Streaming);
+    shared.destroy_stream(s).unwrap();
+}
+
 /// Throughput of the low-rank kernels (informative; `offload bench merge`
 /// is the measurement): a 4096 x 4096 f16 weight, one or four adapters with
 /// f16 factors, on each kernel, rotating through four copies of W (128 MiB,

@@ -62,7 +62,8 @@ pub(super) struct MergeKernels {
     lowrank_pipe: [sys::CUfunction; 3],
     lowrank_pipe_batch: [sys::CUfunction; 3],
     /// The streaming kernels: ranks up to 8, then up to 32.
-    lowrank_stream: [[sys::CUfunction; 3]; 2],
+    /// The streaming entry points by [`stream_slot`], then W's dtype code.
+    lowrank_stream: [[sys::CUfunction; 3]; 3],
     general: [sys::CUfunction; 3],
     image: Arc<Image>,
     /// The NVRTC library mapped in the process when they were built.
@@ -397,16 +398,31 @@ pub enum LowRankKernel {
 /// [`LowRankKernel::Streaming`], the ranks-8 one for large 16-bit W with
 /// [`LowRankKernel::Auto`]
 /// ([`offload_kernels::cuda::LowRankMergeParams::auto_streaming`]); `None`
-/// otherwise.
+/// otherwise. The ranks-8 one is [`StreamKernel::Ranks8Shared`] on a device
+/// configured for it ([`CudaConfig::stream8_shared`](super::CudaConfig::stream8_shared)).
 fn streaming_kernel(
     params: &LowRankMergeParams,
     kernel: LowRankKernel,
     dtype: Dtype,
+    stream8_shared: bool,
 ) -> Option<StreamKernel> {
-    match kernel {
+    let k = match kernel {
         LowRankKernel::Streaming => params.stream_kernel(),
         LowRankKernel::Auto if params.auto_streaming(dtype) => params.stream_kernel(),
         _ => None,
+    };
+    match k {
+        Some(StreamKernel::Ranks8) if stream8_shared => Some(StreamKernel::Ranks8Shared),
+        k => k,
+    }
+}
+
+/// Where [`MergeKernels`] keeps the entry points of streaming kernel `k`.
+fn stream_slot(k: StreamKernel) -> usize {
+    match k {
+        StreamKernel::Ranks8 => 0,
+        StreamKernel::Ranks32 => 1,
+        StreamKernel::Ranks8Shared => 2,
     }
 }
 
@@ -506,6 +522,7 @@ impl CudaDevice {
             lowrank_stream: [
                 functions(|d| StreamKernel::Ranks8.entry(d))?,
                 functions(|d| StreamKernel::Ranks32.entry(d))?,
+                functions(|d| StreamKernel::Ranks8Shared.entry(d))?,
             ],
             general: functions(merge_entry)?,
             _module: module,
@@ -556,8 +573,9 @@ impl CudaDevice {
     /// [`LowRankKernel::TensorCores`].
     pub fn auto_lowrank_kernel(&self, spec: &MergeSpec<'_>) -> LowRankKernel {
         let addrs = vec![(0, 0); spec.adapters().len()];
-        let streams = LowRankMergeParams::new(spec, 0, &addrs)
-            .is_ok_and(|p| streaming_kernel(&p, LowRankKernel::Auto, spec.dtype()).is_some());
+        let streams = LowRankMergeParams::new(spec, 0, &addrs).is_ok_and(|p| {
+            streaming_kernel(&p, LowRankKernel::Auto, spec.dtype(), self.stream8_shared).is_some()
+        });
         if streams {
             LowRankKernel::Streaming
         } else if !self.merge_uses_tensor_cores(spec) {
@@ -694,10 +712,10 @@ impl CudaDevice {
         }
         let kernels = self.merge_kernels()?;
         let code = dtype_code(spec.dtype()) as usize;
-        let stream_kernel = streaming_kernel(&params, kernel, spec.dtype());
+        let stream_kernel = streaming_kernel(&params, kernel, spec.dtype(), self.stream8_shared);
         let (function, (grid, block)) = match stream_kernel {
             Some(k) => (
-                kernels.lowrank_stream[(k == StreamKernel::Ranks32) as usize][code],
+                kernels.lowrank_stream[stream_slot(k)][code],
                 params.stream_launch_dims(k, spec.dtype(), self.merge_multiprocessors),
             ),
             None => match self.lowrank_body(&params, kernel)? {
@@ -869,7 +887,8 @@ impl CudaDevice {
         let (params, access) = self.checked_lowrank_params(m.spec, m.w, m.factors)?;
         let body = self.lowrank_body(&params, kernel)?;
         // The streaming kernels have no batched form.
-        let streamed = streaming_kernel(&params, kernel, m.spec.dtype()).is_some();
+        let streamed =
+            streaming_kernel(&params, kernel, m.spec.dtype(), self.stream8_shared).is_some();
         let job = LowRankJobParams::from_params(&params)
             .filter(|j| !streamed && j.num_adapters > 0 && j.rows > 0 && j.cols > 0);
         let Some(job) = job else {

@@ -105,6 +105,12 @@ pub struct CudaConfig {
     /// W). A grid keeps at least one block per column strip of W, and
     /// values above the GPU's SM count count as all of them.
     pub merge_multiprocessors: Option<u32>,
+    /// Merge stacks of ranks adding up to at most 8 that go to a streaming
+    /// kernel on its variant with the down factors in shared memory
+    /// ([`offload_kernels::cuda::StreamKernel::Ranks8Shared`]: twice the
+    /// rows of W in flight a warp, the same bits) rather than in
+    /// registers (the default, the one timed on a GPU).
+    pub stream8_shared: bool,
 }
 
 impl Default for CudaConfig {
@@ -113,6 +119,7 @@ impl Default for CudaConfig {
             use_vmm: true,
             pipelined_merges: true,
             merge_multiprocessors: None,
+            stream8_shared: false,
         }
     }
 }
@@ -128,16 +135,38 @@ pub const MERGE_KERNEL_ENV: &str = "OFFLOAD_MERGE_KERNEL";
 /// 1), or unset or empty for all of them.
 pub const MERGE_SMS_ENV: &str = "OFFLOAD_MERGE_SMS";
 
+/// The environment variable [`CudaConfig::from_env`] reads for
+/// [`CudaConfig::stream8_shared`]: `shared`, or `registers` (or unset, or
+/// empty) for the default.
+pub const STREAM8_ENV: &str = "OFFLOAD_STREAM8";
+
 impl CudaConfig {
-    /// The default configuration with [`MERGE_KERNEL_ENV`] and
-    /// [`MERGE_SMS_ENV`] applied; what [`CudaDevice::new`] (and so
+    /// The default configuration with [`MERGE_KERNEL_ENV`],
+    /// [`MERGE_SMS_ENV`] and [`STREAM8_ENV`] applied; what [`CudaDevice::new`] (and so
     /// [`auto`](crate::device::auto)) opens a GPU with, so that a benchmark
     /// can compare merge settings end to end without a rebuild. Any other
     /// value is an [`Error::Config`] naming the variable and the value.
     pub fn from_env() -> Result<CudaConfig> {
         CudaConfig::default()
             .with_merge_kernel_var(std::env::var_os(MERGE_KERNEL_ENV).as_deref())?
-            .with_merge_sms_var(std::env::var_os(MERGE_SMS_ENV).as_deref())
+            .with_merge_sms_var(std::env::var_os(MERGE_SMS_ENV).as_deref())?
+            .with_stream8_var(std::env::var_os(STREAM8_ENV).as_deref())
+    }
+
+    /// `self` with [`STREAM8_ENV`]'s value `value` (`None`: unset) applied,
+    /// as [`CudaConfig::from_env`] does.
+    fn with_stream8_var(mut self, value: Option<&std::ffi::OsStr>) -> Result<CudaConfig> {
+        match value.map(|v| v.to_str()) {
+            None | Some(Some("" | "registers")) => self.stream8_shared = false,
+            Some(Some("shared")) => self.stream8_shared = true,
+            Some(_) => {
+                return Err(Error::Config(format!(
+                    "{STREAM8_ENV}={:?}: expected `registers` or `shared`",
+                    value.unwrap_or_default()
+                )))
+            }
+        }
+        Ok(self)
     }
 
     /// `self` with [`MERGE_SMS_ENV`]'s value `value` (`None`: unset)
@@ -202,6 +231,8 @@ pub struct CudaDevice {
     merge_multiprocessors: u32,
     /// [`CudaConfig::pipelined_merges`].
     pipelined_merges: bool,
+    /// [`CudaConfig::stream8_shared`].
+    stream8_shared: bool,
     mem: Mutex<MemState>,
     streams: DashMap<u64, Arc<Stream>>,
     events: DashMap<u64, Arc<Event>>,
@@ -341,6 +372,7 @@ impl CudaDevice {
                 .merge_multiprocessors
                 .map_or(multiprocessors, |n| n.clamp(1, multiprocessors.max(1))),
             pipelined_merges: config.pipelined_merges,
+            stream8_shared: config.stream8_shared,
             mem: Mutex::new(MemState::new(page_size, vmm)),
             streams: DashMap::new(),
             events: DashMap::new(),
@@ -370,6 +402,12 @@ impl CudaDevice {
     /// ([`CudaConfig::merge_multiprocessors`]; all of them by default).
     pub fn merge_multiprocessors(&self) -> u32 {
         self.merge_multiprocessors
+    }
+
+    /// Whether ranks-8 streaming merges keep the down factors in shared
+    /// memory ([`CudaConfig::stream8_shared`]).
+    pub fn stream8_shared(&self) -> bool {
+        self.stream8_shared
     }
 
     /// Whether tensor-core merges run on the pipelined kernel
@@ -431,6 +469,11 @@ impl CudaDevice {
         if !self.pipelined_merges {
             note.push_str(&format!(
                 "; tensor-core merges on the unpipelined kernel ({MERGE_KERNEL_ENV}=tensor-cores)"
+            ));
+        }
+        if self.stream8_shared {
+            note.push_str(&format!(
+                "; ranks-8 streaming merges with the down factors in shared memory ({STREAM8_ENV}=shared)"
             ));
         }
         if self.merge_multiprocessors < self.multiprocessors {

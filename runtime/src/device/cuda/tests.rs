@@ -122,6 +122,28 @@ fn merge_sms_variable_is_parsed_strictly() {
     assert_eq!(c.merge_multiprocessors, Some(8));
 }
 
+/// `OFFLOAD_STREAM8`: unset, empty or `registers` for the default ranks-8
+/// streaming kernel, `shared` for the one with the down factors in shared
+/// memory; anything else is a configuration error naming the variable and
+/// the value.
+#[test]
+fn stream8_variable_is_parsed_strictly() {
+    use std::ffi::OsStr;
+    let with = |v: Option<&str>| CudaConfig::default().with_stream8_var(v.map(OsStr::new));
+    assert!(!CudaConfig::default().stream8_shared);
+    for v in [None, Some(""), Some("registers")] {
+        assert!(!with(v).unwrap().stream8_shared, "{v:?}");
+    }
+    assert!(with(Some("shared")).unwrap().stream8_shared);
+    for v in ["Shared", "smem", " shared", "1"] {
+        let e = with(Some(v)).unwrap_err();
+        assert!(
+            matches!(&e, Error::Config(m) if m.contains(STREAM8_ENV) && m.contains(v)),
+            "{v}: {e}"
+        );
+    }
+}
+
 #[test]
 fn cuda_device_without_driver_is_an_error_not_a_panic() {
     let r = CudaDevice::new(0);
