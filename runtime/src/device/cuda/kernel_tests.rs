@@ -948,9 +948,15 @@ fn gpu_stream8_shared_matches_stream8_bit_for_bit() {
             let before = d.merge_launches();
             d.merge_lowrank_with(&spec, w, &factors, s, LowRankKernel::Streaming)
                 .unwrap();
-            let (single, _, others) =
-                launches_on(LowRankKernel::Streaming, before, d.merge_launches()).unwrap();
+            let after = d.merge_launches();
+            let (single, _, others) = launches_on(LowRankKernel::Streaming, before, after).unwrap();
             assert_eq!((single, others), (1, 0), "case {i}: one streaming launch");
+            // On kernel 1c exactly where the device is configured for it.
+            assert_eq!(
+                after.streaming_shared - before.streaming_shared,
+                u64::from(d.stream8_shared()),
+                "case {i}: the launch's streaming kernel"
+            );
             let mut out = vec![0u8; data.w.len()];
             d.read_blocking(w, &mut out, s).unwrap();
             drop(bufs);

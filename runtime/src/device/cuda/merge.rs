@@ -61,8 +61,8 @@ pub(super) struct MergeKernels {
     lowrank_mma_batch: [sys::CUfunction; 3],
     lowrank_pipe: [sys::CUfunction; 3],
     lowrank_pipe_batch: [sys::CUfunction; 3],
-    /// The streaming kernels: ranks up to 8, then up to 32.
-    /// The streaming entry points by [`stream_slot`], then W's dtype code.
+    /// The streaming kernels' entry points by [`stream_slot`], then W's
+    /// dtype code.
     lowrank_stream: [[sys::CUfunction; 3]; 3],
     general: [sys::CUfunction; 3],
     image: Arc<Image>,
@@ -269,6 +269,8 @@ struct Batcher<L> {
     /// Launches queued so far: batched ones, and one per merge that had its
     /// own.
     launches: usize,
+    /// SMs each batched job's grid is sized for ([`job_multiprocessors`]).
+    job_sms: u32,
 }
 
 impl<L: FnMut(&mut LowRankBatchParams, usize, Body) -> Result<()>> Batcher<L> {
@@ -281,6 +283,7 @@ impl<L: FnMut(&mut LowRankBatchParams, usize, Body) -> Result<()>> Batcher<L> {
                 .map(|_| (LowRankBatchParams::default(), Vec::new()))
                 .collect(),
             launches: 0,
+            job_sms: 1,
         }
     }
 
@@ -417,6 +420,22 @@ fn streaming_kernel(
     }
 }
 
+/// The SMs each job of a batch of `jobs` merges sizes its grid for, on a
+/// GPU of `all` SMs whose merges are capped at `cap`
+/// ([`CudaConfig::merge_multiprocessors`](super::CudaConfig::merge_multiprocessors)):
+/// every SM when uncapped (each job as if alone), else the cap shared
+/// among the jobs, at least one each, so that a batched launch (the sum of
+/// its jobs' grids) stays near the cap. A job's grid keeps at least one
+/// block per column strip of its W either way.
+fn job_multiprocessors(all: u32, cap: u32, jobs: usize) -> u32 {
+    if cap >= all {
+        all
+    } else {
+        let jobs = u32::try_from(jobs.max(1)).unwrap_or(u32::MAX);
+        (cap / jobs).max(1)
+    }
+}
+
 /// Where [`MergeKernels`] keeps the entry points of streaming kernel `k`.
 fn stream_slot(k: StreamKernel) -> usize {
     match k {
@@ -446,6 +465,9 @@ pub struct MergeLaunches {
     pub pipelined_batched: u64,
     /// One-tensor low-rank launches on a streaming kernel.
     pub streaming: u64,
+    /// Of those, launches on the ranks-8 one with its down factors in
+    /// shared memory ([`StreamKernel::Ranks8Shared`]).
+    pub streaming_shared: u64,
     /// Launches of the general kernel (LoHa, LoKr, or more adapters than
     /// the low-rank kernels take).
     pub general: u64,
@@ -457,6 +479,9 @@ impl MergeKernels {
     fn count(&self, f: sys::CUfunction, launches: &mut MergeLaunches) {
         if self.lowrank_stream.iter().any(|e| e.contains(&f)) {
             launches.streaming += 1;
+            if self.lowrank_stream[stream_slot(StreamKernel::Ranks8Shared)].contains(&f) {
+                launches.streaming_shared += 1;
+            }
             return;
         }
         let counter = [
@@ -679,9 +704,11 @@ impl CudaDevice {
     /// size, and the factors must not overlap W's row slice. At most
     /// [`MAX_ADAPTERS`] adapters, all low-rank.
     ///
-    /// Runs on the tensor cores when [`Self::merge_uses_tensor_cores`] says
-    /// so, in fp32 FMA otherwise. The kernels are compiled at the first call
-    /// (see [`Self::prepare_merge`]).
+    /// Runs on the kernel [`Self::auto_lowrank_kernel`] names: the tensor
+    /// cores when [`Self::merge_uses_tensor_cores`] says so, the streaming
+    /// kernel for ranks adding up to at most 8 into a large 16-bit W, fp32
+    /// FMA otherwise. The kernels are compiled at the first call (see
+    /// [`Self::prepare_merge`]).
     pub fn merge_lowrank(
         &self,
         spec: &MergeSpec<'_>,
@@ -867,6 +894,11 @@ impl CudaDevice {
             self.launch_lowrank_batch(b, code, body, stream)
         };
         let mut b = Batcher::new(launch, stream, groups);
+        b.job_sms = job_multiprocessors(
+            self.multiprocessors,
+            self.merge_multiprocessors,
+            merges.len(),
+        );
         let n = merges.len();
         for (i, m) in merges.iter().enumerate() {
             if let Err(e) = self.batch_lowrank(&mut b, m, kernel) {
@@ -900,9 +932,9 @@ impl CudaDevice {
             return Ok(());
         };
         let (grid, _) = match body {
-            Body::Fma => params.launch_dims(self.merge_multiprocessors),
-            Body::Mma => params.mma_launch_dims(self.merge_multiprocessors),
-            Body::Pipe => params.pipe_launch_dims(self.merge_multiprocessors),
+            Body::Fma => params.launch_dims(b.job_sms),
+            Body::Mma => params.mma_launch_dims(b.job_sms),
+            Body::Pipe => params.pipe_launch_dims(b.job_sms),
         };
         let key = Body::COUNT * dtype_code(m.spec.dtype()) as usize + body as usize;
         b.push(key, job, grid.0, access)
@@ -967,6 +999,8 @@ impl CudaDevice {
             self.launch_lowrank_batch(b, code, body, stream)
         };
         let mut b = Batcher::new(launch, stream, groups);
+        b.job_sms =
+            job_multiprocessors(self.multiprocessors, self.merge_multiprocessors, ops.len());
         let n = ops.len();
         for (i, (off, op)) in ops.iter().enumerate() {
             let w = base.offset(*off);
@@ -1076,6 +1110,72 @@ mod tests {
     use offload_kernels::cuda::BATCH_MAX_JOBS;
     use offload_kernels::{Adapter, Factor, KronFactor};
     use std::collections::BTreeSet;
+
+    /// Which streaming kernel a merge runs on: any that holds the ranks when
+    /// asked for by name, the ranks-8 one for `auto` only into a 16-bit W of
+    /// 2²⁴ elements or more, kernel 1c in place of the ranks-8 one on a
+    /// device configured for it (never in place of the ranks-32 one), none
+    /// for the other kernels; each in a slot of its own.
+    #[test]
+    fn streaming_kernel_by_request_configuration_and_size() {
+        use LowRankKernel::{Auto, Fma, Pipelined, Streaming, TensorCores};
+        use StreamKernel::{Ranks32, Ranks8, Ranks8Shared};
+        let params = |ranks: &[u32], rows: u32, cols: u32| {
+            let mut p = LowRankMergeParams {
+                rows,
+                cols,
+                ..Default::default()
+            };
+            p.num_adapters = ranks.len() as u32;
+            for (a, &r) in p.adapters.iter_mut().zip(ranks) {
+                a.rank = r;
+            }
+            p
+        };
+        let small = params(&[8], 1280, 5120);
+        let big = params(&[4, 4], 4096, 4096);
+        let wide = params(&[8, 1], 4096, 4096);
+        let (f16, bf16, f32) = (Dtype::F16, Dtype::BF16, Dtype::F32);
+        assert_eq!(
+            streaming_kernel(&small, Streaming, f16, false),
+            Some(Ranks8)
+        );
+        assert_eq!(
+            streaming_kernel(&small, Streaming, f32, true),
+            Some(Ranks8Shared)
+        );
+        assert_eq!(streaming_kernel(&wide, Streaming, f16, true), Some(Ranks32));
+        assert_eq!(
+            streaming_kernel(&params(&[33], 8, 8), Streaming, f16, true),
+            None
+        );
+        assert_eq!(streaming_kernel(&small, Auto, f16, false), None);
+        assert_eq!(streaming_kernel(&big, Auto, f16, false), Some(Ranks8));
+        assert_eq!(streaming_kernel(&big, Auto, bf16, true), Some(Ranks8Shared));
+        assert_eq!(streaming_kernel(&big, Auto, f32, false), None);
+        assert_eq!(streaming_kernel(&wide, Auto, f16, true), None);
+        for k in [Fma, TensorCores, Pipelined] {
+            assert_eq!(streaming_kernel(&big, k, f16, true), None, "{k:?}");
+        }
+        let slots: BTreeSet<usize> = [Ranks8, Ranks32, Ranks8Shared]
+            .into_iter()
+            .map(stream_slot)
+            .collect();
+        assert_eq!(slots, BTreeSet::from([0, 1, 2]));
+    }
+
+    /// A batch's jobs size their grids for every SM when merges are not
+    /// capped, else for the cap shared among them, at least one SM each.
+    #[test]
+    fn batched_jobs_share_the_merge_sm_cap() {
+        assert_eq!(job_multiprocessors(132, 132, 7), 132);
+        assert_eq!(job_multiprocessors(132, 132, 0), 132);
+        assert_eq!(job_multiprocessors(132, 33, 1), 33);
+        assert_eq!(job_multiprocessors(132, 33, 7), 4);
+        assert_eq!(job_multiprocessors(132, 33, 100), 1);
+        assert_eq!(job_multiprocessors(132, 33, 0), 33);
+        assert_eq!(job_multiprocessors(132, 1, usize::MAX), 1);
+    }
 
     /// The grouping on its own, with launches recorded instead of queued:
     /// random merges over 4 weights of 4 row slices each (batched with a

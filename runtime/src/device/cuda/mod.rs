@@ -99,11 +99,13 @@ pub struct CudaConfig {
     /// every merge the runtime queues (fuse-on-upload included).
     pub pipelined_merges: bool,
     /// How many SMs the low-rank merge kernels size their grids for: `None`
-    /// (the default) for all of them; fewer leave the other SMs to the
-    /// engine's kernels while merges run beside them (the merge grids are
+    /// (the default) for all of them; fewer leave more SMs to the engine's
+    /// kernels while merges run beside them (the merge grids are
     /// persistent: a block holds its SM until it has walked its share of
-    /// W). A grid keeps at least one block per column strip of W, and
-    /// values above the GPU's SM count count as all of them.
+    /// W). A batched launch shares the cap among its jobs (at least one SM
+    /// each). A grid keeps at least one block per column strip of W, so a
+    /// small W, or a batch of many, can take more than the cap; values
+    /// above the GPU's SM count count as all of them.
     pub merge_multiprocessors: Option<u32>,
     /// Merge stacks of ranks adding up to at most 8 that go to a streaming
     /// kernel on its variant with the down factors in shared memory
