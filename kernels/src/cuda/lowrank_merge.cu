@@ -1071,6 +1071,66 @@ __device__ __forceinline__ bool offload_st_rank(const P& p, unsigned int num_ada
     return false;
 }
 
+// Where the lane whose first column of W is c0 finds its columns.
+template <typename T, int CPT, typename P>
+__device__ __forceinline__ OffloadStLane offload_st_lane(const P& p, unsigned int c0) {
+    OffloadStLane ln;
+    ln.w = p.w;
+    ln.row_bytes = (unsigned long long)p.cols * sizeof(T);
+    ln.col_bytes = (unsigned long long)c0 * sizeof(T);
+    ln.row0 = p.row0;
+    ln.rows = p.rows;
+    ln.cols_here = c0 >= p.cols ? 0u : (p.cols - c0 < (unsigned int)CPT ? p.cols - c0 : (unsigned int)CPT);
+    constexpr unsigned int vb = offload_st_vec_bytes<T, CPT>();
+    ln.vec = ln.cols_here == (unsigned int)CPT &&
+             (ln.w + (unsigned long long)p.row0 * ln.row_bytes + ln.col_bytes) % vb == 0 &&
+             ln.row_bytes % vb == 0;
+    return ln;
+}
+
+// A lane's share of the up factors' values of a group of R rows: rank
+// my_k = lane % KMAX of rows lane / KMAX, lane / KMAX + 32 / KMAX, ... (Q
+// values; lanes past R rows load none), loaded as fp32 and staged into
+// the warp's shared slot [row of the group][rank].
+template <int R, int KMAX> struct OffloadStUpLane {
+    static constexpr int Q = R * KMAX < 32 ? 1 : R * KMAX / 32;
+    unsigned int lane, my_k, up_index, up_dtype, up_rank;
+    unsigned long long up_base;
+    bool up_here;
+
+    template <typename P>
+    __device__ __forceinline__ OffloadStUpLane(const P& p, unsigned int num_adapters, unsigned int lane_)
+        : lane(lane_), my_k(lane_ % KMAX), up_index(0) {
+        unsigned int up_adapter = 0;
+        up_here = offload_st_rank(p, num_adapters, my_k, up_adapter, up_index);
+        up_base = p.adapters[up_adapter].up;
+        up_dtype = p.adapters[up_adapter].up_dtype;
+        up_rank = p.adapters[up_adapter].rank;
+    }
+
+    // Group h's values (zeros past the slice's `rows`).
+    __device__ __forceinline__ void load(float (&v)[Q], unsigned int h, unsigned int rows) const {
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            const unsigned int i = lane / KMAX + q * (32 / KMAX);
+            const unsigned int r = h * R + i;
+            v[q] = up_here && i < (unsigned int)R && r < rows
+                       ? offload_load_factor(up_base, up_dtype, (unsigned long long)r * up_rank + up_index)
+                       : 0.0f;
+        }
+    }
+
+    __device__ __forceinline__ void stage(float (*slot)[KMAX], const float (&v)[Q]) const {
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            const unsigned int i = lane / KMAX + q * (32 / KMAX);
+            if (i < (unsigned int)R) {
+                slot[i][my_k] = v[q];
+            }
+        }
+    }
+};
+
 // The merge of one slice by block `block` of the `blocks` that merge it.
 // The caller guarantees that the ranks add up to at most KMAX.
 template <typename T, int CPT, int RPT16, int KMAX, typename P>
@@ -1103,32 +1163,15 @@ __device__ __forceinline__ void offload_lowrank_merge_stream(const P& p, unsigne
     }
     const unsigned int num_adapters = p.num_adapters < kMaxAdapters ? p.num_adapters : kMaxAdapters;
 
-    OffloadStLane ln;
     const unsigned int c0 = (block % tiles_x) * SW + lane * CPT;
-    ln.w = p.w;
-    ln.row_bytes = (unsigned long long)p.cols * sizeof(T);
-    ln.col_bytes = (unsigned long long)c0 * sizeof(T);
-    ln.row0 = p.row0;
-    ln.rows = p.rows;
-    ln.cols_here = c0 >= p.cols ? 0u : (p.cols - c0 < (unsigned int)CPT ? p.cols - c0 : (unsigned int)CPT);
-    {
-        constexpr unsigned int vb = offload_st_vec_bytes<T, CPT>();
-        ln.vec = ln.cols_here == (unsigned int)CPT &&
-                 (ln.w + (unsigned long long)p.row0 * ln.row_bytes + ln.col_bytes) % vb == 0 &&
-                 ln.row_bytes % vb == 0;
-    }
+    const OffloadStLane ln = offload_st_lane<T, CPT>(p, c0);
 
     // The first group's W, in flight while A is read.
     OffloadStRow<T, CPT> cur[R];
     offload_st_load<T, CPT, R>(cur, ln, g * R);
 
     // This lane's rank of the up factors, the same for every group.
-    const unsigned int my_k = lane % KMAX;
-    unsigned int up_adapter = 0, up_index = 0;
-    const bool up_here = offload_st_rank(p, num_adapters, my_k, up_adapter, up_index);
-    const unsigned long long up_base = p.adapters[up_adapter].up;
-    const unsigned int up_dtype = p.adapters[up_adapter].up_dtype;
-    const unsigned int up_rank = p.adapters[up_adapter].rank;
+    const OffloadStUpLane<R, KMAX> up(p, num_adapters, lane);
 
     // A's values for the lane's columns, scaled (zeros past the ranks' sum
     // and outside W).
@@ -1148,25 +1191,8 @@ __device__ __forceinline__ void offload_lowrank_merge_stream(const P& p, unsigne
     }
 
     // Up-factor values of group h's rows, this lane's share of them.
-    auto load_up = [&](float (&v)[Q], unsigned int h) {
-#pragma unroll
-        for (int q = 0; q < Q; ++q) {
-            const unsigned int i = lane / KMAX + q * (32 / KMAX);
-            const unsigned int r = h * R + i;
-            v[q] = up_here && i < (unsigned int)R && r < p.rows
-                       ? offload_load_factor(up_base, up_dtype, (unsigned long long)r * up_rank + up_index)
-                       : 0.0f;
-        }
-    };
-    auto stage_up = [&](const float (&v)[Q], unsigned int slot) {
-#pragma unroll
-        for (int q = 0; q < Q; ++q) {
-            const unsigned int i = lane / KMAX + q * (32 / KMAX);
-            if (i < (unsigned int)R) {
-                b_sh[warp][slot][i][my_k] = v[q];
-            }
-        }
-    };
+    auto load_up = [&](float (&v)[Q], unsigned int h) { up.load(v, h, p.rows); };
+    auto stage_up = [&](const float (&v)[Q], unsigned int slot) { up.stage(b_sh[warp][slot], v); };
 
     unsigned int slot = 0;
     {
@@ -1336,50 +1362,16 @@ __device__ __forceinline__ void offload_lowrank_merge_stream8s(const P& p, unsig
         return;  // the whole warp: no group for it
     }
 
-    OffloadStLane ln;
     const unsigned int c0 = strip0 + lane * CPT;
-    ln.w = p.w;
-    ln.row_bytes = (unsigned long long)p.cols * sizeof(T);
-    ln.col_bytes = (unsigned long long)c0 * sizeof(T);
-    ln.row0 = p.row0;
-    ln.rows = p.rows;
-    ln.cols_here = c0 >= p.cols ? 0u : (p.cols - c0 < (unsigned int)CPT ? p.cols - c0 : (unsigned int)CPT);
-    {
-        constexpr unsigned int vb = offload_st_vec_bytes<T, CPT>();
-        ln.vec = ln.cols_here == (unsigned int)CPT &&
-                 (ln.w + (unsigned long long)p.row0 * ln.row_bytes + ln.col_bytes) % vb == 0 &&
-                 ln.row_bytes % vb == 0;
-    }
+    const OffloadStLane ln = offload_st_lane<T, CPT>(p, c0);
 
     OffloadStRow<T, CPT> cur[R];
     offload_st_load<T, CPT, R>(cur, ln, g * R);
 
-    const unsigned int my_k = lane % KMAX;
-    unsigned int up_adapter = 0, up_index = 0;
-    const bool up_here = offload_st_rank(p, num_adapters, my_k, up_adapter, up_index);
-    const unsigned long long up_base = p.adapters[up_adapter].up;
-    const unsigned int up_dtype = p.adapters[up_adapter].up_dtype;
-    const unsigned int up_rank = p.adapters[up_adapter].rank;
+    const OffloadStUpLane<R, KMAX> up(p, num_adapters, lane);
 
-    auto load_up = [&](float (&v)[Q], unsigned int h) {
-#pragma unroll
-        for (int q = 0; q < Q; ++q) {
-            const unsigned int i = lane / KMAX + q * (32 / KMAX);
-            const unsigned int r = h * R + i;
-            v[q] = up_here && i < (unsigned int)R && r < p.rows
-                       ? offload_load_factor(up_base, up_dtype, (unsigned long long)r * up_rank + up_index)
-                       : 0.0f;
-        }
-    };
-    auto stage_up = [&](const float (&v)[Q], unsigned int slot) {
-#pragma unroll
-        for (int q = 0; q < Q; ++q) {
-            const unsigned int i = lane / KMAX + q * (32 / KMAX);
-            if (i < (unsigned int)R) {
-                b_sh[warp][slot][i][my_k] = v[q];
-            }
-        }
-    };
+    auto load_up = [&](float (&v)[Q], unsigned int h) { up.load(v, h, p.rows); };
+    auto stage_up = [&](const float (&v)[Q], unsigned int slot) { up.stage(b_sh[warp][slot], v); };
 
     unsigned int slot = 0;
     {
