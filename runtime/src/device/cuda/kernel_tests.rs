@@ -1186,6 +1186,36 @@ fn gpu_merge_lowrank_batch_matches_one_launch_per_tensor() {
     d.destroy_stream(s).unwrap();
 }
 
+/// W of `data` merged by `spec` on `d` with `kernel`, alone or as a batch
+/// of one ([`CudaDevice::merge_lowrank_batch`]), on a fresh stream; W's
+/// bytes read back.
+fn merged_w(
+    d: &CudaDevice,
+    data: &CaseData,
+    spec: &MergeSpec<'_>,
+    kernel: LowRankKernel,
+    batched: bool,
+) -> Vec<u8> {
+    let s = d.create_stream().unwrap();
+    let mut bufs = Bufs::new(d);
+    let (w, factors) = data.upload(&mut bufs, s);
+    if batched {
+        let m = LowRankMerge {
+            spec,
+            w,
+            factors: &factors,
+        };
+        d.merge_lowrank_batch(&[m], s, kernel).unwrap();
+    } else {
+        d.merge_lowrank_with(spec, w, &factors, s, kernel).unwrap();
+    }
+    let mut out = vec![0u8; data.w.len()];
+    d.read_blocking(w, &mut out, s).unwrap();
+    drop(bufs);
+    d.destroy_stream(s).unwrap();
+    out
+}
+
 /// `Auto` routes each merge by the device's merge-kernel configuration: on a
 /// device opened with [`CudaConfig::pipelined_merges`] (the default) the
 /// pipelined tensor-core kernel from rank 16 up, on one opened without it
@@ -1250,25 +1280,8 @@ fn gpu_auto_merges_route_by_the_merge_kernel_config() {
         let data = CaseData::new(case, 0x9193 + i as u64);
         let adapters = data.adapters(case);
         let spec = MergeSpec::new(case.dtype, &case.shape, case.rows.clone(), &adapters).unwrap();
-        let run = |d: &CudaDevice, kernel: LowRankKernel, batched: bool| -> Vec<u8> {
-            let s = d.create_stream().unwrap();
-            let mut bufs = Bufs::new(d);
-            let (w, factors) = data.upload(&mut bufs, s);
-            if batched {
-                let m = LowRankMerge {
-                    spec: &spec,
-                    w,
-                    factors: &factors,
-                };
-                d.merge_lowrank_batch(&[m], s, kernel).unwrap();
-            } else {
-                d.merge_lowrank_with(&spec, w, &factors, s, kernel).unwrap();
-            }
-            let mut out = vec![0u8; data.w.len()];
-            d.read_blocking(w, &mut out, s).unwrap();
-            drop(bufs);
-            d.destroy_stream(s).unwrap();
-            out
+        let run = |d: &CudaDevice, kernel: LowRankKernel, batched: bool| {
+            merged_w(d, &data, &spec, kernel, batched)
         };
         for (name, d, on) in [("pipelined", &piped, on_piped), ("plain", &plain, on_plain)] {
             assert_eq!(
@@ -1354,25 +1367,8 @@ fn gpu_merges_on_capped_grids_match_full_grids() {
         let data = CaseData::new(case, 0x5a11 + i as u64);
         let adapters = data.adapters(case);
         let spec = MergeSpec::new(case.dtype, &case.shape, case.rows.clone(), &adapters).unwrap();
-        let run = |d: &CudaDevice, kernel: LowRankKernel, batched: bool| -> Vec<u8> {
-            let s = d.create_stream().unwrap();
-            let mut bufs = Bufs::new(d);
-            let (w, factors) = data.upload(&mut bufs, s);
-            if batched {
-                let m = LowRankMerge {
-                    spec: &spec,
-                    w,
-                    factors: &factors,
-                };
-                d.merge_lowrank_batch(&[m], s, kernel).unwrap();
-            } else {
-                d.merge_lowrank_with(&spec, w, &factors, s, kernel).unwrap();
-            }
-            let mut out = vec![0u8; data.w.len()];
-            d.read_blocking(w, &mut out, s).unwrap();
-            drop(bufs);
-            d.destroy_stream(s).unwrap();
-            out
+        let run = |d: &CudaDevice, kernel: LowRankKernel, batched: bool| {
+            merged_w(d, &data, &spec, kernel, batched)
         };
         for kernel in [
             LowRankKernel::Fma,
