@@ -731,8 +731,17 @@ mod compile_tests {
     #[ignore = "needs libnvrtc (a CUDA toolkit, or the nvidia-cuda-nvrtc wheel's lib folder on LD_LIBRARY_PATH)"]
     fn the_disk_cache_gives_back_what_nvrtc_built() {
         assert!(nvrtc_present(), "no NVRTC library loads here");
+        /// Removes the cache folder however the test ends (a failed
+        /// assertion included: rehearsals on the fake driver fail it).
+        struct Cleanup(std::path::PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
         let dir = std::env::temp_dir().join(format!("offload-nvrtc-cache-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        let _cleanup = Cleanup(dir.clone());
         let (name, src) = ("offload_convert.cu", super::super::cublas::CONVERT_SRC);
         let first = build(name, src, (9, 0), Some(&dir)).unwrap();
         let DiskCache::Stored(path) = &first.disk_cache else {
@@ -781,6 +790,5 @@ mod compile_tests {
         )
         .is_err());
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), before);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
