@@ -642,7 +642,8 @@ impl CudaDevice {
             return Err(Error::UnknownStream(stream));
         }
         let b = match (x_dtype, w_dtype) {
-            // X already of W's type (f32 with f32, or 16-bit activations).
+            // X already of W's type (f32 with f32, or 16-bit activations,
+            // which check_types above allowed with W of their own type only).
             (Dtype::F32, Dtype::F32) | (Dtype::F16 | Dtype::BF16, _) => x.0,
             (Dtype::F32, Dtype::F16 | Dtype::BF16) => {
                 let count = tokens * k;
