@@ -81,6 +81,16 @@ fn ok(o: &Output, what: &str) -> String {
 
 /// `offload bench e2e ARGS --json` rows, on the fake or the host backend.
 fn e2e_rows(args: &[&str], fake: Option<&FakeLibs>, tag: &str) -> Vec<Value> {
+    e2e_rows_env(args, fake, tag, &[]).1
+}
+
+/// [`e2e_rows`] with `env` set; also gives the run's standard output.
+fn e2e_rows_env(
+    args: &[&str],
+    fake: Option<&FakeLibs>,
+    tag: &str,
+    env: &[(&str, &str)],
+) -> (String, Vec<Value>) {
     let json = std::env::temp_dir().join(format!(
         "offload-fake-e2e-{tag}-{}.json",
         std::process::id()
@@ -103,13 +113,15 @@ fn e2e_rows(args: &[&str], fake: Option<&FakeLibs>, tag: &str) -> Vec<Value> {
         args,
     ]
     .concat();
-    ok(&offload(&all, fake, &[]), &all.join(" "));
+    let stdout = ok(&offload(&all, fake, env), &all.join(" "));
     let text = std::fs::read_to_string(&json).unwrap();
     let _ = std::fs::remove_file(&json);
-    text.lines()
+    let rows = text
+        .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
+        .collect();
+    (stdout, rows)
 }
 
 /// The fields of an e2e row that are counts, not times: equal on any
@@ -169,6 +181,32 @@ fn e2e_on_cuda_moves_exactly_the_host_backends_bytes() {
     let done: Vec<_> = rows.iter().filter(|r| r["error"].is_null()).collect();
     assert!(done.len() >= 4, "{rows:?}");
     same_counts(&["--no-lora"], "modes");
+}
+
+/// The benchmark's products through cuBLASLt (`OFFLOAD_MATMUL=lt`): the
+/// device line says so, and the run moves, allocates and peaks exactly as
+/// on the host backend.
+#[test]
+fn e2e_on_cuda_with_products_through_cublaslt() {
+    let args = ["--no-lora", "--mode", "sequential"];
+    let fake = FakeLibs::new("lt");
+    let (stdout, rows) = e2e_rows_env(&args, Some(&fake), "lt", &[("OFFLOAD_MATMUL", "lt")]);
+    assert!(
+        stdout.contains(
+            "matrix products through cuBLASLt, one algorithm a shape (OFFLOAD_MATMUL=lt)"
+        ),
+        "{stdout}"
+    );
+    assert!(rows.iter().all(|r| r["error"].is_null()), "{rows:?}");
+    same_as_host(&rows, &args, "lt", &[]);
+    // A value it does not know is an error on any machine, before any driver is asked.
+    let bad = offload(&["device"], None, &[("OFFLOAD_MATMUL", "cublas-lt")]);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("OFFLOAD_MATMUL=\"cublas-lt\": expected `gemm-ex` or `lt`"),
+        "{stderr}"
+    );
 }
 
 /// The staged host policy (reader threads filling pinned staging buffers)

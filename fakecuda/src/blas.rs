@@ -18,7 +18,7 @@ fn handles() -> &'static Mutex<HashMap<usize, usize>> {
     H.get_or_init(Default::default)
 }
 
-fn status(f: impl FnOnce() -> Result<(), Status>) -> Status {
+pub(crate) fn status(f: impl FnOnce() -> Result<(), Status>) -> Status {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(())) => Status::CUBLAS_STATUS_SUCCESS,
         Ok(Err(e)) => e,
@@ -80,15 +80,15 @@ pub extern "C" fn cublasGetStatusName(s: c_uint) -> *const c_char {
 }
 
 /// Element types `cublasGemmEx` takes here (`cudaDataType` values).
-#[derive(Clone, Copy)]
-enum Ty {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ty {
     F32,
     F16,
     Bf16,
 }
 
 impl Ty {
-    fn of(v: c_uint) -> Result<Ty, Status> {
+    pub(crate) fn of(v: c_uint) -> Result<Ty, Status> {
         match v {
             0 => Ok(Ty::F32),
             2 => Ok(Ty::F16),
@@ -136,7 +136,7 @@ impl Ty {
 }
 
 /// The bytes a column-major `rows × cols` matrix with leading dimension `ld` spans.
-fn span(rows: usize, cols: usize, ld: usize, ty: Ty) -> usize {
+pub(crate) fn span(rows: usize, cols: usize, ld: usize, ty: Ty) -> usize {
     if rows == 0 || cols == 0 {
         0
     } else {
@@ -263,7 +263,7 @@ pub unsafe extern "C" fn cublasGemmEx(
 /// The three matrices lie in readable (and, for C, writable) memory of the
 /// spans given by their shapes and leading dimensions.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm(
+pub(crate) unsafe fn gemm(
     m: usize,
     n: usize,
     k: usize,

@@ -2,7 +2,8 @@
 //! CUDA backend on machines without a GPU.
 //!
 //! Built as a shared library and put on `LD_LIBRARY_PATH` under the names
-//! `libcuda.so`, `libcublas.so` and `libnvrtc.so` (see [`install`]), it answers the driver
+//! `libcuda.so`, `libcublas.so`, `libcublasLt.so` and `libnvrtc.so` (see
+//! [`install`]), it answers the driver
 //! calls `offload-runtime`'s CUDA backend makes through cudarc: one device,
 //! memory (`cuMemAlloc`, the virtual memory API, pinned and registered host
 //! memory), streams (each a thread running its operations in order), events
@@ -30,8 +31,9 @@
 //! of those kernels, the activation conversions run on the CPU
 //! ([`kernels`]), and the LoRA merges run as an emulation of what each
 //! computes, from its launch parameters and grid (`merge.rs`: the host
-//! side of a merge is checked, not the CUDA code). `cublasGemmEx` is
-//! computed on the CPU in f32.
+//! side of a merge is checked, not the CUDA code). `cublasGemmEx` and
+//! `cublasLtMatmul` (`libcublasLt.so`, `blaslt.rs`) are computed on the CPU
+//! in f32.
 //!
 //! Environment, read at `cuInit`:
 //! - `OFFLOAD_FAKECUDA_MEMORY_MIB`: device memory (default 2048);
@@ -46,6 +48,8 @@
 //! - `OFFLOAD_FAKECUDA_LEAK_CHECK=1`: the primary context's last release
 //!   aborts if any allocation, pinned buffer, registration, physical
 //!   allocation or reserved range is left (a cleanup that failed unseen);
+//! - `OFFLOAD_FAKECUDA_LT_NO_ALGORITHM=1` (read at each call): cuBLASLt's
+//!   heuristic finds no algorithm for any shape;
 //! - `OFFLOAD_FAKECUDA_MARK=FILE`: `cuInit` writes the device's name to
 //!   FILE, so a harness can tell that this library was the one loaded.
 
@@ -55,6 +59,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 mod blas;
+mod blaslt;
 pub mod kernels;
 mod memory;
 mod merge;
@@ -79,8 +84,13 @@ use stream::{Event, Stream};
 pub const DEVICE_NAME: &str = "Offload fake CUDA device (host memory)";
 
 /// The file names under which the library must be found: cudarc's first
-/// candidates for the driver and for cuBLAS.
-pub const LIBRARY_NAMES: [&str; 3] = ["libcuda.so", "libcublas.so", "libnvrtc.so"];
+/// candidates for the driver, cuBLAS, cuBLASLt and NVRTC.
+pub const LIBRARY_NAMES: [&str; 4] = [
+    "libcuda.so",
+    "libcublas.so",
+    "libcublasLt.so",
+    "libnvrtc.so",
+];
 
 /// Makes `dir` a folder to put on `LD_LIBRARY_PATH`: links named
 /// [`LIBRARY_NAMES`] to `library` (this crate's cdylib).

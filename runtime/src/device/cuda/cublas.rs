@@ -8,7 +8,8 @@
 //! (with the library loaded dynamically by cudarc, after checking that it
 //! loads: cudarc panics otherwise) and pointed at the caller's stream before
 //! every call, under a lock held from `cublasSetStream` until the product
-//! is queued.
+//! is queued. With [`MatmulLibrary::Lt`] the same product goes through
+//! cuBLASLt instead, one algorithm chosen per shape ([`super::cublaslt`]).
 //!
 //! cuBLAS multiplies A and B of one type only, so an f16 or bf16 weight is
 //! multiplied with f32 activations rounded to its type (to nearest, ties
@@ -32,9 +33,10 @@ use cudarc::cublas::sys as cb;
 use cudarc::driver::sys;
 use offload_kernels::Dtype;
 
+use super::cublaslt::{self, Lt, MatmulLaunches, PlanKey};
 use super::handles::Context;
 use super::nvrtc::{self, Module};
-use super::{lock, result, CudaDevice};
+use super::{lock, result, CudaDevice, MatmulLibrary};
 use crate::device::{DevicePtr, Kernel, StreamId};
 use crate::error::{Error, Result};
 
@@ -77,7 +79,7 @@ pub fn library_candidates() -> Vec<String> {
 ///
 /// The field documentation gives the values for `Y = X · Wᵀ` ([`gemm_args`]);
 /// [`accumulate_args`] fills the same fields for `W += s · B · A`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmArgs {
     /// `op(A)` is `Aᵀ` (true) or `A`.
     pub transa: bool,
@@ -233,6 +235,12 @@ pub(super) struct Blas {
     convert: std::result::Result<Convert, String>,
     scratch: HashMap<u64, Scratch>,
     library: Option<PathBuf>,
+    /// cuBLASLt, when the products go through it ([`MatmulLibrary::Lt`]).
+    lt: Option<Lt>,
+    /// Per stream, the cuBLASLt algorithms' workspace.
+    workspace: HashMap<u64, Scratch>,
+    /// Products queued, by library.
+    launches: MatmulLaunches,
 }
 
 // SAFETY: the handle, functions and buffers are driver/cuBLAS handles usable
@@ -241,8 +249,9 @@ pub(super) struct Blas {
 unsafe impl Send for Blas {}
 
 impl Blas {
-    /// Create the handle in `ctx` and build the conversion kernels for `cc`.
-    pub(super) fn new(ctx: &Arc<Context>, cc: (u32, u32)) -> Result<Self> {
+    /// Create the handle in `ctx` (and cuBLASLt's, for
+    /// [`MatmulLibrary::Lt`]) and build the conversion kernels for `cc`.
+    pub(super) fn new(ctx: &Arc<Context>, cc: (u32, u32), library: MatmulLibrary) -> Result<Self> {
         if !cublas_present() {
             return Err(Error::Unsupported(
                 "the matmul kernel on CUDA without the cuBLAS library (libcublas.so.13 could not be loaded)",
@@ -268,6 +277,17 @@ impl Blas {
                 )))
             }
         };
+        let lt = match library {
+            MatmulLibrary::GemmEx => None,
+            MatmulLibrary::Lt => match Lt::new(cublaslt::max_workspace(cc)) {
+                Ok(lt) => Some(lt),
+                Err(e) => {
+                    // SAFETY: created just above, destroyed once, nothing queued with it.
+                    let _ = unsafe { cb::cublasDestroy_v2(handle) };
+                    return Err(e);
+                }
+            },
+        };
         let convert = nvrtc::compile("offload_convert.cu", CONVERT_SRC, cc)
             .map_err(|e| e.to_string())
             .and_then(|image| {
@@ -287,7 +307,16 @@ impl Blas {
             convert,
             scratch: HashMap::new(),
             library: nvrtc::loaded_library("libcublas.so"),
+            lt,
+            workspace: HashMap::new(),
+            launches: MatmulLaunches::default(),
         })
+    }
+
+    /// The loaded cuBLASLt library's path, when the products go through it
+    /// (`Some(None)` if its path could not be read).
+    pub(super) fn lt_library(&self) -> Option<Option<&PathBuf>> {
+        self.lt.as_ref().map(Lt::library)
     }
 
     /// The loaded cuBLAS library's path, if it could be read.
@@ -303,26 +332,23 @@ impl Blas {
     /// A scratch buffer of at least `len` bytes for `stream`; the caller
     /// queues its use on that stream before letting go of the lock.
     fn scratch(&mut self, stream: u64, len: usize) -> Result<u64> {
-        let s = self.scratch.entry(stream).or_default();
-        if s.len < len {
-            let want = len.next_power_of_two().max(MIN_SCRATCH);
-            let p = result::mem_alloc(want)?;
-            if s.ptr != 0 {
-                s.retired.push(s.ptr);
-            }
-            s.ptr = p;
-            s.len = want;
-        }
-        Ok(s.ptr)
+        grow(&mut self.scratch, stream, len)
     }
 
-    /// Take the scratch buffers of a stream being destroyed; the caller frees
-    /// them with [`free_buffers`] once the stream has synchronised.
+    /// Take the scratch and workspace buffers of a stream being destroyed;
+    /// the caller frees them with [`free_buffers`] once the stream has
+    /// synchronised.
     pub(super) fn take_stream(&mut self, stream: u64) -> Vec<u64> {
-        self.scratch
-            .remove(&stream)
-            .map(|s| s.buffers().collect())
-            .unwrap_or_default()
+        [self.scratch.remove(&stream), self.workspace.remove(&stream)]
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s.buffers().collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// Products queued so far, by library.
+    pub(super) fn launches(&self) -> MatmulLaunches {
+        self.launches
     }
 
     /// Queue the rounding of `count` f32 values at `src` into `dtype` at `dst`.
@@ -367,19 +393,24 @@ impl Blas {
     }
 
     /// Queue `C = op(A) · op(B)` (see [`GemmArgs`]) with f32 accumulation
-    /// and an f32 C.
+    /// and an f32 C: through cuBLASLt with the shape's kept algorithm when
+    /// the products go through it and the heuristic offered one, else with
+    /// `cublasGemmEx`.
     ///
     /// # Safety
-    /// `s` is a live stream of the context; `a`, `b`, `c` hold the matrices
-    /// `args` describes, of types `ab_type` (A and B) and f32 (C), valid
-    /// until the product has run; C overlaps neither input.
+    /// `s` is the live stream whose handle is `stream`, of the context,
+    /// which is current; `a`, `b`, `c` hold the matrices `args` describes,
+    /// of types `ab_type` (A and B) and f32 (C), valid until the product
+    /// has run; C overlaps neither input.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn gemm(
-        &self,
+        &mut self,
         args: GemmArgs,
         a: u64,
         b: u64,
         ab_type: Dtype,
         c: u64,
+        stream: u64,
         s: sys::CUstream,
     ) -> Result<()> {
         let mats = GemmMatrices {
@@ -389,8 +420,36 @@ impl Blas {
             c,
             c_type: Dtype::F32,
         };
+        let Blas {
+            lt,
+            workspace,
+            launches,
+            ..
+        } = self;
+        if let Some(lt) = lt.as_mut() {
+            let key = PlanKey {
+                args,
+                ab_type,
+                c_type: Dtype::F32,
+            };
+            let handle = lt.handle();
+            if let Some(plan) = lt.plan(key, launches)? {
+                let ws = match plan.workspace {
+                    0 => 0,
+                    len => grow(workspace, stream, len)?,
+                };
+                // SAFETY: the caller's contract; the workspace holds at least
+                // the plan's bytes and belongs to this stream, whose work is
+                // ordered; with beta = 0, C is only written.
+                unsafe { plan.run(handle, a, b, c, 1.0, 0.0, ws, s.cast())? };
+                launches.lt += 1;
+                return Ok(());
+            }
+        }
         // SAFETY: the caller's contract; with beta = 0, C is only written.
-        unsafe { self.gemm_ex(args, mats, 1.0, 0.0, s) }
+        unsafe { self.gemm_ex(args, mats, 1.0, 0.0, s)? };
+        self.launches.gemm_ex += 1;
+        Ok(())
     }
 
     /// Queue `C = alpha · op(A) · op(B) + beta · C` (see [`GemmArgs`]) with
@@ -472,6 +531,23 @@ pub fn accumulate_types_supported(w_dtype: Dtype, factor_dtype: Dtype) -> bool {
     w_dtype == factor_dtype || w_dtype == Dtype::F32
 }
 
+/// The buffer of `map` for `stream`, grown to at least `len` bytes (and
+/// [`MIN_SCRATCH`]); a smaller one it replaces is kept, as queued work may
+/// still use it, until the stream goes ([`Blas::take_stream`]).
+fn grow(map: &mut HashMap<u64, Scratch>, stream: u64, len: usize) -> Result<u64> {
+    let s = map.entry(stream).or_default();
+    if s.len < len {
+        let want = len.next_power_of_two().max(MIN_SCRATCH);
+        let p = result::mem_alloc(want)?;
+        if s.ptr != 0 {
+            s.retired.push(s.ptr);
+        }
+        s.ptr = p;
+        s.len = want;
+    }
+    Ok(s.ptr)
+}
+
 /// Free scratch buffers taken with [`Blas::take_stream`].
 ///
 /// # Safety
@@ -487,6 +563,8 @@ pub(super) unsafe fn free_buffers(buffers: Vec<u64>) {
 impl Drop for Blas {
     fn drop(&mut self) {
         let _ = self.ctx.bind();
+        // cuBLASLt's plans and handle first.
+        self.lt = None;
         // SAFETY: the device drops its Blas only after synchronising the
         // context, so no product or conversion is queued; the handle is
         // destroyed once and the buffers freed once.
@@ -495,6 +573,7 @@ impl Drop for Blas {
             let buffers: Vec<u64> = self
                 .scratch
                 .drain()
+                .chain(self.workspace.drain())
                 .flat_map(|(_, s)| s.buffers().collect::<Vec<_>>())
                 .collect();
             free_buffers(buffers);
@@ -561,6 +640,11 @@ impl GemmAccumulate {
 pub struct BlasInfo {
     /// The cuBLAS library loaded, as mapped in the process.
     pub library: Option<PathBuf>,
+    /// The interface that queues the products.
+    pub interface: MatmulLibrary,
+    /// With [`MatmulLibrary::Lt`], the cuBLASLt library loaded, as mapped
+    /// in the process.
+    pub lt_library: Option<PathBuf>,
     /// Why f16/bf16 weights cannot be multiplied (NVRTC could not build the
     /// activation conversion), if they cannot.
     pub convert_error: Option<String>,
@@ -574,6 +658,8 @@ impl CudaDevice {
         let blas = self.blas_in(&mut guard)?;
         Ok(BlasInfo {
             library: blas.library().cloned(),
+            interface: self.matmul,
+            lt_library: blas.lt_library().flatten().cloned(),
             convert_error: blas.convert_error().map(str::to_string),
         })
     }
@@ -581,9 +667,18 @@ impl CudaDevice {
     fn blas_in<'a>(&self, slot: &'a mut Option<Blas>) -> Result<&'a mut Blas> {
         if slot.is_none() {
             let cc = self.info.compute_capability.unwrap_or((0, 0));
-            *slot = Some(Blas::new(&self.ctx, cc)?);
+            *slot = Some(Blas::new(&self.ctx, cc, self.matmul)?);
         }
         Ok(slot.as_mut().expect("set just above"))
+    }
+
+    /// The products ([`Kernel::Matmul`]) this device has queued so far, by
+    /// cuBLAS interface, and the cuBLASLt plans it made.
+    pub fn matmul_launches(&self) -> MatmulLaunches {
+        lock(&self.blas)
+            .as_ref()
+            .map(Blas::launches)
+            .unwrap_or_default()
     }
 
     /// [`Kernel::Matmul`] on this device (see the module documentation).
@@ -659,7 +754,7 @@ impl CudaDevice {
         // mapped with the sizes `args` implies (checked above); Y overlaps
         // neither input (checked); the trait makes callers keep them mapped
         // until the queued product has run.
-        unsafe { blas.gemm(args, w.0, b, w_dtype, y.0, s.raw) }
+        unsafe { blas.gemm(args, w.0, b, w_dtype, y.0, stream.0, s.raw) }
     }
 
     /// Queue `W += scale · up · down` ([`GemmAccumulate`]) on `stream` as

@@ -2287,6 +2287,127 @@ fn gpu_matmul_cublas_matches_cpu() {
     d.destroy_stream(s).unwrap();
 }
 
+/// A device whose products go through cuBLASLt ([`MatmulLibrary::Lt`]),
+/// the other settings from the environment as [`gpu`]'s.
+fn lt_gpu() -> CudaDevice {
+    let config = CudaConfig {
+        matmul: MatmulLibrary::Lt,
+        ..CudaConfig::from_env().expect("the OFFLOAD_* settings")
+    };
+    CudaDevice::with_config(0, &config)
+        .expect("this test needs a CUDA GPU and CudaDevice::with_config(0, Lt) failed")
+}
+
+/// Products through cuBLASLt meet the same bound against the CPU as
+/// `cublasGemmEx`'s (the shapes and types of `gpu_matmul_cublas_matches_cpu`,
+/// twice over): the heuristic is asked once for each shape and type (the
+/// second round makes no plan), it finds an algorithm for each, and every
+/// product goes through `cublasLtMatmul`; a second stream gets its own
+/// workspace, given back with the stream.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_matmul_through_cublaslt_matches_cpu_and_plans_once() {
+    let d = lt_gpu();
+    let info = d.prepare_matmul().expect("creating cuBLAS and cuBLASLt");
+    eprintln!(
+        "cuBLASLt library names tried: {:?}; loaded {:?}",
+        cublaslt::library_candidates(),
+        info.lt_library
+    );
+    assert_eq!(info.interface, MatmulLibrary::Lt);
+    assert!(d.memory_mode_note().contains("OFFLOAD_MATMUL=lt"));
+    let s = d.create_stream().unwrap();
+    let shapes = [(1, 300, 520), (16, 257, 1030), (33, 64, 7), (4, 1, 1)];
+    let plans = (Dtype::ALL.len() * shapes.len()) as u64;
+    for round in 1..=2u64 {
+        for dtype in Dtype::ALL {
+            for (i, &(tokens, n, k)) in shapes.iter().enumerate() {
+                let worst = check_matmul(&d, s, dtype, tokens, n, k, 177 + i as u64 + round);
+                eprintln!(
+                    "cuBLASLt matmul {dtype} tokens {tokens} n {n} k {k}: largest error / Σ|x·w| = {worst:.2e}"
+                );
+            }
+        }
+        assert_eq!(
+            d.matmul_launches(),
+            MatmulLaunches {
+                gemm_ex: 0,
+                lt: plans * round,
+                lt_plans: plans,
+                lt_no_algorithm: 0,
+            },
+            "round {round}"
+        );
+    }
+    let s2 = d.create_stream().unwrap();
+    check_matmul(&d, s2, Dtype::BF16, 8, 100, 300, 5);
+    d.destroy_stream(s2).unwrap();
+    check_matmul(&d, s, Dtype::BF16, 8, 100, 300, 7);
+    assert_eq!(d.matmul_launches().lt, plans * 2 + 2);
+    assert_eq!(d.matmul_launches().lt_plans, plans + 1);
+    d.destroy_stream(s).unwrap();
+}
+
+/// Products through cuBLASLt of shapes its heuristic finds no algorithm
+/// for go to `cublasGemmEx`, with the same results, and each shape is asked
+/// about once. Only the fake driver can be made to find none:
+/// `tests::gpu_tests_pass_on_the_fake_driver` runs this test on it with
+/// `OFFLOAD_FAKECUDA_LT_NO_ALGORITHM=1`.
+#[test]
+#[ignore = "needs offload-fakecuda with OFFLOAD_FAKECUDA_LT_NO_ALGORITHM=1 (gpu_tests_pass_on_the_fake_driver runs it)"]
+fn fake_lt_without_an_algorithm_falls_back_to_gemm_ex() {
+    assert_eq!(
+        std::env::var("OFFLOAD_FAKECUDA_LT_NO_ALGORITHM").as_deref(),
+        Ok("1")
+    );
+    let config = CudaConfig {
+        matmul: MatmulLibrary::Lt,
+        ..CudaConfig::default()
+    };
+    let d = CudaDevice::with_config(0, &config).expect("the fake driver");
+    assert_eq!(d.info().name, offload_fakecuda::DEVICE_NAME);
+    let s = d.create_stream().unwrap();
+    let mut bufs = Bufs::new(&d);
+    let (tokens, n, k) = (3usize, 5usize, 4usize);
+    let x: Vec<f32> = (0..tokens * k).map(|i| i as f32 * 0.5 - 2.0).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 - 1.0).collect();
+    let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|f| f.to_le_bytes()).collect() };
+    let (xp, wp, yp) = (
+        bufs.upload(&bytes(&x), s),
+        bufs.upload(&bytes(&w), s),
+        bufs.alloc(tokens * n * 4),
+    );
+    let mm = Kernel::Matmul {
+        x: xp,
+        x_dtype: Dtype::F32,
+        tokens,
+        w: wp,
+        w_dtype: Dtype::F32,
+        n,
+        k,
+        y: yp,
+    };
+    let mut want = vec![0f32; tokens * n];
+    offload_kernels::matmul_xwt(&x, tokens, &bytes(&w), Dtype::F32, n, k, &mut want, None).unwrap();
+    for _ in 0..2 {
+        d.launch(&mm, s).unwrap();
+        let mut got = vec![0u8; tokens * n * 4];
+        d.read_blocking(yp, &mut got, s).unwrap();
+        assert_eq!(got, bytes(&want));
+    }
+    assert_eq!(
+        d.matmul_launches(),
+        MatmulLaunches {
+            gemm_ex: 2,
+            lt: 0,
+            lt_plans: 1,
+            lt_no_algorithm: 1,
+        }
+    );
+    drop(bufs);
+    d.destroy_stream(s).unwrap();
+}
+
 /// Activations already of the weight's 16-bit type go to cuBLAS as they
 /// are (`x_dtype`): every output matches the CPU's product of the same
 /// values widened to f32 within the CPU tests' tolerance (no rounding of X
@@ -2488,39 +2609,34 @@ fn gpu_matmul_edge_cases_and_checks() {
     d.destroy_stream(s).unwrap();
 }
 
+/// Informative: products of the benchmark's full SDXL width and of a
+/// scale-4-sized layer, 16 tokens, through `cublasGemmEx` and through
+/// cuBLASLt: the queueing thread's time a product (100 products queued
+/// back to back, before the stream is synchronised) and the GPU's.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_matmul_throughput() {
-    // Informative: the benchmark's layer shape at full SDXL width, 16 tokens.
-    let d = gpu();
+    for (interface, d) in [("cublasGemmEx", gpu()), ("cuBLASLt", lt_gpu())] {
+        for (tokens, n, k) in [(16usize, 4096usize, 4096usize), (16, 640, 640)] {
+            matmul_throughput(&d, interface, tokens, n, k);
+        }
+    }
+}
+
+fn matmul_throughput(d: &CudaDevice, interface: &str, tokens: usize, n: usize, k: usize) {
     let s = d.create_stream().unwrap();
-    let (tokens, n, k) = (16usize, 4096usize, 4096usize);
-    let mut bufs = Bufs::new(&d);
+    let mut bufs = Bufs::new(d);
     let x = bufs.alloc(tokens * k * 4);
     let w = bufs.alloc(n * k * 4);
     let y = bufs.alloc(tokens * n * 4);
-    d.launch(
-        &Kernel::Fill {
-            dst: x,
-            len: tokens * k * 4,
-            value: 0,
-        },
-        s,
-    )
-    .unwrap();
-    d.launch(
-        &Kernel::Fill {
-            dst: w,
-            len: n * k * 4,
-            value: 0,
-        },
-        s,
-    )
-    .unwrap();
+    for (dst, len) in [(x, tokens * k * 4), (w, n * k * 4)] {
+        d.launch(&Kernel::Fill { dst, len, value: 0 }, s).unwrap();
+    }
     for dtype in Dtype::ALL {
+        // Activations of the weight's type, as `bench e2e` holds them.
         let mm = Kernel::Matmul {
             x,
-            x_dtype: offload_kernels::Dtype::F32,
+            x_dtype: dtype,
             tokens,
             w,
             w_dtype: dtype,
@@ -2535,10 +2651,11 @@ fn gpu_matmul_throughput() {
         for _ in 0..reps {
             d.launch(&mm, s).unwrap();
         }
+        let queued = t.elapsed() / reps;
         d.stream_synchronize(s).unwrap();
         let per = t.elapsed() / reps;
         eprintln!(
-            "matmul {dtype} {tokens}x{k} · ({n}x{k})ᵀ: {per:?} per product, {:.0} GFLOP/s, W read at {:.0} GB/s",
+            "matmul {interface} {dtype} {tokens}x{k} · ({n}x{k})ᵀ: queueing {queued:?} a product; {per:?} a product in all, {:.0} GFLOP/s, W read at {:.0} GB/s",
             offload_kernels::matmul_flops(tokens, n, k) as f64 / per.as_secs_f64() / 1e9,
             (n * k * dtype.size_in_bytes()) as f64 / per.as_secs_f64() / 1e9
         );

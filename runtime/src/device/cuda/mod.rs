@@ -38,6 +38,7 @@
 //! others one launch each.
 
 pub mod cublas;
+pub mod cublaslt;
 pub mod disk_cache;
 mod handles;
 mod memory;
@@ -52,6 +53,7 @@ mod kernel_tests;
 mod tests;
 
 pub use cublas::BlasInfo;
+pub use cublaslt::MatmulLaunches;
 pub use disk_cache::DiskCache;
 pub use handles::HostRegistration;
 pub use merge::{LowRankKernel, LowRankMerge, MergeKernelsInfo, MergeLaunches};
@@ -113,6 +115,8 @@ pub struct CudaConfig {
     /// rows of W in flight a warp, the same bits) rather than in
     /// registers (the default, the one timed on a GPU).
     pub stream8_shared: bool,
+    /// Which cuBLAS interface queues the products of [`Kernel::Matmul`].
+    pub matmul: MatmulLibrary,
 }
 
 impl Default for CudaConfig {
@@ -122,9 +126,29 @@ impl Default for CudaConfig {
             pipelined_merges: true,
             merge_multiprocessors: None,
             stream8_shared: false,
+            matmul: MatmulLibrary::GemmEx,
         }
     }
 }
+
+/// The cuBLAS interface that queues the products of [`Kernel::Matmul`]
+/// ([`CudaConfig::matmul`]); both compute the same product in f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulLibrary {
+    /// One `cublasGemmEx` a product, which runs cuBLAS's algorithm
+    /// heuristic every call (the default, the one timed on GPUs so far).
+    #[default]
+    GemmEx,
+    /// cuBLASLt: the heuristic asked once per shape, then one
+    /// `cublasLtMatmul` a product with the kept algorithm, for less of the
+    /// queueing thread's time a product (see [`cublaslt`]).
+    Lt,
+}
+
+/// The environment variable [`CudaConfig::from_env`] reads for
+/// [`CudaConfig::matmul`]: `gemm-ex` (or unset, or empty) for the default,
+/// `lt` for cuBLASLt.
+pub const MATMUL_ENV: &str = "OFFLOAD_MATMUL";
 
 /// The environment variable [`CudaConfig::from_env`] reads: `auto` (or
 /// unset, or empty) or `pipelined` for the default merge kernels,
@@ -152,7 +176,24 @@ impl CudaConfig {
         CudaConfig::default()
             .with_merge_kernel_var(std::env::var_os(MERGE_KERNEL_ENV).as_deref())?
             .with_merge_sms_var(std::env::var_os(MERGE_SMS_ENV).as_deref())?
-            .with_stream8_var(std::env::var_os(STREAM8_ENV).as_deref())
+            .with_stream8_var(std::env::var_os(STREAM8_ENV).as_deref())?
+            .with_matmul_var(std::env::var_os(MATMUL_ENV).as_deref())
+    }
+
+    /// `self` with [`MATMUL_ENV`]'s value `value` (`None`: unset) applied,
+    /// as [`CudaConfig::from_env`] does.
+    fn with_matmul_var(mut self, value: Option<&std::ffi::OsStr>) -> Result<CudaConfig> {
+        self.matmul = match value.map(|v| v.to_str()) {
+            None | Some(Some("" | "gemm-ex")) => MatmulLibrary::GemmEx,
+            Some(Some("lt")) => MatmulLibrary::Lt,
+            Some(_) => {
+                return Err(Error::Config(format!(
+                    "{MATMUL_ENV}={:?}: expected `gemm-ex` or `lt`",
+                    value.unwrap_or_default()
+                )))
+            }
+        };
+        Ok(self)
     }
 
     /// `self` with [`STREAM8_ENV`]'s value `value` (`None`: unset) applied,
@@ -235,6 +276,8 @@ pub struct CudaDevice {
     pipelined_merges: bool,
     /// [`CudaConfig::stream8_shared`].
     stream8_shared: bool,
+    /// [`CudaConfig::matmul`].
+    matmul: MatmulLibrary,
     mem: Mutex<MemState>,
     streams: DashMap<u64, Arc<Stream>>,
     events: DashMap<u64, Arc<Event>>,
@@ -375,6 +418,7 @@ impl CudaDevice {
                 .map_or(multiprocessors, |n| n.clamp(1, multiprocessors.max(1))),
             pipelined_merges: config.pipelined_merges,
             stream8_shared: config.stream8_shared,
+            matmul: config.matmul,
             mem: Mutex::new(MemState::new(page_size, vmm)),
             streams: DashMap::new(),
             events: DashMap::new(),
@@ -410,6 +454,11 @@ impl CudaDevice {
     /// memory ([`CudaConfig::stream8_shared`]).
     pub fn stream8_shared(&self) -> bool {
         self.stream8_shared
+    }
+
+    /// The cuBLAS interface that queues the products ([`CudaConfig::matmul`]).
+    pub fn matmul_library(&self) -> MatmulLibrary {
+        self.matmul
     }
 
     /// Whether tensor-core merges run on the pipelined kernel
@@ -482,6 +531,11 @@ impl CudaDevice {
             note.push_str(&format!(
                 "; merge grids sized for {} of the {} SMs ({MERGE_SMS_ENV})",
                 self.merge_multiprocessors, self.multiprocessors
+            ));
+        }
+        if self.matmul == MatmulLibrary::Lt {
+            note.push_str(&format!(
+                "; matrix products through cuBLASLt, one algorithm a shape ({MATMUL_ENV}=lt)"
             ));
         }
         note
@@ -1056,9 +1110,16 @@ impl Device for CudaDevice {
             KernelFamily::Merge => self.prepare_merge()?.to_string(),
             KernelFamily::Matmul => {
                 let blas = self.prepare_matmul()?;
-                let library = blas
-                    .library
-                    .map_or_else(|| "cuBLAS".to_string(), |p| p.display().to_string());
+                let path = |p: Option<std::path::PathBuf>, name: &str| {
+                    p.map_or_else(|| name.to_string(), |p| p.display().to_string())
+                };
+                let library = match blas.interface {
+                    MatmulLibrary::GemmEx => path(blas.library, "cuBLAS"),
+                    MatmulLibrary::Lt => format!(
+                        "{}, algorithms chosen once a shape ({MATMUL_ENV}=lt)",
+                        path(blas.lt_library, "cuBLASLt")
+                    ),
+                };
                 match blas.convert_error {
                     None => format!("matrix products: {library}"),
                     Some(e) => format!(

@@ -144,6 +144,27 @@ fn stream8_variable_is_parsed_strictly() {
     }
 }
 
+/// `OFFLOAD_MATMUL`: unset, empty or `gemm-ex` for `cublasGemmEx`, `lt`
+/// for cuBLASLt; anything else is a configuration error naming the
+/// variable and the value.
+#[test]
+fn matmul_variable_is_parsed_strictly() {
+    use std::ffi::OsStr;
+    let with = |v: Option<&str>| CudaConfig::default().with_matmul_var(v.map(OsStr::new));
+    assert_eq!(CudaConfig::default().matmul, MatmulLibrary::GemmEx);
+    for v in [None, Some(""), Some("gemm-ex")] {
+        assert_eq!(with(v).unwrap().matmul, MatmulLibrary::GemmEx, "{v:?}");
+    }
+    assert_eq!(with(Some("lt")).unwrap().matmul, MatmulLibrary::Lt);
+    for v in ["LT", "cublaslt", " lt", "gemm_ex", "1"] {
+        let e = with(Some(v)).unwrap_err();
+        assert!(
+            matches!(&e, Error::Config(m) if m.contains(MATMUL_ENV) && m.contains(v)),
+            "{v}: {e}"
+        );
+    }
+}
+
 #[test]
 fn cuda_device_without_driver_is_an_error_not_a_panic() {
     let r = CudaDevice::new(0);
@@ -173,6 +194,7 @@ fn gpu_tests_pass_on_the_fake_driver() {
         "gpu_matmul_edge_cases_and_checks",
         "gpu_gemm_accumulate_matches_an_f64_reference",
         "gpu_matmul_scratch_outlives_the_products_queued_on_it",
+        "gpu_matmul_through_cublaslt_matches_cpu_and_plans_once",
         "gpu_merge_lowrank_matches_cpu_merge",
         "gpu_merge_lowrank_rejects_bad_operands",
         "gpu_merge_lowrank_tensor_cores_match_cpu_merge",
@@ -205,6 +227,18 @@ fn gpu_tests_pass_on_the_fake_driver() {
         offload_fakecuda::rerun_tests_on_the_fake("rt", &args, &[], &["0", "200"], expected)
     {
         panic!("the GPU tests on the fake driver: {e}");
+    }
+    // A cuBLASLt heuristic that finds nothing, which only the fake can be
+    // made to do.
+    let fallback = "device::cuda::kernel_tests::fake_lt_without_an_algorithm_falls_back_to_gemm_ex";
+    if let Err(e) = offload_fakecuda::rerun_tests_on_the_fake(
+        "rt-lt",
+        &["--ignored", "--exact", fallback],
+        &[("OFFLOAD_FAKECUDA_LT_NO_ALGORITHM", "1")],
+        &["0"],
+        1,
+    ) {
+        panic!("{fallback} on the fake driver: {e}");
     }
 }
 
