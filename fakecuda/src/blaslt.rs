@@ -7,7 +7,9 @@
 //! and that asks for [`WORKSPACE`] bytes of workspace when the preference
 //! allows it, so that `cublasLtMatmul` checks the workspace handed to it
 //! (its size and memory when queued, its memory again when the stream
-//! runs the product).
+//! runs the product). The algorithm also records the operand alignments
+//! its preference allowed (256 bytes unless told less, as the real one
+//! assumes), and `cublasLtMatmul` refuses operands less aligned.
 //! With `OFFLOAD_FAKECUDA_LT_NO_ALGORITHM=1` (read at each call) it finds
 //! none, as the real one may for a shape it cannot run.
 
@@ -37,6 +39,8 @@ const ALGO_TAG: u64 = 0x0ff1_0ad0_a160_0001;
 const DESC_TRANSA: u32 = 3;
 const DESC_TRANSB: u32 = 4;
 const PREF_MAX_WORKSPACE_BYTES: u32 = 1;
+/// `CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES`; B, C and D follow.
+const PREF_MIN_ALIGNMENT_A_BYTES: u32 = 5;
 const COMPUTE_32F: u32 = 68;
 const COMPUTE_32F_PEDANTIC: u32 = 69;
 const R_32F: u32 = 0;
@@ -62,7 +66,15 @@ enum Object {
     Handle,
     Desc(Desc),
     Layout(Layout),
-    Pref { max_workspace: u64 },
+    Pref(Pref),
+}
+
+/// A preference: the workspace allowed and the operands' alignments (A, B,
+/// C, D; 256 bytes unless set, as cuBLASLt assumes).
+#[derive(Clone, Copy, Debug)]
+struct Pref {
+    max_workspace: u64,
+    align: [u64; 4],
 }
 
 /// Live objects by the address handed out.
@@ -241,7 +253,15 @@ pub extern "C" fn cublasLtMatrixLayoutDestroy(l: cublasLtMatrixLayout_t) -> Stat
 pub unsafe extern "C" fn cublasLtMatmulPreferenceCreate(
     p: *mut cublasLtMatmulPreference_t,
 ) -> Status {
-    status(|| create(p, Object::Pref { max_workspace: 0 }))
+    status(|| {
+        create(
+            p,
+            Object::Pref(Pref {
+                max_workspace: 0,
+                align: [256; 4],
+            }),
+        )
+    })
 }
 
 #[no_mangle]
@@ -257,15 +277,22 @@ pub unsafe extern "C" fn cublasLtMatmulPreferenceSetAttribute(
     size: usize,
 ) -> Status {
     status(|| {
-        let Object::Pref { .. } = get(p)? else {
+        let Object::Pref(mut pref) = get(p)? else {
             return Err(Status::CUBLAS_STATUS_INVALID_VALUE);
         };
-        if attr != PREF_MAX_WORKSPACE_BYTES || size != 8 {
-            return Err(Status::CUBLAS_STATUS_NOT_SUPPORTED);
-        }
         // SAFETY: the caller passes `size` readable bytes at `buf`.
-        let max_workspace = unsafe { read_int(buf, size)? };
-        lock(objects()).insert(p as usize, Object::Pref { max_workspace });
+        let v = unsafe { read_int(buf, size)? };
+        match (attr, size) {
+            (PREF_MAX_WORKSPACE_BYTES, 8) => pref.max_workspace = v,
+            (a, 4) if (PREF_MIN_ALIGNMENT_A_BYTES..PREF_MIN_ALIGNMENT_A_BYTES + 4).contains(&a) => {
+                if !v.is_power_of_two() {
+                    return Err(Status::CUBLAS_STATUS_INVALID_VALUE);
+                }
+                pref.align[(a - PREF_MIN_ALIGNMENT_A_BYTES) as usize] = v;
+            }
+            _ => return Err(Status::CUBLAS_STATUS_NOT_SUPPORTED),
+        }
+        lock(objects()).insert(p as usize, Object::Pref(pref));
         Ok(())
     })
 }
@@ -323,7 +350,7 @@ pub unsafe extern "C" fn cublasLtMatmulAlgoGetHeuristic(
 ) -> Status {
     status(|| {
         handle(h)?;
-        let Object::Pref { max_workspace } = get(p)? else {
+        let Object::Pref(pref) = get(p)? else {
             return Err(Status::CUBLAS_STATUS_INVALID_VALUE);
         };
         let (m, n, k) = shape(desc(d)?, layout(a)?, layout(b)?, layout(c)?, layout(dl)?)?;
@@ -335,7 +362,7 @@ pub unsafe extern "C" fn cublasLtMatmulAlgoGetHeuristic(
             unsafe { returned.write(0) };
             return Ok(());
         }
-        let workspace = if max_workspace >= WORKSPACE as u64 {
+        let workspace = if pref.max_workspace >= WORKSPACE as u64 {
             WORKSPACE
         } else {
             0
@@ -349,7 +376,7 @@ pub unsafe extern "C" fn cublasLtMatmulAlgoGetHeuristic(
                 n as u64,
                 k as u64,
                 workspace as u64,
-                0,
+                pref.align[0] | pref.align[1] << 16 | pref.align[2] << 32 | pref.align[3] << 48,
                 0,
                 0,
             ],
@@ -402,6 +429,25 @@ pub unsafe extern "C" fn cublasLtMatmul(
                 &algo.data[..4]
             );
             return Err(Status::CUBLAS_STATUS_INVALID_VALUE);
+        }
+        // The alignments the algorithm was chosen for (256 bytes each
+        // unless the preference said less).
+        for (i, (name, p)) in [
+            ("A", a as u64),
+            ("B", b as u64),
+            ("C", c as u64),
+            ("D", dp as u64),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let need = (algo.data[5] >> (16 * i)) & 0xffff;
+            if need == 0 || p % need != 0 {
+                eprintln!(
+                    "offload-fakecuda: cublasLtMatmul {m}x{n}x{k}: {name} at {p:#x} is not aligned to the {need} bytes its algorithm was chosen for"
+                );
+                return Err(Status::CUBLAS_STATUS_NOT_SUPPORTED);
+            }
         }
         // Only C = D in place (what the backend passes).
         if c != dp.cast_const() {

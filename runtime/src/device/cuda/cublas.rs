@@ -431,6 +431,7 @@ impl Blas {
                 args,
                 ab_type,
                 c_type: Dtype::F32,
+                align: [a, b, c].map(cublaslt::alignment),
             };
             let handle = lt.handle();
             if let Some(plan) = lt.plan(key, launches)? {

@@ -98,7 +98,15 @@ fn data_type(d: Dtype) -> lt::cudaDataType {
     }
 }
 
-/// What a plan is kept under: the product's arguments and operand types.
+/// The largest power of two up to 256 that divides `addr`: the alignment
+/// cuBLASLt's heuristic is told an operand has (it assumes 256 bytes
+/// unless told less, and may choose an algorithm that needs it).
+pub(super) fn alignment(addr: u64) -> u32 {
+    1u32 << addr.trailing_zeros().min(8)
+}
+
+/// What a plan is kept under: the product's arguments, operand types and
+/// operand alignments.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) struct PlanKey {
     pub(super) args: GemmArgs,
@@ -106,6 +114,8 @@ pub(super) struct PlanKey {
     pub(super) ab_type: Dtype,
     /// Type of C (and D).
     pub(super) c_type: Dtype,
+    /// [`alignment`] of A, B and C (also D's), in bytes.
+    pub(super) align: [u32; 3],
 }
 
 /// A shape's descriptors and the algorithm the heuristic chose for it.
@@ -359,6 +369,38 @@ impl Lt {
                 lt::cublasLtMatrixLayoutCreate(slot, data_type(ty), rows, cols, i64::from(ld))
             })?;
         }
+        // Only algorithms that work at the operands' alignments (the
+        // preference is the Lt state's, and its lock is held).
+        let [a, b, c] = key.align;
+        for (attr, bytes) in [
+            (
+                lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                a,
+            ),
+            (
+                lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                b,
+            ),
+            (
+                lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                c,
+            ),
+            (
+                lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                c,
+            ),
+        ] {
+            // SAFETY: the attribute is a uint32_t, passed as a pointer to a
+            // local u32 with its size; the preference is live.
+            check("cublasLtMatmulPreferenceSetAttribute", unsafe {
+                lt::cublasLtMatmulPreferenceSetAttribute(
+                    self.pref,
+                    attr,
+                    (&bytes as *const u32).cast(),
+                    std::mem::size_of::<u32>(),
+                )
+            })?;
+        }
         // SAFETY: a zeroed result is a valid value of this plain C struct.
         let mut found: lt::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
         let mut count: i32 = 0;
@@ -415,6 +457,16 @@ mod tests {
     fn candidates_include_the_cuda_13_soname() {
         let c = library_candidates();
         assert!(c.iter().any(|n| n == "libcublasLt.so.13"), "{c:?}");
+    }
+
+    #[test]
+    fn alignment_is_the_largest_power_of_two_up_to_256() {
+        assert_eq!(alignment(0), 256);
+        assert_eq!(alignment(0x7f00_0000_0000), 256);
+        assert_eq!(alignment(0x7f00_0000_0180), 128);
+        assert_eq!(alignment(4), 4);
+        assert_eq!(alignment(0x1002), 2);
+        assert_eq!(alignment(7), 1);
     }
 
     #[test]

@@ -2127,17 +2127,32 @@ impl<'a> MatmulCase<'a> {
         d: &'a CudaDevice,
         s: StreamId,
         dtype: Dtype,
+        dims: (usize, usize, usize),
+        seed: u64,
+    ) -> Self {
+        Self::new_at(d, s, dtype, dims, seed, [0; 3])
+    }
+
+    /// X, W and Y at `offsets` bytes into their buffers (which are page
+    /// aligned), for operands less aligned than an allocation.
+    fn new_at(
+        d: &'a CudaDevice,
+        s: StreamId,
+        dtype: Dtype,
         (tokens, n, k): (usize, usize, usize),
         seed: u64,
+        [ox, ow, oy]: [usize; 3],
     ) -> Self {
         let mut rng = Rng(seed | 1);
         let x = rng.values(tokens * k);
         let w_bytes = encode(dtype, &rng.values(n * k));
         let mut bufs = Bufs::new(d);
         let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let xp = bufs.upload(&xb, s);
-        let wp = bufs.upload(&w_bytes, s);
-        let yp = bufs.alloc(tokens * n * 4);
+        let xp = bufs.upload(&[vec![0u8; ox], xb].concat(), s).offset(ox);
+        let wp = bufs
+            .upload(&[vec![0u8; ow], w_bytes.clone()].concat(), s)
+            .offset(ow);
+        let yp = bufs.alloc(tokens * n * 4 + oy).offset(oy);
         d.launch(
             &Kernel::Fill {
                 dst: yp,
@@ -2303,7 +2318,8 @@ fn lt_gpu() -> CudaDevice {
 /// twice over): the heuristic is asked once for each shape and type (the
 /// second round makes no plan), it finds an algorithm for each, and every
 /// product goes through `cublasLtMatmul`; a second stream gets its own
-/// workspace, given back with the stream.
+/// workspace, given back with the stream; operands less aligned than an
+/// allocation get plans of their own.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_matmul_through_cublaslt_matches_cpu_and_plans_once() {
@@ -2345,6 +2361,19 @@ fn gpu_matmul_through_cublaslt_matches_cpu_and_plans_once() {
     check_matmul(&d, s, Dtype::BF16, 8, 100, 300, 7);
     assert_eq!(d.matmul_launches().lt, plans * 2 + 2);
     assert_eq!(d.matmul_launches().lt_plans, plans + 1);
+    // Operands less aligned than an allocation (X and Y 4 bytes past a
+    // page, an f16 W 2 bytes past one): a plan of its own, chosen for
+    // those alignments, and the same bound.
+    for (dtype, offsets) in [(Dtype::F32, [4, 4, 4]), (Dtype::F16, [4, 2, 12])] {
+        let case = MatmulCase::new_at(&d, s, dtype, (16, 257, 1030), 31, offsets);
+        case.launch(s);
+        let worst = case.verify(s);
+        eprintln!(
+            "cuBLASLt matmul {dtype} at offsets {offsets:?}: largest error / Σ|x·w| = {worst:.2e}"
+        );
+    }
+    assert_eq!(d.matmul_launches().lt, plans * 2 + 4);
+    assert_eq!(d.matmul_launches().lt_plans, plans + 3);
     d.destroy_stream(s).unwrap();
 }
 
