@@ -354,6 +354,9 @@ pub struct Row {
     high: usize,
     /// Denoiser steps of the row's generation.
     steps: usize,
+    /// What the device counted of its work during the row
+    /// ([`Device::launch_counts`], the row's share; empty on the host backend).
+    device_counts: Vec<(&'static str, u64)>,
 }
 
 /// What one generation measured.
@@ -863,6 +866,7 @@ impl Bench {
             (Some(_), Some(set)) => set.steps,
             _ => self.args.steps,
         };
+        let counts_before = self.dev.launch_counts();
         let outcome = self
             .generation(cfg, timeline, lora, steps)
             .map_err(|e| match e {
@@ -892,6 +896,7 @@ impl Bench {
             device_mem,
             high,
             steps,
+            device_counts: counts_since(&counts_before, self.dev.launch_counts()),
         }
     }
 
@@ -2140,6 +2145,7 @@ fn run_on(
     bench.bar.finish_and_clear();
     let _ = &bench.scratch;
     print_table(&results, args.steps, lora_steps);
+    print_device_counts(&results);
     print_overlap(&results, link);
     let round_ratios = ratios_by_round(&results, &rounds, link);
     print_rounds(&round_ratios);
@@ -2529,6 +2535,49 @@ fn print_table(rows: &[Row], steps: usize, lora_steps: usize) {
     println!("* reference: runs on a device that holds the whole model");
 }
 
+/// `after` less `before`, by name (the counts only grow).
+fn counts_since(
+    before: &[(&'static str, u64)],
+    after: Vec<(&'static str, u64)>,
+) -> Vec<(&'static str, u64)> {
+    after
+        .into_iter()
+        .map(|(name, n)| {
+            let was = before.iter().find(|(b, _)| *b == name).map_or(0, |b| b.1);
+            (name, n.saturating_sub(was))
+        })
+        .collect()
+}
+
+/// The device's counts of the rows' work (products by cuBLAS interface,
+/// merges by kernel), those not zero, one line a row; nothing on a device
+/// that counts nothing.
+fn print_device_counts(rows: &[Row]) {
+    if rows.iter().all(|r| r.device_counts.is_empty()) {
+        return;
+    }
+    println!("device counts (each row's generation):");
+    for r in rows {
+        let counts: Vec<String> = r
+            .device_counts
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect();
+        println!(
+            "  {:<10} {:<7} {:<15}: {}",
+            format!("{}{}", r.mode, if r.reference { "*" } else { "" }),
+            r.policy.to_string(),
+            r.lora.map_or("none", |m| m.name()),
+            if counts.is_empty() {
+                "nothing counted".to_string()
+            } else {
+                counts.join(", ")
+            }
+        );
+    }
+}
+
 /// What the LoRA rows' passes computed besides the plain ones: the merges
 /// (fuse-on-upload) and the low-rank products (unfused), in flops beside
 /// the pass's own products, and the read-back checks.
@@ -2652,6 +2701,11 @@ fn json_row(r: &Row, ctx: &JsonCtx<'_>) -> String {
         "lora_file_bytes": ctx.lora.map(|s| s.file_bytes),
         "lora_factor_bytes": ctx.lora.map(|s| s.factor_bytes),
         "lora_count": ctx.lora.map(|s| s.bindings.len()),
+        "device_counts": r
+            .device_counts
+            .iter()
+            .map(|&(name, n)| (name.to_string(), serde_json::Value::from(n)))
+            .collect::<serde_json::Map<_, _>>(),
     });
     match &r.outcome {
         Ok(m) => {
@@ -2796,6 +2850,7 @@ mod tests {
             device_mem: 0,
             high: 0,
             steps: passes.len(),
+            device_counts: Vec::new(),
         }
     }
 

@@ -180,12 +180,19 @@ fn e2e_on_cuda_moves_exactly_the_host_backends_bytes() {
     let rows = e2e_rows(&["--no-lora"], Some(&FakeLibs::new("modes")), "modes");
     let done: Vec<_> = rows.iter().filter(|r| r["error"].is_null()).collect();
     assert!(done.len() >= 4, "{rows:?}");
+    // By default every product is a cublasGemmEx.
+    for r in &done {
+        let c = &r["device_counts"];
+        assert!(c["products_gemm_ex"].as_u64() > Some(0), "{r}");
+        assert_eq!(c["products_lt"], 0, "{r}");
+    }
     same_counts(&["--no-lora"], "modes");
 }
 
 /// The benchmark's products through cuBLASLt (`OFFLOAD_MATMUL=lt`): the
-/// device line says so, and the run moves, allocates and peaks exactly as
-/// on the host backend.
+/// device line says so, every row's products went through cuBLASLt (the
+/// device's counts in the JSON), and the run moves, allocates and peaks
+/// exactly as on the host backend.
 #[test]
 fn e2e_on_cuda_with_products_through_cublaslt() {
     let args = ["--no-lora", "--mode", "sequential"];
@@ -198,6 +205,17 @@ fn e2e_on_cuda_with_products_through_cublaslt() {
         "{stdout}"
     );
     assert!(rows.iter().all(|r| r["error"].is_null()), "{rows:?}");
+    // Every product of every row went through cuBLASLt.
+    for r in &rows {
+        let c = &r["device_counts"];
+        assert!(c["products_lt"].as_u64() > Some(0), "{r}");
+        assert_eq!(c["products_gemm_ex"], 0, "{r}");
+        assert_eq!(c["lt_plans_without_algorithm"], 0, "{r}");
+    }
+    assert!(
+        stdout.contains("device counts (each row's generation):"),
+        "{stdout}"
+    );
     same_as_host(&rows, &args, "lt", &[]);
     // A value it does not know is an error on any machine, before any driver is asked.
     let bad = offload(&["device"], None, &[("OFFLOAD_MATMUL", "cublas-lt")]);

@@ -2,12 +2,13 @@
 //! algorithm heuristic and `cublasLtMatmul`, run on the given stream on the
 //! CPU with [`blas::gemm`](crate::blas).
 //!
-//! The heuristic "finds" one algorithm that records the shape it was found
-//! for, so that `cublasLtMatmul` with an algorithm of another shape fails,
-//! and that asks for [`WORKSPACE`] bytes of workspace when the preference
-//! allows it, so that `cublasLtMatmul` checks the workspace handed to it
-//! (its size and memory when queued, its memory again when the stream
-//! runs the product). The algorithm also records the operand alignments
+//! The heuristic "finds" one algorithm that records the shape, types,
+//! transposes and leading dimensions it was found for, so that
+//! `cublasLtMatmul` with an algorithm of another fails, and that asks for
+//! [`WORKSPACE`] bytes of workspace (twice that for larger products) when
+//! the preference allows it, so that `cublasLtMatmul` checks the workspace
+//! handed to it (its size and memory when queued, its memory again when
+//! the stream runs the product). The algorithm also records the operand alignments
 //! its preference allowed (256 bytes unless told less, as the real one
 //! assumes), and `cublasLtMatmul` refuses operands less aligned.
 //! With `OFFLOAD_FAKECUDA_LT_NO_ALGORITHM=1` (read at each call) it finds
@@ -29,8 +30,35 @@ use crate::{driver, lock, run_checked};
 
 type Status = cublasStatus_t;
 
-/// Bytes of workspace the fake's algorithms ask for, when allowed.
+/// Bytes of workspace the fake's algorithms ask for, when allowed: this
+/// much for products of up to 1024 outputs, twice as much for larger ones
+/// (so that a stream's workspace has to grow).
 pub const WORKSPACE: usize = 96 << 10;
+
+fn workspace_for(m: usize, n: usize) -> usize {
+    if m * n <= 1 << 10 {
+        WORKSPACE
+    } else {
+        2 * WORKSPACE
+    }
+}
+
+/// What an algorithm is for besides its shape: the transposes, the three
+/// types and the leading dimensions, in one word (checked at
+/// `cublasLtMatmul`, so an algorithm found for another layout fails).
+fn layout_word(d: Desc, a: Layout, b: Layout, c: Layout) -> u64 {
+    let ty = |t: Ty| match t {
+        Ty::F32 => 0u64,
+        Ty::F16 => 1,
+        Ty::Bf16 => 2,
+    };
+    let mut h = u64::from(d.transa) | u64::from(d.transb) << 1;
+    h |= ty(a.ty) << 2 | ty(b.ty) << 4 | ty(c.ty) << 6;
+    for ld in [a.ld, b.ld, c.ld] {
+        h = h.rotate_left(17) ^ ld as u64;
+    }
+    h
+}
 
 /// Marks an algorithm the fake's heuristic made (its first word).
 const ALGO_TAG: u64 = 0x0ff1_0ad0_a160_0001;
@@ -353,7 +381,8 @@ pub unsafe extern "C" fn cublasLtMatmulAlgoGetHeuristic(
         let Object::Pref(pref) = get(p)? else {
             return Err(Status::CUBLAS_STATUS_INVALID_VALUE);
         };
-        let (m, n, k) = shape(desc(d)?, layout(a)?, layout(b)?, layout(c)?, layout(dl)?)?;
+        let (dv, al, bl, cl) = (desc(d)?, layout(a)?, layout(b)?, layout(c)?);
+        let (m, n, k) = shape(dv, al, bl, cl, layout(dl)?)?;
         if requested < 1 || results.is_null() || returned.is_null() {
             return Err(Status::CUBLAS_STATUS_INVALID_VALUE);
         }
@@ -362,8 +391,9 @@ pub unsafe extern "C" fn cublasLtMatmulAlgoGetHeuristic(
             unsafe { returned.write(0) };
             return Ok(());
         }
-        let workspace = if pref.max_workspace >= WORKSPACE as u64 {
-            WORKSPACE
+        let asks = workspace_for(m, n);
+        let workspace = if pref.max_workspace >= asks as u64 {
+            asks
         } else {
             0
         };
@@ -377,7 +407,7 @@ pub unsafe extern "C" fn cublasLtMatmulAlgoGetHeuristic(
                 k as u64,
                 workspace as u64,
                 pref.align[0] | pref.align[1] << 16 | pref.align[2] << 32 | pref.align[3] << 48,
-                0,
+                layout_word(dv, al, bl, cl),
                 0,
             ],
         };
@@ -423,9 +453,11 @@ pub unsafe extern "C" fn cublasLtMatmul(
         }
         // SAFETY: checked non-null; the caller passes an algorithm.
         let algo = unsafe { algo.read() };
-        if algo.data[..4] != [ALGO_TAG, m as u64, n as u64, k as u64] {
+        if algo.data[..4] != [ALGO_TAG, m as u64, n as u64, k as u64]
+            || algo.data[6] != layout_word(v, al, bl, cl)
+        {
             eprintln!(
-                "offload-fakecuda: cublasLtMatmul {m}x{n}x{k}: an algorithm not found for this shape ({:x?})",
+                "offload-fakecuda: cublasLtMatmul {m}x{n}x{k}: an algorithm not found for this shape, types and layout ({:x?})",
                 &algo.data[..4]
             );
             return Err(Status::CUBLAS_STATUS_INVALID_VALUE);

@@ -487,6 +487,15 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Queue a kernel on `stream`.
     fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<()>;
 
+    /// Counts of the work this device has queued, by name, for reports (on
+    /// CUDA: the products by cuBLAS interface and the cuBLASLt plans made,
+    /// as the CUDA backend's `MatmulLaunches`, and the merge launches by
+    /// kernel, as its `MergeLaunches`). Cumulative since the device was
+    /// made; empty by default (the host backend).
+    fn launch_counts(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+
     /// Build now what the first launch of a kernel of `family` would build
     /// (on CUDA: the cuBLAS handle for [`KernelFamily::Matmul`], the NVRTC
     /// merge kernels for [`KernelFamily::Merge`], which take seconds to

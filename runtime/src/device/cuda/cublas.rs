@@ -682,6 +682,26 @@ impl CudaDevice {
             .unwrap_or_default()
     }
 
+    /// The streams holding matmul buffers (activation scratch or cuBLASLt
+    /// workspace), sorted.
+    #[cfg(test)]
+    pub(super) fn matmul_buffer_streams(&self) -> Vec<u64> {
+        let guard = lock(&self.blas);
+        let mut v: Vec<u64> = guard
+            .as_ref()
+            .map(|b| {
+                b.scratch
+                    .keys()
+                    .chain(b.workspace.keys())
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     /// [`Kernel::Matmul`] on this device (see the module documentation).
     pub(super) fn launch_matmul(&self, kernel: &Kernel, stream: StreamId) -> Result<()> {
         let Kernel::Matmul {

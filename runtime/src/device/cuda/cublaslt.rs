@@ -1,14 +1,14 @@
 //! [`Kernel::Matmul`](crate::device::Kernel::Matmul) through cuBLASLt, with
 //! the algorithm chosen once per shape ([`MatmulLibrary::Lt`]).
 //!
-//! `cublasGemmEx` runs cuBLAS's algorithm heuristic on every call. On the
-//! small products of the benchmark's layers (16 tokens) an H200 run
-//! measured 11–15 µs of the queueing thread's time a product against about
-//! 3 µs for a plain kernel launch, and at the default preset that queueing,
-//! not the GPU, bounds a pass; the heuristic is the likeliest part of the
-//! difference (not yet measured apart: other projects found it about half
-//! of a small product's host cost). cuBLASLt separates choosing from
-//! running: a plan describes a
+//! `cublasGemmEx` chooses an algorithm at every call (a lookup in cuBLAS's
+//! heuristics cache, the heuristic itself on a miss). On the small products
+//! of the benchmark's layers (16 tokens) an H200 run measured 11–15 µs of
+//! the queueing thread's time a product, where a plain kernel launch cost
+//! it about 3 µs, and at the default preset that queueing, not the GPU,
+//! bounds a pass. How much of it is the choice has not been measured
+//! (RAFT found it about half of a small product's host cost). cuBLASLt
+//! separates choosing from running: a plan describes a
 //! shape (operation, the three matrix layouts) and asks the heuristic once,
 //! and each later product of that shape is one `cublasLtMatmul` with the
 //! kept algorithm.
@@ -238,7 +238,7 @@ impl Lt {
     pub(super) fn new(max_workspace: usize) -> Result<Lt> {
         if !cublaslt_present() {
             return Err(Error::Unsupported(
-                "matrix products through cuBLASLt without the cuBLASLt library (libcublasLt.so.13 could not be loaded)",
+                "matrix products through cuBLASLt (OFFLOAD_MATMUL=lt) without the cuBLASLt library: neither libcublasLt.so.13 nor another of cudarc's names for it could be loaded; unset OFFLOAD_MATMUL for cublasGemmEx",
             ));
         }
         let created = std::panic::catch_unwind(|| {

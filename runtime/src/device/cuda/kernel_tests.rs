@@ -2248,14 +2248,21 @@ fn check_matmul(
 /// stream's conversion scratch grows while the first is
 /// still queued, and the stream is destroyed before either has run. Both
 /// results must be right: the backend keeps a stream's old scratch, and
-/// the stream's last one, until the work queued before has run.
+/// the stream's last one, until the work queued before has run. The same
+/// through cuBLASLt, whose per-stream workspace grows the same way where
+/// the second product's algorithm asks for more (as the fake's does).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_matmul_scratch_outlives_the_products_queued_on_it() {
-    let d = gpu();
+    for d in [gemm_ex_gpu(), lt_gpu()] {
+        scratch_outlives_queued_products(&d);
+    }
+}
+
+fn scratch_outlives_queued_products(d: &CudaDevice) {
     let s = d.create_stream().unwrap();
-    let small = MatmulCase::new(&d, s, Dtype::F16, (2, 64, 128), 11);
-    let large = MatmulCase::new(&d, s, Dtype::BF16, (40, 48, 1024), 12);
+    let small = MatmulCase::new(d, s, Dtype::F16, (2, 64, 128), 11);
+    let large = MatmulCase::new(d, s, Dtype::BF16, (40, 48, 1024), 12);
     d.stream_synchronize(s).unwrap();
     d.launch_host_fn(
         s,
@@ -2274,7 +2281,7 @@ fn gpu_matmul_scratch_outlives_the_products_queued_on_it() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_matmul_cublas_matches_cpu() {
-    let d = gpu();
+    let d = gemm_ex_gpu();
     let info = d.prepare_matmul().expect("creating cuBLAS");
     eprintln!(
         "cuBLAS library names tried: {:?}; loaded {:?}; activation conversion: {}",
@@ -2302,6 +2309,18 @@ fn gpu_matmul_cublas_matches_cpu() {
     d.destroy_stream(s).unwrap();
 }
 
+/// A device whose products go through `cublasGemmEx`
+/// ([`MatmulLibrary::GemmEx`]) whatever `OFFLOAD_MATMUL` says, the other
+/// settings from the environment as [`gpu`]'s.
+fn gemm_ex_gpu() -> CudaDevice {
+    let config = CudaConfig {
+        matmul: MatmulLibrary::GemmEx,
+        ..CudaConfig::from_env().expect("the OFFLOAD_* settings")
+    };
+    CudaDevice::with_config(0, &config)
+        .expect("this test needs a CUDA GPU and CudaDevice::with_config(0, GemmEx) failed")
+}
+
 /// A device whose products go through cuBLASLt ([`MatmulLibrary::Lt`]),
 /// the other settings from the environment as [`gpu`]'s.
 fn lt_gpu() -> CudaDevice {
@@ -2314,12 +2333,13 @@ fn lt_gpu() -> CudaDevice {
 }
 
 /// Products through cuBLASLt meet the same bound against the CPU as
-/// `cublasGemmEx`'s (the shapes and types of `gpu_matmul_cublas_matches_cpu`,
-/// twice over): the heuristic is asked once for each shape and type (the
-/// second round makes no plan), it finds an algorithm for each, and every
-/// product goes through `cublasLtMatmul`; a second stream gets its own
-/// workspace, given back with the stream; operands less aligned than an
-/// allocation get plans of their own.
+/// `cublasGemmEx`'s, in every type: for shapes of aligned rows the
+/// heuristic is asked once for each shape and type (a second round makes
+/// no plan), it finds an algorithm for each, and every product goes
+/// through `cublasLtMatmul`; odd leading dimensions and operands less
+/// aligned than an allocation get plans of their own, and any shape
+/// without an algorithm goes to `cublasGemmEx`, every product of it; a
+/// second stream gets its own buffers, given back with the stream.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_matmul_through_cublaslt_matches_cpu_and_plans_once() {
@@ -2333,17 +2353,22 @@ fn gpu_matmul_through_cublaslt_matches_cpu_and_plans_once() {
     assert_eq!(info.interface, MatmulLibrary::Lt);
     assert!(d.memory_mode_note().contains("OFFLOAD_MATMUL=lt"));
     let s = d.create_stream().unwrap();
-    let shapes = [(1, 300, 520), (16, 257, 1030), (33, 64, 7), (4, 1, 1)];
-    let plans = (Dtype::ALL.len() * shapes.len()) as u64;
-    for round in 1..=2u64 {
+    let run = |shapes: &[(usize, usize, usize)], seed: u64| {
         for dtype in Dtype::ALL {
             for (i, &(tokens, n, k)) in shapes.iter().enumerate() {
-                let worst = check_matmul(&d, s, dtype, tokens, n, k, 177 + i as u64 + round);
+                let worst = check_matmul(&d, s, dtype, tokens, n, k, seed + i as u64);
                 eprintln!(
                     "cuBLASLt matmul {dtype} tokens {tokens} n {n} k {k}: largest error / Σ|x·w| = {worst:.2e}"
                 );
             }
         }
+        (Dtype::ALL.len() * shapes.len()) as u64
+    };
+    // Rows of whole 16-byte multiples in every type, on page-aligned
+    // buffers: cuBLASLt has algorithms for these.
+    let aligned = [(1, 304, 520), (16, 256, 1024)];
+    for round in 1..=2u64 {
+        let plans = run(&aligned, 177 + round);
         assert_eq!(
             d.matmul_launches(),
             MatmulLaunches {
@@ -2355,26 +2380,51 @@ fn gpu_matmul_through_cublaslt_matches_cpu_and_plans_once() {
             "round {round}"
         );
     }
-    let s2 = d.create_stream().unwrap();
-    check_matmul(&d, s2, Dtype::BF16, 8, 100, 300, 5);
-    d.destroy_stream(s2).unwrap();
-    check_matmul(&d, s, Dtype::BF16, 8, 100, 300, 7);
-    assert_eq!(d.matmul_launches().lt, plans * 2 + 2);
-    assert_eq!(d.matmul_launches().lt_plans, plans + 1);
-    // Operands less aligned than an allocation (X and Y 4 bytes past a
-    // page, an f16 W 2 bytes past one): a plan of its own, chosen for
-    // those alignments, and the same bound.
+    // Odd leading dimensions, and operands less aligned than an
+    // allocation (X and Y 4 bytes past a page, an f16 W 2 bytes past one):
+    // plans of their own; a shape the heuristic has no algorithm for goes
+    // to cublasGemmEx, every product of it.
+    let before = d.matmul_launches();
+    let odd = [(16, 257, 1030), (33, 64, 7), (4, 1, 1)];
+    let mut products = run(&odd, 277) + run(&odd, 377);
+    let mut plans = products / 2;
     for (dtype, offsets) in [(Dtype::F32, [4, 4, 4]), (Dtype::F16, [4, 2, 12])] {
         let case = MatmulCase::new_at(&d, s, dtype, (16, 257, 1030), 31, offsets);
-        case.launch(s);
-        let worst = case.verify(s);
-        eprintln!(
-            "cuBLASLt matmul {dtype} at offsets {offsets:?}: largest error / Σ|x·w| = {worst:.2e}"
-        );
+        for _ in 0..2 {
+            case.launch(s);
+            let worst = case.verify(s);
+            eprintln!(
+                "cuBLASLt matmul {dtype} at offsets {offsets:?}: largest error / Σ|x·w| = {worst:.2e}"
+            );
+        }
+        (products, plans) = (products + 2, plans + 1);
     }
-    assert_eq!(d.matmul_launches().lt, plans * 2 + 4);
-    assert_eq!(d.matmul_launches().lt_plans, plans + 3);
+    let l = d.matmul_launches();
+    let (lt, gemm_ex) = (l.lt - before.lt, l.gemm_ex - before.gemm_ex);
+    let (made, none) = (
+        l.lt_plans - before.lt_plans,
+        l.lt_no_algorithm - before.lt_no_algorithm,
+    );
+    eprintln!("odd shapes and alignments: {made} plans, {none} without an algorithm");
+    assert_eq!(made, plans);
+    assert_eq!(lt + gemm_ex, products);
+    assert_eq!(
+        gemm_ex,
+        2 * none,
+        "each shape without an algorithm ran twice"
+    );
+    // A second stream gets its own buffers (the bf16 weight's activation
+    // scratch, and the workspace its algorithm asks for), given back with
+    // the stream.
+    let s2 = d.create_stream().unwrap();
+    check_matmul(&d, s2, Dtype::BF16, 8, 104, 304, 5);
+    assert!(d.matmul_buffer_streams().contains(&s2.0));
+    d.destroy_stream(s2).unwrap();
+    assert!(!d.matmul_buffer_streams().contains(&s2.0));
+    assert!(d.matmul_buffer_streams().contains(&s.0));
+    check_matmul(&d, s, Dtype::BF16, 8, 104, 304, 7);
     d.destroy_stream(s).unwrap();
+    assert!(d.matmul_buffer_streams().is_empty());
 }
 
 /// Products through cuBLASLt of shapes its heuristic finds no algorithm
@@ -2645,7 +2695,7 @@ fn gpu_matmul_edge_cases_and_checks() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_matmul_throughput() {
-    for (interface, d) in [("cublasGemmEx", gpu()), ("cuBLASLt", lt_gpu())] {
+    for (interface, d) in [("cublasGemmEx", gemm_ex_gpu()), ("cuBLASLt", lt_gpu())] {
         for (tokens, n, k) in [(16usize, 4096usize, 4096usize), (16, 640, 640)] {
             matmul_throughput(&d, interface, tokens, n, k);
         }

@@ -135,13 +135,14 @@ impl Default for CudaConfig {
 /// ([`CudaConfig::matmul`]); both compute the same product in f32.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MatmulLibrary {
-    /// One `cublasGemmEx` a product, which runs cuBLAS's algorithm
-    /// heuristic every call (the default, the one timed on GPUs so far).
+    /// One `cublasGemmEx` a product, which chooses an algorithm at every
+    /// call (the default, the one timed on GPUs so far).
     #[default]
     GemmEx,
     /// cuBLASLt: the heuristic asked once per shape, then one
-    /// `cublasLtMatmul` a product with the kept algorithm, for less of the
-    /// queueing thread's time a product (see [`cublaslt`]).
+    /// `cublasLtMatmul` a product with the kept algorithm, meant to cost
+    /// the queueing thread less a product (see [`cublaslt`]; not yet timed
+    /// on a GPU).
     Lt,
 }
 
@@ -1103,6 +1104,26 @@ impl Device for CudaDevice {
             drop(unsafe { Box::from_raw(data) });
         }
         r
+    }
+
+    fn launch_counts(&self) -> Vec<(&'static str, u64)> {
+        let p = self.matmul_launches();
+        let m = self.merge_launches();
+        vec![
+            ("products_gemm_ex", p.gemm_ex),
+            ("products_lt", p.lt),
+            ("lt_plans", p.lt_plans),
+            ("lt_plans_without_algorithm", p.lt_no_algorithm),
+            ("merges_fma", m.fma),
+            ("merges_tensor_cores", m.tensor_cores),
+            ("merges_pipelined", m.pipelined),
+            ("merges_fma_batched", m.fma_batched),
+            ("merges_tensor_cores_batched", m.tensor_cores_batched),
+            ("merges_pipelined_batched", m.pipelined_batched),
+            ("merges_streaming", m.streaming),
+            ("merges_streaming_shared", m.streaming_shared),
+            ("merges_general", m.general),
+        ]
     }
 
     fn prepare(&self, family: KernelFamily) -> Result<Option<String>> {

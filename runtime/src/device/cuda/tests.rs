@@ -178,8 +178,8 @@ fn cuda_device_without_driver_is_an_error_not_a_panic() {
 
 /// The GPU tests of this file, and those of `kernel_tests` that check the
 /// merge kernels' and cuBLAS's results (not their speed, nor NVRTC), run in
-/// a child process of this test binary whose CUDA driver, cuBLAS and NVRTC
-/// are `offload-fakecuda` (a driver that runs on the CPU and checks every
+/// a child process of this test binary whose CUDA driver, cuBLAS, cuBLASLt
+/// and NVRTC are `offload-fakecuda` (a driver that runs on the CPU and checks every
 /// operation's device memory when its stream runs it, and runs the merge
 /// kernels from their launch parameters): the backend's host-side logic
 /// (memory modes, VMM mapping, streams, events, host functions, pinned and
