@@ -169,9 +169,10 @@ pub const STREAM8_ENV: &str = "OFFLOAD_STREAM8";
 
 impl CudaConfig {
     /// The default configuration with [`MERGE_KERNEL_ENV`],
-    /// [`MERGE_SMS_ENV`] and [`STREAM8_ENV`] applied; what [`CudaDevice::new`] (and so
-    /// [`auto`](crate::device::auto)) opens a GPU with, so that a benchmark
-    /// can compare merge settings end to end without a rebuild. Any other
+    /// [`MERGE_SMS_ENV`], [`STREAM8_ENV`] and [`MATMUL_ENV`] applied; what
+    /// [`CudaDevice::new`] (and so [`auto`](crate::device::auto)) opens a
+    /// GPU with, so that a benchmark can compare merge and product settings
+    /// end to end without a rebuild. Any other
     /// value is an [`Error::Config`] naming the variable and the value.
     pub fn from_env() -> Result<CudaConfig> {
         CudaConfig::default()
