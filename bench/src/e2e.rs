@@ -2810,7 +2810,20 @@ fn json_row(r: &Row, ctx: &JsonCtx<'_>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{later_mean, median, overlap, ratios_by_round, Measured, Mode, Policy, Row};
+    use super::{
+        counts_since, later_mean, median, overlap, ratios_by_round, Measured, Mode, Policy, Row,
+    };
+
+    #[test]
+    fn a_rows_counts_are_what_it_added() {
+        let before = [("products_lt", 10), ("lt_plans", 3)];
+        let after = vec![("products_lt", 25), ("lt_plans", 3), ("merges_fma", 4)];
+        assert_eq!(
+            counts_since(&before, after),
+            [("products_lt", 15), ("lt_plans", 0), ("merges_fma", 4)]
+        );
+        assert!(counts_since(&[], Vec::new()).is_empty());
+    }
 
     /// A plain row whose passes took `passes` seconds and moved `per_pass`
     /// bytes each after the first.

@@ -634,6 +634,10 @@ impl<D: Device + ?Sized> Device for FaultDevice<D> {
     fn prepare(&self, family: KernelFamily) -> Result<Option<String>> {
         self.inner.prepare(family)
     }
+
+    fn launch_counts(&self) -> Vec<(&'static str, u64)> {
+        self.inner.launch_counts()
+    }
 }
 
 #[cfg(test)]
