@@ -6,9 +6,10 @@ use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::sync::{Mutex, OnceLock};
 
 use cudarc::cublas::sys::{cublasHandle_t, cublasStatus_t, cudaStream_t};
+use cudarc::driver::sys::CUstream;
 use half::{bf16, f16};
 
-use crate::{driver, lock, run_checked};
+use crate::{driver, lock, run_checked, Driver};
 
 type Status = cublasStatus_t;
 
@@ -222,39 +223,77 @@ pub unsafe extern "C" fn cublasGemmEx(
             (b as u64, span(br, bc, ldb, b_ty)),
             (c as u64, span(m, n, ldc, c_ty)),
         ];
-        {
-            let mem = d.mem_read();
-            for &(p, len) in &ranges {
-                if let Err(msg) = mem.resolve(p, len) {
-                    eprintln!("offload-fakecuda: cublasGemmEx: {msg}");
-                    return Err(Status::CUBLAS_STATUS_INVALID_VALUE);
-                }
+        let p = Product {
+            m,
+            n,
+            k,
+            a: (a_ty, lda, ta),
+            b: (b_ty, ldb, tb),
+            c: (c_ty, ldc),
+            alpha,
+            beta,
+        };
+        queue_product(d, stream as _, "cublasGemmEx", p, ranges)
+    })
+}
+
+/// One product as the fake runs it: `C = alpha · op(A) · op(B) + beta · C`
+/// of `m × n` over `k`, each matrix's type and leading dimension (and for
+/// A and B whether it is transposed).
+pub(crate) struct Product {
+    pub(crate) m: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    pub(crate) a: (Ty, usize, bool),
+    pub(crate) b: (Ty, usize, bool),
+    pub(crate) c: (Ty, usize),
+    pub(crate) alpha: f32,
+    pub(crate) beta: f32,
+}
+
+/// Checks that every range of `ranges` (A's, B's and C's first, then any
+/// other the product uses) is device memory now, and queues the product on
+/// stream `s`, which finds them again when it runs it (aborting if one is
+/// gone). `call` names the API function in messages.
+pub(crate) fn queue_product(
+    d: &Driver,
+    s: CUstream,
+    call: &str,
+    p: Product,
+    ranges: Vec<(u64, usize)>,
+) -> Result<(), Status> {
+    {
+        let mem = d.mem_read();
+        for &(at, len) in &ranges {
+            if let Err(msg) = mem.resolve(at, len) {
+                eprintln!("offload-fakecuda: {call}: {msg}");
+                return Err(Status::CUBLAS_STATUS_INVALID_VALUE);
             }
         }
-        let st = d
-            .stream(stream as _)
-            .map_err(|_| Status::CUBLAS_STATUS_INVALID_VALUE)?;
-        let what = format!("cublasGemmEx {m}x{n}x{k}");
-        st.enqueue(Box::new(move || {
-            run_checked(&what, &ranges, |at| {
-                // SAFETY: every element index below lies within the spans
-                // resolved above to accessible device memory.
-                unsafe {
-                    gemm(
-                        m,
-                        n,
-                        k,
-                        (at[0], a_ty, lda, ta),
-                        (at[1], b_ty, ldb, tb),
-                        (at[2], c_ty, ldc),
-                        alpha,
-                        beta,
-                    )
-                }
-            })
-        }));
-        Ok(())
-    })
+    }
+    let st = d
+        .stream(s)
+        .map_err(|_| Status::CUBLAS_STATUS_INVALID_VALUE)?;
+    let what = format!("{call} {}x{}x{}", p.m, p.n, p.k);
+    st.enqueue(Box::new(move || {
+        run_checked(&what, &ranges, |at| {
+            // SAFETY: every element index below lies within the spans
+            // resolved above to accessible device memory.
+            unsafe {
+                gemm(
+                    p.m,
+                    p.n,
+                    p.k,
+                    (at[0], p.a.0, p.a.1, p.a.2),
+                    (at[1], p.b.0, p.b.1, p.b.2),
+                    (at[2], p.c.0, p.c.1),
+                    p.alpha,
+                    p.beta,
+                )
+            }
+        })
+    }));
+    Ok(())
 }
 
 /// `C = alpha · op(A) · op(B) + beta · C`, column-major, in f32.
@@ -263,7 +302,7 @@ pub unsafe extern "C" fn cublasGemmEx(
 /// The three matrices lie in readable (and, for C, writable) memory of the
 /// spans given by their shapes and leading dimensions.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm(
+unsafe fn gemm(
     m: usize,
     n: usize,
     k: usize,

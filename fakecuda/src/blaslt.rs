@@ -25,8 +25,8 @@ use cudarc::cublaslt::sys::{
     cublasLtMatmulPreference_t, cublasLtMatrixLayout_t, cudaStream_t,
 };
 
-use crate::blas::{gemm, span, status, Ty};
-use crate::{driver, lock, run_checked};
+use crate::blas::{queue_product, span, status, Product, Ty};
+use crate::{driver, lock};
 
 type Status = cublasStatus_t;
 
@@ -510,37 +510,16 @@ pub unsafe extern "C" fn cublasLtMatmul(
             }
             ranges.push((workspace as u64, workspace_size));
         }
-        {
-            let mem = drv.mem_read();
-            for &(p, len) in &ranges {
-                if let Err(msg) = mem.resolve(p, len) {
-                    eprintln!("offload-fakecuda: cublasLtMatmul: {msg}");
-                    return Err(Status::CUBLAS_STATUS_INVALID_VALUE);
-                }
-            }
-        }
-        let st = drv
-            .stream(s.cast())
-            .map_err(|_| Status::CUBLAS_STATUS_INVALID_VALUE)?;
-        let what = format!("cublasLtMatmul {m}x{n}x{k}");
-        st.enqueue(Box::new(move || {
-            run_checked(&what, &ranges, |at| {
-                // SAFETY: every element index below lies within the spans
-                // resolved above to accessible device memory.
-                unsafe {
-                    gemm(
-                        m,
-                        n,
-                        k,
-                        (at[0], al.ty, al.ld, v.transa),
-                        (at[1], bl.ty, bl.ld, v.transb),
-                        (at[2], cl.ty, cl.ld),
-                        alpha,
-                        beta,
-                    )
-                }
-            })
-        }));
-        Ok(())
+        let p = Product {
+            m,
+            n,
+            k,
+            a: (al.ty, al.ld, v.transa),
+            b: (bl.ty, bl.ld, v.transb),
+            c: (cl.ty, cl.ld),
+            alpha,
+            beta,
+        };
+        queue_product(drv, s.cast(), "cublasLtMatmul", p, ranges)
     })
 }

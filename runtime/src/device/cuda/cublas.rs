@@ -25,7 +25,7 @@
 //! infinite with an f16 weight.
 
 use std::collections::HashMap;
-use std::ffi::{c_void, CStr};
+use std::ffi::{c_char, c_void, CStr};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
@@ -173,11 +173,29 @@ fn op(t: bool) -> cb::cublasOperation_t {
     }
 }
 
-fn kernel_error(message: String) -> Error {
+pub(super) fn kernel_error(message: String) -> Error {
     Error::Kernel {
         kernel: "matmul",
         message,
     }
+}
+
+/// The error for a cuBLAS or cuBLASLt `call` that returned status `code`,
+/// whose name the library gave as `name`.
+///
+/// # Safety
+/// `name` is null or points at a NUL-terminated string that lives for the
+/// call (the libraries' status names are static).
+pub(super) unsafe fn status_error(call: &str, code: i32, name: *const c_char) -> Error {
+    let name = if name.is_null() {
+        "unknown status".to_string()
+    } else {
+        // SAFETY: non-null and NUL-terminated (the caller's contract).
+        unsafe { CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    kernel_error(format!("{call} failed with {name} ({code})"))
 }
 
 /// `Ok` for `CUBLAS_STATUS_SUCCESS`, else an error naming the call and status.
@@ -188,16 +206,8 @@ fn check(call: &'static str, st: cb::cublasStatus_t) -> Result<()> {
     // SAFETY: only reached after the library was found present and a call
     // into it returned; cublasGetStatusName returns a static string or null.
     let p = unsafe { cb::cublasGetStatusName(st) };
-    let name = if p.is_null() {
-        "unknown status".to_string()
-    } else {
-        // SAFETY: non-null, static and NUL-terminated.
-        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-    };
-    Err(kernel_error(format!(
-        "{call} failed with {name} ({})",
-        st as i32
-    )))
+    // SAFETY: null or a static NUL-terminated string (just above).
+    Err(unsafe { status_error(call, st as i32, p) })
 }
 
 /// The conversion kernels, loaded into the device's context.

@@ -27,14 +27,14 @@
 //! [`GemmArgs`]: super::cublas::GemmArgs
 
 use std::collections::HashMap;
-use std::ffi::{c_void, CStr};
+use std::ffi::c_void;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use cudarc::cublaslt::sys as lt;
 use offload_kernels::Dtype;
 
-use super::cublas::GemmArgs;
+use super::cublas::{kernel_error, status_error, GemmArgs};
 use crate::error::{Error, Result};
 
 static CUBLASLT_PRESENT: OnceLock<bool> = OnceLock::new();
@@ -63,13 +63,6 @@ pub fn max_workspace(cc: (u32, u32)) -> usize {
     }
 }
 
-fn lt_error(message: String) -> Error {
-    Error::Kernel {
-        kernel: "matmul",
-        message,
-    }
-}
-
 /// `Ok` for `CUBLAS_STATUS_SUCCESS`, else an error naming the call and status.
 fn check(call: &'static str, st: lt::cublasStatus_t) -> Result<()> {
     if st == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
@@ -78,16 +71,8 @@ fn check(call: &'static str, st: lt::cublasStatus_t) -> Result<()> {
     // SAFETY: only reached after the library was found present and a call
     // into it returned; cublasLtGetStatusName returns a static string or null.
     let p = unsafe { lt::cublasLtGetStatusName(st) };
-    let name = if p.is_null() {
-        "unknown status".to_string()
-    } else {
-        // SAFETY: non-null, static and NUL-terminated.
-        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-    };
-    Err(lt_error(format!(
-        "{call} failed with {name} ({})",
-        st as i32
-    )))
+    // SAFETY: null or a static NUL-terminated string (just above).
+    Err(unsafe { status_error(call, st as i32, p) })
 }
 
 fn data_type(d: Dtype) -> lt::cudaDataType {
@@ -253,7 +238,7 @@ impl Lt {
                 h
             }
             Err(p) => {
-                return Err(lt_error(format!(
+                return Err(kernel_error(format!(
                     "loading cuBLASLt panicked: {}",
                     super::nvrtc::panic_message(p.as_ref())
                 )))
