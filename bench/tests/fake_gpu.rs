@@ -251,8 +251,9 @@ fn e2e_staged_on_cuda_moves_exactly_the_host_backends_bytes() {
 /// layer on the merge stream as it arrives (the merge kernels run on the
 /// fake from their launch parameters): each row runs, its read-back check
 /// finds the merged weights within 1 ulp of the host merge (the pristine
-/// weights and the adapters handed out, unfused), and the run moves,
-/// allocates, merges and peaks exactly as on the host backend.
+/// weights and the adapters handed out, unfused), the device counts merge
+/// launches in fuse-on-upload only, and the run moves, allocates, merges
+/// and peaks exactly as on the host backend.
 #[test]
 fn e2e_lora_on_cuda() {
     // Room for the layers in flight and every adapter's factors.
@@ -278,6 +279,27 @@ fn e2e_lora_on_cuda() {
         .find(|r| r["mode"] == "sequential" && r["lora_mode"] == "fuse-on-upload")
         .unwrap();
     assert!(fused["merges_per_pass"].as_f64() > Some(0.0), "{fused}");
+    // The device's own count of merge launches agrees: some in
+    // fuse-on-upload (one batched launch a layer at least), none in the
+    // plain row nor unfused.
+    let merges = |r: &serde_json::Value| -> u64 {
+        r["device_counts"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter(|(k, _)| k.starts_with("merges_"))
+                    .map(|(_, v)| v.as_u64().unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    assert!(merges(fused) > 0, "{fused}");
+    for r in rows
+        .iter()
+        .filter(|r| r["lora_mode"] == "none" || r["lora_mode"] == "unfused")
+    {
+        assert_eq!(merges(r), 0, "{r}");
+    }
     same_as_host(&rows, &args, "lora", &[]);
 }
 
