@@ -173,7 +173,7 @@ fn op(t: bool) -> cb::cublasOperation_t {
     }
 }
 
-pub(super) fn kernel_error(message: String) -> Error {
+fn kernel_error(message: String) -> Error {
     Error::Kernel {
         kernel: "matmul",
         message,
@@ -196,6 +196,18 @@ pub(super) unsafe fn status_error(call: &str, code: i32, name: *const c_char) ->
             .into_owned()
     };
     kernel_error(format!("{call} failed with {name} ({code})"))
+}
+
+/// `create()`, the first call into a library cudarc loads on first use
+/// (and panics on when a symbol is missing), with such a panic turned into
+/// an error naming `library`.
+pub(super) fn create_guarded<H>(library: &str, create: impl FnOnce() -> Result<H>) -> Result<H> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(create)).unwrap_or_else(|p| {
+        Err(kernel_error(format!(
+            "loading {library} panicked: {}",
+            nvrtc::panic_message(p.as_ref())
+        )))
+    })
 }
 
 /// `Ok` for `CUBLAS_STATUS_SUCCESS`, else an error naming the call and status.
@@ -268,25 +280,13 @@ impl Blas {
             ));
         }
         ctx.bind()?;
-        let created = std::panic::catch_unwind(|| {
+        let handle = create_guarded("cuBLAS", || {
             let mut h: cb::cublasHandle_t = std::ptr::null_mut();
             // SAFETY: the library is present (checked above); out-pointer to
             // a local; the device's context is current (bound above).
-            let st = unsafe { cb::cublasCreate_v2(&mut h) };
-            (st, h)
-        });
-        let handle = match created {
-            Ok((st, h)) => {
-                check("cublasCreate", st)?;
-                h
-            }
-            Err(p) => {
-                return Err(kernel_error(format!(
-                    "loading cuBLAS panicked: {}",
-                    nvrtc::panic_message(p.as_ref())
-                )))
-            }
-        };
+            check("cublasCreate", unsafe { cb::cublasCreate_v2(&mut h) })?;
+            Ok(h)
+        })?;
         let lt = match library {
             MatmulLibrary::GemmEx => None,
             MatmulLibrary::Lt => match Lt::new(cublaslt::max_workspace(cc)) {

@@ -26,6 +26,7 @@
 //! [`MatmulLibrary::Lt`]: super::MatmulLibrary::Lt
 //! [`GemmArgs`]: super::cublas::GemmArgs
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::path::PathBuf;
@@ -34,7 +35,7 @@ use std::sync::OnceLock;
 use cudarc::cublaslt::sys as lt;
 use offload_kernels::Dtype;
 
-use super::cublas::{kernel_error, status_error, GemmArgs};
+use super::cublas::{create_guarded, status_error, GemmArgs};
 use crate::error::{Error, Result};
 
 static CUBLASLT_PRESENT: OnceLock<bool> = OnceLock::new();
@@ -226,24 +227,12 @@ impl Lt {
                 "matrix products through cuBLASLt (OFFLOAD_MATMUL=lt) without the cuBLASLt library: neither libcublasLt.so.13 nor another of cudarc's names for it could be loaded; unset OFFLOAD_MATMUL for cublasGemmEx",
             ));
         }
-        let created = std::panic::catch_unwind(|| {
+        let handle = create_guarded("cuBLASLt", || {
             let mut h: lt::cublasLtHandle_t = std::ptr::null_mut();
             // SAFETY: the library is present (checked above); out-pointer to a local.
-            let st = unsafe { lt::cublasLtCreate(&mut h) };
-            (st, h)
-        });
-        let handle = match created {
-            Ok((st, h)) => {
-                check("cublasLtCreate", st)?;
-                h
-            }
-            Err(p) => {
-                return Err(kernel_error(format!(
-                    "loading cuBLASLt panicked: {}",
-                    super::nvrtc::panic_message(p.as_ref())
-                )))
-            }
-        };
+            check("cublasLtCreate", unsafe { lt::cublasLtCreate(&mut h) })?;
+            Ok(h)
+        })?;
         // Owned from here, so an error below destroys the handle.
         let mut me = Lt {
             handle,
@@ -287,18 +276,28 @@ impl Lt {
         key: PlanKey,
         launches: &mut MatmulLaunches,
     ) -> Result<Option<&Plan>> {
-        if !self.plans.contains_key(&key) {
-            let plan = self.make_plan(key)?;
-            launches.lt_plans += 1;
-            if plan.is_none() {
-                launches.lt_no_algorithm += 1;
+        let (handle, pref) = (self.handle, self.pref);
+        let plan = match self.plans.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => {
+                let plan = Self::make_plan(handle, pref, key)?;
+                launches.lt_plans += 1;
+                if plan.is_none() {
+                    launches.lt_no_algorithm += 1;
+                }
+                v.insert(plan)
             }
-            self.plans.insert(key, plan);
-        }
-        Ok(self.plans.get(&key).and_then(Option::as_ref))
+        };
+        Ok(plan.as_ref())
     }
 
-    fn make_plan(&self, key: PlanKey) -> Result<Option<Plan>> {
+    /// Describe `key`'s product and ask the heuristic of `handle`, with the
+    /// preference `pref` (the Lt state's, its lock held), for an algorithm.
+    fn make_plan(
+        handle: lt::cublasLtHandle_t,
+        pref: lt::cublasLtMatmulPreference_t,
+        key: PlanKey,
+    ) -> Result<Option<Plan>> {
         let g = key.args;
         let mut plan = Plan {
             desc: std::ptr::null_mut(),
@@ -379,7 +378,7 @@ impl Lt {
             // local u32 with its size; the preference is live.
             check("cublasLtMatmulPreferenceSetAttribute", unsafe {
                 lt::cublasLtMatmulPreferenceSetAttribute(
-                    self.pref,
+                    pref,
                     attr,
                     (&bytes as *const u32).cast(),
                     std::mem::size_of::<u32>(),
@@ -393,16 +392,7 @@ impl Lt {
         // for; out-pointers to locals.
         let st = unsafe {
             lt::cublasLtMatmulAlgoGetHeuristic(
-                self.handle,
-                plan.desc,
-                plan.a,
-                plan.b,
-                plan.c,
-                plan.c,
-                self.pref,
-                1,
-                &mut found,
-                &mut count,
+                handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref, 1, &mut found, &mut count,
             )
         };
         if st == lt::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED {

@@ -804,6 +804,32 @@ fn gpu_merge_lowrank_tensor_cores_match_cpu_merge() {
     d.destroy_stream(s).unwrap();
 }
 
+/// Cases every streaming-kernel test runs, for W of `dtype`: one rank-8
+/// adapter on a row slice, three mixed-dtype adapters (8 ranks) on a conv
+/// weight, and a small W of fewer columns than a strip.
+fn streaming_cases(dtype: Dtype) -> Vec<MergeCase> {
+    use Dtype::{BF16, F16, F32};
+    let case = |shape: &[usize], rows, adapters| MergeCase {
+        dtype,
+        shape: shape.to_vec(),
+        rows,
+        adapters,
+    };
+    vec![
+        case(&[150, 512], Some(7..137), vec![(8, F16, F16, 0.7)]),
+        case(
+            &[64, 16, 3, 3],
+            None,
+            vec![
+                (3, BF16, F32, 0.25),
+                (1, F16, F16, 1.0),
+                (4, F32, F16, -1.5),
+            ],
+        ),
+        case(&[40, 90], None, vec![(2, F16, F16, -0.8)]),
+    ]
+}
+
 /// The streaming fp32 FMA kernels (`LowRankKernel::Streaming`) against
 /// the CPU merge and the f64 reference, for W in f32, f16 and bf16: ranks
 /// adding up to at most 8 and at most 32 (one to four adapters, mixed
@@ -826,16 +852,7 @@ fn gpu_merge_streaming_kernels_match_the_reference() {
             rows,
             adapters,
         };
-        cases.push(case(&[150, 512], Some(7..137), vec![(8, F16, F16, 0.7)]));
-        cases.push(case(
-            &[64, 16, 3, 3],
-            None,
-            vec![
-                (3, BF16, F32, 0.25),
-                (1, F16, F16, 1.0),
-                (4, F32, F16, -1.5),
-            ],
-        ));
+        cases.extend(streaming_cases(dtype));
         cases.push(case(&[33, 301], None, vec![(32, F16, F16, 0.5)]));
         cases.push(case(
             &[200, 517],
@@ -848,7 +865,6 @@ fn gpu_merge_streaming_kernels_match_the_reference() {
             ],
         ));
         cases.push(case(&[4096, 640], None, vec![(16, F16, F16, 0.4)]));
-        cases.push(case(&[40, 90], None, vec![(2, F16, F16, -0.8)]));
     }
     let mut elements_all = 0;
     for (i, case) in cases.iter().enumerate() {
@@ -895,7 +911,7 @@ fn gpu_merge_streaming_kernels_match_the_reference() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_stream8_shared_matches_stream8_bit_for_bit() {
-    use Dtype::{BF16, F16, F32};
+    use Dtype::{BF16, F16};
     let regs = gpu();
     let shared = CudaDevice::with_config(
         0,
@@ -915,19 +931,9 @@ fn gpu_stream8_shared_matches_stream8_bit_for_bit() {
             rows,
             adapters,
         };
-        cases.push(case(&[150, 512], Some(7..137), vec![(8, F16, F16, 0.7)]));
-        cases.push(case(
-            &[64, 16, 3, 3],
-            None,
-            vec![
-                (3, BF16, F32, 0.25),
-                (1, F16, F16, 1.0),
-                (4, F32, F16, -1.5),
-            ],
-        ));
+        cases.extend(streaming_cases(dtype));
         cases.push(case(&[203, 517], Some(1..202), vec![(5, BF16, BF16, -0.3)]));
         cases.push(case(&[1030, 1280], None, vec![(8, F16, F16, 0.4)]));
-        cases.push(case(&[40, 90], None, vec![(2, F16, F16, -0.8)]));
     }
     for (i, case) in cases.iter().enumerate() {
         let data = CaseData::new(case, 0x58e4 + i as u64);
@@ -2313,23 +2319,23 @@ fn gpu_matmul_cublas_matches_cpu() {
 /// ([`MatmulLibrary::GemmEx`]) whatever `OFFLOAD_MATMUL` says, the other
 /// settings from the environment as [`gpu`]'s.
 fn gemm_ex_gpu() -> CudaDevice {
-    let config = CudaConfig {
-        matmul: MatmulLibrary::GemmEx,
-        ..CudaConfig::from_env().expect("the OFFLOAD_* settings")
-    };
-    CudaDevice::with_config(0, &config)
-        .expect("this test needs a CUDA GPU and CudaDevice::with_config(0, GemmEx) failed")
+    gpu_with(MatmulLibrary::GemmEx)
 }
 
 /// A device whose products go through cuBLASLt ([`MatmulLibrary::Lt`]),
 /// the other settings from the environment as [`gpu`]'s.
 fn lt_gpu() -> CudaDevice {
+    gpu_with(MatmulLibrary::Lt)
+}
+
+fn gpu_with(matmul: MatmulLibrary) -> CudaDevice {
     let config = CudaConfig {
-        matmul: MatmulLibrary::Lt,
+        matmul,
         ..CudaConfig::from_env().expect("the OFFLOAD_* settings")
     };
-    CudaDevice::with_config(0, &config)
-        .expect("this test needs a CUDA GPU and CudaDevice::with_config(0, Lt) failed")
+    CudaDevice::with_config(0, &config).unwrap_or_else(|e| {
+        panic!("this test needs a CUDA GPU and CudaDevice::with_config(0, {matmul:?}) failed: {e}")
+    })
 }
 
 /// Products through cuBLASLt meet the same bound against the CPU as

@@ -185,32 +185,19 @@ impl CudaConfig {
     /// `self` with [`MATMUL_ENV`]'s value `value` (`None`: unset) applied,
     /// as [`CudaConfig::from_env`] does.
     fn with_matmul_var(mut self, value: Option<&std::ffi::OsStr>) -> Result<CudaConfig> {
-        self.matmul = match value.map(|v| v.to_str()) {
-            None | Some(Some("" | "gemm-ex")) => MatmulLibrary::GemmEx,
-            Some(Some("lt")) => MatmulLibrary::Lt,
-            Some(_) => {
-                return Err(Error::Config(format!(
-                    "{MATMUL_ENV}={:?}: expected `gemm-ex` or `lt`",
-                    value.unwrap_or_default()
-                )))
-            }
-        };
+        let choices = [
+            ("gemm-ex", MatmulLibrary::GemmEx),
+            ("lt", MatmulLibrary::Lt),
+        ];
+        self.matmul = env_choice(MATMUL_ENV, value, &choices)?.unwrap_or_default();
         Ok(self)
     }
 
     /// `self` with [`STREAM8_ENV`]'s value `value` (`None`: unset) applied,
     /// as [`CudaConfig::from_env`] does.
     fn with_stream8_var(mut self, value: Option<&std::ffi::OsStr>) -> Result<CudaConfig> {
-        match value.map(|v| v.to_str()) {
-            None | Some(Some("" | "registers")) => self.stream8_shared = false,
-            Some(Some("shared")) => self.stream8_shared = true,
-            Some(_) => {
-                return Err(Error::Config(format!(
-                    "{STREAM8_ENV}={:?}: expected `registers` or `shared`",
-                    value.unwrap_or_default()
-                )))
-            }
-        }
+        let choices = [("registers", false), ("shared", true)];
+        self.stream8_shared = env_choice(STREAM8_ENV, value, &choices)?.unwrap_or(false);
         Ok(self)
     }
 
@@ -235,19 +222,47 @@ impl CudaConfig {
     /// `self` with [`MERGE_KERNEL_ENV`]'s value `value` (`None`: unset)
     /// applied, as [`CudaConfig::from_env`] does.
     fn with_merge_kernel_var(mut self, value: Option<&std::ffi::OsStr>) -> Result<CudaConfig> {
-        match value.map(|v| v.to_str()) {
-            None | Some(Some("" | "auto")) => {}
-            Some(Some("pipelined")) => self.pipelined_merges = true,
-            Some(Some("tensor-cores")) => self.pipelined_merges = false,
-            Some(_) => {
-                return Err(Error::Config(format!(
-                    "{MERGE_KERNEL_ENV}={:?}: expected `auto`, `pipelined` or `tensor-cores`",
-                    value.unwrap_or_default()
-                )))
-            }
+        // `auto` (as unset) keeps the default.
+        let choices = [
+            ("auto", None),
+            ("pipelined", Some(true)),
+            ("tensor-cores", Some(false)),
+        ];
+        if let Some(Some(pipelined)) = env_choice(MERGE_KERNEL_ENV, value, &choices)? {
+            self.pipelined_merges = pipelined;
         }
         Ok(self)
     }
+}
+
+/// What `value`, the value of the environment variable `var`, names among
+/// `choices` (name, what it selects): `None` when unset or empty; any other
+/// value is an [`Error::Config`] naming the variable, the value and the
+/// names it takes.
+fn env_choice<T: Copy>(
+    var: &str,
+    value: Option<&std::ffi::OsStr>,
+    choices: &[(&str, T)],
+) -> Result<Option<T>> {
+    let Some(v) = value else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Some("") => return Ok(None),
+        Some(name) => {
+            if let Some(&(_, t)) = choices.iter().find(|(n, _)| *n == name) {
+                return Ok(Some(t));
+            }
+        }
+        None => {}
+    }
+    let names: Vec<String> = choices.iter().map(|(n, _)| format!("`{n}`")).collect();
+    let expected = match names.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => "nothing".to_string(),
+    };
+    Err(Error::Config(format!("{var}={v:?}: expected {expected}")))
 }
 
 /// Host-function failures (panics) per stream, reported at the stream's next synchronisation.
