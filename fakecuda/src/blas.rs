@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::sys::{cublasHandle_t, cublasStatus_t, cudaStream_t};
 use cudarc::driver::sys::CUstream;
@@ -57,7 +57,7 @@ pub extern "C" fn cublasDestroy_v2(h: cublasHandle_t) -> Status {
 pub extern "C" fn cublasSetStream_v2(h: cublasHandle_t, s: cudaStream_t) -> Status {
     status(|| {
         let d = driver(true).map_err(|_| Status::CUBLAS_STATUS_NOT_INITIALIZED)?;
-        d.stream(s.cast())
+        d.stream_any(s.cast())
             .map_err(|_| Status::CUBLAS_STATUS_INVALID_VALUE)?;
         let mut hs = lock(handles());
         let slot = hs
@@ -240,6 +240,7 @@ pub unsafe extern "C" fn cublasGemmEx(
 /// One product as the fake runs it: `C = alpha · op(A) · op(B) + beta · C`
 /// of `m × n` over `k`, each matrix's type and leading dimension (and for
 /// A and B whether it is transposed).
+#[derive(Clone, Copy)]
 pub(crate) struct Product {
     pub(crate) m: usize,
     pub(crate) n: usize,
@@ -272,25 +273,28 @@ pub(crate) fn queue_product(
         }
     }
     let st = d
-        .stream(s)
+        .stream_any(s)
         .map_err(|_| Status::CUBLAS_STATUS_INVALID_VALUE)?;
     let what = format!("{call} {}x{}x{}", p.m, p.n, p.k);
-    st.enqueue(Box::new(move || {
-        run_checked(&what, &ranges, |at| {
-            // SAFETY: every element index below lies within the spans
-            // resolved above to accessible device memory.
-            unsafe {
-                gemm(
-                    p.m,
-                    p.n,
-                    p.k,
-                    (at[0], p.a.0, p.a.1, p.a.2),
-                    (at[1], p.b.0, p.b.1, p.b.2),
-                    (at[2], p.c.0, p.c.1),
-                    p.alpha,
-                    p.beta,
-                )
-            }
+    st.submit(Arc::new(move || {
+        let (what, ranges) = (what.clone(), ranges.clone());
+        Box::new(move || {
+            run_checked(&what, &ranges, |at| {
+                // SAFETY: every element index below lies within the spans
+                // resolved above to accessible device memory.
+                unsafe {
+                    gemm(
+                        p.m,
+                        p.n,
+                        p.k,
+                        (at[0], p.a.0, p.a.1, p.a.2),
+                        (at[1], p.b.0, p.b.1, p.b.2),
+                        (at[2], p.c.0, p.c.1),
+                        p.alpha,
+                        p.beta,
+                    )
+                }
+            })
         })
     }));
     Ok(())

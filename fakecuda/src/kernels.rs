@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_uint, c_void, CStr};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::{CUfunction, CUmodule, CUresult, CUstream};
 use half::{bf16, f16};
@@ -166,7 +166,8 @@ pub unsafe extern "C" fn cuLaunchKernel(
             eprintln!("offload-fakecuda: launch of {name} refused: {why}");
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
-        let st = d.stream(s)?;
+        // The conversion kernels can be captured in a graph; the merges cannot.
+        let st = d.stream_any(s)?;
         match name.as_str() {
             "offload_f32_to_f16" | "offload_f32_to_bf16" => {
                 let to_f16 = name == "offload_f32_to_f16";
@@ -200,27 +201,33 @@ pub unsafe extern "C" fn cuLaunchKernel(
                     }
                 }
                 let what = format!("kernel {name} over {n} elements");
-                st.enqueue(Box::new(move || {
-                    run_checked(&what, &ranges, |at| {
-                        let (xs, ys) = (at[0], at[1]);
-                        for i in 0..n {
-                            // SAFETY: x holds n f32 and y n 16-bit values,
-                            // resolved to accessible device memory.
-                            unsafe {
-                                let v = (xs as *const f32).add(i).read_unaligned();
-                                let bits = if to_f16 {
-                                    f16::from_f32(v).to_bits()
-                                } else {
-                                    bf16::from_f32(v).to_bits()
-                                };
-                                (ys as *mut u16).add(i).write_unaligned(bits);
+                st.submit(Arc::new(move || {
+                    let (what, ranges) = (what.clone(), ranges.clone());
+                    Box::new(move || {
+                        run_checked(&what, &ranges, |at| {
+                            let (xs, ys) = (at[0], at[1]);
+                            for i in 0..n {
+                                // SAFETY: x holds n f32 and y n 16-bit values,
+                                // resolved to accessible device memory.
+                                unsafe {
+                                    let v = (xs as *const f32).add(i).read_unaligned();
+                                    let bits = if to_f16 {
+                                        f16::from_f32(v).to_bits()
+                                    } else {
+                                        bf16::from_f32(v).to_bits()
+                                    };
+                                    (ys as *mut u16).add(i).write_unaligned(bits);
+                                }
                             }
-                        }
+                        })
                     })
                 }));
                 Ok(())
             }
             _ => {
+                if st.capturing(true) {
+                    return Err(CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+                }
                 let Some(kernel) = crate::merge::kernel(&name) else {
                     eprintln!("offload-fakecuda: kernel {name} does not run on the fake driver");
                     return Err(CUresult::CUDA_ERROR_NOT_SUPPORTED);

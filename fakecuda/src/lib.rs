@@ -24,7 +24,11 @@
 //!   would have been, silently or not;
 //! - a pinned host buffer is read or written when the stream gets there, not
 //!   when the copy is queued, so reusing one too early shows up as wrong
-//!   bytes; a pageable one is copied at once, as the real driver does.
+//!   bytes; a pageable one is copied at once, as the real driver does;
+//! - stream capture (`graph.rs`) keeps the products, the conversion kernels
+//!   and memsets; anything else queued on a capturing stream is refused and
+//!   invalidates the capture; a launched graph's operations check their
+//!   device bytes when they run, like any other.
 //!
 //! It runs no GPU code. Its NVRTC (`libnvrtc.so`, [`nvrtc`]) records a
 //! program's kernel names in an image only its `cuModuleLoadData` accepts;
@@ -60,6 +64,7 @@
 
 mod blas;
 mod blaslt;
+mod graph;
 pub mod kernels;
 mod memory;
 mod merge;
@@ -242,7 +247,19 @@ impl Driver {
         self.next_id.fetch_add(16, Ordering::Relaxed)
     }
 
+    /// A stream that runs what is queued now: a capturing one refuses the
+    /// operation and its capture is invalidated, as the real driver does
+    /// with an operation it cannot capture.
     fn stream(&self, s: CUstream) -> Result<Arc<Stream>, CUresult> {
+        let st = self.stream_any(s)?;
+        if st.capturing(true) {
+            return Err(CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+        }
+        Ok(st)
+    }
+
+    /// A stream, capturing or not.
+    fn stream_any(&self, s: CUstream) -> Result<Arc<Stream>, CUresult> {
         if s.is_null() {
             return Ok(Arc::clone(self.null_stream.get_or_init(|| {
                 Stream::spawn(0, (STREAM_PRIORITY_LEAST, 0), self.config.stream_delay)
@@ -284,6 +301,13 @@ impl Driver {
         }
         lock(&self.events).clear();
         kernels::forget_modules();
+        let graphs = graph::forget();
+        if let (true, Some(left)) = (self.config.leak_check, graphs) {
+            fatal(
+                "the primary context's last release",
+                &format!("leaked {left}"),
+            );
+        }
         let mut mem = self.mem();
         if self.config.leak_check {
             if let Some(left) = mem.leftovers() {
@@ -817,7 +841,7 @@ pub unsafe extern "C" fn cuCtxGetStreamPriorityRange(
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamGetPriority(s: CUstream, priority: *mut c_int) -> CUresult {
     call(|| {
-        let st = driver(true)?.stream(s)?;
+        let st = driver(true)?.stream_any(s)?;
         if priority.is_null() {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
@@ -827,7 +851,7 @@ pub unsafe extern "C" fn cuStreamGetPriority(s: CUstream, priority: *mut c_int) 
 
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamGetFlags(s: CUstream, flags: *mut c_uint) -> CUresult {
-    call(|| out(flags, driver(true)?.stream(s)?.flags))
+    call(|| out(flags, driver(true)?.stream_any(s)?.flags))
 }
 
 #[no_mangle]
@@ -1158,15 +1182,21 @@ pub extern "C" fn cuMemsetD8Async(
     s: CUstream,
 ) -> CUresult {
     call(|| {
-        let Some((d, st)) = queue_on(s, len)? else {
+        let d = driver(true)?;
+        // Can be captured in a graph.
+        let st = d.stream_any(s)?;
+        if len == 0 {
             return Ok(());
-        };
+        }
         check_queued(d, dst, len)?;
         let what = format!("memset of {len} bytes at {dst:#x}");
-        st.enqueue(Box::new(move || {
-            run_checked(&what, &[(dst, len)], |at| {
-                // SAFETY: the range resolved to accessible device memory.
-                unsafe { std::ptr::write_bytes(at[0] as *mut u8, value, len) }
+        st.submit(Arc::new(move || {
+            let what = what.clone();
+            Box::new(move || {
+                run_checked(&what, &[(dst, len)], |at| {
+                    // SAFETY: the range resolved to accessible device memory.
+                    unsafe { std::ptr::write_bytes(at[0] as *mut u8, value, len) }
+                })
             })
         }));
         Ok(())

@@ -9,6 +9,20 @@ use std::time::{Duration, Instant};
 /// One queued operation.
 pub type Op = Box<dyn FnOnce() + Send>;
 
+/// An operation a graph holds: makes a fresh [`Op`] at each launch.
+pub type Replay = Arc<dyn Fn() -> Op + Send + Sync>;
+
+/// A stream's capture state (`cuStreamBeginCapture` to `cuStreamEndCapture`).
+pub enum Capture {
+    /// Not capturing: operations run.
+    Off,
+    /// Capturing: the operations captured so far, in order.
+    On(Vec<Replay>),
+    /// Capturing, but an operation the fake cannot capture was queued: the
+    /// capture ends with `CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`.
+    Invalidated,
+}
+
 struct Queue {
     ops: VecDeque<(u64, Op)>,
     /// Sequence number of the last operation queued (0: none yet).
@@ -30,6 +44,8 @@ pub struct Stream {
     pub flags: u32,
     queue: Mutex<Queue>,
     cv: Condvar,
+    /// Whether operations are captured rather than run.
+    pub capture: Mutex<Capture>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -50,6 +66,7 @@ impl Stream {
                 closed: false,
             }),
             cv: Condvar::new(),
+            capture: Mutex::new(Capture::Off),
         });
         let worker = Arc::clone(&s);
         thread::Builder::new()
@@ -99,6 +116,34 @@ impl Stream {
         drop(q);
         self.cv.notify_all();
         seq
+    }
+
+    /// Queues the operation `make` makes, or captures `make` while the
+    /// stream is capturing (what `cuStreamBeginCapture` allows: the
+    /// products and kernels a graph of the runtime holds).
+    pub fn submit(&self, make: Replay) {
+        match &mut *lock(&self.capture) {
+            Capture::On(ops) => ops.push(make),
+            Capture::Invalidated => {}
+            Capture::Off => {
+                self.enqueue(make());
+            }
+        }
+    }
+
+    /// Whether the stream is capturing; invalidates the capture when
+    /// `invalidate` (an operation that cannot be captured was queued).
+    pub fn capturing(&self, invalidate: bool) -> bool {
+        let mut c = lock(&self.capture);
+        match *c {
+            Capture::Off => false,
+            _ => {
+                if invalidate {
+                    *c = Capture::Invalidated;
+                }
+                true
+            }
+        }
     }
 
     /// Sequence number of the last operation queued so far.

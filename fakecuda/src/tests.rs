@@ -923,3 +923,71 @@ fn stream_priorities_are_recorded_clamped_and_reported() {
         E::CUDA_ERROR_INVALID_HANDLE
     );
 }
+
+#[test]
+fn captured_work_runs_only_when_its_graph_is_launched() {
+    use crate::graph::*;
+    use sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED as RELAXED;
+    ready();
+    let s = stream();
+    let p = device_f32(&[1.0; 4], s);
+    assert_eq!(begin_capture(s, RELAXED), E::CUDA_SUCCESS);
+    // A second capture of the same stream is refused.
+    assert_eq!(begin_capture(s, RELAXED), E::CUDA_ERROR_ILLEGAL_STATE);
+    assert_eq!(cuMemsetD8Async(p, 0, 8, s), E::CUDA_SUCCESS);
+    let mut graph: sys::CUgraph = null_mut();
+    // SAFETY: a capturing stream and an out-pointer to a local.
+    assert_eq!(
+        unsafe { cuStreamEndCapture(s, &mut graph) },
+        E::CUDA_SUCCESS
+    );
+    // Captured, not run.
+    assert_eq!(read_f32(p, 4, s), [1.0; 4]);
+    let mut exec: sys::CUgraphExec = null_mut();
+    // SAFETY: a graph of this context and an out-pointer to a local.
+    assert_eq!(
+        unsafe { cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
+        E::CUDA_SUCCESS
+    );
+    assert_eq!(cuGraphDestroy(graph), E::CUDA_SUCCESS);
+    assert_eq!(cuGraphLaunch(exec, s), E::CUDA_SUCCESS);
+    assert_eq!(read_f32(p, 4, s), [0.0, 0.0, 1.0, 1.0]);
+    // Launched again: the same work again.
+    // SAFETY: `v` outlives the synchronised copy.
+    unsafe {
+        let v = [2.0f32; 4];
+        assert_eq!(
+            cuMemcpyHtoDAsync_v2(p, v.as_ptr().cast(), 16, s),
+            E::CUDA_SUCCESS
+        );
+    }
+    assert_eq!(cuGraphLaunch(exec, s), E::CUDA_SUCCESS);
+    assert_eq!(read_f32(p, 4, s), [0.0, 0.0, 2.0, 2.0]);
+    assert_eq!(cuGraphExecDestroy(exec), E::CUDA_SUCCESS);
+    assert_eq!(cuGraphLaunch(exec, s), E::CUDA_ERROR_INVALID_HANDLE);
+    // What cannot be captured is refused and invalidates the capture.
+    assert_eq!(begin_capture(s, RELAXED), E::CUDA_SUCCESS);
+    assert_eq!(
+        cuEventRecord(event(), s),
+        E::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+    );
+    assert_eq!(cuStreamSynchronize(s), E::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { cuStreamEndCapture(s, &mut graph) },
+        E::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+    );
+    assert!(graph.is_null());
+    // SAFETY: as above; the stream no longer captures.
+    assert_eq!(
+        unsafe { cuStreamEndCapture(s, &mut graph) },
+        E::CUDA_ERROR_ILLEGAL_STATE
+    );
+    assert_eq!(cuStreamSynchronize(s), E::CUDA_SUCCESS);
+    assert_eq!(cuMemFree_v2(p), E::CUDA_SUCCESS);
+    assert_eq!(cuStreamDestroy_v2(s), E::CUDA_SUCCESS);
+}
+
+fn begin_capture(s: CUstream, mode: sys::CUstreamCaptureMode) -> E {
+    crate::graph::cuStreamBeginCapture_v2(s, mode)
+}
