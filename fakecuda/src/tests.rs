@@ -971,7 +971,10 @@ fn captured_work_runs_only_when_its_graph_is_launched() {
         cuEventRecord(event(), s),
         E::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
     );
-    assert_eq!(cuStreamSynchronize(s), E::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    assert_eq!(
+        cuStreamSynchronize(s),
+        E::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+    );
     // SAFETY: as above.
     assert_eq!(
         unsafe { cuStreamEndCapture(s, &mut graph) },

@@ -487,6 +487,19 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Queue a kernel on `stream`.
     fn launch(&self, kernel: &Kernel, stream: StreamId) -> Result<()>;
 
+    /// Queue `kernels` on `stream`, in order, with the results one
+    /// [`Device::launch`] each would give: what an engine hands over for a
+    /// layer (its products). A backend may queue the list as one unit: the
+    /// CUDA backend with graphs on (`CudaConfig::graphs`, `OFFLOAD_GRAPHS=on`) queues a list of
+    /// products as a CUDA graph, kept for the next call with the same
+    /// list, after checking every product as `launch` would (nothing is
+    /// queued when one fails); the default launches each in turn, and an
+    /// error leaves the kernels before the failing one queued. No other
+    /// thread may queue work on `stream` during the call.
+    fn launch_all(&self, kernels: &[Kernel], stream: StreamId) -> Result<()> {
+        kernels.iter().try_for_each(|k| self.launch(k, stream))
+    }
+
     /// Counts of the work this device has queued, by name, for reports (on
     /// CUDA: the products by cuBLAS interface and the cuBLASLt plans made,
     /// as the CUDA backend's `MatmulLaunches`, and the merge launches by

@@ -35,6 +35,7 @@ use offload_kernels::Dtype;
 
 use super::cublaslt::{self, Lt, MatmulLaunches, PlanKey};
 use super::handles::Context;
+use super::memory::MemState;
 use super::nvrtc::{self, Module};
 use super::{lock, result, CudaDevice, MatmulLibrary};
 use crate::device::{DevicePtr, Kernel, StreamId};
@@ -714,6 +715,44 @@ impl CudaDevice {
 
     /// [`Kernel::Matmul`] on this device (see the module documentation).
     pub(super) fn launch_matmul(&self, kernel: &Kernel, stream: StreamId) -> Result<()> {
+        self.check_matmul(kernel, &lock(&self.mem))?;
+        self.queue_matmul(kernel, stream)
+    }
+
+    /// The checks of a [`Kernel::Matmul`] before it is queued: the operand
+    /// types, every operand in memory mapped now (`mem`, the device's
+    /// table, locked by the caller), alignment, no overlap of Y with an input.
+    pub(super) fn check_matmul(&self, kernel: &Kernel, mem: &MemState) -> Result<()> {
+        let Kernel::Matmul {
+            x, w, w_dtype, y, ..
+        } = *kernel
+        else {
+            return Err(kernel_error(format!(
+                "launch_matmul got the {} kernel",
+                kernel.name()
+            )));
+        };
+        kernel.check_types()?;
+        let regions = kernel.regions()?;
+        for &(addr, len) in &regions {
+            mem.check_access(addr, len)?;
+        }
+        let size = w_dtype.size_in_bytes() as u64;
+        if x.0 % 4 != 0 || y.0 % 4 != 0 || w.0 % size != 0 {
+            return Err(kernel_error(format!(
+                "misaligned operand: X at {x} and Y at {y} must be 4-byte aligned, W at {w} {size}-byte aligned"
+            )));
+        }
+        let (xl, wl, yl) = (regions[0].1, regions[1].1, regions[2].1);
+        if overlaps(y, yl, x, xl) || overlaps(y, yl, w, wl) {
+            return Err(kernel_error("the output overlaps an input".into()));
+        }
+        Ok(())
+    }
+
+    /// Queue a [`Kernel::Matmul`] that [`Self::check_matmul`] passed (with
+    /// its operands still mapped) on `stream`.
+    pub(super) fn queue_matmul(&self, kernel: &Kernel, stream: StreamId) -> Result<()> {
         let Kernel::Matmul {
             x,
             x_dtype,
@@ -730,24 +769,7 @@ impl CudaDevice {
                 kernel.name()
             )));
         };
-        kernel.check_types()?;
-        let regions = kernel.regions()?;
-        {
-            let mem = lock(&self.mem);
-            for &(addr, len) in &regions {
-                mem.check_access(addr, len)?;
-            }
-        }
-        let size = w_dtype.size_in_bytes() as u64;
-        if x.0 % 4 != 0 || y.0 % 4 != 0 || w.0 % size != 0 {
-            return Err(kernel_error(format!(
-                "misaligned operand: X at {x} and Y at {y} must be 4-byte aligned, W at {w} {size}-byte aligned"
-            )));
-        }
-        let (xl, wl, yl) = (regions[0].1, regions[1].1, regions[2].1);
-        if overlaps(y, yl, x, xl) || overlaps(y, yl, w, wl) {
-            return Err(kernel_error("the output overlaps an input".into()));
-        }
+        let yl = kernel.regions()?[2].1;
         let s = self.stream(stream)?;
         if tokens == 0 || n == 0 {
             return Ok(());

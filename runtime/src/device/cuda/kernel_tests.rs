@@ -2181,25 +2181,43 @@ impl<'a> MatmulCase<'a> {
     }
 
     fn launch(&self, s: StreamId) {
+        self.bufs.d.launch(&self.kernel(), s).unwrap();
+    }
+
+    /// The product.
+    fn kernel(&self) -> Kernel {
         let [x, w, y] = self.ptrs;
-        let (tokens, n, k) = (self.tokens, self.n, self.k);
-        let kernel = Kernel::Matmul {
+        Kernel::Matmul {
             x,
             x_dtype: offload_kernels::Dtype::F32,
-            tokens,
+            tokens: self.tokens,
             w,
             w_dtype: self.dtype,
-            n,
-            k,
+            n: self.n,
+            k: self.k,
             y,
+        }
+    }
+
+    /// Y filled with 0xff again (NaN), so that a product that did not run fails [`Self::verify`].
+    fn clear(&self, s: StreamId) {
+        let fill = Kernel::Fill {
+            dst: self.ptrs[2],
+            len: self.tokens * self.n * 4,
+            value: 0xff,
         };
-        self.bufs.d.launch(&kernel, s).unwrap();
+        self.bufs.d.launch(&fill, s).unwrap();
     }
 
     /// The largest error relative to Σ|x·w|, after checking every output
     /// against the CPU's product within the bound of one rounding of X to W's type.
     fn verify(&self, s: StreamId) -> f64 {
-        let (x, w_bytes, dtype) = (&self.x, &self.w_bytes, self.dtype);
+        self.verify_with(&self.w_bytes, s)
+    }
+
+    /// [`Self::verify`] of the product with the weight `w_bytes` (of this case's type and shape).
+    fn verify_with(&self, w_bytes: &[u8], s: StreamId) -> f64 {
+        let (x, dtype) = (&self.x, self.dtype);
         let (tokens, n, k) = (self.tokens, self.n, self.k);
         let mut yb = vec![0u8; tokens * n * 4];
         self.bufs.d.read_blocking(self.ptrs[2], &mut yb, s).unwrap();
@@ -2431,6 +2449,117 @@ fn gpu_matmul_through_cublaslt_matches_cpu_and_plans_once() {
     check_matmul(&d, s, Dtype::BF16, 8, 104, 304, 7);
     d.destroy_stream(s).unwrap();
     assert!(d.matmul_buffer_streams().is_empty());
+}
+
+/// With graphs on (`CudaConfig::graphs`), a list of products handed to
+/// `launch_all` is captured into a graph at its first call and that graph
+/// launched at every later call, with the results of the products queued
+/// one by one, through either cuBLAS interface (f32 activations, so the
+/// conversion kernels are in the graph too); the list in another order is
+/// a graph of its own; a list with an operand outside mapped memory is
+/// refused with nothing queued and the stream left usable; a stream's
+/// graphs go with it.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_graphs_of_products_match_their_products_and_are_kept() {
+    for matmul in [MatmulLibrary::GemmEx, MatmulLibrary::Lt] {
+        let config = CudaConfig {
+            matmul,
+            graphs: true,
+            ..CudaConfig::from_env().expect("the OFFLOAD_* settings")
+        };
+        let d = CudaDevice::with_config(0, &config).unwrap_or_else(|e| {
+            panic!(
+                "this test needs a CUDA GPU and CudaDevice::with_config(0, graphs on) failed: {e}"
+            )
+        });
+        let s = d.create_stream().unwrap();
+        let cases = [
+            MatmulCase::new(&d, s, Dtype::F16, (16, 256, 1024), 501),
+            MatmulCase::new(&d, s, Dtype::BF16, (3, 104, 304), 502),
+            MatmulCase::new(&d, s, Dtype::F32, (16, 64, 520), 503),
+        ];
+        let list: Vec<Kernel> = cases.iter().map(MatmulCase::kernel).collect();
+        let queued = |d: &CudaDevice| {
+            let l = d.matmul_launches();
+            l.gemm_ex + l.lt
+        };
+        let run = |list: &[Kernel], round: u64| {
+            for c in &cases {
+                c.clear(s);
+            }
+            d.launch_all(list, s).unwrap();
+            for c in &cases {
+                let worst = c.verify(s);
+                eprintln!(
+                    "{matmul:?} graph, round {round}, {}: largest error / Σ|x·w| = {worst:.2e}",
+                    c.dtype
+                );
+            }
+        };
+        for round in 1..=3 {
+            run(&list, round);
+            assert_eq!(
+                d.graph_launches(),
+                GraphLaunches {
+                    captured: 1,
+                    launched: round,
+                    products: 3 * round,
+                    cleared: 0,
+                    failed: 0,
+                },
+                "{matmul:?}, round {round}"
+            );
+            // cuBLAS queued the products once, when they were captured.
+            assert_eq!(queued(&d), 3, "{matmul:?}, round {round}");
+        }
+        let reversed: Vec<Kernel> = list.iter().rev().cloned().collect();
+        run(&reversed, 4);
+        run(&list, 5);
+        // The first product with another weight of its type and shape (only W differs): its own graph.
+        let other = MatmulCase::new(&d, s, Dtype::F16, (16, 256, 1024), 504);
+        let mut moved = list.clone();
+        if let Kernel::Matmul { ref mut w, .. } = moved[0] {
+            *w = other.ptrs[1];
+        }
+        cases[0].clear(s);
+        d.launch_all(&moved, s).unwrap();
+        cases[0].verify_with(&other.w_bytes, s);
+        let g = d.graph_launches();
+        assert_eq!(
+            (g.captured, g.launched, g.products),
+            (3, 6, 18),
+            "{matmul:?}"
+        );
+        assert_eq!(d.graphs_kept(), 3);
+        // An operand outside mapped memory: refused before anything is queued.
+        let mut bad = list.clone();
+        if let Kernel::Matmul { ref mut w, .. } = bad[2] {
+            *w = DevicePtr(8 << 40);
+        }
+        for c in &cases {
+            c.clear(s);
+        }
+        let e = d.launch_all(&bad, s).unwrap_err();
+        assert!(matches!(e, Error::BadAddress { .. }), "{matmul:?}: {e}");
+        let mut y = vec![0u8; 16 * 256 * 4];
+        d.read_blocking(cases[0].ptrs[2], &mut y, s).unwrap();
+        assert!(
+            y.iter().all(|&b| b == 0xff),
+            "{matmul:?}: a product of the refused list ran"
+        );
+        assert_eq!(d.graph_launches(), g, "{matmul:?}");
+        run(&list, 7);
+        assert_eq!(d.graph_launches().launched, 7);
+        assert_eq!(d.graphs_off(), None);
+        drop((cases, other));
+        d.destroy_stream(s).unwrap();
+        assert_eq!(
+            d.graphs_kept(),
+            0,
+            "{matmul:?}: the stream's graphs outlived it"
+        );
+    }
 }
 
 /// Products through cuBLASLt of shapes its heuristic finds no algorithm

@@ -40,6 +40,7 @@
 pub mod cublas;
 pub mod cublaslt;
 pub mod disk_cache;
+mod graphs;
 mod handles;
 mod memory;
 mod merge;
@@ -55,6 +56,7 @@ mod tests;
 pub use cublas::BlasInfo;
 pub use cublaslt::MatmulLaunches;
 pub use disk_cache::DiskCache;
+pub use graphs::{GraphLaunches, MAX_GRAPHS};
 pub use handles::HostRegistration;
 pub use merge::{LowRankKernel, LowRankMerge, MergeKernelsInfo, MergeLaunches};
 pub use nvrtc::NvrtcError;
@@ -117,6 +119,11 @@ pub struct CudaConfig {
     pub stream8_shared: bool,
     /// Which cuBLAS interface queues the products of [`Kernel::Matmul`].
     pub matmul: MatmulLibrary,
+    /// Queue each list of products handed to [`Device::launch_all`] as one
+    /// CUDA graph, captured at the list's first call and launched again at
+    /// every later one with the same operands (counted in [`GraphLaunches`]);
+    /// off by default (not yet timed on a GPU).
+    pub graphs: bool,
 }
 
 impl Default for CudaConfig {
@@ -127,6 +134,7 @@ impl Default for CudaConfig {
             merge_multiprocessors: None,
             stream8_shared: false,
             matmul: MatmulLibrary::GemmEx,
+            graphs: false,
         }
     }
 }
@@ -151,6 +159,10 @@ pub enum MatmulLibrary {
 /// `lt` for cuBLASLt.
 pub const MATMUL_ENV: &str = "OFFLOAD_MATMUL";
 
+/// The environment variable [`CudaConfig::from_env`] reads for
+/// [`CudaConfig::graphs`]: `on`, or `off` (or unset, or empty) for the default.
+pub const GRAPHS_ENV: &str = "OFFLOAD_GRAPHS";
+
 /// The environment variable [`CudaConfig::from_env`] reads: `auto` (or
 /// unset, or empty) or `pipelined` for the default merge kernels,
 /// `tensor-cores` for the unpipelined tensor-core kernel in their place
@@ -169,7 +181,7 @@ pub const STREAM8_ENV: &str = "OFFLOAD_STREAM8";
 
 impl CudaConfig {
     /// The default configuration with [`MERGE_KERNEL_ENV`],
-    /// [`MERGE_SMS_ENV`], [`STREAM8_ENV`] and [`MATMUL_ENV`] applied; what
+    /// [`MERGE_SMS_ENV`], [`STREAM8_ENV`], [`MATMUL_ENV`] and [`GRAPHS_ENV`] applied; what
     /// [`CudaDevice::new`] (and so [`auto`](crate::device::auto)) opens a
     /// GPU with, so that a benchmark can compare merge and product settings
     /// end to end without a rebuild. Any other
@@ -179,7 +191,16 @@ impl CudaConfig {
             .with_merge_kernel_var(std::env::var_os(MERGE_KERNEL_ENV).as_deref())?
             .with_merge_sms_var(std::env::var_os(MERGE_SMS_ENV).as_deref())?
             .with_stream8_var(std::env::var_os(STREAM8_ENV).as_deref())?
-            .with_matmul_var(std::env::var_os(MATMUL_ENV).as_deref())
+            .with_matmul_var(std::env::var_os(MATMUL_ENV).as_deref())?
+            .with_graphs_var(std::env::var_os(GRAPHS_ENV).as_deref())
+    }
+
+    /// `self` with [`GRAPHS_ENV`]'s value `value` (`None`: unset) applied,
+    /// as [`CudaConfig::from_env`] does.
+    fn with_graphs_var(mut self, value: Option<&std::ffi::OsStr>) -> Result<CudaConfig> {
+        let choices = [("off", false), ("on", true)];
+        self.graphs = env_choice(GRAPHS_ENV, value, &choices)?.unwrap_or(false);
+        Ok(self)
     }
 
     /// `self` with [`MATMUL_ENV`]'s value `value` (`None`: unset) applied,
@@ -306,6 +327,10 @@ pub struct CudaDevice {
     /// cuBLAS, created at the first product; the lock serialises
     /// `cublasSetStream` + the product.
     blas: Mutex<Option<cublas::Blas>>,
+    /// [`CudaConfig::graphs`].
+    graphs_on: bool,
+    /// The graphs of [`Device::launch_all`] kept so far.
+    graphs: Mutex<graphs::Graphs>,
 }
 
 impl fmt::Debug for CudaDevice {
@@ -416,6 +441,7 @@ impl CudaDevice {
             )
             .is_ok_and(|v| v != 0);
         let vmm = vmm_unavailable.is_none();
+        let graphs = graphs::Graphs::new(&ctx);
         Ok(CudaDevice {
             info: DeviceInfo {
                 kind: BackendKind::Cuda,
@@ -443,6 +469,8 @@ impl CudaDevice {
             merge: Mutex::new(None),
             merge_launches: Mutex::new(MergeLaunches::default()),
             blas: Mutex::new(None),
+            graphs_on: config.graphs,
+            graphs: Mutex::new(graphs),
         })
     }
 
@@ -554,6 +582,12 @@ impl CudaDevice {
             note.push_str(&format!(
                 "; matrix products through cuBLASLt, one algorithm a shape ({MATMUL_ENV}=lt)"
             ));
+        }
+        if self.graphs_on {
+            note.push_str(&match self.graphs_off() {
+                None => format!("; each list of products as one CUDA graph ({GRAPHS_ENV}=on)"),
+                Some(why) => format!("; {GRAPHS_ENV}=on, but graphs are off: {why}"),
+            });
         }
         note
     }
@@ -941,7 +975,9 @@ impl Device for CudaDevice {
             .remove(&stream.0)
             .ok_or(Error::UnknownStream(stream))?;
         self.ctx.bind()?;
-        // The stream's matmul scratch (if any): taken out, and freed after a synchronisation.
+        // Its graphs (launches still queued finish), then its matmul
+        // scratch (if any): taken out, and freed after a synchronisation.
+        lock(&self.graphs).forget_stream(stream.0);
         self.release_stream_scratch(s.raw, stream.0);
         // Wait for the queued work, as the trait promises; the stream itself is
         // destroyed when the last user (possibly a call in flight) lets go.
@@ -1103,6 +1139,14 @@ impl Device for CudaDevice {
         }
     }
 
+    fn launch_all(&self, kernels: &[Kernel], stream: StreamId) -> Result<()> {
+        let products = kernels.iter().all(|k| matches!(k, Kernel::Matmul { .. }));
+        if self.graphs_on && products && !kernels.is_empty() {
+            return self.launch_graph(kernels, stream);
+        }
+        kernels.iter().try_for_each(|k| self.launch(k, stream))
+    }
+
     fn launch_host_fn(&self, stream: StreamId, f: HostFn) -> Result<()> {
         let s = self.stream(stream)?;
         self.ctx.bind()?;
@@ -1125,11 +1169,16 @@ impl Device for CudaDevice {
     fn launch_counts(&self) -> Vec<(&'static str, u64)> {
         let p = self.matmul_launches();
         let m = self.merge_launches();
+        let g = self.graph_launches();
         vec![
             ("products_gemm_ex", p.gemm_ex),
             ("products_lt", p.lt),
             ("lt_plans", p.lt_plans),
             ("lt_plans_without_algorithm", p.lt_no_algorithm),
+            ("graphs_captured", g.captured),
+            ("graph_launches", g.launched),
+            ("products_in_graphs", g.products),
+            ("graph_captures_failed", g.failed),
             ("merges_fma", m.fma),
             ("merges_tensor_cores", m.tensor_cores),
             ("merges_pipelined", m.pipelined),

@@ -668,3 +668,73 @@ pub unsafe fn launch_kernel(
         )
     })
 }
+
+/// `cuStreamBeginCapture_v2` in relaxed mode: work queued on `s` from here
+/// on is recorded into a graph instead of running (relaxed: the capturing
+/// thread may still allocate memory, as the products' scratch growth does).
+///
+/// # Safety
+/// `s` is a live stream of the current context, not capturing; until
+/// [`stream_end_capture`], nothing but the work meant for the graph is
+/// queued on it.
+pub unsafe fn stream_begin_capture(s: sys::CUstream) -> Result<()> {
+    // SAFETY: the caller's contract.
+    check("cuStreamBeginCapture", unsafe {
+        sys::cuStreamBeginCapture_v2(s, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+    })
+}
+
+/// `cuStreamEndCapture`: the graph of what was captured on `s`.
+///
+/// # Safety
+/// `s` is a live stream capturing since [`stream_begin_capture`] on this thread.
+pub unsafe fn stream_end_capture(s: sys::CUstream) -> Result<sys::CUgraph> {
+    let mut g: sys::CUgraph = ptr::null_mut();
+    // SAFETY: the caller's contract; out-pointer to a local.
+    check("cuStreamEndCapture", unsafe {
+        sys::cuStreamEndCapture(s, &mut g)
+    })?;
+    Ok(g)
+}
+
+/// `cuGraphInstantiateWithFlags` with no flags.
+///
+/// # Safety
+/// `g` is a live graph of the current context.
+pub unsafe fn graph_instantiate(g: sys::CUgraph) -> Result<sys::CUgraphExec> {
+    let mut e: sys::CUgraphExec = ptr::null_mut();
+    // SAFETY: the caller's contract; out-pointer to a local.
+    check("cuGraphInstantiateWithFlags", unsafe {
+        sys::cuGraphInstantiateWithFlags(&mut e, g, 0)
+    })?;
+    Ok(e)
+}
+
+/// `cuGraphDestroy` (executable graphs made from it stay valid).
+///
+/// # Safety
+/// `g` is a live graph, destroyed once, and not used afterwards.
+pub unsafe fn graph_destroy(g: sys::CUgraph) -> Result<()> {
+    // SAFETY: the caller's contract.
+    check("cuGraphDestroy", unsafe { sys::cuGraphDestroy(g) })
+}
+
+/// `cuGraphLaunch`.
+///
+/// # Safety
+/// `e` is a live executable graph and `s` a live stream of the current
+/// context; every address its work touches stays valid until it has run.
+pub unsafe fn graph_launch(e: sys::CUgraphExec, s: sys::CUstream) -> Result<()> {
+    // SAFETY: the caller's contract.
+    check("cuGraphLaunch", unsafe { sys::cuGraphLaunch(e, s) })
+}
+
+/// `cuGraphExecDestroy`; launches still queued finish (the driver frees the
+/// graph after them).
+///
+/// # Safety
+/// `e` is a live executable graph, destroyed once, and not launched afterwards.
+pub unsafe fn graph_exec_destroy(e: sys::CUgraphExec) -> Result<()> {
+    // SAFETY: the caller's contract.
+    check("cuGraphExecDestroy", unsafe { sys::cuGraphExecDestroy(e) })
+}

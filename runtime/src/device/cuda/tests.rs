@@ -166,6 +166,24 @@ fn matmul_variable_is_parsed_strictly() {
 }
 
 #[test]
+fn graphs_variable_is_parsed_strictly() {
+    use std::ffi::OsStr;
+    let with = |v: Option<&str>| CudaConfig::default().with_graphs_var(v.map(OsStr::new));
+    assert!(!CudaConfig::default().graphs);
+    for v in [None, Some(""), Some("off")] {
+        assert!(!with(v).unwrap().graphs, "{v:?}");
+    }
+    assert!(with(Some("on")).unwrap().graphs);
+    for v in ["ON", "1", "true", " on"] {
+        let e = with(Some(v)).unwrap_err();
+        assert!(
+            matches!(&e, Error::Config(m) if m.contains(GRAPHS_ENV) && m.contains(v)),
+            "{v}: {e}"
+        );
+    }
+}
+
+#[test]
 fn cuda_device_without_driver_is_an_error_not_a_panic() {
     let r = CudaDevice::new(0);
     if !culib_present() {
@@ -195,6 +213,7 @@ fn gpu_tests_pass_on_the_fake_driver() {
         "gpu_gemm_accumulate_matches_an_f64_reference",
         "gpu_matmul_scratch_outlives_the_products_queued_on_it",
         "gpu_matmul_through_cublaslt_matches_cpu_and_plans_once",
+        "gpu_graphs_of_products_match_their_products_and_are_kept",
         "gpu_merge_lowrank_matches_cpu_merge",
         "gpu_merge_lowrank_rejects_bad_operands",
         "gpu_merge_lowrank_tensor_cores_match_cpu_merge",
