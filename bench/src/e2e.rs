@@ -721,26 +721,27 @@ impl Bench {
                 )?;
             }
             if self.compute_ok {
+                // The layer's products, handed to the device at once (on
+                // CUDA with OFFLOAD_GRAPHS=on: one graph a layer).
+                let mut products = Vec::with_capacity(g.len());
                 for i in 0..g.len() {
                     let Some(t) = g.tensor(i) else { continue };
                     if let Some((n, k, w_dtype)) = matmul_dims(t.shape, t.dtype) {
                         let (x, x_dtype) = self.activations(w_dtype);
-                        self.dev.launch(
-                            &Kernel::Matmul {
-                                x,
-                                x_dtype,
-                                tokens: self.args.tokens,
-                                w: t.ptr,
-                                w_dtype,
-                                n,
-                                k,
-                                y: self.y,
-                            },
-                            self.compute,
-                        )?;
+                        products.push(Kernel::Matmul {
+                            x,
+                            x_dtype,
+                            tokens: self.args.tokens,
+                            w: t.ptr,
+                            w_dtype,
+                            n,
+                            k,
+                            y: self.y,
+                        });
                     }
-                    self.low_rank_path(&g, i)?;
+                    self.low_rank_path(&g, i, &mut products)?;
                 }
+                self.dev.launch_all(&products, self.compute)?;
             }
             if let Some(log) = compute_log {
                 let (log, name) = (log.clone(), format!("{}/{}", comp.name, layer.name));
@@ -768,11 +769,13 @@ impl Bench {
         Ok(())
     }
 
-    /// The unfused mode's low-rank path of tensor `i` (nothing in the other modes).
+    /// The unfused mode's low-rank path of tensor `i`, added to `products`
+    /// (nothing in the other modes).
     fn low_rank_path(
         &self,
         g: &offload_runtime::residency::LayerGuard,
         i: usize,
+        products: &mut Vec<Kernel>,
     ) -> Result<(), Error> {
         let Some((t, out)) = self.lora_scratch else {
             return Ok(());
@@ -793,32 +796,26 @@ impl Bench {
                     )));
                 }
                 let (x, x_dtype) = self.activations(down.dtype);
-                self.dev.launch(
-                    &Kernel::Matmul {
-                        x,
-                        x_dtype,
-                        tokens,
-                        w: down.ptr,
-                        w_dtype: down.dtype,
-                        n: down.rows,
-                        k: down.cols,
-                        y: t,
-                    },
-                    self.compute,
-                )?;
-                self.dev.launch(
-                    &Kernel::Matmul {
-                        x: t,
-                        x_dtype: offload_kernels::Dtype::F32,
-                        tokens,
-                        w: up.ptr,
-                        w_dtype: up.dtype,
-                        n: up.rows,
-                        k: up.cols,
-                        y: out,
-                    },
-                    self.compute,
-                )?;
+                products.push(Kernel::Matmul {
+                    x,
+                    x_dtype,
+                    tokens,
+                    w: down.ptr,
+                    w_dtype: down.dtype,
+                    n: down.rows,
+                    k: down.cols,
+                    y: t,
+                });
+                products.push(Kernel::Matmul {
+                    x: t,
+                    x_dtype: offload_kernels::Dtype::F32,
+                    tokens,
+                    w: up.ptr,
+                    w_dtype: up.dtype,
+                    n: up.rows,
+                    k: up.cols,
+                    y: out,
+                });
                 let flops = offload_kernels::matmul_flops(tokens, down.rows, down.cols)
                     + offload_kernels::matmul_flops(tokens, up.rows, up.cols);
                 self.lora_flops.fetch_add(flops, Ordering::Relaxed);
@@ -2052,7 +2049,7 @@ fn run_on(
         }
     );
     println!(
-        "layer products: {}",
+        "layer products: {}; a layer's products handed to the device at once (one CUDA graph a layer with OFFLOAD_GRAPHS=on)",
         match args.activations {
             ActivationsArg::Weights =>
                 "activations of each weight's own type (f16 with f16 weights; --activations), one launch a product on CUDA",

@@ -227,6 +227,46 @@ fn e2e_on_cuda_with_products_through_cublaslt() {
     );
 }
 
+/// A graph a layer (`OFFLOAD_GRAPHS=on`): the device line says so, every
+/// row's products ran in graphs (none captured failed), the sequential
+/// row's graphs are launched again in later passes (the ring's slots come
+/// back at the same addresses), and the run moves, allocates and peaks
+/// exactly as on the host backend.
+#[test]
+fn e2e_on_cuda_with_a_graph_a_layer() {
+    let args = ["--no-lora", "--mode", "sequential"];
+    let fake = FakeLibs::new("graphs");
+    let (stdout, rows) = e2e_rows_env(&args, Some(&fake), "graphs", &[("OFFLOAD_GRAPHS", "on")]);
+    assert!(
+        stdout.contains("each list of products as one CUDA graph (OFFLOAD_GRAPHS=on)"),
+        "{stdout}"
+    );
+    assert!(rows.iter().all(|r| r["error"].is_null()), "{rows:?}");
+    for r in &rows {
+        let c = &r["device_counts"];
+        let (captured, launched) = (c["graphs_captured"].as_u64(), c["graph_launches"].as_u64());
+        assert_eq!(c["graph_captures_failed"], 0, "{r}");
+        // Every product queued by cuBLAS was queued into a graph being captured.
+        assert!(
+            c["products_in_graphs"].as_u64() >= c["products_gemm_ex"].as_u64(),
+            "{r}"
+        );
+        assert!(captured > Some(0) && launched > captured, "{r}");
+        if r["mode"] == "sequential" {
+            // Two passes of the denoiser: its layers' graphs launched again.
+            assert!(captured.unwrap() * 2 < launched.unwrap(), "{r}");
+        }
+    }
+    same_as_host(&rows, &args, "graphs", &[]);
+    let bad = offload(&["device"], None, &[("OFFLOAD_GRAPHS", "yes")]);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("OFFLOAD_GRAPHS=\"yes\": expected `off` or `on`"),
+        "{stderr}"
+    );
+}
+
 /// The staged host policy (reader threads filling pinned staging buffers)
 /// on CUDA streams and events.
 #[test]
