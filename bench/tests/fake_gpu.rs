@@ -227,10 +227,11 @@ fn e2e_on_cuda_with_products_through_cublaslt() {
     );
 }
 
-/// A graph a layer (`OFFLOAD_GRAPHS=on`): the device line says so, every
-/// row's products ran in graphs (none captured failed), the sequential
-/// row's graphs are launched again in later passes (the ring's slots come
-/// back at the same addresses), and the run moves, allocates and peaks
+/// A graph a layer (`OFFLOAD_GRAPHS=on`): the device line says so, no
+/// row's products went around the graphs (each was queued at its list's
+/// first sighting or into a capture), none failed, the sequential row's
+/// layers come back in its second pass (the ring's slots at the same
+/// addresses) and run as graphs, and the run moves, allocates and peaks
 /// exactly as on the host backend.
 #[test]
 fn e2e_on_cuda_with_a_graph_a_layer() {
@@ -244,17 +245,21 @@ fn e2e_on_cuda_with_a_graph_a_layer() {
     assert!(rows.iter().all(|r| r["error"].is_null()), "{rows:?}");
     for r in &rows {
         let c = &r["device_counts"];
-        let (captured, launched) = (c["graphs_captured"].as_u64(), c["graph_launches"].as_u64());
-        assert_eq!(c["graph_captures_failed"], 0, "{r}");
-        // Every product queued by cuBLAS was queued into a graph being captured.
-        assert!(
-            c["products_in_graphs"].as_u64() >= c["products_gemm_ex"].as_u64(),
+        let n = |k: &str| c[k].as_u64().unwrap_or(0);
+        let (captured, launched) = (n("graphs_captured"), n("graph_launches"));
+        assert_eq!(n("graph_failures"), 0, "{r}");
+        // cuBLAS queued a product only at its layer's first sighting or
+        // into a graph being captured; none went around the graphs.
+        assert_eq!(
+            n("products_gemm_ex"),
+            n("products_first_seen") + n("products_captured"),
             "{r}"
         );
-        assert!(captured > Some(0) && launched > captured, "{r}");
+        assert!(captured > 0 && launched >= captured, "{r}");
         if r["mode"] == "sequential" {
-            // Two passes of the denoiser: its layers' graphs launched again.
-            assert!(captured.unwrap() * 2 < launched.unwrap(), "{r}");
+            // The denoiser's second pass is the ring's second round: its
+            // layers' lists come back, and are captured and launched.
+            assert!(n("products_in_graphs") > 0, "{r}");
         }
     }
     same_as_host(&rows, &args, "graphs", &[]);

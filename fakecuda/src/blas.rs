@@ -53,6 +53,25 @@ pub extern "C" fn cublasDestroy_v2(h: cublasHandle_t) -> Status {
     })
 }
 
+/// Checks that the workspace is device memory of at least `len` bytes
+/// (the fake's products need none).
+#[no_mangle]
+pub extern "C" fn cublasSetWorkspace_v2(h: cublasHandle_t, ws: *mut c_void, len: usize) -> Status {
+    status(|| {
+        let d = driver(true).map_err(|_| Status::CUBLAS_STATUS_NOT_INITIALIZED)?;
+        if !lock(handles()).contains_key(&(h as usize)) {
+            return Err(Status::CUBLAS_STATUS_NOT_INITIALIZED);
+        }
+        if len > 0 {
+            if let Err(msg) = d.mem_read().resolve(ws as u64, len) {
+                eprintln!("offload-fakecuda: cublasSetWorkspace: {msg}");
+                return Err(Status::CUBLAS_STATUS_INVALID_VALUE);
+            }
+        }
+        Ok(())
+    })
+}
+
 #[no_mangle]
 pub extern "C" fn cublasSetStream_v2(h: cublasHandle_t, s: cudaStream_t) -> Status {
     status(|| {

@@ -490,12 +490,14 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Queue `kernels` on `stream`, in order, with the results one
     /// [`Device::launch`] each would give: what an engine hands over for a
     /// layer (its products). A backend may queue the list as one unit: the
-    /// CUDA backend with graphs on (`CudaConfig::graphs`, `OFFLOAD_GRAPHS=on`) queues a list of
-    /// products as a CUDA graph, kept for the next call with the same
-    /// list, after checking every product as `launch` would (nothing is
-    /// queued when one fails); the default launches each in turn, and an
-    /// error leaves the kernels before the failing one queued. No other
-    /// thread may queue work on `stream` during the call.
+    /// CUDA backend with graphs on (`CudaConfig::graphs`,
+    /// `OFFLOAD_GRAPHS=on`) checks every product as `launch` would (nothing
+    /// is queued when one fails), then queues a list it sees for the first
+    /// time product by product, captures it into a CUDA graph the second
+    /// time, and launches that graph at every later call with the same
+    /// list; the default launches each in turn, and an error leaves the
+    /// kernels before the failing one queued. No other thread may queue
+    /// work on `stream` during the call.
     fn launch_all(&self, kernels: &[Kernel], stream: StreamId) -> Result<()> {
         kernels.iter().try_for_each(|k| self.launch(k, stream))
     }

@@ -260,8 +260,12 @@ pub(super) struct Blas {
     library: Option<PathBuf>,
     /// cuBLASLt, when the products go through it ([`MatmulLibrary::Lt`]).
     lt: Option<Lt>,
-    /// Per stream, the cuBLASLt algorithms' workspace.
+    /// Per stream, the cuBLASLt algorithms' workspace, and cuBLAS's own
+    /// while a graph is captured (see [`Blas::gemm`]).
     workspace: HashMap<u64, Scratch>,
+    /// The workspace cuBLAS gets while a graph is captured, in bytes
+    /// ([`cublaslt::max_workspace`]).
+    capture_workspace: usize,
     /// Products queued, by library.
     launches: MatmulLaunches,
 }
@@ -320,6 +324,7 @@ impl Blas {
             library: nvrtc::loaded_library("libcublas.so"),
             lt,
             workspace: HashMap::new(),
+            capture_workspace: cublaslt::max_workspace(cc),
             launches: MatmulLaunches::default(),
         })
     }
@@ -406,7 +411,8 @@ impl Blas {
     /// Queue `C = op(A) · op(B)` (see [`GemmArgs`]) with f32 accumulation
     /// and an f32 C: through cuBLASLt with the shape's kept algorithm when
     /// the products go through it and the heuristic offered one, else with
-    /// `cublasGemmEx`.
+    /// `cublasGemmEx` (with a workspace of ours bound when `capturing`: the
+    /// stream is being captured into a graph).
     ///
     /// # Safety
     /// `s` is the live stream whose handle is `stream`, of the context,
@@ -423,6 +429,7 @@ impl Blas {
         c: u64,
         stream: u64,
         s: sys::CUstream,
+        capturing: bool,
     ) -> Result<()> {
         let mats = GemmMatrices {
             a,
@@ -458,8 +465,19 @@ impl Blas {
                 return Ok(());
             }
         }
-        // SAFETY: the caller's contract; with beta = 0, C is only written.
-        unsafe { self.gemm_ex(args, mats, 1.0, 0.0, s)? };
+        // While a graph is captured, cuBLAS works in a buffer of ours that
+        // lives as long as the stream (as the graph may), not in one it
+        // would allocate for each graph.
+        let ws = match capturing {
+            true => {
+                let len = self.capture_workspace;
+                Some((grow(&mut self.workspace, stream, len)?, len))
+            }
+            false => None,
+        };
+        // SAFETY: the caller's contract; with beta = 0, C is only written;
+        // the workspace (if any) is this stream's and holds `len` bytes.
+        unsafe { self.gemm_ex(args, mats, 1.0, 0.0, s, ws)? };
         self.launches.gemm_ex += 1;
         Ok(())
     }
@@ -480,6 +498,7 @@ impl Blas {
         alpha: f32,
         beta: f32,
         s: sys::CUstream,
+        workspace: Option<(u64, usize)>,
     ) -> Result<()> {
         let GemmMatrices {
             a,
@@ -494,6 +513,16 @@ impl Blas {
         check("cublasSetStream", unsafe {
             cb::cublasSetStream_v2(self.handle, s as cb::cudaStream_t)
         })?;
+        if let Some((ptr, len)) = workspace {
+            // SAFETY: the handle is live and ours (the lock); the buffer is
+            // device memory of `len` bytes used by this stream's work alone
+            // (the caller), kept until the stream goes. `cublasSetStream`
+            // above put the default workspace back, so this binds ours
+            // for this product only.
+            check("cublasSetWorkspace", unsafe {
+                cb::cublasSetWorkspace_v2(self.handle, ptr as *mut c_void, len)
+            })?;
+        }
         // SAFETY: alpha and beta are f32 host values (pointer mode host,
         // scale type f32 for CUBLAS_COMPUTE_32F) living for the call; the
         // matrices, their types and C's contents are the caller's contract
@@ -716,7 +745,7 @@ impl CudaDevice {
     /// [`Kernel::Matmul`] on this device (see the module documentation).
     pub(super) fn launch_matmul(&self, kernel: &Kernel, stream: StreamId) -> Result<()> {
         self.check_matmul(kernel, &lock(&self.mem))?;
-        self.queue_matmul(kernel, stream)
+        self.queue_matmul(kernel, stream, false)
     }
 
     /// The checks of a [`Kernel::Matmul`] before it is queued: the operand
@@ -751,8 +780,14 @@ impl CudaDevice {
     }
 
     /// Queue a [`Kernel::Matmul`] that [`Self::check_matmul`] passed (with
-    /// its operands still mapped) on `stream`.
-    pub(super) fn queue_matmul(&self, kernel: &Kernel, stream: StreamId) -> Result<()> {
+    /// its operands still mapped) on `stream`; `capturing` while `stream`
+    /// is captured into a graph.
+    pub(super) fn queue_matmul(
+        &self,
+        kernel: &Kernel,
+        stream: StreamId,
+        capturing: bool,
+    ) -> Result<()> {
         let Kernel::Matmul {
             x,
             x_dtype,
@@ -807,7 +842,7 @@ impl CudaDevice {
         // mapped with the sizes `args` implies (checked above); Y overlaps
         // neither input (checked); the trait makes callers keep them mapped
         // until the queued product has run.
-        unsafe { blas.gemm(args, w.0, b, w_dtype, y.0, stream.0, s.raw) }
+        unsafe { blas.gemm(args, w.0, b, w_dtype, y.0, stream.0, s.raw, capturing) }
     }
 
     /// Queue `W += scale · up · down` ([`GemmAccumulate`]) on `stream` as
@@ -884,7 +919,7 @@ impl CudaDevice {
         // W overlaps neither factor (checked), and W, read because beta = 1,
         // is initialised memory of the caller's; callers keep the operands
         // mapped until the queued product has run (as for `launch`).
-        unsafe { blas.gemm_ex(args, mats, op.scale, 1.0, s.raw) }
+        unsafe { blas.gemm_ex(args, mats, op.scale, 1.0, s.raw, None) }
     }
 
     /// Collect and free the scratch buffers of a stream being destroyed:

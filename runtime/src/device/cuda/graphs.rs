@@ -3,29 +3,34 @@
 //! Queueing a product costs the calling thread far more than a kernel
 //! launch (cuBLAS's own work at every call), and a small model's pass is
 //! bound by that thread (docs/benchmarks.md). With graphs on,
-//! [`Device::launch_all`] captures a list of products into a graph the
-//! first time it sees that list (the same operands at the same addresses,
-//! on the same stream), and launches the kept graph at every later call:
-//! one driver call for the whole list.
+//! [`Device::launch_all`] queues a list of products one by one the first
+//! time it sees that list (the same operands at the same addresses, on the
+//! same stream), captures it into a graph the second time, and launches
+//! the kept graph from then on: one driver call for the whole list. The
+//! first sighting runs what a first product builds (the cuBLAS handle, the
+//! conversion kernels, cuBLASLt's plans, the scratch) outside any capture,
+//! and a list seen once is never captured.
 //!
 //! Every call checks each product as [`Device::launch`] would (types,
 //! operands mapped now, alignment, overlap) before anything is queued. A
 //! graph holds the addresses it was captured with: of the operands, which
-//! are part of its key, and of the stream's activation scratch and cuBLASLt
-//! workspace, which the device frees only with the stream (a buffer that
-//! grows retires the old one until then), so a kept graph never reads
-//! freed memory. A stream's graphs go when it is destroyed; at most
-//! [`MAX_GRAPHS`] are kept, all of them dropped when there would be more.
+//! are part of its key, and of the stream's activation scratch and
+//! workspace (cuBLASLt's, or cuBLAS's own, which is bound to a buffer of
+//! ours while a graph is captured), which the device frees only with the
+//! stream (a buffer that grows retires the old one until then), so a kept
+//! graph never reads freed memory. A stream's graphs go when it is
+//! destroyed; at most [`MAX_GRAPHS`] are kept, all of them dropped when
+//! there would be more.
 //!
-//! A capture that fails (a driver or library that will not capture) turns
-//! graphs off for the device, with the reason ([`CudaDevice::graphs_off`]),
-//! and the list is queued product by product, as every later one.
+//! A capture or a graph launch that fails turns graphs off for the device,
+//! with the reason ([`CudaDevice::graphs_off`]), and the list is queued
+//! product by product, as every later one.
 //!
 //! [`CudaConfig::graphs`]: super::CudaConfig::graphs
 //! [`Device::launch_all`]: crate::device::Device::launch_all
 //! [`Device::launch`]: crate::device::Device::launch
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use cudarc::driver::sys;
@@ -44,15 +49,19 @@ type ProductKey = [u64; 8];
 /// Graph launches of [`Device::launch_all`](crate::device::Device::launch_all), cumulative.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GraphLaunches {
-    /// Lists captured into a new graph.
+    /// Products queued one by one at their list's first sighting.
+    pub first_seen: u64,
+    /// Lists captured into a new graph (at their second sighting).
     pub captured: u64,
+    /// Products queued while a graph was captured.
+    pub captured_products: u64,
     /// Graphs launched (captured ones included).
     pub launched: u64,
     /// Products the launched graphs ran.
     pub products: u64,
     /// Times every kept graph was dropped to keep at most [`MAX_GRAPHS`].
     pub cleared: u64,
-    /// Captures that failed, turning graphs off.
+    /// Captures or graph launches that failed, turning graphs off.
     pub failed: u64,
 }
 
@@ -60,6 +69,8 @@ pub struct GraphLaunches {
 pub(super) struct Graphs {
     ctx: Arc<Context>,
     execs: HashMap<(u64, Vec<ProductKey>), sys::CUgraphExec>,
+    /// Lists seen once (queued one by one), not yet captured.
+    seen: HashSet<(u64, Vec<ProductKey>)>,
     counts: GraphLaunches,
     off: Option<String>,
 }
@@ -73,6 +84,7 @@ impl Graphs {
         Graphs {
             ctx: ctx.clone(),
             execs: HashMap::new(),
+            seen: HashSet::new(),
             counts: GraphLaunches::default(),
             off: None,
         }
@@ -103,6 +115,15 @@ impl Graphs {
     /// Destroy the graphs of a stream being destroyed.
     pub(super) fn forget_stream(&mut self, stream: u64) {
         self.destroy_where(|s| s == stream);
+        self.seen.retain(|(s, _)| *s != stream);
+    }
+
+    /// Turn graphs off for good, saying why.
+    fn turn_off(&mut self, why: String) {
+        self.off = Some(why);
+        self.counts.failed += 1;
+        self.destroy_where(|_| true);
+        self.seen.clear();
     }
 }
 
@@ -150,41 +171,65 @@ impl CudaDevice {
         }
         let s = self.stream(stream)?;
         let key = (stream.0, kernels.iter().map(key).collect::<Vec<_>>());
+        let n = kernels.len() as u64;
         let mut g = lock(&self.graphs);
         if g.off.is_some() {
             drop(g);
             return self.launch_each(kernels, stream);
         }
-        self.ctx.bind()?;
         let exec = match g.execs.get(&key) {
             Some(&exec) => exec,
-            None => match self.capture(kernels, stream, &s) {
-                Ok(exec) => {
-                    if g.execs.len() >= MAX_GRAPHS {
-                        g.destroy_where(|_| true);
-                        g.counts.cleared += 1;
+            None if !g.seen.contains(&key) => {
+                // First sighting: one by one, outside any capture.
+                if g.seen.len() >= MAX_GRAPHS {
+                    g.seen.clear();
+                }
+                g.seen.insert(key);
+                drop(g);
+                self.launch_each(kernels, stream)?;
+                lock(&self.graphs).counts.first_seen += n;
+                return Ok(());
+            }
+            None => {
+                self.ctx.bind()?;
+                match self.capture(kernels, stream, &s) {
+                    Ok(exec) => {
+                        if g.execs.len() >= MAX_GRAPHS {
+                            g.destroy_where(|_| true);
+                            g.counts.cleared += 1;
+                        }
+                        g.seen.remove(&key);
+                        g.execs.insert(key, exec);
+                        g.counts.captured += 1;
+                        g.counts.captured_products += n;
+                        exec
                     }
-                    g.execs.insert(key, exec);
-                    g.counts.captured += 1;
-                    exec
+                    Err(e) => {
+                        g.turn_off(format!("capturing {n} products failed: {e}"));
+                        drop(g);
+                        return self.launch_each(kernels, stream);
+                    }
                 }
-                Err(e) => {
-                    g.off = Some(format!("capturing {} products failed: {e}", kernels.len()));
-                    g.counts.failed += 1;
-                    drop(g);
-                    return self.launch_each(kernels, stream);
-                }
-            },
+            }
         };
+        self.ctx.bind()?;
         // SAFETY: a live executable graph of this context (kept in the
         // table, which the lock holds) and a live stream (Arc); the
         // products' operands were checked mapped above and the trait makes
         // callers keep them mapped until the queued work has run; the
-        // scratch and workspace the graph uses live as long as the stream.
-        unsafe { result::graph_launch(exec, s.raw)? };
-        g.counts.launched += 1;
-        g.counts.products += kernels.len() as u64;
-        Ok(())
+        // scratch and workspaces the graph uses live as long as the stream.
+        match unsafe { result::graph_launch(exec, s.raw) } {
+            Ok(()) => {
+                g.counts.launched += 1;
+                g.counts.products += n;
+                Ok(())
+            }
+            Err(e) => {
+                g.turn_off(format!("launching a graph of {n} products failed: {e}"));
+                drop(g);
+                self.launch_each(kernels, stream)
+            }
+        }
     }
 
     /// Queue each product of `kernels` on its own.
@@ -209,7 +254,7 @@ impl CudaDevice {
         unsafe { result::stream_begin_capture(s.raw)? };
         let queued = kernels
             .iter()
-            .try_for_each(|k| self.queue_matmul(k, stream));
+            .try_for_each(|k| self.queue_matmul(k, stream, true));
         // SAFETY: capturing since just above, on this thread.
         let graph = unsafe { result::stream_end_capture(s.raw) };
         let graph = match (queued, graph) {

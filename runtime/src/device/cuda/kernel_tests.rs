@@ -2199,6 +2199,13 @@ impl<'a> MatmulCase<'a> {
         }
     }
 
+    /// New activations (from `seed`) written over X, at the same address.
+    fn set_x(&mut self, seed: u64, s: StreamId) {
+        self.x = Rng(seed | 1).values(self.tokens * self.k);
+        let xb: Vec<u8> = self.x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.bufs.d.write_blocking(self.ptrs[0], &xb, s).unwrap();
+    }
+
     /// Y filled with 0xff again (NaN), so that a product that did not run fails [`Self::verify`].
     fn clear(&self, s: StreamId) {
         let fill = Kernel::Fill {
@@ -2452,13 +2459,15 @@ fn gpu_matmul_through_cublaslt_matches_cpu_and_plans_once() {
 }
 
 /// With graphs on (`CudaConfig::graphs`), a list of products handed to
-/// `launch_all` is captured into a graph at its first call and that graph
-/// launched at every later call, with the results of the products queued
-/// one by one, through either cuBLAS interface (f32 activations, so the
-/// conversion kernels are in the graph too); the list in another order is
-/// a graph of its own; a list with an operand outside mapped memory is
-/// refused with nothing queued and the stream left usable; a stream's
-/// graphs go with it.
+/// `launch_all` is queued product by product the first time, captured
+/// into a graph the second, and that graph launched from then on, with the
+/// results of the products queued one by one (new activations every
+/// round), through either cuBLAS interface (f32 activations, so the
+/// conversion kernels are in the graph too); the list in another order,
+/// with another weight, or on another stream is a graph of its own; a kept
+/// graph still runs after the stream's scratch has grown (the old buffer
+/// outlives it); a list with an operand outside mapped memory is refused
+/// with nothing queued; a stream's graphs go with it.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_graphs_of_products_match_their_products_and_are_kept() {
@@ -2474,7 +2483,7 @@ fn gpu_graphs_of_products_match_their_products_and_are_kept() {
             )
         });
         let s = d.create_stream().unwrap();
-        let cases = [
+        let mut cases = [
             MatmulCase::new(&d, s, Dtype::F16, (16, 256, 1024), 501),
             MatmulCase::new(&d, s, Dtype::BF16, (3, 104, 304), 502),
             MatmulCase::new(&d, s, Dtype::F32, (16, 64, 520), 503),
@@ -2484,53 +2493,79 @@ fn gpu_graphs_of_products_match_their_products_and_are_kept() {
             let l = d.matmul_launches();
             l.gemm_ex + l.lt
         };
-        let run = |list: &[Kernel], round: u64| {
-            for c in &cases {
+        let run = |cases: &[MatmulCase], list: &[Kernel], s: StreamId, what: &str| {
+            for c in cases {
                 c.clear(s);
             }
             d.launch_all(list, s).unwrap();
-            for c in &cases {
+            for c in cases {
                 let worst = c.verify(s);
                 eprintln!(
-                    "{matmul:?} graph, round {round}, {}: largest error / Σ|x·w| = {worst:.2e}",
+                    "{matmul:?} graphs, {what}, {}: largest error / Σ|x·w| = {worst:.2e}",
                     c.dtype
                 );
             }
         };
-        for round in 1..=3 {
-            run(&list, round);
+        for round in 1..=4u64 {
+            for (i, c) in cases.iter_mut().enumerate() {
+                c.set_x(600 + 10 * round + i as u64, s);
+            }
+            run(&cases, &list, s, &format!("round {round}"));
+            let captured = u64::from(round >= 2);
             assert_eq!(
                 d.graph_launches(),
                 GraphLaunches {
-                    captured: 1,
-                    launched: round,
-                    products: 3 * round,
+                    first_seen: 3,
+                    captured,
+                    captured_products: 3 * captured,
+                    launched: round - 1,
+                    products: 3 * (round - 1),
                     cleared: 0,
                     failed: 0,
                 },
                 "{matmul:?}, round {round}"
             );
-            // cuBLAS queued the products once, when they were captured.
-            assert_eq!(queued(&d), 3, "{matmul:?}, round {round}");
+            // cuBLAS queued the products at the first sighting and the capture only.
+            assert_eq!(queued(&d), 3 + 3 * captured, "{matmul:?}, round {round}");
         }
         let reversed: Vec<Kernel> = list.iter().rev().cloned().collect();
-        run(&reversed, 4);
-        run(&list, 5);
+        run(&cases, &reversed, s, "reversed, first");
+        run(&cases, &reversed, s, "reversed, captured");
         // The first product with another weight of its type and shape (only W differs): its own graph.
         let other = MatmulCase::new(&d, s, Dtype::F16, (16, 256, 1024), 504);
         let mut moved = list.clone();
         if let Kernel::Matmul { ref mut w, .. } = moved[0] {
             *w = other.ptrs[1];
         }
-        cases[0].clear(s);
-        d.launch_all(&moved, s).unwrap();
-        cases[0].verify_with(&other.w_bytes, s);
+        for _ in 0..2 {
+            cases[0].clear(s);
+            d.launch_all(&moved, s).unwrap();
+            cases[0].verify_with(&other.w_bytes, s);
+        }
         let g = d.graph_launches();
         assert_eq!(
             (g.captured, g.launched, g.products),
-            (3, 6, 18),
+            (3, 5, 15),
             "{matmul:?}"
         );
+        assert_eq!(d.graphs_kept(), 3);
+        // A product whose activations need a larger conversion scratch
+        // (256 KiB, over the first 64 KiB) replaces the stream's buffer;
+        // the kept graphs, which use the old one, still run right.
+        let big = MatmulCase::new(&d, s, Dtype::F16, (64, 32, 2048), 505);
+        run(
+            std::slice::from_ref(&big),
+            &[big.kernel()],
+            s,
+            "a larger scratch",
+        );
+        run(&cases, &list, s, "after the scratch grew");
+        // Another stream: graphs of its own, gone with it.
+        let s2 = d.create_stream().unwrap();
+        run(&cases, &list, s2, "second stream, first");
+        run(&cases, &list, s2, "second stream, captured");
+        assert_eq!(d.graphs_kept(), 4);
+        d.destroy_stream(s2).unwrap();
         assert_eq!(d.graphs_kept(), 3);
         // An operand outside mapped memory: refused before anything is queued.
         let mut bad = list.clone();
@@ -2540,6 +2575,7 @@ fn gpu_graphs_of_products_match_their_products_and_are_kept() {
         for c in &cases {
             c.clear(s);
         }
+        let before = d.graph_launches();
         let e = d.launch_all(&bad, s).unwrap_err();
         assert!(matches!(e, Error::BadAddress { .. }), "{matmul:?}: {e}");
         let mut y = vec![0u8; 16 * 256 * 4];
@@ -2548,11 +2584,11 @@ fn gpu_graphs_of_products_match_their_products_and_are_kept() {
             y.iter().all(|&b| b == 0xff),
             "{matmul:?}: a product of the refused list ran"
         );
-        assert_eq!(d.graph_launches(), g, "{matmul:?}");
-        run(&list, 7);
-        assert_eq!(d.graph_launches().launched, 7);
+        assert_eq!(d.graph_launches(), before, "{matmul:?}");
+        run(&cases, &list, s, "last");
+        assert_eq!(d.graph_launches().launched, before.launched + 1);
         assert_eq!(d.graphs_off(), None);
-        drop((cases, other));
+        drop((cases, other, big));
         d.destroy_stream(s).unwrap();
         assert_eq!(
             d.graphs_kept(),

@@ -120,8 +120,9 @@ pub struct CudaConfig {
     /// Which cuBLAS interface queues the products of [`Kernel::Matmul`].
     pub matmul: MatmulLibrary,
     /// Queue each list of products handed to [`Device::launch_all`] as one
-    /// CUDA graph, captured at the list's first call and launched again at
-    /// every later one with the same operands (counted in [`GraphLaunches`]);
+    /// CUDA graph, captured at the list's second call (the first queues it
+    /// product by product) and launched again at every later one with the
+    /// same operands (counted in [`GraphLaunches`]);
     /// off by default (not yet timed on a GPU).
     pub graphs: bool,
 }
@@ -1175,10 +1176,13 @@ impl Device for CudaDevice {
             ("products_lt", p.lt),
             ("lt_plans", p.lt_plans),
             ("lt_plans_without_algorithm", p.lt_no_algorithm),
+            ("products_first_seen", g.first_seen),
             ("graphs_captured", g.captured),
+            ("products_captured", g.captured_products),
             ("graph_launches", g.launched),
             ("products_in_graphs", g.products),
-            ("graph_captures_failed", g.failed),
+            ("graph_cache_clears", g.cleared),
+            ("graph_failures", g.failed),
             ("merges_fma", m.fma),
             ("merges_tensor_cores", m.tensor_cores),
             ("merges_pipelined", m.pipelined),
