@@ -2143,6 +2143,9 @@ fn run_on(
     let _ = &bench.scratch;
     print_table(&results, args.steps, lora_steps);
     print_device_counts(&results);
+    for w in bench.dev.warnings() {
+        println!("device warning: {w}");
+    }
     print_overlap(&results, link);
     let round_ratios = ratios_by_round(&results, &rounds, link);
     print_rounds(&round_ratios);

@@ -232,7 +232,8 @@ fn e2e_on_cuda_with_products_through_cublaslt() {
 /// first sighting or into a capture), none failed, the sequential row's
 /// layers come back in its second pass (the ring's slots at the same
 /// addresses) and run as graphs, and the run moves, allocates and peaks
-/// exactly as on the host backend.
+/// exactly as on the host backend; on a driver that will not capture, the
+/// run says graphs went off and why, and runs as without them.
 #[test]
 fn e2e_on_cuda_with_a_graph_a_layer() {
     let args = ["--no-lora", "--mode", "sequential"];
@@ -263,6 +264,32 @@ fn e2e_on_cuda_with_a_graph_a_layer() {
         }
     }
     same_as_host(&rows, &args, "graphs", &[]);
+    // A driver that will not capture: graphs go off at the first capture,
+    // the run says why and goes on with the products one by one.
+    let (stdout, rows) = e2e_rows_env(
+        &args,
+        Some(&fake),
+        "graphs-refused",
+        &[
+            ("OFFLOAD_GRAPHS", "on"),
+            ("OFFLOAD_FAKECUDA_NO_CAPTURE", "1"),
+        ],
+    );
+    assert!(
+        stdout.contains("device warning: OFFLOAD_GRAPHS=on, but graphs are off: capturing"),
+        "{stdout}"
+    );
+    let failures: u64 = rows
+        .iter()
+        .map(|r| r["device_counts"]["graph_failures"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(failures, 1, "{rows:?}");
+    assert!(rows.iter().all(|r| r["error"].is_null()), "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r["device_counts"]["graph_launches"].as_u64().unwrap_or(0) == 0),
+        "{rows:?}"
+    );
     let bad = offload(&["device"], None, &[("OFFLOAD_GRAPHS", "yes")]);
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);

@@ -9,6 +9,10 @@
 //! graph queues its operations again, each checking its device ranges when
 //! it runs (so a graph that outlives the memory it was captured with
 //! aborts, where a GPU might read freed memory silently).
+//!
+//! With `OFFLOAD_FAKECUDA_NO_CAPTURE=1` (read at each call),
+//! `cuStreamBeginCapture_v2` fails with `CUDA_ERROR_NOT_SUPPORTED`, for
+//! the tests of what the runtime does when a capture fails.
 
 use std::collections::HashMap;
 use std::ffi::c_ulonglong;
@@ -49,6 +53,9 @@ pub extern "C" fn cuStreamBeginCapture_v2(s: CUstream, mode: CUstreamCaptureMode
         }
         if mode as u32 > 2 {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
+        if std::env::var("OFFLOAD_FAKECUDA_NO_CAPTURE").is_ok_and(|v| v == "1") {
+            return Err(CUresult::CUDA_ERROR_NOT_SUPPORTED);
         }
         let st = d.stream_any(s)?;
         let mut c = lock(&st.capture);

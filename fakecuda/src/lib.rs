@@ -54,6 +54,8 @@
 //!   allocation or reserved range is left (a cleanup that failed unseen);
 //! - `OFFLOAD_FAKECUDA_LT_NO_ALGORITHM=1` (read at each call): cuBLASLt's
 //!   heuristic finds no algorithm for any shape;
+//! - `OFFLOAD_FAKECUDA_NO_CAPTURE=1` (read at each call): stream capture
+//!   is not supported;
 //! - `OFFLOAD_FAKECUDA_MARK=FILE`: `cuInit` writes the device's name to
 //!   FILE, so a harness can tell that this library was the one loaded.
 

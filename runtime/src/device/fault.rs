@@ -638,6 +638,10 @@ impl<D: Device + ?Sized> Device for FaultDevice<D> {
     fn launch_counts(&self) -> Vec<(&'static str, u64)> {
         self.inner.launch_counts()
     }
+
+    fn warnings(&self) -> Vec<String> {
+        self.inner.warnings()
+    }
 }
 
 #[cfg(test)]

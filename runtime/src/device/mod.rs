@@ -511,6 +511,13 @@ pub trait Device: Send + Sync + fmt::Debug {
         Vec::new()
     }
 
+    /// What the device has turned off or worked around since it was made,
+    /// one line each, for reports (on CUDA: graphs turned off after a
+    /// failed capture or graph launch, and why); empty by default.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Build now what the first launch of a kernel of `family` would build
     /// (on CUDA: the cuBLAS handle for [`KernelFamily::Matmul`], the NVRTC
     /// merge kernels for [`KernelFamily::Merge`], which take seconds to

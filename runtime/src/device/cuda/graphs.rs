@@ -133,6 +133,28 @@ impl Drop for Graphs {
     }
 }
 
+/// A capture begun on a stream and not yet ended: ended (its graph
+/// destroyed) when dropped while still holding the stream.
+struct OpenCapture(Option<sys::CUstream>);
+
+impl Drop for OpenCapture {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            // SAFETY: the stream is live (its owner's Arc outlives this
+            // guard, a local of `capture`) and capturing since
+            // `stream_begin_capture` on this thread; the graph, if any, is
+            // destroyed once.
+            unsafe {
+                if let Ok(g) = result::stream_end_capture(s) {
+                    if !g.is_null() {
+                        let _ = result::graph_destroy(g);
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn key(kernel: &Kernel) -> ProductKey {
     match *kernel {
         Kernel::Matmul {
@@ -252,9 +274,13 @@ impl CudaDevice {
         // captures off it, and the trait leaves the stream to its caller
         // for the length of this call.
         unsafe { result::stream_begin_capture(s.raw)? };
+        // Ends the capture (and drops what it captured) if a product
+        // panics, so the stream is never left capturing.
+        let mut open = OpenCapture(Some(s.raw));
         let queued = kernels
             .iter()
             .try_for_each(|k| self.queue_matmul(k, stream, true));
+        open.0 = None;
         // SAFETY: capturing since just above, on this thread.
         let graph = unsafe { result::stream_end_capture(s.raw) };
         let graph = match (queued, graph) {

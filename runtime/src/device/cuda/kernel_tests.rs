@@ -2598,6 +2598,65 @@ fn gpu_graphs_of_products_match_their_products_and_are_kept() {
     }
 }
 
+/// A capture the driver refuses turns graphs off for the device and says
+/// why (`graphs_off`, `Device::warnings`, the device note); the products
+/// run one by one with the same results, then and at every later call.
+/// Only the fake driver can be made to refuse:
+/// `tests::gpu_tests_pass_on_the_fake_driver` runs this test on it with
+/// `OFFLOAD_FAKECUDA_NO_CAPTURE=1`.
+#[test]
+#[ignore = "needs offload-fakecuda with OFFLOAD_FAKECUDA_NO_CAPTURE=1 (gpu_tests_pass_on_the_fake_driver runs it)"]
+fn fake_capture_refused_turns_graphs_off() {
+    assert_eq!(
+        std::env::var("OFFLOAD_FAKECUDA_NO_CAPTURE").as_deref(),
+        Ok("1")
+    );
+    let config = CudaConfig {
+        graphs: true,
+        ..CudaConfig::default()
+    };
+    let d = CudaDevice::with_config(0, &config).expect("the fake driver");
+    assert_eq!(d.info().name, offload_fakecuda::DEVICE_NAME);
+    let s = d.create_stream().unwrap();
+    let cases = [
+        MatmulCase::new(&d, s, Dtype::F16, (16, 256, 1024), 701),
+        MatmulCase::new(&d, s, Dtype::F32, (3, 64, 520), 702),
+    ];
+    let list: Vec<Kernel> = cases.iter().map(MatmulCase::kernel).collect();
+    for _ in 0..3 {
+        for c in &cases {
+            c.clear(s);
+        }
+        d.launch_all(&list, s).unwrap();
+        for c in &cases {
+            c.verify(s);
+        }
+    }
+    assert_eq!(
+        d.graph_launches(),
+        GraphLaunches {
+            first_seen: 2,
+            failed: 1,
+            ..GraphLaunches::default()
+        }
+    );
+    assert_eq!(
+        d.matmul_launches().gemm_ex,
+        6,
+        "every product queued one by one"
+    );
+    let why = d.graphs_off().expect("graphs turned off");
+    assert!(why.contains("cuStreamBeginCapture"), "{why}");
+    assert_eq!(
+        d.warnings(),
+        vec![format!("OFFLOAD_GRAPHS=on, but graphs are off: {why}")]
+    );
+    assert!(d.memory_mode_note().contains("but graphs are off"));
+    assert_eq!(d.graphs_kept(), 0);
+    drop(cases);
+    d.destroy_stream(s).unwrap();
+}
+
 /// Products through cuBLASLt of shapes its heuristic finds no algorithm
 /// for go to `cublasGemmEx`, with the same results, and each shape is asked
 /// about once. Only the fake driver can be made to find none:

@@ -1195,6 +1195,13 @@ impl Device for CudaDevice {
         ]
     }
 
+    fn warnings(&self) -> Vec<String> {
+        self.graphs_off()
+            .map(|why| format!("{GRAPHS_ENV}=on, but graphs are off: {why}"))
+            .into_iter()
+            .collect()
+    }
+
     fn prepare(&self, family: KernelFamily) -> Result<Option<String>> {
         Ok(Some(match family {
             KernelFamily::Merge => self.prepare_merge()?.to_string(),

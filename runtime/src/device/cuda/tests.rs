@@ -259,6 +259,17 @@ fn gpu_tests_pass_on_the_fake_driver() {
     ) {
         panic!("{fallback} on the fake driver: {e}");
     }
+    // A driver that will not capture, which only the fake can be made to be.
+    let refused = "device::cuda::kernel_tests::fake_capture_refused_turns_graphs_off";
+    if let Err(e) = offload_fakecuda::rerun_tests_on_the_fake(
+        "rt-capture",
+        &["--ignored", "--exact", refused],
+        &[("OFFLOAD_FAKECUDA_NO_CAPTURE", "1")],
+        &["0"],
+        1,
+    ) {
+        panic!("{refused} on the fake driver: {e}");
+    }
 }
 
 #[test]
