@@ -2921,7 +2921,9 @@ fn gpu_matmul_edge_cases_and_checks() {
 /// Informative: products of the benchmark's full SDXL width and of a
 /// scale-4-sized layer, 16 tokens, through `cublasGemmEx` and through
 /// cuBLASLt: the queueing thread's time a product (100 products queued
-/// back to back, before the stream is synchronised) and the GPU's.
+/// back to back, before the stream is synchronised) and the GPU's; then
+/// the same for a list of 7 scale-4-sized products (a layer) queued as one
+/// kept graph (`CudaConfig::graphs`).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_matmul_throughput() {
@@ -2930,6 +2932,64 @@ fn gpu_matmul_throughput() {
             matmul_throughput(&d, interface, tokens, n, k);
         }
     }
+    let config = CudaConfig {
+        graphs: true,
+        ..CudaConfig::from_env().expect("the OFFLOAD_* settings")
+    };
+    let d = CudaDevice::with_config(0, &config).expect("a CUDA GPU, graphs on");
+    graph_throughput(&d, 16, 640, 640, 7);
+}
+
+/// The queueing thread's time a list of `len` products `[tokens, k] ·
+/// [n, k]ᵀ` launched as one kept graph (100 lists back to back), and the GPU's.
+fn graph_throughput(d: &CudaDevice, tokens: usize, n: usize, k: usize, len: usize) {
+    let s = d.create_stream().unwrap();
+    let mut bufs = Bufs::new(d);
+    let x = bufs.alloc(tokens * k * 4);
+    let w = bufs.alloc(n * k * 4);
+    let y = bufs.alloc(tokens * n * 4);
+    for (dst, len) in [(x, tokens * k * 4), (w, n * k * 4)] {
+        d.launch(&Kernel::Fill { dst, len, value: 0 }, s).unwrap();
+    }
+    for dtype in [Dtype::F16, Dtype::BF16] {
+        let mm = Kernel::Matmul {
+            x,
+            x_dtype: dtype,
+            tokens,
+            w,
+            w_dtype: dtype,
+            n,
+            k,
+            y,
+        };
+        let list = vec![mm; len];
+        // The first call queues the products one by one, the second captures them.
+        let before = d.graph_launches();
+        for _ in 0..2 {
+            d.launch_all(&list, s).unwrap();
+        }
+        d.stream_synchronize(s).unwrap();
+        assert_eq!(
+            d.graph_launches().captured,
+            before.captured + 1,
+            "{:?}",
+            d.graphs_off()
+        );
+        let reps = 100u32;
+        let t = Instant::now();
+        for _ in 0..reps {
+            d.launch_all(&list, s).unwrap();
+        }
+        let queued = t.elapsed() / reps;
+        d.stream_synchronize(s).unwrap();
+        let per = t.elapsed() / reps;
+        eprintln!(
+            "matmul graph of {len} {dtype} {tokens}x{k} · ({n}x{k})ᵀ: queueing {queued:?} a list ({:?} a product); {per:?} a list in all",
+            queued / len as u32
+        );
+    }
+    drop(bufs);
+    d.destroy_stream(s).unwrap();
 }
 
 fn matmul_throughput(d: &CudaDevice, interface: &str, tokens: usize, n: usize, k: usize) {
