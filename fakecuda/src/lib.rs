@@ -573,6 +573,14 @@ pub extern "C" fn cuCtxSetCurrent(ctx: CUcontext) -> CUresult {
 }
 
 #[no_mangle]
+pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut CUcontext) -> CUresult {
+    call(|| {
+        driver(false)?;
+        out(ctx, CURRENT.with(Cell::get) as CUcontext)
+    })
+}
+
+#[no_mangle]
 pub extern "C" fn cuCtxSynchronize() -> CUresult {
     call(|| {
         for s in driver(true)?.all_streams() {

@@ -125,7 +125,16 @@ fn copies_follow_stream_order_and_cross_stream_events() {
 #[test]
 fn calls_need_a_context_and_host_functions_may_not_call_the_driver() {
     ready();
-    let on_other_thread = std::thread::spawn(|| {
+    let current = || {
+        let mut c: CUcontext = 7 as CUcontext;
+        // SAFETY: out-pointer to a local.
+        assert_eq!(unsafe { cuCtxGetCurrent(&mut c) }, E::CUDA_SUCCESS);
+        c as usize
+    };
+    assert_eq!(current(), CONTEXT);
+    let on_other_thread = std::thread::spawn(move || {
+        // No context is current on a new thread.
+        assert_eq!(current(), 0);
         let mut p = 0u64;
         // SAFETY: out-pointer to a local.
         unsafe { cuMemAlloc_v2(&mut p, 4096) }

@@ -37,8 +37,14 @@ impl Context {
         Ok(Context { raw, dev })
     }
 
-    /// Make the context current on the calling thread.
+    /// Make the context current on the calling thread. Asks first and sets
+    /// it only when another context (or none) is current, as cudarc's
+    /// `bind_to_thread` does: every device call binds, and a thread that
+    /// keeps calling (the engine's, the uploader) then sets it once.
     pub(super) fn bind(&self) -> Result<()> {
+        if result::ctx_get_current()? == self.raw {
+            return Ok(());
+        }
         // SAFETY: `raw` stays live while we hold our retain of it, i.e. while `self` exists.
         unsafe { result::ctx_set_current(self.raw) }
     }

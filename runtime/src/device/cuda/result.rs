@@ -163,6 +163,14 @@ pub unsafe fn ctx_set_current(ctx: sys::CUcontext) -> Result<()> {
     check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx) })
 }
 
+/// `cuCtxGetCurrent`: the context current on the calling thread (null for none).
+pub fn ctx_get_current() -> Result<sys::CUcontext> {
+    let mut ctx: sys::CUcontext = ptr::null_mut();
+    // SAFETY: out-pointer to a local.
+    check("cuCtxGetCurrent", unsafe { sys::cuCtxGetCurrent(&mut ctx) })?;
+    Ok(ctx)
+}
+
 /// `cuCtxSynchronize`: wait for all work of the current context.
 pub fn ctx_synchronize() -> Result<()> {
     // SAFETY: no arguments; without a current context the driver reports an error.
