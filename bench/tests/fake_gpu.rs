@@ -290,6 +290,7 @@ fn e2e_on_cuda_with_a_graph_a_layer() {
             .all(|r| r["device_counts"]["graph_launches"].as_u64().unwrap_or(0) == 0),
         "{rows:?}"
     );
+    same_as_host(&rows, &args, "graphs-refused", &[]);
     let bad = offload(&["device"], None, &[("OFFLOAD_GRAPHS", "yes")]);
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);

@@ -10,6 +10,10 @@
 //! it runs (so a graph that outlives the memory it was captured with
 //! aborts, where a GPU might read freed memory silently).
 //!
+//! `cuMemAlloc` on a thread with a capture open is refused: relaxed mode
+//! allows it, but the runtime means to allocate nothing inside a capture
+//! (its buffers are made at a list's first sighting).
+//!
 //! With `OFFLOAD_FAKECUDA_NO_CAPTURE=1` (read at each call),
 //! `cuStreamBeginCapture_v2` fails with `CUDA_ERROR_NOT_SUPPORTED`, for
 //! the tests of what the runtime does when a capture fails.
@@ -22,6 +26,16 @@ use cudarc::driver::sys::{CUgraph, CUgraphExec, CUresult, CUstream, CUstreamCapt
 
 use crate::stream::{Capture, Replay};
 use crate::{call, driver, lock, out};
+
+thread_local! {
+    /// Captures this thread has begun and not ended.
+    static OPEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether this thread has a capture open (`cuMemAlloc` refuses then).
+pub(crate) fn capturing_here() -> bool {
+    OPEN.with(|o| o.get() > 0)
+}
 
 #[derive(Default)]
 struct Tables {
@@ -63,6 +77,7 @@ pub extern "C" fn cuStreamBeginCapture_v2(s: CUstream, mode: CUstreamCaptureMode
             return Err(CUresult::CUDA_ERROR_ILLEGAL_STATE);
         }
         *c = Capture::On(Vec::new());
+        OPEN.with(|o| o.set(o.get() + 1));
         Ok(())
     })
 }
@@ -76,6 +91,13 @@ pub unsafe extern "C" fn cuStreamEndCapture(s: CUstream, graph: *mut CUgraph) ->
         }
         let st = d.stream_any(s)?;
         let ops = match std::mem::replace(&mut *lock(&st.capture), Capture::Off) {
+            Capture::Off => return Err(CUresult::CUDA_ERROR_ILLEGAL_STATE),
+            other => {
+                OPEN.with(|o| o.set(o.get().saturating_sub(1)));
+                other
+            }
+        };
+        let ops = match ops {
             Capture::Off => return Err(CUresult::CUDA_ERROR_ILLEGAL_STATE),
             Capture::Invalidated => {
                 out(graph, std::ptr::null_mut())?;

@@ -27,7 +27,9 @@
 //!   bytes; a pageable one is copied at once, as the real driver does;
 //! - stream capture (`graph.rs`) keeps the products, the conversion kernels
 //!   and memsets; anything else queued on a capturing stream is refused and
-//!   invalidates the capture; a launched graph's operations check their
+//!   invalidates the capture; `cuMemAlloc` on a thread with a capture open
+//!   is refused (relaxed mode allows it; the runtime means to allocate
+//!   nothing inside a capture); a launched graph's operations check their
 //!   device bytes when they run, like any other.
 //!
 //! It runs no GPU code. Its NVRTC (`libnvrtc.so`, [`nvrtc`]) records a
@@ -720,7 +722,14 @@ pub extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> CUresult {
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, size: usize) -> CUresult {
     call(|| {
-        let p = driver(true)?.mem().alloc(size)?;
+        let d = driver(true)?;
+        if graph::capturing_here() {
+            eprintln!(
+                "offload-fakecuda: cuMemAlloc of {size} bytes while this thread captures a graph"
+            );
+            return Err(CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+        }
+        let p = d.mem().alloc(size)?;
         out(ptr, p)
     })
 }

@@ -351,6 +351,12 @@ impl Blas {
         grow(&mut self.scratch, stream, len)
     }
 
+    /// Make `stream`'s workspace as large as cuBLAS gets while a graph is
+    /// captured on it (see [`Blas::gemm`]), so that the capture allocates nothing.
+    pub(super) fn reserve_capture_workspace(&mut self, stream: u64) -> Result<()> {
+        grow(&mut self.workspace, stream, self.capture_workspace).map(|_| ())
+    }
+
     /// Take the scratch and workspace buffers of a stream being destroyed;
     /// the caller frees them with [`free_buffers`] once the stream has
     /// synchronised.
@@ -920,6 +926,20 @@ impl CudaDevice {
         // is initialised memory of the caller's; callers keep the operands
         // mapped until the queued product has run (as for `launch`).
         unsafe { blas.gemm_ex(args, mats, op.scale, 1.0, s.raw, None) }
+    }
+
+    /// [`Blas::reserve_capture_workspace`] of `stream` (the handle made first if need be).
+    pub(super) fn reserve_capture_workspace(&self, stream: StreamId) -> Result<()> {
+        let mut guard = lock(&self.blas);
+        let blas = self.blas_in(&mut guard)?;
+        self.ctx.bind()?;
+        // `destroy_stream` takes the stream out of the table before it takes
+        // this lock to collect the stream's buffers: a stream still in the
+        // table here has this one collected too.
+        if !self.streams.contains_key(&stream.0) {
+            return Err(Error::UnknownStream(stream));
+        }
+        blas.reserve_capture_workspace(stream.0)
     }
 
     /// Collect and free the scratch buffers of a stream being destroyed:

@@ -8,8 +8,9 @@
 //! same stream), captures it into a graph the second time, and launches
 //! the kept graph from then on: one driver call for the whole list. The
 //! first sighting runs what a first product builds (the cuBLAS handle, the
-//! conversion kernels, cuBLASLt's plans, the scratch) outside any capture,
-//! and a list seen once is never captured.
+//! conversion kernels, cuBLASLt's plans, the scratch) and makes the
+//! workspace cuBLAS gets while capturing, outside any capture, and a list
+//! seen once is never captured.
 //!
 //! Every call checks each product as [`Device::launch`] would (types,
 //! operands mapped now, alignment, overlap) before anything is queued. A
@@ -209,7 +210,15 @@ impl CudaDevice {
                 g.seen.insert(key);
                 drop(g);
                 self.launch_each(kernels, stream)?;
-                lock(&self.graphs).counts.first_seen += n;
+                // The workspace cuBLAS gets while capturing, made now, outside any capture.
+                let reserved = self.reserve_capture_workspace(stream);
+                let mut g = lock(&self.graphs);
+                g.counts.first_seen += n;
+                if let Err(e) = reserved {
+                    g.turn_off(format!(
+                        "reserving cuBLAS's workspace for graphs failed: {e}"
+                    ));
+                }
                 return Ok(());
             }
             None => {
@@ -312,8 +321,8 @@ impl CudaDevice {
         lock(&self.graphs).execs.len()
     }
 
-    /// Why graphs are off, when a capture failed; `None` while they work
-    /// (or were never asked for).
+    /// Why graphs are off, when a capture, a graph launch or the workspace
+    /// for captures failed; `None` while they work (or were never asked for).
     pub fn graphs_off(&self) -> Option<String> {
         lock(&self.graphs).off().map(str::to_string)
     }

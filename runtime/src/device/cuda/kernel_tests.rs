@@ -2984,7 +2984,8 @@ fn graph_throughput(d: &CudaDevice, tokens: usize, n: usize, k: usize, len: usiz
         d.stream_synchronize(s).unwrap();
         let per = t.elapsed() / reps;
         eprintln!(
-            "matmul graph of {len} {dtype} {tokens}x{k} · ({n}x{k})ᵀ: queueing {queued:?} a list ({:?} a product); {per:?} a list in all",
+            "matmul graph ({:?}) of {len} {dtype} {tokens}x{k} · ({n}x{k})ᵀ, the same W each: queueing {queued:?} a list ({:?} a product); {per:?} a list in all",
+            d.matmul,
             queued / len as u32
         );
     }
