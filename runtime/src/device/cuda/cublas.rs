@@ -810,15 +810,17 @@ impl CudaDevice {
                 kernel.name()
             )));
         };
-        let yl = kernel.regions()?[2].1;
         let s = self.stream(stream)?;
         if tokens == 0 || n == 0 {
             return Ok(());
         }
         self.ctx.bind()?;
         if k == 0 {
-            // An empty sum: Y = 0, as on the host backend.
-            // SAFETY: the stream is live (Arc) and Y is mapped (checked above).
+            // An empty sum: Y = 0, as on the host backend. Y's f32 bytes
+            // (`check_matmul` found `regions` in range, so no overflow).
+            let yl = tokens * n * 4;
+            // SAFETY: the stream is live (Arc) and Y is mapped (checked
+            // by `check_matmul`).
             return unsafe { result::memset_d8_async(y.0, 0, yl, s.raw) };
         }
         let args = gemm_args(tokens, n, k)?;

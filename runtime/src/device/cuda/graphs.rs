@@ -198,7 +198,7 @@ impl CudaDevice {
         let mut g = lock(&self.graphs);
         if g.off.is_some() {
             drop(g);
-            return self.launch_each(kernels, stream);
+            return self.queue_each(kernels, stream);
         }
         let exec = match g.execs.get(&key) {
             Some(&exec) => exec,
@@ -209,7 +209,7 @@ impl CudaDevice {
                 }
                 g.seen.insert(key);
                 drop(g);
-                self.launch_each(kernels, stream)?;
+                self.queue_each(kernels, stream)?;
                 // The workspace cuBLAS gets while capturing, made now, outside any capture.
                 let reserved = self.reserve_capture_workspace(stream);
                 let mut g = lock(&self.graphs);
@@ -238,7 +238,7 @@ impl CudaDevice {
                     Err(e) => {
                         g.turn_off(format!("capturing {n} products failed: {e}"));
                         drop(g);
-                        return self.launch_each(kernels, stream);
+                        return self.queue_each(kernels, stream);
                     }
                 }
             }
@@ -258,16 +258,16 @@ impl CudaDevice {
             Err(e) => {
                 g.turn_off(format!("launching a graph of {n} products failed: {e}"));
                 drop(g);
-                self.launch_each(kernels, stream)
+                self.queue_each(kernels, stream)
             }
         }
     }
 
-    /// Queue each product of `kernels` on its own.
-    fn launch_each(&self, kernels: &[Kernel], stream: StreamId) -> Result<()> {
+    /// Queue each product of `kernels` on its own (all checked by the caller).
+    fn queue_each(&self, kernels: &[Kernel], stream: StreamId) -> Result<()> {
         kernels
             .iter()
-            .try_for_each(|k| self.launch_matmul(k, stream))
+            .try_for_each(|k| self.queue_matmul(k, stream, false))
     }
 
     /// Capture `kernels` on `s` into an executable graph; the stream is

@@ -2928,8 +2928,8 @@ fn gpu_matmul_edge_cases_and_checks() {
 #[ignore = "needs a CUDA GPU"]
 fn gpu_matmul_throughput() {
     for (interface, d) in [("cublasGemmEx", gemm_ex_gpu()), ("cuBLASLt", lt_gpu())] {
-        for (tokens, n, k) in [(16usize, 4096usize, 4096usize), (16, 640, 640)] {
-            matmul_throughput(&d, interface, tokens, n, k);
+        for dims in [(16, 4096, 4096), (16, 640, 640)] {
+            matmul_throughput(&d, interface, dims);
         }
     }
     let config = CudaConfig {
@@ -2937,13 +2937,15 @@ fn gpu_matmul_throughput() {
         ..CudaConfig::from_env().expect("the OFFLOAD_* settings")
     };
     let d = CudaDevice::with_config(0, &config).expect("a CUDA GPU, graphs on");
-    graph_throughput(&d, 16, 640, 640, 7);
+    graph_throughput(&d, (16, 640, 640), 7);
 }
 
-/// The queueing thread's time a list of `len` products `[tokens, k] ·
-/// [n, k]ᵀ` launched as one kept graph (100 lists back to back), and the GPU's.
-fn graph_throughput(d: &CudaDevice, tokens: usize, n: usize, k: usize, len: usize) {
-    let s = d.create_stream().unwrap();
+/// Zeroed X and W (room for f32) and Y of `[tokens, k] · [n, k]ᵀ` products, on `s`.
+fn throughput_operands<'a>(
+    d: &'a CudaDevice,
+    s: StreamId,
+    (tokens, n, k): (usize, usize, usize),
+) -> (Bufs<'a>, [DevicePtr; 3]) {
     let mut bufs = Bufs::new(d);
     let x = bufs.alloc(tokens * k * 4);
     let w = bufs.alloc(n * k * 4);
@@ -2951,18 +2953,52 @@ fn graph_throughput(d: &CudaDevice, tokens: usize, n: usize, k: usize, len: usiz
     for (dst, len) in [(x, tokens * k * 4), (w, n * k * 4)] {
         d.launch(&Kernel::Fill { dst, len, value: 0 }, s).unwrap();
     }
+    (bufs, [x, w, y])
+}
+
+/// The product of `dtype` activations and weight on `ptrs` (X, W, Y).
+fn throughput_product(
+    dtype: Dtype,
+    (tokens, n, k): (usize, usize, usize),
+    [x, w, y]: [DevicePtr; 3],
+) -> Kernel {
+    Kernel::Matmul {
+        x,
+        x_dtype: dtype,
+        tokens,
+        w,
+        w_dtype: dtype,
+        n,
+        k,
+        y,
+    }
+}
+
+/// The queueing thread's time for each of 100 calls of `queue` back to
+/// back, and the time for each until `s` has run them all.
+fn timed_queueing(
+    d: &CudaDevice,
+    s: StreamId,
+    mut queue: impl FnMut(),
+) -> (std::time::Duration, std::time::Duration) {
+    let reps = 100u32;
+    let t = Instant::now();
+    for _ in 0..reps {
+        queue();
+    }
+    let queued = t.elapsed() / reps;
+    d.stream_synchronize(s).unwrap();
+    (queued, t.elapsed() / reps)
+}
+
+/// The queueing thread's time a list of `len` products `[tokens, k] ·
+/// [n, k]ᵀ` launched as one kept graph (100 lists back to back), and the GPU's.
+fn graph_throughput(d: &CudaDevice, dims: (usize, usize, usize), len: usize) {
+    let (tokens, n, k) = dims;
+    let s = d.create_stream().unwrap();
+    let (bufs, ptrs) = throughput_operands(d, s, dims);
     for dtype in [Dtype::F16, Dtype::BF16] {
-        let mm = Kernel::Matmul {
-            x,
-            x_dtype: dtype,
-            tokens,
-            w,
-            w_dtype: dtype,
-            n,
-            k,
-            y,
-        };
-        let list = vec![mm; len];
+        let list = vec![throughput_product(dtype, dims, ptrs); len];
         // The first call queues the products one by one, the second captures them.
         let before = d.graph_launches();
         for _ in 0..2 {
@@ -2975,14 +3011,7 @@ fn graph_throughput(d: &CudaDevice, tokens: usize, n: usize, k: usize, len: usiz
             "{:?}",
             d.graphs_off()
         );
-        let reps = 100u32;
-        let t = Instant::now();
-        for _ in 0..reps {
-            d.launch_all(&list, s).unwrap();
-        }
-        let queued = t.elapsed() / reps;
-        d.stream_synchronize(s).unwrap();
-        let per = t.elapsed() / reps;
+        let (queued, per) = timed_queueing(d, s, || d.launch_all(&list, s).unwrap());
         eprintln!(
             "matmul graph ({:?}) of {len} {dtype} {tokens}x{k} · ({n}x{k})ᵀ, the same W each: queueing {queued:?} a list ({:?} a product); {per:?} a list in all",
             d.matmul,
@@ -2993,37 +3022,16 @@ fn graph_throughput(d: &CudaDevice, tokens: usize, n: usize, k: usize, len: usiz
     d.destroy_stream(s).unwrap();
 }
 
-fn matmul_throughput(d: &CudaDevice, interface: &str, tokens: usize, n: usize, k: usize) {
+fn matmul_throughput(d: &CudaDevice, interface: &str, dims: (usize, usize, usize)) {
+    let (tokens, n, k) = dims;
     let s = d.create_stream().unwrap();
-    let mut bufs = Bufs::new(d);
-    let x = bufs.alloc(tokens * k * 4);
-    let w = bufs.alloc(n * k * 4);
-    let y = bufs.alloc(tokens * n * 4);
-    for (dst, len) in [(x, tokens * k * 4), (w, n * k * 4)] {
-        d.launch(&Kernel::Fill { dst, len, value: 0 }, s).unwrap();
-    }
+    let (bufs, ptrs) = throughput_operands(d, s, dims);
     for dtype in Dtype::ALL {
         // Activations of the weight's type, as `bench e2e` holds them.
-        let mm = Kernel::Matmul {
-            x,
-            x_dtype: dtype,
-            tokens,
-            w,
-            w_dtype: dtype,
-            n,
-            k,
-            y,
-        };
+        let mm = throughput_product(dtype, dims, ptrs);
         d.launch(&mm, s).unwrap();
         d.stream_synchronize(s).unwrap();
-        let reps = 100;
-        let t = Instant::now();
-        for _ in 0..reps {
-            d.launch(&mm, s).unwrap();
-        }
-        let queued = t.elapsed() / reps;
-        d.stream_synchronize(s).unwrap();
-        let per = t.elapsed() / reps;
+        let (queued, per) = timed_queueing(d, s, || d.launch(&mm, s).unwrap());
         eprintln!(
             "matmul {interface} {dtype} {tokens}x{k} · ({n}x{k})ᵀ: queueing {queued:?} a product; {per:?} a product in all, {:.0} GFLOP/s, W read at {:.0} GB/s",
             offload_kernels::matmul_flops(tokens, n, k) as f64 / per.as_secs_f64() / 1e9,
