@@ -22,7 +22,7 @@
 //! them, three of them by the bit-identity or untouched-rows checks alone.
 //!
 //! Ignored by default (they need g++ ≥ 12 with C++20 and `_Float16`, and
-//! take a minute or two): `cargo test -p offload-kernels --test
+//! take several minutes each): `cargo test -p offload-kernels --test
 //! cuda_emulation -- --ignored`.
 #![cfg(feature = "cuda")]
 
@@ -87,20 +87,22 @@ fn cuda_source_matches_reference_in_cpu_emulation() {
         "lowrank: 20 cases",
         "mma: 20 cases",
         "pipe: 20 cases",
+        "pipe-tall: 20 cases",
         "general: 40 cases",
         "batch: 10 cases",
         "batch-mma: 10 cases",
         "batch-pipe: 10 cases",
+        "batch-pipe-tall: 10 cases",
         "stream8: 20 cases",
         "stream32: 20 cases",
         "stream8s: 20 cases",
     ] {
         assert!(stdout.contains(group), "{group}:\n{stdout}");
     }
-    assert!(stdout.contains("all: 190 cases, 0 failures"), "{stdout}");
-    // The pipelined kernel's groups took its cp.async path (most of their
-    // cases), not only its plain loads.
-    for group in ["pipe: ", "batch-pipe: "] {
+    assert!(stdout.contains("all: 220 cases, 0 failures"), "{stdout}");
+    // The pipelined kernels' groups took their cp.async path (most of their
+    // cases), not only their plain loads.
+    for group in ["pipe: ", "batch-pipe: ", "pipe-tall: ", "batch-pipe-tall: "] {
         let line = stdout.lines().find(|l| l.starts_with(group)).unwrap();
         let copies: u64 = line
             .split(", ")
@@ -125,7 +127,12 @@ fn cuda_source_matches_reference_in_cpu_emulation() {
 fn batched_kernel_mutants_fail_the_emulation() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let source = std::fs::read_to_string(root.join("src/cuda/lowrank_merge.cu")).unwrap();
-    const ALL: &[&str] = &["batch: ", "batch-mma: ", "batch-pipe: "];
+    const ALL: &[&str] = &[
+        "batch: ",
+        "batch-mma: ",
+        "batch-pipe: ",
+        "batch-pipe-tall: ",
+    ];
     const NOT_ALONE: &str = "not bit-identical to the job launched alone";
     struct Mutant {
         what: &'static str,
@@ -196,7 +203,7 @@ fn batched_kernel_mutants_fail_the_emulation() {
             from: "p.w, p.rows, p.cols, p.row0, tile_row, tile_col, wr",
             to: "p.w, p.rows + 1, p.cols, p.row0, tile_row, tile_col, wr",
             count: 2,
-            fails: &["batch-pipe: "],
+            fails: &["batch-pipe: ", "batch-pipe-tall: "],
             caught_by: Some("outside every slice changed"),
         },
     ];
@@ -214,7 +221,8 @@ fn batched_kernel_mutants_fail_the_emulation() {
         } = m;
         // Every occurrence is mutated: the job lookup is shared,
         // the rest is written out in each batched entry point (fp32 FMA,
-        // tensor cores, pipelined), and W's place in each kernel body.
+        // tensor cores, pipelined; the pipelined one's serves both tile
+        // heights), and W's place in each kernel body.
         assert_eq!(source.matches(from).count(), count, "{what}: `{from}`");
         std::fs::write(tmp.join("lowrank_merge.cu"), source.replace(from, to)).unwrap();
         compile(&exe, &tmp);
@@ -263,16 +271,19 @@ fn batched_kernel_mutants_fail_the_emulation() {
 /// factors whose rows are not whole 16-byte units and 16-byte accesses to a
 /// W that is not 16-byte aligned (misaligned-address faults on a GPU, which
 /// the values alone do not show), and a leading adapter of rank 0 taken as
-/// the start of the sum. Each fails the groups it names; the unmutated
-/// source passes them.
+/// the start of the sum; those fail on both tile heights (the code is
+/// shared). Two fail the 128-row kernel only: B's rows copied from 64-row
+/// tiles, and half its threads not copying A. Each fails the groups it
+/// names; the unmutated source passes them.
 #[test]
 #[ignore = "needs g++ (C++20, _Float16); run with --ignored"]
 fn pipelined_kernel_mutants_fail_the_emulation() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let source = std::fs::read_to_string(root.join("src/cuda/lowrank_merge.cu")).unwrap();
-    const BOTH: &[&str] = &["pipe: ", "batch-pipe: "];
+    // Both tile heights (kernels 2b and 2c) share this code.
+    const BOTH: &[&str] = &["pipe: ", "batch-pipe: ", "pipe-tall: ", "batch-pipe-tall: "];
     // (what, from, to, the groups it must fail)
-    let mutants: [(&str, &str, &str, &[&str]); 9] = [
+    let mutants: [(&str, &str, &str, &[&str]); 11] = [
         (
             "wait: one stage short",
             "offload_cp_async_wait<OFFLOAD_PIPE_STAGES - 2>();",
@@ -293,8 +304,8 @@ fn pipelined_kernel_mutants_fail_the_emulation() {
         ),
         (
             "slot: the next stage copied into the slot being multiplied",
-            "// The stage two ahead, into the slot read last.\n            offload_pipe_issue(sh, st.issued % ",
-            "// The stage two ahead, into the slot read last.\n            offload_pipe_issue(sh, (st.issued + 1) % ",
+            "// The stage two ahead, into the slot read last.\n            offload_pipe_issue<ROWS>(sh, st.issued % ",
+            "// The stage two ahead, into the slot read last.\n            offload_pipe_issue<ROWS>(sh, (st.issued + 1) % ",
             BOTH,
         ),
         (
@@ -320,14 +331,27 @@ fn pipelined_kernel_mutants_fail_the_emulation() {
             "adapters: the second taken as the first's follower when the first has rank 0",
             "for (unsigned int a = first + 1; a < n; ++a) {",
             "for (unsigned int a = 1; a < n; ++a) {",
-            &["batch-pipe: "],
+            &["batch-pipe: ", "batch-pipe-tall: "],
         ),
         // Only the one-tensor cases put W off a 16-byte boundary.
         (
             "W: 16-byte accesses for a W that is not 16-byte aligned",
             "return sizeof(T) == 2 && cols % 8 == 0 && w % 16 == 0;",
             "return sizeof(T) == 2 && cols % 8 == 0 && w % 2 == 0;",
-            &["pipe: "],
+            &["pipe: ", "pipe-tall: "],
+        ),
+        // Kernel 2c's own: what depends on the tile height.
+        (
+            "tall: B's rows copied from 64-row tiles",
+            "const unsigned int tile_row = c.y * ROWS;",
+            "const unsigned int tile_row = c.y * OFFLOAD_PIPE_TILE_ROWS;",
+            &["pipe-tall: ", "batch-pipe-tall: "],
+        ),
+        (
+            "tall: only the first 256 threads copy A",
+            "for (unsigned int q = 0; q < OFFLOAD_PIPE_K * 16 / kThreads; ++q) {",
+            "for (unsigned int q = 0; q < 512 / kThreads; ++q) {\n        if (tid >= 256) break;",
+            &["pipe-tall: ", "batch-pipe-tall: "],
         ),
     ];
     let tmp = std::env::temp_dir().join(format!("offload-pipe-mutants-{}", std::process::id()));

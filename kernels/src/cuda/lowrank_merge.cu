@@ -18,7 +18,7 @@
 // batched, each taking its parameter block by value and no dynamic shared
 // memory.
 //
-// The low-rank kernels 1, 2 and 2b (Delta = B A, up factor B [rows, rank], down factor
+// The low-rank kernels 1, 2, 2b and 2c (Delta = B A, up factor B [rows, rank], down factor
 // A [rank, cols]) are written to stream W: the slice is cut into 32 x 128
 // tiles, a block of (256, 1, 1) threads walks the tiles of one column strip
 // (a grid of whole blocks per strip, sized by the runtime to fill the GPU),
@@ -66,9 +66,15 @@
 //    W read straight into the accumulators' layout (see "Kernel 2b" below).
 //    The runtime's `auto` takes it for 16-bit factors from rank 16 up (timed
 //    on an H200 against the other two; docs/benchmarks.md).
+// 2c. offload_lowrank_merge_pipe_tall_*: kernel 2b on 128 x 128 tiles
+//    (sixteen warps, one block per SM), so that each chunk of the down
+//    factors is copied once per 128 rows of W instead of 64; the same bits
+//    (see "Kernel 2c" below). Taken in 2b's place where the runtime is
+//    configured for it (OFFLOAD_PIPE_ROWS=128).
 //
 //    The low-rank kernels also come batched (offload_lowrank_merge_batch_*,
-//    offload_lowrank_merge_mma_batch_*, offload_lowrank_merge_pipe_batch_*): one launch merges up to
+//    offload_lowrank_merge_mma_batch_*, offload_lowrank_merge_pipe_batch_*,
+//    offload_lowrank_merge_pipe_tall_batch_*): one launch merges up to
 //    OFFLOAD_BATCH_MAX_JOBS = 16 tensors of one W type ("jobs", each with up
 //    to OFFLOAD_BATCH_MAX_ADAPTERS = 4 adapters; 2504 bytes of parameters),
 //    so a layer's merges cost one launch instead of one per tensor. Job j
@@ -1806,20 +1812,38 @@ offload_lowrank_merge_mma_batch_bf16(const OffloadLowRankBatchParams p) {
 #define OFFLOAD_PIPE_K 32
 #define OFFLOAD_PIPE_STAGES 3
 #define OFFLOAD_PIPE_THREADS 256
+// Kernel 2c, the same on 128 x 128 tiles (offload_lowrank_merge_pipe_tall_*):
+// sixteen warps as 4 x 4, one block per SM.
+#define OFFLOAD_PIPE_TALL_TILE_ROWS 128
+#define OFFLOAD_PIPE_TALL_THREADS 512
 
 static_assert(OFFLOAD_PIPE_TILE_ROWS == 64 && OFFLOAD_PIPE_TILE_COLS == 128 && OFFLOAD_PIPE_K == 32 &&
-                  OFFLOAD_PIPE_THREADS == 256,
-              "the pipelined kernel's warp layout (2 x 4 warps of 32 x 32) and copy plan assume these");
+                  OFFLOAD_PIPE_THREADS == 256 && OFFLOAD_PIPE_TALL_TILE_ROWS == 128 &&
+                  OFFLOAD_PIPE_TALL_THREADS == 512,
+              "the pipelined kernel's warp layout (ROWS / 32 x 4 warps of 32 x 32) and copy plan assume these");
 static_assert(OFFLOAD_PIPE_STAGES >= 2, "a stage in flight while one is multiplied");
+
+// The pipelined kernel's block for tiles of ROWS rows (64 or 128) and 128
+// columns: a warp per 32 x 32 part, so ROWS / 32 x 4 warps.
+template <unsigned int ROWS> struct OffloadPipeTile {
+    static_assert(ROWS == OFFLOAD_PIPE_TILE_ROWS || ROWS == OFFLOAD_PIPE_TALL_TILE_ROWS, "64 or 128 rows");
+    static constexpr unsigned int kThreads = 4 * ROWS;
+};
+static_assert(OffloadPipeTile<OFFLOAD_PIPE_TILE_ROWS>::kThreads == OFFLOAD_PIPE_THREADS &&
+                  OffloadPipeTile<OFFLOAD_PIPE_TALL_TILE_ROWS>::kThreads == OFFLOAD_PIPE_TALL_THREADS,
+              "threads per block");
 
 // The pipelined kernel's shared memory: OFFLOAD_PIPE_STAGES slots, each a
 // stage's chunk of A (a[k][c]: 32 rows of 128 values, 16 units of 16 bytes a
-// row, unit u of row k at u ^ (k % 8)) and of B (b[r][k]: 64 rows of 32
-// values, 4 units a row, unit q of row r at q ^ ((r / 2) % 4)).
-struct alignas(128) OffloadPipeShared {
+// row, unit u of row k at u ^ (k % 8)) and of B (b[r][k]: ROWS rows of 32
+// values, 4 units a row, unit q of row r at q ^ ((r / 2) % 4)). 36 KiB for
+// 64-row tiles, 48 KiB (the most a kernel may hold statically) for 128.
+template <unsigned int ROWS> struct alignas(128) OffloadPipeShared {
     unsigned short a[OFFLOAD_PIPE_STAGES][OFFLOAD_PIPE_K][OFFLOAD_PIPE_TILE_COLS];
-    unsigned short b[OFFLOAD_PIPE_STAGES][OFFLOAD_PIPE_TILE_ROWS][OFFLOAD_PIPE_K];
+    unsigned short b[OFFLOAD_PIPE_STAGES][ROWS][OFFLOAD_PIPE_K];
 };
+static_assert(sizeof(OffloadPipeShared<OFFLOAD_PIPE_TALL_TILE_ROWS>) <= 48 * 1024,
+              "static shared memory of one block");
 
 // Offset of element (k, c) in a slot's a, and of (r, k) in its b.
 __device__ __forceinline__ unsigned int offload_pipe_a_at(unsigned int k, unsigned int c) {
@@ -1998,20 +2022,22 @@ __device__ __forceinline__ unsigned int offload_pipe_read_ranks(unsigned int ran
 
 // Issues the copies of the stage at `c` into slot `slot` (every thread its
 // share): A's rows k0 .. k0 + 31, columns tile_col .. tile_col + 127, and
-// B's rows tile_row .. tile_row + 63, ranks k0 .. k0 + 31, zero outside the
-// slice, the rank and W's columns; ranks past the last mma step that reads
-// them (offload_pipe_read_ranks) are not copied at all.
-template <typename P>
-__device__ __forceinline__ void offload_pipe_issue(OffloadPipeShared& sh, unsigned int slot,
+// B's rows tile_row .. tile_row + ROWS - 1, ranks k0 .. k0 + 31, zero
+// outside the slice, the rank and W's columns; ranks past the last mma step
+// that reads them (offload_pipe_read_ranks) are not copied at all.
+template <unsigned int ROWS, typename P>
+__device__ __forceinline__ void offload_pipe_issue(OffloadPipeShared<ROWS>& sh, unsigned int slot,
                                                    const P& p, const OffloadPipeCursor& c,
                                                    unsigned int tile_col, unsigned int tid) {
-    const unsigned int tile_row = c.y * OFFLOAD_PIPE_TILE_ROWS;
+    constexpr unsigned int kThreads = OffloadPipeTile<ROWS>::kThreads;
+    const unsigned int tile_row = c.y * ROWS;
     const unsigned int kn = offload_pipe_read_ranks(c.rank, c.k0);
-    // A: 32 rows x 16 units; thread tid takes units tid and tid + 256.
+    // A: 32 rows x 16 units; thread tid takes units tid, tid + kThreads, ...
+    // (two with 256 threads, one with 512).
     const bool a_vec = c.a_vec;
 #pragma unroll
-    for (unsigned int q = 0; q < 2; ++q) {
-        const unsigned int idx = tid + q * OFFLOAD_PIPE_THREADS;
+    for (unsigned int q = 0; q < OFFLOAD_PIPE_K * 16 / kThreads; ++q) {
+        const unsigned int idx = tid + q * kThreads;
         const unsigned int k = idx / 16;
         const unsigned int u = idx % 16;
         if (k >= kn) {
@@ -2042,7 +2068,7 @@ __device__ __forceinline__ void offload_pipe_issue(OffloadPipeShared& sh, unsign
             *reinterpret_cast<OffloadU32x4*>(dst) = x;
         }
     }
-    // B: 64 rows x 4 units; thread tid takes unit tid % 4 of row tid / 4.
+    // B: ROWS rows x 4 units; thread tid takes unit tid % 4 of row tid / 4.
     {
         const bool b_vec = c.b_vec;
         const unsigned int r = tid / 4;
@@ -2262,14 +2288,14 @@ __device__ __forceinline__ void offload_pipe_store_w(const float (&sum)[2][4][4]
 
 // Prefetches the lines of tile row y of the walk's strip into L2 (rows of
 // the slice only).
-template <typename T>
+template <typename T, unsigned int ROWS>
 __device__ __forceinline__ void offload_pipe_prefetch_w(unsigned long long w, unsigned int rows,
                                                         unsigned int cols, unsigned int row0,
                                                         unsigned int y, unsigned int tile_col,
                                                         unsigned int tid) {
-    // 64 rows of up to 128 * sizeof(T) bytes: thread tid takes 128-byte line
-    // tid % 4 of row tid / 4.
-    const unsigned int r = y * OFFLOAD_PIPE_TILE_ROWS + tid / 4;
+    // ROWS rows of up to 128 * sizeof(T) bytes: thread tid takes 128-byte
+    // line tid % 4 of row tid / 4.
+    const unsigned int r = y * ROWS + tid / 4;
     const unsigned int c = tile_col + (tid % 4) * (128 / sizeof(T));
     if (r < rows && c < cols && (tid % 4) * 128 < OFFLOAD_PIPE_TILE_COLS * sizeof(T)) {
         offload_prefetch_l2(reinterpret_cast<const T*>(w) + (unsigned long long)(row0 + r) * cols + c);
@@ -2341,8 +2367,8 @@ __device__ __forceinline__ void offload_pipe_products(float (&prod)[2][4][4], co
 // issuing the stages two ahead as it goes; prod gets the adapter's
 // product, accumulated in fp32 from 0. Every thread of the block calls it
 // with the same arguments but its own tid.
-template <typename P>
-__device__ __forceinline__ void offload_pipe_adapter(float (&prod)[2][4][4], OffloadPipeShared& sh,
+template <unsigned int ROWS, typename P>
+__device__ __forceinline__ void offload_pipe_adapter(float (&prod)[2][4][4], OffloadPipeShared<ROWS>& sh,
                                                      const P& p, const OffloadLowRankAdapter& ad,
                                                      OffloadPipeState& st, unsigned int n,
                                                      unsigned int step, unsigned int tile_col,
@@ -2368,7 +2394,7 @@ __device__ __forceinline__ void offload_pipe_adapter(float (&prod)[2][4][4], Off
         __syncthreads();
         if (st.issued < st.stages) {
             // The stage two ahead, into the slot read last.
-            offload_pipe_issue(sh, st.issued % OFFLOAD_PIPE_STAGES, p, st.next, tile_col, tid);
+            offload_pipe_issue<ROWS>(sh, st.issued % OFFLOAD_PIPE_STAGES, p, st.next, tile_col, tid);
             ++st.issued;
             st.next.k0 += OFFLOAD_PIPE_K;
             offload_pipe_settle(st.next, p, n, step);
@@ -2386,23 +2412,23 @@ __device__ __forceinline__ void offload_pipe_adapter(float (&prod)[2][4][4], Off
 }
 
 // The merge of one slice by block `block` of the `blocks` that merge it, as
-// offload_lowrank_merge.
-template <typename T, typename P>
+// offload_lowrank_merge, on tiles of ROWS rows (each element's sums are
+// taken in the same order whatever ROWS is, so both give the same bits).
+template <typename T, unsigned int ROWS, typename P>
 __device__ __forceinline__ void offload_lowrank_merge_pipe(const P& p, unsigned int block,
                                                            unsigned int blocks) {
     constexpr unsigned int kMaxAdapters = sizeof(P::adapters) / sizeof(OffloadLowRankAdapter);
-    __shared__ OffloadPipeShared sh;
+    __shared__ OffloadPipeShared<ROWS> sh;
 
     const unsigned int tid = threadIdx.x;
     const unsigned int lane = tid % 32;
     const unsigned int warp = tid / 32;
     const unsigned int g = lane / 4;
     const unsigned int t = lane % 4;
-    // The warp's 32 x 32 part of the tile: 2 warps down, 4 across.
+    // The warp's 32 x 32 part of the tile: ROWS / 32 warps down, 4 across.
     const unsigned int wr = (warp / 4) * 32;
     const unsigned int wc = (warp % 4) * 32;
-    const OffloadLrWalk walk =
-        offload_lr_walk(p.rows, p.cols, block, blocks, OFFLOAD_PIPE_TILE_ROWS);
+    const OffloadLrWalk walk = offload_lr_walk(p.rows, p.cols, block, blocks, ROWS);
     if (walk.y >= walk.tiles_y) {
         return;  // the whole block: no tile for it (the launcher avoids this)
     }
@@ -2434,7 +2460,7 @@ __device__ __forceinline__ void offload_lowrank_merge_pipe(const P& p, unsigned 
 #pragma unroll
     for (int s = 0; s < OFFLOAD_PIPE_STAGES - 1; ++s) {
         if (st.issued < st.stages) {
-            offload_pipe_issue(sh, st.issued % OFFLOAD_PIPE_STAGES, p, st.next, tile_col, tid);
+            offload_pipe_issue<ROWS>(sh, st.issued % OFFLOAD_PIPE_STAGES, p, st.next, tile_col, tid);
             ++st.issued;
             st.next.k0 += OFFLOAD_PIPE_K;
             offload_pipe_settle(st.next, p, n, walk.step);
@@ -2445,11 +2471,11 @@ __device__ __forceinline__ void offload_lowrank_merge_pipe(const P& p, unsigned 
     // Every bound below is the same for all threads of the block, so every
     // thread reaches every barrier and every warp-wide instruction.
     for (unsigned int y = walk.y; y < walk.tiles_y; y += walk.step) {
-        const unsigned int tile_row = y * OFFLOAD_PIPE_TILE_ROWS;
+        const unsigned int tile_row = y * ROWS;
         OffloadPipeW<T> wbits;
         offload_pipe_load_w<T>(wbits, p.w, p.rows, p.cols, p.row0, tile_row, tile_col, wr, wc, g, t);
         if (y + walk.step < walk.tiles_y) {
-            offload_pipe_prefetch_w<T>(p.w, p.rows, p.cols, p.row0, y + walk.step, tile_col, tid);
+            offload_pipe_prefetch_w<T, ROWS>(p.w, p.rows, p.cols, p.row0, y + walk.step, tile_col, tid);
         }
         // The running sum starts at W with the first adapter's scaled
         // product (W's bits are needed only then), then adds the others'.
@@ -2497,44 +2523,90 @@ __device__ __forceinline__ void offload_lowrank_merge_pipe(const P& p, unsigned 
 // Two blocks per SM (at most 128 registers).
 extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_THREADS, 2)
 offload_lowrank_merge_pipe_f32(const OffloadLowRankMergeParams p) {
-    offload_lowrank_merge_pipe<float>(p, blockIdx.x, gridDim.x);
+    offload_lowrank_merge_pipe<float, OFFLOAD_PIPE_TILE_ROWS>(p, blockIdx.x, gridDim.x);
 }
 
 extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_THREADS, 2)
 offload_lowrank_merge_pipe_f16(const OffloadLowRankMergeParams p) {
-    offload_lowrank_merge_pipe<__half>(p, blockIdx.x, gridDim.x);
+    offload_lowrank_merge_pipe<__half, OFFLOAD_PIPE_TILE_ROWS>(p, blockIdx.x, gridDim.x);
 }
 
 extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_THREADS, 2)
 offload_lowrank_merge_pipe_bf16(const OffloadLowRankMergeParams p) {
-    offload_lowrank_merge_pipe<__nv_bfloat16>(p, blockIdx.x, gridDim.x);
+    offload_lowrank_merge_pipe<__nv_bfloat16, OFFLOAD_PIPE_TILE_ROWS>(p, blockIdx.x, gridDim.x);
 }
 
 // Batched, as offload_lowrank_merge_batch.
-template <typename T>
+template <typename T, unsigned int ROWS>
 __device__ __forceinline__ void offload_lowrank_merge_pipe_batch(
     const OffloadLowRankBatchParams& p) {
     unsigned int j;
     if (!offload_batch_job(p, blockIdx.x, j)) {
         return;  // past the last job's blocks
     }
-    offload_lowrank_merge_pipe<T>(p.jobs[j], blockIdx.x - p.first_block[j],
-                                  p.first_block[j + 1] - p.first_block[j]);
+    offload_lowrank_merge_pipe<T, ROWS>(p.jobs[j], blockIdx.x - p.first_block[j],
+                                        p.first_block[j + 1] - p.first_block[j]);
 }
 
 extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_THREADS, 2)
 offload_lowrank_merge_pipe_batch_f32(const OffloadLowRankBatchParams p) {
-    offload_lowrank_merge_pipe_batch<float>(p);
+    offload_lowrank_merge_pipe_batch<float, OFFLOAD_PIPE_TILE_ROWS>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_THREADS, 2)
 offload_lowrank_merge_pipe_batch_f16(const OffloadLowRankBatchParams p) {
-    offload_lowrank_merge_pipe_batch<__half>(p);
+    offload_lowrank_merge_pipe_batch<__half, OFFLOAD_PIPE_TILE_ROWS>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_THREADS, 2)
 offload_lowrank_merge_pipe_batch_bf16(const OffloadLowRankBatchParams p) {
-    offload_lowrank_merge_pipe_batch<__nv_bfloat16>(p);
+    offload_lowrank_merge_pipe_batch<__nv_bfloat16, OFFLOAD_PIPE_TILE_ROWS>(p);
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 2c: kernel 2b on 128 x 128 tiles (offload_lowrank_merge_pipe_tall_*,
+// and batched offload_lowrank_merge_pipe_tall_batch_*), sixteen warps as
+// 4 x 4, one block per SM (at most 128 registers, 48 KiB of shared memory).
+//
+// Kernel 2b copies a stage's chunk of A (the down factors of its tile's 128
+// columns) once per 64-row tile, so a column strip's A is read from L2 once
+// for every 64 rows of W: on the default W [1280, 5120] with four rank-128
+// adapters that is 105 of the 157 MB a merge moves from L2 into the SMs
+// (B: 52), against 26 MB of W from memory. Tiles of 128 rows read each
+// chunk of A once for twice the rows (A 52 MB, B 52 MB), the same warps an
+// SM (one block of 16 instead of two of 8), each warp's part and code
+// unchanged, so the same bits as kernel 2b. The costs: a barrier a stage
+// holds 16 warps rather than 8, and grids are coarser (a block per 128
+// rows of a strip).
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_TALL_THREADS, 1)
+offload_lowrank_merge_pipe_tall_f32(const OffloadLowRankMergeParams p) {
+    offload_lowrank_merge_pipe<float, OFFLOAD_PIPE_TALL_TILE_ROWS>(p, blockIdx.x, gridDim.x);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_TALL_THREADS, 1)
+offload_lowrank_merge_pipe_tall_f16(const OffloadLowRankMergeParams p) {
+    offload_lowrank_merge_pipe<__half, OFFLOAD_PIPE_TALL_TILE_ROWS>(p, blockIdx.x, gridDim.x);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_TALL_THREADS, 1)
+offload_lowrank_merge_pipe_tall_bf16(const OffloadLowRankMergeParams p) {
+    offload_lowrank_merge_pipe<__nv_bfloat16, OFFLOAD_PIPE_TALL_TILE_ROWS>(p, blockIdx.x, gridDim.x);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_TALL_THREADS, 1)
+offload_lowrank_merge_pipe_tall_batch_f32(const OffloadLowRankBatchParams p) {
+    offload_lowrank_merge_pipe_batch<float, OFFLOAD_PIPE_TALL_TILE_ROWS>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_TALL_THREADS, 1)
+offload_lowrank_merge_pipe_tall_batch_f16(const OffloadLowRankBatchParams p) {
+    offload_lowrank_merge_pipe_batch<__half, OFFLOAD_PIPE_TALL_TILE_ROWS>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(OFFLOAD_PIPE_TALL_THREADS, 1)
+offload_lowrank_merge_pipe_tall_batch_bf16(const OffloadLowRankBatchParams p) {
+    offload_lowrank_merge_pipe_batch<__nv_bfloat16, OFFLOAD_PIPE_TALL_TILE_ROWS>(p);
 }
 
 // ---------------------------------------------------------------------------

@@ -31,7 +31,13 @@
 //!   every rank and stack measured (docs/benchmarks.md;
 //!   [`LowRankMergeParams::pipelined_tensor_cores`] says when to take it);
 //!   a device opened with `OFFLOAD_MERGE_KERNEL=tensor-cores` takes the
-//!   other one instead, with its own rule.
+//!   other one instead, with its own rule. Its form on 128 × 128 tiles
+//!   ([`lowrank_merge_pipe_tall_entry`],
+//!   [`LowRankMergeParams::pipe_tall_launch_dims`]: sixteen warps, one
+//!   block per SM) reads each chunk of the down factors once per 128 rows
+//!   of W instead of 64, and gives the same bits; a device opened with
+//!   `OFFLOAD_PIPE_ROWS=128` takes it in the 64-row form's place. Not yet
+//!   timed on a GPU.
 //! - **low-rank, streaming fp32 FMA** ([`StreamKernel`], the same
 //!   parameters, [`LowRankMergeParams::stream_launch_dims`]): for stacks
 //!   whose ranks add up to at most 8 or 32 ([`LowRankMergeParams::stream_kernel`]),
@@ -84,7 +90,9 @@
 //! and sm_90): fp32 FMA 80 registers, 12 bytes of spills for 16-bit W and 44
 //! for f32; tensor cores 120 registers for 16-bit W and 128 for f32, no
 //! spills. The pipelined kernel (same NVRTC, sm_80 and sm_90): 114 to 125
-//! registers, no spills, 36 KiB of static shared memory a block.
+//! registers, no spills, 36 KiB of static shared memory a block; on
+//! 128-row tiles (NVRTC 13.5, sm_90) 120 to 127 registers, no spills,
+//! 48 KiB.
 //!
 //! What has been checked besides: g++ compiles the source against stand-in
 //! headers and runs it on the CPU (one OS thread per CUDA thread, a barrier
@@ -129,9 +137,10 @@ use crate::dtype::Dtype;
 use crate::error::KernelError;
 use crate::merge::{Delta, Factor, KronFactor, MergeSpec};
 
-/// CUDA C source of the merge kernels (one translation unit, twenty-one
+/// CUDA C source of the merge kernels (one translation unit, thirty-six
 /// `extern "C"` entry points; see [`lowrank_merge_entry`],
 /// [`lowrank_merge_mma_entry`], [`lowrank_merge_pipe_entry`],
+/// [`lowrank_merge_pipe_tall_entry`], [`StreamKernel::entry`],
 /// [`lowrank_merge_batch_entry`], [`lowrank_merge_mma_batch_entry`],
 /// [`lowrank_merge_pipe_batch_entry`] and [`merge_entry`]).
 pub const LOWRANK_MERGE_SRC: &str = include_str!("lowrank_merge.cu");
@@ -236,6 +245,45 @@ pub const fn lowrank_merge_pipe_batch_entry(dtype: Dtype) -> &'static str {
         Dtype::F32 => LOWRANK_MERGE_PIPE_BATCH_F32,
         Dtype::F16 => LOWRANK_MERGE_PIPE_BATCH_F16,
         Dtype::BF16 => LOWRANK_MERGE_PIPE_BATCH_BF16,
+    }
+}
+
+/// Pipelined tensor-core entry point on 128-row tiles (kernel 2c) for f32
+/// weights.
+pub const LOWRANK_MERGE_PIPE_TALL_F32: &str = "offload_lowrank_merge_pipe_tall_f32";
+/// Pipelined tensor-core entry point on 128-row tiles for f16 weights.
+pub const LOWRANK_MERGE_PIPE_TALL_F16: &str = "offload_lowrank_merge_pipe_tall_f16";
+/// Pipelined tensor-core entry point on 128-row tiles for bf16 weights.
+pub const LOWRANK_MERGE_PIPE_TALL_BF16: &str = "offload_lowrank_merge_pipe_tall_bf16";
+
+/// The pipelined tensor-core entry point on 128-row tiles that merges into
+/// a weight of `dtype`: the same parameters, operands and results, bit for
+/// bit, as [`lowrank_merge_pipe_entry`], with block [`PIPE_TALL_BLOCK_DIM`]
+/// and grid [`LowRankMergeParams::pipe_tall_launch_dims`]. Each chunk of
+/// the down factors is read once per 128 rows of W rather than per 64.
+pub const fn lowrank_merge_pipe_tall_entry(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => LOWRANK_MERGE_PIPE_TALL_F32,
+        Dtype::F16 => LOWRANK_MERGE_PIPE_TALL_F16,
+        Dtype::BF16 => LOWRANK_MERGE_PIPE_TALL_BF16,
+    }
+}
+
+/// Batched pipelined tensor-core entry point on 128-row tiles for f32 weights.
+pub const LOWRANK_MERGE_PIPE_TALL_BATCH_F32: &str = "offload_lowrank_merge_pipe_tall_batch_f32";
+/// Batched pipelined tensor-core entry point on 128-row tiles for f16 weights.
+pub const LOWRANK_MERGE_PIPE_TALL_BATCH_F16: &str = "offload_lowrank_merge_pipe_tall_batch_f16";
+/// Batched pipelined tensor-core entry point on 128-row tiles for bf16 weights.
+pub const LOWRANK_MERGE_PIPE_TALL_BATCH_BF16: &str = "offload_lowrank_merge_pipe_tall_batch_bf16";
+
+/// The batched form of [`lowrank_merge_pipe_tall_entry`]
+/// ([`LowRankBatchParams`], block [`PIPE_TALL_BLOCK_DIM`]; each job given
+/// the blocks of [`LowRankMergeParams::pipe_tall_launch_dims`]).
+pub const fn lowrank_merge_pipe_tall_batch_entry(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => LOWRANK_MERGE_PIPE_TALL_BATCH_F32,
+        Dtype::F16 => LOWRANK_MERGE_PIPE_TALL_BATCH_F16,
+        Dtype::BF16 => LOWRANK_MERGE_PIPE_TALL_BATCH_BF16,
     }
 }
 
@@ -380,6 +428,15 @@ pub const PIPE_BLOCKS_PER_SM: u32 = 2;
 /// Threads per block of the pipelined tensor-core kernel, `(x, y, z)`:
 /// eight warps, each a 32 × 32 part of a 64 × 128 tile.
 pub const PIPE_BLOCK_DIM: (u32, u32, u32) = (256, 1, 1);
+/// Rows of one tile of the pipelined tensor-core kernel on 128-row tiles
+/// ([`lowrank_merge_pipe_tall_entry`]; columns: [`LOWRANK_TILE_COLS`]).
+pub const PIPE_TALL_TILE_ROWS: u32 = 128;
+/// Resident blocks per SM of the pipelined kernel on 128-row tiles (its
+/// launch bounds; 48 KiB of shared memory and 512 threads each).
+pub const PIPE_TALL_BLOCKS_PER_SM: u32 = 1;
+/// Threads per block of the pipelined kernel on 128-row tiles, `(x, y, z)`:
+/// sixteen warps, each a 32 × 32 part of a 128 × 128 tile.
+pub const PIPE_TALL_BLOCK_DIM: (u32, u32, u32) = (512, 1, 1);
 /// Threads per block of the streaming kernels ([`StreamKernel`]): eight
 /// warps, each walking groups of rows of the block's column strip.
 pub const STREAM_BLOCK_DIM: (u32, u32, u32) = (256, 1, 1);
@@ -702,6 +759,24 @@ impl LowRankMergeParams {
                 PIPE_TILE_ROWS,
             ),
             PIPE_BLOCK_DIM,
+        )
+    }
+
+    /// Grid and block dimensions for a launch of the pipelined tensor-core
+    /// kernel on 128-row tiles ([`lowrank_merge_pipe_tall_entry`]) with
+    /// these parameters on a GPU of `multiprocessors` SMs: whole blocks per
+    /// column strip of [`PIPE_TALL_TILE_ROWS`] × [`LOWRANK_TILE_COLS`]
+    /// tiles, one per SM ([`PIPE_TALL_BLOCKS_PER_SM`]), at most one per tile.
+    pub fn pipe_tall_launch_dims(&self, multiprocessors: u32) -> LaunchDims {
+        (
+            lowrank_grid(
+                self.rows,
+                self.cols,
+                multiprocessors,
+                PIPE_TALL_BLOCKS_PER_SM,
+                PIPE_TALL_TILE_ROWS,
+            ),
+            PIPE_TALL_BLOCK_DIM,
         )
     }
 
@@ -1094,6 +1169,11 @@ mod tests {
                     "{entry}"
                 );
             }
+            let cu_type = match dtype {
+                Dtype::F32 => "float",
+                Dtype::F16 => "__half",
+                Dtype::BF16 => "__nv_bfloat16",
+            };
             // The streaming kernels.
             for k in [
                 StreamKernel::Ranks8,
@@ -1107,11 +1187,6 @@ mod tests {
                     )),
                     "{entry}"
                 );
-                let cu_type = match dtype {
-                    Dtype::F32 => "float",
-                    Dtype::F16 => "__half",
-                    Dtype::BF16 => "__nv_bfloat16",
-                };
                 // The template arguments: columns per lane, rows a group
                 // (for 16-bit W), the most ranks.
                 let rows16 = k.group_rows(Dtype::F16);
@@ -1141,19 +1216,49 @@ mod tests {
                     "{entry}: template arguments"
                 );
             }
-            // The pipelined kernel, alone and batched.
-            for (entry, params) in [
-                (lowrank_merge_pipe_entry(dtype), "OffloadLowRankMergeParams"),
+            // The pipelined kernel on both tile heights, alone and batched.
+            for (entry, params, threads, per_sm, rows) in [
+                (
+                    lowrank_merge_pipe_entry(dtype),
+                    "OffloadLowRankMergeParams",
+                    "OFFLOAD_PIPE_THREADS",
+                    PIPE_BLOCKS_PER_SM,
+                    "OFFLOAD_PIPE_TILE_ROWS",
+                ),
                 (
                     lowrank_merge_pipe_batch_entry(dtype),
                     "OffloadLowRankBatchParams",
+                    "OFFLOAD_PIPE_THREADS",
+                    PIPE_BLOCKS_PER_SM,
+                    "OFFLOAD_PIPE_TILE_ROWS",
+                ),
+                (
+                    lowrank_merge_pipe_tall_entry(dtype),
+                    "OffloadLowRankMergeParams",
+                    "OFFLOAD_PIPE_TALL_THREADS",
+                    PIPE_TALL_BLOCKS_PER_SM,
+                    "OFFLOAD_PIPE_TALL_TILE_ROWS",
+                ),
+                (
+                    lowrank_merge_pipe_tall_batch_entry(dtype),
+                    "OffloadLowRankBatchParams",
+                    "OFFLOAD_PIPE_TALL_THREADS",
+                    PIPE_TALL_BLOCKS_PER_SM,
+                    "OFFLOAD_PIPE_TALL_TILE_ROWS",
                 ),
             ] {
+                let head = format!(
+                    "extern \"C\" __global__ void __launch_bounds__({threads}, {per_sm})\n{entry}(const {params} p) {{\n"
+                );
+                let at = LOWRANK_MERGE_SRC
+                    .find(&head)
+                    .unwrap_or_else(|| panic!("{entry}: declaration"));
+                // The body's tile height and W type.
+                let body = &LOWRANK_MERGE_SRC[at + head.len()..];
+                let body = &body[..body.find('}').unwrap()];
                 assert!(
-                    LOWRANK_MERGE_SRC.contains(&format!(
-                        "extern \"C\" __global__ void __launch_bounds__(OFFLOAD_PIPE_THREADS, {PIPE_BLOCKS_PER_SM})\n{entry}(const {params} p)"
-                    )),
-                    "{entry}"
+                    body.contains(&format!("<{cu_type}, {rows}>(p")),
+                    "{entry}: template arguments: {body}"
                 );
             }
         }
@@ -1173,6 +1278,8 @@ mod tests {
             ("OFFLOAD_LR_K", FMA_MAX_RANK),
             ("OFFLOAD_PIPE_TILE_ROWS", PIPE_TILE_ROWS),
             ("OFFLOAD_PIPE_THREADS", PIPE_BLOCK_DIM.0),
+            ("OFFLOAD_PIPE_TALL_TILE_ROWS", PIPE_TALL_TILE_ROWS),
+            ("OFFLOAD_PIPE_TALL_THREADS", PIPE_TALL_BLOCK_DIM.0),
             ("OFFLOAD_ST_THREADS", STREAM_BLOCK_DIM.0),
         ];
         for (name, value) in defines {
@@ -1243,6 +1350,9 @@ mod tests {
         // The pipelined kernel: three 64-row tiles, two blocks per SM.
         assert_eq!(p.pipe_launch_dims(132), ((3, 1, 1), (256, 1, 1)));
         assert_eq!(p.pipe_launch_dims(1), ((2, 1, 1), (256, 1, 1)));
+        // On 128-row tiles: two tiles, one block per SM.
+        assert_eq!(p.pipe_tall_launch_dims(132), ((2, 1, 1), (512, 1, 1)));
+        assert_eq!(p.pipe_tall_launch_dims(1), ((1, 1, 1), (512, 1, 1)));
         // The streaming kernels: 70 columns are one strip of 256 (two of
         // 64); 130 rows are 65 groups of 2 (at most 9 blocks of 8 warps),
         // or 17 of 8 (3 blocks a strip).

@@ -6,14 +6,19 @@
 //   bound = |W| + sum |s| |Delta| (each product of factors taken in absolute
 //   values), never NaN; rows outside the slice bit-identical.
 //
-// Ten groups of random cases (usage: emulate [cases] [all|batch|pipe|stream],
-// default 20 all; "batch" runs the three batched groups only, "pipe" the two
+// Twelve groups of random cases (usage: emulate [cases] [all|batch|pipe|stream],
+// default 20 all; "batch" runs the four batched groups only, "pipe" the four
 // of the pipelined kernel, "stream" the three streaming ones):
 //   lowrank: the fp32 FMA low-rank kernel; 1 to 4 adapters, ranks 1 to 70,
 //            every dtype for W and each factor.
 //   mma:     the tensor-core low-rank kernel; both factors of an adapter f16
 //            or both bf16, ranks 1 to 150, 1 to 8 adapters. The warp-wide
 //            mma.m16n8k16 is emulated from PTX's fragment layout (below).
+//   pipe, pipe-tall: the pipelined tensor-core kernel on 64-row tiles
+//            (kernel 2b) and on 128-row tiles (kernel 2c); as mma, with
+//            most cases on its cp.async path, W off a 16-byte boundary in
+//            every fourth case, and adapters of rank 0. Each pipe-tall
+//            result must also be bit for bit kernel 2b's on the same merge.
 //   stream8, stream32: the streaming fp32 FMA kernels (kernel 1b); ranks
 //            adding up to at most 8 or 32, any dtypes (see stream_cases).
 //   stream8s: kernel 1c, the ranks-8 one with the down factors in shared
@@ -24,7 +29,8 @@
 //            launch, 1 to 6 adapters (one case with the most a launch takes),
 //            random factor dtypes, LoKr shapes from random divisors of the
 //            slice's rows and columns. Twice as many cases as the others.
-//   batch, batch-mma: the batched low-rank kernels (fp32 FMA, tensor cores);
+//   batch, batch-mma, batch-pipe, batch-pipe-tall: the batched low-rank
+//            kernels (fp32 FMA, tensor cores, pipelined on both tile heights);
 //            4 to 6 tensors ("jobs") per launch of different shapes and row
 //            slices, 1 to 4 adapters each (one case with the most jobs a
 //            launch takes, one job with the most adapters), each job its own
@@ -70,7 +76,7 @@ std::barrier<>* emu_barrier;
 // computes its four elements of D = A B + C (fp32 FMA, in k order), and the
 // warp waits again before the exchange can be reused.
 
-constexpr unsigned kMaxWarps = 8;
+constexpr unsigned kMaxWarps = 16;
 thread_local unsigned emu_warp, emu_lane;
 struct WarpExchange {
     unsigned a[32][4];
@@ -285,11 +291,11 @@ static void launch(void (*kernel)(const P), const P& p, unsigned bdx, unsigned b
 // the whole multiple must merge nothing.
 template <typename P>
 static void launch_lowrank(void (*kernel)(const P), const P& p, unsigned per_strip, unsigned extra,
-                           unsigned tile_rows) {
+                           unsigned tile_rows, unsigned threads = OFFLOAD_LR_THREADS) {
     const unsigned tiles_x = (p.cols + OFFLOAD_LR_TILE_COLS - 1) / OFFLOAD_LR_TILE_COLS;
     const unsigned tiles_y = (p.rows + tile_rows - 1) / tile_rows;
     per_strip = std::max(1u, std::min(per_strip, tiles_y));
-    launch_grid(kernel, p, OFFLOAD_LR_THREADS, 1, tiles_x * per_strip + extra, 1);
+    launch_grid(kernel, p, threads, 1, tiles_x * per_strip + extra, 1);
 }
 
 static double decode(unsigned dt, const void* base, size_t i) {
@@ -464,14 +470,20 @@ static T pick(unsigned dt, T f32, T f16, T bf16) {
 }
 
 // The low-rank kernels: fp32 FMA (any factor dtypes), and the tensor-core
-// ones (both factors of an adapter f16 or both bf16), kernel 2 and the
-// pipelined kernel 2b.
-enum Kind { FMA, MMA, PIPE };
+// ones (both factors of an adapter f16 or both bf16), kernel 2, the
+// pipelined kernel 2b and its 128-row form, kernel 2c (PIPE_TALL).
+enum Kind { FMA, MMA, PIPE, PIPE_TALL };
 static const char* kind_name(Kind k, bool batch) {
-    if (batch) return k == FMA ? "batch" : k == MMA ? "batch-mma" : "batch-pipe";
-    return k == FMA ? "lowrank" : k == MMA ? "mma" : "pipe";
+    if (batch) return k == FMA ? "batch" : k == MMA ? "batch-mma" : k == PIPE ? "batch-pipe" : "batch-pipe-tall";
+    return k == FMA ? "lowrank" : k == MMA ? "mma" : k == PIPE ? "pipe" : "pipe-tall";
 }
-static unsigned kind_tile_rows(Kind k) { return k == PIPE ? OFFLOAD_PIPE_TILE_ROWS : OFFLOAD_LR_TILE_ROWS; }
+static bool is_pipe(Kind k) { return k == PIPE || k == PIPE_TALL; }
+static unsigned kind_tile_rows(Kind k) {
+    return k == PIPE ? OFFLOAD_PIPE_TILE_ROWS : k == PIPE_TALL ? OFFLOAD_PIPE_TALL_TILE_ROWS : OFFLOAD_LR_TILE_ROWS;
+}
+static unsigned kind_threads(Kind k) {
+    return k == PIPE ? OFFLOAD_PIPE_THREADS : k == PIPE_TALL ? OFFLOAD_PIPE_TALL_THREADS : OFFLOAD_LR_THREADS;
+}
 
 // For the pipelined kernel, most cases take its copy path (ranks and
 // column counts multiples of 8, factors 16-byte aligned); the others, and
@@ -489,7 +501,7 @@ static OffloadLowRankAdapter rand_adapter(Kind kind, unsigned n, unsigned rank, 
     const bool mma = kind != FMA;
     const unsigned udt = mma ? 1 + rng() % 2 : rng() % 3;
     const unsigned ddt = mma ? udt : rng() % 3;
-    const bool misaligned = kind == PIPE && rng() % 8 == 0;
+    const bool misaligned = is_pipe(kind) && rng() % 8 == 0;
     store.push_back(rand_mat(n, rank, udt, misaligned));
     store.push_back(rand_mat(rank, cols, ddt, misaligned && rng() % 2 == 0));
     const Mat& up = store[store.size() - 2];
@@ -542,7 +554,7 @@ static long lowrank_cases(int cases, Kind kind) {
             r0 = 3;
             n = 140;
         }
-        if (kind == PIPE && rng() % 3 != 0) cols = 8 * ((cols + 7) / 8);
+        if (is_pipe(kind) && rng() % 3 != 0) cols = 8 * ((cols + 7) / 8);
         // Every sixth case: small ranks that add up to at most 32 (A staged
         // once per block and kept while the block walks its strip).
         const bool small_ranks = c % 6 == 5;
@@ -559,11 +571,11 @@ static long lowrank_cases(int cases, Kind kind) {
         store.reserve(2 * p.num_adapters);
         for (unsigned a = 0; a < p.num_adapters; ++a) {
             unsigned rank = mma ? 1 + rng() % 150 : 1 + rng() % 70;
-            if (kind == PIPE) rank = pipe_rank(rank);
+            if (is_pipe(kind)) rank = pipe_rank(rank);
             // Now and then an adapter of rank 0, the first one included: it
             // adds nothing (and a launch whose adapters all have rank 0
             // leaves W as it is).
-            if (kind == PIPE && rng() % 6 == 0) rank = 0;
+            if (is_pipe(kind) && rng() % 6 == 0) rank = 0;
             if (c == 1) rank = 64;
             if (small_ranks) rank = 1 + rng() % 8;
             std::vector<double> d, da;
@@ -584,14 +596,35 @@ static long lowrank_cases(int cases, Kind kind) {
             launch_lowrank(pick(W.dt, offload_lowrank_merge_mma_f32, offload_lowrank_merge_mma_f16,
                                 offload_lowrank_merge_mma_bf16),
                            p, per_strip, extra, tile_rows);
-        } else if (kind == PIPE) {
+        } else if (is_pipe(kind)) {
             // Every fourth case: W off a 16-byte boundary.
             ShiftedW shifted;
             if (c % 4 == 3) shifted.shift(W, p);
-            launch_lowrank(pick(W.dt, offload_lowrank_merge_pipe_f32, offload_lowrank_merge_pipe_f16,
-                                offload_lowrank_merge_pipe_bf16),
-                           p, per_strip, extra, tile_rows);
+            auto pipe = pick(W.dt, offload_lowrank_merge_pipe_f32, offload_lowrank_merge_pipe_f16,
+                             offload_lowrank_merge_pipe_bf16);
+            auto tall = pick(W.dt, offload_lowrank_merge_pipe_tall_f32, offload_lowrank_merge_pipe_tall_f16,
+                             offload_lowrank_merge_pipe_tall_bf16);
+            launch_lowrank(kind == PIPE ? pipe : tall, p, per_strip, extra, tile_rows, kind_threads(kind));
             shifted.restore(W);
+            if (kind == PIPE_TALL) {
+                // The same merge on kernel 2b (64-row tiles, its own blocks),
+                // from the same bytes at the same alignment: each element's
+                // sums in the same order, so the same bits.
+                const std::vector<unsigned char> got = W.w;
+                std::memcpy(W.w.data(), W.w0.data(), W.w.size());
+                if (shifted.off != 0) {
+                    std::memcpy(shifted.bytes.data() + shifted.off, W.w0.data(), W.w.size());
+                } else {
+                    p.w = (unsigned long long)W.w.data();
+                }
+                launch_lowrank(pipe, p, per_strip, extra, OFFLOAD_PIPE_TILE_ROWS, OFFLOAD_PIPE_THREADS);
+                shifted.restore(W);
+                if (std::memcmp(W.w.data(), got.data(), got.size()) != 0) {
+                    std::printf("%s case %d: not bit-identical to pipe on the same merge\n", group, c);
+                    ++failures;
+                }
+                std::memcpy(W.w.data(), got.data(), got.size());
+            }
         } else {
             launch_lowrank(
                 pick(W.dt, offload_lowrank_merge_f32, offload_lowrank_merge_f16, offload_lowrank_merge_bf16), p,
@@ -749,7 +782,10 @@ static long batch_cases(int cases, Kind kind) {
         // The first case: the most jobs a launch takes, small ones.
         const bool full = c == 0;
         const unsigned num_jobs = full ? OFFLOAD_BATCH_MAX_JOBS : 4 + rng() % 3;
-        const unsigned wdt = rng() % 3;  // one W dtype per launch
+        // One W dtype per launch, f32, f16 and bf16 in turn (so that a run of
+        // two cases has f32, where a sum's order shows in every bit, and a
+        // 16-bit type).
+        const unsigned wdt = c % 3;
         std::vector<BatchBuffer> bufs;
         std::vector<BatchJob> jobs;
         bufs.reserve(num_jobs);
@@ -777,10 +813,14 @@ static long batch_cases(int cases, Kind kind) {
         // a job takes. The second: three column strips and four tiles down,
         // a block per tile (more blocks than most jobs).
         auto pipe_cols = [&](unsigned cols) {
-            return kind == PIPE && rng() % 3 != 0 ? 8 * ((cols + 7) / 8) : cols;
+            return is_pipe(kind) && rng() % 3 != 0 ? 8 * ((cols + 7) / 8) : cols;
         };
-        add_job(add_buffer(75, pipe_cols(1 + rng() % (full ? 140 : 300))), 5, 65 + rng() % 5);
-        add_job(add_buffer(130, pipe_cols(300 + rng() % 60)), 2, 120);
+        // For 128-row tiles, twice as many rows (so that they are more than
+        // one tile down there too).
+        const unsigned tall = kind == PIPE_TALL ? 2 : 1;
+        add_job(add_buffer(75 * tall, pipe_cols(1 + rng() % (full ? 140 : 300))), 5 * tall,
+                (65 + rng() % 5) * tall);
+        add_job(add_buffer(130 * tall, pipe_cols(300 + rng() % 60)), 2 * tall, 120 * tall);
         while (jobs.size() < num_jobs) {
             const unsigned left = num_jobs - (unsigned)jobs.size();
             const unsigned k = std::min<unsigned>(left, bufs.size() == 2 ? 2 + rng() % 2 : 1 + rng() % 3);
@@ -844,8 +884,8 @@ static long batch_cases(int cases, Kind kind) {
             for (unsigned a = 0; a < job.num_adapters; ++a) {
                 // Small ranks in every third job (A kept across tiles).
                 unsigned rank = j % 3 == 2 ? 1 + rng() % 8 : 1 + rng() % (mma ? 100 : 70);
-                if (kind == PIPE) rank = pipe_rank(rank);
-                if (kind == PIPE && rng() % 6 == 0) rank = 0;
+                if (is_pipe(kind)) rank = pipe_rank(rank);
+                if (is_pipe(kind) && rng() % 6 == 0) rank = 0;
                 std::vector<double> d, da;
                 job.adapters[a] = rand_adapter(kind, n, rank, cols, store, d, da);
                 const float scale = job.adapters[a].scale;
@@ -881,6 +921,10 @@ static long batch_cases(int cases, Kind kind) {
             launch_grid(pick(wdt, offload_lowrank_merge_pipe_batch_f32, offload_lowrank_merge_pipe_batch_f16,
                              offload_lowrank_merge_pipe_batch_bf16),
                         p, OFFLOAD_PIPE_THREADS, 1, next_block + after, 1);
+        } else if (kind == PIPE_TALL) {
+            launch_grid(pick(wdt, offload_lowrank_merge_pipe_tall_batch_f32, offload_lowrank_merge_pipe_tall_batch_f16,
+                             offload_lowrank_merge_pipe_tall_batch_bf16),
+                        p, OFFLOAD_PIPE_TALL_THREADS, 1, next_block + after, 1);
         } else {
             launch_grid(pick(wdt, offload_lowrank_merge_batch_f32, offload_lowrank_merge_batch_f16,
                              offload_lowrank_merge_batch_bf16),
@@ -911,6 +955,10 @@ static long batch_cases(int cases, Kind kind) {
                 launch_grid(pick(wdt, offload_lowrank_merge_pipe_f32, offload_lowrank_merge_pipe_f16,
                                  offload_lowrank_merge_pipe_bf16),
                             q, OFFLOAD_PIPE_THREADS, 1, J.blocks, 1);
+            } else if (kind == PIPE_TALL) {
+                launch_grid(pick(wdt, offload_lowrank_merge_pipe_tall_f32, offload_lowrank_merge_pipe_tall_f16,
+                                 offload_lowrank_merge_pipe_tall_bf16),
+                            q, OFFLOAD_PIPE_TALL_THREADS, 1, J.blocks, 1);
             } else {
                 launch_grid(
                     pick(wdt, offload_lowrank_merge_f32, offload_lowrank_merge_f16, offload_lowrank_merge_bf16), q,
@@ -1081,14 +1129,17 @@ int main(int argc, char** argv) {
     }
     if (pipe_only) {
         failures += lowrank_cases(cases, PIPE);
+        failures += lowrank_cases(cases, PIPE_TALL);
         failures += batch_cases(batch, PIPE);
-        std::printf("all: %d cases, %ld failures\n", cases + batch, failures);
+        failures += batch_cases(batch, PIPE_TALL);
+        std::printf("all: %d cases, %ld failures\n", 2 * (cases + batch), failures);
         return failures == 0 ? 0 : 1;
     }
     if (!batch_only) {
         failures += lowrank_cases(cases, FMA);
         failures += lowrank_cases(cases, MMA);
         failures += lowrank_cases(cases, PIPE);
+        failures += lowrank_cases(cases, PIPE_TALL);
         long mmas = 0;
         for (long m : emu_mma_count) mmas += m;
         std::printf("mma: %ld warp-wide mma.m16n8k16 emulated\n", mmas);
@@ -1096,12 +1147,13 @@ int main(int argc, char** argv) {
         failures += stream_cases(cases, 8);
         failures += stream_cases(cases, 32);
         failures += stream_cases(cases, 8, true);
-        total += 8 * cases;
+        total += 9 * cases;
     }
     failures += batch_cases(batch, FMA);
     failures += batch_cases(batch, MMA);
     failures += batch_cases(batch, PIPE);
-    total += 3 * batch;
+    failures += batch_cases(batch, PIPE_TALL);
+    total += 4 * batch;
     std::printf("all: %d cases, %ld failures\n", total, failures);
     return failures == 0 ? 0 : 1;
 }
