@@ -1189,6 +1189,9 @@ mod gpu {
                     let kernel_name = match ran_on {
                         LowRankKernel::Auto | LowRankKernel::Fma => "fp32 FMA",
                         LowRankKernel::TensorCores => "tensor cores",
+                        LowRankKernel::Pipelined if d.pipe_tall() => {
+                            "pipelined tensor cores, 128-row tiles"
+                        }
                         LowRankKernel::Pipelined => "pipelined tensor cores",
                         LowRankKernel::Streaming if d.stream8_shared() && rank * count <= 8 => {
                             "streaming fp32 FMA, shared down factors"

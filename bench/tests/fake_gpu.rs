@@ -376,6 +376,56 @@ fn e2e_lora_on_cuda() {
     same_as_host(&rows, &args, "lora", &[]);
 }
 
+/// Fuse-on-upload with the pipelined merges on 128-row tiles
+/// (`OFFLOAD_PIPE_ROWS=128`): the device line says so, every pipelined
+/// launch (one batched launch a layer) is on 128-row tiles, the merged
+/// weights pass the read-back check, and the run moves, allocates, merges
+/// and peaks exactly as on the host backend. Any other value is refused.
+#[test]
+fn e2e_lora_on_cuda_with_128_row_merge_tiles() {
+    let args = [
+        "--mode",
+        "sequential",
+        "--device-mem",
+        "36MiB",
+        "--lora-modes",
+        "fuse-on-upload",
+    ];
+    let fake = FakeLibs::new("pipe-tall");
+    let (stdout, rows) = e2e_rows_env(
+        &args,
+        Some(&fake),
+        "pipe-tall",
+        &[("OFFLOAD_PIPE_ROWS", "128")],
+    );
+    assert!(
+        stdout.contains("pipelined tensor-core merges on 128-row tiles (OFFLOAD_PIPE_ROWS=128)"),
+        "{stdout}"
+    );
+    let fused = rows
+        .iter()
+        .find(|r| r["mode"] == "sequential" && r["lora_mode"] == "fuse-on-upload")
+        .unwrap_or_else(|| panic!("{rows:?}"));
+    assert!(fused["error"].is_null(), "{fused}");
+    assert_eq!(fused["lora_check"]["passed"], true, "{fused}");
+    let count = |k: &str| fused["device_counts"][k].as_u64().unwrap_or(0);
+    let tall = count("merges_pipelined_tall");
+    assert!(tall > 0, "{fused}");
+    assert_eq!(
+        tall,
+        count("merges_pipelined") + count("merges_pipelined_batched"),
+        "{fused}"
+    );
+    same_as_host(&rows, &args, "pipe-tall", &[]);
+    let bad = offload(&["device"], None, &[("OFFLOAD_PIPE_ROWS", "256")]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success()
+            && stderr.contains("OFFLOAD_PIPE_ROWS=\"256\": expected `64` or `128`"),
+        "{stderr}"
+    );
+}
+
 fn h2d(extra: &[&str], fake: &FakeLibs) -> Value {
     h2d_env(extra, fake, &[])
 }

@@ -59,6 +59,8 @@ pub(crate) enum Body {
     Fma,
     Mma,
     Pipe,
+    /// The pipelined one on 128-row tiles.
+    PipeTall,
     /// A streaming kernel (one tensor per launch only).
     Stream(k::StreamKernel),
 }
@@ -68,6 +70,7 @@ impl Body {
         match self {
             Body::Fma | Body::Mma => k::LOWRANK_TILE_ROWS,
             Body::Pipe => k::PIPE_TILE_ROWS,
+            Body::PipeTall => k::PIPE_TALL_TILE_ROWS,
             // Walked by `walk_stream_block`, in groups of rows.
             Body::Stream(_) => 0,
         }
@@ -78,6 +81,7 @@ impl Body {
             Body::Fma => k::LOWRANK_BLOCK_DIM,
             Body::Mma => k::MMA_BLOCK_DIM,
             Body::Pipe => k::PIPE_BLOCK_DIM,
+            Body::PipeTall => k::PIPE_TALL_BLOCK_DIM,
             Body::Stream(_) => k::STREAM_BLOCK_DIM,
         }
     }
@@ -101,6 +105,8 @@ pub(crate) fn kernel(name: &str) -> Option<Kernel> {
             n if n == k::lowrank_merge_batch_entry(w) => low(Body::Fma, true),
             n if n == k::lowrank_merge_mma_batch_entry(w) => low(Body::Mma, true),
             n if n == k::lowrank_merge_pipe_batch_entry(w) => low(Body::Pipe, true),
+            n if n == k::lowrank_merge_pipe_tall_entry(w) => low(Body::PipeTall, false),
+            n if n == k::lowrank_merge_pipe_tall_batch_entry(w) => low(Body::PipeTall, true),
             n if n == k::merge_entry(w) => Some(Kernel::General { w }),
             n if n == k::StreamKernel::Ranks8.entry(w) => {
                 low(Body::Stream(k::StreamKernel::Ranks8), false)
@@ -469,7 +475,7 @@ impl Launch {
         for (i, a) in adapters.iter().enumerate() {
             // The tensor-core kernels read both factors as the up factor's
             // 16-bit type (bf16, else f16).
-            if matches!(body, Body::Mma | Body::Pipe)
+            if matches!(body, Body::Mma | Body::Pipe | Body::PipeTall)
                 && a.rank > 0
                 && !(a.up_dtype == a.down_dtype && (1..=2).contains(&a.up_dtype))
             {
@@ -867,6 +873,8 @@ mod tests {
                 k::lowrank_merge_batch_entry(w),
                 k::lowrank_merge_mma_batch_entry(w),
                 k::lowrank_merge_pipe_batch_entry(w),
+                k::lowrank_merge_pipe_tall_entry(w),
+                k::lowrank_merge_pipe_tall_batch_entry(w),
                 k::merge_entry(w),
                 k::StreamKernel::Ranks8.entry(w),
                 k::StreamKernel::Ranks32.entry(w),
@@ -877,7 +885,7 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 30);
+        assert_eq!(n, 36);
         assert_eq!(kernel("offload_f32_to_f16"), None);
     }
 

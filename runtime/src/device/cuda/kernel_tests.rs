@@ -214,7 +214,7 @@ struct HostAdapter {
 }
 
 /// One merge case: W's dtype and shape, the row slice, and (rank, up dtype, down dtype, scale) per adapter.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct MergeCase {
     dtype: Dtype,
     shape: Vec<usize>,
@@ -1090,6 +1090,129 @@ fn gpu_merge_lowrank_throughput_of_each_kernel() {
     }
     drop(bufs);
     d.destroy_stream(s).unwrap();
+}
+
+/// The pipelined tensor-core kernel on 128-row tiles
+/// ([`CudaConfig::pipe_tall`]) gives bit for bit what the one on 64-row
+/// tiles gives (each element's sums are the same, in the same order), alone
+/// and batched, on every W dtype: row slices, a conv weight, stacks up to
+/// 4 × rank 128, W and ranks that are not whole tiles or 16-byte rows, and
+/// W off a 16-byte boundary; every merge within the f64 reference's bound,
+/// and the launch counts say which tile height ran.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_pipe_tall_matches_pipe_bit_for_bit() {
+    use Dtype::{BF16, F16};
+    let short = gpu();
+    let tall = CudaDevice::with_config(
+        0,
+        &CudaConfig {
+            pipe_tall: true,
+            ..CudaConfig::default()
+        },
+    )
+    .expect("a CUDA GPU");
+    assert!(tall.pipe_tall() && !short.pipe_tall());
+    assert!(tall.memory_mode_note().contains(PIPE_ROWS_ENV));
+    let mut cases = Vec::new();
+    for dtype in Dtype::ALL {
+        let f = if dtype == BF16 { BF16 } else { F16 };
+        let case = |shape: &[usize], rows, adapters| MergeCase {
+            dtype,
+            shape: shape.to_vec(),
+            rows,
+            adapters,
+        };
+        cases.push(case(
+            &[150, 200],
+            Some(7..137),
+            vec![(16, f, f, 0.7), (40, f, f, -1.3)],
+        ));
+        cases.push(case(&[64, 16, 3, 3], None, vec![(24, f, f, 0.25)]));
+        cases.push(case(
+            &[1280, 640],
+            None,
+            vec![
+                (128, f, f, 0.5),
+                (128, f, f, -0.3),
+                (128, f, f, 0.2),
+                (128, f, f, 0.9),
+            ],
+        ));
+        cases.push(case(&[300, 130], None, vec![(21, f, f, -0.9)]));
+        cases.push(case(
+            &[257, 1000],
+            Some(1..256),
+            vec![(32, f, f, 1.1), (8, f, f, 0.4)],
+        ));
+    }
+    let pipe_launches = |d: &CudaDevice| {
+        let m = d.merge_launches();
+        (m.pipelined + m.pipelined_batched, m.pipelined_tall)
+    };
+    for (i, case) in cases.iter().enumerate() {
+        let data = CaseData::new(case, 0x7a11 + i as u64);
+        let adapters = data.adapters(case);
+        let spec = MergeSpec::new(case.dtype, &case.shape, case.rows.clone(), &adapters).unwrap();
+        // W at `shift` bytes past an allocation's start (0: aligned).
+        let run = |d: &CudaDevice, shift: usize| -> Vec<u8> {
+            let s = d.create_stream().unwrap();
+            let mut bufs = Bufs::new(d);
+            let (w0, factors) = data.upload(&mut bufs, s);
+            let w = if shift == 0 {
+                w0
+            } else {
+                let mut padded = vec![0u8; shift];
+                padded.extend_from_slice(&data.w);
+                bufs.upload(&padded, s).offset(shift)
+            };
+            let (pipe0, tall0) = pipe_launches(d);
+            d.merge_lowrank_with(&spec, w, &factors, s, LowRankKernel::Pipelined)
+                .unwrap();
+            let (pipe1, tall1) = pipe_launches(d);
+            assert_eq!(pipe1 - pipe0, 1, "case {i}: one pipelined launch");
+            assert_eq!(
+                tall1 - tall0,
+                u64::from(d.pipe_tall()),
+                "case {i}: the launch's tile height"
+            );
+            let mut out = vec![0u8; data.w.len()];
+            d.read_blocking(w, &mut out, s).unwrap();
+            drop(bufs);
+            d.destroy_stream(s).unwrap();
+            out
+        };
+        let shift = if i % 2 == 1 {
+            case.dtype.size_in_bytes()
+        } else {
+            0
+        };
+        let want = run(&short, shift);
+        let got = run(&tall, shift);
+        assert!(
+            got == want,
+            "case {i} ({case:?}, W shifted {shift} bytes): not bit for bit the 64-row kernel's"
+        );
+        let same = data.check(case, &got);
+        eprintln!(
+            "pipelined on 128-row tiles {} {:?} rows {:?}, W shifted {shift} bytes: bit-identical to 64-row tiles; {same} elements bit-identical to the CPU",
+            case.dtype, case.shape, case.rows
+        );
+    }
+    // Batched on 128-row tiles: bit for bit one launch each (on 128-row
+    // tiles too), one batched launch a dtype.
+    let s = tall.create_stream().unwrap();
+    for dtype in Dtype::ALL {
+        let of: Vec<MergeCase> = cases.iter().filter(|c| c.dtype == dtype).cloned().collect();
+        let (_, tall0) = pipe_launches(&tall);
+        let (launches, elements, _) = check_batch(&tall, s, &of, LowRankKernel::Pipelined, 0x7a12);
+        let (_, tall1) = pipe_launches(&tall);
+        assert_eq!(launches, 1, "{dtype}: one batched launch");
+        // The one-tensor launches check_batch compares with, and the batch.
+        assert_eq!(tall1 - tall0, of.len() as u64 + 1, "{dtype}");
+        eprintln!("batched on 128-row tiles {dtype}: {elements} elements bit-identical to one launch each");
+    }
+    tall.destroy_stream(s).unwrap();
 }
 
 /// Batched low-rank merges equal one launch per tensor bit for bit, on both

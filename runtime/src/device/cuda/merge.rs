@@ -39,9 +39,10 @@ use cudarc::driver::sys;
 use offload_kernels::cuda::{
     delta_factors, dtype_code, lowrank_merge_batch_entry, lowrank_merge_entry,
     lowrank_merge_mma_batch_entry, lowrank_merge_mma_entry, lowrank_merge_pipe_batch_entry,
-    lowrank_merge_pipe_entry, merge_entry, LowRankBatchParams, LowRankJobParams,
-    LowRankMergeParams, MergeParams, StreamKernel, BATCH_MAX_ADAPTERS, LOWRANK_MERGE_SRC,
-    MAX_ADAPTERS, MERGE_MAX_ADAPTERS, MMA_MIN_COMPUTE_CAPABILITY,
+    lowrank_merge_pipe_entry, lowrank_merge_pipe_tall_batch_entry, lowrank_merge_pipe_tall_entry,
+    merge_entry, LowRankBatchParams, LowRankJobParams, LowRankMergeParams, MergeParams,
+    StreamKernel, BATCH_MAX_ADAPTERS, LOWRANK_MERGE_SRC, MAX_ADAPTERS, MERGE_MAX_ADAPTERS,
+    MMA_MIN_COMPUTE_CAPABILITY, PIPE_TALL_BLOCK_DIM,
 };
 use offload_kernels::{Delta, Dtype, MergeSpec};
 
@@ -61,6 +62,9 @@ pub(super) struct MergeKernels {
     lowrank_mma_batch: [sys::CUfunction; 3],
     lowrank_pipe: [sys::CUfunction; 3],
     lowrank_pipe_batch: [sys::CUfunction; 3],
+    /// The pipelined kernel on 128-row tiles, alone and batched.
+    lowrank_pipe_tall: [sys::CUfunction; 3],
+    lowrank_pipe_tall_batch: [sys::CUfunction; 3],
     /// The streaming kernels' entry points by [`stream_slot`], then W's
     /// dtype code.
     lowrank_stream: [[sys::CUfunction; 3]; 3],
@@ -463,6 +467,9 @@ pub struct MergeLaunches {
     pub tensor_cores_batched: u64,
     /// Batched low-rank launches on the pipelined tensor-core kernel.
     pub pipelined_batched: u64,
+    /// Of the pipelined launches (one-tensor and batched), those on
+    /// 128-row tiles ([`CudaConfig::pipe_tall`](super::CudaConfig::pipe_tall)).
+    pub pipelined_tall: u64,
     /// One-tensor low-rank launches on a streaming kernel.
     pub streaming: u64,
     /// Of those, launches on the ranks-8 one with its down factors in
@@ -484,6 +491,12 @@ impl MergeKernels {
             }
             return;
         }
+        // The 128-row pipelined kernel's launches count as pipelined ones too.
+        let tall = self.lowrank_pipe_tall.contains(&f);
+        let tall_batch = self.lowrank_pipe_tall_batch.contains(&f);
+        if tall || tall_batch {
+            launches.pipelined_tall += 1;
+        }
         let counter = [
             (&self.lowrank, &mut launches.fma),
             (&self.lowrank_mma, &mut launches.tensor_cores),
@@ -497,6 +510,10 @@ impl MergeKernels {
         .find(|(entries, _)| entries.contains(&f));
         if let Some((_, c)) = counter {
             *c += 1;
+        } else if tall {
+            launches.pipelined += 1;
+        } else if tall_batch {
+            launches.pipelined_batched += 1;
         }
     }
 }
@@ -508,16 +525,21 @@ enum Body {
     Fma,
     Mma,
     Pipe,
+    /// The pipelined kernel on 128-row tiles (on a device configured for it).
+    PipeTall,
 }
 
 impl Body {
-    const COUNT: usize = 3;
+    const COUNT: usize = 4;
     /// Indexed by `self as usize` (the Batcher's group keys).
-    const ALL: [Body; Body::COUNT] = [Body::Fma, Body::Mma, Body::Pipe];
+    const ALL: [Body; Body::COUNT] = [Body::Fma, Body::Mma, Body::Pipe, Body::PipeTall];
 }
 
 const _: () = assert!(
-    Body::Fma as usize == 0 && Body::Mma as usize == 1 && Body::Pipe as usize == 2,
+    Body::Fma as usize == 0
+        && Body::Mma as usize == 1
+        && Body::Pipe as usize == 2
+        && Body::PipeTall as usize == 3,
     "Body::ALL is indexed by discriminant"
 );
 
@@ -544,6 +566,8 @@ impl CudaDevice {
             lowrank_mma_batch: functions(lowrank_merge_mma_batch_entry)?,
             lowrank_pipe: functions(lowrank_merge_pipe_entry)?,
             lowrank_pipe_batch: functions(lowrank_merge_pipe_batch_entry)?,
+            lowrank_pipe_tall: functions(lowrank_merge_pipe_tall_entry)?,
+            lowrank_pipe_tall_batch: functions(lowrank_merge_pipe_tall_batch_entry)?,
             lowrank_stream: [
                 functions(|d| StreamKernel::Ranks8.entry(d))?,
                 functions(|d| StreamKernel::Ranks32.entry(d))?,
@@ -758,6 +782,10 @@ impl CudaDevice {
                     kernels.lowrank_pipe[code],
                     params.pipe_launch_dims(self.merge_multiprocessors),
                 ),
+                Body::PipeTall => (
+                    kernels.lowrank_pipe_tall[code],
+                    params.pipe_tall_launch_dims(self.merge_multiprocessors),
+                ),
             },
         };
         self.ctx.bind()?;
@@ -827,7 +855,7 @@ impl CudaDevice {
         match kernel {
             LowRankKernel::Auto if device_has_mma && self.auto_tensor_cores(params) => {
                 Ok(if self.pipelined_merges {
-                    Body::Pipe
+                    self.pipe_body()
                 } else {
                     Body::Mma
                 })
@@ -853,11 +881,21 @@ impl CudaDevice {
                     )));
                 }
                 Ok(if kernel == LowRankKernel::Pipelined {
-                    Body::Pipe
+                    self.pipe_body()
                 } else {
                     Body::Mma
                 })
             }
+        }
+    }
+
+    /// The pipelined kernel's body on this device: on 128-row tiles where
+    /// configured ([`CudaConfig::pipe_tall`](super::CudaConfig::pipe_tall)).
+    fn pipe_body(&self) -> Body {
+        if self.pipe_tall {
+            Body::PipeTall
+        } else {
+            Body::Pipe
         }
     }
 
@@ -935,6 +973,7 @@ impl CudaDevice {
             Body::Fma => params.launch_dims(b.job_sms),
             Body::Mma => params.mma_launch_dims(b.job_sms),
             Body::Pipe => params.pipe_launch_dims(b.job_sms),
+            Body::PipeTall => params.pipe_tall_launch_dims(b.job_sms),
         };
         let key = Body::COUNT * dtype_code(m.spec.dtype()) as usize + body as usize;
         b.push(key, job, grid.0, access)
@@ -955,8 +994,15 @@ impl CudaDevice {
             Body::Fma => kernels.lowrank_batch[code],
             Body::Mma => kernels.lowrank_mma_batch[code],
             Body::Pipe => kernels.lowrank_pipe_batch[code],
+            Body::PipeTall => kernels.lowrank_pipe_tall_batch[code],
         };
         let (grid, block) = batch.launch_dims();
+        // The 128-row pipelined kernel's blocks are twice as large.
+        let block = if body == Body::PipeTall {
+            PIPE_TALL_BLOCK_DIM
+        } else {
+            block
+        };
         self.ctx.bind()?;
         let mut args: [*mut c_void; 1] = [(batch as *mut LowRankBatchParams).cast()];
         // SAFETY: the function (a batched low-rank entry point for the
@@ -964,8 +1010,8 @@ impl CudaDevice {
         // takes one parameter, OffloadLowRankBatchParams by value (2504
         // bytes, under the 4 KiB parameter limit), whose layout
         // LowRankBatchParams mirrors (checked in offload-kernels); the block
-        // is the one those entry points are written for (all three take
-        // 256 threads), and the tensor-core ones are only chosen on compute
+        // is the one those entry points are written for (256 threads, 512 for
+        // the 128-row pipelined kernel), and the tensor-core ones are only chosen on compute
         // capability 8.0 or newer (lowrank_body); every job's regions were checked mapped
         // and aligned, with no factor overlapping its own row slice
         // (checked_lowrank_params), and the Batcher only groups jobs whose

@@ -117,6 +117,14 @@ pub struct CudaConfig {
     /// rows of W in flight a warp, the same bits) rather than in
     /// registers (the default, the one timed on a GPU).
     pub stream8_shared: bool,
+    /// Run the pipelined tensor-core merges ([`LowRankKernel::Pipelined`],
+    /// fuse-on-upload's included) on 128 × 128 tiles, sixteen warps and one
+    /// block an SM
+    /// ([`offload_kernels::cuda::lowrank_merge_pipe_tall_entry`]: each
+    /// chunk of the down factors read once per 128 rows of W instead of
+    /// 64, the same bits) rather than on 64 × 128 tiles (the default, the
+    /// one timed on a GPU).
+    pub pipe_tall: bool,
     /// Which cuBLAS interface queues the products of [`Kernel::Matmul`].
     pub matmul: MatmulLibrary,
     /// Queue each list of products handed to [`Device::launch_all`] as one
@@ -134,6 +142,7 @@ impl Default for CudaConfig {
             pipelined_merges: true,
             merge_multiprocessors: None,
             stream8_shared: false,
+            pipe_tall: false,
             matmul: MatmulLibrary::GemmEx,
             graphs: false,
         }
@@ -180,9 +189,14 @@ pub const MERGE_SMS_ENV: &str = "OFFLOAD_MERGE_SMS";
 /// empty) for the default.
 pub const STREAM8_ENV: &str = "OFFLOAD_STREAM8";
 
+/// The environment variable [`CudaConfig::from_env`] reads for
+/// [`CudaConfig::pipe_tall`]: `128`, or `64` (or unset, or empty) for the
+/// default.
+pub const PIPE_ROWS_ENV: &str = "OFFLOAD_PIPE_ROWS";
+
 impl CudaConfig {
     /// The default configuration with [`MERGE_KERNEL_ENV`],
-    /// [`MERGE_SMS_ENV`], [`STREAM8_ENV`], [`MATMUL_ENV`] and [`GRAPHS_ENV`] applied; what
+    /// [`MERGE_SMS_ENV`], [`STREAM8_ENV`], [`PIPE_ROWS_ENV`], [`MATMUL_ENV`] and [`GRAPHS_ENV`] applied; what
     /// [`CudaDevice::new`] (and so [`auto`](crate::device::auto)) opens a
     /// GPU with, so that a benchmark can compare merge and product settings
     /// end to end without a rebuild. Any other
@@ -192,6 +206,7 @@ impl CudaConfig {
             .with_merge_kernel_var(std::env::var_os(MERGE_KERNEL_ENV).as_deref())?
             .with_merge_sms_var(std::env::var_os(MERGE_SMS_ENV).as_deref())?
             .with_stream8_var(std::env::var_os(STREAM8_ENV).as_deref())?
+            .with_pipe_rows_var(std::env::var_os(PIPE_ROWS_ENV).as_deref())?
             .with_matmul_var(std::env::var_os(MATMUL_ENV).as_deref())?
             .with_graphs_var(std::env::var_os(GRAPHS_ENV).as_deref())
     }
@@ -220,6 +235,14 @@ impl CudaConfig {
     fn with_stream8_var(mut self, value: Option<&std::ffi::OsStr>) -> Result<CudaConfig> {
         let choices = [("registers", false), ("shared", true)];
         self.stream8_shared = env_choice(STREAM8_ENV, value, &choices)?.unwrap_or(false);
+        Ok(self)
+    }
+
+    /// `self` with [`PIPE_ROWS_ENV`]'s value `value` (`None`: unset)
+    /// applied, as [`CudaConfig::from_env`] does.
+    fn with_pipe_rows_var(mut self, value: Option<&std::ffi::OsStr>) -> Result<CudaConfig> {
+        let choices = [("64", false), ("128", true)];
+        self.pipe_tall = env_choice(PIPE_ROWS_ENV, value, &choices)?.unwrap_or(false);
         Ok(self)
     }
 
@@ -315,6 +338,8 @@ pub struct CudaDevice {
     pipelined_merges: bool,
     /// [`CudaConfig::stream8_shared`].
     stream8_shared: bool,
+    /// [`CudaConfig::pipe_tall`].
+    pipe_tall: bool,
     /// [`CudaConfig::matmul`].
     matmul: MatmulLibrary,
     mem: Mutex<MemState>,
@@ -462,6 +487,7 @@ impl CudaDevice {
                 .map_or(multiprocessors, |n| n.clamp(1, multiprocessors.max(1))),
             pipelined_merges: config.pipelined_merges,
             stream8_shared: config.stream8_shared,
+            pipe_tall: config.pipe_tall,
             matmul: config.matmul,
             mem: Mutex::new(MemState::new(page_size, vmm)),
             streams: DashMap::new(),
@@ -500,6 +526,12 @@ impl CudaDevice {
     /// memory ([`CudaConfig::stream8_shared`]).
     pub fn stream8_shared(&self) -> bool {
         self.stream8_shared
+    }
+
+    /// Whether pipelined tensor-core merges run on 128-row tiles
+    /// ([`CudaConfig::pipe_tall`]).
+    pub fn pipe_tall(&self) -> bool {
+        self.pipe_tall
     }
 
     /// The cuBLAS interface that queues the products ([`CudaConfig::matmul`]).
@@ -571,6 +603,11 @@ impl CudaDevice {
         if self.stream8_shared {
             note.push_str(&format!(
                 "; ranks-8 streaming merges with the down factors in shared memory ({STREAM8_ENV}=shared)"
+            ));
+        }
+        if self.pipe_tall {
+            note.push_str(&format!(
+                "; pipelined tensor-core merges on 128-row tiles ({PIPE_ROWS_ENV}=128)"
             ));
         }
         if self.merge_multiprocessors < self.multiprocessors {
@@ -1189,6 +1226,7 @@ impl Device for CudaDevice {
             ("merges_fma_batched", m.fma_batched),
             ("merges_tensor_cores_batched", m.tensor_cores_batched),
             ("merges_pipelined_batched", m.pipelined_batched),
+            ("merges_pipelined_tall", m.pipelined_tall),
             ("merges_streaming", m.streaming),
             ("merges_streaming_shared", m.streaming_shared),
             ("merges_general", m.general),

@@ -144,6 +144,27 @@ fn stream8_variable_is_parsed_strictly() {
     }
 }
 
+/// `OFFLOAD_PIPE_ROWS`: unset, empty or `64` for the pipelined merge on
+/// 64-row tiles, `128` for 128-row tiles; anything else is a
+/// configuration error naming the variable and the value.
+#[test]
+fn pipe_rows_variable_is_parsed_strictly() {
+    use std::ffi::OsStr;
+    let with = |v: Option<&str>| CudaConfig::default().with_pipe_rows_var(v.map(OsStr::new));
+    assert!(!CudaConfig::default().pipe_tall);
+    for v in [None, Some(""), Some("64")] {
+        assert!(!with(v).unwrap().pipe_tall, "{v:?}");
+    }
+    assert!(with(Some("128")).unwrap().pipe_tall);
+    for v in ["256", "tall", " 128", "128 ", "32"] {
+        let e = with(Some(v)).unwrap_err();
+        assert!(
+            matches!(&e, Error::Config(m) if m.contains(PIPE_ROWS_ENV) && m.contains(v)),
+            "{v}: {e}"
+        );
+    }
+}
+
 /// `OFFLOAD_MATMUL`: unset, empty or `gemm-ex` for `cublasGemmEx`, `lt`
 /// for cuBLASLt; anything else is a configuration error naming the
 /// variable and the value.
