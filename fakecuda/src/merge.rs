@@ -34,9 +34,12 @@
 //! also refuses what a kernel would clamp or ignore: a low-rank grid that
 //! is not one-dimensional, a general grid with z above 1, more adapters
 //! (or jobs' adapters) than the parameter block holds, a term count other
-//! than 1 or 2, a dtype code out of range on a rank-0 adapter, and grids of
-//! more than [`MAX_BLOCKS`] blocks (the runtime's are at most one per tile,
-//! and the emulation visits every block).
+//! than 1 or 2, a dtype code out of range on a rank-0 adapter, grids of
+//! more than [`MAX_BLOCKS`] blocks (the emulation visits every block), and
+//! a low-rank launch (or batched job) of a tile-walking kernel with more
+//! blocks than its slice has tiles of that kernel's height (the runtime's
+//! grids are at most one a tile, so more means a grid sized for another
+//! kernel).
 
 use std::ops::Range;
 
@@ -263,6 +266,7 @@ pub(crate) unsafe fn plan(
                     return Err(format!("{n} adapters (at most {})", k::MAX_ADAPTERS));
                 }
                 let job = l.lowrank_job(body, p.w, p.rows, p.cols, p.row0, &p.adapters[..n])?;
+                at_most_a_block_a_tile(body, p.rows, p.cols, grid.0)?;
                 for b in 0..grid.0 {
                     match body {
                         Body::Stream(sk) => {
@@ -340,6 +344,11 @@ fn plan_batch(p: &LowRankBatchParams, blocks: u32, body: Body, w: u8) -> Result<
                 .map_err(|e| format!("job {j}: {e}"))?,
         );
     }
+    for (j, job) in p.jobs[..n].iter().enumerate() {
+        let count = p.first_block[j + 1].wrapping_sub(p.first_block[j]);
+        at_most_a_block_a_tile(body, job.rows, job.cols, count)
+            .map_err(|e| format!("job {j}: {e}"))?;
+    }
     // offload_batch_job: block b belongs to the last job k whose first
     // block is at most b; blocks at or past first_block[n] merge nothing.
     for b in 0..blocks {
@@ -364,6 +373,29 @@ fn plan_batch(p: &LowRankBatchParams, blocks: u32, body: Body, w: u8) -> Result<
         );
     }
     Ok(l)
+}
+
+/// Refuses `blocks` blocks of a tile-walking low-rank body for a slice of
+/// `rows` × `cols` with fewer tiles: a GPU would leave the extra blocks
+/// idle, but the runtime's grids are at most one block a tile of the body
+/// they are sized for (`lowrank_grid` in `offload_kernels::cuda`), so more
+/// means a grid sized for another body (such as 64-row tiles for the
+/// 128-row pipelined kernel). The streaming bodies walk groups of rows, not
+/// tiles, and are not checked.
+fn at_most_a_block_a_tile(body: Body, rows: u32, cols: u32, blocks: u32) -> Result<(), Refusal> {
+    let tile_rows = body.tile_rows();
+    if tile_rows == 0 {
+        return Ok(());
+    }
+    let tiles = u64::from(cols.div_ceil(k::LOWRANK_TILE_COLS).max(1))
+        * u64::from(rows.div_ceil(tile_rows).max(1));
+    if u64::from(blocks) > tiles {
+        return Err(format!(
+            "{blocks} blocks for {rows} x {cols}, {tiles} tiles of {tile_rows} x {} on the {body:?} kernel (the runtime's grids are at most one block a tile)",
+            k::LOWRANK_TILE_COLS
+        ));
+    }
+    Ok(())
 }
 
 fn plan_general(p: &MergeParams, grid: (u32, u32, u32), w: u8) -> Result<Launch, Refusal> {

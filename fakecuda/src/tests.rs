@@ -761,11 +761,13 @@ fn merge_kernels_run_from_their_parameters() {
     assert_eq!(launch(f, (2, 1, 1), block, &p, s), E::CUDA_SUCCESS);
     assert_eq!(read_f32(fresh, rows * cols, s), w0);
     // Refused: the wrong block shape, a 2-D grid, a block over 1024
-    // threads, a bad dtype code, W overlapping a factor.
+    // threads, more blocks than the slice's three tiles (a grid sized for
+    // another kernel's tiles), a bad dtype code, W overlapping a factor.
     for (grid, blk) in [
         ((3, 1, 1), (128, 1, 1)),
         ((3, 2, 1), block),
         ((3, 1, 1), (2048, 1, 1)),
+        ((6, 1, 1), block),
     ] {
         assert_eq!(
             launch(f, grid, blk, &p, s),

@@ -271,10 +271,13 @@ fn batched_kernel_mutants_fail_the_emulation() {
 /// factors whose rows are not whole 16-byte units and 16-byte accesses to a
 /// W that is not 16-byte aligned (misaligned-address faults on a GPU, which
 /// the values alone do not show), and a leading adapter of rank 0 taken as
-/// the start of the sum; those fail on both tile heights (the code is
-/// shared). Two fail the 128-row kernel only: B's rows copied from 64-row
-/// tiles, and half its threads not copying A. Each fails the groups it
-/// names; the unmutated source passes them.
+/// the start of the sum; the code is shared, and most fail on both tile
+/// heights (each on the groups it names). Three fail the 128-row kernel only, the 64-row groups passing:
+/// B's rows copied from 64-row tiles, half its threads not copying A, and
+/// the first adapter's scaled product added to W by a multiply and an add
+/// instead of an fma (within the tolerance, and the same batched as alone:
+/// caught only by the comparison with the 64-row kernel). Each fails the
+/// groups it names; the unmutated source passes them.
 #[test]
 #[ignore = "needs g++ (C++20, _Float16); run with --ignored"]
 fn pipelined_kernel_mutants_fail_the_emulation() {
@@ -283,7 +286,7 @@ fn pipelined_kernel_mutants_fail_the_emulation() {
     // Both tile heights (kernels 2b and 2c) share this code.
     const BOTH: &[&str] = &["pipe: ", "batch-pipe: ", "pipe-tall: ", "batch-pipe-tall: "];
     // (what, from, to, the groups it must fail)
-    let mutants: [(&str, &str, &str, &[&str]); 11] = [
+    let mutants: [(&str, &str, &str, &[&str]); 9] = [
         (
             "wait: one stage short",
             "offload_cp_async_wait<OFFLOAD_PIPE_STAGES - 2>();",
@@ -316,14 +319,14 @@ fn pipelined_kernel_mutants_fail_the_emulation() {
         ),
         (
             "copy path: A copied in 16-byte units whatever the column count",
-            "const bool a_vec = p.cols % 8 == 0 && ad.down % 16 == 0;",
-            "const bool a_vec = ad.down % 16 == 0;",
+            "c.a_vec = p.cols % 8 == 0 && ad.down % 16 == 0;",
+            "c.a_vec = ad.down % 16 == 0;",
             BOTH,
         ),
         (
             "copy path: B copied in 16-byte units whatever the rank",
-            "const bool b_vec = ad.rank % 8 == 0 && ad.up % 16 == 0;",
-            "const bool b_vec = ad.up % 16 == 0;",
+            "c.b_vec = ad.rank % 8 == 0 && ad.up % 16 == 0;",
+            "c.b_vec = ad.up % 16 == 0;",
             BOTH,
         ),
         // The batched cases have more leading adapters of rank 0.
@@ -338,31 +341,50 @@ fn pipelined_kernel_mutants_fail_the_emulation() {
             "W: 16-byte accesses for a W that is not 16-byte aligned",
             "return sizeof(T) == 2 && cols % 8 == 0 && w % 16 == 0;",
             "return sizeof(T) == 2 && cols % 8 == 0 && w % 2 == 0;",
-            &["pipe: ", "pipe-tall: "],
+            &["pipe: "],
         ),
-        // Kernel 2c's own: what depends on the tile height.
+    ];
+    const TALL: &[&str] = &["pipe-tall: ", "batch-pipe-tall: "];
+    // Kernel 2c's own, which must leave the 64-row groups passing: (what,
+    // from, to, the groups it must fail, the only check that catches it).
+    type TallOnly<'a> = (&'a str, &'a str, &'a str, &'a [&'a str], Option<&'a str>);
+    let tall_only: [TallOnly<'_>; 3] = [
         (
             "tall: B's rows copied from 64-row tiles",
             "const unsigned int tile_row = c.y * ROWS;",
             "const unsigned int tile_row = c.y * OFFLOAD_PIPE_TILE_ROWS;",
-            &["pipe-tall: ", "batch-pipe-tall: "],
+            TALL,
+            None,
         ),
         (
             "tall: only the first 256 threads copy A",
             "for (unsigned int q = 0; q < OFFLOAD_PIPE_K * 16 / kThreads; ++q) {",
             "for (unsigned int q = 0; q < 512 / kThreads; ++q) {\n        if (tid >= 256) break;",
-            &["pipe-tall: ", "batch-pipe-tall: "],
+            TALL,
+            None,
+        ),
+        // Within the tolerance, and the same in a batch as alone: only the
+        // one-tensor group's comparison with the 64-row kernel sees it.
+        (
+            "tall: the first adapter's scaled product added to W by a multiply and an add",
+            "sum[mi][ni][e] =\n                            __fmaf_rn(scale, prod[mi][ni][e], wbits.get(mi, ni, e / 2, e % 2));",
+            "sum[mi][ni][e] = ROWS == OFFLOAD_PIPE_TALL_TILE_ROWS\n                            ? scale * prod[mi][ni][e] + wbits.get(mi, ni, e / 2, e % 2)\n                            : __fmaf_rn(scale, prod[mi][ni][e], wbits.get(mi, ni, e / 2, e % 2));",
+            &["pipe-tall: "],
+            Some("not bit-identical to pipe on the same merge"),
         ),
     ];
     let tmp = std::env::temp_dir().join(format!("offload-pipe-mutants-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let exe = tmp.join("emulate");
-    for (what, from, to, fails) in mutants {
+    // Runs the emulation's pipelined groups on the source with `from`
+    // replaced by `to`; checks that it fails, and each group of `fails`
+    // with it; gives its output.
+    let mutant = |what: &str, from: &str, to: &str, fails: &[&str]| -> String {
         assert_eq!(source.matches(from).count(), 1, "{what}: `{from}`");
         std::fs::write(tmp.join("lowrank_merge.cu"), source.replace(from, to)).unwrap();
         compile(&exe, &tmp);
         let out = run(&exe, &["4", "pipe"]);
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         eprintln!("mutant ({what}):\n{stdout}");
         assert!(!out.status.success(), "{what}: not caught:\n{stdout}");
         for group in fails {
@@ -371,6 +393,27 @@ fn pipelined_kernel_mutants_fail_the_emulation() {
                 .find(|l| l.starts_with(group))
                 .unwrap_or_else(|| panic!("{what}: no `{group}` line:\n{stdout}"));
             assert!(!line.ends_with(" 0 failures"), "{what}: {line}");
+        }
+        stdout
+    };
+    for (what, from, to, fails) in mutants {
+        mutant(what, from, to, fails);
+    }
+    for (what, from, to, fails, caught_by) in tall_only {
+        let stdout = mutant(what, from, to, fails);
+        for group in BOTH.iter().filter(|g| !fails.contains(g)) {
+            let line = stdout.lines().find(|l| l.starts_with(group)).unwrap();
+            assert!(line.ends_with(" 0 failures"), "{what}: {line}");
+        }
+        if let Some(message) = caught_by {
+            assert!(
+                stdout.contains(message),
+                "{what}: no `{message}`:\n{stdout}"
+            );
+            assert!(
+                !stdout.contains(", allowed "),
+                "{what}: the f64 check fails:\n{stdout}"
+            );
         }
     }
     std::fs::write(tmp.join("lowrank_merge.cu"), &source).unwrap();

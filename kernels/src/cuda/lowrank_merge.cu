@@ -20,7 +20,8 @@
 //
 // The low-rank kernels 1, 2, 2b and 2c (Delta = B A, up factor B [rows, rank], down factor
 // A [rank, cols]) are written to stream W: the slice is cut into 32 x 128
-// tiles, a block of (256, 1, 1) threads walks the tiles of one column strip
+// tiles (64 x 128 for 2b, 128 x 128 for 2c), a block of (256, 1, 1)
+// threads ((512, 1, 1) for 2c) walks the tiles of one column strip
 // (a grid of whole blocks per strip, sized by the runtime to fill the GPU),
 // and lane l of warp w owns rows 4 w .. 4 w + 3 and columns 4 l .. 4 l + 3
 // of a tile, so each warp instruction reads or writes 128 contiguous
@@ -2102,7 +2103,7 @@ __device__ __forceinline__ void offload_pipe_issue(OffloadPipeShared<ROWS>& sh, 
     }
 }
 
-// A lane's elements of W in a 64 x 128 tile, as raw bits: for its warp's
+// A lane's elements of W in a tile (64 or 128 x 128), as raw bits: for its warp's
 // 32 x 32 part (rows wr.., columns wc..), block (mi, ni) and half h, the
 // pair [wr + 16 mi + g + 8 h, wc + 8 ni + 2 t + e] (e = 0, 1) of the tile.
 // A 16-bit pair is one word (element e in half e), an f32 pair two. Kept as

@@ -37,7 +37,7 @@
 //!   block per SM) reads each chunk of the down factors once per 128 rows
 //!   of W instead of 64, and gives the same bits; a device opened with
 //!   `OFFLOAD_PIPE_ROWS=128` takes it in the 64-row form's place. Not yet
-//!   timed on a GPU.
+//!   run on a GPU (the same bits in the CPU emulation below).
 //! - **low-rank, streaming fp32 FMA** ([`StreamKernel`], the same
 //!   parameters, [`LowRankMergeParams::stream_launch_dims`]): for stacks
 //!   whose ranks add up to at most 8 or 32 ([`LowRankMergeParams::stream_kernel`]),
@@ -140,7 +140,8 @@ use crate::merge::{Delta, Factor, KronFactor, MergeSpec};
 /// CUDA C source of the merge kernels (one translation unit, thirty-six
 /// `extern "C"` entry points; see [`lowrank_merge_entry`],
 /// [`lowrank_merge_mma_entry`], [`lowrank_merge_pipe_entry`],
-/// [`lowrank_merge_pipe_tall_entry`], [`StreamKernel::entry`],
+/// [`lowrank_merge_pipe_tall_entry`], [`lowrank_merge_pipe_tall_batch_entry`],
+/// [`StreamKernel::entry`],
 /// [`lowrank_merge_batch_entry`], [`lowrank_merge_mma_batch_entry`],
 /// [`lowrank_merge_pipe_batch_entry`] and [`merge_entry`]).
 pub const LOWRANK_MERGE_SRC: &str = include_str!("lowrank_merge.cu");
@@ -631,9 +632,12 @@ impl LowRankBatchParams {
         true
     }
 
-    /// Grid and block dimensions for a launch of either batched kernel
-    /// ([`lowrank_merge_batch_entry`], [`lowrank_merge_mma_batch_entry`]):
-    /// one block per block of every job.
+    /// Grid and block dimensions for a launch of a batched kernel on
+    /// 256-thread blocks ([`lowrank_merge_batch_entry`],
+    /// [`lowrank_merge_mma_batch_entry`], [`lowrank_merge_pipe_batch_entry`]):
+    /// one block per block of every job. The 128-row pipelined one
+    /// ([`lowrank_merge_pipe_tall_batch_entry`]) takes the same grid with
+    /// [`PIPE_TALL_BLOCK_DIM`].
     pub fn launch_dims(&self) -> LaunchDims {
         ((self.blocks(), 1, 1), LOWRANK_BLOCK_DIM)
     }

@@ -536,23 +536,27 @@ static long lowrank_cases(int cases, Kind kind) {
     const long copies0 = emu_cp_async_count, faults0 = emu_faults;
     emu_faults_printed_from = faults0;
     long failures = 0, elements = 0;
+    // For 128-row tiles, twice the rows (so that most slices are more than
+    // one tile down there too).
+    const unsigned tall = kind == PIPE_TALL ? 2 : 1;
     for (int c = 0; c < cases; ++c) {
         unsigned out, r0, n, cols = 1 + rng() % 150;
-        rand_slice(c, 150, out, r0, n);
+        rand_slice(c, 150 * tall, out, r0, n);
         if (c == 1) {  // whole tiles, whole rank chunks
-            out = n = 128;
+            out = n = 128 * tall;
             r0 = 0;
             cols = 64;
         }
         // Every fifth case: three to five column strips and five tiles down
-        // (so a block walks several tiles, and a grid that is not a whole
-        // number of blocks per strip leaves blocks with no tile).
+        // (three of 128 rows; so a block walks several tiles, and a grid
+        // that is not a whole number of blocks per strip leaves blocks with
+        // no tile).
         const bool wide = c % 5 == 4;
         if (wide) {
             cols = 257 + rng() % 384;
-            out = 150;
-            r0 = 3;
-            n = 140;
+            out = 150 * tall;
+            r0 = 3 * tall;
+            n = 140 * tall;
         }
         if (is_pipe(kind) && rng() % 3 != 0) cols = 8 * ((cols + 7) / 8);
         // Every sixth case: small ranks that add up to at most 32 (A staged
@@ -808,10 +812,11 @@ static long batch_cases(int cases, Kind kind) {
             for (unsigned i = r0; i < r0 + n; ++i) bufs[buf].covered[i] = true;
             jobs.push_back(std::move(J));
         };
-        // The first job of every case: three tiles down a row slice, one
-        // block per column strip (each walks its strip), the most adapters
-        // a job takes. The second: three column strips and four tiles down,
-        // a block per tile (more blocks than most jobs).
+        // The first job of every case: three tiles down a row slice (two of
+        // 64 or 128 rows), one block per column strip (each walks its
+        // strip), the most adapters a job takes. The second: three column
+        // strips and four tiles down (two of 64 or 128 rows), a block per
+        // tile (more blocks than most jobs).
         auto pipe_cols = [&](unsigned cols) {
             return is_pipe(kind) && rng() % 3 != 0 ? 8 * ((cols + 7) / 8) : cols;
         };

@@ -1097,23 +1097,13 @@ fn gpu_merge_lowrank_throughput_of_each_kernel() {
 /// tiles gives (each element's sums are the same, in the same order), alone
 /// and batched, on every W dtype: row slices, a conv weight, stacks up to
 /// 4 × rank 128, W and ranks that are not whole tiles or 16-byte rows, and
-/// W off a 16-byte boundary; every merge within the f64 reference's bound,
-/// and the launch counts say which tile height ran.
+/// W off a 16-byte boundary; on grids for every SM and for one (each block
+/// walking every tile of its strip); every merge within the f64
+/// reference's bound, and the launch counts say which tile height ran.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_pipe_tall_matches_pipe_bit_for_bit() {
     use Dtype::{BF16, F16};
-    let short = gpu();
-    let tall = CudaDevice::with_config(
-        0,
-        &CudaConfig {
-            pipe_tall: true,
-            ..CudaConfig::default()
-        },
-    )
-    .expect("a CUDA GPU");
-    assert!(tall.pipe_tall() && !short.pipe_tall());
-    assert!(tall.memory_mode_note().contains(PIPE_ROWS_ENV));
     let mut cases = Vec::new();
     for dtype in Dtype::ALL {
         let f = if dtype == BF16 { BF16 } else { F16 };
@@ -1150,69 +1140,92 @@ fn gpu_pipe_tall_matches_pipe_bit_for_bit() {
         let m = d.merge_launches();
         (m.pipelined + m.pipelined_batched, m.pipelined_tall)
     };
-    for (i, case) in cases.iter().enumerate() {
-        let data = CaseData::new(case, 0x7a11 + i as u64);
-        let adapters = data.adapters(case);
-        let spec = MergeSpec::new(case.dtype, &case.shape, case.rows.clone(), &adapters).unwrap();
-        // W at `shift` bytes past an allocation's start (0: aligned).
-        let run = |d: &CudaDevice, shift: usize| -> Vec<u8> {
-            let s = d.create_stream().unwrap();
-            let mut bufs = Bufs::new(d);
-            let (w0, factors) = data.upload(&mut bufs, s);
-            let w = if shift == 0 {
-                w0
-            } else {
-                let mut padded = vec![0u8; shift];
-                padded.extend_from_slice(&data.w);
-                bufs.upload(&padded, s).offset(shift)
+    // Grids for every SM (a block a tile, here), and for one (a block per
+    // column strip, walking every tile of it: the pipeline runs across
+    // tiles). Both devices configured here, not from the environment.
+    for cap in [None, Some(1)] {
+        let open = |pipe_tall: bool| {
+            CudaDevice::with_config(
+                0,
+                &CudaConfig {
+                    pipe_tall,
+                    merge_multiprocessors: cap,
+                    ..CudaConfig::default()
+                },
+            )
+            .expect("a CUDA GPU")
+        };
+        let (short, tall) = (open(false), open(true));
+        assert!(tall.pipe_tall() && !short.pipe_tall());
+        assert!(tall.memory_mode_note().contains(PIPE_ROWS_ENV));
+        for (i, case) in cases.iter().enumerate() {
+            let data = CaseData::new(case, 0x7a11 + i as u64);
+            let adapters = data.adapters(case);
+            let spec =
+                MergeSpec::new(case.dtype, &case.shape, case.rows.clone(), &adapters).unwrap();
+            // W at `shift` bytes past an allocation's start (0: aligned).
+            let run = |d: &CudaDevice, shift: usize| -> Vec<u8> {
+                let s = d.create_stream().unwrap();
+                let mut bufs = Bufs::new(d);
+                let (w0, factors) = data.upload(&mut bufs, s);
+                let w = if shift == 0 {
+                    w0
+                } else {
+                    let mut padded = vec![0u8; shift];
+                    padded.extend_from_slice(&data.w);
+                    bufs.upload(&padded, s).offset(shift)
+                };
+                let (pipe0, tall0) = pipe_launches(d);
+                d.merge_lowrank_with(&spec, w, &factors, s, LowRankKernel::Pipelined)
+                    .unwrap();
+                let (pipe1, tall1) = pipe_launches(d);
+                assert_eq!(pipe1 - pipe0, 1, "case {i}: one pipelined launch");
+                assert_eq!(
+                    tall1 - tall0,
+                    u64::from(d.pipe_tall()),
+                    "case {i}: the launch's tile height"
+                );
+                let mut out = vec![0u8; data.w.len()];
+                d.read_blocking(w, &mut out, s).unwrap();
+                drop(bufs);
+                d.destroy_stream(s).unwrap();
+                out
             };
-            let (pipe0, tall0) = pipe_launches(d);
-            d.merge_lowrank_with(&spec, w, &factors, s, LowRankKernel::Pipelined)
-                .unwrap();
-            let (pipe1, tall1) = pipe_launches(d);
-            assert_eq!(pipe1 - pipe0, 1, "case {i}: one pipelined launch");
-            assert_eq!(
-                tall1 - tall0,
-                u64::from(d.pipe_tall()),
-                "case {i}: the launch's tile height"
+            let shift = if i % 2 == 1 {
+                case.dtype.size_in_bytes()
+            } else {
+                0
+            };
+            let want = run(&short, shift);
+            let got = run(&tall, shift);
+            assert!(
+                got == want,
+                "case {i} ({case:?}, W shifted {shift} bytes, SMs {cap:?}): not bit for bit the 64-row kernel's"
             );
-            let mut out = vec![0u8; data.w.len()];
-            d.read_blocking(w, &mut out, s).unwrap();
-            drop(bufs);
-            d.destroy_stream(s).unwrap();
-            out
-        };
-        let shift = if i % 2 == 1 {
-            case.dtype.size_in_bytes()
-        } else {
-            0
-        };
-        let want = run(&short, shift);
-        let got = run(&tall, shift);
-        assert!(
-            got == want,
-            "case {i} ({case:?}, W shifted {shift} bytes): not bit for bit the 64-row kernel's"
-        );
-        let same = data.check(case, &got);
-        eprintln!(
-            "pipelined on 128-row tiles {} {:?} rows {:?}, W shifted {shift} bytes: bit-identical to 64-row tiles; {same} elements bit-identical to the CPU",
-            case.dtype, case.shape, case.rows
-        );
+            let same = data.check(case, &got);
+            eprintln!(
+                "pipelined on 128-row tiles {} {:?} rows {:?}, W shifted {shift} bytes, SMs {cap:?}: bit-identical to 64-row tiles; {same} elements bit-identical to the CPU",
+                case.dtype, case.shape, case.rows
+            );
+        }
+        // Batched on 128-row tiles: bit for bit one launch each (on 128-row
+        // tiles too), one batched launch a dtype.
+        let s = tall.create_stream().unwrap();
+        for dtype in Dtype::ALL {
+            let of: Vec<MergeCase> = cases.iter().filter(|c| c.dtype == dtype).cloned().collect();
+            let (_, tall0) = pipe_launches(&tall);
+            let (launches, elements, _) =
+                check_batch(&tall, s, &of, LowRankKernel::Pipelined, 0x7a12);
+            let (_, tall1) = pipe_launches(&tall);
+            assert_eq!(launches, 1, "{dtype}: one batched launch");
+            // The one-tensor launches check_batch compares with, and the batch.
+            assert_eq!(tall1 - tall0, of.len() as u64 + 1, "{dtype}");
+            eprintln!(
+                "batched on 128-row tiles {dtype}, SMs {cap:?}: {elements} elements bit-identical to one launch each"
+            );
+        }
+        tall.destroy_stream(s).unwrap();
     }
-    // Batched on 128-row tiles: bit for bit one launch each (on 128-row
-    // tiles too), one batched launch a dtype.
-    let s = tall.create_stream().unwrap();
-    for dtype in Dtype::ALL {
-        let of: Vec<MergeCase> = cases.iter().filter(|c| c.dtype == dtype).cloned().collect();
-        let (_, tall0) = pipe_launches(&tall);
-        let (launches, elements, _) = check_batch(&tall, s, &of, LowRankKernel::Pipelined, 0x7a12);
-        let (_, tall1) = pipe_launches(&tall);
-        assert_eq!(launches, 1, "{dtype}: one batched launch");
-        // The one-tensor launches check_batch compares with, and the batch.
-        assert_eq!(tall1 - tall0, of.len() as u64 + 1, "{dtype}");
-        eprintln!("batched on 128-row tiles {dtype}: {elements} elements bit-identical to one launch each");
-    }
-    tall.destroy_stream(s).unwrap();
 }
 
 /// Batched low-rank merges equal one launch per tensor bit for bit, on both

@@ -239,6 +239,7 @@ fn gpu_tests_pass_on_the_fake_driver() {
         "gpu_merge_lowrank_rejects_bad_operands",
         "gpu_merge_lowrank_tensor_cores_match_cpu_merge",
         "gpu_merge_lowrank_batch_matches_one_launch_per_tensor",
+        "gpu_pipe_tall_matches_pipe_bit_for_bit",
         "gpu_auto_merges_route_by_the_merge_kernel_config",
         "gpu_merge_batch_kernel_matches_one_merge_per_op",
         "gpu_merge_loha_lokr_match_cpu_merge",
