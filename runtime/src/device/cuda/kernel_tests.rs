@@ -901,6 +901,36 @@ fn gpu_merge_streaming_kernels_match_the_reference() {
     d.destroy_stream(s).unwrap();
 }
 
+/// W of `data` merged once by `spec` with `kernel` on `d` at `shift` bytes
+/// past an allocation's start (0: aligned), on a fresh stream; W's bytes
+/// read back and the launches the merge counted (after less before).
+fn merged_at_shift(
+    d: &CudaDevice,
+    data: &CaseData,
+    spec: &MergeSpec<'_>,
+    shift: usize,
+    kernel: LowRankKernel,
+) -> (Vec<u8>, MergeLaunches, MergeLaunches) {
+    let s = d.create_stream().unwrap();
+    let mut bufs = Bufs::new(d);
+    let (w0, factors) = data.upload(&mut bufs, s);
+    let w = if shift == 0 {
+        w0
+    } else {
+        let mut padded = vec![0u8; shift];
+        padded.extend_from_slice(&data.w);
+        bufs.upload(&padded, s).offset(shift)
+    };
+    let before = d.merge_launches();
+    d.merge_lowrank_with(spec, w, &factors, s, kernel).unwrap();
+    let after = d.merge_launches();
+    let mut out = vec![0u8; data.w.len()];
+    d.read_blocking(w, &mut out, s).unwrap();
+    drop(bufs);
+    d.destroy_stream(s).unwrap();
+    (out, before, after)
+}
+
 /// The ranks-8 streaming kernel with the down factors in shared memory
 /// ([`CudaConfig::stream8_shared`]) gives bit for bit what the one with
 /// them in registers gives (the same sums in the same order), on every W
@@ -939,22 +969,9 @@ fn gpu_stream8_shared_matches_stream8_bit_for_bit() {
         let data = CaseData::new(case, 0x58e4 + i as u64);
         let adapters = data.adapters(case);
         let spec = MergeSpec::new(case.dtype, &case.shape, case.rows.clone(), &adapters).unwrap();
-        // W at `shift` bytes past an allocation's start (0: aligned).
         let run = |d: &CudaDevice, shift: usize| -> Vec<u8> {
-            let s = d.create_stream().unwrap();
-            let mut bufs = Bufs::new(d);
-            let (w0, factors) = data.upload(&mut bufs, s);
-            let w = if shift == 0 {
-                w0
-            } else {
-                let mut padded = vec![0u8; shift];
-                padded.extend_from_slice(&data.w);
-                bufs.upload(&padded, s).offset(shift)
-            };
-            let before = d.merge_launches();
-            d.merge_lowrank_with(&spec, w, &factors, s, LowRankKernel::Streaming)
-                .unwrap();
-            let after = d.merge_launches();
+            let (out, before, after) =
+                merged_at_shift(d, &data, &spec, shift, LowRankKernel::Streaming);
             let (single, _, others) = launches_on(LowRankKernel::Streaming, before, after).unwrap();
             assert_eq!((single, others), (1, 0), "case {i}: one streaming launch");
             // On kernel 1c exactly where the device is configured for it.
@@ -963,10 +980,6 @@ fn gpu_stream8_shared_matches_stream8_bit_for_bit() {
                 u64::from(d.stream8_shared()),
                 "case {i}: the launch's streaming kernel"
             );
-            let mut out = vec![0u8; data.w.len()];
-            d.read_blocking(w, &mut out, s).unwrap();
-            drop(bufs);
-            d.destroy_stream(s).unwrap();
             out
         };
         let shift = if i % 2 == 1 {
@@ -1163,32 +1176,21 @@ fn gpu_pipe_tall_matches_pipe_bit_for_bit() {
             let adapters = data.adapters(case);
             let spec =
                 MergeSpec::new(case.dtype, &case.shape, case.rows.clone(), &adapters).unwrap();
-            // W at `shift` bytes past an allocation's start (0: aligned).
             let run = |d: &CudaDevice, shift: usize| -> Vec<u8> {
-                let s = d.create_stream().unwrap();
-                let mut bufs = Bufs::new(d);
-                let (w0, factors) = data.upload(&mut bufs, s);
-                let w = if shift == 0 {
-                    w0
-                } else {
-                    let mut padded = vec![0u8; shift];
-                    padded.extend_from_slice(&data.w);
-                    bufs.upload(&padded, s).offset(shift)
-                };
-                let (pipe0, tall0) = pipe_launches(d);
-                d.merge_lowrank_with(&spec, w, &factors, s, LowRankKernel::Pipelined)
-                    .unwrap();
-                let (pipe1, tall1) = pipe_launches(d);
-                assert_eq!(pipe1 - pipe0, 1, "case {i}: one pipelined launch");
+                let (out, before, after) =
+                    merged_at_shift(d, &data, &spec, shift, LowRankKernel::Pipelined);
+                let (single, batched, others) =
+                    launches_on(LowRankKernel::Pipelined, before, after).unwrap();
                 assert_eq!(
-                    tall1 - tall0,
+                    (single, batched, others),
+                    (1, 0, 0),
+                    "case {i}: one pipelined launch"
+                );
+                assert_eq!(
+                    after.pipelined_tall - before.pipelined_tall,
                     u64::from(d.pipe_tall()),
                     "case {i}: the launch's tile height"
                 );
-                let mut out = vec![0u8; data.w.len()];
-                d.read_blocking(w, &mut out, s).unwrap();
-                drop(bufs);
-                d.destroy_stream(s).unwrap();
                 out
             };
             let shift = if i % 2 == 1 {
