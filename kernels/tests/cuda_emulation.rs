@@ -64,6 +64,20 @@ fn compile(exe: &Path, source_dir: &Path) {
     );
 }
 
+/// The emulation's output `stdout` for mutant `what` has `message`, and
+/// the f64 check (whose message is `got .., exact .., allowed ..`) passed:
+/// only the check that prints `message` caught it.
+fn caught_only_by(what: &str, stdout: &str, message: &str) {
+    assert!(
+        stdout.contains(message),
+        "{what}: no `{message}`:\n{stdout}"
+    );
+    assert!(
+        !stdout.contains(", allowed "),
+        "{what}: the f64 check fails:\n{stdout}"
+    );
+}
+
 fn run(exe: &Path, args: &[&str]) -> Output {
     let out = Command::new(exe)
         .args(args)
@@ -239,15 +253,7 @@ fn batched_kernel_mutants_fail_the_emulation() {
             assert_eq!(passed, !fails.contains(group), "{what}: {line}");
         }
         if let Some(message) = caught_by {
-            assert!(
-                stdout.contains(message),
-                "{what}: no `{message}`:\n{stdout}"
-            );
-            // The f64 check's message (`got .., exact .., allowed ..`).
-            assert!(
-                !stdout.contains(", allowed "),
-                "{what}: the f64 check fails:\n{stdout}"
-            );
+            caught_only_by(what, &stdout, message);
         }
     }
     // The same run on the unmutated source passes.
@@ -406,14 +412,7 @@ fn pipelined_kernel_mutants_fail_the_emulation() {
             assert!(line.ends_with(" 0 failures"), "{what}: {line}");
         }
         if let Some(message) = caught_by {
-            assert!(
-                stdout.contains(message),
-                "{what}: no `{message}`:\n{stdout}"
-            );
-            assert!(
-                !stdout.contains(", allowed "),
-                "{what}: the f64 check fails:\n{stdout}"
-            );
+            caught_only_by(what, &stdout, message);
         }
     }
     std::fs::write(tmp.join("lowrank_merge.cu"), &source).unwrap();

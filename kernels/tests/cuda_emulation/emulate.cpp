@@ -529,6 +529,29 @@ struct ShiftedW {
     }
 };
 
+// W, just merged by one kernel, against the same merge run again by
+// `relaunch(p)` on another kernel that must give the same bits (the same
+// sums in the same order), from W's bytes as they were and at the same
+// alignment (`shifted`); W is left with the first kernel's result. Returns
+// the failures (0 or 1) and says which case differs.
+template <typename P, typename F>
+static long same_bits_as(const char* group, int c, const char* other, Weight& W, ShiftedW& shifted, P& p,
+                         F relaunch) {
+    const std::vector<unsigned char> got = W.w;
+    std::memcpy(W.w.data(), W.w0.data(), W.w.size());
+    if (shifted.off != 0) {
+        std::memcpy(shifted.bytes.data() + shifted.off, W.w0.data(), W.w.size());
+    } else {
+        p.w = (unsigned long long)W.w.data();
+    }
+    relaunch(p);
+    shifted.restore(W);
+    const bool same = std::memcmp(W.w.data(), got.data(), got.size()) == 0;
+    std::memcpy(W.w.data(), got.data(), got.size());
+    if (!same) std::printf("%s case %d: not bit-identical to %s on the same merge\n", group, c, other);
+    return same ? 0 : 1;
+}
+
 // Low-rank cases for one kernel.
 static long lowrank_cases(int cases, Kind kind) {
     const char* group = kind_name(kind, false);
@@ -611,23 +634,10 @@ static long lowrank_cases(int cases, Kind kind) {
             launch_lowrank(kind == PIPE ? pipe : tall, p, per_strip, extra, tile_rows, kind_threads(kind));
             shifted.restore(W);
             if (kind == PIPE_TALL) {
-                // The same merge on kernel 2b (64-row tiles, its own blocks),
-                // from the same bytes at the same alignment: each element's
-                // sums in the same order, so the same bits.
-                const std::vector<unsigned char> got = W.w;
-                std::memcpy(W.w.data(), W.w0.data(), W.w.size());
-                if (shifted.off != 0) {
-                    std::memcpy(shifted.bytes.data() + shifted.off, W.w0.data(), W.w.size());
-                } else {
-                    p.w = (unsigned long long)W.w.data();
-                }
-                launch_lowrank(pipe, p, per_strip, extra, OFFLOAD_PIPE_TILE_ROWS, OFFLOAD_PIPE_THREADS);
-                shifted.restore(W);
-                if (std::memcmp(W.w.data(), got.data(), got.size()) != 0) {
-                    std::printf("%s case %d: not bit-identical to pipe on the same merge\n", group, c);
-                    ++failures;
-                }
-                std::memcpy(W.w.data(), got.data(), got.size());
+                // Kernel 2b (64-row tiles, its own blocks) gives the same bits.
+                failures += same_bits_as(group, c, "pipe", W, shifted, p, [&](const OffloadLowRankMergeParams& q) {
+                    launch_lowrank(pipe, q, per_strip, extra, OFFLOAD_PIPE_TILE_ROWS, OFFLOAD_PIPE_THREADS);
+                });
             }
         } else {
             launch_lowrank(
@@ -705,21 +715,10 @@ static long stream_cases(int cases, unsigned kmax, bool shared = false) {
         failures += check(group, c, W);
         elements += (long)n * cols;
         if (shared) {
-            // The same merge on kernel 1b, from the same bytes and at the
-            // same alignment: the same sums in the same order, so the same bits.
-            const std::vector<unsigned char> got = W.w;
-            std::memcpy(W.w.data(), W.w0.data(), W.w.size());
-            if (shifted.off != 0) {
-                std::memcpy(shifted.bytes.data() + shifted.off, W.w0.data(), W.w.size());
-            } else {
-                p.w = (unsigned long long)W.w.data();
-            }
-            launch_grid(stream8, p, OFFLOAD_ST_THREADS, 1, grid, 1);
-            shifted.restore(W);
-            if (std::memcmp(W.w.data(), got.data(), got.size()) != 0) {
-                std::printf("%s case %d: not bit-identical to stream8 on the same merge\n", group, c);
-                ++failures;
-            }
+            // Kernel 1b gives the same bits.
+            failures += same_bits_as(group, c, "stream8", W, shifted, p, [&](const OffloadLowRankMergeParams& q) {
+                launch_grid(stream8, q, OFFLOAD_ST_THREADS, 1, grid, 1);
+            });
         }
     }
     failures += emu_faults - faults0;
